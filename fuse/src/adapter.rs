@@ -1,0 +1,735 @@
+//! The fuser adapter: translates kernel requests into calls on [`Core`] and results into
+//! replies. No POSIX logic lives here; errors become errnos in one place (`fail`).
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::core::{Caller, Core, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
+use crate::error::FsError;
+
+/// Kernel-facing settings of a mount.
+#[derive(Clone, Debug)]
+pub struct AdapterOptions {
+    /// How long the kernel may cache names and attributes. The daemon is the only writer of the
+    /// backing directory, so these can be long.
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache "no such name".
+    pub negative_ttl: Duration,
+    /// Largest write request, in bytes.
+    pub max_write: u32,
+}
+
+impl Default for AdapterOptions {
+    fn default() -> Self {
+        AdapterOptions {
+            entry_ttl: Duration::from_secs(3600),
+            attr_ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(3600),
+            max_write: 1 << 20,
+        }
+    }
+}
+
+/// The fuser `Filesystem` over a [`Core`].
+pub struct FuseAdapter {
+    core: Arc<Core>,
+    opts: AdapterOptions,
+    /// Kernel backing files of inodes open by passthrough, with the number of such opens. All
+    /// passthrough opens of one inode must share one backing id.
+    backing: DashMap<u64, (BackingId, u32)>,
+}
+
+impl FuseAdapter {
+    pub fn new(core: Arc<Core>, opts: AdapterOptions) -> Self {
+        FuseAdapter {
+            core,
+            opts,
+            backing: DashMap::new(),
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, attr: &FileAttr) {
+        reply.entry_with_ttls(
+            &self.opts.entry_ttl,
+            &self.opts.attr_ttl,
+            attr,
+            Generation(0),
+        );
+    }
+
+    /// Registers the passthrough backing file of an open, or says why it cannot.
+    fn passthrough_backing<'a>(
+        &'a self,
+        handle: &Handle,
+        open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> io::Result<dashmap::mapref::one::RefMut<'a, u64, (BackingId, u32)>> {
+        let mut entry = self
+            .backing
+            .entry(handle.ino)
+            .or_try_insert_with(|| open_backing(&handle.file).map(|id| (id, 0)))?;
+        entry.1 += 1;
+        Ok(entry)
+    }
+
+    fn release_backing(&self, ino: u64) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.backing.entry(ino) {
+            e.get_mut().1 -= 1;
+            if e.get().1 == 0 {
+                // Dropping the id closes it in the kernel.
+                e.remove();
+            }
+        }
+    }
+
+    fn open_flags(mode: IoMode) -> FopenFlags {
+        match mode {
+            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+            IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
+        }
+    }
+
+    /// A passthrough open the kernel refused: serve this and later opens through the daemon.
+    fn demote(&self, fh: u64, err: &io::Error) -> FopenFlags {
+        tracing::warn!("kernel passthrough unavailable ({err}); serving reads through the daemon");
+        self.core.disable_passthrough();
+        match self.core.demote_passthrough(fh) {
+            Ok(mode) => Self::open_flags(mode),
+            Err(_) => FopenFlags::empty(),
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_spec(t: Option<TimeOrNow>) -> Option<TimeSpec> {
+    t.map(|t| match t {
+        TimeOrNow::Now => TimeSpec::Now,
+        TimeOrNow::SpecificTime(t) => TimeSpec::At(t),
+    })
+}
+
+/// The one place an error becomes a reply.
+fn errno(core: &Core, op: &'static str, e: &FsError) -> Errno {
+    core.stats.count(&core.stats.errors);
+    if e.is_expected() {
+        tracing::trace!("{op}: {e}");
+    } else {
+        tracing::warn!("{op}: {e}");
+    }
+    Errno::from_i32(e.to_errno())
+}
+
+macro_rules! fail {
+    ($self:ident, $reply:ident, $op:literal, $e:expr) => {
+        $reply.error(errno(&$self.core, $op, &$e))
+    };
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(nearest) = config.set_max_write(self.opts.max_write) {
+            let _ = config.set_max_write(nearest);
+        }
+        let _ = config.set_max_background(64);
+        let wanted = [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_MAX_PAGES,
+        ];
+        for flag in wanted {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        if self.core.passthrough_enabled() {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("kernel has no FUSE passthrough; all reads go through the daemon");
+                self.core.disable_passthrough();
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.core.lookup(parent.0, name) {
+            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Err(e) if e.to_errno() == libc::ENOENT && !self.opts.negative_ttl.is_zero() => {
+                // A zero inode number caches the absence of the name.
+                let mut attr = negative_attr();
+                attr.ino = INodeNo(0);
+                reply.entry_with_ttls(
+                    &self.opts.negative_ttl,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                );
+            }
+            Err(e) => fail!(self, reply, "lookup", e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr(ino.0) {
+            Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
+            Err(e) => fail!(self, reply, "getattr", e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_spec(atime),
+            mtime: time_spec(mtime),
+            fh: fh.map(|f| f.0),
+        };
+        match self.core.setattr(ino.0, set) {
+            Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
+            Err(e) => fail!(self, reply, "setattr", e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.core.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => fail!(self, reply, "readlink", e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.core.mknod(parent.0, name, mode, rdev, caller(req)) {
+            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Err(e) => fail!(self, reply, "mknod", e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.core.mkdir(parent.0, name, mode, caller(req)) {
+            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Err(e) => fail!(self, reply, "mkdir", e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.unlink(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "unlink", e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.rmdir(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "rmdir", e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self.core.symlink(parent.0, link_name, target, caller(req)) {
+            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Err(e) => fail!(self, reply, "symlink", e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .core
+            .rename(parent.0, name, newparent.0, newname, flags.bits())
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "rename", e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.core.link(ino.0, newparent.0, newname) {
+            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Err(e) => fail!(self, reply, "link", e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (handle, fh) = match self.core.open(ino.0, flags.0) {
+            Ok(h) => h,
+            Err(e) => return fail!(self, reply, "open", e),
+        };
+        match handle.mode() {
+            IoMode::Passthrough => {
+                match self.passthrough_backing(&handle, |f| reply.open_backing(f)) {
+                    Ok(backing) => {
+                        self.core.stats.count(&self.core.stats.opens_passthrough);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.0);
+                    }
+                    Err(err) => {
+                        let flags = self.demote(fh, &err);
+                        reply.opened(FileHandle(fh), flags);
+                    }
+                }
+            }
+            mode => {
+                let counter = if mode == IoMode::Direct {
+                    &self.core.stats.opens_direct
+                } else {
+                    &self.core.stats.opens_cached
+                };
+                self.core.stats.count(counter);
+                reply.opened(FileHandle(fh), Self::open_flags(mode));
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (entry, handle, fh) = match self.core.create(parent.0, name, mode, flags, caller(req)) {
+            Ok(r) => r,
+            Err(e) => return fail!(self, reply, "create", e),
+        };
+        let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
+        match handle.mode() {
+            IoMode::Passthrough => {
+                match self.passthrough_backing(&handle, |f| reply.open_backing(f)) {
+                    Ok(backing) => reply.created_passthrough(
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &backing.0,
+                    ),
+                    Err(err) => {
+                        let flags = self.demote(fh, &err);
+                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags);
+                    }
+                }
+            }
+            mode => reply.created(
+                &ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                Self::open_flags(mode),
+            ),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.core.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => fail!(self, reply, "read", e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => fail!(self, reply, "write", e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.flush(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "flush", e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.release(fh.0) {
+            Ok(mode) => {
+                if mode == IoMode::Passthrough {
+                    self.release_backing(ino.0);
+                }
+                reply.ok()
+            }
+            Err(e) => fail!(self, reply, "release", e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.fsync(ino.0, fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "fsync", e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => fail!(self, reply, "opendir", e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.core.readdir(fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return fail!(self, reply, "readdir", e),
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let next = offset + i as u64 + 1;
+            if reply.add(INodeNo(entry.ino), next, entry.kind, &entry.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.core.readdir(fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return fail!(self, reply, "readdirplus", e),
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let next = offset + i as u64 + 1;
+            let name = entry.name.as_encoded_bytes();
+            if name == b"." || name == b".." {
+                // The kernel does not count references for these two.
+                let mut attr = negative_attr();
+                attr.ino = INodeNo(entry.ino);
+                attr.kind = FileType::Directory;
+                if reply.add(
+                    INodeNo(entry.ino),
+                    next,
+                    &entry.name,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let found = match self.core.readdirplus_entry(ino.0, &entry.name) {
+                Ok(found) => found,
+                // Gone since the directory was read: leave it out.
+                Err(_) => continue,
+            };
+            let attr = found.attr;
+            if reply.add(
+                attr.ino,
+                next,
+                &entry.name,
+                &self.opts.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                // It did not fit: the kernel will not count this reference.
+                self.core.forget(attr.ino.0, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.fsyncdir(ino.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "fsyncdir", e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.core.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => fail!(self, reply, "statfs", e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "setxattr", e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.core.getxattr(ino.0, name, size) {
+            Ok(XattrReply::Size(n)) => reply.size(n),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => fail!(self, reply, "getxattr", e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.core.listxattr(ino.0, size) {
+            Ok(XattrReply::Size(n)) => reply.size(n),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => fail!(self, reply, "listxattr", e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "removexattr", e),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.core.access(ino.0, mask.bits(), caller(req)) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "access", e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => fail!(self, reply, "fallocate", e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.core.lseek(fh.0, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => fail!(self, reply, "lseek", e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .core
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
+            Ok(n) => reply.written(n),
+            Err(e) => fail!(self, reply, "copy_file_range", e),
+        }
+    }
+}
+
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}

@@ -1,0 +1,1162 @@
+//! The passthrough filesystem core: POSIX operations over the backing directory, each mutation
+//! recorded in the journal before it is performed. Nothing here knows about the kernel
+//! protocol, so tests drive it directly on a temporary directory.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{FileAttr, FileType, INodeNo};
+use owsfs_journal::{Journal, NodeKind, Op};
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+
+use crate::error::{Context, FsError, FsResult};
+use crate::inode::{Inode, InodeTable, ROOT_INO};
+use crate::stats::Stats;
+
+/// Settings of the core that a mount chooses.
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// Serve read-only opens by kernel passthrough when no writer has the file open.
+    pub passthrough: bool,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions { passthrough: true }
+    }
+}
+
+/// The caller of an operation, for ownership of what it creates.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A name and its attributes, as returned by lookup and the create family.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub attr: FileAttr,
+}
+
+/// How the kernel serves an open file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// Reads and writes go through the daemon and the kernel page cache.
+    Cached,
+    /// Read-only: the kernel reads the backing file directly (FUSE passthrough).
+    Passthrough,
+    /// Through the daemon, without the page cache: a writer while passthrough readers exist.
+    Direct,
+}
+
+/// An open file.
+#[derive(Debug)]
+pub struct Handle {
+    pub ino: u64,
+    pub file: File,
+    mode: Mutex<IoMode>,
+}
+
+impl Handle {
+    pub fn mode(&self) -> IoMode {
+        *self.mode.lock()
+    }
+}
+
+/// An open directory: its entries, read at opendir and again on rewind.
+#[derive(Debug)]
+struct DirHandle {
+    ino: u64,
+    entries: Vec<DirEntry>,
+    read_once: bool,
+}
+
+/// One directory entry, for readdir.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: FileType,
+    pub name: OsString,
+}
+
+/// What changes in `setattr`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSpec>,
+    pub mtime: Option<TimeSpec>,
+    pub fh: Option<u64>,
+}
+
+/// A time to set, or "now".
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSpec {
+    Now,
+    At(SystemTime),
+}
+
+/// The filesystem core.
+pub struct Core {
+    backing_root: PathBuf,
+    inodes: InodeTable,
+    handles: DashMap<u64, Arc<Handle>>,
+    dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
+    next_fh: AtomicU64,
+    journal: Arc<Journal>,
+    proc_self_fd: OwnedFd,
+    passthrough: AtomicBool,
+    /// The daemon's own ids, restored after acting as a caller.
+    own_uid: u32,
+    own_gid: u32,
+    root_dev: u64,
+    pub stats: Stats,
+}
+
+impl Core {
+    /// Opens the core over `backing_root`, which must be an existing directory.
+    pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
+        let root_fd = rustix::fs::open(
+            backing_root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open backing root")?;
+        let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
+        let proc_self_fd = rustix::fs::open(
+            "/proc/self/fd",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open /proc/self/fd")?;
+        Ok(Core {
+            backing_root: backing_root.to_path_buf(),
+            inodes: InodeTable::new(root_fd, st.st_ino),
+            handles: DashMap::new(),
+            dirs: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            journal,
+            proc_self_fd,
+            passthrough: AtomicBool::new(opts.passthrough),
+            own_uid: rustix::process::geteuid().as_raw(),
+            own_gid: rustix::process::getegid().as_raw(),
+            root_dev: st.st_dev,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn backing_root(&self) -> &Path {
+        &self.backing_root
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Turns passthrough off for later opens (the kernel refused it).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    fn inode(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        self.inodes
+            .get(ino)
+            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles
+            .get(&fh)
+            .map(|h| Arc::clone(h.value()))
+            .ok_or_else(|| FsError::errno(libc::EBADF, "file handle not known"))
+    }
+
+    fn attr(&self, st: &rustix::fs::Stat) -> FileAttr {
+        let kind = file_type(st.st_mode);
+        FileAttr {
+            ino: INodeNo(self.inodes.fuse_ino(st.st_ino)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec as i64),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// `/proc/self/fd/N` of a descriptor, to reach an `O_PATH` inode with calls that take a path.
+    fn proc_path(fd: &impl AsRawFd) -> CString {
+        // The digits of a number never contain NUL.
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+    }
+
+    /// Opens the inode's backing file for I/O.
+    fn reopen(&self, inode: &Inode, flags: OFlags) -> FsResult<File> {
+        let name = inode.fd.as_raw_fd().to_string();
+        let fd = rustix::fs::openat(&self.proc_self_fd, name.as_str(), flags, Mode::empty())
+            .ctx("open backing file")?;
+        Ok(File::from(fd))
+    }
+
+    fn path_of(&self, ino: u64) -> Option<PathBuf> {
+        self.inodes.path_of(ino)
+    }
+
+    fn child_path(&self, parent: u64, name: &OsStr) -> PathBuf {
+        // An unknown parent path only weakens a hint: the cut rescans what it cannot place.
+        self.inodes
+            .child_path(parent, name)
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// Appends a mutation of file `ino`, with its path recorded the first time it gets dirty.
+    fn journal_file_op(&self, ino: u64, op: Op) -> FsResult<()> {
+        self.journal
+            .append_file_op(ino, || self.inodes.path_of(ino), op)?;
+        Ok(())
+    }
+
+    // ---- lookup and attributes -------------------------------------------------------
+
+    /// Resolves `name` in `parent` and counts a kernel reference to the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        self.stats.count(&self.stats.lookups);
+        let dir = self.inode(parent)?;
+        self.lookup_in(&dir, name)
+    }
+
+    fn lookup_in(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
+        check_name(name)?;
+        let st = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("lookup")?;
+        let ino = self.inodes.fuse_ino(st.st_ino);
+        if self.inodes.reference_existing(ino, dir.ino, name) {
+            return Ok(Entry {
+                attr: self.attr(&st),
+            });
+        }
+        let fd = rustix::fs::openat(
+            &dir.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("lookup open")?;
+        // The descriptor, not the earlier stat, says which inode we hold.
+        let st = rustix::fs::fstat(&fd).ctx("lookup stat")?;
+        if st.st_dev != self.root_dev {
+            return Err(FsError::errno(
+                libc::EXDEV,
+                "entry is on another filesystem",
+            ));
+        }
+        let ino = self.inodes.fuse_ino(st.st_ino);
+        self.inodes
+            .reference(ino, file_type(st.st_mode), fd, dir.ino, name);
+        Ok(Entry {
+            attr: self.attr(&st),
+        })
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        self.stats.count(&self.stats.getattrs);
+        let inode = self.inode(ino)?;
+        let st = rustix::fs::fstat(&inode.fd).ctx("getattr")?;
+        Ok(self.attr(&st))
+    }
+
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<FileAttr> {
+        self.stats.count(&self.stats.setattrs);
+        let inode = self.inode(ino)?;
+        let handle = match set.fh {
+            Some(fh) => self.handles.get(&fh).map(|h| Arc::clone(h.value())),
+            None => None,
+        };
+        let is_dir = inode.kind == FileType::Directory;
+        if set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some()
+        {
+            let dir = if is_dir {
+                self.path_of(ino).or_else(|| Some(PathBuf::new()))
+            } else {
+                None
+            };
+            if is_dir {
+                self.journal.append(Op::Meta { ino, dir })?;
+            } else {
+                self.journal_file_op(ino, Op::Meta { ino, dir: None })?;
+            }
+        }
+        if let Some(mode) = set.mode {
+            let mode = Mode::from_raw_mode(mode & 0o7777);
+            match &handle {
+                Some(h) => rustix::fs::fchmod(&h.file, mode).ctx("chmod")?,
+                None if inode.kind == FileType::Symlink => {
+                    return Err(FsError::errno(libc::EOPNOTSUPP, "chmod of a symlink"));
+                }
+                None => rustix::fs::chmodat(
+                    rustix::fs::CWD,
+                    Self::proc_path(&inode.fd).as_c_str(),
+                    mode,
+                    AtFlags::empty(),
+                )
+                .ctx("chmod")?,
+            }
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            rustix::fs::chownat(
+                &inode.fd,
+                c"",
+                set.uid.map(|u| rustix::fs::Uid::from_raw(u)),
+                set.gid.map(|g| rustix::fs::Gid::from_raw(g)),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .ctx("chown")?;
+        }
+        if let Some(size) = set.size {
+            self.journal_file_op(ino, Op::Truncate { ino, size })?;
+            match &handle {
+                Some(h) => h.file.set_len(size).ctx("truncate")?,
+                None => {
+                    let f = self.reopen(&inode, OFlags::WRONLY | OFlags::CLOEXEC)?;
+                    f.set_len(size).ctx("truncate")?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let times = Timestamps {
+                last_access: timespec(set.atime),
+                last_modification: timespec(set.mtime),
+            };
+            match &handle {
+                Some(h) => rustix::fs::futimens(&h.file, &times).ctx("utimens")?,
+                None => rustix::fs::utimensat(&inode.fd, c"", &times, AtFlags::EMPTY_PATH)
+                    .ctx("utimens")?,
+            }
+        }
+        let st = rustix::fs::fstat(&inode.fd).ctx("setattr stat")?;
+        Ok(self.attr(&st))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let target = rustix::fs::readlinkat(&inode.fd, c"", Vec::new()).ctx("readlink")?;
+        Ok(target.into_bytes())
+    }
+
+    // ---- namespace -------------------------------------------------------------------
+
+    /// Runs `create` as the caller (fs uid/gid), so the backing filesystem applies ownership,
+    /// setgid inheritance and permission rules itself; then records and looks up the result.
+    fn create_node(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        caller: Caller,
+        create: impl FnOnce(&Inode) -> FsResult<()>,
+    ) -> FsResult<Entry> {
+        check_name(name)?;
+        let dir = self.inode(parent)?;
+        let dir_path = self.path_of(parent).unwrap_or_default();
+        // The new inode number is unknown until it exists: mark the parent first, so a crash
+        // between the two records still leaves the new name dirty.
+        self.journal.append(Op::Meta {
+            ino: parent,
+            dir: Some(dir_path.clone()),
+        })?;
+        {
+            let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
+            create(&dir)?;
+        }
+        let entry = self.lookup_in(&dir, name)?;
+        self.journal.append(Op::Create {
+            ino: entry.attr.ino.0,
+            kind: node_kind(entry.attr.kind),
+            path: dir_path.join(name),
+        })?;
+        Ok(entry)
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        let kind = rustix::fs::FileType::from_raw_mode(mode);
+        self.create_node(parent, name, caller, |dir| {
+            rustix::fs::mknodat(
+                &dir.fd,
+                name,
+                kind,
+                Mode::from_raw_mode(mode & 0o7777),
+                rdev as u64,
+            )
+            .ctx("mknod")
+        })
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        self.create_node(parent, name, caller, |dir| {
+            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777)).ctx("mkdir")
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        self.create_node(parent, name, caller, |dir| {
+            rustix::fs::symlinkat(target, &dir.fd, name).ctx("symlink")
+        })
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Entry, Arc<Handle>, u64)> {
+        self.stats.count(&self.stats.creates);
+        let oflags = backing_open_flags(flags) | OFlags::CREATE;
+        let mut file = None;
+        let entry = self.create_node(parent, name, caller, |dir| {
+            let fd = rustix::fs::openat(&dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
+                .ctx("create")?;
+            file = Some(File::from(fd));
+            Ok(())
+        })?;
+        let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
+        let inode = self.inode(entry.attr.ino.0)?;
+        let (handle, fh) = self.register_handle(&inode, file, writable(flags));
+        Ok((entry, handle, fh))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
+        self.stats.count(&self.stats.removes);
+        check_name(name)?;
+        let pdir = self.inode(parent)?;
+        let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
+        let ino = self.inodes.fuse_ino(st.st_ino);
+        self.journal.append(Op::Remove {
+            ino,
+            path: self.child_path(parent, name),
+            dir,
+        })?;
+        let flags = if dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::unlinkat(&pdir.fd, name, flags).ctx("remove")?;
+        if let Some(child) = self.inodes.get(ino) {
+            child.clear_loc_if(parent, name);
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        self.stats.count(&self.stats.renames);
+        check_name(name)?;
+        check_name(newname)?;
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if flags & !known != 0 {
+            return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let src_dir = self.inode(parent)?;
+        let dst_dir = self.inode(newparent)?;
+        let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .ctx("rename source")?;
+        let dst = if exchange {
+            Some(
+                rustix::fs::statat(&dst_dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW)
+                    .ctx("rename target")?,
+            )
+        } else {
+            None
+        };
+        self.journal.append(Op::Rename {
+            from: self.child_path(parent, name),
+            to: self.child_path(newparent, newname),
+            exchange,
+        })?;
+        rustix::fs::renameat_with(
+            &src_dir.fd,
+            name,
+            &dst_dir.fd,
+            newname,
+            RenameFlags::from_bits_retain(flags),
+        )
+        .ctx("rename")?;
+        if let Some(moved) = self.inodes.get(self.inodes.fuse_ino(src.st_ino)) {
+            moved.set_loc(newparent, newname);
+        }
+        if let Some(dst) = dst
+            && let Some(other) = self.inodes.get(self.inodes.fuse_ino(dst.st_ino))
+        {
+            other.set_loc(parent, name);
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        check_name(newname)?;
+        let inode = self.inode(ino)?;
+        let dir = self.inode(newparent)?;
+        self.journal.append(Op::Link {
+            ino,
+            path: self.child_path(newparent, newname),
+        })?;
+        let linked = rustix::fs::linkat(&inode.fd, c"", &dir.fd, newname, AtFlags::EMPTY_PATH);
+        match linked {
+            Ok(()) => {}
+            // Linking by descriptor needs CAP_DAC_READ_SEARCH; the /proc path does not.
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) if self.own_uid != 0 => {
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    Self::proc_path(&inode.fd).as_c_str(),
+                    &dir.fd,
+                    newname,
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+                .ctx("link")?
+            }
+            Err(e) => return Err(FsError::errno(e.raw_os_error(), "link")),
+        }
+        // A hard link keeps the inode's recorded name; the new one is only an alias.
+        let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;
+        let linked_ino = self.inodes.fuse_ino(st.st_ino);
+        if !self.inodes.reference_keep_loc(linked_ino) {
+            return self.lookup_in(&dir, newname);
+        }
+        Ok(Entry {
+            attr: self.attr(&st),
+        })
+    }
+
+    // ---- files -----------------------------------------------------------------------
+
+    /// Opens a file; the result says whether the kernel should serve it by passthrough.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<(Arc<Handle>, u64)> {
+        self.stats.count(&self.stats.opens);
+        let inode = self.inode(ino)?;
+        if inode.kind == FileType::Directory {
+            return Err(FsError::errno(libc::EISDIR, "open of a directory"));
+        }
+        let write = writable(flags);
+        if flags & libc::O_TRUNC != 0 && write {
+            self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
+        }
+        let file = self.reopen(&inode, backing_open_flags(flags))?;
+        Ok(self.register_handle(&inode, file, write))
+    }
+
+    fn register_handle(&self, inode: &Inode, file: File, write: bool) -> (Arc<Handle>, u64) {
+        let mode = {
+            let mut open = inode.open.lock();
+            if !write && open.cached == 0 && self.passthrough_enabled() {
+                open.passthrough += 1;
+                IoMode::Passthrough
+            } else if open.passthrough > 0 {
+                open.direct += 1;
+                IoMode::Direct
+            } else {
+                open.cached += 1;
+                IoMode::Cached
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            ino: inode.ino,
+            file,
+            mode: Mutex::new(mode),
+        });
+        self.handles.insert(fh, Arc::clone(&handle));
+        (handle, fh)
+    }
+
+    /// The kernel refused passthrough for this open: serve it through the daemon instead.
+    pub fn demote_passthrough(&self, fh: u64) -> FsResult<IoMode> {
+        let handle = self.handle(fh)?;
+        let inode = self.inode(handle.ino)?;
+        let mut open = inode.open.lock();
+        let mut mode = handle.mode.lock();
+        if *mode == IoMode::Passthrough {
+            open.passthrough -= 1;
+            *mode = if open.passthrough > 0 {
+                open.direct += 1;
+                IoMode::Direct
+            } else {
+                open.cached += 1;
+                IoMode::Cached
+            };
+        }
+        Ok(*mode)
+    }
+
+    /// Closes a file handle; returns the mode it had.
+    pub fn release(&self, fh: u64) -> FsResult<IoMode> {
+        let (_, handle) = self
+            .handles
+            .remove(&fh)
+            .ok_or_else(|| FsError::errno(libc::EBADF, "release of unknown handle"))?;
+        let mode = handle.mode();
+        if let Some(inode) = self.inodes.get(handle.ino) {
+            let mut open = inode.open.lock();
+            match mode {
+                IoMode::Cached => open.cached -= 1,
+                IoMode::Passthrough => open.passthrough -= 1,
+                IoMode::Direct => open.direct -= 1,
+            }
+        }
+        Ok(mode)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = handle
+                .file
+                .read_at(&mut buf[done..], offset + done as u64)
+                .ctx("read")?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        self.stats.count(&self.stats.reads);
+        self.stats.add(&self.stats.read_bytes, done as u64);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let handle = self.handle(fh)?;
+        self.journal_file_op(
+            handle.ino,
+            Op::Write {
+                ino: handle.ino,
+                offset,
+                len: data.len() as u64,
+            },
+        )?;
+        handle.file.write_all_at(data, offset).ctx("write")?;
+        self.stats.count(&self.stats.writes);
+        self.stats.add(&self.stats.write_bytes, data.len() as u64);
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor of an open file: passed on to the backing filesystem.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        let dup = rustix::io::fcntl_dupfd_cloexec(&handle.file, 0).ctx("flush")?;
+        drop(dup);
+        Ok(())
+    }
+
+    pub fn fsync(&self, ino: u64, fh: u64, datasync: bool) -> FsResult<()> {
+        self.stats.count(&self.stats.fsyncs);
+        self.journal.append(Op::Fsync { ino })?;
+        let handle = self.handle(fh)?;
+        if datasync {
+            rustix::fs::fdatasync(&handle.file).ctx("fdatasync")
+        } else {
+            rustix::fs::fsync(&handle.file).ctx("fsync")
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        self.journal_file_op(
+            handle.ino,
+            Op::Write {
+                ino: handle.ino,
+                offset,
+                len,
+            },
+        )?;
+        rustix::fs::fallocate(
+            &handle.file,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            len,
+        )
+        .ctx("fallocate")
+    }
+
+    /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        let handle = self.handle(fh)?;
+        let pos = match whence {
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+            libc::SEEK_CUR => rustix::fs::SeekFrom::Current(offset),
+            _ => return Err(FsError::errno(libc::EINVAL, "lseek whence")),
+        };
+        let at = rustix::fs::seek(&handle.file, pos).ctx("lseek")?;
+        Ok(at as i64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> FsResult<u32> {
+        let src = self.handle(fh_in)?;
+        let dst = self.handle(fh_out)?;
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        self.journal_file_op(
+            dst.ino,
+            Op::Write {
+                ino: dst.ino,
+                offset: offset_out,
+                len,
+            },
+        )?;
+        let mut off_in = offset_in;
+        let mut off_out = offset_out;
+        let n = rustix::fs::copy_file_range(
+            &src.file,
+            Some(&mut off_in),
+            &dst.file,
+            Some(&mut off_out),
+            len as usize,
+        )
+        .ctx("copy_file_range")?;
+        self.stats.count(&self.stats.writes);
+        self.stats.add(&self.stats.write_bytes, n as u64);
+        Ok(n as u32)
+    }
+
+    // ---- directories -----------------------------------------------------------------
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        if inode.kind != FileType::Directory {
+            return Err(FsError::errno(libc::ENOTDIR, "opendir"));
+        }
+        let entries = self.read_dir_entries(&inode)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.insert(
+            fh,
+            Arc::new(Mutex::new(DirHandle {
+                ino,
+                entries,
+                read_once: false,
+            })),
+        );
+        Ok(fh)
+    }
+
+    fn read_dir_entries(&self, inode: &Inode) -> FsResult<Vec<DirEntry>> {
+        // The inode's descriptor is O_PATH, which cannot list: open the directory itself.
+        let fd = rustix::fs::openat(
+            &inode.fd,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("opendir")?;
+        let mut dir = rustix::fs::Dir::new(fd).ctx("opendir")?;
+        let mut entries = Vec::new();
+        while let Some(entry) = dir.read() {
+            let entry = entry.ctx("readdir")?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+            let kind = match entry.file_type() {
+                rustix::fs::FileType::Directory => FileType::Directory,
+                rustix::fs::FileType::Symlink => FileType::Symlink,
+                rustix::fs::FileType::Fifo => FileType::NamedPipe,
+                rustix::fs::FileType::Socket => FileType::Socket,
+                rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+                rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+                _ => FileType::RegularFile,
+            };
+            entries.push(DirEntry {
+                ino: self.inodes.fuse_ino(entry.ino()),
+                kind,
+                name,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// The entries of an open directory from index `offset` on; offset 0 after a first read
+    /// is a rewind and rereads the directory.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let dh = self
+            .dirs
+            .get(&fh)
+            .map(|d| Arc::clone(d.value()))
+            .ok_or_else(|| FsError::errno(libc::EBADF, "directory handle not known"))?;
+        let mut dh = dh.lock();
+        if offset == 0 && dh.read_once {
+            let inode = self.inode(dh.ino)?;
+            dh.entries = self.read_dir_entries(&inode)?;
+        }
+        dh.read_once = true;
+        Ok(dh.entries.iter().skip(offset as usize).cloned().collect())
+    }
+
+    /// Looks up one entry for readdirplus (counts a kernel reference).
+    pub fn readdirplus_entry(&self, dir_ino: u64, name: &OsStr) -> FsResult<Entry> {
+        let dir = self.inode(dir_ino)?;
+        self.lookup_in(&dir, name)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+
+    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> FsResult<()> {
+        self.stats.count(&self.stats.fsyncs);
+        self.journal.append(Op::Fsync { ino })?;
+        let inode = self.inode(ino)?;
+        let fd = rustix::fs::openat(
+            &inode.fd,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("fsyncdir open")?;
+        if datasync {
+            rustix::fs::fdatasync(&fd).ctx("fsyncdir")
+        } else {
+            rustix::fs::fsync(&fd).ctx("fsyncdir")
+        }
+    }
+
+    pub fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
+        let root = self.inode(ROOT_INO)?;
+        rustix::fs::fstatvfs(&root.fd).ctx("statfs")
+    }
+
+    // ---- extended attributes ---------------------------------------------------------
+
+    fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
+        if inode.kind == FileType::Symlink {
+            return Err(FsError::errno(libc::EOPNOTSUPP, "xattr on a symlink"));
+        }
+        // The kernel does not enforce POSIX ACLs for this filesystem, so storing them would
+        // only pretend.
+        if let Some(name) = name
+            && name.as_bytes().starts_with(b"system.posix_acl_")
+        {
+            return Err(FsError::errno(libc::EOPNOTSUPP, "POSIX ACLs"));
+        }
+        Ok(Self::proc_path(&inode.fd))
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<XattrReply> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        if size == 0 {
+            let n = rustix::fs::getxattr_query(path.as_c_str(), name).ctx("getxattr")?;
+            return Ok(XattrReply::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = rustix::fs::getxattr(path.as_c_str(), name, &mut buf[..]).ctx("getxattr")?;
+        buf.truncate(n);
+        Ok(XattrReply::Data(buf))
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<XattrReply> {
+        let inode = self.inode(ino)?;
+        if inode.kind == FileType::Symlink {
+            return Ok(if size == 0 {
+                XattrReply::Size(0)
+            } else {
+                XattrReply::Data(Vec::new())
+            });
+        }
+        let path = Self::proc_path(&inode.fd);
+        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).ctx("listxattr")?;
+        buf.truncate(n);
+        Ok(if size == 0 {
+            XattrReply::Size(n as u32)
+        } else {
+            XattrReply::Data(buf)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        self.journal_meta(&inode)?;
+        rustix::fs::setxattr(
+            path.as_c_str(),
+            name,
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )
+        .ctx("setxattr")
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        self.journal_meta(&inode)?;
+        rustix::fs::removexattr(path.as_c_str(), name).ctx("removexattr")
+    }
+
+    fn journal_meta(&self, inode: &Inode) -> FsResult<()> {
+        if inode.kind == FileType::Directory {
+            self.journal.append(Op::Meta {
+                ino: inode.ino,
+                dir: Some(self.path_of(inode.ino).unwrap_or_default()),
+            })?;
+            Ok(())
+        } else {
+            self.journal_file_op(
+                inode.ino,
+                Op::Meta {
+                    ino: inode.ino,
+                    dir: None,
+                },
+            )
+        }
+    }
+
+    /// access(2): checked against the mode bits as the kernel would (it normally checks
+    /// itself, with default_permissions).
+    pub fn access(&self, ino: u64, mask: i32, caller: Caller) -> FsResult<()> {
+        let attr = self.getattr(ino)?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let perm = attr.perm as i32;
+        let granted = if caller.uid == 0 {
+            let any_x = perm & 0o111 != 0 || attr.kind == FileType::Directory;
+            libc::R_OK | libc::W_OK | if any_x { libc::X_OK } else { 0 }
+        } else if caller.uid == attr.uid {
+            (perm >> 6) & 7
+        } else if caller.gid == attr.gid {
+            (perm >> 3) & 7
+        } else {
+            perm & 7
+        };
+        if mask & !granted != 0 {
+            return Err(FsError::errno(libc::EACCES, "access"));
+        }
+        Ok(())
+    }
+}
+
+/// The answer to getxattr/listxattr: the size asked for, or the bytes.
+#[derive(Debug)]
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn check_name(name: &OsStr) -> FsResult<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.contains(&b'/') || b == b"." || b == b".." {
+        return Err(FsError::errno(libc::EINVAL, "invalid name"));
+    }
+    if b.len() > 255 {
+        return Err(FsError::errno(libc::ENAMETOOLONG, "name too long"));
+    }
+    Ok(())
+}
+
+fn writable(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+/// Flags for opening the backing file of an open(2) with `flags`. O_APPEND is dropped because
+/// the kernel supplies the offset of every write (and pwrite ignores it under O_APPEND);
+/// O_SYNC/O_DSYNC because the kernel sends fsync after such writes; O_DIRECT because the
+/// kernel aligns nothing for us. Writers get O_RDWR so shared mappings can be read back.
+fn backing_open_flags(flags: i32) -> OFlags {
+    let mut out = if writable(flags) {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    };
+    out |= OFlags::CLOEXEC;
+    if flags & libc::O_TRUNC != 0 && writable(flags) {
+        out |= OFlags::TRUNC;
+    }
+    if flags & libc::O_NOATIME != 0 {
+        out |= OFlags::NOATIME;
+    }
+    if flags & libc::O_EXCL != 0 {
+        out |= OFlags::EXCL;
+    }
+    out
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn node_kind(kind: FileType) -> NodeKind {
+    match kind {
+        FileType::Directory => NodeKind::Dir,
+        FileType::Symlink => NodeKind::Symlink,
+        FileType::NamedPipe => NodeKind::Fifo,
+        FileType::Socket => NodeKind::Socket,
+        FileType::CharDevice => NodeKind::CharDev,
+        FileType::BlockDevice => NodeKind::BlockDev,
+        FileType::RegularFile => NodeKind::File,
+    }
+}
+
+fn system_time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn timespec(t: Option<TimeSpec>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(TimeSpec::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(TimeSpec::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos() as i64;
+                if nsec > 0 {
+                    secs -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timespec {
+                    tv_sec: secs,
+                    tv_nsec: nsec as _,
+                }
+            }
+        },
+    }
+}
+
+/// Acts as the caller for file-system permission and ownership purposes on this thread
+/// (setfsuid/setfsgid are per thread on Linux), and back as the daemon on drop.
+struct CallerCreds {
+    restore: Option<(u32, u32)>,
+}
+
+impl CallerCreds {
+    fn assume(caller: Caller, own_uid: u32, own_gid: u32) -> Self {
+        // Only root can act as someone else; a user mount creates files as its user.
+        if own_uid != 0 || (caller.uid == own_uid && caller.gid == own_gid) {
+            return CallerCreds { restore: None };
+        }
+        // SAFETY: setfsgid/setfsuid take plain integers and touch only this thread's
+        // credentials; they cannot violate memory safety.
+        unsafe {
+            libc::setfsgid(caller.gid);
+            libc::setfsuid(caller.uid);
+        }
+        CallerCreds {
+            restore: Some((own_uid, own_gid)),
+        }
+    }
+}
+
+impl Drop for CallerCreds {
+    fn drop(&mut self) {
+        if let Some((uid, gid)) = self.restore {
+            // SAFETY: as in `assume`.
+            unsafe {
+                libc::setfsuid(uid);
+                libc::setfsgid(gid);
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The inode table: one entry per inode the kernel holds a reference to.
+//!
+//! Each inode keeps an `O_PATH` descriptor of its backing file, so operations address it by
+//! handle rather than by path (renames and unlinks of open files need no bookkeeping), and the
+//! backing inode cannot be freed and its number reused while the kernel still knows it. FUSE
+//! inode numbers are the backing inode numbers, so hard links share one number and the numbers
+//! are stable across remounts of the same cache.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use fuser::FileType;
+use parking_lot::Mutex;
+
+/// The FUSE inode number of the workspace root.
+pub const ROOT_INO: u64 = 1;
+
+/// Open files of one inode, by the kernel I/O mode they put it in. The kernel refuses to mix
+/// passthrough and cached opens of one inode; these counts are an upper bound of the kernel's
+/// (they rise before the kernel's and fall after), so deciding from them is safe.
+#[derive(Debug, Default)]
+pub(crate) struct OpenCounts {
+    pub cached: u32,
+    pub passthrough: u32,
+    pub direct: u32,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: FileType,
+    pub(crate) fd: OwnedFd,
+    nlookup: AtomicU64,
+    /// The directory and name this inode was last seen under; None once unlinked. Exact for
+    /// directories (they have one parent); for hard-linked files it is one of the names.
+    loc: Mutex<Option<(u64, OsString)>>,
+    pub(crate) open: Mutex<OpenCounts>,
+}
+
+impl Inode {
+    pub(crate) fn set_loc(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.loc.lock();
+        match &*loc {
+            Some((p, n)) if *p == parent && n == name => {}
+            _ => *loc = Some((parent, name.to_os_string())),
+        }
+    }
+
+    /// Forgets the location if it is `(parent, name)`: that name was removed.
+    pub(crate) fn clear_loc_if(&self, parent: u64, name: &OsStr) {
+        let mut loc = self.loc.lock();
+        if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
+            *loc = None;
+        }
+    }
+}
+
+/// Maps backing inode numbers to FUSE inode numbers and holds the inodes the kernel knows.
+pub struct InodeTable {
+    map: DashMap<u64, Arc<Inode>>,
+    /// Backing inode number of the root directory; it is presented as `ROOT_INO`, and a backing
+    /// inode numbered `ROOT_INO` (impossible on ext4, possible elsewhere) takes its number.
+    root_backing_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root_fd: OwnedFd, root_backing_ino: u64) -> Self {
+        let map = DashMap::new();
+        map.insert(
+            ROOT_INO,
+            Arc::new(Inode {
+                ino: ROOT_INO,
+                kind: FileType::Directory,
+                fd: root_fd,
+                // The root is never forgotten.
+                nlookup: AtomicU64::new(1 << 62),
+                loc: Mutex::new(None),
+                open: Mutex::new(OpenCounts::default()),
+            }),
+        );
+        InodeTable {
+            map,
+            root_backing_ino,
+        }
+    }
+
+    /// The FUSE inode number of a backing inode number (a bijection).
+    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.map.get(&ino).map(|r| Arc::clone(r.value()))
+    }
+
+    /// Counts one more kernel reference to an inode already in the table.
+    pub(crate) fn reference_existing(&self, ino: u64, parent: u64, name: &OsStr) -> bool {
+        // Holding the shard read guard while incrementing keeps a concurrent forget (which
+        // needs the write guard) from removing the entry between the check and the increment.
+        match self.map.get(&ino) {
+            Some(inode) => {
+                inode.nlookup.fetch_add(1, Ordering::Relaxed);
+                inode.set_loc(parent, name);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts one more kernel reference to a known inode without changing its recorded name
+    /// (a new hard link is an alias).
+    pub(crate) fn reference_keep_loc(&self, ino: u64) -> bool {
+        match self.map.get(&ino) {
+            Some(inode) => {
+                inode.nlookup.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts one more kernel reference, inserting the inode with `fd` if it is new.
+    pub(crate) fn reference(
+        &self,
+        ino: u64,
+        kind: FileType,
+        fd: OwnedFd,
+        parent: u64,
+        name: &OsStr,
+    ) -> Arc<Inode> {
+        match self.map.entry(ino) {
+            Entry::Occupied(e) => {
+                e.get().nlookup.fetch_add(1, Ordering::Relaxed);
+                e.get().set_loc(parent, name);
+                Arc::clone(e.get())
+            }
+            Entry::Vacant(e) => {
+                let inode = Arc::new(Inode {
+                    ino,
+                    kind,
+                    fd,
+                    nlookup: AtomicU64::new(1),
+                    loc: Mutex::new(Some((parent, name.to_os_string()))),
+                    open: Mutex::new(OpenCounts::default()),
+                });
+                e.insert(Arc::clone(&inode));
+                inode
+            }
+        }
+    }
+
+    /// Drops `n` kernel references; the inode leaves the table at zero.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        if let Entry::Occupied(e) = self.map.entry(ino) {
+            let before = e.get().nlookup.fetch_sub(n, Ordering::Relaxed);
+            debug_assert!(
+                before >= n,
+                "forget of {n} on inode {ino} with {before} lookups"
+            );
+            if before <= n {
+                e.remove();
+            }
+        }
+    }
+
+    /// The path of an inode relative to the workspace root ("" is the root), if every
+    /// directory above it is known. Used for journal records, not for I/O.
+    pub fn path_of(&self, ino: u64) -> Option<PathBuf> {
+        let mut names: Vec<OsString> = Vec::new();
+        let mut cur = ino;
+        // Depth bound: a cycle would be a bug, not a reason to spin.
+        for _ in 0..4096 {
+            if cur == ROOT_INO {
+                let mut path = PathBuf::new();
+                for name in names.iter().rev() {
+                    path.push(name);
+                }
+                return Some(path);
+            }
+            let inode = self.get(cur)?;
+            let (parent, name) = inode.loc.lock().clone()?;
+            names.push(name);
+            cur = parent;
+        }
+        None
+    }
+
+    /// The path of `name` inside directory `parent`.
+    pub fn child_path(&self, parent: u64, name: &OsStr) -> Option<PathBuf> {
+        self.path_of(parent).map(|p| p.join(name))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}

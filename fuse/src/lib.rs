@@ -1,0 +1,130 @@
+//! owsfs-fuse: the passthrough filesystem core ([`Core`]) and its thin fuser adapter
+//! ([`FuseAdapter`]).
+//!
+//! Architecture invariant: every mutation of the backing directory made through the core is
+//! appended to the journal before it is performed, so the journal's dirty state is always a
+//! superset of what changed.
+
+mod adapter;
+mod core;
+mod error;
+mod inode;
+mod stats;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use adapter::{AdapterOptions, FuseAdapter};
+pub use core::{Caller, Core, CoreOptions, DirEntry, Entry, IoMode, SetAttr, TimeSpec, XattrReply};
+pub use error::{FsError, FsResult};
+pub use inode::ROOT_INO;
+pub use stats::{Stats, StatsSnapshot};
+
+pub use fuser;
+
+/// How a session is mounted.
+#[derive(Clone, Debug)]
+pub struct MountSettings {
+    /// Shown as the mount source in /proc/mounts (owsfs uses the cache directory).
+    pub fsname: String,
+    /// Worker threads reading /dev/fuse.
+    pub threads: usize,
+    /// Kernel mount flags from `-o` (nosuid, nodev, noexec, ...). Without `dev` and `suid`
+    /// the mount is nodev,nosuid.
+    pub flags: Vec<String>,
+    pub read_only: bool,
+}
+
+/// Mounts `core` at `mountpoint` as filesystem type `fuse.owsfs`; the returned session is
+/// mounted and initialised (the kernel's INIT has been answered), so the mount is ready when
+/// this returns. On any failure nothing stays mounted.
+pub fn mount(
+    core: Arc<Core>,
+    adapter: AdapterOptions,
+    mountpoint: &Path,
+    settings: &MountSettings,
+) -> io::Result<fuser::Session<FuseAdapter>> {
+    use rustix::mount::MountFlags as F;
+    let root = rustix::process::geteuid().is_root();
+    let mut config = fuser::Config::default();
+    // Other users of the machine see the workspace like any local directory; the kernel still
+    // enforces permissions (default_permissions).
+    config.acl = if root {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = true;
+    let adapter = FuseAdapter::new(core, adapter);
+    if !root {
+        // An unprivileged mount goes through the setuid fusermount3 helper.
+        config.mount_options = vec![
+            fuser::MountOption::FSName(settings.fsname.clone()),
+            fuser::MountOption::Subtype("owsfs".into()),
+            fuser::MountOption::DefaultPermissions,
+        ];
+        return fuser::Session::new(adapter, mountpoint, &config);
+    }
+
+    let mut flags = F::NOSUID | F::NODEV | F::NOATIME;
+    if settings.read_only {
+        flags |= F::RDONLY;
+    }
+    for flag in &settings.flags {
+        match flag.as_str() {
+            "nosuid" => flags |= F::NOSUID,
+            "suid" => flags.remove(F::NOSUID),
+            "nodev" => flags |= F::NODEV,
+            "dev" => flags.remove(F::NODEV),
+            "noexec" => flags |= F::NOEXEC,
+            "exec" => flags.remove(F::NOEXEC),
+            "noatime" => flags |= F::NOATIME,
+            "atime" => flags.remove(F::NOATIME),
+            "sync" => flags |= F::SYNCHRONOUS,
+            "async" => flags.remove(F::SYNCHRONOUS),
+            "dirsync" => flags |= F::DIRSYNC,
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown mount flag {other}"),
+                ));
+            }
+        }
+    }
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let st = rustix::fs::stat(mountpoint)?;
+    let data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        st.st_mode & libc::S_IFMT,
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    let data = std::ffi::CString::new(data).map_err(io::Error::other)?;
+    rustix::mount::mount(
+        settings.fsname.as_str(),
+        mountpoint,
+        "fuse.owsfs",
+        flags,
+        data.as_c_str(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("mount(2) of fuse.owsfs failed: {e}"),
+        )
+    })?;
+    match fuser::Session::from_fd(adapter, std::os::fd::OwnedFd::from(dev), config.acl, config) {
+        Ok(session) => Ok(session),
+        Err(e) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            Err(e)
+        }
+    }
+}

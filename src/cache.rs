@@ -1,0 +1,218 @@
+//! The cache directory: the backing files of the workspace, the journal, and the daemon's
+//! control socket and log.
+//!
+//! Layout (version 1):
+//! ```text
+//! CACHE/cache.json     format marker: {"format":"owsfs-cache","version":1,"crc32c":...}
+//! CACHE/lock           flock(2)ed by the daemon that serves this cache
+//! CACHE/backing/       the workspace's files, exactly as the workspace shows them
+//! CACHE/journal/       write journal segments (journal/FORMAT.md)
+//! CACHE/control.sock   the daemon's control socket
+//! CACHE/owsfs.log      the log of a background daemon
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+pub const CACHE_FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    format: String,
+    version: u32,
+    crc32c: u32,
+}
+
+fn marker_crc(version: u32) -> u32 {
+    crc32c::crc32c(format!("owsfs-cache:{version}").as_bytes())
+}
+
+/// An opened cache, locked for this process.
+pub struct Cache {
+    pub root: PathBuf,
+    pub backing: PathBuf,
+    pub journal: PathBuf,
+    _lock: File,
+}
+
+impl Cache {
+    pub fn socket_path(root: &Path) -> PathBuf {
+        root.join("control.sock")
+    }
+
+    pub fn log_path(root: &Path) -> PathBuf {
+        root.join("owsfs.log")
+    }
+
+    /// Creates the cache if needed, checks its format and takes its lock.
+    pub fn open(root: &Path) -> anyhow::Result<Cache> {
+        std::fs::create_dir_all(root).with_context(|| {
+            format!(
+                "cannot create cache directory {}: choose a writable place with --cache DIR",
+                root.display()
+            )
+        })?;
+        let root = root
+            .canonicalize()
+            .with_context(|| format!("cannot resolve cache directory {}", root.display()))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(root.join("lock"))
+            .with_context(|| {
+                format!(
+                    "cache directory {} is not writable: choose another with --cache DIR",
+                    root.display()
+                )
+            })?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let holder = std::fs::read_to_string(root.join("lock")).unwrap_or_default();
+            bail!(
+                "cache {} is in use by another owsfs daemon{}; unmount that workspace first",
+                root.display(),
+                match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                }
+            );
+        }
+        let mut lock = lock;
+        lock.set_len(0)
+            .context("cannot write the cache lock file")?;
+        writeln!(lock, "{}", std::process::id()).context("cannot write the cache lock file")?;
+
+        let marker_path = root.join("cache.json");
+        match std::fs::read(&marker_path) {
+            Ok(bytes) => {
+                let m: Marker = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is not an owsfs cache marker", marker_path.display())
+                })?;
+                if m.format != "owsfs-cache" || m.crc32c != marker_crc(m.version) {
+                    bail!(
+                        "{} is damaged or not an owsfs cache; use another --cache directory",
+                        marker_path.display()
+                    );
+                }
+                if m.version > CACHE_FORMAT_VERSION {
+                    bail!(
+                        "cache {} has format version {}, newer than this owsfs understands ({}); \
+                         upgrade owsfs",
+                        root.display(),
+                        m.version,
+                        CACHE_FORMAT_VERSION
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let nonempty = std::fs::read_dir(&root)?
+                    .filter_map(Result::ok)
+                    .any(|e| !matches!(e.file_name().to_str(), Some("lock" | "owsfs.log")));
+                if nonempty {
+                    bail!(
+                        "{} is not empty and is not an owsfs cache; give --cache an empty or new \
+                         directory",
+                        root.display()
+                    );
+                }
+                let m = Marker {
+                    format: "owsfs-cache".into(),
+                    version: CACHE_FORMAT_VERSION,
+                    crc32c: marker_crc(CACHE_FORMAT_VERSION),
+                };
+                let tmp = root.join("cache.json.tmp");
+                std::fs::write(&tmp, serde_json::to_vec(&m)?)?;
+                File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &marker_path)?;
+            }
+            Err(e) => return Err(e).context("cannot read the cache marker"),
+        }
+        let backing = root.join("backing");
+        let journal = root.join("journal");
+        for dir in [&backing, &journal] {
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+                }
+            }
+        }
+        // Prove the cache takes writes before mounting on it.
+        let probe = root.join(".write-probe");
+        std::fs::write(&probe, b"ok")
+            .with_context(|| format!("cache directory {} is not writable", root.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Cache {
+            root,
+            backing,
+            journal,
+            _lock: lock,
+        })
+    }
+}
+
+/// `owsfs journal --cache DIR`: replays the journal read-only and prints the dirty set.
+pub fn inspect_journal(cache: &Path, json: bool) -> anyhow::Result<()> {
+    let dir = cache.join("journal");
+    if !dir.is_dir() {
+        bail!("{} has no journal: is it an owsfs cache?", cache.display());
+    }
+    let (state, recovery) = owsfs_journal::Journal::inspect(&dir)
+        .with_context(|| format!("cannot read the journal in {}", dir.display()))?;
+    if json {
+        let out = serde_json::json!({ "recovery": recovery, "dirty": state });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "journal {}: {} segment(s), {} record(s){}{}",
+        dir.display(),
+        recovery.segments,
+        recovery.records,
+        recovery
+            .torn_tail
+            .as_deref()
+            .map(|t| format!(", torn tail: {t}"))
+            .unwrap_or_default(),
+        recovery
+            .rescan
+            .as_deref()
+            .map(|t| format!(", would rescan: {t}"))
+            .unwrap_or_default(),
+    );
+    println!(
+        "dirty: {} file(s), {} dir(s), {} byte(s)",
+        state.files.len(),
+        state.dirs.len(),
+        state.dirty_bytes()
+    );
+    for dir in &state.dirs {
+        println!("  dir  /{}", dir.display());
+    }
+    for (ino, f) in &state.files {
+        let path = f
+            .path
+            .as_ref()
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|| "(unlinked)".into());
+        println!(
+            "  file {path} ino={ino} extents={} bytes={}{}{}{}",
+            f.extents.len(),
+            f.extents.total_len(),
+            if f.created { " created" } else { "" },
+            if f.meta { " meta" } else { "" },
+            f.truncated_to
+                .map(|s| format!(" truncated_to={s}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

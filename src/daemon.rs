@@ -1,0 +1,367 @@
+//! The mount daemon: opens the cache and journal, mounts, serves until unmounted, and closes
+//! the journal cleanly.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use owsfs_fuse::{AdapterOptions, Core, CoreOptions, MountSettings};
+use owsfs_journal::{Journal, JournalOptions, Recovery};
+use parking_lot::{Condvar, Mutex};
+
+use crate::cache::Cache;
+use crate::cli::{MountArgs, default_cache};
+use crate::{control, mountpoint, options};
+
+/// Set in the environment of the background daemon a foreground `owsfs mount` starts.
+const DAEMON_CHILD_ENV: &str = "OWSFS_DAEMON_CHILD";
+
+/// What the control socket and signal handlers need of a running mount.
+pub struct Daemon {
+    pub core: Arc<Core>,
+    pub mountpoint: PathBuf,
+    pub cache: PathBuf,
+    pub started: Instant,
+    pub recovery: Recovery,
+    /// Set when the session has ended and the journal is closed: Ok, or the error.
+    finished: Mutex<Option<Result<(), String>>>,
+    finished_cv: Condvar,
+    /// Control connections waiting to report the end of the session; the process stays until
+    /// they have answered.
+    waiters: Mutex<usize>,
+    waiters_cv: Condvar,
+}
+
+impl Daemon {
+    /// Unmounts the workspace; the serving thread then closes the journal and exits.
+    pub fn unmount(&self, lazy: bool) -> anyhow::Result<()> {
+        let flags = if lazy {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
+        match rustix::mount::unmount(&self.mountpoint, flags) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::BUSY) => bail!(
+                "{} is busy (a process has a file open or its working directory inside); close \
+                 it, or use `owsfs unmount --lazy` to detach now and finish when it closes",
+                self.mountpoint.display()
+            ),
+            Err(rustix::io::Errno::PERM) => {
+                // An unprivileged mount is unmounted through the setuid helper.
+                let mut cmd = Command::new("fusermount3");
+                cmd.arg("-u");
+                if lazy {
+                    cmd.arg("-z");
+                }
+                let status = cmd
+                    .arg(&self.mountpoint)
+                    .status()
+                    .context("cannot run fusermount3 to unmount")?;
+                if !status.success() {
+                    bail!("fusermount3 -u {} failed", self.mountpoint.display());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot unmount {}", self.mountpoint.display()))
+            }
+        }
+    }
+
+    /// Waits until the session has ended and the journal is closed, then runs `answer` (which
+    /// reports it) before the process may exit.
+    pub fn wait_finished(&self, answer: impl FnOnce(Result<(), String>)) {
+        *self.waiters.lock() += 1;
+        let result = {
+            let mut f = self.finished.lock();
+            while f.is_none() {
+                self.finished_cv.wait(&mut f);
+            }
+            f.clone().unwrap_or(Ok(()))
+        };
+        answer(result);
+        *self.waiters.lock() -= 1;
+        self.waiters_cv.notify_all();
+    }
+
+    /// Gives waiting control connections a moment to answer before the process exits.
+    fn drain_waiters(&self) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut w = self.waiters.lock();
+        while *w > 0 {
+            if self.waiters_cv.wait_until(&mut w, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+
+    fn finish(&self, result: Result<(), String>) {
+        *self.finished.lock() = Some(result);
+        self.finished_cv.notify_all();
+    }
+}
+
+/// `owsfs mount`.
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let opts = options::parse(&args.options)?;
+    let cache = match &args.cache {
+        Some(c) => c.clone(),
+        None => default_cache(&args.mountpoint)?,
+    };
+    let child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+    if args.foreground || child {
+        let ready = Readiness { child };
+        init_logging(&args.log);
+        match serve(&args, &opts, &cache, &ready) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                ready.failed(&e);
+                Err(e)
+            }
+        }
+    } else {
+        spawn_background(&args, &cache)
+    }
+}
+
+/// Reports to the `owsfs mount` that started this daemon whether the mount is ready.
+struct Readiness {
+    child: bool,
+}
+
+impl Readiness {
+    fn ready(&self) {
+        if self.child {
+            println!("READY");
+            let _ = std::io::stdout().flush();
+            // The parent stops reading: point stdout at the log (stderr) from here on.
+            let _ = rustix::stdio::dup2_stdout(std::io::stderr().as_fd());
+        }
+    }
+
+    fn failed(&self, e: &anyhow::Error) {
+        if self.child {
+            println!("ERROR {}", format!("{e:#}").replace('\n', " "));
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(rustix::termios::isatty(std::io::stderr()))
+        .try_init();
+}
+
+/// Starts the daemon in the background and returns once it reports the mount ready.
+fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
+    // The log lives in the cache; the daemon checks the cache properly itself.
+    std::fs::create_dir_all(cache).with_context(|| {
+        format!(
+            "cannot create cache directory {}: choose a writable place with --cache DIR",
+            cache.display()
+        )
+    })?;
+    let log_path = Cache::log_path(cache);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the owsfs executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&args.mountpoint)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--log")
+        .arg(&args.log);
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.env(DAEMON_CHILD_ENV, "1")
+        .env_remove("OWSFS_FOREGROUND")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the owsfs daemon")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the daemon's stdout pipe is missing")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        if line == "READY" {
+            return Ok(());
+        }
+        if let Some(msg) = line.strip_prefix("ERROR ") {
+            let _ = child.wait();
+            bail!("{msg}");
+        }
+    }
+    let status = child.wait().context("cannot wait for the daemon")?;
+    let tail = std::fs::read_to_string(&log_path)
+        .map(|s| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(10)..].join("\n")
+        })
+        .unwrap_or_default();
+    bail!(
+        "the daemon exited ({status}) before the mount was ready; its log {} ends with:\n{tail}",
+        log_path.display()
+    )
+}
+
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    // Every inode the kernel holds keeps a descriptor open.
+    let mut lim = getrlimit(Resource::Nofile);
+    if let Some(max) = lim.maximum {
+        lim.current = Some(max);
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise the open file limit: {e}");
+        }
+    }
+}
+
+fn serve(
+    args: &MountArgs,
+    opts: &options::MountOptions,
+    cache_dir: &Path,
+    ready: &Readiness,
+) -> anyhow::Result<()> {
+    let mountpoint = mountpoint::check_mountable(&args.mountpoint)?;
+    mountpoint::check_dev_fuse()?;
+    let cache = Cache::open(cache_dir)?;
+    // Modes come from the kernel already masked by the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    raise_nofile_limit();
+
+    let (journal, recovery) =
+        Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
+            .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))?;
+    if let Some(tail) = &recovery.torn_tail {
+        tracing::warn!("journal: torn tail cut: {tail}");
+    }
+    if let Some(why) = &recovery.rescan {
+        tracing::warn!("journal: rescanned the backing directory: {why}");
+    }
+    tracing::info!(
+        "journal: replayed {} record(s) from {} segment(s){}",
+        recovery.records,
+        recovery.segments,
+        if recovery.clean {
+            " (clean shutdown)"
+        } else {
+            ""
+        }
+    );
+    let journal = Arc::new(journal);
+    let core = Arc::new(
+        Core::new(
+            &cache.backing,
+            Arc::clone(&journal),
+            CoreOptions {
+                passthrough: opts.passthrough,
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,
+    );
+    let adapter = AdapterOptions {
+        entry_ttl: opts.entry_timeout,
+        attr_ttl: opts.attr_timeout,
+        negative_ttl: opts.negative_timeout,
+        max_write: opts.max_write,
+    };
+    let settings = MountSettings {
+        fsname: cache.root.to_string_lossy().into_owned(),
+        threads: opts.threads,
+        flags: opts.kernel.clone(),
+        read_only: opts.read_only,
+    };
+    let session = owsfs_fuse::mount(Arc::clone(&core), adapter, &mountpoint, &settings)
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+
+    let daemon = Arc::new(Daemon {
+        core,
+        mountpoint: mountpoint.clone(),
+        cache: cache.root.clone(),
+        started: Instant::now(),
+        recovery,
+        finished: Mutex::new(None),
+        finished_cv: Condvar::new(),
+        waiters: Mutex::new(0),
+        waiters_cv: Condvar::new(),
+    });
+    let control = match control::Server::start(Arc::clone(&daemon)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = daemon.unmount(true);
+            return Err(e);
+        }
+    };
+    spawn_signal_handler(Arc::clone(&daemon))?;
+    tracing::info!(
+        "mounted {} (cache {})",
+        mountpoint.display(),
+        cache.root.display()
+    );
+    ready.ready();
+
+    let served = session.run();
+    let closed: Result<(), String> = {
+        let _ = &journal;
+        Ok(())
+    }; // FIXME close_clean_shared
+    drop(control);
+    let result = match (&served, &closed) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), _) => Err(format!("the FUSE session failed: {e}")),
+        (_, Err(e)) => Err(format!("cannot close the journal cleanly: {e}")),
+    };
+    match &result {
+        Ok(()) => tracing::info!("unmounted {}; journal closed cleanly", mountpoint.display()),
+        Err(e) => tracing::error!("{e}"),
+    }
+    daemon.finish(result.clone());
+    daemon.drain_waiters();
+    result.map_err(anyhow::Error::msg)
+}
+
+fn spawn_signal_handler(daemon: Arc<Daemon>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("owsfs-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                tracing::info!("signal {sig}: unmounting");
+                if let Err(e) = daemon.unmount(false) {
+                    tracing::warn!("{e:#}; detaching instead");
+                    if let Err(e) = daemon.unmount(true) {
+                        tracing::error!("cannot unmount: {e:#}");
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

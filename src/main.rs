@@ -1,0 +1,13 @@
+//! owsfs: a durable local workspace filesystem.
+
+mod cache;
+mod cli;
+mod control;
+mod daemon;
+mod mountpoint;
+mod options;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::helper_args(std::env::args_os().collect());
+    cli::run(args)
+}

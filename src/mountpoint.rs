@@ -1,0 +1,165 @@
+//! Checks on a mountpoint, and finding the owsfs mount at a path.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// A mount as listed in /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// The name a workspace gets from its mountpoint.
+pub fn name_of(mountpoint: &Path) -> String {
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    abs.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".to_string())
+}
+
+/// Every mount of this mount namespace.
+pub fn mounts() -> anyhow::Result<Vec<MountInfo>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // id parent major:minor root mountpoint options [optional...] - fstype source superopts
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let rfields: Vec<&str> = right.split(' ').collect();
+        if fields.len() < 5 || rfields.len() < 2 {
+            continue;
+        }
+        out.push(MountInfo {
+            mountpoint: PathBuf::from(unescape(fields[4])),
+            fstype: rfields[0].to_string(),
+            source: unescape(rfields[1]),
+        });
+    }
+    Ok(out)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The absolute path of a mountpoint without resolving it through a (possibly dead) mount.
+pub fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::path::absolute(path)
+        .with_context(|| format!("cannot make {} absolute", path.display()))?;
+    // Resolve symlinks in the parent only: the last component may be a stale FUSE mount that
+    // cannot be stat'ed.
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(p) => Ok(p.join(name)),
+            Err(_) => Ok(abs),
+        },
+        _ => Ok(abs),
+    }
+}
+
+/// The owsfs mount at `path`, if there is one (the newest, if stacked).
+pub fn find_owsfs(path: &Path) -> anyhow::Result<Option<MountInfo>> {
+    let abs = absolute(path)?;
+    Ok(mounts()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == abs && m.fstype == "fuse.owsfs"))
+}
+
+/// Checks that `path` can be mounted on: an existing, empty directory that is not a mountpoint.
+pub fn check_mountable(path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = absolute(path)?;
+    if let Some(m) = mounts()?.into_iter().rev().find(|m| m.mountpoint == abs) {
+        bail!(
+            "{} is already a mountpoint ({} from {}); unmount it first{}",
+            abs.display(),
+            m.fstype,
+            m.source,
+            if m.fstype == "fuse.owsfs" {
+                format!(" with `owsfs unmount {}`", abs.display())
+            } else {
+                String::new()
+            }
+        );
+    }
+    let meta = match std::fs::metadata(&abs) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "mountpoint {} does not exist; create it with `mkdir -p {}`",
+            abs.display(),
+            abs.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot stat {}", abs.display())),
+    };
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", abs.display());
+    }
+    let mut entries = std::fs::read_dir(&abs)
+        .with_context(|| format!("cannot list mountpoint {}", abs.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "mountpoint {} is not empty; owsfs mounts only on an empty directory, so nothing is hidden",
+            abs.display()
+        );
+    }
+    Ok(abs.canonicalize().unwrap_or(abs))
+}
+
+/// Checks that the FUSE device is there and can be opened.
+pub fn check_dev_fuse() -> anyhow::Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "/dev/fuse does not exist: load the fuse kernel module (`modprobe fuse`), or in a \
+             container pass the device (`--device /dev/fuse`)"
+        ),
+        Err(e) => Err(e).context(
+            "cannot open /dev/fuse: run as root, or give this user access to the FUSE device",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_octal() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/tail\\04"), "/tail\\04");
+    }
+
+    #[test]
+    fn workspace_name_is_the_last_component() {
+        assert_eq!(name_of(Path::new("/x/workspace")), "workspace");
+        assert_eq!(name_of(Path::new("/")), "root");
+    }
+}

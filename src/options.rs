@@ -1,0 +1,139 @@
+//! `-o` mount options: owsfs's own settings, kernel mount flags, and what mount(8) adds.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Settings parsed from `-o`.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub threads: usize,
+    pub passthrough: bool,
+    pub attr_timeout: Duration,
+    pub entry_timeout: Duration,
+    pub negative_timeout: Duration,
+    pub max_write: u32,
+    /// Kernel mount flags passed on as they are (nosuid, nodev, noexec, ...).
+    pub kernel: Vec<String>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        let adapter = owsfs_fuse::AdapterOptions::default();
+        MountOptions {
+            read_only: false,
+            threads: 8,
+            passthrough: true,
+            attr_timeout: adapter.attr_ttl,
+            entry_timeout: adapter.entry_ttl,
+            negative_timeout: adapter.negative_ttl,
+            max_write: adapter.max_write,
+            kernel: Vec::new(),
+        }
+    }
+}
+
+fn seconds(key: &str, v: &str) -> anyhow::Result<Duration> {
+    let secs: f64 = v
+        .parse()
+        .with_context(|| format!("-o {key}={v}: expected a number of seconds"))?;
+    if !(0.0..=1e9).contains(&secs) {
+        bail!("-o {key}={v}: expected a number of seconds between 0 and 1e9");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses every `-o` value (each may hold several comma-separated options).
+pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
+    let mut o = MountOptions::default();
+    for opt in values.iter().flat_map(|v| v.split(',')) {
+        let opt = opt.trim();
+        if opt.is_empty() {
+            continue;
+        }
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (key, value) {
+            ("ro", None) => o.read_only = true,
+            ("rw", None) => o.read_only = false,
+            ("threads", Some(v)) => {
+                o.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .with_context(|| format!("-o threads={v}: expected 1 to 256"))?
+            }
+            ("passthrough", Some("on" | "1" | "true")) => o.passthrough = true,
+            ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
+            ("attr_timeout", Some(v)) => o.attr_timeout = seconds(key, v)?,
+            ("entry_timeout", Some(v)) => o.entry_timeout = seconds(key, v)?,
+            ("negative_timeout", Some(v)) => o.negative_timeout = seconds(key, v)?,
+            ("max_write", Some(v)) => {
+                o.max_write = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (4096..=(1 << 20)).contains(n))
+                    .with_context(|| format!("-o max_write={v}: expected 4096 to 1048576"))?
+            }
+            (
+                "nosuid" | "suid" | "nodev" | "dev" | "noexec" | "exec" | "noatime" | "atime"
+                | "sync" | "async" | "dirsync",
+                None,
+            ) => o.kernel.push(key.to_string()),
+            // Added by mount(8) and mount.fuse3, or implied by how owsfs mounts.
+            (
+                "allow_other"
+                | "default_permissions"
+                | "auto"
+                | "noauto"
+                | "user"
+                | "nouser"
+                | "users"
+                | "_netdev"
+                | "nofail"
+                | "defaults",
+                None,
+            ) => {}
+            ("x-systemd.automount" | "x-systemd.device-timeout", _) => {}
+            _ => bail!(
+                "unknown mount option `{opt}`; known: ro, rw, threads=N, passthrough=on|off, \
+                 attr_timeout=S, entry_timeout=S, negative_timeout=S, max_write=BYTES, \
+                 nosuid, nodev, noexec, noatime, sync, dirsync"
+            ),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_owsfs_and_kernel_options() {
+        let o = parse(&["ro,threads=4".into(), "nosuid,passthrough=off".into()]).unwrap();
+        assert!(o.read_only);
+        assert_eq!(o.threads, 4);
+        assert!(!o.passthrough);
+        assert_eq!(o.kernel, vec!["nosuid".to_string()]);
+    }
+
+    #[test]
+    fn rejects_unknown_and_bad_values() {
+        assert!(parse(&["bogus".into()]).is_err());
+        assert!(parse(&["threads=0".into()]).is_err());
+        assert!(parse(&["attr_timeout=-1".into()]).is_err());
+        let e = parse(&["max_write=12".into()]).unwrap_err().to_string();
+        assert!(e.contains("max_write"), "{e}");
+    }
+
+    #[test]
+    fn ignores_what_mount_helpers_add() {
+        let o = parse(&["rw,dev,suid,allow_other,default_permissions".into()]).unwrap();
+        assert!(!o.read_only);
+        assert_eq!(o.kernel, vec!["dev".to_string(), "suid".to_string()]);
+    }
+}
