@@ -88,21 +88,18 @@ fn handle(daemon: &Daemon, conn: UnixStream) -> anyhow::Result<()> {
         Some("status") => status_of(daemon, req["dirty"].as_bool().unwrap_or(false)),
         Some("unmount") => {
             let lazy = req["lazy"].as_bool().unwrap_or(false);
-            match daemon.unmount(lazy) {
+            // Registered before unmounting, so the process cannot exit before the answer.
+            let _waiter = daemon.waiter();
+            let reply = match daemon.unmount(lazy) {
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
                 Ok(()) if lazy => json!({"ok": true, "detached": true}),
-                Ok(()) => {
-                    let mut sent = Ok(());
-                    daemon.wait_finished(|result| {
-                        let reply = match result {
-                            Ok(()) => json!({"ok": true}),
-                            Err(e) => json!({"ok": false, "error": e}),
-                        };
-                        sent = writeln!(conn, "{reply}");
-                    });
-                    return Ok(sent?);
-                }
-            }
+                Ok(()) => match daemon.wait_finished() {
+                    Ok(()) => json!({"ok": true}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                },
+            };
+            writeln!(conn, "{reply}")?;
+            return Ok(());
         }
         other => json!({"ok": false, "error": format!("unknown command {other:?}")}),
     };

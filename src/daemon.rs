@@ -74,20 +74,20 @@ impl Daemon {
         }
     }
 
-    /// Waits until the session has ended and the journal is closed, then runs `answer` (which
-    /// reports it) before the process may exit.
-    pub fn wait_finished(&self, answer: impl FnOnce(Result<(), String>)) {
+    /// Registers a control connection that will report the end of the session: the process
+    /// does not exit until the returned guard is dropped (or 5 s pass).
+    pub fn waiter(&self) -> Waiter<'_> {
         *self.waiters.lock() += 1;
-        let result = {
-            let mut f = self.finished.lock();
-            while f.is_none() {
-                self.finished_cv.wait(&mut f);
-            }
-            f.clone().unwrap_or(Ok(()))
-        };
-        answer(result);
-        *self.waiters.lock() -= 1;
-        self.waiters_cv.notify_all();
+        Waiter { daemon: self }
+    }
+
+    /// Waits until the session has ended and the journal is closed.
+    pub fn wait_finished(&self) -> Result<(), String> {
+        let mut f = self.finished.lock();
+        while f.is_none() {
+            self.finished_cv.wait(&mut f);
+        }
+        f.clone().unwrap_or(Ok(()))
     }
 
     /// Gives waiting control connections a moment to answer before the process exits.
@@ -104,6 +104,18 @@ impl Daemon {
     fn finish(&self, result: Result<(), String>) {
         *self.finished.lock() = Some(result);
         self.finished_cv.notify_all();
+    }
+}
+
+/// Keeps the daemon process alive until a control connection has answered.
+pub struct Waiter<'a> {
+    daemon: &'a Daemon,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        *self.daemon.waiters.lock() -= 1;
+        self.daemon.waiters_cv.notify_all();
     }
 }
 
@@ -165,6 +177,9 @@ fn init_logging(filter: &str) {
 
 /// Starts the daemon in the background and returns once it reports the mount ready.
 fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
+    // The daemon checks these again, but failing here is quicker and plainer.
+    mountpoint::check_mountable(&args.mountpoint)?;
+    mountpoint::check_dev_fuse()?;
     // The log lives in the cache; the daemon checks the cache properly itself.
     std::fs::create_dir_all(cache).with_context(|| {
         format!(
@@ -191,7 +206,8 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     }
     cmd.env(DAEMON_CHILD_ENV, "1")
         .env_remove("OWSFS_FOREGROUND")
-        .stdin(Stdio::null())
+        // Not /dev/null: a container may lack it; a closed pipe reads as end of file too.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -202,6 +218,7 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("cannot start the owsfs daemon")?;
+    drop(child.stdin.take());
     let stdout = child
         .stdout
         .take()

@@ -1,0 +1,187 @@
+//! Shared helpers of the real-mount tests: a mounted workspace in a temporary directory that
+//! is always unmounted, even when the test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const OWSFS: &str = env!("CARGO_BIN_EXE_owsfs");
+
+/// True (and a note printed) when the caller asked to skip FUSE tests. That is the only way
+/// these tests skip: without the variable, a machine without FUSE fails them.
+pub fn skip_fuse() -> bool {
+    if std::env::var("OWSFS_SKIP_FUSE_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipped: OWSFS_SKIP_FUSE_TESTS=1");
+        return true;
+    }
+    false
+}
+
+pub fn owsfs(args: &[&str]) -> Output {
+    Command::new(OWSFS)
+        .args(args)
+        .env_remove("OWSFS_CACHE")
+        .output()
+        .expect("run owsfs")
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sh(script: &str, dir: &Path) -> Output {
+    run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(dir))
+}
+
+/// Whether an owsfs mount is at `mp` (per /proc/self/mountinfo).
+pub fn is_mounted(mp: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mp = mp.to_string_lossy();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() > 4 && f[4] == mp && l.contains(" - fuse.owsfs ")
+    })
+}
+
+/// A workspace mounted for one test.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub mp: PathBuf,
+    pub cache: PathBuf,
+    pub opts: Vec<String>,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Self::with_options(&[])
+    }
+
+    pub fn with_options(opts: &[&str]) -> Workspace {
+        let dir = tempfile::Builder::new()
+            .prefix("owsfs-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mp = dir.path().join("mnt");
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&mp).expect("mkdir mountpoint");
+        let ws = Workspace {
+            dir,
+            mp,
+            cache,
+            opts: opts.iter().map(|s| s.to_string()).collect(),
+        };
+        ws.mount();
+        ws
+    }
+
+    pub fn mount(&self) {
+        let mut args = vec![
+            "mount".to_string(),
+            self.mp.to_string_lossy().into_owned(),
+            "--cache".into(),
+            self.cache.to_string_lossy().into_owned(),
+        ];
+        for o in &self.opts {
+            args.push("-o".into());
+            args.push(o.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = owsfs(&args);
+        assert!(
+            out.status.success(),
+            "owsfs mount failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        assert!(
+            is_mounted(&self.mp),
+            "mount returned but nothing is mounted"
+        );
+    }
+
+    pub fn unmount(&self) {
+        let out = owsfs(&["unmount", &self.mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "owsfs unmount failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        assert!(!is_mounted(&self.mp), "unmount returned but still mounted");
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mp.join(rel)
+    }
+
+    pub fn backing(&self, rel: &str) -> PathBuf {
+        self.cache.join("backing").join(rel)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.cache.join("owsfs.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "\n--- daemon log tail ---\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+
+    /// The daemon's pid, from its status.
+    pub fn daemon_pid(&self) -> i32 {
+        let v = self.status_json(false);
+        v["pid"].as_i64().expect("pid in status") as i32
+    }
+
+    pub fn status_json(&self, dirty: bool) -> serde_json::Value {
+        let mut args = vec!["status", "--json"];
+        if dirty {
+            args.push("--dirty");
+        }
+        let mp = self.mp.to_string_lossy().into_owned();
+        args.push(&mp);
+        let out = owsfs(&args);
+        assert!(
+            out.status.success(),
+            "owsfs status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if !is_mounted(&self.mp) {
+            return;
+        }
+        let _ = owsfs(&["unmount", &self.mp.to_string_lossy()]);
+        if is_mounted(&self.mp) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+        }
+    }
+}
+
+/// Waits until `f` is true or the timeout passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}

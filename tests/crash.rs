@@ -1,0 +1,184 @@
+//! kill -9 of the daemon in the middle of a workload: nothing the workload completed is lost,
+//! and the replayed journal's dirty set is exactly what changed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Creates files, renames them into place, appends to a log and rewrites slots of a
+/// preexisting file; after each iteration completes it records the iteration number in a
+/// progress file outside the workspace.
+const WORKLOAD: &str = r#"
+import os, sys
+mp, progress = sys.argv[1], sys.argv[2]
+p = open(progress, "a")
+os.makedirs(f"{mp}/files", exist_ok=True)
+i = 0
+try:
+    while True:
+        with open(f"{mp}/files/tmp{i}", "wb") as f:
+            f.write(f"content {i}\n".encode() * 10)
+        os.rename(f"{mp}/files/tmp{i}", f"{mp}/files/done{i}")
+        with open(f"{mp}/log.txt", "a") as f:
+            f.write(f"line {i}\n")
+        fd = os.open(f"{mp}/pre/a", os.O_WRONLY)
+        os.pwrite(fd, f"{i:08d}".encode(), 4096 * (i % 16))
+        os.close(fd)
+        p.write(f"{i}\n")
+        p.flush()
+        i += 1
+except OSError:
+    pass
+"#;
+
+fn dirty_sets(v: &serde_json::Value) -> (BTreeSet<String>, BTreeSet<String>) {
+    let files = v["files"]
+        .as_object()
+        .expect("dirty files")
+        .values()
+        .filter_map(|f| f["path"].as_str().map(str::to_string))
+        .collect();
+    let dirs = v["dirs"]
+        .as_array()
+        .expect("dirty dirs")
+        .iter()
+        .filter_map(|d| d.as_str().map(str::to_string))
+        .collect();
+    (files, dirs)
+}
+
+#[test]
+fn kill_9_mid_workload_loses_nothing_and_journal_matches() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("pre")).unwrap();
+    std::fs::write(ws.path("pre/a"), vec![b'.'; 16 * 4096]).unwrap();
+    std::fs::write(ws.path("pre/b"), b"untouched by the workload").unwrap();
+    // A clean remount in between: the dirty set carries over (no generation consumed it).
+    ws.unmount();
+    ws.mount();
+
+    let progress = ws.dir.path().join("progress");
+    let mut child = Command::new("python3")
+        .args(["-c", WORKLOAD])
+        .arg(&ws.mp)
+        .arg(&progress)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start workload");
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&progress)
+                .map(|s| s.lines().count() >= 50)
+                .unwrap_or(false)
+        }),
+        "workload made no progress{}",
+        ws.log_tail()
+    );
+    let pid = ws.daemon_pid();
+    // SAFETY: kill(2) on the daemon's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "workload exits on the dead mount");
+
+    let completed: Vec<u64> = std::fs::read_to_string(&progress)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let last = *completed.last().unwrap();
+    assert_eq!(completed.len() as u64, last + 1);
+
+    // The dead mount is removed by `owsfs unmount`, then the journal is read offline.
+    let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&ws.mp));
+    let out = owsfs(&["journal", "--json", "--cache", &ws.cache.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        offline["recovery"]["rescan"].is_null(),
+        "a kill -9 needs no rescan: {}",
+        offline["recovery"]
+    );
+
+    // Remount on the same cache: everything the workload completed is there.
+    ws.mount();
+    for i in &completed {
+        let got = std::fs::read_to_string(ws.path(&format!("files/done{i}"))).unwrap();
+        assert_eq!(got, format!("content {i}\n").repeat(10), "files/done{i}");
+    }
+    let log = std::fs::read_to_string(ws.path("log.txt")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() as u64 >= last + 1);
+    for i in &completed {
+        assert_eq!(lines[*i as usize], format!("line {i}"));
+    }
+    let a = std::fs::read(ws.path("pre/a")).unwrap();
+    let slot = 4096 * (last % 16) as usize;
+    assert_eq!(&a[slot..slot + 8], format!("{last:08}").as_bytes());
+
+    // The journal's dirty set is what changed: every path the workload and the setup
+    // touched, and nothing else but the iteration that was in flight.
+    let live = ws.status_json(true);
+    assert_eq!(
+        live["dirty"], offline["dirty"],
+        "replay at mount gives the same dirty state as offline replay"
+    );
+    let (files, dirs) = dirty_sets(&live["dirty"]);
+    let mut expected: BTreeSet<String> = ["pre/a", "pre/b", "log.txt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    expected.extend(completed.iter().map(|i| format!("files/done{i}")));
+    let in_flight: BTreeSet<String> = [
+        format!("files/tmp{}", last + 1),
+        format!("files/done{}", last + 1),
+    ]
+    .into_iter()
+    .collect();
+    let missing: Vec<_> = expected.difference(&files).collect();
+    assert!(missing.is_empty(), "changed but not dirty: {missing:?}");
+    let extra: Vec<_> = files
+        .difference(&expected)
+        .filter(|p| !in_flight.contains(*p))
+        .collect();
+    assert!(extra.is_empty(), "dirty but never changed: {extra:?}");
+    for d in ["", "pre", "files"] {
+        assert!(dirs.contains(d), "directory {d:?} is dirty: {dirs:?}");
+    }
+    // The rewritten slots of pre/a are in its dirty extents.
+    let pre_a = live["dirty"]["files"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|f| f["path"] == "pre/a")
+        .unwrap();
+    let extents: Vec<(u64, u64)> = pre_a["extents"]
+        .as_array()
+        .expect("extents")
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect();
+    for s in 0..16u64.min(last + 1) {
+        let (start, end) = (4096 * s, 4096 * s + 8);
+        assert!(
+            extents.iter().any(|&(a, b)| a <= start && end <= b),
+            "slot {s} in {extents:?}"
+        );
+    }
+}
