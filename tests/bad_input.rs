@@ -116,10 +116,11 @@ fn missing_dev_fuse_is_explained() {
     // In a private mount namespace, an empty /dev hides /dev/fuse from the daemon only.
     let script = format!(
         "mount -t tmpfs owsfs-test-dev /dev && {} mount {} --cache {}; echo \"rc=$?\"; \
-         grep -c fuse.owsfs /proc/self/mountinfo || true",
+         grep -c ' {} ' /proc/self/mountinfo || true",
         OWSFS,
         mp.display(),
-        dir.path().join("cache").display()
+        dir.path().join("cache").display(),
+        mp.display()
     );
     let out = run_ok(Command::new("unshare").args(["-m", "sh", "-c", &script]));
     let stdout = String::from_utf8_lossy(&out.stdout);
