@@ -345,8 +345,8 @@ impl Core {
             rustix::fs::chownat(
                 &inode.fd,
                 c"",
-                set.uid.map(|u| rustix::fs::Uid::from_raw(u)),
-                set.gid.map(|g| rustix::fs::Gid::from_raw(g)),
+                set.uid.map(rustix::fs::Uid::from_raw),
+                set.gid.map(rustix::fs::Gid::from_raw),
                 AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             )
             .ctx("chown")?;
