@@ -267,8 +267,6 @@ fn serve(
     let mountpoint = mountpoint::check_mountable(&args.mountpoint)?;
     mountpoint::check_dev_fuse()?;
     let cache = Cache::open(cache_dir)?;
-    // Modes come from the kernel already masked by the caller's umask.
-    rustix::process::umask(rustix::fs::Mode::empty());
     raise_nofile_limit();
 
     let (journal, recovery) =

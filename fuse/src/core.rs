@@ -127,7 +127,11 @@ pub struct Core {
 
 impl Core {
     /// Opens the core over `backing_root`, which must be an existing directory.
+    ///
+    /// Sets the process umask to 0: the kernel sends modes already masked by the caller's
+    /// umask, and masking them again with the daemon's would be wrong.
     pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
+        rustix::process::umask(Mode::empty());
         let root_fd = rustix::fs::open(
             backing_root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -1158,5 +1162,248 @@ impl Drop for CallerCreds {
                 libc::setfsgid(gid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use owsfs_journal::JournalOptions;
+
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        backing: PathBuf,
+        core: Core,
+    }
+
+    const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+    fn fixture(passthrough: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        let (journal, _) = Journal::open(
+            &dir.path().join("journal"),
+            &backing,
+            JournalOptions::default(),
+        )
+        .unwrap();
+        let core = Core::new(&backing, Arc::new(journal), CoreOptions { passthrough }).unwrap();
+        Fixture {
+            _dir: dir,
+            backing,
+            core,
+        }
+    }
+
+    fn name(s: &str) -> &OsStr {
+        OsStr::new(s)
+    }
+
+    #[test]
+    fn create_write_read_and_the_journal_sees_it() {
+        let f = fixture(true);
+        let d = f.core.mkdir(ROOT_INO, name("d"), 0o755, ROOT).unwrap();
+        let dino = d.attr.ino.0;
+        let (e, h, fh) = f
+            .core
+            .create(dino, name("x"), 0o644, libc::O_RDWR, ROOT)
+            .unwrap();
+        assert_eq!(
+            h.mode(),
+            IoMode::Cached,
+            "a writer is served through the cache"
+        );
+        assert_eq!(f.core.write(fh, 10, b"hello").unwrap(), 5);
+        assert_eq!(f.core.read(fh, 10, 100).unwrap(), b"hello");
+        f.core.fsync(e.attr.ino.0, fh, false).unwrap();
+        assert_eq!(f.core.release(fh).unwrap(), IoMode::Cached);
+        assert_eq!(
+            std::fs::read(f.backing.join("d/x")).unwrap()[10..],
+            *b"hello"
+        );
+
+        let dirty = f.core.journal().dirty();
+        let file = &dirty.files[&e.attr.ino.0];
+        assert_eq!(file.path.as_deref(), Some(Path::new("d/x")));
+        assert!(file.created);
+        assert_eq!(file.extents.iter().collect::<Vec<_>>(), vec![(10, 15)]);
+        assert!(dirty.dirs.contains(Path::new("")) && dirty.dirs.contains(Path::new("d")));
+        // The inode number is the backing file's.
+        let ino = std::fs::metadata(f.backing.join("d/x")).unwrap().ino();
+        assert_eq!(e.attr.ino.0, ino);
+    }
+
+    #[test]
+    fn lookups_are_counted_and_forgotten() {
+        let f = fixture(true);
+        std::fs::write(f.backing.join("a"), b"a").unwrap();
+        let e1 = f.core.lookup(ROOT_INO, name("a")).unwrap();
+        let e2 = f.core.lookup(ROOT_INO, name("a")).unwrap();
+        assert_eq!(e1.attr.ino, e2.attr.ino);
+        let before = f.core.inode_count();
+        f.core.forget(e1.attr.ino.0, 1);
+        assert_eq!(f.core.inode_count(), before, "one reference is left");
+        f.core.forget(e1.attr.ino.0, 1);
+        assert_eq!(f.core.inode_count(), before - 1);
+        assert_eq!(
+            f.core.getattr(e1.attr.ino.0).unwrap_err().to_errno(),
+            libc::ESTALE
+        );
+        assert_eq!(
+            f.core
+                .lookup(ROOT_INO, name("missing"))
+                .unwrap_err()
+                .to_errno(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            f.core.lookup(ROOT_INO, name("..")).unwrap_err().to_errno(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn io_modes_never_mix_passthrough_and_cached_opens() {
+        let f = fixture(true);
+        std::fs::write(f.backing.join("a"), b"abc").unwrap();
+        let ino = f.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
+        let (r1, fh1) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        assert_eq!(r1.mode(), IoMode::Passthrough);
+        // A writer while a passthrough reader is open goes direct, bypassing the page cache.
+        let (w, fhw) = f.core.open(ino, libc::O_RDWR).unwrap();
+        assert_eq!(w.mode(), IoMode::Direct);
+        f.core.release(fh1).unwrap();
+        f.core.release(fhw).unwrap();
+        // A writer first: readers then share the cached mode.
+        let (w, fhw) = f.core.open(ino, libc::O_WRONLY).unwrap();
+        assert_eq!(w.mode(), IoMode::Cached);
+        let (r, fhr) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        assert_eq!(r.mode(), IoMode::Cached);
+        f.core.release(fhw).unwrap();
+        f.core.release(fhr).unwrap();
+        // A refused passthrough is demoted to the cache.
+        let (r, fh) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        assert_eq!(r.mode(), IoMode::Passthrough);
+        assert_eq!(f.core.demote_passthrough(fh).unwrap(), IoMode::Cached);
+        f.core.release(fh).unwrap();
+        // With passthrough off, everything is cached.
+        let g = fixture(false);
+        std::fs::write(g.backing.join("a"), b"abc").unwrap();
+        let ino = g.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
+        let (r, _) = g.core.open(ino, libc::O_RDONLY).unwrap();
+        assert_eq!(r.mode(), IoMode::Cached);
+    }
+
+    #[test]
+    fn rename_and_unlink_update_paths_in_the_journal() {
+        let f = fixture(true);
+        let a = f
+            .core
+            .mkdir(ROOT_INO, name("a"), 0o755, ROOT)
+            .unwrap()
+            .attr
+            .ino
+            .0;
+        let (e, _, fh) = f
+            .core
+            .create(a, name("f"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core.write(fh, 0, b"x").unwrap();
+        f.core.release(fh).unwrap();
+        f.core
+            .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
+            .unwrap();
+        let dirty = f.core.journal().dirty();
+        assert_eq!(
+            dirty.files[&e.attr.ino.0].path.as_deref(),
+            Some(Path::new("b/f"))
+        );
+        // Later records about the file use its new path.
+        let (_, fh) = f.core.open(e.attr.ino.0, libc::O_WRONLY).unwrap();
+        f.core.write(fh, 1, b"y").unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!(std::fs::read(f.backing.join("b/f")).unwrap(), b"xy");
+        f.core.unlink(a, name("f")).unwrap();
+        let dirty = f.core.journal().dirty();
+        assert_eq!(dirty.files[&e.attr.ino.0].path, None);
+        assert!(!f.backing.join("b/f").exists());
+        assert_eq!(
+            f.core
+                .rename(ROOT_INO, name("b"), ROOT_INO, name("c"), 1 << 7)
+                .unwrap_err()
+                .to_errno(),
+            libc::EINVAL,
+            "RENAME_WHITEOUT is not supported"
+        );
+    }
+
+    #[test]
+    fn created_nodes_belong_to_the_caller() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let f = fixture(true);
+        let user = Caller {
+            uid: 4242,
+            gid: 4343,
+        };
+        // The caller needs write access to the directory, as on a local disk.
+        let d = f
+            .core
+            .mkdir(ROOT_INO, name("open"), 0o777, ROOT)
+            .unwrap()
+            .attr
+            .ino
+            .0;
+        let e = f.core.mkdir(d, name("mine"), 0o700, user).unwrap();
+        assert_eq!((e.attr.uid, e.attr.gid), (4242, 4343));
+        let (e, _, fh) = f
+            .core
+            .create(d, name("file"), 0o600, libc::O_WRONLY, user)
+            .unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!((e.attr.uid, e.attr.gid), (4242, 4343));
+        // A root-owned 0755 directory refuses the user's create, as the backing fs would.
+        let closed = f
+            .core
+            .mkdir(ROOT_INO, name("closed"), 0o755, ROOT)
+            .unwrap()
+            .attr
+            .ino
+            .0;
+        assert_eq!(
+            f.core
+                .mkdir(closed, name("x"), 0o755, user)
+                .unwrap_err()
+                .to_errno(),
+            libc::EACCES
+        );
+        // The daemon thread is root again afterwards.
+        let e = f.core.mkdir(closed, name("y"), 0o755, ROOT).unwrap();
+        assert_eq!(e.attr.uid, 0);
+    }
+
+    #[test]
+    fn readdir_lists_and_rewinds() {
+        let f = fixture(true);
+        for n in ["a", "b", "c"] {
+            std::fs::write(f.backing.join(n), n).unwrap();
+        }
+        let fh = f.core.opendir(ROOT_INO).unwrap();
+        let all = f.core.readdir(fh, 0).unwrap();
+        let mut names: Vec<_> = all
+            .iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![".", "..", "a", "b", "c"]);
+        assert_eq!(f.core.readdir(fh, 3).unwrap().len(), 2);
+        std::fs::write(f.backing.join("d"), b"d").unwrap();
+        assert_eq!(f.core.readdir(fh, 0).unwrap().len(), 6, "offset 0 rereads");
+        f.core.releasedir(fh);
     }
 }
