@@ -341,10 +341,7 @@ fn serve(
     ready.ready();
 
     let served = session.run();
-    let closed: Result<(), String> = {
-        let _ = &journal;
-        Ok(())
-    }; // FIXME close_clean_shared
+    let closed = journal.close_clean();
     drop(control);
     let result = match (&served, &closed) {
         (Ok(()), Ok(())) => Ok(()),

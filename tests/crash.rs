@@ -63,6 +63,11 @@ fn kill_9_mid_workload_loses_nothing_and_journal_matches() {
     // A clean remount in between: the dirty set carries over (no generation consumed it).
     ws.unmount();
     ws.mount();
+    assert_eq!(
+        ws.status_json(false)["recovery"]["clean"],
+        true,
+        "a clean unmount leaves a clean journal"
+    );
 
     let progress = ws.dir.path().join("progress");
     let mut child = Command::new("python3")
@@ -135,6 +140,8 @@ fn kill_9_mid_workload_loses_nothing_and_journal_matches() {
     // The journal's dirty set is what changed: every path the workload and the setup
     // touched, and nothing else but the iteration that was in flight.
     let live = ws.status_json(true);
+    assert_eq!(live["recovery"]["clean"], false, "after kill -9");
+    assert!(live["recovery"]["torn_tail"].is_null() || live["recovery"]["rescan"].is_null());
     assert_eq!(
         live["dirty"], offline["dirty"],
         "replay at mount gives the same dirty state as offline replay"

@@ -1,0 +1,176 @@
+//! The command-line contract: the mount-helper calling convention, foreground mounts and
+//! signals, environment variables.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn mount_helper_convention_through_mount_fuse3() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, mp, bin) = (
+        dir.path().join("cache"),
+        dir.path().join("mp"),
+        dir.path().join("bin"),
+    );
+    std::fs::create_dir(&mp).unwrap();
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(OWSFS, bin.join("owsfs")).unwrap();
+    // mount(8) runs `mount.fuse3 SRC DIR -t fuse.owsfs -o OPTS`, which runs `owsfs SRC DIR -o
+    // OPTS` from PATH.
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run_ok(
+        Command::new("mount.fuse3")
+            .arg(&cache)
+            .arg(&mp)
+            .args(["-t", "fuse.owsfs", "-o", "rw,nosuid,nodev,threads=3"])
+            .env("PATH", &path),
+    );
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = owsfs(&["unmount", &self.0.to_string_lossy()]);
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(mp.clone());
+    assert!(is_mounted(&mp));
+    std::fs::write(mp.join("f"), b"through the helper").unwrap();
+    assert_eq!(
+        std::fs::read(cache.join("backing/f")).unwrap(),
+        b"through the helper"
+    );
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&*mp.to_string_lossy()))
+        .unwrap();
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    let out = owsfs(&["unmount", &mp.to_string_lossy()]);
+    assert!(out.status.success());
+    assert!(!is_mounted(&mp));
+}
+
+#[test]
+fn foreground_daemon_unmounts_cleanly_on_sigterm_and_sigint() {
+    if skip_fuse() {
+        return;
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, mp) = (dir.path().join("cache"), dir.path().join("mp"));
+        std::fs::create_dir(&mp).unwrap();
+        let mut child = Command::new(OWSFS)
+            .arg("mount")
+            .arg(&mp)
+            .arg("--foreground")
+            .env("OWSFS_CACHE", &cache)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || is_mounted(&mp)),
+            "foreground mount came up"
+        );
+        std::fs::write(mp.join("f"), b"x").unwrap();
+        // SAFETY: kill(2) on our child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "exit after signal {sig}: {status}");
+        assert!(!is_mounted(&mp));
+        assert!(
+            cache.join("journal/CLEAN").exists(),
+            "the journal was closed cleanly"
+        );
+    }
+}
+
+#[test]
+fn environment_variables_stand_in_for_flags() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, mp) = (dir.path().join("envcache"), dir.path().join("mp"));
+    std::fs::create_dir(&mp).unwrap();
+    let out = Command::new(OWSFS)
+        .arg("mount")
+        .arg(&mp)
+        .env("OWSFS_CACHE", &cache)
+        .env("OWSFS_OPTIONS", "threads=2,passthrough=off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(OWSFS)
+        .args(["status"])
+        .arg(&mp)
+        .env("OWSFS_JSON", "true")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unmounted = owsfs(&["unmount", &mp.to_string_lossy()]);
+    assert!(unmounted.status.success());
+    assert_eq!(v["cache"].as_str().unwrap(), cache.to_str().unwrap());
+    assert_eq!(v["passthrough"], false);
+}
+
+#[test]
+fn default_cache_is_under_xdg_cache_home() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("myws");
+    std::fs::create_dir(&mp).unwrap();
+    let out = Command::new(OWSFS)
+        .arg("mount")
+        .arg(&mp)
+        .env_remove("OWSFS_CACHE")
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exists = dir.path().join("xdg/owsfs/myws/backing").is_dir();
+    let unmounted = owsfs(&["unmount", &mp.to_string_lossy()]);
+    assert!(unmounted.status.success());
+    assert!(exists, "cache at $XDG_CACHE_HOME/owsfs/<mountpoint name>");
+}
+
+#[test]
+fn help_lists_commands_and_environment() {
+    let out = owsfs(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["mount", "unmount", "status", "journal"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    let out = owsfs(&["mount", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for env in [
+        "OWSFS_CACHE",
+        "OWSFS_FOREGROUND",
+        "OWSFS_OPTIONS",
+        "OWSFS_LOG",
+    ] {
+        assert!(text.contains(env), "{env} in {text}");
+    }
+}
