@@ -156,6 +156,7 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -204,7 +205,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -228,6 +229,8 @@ impl Filesystem for FuseAdapter {
             atime: time_spec(atime),
             mtime: time_spec(mtime),
             fh: fh.map(|f| f.0),
+            // fuser does not pass FATTR_KILL_SUIDGID; an unprivileged caller is what sets it.
+            kill_suidgid: req.uid() != 0,
         };
         match self.core.setattr(ino.0, set) {
             Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
@@ -334,8 +337,8 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (handle, fh) = match self.core.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (handle, fh) = match self.core.open(ino.0, flags.0, req.uid() != 0) {
             Ok(h) => h,
             Err(e) => return fail!(self, reply, "open", e),
         };
@@ -430,12 +433,13 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.core.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => fail!(self, reply, "write", e),
         }

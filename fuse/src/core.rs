@@ -99,6 +99,8 @@ pub struct SetAttr {
     pub atime: Option<TimeSpec>,
     pub mtime: Option<TimeSpec>,
     pub fh: Option<u64>,
+    /// The caller lacks CAP_FSETID: a truncate clears the set-id bits.
+    pub kill_suidgid: bool,
 }
 
 /// A time to set, or "now".
@@ -270,6 +272,11 @@ impl Core {
                 attr: self.attr(&st),
             });
         }
+        self.lookup_new(dir, name)
+    }
+
+    /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
+    fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
         let fd = rustix::fs::openat(
             &dir.fd,
             name,
@@ -364,6 +371,9 @@ impl Core {
                     f.set_len(size).ctx("truncate")?;
                 }
             }
+            if set.kill_suidgid && set.mode.is_none() {
+                self.kill_suidgid(ino, &inode.fd)?;
+            }
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let times = Timestamps {
@@ -410,7 +420,7 @@ impl Core {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
             create(&dir)?;
         }
-        let entry = self.lookup_in(&dir, name)?;
+        let entry = self.lookup_new(&dir, name)?;
         self.journal.append(Op::Create {
             ino: entry.attr.ino.0,
             kind: node_kind(entry.attr.kind),
@@ -607,7 +617,8 @@ impl Core {
     // ---- files -----------------------------------------------------------------------
 
     /// Opens a file; the result says whether the kernel should serve it by passthrough.
-    pub fn open(&self, ino: u64, flags: i32) -> FsResult<(Arc<Handle>, u64)> {
+    /// `kill_suidgid`: an unprivileged O_TRUNC, which clears the set-id bits.
+    pub fn open(&self, ino: u64, flags: i32, kill_suidgid: bool) -> FsResult<(Arc<Handle>, u64)> {
         self.stats.count(&self.stats.opens);
         let inode = self.inode(ino)?;
         if inode.kind == FileType::Directory {
@@ -618,6 +629,9 @@ impl Core {
             self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
         }
         let file = self.reopen(&inode, backing_open_flags(flags))?;
+        if kill_suidgid && write && flags & libc::O_TRUNC != 0 {
+            self.kill_suidgid(ino, &file)?;
+        }
         Ok(self.register_handle(&inode, file, write))
     }
 
@@ -702,8 +716,14 @@ impl Core {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so the set-id
+    /// bits go, as a local filesystem would do (the kernel leaves this to us, which spares a
+    /// `security.capability` lookup per write).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
+        if kill_suidgid {
+            self.kill_suidgid(handle.ino, &handle.file)?;
+        }
         self.journal_file_op(
             handle.ino,
             Op::Write {
@@ -718,11 +738,25 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    /// close(2) of one descriptor of an open file: passed on to the backing filesystem.
+    /// close(2) of one descriptor of an open file. Every write already reached the backing
+    /// file, which is local, so there is nothing to push; the handle must exist.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let handle = self.handle(fh)?;
-        let dup = rustix::io::fcntl_dupfd_cloexec(&handle.file, 0).ctx("flush")?;
-        drop(dup);
+        self.handle(fh).map(|_| ())
+    }
+
+    /// Clears set-user-id, and set-group-id when group-executable, like the VFS does when an
+    /// unprivileged process writes or truncates.
+    fn kill_suidgid(&self, ino: u64, fd: &impl std::os::fd::AsFd) -> FsResult<()> {
+        let st = rustix::fs::fstat(fd).ctx("stat for set-id bits")?;
+        let mut mode = st.st_mode & 0o7777;
+        mode &= !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != st.st_mode & 0o7777 {
+            self.journal_file_op(ino, Op::Meta { ino, dir: None })?;
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).ctx("clear set-id bits")?;
+        }
         Ok(())
     }
 
@@ -1217,7 +1251,7 @@ mod tests {
             IoMode::Cached,
             "a writer is served through the cache"
         );
-        assert_eq!(f.core.write(fh, 10, b"hello").unwrap(), 5);
+        assert_eq!(f.core.write(fh, 10, b"hello", false).unwrap(), 5);
         assert_eq!(f.core.read(fh, 10, 100).unwrap(), b"hello");
         f.core.fsync(e.attr.ino.0, fh, false).unwrap();
         assert_eq!(f.core.release(fh).unwrap(), IoMode::Cached);
@@ -1271,22 +1305,22 @@ mod tests {
         let f = fixture(true);
         std::fs::write(f.backing.join("a"), b"abc").unwrap();
         let ino = f.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
-        let (r1, fh1) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        let (r1, fh1) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r1.mode(), IoMode::Passthrough);
         // A writer while a passthrough reader is open goes direct, bypassing the page cache.
-        let (w, fhw) = f.core.open(ino, libc::O_RDWR).unwrap();
+        let (w, fhw) = f.core.open(ino, libc::O_RDWR, false).unwrap();
         assert_eq!(w.mode(), IoMode::Direct);
         f.core.release(fh1).unwrap();
         f.core.release(fhw).unwrap();
         // A writer first: readers then share the cached mode.
-        let (w, fhw) = f.core.open(ino, libc::O_WRONLY).unwrap();
+        let (w, fhw) = f.core.open(ino, libc::O_WRONLY, false).unwrap();
         assert_eq!(w.mode(), IoMode::Cached);
-        let (r, fhr) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        let (r, fhr) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r.mode(), IoMode::Cached);
         f.core.release(fhw).unwrap();
         f.core.release(fhr).unwrap();
         // A refused passthrough is demoted to the cache.
-        let (r, fh) = f.core.open(ino, libc::O_RDONLY).unwrap();
+        let (r, fh) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r.mode(), IoMode::Passthrough);
         assert_eq!(f.core.demote_passthrough(fh).unwrap(), IoMode::Cached);
         f.core.release(fh).unwrap();
@@ -1294,7 +1328,7 @@ mod tests {
         let g = fixture(false);
         std::fs::write(g.backing.join("a"), b"abc").unwrap();
         let ino = g.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
-        let (r, _) = g.core.open(ino, libc::O_RDONLY).unwrap();
+        let (r, _) = g.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r.mode(), IoMode::Cached);
     }
 
@@ -1312,7 +1346,7 @@ mod tests {
             .core
             .create(a, name("f"), 0o644, libc::O_WRONLY, ROOT)
             .unwrap();
-        f.core.write(fh, 0, b"x").unwrap();
+        f.core.write(fh, 0, b"x", false).unwrap();
         f.core.release(fh).unwrap();
         f.core
             .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
@@ -1323,8 +1357,8 @@ mod tests {
             Some(Path::new("b/f"))
         );
         // Later records about the file use its new path.
-        let (_, fh) = f.core.open(e.attr.ino.0, libc::O_WRONLY).unwrap();
-        f.core.write(fh, 1, b"y").unwrap();
+        let (_, fh) = f.core.open(e.attr.ino.0, libc::O_WRONLY, false).unwrap();
+        f.core.write(fh, 1, b"y", false).unwrap();
         f.core.release(fh).unwrap();
         assert_eq!(std::fs::read(f.backing.join("b/f")).unwrap(), b"xy");
         f.core.unlink(a, name("f")).unwrap();
