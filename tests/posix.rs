@@ -397,3 +397,40 @@ fn shared_writable_mmap_is_coherent_between_processes() {
     assert_eq!(&data[0..5], b"hello");
     assert_eq!(&data[100..105], b"world");
 }
+
+#[test]
+fn unprivileged_writes_and_truncates_clear_set_id_bits() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let p = ws.path("setid");
+    let reset = || {
+        fs::write(&p, b"x").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o6777)).unwrap();
+    };
+    let as_user = |code: &str| {
+        let script = format!("import os\nos.setgid(4242)\nos.setuid(4242)\n{code}\n");
+        run_ok(
+            std::process::Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(&p),
+        );
+    };
+    // Root (CAP_FSETID) keeps them.
+    reset();
+    fs::write(&p, b"by root").unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o6777);
+    // A write by another user clears set-uid, and set-gid since the file is group-executable.
+    reset();
+    as_user("import sys\nfd=os.open(sys.argv[1], os.O_WRONLY)\nos.write(fd, b'y')\nos.close(fd)");
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+    // So does a truncate, and an O_TRUNC open.
+    reset();
+    as_user("import sys\nos.truncate(sys.argv[1], 0)");
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+    reset();
+    as_user("import sys\nos.close(os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC))");
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+}

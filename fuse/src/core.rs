@@ -364,15 +364,17 @@ impl Core {
         }
         if let Some(size) = set.size {
             self.journal_file_op(ino, Op::Truncate { ino, size })?;
-            match &handle {
-                Some(h) => h.file.set_len(size).ctx("truncate")?,
+            let reopened;
+            let file = match &handle {
+                Some(h) => &h.file,
                 None => {
-                    let f = self.reopen(&inode, OFlags::WRONLY | OFlags::CLOEXEC)?;
-                    f.set_len(size).ctx("truncate")?;
+                    reopened = self.reopen(&inode, OFlags::WRONLY | OFlags::CLOEXEC)?;
+                    &reopened
                 }
-            }
+            };
+            file.set_len(size).ctx("truncate")?;
             if set.kill_suidgid && set.mode.is_none() {
-                self.kill_suidgid(ino, &inode.fd)?;
+                self.kill_suidgid(ino, file)?;
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
