@@ -93,10 +93,12 @@ impl FuseAdapter {
         }
     }
 
+    /// Every write reaches the backing file before it is acknowledged and the kernel keeps
+    /// POSIX locks itself, so close(2) has nothing to tell the daemon: no FLUSH requests.
     fn open_flags(mode: IoMode) -> FopenFlags {
         match mode {
-            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
-            IoMode::Cached | IoMode::Passthrough => FopenFlags::empty(),
+            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+            IoMode::Cached | IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
         }
     }
 
@@ -106,7 +108,7 @@ impl FuseAdapter {
         self.core.disable_passthrough();
         match self.core.demote_passthrough(fh) {
             Ok(mode) => Self::open_flags(mode),
-            Err(_) => FopenFlags::empty(),
+            Err(_) => FopenFlags::FOPEN_NOFLUSH,
         }
     }
 }
@@ -347,7 +349,11 @@ impl Filesystem for FuseAdapter {
                 match self.passthrough_backing(&handle, |f| reply.open_backing(f)) {
                     Ok(backing) => {
                         self.core.stats.count(&self.core.stats.opens_passthrough);
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.0);
+                        reply.opened_passthrough(
+                            FileHandle(fh),
+                            Self::open_flags(IoMode::Passthrough),
+                            &backing.0,
+                        );
                     }
                     Err(err) => {
                         let flags = self.demote(fh, &err);
