@@ -1,0 +1,35 @@
+//! The conformance suites (pjdfstest and fsx) on a fresh mount, through `xfstests/run`.
+//! `OWSFS_FSX_OPS` sets the fsx operation count (default 100,000, the floor).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn pjdfstest_and_fsx_pass_on_a_fresh_mount() {
+    if skip_fuse() {
+        return;
+    }
+    let ops = std::env::var("OWSFS_FSX_OPS").unwrap_or_else(|_| "100000".into());
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("bash")
+        .arg(format!("{root}/xfstests/run"))
+        .args(["--fsx-ops", &ops])
+        .env("OWSFS_BIN", OWSFS)
+        .current_dir(root)
+        .output()
+        .expect("run xfstests/run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "conformance failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let all = format!("{stdout}{stderr}");
+    assert!(all.contains("pjdfstest ok"), "pjdfstest ran and passed");
+    assert!(all.contains("fsx ok"), "fsx ran and passed");
+}
