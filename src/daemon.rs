@@ -304,6 +304,7 @@ fn serve(
         attr_ttl: opts.attr_timeout,
         negative_ttl: opts.negative_timeout,
         max_write: opts.max_write,
+        writeback_cache: opts.writeback_cache,
     };
     let settings = MountSettings {
         fsname: cache.root.to_string_lossy().into_owned(),

@@ -14,6 +14,7 @@ pub struct MountOptions {
     pub entry_timeout: Duration,
     pub negative_timeout: Duration,
     pub max_write: u32,
+    pub writeback_cache: bool,
     /// Kernel mount flags passed on as they are (nosuid, nodev, noexec, ...).
     pub kernel: Vec<String>,
 }
@@ -23,12 +24,13 @@ impl Default for MountOptions {
         let adapter = owsfs_fuse::AdapterOptions::default();
         MountOptions {
             read_only: false,
-            threads: 8,
+            threads: 4,
             passthrough: true,
             attr_timeout: adapter.attr_ttl,
             entry_timeout: adapter.entry_ttl,
             negative_timeout: adapter.negative_ttl,
             max_write: adapter.max_write,
+            writeback_cache: adapter.writeback_cache,
             kernel: Vec::new(),
         }
     }
@@ -68,6 +70,7 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             }
             ("passthrough", Some("on" | "1" | "true")) => o.passthrough = true,
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
+            ("writeback_cache", None) => o.writeback_cache = true,
             ("attr_timeout", Some(v)) => o.attr_timeout = seconds(key, v)?,
             ("entry_timeout", Some(v)) => o.entry_timeout = seconds(key, v)?,
             ("negative_timeout", Some(v)) => o.negative_timeout = seconds(key, v)?,

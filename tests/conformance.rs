@@ -9,15 +9,27 @@ use common::*;
 
 #[test]
 fn pjdfstest_and_fsx_pass_on_a_fresh_mount() {
+    let ops = std::env::var("OWSFS_FSX_OPS").unwrap_or_else(|_| "100000".into());
+    conformance(&ops, "");
+}
+
+/// The same suites with the kernel writeback cache (fewer fsx operations: the default mode
+/// carries the 100,000).
+#[test]
+fn pjdfstest_and_fsx_pass_with_writeback_cache() {
+    conformance("20000", "writeback_cache");
+}
+
+fn conformance(ops: &str, options: &str) {
     if skip_fuse() {
         return;
     }
-    let ops = std::env::var("OWSFS_FSX_OPS").unwrap_or_else(|_| "100000".into());
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new("bash")
         .arg(format!("{root}/xfstests/run"))
-        .args(["--fsx-ops", &ops])
+        .args(["--fsx-ops", ops])
         .env("OWSFS_BIN", OWSFS)
+        .env("OWSFS_OPTIONS", options)
         .current_dir(root)
         .output()
         .expect("run xfstests/run");

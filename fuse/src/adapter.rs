@@ -29,6 +29,10 @@ pub struct AdapterOptions {
     pub negative_ttl: Duration,
     /// Largest write request, in bytes.
     pub max_write: u32,
+    /// Kernel writeback cache instead of passthrough reads: writes are gathered in the kernel
+    /// and reach the daemon at close, fsync or writeback. Faster for small writes, but a crash
+    /// of the daemon loses written data that was not yet closed or fsynced.
+    pub writeback_cache: bool,
 }
 
 impl Default for AdapterOptions {
@@ -38,6 +42,7 @@ impl Default for AdapterOptions {
             attr_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(3600),
             max_write: 1 << 20,
+            writeback_cache: false,
         }
     }
 }
@@ -95,7 +100,12 @@ impl FuseAdapter {
 
     /// Every write reaches the backing file before it is acknowledged and the kernel keeps
     /// POSIX locks itself, so close(2) has nothing to tell the daemon: no FLUSH requests.
-    fn open_flags(mode: IoMode) -> FopenFlags {
+    fn open_flags(&self, mode: IoMode) -> FopenFlags {
+        if self.opts.writeback_cache {
+            // close(2) must push the file's dirty pages to the daemon (FLUSH), and the cache
+            // stays valid across opens because the daemon is the only writer.
+            return FopenFlags::FOPEN_KEEP_CACHE;
+        }
         match mode {
             IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
             IoMode::Cached | IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
@@ -107,7 +117,7 @@ impl FuseAdapter {
         tracing::warn!("kernel passthrough unavailable ({err}); serving reads through the daemon");
         self.core.disable_passthrough();
         match self.core.demote_passthrough(fh) {
-            Ok(mode) => Self::open_flags(mode),
+            Ok(mode) => self.open_flags(mode),
             Err(_) => FopenFlags::FOPEN_NOFLUSH,
         }
     }
@@ -163,6 +173,15 @@ impl Filesystem for FuseAdapter {
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        if self.opts.writeback_cache {
+            self.core.disable_passthrough();
+            if config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+            {
+                tracing::warn!("kernel lacks the writeback cache; writes go through");
             }
         }
         if self.core.passthrough_enabled() {
@@ -351,7 +370,7 @@ impl Filesystem for FuseAdapter {
                         self.core.stats.count(&self.core.stats.opens_passthrough);
                         reply.opened_passthrough(
                             FileHandle(fh),
-                            Self::open_flags(IoMode::Passthrough),
+                            self.open_flags(IoMode::Passthrough),
                             &backing.0,
                         );
                     }
@@ -368,7 +387,7 @@ impl Filesystem for FuseAdapter {
                     &self.core.stats.opens_cached
                 };
                 self.core.stats.count(counter);
-                reply.opened(FileHandle(fh), Self::open_flags(mode));
+                reply.opened(FileHandle(fh), self.open_flags(mode));
             }
         }
     }
@@ -410,7 +429,7 @@ impl Filesystem for FuseAdapter {
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                Self::open_flags(mode),
+                self.open_flags(mode),
             ),
         }
     }
@@ -695,6 +714,11 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.opts.writeback_cache {
+            // Dirty pages in the kernel are invisible to the backing file, so its holes would
+            // lie. ENOSYS makes the kernel answer itself (all data, the hole at the end).
+            return reply.error(Errno::ENOSYS);
+        }
         match self.core.lseek(fh.0, offset, whence) {
             Ok(at) => reply.offset(at),
             Err(e) => fail!(self, reply, "lseek", e),
