@@ -548,13 +548,11 @@ impl Core {
         let dst_dir = self.inode(newparent)?;
         let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
             .ctx("rename source")?;
-        let dst = if exchange {
-            Some(
-                rustix::fs::statat(&dst_dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW)
-                    .ctx("rename target")?,
-            )
-        } else {
-            None
+        // The target, if any: exchanged, or replaced (its recorded name must go).
+        let dst = match rustix::fs::statat(&dst_dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            Err(rustix::io::Errno::NOENT) if !exchange => None,
+            Err(e) => return Err(FsError::errno(e.raw_os_error(), "rename target")),
         };
         self.journal.append(Op::Rename {
             from: self.child_path(parent, name),
@@ -569,13 +567,18 @@ impl Core {
             RenameFlags::from_bits_retain(flags),
         )
         .ctx("rename")?;
-        if let Some(moved) = self.inodes.get(self.inodes.fuse_ino(src.st_ino)) {
-            moved.set_loc(newparent, newname);
-        }
         if let Some(dst) = dst
+            && dst.st_ino != src.st_ino
             && let Some(other) = self.inodes.get(self.inodes.fuse_ino(dst.st_ino))
         {
-            other.set_loc(parent, name);
+            if exchange {
+                other.set_loc(parent, name);
+            } else {
+                other.clear_loc_if(newparent, newname);
+            }
+        }
+        if let Some(moved) = self.inodes.get(self.inodes.fuse_ino(src.st_ino)) {
+            moved.set_loc(newparent, newname);
         }
         Ok(())
     }
@@ -1375,6 +1378,56 @@ mod tests {
             libc::EINVAL,
             "RENAME_WHITEOUT is not supported"
         );
+    }
+
+    #[test]
+    fn rename_over_a_known_target_forgets_its_name() {
+        let f = fixture(true);
+        let (a, _, fha) = f
+            .core
+            .create(ROOT_INO, name("a"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        let (b, _, fhb) = f
+            .core
+            .create(ROOT_INO, name("b"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core
+            .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
+            .unwrap();
+        assert_eq!(
+            f.core.inodes.path_of(a.attr.ino.0),
+            Some(PathBuf::from("b"))
+        );
+        assert_eq!(
+            f.core.inodes.path_of(b.attr.ino.0),
+            None,
+            "the replaced file is unlinked"
+        );
+        // Exchange swaps the names.
+        let (c, _, fhc) = f
+            .core
+            .create(ROOT_INO, name("c"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core
+            .rename(
+                ROOT_INO,
+                name("b"),
+                ROOT_INO,
+                name("c"),
+                libc::RENAME_EXCHANGE,
+            )
+            .unwrap();
+        assert_eq!(
+            f.core.inodes.path_of(a.attr.ino.0),
+            Some(PathBuf::from("c"))
+        );
+        assert_eq!(
+            f.core.inodes.path_of(c.attr.ino.0),
+            Some(PathBuf::from("b"))
+        );
+        for fh in [fha, fhb, fhc] {
+            f.core.release(fh).unwrap();
+        }
     }
 
     #[test]
