@@ -139,10 +139,11 @@ fn time_spec(t: Option<TimeOrNow>) -> Option<TimeSpec> {
 
 /// The one place an error becomes a reply.
 fn errno(core: &Core, op: &'static str, e: &FsError) -> Errno {
-    core.stats.count(&core.stats.errors);
+    // ENOENT, ENODATA, EEXIST... are ordinary answers, not errors worth counting or logging.
     if e.is_expected() {
         tracing::trace!("{op}: {e}");
     } else {
+        core.stats.count(&core.stats.errors);
         tracing::warn!("{op}: {e}");
     }
     Errno::from_i32(e.to_errno())

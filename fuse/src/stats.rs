@@ -44,6 +44,7 @@ counters!(
     writes,
     write_bytes,
     fsyncs,
+    // Errors other than the ordinary answers (ENOENT, ENODATA, EEXIST, EACCES...).
     errors,
 );
 
