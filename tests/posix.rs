@@ -153,6 +153,17 @@ fn open_flags_append_trunc_excl_with(opts: &[&str]) {
     f.write_all(b"x").unwrap();
     drop(f);
     assert_eq!(fs::read(&p).unwrap(), b"x");
+    // As on Linux's local filesystems, O_TRUNC truncates even a read-only open.
+    fs::write(&p, b"xyz").unwrap();
+    let c = cstr(&p);
+    // SAFETY: a valid NUL-terminated path; the descriptor is closed right away.
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_TRUNC);
+        assert!(fd >= 0);
+        libc::close(fd);
+    }
+    assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+    fs::write(&p, b"x").unwrap();
     let err = OpenOptions::new()
         .write(true)
         .create_new(true)

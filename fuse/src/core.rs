@@ -630,11 +630,12 @@ impl Core {
             return Err(FsError::errno(libc::EISDIR, "open of a directory"));
         }
         let write = writable(flags);
-        if flags & libc::O_TRUNC != 0 && write {
+        // Linux truncates on O_TRUNC even when opening read-only; so does the backing open.
+        if flags & libc::O_TRUNC != 0 {
             self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
         }
         let file = self.reopen(&inode, backing_open_flags(flags))?;
-        if kill_suidgid && write && flags & libc::O_TRUNC != 0 {
+        if kill_suidgid && flags & libc::O_TRUNC != 0 {
             self.kill_suidgid(ino, &file)?;
         }
         Ok(self.register_handle(&inode, file, write))
@@ -1092,7 +1093,7 @@ fn backing_open_flags(flags: i32) -> OFlags {
         OFlags::RDONLY
     };
     out |= OFlags::CLOEXEC;
-    if flags & libc::O_TRUNC != 0 && writable(flags) {
+    if flags & libc::O_TRUNC != 0 {
         out |= OFlags::TRUNC;
     }
     if flags & libc::O_NOATIME != 0 {
