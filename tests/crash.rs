@@ -200,3 +200,29 @@ fn kill_9_mid_workload(opts: &[&str]) {
         );
     }
 }
+
+/// A cache whose journal is gone (or damaged beyond replay) is rescanned at mount: everything
+/// in it counts as changed, so nothing is missed.
+#[test]
+fn a_lost_journal_makes_the_next_mount_rescan() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("d")).unwrap();
+    std::fs::write(ws.path("d/kept"), b"0123456789").unwrap();
+    ws.unmount();
+    std::fs::remove_dir_all(ws.cache.join("journal")).unwrap();
+    ws.mount();
+    let v = ws.status_json(true);
+    let why = v["recovery"]["rescan"].as_str().unwrap_or_default();
+    assert!(why.contains("no journal"), "{}", v["recovery"]);
+    let kept = v["dirty"]["files"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|f| f["path"] == "d/kept")
+        .expect("d/kept is dirty after the rescan");
+    assert_eq!(kept["created"], true);
+    assert_eq!(std::fs::read(ws.path("d/kept")).unwrap(), b"0123456789");
+}

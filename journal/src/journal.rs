@@ -216,6 +216,20 @@ impl Journal {
                 segment::remove_segments_before(dir, n);
                 (file, n, len, len)
             }
+        } else if backing_has_entries(backing_root, dir)? {
+            // No journal at all, yet the backing directory holds files: whatever changed them
+            // went unrecorded (the journal was deleted, or never written), so all of it is dirty.
+            let why = "no journal, but the backing directory is not empty".to_string();
+            tracing::warn!(
+                "journal {}: rescanning backing directory {}: {why}",
+                dir.display(),
+                backing_root.display()
+            );
+            state = state::rescan_excluding(backing_root, dir_id(dir))?;
+            recovery.rescan = Some(why);
+            let n = max_segment + 1;
+            let (file, len) = segment::create_segment(dir, n, boot, last_seq, &state)?;
+            (file, n, len, len)
         } else {
             let n = max_segment + 1;
             let (file, len) = segment::create_segment(dir, n, boot, 0, &state)?;
@@ -488,3 +502,19 @@ fn dir_id(dir: &Path) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether `backing_root` has any entry other than the journal directory itself.
+fn backing_has_entries(backing_root: &Path, journal_dir: &Path) -> Result<bool, JournalError> {
+    let entries = fs::read_dir(backing_root)
+        .map_err(|e| JournalError::io("list backing directory", backing_root, e))?;
+    let journal = journal_dir.canonicalize().ok();
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| JournalError::io("list backing directory", backing_root, e))?;
+        if journal.is_some() && entry.path().canonicalize().ok() == journal {
+            continue;
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}

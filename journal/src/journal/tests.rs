@@ -30,7 +30,13 @@ fn p(s: &str) -> PathBuf {
 }
 
 /// A backing directory with a little content, for rescans.
+/// An empty backing directory: a fresh journal over it starts with a clean state.
 fn backing() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// A backing directory with files, for the tests that compare against a rescan.
+fn populated_backing() -> tempfile::TempDir {
     let b = tempfile::tempdir().unwrap();
     fs::create_dir_all(b.path().join("src/deep")).unwrap();
     fs::write(b.path().join("src/deep/main.rs"), b"fn main() {}").unwrap();
@@ -356,7 +362,7 @@ fn flipped_byte_in_last_record_is_cut() {
 #[test]
 fn flipped_byte_before_valid_records_of_last_segment_rescans() {
     let src = tempfile::tempdir().unwrap();
-    let b = backing();
+    let b = populated_backing();
     let (ends, _) = journal_with_offsets(src.path(), b.path());
     // Damage to the third record, with five whole records after it: not a torn write.
     for off in ends[2]..ends[3] {
@@ -403,7 +409,7 @@ fn replay_spans_segments() {
 
 #[test]
 fn flipped_byte_in_non_last_segment_rescans() {
-    let b = backing();
+    let b = populated_backing();
     let rescanned = DirtyState::rescan(b.path()).unwrap();
     let probe = tempfile::tempdir().unwrap();
     let (starts, _) = two_segment_journal(probe.path());
@@ -455,7 +461,7 @@ fn superseded_segment_is_ignored_and_removed() {
 #[test]
 fn oldest_segment_without_snapshot_rescans() {
     let d = tempfile::tempdir().unwrap();
-    let b = backing();
+    let b = populated_backing();
     write_segment(d.path(), 4, None, &[(9, write_op(1, 0, 1))]);
     let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert!(
@@ -484,7 +490,7 @@ fn non_increasing_seq_is_damage() {
 
 #[test]
 fn bad_header_or_unknown_version_rescans() {
-    let b = backing();
+    let b = populated_backing();
     let rescanned = DirtyState::rescan(b.path()).unwrap();
     type Damage = fn(&mut Vec<u8>);
     let damage: [(&str, Damage); 3] = [
@@ -514,7 +520,7 @@ fn bad_header_or_unknown_version_rescans() {
 
 #[test]
 fn boot_id_rule() {
-    let b = backing();
+    let b = populated_backing();
     let rescanned = DirtyState::rescan(b.path()).unwrap();
 
     // Unclean: written in boot A, reopened in boot B.
@@ -951,4 +957,24 @@ proptest! {
         prop_assert_eq!(j.dirty(), model);
         prop_assert!(segments(d.path()).len() == 1);
     }
+}
+
+#[test]
+fn no_journal_over_a_non_empty_backing_directory_rescans() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    std::fs::write(b.path().join("unrecorded"), b"12345").unwrap();
+    let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
+    assert!(
+        rec.rescan.as_deref().unwrap_or("").contains("no journal"),
+        "{rec:?}"
+    );
+    let dirty = j.dirty();
+    let f = dirty.files.values().next().expect("the file is dirty");
+    assert_eq!(f.extents.total_len(), 5);
+    assert!(f.created);
+    drop(j);
+    // Once written, the journal is trusted again.
+    let (_, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
+    assert!(rec.rescan.is_none(), "{rec:?}");
 }
