@@ -232,6 +232,12 @@ pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<(
         "journal      seq {}, segment {} at {} bytes; {} records in {} writes since mount",
         j["last_seq"], j["segment"], j["segment_offset"], j["records"], j["batches"]
     );
+    if let Some(why) = j["failed"].as_str() {
+        println!(
+            "journal      FAILED, writes are refused with EIO: {why}; fix the cause (disk full?) \
+             and remount"
+        );
+    }
     println!(
         "dirty        {} files, {} dirs, {} bytes",
         j["dirty_files"], j["dirty_dirs"], j["dirty_bytes"]

@@ -82,6 +82,9 @@ pub struct JournalStats {
     pub dirty_dirs: u64,
     /// `DirtyState::dirty_bytes()`.
     pub dirty_bytes: u64,
+    /// Why the journal refuses records (a failed write, or closed), if it does: every
+    /// mutation of the workspace then fails with EIO until the daemon is restarted.
+    pub failed: Option<String>,
 }
 
 /// The write journal of one backing directory. Cheap to share: all methods take `&self` and
@@ -329,6 +332,7 @@ impl Journal {
             dirty_files: g.state.files.len() as u64,
             dirty_dirs: g.state.dirs.len() as u64,
             dirty_bytes: g.state.dirty_bytes(),
+            failed: g.poisoned.clone(),
         }
     }
 

@@ -727,6 +727,7 @@ fn failed_write_poisons_the_journal() {
     let e = j.append(write_op(1, 9, 1)).unwrap_err();
     assert!(matches!(e, JournalError::Poisoned { .. }), "{e}");
     assert!(e.to_string().contains("restart the daemon"), "{e}");
+    assert!(j.stats().failed.is_some(), "the failure shows in the stats");
     assert!(j.close_clean().is_err());
     assert!(!d.path().join(CLEAN_MARKER).exists());
     drop(j);
