@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -122,6 +122,11 @@ impl Cache {
                         root.display()
                     );
                 }
+                // Only the daemon's user may reach the backing files directly: a write that
+                // bypassed the mount would bypass the journal too. Everyone else goes through
+                // the mount, where the files' own permissions apply.
+                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("cannot make {} private", root.display()))?;
                 let m = Marker {
                     format: "owsfs-cache".into(),
                     version: CACHE_FORMAT_VERSION,

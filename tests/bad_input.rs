@@ -8,6 +8,8 @@ use common::*;
 
 fn mount_fails(mp: &std::path::Path, cache: &std::path::Path, extra: &[&str]) -> String {
     let was_mounted = is_mounted(mp);
+    // Should the mount wrongly succeed, it is still removed when the assertion fails.
+    let _guard = (!was_mounted).then(|| MountGuard(mp.to_path_buf()));
     let mut args = vec![
         "mount",
         mp.to_str().unwrap(),

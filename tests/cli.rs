@@ -36,16 +36,7 @@ fn mount_helper_convention_through_mount_fuse3() {
             .args(["-t", "fuse.owsfs", "-o", "rw,nosuid,nodev,threads=3"])
             .env("PATH", &path),
     );
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            if is_mounted(&self.0) {
-                let _ = owsfs(&["unmount", &self.0.to_string_lossy()]);
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-    }
-    let _cleanup = Cleanup(mp.clone());
+    let _guard = MountGuard(mp.clone());
     assert!(is_mounted(&mp));
     std::fs::write(mp.join("f"), b"through the helper").unwrap();
     assert_eq!(
@@ -80,6 +71,7 @@ fn foreground_daemon_unmounts_cleanly_on_sigterm_and_sigint() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let _guard = MountGuard(mp.clone());
         assert!(
             wait_for(Duration::from_secs(10), || is_mounted(&mp)),
             "foreground mount came up"
@@ -112,6 +104,7 @@ fn environment_variables_stand_in_for_flags() {
         .env("OWSFS_OPTIONS", "threads=2,passthrough=off")
         .output()
         .unwrap();
+    let _guard = MountGuard(mp.clone());
     assert!(
         out.status.success(),
         "{}",
@@ -145,12 +138,19 @@ fn default_cache_is_under_xdg_cache_home() {
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
         .output()
         .unwrap();
+    let _guard = MountGuard(mp.clone());
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let exists = dir.path().join("xdg/owsfs/myws/backing").is_dir();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("xdg/owsfs/myws"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "the cache is private");
     let unmounted = owsfs(&["unmount", &mp.to_string_lossy()]);
     assert!(unmounted.status.success());
     assert!(exists, "cache at $XDG_CACHE_HOME/owsfs/<mountpoint name>");

@@ -174,6 +174,21 @@ impl Drop for Workspace {
     }
 }
 
+/// Unmounts whatever owsfs mount is at the path when dropped, so a failing test leaves
+/// nothing mounted.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = owsfs(&["unmount", &self.0.to_string_lossy()]);
+        }
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
 /// Waits until `f` is true or the timeout passes.
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
