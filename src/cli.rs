@@ -46,9 +46,10 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
     pub foreground: bool,
-    /// Mount options, comma-separated: ro, rw, threads=N, passthrough=on|off,
-    /// attr_timeout=SECS, entry_timeout=SECS, negative_timeout=SECS, max_write=BYTES, and the
-    /// usual flags (nosuid, nodev, noexec, ...).
+    /// Mount options, comma-separated: ro, rw, threads=N (default 4), passthrough=on|off
+    /// (default off), writeback_cache, attr_timeout=SECS, entry_timeout=SECS,
+    /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
+    /// See SEMANTICS.md for what passthrough and writeback_cache change.
     #[arg(short = 'o', env = "OWSFS_OPTIONS", value_name = "OPTS")]
     pub options: Vec<String>,
     /// Log filter for the daemon (error, warn, info, debug, trace, or a tracing filter).

@@ -25,7 +25,7 @@ impl Default for MountOptions {
         MountOptions {
             read_only: false,
             threads: 4,
-            passthrough: true,
+            passthrough: false,
             attr_timeout: adapter.attr_ttl,
             entry_timeout: adapter.entry_ttl,
             negative_timeout: adapter.negative_ttl,

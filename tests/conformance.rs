@@ -20,6 +20,12 @@ fn pjdfstest_and_fsx_pass_with_writeback_cache() {
     conformance("20000", "writeback_cache");
 }
 
+/// And with kernel passthrough for read-only opens.
+#[test]
+fn pjdfstest_and_fsx_pass_with_passthrough() {
+    conformance("20000", "passthrough=on");
+}
+
 fn conformance(ops: &str, options: &str) {
     if skip_fuse() {
         return;

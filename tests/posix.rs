@@ -24,6 +24,11 @@ fn files_dirs_links_and_attributes_writeback_cache() {
     files_dirs_links_and_attributes_with(&["writeback_cache"]);
 }
 
+#[test]
+fn files_dirs_links_and_attributes_passthrough() {
+    files_dirs_links_and_attributes_with(&["passthrough=on"]);
+}
+
 fn files_dirs_links_and_attributes_with(opts: &[&str]) {
     if skip_fuse() {
         return;
@@ -134,6 +139,11 @@ fn open_flags_append_trunc_excl_writeback_cache() {
     open_flags_append_trunc_excl_with(&["writeback_cache"]);
 }
 
+#[test]
+fn open_flags_append_trunc_excl_passthrough() {
+    open_flags_append_trunc_excl_with(&["passthrough=on"]);
+}
+
 fn open_flags_append_trunc_excl_with(opts: &[&str]) {
     if skip_fuse() {
         return;
@@ -188,6 +198,11 @@ fn rename_noreplace_and_exchange_writeback_cache() {
     rename_noreplace_and_exchange_with(&["writeback_cache"]);
 }
 
+#[test]
+fn rename_noreplace_and_exchange_passthrough() {
+    rename_noreplace_and_exchange_with(&["passthrough=on"]);
+}
+
 fn rename_noreplace_and_exchange_with(opts: &[&str]) {
     if skip_fuse() {
         return;
@@ -229,6 +244,11 @@ fn unlinked_and_replaced_open_files_keep_their_contents() {
 #[test]
 fn unlinked_and_replaced_open_files_keep_their_contents_writeback_cache() {
     unlinked_and_replaced_open_files_keep_their_contents_with(&["writeback_cache"]);
+}
+
+#[test]
+fn unlinked_and_replaced_open_files_keep_their_contents_passthrough() {
+    unlinked_and_replaced_open_files_keep_their_contents_with(&["passthrough=on"]);
 }
 
 fn unlinked_and_replaced_open_files_keep_their_contents_with(opts: &[&str]) {
@@ -287,6 +307,11 @@ fn xattrs_fallocate_seek_data_copy_range() {
 #[test]
 fn xattrs_fallocate_seek_data_copy_range_writeback_cache() {
     xattrs_fallocate_seek_data_copy_range_with(&["writeback_cache"]);
+}
+
+#[test]
+fn xattrs_fallocate_seek_data_copy_range_passthrough() {
+    xattrs_fallocate_seek_data_copy_range_with(&["passthrough=on"]);
 }
 
 fn xattrs_fallocate_seek_data_copy_range_with(opts: &[&str]) {
@@ -403,6 +428,11 @@ fn fsync_and_fdatasync_reach_the_backing_file_writeback_cache() {
     fsync_and_fdatasync_reach_the_backing_file_with(&["writeback_cache"]);
 }
 
+#[test]
+fn fsync_and_fdatasync_reach_the_backing_file_passthrough() {
+    fsync_and_fdatasync_reach_the_backing_file_with(&["passthrough=on"]);
+}
+
 fn fsync_and_fdatasync_reach_the_backing_file_with(opts: &[&str]) {
     if skip_fuse() {
         return;
@@ -429,6 +459,11 @@ fn shared_writable_mmap_is_coherent_between_processes() {
 #[test]
 fn shared_writable_mmap_is_coherent_between_processes_writeback_cache() {
     shared_writable_mmap_is_coherent_between_processes_with(&["writeback_cache"]);
+}
+
+#[test]
+fn shared_writable_mmap_is_coherent_between_processes_passthrough() {
+    shared_writable_mmap_is_coherent_between_processes_with(&["passthrough=on"]);
 }
 
 fn shared_writable_mmap_is_coherent_between_processes_with(opts: &[&str]) {
@@ -488,6 +523,11 @@ fn unprivileged_writes_and_truncates_clear_set_id_bits_writeback_cache() {
     unprivileged_writes_and_truncates_clear_set_id_bits_with(&["writeback_cache"]);
 }
 
+#[test]
+fn unprivileged_writes_and_truncates_clear_set_id_bits_passthrough() {
+    unprivileged_writes_and_truncates_clear_set_id_bits_with(&["passthrough=on"]);
+}
+
 fn unprivileged_writes_and_truncates_clear_set_id_bits_with(opts: &[&str]) {
     if skip_fuse() {
         return;
@@ -522,4 +562,61 @@ fn unprivileged_writes_and_truncates_clear_set_id_bits_with(opts: &[&str]) {
     reset();
     as_user("import sys\nos.close(os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC))");
     assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+}
+
+#[test]
+fn a_file_being_read_can_be_opened_for_writing() {
+    a_file_being_read_can_be_opened_for_writing_with(&[]);
+}
+
+#[test]
+fn a_file_being_read_can_be_opened_for_writing_writeback_cache() {
+    a_file_being_read_can_be_opened_for_writing_with(&["writeback_cache"]);
+}
+
+fn a_file_being_read_can_be_opened_for_writing_with(opts: &[&str]) {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::with_options(opts);
+    let p = ws.path("log");
+    fs::write(&p, b"first\n").unwrap();
+    // `tail -f` style: a reader holds the file open while a writer appends.
+    let mut reader = File::open(&p).unwrap();
+    let mut w = OpenOptions::new().append(true).open(&p).unwrap();
+    w.write_all(b"second\n").unwrap();
+    drop(w);
+    let mut s = String::new();
+    reader.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "first\nsecond\n");
+}
+
+/// With `-o passthrough=on`, a file open by a passthrough reader cannot be opened for writing
+/// until the reader closes (the kernel would accept only another passthrough open, and writes
+/// must reach the daemon): ETXTBSY, and nothing changes.
+#[test]
+fn passthrough_readers_refuse_writers_with_etxtbsy() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::with_options(&["passthrough=on"]);
+    let p = ws.path("f");
+    fs::write(&p, b"abc").unwrap();
+    let reader = File::open(&p).unwrap();
+    let err = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+    assert_eq!(fs::read(&p).unwrap(), b"abc");
+    drop(reader);
+    fs::write(&p, b"written").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"written");
+    assert!(
+        ws.status_json(false)["ops"]["opens_passthrough"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
 }

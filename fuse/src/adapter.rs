@@ -107,18 +107,24 @@ impl FuseAdapter {
             return FopenFlags::FOPEN_KEEP_CACHE;
         }
         match mode {
-            IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
-            IoMode::Cached | IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
+            // Every change to a file's data goes through this page cache (the daemon is the
+            // only writer of the backing files, and writers never coexist with passthrough),
+            // so it stays valid from one open to the next.
+            IoMode::Cached => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE,
+            IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
         }
     }
 
     /// A passthrough open the kernel refused: serve this and later opens through the daemon.
-    fn demote(&self, fh: u64, err: &io::Error) -> FopenFlags {
+    fn demote(&self, fh: u64, err: &io::Error) -> Result<FopenFlags, FsError> {
         tracing::warn!("kernel passthrough unavailable ({err}); serving reads through the daemon");
         self.core.disable_passthrough();
         match self.core.demote_passthrough(fh) {
-            Ok(mode) => self.open_flags(mode),
-            Err(_) => FopenFlags::FOPEN_NOFLUSH,
+            Ok(mode) => Ok(self.open_flags(mode)),
+            Err(e) => {
+                let _ = self.core.release(fh);
+                Err(e)
+            }
         }
     }
 }
@@ -375,20 +381,15 @@ impl Filesystem for FuseAdapter {
                             &backing.0,
                         );
                     }
-                    Err(err) => {
-                        let flags = self.demote(fh, &err);
-                        reply.opened(FileHandle(fh), flags);
-                    }
+                    Err(err) => match self.demote(fh, &err) {
+                        Ok(flags) => reply.opened(FileHandle(fh), flags),
+                        Err(e) => fail!(self, reply, "open", e),
+                    },
                 }
             }
-            mode => {
-                let counter = if mode == IoMode::Direct {
-                    &self.core.stats.opens_direct
-                } else {
-                    &self.core.stats.opens_cached
-                };
-                self.core.stats.count(counter);
-                reply.opened(FileHandle(fh), self.open_flags(mode));
+            IoMode::Cached => {
+                self.core.stats.count(&self.core.stats.opens_cached);
+                reply.opened(FileHandle(fh), self.open_flags(IoMode::Cached));
             }
         }
     }
@@ -419,10 +420,12 @@ impl Filesystem for FuseAdapter {
                         FopenFlags::empty(),
                         &backing.0,
                     ),
-                    Err(err) => {
-                        let flags = self.demote(fh, &err);
-                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags);
-                    }
+                    Err(err) => match self.demote(fh, &err) {
+                        Ok(flags) => {
+                            reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags)
+                        }
+                        Err(e) => fail!(self, reply, "create", e),
+                    },
                 }
             }
             mode => reply.created(

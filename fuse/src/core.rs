@@ -30,8 +30,10 @@ pub struct CoreOptions {
 }
 
 impl Default for CoreOptions {
+    /// Passthrough is off by default: while a file is open by passthrough the kernel lets no
+    /// writer open it, and writes must go through the daemon.
     fn default() -> Self {
-        CoreOptions { passthrough: true }
+        CoreOptions { passthrough: false }
     }
 }
 
@@ -53,10 +55,10 @@ pub struct Entry {
 pub enum IoMode {
     /// Reads and writes go through the daemon and the kernel page cache.
     Cached,
-    /// Read-only: the kernel reads the backing file directly (FUSE passthrough).
+    /// Read-only: the kernel reads the backing file directly (FUSE passthrough). While such
+    /// an open exists, the kernel accepts only passthrough opens of the inode, so writers are
+    /// refused (ETXTBSY) until the readers close.
     Passthrough,
-    /// Through the daemon, without the page cache: a writer while passthrough readers exist.
-    Direct,
 }
 
 /// An open file.
@@ -493,7 +495,8 @@ impl Core {
         })?;
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.attr.ino.0)?;
-        let (handle, fh) = self.register_handle(&inode, file, writable(flags));
+        let mode = self.reserve_mode(&inode, writable(flags))?;
+        let (handle, fh) = self.insert_handle(&inode, file, mode);
         Ok((entry, handle, fh))
     }
 
@@ -630,31 +633,57 @@ impl Core {
             return Err(FsError::errno(libc::EISDIR, "open of a directory"));
         }
         let write = writable(flags);
-        // Linux truncates on O_TRUNC even when opening read-only; so does the backing open.
-        if flags & libc::O_TRUNC != 0 {
-            self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
+        // The mode is settled first: an open the kernel would refuse must change nothing.
+        let mode = self.reserve_mode(&inode, write)?;
+        let opened = (|| {
+            // Linux truncates on O_TRUNC even when opening read-only; so does the backing open.
+            if flags & libc::O_TRUNC != 0 {
+                self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
+            }
+            let file = self.reopen(&inode, backing_open_flags(flags))?;
+            if kill_suidgid && flags & libc::O_TRUNC != 0 {
+                self.kill_suidgid(ino, &file)?;
+            }
+            Ok(file)
+        })();
+        match opened {
+            Ok(file) => Ok(self.insert_handle(&inode, file, mode)),
+            Err(e) => {
+                self.unreserve_mode(&inode, mode);
+                Err(e)
+            }
         }
-        let file = self.reopen(&inode, backing_open_flags(flags))?;
-        if kill_suidgid && flags & libc::O_TRUNC != 0 {
-            self.kill_suidgid(ino, &file)?;
-        }
-        Ok(self.register_handle(&inode, file, write))
     }
 
-    fn register_handle(&self, inode: &Inode, file: File, write: bool) -> (Arc<Handle>, u64) {
-        let mode = {
-            let mut open = inode.open.lock();
-            if !write && open.cached == 0 && self.passthrough_enabled() {
-                open.passthrough += 1;
-                IoMode::Passthrough
-            } else if open.passthrough > 0 {
-                open.direct += 1;
-                IoMode::Direct
-            } else {
-                open.cached += 1;
-                IoMode::Cached
-            }
-        };
+    /// Counts an open of `inode` in the I/O mode it gets: passthrough for a reader when no
+    /// cached open exists (and passthrough is on); cached otherwise. A writer while passthrough
+    /// readers are open is refused: the kernel would only take a passthrough open, and writes
+    /// must reach the daemon.
+    fn reserve_mode(&self, inode: &Inode, write: bool) -> FsResult<IoMode> {
+        let mut open = inode.open.lock();
+        if !write && open.cached == 0 && self.passthrough_enabled() {
+            open.passthrough += 1;
+            Ok(IoMode::Passthrough)
+        } else if open.passthrough > 0 {
+            Err(FsError::errno(
+                libc::ETXTBSY,
+                "open for writing while read by passthrough",
+            ))
+        } else {
+            open.cached += 1;
+            Ok(IoMode::Cached)
+        }
+    }
+
+    fn unreserve_mode(&self, inode: &Inode, mode: IoMode) {
+        let mut open = inode.open.lock();
+        match mode {
+            IoMode::Cached => open.cached -= 1,
+            IoMode::Passthrough => open.passthrough -= 1,
+        }
+    }
+
+    fn insert_handle(&self, inode: &Inode, file: File, mode: IoMode) -> (Arc<Handle>, u64) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             ino: inode.ino,
@@ -665,21 +694,23 @@ impl Core {
         (handle, fh)
     }
 
-    /// The kernel refused passthrough for this open: serve it through the daemon instead.
+    /// The kernel refused passthrough for this open: serve it through the daemon instead, if
+    /// no other passthrough open of the inode is alive (the kernel would refuse a cached one).
     pub fn demote_passthrough(&self, fh: u64) -> FsResult<IoMode> {
         let handle = self.handle(fh)?;
         let inode = self.inode(handle.ino)?;
         let mut open = inode.open.lock();
         let mut mode = handle.mode.lock();
         if *mode == IoMode::Passthrough {
+            if open.passthrough > 1 {
+                return Err(FsError::errno(
+                    libc::EIO,
+                    "passthrough refused while other passthrough opens exist",
+                ));
+            }
             open.passthrough -= 1;
-            *mode = if open.passthrough > 0 {
-                open.direct += 1;
-                IoMode::Direct
-            } else {
-                open.cached += 1;
-                IoMode::Cached
-            };
+            open.cached += 1;
+            *mode = IoMode::Cached;
         }
         Ok(*mode)
     }
@@ -696,7 +727,6 @@ impl Core {
             match mode {
                 IoMode::Cached => open.cached -= 1,
                 IoMode::Passthrough => open.passthrough -= 1,
-                IoMode::Direct => open.direct -= 1,
             }
         }
         Ok(mode)
@@ -1313,12 +1343,17 @@ mod tests {
         let ino = f.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
         let (r1, fh1) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r1.mode(), IoMode::Passthrough);
-        // A writer while a passthrough reader is open goes direct, bypassing the page cache.
-        let (w, fhw) = f.core.open(ino, libc::O_RDWR, false).unwrap();
-        assert_eq!(w.mode(), IoMode::Direct);
+        // A writer while a passthrough reader is open is refused, and changes nothing.
+        assert_eq!(
+            f.core
+                .open(ino, libc::O_RDWR | libc::O_TRUNC, false)
+                .unwrap_err()
+                .to_errno(),
+            libc::ETXTBSY
+        );
+        assert_eq!(std::fs::read(f.backing.join("a")).unwrap(), b"abc");
         f.core.release(fh1).unwrap();
-        f.core.release(fhw).unwrap();
-        // A writer first: readers then share the cached mode.
+        // Once the reader is gone, the writer opens; readers then share the cached mode.
         let (w, fhw) = f.core.open(ino, libc::O_WRONLY, false).unwrap();
         assert_eq!(w.mode(), IoMode::Cached);
         let (r, fhr) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
@@ -1330,12 +1365,14 @@ mod tests {
         assert_eq!(r.mode(), IoMode::Passthrough);
         assert_eq!(f.core.demote_passthrough(fh).unwrap(), IoMode::Cached);
         f.core.release(fh).unwrap();
-        // With passthrough off, everything is cached.
+        // With passthrough off (the default), everything is cached and nothing is refused.
         let g = fixture(false);
         std::fs::write(g.backing.join("a"), b"abc").unwrap();
         let ino = g.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
         let (r, _) = g.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r.mode(), IoMode::Cached);
+        let (w, _) = g.core.open(ino, libc::O_RDWR, false).unwrap();
+        assert_eq!(w.mode(), IoMode::Cached);
     }
 
     #[test]

@@ -27,7 +27,6 @@ pub const ROOT_INO: u64 = 1;
 pub(crate) struct OpenCounts {
     pub cached: u32,
     pub passthrough: u32,
-    pub direct: u32,
 }
 
 #[derive(Debug)]

@@ -38,7 +38,6 @@ counters!(
     opens,
     opens_passthrough,
     opens_cached,
-    opens_direct,
     reads,
     read_bytes,
     writes,
