@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +47,9 @@ impl Server {
         let (_dirfd, short) = short_socket_path(&daemon.cache)?;
         let listener = UnixListener::bind(&short)
             .with_context(|| format!("cannot create the control socket {}", socket.display()))?;
+        // Only the daemon's user may stop it or read its state.
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict the control socket {}", socket.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         std::thread::Builder::new()

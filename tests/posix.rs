@@ -620,3 +620,49 @@ fn passthrough_readers_refuse_writers_with_etxtbsy() {
             >= 1
     );
 }
+
+/// `open(O_RDONLY | O_TRUNC)` of a running executable fails with ETXTBSY and leaves it intact
+/// (the truncation must not happen before the kernel's write-access check).
+#[test]
+fn truncating_a_running_executable_is_refused_and_harmless() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let exe = ws.path("sleeper");
+    fs::copy("/bin/sleep", &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let size = fs::metadata(&exe).unwrap().len();
+    let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+    // Wait until the exec is complete (its executable is known), then try to truncate.
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        fs::read_link(format!("/proc/{}/exe", child.id())).is_ok()
+    }));
+    let c = cstr(&exe);
+    for flags in [
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_WRONLY,
+        libc::O_RDWR | libc::O_TRUNC,
+    ] {
+        // SAFETY: a valid NUL-terminated path; a descriptor, if any, is closed.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        let err = std::io::Error::last_os_error();
+        if fd >= 0 {
+            // SAFETY: closing the descriptor just opened.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(fd, -1, "open with flags {flags:#o} must fail");
+        assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+    }
+    assert_eq!(
+        fs::metadata(&exe).unwrap().len(),
+        size,
+        "the executable is intact"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the program still runs"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -167,11 +167,14 @@ impl Filesystem for FuseAdapter {
             let _ = config.set_max_write(nearest);
         }
         let _ = config.set_max_background(64);
+        // Not FUSE_ATOMIC_O_TRUNC: with it the daemon truncates inside OPEN, before the VFS
+        // checks write access, so open(O_RDONLY | O_TRUNC) of a running executable destroyed
+        // it and then failed with ETXTBSY. Without it the VFS checks first and then sends
+        // SETATTR(size 0).
         let wanted = [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_MAX_PAGES,
