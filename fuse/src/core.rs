@@ -37,6 +37,10 @@ impl Default for CoreOptions {
     }
 }
 
+/// How long an open for writing waits for the RELEASE of passthrough readers that may
+/// already have closed, before it is refused with ETXTBSY.
+const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_millis(200);
+
 /// The caller of an operation, for ownership of what it creates.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -661,6 +665,17 @@ impl Core {
     /// must reach the daemon.
     fn reserve_mode(&self, inode: &Inode, write: bool) -> FsResult<IoMode> {
         let mut open = inode.open.lock();
+        if write && open.passthrough > 0 {
+            // close(2) returns before its RELEASE reaches us, so a reader that just closed may
+            // still be counted: give its RELEASE a moment before refusing the writer.
+            let deadline = std::time::Instant::now() + PASSTHROUGH_RELEASE_WAIT;
+            while open.passthrough > 0
+                && !inode
+                    .passthrough_gone
+                    .wait_until(&mut open, deadline)
+                    .timed_out()
+            {}
+        }
         if !write && open.cached == 0 && self.passthrough_enabled() {
             open.passthrough += 1;
             Ok(IoMode::Passthrough)
@@ -679,7 +694,12 @@ impl Core {
         let mut open = inode.open.lock();
         match mode {
             IoMode::Cached => open.cached -= 1,
-            IoMode::Passthrough => open.passthrough -= 1,
+            IoMode::Passthrough => {
+                open.passthrough -= 1;
+                if open.passthrough == 0 {
+                    inode.passthrough_gone.notify_all();
+                }
+            }
         }
     }
 
@@ -711,6 +731,7 @@ impl Core {
             open.passthrough -= 1;
             open.cached += 1;
             *mode = IoMode::Cached;
+            inode.passthrough_gone.notify_all();
         }
         Ok(*mode)
     }
@@ -726,7 +747,12 @@ impl Core {
             let mut open = inode.open.lock();
             match mode {
                 IoMode::Cached => open.cached -= 1,
-                IoMode::Passthrough => open.passthrough -= 1,
+                IoMode::Passthrough => {
+                    open.passthrough -= 1;
+                    if open.passthrough == 0 {
+                        inode.passthrough_gone.notify_all();
+                    }
+                }
             }
         }
         Ok(mode)

@@ -39,6 +39,8 @@ pub struct Inode {
     /// directories (they have one parent); for hard-linked files it is one of the names.
     loc: Mutex<Option<(u64, OsString)>>,
     pub(crate) open: Mutex<OpenCounts>,
+    /// Signalled when the last passthrough open of this inode is released.
+    pub(crate) passthrough_gone: parking_lot::Condvar,
 }
 
 impl Inode {
@@ -80,6 +82,7 @@ impl InodeTable {
                 nlookup: AtomicU64::new(1 << 62),
                 loc: Mutex::new(None),
                 open: Mutex::new(OpenCounts::default()),
+                passthrough_gone: parking_lot::Condvar::new(),
             }),
         );
         InodeTable {
@@ -152,6 +155,7 @@ impl InodeTable {
                     nlookup: AtomicU64::new(1),
                     loc: Mutex::new(Some((parent, name.to_os_string()))),
                     open: Mutex::new(OpenCounts::default()),
+                    passthrough_gone: parking_lot::Condvar::new(),
                 });
                 e.insert(Arc::clone(&inode));
                 inode
