@@ -640,7 +640,9 @@ impl Core {
         // The mode is settled first: an open the kernel would refuse must change nothing.
         let mode = self.reserve_mode(&inode, write)?;
         let opened = (|| {
-            // Linux truncates on O_TRUNC even when opening read-only; so does the backing open.
+            // Without FUSE_ATOMIC_O_TRUNC the kernel truncates by SETATTR and strips O_TRUNC
+            // from OPEN; should one arrive anyway, it is journaled and honoured like Linux
+            // does (even for a read-only open).
             if flags & libc::O_TRUNC != 0 {
                 self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
             }
