@@ -59,7 +59,15 @@ impl Server {
                     if stop2.load(Ordering::Relaxed) {
                         break;
                     }
-                    let Ok(conn) = conn else { continue };
+                    let conn = match conn {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            // EMFILE and the like: do not spin; the next client retries.
+                            tracing::warn!("control socket: cannot accept: {e}");
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
                     let daemon = Arc::clone(&daemon);
                     let _ = std::thread::Builder::new()
                         .name("owsfs-control-conn".into())
@@ -123,6 +131,7 @@ fn status_of(daemon: &Daemon, dirty: bool) -> Value {
         "uptime_secs": daemon.started.elapsed().as_secs_f64(),
         "passthrough": core.passthrough_enabled(),
         "inodes": core.inode_count(),
+        "inode_budget": core.inode_budget(),
         "open_files": core.open_handles(),
         "journal": journal.stats(),
         "recovery": daemon.recovery,

@@ -246,16 +246,29 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn raise_nofile_limit() {
+/// Raises the open-file limit as far as allowed and returns it. Every inode the kernel holds
+/// keeps a descriptor open, so this bounds how many inodes the kernel can cache at once.
+fn raise_nofile_limit() -> u64 {
     use rustix::process::{Resource, getrlimit, setrlimit};
-    // Every inode the kernel holds keeps a descriptor open.
-    let mut lim = getrlimit(Resource::Nofile);
-    if let Some(max) = lim.maximum {
-        lim.current = Some(max);
-        if let Err(e) = setrlimit(Resource::Nofile, lim) {
-            tracing::warn!("cannot raise the open file limit: {e}");
+    let lim = getrlimit(Resource::Nofile);
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    // Root may go past the hard limit, up to the kernel's per-process ceiling.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    for target in [ceiling.max(hard), hard] {
+        let want = rustix::process::Rlimit {
+            current: Some(target),
+            maximum: Some(target),
+        };
+        if setrlimit(Resource::Nofile, want).is_ok() {
+            return target;
         }
     }
+    let got = getrlimit(Resource::Nofile).current.unwrap_or(1024);
+    tracing::warn!("cannot raise the open file limit; it stays at {got}");
+    got
 }
 
 fn serve(
@@ -267,7 +280,11 @@ fn serve(
     let mountpoint = mountpoint::check_mountable(&args.mountpoint)?;
     mountpoint::check_dev_fuse()?;
     let cache = Cache::open(cache_dir)?;
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
+    // Keep descriptors back for the journal, the control socket and open files.
+    let fd_budget = nofile.saturating_sub(4096).max(1024) as usize;
+    let inode_budget = opts.max_inodes.map_or(fd_budget, |m| m.min(fd_budget));
+    tracing::info!("open file limit {nofile}: up to {inode_budget} inodes cached by the kernel");
 
     let (journal, recovery) =
         Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
@@ -295,6 +312,7 @@ fn serve(
             Arc::clone(&journal),
             CoreOptions {
                 passthrough: opts.passthrough,
+                inode_budget,
             },
         )
         .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,

@@ -15,6 +15,9 @@ pub struct MountOptions {
     pub negative_timeout: Duration,
     pub max_write: u32,
     pub writeback_cache: bool,
+    /// At most this many inodes cached by the kernel (each holds a descriptor in the daemon);
+    /// None: as many as the open file limit allows.
+    pub max_inodes: Option<usize>,
     /// Kernel mount flags passed on as they are (nosuid, nodev, noexec, ...).
     pub kernel: Vec<String>,
 }
@@ -31,6 +34,7 @@ impl Default for MountOptions {
             negative_timeout: adapter.negative_ttl,
             max_write: adapter.max_write,
             writeback_cache: adapter.writeback_cache,
+            max_inodes: None,
             kernel: Vec::new(),
         }
     }
@@ -71,6 +75,14 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ("passthrough", Some("on" | "1" | "true")) => o.passthrough = true,
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
             ("writeback_cache", None) => o.writeback_cache = true,
+            ("max_inodes", Some(v)) => {
+                o.max_inodes = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n >= 16)
+                        .with_context(|| format!("-o max_inodes={v}: expected a number >= 16"))?,
+                )
+            }
             ("attr_timeout", Some(v)) => o.attr_timeout = seconds(key, v)?,
             ("entry_timeout", Some(v)) => o.entry_timeout = seconds(key, v)?,
             ("negative_timeout", Some(v)) => o.negative_timeout = seconds(key, v)?,
@@ -103,8 +115,9 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ("x-systemd.automount" | "x-systemd.device-timeout", _) => {}
             _ => bail!(
                 "unknown mount option `{opt}`; known: ro, rw, threads=N, passthrough=on|off, \
-                 attr_timeout=S, entry_timeout=S, negative_timeout=S, max_write=BYTES, \
-                 nosuid, nodev, noexec, noatime, sync, dirsync"
+                 writeback_cache, max_inodes=N, attr_timeout=S, entry_timeout=S, \
+                 negative_timeout=S, max_write=BYTES, nosuid, nodev, noexec, noatime, sync, \
+                 dirsync"
             ),
         }
     }

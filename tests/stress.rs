@@ -130,3 +130,47 @@ fn concurrent_operations_keep_workspace_backing_and_journal_consistent() {
     check(&replayed, "replayed");
     assert_eq!(files(&ws.mp), backing, "after remount");
 }
+
+/// Each inode the kernel caches holds a descriptor in the daemon, so their number is bounded
+/// by the daemon's open file limit (20,000 on these machines, which lack CAP_SYS_RESOURCE to
+/// raise it) or by `-o max_inodes`. Past the bound, new names fail with ENFILE rather than
+/// starving the daemon: known files keep working, the daemon still answers, and once the
+/// kernel forgets inodes (memory pressure, or dropped caches) new names work again.
+#[test]
+fn the_inode_bound_degrades_gracefully() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::with_options(&["max_inodes=1000"]);
+    std::fs::create_dir(ws.path("many")).unwrap();
+    let mut created = 0;
+    let mut refused = None;
+    for i in 0..1500 {
+        match std::fs::File::create(ws.path(&format!("many/f{i}"))) {
+            Ok(_) => created += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the bound is reached");
+    assert_eq!(e.raw_os_error(), Some(libc::ENFILE), "{e}");
+    assert!((900..=1000).contains(&created), "{created}");
+    // Known files still work, and so does the daemon's control socket.
+    std::fs::write(ws.path("many/f0"), b"still writable").unwrap();
+    assert_eq!(
+        std::fs::read(ws.path("many/f0")).unwrap(),
+        b"still writable"
+    );
+    let v = ws.status_json(false);
+    assert_eq!(v["inode_budget"], 1000);
+    // Once the kernel forgets, there is room again.
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || {
+            std::fs::File::create(ws.path("many/after")).is_ok()
+        }),
+        "new names work after the kernel forgot inodes"
+    );
+}

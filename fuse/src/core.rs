@@ -27,13 +27,19 @@ use crate::stats::Stats;
 pub struct CoreOptions {
     /// Serve read-only opens by kernel passthrough when no writer has the file open.
     pub passthrough: bool,
+    /// How many inodes may hold a descriptor at once (each inode the kernel knows holds one);
+    /// past it, lookups of new inodes fail with ENFILE instead of starving the daemon.
+    pub inode_budget: usize,
 }
 
 impl Default for CoreOptions {
     /// Passthrough is off by default: while a file is open by passthrough the kernel lets no
     /// writer open it, and writes must go through the daemon.
     fn default() -> Self {
-        CoreOptions { passthrough: false }
+        CoreOptions {
+            passthrough: false,
+            inode_budget: usize::MAX,
+        }
     }
 }
 
@@ -126,6 +132,8 @@ pub struct Core {
     journal: Arc<Journal>,
     proc_self_fd: OwnedFd,
     passthrough: AtomicBool,
+    inode_budget: usize,
+    budget_warned: AtomicBool,
     /// The daemon's own ids, restored after acting as a caller.
     own_uid: u32,
     own_gid: u32,
@@ -162,6 +170,8 @@ impl Core {
             journal,
             proc_self_fd,
             passthrough: AtomicBool::new(opts.passthrough),
+            inode_budget: opts.inode_budget,
+            budget_warned: AtomicBool::new(false),
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
@@ -179,6 +189,11 @@ impl Core {
 
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// How many inodes may be cached by the kernel at once (see `CoreOptions::inode_budget`).
+    pub fn inode_budget(&self) -> usize {
+        self.inode_budget
     }
 
     pub fn open_handles(&self) -> usize {
@@ -283,6 +298,20 @@ impl Core {
 
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
     fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
+        if self.inodes.len() >= self.inode_budget {
+            if !self.budget_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the kernel holds {} inodes, the most this daemon's open file limit allows; \
+                     new names fail with ENFILE until it forgets some (raise fs.nr_open and the \
+                     hard `ulimit -n`, or `echo 2 > /proc/sys/vm/drop_caches`)",
+                    self.inodes.len()
+                );
+            }
+            return Err(FsError::errno(
+                libc::ENFILE,
+                "inode descriptor budget exhausted",
+            ));
+        }
         let fd = rustix::fs::openat(
             &dir.fd,
             name,
@@ -1289,7 +1318,15 @@ mod tests {
             JournalOptions::default(),
         )
         .unwrap();
-        let core = Core::new(&backing, Arc::new(journal), CoreOptions { passthrough }).unwrap();
+        let core = Core::new(
+            &backing,
+            Arc::new(journal),
+            CoreOptions {
+                passthrough,
+                ..CoreOptions::default()
+            },
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             backing,
@@ -1362,6 +1399,38 @@ mod tests {
             f.core.lookup(ROOT_INO, name("..")).unwrap_err().to_errno(),
             libc::EINVAL
         );
+    }
+
+    #[test]
+    fn the_inode_budget_bounds_descriptors_and_recovers_after_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        for i in 0..4 {
+            std::fs::write(backing.join(format!("f{i}")), b"x").unwrap();
+        }
+        let (journal, _) = Journal::open(
+            &dir.path().join("journal"),
+            &backing,
+            JournalOptions::default(),
+        )
+        .unwrap();
+        // The root counts as one: room for two more.
+        let opts = CoreOptions {
+            inode_budget: 3,
+            ..CoreOptions::default()
+        };
+        let core = Core::new(&backing, Arc::new(journal), opts).unwrap();
+        let a = core.lookup(ROOT_INO, name("f0")).unwrap().attr.ino.0;
+        core.lookup(ROOT_INO, name("f1")).unwrap();
+        assert_eq!(
+            core.lookup(ROOT_INO, name("f2")).unwrap_err().to_errno(),
+            libc::ENFILE
+        );
+        // Known inodes are still found; a forgotten one makes room.
+        core.lookup(ROOT_INO, name("f0")).unwrap();
+        core.forget(a, 2);
+        core.lookup(ROOT_INO, name("f2")).unwrap();
     }
 
     #[test]

@@ -61,6 +61,8 @@ impl FsError {
                 | libc::EROFS
                 | libc::EBADF
                 | libc::ETXTBSY
+                // Warned about once where the budget runs out, not per request.
+                | libc::ENFILE
         )
     }
 }
