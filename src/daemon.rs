@@ -332,6 +332,21 @@ fn serve(
     };
     let session = owsfs_fuse::mount(Arc::clone(&core), adapter, &mountpoint, &settings)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    // The kernel keeps inodes cached while memory allows, but each one holds a descriptor
+    // here: when the table nears its budget, ask the kernel to drop the oldest names.
+    let notifier = session.notifier();
+    core.set_invalidator(Box::new(move |parent, name| {
+        notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent), name)
+    }));
+    let reaper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let core = Arc::clone(&core);
+        let stop = Arc::clone(&reaper_stop);
+        std::thread::Builder::new()
+            .name("owsfs-reaper".into())
+            .spawn(move || core.run_reaper(&stop))
+            .context("cannot start the inode reaper thread")?;
+    }
 
     let daemon = Arc::new(Daemon {
         core,
@@ -360,6 +375,7 @@ fn serve(
     ready.ready();
 
     let served = session.run();
+    reaper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let closed = journal.close_clean();
     drop(control);
     let result = match (&served, &closed) {

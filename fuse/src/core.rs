@@ -47,6 +47,9 @@ impl Default for CoreOptions {
 /// already have closed, before it is refused with ETXTBSY.
 const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_millis(200);
 
+/// Tells the kernel to drop the cached name `name` in directory `parent`.
+pub type Invalidator = Box<dyn Fn(u64, &OsStr) -> std::io::Result<()> + Send + Sync>;
+
 /// The caller of an operation, for ownership of what it creates.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -134,6 +137,11 @@ pub struct Core {
     passthrough: AtomicBool,
     inode_budget: usize,
     budget_warned: AtomicBool,
+    /// Asks the kernel to drop a cached name (FUSE_NOTIFY_INVAL_ENTRY), so that it forgets the
+    /// inode; set by the mount once the session exists.
+    invalidate: std::sync::OnceLock<Invalidator>,
+    /// Wakes the reaper when the inode table nears its budget.
+    reaper_kick: (Mutex<bool>, parking_lot::Condvar),
     /// The daemon's own ids, restored after acting as a caller.
     own_uid: u32,
     own_gid: u32,
@@ -172,6 +180,8 @@ impl Core {
             passthrough: AtomicBool::new(opts.passthrough),
             inode_budget: opts.inode_budget,
             budget_warned: AtomicBool::new(false),
+            invalidate: std::sync::OnceLock::new(),
+            reaper_kick: (Mutex::new(false), parking_lot::Condvar::new()),
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
@@ -189,6 +199,56 @@ impl Core {
 
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// Where the reaper starts asking the kernel to forget (80% of the budget), and where it
+    /// stops (70%). Both leave room for bursts, since the kernel forgets asynchronously.
+    fn high_water(&self) -> usize {
+        self.inode_budget / 10 * 8
+    }
+
+    fn low_water(&self) -> usize {
+        self.inode_budget / 10 * 7
+    }
+
+    /// Installs the way to ask the kernel to drop names (once).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidate.set(f);
+    }
+
+    fn kick_reaper(&self) {
+        let (lock, cv) = &self.reaper_kick;
+        *lock.lock() = true;
+        cv.notify_one();
+    }
+
+    /// The reaper's loop: whenever the inode table passes its high-water mark, ask the kernel
+    /// to drop the least recently used names until it is back under the low-water mark. Runs
+    /// on its own thread, never inside a request (the kernel takes directory locks to drop a
+    /// name, which a request in flight may hold). Returns when `stop` says so.
+    pub fn run_reaper(&self, stop: &AtomicBool) {
+        let (lock, cv) = &self.reaper_kick;
+        while !stop.load(Ordering::Relaxed) {
+            {
+                let mut kicked = lock.lock();
+                if !*kicked {
+                    cv.wait_for(&mut kicked, Duration::from_millis(500));
+                }
+                *kicked = false;
+            }
+            let cached = self.inodes.len();
+            if cached < self.high_water() {
+                continue;
+            }
+            let Some(invalidate) = self.invalidate.get() else {
+                continue;
+            };
+            let excess = cached - self.low_water();
+            for (parent, name) in self.inodes.eviction_candidates(excess) {
+                // A name already gone or a busy entry is simply skipped.
+                let _ = invalidate(parent, &name);
+            }
+        }
     }
 
     /// How many inodes may be cached by the kernel at once (see `CoreOptions::inode_budget`).
@@ -298,7 +358,11 @@ impl Core {
 
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
     fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
-        if self.inodes.len() >= self.inode_budget {
+        let cached = self.inodes.len();
+        if cached >= self.high_water() {
+            self.kick_reaper();
+        }
+        if cached >= self.inode_budget {
             if !self.budget_warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "the kernel holds {} inodes, the most this daemon's open file limit allows; \

@@ -35,6 +35,9 @@ pub struct Inode {
     pub kind: FileType,
     pub(crate) fd: OwnedFd,
     nlookup: AtomicU64,
+    /// Tick of the table's clock at the last lookup: the oldest go first when the table must
+    /// shrink.
+    last_used: AtomicU64,
     /// The directory and name this inode was last seen under; None once unlinked. Exact for
     /// directories (they have one parent); for hard-linked files it is one of the names.
     loc: Mutex<Option<(u64, OsString)>>,
@@ -67,9 +70,14 @@ pub struct InodeTable {
     /// Backing inode number of the root directory; it is presented as `ROOT_INO`, and a backing
     /// inode numbered `ROOT_INO` (impossible on ext4, possible elsewhere) takes its number.
     root_backing_ino: u64,
+    clock: AtomicU64,
 }
 
 impl InodeTable {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub fn new(root_fd: OwnedFd, root_backing_ino: u64) -> Self {
         let map = DashMap::new();
         map.insert(
@@ -80,6 +88,7 @@ impl InodeTable {
                 fd: root_fd,
                 // The root is never forgotten.
                 nlookup: AtomicU64::new(1 << 62),
+                last_used: AtomicU64::new(u64::MAX),
                 loc: Mutex::new(None),
                 open: Mutex::new(OpenCounts::default()),
                 passthrough_gone: parking_lot::Condvar::new(),
@@ -88,6 +97,7 @@ impl InodeTable {
         InodeTable {
             map,
             root_backing_ino,
+            clock: AtomicU64::new(0),
         }
     }
 
@@ -113,6 +123,7 @@ impl InodeTable {
         match self.map.get(&ino) {
             Some(inode) => {
                 inode.nlookup.fetch_add(1, Ordering::Relaxed);
+                inode.last_used.store(self.tick(), Ordering::Relaxed);
                 inode.set_loc(parent, name);
                 true
             }
@@ -144,6 +155,7 @@ impl InodeTable {
         match self.map.entry(ino) {
             Entry::Occupied(e) => {
                 e.get().nlookup.fetch_add(1, Ordering::Relaxed);
+                e.get().last_used.store(self.tick(), Ordering::Relaxed);
                 e.get().set_loc(parent, name);
                 Arc::clone(e.get())
             }
@@ -153,6 +165,7 @@ impl InodeTable {
                     kind,
                     fd,
                     nlookup: AtomicU64::new(1),
+                    last_used: AtomicU64::new(self.tick()),
                     loc: Mutex::new(Some((parent, name.to_os_string()))),
                     open: Mutex::new(OpenCounts::default()),
                     passthrough_gone: parking_lot::Condvar::new(),
@@ -178,6 +191,32 @@ impl InodeTable {
                 e.remove();
             }
         }
+    }
+
+    /// The names of the `count` least recently looked-up inodes that no file handle keeps
+    /// open, for asking the kernel to forget them.
+    pub(crate) fn eviction_candidates(&self, count: usize) -> Vec<(u64, OsString)> {
+        let mut all: Vec<(u64, u64, OsString)> = Vec::new();
+        for entry in self.map.iter() {
+            let inode = entry.value();
+            if inode.ino == ROOT_INO {
+                continue;
+            }
+            {
+                let open = inode.open.lock();
+                if open.cached > 0 || open.passthrough > 0 {
+                    continue;
+                }
+            }
+            if let Some((parent, name)) = inode.loc.lock().clone() {
+                all.push((inode.last_used.load(Ordering::Relaxed), parent, name));
+            }
+        }
+        if all.len() > count {
+            all.select_nth_unstable_by_key(count, |c| c.0);
+            all.truncate(count);
+        }
+        all.into_iter().map(|(_, p, n)| (p, n)).collect()
     }
 
     /// The path of an inode relative to the workspace root ("" is the root), if every

@@ -17,7 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use adapter::{AdapterOptions, FuseAdapter};
-pub use core::{Caller, Core, CoreOptions, DirEntry, Entry, IoMode, SetAttr, TimeSpec, XattrReply};
+pub use core::{
+    Caller, Core, CoreOptions, DirEntry, Entry, Invalidator, IoMode, SetAttr, TimeSpec, XattrReply,
+};
 pub use error::{FsError, FsResult};
 pub use inode::ROOT_INO;
 pub use stats::{Stats, StatsSnapshot};
