@@ -142,10 +142,23 @@ fn many_more_files_than_the_inode_budget() {
     }
     let ws = Workspace::with_options(&["max_inodes=1000"]);
     std::fs::create_dir(ws.path("many")).unwrap();
+    // A process working in the directory while the daemon sheds names keeps a valid cwd.
+    let worker = std::process::Command::new("sh")
+        .args(["-c", "sleep 2; /bin/pwd -P"])
+        .current_dir(ws.path("many"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let n = 3000;
     for i in 0..n {
         std::fs::write(ws.path(&format!("many/f{i}")), i.to_string()).unwrap();
     }
+    let out = worker.wait_with_output().unwrap();
+    assert!(out.status.success(), "getcwd in the workspace still works");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        ws.path("many").to_string_lossy()
+    );
     for i in 0..n {
         let got = std::fs::read_to_string(ws.path(&format!("many/f{i}"))).unwrap();
         assert_eq!(got, i.to_string());

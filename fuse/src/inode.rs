@@ -193,13 +193,15 @@ impl InodeTable {
         }
     }
 
-    /// The names of the `count` least recently looked-up inodes that no file handle keeps
-    /// open, for asking the kernel to forget them.
+    /// The names of the `count` least recently looked-up non-directory inodes that no file
+    /// handle keeps open, for asking the kernel to forget them.
     pub(crate) fn eviction_candidates(&self, count: usize) -> Vec<(u64, OsString)> {
         let mut all: Vec<(u64, u64, OsString)> = Vec::new();
         for entry in self.map.iter() {
             let inode = entry.value();
-            if inode.ino == ROOT_INO {
+            // Directories stay: dropping a directory's name unhashes it even while it is some
+            // process's working directory, and getcwd(2) then fails with ENOENT.
+            if inode.ino == ROOT_INO || inode.kind == FileType::Directory {
                 continue;
             }
             {
