@@ -71,6 +71,8 @@ pub struct InodeTable {
     /// inode numbered `ROOT_INO` (impossible on ext4, possible elsewhere) takes its number.
     root_backing_ino: u64,
     clock: AtomicU64,
+    /// Entries in `map`, kept alongside it so that counting costs no shard locks.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl InodeTable {
@@ -98,6 +100,7 @@ impl InodeTable {
             map,
             root_backing_ino,
             clock: AtomicU64::new(0),
+            count: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
@@ -171,6 +174,7 @@ impl InodeTable {
                     passthrough_gone: parking_lot::Condvar::new(),
                 });
                 e.insert(Arc::clone(&inode));
+                self.count.fetch_add(1, Ordering::Relaxed);
                 inode
             }
         }
@@ -189,6 +193,7 @@ impl InodeTable {
             );
             if before <= n {
                 e.remove();
+                self.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -249,6 +254,6 @@ impl InodeTable {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
     }
 }
