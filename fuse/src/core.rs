@@ -839,16 +839,7 @@ impl Core {
             .ok_or_else(|| FsError::errno(libc::EBADF, "release of unknown handle"))?;
         let mode = handle.mode();
         if let Some(inode) = self.inodes.get(handle.ino) {
-            let mut open = inode.open.lock();
-            match mode {
-                IoMode::Cached => open.cached -= 1,
-                IoMode::Passthrough => {
-                    open.passthrough -= 1;
-                    if open.passthrough == 0 {
-                        inode.passthrough_gone.notify_all();
-                    }
-                }
-            }
+            self.unreserve_mode(&inode, mode);
         }
         Ok(mode)
     }
