@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
@@ -102,7 +103,16 @@ pub struct Journal {
 }
 
 struct Inner {
+    /// Everything not yet in a durable generation: what snapshots hold and replay rebuilds.
     state: DirtyState,
+    /// What changed since the last [`Journal::cut`] (a subset of `state`).
+    live: DirtyState,
+    /// When `state` last went from empty to non-empty (the age of the oldest unsynced change).
+    dirty_since: Option<Instant>,
+    /// When `live` last went from empty to non-empty.
+    live_since: Option<Instant>,
+    /// Seq of the last cut that has not been committed yet.
+    pending_cut: Option<Seq>,
     /// Shared with the leader, which writes without holding the mutex.
     file: Arc<File>,
     segment: u64,
@@ -242,6 +252,10 @@ impl Journal {
         let journal = Journal {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
+                dirty_since: (!state.is_empty()).then(Instant::now),
+                live_since: (!state.is_empty()).then(Instant::now),
+                live: state.clone(),
+                pending_cut: None,
                 state,
                 file: Arc::new(file),
                 segment,
@@ -305,7 +319,7 @@ impl Journal {
         op: Op,
     ) -> Result<Seq, JournalError> {
         let mut g = self.inner.lock();
-        if !g.state.files.contains_key(&ino) {
+        if !g.live.files.contains_key(&ino) {
             let path = path_of();
             self.push(&mut g, &Op::Touch { ino, path })?;
         }
@@ -313,9 +327,79 @@ impl Journal {
         self.wait_written(g, seq)
     }
 
-    /// A copy of the dirty state.
+    /// A copy of the dirty state: everything not yet in a durable generation.
     pub fn dirty(&self) -> DirtyState {
         self.inner.lock().state.clone()
+    }
+
+    /// Whether anything changed since the last durable generation.
+    pub fn is_dirty(&self) -> bool {
+        !self.inner.lock().state.is_empty()
+    }
+
+    /// Starts a cut: returns the seq of the last record it covers and everything not yet in a
+    /// durable generation (including what an earlier, failed cut covered). The caller must hold
+    /// the write barrier, so that no mutation is between its record and its operation. Changes
+    /// from here on are tracked apart, so that [`Journal::committed`] can forget exactly what
+    /// the cut covered.
+    pub fn cut(&self) -> Result<(Seq, DirtyState), JournalError> {
+        let mut g = self.inner.lock();
+        let last = g.next_seq - 1;
+        if g.written < last {
+            self.wait_written(g, last)?;
+            g = self.inner.lock();
+        }
+        g.live = DirtyState::default();
+        g.live_since = None;
+        g.pending_cut = Some(last);
+        Ok((last, g.state.clone()))
+    }
+
+    /// The cut that ended at `seq` is durable: only what changed after it stays dirty. Starts a
+    /// new segment whose snapshot holds just that and removes the older segments, so the
+    /// journal does not grow between generations. A crash before this leaves the older
+    /// segments, whose replay gives a superset: the cut's changes are uploaded again, which is
+    /// harmless.
+    pub fn committed(&self, seq: Seq) -> Result<(), JournalError> {
+        let mut g = self.inner.lock();
+        if g.pending_cut != Some(seq) {
+            return Err(JournalError::Poisoned {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "committed({seq}) does not match the pending cut {:?}",
+                    g.pending_cut
+                ),
+            });
+        }
+        let last = g.next_seq - 1;
+        if g.written < last {
+            self.wait_written(g, last)?;
+            g = self.inner.lock();
+        }
+        if let Some(reason) = &g.poisoned {
+            return Err(JournalError::Poisoned {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            });
+        }
+        g.pending_cut = None;
+        g.state = g.live.clone();
+        g.dirty_since = g.live_since;
+        let result = self.rotate(&mut g);
+        if let Err(e) = &result {
+            tracing::error!("journal {}: {e}", self.dir.display());
+            g.poisoned = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Unsynced bytes (dirty extents) and the age of the oldest unsynced change.
+    pub fn lag(&self) -> (u64, Option<Duration>) {
+        let g = self.inner.lock();
+        if g.state.is_empty() {
+            return (0, None);
+        }
+        (g.state.dirty_bytes(), g.dirty_since.map(|t| t.elapsed()))
     }
 
     /// Counters since open.
@@ -372,7 +456,14 @@ impl Journal {
         record::encode_op(&mut g.buf, seq, op)?;
         g.next_seq += 1;
         g.records += 1;
+        if g.state.is_empty() {
+            g.dirty_since = Some(Instant::now());
+        }
+        if g.live.is_empty() {
+            g.live_since = Some(Instant::now());
+        }
         g.state.apply(op);
+        g.live.apply(op);
         Ok(seq)
     }
 

@@ -143,6 +143,11 @@ impl DirtyState {
         }
     }
 
+    /// Nothing is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.dirs.is_empty()
+    }
+
     /// Sum of the dirty extents' lengths (created files and truncations not counted beyond
     /// their extents).
     pub fn dirty_bytes(&self) -> u64 {

@@ -979,3 +979,48 @@ fn no_journal_over_a_non_empty_backing_directory_rescans() {
     let (_, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert!(rec.rescan.is_none(), "{rec:?}");
 }
+
+/// A cut splits the state: what it covered is forgotten once committed, what came after stays
+/// dirty, and a reopen (replay) after `committed` sees only the later changes. Before
+/// `committed`, replay sees both (the cut's changes are still unsynced).
+#[test]
+fn cut_then_committed_keeps_only_later_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(dir.path(), b.path(), big()).unwrap();
+    j.append_file_op(5, || Some(p("a")), write_op(5, 0, 10))
+        .unwrap();
+    let (seq, covered) = j.cut().unwrap();
+    assert!(covered.files.contains_key(&5));
+    j.append_file_op(6, || Some(p("b")), write_op(6, 0, 4))
+        .unwrap();
+    // Not committed yet: everything is still unsynced, and replay agrees.
+    assert_eq!(
+        j.dirty().files.keys().copied().collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    let (replayed, _) = Journal::inspect(dir.path()).unwrap();
+    assert_eq!(replayed, j.dirty());
+    assert_eq!(j.lag().0, 14);
+
+    j.committed(seq).unwrap();
+    assert_eq!(j.dirty().files.keys().copied().collect::<Vec<_>>(), vec![6]);
+    assert_eq!(j.dirty().files[&6].path, Some(p("b")));
+    assert_eq!(j.lag().0, 4);
+    assert!(j.committed(seq).is_err(), "a cut is committed once");
+    drop(j);
+    let (j, _) = Journal::open(dir.path(), b.path(), big()).unwrap();
+    assert_eq!(j.dirty().files.keys().copied().collect::<Vec<_>>(), vec![6]);
+    assert_eq!(segments(dir.path()).len(), 1, "older segments are removed");
+
+    // A cut that is never committed (its upload failed) stays in the next cut.
+    let (_, first) = j.cut().unwrap();
+    j.append_file_op(7, || Some(p("c")), write_op(7, 0, 1))
+        .unwrap();
+    let (seq2, second) = j.cut().unwrap();
+    assert!(first.files.contains_key(&6));
+    assert_eq!(second.files.keys().copied().collect::<Vec<_>>(), vec![6, 7]);
+    j.committed(seq2).unwrap();
+    assert!(!j.is_dirty());
+    assert_eq!(j.lag(), (0, None));
+}
