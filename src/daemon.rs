@@ -313,6 +313,7 @@ fn serve(
             CoreOptions {
                 passthrough: opts.passthrough,
                 inode_budget,
+                side_dir: None,
             },
         )
         .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,

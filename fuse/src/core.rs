@@ -15,10 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use fuser::{FileAttr, FileType, INodeNo};
 use owsfs_journal::{Journal, NodeKind, Op};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 
 use crate::error::{Context, FsError, FsResult};
+use crate::freeze::Freezer;
 use crate::inode::{Inode, InodeTable, ROOT_INO};
 use crate::stats::Stats;
 
@@ -30,6 +31,8 @@ pub struct CoreOptions {
     /// How many inodes may hold a descriptor at once (each inode the kernel knows holds one);
     /// past it, lookups of new inodes fail with ENFILE instead of starving the daemon.
     pub inode_budget: usize,
+    /// Where copy-on-first-write saves bytes of frozen files (None: a temporary directory).
+    pub side_dir: Option<PathBuf>,
 }
 
 impl Default for CoreOptions {
@@ -39,6 +42,7 @@ impl Default for CoreOptions {
         CoreOptions {
             passthrough: false,
             inode_budget: usize::MAX,
+            side_dir: None,
         }
     }
 }
@@ -146,6 +150,13 @@ pub struct Core {
     own_uid: u32,
     own_gid: u32,
     root_dev: u64,
+    /// Mutations hold it shared from their journal record to the end of their operation; a
+    /// cut holds it exclusively, so it sees no mutation half done.
+    barrier: RwLock<()>,
+    freezer: Freezer,
+    /// Called before a data write takes the barrier: slows writers down while the uploader
+    /// lags too far behind (set by the daemon).
+    throttle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     pub stats: Stats,
 }
 
@@ -185,12 +196,58 @@ impl Core {
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
+            barrier: RwLock::new(()),
+            freezer: Freezer::new(&opts.side_dir.unwrap_or_else(std::env::temp_dir)),
+            throttle: std::sync::OnceLock::new(),
             stats: Stats::default(),
         })
     }
 
     pub fn backing_root(&self) -> &Path {
         &self.backing_root
+    }
+
+    /// Takes the write barrier: no mutation is in progress until the guard is dropped.
+    pub fn barrier(&self) -> RwLockWriteGuard<'_, ()> {
+        self.barrier.write()
+    }
+
+    /// The copy-on-first-write state of the cut in flight.
+    pub fn freezer(&self) -> &Freezer {
+        &self.freezer
+    }
+
+    /// Sets the function data writes call before they start (backpressure).
+    pub fn set_throttle(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.throttle.set(f);
+    }
+
+    /// FUSE inode number of a backing inode number (and back: the mapping is its own inverse).
+    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        self.inodes.fuse_ino(backing_ino)
+    }
+
+    /// Shared barrier for one mutation.
+    fn mutation(&self) -> RwLockReadGuard<'_, ()> {
+        self.barrier.read()
+    }
+
+    /// Shared barrier for a data write, after the backpressure check.
+    fn data_mutation(&self) -> RwLockReadGuard<'_, ()> {
+        if let Some(throttle) = self.throttle.get() {
+            throttle();
+        }
+        self.barrier.read()
+    }
+
+    /// Copy-on-first-write before `[start, end)` of `ino` (a FUSE number) changes.
+    fn freeze_before_change(&self, ino: u64, start: u64, end: u64, inode: &Inode) -> FsResult<()> {
+        self.freezer
+            .before_change(self.inodes.fuse_ino(ino), start, end, || {
+                self.reopen(inode, OFlags::RDONLY | OFlags::CLOEXEC)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.to_errno()))
+            })
+            .ctx("save bytes of a frozen file")
     }
 
     pub fn journal(&self) -> &Arc<Journal> {
@@ -328,6 +385,24 @@ impl Core {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
+    /// Copy-on-first-write through an open descriptor of the file (which may be write-only,
+    /// so the bytes are read through a fresh read-only open of the same file).
+    fn freeze_before_change_fd(&self, ino: u64, start: u64, end: u64, file: &File) -> FsResult<()> {
+        self.freezer
+            .before_change(self.inodes.fuse_ino(ino), start, end, || {
+                let name = file.as_raw_fd().to_string();
+                rustix::fs::openat(
+                    &self.proc_self_fd,
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(File::from)
+                .map_err(std::io::Error::from)
+            })
+            .ctx("save bytes of a frozen file")
+    }
+
     /// Appends a mutation of file `ino`, with its path recorded the first time it gets dirty.
     fn journal_file_op(&self, ino: u64, op: Op) -> FsResult<()> {
         self.journal
@@ -418,6 +493,11 @@ impl Core {
             None => None,
         };
         let is_dir = inode.kind == FileType::Directory;
+        let _barrier = if set.size.is_some() {
+            self.data_mutation()
+        } else {
+            self.mutation()
+        };
         if set.mode.is_some()
             || set.uid.is_some()
             || set.gid.is_some()
@@ -463,6 +543,7 @@ impl Core {
         }
         if let Some(size) = set.size {
             self.journal_file_op(ino, Op::Truncate { ino, size })?;
+            self.freeze_before_change(ino, size, u64::MAX, &inode)?;
             let reopened;
             let file = match &handle {
                 Some(h) => &h.file,
@@ -509,6 +590,7 @@ impl Core {
         create: impl FnOnce(&Inode) -> FsResult<()>,
     ) -> FsResult<Entry> {
         check_name(name)?;
+        let _barrier = self.mutation();
         let dir = self.inode(parent)?;
         let dir_path = self.path_of(parent).unwrap_or_default();
         // The new inode number is unknown until it exists: mark the parent first, so a crash
@@ -608,6 +690,7 @@ impl Core {
     fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
         self.stats.count(&self.stats.removes);
         check_name(name)?;
+        let _barrier = self.mutation();
         let pdir = self.inode(parent)?;
         let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
         let ino = self.inodes.fuse_ino(st.st_ino);
@@ -616,6 +699,9 @@ impl Core {
             path: self.child_path(parent, name),
             dir,
         })?;
+        self.freezer
+            .before_name_change(&pdir.fd, name, false)
+            .ctx("pin a frozen file")?;
         let flags = if dir {
             AtFlags::REMOVEDIR
         } else {
@@ -644,6 +730,7 @@ impl Core {
             return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let _barrier = self.mutation();
         let src_dir = self.inode(parent)?;
         let dst_dir = self.inode(newparent)?;
         let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
@@ -659,6 +746,13 @@ impl Core {
             to: self.child_path(newparent, newname),
             exchange,
         })?;
+        self.freezer
+            .before_name_change(&src_dir.fd, name, true)
+            .and_then(|()| {
+                self.freezer
+                    .before_name_change(&dst_dir.fd, newname, exchange)
+            })
+            .ctx("pin a frozen file")?;
         rustix::fs::renameat_with(
             &src_dir.fd,
             name,
@@ -686,6 +780,7 @@ impl Core {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         check_name(newname)?;
+        let _barrier = self.mutation();
         let inode = self.inode(ino)?;
         let dir = self.inode(newparent)?;
         self.journal.append(Op::Link {
@@ -730,6 +825,7 @@ impl Core {
             return Err(FsError::errno(libc::EISDIR, "open of a directory"));
         }
         let write = writable(flags);
+        let _barrier = (flags & libc::O_TRUNC != 0).then(|| self.data_mutation());
         // The mode is settled first: an open the kernel would refuse must change nothing.
         let mode = self.reserve_mode(&inode, write)?;
         let opened = (|| {
@@ -738,6 +834,7 @@ impl Core {
             // does (even for a read-only open).
             if flags & libc::O_TRUNC != 0 {
                 self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
+                self.freeze_before_change(ino, 0, u64::MAX, &inode)?;
             }
             let file = self.reopen(&inode, backing_open_flags(flags))?;
             if kill_suidgid && flags & libc::O_TRUNC != 0 {
@@ -869,6 +966,7 @@ impl Core {
     /// `security.capability` lookup per write).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
+        let _barrier = self.data_mutation();
         if kill_suidgid {
             self.kill_suidgid(handle.ino, &handle.file)?;
         }
@@ -880,6 +978,7 @@ impl Core {
                 len: data.len() as u64,
             },
         )?;
+        self.freeze_before_change_fd(handle.ino, offset, offset + data.len() as u64, &handle.file)?;
         handle.file.write_all_at(data, offset).ctx("write")?;
         self.stats.count(&self.stats.writes);
         self.stats.add(&self.stats.write_bytes, data.len() as u64);
@@ -921,6 +1020,14 @@ impl Core {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let handle = self.handle(fh)?;
+        let _barrier = self.data_mutation();
+        // Collapsing or inserting a range moves every byte after it.
+        let len = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+            u64::MAX - offset
+        } else {
+            len
+        };
+        self.freeze_before_change_fd(handle.ino, offset, offset.saturating_add(len), &handle.file)?;
         self.journal_file_op(
             handle.ino,
             Op::Write {
@@ -965,6 +1072,13 @@ impl Core {
         let src = self.handle(fh_in)?;
         let dst = self.handle(fh_out)?;
         let len = len.min(u32::MAX as u64 & !0xfff);
+        let _barrier = self.data_mutation();
+        self.freeze_before_change_fd(
+            dst.ino,
+            offset_out,
+            offset_out.saturating_add(len),
+            &dst.file,
+        )?;
         self.journal_file_op(
             dst.ino,
             Op::Write {
@@ -1142,6 +1256,7 @@ impl Core {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
+        let _barrier = self.mutation();
         self.journal_meta(&inode)?;
         rustix::fs::setxattr(
             path.as_c_str(),
@@ -1155,6 +1270,7 @@ impl Core {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
+        let _barrier = self.mutation();
         self.journal_meta(&inode)?;
         rustix::fs::removexattr(path.as_c_str(), name).ctx("removexattr")
     }

@@ -8,6 +8,7 @@
 mod adapter;
 mod core;
 mod error;
+mod freeze;
 mod inode;
 mod stats;
 
@@ -21,6 +22,7 @@ pub use core::{
     Caller, Core, CoreOptions, DirEntry, Entry, Invalidator, IoMode, SetAttr, TimeSpec, XattrReply,
 };
 pub use error::{FsError, FsResult};
+pub use freeze::{Freezer, Frozen};
 pub use inode::ROOT_INO;
 pub use stats::{Stats, StatsSnapshot};
 
