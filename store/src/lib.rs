@@ -1,3 +1,18 @@
-//! owsfs-store: the object store side of owsfs (content-addressed chunks, packs, trees,
-//! generations, leases). It arrives with the generations issue; this crate holds its place in
-//! the dependency graph (`src/` → `fuse/` → `journal/`, `store/`).
+//! owsfs-store: the object store side of owsfs. Content-addressed chunks and trees travel in
+//! packs; generations are numbered, checksummed records committed by create-if-absent.
+//! The byte layouts and the commit protocol are in `FORMAT.md`.
+
+pub mod backend;
+pub mod error;
+pub mod fault;
+pub mod hook;
+pub mod ids;
+pub mod stats;
+pub mod url;
+
+pub use backend::{PutOutcome, Store, StoreOptions};
+pub use error::{Result, StoreError};
+pub use fault::{FaultConfig, FaultKinds, FaultLayer};
+pub use ids::{BlobId, ChunkId, PackId, TreeId};
+pub use stats::{StatsSnapshot, StoreStats};
+pub use url::StoreUrl;
