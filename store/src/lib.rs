@@ -7,12 +7,16 @@ pub mod error;
 pub mod fault;
 pub mod hook;
 pub mod ids;
+pub mod pack;
 pub mod stats;
+pub mod tree;
 pub mod url;
 
 pub use backend::{PutOutcome, Store, StoreOptions};
 pub use error::{Result, StoreError};
 pub use fault::{FaultConfig, FaultKinds, FaultLayer};
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
+pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_pack};
 pub use stats::{StatsSnapshot, StoreStats};
+pub use tree::{BlobLoader, ChunkSpan, Content, FileContent, ListRef, NodeKind, Tree, TreeEntry};
 pub use url::StoreUrl;

@@ -1,0 +1,405 @@
+//! Packs: many blobs in one object, with an index and a trailer (layout in `FORMAT.md`).
+//! A pack's id is random and chosen when it is started, so every blob has its final
+//! location ([`BlobRef`]) the moment it is added: a tree can point at blobs in its own,
+//! not yet sealed, pack.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Store;
+use crate::error::{Result, StoreError};
+use crate::ids::{BlobId, PackId};
+
+pub const PACK_MAGIC: &[u8; 8] = b"OWSPACK\0";
+pub const INDEX_MAGIC: &[u8; 8] = b"OWSPIDX\0";
+pub const END_MAGIC: &[u8; 8] = b"OWSPEND\0";
+pub const PACK_VERSION: u32 = 1;
+pub const HEADER_LEN: u64 = 16;
+pub const TRAILER_LEN: u64 = 24;
+/// Bytes of one index entry: kind u8, id [32], offset u64, len u32, compression u8.
+pub const INDEX_ENTRY_LEN: usize = 46;
+/// The size at which callers usually seal a pack.
+pub const PACK_TARGET_SIZE: u64 = 16 << 20;
+
+/// What a blob holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BlobKind {
+    Chunk = 1,
+    Tree = 2,
+    List = 3,
+}
+
+impl BlobKind {
+    fn from_u8(b: u8) -> Option<BlobKind> {
+        match b {
+            1 => Some(BlobKind::Chunk),
+            2 => Some(BlobKind::Tree),
+            3 => Some(BlobKind::List),
+            _ => None,
+        }
+    }
+}
+
+/// Where a blob is: what trees and list blobs store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub id: BlobId,
+    pub pack: PackId,
+    /// Offset from the start of the pack object.
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl BlobRef {
+    /// The byte range of the blob in its pack.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.len as u64
+    }
+}
+
+/// One entry of a pack's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    pub kind: BlobKind,
+    pub id: BlobId,
+    pub offset: u64,
+    pub len: u32,
+    pub compression: u8,
+}
+
+/// Builds one pack in memory.
+#[derive(Debug)]
+pub struct PackWriter {
+    id: PackId,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl Default for PackWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackWriter {
+    /// Starts a pack with a fresh random id.
+    pub fn new() -> PackWriter {
+        PackWriter::with_id(PackId::random())
+    }
+
+    pub fn with_id(id: PackId) -> PackWriter {
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(PACK_MAGIC);
+        buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        PackWriter {
+            id,
+            buf,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> PackId {
+        self.id
+    }
+
+    /// Appends a blob; its location is final.
+    pub fn add(&mut self, kind: BlobKind, data: &[u8]) -> BlobRef {
+        let id = BlobId::of(data);
+        let offset = self.buf.len() as u64;
+        assert!(data.len() <= u32::MAX as usize, "blob larger than 4 GiB");
+        let len = data.len() as u32;
+        self.buf.extend_from_slice(data);
+        self.entries.push(PackEntry {
+            kind,
+            id,
+            offset,
+            len,
+            compression: 0,
+        });
+        BlobRef {
+            id,
+            pack: self.id,
+            offset,
+            len,
+        }
+    }
+
+    /// Bytes of blobs and header so far (the sealed pack adds the index and trailer).
+    pub fn len(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// No blob added yet.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn blob_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Finishes the pack: appends index and trailer.
+    pub fn seal(self) -> (PackId, Bytes) {
+        let mut buf = self.buf;
+        let index_offset = buf.len() as u64;
+        let start = buf.len();
+        buf.extend_from_slice(INDEX_MAGIC);
+        buf.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            buf.push(e.kind as u8);
+            buf.extend_from_slice(e.id.as_bytes());
+            buf.extend_from_slice(&e.offset.to_le_bytes());
+            buf.extend_from_slice(&e.len.to_le_bytes());
+            buf.push(e.compression);
+        }
+        let crc = crc32c::crc32c(&buf[start..]);
+        let index_len = (buf.len() - start) as u32;
+        buf.extend_from_slice(&crc.to_le_bytes());
+        let t = buf.len();
+        buf.extend_from_slice(&index_offset.to_le_bytes());
+        buf.extend_from_slice(&index_len.to_le_bytes());
+        let tcrc = crc32c::crc32c(&buf[t..]);
+        buf.extend_from_slice(&tcrc.to_le_bytes());
+        buf.extend_from_slice(END_MAGIC);
+        (self.id, Bytes::from(buf))
+    }
+}
+
+/// Checks that `data` is the blob `r` names; the error names the pack object and the blob.
+pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
+    if data.len() != r.len as usize {
+        return Err(StoreError::Corrupt {
+            object: r.pack.key(),
+            blob: Some(r.id),
+            what: format!("expected {} bytes, found {}", r.len, data.len()),
+        });
+    }
+    let got = BlobId::of(data);
+    if got != r.id {
+        return Err(StoreError::Corrupt {
+            object: r.pack.key(),
+            blob: Some(r.id),
+            what: format!("bytes at offset {} hash to {got}", r.offset),
+        });
+    }
+    Ok(())
+}
+
+/// Reads one blob with a range GET and verifies it.
+pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
+    let data = store.get_range(&r.pack.key(), r.range())?;
+    verify_blob(r, &data)?;
+    Ok(data)
+}
+
+/// A whole pack whose trailer and index have been checked.
+#[derive(Debug, Clone)]
+pub struct ParsedPack {
+    pub id: PackId,
+    data: Bytes,
+    entries: Vec<PackEntry>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl ParsedPack {
+    /// Parses a pack object, checking header, trailer, index checksum and entry bounds.
+    pub fn parse(id: PackId, data: Bytes) -> Result<ParsedPack> {
+        let bad = |what: String| StoreError::corrupt(id.key(), what);
+        let n = data.len() as u64;
+        if n < HEADER_LEN + TRAILER_LEN {
+            return Err(bad(format!("{n} bytes is too short for a pack")));
+        }
+        if &data[..8] != PACK_MAGIC {
+            return Err(bad("bad pack magic".into()));
+        }
+        let version = u32_at(&data, 8);
+        if version != PACK_VERSION {
+            if version > PACK_VERSION {
+                return Err(StoreError::UnsupportedVersion {
+                    object: id.key(),
+                    found: version as u64,
+                    supported: PACK_VERSION as u64,
+                });
+            }
+            return Err(bad(format!("unknown pack version {version}")));
+        }
+        if u32_at(&data, 12) != 0 {
+            return Err(bad("unknown pack flags".into()));
+        }
+        let t = (n - TRAILER_LEN) as usize;
+        if &data[t + 16..t + 24] != END_MAGIC {
+            return Err(bad("bad trailer magic (truncated pack?)".into()));
+        }
+        if crc32c::crc32c(&data[t..t + 12]) != u32_at(&data, t + 12) {
+            return Err(bad("trailer checksum mismatch".into()));
+        }
+        let index_offset = u64_at(&data, t);
+        let index_len = u32_at(&data, t + 8) as u64;
+        if index_offset < HEADER_LEN || index_offset + index_len + 4 != t as u64 {
+            return Err(bad("trailer points outside the pack".into()));
+        }
+        let io = index_offset as usize;
+        let idx = &data[io..io + index_len as usize];
+        if crc32c::crc32c(idx) != u32_at(&data, io + index_len as usize) {
+            return Err(bad("index checksum mismatch".into()));
+        }
+        if idx.len() < 12 || &idx[..8] != INDEX_MAGIC {
+            return Err(bad("bad index magic".into()));
+        }
+        let count = u32_at(idx, 8) as usize;
+        if idx.len() != 12 + count * INDEX_ENTRY_LEN {
+            return Err(bad("index length does not match its count".into()));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count {
+            let e = &idx[12 + i * INDEX_ENTRY_LEN..12 + (i + 1) * INDEX_ENTRY_LEN];
+            let kind = BlobKind::from_u8(e[0]).ok_or_else(|| bad(format!("blob kind {}", e[0])))?;
+            let mut bid = [0u8; 32];
+            bid.copy_from_slice(&e[1..33]);
+            let offset = u64_at(e, 33);
+            let len = u32_at(e, 41);
+            let compression = e[45];
+            if compression != 0 {
+                return Err(bad(format!("unknown compression {compression}")));
+            }
+            if offset < HEADER_LEN || offset + len as u64 > index_offset {
+                return Err(bad(format!("index entry {i} points outside the blob area")));
+            }
+            entries.push(PackEntry {
+                kind,
+                id: BlobId(bid),
+                offset,
+                len,
+                compression,
+            });
+        }
+        Ok(ParsedPack { id, data, entries })
+    }
+
+    pub fn entries(&self) -> &[PackEntry] {
+        &self.entries
+    }
+
+    /// The verified bytes of the blob at `offset`/`len` (a [`BlobRef`] into this pack).
+    pub fn blob(&self, r: &BlobRef) -> Result<Bytes> {
+        let end = r.offset + r.len as u64;
+        if r.pack != self.id || end > self.data.len() as u64 {
+            return Err(StoreError::Corrupt {
+                object: self.id.key(),
+                blob: Some(r.id),
+                what: "reference points outside the pack".into(),
+            });
+        }
+        let b = self.data.slice(r.offset as usize..end as usize);
+        verify_blob(r, &b)?;
+        Ok(b)
+    }
+
+    /// The verified bytes of an index entry.
+    pub fn entry_blob(&self, e: &PackEntry) -> Result<Bytes> {
+        self.blob(&BlobRef {
+            id: e.id,
+            pack: self.id,
+            offset: e.offset,
+            len: e.len,
+        })
+    }
+}
+
+/// Fetches a whole pack and parses it.
+pub fn read_pack(store: &Store, id: PackId) -> Result<ParsedPack> {
+    let data = store.get(&id.key())?;
+    ParsedPack::parse(id, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> (PackId, Bytes, Vec<BlobRef>) {
+        let mut w = PackWriter::new();
+        let refs = vec![
+            w.add(BlobKind::Chunk, b"first chunk"),
+            w.add(BlobKind::Tree, b"a tree"),
+            w.add(BlobKind::List, b""),
+            w.add(BlobKind::Chunk, &[7u8; 1000]),
+        ];
+        let (id, b) = w.seal();
+        (id, b, refs)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (id, b, refs) = sample();
+        let p = ParsedPack::parse(id, b.clone()).unwrap();
+        assert_eq!(p.entries().len(), 4);
+        for (r, e) in refs.iter().zip(p.entries()) {
+            assert_eq!(r.offset, e.offset);
+            assert_eq!(r.id, e.id);
+            assert_eq!(BlobId::of(&p.blob(r).unwrap()), r.id);
+            assert_eq!(
+                &b[r.range().start as usize..r.range().end as usize],
+                &p.blob(r).unwrap()[..]
+            );
+        }
+        assert_eq!(p.entries()[1].kind, BlobKind::Tree);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let (id, b, refs) = sample();
+        for i in 0..b.len() {
+            let mut c = b.to_vec();
+            c[i] ^= 0x40;
+            let c = Bytes::from(c);
+            // Either the structure is refused, or the blob covering the byte fails its hash.
+            match ParsedPack::parse(id, c) {
+                Err(e) => {
+                    assert!(e.to_string().contains(&id.key()), "{e}");
+                }
+                Ok(p) => {
+                    let hit = refs.iter().find(|r| r.range().contains(&(i as u64)));
+                    let r = hit.unwrap_or_else(|| panic!("byte {i} flipped unnoticed"));
+                    let e = p.blob(r).unwrap_err();
+                    assert!(e.is_corrupt());
+                    let m = e.to_string();
+                    assert!(m.contains(&id.key()) && m.contains(&r.id.to_hex()), "{m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_is_detected() {
+        let (id, b, _) = sample();
+        for n in [0, 10, 16, b.len() / 2, b.len() - 1] {
+            assert!(ParsedPack::parse(id, b.slice(..n)).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_blobs_round_trip(blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20)) {
+            let mut w = PackWriter::new();
+            let refs: Vec<_> = blobs.iter().map(|b| w.add(BlobKind::Chunk, b)).collect();
+            let (id, data) = w.seal();
+            let p = ParsedPack::parse(id, data).unwrap();
+            for (r, b) in refs.iter().zip(&blobs) {
+                prop_assert_eq!(&p.blob(r).unwrap()[..], &b[..]);
+            }
+        }
+    }
+}
