@@ -3,6 +3,7 @@
 //! The byte layouts and the commit protocol are in `FORMAT.md`.
 
 pub mod backend;
+pub mod chunk;
 pub mod error;
 pub mod fault;
 pub mod hook;
