@@ -6,6 +6,7 @@ pub mod backend;
 pub mod chunk;
 pub mod error;
 pub mod fault;
+pub mod generation;
 pub mod hook;
 pub mod ids;
 pub mod pack;
@@ -16,6 +17,10 @@ pub mod url;
 pub use backend::{PutOutcome, Store, StoreOptions};
 pub use error::{Result, StoreError};
 pub use fault::{FaultConfig, FaultKinds, FaultLayer};
+pub use generation::{
+    CommitError, GenKind, GenNumber, GenStats, GenerationRecord, SqliteState, WalPosition,
+    Workspace,
+};
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_pack};
 pub use stats::{StatsSnapshot, StoreStats};

@@ -180,11 +180,12 @@ fn small_overwrite_in_a_large_file_costs_about_one_chunk() {
     let at = 40_000_000;
     new[at..at + 4096].copy_from_slice(&fill(9, 4096, false));
     let emitted = Cell::new(0);
+    let dirty: Vec<Range<u64>> = std::iter::once(at as u64..at as u64 + 4096).collect();
     let (got, stats) = rechunk_with_stats(
         &old_spans,
         len as u64,
         len as u64,
-        &[at as u64..at as u64 + 4096],
+        &dirty,
         &mut |off, buf| {
             buf.copy_from_slice(&new[off as usize..off as usize + buf.len()]);
             Ok(())

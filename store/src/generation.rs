@@ -1,0 +1,396 @@
+//! Generation records, workspaces, HEAD discovery and the commit protocol (see `FORMAT.md`).
+//!
+//! Generation N of workspace W lives in slot `workspaces/W/gens/<N as 20 digits>`, written
+//! once with create-if-absent, so exactly one writer wins each slot. `HEAD` is a hint only:
+//! the newest generation is found by probing the slots after the hint.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{PutOutcome, Store};
+use crate::error::{Result, StoreError};
+use crate::pack::BlobRef;
+
+pub const GENERATION_VERSION: u64 = 1;
+pub const WORKSPACE_VERSION: u64 = 1;
+pub const HEAD_VERSION: u64 = 1;
+
+/// A generation number; the first generation of a workspace is 1.
+pub type GenNumber = u64;
+
+/// Commit records carry a tree; fence records (written by a new lease holder) do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenKind {
+    Commit,
+    Fence,
+}
+
+/// Where a SQLite database's WAL stood at the cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalPosition {
+    pub last_commit_frame: u32,
+    pub frames_valid: u32,
+    pub salt1: u32,
+    pub salt2: u32,
+    pub checkpoint_seq: u32,
+    pub page_size: u32,
+    pub db_pages: u32,
+}
+
+/// A SQLite database in the generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqliteState {
+    /// Path relative to the workspace root.
+    pub path: String,
+    pub wal: Option<WalPosition>,
+}
+
+/// Numbers about a generation, for `owsfs log` and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes_total: u64,
+    pub bytes_new: u64,
+    pub blobs_new: u64,
+    pub packs_new: u64,
+    pub journal_seq: u64,
+    pub cut_ms: u64,
+    pub upload_ms: u64,
+}
+
+/// One generation record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub workspace: String,
+    pub number: GenNumber,
+    pub parent: Option<GenNumber>,
+    pub epoch: u64,
+    pub kind: GenKind,
+    pub time_unix_ms: u64,
+    pub root: Option<BlobRef>,
+    #[serde(default)]
+    pub sqlite: Vec<SqliteState>,
+    #[serde(default)]
+    pub stats: GenStats,
+}
+
+/// Key of a generation slot.
+pub fn generation_key(workspace: &str, n: GenNumber) -> String {
+    format!("workspaces/{workspace}/gens/{n:020}")
+}
+
+impl GenerationRecord {
+    /// The sealed text: header line, JSON body line, blake3 of the body line.
+    pub fn seal(&self) -> Result<Bytes> {
+        let body = serde_json::to_string(self)
+            .map_err(|e| StoreError::Invalid(format!("cannot encode generation: {e}")))?;
+        let sum = blake3::hash(body.as_bytes()).to_hex();
+        Ok(Bytes::from(format!(
+            "owsfs-generation {GENERATION_VERSION}\n{body}\n{sum}\n"
+        )))
+    }
+
+    /// Parses and verifies a sealed record read from `object`.
+    pub fn unseal(object: &str, b: &[u8]) -> Result<GenerationRecord> {
+        let bad = |what: &str| StoreError::corrupt(object, what);
+        let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
+        let text = text
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("truncated (no final newline)"))?;
+        let mut lines = text.split('\n');
+        let (Some(head), Some(body), Some(sum), None) =
+            (lines.next(), lines.next(), lines.next(), lines.next())
+        else {
+            return Err(bad("not three lines"));
+        };
+        let version: u64 = head
+            .strip_prefix("owsfs-generation ")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("bad header line"))?;
+        if version > GENERATION_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                object: object.into(),
+                found: version,
+                supported: GENERATION_VERSION,
+            });
+        }
+        if version != GENERATION_VERSION {
+            return Err(bad("unknown version"));
+        }
+        if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))
+    }
+}
+
+/// Checks a record before it is committed. `parent` is the parent record when the caller has
+/// it (the lease milestone passes it to enforce epochs).
+pub fn check_invariants(
+    r: &GenerationRecord,
+    parent: Option<&GenerationRecord>,
+) -> std::result::Result<(), String> {
+    if r.number == 0 {
+        return Err("generation numbers start at 1".into());
+    }
+    let want_parent = (r.number > 1).then(|| r.number - 1);
+    if r.parent != want_parent {
+        return Err(format!(
+            "generation {} must have parent {:?}, has {:?}",
+            r.number, want_parent, r.parent
+        ));
+    }
+    match (r.kind, r.root.is_some()) {
+        (GenKind::Commit, false) => return Err("a commit record needs a root tree".into()),
+        (GenKind::Fence, true) => return Err("a fence record carries no tree".into()),
+        _ => {}
+    }
+    if let Some(p) = parent {
+        if Some(p.number) != r.parent || p.workspace != r.workspace {
+            return Err("parent record is not the parent".into());
+        }
+        if r.epoch < p.epoch {
+            return Err(format!(
+                "epoch {} is older than the parent's {}",
+                r.epoch, p.epoch
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a commit did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Another writer (or a fence) holds the slot.
+    #[error("generation slot {number} is already taken (epoch {}, {:?})", existing.epoch, existing.kind)]
+    SlotTaken {
+        number: GenNumber,
+        existing: Box<GenerationRecord>,
+    },
+    /// The record breaks an invariant; nothing was written.
+    #[error("refusing to commit: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WorkspaceMeta {
+    format: String,
+    version: u64,
+    name: String,
+    created_unix_ms: u64,
+}
+
+/// Checks a workspace name: `[A-Za-z0-9._-]`, 1..=128 bytes, not starting with '.'.
+pub fn valid_workspace_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A workspace in a store.
+#[derive(Clone, Debug)]
+pub struct Workspace {
+    store: Store,
+    name: String,
+}
+
+impl Workspace {
+    /// Opens a workspace, creating `workspaces/NAME/workspace.json` on first use.
+    pub fn open_or_create(store: &Store, name: &str) -> Result<Workspace> {
+        if !valid_workspace_name(name) {
+            return Err(StoreError::Invalid(format!(
+                "invalid workspace name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'"
+            )));
+        }
+        let ws = Workspace {
+            store: store.clone(),
+            name: name.to_string(),
+        };
+        let key = ws.key("workspace.json");
+        let existing = match store.get(&key) {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => {
+                let meta = WorkspaceMeta {
+                    format: "owsfs-workspace".into(),
+                    version: WORKSPACE_VERSION,
+                    name: name.into(),
+                    created_unix_ms: now_ms(),
+                };
+                let body = serde_json::to_vec(&meta)
+                    .map_err(|e| StoreError::Invalid(format!("cannot encode {key}: {e}")))?;
+                match store.put_if_absent(&key, Bytes::from(body))? {
+                    PutOutcome::Created | PutOutcome::AlreadyIdentical => return Ok(ws),
+                    PutOutcome::Conflict(b) => b,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let meta: WorkspaceMeta = serde_json::from_slice(&existing)
+            .map_err(|e| StoreError::corrupt(&key, format!("bad workspace.json: {e}")))?;
+        if meta.format != "owsfs-workspace" || meta.name != name {
+            return Err(StoreError::corrupt(&key, "format or name does not match"));
+        }
+        if meta.version > WORKSPACE_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                object: key,
+                found: meta.version,
+                supported: WORKSPACE_VERSION,
+            });
+        }
+        Ok(ws)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("workspaces/{}/{rest}", self.name)
+    }
+
+    /// Key of generation slot `n`.
+    pub fn generation_key(&self, n: GenNumber) -> String {
+        generation_key(&self.name, n)
+    }
+
+    fn read_hint(&self) -> Option<GenNumber> {
+        let key = self.key("HEAD");
+        let b = match self.store.get(&key) {
+            Ok(b) => b,
+            Err(e) => {
+                if !e.is_not_found() {
+                    tracing::warn!("cannot read {key}: {e}; listing generations instead");
+                }
+                return None;
+            }
+        };
+        let parsed = std::str::from_utf8(&b).ok().and_then(|t| {
+            let mut f = t.strip_suffix('\n')?.split(' ');
+            let (tag, v, n, sum) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            let ok = tag == "owsfs-head"
+                && v == HEAD_VERSION.to_string()
+                && f.next().is_none()
+                && head_sum(n) == sum;
+            if ok { n.parse().ok() } else { None }
+        });
+        if parsed.is_none() {
+            tracing::warn!("{key} is corrupt; listing generations instead");
+        }
+        parsed
+    }
+
+    /// The newest committed generation (commit or fence), or `None` for a new workspace.
+    pub fn head(&self) -> Result<Option<GenNumber>> {
+        let mut n = match self.read_hint() {
+            Some(h) if self.store.exists(&self.generation_key(h))? => h,
+            _ => match self.list_generations()?.last() {
+                Some(&n) => n,
+                None => return Ok(None),
+            },
+        };
+        while self.store.exists(&self.generation_key(n + 1))? {
+            n += 1;
+        }
+        Ok(Some(n))
+    }
+
+    /// Reads and verifies generation `n`.
+    pub fn read_generation(&self, n: GenNumber) -> Result<GenerationRecord> {
+        let key = self.generation_key(n);
+        let b = self.store.get(&key)?;
+        let r = GenerationRecord::unseal(&key, &b)?;
+        if r.number != n || r.workspace != self.name {
+            return Err(StoreError::corrupt(
+                &key,
+                format!(
+                    "record says workspace {:?} generation {}",
+                    r.workspace, r.number
+                ),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Numbers of all generations, ascending (from a listing).
+    pub fn list_generations(&self) -> Result<Vec<GenNumber>> {
+        let prefix = self.key("gens/");
+        let mut out: Vec<GenNumber> = self
+            .store
+            .list(&prefix)?
+            .iter()
+            .filter_map(|k| {
+                let s = k.strip_prefix(&prefix)?;
+                (s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit()))
+                    .then(|| s.parse().ok())
+                    .flatten()
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Commits `record` into slot `record.number`.
+    pub fn commit(&self, record: &GenerationRecord) -> std::result::Result<(), CommitError> {
+        self.commit_checked(record, None)
+    }
+
+    /// Commits after checking the invariants against the parent record, when given.
+    pub fn commit_checked(
+        &self,
+        record: &GenerationRecord,
+        parent: Option<&GenerationRecord>,
+    ) -> std::result::Result<(), CommitError> {
+        if record.workspace != self.name {
+            return Err(CommitError::Invalid(format!(
+                "record is for workspace {:?}, not {:?}",
+                record.workspace, self.name
+            )));
+        }
+        check_invariants(record, parent).map_err(CommitError::Invalid)?;
+        let key = self.generation_key(record.number);
+        match self.store.put_if_absent(&key, record.seal()?)? {
+            PutOutcome::Created | PutOutcome::AlreadyIdentical => {}
+            PutOutcome::Conflict(b) => {
+                let existing = GenerationRecord::unseal(&key, &b)?;
+                return Err(CommitError::SlotTaken {
+                    number: record.number,
+                    existing: Box::new(existing),
+                });
+            }
+        }
+        let n = record.number.to_string();
+        let hint = format!("owsfs-head {HEAD_VERSION} {n} {}\n", head_sum(&n));
+        if let Err(e) = self.store.put(&self.key("HEAD"), Bytes::from(hint)) {
+            tracing::warn!(
+                "generation {} of {} is committed but the HEAD hint was not updated: {e}",
+                record.number,
+                self.name
+            );
+        }
+        Ok(())
+    }
+}
+
+fn head_sum(n: &str) -> String {
+    let h = blake3::hash(format!("owsfs-head {HEAD_VERSION} {n}").as_bytes());
+    hex::encode(&h.as_bytes()[..8])
+}

@@ -1,0 +1,209 @@
+//! Generation records, HEAD discovery and commits, with and without injected faults.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use owsfs_store::generation::{generation_key, valid_workspace_name};
+use owsfs_store::{
+    BlobId, BlobRef, CommitError, FaultConfig, GenKind, GenStats, GenerationRecord, PackId,
+    SqliteState, Store, StoreOptions, WalPosition, Workspace,
+};
+
+fn mem(name: &str) -> Store {
+    let url = format!("memory://gen-{name}-{}", std::process::id());
+    Store::open(&url, StoreOptions::default()).unwrap()
+}
+
+fn record(ws: &str, n: u64, epoch: u64) -> GenerationRecord {
+    GenerationRecord {
+        workspace: ws.into(),
+        number: n,
+        parent: (n > 1).then(|| n - 1),
+        epoch,
+        kind: GenKind::Commit,
+        time_unix_ms: 1_700_000_000_000 + n,
+        root: Some(BlobRef {
+            id: BlobId::of(&n.to_le_bytes()),
+            pack: PackId([n as u8; 32]),
+            offset: 16,
+            len: 100,
+        }),
+        sqlite: vec![SqliteState {
+            path: "db/app.sqlite".into(),
+            wal: Some(WalPosition {
+                last_commit_frame: 7,
+                frames_valid: 9,
+                salt1: 1,
+                salt2: 2,
+                checkpoint_seq: 3,
+                page_size: 4096,
+                db_pages: 10,
+            }),
+        }],
+        stats: GenStats {
+            files: 3,
+            ..GenStats::default()
+        },
+    }
+}
+
+#[test]
+fn seal_round_trip_and_every_flip_detected() {
+    let r = record("w", 3, 1);
+    let b = r.seal().unwrap();
+    let key = generation_key("w", 3);
+    assert_eq!(GenerationRecord::unseal(&key, &b).unwrap(), r);
+    assert!(
+        std::str::from_utf8(&b)
+            .unwrap()
+            .starts_with("owsfs-generation 1\n{")
+    );
+    for i in 0..b.len() {
+        let mut c = b.to_vec();
+        c[i] ^= 0x01;
+        let e = GenerationRecord::unseal(&key, &c).unwrap_err();
+        assert!(e.to_string().contains(&key), "byte {i}: {e}");
+    }
+    let newer = String::from_utf8(b.to_vec())
+        .unwrap()
+        .replacen("generation 1", "generation 2", 1);
+    let e = GenerationRecord::unseal(&key, newer.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("upgrade owsfs"), "{e}");
+    assert!(GenerationRecord::unseal(&key, &b[..b.len() - 1]).is_err());
+}
+
+#[test]
+fn workspace_names() {
+    for ok in ["a", "my-ws_1.2", &"x".repeat(128)] {
+        assert!(valid_workspace_name(ok), "{ok}");
+    }
+    for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129), "é"] {
+        assert!(!valid_workspace_name(bad), "{bad}");
+    }
+    let s = mem("names");
+    assert!(Workspace::open_or_create(&s, "../x").is_err());
+    Workspace::open_or_create(&s, "ok").unwrap();
+    Workspace::open_or_create(&s, "ok").unwrap();
+}
+
+#[test]
+fn commits_head_and_conflicts() {
+    let s = mem("commits");
+    let ws = Workspace::open_or_create(&s, "w").unwrap();
+    assert_eq!(ws.head().unwrap(), None);
+    for n in 1..=5 {
+        ws.commit(&record("w", n, 1)).unwrap();
+        assert_eq!(ws.head().unwrap(), Some(n));
+    }
+    assert_eq!(ws.list_generations().unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(ws.read_generation(4).unwrap(), record("w", 4, 1));
+    // Same record again (a retried commit): fine. A different one: slot taken.
+    ws.commit(&record("w", 5, 1)).unwrap();
+    match ws.commit(&record("w", 5, 2)) {
+        Err(CommitError::SlotTaken {
+            number: 5,
+            existing,
+        }) => assert_eq!(existing.epoch, 1),
+        other => panic!("{other:?}"),
+    }
+    // Invariants.
+    let mut bad = record("w", 7, 1);
+    bad.parent = Some(5);
+    assert!(matches!(ws.commit(&bad), Err(CommitError::Invalid(_))));
+    let mut fence = record("w", 6, 2);
+    fence.kind = GenKind::Fence;
+    assert!(matches!(ws.commit(&fence), Err(CommitError::Invalid(_))));
+    fence.root = None;
+    let parent = ws.read_generation(5).unwrap();
+    ws.commit_checked(&fence, Some(&parent)).unwrap();
+    let stale = record("w", 7, 1);
+    assert!(matches!(
+        ws.commit_checked(&stale, Some(&fence)),
+        Err(CommitError::Invalid(_))
+    ));
+    // HEAD is found by probing past a stale hint, and without a hint, and despite a corrupt one.
+    s.put(
+        "workspaces/w/HEAD",
+        Bytes::from_static(b"owsfs-head 1 2 0000000000000000\n"),
+    )
+    .unwrap();
+    assert_eq!(ws.head().unwrap(), Some(6));
+    s.delete("workspaces/w/HEAD").unwrap();
+    assert_eq!(ws.head().unwrap(), Some(6));
+    ws.commit(&record("w", 7, 2)).unwrap();
+    let hint = s.get("workspaces/w/HEAD").unwrap();
+    s.put(
+        "workspaces/w/HEAD",
+        Bytes::from(hint.to_vec().into_iter().rev().collect::<Vec<_>>()),
+    )
+    .unwrap();
+    assert_eq!(ws.head().unwrap(), Some(7));
+    // A corrupt generation is an error naming the object.
+    let key = generation_key("w", 3);
+    let mut b = s.get(&key).unwrap().to_vec();
+    b[30] ^= 4;
+    s.put(&key, Bytes::from(b)).unwrap();
+    let e = ws.read_generation(3).unwrap_err();
+    assert!(e.is_corrupt() && e.to_string().contains(&key), "{e}");
+}
+
+#[test]
+fn commits_survive_ten_percent_faults_including_lost_acks() {
+    for (i, url) in [
+        format!("memory://gen-faults-{}", std::process::id()),
+        format!("file://{}/s", tempfile::tempdir().unwrap().keep().display()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut cfg = FaultConfig::new(0.1, 7 + i as u64);
+        cfg.delay = Duration::from_millis(150);
+        let opts = StoreOptions {
+            timeout: Duration::from_millis(50),
+            max_attempts: 4,
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(4),
+            faults: Some(cfg),
+        };
+        // Opening may itself fail under faults; a caller retries.
+        let s = (0..20)
+            .find_map(|_| Store::open(&url, opts.clone()).ok())
+            .expect("open under faults");
+        let ws = (0..20)
+            .find_map(|_| Workspace::open_or_create(&s, "w").ok())
+            .unwrap();
+        let mut acked = Vec::new();
+        for n in 1..=60u64 {
+            let r = record("w", n, 1);
+            // Every commit eventually succeeds: the caller retries failed commits as a whole.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match ws.commit(&r) {
+                    Ok(()) => break,
+                    Err(CommitError::Store(e)) if tries < 50 => {
+                        let _ = e;
+                    }
+                    Err(e) => panic!("{url}: generation {n}: {e}"),
+                }
+            }
+            acked.push(r);
+        }
+        // Every acknowledged generation reads back (through the faults, with retries).
+        for r in &acked {
+            let got = (0..50)
+                .find_map(|_| ws.read_generation(r.number).ok())
+                .unwrap();
+            assert_eq!(&got, r);
+        }
+        let f = s.faults().unwrap().counts();
+        assert!(f.ack > 0 && f.write > 0 && f.read > 0, "{f:?}");
+        let clean = Store::open(&url, StoreOptions::default()).unwrap();
+        let ws2 = Workspace::open_or_create(&clean, "w").unwrap();
+        assert_eq!(ws2.head().unwrap(), Some(60));
+        assert_eq!(
+            ws2.list_generations().unwrap(),
+            (1..=60).collect::<Vec<_>>()
+        );
+    }
+}
