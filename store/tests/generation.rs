@@ -134,7 +134,7 @@ fn commits_head_and_conflicts() {
     let hint = s.get("workspaces/w/HEAD").unwrap();
     s.put(
         "workspaces/w/HEAD",
-        Bytes::from(hint.to_vec().into_iter().rev().collect::<Vec<_>>()),
+        Bytes::from(hint.iter().copied().rev().collect::<Vec<_>>()),
     )
     .unwrap();
     assert_eq!(ws.head().unwrap(), Some(7));
