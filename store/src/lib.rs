@@ -10,6 +10,7 @@ pub mod generation;
 pub mod hook;
 pub mod ids;
 pub mod pack;
+pub mod restore;
 pub mod stats;
 pub mod tree;
 pub mod url;
@@ -23,6 +24,7 @@ pub use generation::{
 };
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_pack};
+pub use restore::{BlobCache, CachedLoader, RestorePhase, RestoreProgress, restore};
 pub use stats::{StatsSnapshot, StoreStats};
 pub use tree::{BlobLoader, ChunkSpan, Content, FileContent, ListRef, NodeKind, Tree, TreeEntry};
 pub use url::StoreUrl;

@@ -1,0 +1,251 @@
+//! Restoring a generation into a directory.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use bytes::Bytes;
+use owsfs_store::chunk::chunk_reader;
+use owsfs_store::pack::{BlobKind, PackWriter};
+use owsfs_store::restore::{BlobCache, CachedLoader, restore_with};
+use owsfs_store::tree::{BlobLoader, build_file_content, file_chunks};
+use owsfs_store::{
+    Content, FileContent, GenKind, GenStats, GenerationRecord, NodeKind, Store, StoreOptions, Tree,
+    TreeEntry, Workspace, restore,
+};
+
+fn entry(name: &str, kind: NodeKind, mode: u32, content: Content, size: u64) -> TreeEntry {
+    TreeEntry {
+        name: name.as_bytes().to_vec(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime_sec: 1_600_000_000,
+        mtime_nsec: 123_000,
+        size,
+        rdev: 0,
+        link_key: 0,
+        xattrs: vec![],
+        content,
+    }
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed as usize) % 251) as u8 ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn file_entry(pack: &mut PackWriter, name: &str, bytes: &[u8]) -> TreeEntry {
+    let spans = chunk_reader(name, &mut &bytes[..], &mut |c| {
+        Ok(pack.add(BlobKind::Chunk, c))
+    })
+    .unwrap();
+    let fc = build_file_content(spans.into_iter().map(|s| s.r).collect(), pack);
+    entry(
+        name,
+        NodeKind::File,
+        0o640,
+        Content::File(fc),
+        bytes.len() as u64,
+    )
+}
+
+/// Builds a generation in `store`; returns it with the file contents by path.
+fn build(store: &Store) -> (GenerationRecord, Vec<(String, Vec<u8>)>) {
+    let mut p = PackWriter::new();
+    let big = data(5_000_000, 1);
+    let small = data(1000, 2);
+    let mut sub = Tree {
+        entries: vec![
+            file_entry(&mut p, "big", &big),
+            entry(
+                "empty",
+                NodeKind::File,
+                0o600,
+                Content::File(FileContent::Empty),
+                0,
+            ),
+        ],
+    };
+    sub.entries[0].mtime_sec = 1_500_000_000;
+    let sub_ref = p.add(BlobKind::Tree, &sub.encode().unwrap());
+    let mut a = file_entry(&mut p, "a", &small);
+    a.link_key = 9;
+    let mut b = file_entry(&mut p, "b", &small);
+    b.link_key = 9;
+    let mut subdir = entry("sub", NodeKind::Dir, 0o750, Content::Dir(sub_ref), 0);
+    subdir.mtime_sec = 1_400_000_000;
+    let root = Tree {
+        entries: vec![
+            a,
+            b,
+            entry("fifo", NodeKind::Fifo, 0o644, Content::None, 0),
+            entry(
+                "link",
+                NodeKind::Symlink,
+                0o777,
+                Content::Symlink(b"sub/big".to_vec()),
+                7,
+            ),
+            subdir,
+        ],
+    };
+    let root_ref = p.add(BlobKind::Tree, &root.encode().unwrap());
+    let (id, bytes) = p.seal();
+    store.put(&id.key(), bytes).unwrap();
+    let g = GenerationRecord {
+        workspace: "w".into(),
+        number: 1,
+        parent: None,
+        epoch: 1,
+        kind: GenKind::Commit,
+        time_unix_ms: 0,
+        root: Some(root_ref),
+        sqlite: vec![],
+        stats: GenStats::default(),
+    };
+    let ws = Workspace::open_or_create(store, "w").unwrap();
+    ws.commit(&g).unwrap();
+    (
+        ws.read_generation(1).unwrap(),
+        vec![
+            ("a".into(), small.clone()),
+            ("b".into(), small),
+            ("sub/big".into(), big),
+        ],
+    )
+}
+
+#[test]
+fn restores_a_generation() {
+    let store = Store::open(
+        &format!("memory://restore-{}", std::process::id()),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let (g, files) = build(&store);
+    let dest = tempfile::tempdir().unwrap();
+    let phases = std::sync::Mutex::new(Vec::new());
+    restore(&store, &g, dest.path(), &|p| {
+        phases.lock().unwrap().push(p.phase)
+    })
+    .unwrap();
+    for (path, bytes) in &files {
+        assert_eq!(
+            &std::fs::read(dest.path().join(path)).unwrap(),
+            bytes,
+            "{path}"
+        );
+    }
+    let a = std::fs::metadata(dest.path().join("a")).unwrap();
+    let b = std::fs::metadata(dest.path().join("b")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    assert_eq!(a.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(a.mtime(), 1_600_000_000);
+    assert_eq!(a.mtime_nsec(), 123_000);
+    let sub = std::fs::metadata(dest.path().join("sub")).unwrap();
+    assert_eq!(sub.mtime(), 1_400_000_000);
+    assert_eq!(sub.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        std::fs::metadata(dest.path().join("sub/big"))
+            .unwrap()
+            .mtime(),
+        1_500_000_000
+    );
+    assert_eq!(
+        std::fs::read_link(dest.path().join("link"))
+            .unwrap()
+            .as_os_str(),
+        "sub/big"
+    );
+    assert!(
+        std::fs::metadata(dest.path().join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo_like()
+    );
+    assert_eq!(
+        std::fs::metadata(dest.path().join("sub/empty"))
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        *phases.lock().unwrap().last().unwrap(),
+        owsfs_store::RestorePhase::Done
+    );
+
+    // A non-empty destination is refused.
+    assert!(restore(&store, &g, dest.path(), &|_| {}).is_err());
+
+    // Through a blob cache: the second walk is served locally.
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::new(cache_dir.path()).unwrap();
+    for _ in 0..2 {
+        let d = tempfile::tempdir().unwrap();
+        let loader = CachedLoader {
+            cache: &cache,
+            inner: &store,
+        };
+        restore_with(&store, &loader, &g, d.path(), &|_| {}).unwrap();
+    }
+    let root = g.root.unwrap();
+    assert!(cache.get(&root.id).is_some());
+    // A corrupt cached copy is dropped and fetched again.
+    let h = root.id.to_hex();
+    std::fs::write(cache_dir.path().join(&h[..2]).join(&h), b"junk").unwrap();
+    let loader = CachedLoader {
+        cache: &cache,
+        inner: &store,
+    };
+    assert_eq!(loader.load(&root).unwrap().len(), root.len as usize);
+    let t = Tree::load(&loader, &root).unwrap();
+    let a_entry = t.get(b"a").unwrap();
+    let Content::File(fc) = &a_entry.content else {
+        panic!()
+    };
+    assert_eq!(file_chunks(&loader, fc).unwrap().len(), 1);
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_aborts_the_restore_naming_pack_and_blob() {
+    let store = Store::open(
+        &format!("memory://restore-bad-{}", std::process::id()),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let (g, _) = build(&store);
+    // Find the big file's first chunk and flip a byte in the pack.
+    let root = g.root.unwrap();
+    let t = Tree::load(&store, &root).unwrap();
+    let Content::Dir(sub) = t.get(b"sub").unwrap().content else {
+        panic!()
+    };
+    let st = Tree::load(&store, &sub).unwrap();
+    let Content::File(fc) = &st.get(b"big").unwrap().content else {
+        panic!()
+    };
+    let victim = file_chunks(&store, fc).unwrap()[3].r;
+    let key = victim.pack.key();
+    let mut b = store.get(&key).unwrap().to_vec();
+    b[victim.offset as usize + 10] ^= 0xff;
+    store.put(&key, Bytes::from(b)).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let e = restore(&store, &g, dest.path(), &|_| {}).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        e.is_corrupt() && m.contains(&key) && m.contains(&victim.id.to_hex()),
+        "{m}"
+    );
+}
