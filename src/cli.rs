@@ -33,6 +33,40 @@ pub enum Command {
     Status(StatusArgs),
     /// Inspect a cache's journal offline (the daemon must not be running on it).
     Journal(JournalArgs),
+    /// Cut a generation now and wait until it is durable in the store; prints its number.
+    Sync(SyncArgs),
+    /// List the generations of a workspace in a store.
+    Log(LogArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store: file:///ABS/PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R (credentials from
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or memory:// (tests)
+    /// [default: file://$XDG_DATA_HOME/owsfs/store].
+    #[arg(long, env = "OWSFS_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// The mountpoint of a running owsfs mount.
+    pub mountpoint: PathBuf,
+    /// Give up after this long (e.g. 30s, 5m).
+    #[arg(long, env = "OWSFS_SYNC_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The workspace whose generations to list.
+    #[arg(long, env = "OWSFS_WORKSPACE")]
+    pub workspace: String,
+    /// Print JSON (one array of generation records).
+    #[arg(long, env = "OWSFS_JSON")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -55,6 +89,84 @@ pub struct MountArgs {
     /// Log filter for the daemon (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, env = "OWSFS_LOG", default_value = "info")]
     pub log: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The workspace's name in the store [default: the mountpoint's base name]. Created on
+    /// first mount; an existing workspace is restored into an empty cache.
+    #[arg(long, env = "OWSFS_WORKSPACE")]
+    pub workspace: Option<String>,
+    /// Cut a generation this often when anything changed (e.g. 1s, 500ms).
+    #[arg(long, env = "OWSFS_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: std::time::Duration,
+    /// Slow writers down while the oldest unsynced change is older than this.
+    #[arg(long, env = "OWSFS_MAX_LAG", default_value = "30s", value_parser = parse_duration)]
+    pub max_lag: std::time::Duration,
+    /// Slow writers down while more than this many bytes are unsynced (e.g. 512MiB, 2GiB).
+    #[arg(long, env = "OWSFS_MAX_LAG_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub max_lag_bytes: u64,
+}
+
+/// `1s`, `250ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 1s, 250ms, 2m)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a duration (use e.g. 1s, 250ms, 2m)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+/// `1GiB`, `512MiB`, `64KiB`, `1G`, `100M`, or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)")),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)"))?;
+    Ok((v * mult as f64) as u64)
+}
+
+/// The store URL: the flag, or the embedded default `file://$XDG_DATA_HOME/owsfs/store`.
+pub fn store_url(args: &StoreArgs) -> anyhow::Result<String> {
+    if let Some(s) = &args.store {
+        return Ok(s.clone());
+    }
+    let base = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".local/share"),
+            None => anyhow::bail!("neither XDG_DATA_HOME nor HOME is set: pass --store URL"),
+        },
+    };
+    let dir = base.join("owsfs").join("store");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the default store {}: {e}", dir.display()))?;
+    Ok(format!("file://{}", dir.display()))
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +208,7 @@ pub fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
         s.starts_with('-')
             || matches!(
                 s.as_ref(),
-                "mount" | "unmount" | "umount" | "status" | "journal" | "help"
+                "mount" | "unmount" | "umount" | "status" | "journal" | "sync" | "log" | "help"
             )
     };
     if args.len() >= 3 && !is_subcommand(&args[1]) {
@@ -120,6 +232,8 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Unmount(args) => control::unmount(&args.mountpoint, args.lazy),
         Command::Status(args) => control::status(&args.mountpoint, args.json, args.dirty),
         Command::Journal(args) => cache::inspect_journal(&args.cache, args.json),
+        Command::Sync(args) => control::sync(&args.mountpoint, args.timeout),
+        Command::Log(args) => crate::log::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -98,6 +98,13 @@ fn handle(daemon: &Daemon, conn: UnixStream) -> anyhow::Result<()> {
     let mut conn = conn;
     let reply = match req["cmd"].as_str() {
         Some("status") => status_of(daemon, req["dirty"].as_bool().unwrap_or(false)),
+        Some("sync") => {
+            let timeout = Duration::from_secs_f64(req["timeout_secs"].as_f64().unwrap_or(300.0));
+            match daemon.sync.sync(timeout) {
+                Ok(g) => json!({"ok": true, "generation": g}),
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            }
+        }
         Some("unmount") => {
             let lazy = req["lazy"].as_bool().unwrap_or(false);
             // Registered before unmounting, so the process cannot exit before the answer.
@@ -136,6 +143,7 @@ fn status_of(daemon: &Daemon, dirty: bool) -> Value {
         "journal": journal.stats(),
         "recovery": daemon.recovery,
         "ops": core.stats.snapshot(),
+        "sync": daemon.sync.status(),
     });
     if dirty {
         v["dirty"] = serde_json::to_value(journal.dirty()).unwrap_or(Value::Null);
@@ -215,6 +223,17 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `owsfs sync`: prints the generation that holds everything written before the call.
+pub fn sync(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let v = request(
+        mountpoint,
+        json!({"cmd": "sync", "timeout_secs": timeout.as_secs_f64()}),
+        Some(timeout + Duration::from_secs(10)),
+    )?;
+    println!("{}", v["generation"]);
+    Ok(())
+}
+
 /// `owsfs status`.
 pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<()> {
     let v = request(
@@ -267,6 +286,36 @@ pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<(
         ops["fsyncs"],
         ops["errors"]
     );
+    let s = &v["sync"];
+    println!(
+        "store        {} workspace {}",
+        s["store"].as_str().unwrap_or("?"),
+        s["workspace"].as_str().unwrap_or("?")
+    );
+    let newest = match s["last_commit"]["time_unix_ms"].as_u64() {
+        Some(ms) => format!(
+            ", committed {:.1}s ago",
+            (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+                .saturating_sub(ms)) as f64
+                / 1000.0
+        ),
+        None => String::new(),
+    };
+    println!(
+        "generation   {} (durable){newest}; {} commits, {} failed since mount",
+        s["generation"], s["commits"], s["commit_failures"]
+    );
+    println!(
+        "lag          {:.1}s, {} bytes unsynced; writers throttled {} ms in total",
+        s["lag_secs"].as_f64().unwrap_or(0.0),
+        s["lag_bytes"],
+        s["throttled_ms"]
+    );
+    if let Some(e) = s["last_error"].as_str() {
+        println!("last error   {e}");
+    }
     let r = &v["recovery"];
     if let Some(t) = r["torn_tail"].as_str() {
         println!("recovery     torn tail cut: {t}");

@@ -16,6 +16,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::cache::Cache;
 use crate::cli::{MountArgs, default_cache};
+use crate::sync::local::LocalState;
+use crate::sync::{SyncAgent, SyncOptions};
 use crate::{control, mountpoint, options};
 
 /// Set in the environment of the background daemon a foreground `owsfs mount` starts.
@@ -24,6 +26,7 @@ const DAEMON_CHILD_ENV: &str = "OWSFS_DAEMON_CHILD";
 /// What the control socket and signal handlers need of a running mount.
 pub struct Daemon {
     pub core: Arc<Core>,
+    pub sync: Arc<SyncAgent>,
     pub mountpoint: PathBuf,
     pub cache: PathBuf,
     pub started: Instant,
@@ -204,6 +207,18 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
+    if let Some(s) = &args.store.store {
+        cmd.arg("--store").arg(s);
+    }
+    if let Some(w) = &args.workspace {
+        cmd.arg("--workspace").arg(w);
+    }
+    cmd.arg("--commit-interval")
+        .arg(format!("{}ms", args.commit_interval.as_millis()))
+        .arg("--max-lag")
+        .arg(format!("{}ms", args.max_lag.as_millis()))
+        .arg("--max-lag-bytes")
+        .arg(args.max_lag_bytes.to_string());
     cmd.env(DAEMON_CHILD_ENV, "1")
         .env_remove("OWSFS_FOREGROUND")
         // Not /dev/null: a container may lack it; a closed pipe reads as end of file too.
@@ -306,6 +321,28 @@ fn serve(
         }
     );
     let journal = Arc::new(journal);
+
+    // The store and the workspace; a new cache of an existing workspace is restored here,
+    // before anything can see the backing directory.
+    let store_url = crate::cli::store_url(&args.store)?;
+    let store_opts = owsfs_store::StoreOptions {
+        faults: owsfs_store::FaultConfig::from_env()?,
+        ..owsfs_store::StoreOptions::default()
+    };
+    let store = Arc::new(
+        owsfs_store::Store::open(&store_url, store_opts)
+            .with_context(|| format!("cannot use the store {store_url}"))?,
+    );
+    let ws_name = match &args.workspace {
+        Some(w) => w.clone(),
+        None => mountpoint::name_of(&mountpoint),
+    };
+    let ws = owsfs_store::generation::Workspace::open_or_create(&store, &ws_name)
+        .with_context(|| format!("cannot open workspace {ws_name} in {store_url}"))?;
+    let mut local = LocalState::open(&cache.root.join("state.db"))?;
+    let previous_sqlite =
+        crate::sync::prepare::prepare_base(&store, &ws, &mut local, &cache, &journal, &store_url)?;
+
     let core = Arc::new(
         Core::new(
             &cache.backing,
@@ -331,8 +368,36 @@ fn serve(
         flags: opts.kernel.clone(),
         read_only: opts.read_only,
     };
+    let agent = SyncAgent::new(
+        Arc::clone(&core),
+        Arc::clone(&store),
+        ws,
+        local,
+        SyncOptions {
+            commit_interval: args.commit_interval,
+            max_lag: args.max_lag,
+            max_lag_bytes: args.max_lag_bytes,
+        },
+        previous_sqlite,
+    )?;
+    {
+        let weak = Arc::downgrade(&agent);
+        core.set_throttle(Box::new(move || {
+            if let Some(a) = weak.upgrade() {
+                a.throttle();
+            }
+        }));
+    }
     let session = owsfs_fuse::mount(Arc::clone(&core), adapter, &mountpoint, &settings)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    agent.set_mount(&mountpoint);
+    let agent_thread = {
+        let agent = Arc::clone(&agent);
+        std::thread::Builder::new()
+            .name("owsfs-sync".into())
+            .spawn(move || agent.run())
+            .context("cannot start the sync thread")?
+    };
     // The kernel keeps inodes cached while memory allows, but each one holds a descriptor
     // here: when the table nears its budget, ask the kernel to drop the oldest names.
     let notifier = session.notifier();
@@ -351,6 +416,7 @@ fn serve(
 
     let daemon = Arc::new(Daemon {
         core,
+        sync: Arc::clone(&agent),
         mountpoint: mountpoint.clone(),
         cache: cache.root.clone(),
         started: Instant::now(),
@@ -377,6 +443,11 @@ fn serve(
 
     let served = session.run();
     reaper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The last cut: everything written before the unmount goes to the store.
+    agent.stop();
+    if agent_thread.join().is_err() {
+        tracing::error!("the sync thread panicked");
+    }
     let closed = journal.close_clean();
     drop(control);
     let result = match (&served, &closed) {

@@ -4,8 +4,10 @@ mod cache;
 mod cli;
 mod control;
 mod daemon;
+mod log;
 mod mountpoint;
 mod options;
+mod sync;
 
 fn main() -> std::process::ExitCode {
     let args = cli::helper_args(std::env::args_os().collect());

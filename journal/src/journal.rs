@@ -337,6 +337,12 @@ impl Journal {
         !self.inner.lock().state.is_empty()
     }
 
+    /// When nothing is dirty: the last seq handed out (everything up to it is durable).
+    pub fn clean_seq(&self) -> Option<Seq> {
+        let g = self.inner.lock();
+        g.state.is_empty().then_some(g.next_seq - 1)
+    }
+
     /// Starts a cut: returns the seq of the last record it covers and everything not yet in a
     /// durable generation (including what an earlier, failed cut covered). The caller must hold
     /// the write barrier, so that no mutation is between its record and its operation. Changes

@@ -1,0 +1,80 @@
+//! `owsfs log`: the generations of a workspace, read from the store.
+
+use anyhow::Context;
+
+use crate::cli::LogArgs;
+
+pub fn run(args: &LogArgs) -> anyhow::Result<()> {
+    let url = crate::cli::store_url(&args.store)?;
+    let store = owsfs_store::Store::open(&url, owsfs_store::StoreOptions::default())
+        .with_context(|| format!("cannot use the store {url}"))?;
+    let marker = format!("workspaces/{}/workspace.json", args.workspace);
+    if !store.exists(&marker)? {
+        anyhow::bail!("there is no workspace {:?} in {url}", args.workspace);
+    }
+    let ws = owsfs_store::generation::Workspace::open_or_create(&store, &args.workspace)
+        .with_context(|| format!("cannot open workspace {:?} in {url}", args.workspace))?;
+    let mut records = Vec::new();
+    for n in ws.list_generations()? {
+        records.push(ws.read_generation(n)?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("workspace {:?} has no generations yet", args.workspace);
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  sqlite",
+        "gen", "epoch", "time (UTC)", "files", "size", "uploaded", "ms"
+    );
+    for r in &records {
+        let positions: Vec<String> = r
+            .sqlite
+            .iter()
+            .map(|p| match &p.wal {
+                Some(w) => format!("{}@frame {}", p.path, w.last_commit_frame),
+                None => p.path.clone(),
+            })
+            .collect();
+        println!(
+            "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  {}",
+            r.number,
+            r.epoch,
+            utc(r.time_unix_ms),
+            r.stats.files,
+            r.stats.bytes_total,
+            r.stats.bytes_new,
+            r.stats.cut_ms + r.stats.upload_ms,
+            positions.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
+fn utc(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}

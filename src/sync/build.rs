@@ -1,0 +1,425 @@
+//! The part of a cut that runs after the barrier: reads the frozen files (only their dirty
+//! ranges, re-chunked against the base generation's chunks), builds the new tree blobs bottom
+//! up, and packs everything new for upload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use owsfs_fuse::{Freezer, Frozen};
+use owsfs_journal::DirtyState;
+use owsfs_store::{
+    BlobId, BlobKind, BlobLoader, BlobRef, ChunkSpan, Content, FileContent, NodeKind, PackWriter,
+    Store, Tree, TreeEntry,
+};
+
+use super::capture::{Capture, EntryCapture};
+use super::local::{LocalState, Update};
+use super::wal;
+
+/// A database and where its WAL stood at the cut.
+pub type SqlitePosition = owsfs_store::generation::SqliteState;
+
+/// What a cut produced, ready to commit.
+pub struct Built {
+    pub root: BlobRef,
+    pub update: Update,
+    pub sqlite: Vec<SqlitePosition>,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes_total: u64,
+    pub bytes_new: u64,
+    pub blobs_new: u64,
+    pub packs_new: u64,
+    pub bytes_read: u64,
+}
+
+/// Loads tree and list blobs from the cache's state, or else from the store (verified).
+pub struct Loader<'a> {
+    pub local: &'a LocalState,
+    pub store: &'a Store,
+}
+
+impl BlobLoader for Loader<'_> {
+    fn load(&self, r: &BlobRef) -> owsfs_store::Result<Bytes> {
+        if let Ok(Some(data)) = self.local.blob(&r.id.0)
+            && BlobId::of(&data) == r.id
+        {
+            return Ok(Bytes::from(data));
+        }
+        owsfs_store::read_blob(self.store, r)
+    }
+}
+
+/// Encodes a node's entry for the cache state (a one-entry tree, in the store's encoding).
+pub fn encode_node(entry: &TreeEntry) -> anyhow::Result<Vec<u8>> {
+    let mut e = entry.clone();
+    e.name = b"n".to_vec();
+    Ok(Tree { entries: vec![e] }.encode()?)
+}
+
+pub fn decode_node(bytes: &[u8]) -> anyhow::Result<TreeEntry> {
+    let t = Tree::decode("cache state node", bytes)?;
+    t.entries
+        .into_iter()
+        .next()
+        .context("cache state node without an entry")
+}
+
+/// Packs new blobs and uploads full packs.
+struct Packer<'a> {
+    store: &'a Store,
+    local: &'a LocalState,
+    pack: PackWriter,
+    /// Blobs added during this cut, by id (dedup within the cut).
+    added: HashMap<BlobId, BlobRef>,
+    update: Update,
+    bytes_new: u64,
+    blobs_new: u64,
+    packs_new: u64,
+}
+
+impl Packer<'_> {
+    fn emit(&mut self, kind: BlobKind, data: &[u8]) -> owsfs_store::Result<BlobRef> {
+        let id = BlobId::of(data);
+        if let Some(r) = self.added.get(&id) {
+            return Ok(*r);
+        }
+        if let Ok(Some(loc)) = self.local.chunk(&id.0)
+            && let Ok(r) = serde_json::from_slice::<BlobRef>(&loc)
+            && r.id == id
+        {
+            self.added.insert(id, r);
+            return Ok(r);
+        }
+        let r = self.pack.add(kind, data);
+        self.added.insert(id, r);
+        self.bytes_new += data.len() as u64;
+        self.blobs_new += 1;
+        self.update.chunks.push((
+            id.0,
+            serde_json::to_vec(&r)
+                .map_err(|e| owsfs_store::StoreError::corrupt("blob ref", e.to_string()))?,
+        ));
+        if kind != BlobKind::Chunk {
+            self.update.blobs.push((id.0, data.to_vec()));
+        }
+        if self.pack.len() >= owsfs_store::pack::PACK_TARGET_SIZE {
+            self.flush()?;
+        }
+        Ok(r)
+    }
+
+    fn flush(&mut self) -> owsfs_store::Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::replace(&mut self.pack, PackWriter::new());
+        let (id, bytes) = pack.seal();
+        self.store.put(&id.key(), bytes)?;
+        self.packs_new += 1;
+        Ok(())
+    }
+}
+
+/// Reads the frozen files and builds the tree of the cut.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    store: &Store,
+    local: &LocalState,
+    root_fd: &impl AsFd,
+    capture: &Capture,
+    dirty: &DirtyState,
+    frozen: &[Arc<Frozen>],
+    freezer: &Freezer,
+    fuse_ino: &dyn Fn(u64) -> u64,
+    previous_sqlite: &[SqlitePosition],
+) -> anyhow::Result<Built> {
+    let loader = Loader { local, store };
+    let mut packer = Packer {
+        store,
+        local,
+        pack: PackWriter::new(),
+        added: HashMap::new(),
+        update: Update {
+            replace_all_nodes: capture.full,
+            ..Update::default()
+        },
+        bytes_new: 0,
+        blobs_new: 0,
+        packs_new: 0,
+    };
+    let mut contents: HashMap<u64, FileContent> = HashMap::new();
+    let mut sqlite: BTreeMap<String, SqlitePosition> = BTreeMap::new();
+    let mut bytes_read = 0u64;
+
+    for f in frozen {
+        let result = read_frozen(
+            &mut packer,
+            &loader,
+            root_fd,
+            f,
+            dirty,
+            fuse_ino,
+            &mut sqlite,
+            &mut bytes_read,
+        );
+        // Done with it either way: later writes need not save anything for this cut.
+        freezer.finish(f);
+        let content = result.with_context(|| format!("read /{}", f.path.display()))?;
+        contents.insert(f.ino, content);
+    }
+
+    // Trees, deepest directories first.
+    let mut order: Vec<&PathBuf> = capture.dirs.keys().collect();
+    order.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let mut built_dirs: HashMap<&Path, BlobRef> = HashMap::new();
+    let (mut files, mut dirs, mut bytes_total) = (0u64, 1u64, 0u64);
+    for path in order {
+        let dir = &capture.dirs[path];
+        let mut tree = Tree::default();
+        for e in &dir.entries {
+            let child = path.join(&e.name);
+            let content = match e.stat.file_type() {
+                libc::S_IFREG => {
+                    files += 1;
+                    bytes_total += e.stat.size;
+                    let c = match contents.get(&e.stat.ino) {
+                        Some(c) => c.clone(),
+                        None => match base_entry(local, e.stat.ino, b'f')? {
+                            Some(TreeEntry {
+                                content: Content::File(c),
+                                ..
+                            }) => c,
+                            _ => bail!("/{}: neither read nor known to the cache", child.display()),
+                        },
+                    };
+                    Content::File(c)
+                }
+                libc::S_IFDIR => {
+                    dirs += 1;
+                    let r = match built_dirs.get(child.as_path()) {
+                        Some(r) => *r,
+                        None => match base_entry(local, e.stat.ino, b'd')? {
+                            Some(TreeEntry {
+                                content: Content::Dir(r),
+                                ..
+                            }) => r,
+                            _ => bail!("/{}: directory neither listed nor known", child.display()),
+                        },
+                    };
+                    Content::Dir(r)
+                }
+                libc::S_IFLNK => Content::Symlink(e.symlink_target.clone().unwrap_or_default()),
+                _ => Content::None,
+            };
+            let entry = tree_entry(e, content)?;
+            let kind_byte = match entry.kind {
+                NodeKind::File => Some(b'f'),
+                NodeKind::Dir => Some(b'd'),
+                _ => None,
+            };
+            if let Some(k) = kind_byte {
+                packer
+                    .update
+                    .nodes
+                    .push((e.stat.ino, k, encode_node(&entry)?));
+            }
+            tree.entries.push(entry);
+        }
+        let blob = tree.encode()?;
+        let r = packer.emit(BlobKind::Tree, &blob)?;
+        built_dirs.insert(path.as_path(), r);
+    }
+    let root = *built_dirs
+        .get(Path::new(""))
+        .context("the cut did not list the root")?;
+    packer.flush()?;
+
+    // Positions of databases this cut did not read carry over while they still exist.
+    for p in previous_sqlite {
+        if !sqlite.contains_key(&p.path) && exists_after(capture, Path::new(&p.path)) {
+            sqlite.insert(p.path.clone(), p.clone());
+        }
+    }
+    Ok(Built {
+        root,
+        update: packer.update,
+        sqlite: sqlite.into_values().collect(),
+        files,
+        dirs,
+        bytes_total,
+        bytes_new: packer.bytes_new,
+        blobs_new: packer.blobs_new,
+        packs_new: packer.packs_new,
+        bytes_read,
+    })
+}
+
+/// Whether `path` is in the new tree, as far as the rebuilt directories tell.
+fn exists_after(capture: &Capture, path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    match capture.dirs.get(dir) {
+        Some(d) => d.entries.iter().any(|e| e.name == name),
+        None => true,
+    }
+}
+
+fn base_entry(local: &LocalState, ino: u64, kind: u8) -> anyhow::Result<Option<TreeEntry>> {
+    match local.node(ino) {
+        Some((k, bytes)) if *k == kind => Ok(Some(decode_node(bytes)?)),
+        _ => Ok(None),
+    }
+}
+
+fn tree_entry(e: &EntryCapture, content: Content) -> anyhow::Result<TreeEntry> {
+    let st = &e.stat;
+    let kind = match st.file_type() {
+        libc::S_IFREG => NodeKind::File,
+        libc::S_IFDIR => NodeKind::Dir,
+        libc::S_IFLNK => NodeKind::Symlink,
+        libc::S_IFIFO => NodeKind::Fifo,
+        libc::S_IFCHR => NodeKind::CharDev,
+        libc::S_IFBLK => NodeKind::BlockDev,
+        libc::S_IFSOCK => NodeKind::Socket,
+        other => bail!("{:?}: unknown file type {other:o}", e.name),
+    };
+    let size = match kind {
+        NodeKind::File => st.size,
+        NodeKind::Symlink => e.symlink_target.as_ref().map_or(0, |t| t.len() as u64),
+        _ => 0,
+    };
+    Ok(TreeEntry {
+        name: e.name.as_bytes().to_vec(),
+        kind,
+        mode: st.mode & 0o7777,
+        uid: st.uid,
+        gid: st.gid,
+        mtime_sec: st.mtime_sec,
+        mtime_nsec: st.mtime_nsec,
+        size,
+        rdev: if matches!(kind, NodeKind::CharDev | NodeKind::BlockDev) {
+            st.rdev
+        } else {
+            0
+        },
+        link_key: if kind == NodeKind::File && st.nlink > 1 {
+            st.ino
+        } else {
+            0
+        },
+        xattrs: e.xattrs.clone(),
+        content,
+    })
+}
+
+/// Reads one frozen file: only the dirty ranges when the base generation has its chunks.
+#[allow(clippy::too_many_arguments)]
+fn read_frozen(
+    packer: &mut Packer<'_>,
+    loader: &Loader<'_>,
+    root_fd: &impl AsFd,
+    f: &Frozen,
+    dirty: &DirtyState,
+    fuse_ino: &dyn Fn(u64) -> u64,
+    sqlite: &mut BTreeMap<String, SqlitePosition>,
+    bytes_read: &mut u64,
+) -> anyhow::Result<FileContent> {
+    let mut opened: Option<File> = None;
+    let mut read_at = |off: u64, buf: &mut [u8]| -> io::Result<()> {
+        let n = f.read_at(root_fd, &mut opened, buf, off)?;
+        *bytes_read += n as u64;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read past the cut size at {off}"),
+            ));
+        }
+        Ok(())
+    };
+
+    let d = dirty.files.get(&fuse_ino(f.ino));
+    let base = match loader.local.node(f.ino) {
+        Some((b'f', bytes)) if !d.is_some_and(|d| d.created) => match decode_node(bytes)?.content {
+            Content::File(c) => Some(c),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (old, old_len): (Vec<ChunkSpan>, u64) = match &base {
+        Some(c) => {
+            let spans = owsfs_store::tree::file_chunks(loader, c)?;
+            let len = spans.last().map_or(0, |s| s.end());
+            (spans, len)
+        }
+        None => (Vec::new(), 0),
+    };
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    if base.is_some() {
+        if let Some(d) = d {
+            ranges.extend(d.extents.iter().map(|(s, e)| s..e));
+            if let Some(t) = d.truncated_to {
+                ranges.push(t..u64::MAX);
+            }
+        }
+        ranges = normalize(ranges, f.size);
+    }
+    let mut emit = |data: &[u8]| packer.emit(BlobKind::Chunk, data);
+    let spans =
+        owsfs_store::chunk::rechunk(&old, old_len, f.size, &ranges, &mut read_at, &mut emit)?;
+    let refs: Vec<BlobRef> = spans.iter().map(|s| s.r).collect();
+    let content = owsfs_store::tree::build_file_content_with(refs, &mut |k, b| packer.emit(k, b))?;
+
+    // SQLite: a WAL's position, and a database's page count.
+    let name = f.path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    if let Some(db) = name.strip_suffix(b"-wal") {
+        let db_path = f.path.with_file_name(std::ffi::OsStr::from_bytes(db));
+        let mut bytes = vec![0u8; f.size as usize];
+        let mut opened2: Option<File> = None;
+        let n = f.read_at(root_fd, &mut opened2, &mut bytes, 0)?;
+        bytes.truncate(n);
+        let key = db_path.to_string_lossy().into_owned();
+        let entry = sqlite.entry(key.clone()).or_insert(SqlitePosition {
+            path: key,
+            wal: None,
+        });
+        entry.wal = wal::parse(&bytes);
+    } else if f.size >= 100 {
+        let mut head = [0u8; 100];
+        let mut opened2: Option<File> = None;
+        if f.read_at(root_fd, &mut opened2, &mut head, 0)? == 100 && wal::db_pages(&head).is_some()
+        {
+            let key = f.path.to_string_lossy().into_owned();
+            sqlite.entry(key.clone()).or_insert(SqlitePosition {
+                path: key,
+                wal: None,
+            });
+        }
+    }
+    Ok(content)
+}
+
+/// Sorted, coalesced ranges clipped to `len`.
+fn normalize(mut r: Vec<std::ops::Range<u64>>, len: u64) -> Vec<std::ops::Range<u64>> {
+    r.retain(|x| x.start < x.end.min(len));
+    for x in r.iter_mut() {
+        x.end = x.end.min(len);
+    }
+    r.sort_by_key(|x| x.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for x in r {
+        match out.last_mut() {
+            Some(last) if x.start <= last.end => last.end = last.end.max(x.end),
+            _ => out.push(x),
+        }
+    }
+    out
+}

@@ -1,0 +1,235 @@
+//! The cache's record of its base generation: `CACHE/state.db`, a SQLite database.
+//!
+//! - `meta`: format version, store, workspace (name and id), and the base generation: the
+//!   newest durable generation whose content the backing directory holds, apart from what the
+//!   journal marks dirty.
+//! - `nodes`: for each backing inode in the base generation, the content the generation gives
+//!   it (a file's chunk list, a directory's subtree). This is how a cut knows that a file it
+//!   did not see change needs no reading, and where the unchanged chunks of a changed file are.
+//! - `blobs`: tree and list blobs of the base generations, so a cut never fetches them.
+//! - `chunks`: every chunk known to be in the store, for deduplication.
+//!
+//! One transaction per generation updates all four, after the generation is durable and before
+//! the journal forgets what the cut covered. A crash in between leaves an older base with a
+//! journal that still covers everything since it: the next cut uploads a superset.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Version of the `state.db` schema.
+pub const STATE_VERSION: u32 = 1;
+
+/// The base generation the cache holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Base {
+    pub generation: u64,
+    pub epoch: u64,
+    /// The root tree's reference, as the store crate encodes it (JSON).
+    pub root: String,
+}
+
+pub struct LocalState {
+    conn: Connection,
+    /// `nodes`, in memory: kind (b'f' file, b'd' directory) and encoded content.
+    nodes: HashMap<u64, (u8, Vec<u8>)>,
+}
+
+/// Changes of one generation.
+#[derive(Default)]
+pub struct Update {
+    pub nodes: Vec<(u64, u8, Vec<u8>)>,
+    pub blobs: Vec<([u8; 32], Vec<u8>)>,
+    pub chunks: Vec<([u8; 32], Vec<u8>)>,
+    /// Forget every node not in `nodes` (after a walk of the whole tree).
+    pub replace_all_nodes: bool,
+}
+
+impl LocalState {
+    pub fn open(path: &Path) -> anyhow::Result<LocalState> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the cache state {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS nodes (ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL,
+                                               content BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, data BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS chunks (id BLOB PRIMARY KEY, loc BLOB NOT NULL);",
+        )
+        .with_context(|| format!("cannot create the tables of {}", path.display()))?;
+        let mut state = LocalState {
+            conn,
+            nodes: HashMap::new(),
+        };
+        match state.meta("version")? {
+            None => state.set_meta("version", &STATE_VERSION.to_string())?,
+            Some(v) if v == STATE_VERSION.to_string() => {}
+            Some(v) => bail!(
+                "{} has state version {v}; this owsfs understands version {STATE_VERSION}: \
+                 upgrade owsfs or mount on a new cache",
+                path.display()
+            ),
+        }
+        {
+            let mut stmt = state.conn.prepare("SELECT ino, kind, content FROM nodes")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u8,
+                    r.get(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (ino, kind, content) = row?;
+                state.nodes.insert(ino, (kind, content));
+            }
+        }
+        Ok(state)
+    }
+
+    pub fn meta(&self, key: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn base(&self) -> anyhow::Result<Option<Base>> {
+        let Some(g) = self.meta("base_generation")? else {
+            return Ok(None);
+        };
+        Ok(Some(Base {
+            generation: g.parse().context("base_generation")?,
+            epoch: self
+                .meta("base_epoch")?
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or(0),
+            root: self.meta("base_root")?.unwrap_or_default(),
+        }))
+    }
+
+    pub fn node(&self, ino: u64) -> Option<&(u8, Vec<u8>)> {
+        self.nodes.get(&ino)
+    }
+
+    #[cfg(test)]
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn blob(&self, id: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT data FROM blobs WHERE id = ?1", [&id[..]], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn chunk(&self, id: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT loc FROM chunks WHERE id = ?1")?;
+        Ok(stmt.query_row([&id[..]], |r| r.get(0)).optional()?)
+    }
+
+    /// Records a new base generation and its changes, in one transaction.
+    pub fn commit(&mut self, base: &Base, update: Update) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        if update.replace_all_nodes {
+            tx.execute("DELETE FROM nodes", [])?;
+        }
+        {
+            let mut put_node = tx.prepare_cached(
+                "INSERT OR REPLACE INTO nodes (ino, kind, content) VALUES (?1, ?2, ?3)",
+            )?;
+            for (ino, kind, content) in &update.nodes {
+                put_node.execute(params![*ino as i64, *kind as i64, content])?;
+            }
+            let mut put_blob =
+                tx.prepare_cached("INSERT OR IGNORE INTO blobs (id, data) VALUES (?1, ?2)")?;
+            for (id, data) in &update.blobs {
+                put_blob.execute(params![&id[..], data])?;
+            }
+            let mut put_chunk =
+                tx.prepare_cached("INSERT OR IGNORE INTO chunks (id, loc) VALUES (?1, ?2)")?;
+            for (id, loc) in &update.chunks {
+                put_chunk.execute(params![&id[..], loc])?;
+            }
+            let mut meta = tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?;
+            meta.execute(params!["base_generation", base.generation.to_string()])?;
+            meta.execute(params!["base_epoch", base.epoch.to_string()])?;
+            meta.execute(params!["base_root", base.root])?;
+        }
+        tx.commit()?;
+        if update.replace_all_nodes {
+            self.nodes.clear();
+        }
+        for (ino, kind, content) in update.nodes {
+            self.nodes.insert(ino, (kind, content));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_survives_reopen_and_replace_all_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = LocalState::open(&path).unwrap();
+        assert_eq!(s.base().unwrap(), None);
+        let base = Base {
+            generation: 3,
+            epoch: 1,
+            root: "r".into(),
+        };
+        s.commit(
+            &base,
+            Update {
+                nodes: vec![(5, b'f', b"c5".to_vec()), (6, b'd', b"c6".to_vec())],
+                blobs: vec![([1; 32], b"tree".to_vec())],
+                chunks: vec![([2; 32], b"loc".to_vec())],
+                replace_all_nodes: false,
+            },
+        )
+        .unwrap();
+        drop(s);
+        let mut s = LocalState::open(&path).unwrap();
+        assert_eq!(s.base().unwrap(), Some(base.clone()));
+        assert_eq!(s.node(5), Some(&(b'f', b"c5".to_vec())));
+        assert_eq!(s.blob(&[1; 32]).unwrap(), Some(b"tree".to_vec()));
+        assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(b"loc".to_vec()));
+        s.commit(
+            &base,
+            Update {
+                nodes: vec![(7, b'f', b"c7".to_vec())],
+                replace_all_nodes: true,
+                ..Update::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.node(5), None);
+        assert_eq!(s.node_count(), 1);
+    }
+}

@@ -1,0 +1,436 @@
+//! The sync agent: cuts the journal into generations and commits them to the store.
+//!
+//! One thread runs cuts one at a time: every `--commit-interval` when anything is dirty, at
+//! once when `owsfs sync` asks, and a last time at unmount. A cut:
+//! 1. `syncfs` on the mount, so dirty pages of shared mmaps (and of the writeback cache) have
+//!    reached the daemon;
+//! 2. under the write barrier: the journal position and dirty state, the listings of the
+//!    directories to rebuild, and the files to read, frozen (copy-on-first-write);
+//! 3. after the barrier: the frozen files' dirty ranges are re-chunked, new blobs packed and
+//!    uploaded, trees built bottom up;
+//! 4. the generation record is committed (create-if-absent of the next slot);
+//! 5. the cache's state records the new base, and the journal forgets what the cut covered.
+
+pub mod build;
+pub mod capture;
+pub mod local;
+pub mod prepare;
+pub mod restore;
+pub mod wal;
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use owsfs_fuse::Core;
+use owsfs_store::Store;
+use owsfs_store::generation::{GenKind, GenStats, GenerationRecord, Workspace};
+use parking_lot::{Condvar, Mutex};
+use rustix::fs::{Mode, OFlags};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use self::build::SqlitePosition;
+use self::local::{Base, LocalState};
+
+/// How the agent paces itself.
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub commit_interval: Duration,
+    /// Writers slow down while the oldest unsynced change is older than this...
+    pub max_lag: Duration,
+    /// ...or while more than this many bytes are unsynced.
+    pub max_lag_bytes: u64,
+}
+
+/// What the last successful commit did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CommitInfo {
+    pub generation: u64,
+    pub time_unix_ms: u64,
+    pub bytes_new: u64,
+    pub blobs_new: u64,
+    pub packs_new: u64,
+    pub bytes_read: u64,
+    pub files: u64,
+    pub cut_ms: u64,
+    pub total_ms: u64,
+}
+
+struct AgentState {
+    head: u64,
+    epoch: u64,
+    /// Every journal record up to this seq is in a durable generation.
+    durable_seq: u64,
+    /// `owsfs sync` waits for this seq to be durable.
+    requested_seq: u64,
+    stop: bool,
+    last_error: Option<String>,
+    last_commit: Option<CommitInfo>,
+    commits: u64,
+    failures: u64,
+    previous_sqlite: Vec<SqlitePosition>,
+}
+
+pub struct SyncAgent {
+    core: Arc<Core>,
+    store: Arc<Store>,
+    ws: Workspace,
+    local: Mutex<LocalState>,
+    opts: SyncOptions,
+    root_fd: OwnedFd,
+    /// The mountpoint, for syncfs. Each cut opens it and closes it again: a descriptor kept
+    /// open would make the unmount fail with EBUSY.
+    mountpoint: Mutex<Option<std::path::PathBuf>>,
+    st: Mutex<AgentState>,
+    cv: Condvar,
+    /// A cut is pushing dirty pages through the mount: writers must not be throttled, or the
+    /// cut would wait for them while they wait for it.
+    syncing: AtomicBool,
+    pub throttled_ms: AtomicU64,
+    pub store_url: String,
+}
+
+impl SyncAgent {
+    pub fn new(
+        core: Arc<Core>,
+        store: Arc<Store>,
+        ws: Workspace,
+        local: LocalState,
+        opts: SyncOptions,
+        previous_sqlite: Vec<SqlitePosition>,
+    ) -> anyhow::Result<Arc<SyncAgent>> {
+        let base = local.base()?;
+        let root_fd = rustix::fs::open(
+            core.backing_root(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .context("open backing root")?;
+        let durable_seq = core.journal().clean_seq().unwrap_or(0);
+        let store_url = store.url().to_string();
+        Ok(Arc::new(SyncAgent {
+            core,
+            store,
+            ws,
+            local: Mutex::new(local),
+            opts,
+            root_fd,
+            mountpoint: Mutex::new(None),
+            st: Mutex::new(AgentState {
+                head: base.as_ref().map_or(0, |b| b.generation),
+                epoch: base.as_ref().map_or(1, |b| b.epoch.max(1)),
+                durable_seq,
+                requested_seq: 0,
+                stop: false,
+                last_error: None,
+                last_commit: None,
+                commits: 0,
+                failures: 0,
+                previous_sqlite,
+            }),
+            cv: Condvar::new(),
+            syncing: AtomicBool::new(false),
+            throttled_ms: AtomicU64::new(0),
+            store_url,
+        }))
+    }
+
+    /// Where the workspace is mounted; called once the mount exists.
+    pub fn set_mount(&self, mountpoint: &std::path::Path) {
+        *self.mountpoint.lock() = Some(mountpoint.to_path_buf());
+    }
+
+    /// syncfs on the mount, so dirty pages of shared mmaps and of the writeback cache have
+    /// reached the daemon before the barrier.
+    fn push_dirty_pages(&self) {
+        let Some(mp) = self.mountpoint.lock().clone() else {
+            return;
+        };
+        let fd = match File::open(&mp) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("sync: cannot open {} for syncfs: {e}", mp.display());
+                None
+            }
+        };
+        if let Some(f) = fd.as_ref() {
+            self.syncing.store(true, Ordering::Release);
+            let r = rustix::fs::syncfs(f);
+            self.syncing.store(false, Ordering::Release);
+            if let Err(e) = r {
+                tracing::debug!("sync: syncfs: {e}");
+            }
+        }
+    }
+
+    /// Backpressure, called by data writes before they start.
+    pub fn throttle(&self) {
+        let started = Instant::now();
+        loop {
+            if self.syncing.load(Ordering::Acquire) || self.st.lock().stop {
+                break;
+            }
+            let (bytes, age) = self.core.journal().lag();
+            let over =
+                bytes > self.opts.max_lag_bytes || age.is_some_and(|a| a > self.opts.max_lag);
+            if !over {
+                break;
+            }
+            // Make sure a cut is coming, then wait a little.
+            self.cv.notify_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let waited = started.elapsed().as_millis() as u64;
+        if waited > 0 {
+            self.throttled_ms.fetch_add(waited, Ordering::Relaxed);
+        }
+    }
+
+    /// The agent's thread: cuts until stopped, then a last one if anything is dirty.
+    pub fn run(self: &Arc<Self>) {
+        let mut last_attempt = Instant::now();
+        let mut backoff = Duration::ZERO;
+        loop {
+            {
+                let mut st = self.st.lock();
+                loop {
+                    if st.stop {
+                        break;
+                    }
+                    if let Some(seq) = self.core.journal().clean_seq() {
+                        // Nothing dirty: everything handed out so far is durable.
+                        if seq > st.durable_seq {
+                            st.durable_seq = seq;
+                            self.cv.notify_all();
+                        }
+                    }
+                    let wanted = st.requested_seq > st.durable_seq;
+                    let due = last_attempt.elapsed() >= self.opts.commit_interval + backoff
+                        && self.core.journal().is_dirty();
+                    let lagging = {
+                        let (bytes, age) = self.core.journal().lag();
+                        bytes > self.opts.max_lag_bytes
+                            || age.is_some_and(|a| a > self.opts.max_lag)
+                    };
+                    if (wanted || due || lagging)
+                        && (backoff.is_zero() || wanted || last_attempt.elapsed() >= backoff)
+                    {
+                        break;
+                    }
+                    self.cv.wait_for(&mut st, Duration::from_millis(50));
+                }
+                if st.stop {
+                    break;
+                }
+            }
+            last_attempt = Instant::now();
+            match self.commit_once() {
+                Ok(_) => backoff = Duration::ZERO,
+                Err(e) => {
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+                    tracing::warn!("sync: commit failed (retrying in {backoff:?}): {e:#}");
+                    let mut st = self.st.lock();
+                    st.last_error = Some(format!("{e:#}"));
+                    st.failures += 1;
+                    self.cv.notify_all();
+                }
+            }
+        }
+        // The mount is gone: a last cut, retried a few times, so an unmount leaves nothing
+        // unsynced that the store can take.
+        for attempt in 0..5 {
+            if !self.core.journal().is_dirty() {
+                break;
+            }
+            match self.commit_once() {
+                Ok(g) => {
+                    tracing::info!("sync: final generation {g} committed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("sync: final commit failed (attempt {}): {e:#}", attempt + 1);
+                    self.st.lock().last_error = Some(format!("{e:#}"));
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+            }
+        }
+    }
+
+    /// Stops the thread after its last cut.
+    pub fn stop(&self) {
+        self.st.lock().stop = true;
+        self.cv.notify_all();
+    }
+
+    /// `owsfs sync`: everything written before the call is durable when this returns Ok,
+    /// with the newest generation number.
+    pub fn sync(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let journal = self.core.journal();
+        let target = journal.stats().last_seq;
+        let mut st = self.st.lock();
+        st.requested_seq = st.requested_seq.max(target);
+        self.cv.notify_all();
+        while st.durable_seq < target {
+            if st.stop {
+                anyhow::bail!("the mount is shutting down");
+            }
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                anyhow::bail!(
+                    "not durable after {timeout:?}: {}",
+                    st.last_error
+                        .as_deref()
+                        .unwrap_or("the upload is still running")
+                );
+            }
+        }
+        Ok(st.head)
+    }
+
+    /// One cut and commit. Returns the generation number.
+    fn commit_once(&self) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        // 1. Dirty pages of mmaps and of the writeback cache reach the daemon first (not after
+        // the unmount: nothing serves the mount any more).
+        if !self.st.lock().stop {
+            self.push_dirty_pages();
+        }
+        let journal = self.core.journal();
+        let local = self.local.lock();
+        let full = local.base()?.is_none();
+        let fuse_ino = |b: u64| self.core.fuse_ino(b);
+        // 2. The barrier: a consistent cut.
+        let (seq, dirty, captured, frozen) = {
+            let _barrier = self.core.barrier();
+            let (seq, dirty) = journal.cut()?;
+            let known = KnownNodes(&local);
+            let captured = capture::capture(&self.root_fd, &dirty, &known, &fuse_ino, full)?;
+            let frozen = self.core.freezer().freeze(captured.to_read.iter().cloned());
+            (seq, dirty, captured, frozen)
+        };
+        let cut_ms = started.elapsed().as_millis() as u64;
+        // 3. Read, chunk, pack, upload.
+        let previous_sqlite = self.st.lock().previous_sqlite.clone();
+        let built = build::build(
+            &self.store,
+            &local,
+            &self.root_fd,
+            &captured,
+            &dirty,
+            &frozen,
+            self.core.freezer(),
+            &fuse_ino,
+            &previous_sqlite,
+        );
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.core.freezer().finish_all();
+                return Err(e);
+            }
+        };
+        // 4. Commit the generation.
+        let (head, epoch) = {
+            let st = self.st.lock();
+            (st.head, st.epoch)
+        };
+        let number = head + 1;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let record = GenerationRecord {
+            workspace: self.ws.name().to_string(),
+            number,
+            parent: (head > 0).then_some(head),
+            epoch,
+            kind: GenKind::Commit,
+            time_unix_ms: now_ms,
+            root: Some(built.root),
+            sqlite: built.sqlite.clone(),
+            stats: GenStats {
+                files: built.files,
+                dirs: built.dirs,
+                bytes_total: built.bytes_total,
+                bytes_new: built.bytes_new,
+                blobs_new: built.blobs_new,
+                packs_new: built.packs_new,
+                journal_seq: seq,
+                cut_ms,
+                upload_ms: started.elapsed().as_millis() as u64 - cut_ms,
+            },
+        };
+        self.ws
+            .commit(&record)
+            .with_context(|| format!("commit generation {number}"))?;
+        // 5. The cache's new base, then the journal forgets what the cut covered.
+        drop(local);
+        let base = Base {
+            generation: number,
+            epoch,
+            root: serde_json::to_string(&built.root)?,
+        };
+        self.local.lock().commit(&base, built.update)?;
+        journal.committed(seq)?;
+        let total_ms = started.elapsed().as_millis() as u64;
+        let mut st = self.st.lock();
+        st.head = number;
+        st.durable_seq = st.durable_seq.max(seq);
+        st.commits += 1;
+        st.last_error = None;
+        st.previous_sqlite = built.sqlite;
+        st.last_commit = Some(CommitInfo {
+            generation: number,
+            time_unix_ms: now_ms,
+            bytes_new: built.bytes_new,
+            blobs_new: built.blobs_new,
+            packs_new: built.packs_new,
+            bytes_read: built.bytes_read,
+            files: captured.to_read.len() as u64,
+            cut_ms,
+            total_ms,
+        });
+        self.cv.notify_all();
+        tracing::debug!(
+            "sync: generation {number}: {} new bytes in {total_ms} ms",
+            built.bytes_new
+        );
+        Ok(number)
+    }
+
+    /// For `owsfs status`.
+    pub fn status(&self) -> Value {
+        let st = self.st.lock();
+        let (lag_bytes, lag_age) = self.core.journal().lag();
+        json!({
+            "store": self.store_url,
+            "workspace": self.ws.name(),
+            "generation": st.head,
+            "epoch": st.epoch,
+            "lag_secs": lag_age.map_or(0.0, |a| a.as_secs_f64()),
+            "lag_bytes": lag_bytes,
+            "commits": st.commits,
+            "commit_failures": st.failures,
+            "last_commit": st.last_commit,
+            "last_error": st.last_error,
+            "throttled_ms": self.throttled_ms.load(Ordering::Relaxed),
+            "store_requests": self.store.stats_snapshot(),
+        })
+    }
+}
+
+/// The cache's base generation as identities for [`capture::capture`].
+struct KnownNodes<'a>(&'a LocalState);
+
+impl capture::Known for KnownNodes<'_> {
+    fn has_file(&self, ino: u64) -> bool {
+        matches!(self.0.node(ino), Some((b'f', _)))
+    }
+    fn has_dir(&self, ino: u64) -> bool {
+        matches!(self.0.node(ino), Some((b'd', _)))
+    }
+}

@@ -1,0 +1,179 @@
+//! Before mounting: match the cache with the workspace in the store, restoring the newest
+//! generation into a new (or stale, clean) cache.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use owsfs_journal::Journal;
+use owsfs_store::Store;
+use owsfs_store::generation::Workspace;
+
+use super::build::{Loader, SqlitePosition};
+use super::local::{Base, LocalState};
+use crate::cache::Cache;
+
+/// Checks that the cache belongs to this workspace and store, and brings its base up to the
+/// store's newest generation when that is safe. Returns the SQLite positions of the base
+/// generation (carried into the next one for databases it does not touch).
+pub fn prepare_base(
+    store: &Store,
+    ws: &Workspace,
+    local: &mut LocalState,
+    cache: &Cache,
+    journal: &Journal,
+    store_url: &str,
+) -> anyhow::Result<Vec<SqlitePosition>> {
+    if let Some(w) = local.meta("workspace")?
+        && w != ws.name()
+    {
+        bail!(
+            "the cache {} holds workspace {w:?}, not {:?}: use --workspace {w}, or another --cache",
+            cache.root.display(),
+            ws.name()
+        );
+    }
+    if let Some(s) = local.meta("store")?
+        && s != store_url
+    {
+        bail!(
+            "the cache {} belongs to the store {s}, not {store_url}: use --store {s}, or another --cache",
+            cache.root.display()
+        );
+    }
+    let head = ws.head().context("cannot find the newest generation")?;
+    let base = local.base()?;
+    let restore_head = match (&base, head) {
+        (None, None) => None,
+        (None, Some(h)) => {
+            if dir_has_entries(&cache.backing)? {
+                bail!(
+                    "workspace {:?} exists in {store_url} (generation {h}), but the cache {} \
+                     already holds other files: mount on a new --cache to restore it",
+                    ws.name(),
+                    cache.root.display()
+                );
+            }
+            Some(h)
+        }
+        (Some(b), None) => bail!(
+            "the cache {} holds generation {} of workspace {:?}, but {store_url} has no \
+             generation of it: wrong --store?",
+            cache.root.display(),
+            b.generation,
+            ws.name()
+        ),
+        (Some(b), Some(h)) if h == b.generation => {
+            let record = ws.read_generation(h)?;
+            let root = record.root.map(|r| serde_json::to_string(&r)).transpose()?;
+            if root.as_deref() != Some(b.root.as_str()) {
+                bail!(
+                    "the cache {} and {store_url} disagree on generation {h} of workspace {:?} \
+                     (different root trees): mount on a new --cache",
+                    cache.root.display(),
+                    ws.name()
+                );
+            }
+            None
+        }
+        (Some(b), Some(h)) if h > b.generation => {
+            if journal.is_dirty() {
+                bail!(
+                    "the cache {} has changes not in the store, and the store has newer \
+                     generations ({} → {h}) written elsewhere; refusing to mix them. Mount on a \
+                     new --cache to get generation {h}",
+                    cache.root.display(),
+                    b.generation
+                );
+            }
+            tracing::info!(
+                "the store has generation {h}, the cache {}: restoring the newer one",
+                b.generation
+            );
+            Some(h)
+        }
+        (Some(b), Some(h)) => bail!(
+            "the cache {} holds generation {} of workspace {:?}, newer than the store's newest \
+             ({h}): wrong --store, or the store lost data",
+            cache.root.display(),
+            b.generation,
+            ws.name()
+        ),
+    };
+    local.set_meta("workspace", ws.name())?;
+    local.set_meta("store", store_url)?;
+    let Some(h) = restore_head.or(head) else {
+        return Ok(Vec::new());
+    };
+    let record = ws
+        .read_generation(h)
+        .with_context(|| format!("cannot read generation {h}"))?;
+    let sqlite: Vec<SqlitePosition> = record.sqlite.clone();
+    if restore_head.is_none() {
+        return Ok(sqlite);
+    }
+    let Some(root) = record.root else {
+        bail!("generation {h} of workspace {:?} has no tree", ws.name());
+    };
+    // Restore beside the backing directory, then swap it in: a failure leaves nothing half
+    // restored where the mount would serve it.
+    let tmp = cache.root.join("restore.tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("remove {}", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let loader = Loader { local, store };
+    let started = std::time::Instant::now();
+    let mut last = std::time::Instant::now();
+    let update = super::restore::restore(store, &loader, &root, &tmp, &mut |p| {
+        if last.elapsed().as_secs() >= 2 {
+            last = std::time::Instant::now();
+            tracing::info!(
+                "restore: {}/{} files, {}/{} MiB",
+                p.files,
+                p.files_total,
+                p.bytes >> 20,
+                p.bytes_total >> 20
+            );
+        }
+    });
+    let update = match update {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e.context(format!(
+                "cannot restore generation {h} of workspace {:?}",
+                ws.name()
+            )));
+        }
+    };
+    let old = cache.root.join("backing.old");
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    fs::rename(&cache.backing, &old)
+        .with_context(|| format!("move {} aside", cache.backing.display()))?;
+    fs::rename(&tmp, &cache.backing).with_context(|| format!("move {} in", tmp.display()))?;
+    fs::remove_dir_all(&old).with_context(|| format!("remove {}", old.display()))?;
+    local.commit(
+        &Base {
+            generation: h,
+            epoch: record.epoch,
+            root: serde_json::to_string(&root)?,
+        },
+        update,
+    )?;
+    tracing::info!(
+        "restored generation {h} of workspace {:?} in {:.2}s",
+        ws.name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(sqlite)
+}
+
+fn dir_has_entries(dir: &Path) -> anyhow::Result<bool> {
+    Ok(fs::read_dir(dir)
+        .with_context(|| format!("list {}", dir.display()))?
+        .next()
+        .is_some())
+}
