@@ -37,6 +37,23 @@ pub enum Command {
     Sync(SyncArgs),
     /// List the generations of a workspace in a store.
     Log(LogArgs),
+    /// Restore a generation of a workspace into a new directory (no mount; every object is
+    /// verified by hash).
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The workspace to restore.
+    #[arg(long, env = "OWSFS_WORKSPACE")]
+    pub workspace: String,
+    /// The generation [default: the newest].
+    #[arg(long)]
+    pub generation: Option<u64>,
+    /// Where to restore: a directory that does not exist yet, or is empty.
+    pub dest: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -208,7 +225,15 @@ pub fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
         s.starts_with('-')
             || matches!(
                 s.as_ref(),
-                "mount" | "unmount" | "umount" | "status" | "journal" | "sync" | "log" | "help"
+                "mount"
+                    | "unmount"
+                    | "umount"
+                    | "status"
+                    | "journal"
+                    | "sync"
+                    | "log"
+                    | "restore"
+                    | "help"
             )
     };
     if args.len() >= 3 && !is_subcommand(&args[1]) {
@@ -234,6 +259,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Journal(args) => cache::inspect_journal(&args.cache, args.json),
         Command::Sync(args) => control::sync(&args.mountpoint, args.timeout),
         Command::Log(args) => crate::log::run(&args),
+        Command::Restore(args) => crate::log::restore(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,16 +4,76 @@ use anyhow::Context;
 
 use crate::cli::LogArgs;
 
-pub fn run(args: &LogArgs) -> anyhow::Result<()> {
-    let url = crate::cli::store_url(&args.store)?;
+/// Opens an existing workspace (never creates one).
+fn open_workspace(
+    store: &crate::cli::StoreArgs,
+    name: &str,
+) -> anyhow::Result<(
+    owsfs_store::Store,
+    owsfs_store::generation::Workspace,
+    String,
+)> {
+    let url = crate::cli::store_url(store)?;
     let store = owsfs_store::Store::open(&url, owsfs_store::StoreOptions::default())
         .with_context(|| format!("cannot use the store {url}"))?;
-    let marker = format!("workspaces/{}/workspace.json", args.workspace);
+    let marker = format!("workspaces/{name}/workspace.json");
     if !store.exists(&marker)? {
-        anyhow::bail!("there is no workspace {:?} in {url}", args.workspace);
+        anyhow::bail!("there is no workspace {name:?} in {url}");
     }
-    let ws = owsfs_store::generation::Workspace::open_or_create(&store, &args.workspace)
-        .with_context(|| format!("cannot open workspace {:?} in {url}", args.workspace))?;
+    let ws = owsfs_store::generation::Workspace::open_or_create(&store, name)
+        .with_context(|| format!("cannot open workspace {name:?} in {url}"))?;
+    Ok((store, ws, url))
+}
+
+/// `owsfs restore`.
+pub fn restore(args: &crate::cli::RestoreArgs) -> anyhow::Result<()> {
+    let (store, ws, url) = open_workspace(&args.store, &args.workspace)?;
+    let n = match args.generation {
+        Some(n) => n,
+        None => ws.head()?.with_context(|| {
+            format!("workspace {:?} in {url} has no generation", args.workspace)
+        })?,
+    };
+    let record = ws
+        .read_generation(n)
+        .with_context(|| format!("cannot read generation {n}"))?;
+    let root = record
+        .root
+        .with_context(|| format!("generation {n} has no tree (a fence record)"))?;
+    match std::fs::read_dir(&args.dest) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                anyhow::bail!("{} is not empty", args.dest.display());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&args.dest)
+                .with_context(|| format!("cannot create {}", args.dest.display()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", args.dest.display())),
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    crate::sync::restore::restore(&store, &store, &root, &args.dest, &mut |p| {
+        if tty {
+            eprint!(
+                "\rrestoring generation {n}: {}/{} files, {}/{} MiB   ",
+                p.files,
+                p.files_total,
+                p.bytes >> 20,
+                p.bytes_total >> 20
+            );
+        }
+    })
+    .with_context(|| format!("cannot restore generation {n} of {:?}", args.workspace))?;
+    if tty {
+        eprintln!();
+    }
+    println!("{n}");
+    Ok(())
+}
+
+pub fn run(args: &LogArgs) -> anyhow::Result<()> {
+    let (_store, ws, _url) = open_workspace(&args.store, &args.workspace)?;
     let mut records = Vec::new();
     for n in ws.list_generations()? {
         records.push(ws.read_generation(n)?);
