@@ -340,7 +340,7 @@ fn serve(
     let ws = owsfs_store::generation::Workspace::open_or_create(&store, &ws_name)
         .with_context(|| format!("cannot open workspace {ws_name} in {store_url}"))?;
     let mut local = LocalState::open(&cache.root.join("state.db"))?;
-    let previous_sqlite =
+    let (previous_sqlite, head) =
         crate::sync::prepare::prepare_base(&store, &ws, &mut local, &cache, &journal, &store_url)?;
 
     let core = Arc::new(
@@ -379,6 +379,7 @@ fn serve(
             max_lag_bytes: args.max_lag_bytes,
         },
         previous_sqlite,
+        head,
     )?;
     {
         let weak = Arc::downgrade(&agent);

@@ -177,6 +177,7 @@ impl LocalState {
             meta.execute(params!["base_generation", base.generation.to_string()])?;
             meta.execute(params!["base_epoch", base.epoch.to_string()])?;
             meta.execute(params!["base_root", base.root])?;
+            tx.execute("DELETE FROM meta WHERE key = 'pending'", [])?;
         }
         tx.commit()?;
         if update.replace_all_nodes {

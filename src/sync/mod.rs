@@ -102,6 +102,7 @@ impl SyncAgent {
         local: LocalState,
         opts: SyncOptions,
         previous_sqlite: Vec<SqlitePosition>,
+        head: u64,
     ) -> anyhow::Result<Arc<SyncAgent>> {
         let base = local.base()?;
         let root_fd = rustix::fs::open(
@@ -121,7 +122,7 @@ impl SyncAgent {
             root_fd,
             mountpoint: Mutex::new(None),
             st: Mutex::new(AgentState {
-                head: base.as_ref().map_or(0, |b| b.generation),
+                head,
                 epoch: base.as_ref().map_or(1, |b| b.epoch.max(1)),
                 durable_seq,
                 requested_seq: 0,
@@ -340,6 +341,12 @@ impl SyncAgent {
             (st.head, st.epoch)
         };
         let number = head + 1;
+        // Noted before the commit: if the daemon dies between the commit and the cache's
+        // update, the next mount recognises the generation as this cache's own.
+        local.set_meta(
+            "pending",
+            &format!("{number} {}", serde_json::to_string(&built.root)?),
+        )?;
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

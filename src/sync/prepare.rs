@@ -15,7 +15,8 @@ use crate::cache::Cache;
 
 /// Checks that the cache belongs to this workspace and store, and brings its base up to the
 /// store's newest generation when that is safe. Returns the SQLite positions of the base
-/// generation (carried into the next one for databases it does not touch).
+/// generation (carried into the next one for databases it does not touch), and the newest
+/// generation, which the next commit follows.
 pub fn prepare_base(
     store: &Store,
     ws: &Workspace,
@@ -23,7 +24,7 @@ pub fn prepare_base(
     cache: &Cache,
     journal: &Journal,
     store_url: &str,
-) -> anyhow::Result<Vec<SqlitePosition>> {
+) -> anyhow::Result<(Vec<SqlitePosition>, u64)> {
     if let Some(w) = local.meta("workspace")?
         && w != ws.name()
     {
@@ -76,6 +77,14 @@ pub fn prepare_base(
             }
             None
         }
+        (Some(b), Some(h)) if h > b.generation && own_pending(local, ws, h)? => {
+            // This cache committed generation h and died before recording it: its journal
+            // still covers everything since its base, so it goes on from there.
+            tracing::info!(
+                "generation {h} was committed by this cache just before it stopped; continuing"
+            );
+            None
+        }
         (Some(b), Some(h)) if h > b.generation => {
             if journal.is_dirty() {
                 bail!(
@@ -103,14 +112,14 @@ pub fn prepare_base(
     local.set_meta("workspace", ws.name())?;
     local.set_meta("store", store_url)?;
     let Some(h) = restore_head.or(head) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     };
     let record = ws
         .read_generation(h)
         .with_context(|| format!("cannot read generation {h}"))?;
     let sqlite: Vec<SqlitePosition> = record.sqlite.clone();
     if restore_head.is_none() {
-        return Ok(sqlite);
+        return Ok((sqlite, h));
     }
     let Some(root) = record.root else {
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
@@ -168,7 +177,27 @@ pub fn prepare_base(
         ws.name(),
         started.elapsed().as_secs_f64()
     );
-    Ok(sqlite)
+    Ok((sqlite, h))
+}
+
+/// The store's generation `h` is the one this cache noted as pending before committing it.
+fn own_pending(local: &LocalState, ws: &Workspace, h: u64) -> anyhow::Result<bool> {
+    let Some(p) = local.meta("pending")? else {
+        return Ok(false);
+    };
+    let Some((n, root)) = p.split_once(' ') else {
+        return Ok(false);
+    };
+    if n.parse::<u64>().ok() != Some(h) {
+        return Ok(false);
+    }
+    let record = ws.read_generation(h)?;
+    Ok(record
+        .root
+        .map(|r| serde_json::to_string(&r))
+        .transpose()?
+        .as_deref()
+        == Some(root))
 }
 
 fn dir_has_entries(dir: &Path) -> anyhow::Result<bool> {

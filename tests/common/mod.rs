@@ -23,8 +23,17 @@ pub fn owsfs(args: &[&str]) -> Output {
     Command::new(OWSFS)
         .args(args)
         .env_remove("OWSFS_CACHE")
+        .env("XDG_DATA_HOME", test_data_home())
         .output()
         .expect("run owsfs")
+}
+
+/// A data directory of this test process, so the default store (`$XDG_DATA_HOME/owsfs/store`)
+/// of one test is never another's.
+pub fn test_data_home() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("owsfs-test-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create test data home");
+    dir
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
@@ -61,6 +70,14 @@ pub struct Workspace {
     pub mp: PathBuf,
     pub cache: PathBuf,
     pub opts: Vec<String>,
+    /// `--store` (a `file://` store in the test's directory unless set otherwise).
+    pub store: String,
+    /// `--workspace`.
+    pub name: String,
+    /// More arguments for `owsfs mount` (e.g. `--commit-interval`).
+    pub extra: Vec<String>,
+    /// Environment of the mount daemon (e.g. S3 credentials).
+    pub env: Vec<(String, String)>,
 }
 
 impl Workspace {
@@ -76,14 +93,70 @@ impl Workspace {
         let mp = dir.path().join("mnt");
         let cache = dir.path().join("cache");
         std::fs::create_dir(&mp).expect("mkdir mountpoint");
+        let store = format!("file://{}", dir.path().join("store").display());
         let ws = Workspace {
             dir,
             mp,
             cache,
             opts: opts.iter().map(|s| s.to_string()).collect(),
+            store,
+            name: "ws".into(),
+            extra: Vec::new(),
+            env: Vec::new(),
         };
         ws.mount();
         ws
+    }
+
+    /// A workspace not mounted yet, on `store`; call [`Workspace::mount`].
+    pub fn unmounted(store: Option<&str>, name: &str) -> Workspace {
+        let dir = tempfile::Builder::new()
+            .prefix("owsfs-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mp = dir.path().join("mnt");
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&mp).expect("mkdir mountpoint");
+        let store = match store {
+            Some(s) => s.to_string(),
+            None => format!("file://{}", dir.path().join("store").display()),
+        };
+        Workspace {
+            dir,
+            mp,
+            cache,
+            opts: Vec::new(),
+            store,
+            name: name.into(),
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Runs owsfs with this workspace's environment.
+    pub fn owsfs(&self, args: &[&str]) -> Output {
+        Command::new(OWSFS)
+            .args(args)
+            .env_remove("OWSFS_CACHE")
+            .env("XDG_DATA_HOME", test_data_home())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run owsfs")
+    }
+
+    /// `owsfs sync`: the generation number.
+    pub fn sync(&self) -> u64 {
+        let out = self.owsfs(&["sync", &self.mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "owsfs sync failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("generation number")
     }
 
     pub fn mount(&self) {
@@ -92,13 +165,18 @@ impl Workspace {
             self.mp.to_string_lossy().into_owned(),
             "--cache".into(),
             self.cache.to_string_lossy().into_owned(),
+            "--store".into(),
+            self.store.clone(),
+            "--workspace".into(),
+            self.name.clone(),
         ];
         for o in &self.opts {
             args.push("-o".into());
             args.push(o.clone());
         }
+        args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = owsfs(&args);
+        let out = self.owsfs(&args);
         assert!(
             out.status.success(),
             "owsfs mount failed: {}{}",
