@@ -134,6 +134,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         (n, 60.0)
     } else if let Some(n) = s.strip_suffix('h') {
         (n, 3600.0)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86400.0)
     } else {
         (s, 1.0)
     };

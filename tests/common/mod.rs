@@ -85,6 +85,16 @@ impl Workspace {
         Self::with_options(&[])
     }
 
+    /// A workspace that never cuts a generation while mounted (commit interval of a day), for
+    /// tests that compare the journal's dirty set with everything changed since the mount.
+    pub fn without_cuts(opts: &[&str]) -> Workspace {
+        let mut ws = Self::unmounted(None, "ws");
+        ws.opts = opts.iter().map(|s| s.to_string()).collect();
+        ws.extra = vec!["--commit-interval".into(), "1d".into()];
+        ws.mount();
+        ws
+    }
+
     pub fn with_options(opts: &[&str]) -> Workspace {
         let dir = tempfile::Builder::new()
             .prefix("owsfs-test-")
@@ -160,6 +170,21 @@ impl Workspace {
     }
 
     pub fn mount(&self) {
+        let out = self.try_mount();
+        assert!(
+            out.status.success(),
+            "owsfs mount failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        assert!(
+            is_mounted(&self.mp),
+            "mount returned but nothing is mounted"
+        );
+    }
+
+    /// `owsfs mount` with this workspace's arguments, whatever its outcome.
+    pub fn try_mount(&self) -> Output {
         let mut args = vec![
             "mount".to_string(),
             self.mp.to_string_lossy().into_owned(),
@@ -176,17 +201,73 @@ impl Workspace {
         }
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.owsfs(&args);
+        self.owsfs(&args)
+    }
+
+    /// `owsfs log --json` of this workspace's store: every generation record.
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        let out = self.owsfs(&[
+            "log",
+            "--json",
+            "--store",
+            &self.store,
+            "--workspace",
+            &self.name,
+        ]);
         assert!(
             out.status.success(),
-            "owsfs mount failed: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
+            "owsfs log failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        match serde_json::from_slice(&out.stdout).expect("log json") {
+            serde_json::Value::Array(v) => v,
+            other => panic!("owsfs log --json is not an array: {other}"),
+        }
+    }
+
+    /// `owsfs restore` of generation `generation` (the newest when `None`) into `dest`.
+    pub fn restore(&self, generation: Option<u64>, dest: &Path) -> Output {
+        let mut args = vec![
+            "restore".to_string(),
+            "--store".into(),
+            self.store.clone(),
+            "--workspace".into(),
+            self.name.clone(),
+        ];
+        if let Some(g) = generation {
+            args.push("--generation".into());
+            args.push(g.to_string());
+        }
+        args.push(dest.to_string_lossy().into_owned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.owsfs(&args)
+    }
+
+    /// `kill -9` of the daemon, then the dead mount is removed (`owsfs unmount`).
+    pub fn kill_daemon(&self) {
+        let pid = self.daemon_pid();
+        // SAFETY: kill(2) on the daemon's pid.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGKILL) },
+            0,
+            "kill -9 {pid}"
+        );
+        let gone = wait_for(Duration::from_secs(30), || {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(s) => s
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z')),
+                Err(_) => true,
+            }
+        });
+        assert!(gone, "daemon {pid} still alive after SIGKILL");
+        let out = owsfs(&["unmount", &self.mp.to_string_lossy()]);
         assert!(
-            is_mounted(&self.mp),
-            "mount returned but nothing is mounted"
+            out.status.success(),
+            "owsfs unmount of the dead mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        assert!(!is_mounted(&self.mp), "the dead mount is still there");
     }
 
     pub fn unmount(&self) {
@@ -277,4 +358,39 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     f()
+}
+
+/// What a directory tree holds: relative path → `d` for a directory, `f:` + content for a
+/// file, `l:` + target for a symlink.
+pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            let md = std::fs::symlink_metadata(&p).expect("lstat");
+            if md.is_dir() {
+                out.insert(rel, b"d".to_vec());
+                walk(root, &p, out);
+            } else if md.file_type().is_symlink() {
+                let mut v = b"l:".to_vec();
+                v.extend(std::fs::read_link(&p).unwrap().to_string_lossy().as_bytes());
+                out.insert(rel, v);
+            } else {
+                let mut v = b"f:".to_vec();
+                v.extend(std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())));
+                out.insert(rel, v);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
 }
