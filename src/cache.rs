@@ -37,10 +37,16 @@ pub struct Cache {
     pub root: PathBuf,
     pub backing: PathBuf,
     pub journal: PathBuf,
-    _lock: File,
+    lock: Option<File>,
 }
 
 impl Cache {
+    /// Lets another daemon open the cache (once this one has closed its journal), while this
+    /// process is still exiting.
+    pub fn release(&mut self) {
+        self.lock.take();
+    }
+
     pub fn socket_path(root: &Path) -> PathBuf {
         root.join("control.sock")
     }
@@ -159,7 +165,7 @@ impl Cache {
             root,
             backing,
             journal,
-            _lock: lock,
+            lock: Some(lock),
         })
     }
 }

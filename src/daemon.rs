@@ -294,7 +294,7 @@ fn serve(
 ) -> anyhow::Result<()> {
     let mountpoint = mountpoint::check_mountable(&args.mountpoint)?;
     mountpoint::check_dev_fuse()?;
-    let cache = Cache::open(cache_dir)?;
+    let mut cache = Cache::open(cache_dir)?;
     let nofile = raise_nofile_limit();
     // Keep descriptors back for the journal, the control socket and open files.
     let fd_budget = nofile.saturating_sub(4096).max(1024) as usize;
@@ -451,6 +451,9 @@ fn serve(
     }
     let closed = journal.close_clean();
     drop(control);
+    if closed.is_ok() {
+        cache.release();
+    }
     let result = match (&served, &closed) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(e), _) => Err(format!("the FUSE session failed: {e}")),

@@ -99,7 +99,9 @@ pub struct Journal {
     /// Signalled whenever a batch write ends (successfully or not).
     written: Condvar,
     /// Holds the `flock` on `DIR/LOCK` for as long as the journal is open.
-    _lock: File,
+    /// Released by [`Journal::close_clean`]: a closed journal takes no records, so the next
+    /// daemon may open it while this one is still exiting.
+    lock: Mutex<Option<File>>,
 }
 
 struct Inner {
@@ -277,7 +279,7 @@ impl Journal {
                 write_hook: None,
             }),
             written: Condvar::new(),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         };
         Ok((journal, recovery))
     }
@@ -446,7 +448,10 @@ impl Journal {
         File::create(&marker)
             .and_then(|f| f.sync_all())
             .map_err(|e| JournalError::io("write clean marker", &marker, e))?;
-        segment::sync_dir(&self.dir)
+        segment::sync_dir(&self.dir)?;
+        drop(g);
+        self.lock.lock().take();
+        Ok(())
     }
 
     /// Encodes `op` into the batch buffer under the lock and applies it to the state, so
