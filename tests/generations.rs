@@ -1,0 +1,445 @@
+//! Generations, end to end on a real mount: every generation a running workload leaves in the
+//! store is a consistent prefix of it, and what `owsfs sync` (or a cut) made durable survives a
+//! `kill -9` of the daemon. Each test runs against a `file://` store and a real S3 server
+//! (SeaweedFS on loopback).
+
+mod common;
+
+#[path = "../testkit/seaweed.rs"]
+mod seaweed;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use seaweed::Seaweed;
+
+/// A store for one test: a `file://` directory or a bucket on a SeaweedFS server of its own.
+/// Dropping it stops the server and removes the directory.
+struct TestStore {
+    url: String,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+    _s3: Option<Seaweed>,
+}
+
+impl TestStore {
+    fn file() -> TestStore {
+        let dir = tempfile::Builder::new()
+            .prefix("owsfs-store-")
+            .tempdir()
+            .expect("tempdir");
+        TestStore {
+            url: format!("file://{}", dir.path().join("store").display()),
+            env: Vec::new(),
+            _dir: dir,
+            _s3: None,
+        }
+    }
+
+    fn seaweed() -> TestStore {
+        let dir = tempfile::Builder::new()
+            .prefix("owsfs-store-")
+            .tempdir()
+            .expect("tempdir");
+        let s3 = Seaweed::start();
+        s3.create_bucket("owsfs-gens");
+        TestStore {
+            url: s3.store_url("owsfs-gens", "t1"),
+            env: s3.env(),
+            _dir: dir,
+            _s3: Some(s3),
+        }
+    }
+
+    /// A workspace on this store with a cache of its own (not mounted yet).
+    fn workspace(&self, name: &str, extra: &[&str]) -> Workspace {
+        let mut ws = Workspace::unmounted(Some(&self.url), name);
+        ws.env = self.env.clone();
+        ws.extra = extra.iter().map(|s| s.to_string()).collect();
+        ws
+    }
+}
+
+/// Loops k = 1..=N: an SQLite (WAL) commit of row k, then `files/k`, then `files/k.tmp`
+/// renamed to `files/k.done`. Small WAL autocheckpoint so checkpoints happen during the run.
+const WORKLOAD: &str = r#"
+import os, sqlite3, sys, time
+mp, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(f"{mp}/files", exist_ok=True)
+db = sqlite3.connect(f"{mp}/app.db", isolation_level=None)
+assert db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+db.execute("PRAGMA wal_autocheckpoint=16")
+db.execute("CREATE TABLE IF NOT EXISTS t(k INTEGER PRIMARY KEY)")
+for k in range(1, n + 1):
+    db.execute("BEGIN")
+    db.execute("INSERT INTO t VALUES (?)", (k,))
+    db.execute("COMMIT")
+    with open(f"{mp}/files/{k}", "w") as f:
+        f.write(f"{k}\n")
+    with open(f"{mp}/files/{k}.tmp", "w") as f:
+        f.write(f"{k} done\n")
+    os.rename(f"{mp}/files/{k}.tmp", f"{mp}/files/{k}.done")
+    time.sleep(0.04)
+db.close()
+"#;
+
+/// Opens a restored database and prints `integrity_check` and the rows of t.
+const CHECK_DB: &str = r#"
+import json, os, sqlite3, sys
+path = sys.argv[1]
+if not os.path.exists(path):
+    print(json.dumps({"integrity": "ok", "rows": None}))
+    sys.exit(0)
+db = sqlite3.connect(path)
+integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
+try:
+    rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
+except sqlite3.OperationalError as e:
+    if "no such table" not in str(e):
+        raise
+    rows = None
+print(json.dumps({"integrity": "\n".join(integrity), "rows": rows}))
+"#;
+
+const N: u64 = 150;
+
+#[test]
+fn consistency_every_generation_is_a_prefix_file() {
+    if skip_fuse() {
+        return;
+    }
+    consistency_every_generation_is_a_prefix(&TestStore::file());
+}
+
+#[test]
+fn consistency_every_generation_is_a_prefix_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    consistency_every_generation_is_a_prefix(&TestStore::seaweed());
+}
+
+/// What one restored generation holds, checked against the workload's order.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    /// Rows 1..=m.
+    m: u64,
+    /// files/1..=j.
+    j: u64,
+    /// files/1.done..=d.done.
+    d: u64,
+    /// files/k.tmp, if one is there.
+    tmp: Option<u64>,
+}
+
+/// Checks that `dir` (a restored generation) is a state the workload passed through; returns
+/// what it holds. `what` names the generation in messages.
+fn check_prefix(dir: &Path, what: &str) -> Observed {
+    let out = run_ok(
+        Command::new("python3")
+            .args(["-c", CHECK_DB])
+            .arg(dir.join("app.db")),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
+    assert_eq!(v["integrity"], "ok", "{what}: integrity_check: {v}");
+    let rows: Vec<u64> = v["rows"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r.as_u64().unwrap()).collect())
+        .unwrap_or_default();
+    let m = rows.len() as u64;
+    assert_eq!(
+        rows,
+        (1..=m).collect::<Vec<_>>(),
+        "{what}: rows are not a prefix 1..=m"
+    );
+
+    let mut plain = Vec::new();
+    let mut done = Vec::new();
+    let mut tmp = Vec::new();
+    let files = dir.join("files");
+    let mut contents = BTreeMap::new();
+    if files.exists() {
+        for e in std::fs::read_dir(&files).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let content = std::fs::read(e.path()).unwrap();
+            let (list, num) = if let Some(n) = name.strip_suffix(".done") {
+                (&mut done, n)
+            } else if let Some(n) = name.strip_suffix(".tmp") {
+                (&mut tmp, n)
+            } else {
+                (&mut plain, name.as_str())
+            };
+            let k: u64 = num
+                .parse()
+                .unwrap_or_else(|_| panic!("{what}: unexpected file files/{name}"));
+            list.push(k);
+            contents.insert(name.clone(), content);
+        }
+    }
+    plain.sort();
+    done.sort();
+    let j = plain.len() as u64;
+    let d = done.len() as u64;
+    assert_eq!(
+        plain,
+        (1..=j).collect::<Vec<_>>(),
+        "{what}: files/k not a prefix"
+    );
+    assert_eq!(
+        done,
+        (1..=d).collect::<Vec<_>>(),
+        "{what}: files/k.done not a prefix"
+    );
+    // files/k present ⇒ row k present.
+    assert!(j <= m, "{what}: files/{j} present but rows only up to {m}");
+    // row k+1 present ⇒ files/k.done present.
+    assert!(
+        d + 1 >= m,
+        "{what}: row {m} present but files/k.done only up to {d}"
+    );
+    assert!(d <= j, "{what}: files/{d}.done without files/{d}");
+    assert!(j <= d + 1, "{what}: files/{j} but .done only up to {d}");
+    // At most one temporary, the one in flight.
+    assert!(tmp.len() <= 1, "{what}: leftover temporaries {tmp:?}");
+    let tmp = tmp.first().copied();
+    if let Some(k) = tmp {
+        assert!(
+            k == j && d + 1 == j,
+            "{what}: files/{k}.tmp is not the one in flight (files up to {j}, done up to {d})"
+        );
+        let c = &contents[&format!("{k}.tmp")];
+        assert!(
+            format!("{k} done\n").as_bytes().starts_with(c),
+            "{what}: files/{k}.tmp holds {c:?}"
+        );
+    }
+    for k in 1..=j {
+        let c = &contents[&k.to_string()];
+        let want = format!("{k}\n");
+        // The last one may have been cut between its create and its write.
+        let ok = c == want.as_bytes() || (k == j && want.as_bytes().starts_with(c));
+        assert!(ok, "{what}: files/{k} holds {c:?}");
+    }
+    for k in 1..=d {
+        assert_eq!(
+            contents[&format!("{k}.done")],
+            format!("{k} done\n").as_bytes(),
+            "{what}: files/{k}.done"
+        );
+    }
+    Observed { m, j, d, tmp }
+}
+
+fn consistency_every_generation_is_a_prefix(store: &TestStore) {
+    let ws = store.workspace("gens", &["--commit-interval", "100ms"]);
+    ws.mount();
+    let out = Command::new("python3")
+        .args(["-c", WORKLOAD])
+        .arg(&ws.mp)
+        .arg(N.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run workload");
+    assert!(
+        out.status.success(),
+        "workload failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        ws.log_tail()
+    );
+    let last = ws.sync();
+    ws.unmount();
+
+    let log = ws.log_json();
+    let gens: Vec<u64> = log
+        .iter()
+        .filter(|r| r["kind"] == "commit")
+        .map(|r| r["number"].as_u64().expect("number"))
+        .collect();
+    assert!(
+        gens.len() >= 5,
+        "only {} generations were cut during the workload: {gens:?}",
+        gens.len()
+    );
+    assert!(
+        gens.contains(&last),
+        "generation {last} acknowledged by `owsfs sync` is not in the log: {gens:?}"
+    );
+
+    let work = tempfile::Builder::new()
+        .prefix("owsfs-restores-")
+        .tempdir()
+        .unwrap();
+    let mut previous: Option<Observed> = None;
+    let mut mid_run = 0;
+    for &g in &gens {
+        let dest = work.path().join(g.to_string());
+        let out = ws.restore(Some(g), &dest);
+        assert!(
+            out.status.success(),
+            "owsfs restore --generation {g} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let o = check_prefix(&dest, &format!("generation {g}"));
+        if o.m > 0 && o.m < N {
+            mid_run += 1;
+        }
+        // Generations follow each other in time: each one is at least as far as the last.
+        if let Some(p) = &previous {
+            assert!(
+                o.m >= p.m && o.j >= p.j && o.d >= p.d,
+                "generation {g} ({o:?}) is behind the one before it ({p:?})"
+            );
+        }
+        previous = Some(o);
+    }
+    assert!(
+        mid_run >= 3,
+        "only {mid_run} generations were cut in the middle of the workload"
+    );
+    let newest = previous.unwrap();
+    assert_eq!(
+        newest,
+        Observed {
+            m: N,
+            j: N,
+            d: N,
+            tmp: None
+        },
+        "the newest generation holds the whole workload"
+    );
+
+    // The newest generation, mounted on a fresh cache, is what restore gives.
+    let dest = work.path().join("newest");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = snapshot(&dest);
+    let fresh = store.workspace("gens", &[]);
+    fresh.mount();
+    let mounted = snapshot(&fresh.mp);
+    fresh.unmount();
+    let keys = |m: &BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        keys(&mounted),
+        keys(&restored),
+        "fresh-cache mount and restore list different files"
+    );
+    for (k, v) in &restored {
+        assert!(
+            mounted[k] == *v,
+            "{k} differs between the mount and restore"
+        );
+    }
+    check_prefix(&dest, "restored newest generation");
+}
+
+#[test]
+fn durability_after_sync_and_kill_9_file() {
+    if skip_fuse() {
+        return;
+    }
+    durability_after_sync_and_kill_9(&TestStore::file());
+}
+
+#[test]
+fn durability_after_sync_and_kill_9_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    durability_after_sync_and_kill_9(&TestStore::seaweed());
+}
+
+/// `owsfs sync`, then `kill -9`: a fresh cache gets the file. The commit interval is long, so
+/// only the sync can have made it durable.
+fn durability_after_sync_and_kill_9(store: &TestStore) {
+    let ws = store.workspace("dur", &["--commit-interval", "1h"]);
+    ws.mount();
+    std::fs::create_dir(ws.path("d")).unwrap();
+    std::fs::write(ws.path("d/synced.txt"), b"made durable by owsfs sync\n").unwrap();
+    let g = ws.sync();
+    assert!(g >= 1);
+    ws.kill_daemon();
+
+    let fresh = store.workspace("dur", &[]);
+    fresh.mount();
+    assert_eq!(
+        std::fs::read(fresh.path("d/synced.txt")).unwrap_or_default(),
+        b"made durable by owsfs sync\n",
+        "the synced file on a fresh cache{}",
+        fresh.log_tail()
+    );
+    fresh.unmount();
+}
+
+#[test]
+fn durability_after_interval_cut_and_kill_9_file() {
+    if skip_fuse() {
+        return;
+    }
+    durability_after_interval_cut_and_kill_9(&TestStore::file());
+}
+
+#[test]
+fn durability_after_interval_cut_and_kill_9_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    durability_after_interval_cut_and_kill_9(&TestStore::seaweed());
+}
+
+/// No `owsfs sync`: the agent's own cut (every 200 ms) makes the write durable; once a
+/// generation with it is in the store, `kill -9` loses nothing.
+fn durability_after_interval_cut_and_kill_9(store: &TestStore) {
+    let ws = store.workspace("dur2", &["--commit-interval", "200ms"]);
+    ws.mount();
+    let content = b"made durable by the agent's own cut\n".repeat(100);
+    std::fs::write(ws.path("cut.txt"), &content).unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("owsfs-restores-")
+        .tempdir()
+        .unwrap();
+    let mut checked = std::collections::BTreeSet::new();
+    let found = wait_for(Duration::from_secs(60), || {
+        for r in ws.log_json() {
+            let g = r["number"].as_u64().unwrap();
+            if r["kind"] != "commit" || !checked.insert(g) {
+                continue;
+            }
+            let dest = work.path().join(g.to_string());
+            let out = ws.restore(Some(g), &dest);
+            assert!(
+                out.status.success(),
+                "owsfs restore --generation {g}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if std::fs::read(dest.join("cut.txt")).ok().as_deref() == Some(&content[..]) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        false
+    });
+    assert!(
+        found,
+        "no generation holds cut.txt within 60 s{}",
+        ws.log_tail()
+    );
+    ws.kill_daemon();
+
+    let fresh = store.workspace("dur2", &[]);
+    fresh.mount();
+    assert_eq!(
+        std::fs::read(fresh.path("cut.txt")).unwrap_or_default(),
+        content,
+        "the cut file on a fresh cache{}",
+        fresh.log_tail()
+    );
+    fresh.unmount();
+}
