@@ -311,10 +311,9 @@ impl Store {
             }
         };
         let text = source.to_string();
-        let msg = if text.contains("NoSuchBucket")
-            || source.kind() == ErrorKind::ConfigInvalid
-            || source.kind() == ErrorKind::NotFound
-        {
+        // ConfigInvalid is a local configuration problem, not a missing bucket: it falls
+        // through to the generic message with opendal's own text.
+        let msg = if text.contains("NoSuchBucket") || source.kind() == ErrorKind::NotFound {
             format!(
                 "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name"
             )
