@@ -7,6 +7,8 @@ mod common;
 
 #[path = "../testkit/seaweed.rs"]
 mod seaweed;
+#[path = "common/stores.rs"]
+mod stores;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,54 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use seaweed::Seaweed;
-
-/// A store for one test: a `file://` directory or a bucket on a SeaweedFS server of its own.
-/// Dropping it stops the server and removes the directory.
-struct TestStore {
-    url: String,
-    env: Vec<(String, String)>,
-    _dir: tempfile::TempDir,
-    _s3: Option<Seaweed>,
-}
-
-impl TestStore {
-    fn file() -> TestStore {
-        let dir = tempfile::Builder::new()
-            .prefix("owsfs-store-")
-            .tempdir()
-            .expect("tempdir");
-        TestStore {
-            url: format!("file://{}", dir.path().join("store").display()),
-            env: Vec::new(),
-            _dir: dir,
-            _s3: None,
-        }
-    }
-
-    fn seaweed() -> TestStore {
-        let dir = tempfile::Builder::new()
-            .prefix("owsfs-store-")
-            .tempdir()
-            .expect("tempdir");
-        let s3 = Seaweed::start();
-        s3.create_bucket("owsfs-gens");
-        TestStore {
-            url: s3.store_url("owsfs-gens", "t1"),
-            env: s3.env(),
-            _dir: dir,
-            _s3: Some(s3),
-        }
-    }
-
-    /// A workspace on this store with a cache of its own (not mounted yet).
-    fn workspace(&self, name: &str, extra: &[&str]) -> Workspace {
-        let mut ws = Workspace::unmounted(Some(&self.url), name);
-        ws.env = self.env.clone();
-        ws.extra = extra.iter().map(|s| s.to_string()).collect();
-        ws
-    }
-}
+use stores::TestStore;
 
 /// Loops k = 1..=N: an SQLite (WAL) commit of row k, then `files/k`, then `files/k.tmp`
 /// renamed to `files/k.done`. Small WAL autocheckpoint so checkpoints happen during the run.
@@ -119,7 +74,7 @@ fn consistency_every_generation_is_a_prefix_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    consistency_every_generation_is_a_prefix(&TestStore::seaweed());
+    consistency_every_generation_is_a_prefix(&TestStore::seaweed("owsfs-gens"));
 }
 
 /// What one restored generation holds, checked against the workload's order.
@@ -353,7 +308,7 @@ fn durability_after_sync_and_kill_9_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    durability_after_sync_and_kill_9(&TestStore::seaweed());
+    durability_after_sync_and_kill_9(&TestStore::seaweed("owsfs-gens"));
 }
 
 /// `owsfs sync`, then `kill -9`: a fresh cache gets the file. The commit interval is long, so
@@ -391,7 +346,7 @@ fn durability_after_interval_cut_and_kill_9_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    durability_after_interval_cut_and_kill_9(&TestStore::seaweed());
+    durability_after_interval_cut_and_kill_9(&TestStore::seaweed("owsfs-gens"));
 }
 
 /// No `owsfs sync`: the agent's own cut (every 200 ms) makes the write durable; once a

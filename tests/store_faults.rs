@@ -6,65 +6,15 @@ mod common;
 
 #[path = "../testkit/seaweed.rs"]
 mod seaweed;
+#[path = "common/stores.rs"]
+mod stores;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use seaweed::Seaweed;
-
-/// A store for one test: a `file://` directory or a bucket on a SeaweedFS server of its own.
-/// Dropping it stops the server and removes the directory.
-struct TestStore {
-    url: String,
-    env: Vec<(String, String)>,
-    dir: tempfile::TempDir,
-    _s3: Option<Seaweed>,
-}
-
-impl TestStore {
-    fn file() -> TestStore {
-        let dir = tempfile::Builder::new()
-            .prefix("owsfs-store-")
-            .tempdir()
-            .expect("tempdir");
-        TestStore {
-            url: format!("file://{}", dir.path().join("store").display()),
-            env: Vec::new(),
-            dir,
-            _s3: None,
-        }
-    }
-
-    fn seaweed() -> TestStore {
-        let dir = tempfile::Builder::new()
-            .prefix("owsfs-store-")
-            .tempdir()
-            .expect("tempdir");
-        let s3 = Seaweed::start();
-        s3.create_bucket("owsfs-faults");
-        TestStore {
-            url: s3.store_url("owsfs-faults", "t1"),
-            env: s3.env(),
-            dir,
-            _s3: Some(s3),
-        }
-    }
-
-    /// The root of a `file://` store.
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("store")
-    }
-
-    /// A workspace on this store with a cache of its own (not mounted yet).
-    fn workspace(&self, name: &str, extra: &[&str]) -> Workspace {
-        let mut ws = Workspace::unmounted(Some(&self.url), name);
-        ws.env = self.env.clone();
-        ws.extra = extra.iter().map(|s| s.to_string()).collect();
-        ws
-    }
-}
+use stores::TestStore;
 
 const FAULTS: &str = "rate=0.1,seed=7,kinds=read+write+ack+timeout,delay_ms=200";
 
@@ -81,7 +31,7 @@ fn injected_faults_lose_no_acknowledged_generation_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    injected_faults_lose_no_acknowledged_generation(&TestStore::seaweed());
+    injected_faults_lose_no_acknowledged_generation(&TestStore::seaweed("owsfs-faults"));
 }
 
 /// Deterministic bytes that do not compress or repeat (a 64-bit LCG).

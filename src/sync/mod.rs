@@ -90,6 +90,9 @@ pub struct SyncAgent {
     /// A cut is pushing dirty pages through the mount: writers must not be throttled, or the
     /// cut would wait for them while they wait for it.
     syncing: AtomicBool,
+    /// Set by the agent's loop between cuts while the lag is over its bounds, so the
+    /// data write path checks one atomic rather than taking the journal's lock again.
+    over_lag: AtomicBool,
     pub throttled_ms: AtomicU64,
     pub store_url: String,
 }
@@ -135,6 +138,7 @@ impl SyncAgent {
             }),
             cv: Condvar::new(),
             syncing: AtomicBool::new(false),
+            over_lag: AtomicBool::new(false),
             throttled_ms: AtomicU64::new(0),
             store_url,
         }))
@@ -170,15 +174,15 @@ impl SyncAgent {
 
     /// Backpressure, called by data writes before they start.
     pub fn throttle(&self) {
+        if !self.over_lag.load(Ordering::Relaxed) {
+            return;
+        }
         let started = Instant::now();
         loop {
             if self.syncing.load(Ordering::Acquire) || self.st.lock().stop {
                 break;
             }
-            let (bytes, age) = self.core.journal().lag();
-            let over =
-                bytes > self.opts.max_lag_bytes || age.is_some_and(|a| a > self.opts.max_lag);
-            if !over {
+            if !self.lagging() {
                 break;
             }
             // Make sure a cut is coming, then wait a little.
@@ -212,11 +216,8 @@ impl SyncAgent {
                     let wanted = st.requested_seq > st.durable_seq;
                     let due = last_attempt.elapsed() >= self.opts.commit_interval + backoff
                         && self.core.journal().is_dirty();
-                    let lagging = {
-                        let (bytes, age) = self.core.journal().lag();
-                        bytes > self.opts.max_lag_bytes
-                            || age.is_some_and(|a| a > self.opts.max_lag)
-                    };
+                    let lagging = self.lagging();
+                    self.over_lag.store(lagging, Ordering::Relaxed);
                     if (wanted || due || lagging)
                         && (backoff.is_zero() || wanted || last_attempt.elapsed() >= backoff)
                     {
@@ -262,8 +263,15 @@ impl SyncAgent {
         }
     }
 
+    /// Unsynced changes are older than `--max-lag` or larger than `--max-lag-bytes`.
+    fn lagging(&self) -> bool {
+        let (bytes, age) = self.core.journal().lag();
+        bytes > self.opts.max_lag_bytes || age.is_some_and(|a| a > self.opts.max_lag)
+    }
+
     /// Stops the thread after its last cut.
     pub fn stop(&self) {
+        self.over_lag.store(false, Ordering::Relaxed);
         self.st.lock().stop = true;
         self.cv.notify_all();
     }
