@@ -398,3 +398,110 @@ fn durability_after_interval_cut_and_kill_9(store: &TestStore) {
     );
     fresh.unmount();
 }
+
+/// A generation's stats count the whole tree, not only the directories its cut rebuilt.
+#[test]
+fn generation_stats_count_the_whole_tree() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let ws = store.workspace("totals", &["--commit-interval", "1h"]);
+    ws.mount();
+    for d in ["a", "a/deep", "b"] {
+        std::fs::create_dir(ws.path(d)).unwrap();
+    }
+    for (f, n) in [("a/1", 100), ("a/deep/2", 2000), ("b/3", 30), ("top", 4)] {
+        std::fs::write(ws.path(f), vec![b'x'; n]).unwrap();
+    }
+    let g1 = ws.sync();
+    // Only b/ changes: a/ and a/deep/ are not rebuilt.
+    std::fs::write(ws.path("b/4"), vec![b'y'; 5]).unwrap();
+    let g2 = ws.sync();
+    ws.unmount();
+    let log = ws.log_json();
+    let stats = |g: u64| {
+        let r = log
+            .iter()
+            .find(|r| r["number"].as_u64() == Some(g))
+            .unwrap_or_else(|| panic!("generation {g} in {log:?}"));
+        (
+            r["stats"]["files"].as_u64().unwrap(),
+            r["stats"]["dirs"].as_u64().unwrap(),
+            r["stats"]["bytes_total"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(stats(g1), (4, 4, 2134), "generation {g1}");
+    assert_eq!(stats(g2), (5, 4, 2139), "generation {g2}");
+}
+
+/// Backpressure (promise 10): with a slow store and `--max-lag-bytes 1MiB`, a writer that
+/// could fill 16 MiB at once is slowed so that the unsynced bytes stay near the bound, the
+/// status shows the throttling, and everything written ends up durable.
+#[test]
+fn backpressure_bounds_the_unsynced_bytes() {
+    if skip_fuse() {
+        return;
+    }
+    const BOUND: u64 = 1 << 20;
+    const WRITE: usize = 64 << 10;
+    let store = TestStore::file();
+    let mut ws = store.workspace(
+        "lag",
+        &["--commit-interval", "50ms", "--max-lag-bytes", "1MiB"],
+    );
+    // Every store request takes 100 ms more: a commit takes several hundred ms.
+    ws.env.push((
+        "OWSFS_FAULTS".into(),
+        "rate=1,seed=1,kinds=timeout,delay_ms=100".into(),
+    ));
+    ws.mount();
+    let path = ws.path("big.bin");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut all = Vec::new();
+        for i in 0..256u32 {
+            let block: Vec<u8> = (0..WRITE as u32)
+                .map(|j| (j.wrapping_mul(31) ^ i.wrapping_mul(2654435761)) as u8)
+                .collect();
+            f.write_all(&block).unwrap();
+            all.extend_from_slice(&block);
+        }
+        all
+    });
+    let mut max_lag = 0u64;
+    let mut samples = 0;
+    while !writer.is_finished() {
+        let s = ws.status_json(false);
+        if let Some(b) = s["sync"]["lag_bytes"].as_u64() {
+            max_lag = max_lag.max(b);
+            samples += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let written = writer.join().unwrap();
+    let s = ws.status_json(false);
+    let throttled = s["sync"]["throttled_ms"].as_u64().expect("throttled_ms");
+    eprintln!("max unsynced {max_lag} bytes over {samples} samples; throttled {throttled} ms");
+    assert!(samples > 0, "no lag in the status: {s}");
+    assert!(
+        max_lag <= BOUND + 2 * WRITE as u64,
+        "unsynced bytes reached {max_lag}, the bound is {BOUND}{}",
+        ws.log_tail()
+    );
+    assert!(
+        throttled > 0,
+        "16 MiB against a 1 MiB bound was never throttled: {s}"
+    );
+    let g = ws.sync();
+    ws.kill_daemon();
+
+    let fresh = store.workspace("lag", &[]);
+    fresh.mount();
+    assert!(
+        std::fs::read(fresh.path("big.bin")).unwrap() == written,
+        "generation {g} on a fresh cache differs from what was written"
+    );
+    fresh.unmount();
+}

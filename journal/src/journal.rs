@@ -102,6 +102,9 @@ pub struct Journal {
     /// Released by [`Journal::close_clean`]: a closed journal takes no records, so the next
     /// daemon may open it while this one is still exiting.
     lock: Mutex<Option<File>>,
+    /// Bytes of all `Write` records appended since open: a cheap upper bound on how much the
+    /// dirty state can have grown since a given moment (for backpressure).
+    written_bytes: std::sync::atomic::AtomicU64,
 }
 
 struct Inner {
@@ -280,6 +283,7 @@ impl Journal {
             }),
             written: Condvar::new(),
             lock: Mutex::new(Some(lock)),
+            written_bytes: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((journal, recovery))
     }
@@ -410,6 +414,12 @@ impl Journal {
         (g.state.dirty_bytes(), g.dirty_since.map(|t| t.elapsed()))
     }
 
+    /// Bytes of `Write` records appended since open (see `written_bytes`).
+    pub fn written_bytes(&self) -> u64 {
+        self.written_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> JournalStats {
         let g = self.inner.lock();
@@ -475,6 +485,10 @@ impl Journal {
         }
         g.state.apply(op);
         g.live.apply(op);
+        if let Op::Write { len, .. } = op {
+            self.written_bytes
+                .fetch_add(*len, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(seq)
     }
 

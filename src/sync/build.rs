@@ -20,7 +20,7 @@ use owsfs_store::{
 };
 
 use super::capture::{Capture, EntryCapture};
-use super::local::{LocalState, Update};
+use super::local::{LocalState, Totals, Update};
 use super::wal;
 
 /// A database and where its WAL stood at the cut.
@@ -179,17 +179,18 @@ pub fn build(
     // Trees, deepest directories first.
     let mut order: Vec<&PathBuf> = capture.dirs.keys().collect();
     order.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    let mut built_dirs: HashMap<&Path, BlobRef> = HashMap::new();
-    let (mut files, mut dirs, mut bytes_total) = (0u64, 1u64, 0u64);
+    let mut built_dirs: HashMap<&Path, (BlobRef, Totals)> = HashMap::new();
+    let mut known_totals: HashMap<BlobId, Totals> = HashMap::new();
     for path in order {
         let dir = &capture.dirs[path];
         let mut tree = Tree::default();
+        let mut totals = Totals::default();
         for e in &dir.entries {
             let child = path.join(&e.name);
             let content = match e.stat.file_type() {
                 libc::S_IFREG => {
-                    files += 1;
-                    bytes_total += e.stat.size;
+                    totals.files += 1;
+                    totals.bytes += e.stat.size;
                     let c = match contents.get(&e.stat.ino) {
                         Some(c) => c.clone(),
                         None => match base_entry(local, e.stat.ino, b'f')? {
@@ -203,17 +204,27 @@ pub fn build(
                     Content::File(c)
                 }
                 libc::S_IFDIR => {
-                    dirs += 1;
-                    let r = match built_dirs.get(child.as_path()) {
-                        Some(r) => *r,
+                    let (r, below) = match built_dirs.get(child.as_path()) {
+                        Some(built) => *built,
                         None => match base_entry(local, e.stat.ino, b'd')? {
                             Some(TreeEntry {
                                 content: Content::Dir(r),
                                 ..
-                            }) => r,
+                            }) => {
+                                let t = subtree_totals(
+                                    &loader,
+                                    &r,
+                                    &mut known_totals,
+                                    &mut packer.update,
+                                )
+                                .with_context(|| format!("count /{}", child.display()))?;
+                                (r, t)
+                            }
                             _ => bail!("/{}: directory neither listed nor known", child.display()),
                         },
                     };
+                    totals.dirs += 1;
+                    totals.add(below);
                     Content::Dir(r)
                 }
                 libc::S_IFLNK => Content::Symlink(e.symlink_target.clone().unwrap_or_default()),
@@ -235,9 +246,10 @@ pub fn build(
         }
         let blob = tree.encode()?;
         let r = packer.emit(BlobKind::Tree, &blob)?;
-        built_dirs.insert(path.as_path(), r);
+        packer.update.totals.push((r.id.0, totals));
+        built_dirs.insert(path.as_path(), (r, totals));
     }
-    let root = *built_dirs
+    let (root, totals) = *built_dirs
         .get(Path::new(""))
         .context("the cut did not list the root")?;
     packer.flush()?;
@@ -252,14 +264,49 @@ pub fn build(
         root,
         update: packer.update,
         sqlite: sqlite.into_values().collect(),
-        files,
-        dirs,
-        bytes_total,
+        files: totals.files,
+        dirs: totals.dirs + 1,
+        bytes_total: totals.bytes,
         bytes_new: packer.bytes_new,
         blobs_new: packer.blobs_new,
         packs_new: packer.packs_new,
         bytes_read,
     })
+}
+
+/// What the unchanged tree `r` holds: from the cache's record, or else counted by loading its
+/// trees (once; the counts are then recorded with the generation).
+fn subtree_totals(
+    loader: &Loader<'_>,
+    r: &BlobRef,
+    known: &mut HashMap<BlobId, Totals>,
+    update: &mut Update,
+) -> anyhow::Result<Totals> {
+    if let Some(t) = known.get(&r.id) {
+        return Ok(*t);
+    }
+    if let Some(t) = loader.local.totals(&r.id.0)? {
+        known.insert(r.id, t);
+        return Ok(t);
+    }
+    let tree = Tree::load(loader, r)?;
+    let mut t = Totals::default();
+    for e in &tree.entries {
+        match &e.content {
+            Content::File(_) => {
+                t.files += 1;
+                t.bytes += e.size;
+            }
+            Content::Dir(sub) => {
+                t.dirs += 1;
+                t.add(subtree_totals(loader, sub, known, update)?);
+            }
+            _ => {}
+        }
+    }
+    known.insert(r.id, t);
+    update.totals.push((r.id.0, t));
+    Ok(t)
 }
 
 /// Whether `path` is in the new tree, as far as the rebuilt directories tell.

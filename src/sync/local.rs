@@ -8,8 +8,10 @@
 //!   did not see change needs no reading, and where the unchanged chunks of a changed file are.
 //! - `blobs`: tree and list blobs of the base generations, so a cut never fetches them.
 //! - `chunks`: every chunk known to be in the store, for deduplication.
+//! - `totals`: files, directories and bytes below each known tree, by tree id, so a
+//!   generation's totals need only the directories the cut rebuilt.
 //!
-//! One transaction per generation updates all four, after the generation is durable and before
+//! One transaction per generation updates all of them, after the generation is durable and before
 //! the journal forgets what the cut covered. A crash in between leaves an older base with a
 //! journal that still covers everything since it: the next cut uploads a superset.
 
@@ -31,6 +33,23 @@ pub struct Base {
     pub root: String,
 }
 
+/// What a tree holds, all levels below it: files, directories (not counting itself) and the
+/// files' bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, o: Totals) {
+        self.files += o.files;
+        self.dirs += o.dirs;
+        self.bytes += o.bytes;
+    }
+}
+
 pub struct LocalState {
     conn: Connection,
     /// `nodes`, in memory: kind (b'f' file, b'd' directory) and encoded content.
@@ -43,6 +62,7 @@ pub struct Update {
     pub nodes: Vec<(u64, u8, Vec<u8>)>,
     pub blobs: Vec<([u8; 32], Vec<u8>)>,
     pub chunks: Vec<([u8; 32], Vec<u8>)>,
+    pub totals: Vec<([u8; 32], Totals)>,
     /// Forget every node not in `nodes` (after a walk of the whole tree).
     pub replace_all_nodes: bool,
 }
@@ -58,7 +78,9 @@ impl LocalState {
              CREATE TABLE IF NOT EXISTS nodes (ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL,
                                                content BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, data BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS chunks (id BLOB PRIMARY KEY, loc BLOB NOT NULL);",
+             CREATE TABLE IF NOT EXISTS chunks (id BLOB PRIMARY KEY, loc BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS totals (id BLOB PRIMARY KEY, files INTEGER NOT NULL,
+                                                dirs INTEGER NOT NULL, bytes INTEGER NOT NULL);",
         )
         .with_context(|| format!("cannot create the tables of {}", path.display()))?;
         let mut state = LocalState {
@@ -147,6 +169,21 @@ impl LocalState {
         Ok(stmt.query_row([&id[..]], |r| r.get(0)).optional()?)
     }
 
+    pub fn totals(&self, id: &[u8; 32]) -> anyhow::Result<Option<Totals>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT files, dirs, bytes FROM totals WHERE id = ?1")?;
+        Ok(stmt
+            .query_row([&id[..]], |r| {
+                Ok(Totals {
+                    files: r.get::<_, i64>(0)? as u64,
+                    dirs: r.get::<_, i64>(1)? as u64,
+                    bytes: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
     /// Records a new base generation and its changes, in one transaction.
     pub fn commit(&mut self, base: &Base, update: Update) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
@@ -169,6 +206,17 @@ impl LocalState {
                 tx.prepare_cached("INSERT OR IGNORE INTO chunks (id, loc) VALUES (?1, ?2)")?;
             for (id, loc) in &update.chunks {
                 put_chunk.execute(params![&id[..], loc])?;
+            }
+            let mut put_totals = tx.prepare_cached(
+                "INSERT OR IGNORE INTO totals (id, files, dirs, bytes) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (id, t) in &update.totals {
+                put_totals.execute(params![
+                    &id[..],
+                    t.files as i64,
+                    t.dirs as i64,
+                    t.bytes as i64
+                ])?;
             }
             let mut meta = tx.prepare_cached(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -211,6 +259,14 @@ mod tests {
                 nodes: vec![(5, b'f', b"c5".to_vec()), (6, b'd', b"c6".to_vec())],
                 blobs: vec![([1; 32], b"tree".to_vec())],
                 chunks: vec![([2; 32], b"loc".to_vec())],
+                totals: vec![(
+                    [3; 32],
+                    Totals {
+                        files: 1,
+                        dirs: 2,
+                        bytes: 3,
+                    },
+                )],
                 replace_all_nodes: false,
             },
         )
@@ -221,6 +277,7 @@ mod tests {
         assert_eq!(s.node(5), Some(&(b'f', b"c5".to_vec())));
         assert_eq!(s.blob(&[1; 32]).unwrap(), Some(b"tree".to_vec()));
         assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(b"loc".to_vec()));
+        assert_eq!(s.totals(&[3; 32]).unwrap().map(|t| t.bytes), Some(3));
         s.commit(
             &base,
             Update {

@@ -90,9 +90,15 @@ pub struct SyncAgent {
     /// A cut is pushing dirty pages through the mount: writers must not be throttled, or the
     /// cut would wait for them while they wait for it.
     syncing: AtomicBool,
-    /// Set by the agent's loop between cuts while the lag is over its bounds, so the
-    /// data write path checks one atomic rather than taking the journal's lock again.
+    /// Set (every 20 ms, by the lag watcher, and by the agent's loop) while the lag is over
+    /// its bounds, so the data write path checks one atomic rather than the journal's lock.
     over_lag: AtomicBool,
+    /// At the last exact lag check: the journal's `written_bytes()` and the dirty bytes.
+    /// Their sum, plus what was written since, bounds the dirty bytes from above, so a data
+    /// write can tell it is safely under `--max-lag-bytes` without the journal's lock.
+    mark_written: AtomicU64,
+    mark_dirty: AtomicU64,
+    mark_lock: Mutex<()>,
     pub throttled_ms: AtomicU64,
     pub store_url: String,
 }
@@ -139,6 +145,9 @@ impl SyncAgent {
             cv: Condvar::new(),
             syncing: AtomicBool::new(false),
             over_lag: AtomicBool::new(false),
+            mark_written: AtomicU64::new(0),
+            mark_dirty: AtomicU64::new(0),
+            mark_lock: Mutex::new(()),
             throttled_ms: AtomicU64::new(0),
             store_url,
         }))
@@ -175,7 +184,14 @@ impl SyncAgent {
     /// Backpressure, called by data writes before they start.
     pub fn throttle(&self) {
         if !self.over_lag.load(Ordering::Relaxed) {
-            return;
+            let grown = self
+                .core
+                .journal()
+                .written_bytes()
+                .saturating_sub(self.mark_written.load(Ordering::Acquire));
+            if self.mark_dirty.load(Ordering::Relaxed) + grown <= self.opts.max_lag_bytes {
+                return;
+            }
         }
         let started = Instant::now();
         loop {
@@ -197,6 +213,30 @@ impl SyncAgent {
 
     /// The agent's thread: cuts until stopped, then a last one if anything is dirty.
     pub fn run(self: &Arc<Self>) {
+        // The lag is also watched while a cut uploads, which can take long: writers must feel
+        // the bound then too.
+        let watcher = {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("owsfs-lag".into())
+                .spawn(move || {
+                    while !me.st.lock().stop {
+                        me.over_lag.store(me.lagging(), Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    me.over_lag.store(false, Ordering::Relaxed);
+                })
+        };
+        if let Err(e) = &watcher {
+            tracing::warn!("sync: cannot start the lag watcher: {e}");
+        }
+        self.run_loop();
+        if let Ok(w) = watcher {
+            let _ = w.join();
+        }
+    }
+
+    fn run_loop(self: &Arc<Self>) {
         let mut last_attempt = Instant::now();
         let mut backoff = Duration::ZERO;
         loop {
@@ -265,7 +305,16 @@ impl SyncAgent {
 
     /// Unsynced changes are older than `--max-lag` or larger than `--max-lag-bytes`.
     fn lagging(&self) -> bool {
-        let (bytes, age) = self.core.journal().lag();
+        let (bytes, age) = {
+            // One checker at a time, and the dirty mark published before its written mark,
+            // so a data write that sees a new written mark also sees the matching dirty one.
+            let _one = self.mark_lock.lock();
+            let written = self.core.journal().written_bytes();
+            let (bytes, age) = self.core.journal().lag();
+            self.mark_dirty.store(bytes, Ordering::Relaxed);
+            self.mark_written.store(written, Ordering::Release);
+            (bytes, age)
+        };
         bytes > self.opts.max_lag_bytes || age.is_some_and(|a| a > self.opts.max_lag)
     }
 
