@@ -44,6 +44,9 @@ pub struct FaultConfig {
     pub kinds: FaultKinds,
     /// Delay of an injected timeout; should exceed the store's timeout.
     pub delay: Duration,
+    /// While this file exists, every request fails (a network partition, for tests). If the
+    /// file holds `hang`, requests wait instead until it is removed (a black hole).
+    pub partition: Option<std::path::PathBuf>,
 }
 
 impl FaultConfig {
@@ -53,6 +56,7 @@ impl FaultConfig {
             seed,
             kinds: FaultKinds::ALL,
             delay: Duration::from_millis(200),
+            partition: None,
         }
     }
 
@@ -68,7 +72,7 @@ impl FaultConfig {
     pub fn parse(s: &str) -> Result<FaultConfig> {
         let bad = |m: String| {
             StoreError::Invalid(format!(
-                "OWSFS_FAULTS={s:?}: {m} (expected rate=0.1,seed=7,kinds=read+write+ack+timeout,delay_ms=200)"
+                "OWSFS_FAULTS={s:?}: {m} (expected rate=0.1,seed=7,kinds=read+write+ack+timeout,delay_ms=200,partition=/path)"
             ))
         };
         let mut c = FaultConfig::new(0.0, 0);
@@ -85,6 +89,7 @@ impl FaultConfig {
                         .ok_or_else(|| bad("rate must be in [0, 1]".into()))?
                 }
                 "seed" => c.seed = v.parse().map_err(|_| bad("bad seed".into()))?,
+                "partition" => c.partition = Some(v.into()),
                 "delay_ms" => {
                     c.delay =
                         Duration::from_millis(v.parse().map_err(|_| bad("bad delay_ms".into()))?)
@@ -120,6 +125,7 @@ pub struct FaultCounts {
     pub write: u64,
     pub ack: u64,
     pub timeout: u64,
+    pub partition: u64,
 }
 
 /// The shared fault injector; the layer and the store's own `file://` conditional path use it.
@@ -165,6 +171,23 @@ impl FaultInjector {
 
 impl Hook for FaultInjector {
     fn before(&self, req: Req, _path: &str) -> Before {
+        if let Some(p) = &self.cfg.partition {
+            loop {
+                match std::fs::read(p) {
+                    Ok(b) if b.trim_ascii() == b"hang" => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok(_) => {
+                        self.counts.lock().partition += 1;
+                        return Before {
+                            delay: None,
+                            fail: Some(injected("partition: the store is unreachable")),
+                        };
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
         if !self.roll() {
             return Before::default();
         }

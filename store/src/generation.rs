@@ -390,6 +390,60 @@ impl Workspace {
     }
 }
 
+impl Workspace {
+    /// Claims the next free slot with a fence record of `epoch` (a new lease holder does this
+    /// once): every slot before it is then taken, so no writer of an older epoch can commit
+    /// again. Skips slots that a commit in flight at the takeover won first. Returns the
+    /// fence's number.
+    pub fn fence(&self, epoch: u64) -> std::result::Result<GenNumber, CommitError> {
+        let mut after = self.head()?;
+        loop {
+            let number = after.map_or(1, |h| h + 1);
+            let parent = match after {
+                Some(h) => Some(self.read_generation(h)?),
+                None => None,
+            };
+            if let Some(p) = &parent
+                && p.epoch > epoch
+            {
+                return Err(CommitError::Invalid(format!(
+                    "generation {} has epoch {}, newer than {epoch}: this lease was taken over",
+                    p.number, p.epoch
+                )));
+            }
+            let record = GenerationRecord {
+                workspace: self.name.clone(),
+                number,
+                parent: after,
+                epoch,
+                kind: GenKind::Fence,
+                time_unix_ms: now_ms(),
+                root: None,
+                sqlite: Vec::new(),
+                stats: GenStats::default(),
+            };
+            match self.commit_checked(&record, parent.as_ref()) {
+                Ok(()) => return Ok(number),
+                Err(CommitError::SlotTaken { number, .. }) => after = Some(number),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The newest commit record at or before generation `n`, skipping fences.
+    pub fn newest_commit(&self, n: GenNumber) -> Result<Option<GenerationRecord>> {
+        let mut n = n;
+        while n >= 1 {
+            let r = self.read_generation(n)?;
+            if r.kind == GenKind::Commit {
+                return Ok(Some(r));
+            }
+            n -= 1;
+        }
+        Ok(None)
+    }
+}
+
 fn head_sum(n: &str) -> String {
     let h = blake3::hash(format!("owsfs-head {HEAD_VERSION} {n}").as_bytes());
     hex::encode(&h.as_bytes()[..8])

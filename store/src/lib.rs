@@ -9,6 +9,7 @@ pub mod fault;
 pub mod generation;
 pub mod hook;
 pub mod ids;
+pub mod lease;
 pub mod pack;
 pub mod restore;
 pub mod stats;
@@ -23,6 +24,7 @@ pub use generation::{
     Workspace,
 };
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
+pub use lease::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
 pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_pack};
 pub use restore::{BlobCache, CachedLoader, RestorePhase, RestoreProgress, restore};
 pub use stats::{StatsSnapshot, StoreStats};

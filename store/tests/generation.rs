@@ -207,3 +207,43 @@ fn commits_survive_ten_percent_faults_including_lost_acks() {
         );
     }
 }
+
+/// A new holder's fence takes the next slot: a commit of the old epoch that was in flight at
+/// the takeover either landed before the fence (and the fence goes after it) or is refused;
+/// no generation of the old epoch can follow the new epoch's first.
+#[test]
+fn a_fence_refuses_every_later_commit_of_an_older_epoch() {
+    let store = mem("fence");
+    let ws = Workspace::open_or_create(&store, "w").unwrap();
+    ws.commit(&record("w", 1, 1)).unwrap();
+    ws.commit(&record("w", 2, 1)).unwrap();
+    // The old holder (epoch 1) has generation 3 in flight while epoch 2 fences.
+    let in_flight = record("w", 3, 1);
+    let f = ws.fence(2).unwrap();
+    assert_eq!(f, 3);
+    match ws.commit_checked(&in_flight, Some(&ws.read_generation(2).unwrap())) {
+        Err(CommitError::SlotTaken { existing, .. }) => {
+            assert_eq!((existing.kind, existing.epoch), (GenKind::Fence, 2))
+        }
+        other => panic!("late commit of epoch 1: {other:?}"),
+    }
+    // Nor can it commit after the fence: its parent would be of a newer epoch.
+    let mut after = record("w", 4, 1);
+    after.parent = Some(3);
+    match ws.commit_checked(&after, Some(&ws.read_generation(3).unwrap())) {
+        Err(CommitError::Invalid(why)) => assert!(why.contains("older"), "{why}"),
+        other => panic!("commit of epoch 1 after the fence: {other:?}"),
+    }
+    // An in-flight commit that won its slot first: the fence goes after it.
+    ws.commit(&record("w", 4, 2)).unwrap();
+    let late = record("w", 5, 2);
+    ws.commit(&late).unwrap();
+    assert_eq!(ws.fence(3).unwrap(), 6);
+    assert_eq!(ws.newest_commit(6).unwrap().unwrap().number, 5);
+    // A holder of an older epoch cannot fence over a newer one.
+    assert!(matches!(ws.fence(2), Err(CommitError::Invalid(_))));
+    let epochs: Vec<u64> = (1..=6)
+        .map(|n| ws.read_generation(n).unwrap().epoch)
+        .collect();
+    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
+}

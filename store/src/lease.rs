@@ -1,0 +1,456 @@
+//! The per-workspace writer lease (see `FORMAT.md`).
+//!
+//! The lease is a sequence of sealed records in `workspaces/W/lease/<n as 20 digits>`, each
+//! written once with create-if-absent. Record `n + 1` is the only way to change the lease:
+//! the holder renews by writing it with its own epoch, a new holder takes over by writing it
+//! with the next epoch, and the holder releases by writing it in state `released`. As all of
+//! them race for the same key, exactly one wins each step: a renewal and a takeover can never
+//! both succeed. This needs nothing but create-if-absent, which every backend has.
+//!
+//! Expiry is never judged from wall clocks. A node that wants the lease notes, on its own
+//! monotonic clock, when it first saw the newest record; if no newer record appears within
+//! that record's TTL, the lease has lapsed. The holder stops writing `margin` earlier than the
+//! TTL after the *start* of its last successful renewal, which is earlier than any other node
+//! can have started counting.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{PutOutcome, Store};
+use crate::error::{Result, StoreError};
+use crate::generation::Workspace;
+
+pub const LEASE_VERSION: u64 = 1;
+
+/// Who holds (or held) a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The cache's node id (`CACHE/node-id`).
+    pub node: String,
+    pub host: String,
+    pub pid: u32,
+    /// Random per mount: tells two mounts of one node apart.
+    pub session: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} on host {} (pid {})",
+            self.node, self.host, self.pid
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    Held,
+    Released,
+}
+
+/// One step of a workspace's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub workspace: String,
+    /// Position in the sequence (the object's key).
+    pub seq: u64,
+    pub epoch: u64,
+    pub state: LeaseState,
+    pub holder: Holder,
+    pub ttl_ms: u64,
+    /// Informational only: never compared with another node's clock.
+    pub time_unix_ms: u64,
+}
+
+impl LeaseRecord {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+
+    /// The sealed text: header line, JSON body line, blake3 of the body line.
+    pub fn seal(&self) -> Result<Bytes> {
+        let body = serde_json::to_string(self)
+            .map_err(|e| StoreError::Invalid(format!("cannot encode lease record: {e}")))?;
+        let sum = blake3::hash(body.as_bytes()).to_hex();
+        Ok(Bytes::from(format!(
+            "owsfs-lease {LEASE_VERSION}\n{body}\n{sum}\n"
+        )))
+    }
+
+    /// Parses and verifies a sealed record read from `object`.
+    pub fn unseal(object: &str, b: &[u8]) -> Result<LeaseRecord> {
+        let bad = |what: &str| StoreError::corrupt(object, what);
+        let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
+        let text = text
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("truncated (no final newline)"))?;
+        let mut lines = text.split('\n');
+        let (Some(head), Some(body), Some(sum), None) =
+            (lines.next(), lines.next(), lines.next(), lines.next())
+        else {
+            return Err(bad("not three lines"));
+        };
+        let version: u64 = head
+            .strip_prefix("owsfs-lease ")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("bad header line"))?;
+        if version > LEASE_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                object: object.into(),
+                found: version,
+                supported: LEASE_VERSION,
+            });
+        }
+        if version != LEASE_VERSION {
+            return Err(bad("unknown version"));
+        }
+        if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        let r: LeaseRecord =
+            serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))?;
+        if r.epoch == 0 || r.ttl_ms == 0 {
+            return Err(bad("epoch and ttl must be positive"));
+        }
+        Ok(r)
+    }
+}
+
+/// Why a lease operation did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Someone else wrote the next record first.
+    #[error("the lease of workspace {workspace:?} moved on: {}", describe(.current))]
+    Lost {
+        workspace: String,
+        current: Box<LeaseRecord>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe(r: &LeaseRecord) -> String {
+    match r.state {
+        LeaseState::Held => format!("held by {} at epoch {}", r.holder, r.epoch),
+        LeaseState::Released => format!("released by {} at epoch {}", r.holder, r.epoch),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Records kept behind the newest: older ones are deleted as the lease moves on.
+const KEEP: u64 = 4;
+
+/// The lease of one workspace.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    ws: Workspace,
+}
+
+impl Lease {
+    pub fn new(ws: &Workspace) -> Lease {
+        Lease { ws: ws.clone() }
+    }
+
+    fn store(&self) -> &Store {
+        self.ws.store()
+    }
+
+    fn prefix(&self) -> String {
+        format!("workspaces/{}/lease/", self.ws.name())
+    }
+
+    fn key(&self, seq: u64) -> String {
+        format!("{}{seq:020}", self.prefix())
+    }
+
+    fn read(&self, seq: u64) -> Result<LeaseRecord> {
+        let key = self.key(seq);
+        let b = self.store().get(&key)?;
+        let r = LeaseRecord::unseal(&key, &b)?;
+        if r.seq != seq || r.workspace != self.ws.name() {
+            return Err(StoreError::corrupt(
+                &key,
+                format!("record says workspace {:?} step {}", r.workspace, r.seq),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The newest lease record, or `None` if the workspace never had a holder. A malformed
+    /// record, or one of a newer format, is an error: nobody takes over on a guess.
+    pub fn current(&self) -> Result<Option<LeaseRecord>> {
+        for _ in 0..5 {
+            let prefix = self.prefix();
+            let mut newest = self
+                .store()
+                .list(&prefix)?
+                .iter()
+                .filter_map(|k| {
+                    let s = k.strip_prefix(&prefix)?;
+                    (s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit()))
+                        .then(|| s.parse::<u64>().ok())
+                        .flatten()
+                })
+                .max();
+            let Some(mut n) = newest.take() else {
+                return Ok(None);
+            };
+            // A listing may lag behind a write: probe forward.
+            while self.store().exists(&self.key(n + 1))? {
+                n += 1;
+            }
+            match self.read(n) {
+                Ok(r) => return Ok(Some(r)),
+                // Deleted between the listing and the read: the lease moved on; look again.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "the lease of workspace {:?} keeps changing; try again",
+            self.ws.name()
+        )))
+    }
+
+    /// Writes record `next`; `Lost` if another record took the step.
+    fn write(&self, next: &LeaseRecord) -> std::result::Result<(), LeaseError> {
+        let key = self.key(next.seq);
+        match self.store().put_if_absent(&key, next.seal()?)? {
+            PutOutcome::Created | PutOutcome::AlreadyIdentical => {}
+            PutOutcome::Conflict(b) => {
+                let current = LeaseRecord::unseal(&key, &b)?;
+                return Err(LeaseError::Lost {
+                    workspace: self.ws.name().into(),
+                    current: Box::new(current),
+                });
+            }
+        }
+        // Tidy up; a failure only leaves an extra object behind.
+        if next.seq > KEEP {
+            let old = self.key(next.seq - KEEP - 1);
+            if let Err(e) = self.store().delete(&old) {
+                tracing::debug!("cannot delete old lease record {old}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the lease with the next epoch, as the step after `after` (the newest record, as
+    /// read; `None` for a workspace that never had one). The caller decides whether `after`
+    /// may be taken over (released, lapsed, or forced).
+    pub fn acquire(
+        &self,
+        after: Option<&LeaseRecord>,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> std::result::Result<LeaseRecord, LeaseError> {
+        let next = LeaseRecord {
+            workspace: self.ws.name().into(),
+            seq: after.map_or(1, |r| r.seq + 1),
+            epoch: after.map_or(1, |r| r.epoch + 1),
+            state: LeaseState::Held,
+            holder: holder.clone(),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+            time_unix_ms: now_ms(),
+        };
+        self.write(&next)?;
+        Ok(next)
+    }
+
+    /// Renews `held` (the holder's newest record); returns the new newest record.
+    pub fn renew(&self, held: &LeaseRecord) -> std::result::Result<LeaseRecord, LeaseError> {
+        let next = LeaseRecord {
+            seq: held.seq + 1,
+            time_unix_ms: now_ms(),
+            ..held.clone()
+        };
+        self.write(&next)?;
+        Ok(next)
+    }
+
+    /// Releases `held`: the next node may take the lease at once.
+    pub fn release(&self, held: &LeaseRecord) -> std::result::Result<LeaseRecord, LeaseError> {
+        let next = LeaseRecord {
+            seq: held.seq + 1,
+            state: LeaseState::Released,
+            time_unix_ms: now_ms(),
+            ..held.clone()
+        };
+        self.write(&next)?;
+        Ok(next)
+    }
+}
+
+/// Watches a lease held by someone else, on this node's monotonic clock.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    seen: Option<(u64, Instant)>,
+}
+
+impl Default for LeaseWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeaseWatch {
+    pub fn new() -> LeaseWatch {
+        LeaseWatch { seen: None }
+    }
+
+    /// Notes the newest record as read now. Returns how long it has been the newest, as far
+    /// as this node can tell (from when this node first saw it).
+    pub fn observe(&mut self, r: &LeaseRecord) -> Duration {
+        match self.seen {
+            Some((seq, at)) if seq == r.seq => at.elapsed(),
+            _ => {
+                self.seen = Some((r.seq, Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// Whether `r` (just observed) has lapsed: no newer record within its TTL.
+    pub fn lapsed(&mut self, r: &LeaseRecord) -> bool {
+        r.state == LeaseState::Released || self.observe(r) >= r.ttl()
+    }
+
+    /// How much longer `r` can stay unrenewed before it lapses, by this node's clock.
+    pub fn remaining(&mut self, r: &LeaseRecord) -> Duration {
+        r.ttl().saturating_sub(self.observe(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoreOptions;
+
+    fn holder(node: &str) -> Holder {
+        Holder {
+            node: node.into(),
+            host: "h".into(),
+            pid: 1,
+            session: format!("s-{node}"),
+        }
+    }
+
+    fn lease() -> Lease {
+        let store = Store::open("memory://", StoreOptions::default()).unwrap();
+        let name = format!("w{}", rand::random::<u64>());
+        let ws = Workspace::open_or_create(&store, &name).unwrap();
+        Lease::new(&ws)
+    }
+
+    #[test]
+    fn acquire_renew_release_and_takeover() {
+        let l = lease();
+        assert_eq!(l.current().unwrap(), None);
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!((a.seq, a.epoch), (1, 1));
+        let a2 = l.renew(&a).unwrap();
+        assert_eq!(l.current().unwrap(), Some(a2.clone()));
+        let r = l.release(&a2).unwrap();
+        assert_eq!(r.state, LeaseState::Released);
+        let b = l
+            .acquire(Some(&r), &holder("b"), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!((b.seq, b.epoch), (4, 2));
+        assert_eq!(l.current().unwrap().unwrap().holder.node, "b");
+    }
+
+    #[test]
+    fn a_renewal_and_a_takeover_cannot_both_win() {
+        let l = lease();
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        // b decides a has lapsed and takes over first; a's renewal then loses.
+        let b = l
+            .acquire(Some(&a), &holder("b"), Duration::from_secs(10))
+            .unwrap();
+        match l.renew(&a) {
+            Err(LeaseError::Lost { current, .. }) => assert_eq!(*current, b),
+            other => panic!("renewal after takeover: {other:?}"),
+        }
+        // And the other way round: a renews first, b's takeover of the old step loses.
+        let l = lease();
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        let a2 = l.renew(&a).unwrap();
+        match l.acquire(Some(&a), &holder("b"), Duration::from_secs(10)) {
+            Err(LeaseError::Lost { current, .. }) => assert_eq!(*current, a2),
+            other => panic!("takeover of a renewed lease: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn old_records_are_deleted_and_the_newest_found() {
+        let l = lease();
+        let mut r = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        for _ in 0..20 {
+            r = l.renew(&r).unwrap();
+        }
+        assert_eq!(l.current().unwrap().unwrap().seq, 21);
+        let left = l.store().list(&l.prefix()).unwrap();
+        assert_eq!(left.len() as u64, KEEP + 1, "{left:?}");
+    }
+
+    #[test]
+    fn malformed_or_newer_records_are_errors() {
+        let l = lease();
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        l.store()
+            .put(&l.key(2), Bytes::from_static(b"owsfs-lease 1\n{}\nbad\n"))
+            .unwrap();
+        let e = l.current().unwrap_err().to_string();
+        assert!(e.contains("lease/00000000000000000002"), "{e}");
+        let newer = a.seal().unwrap();
+        let newer = String::from_utf8(newer.to_vec())
+            .unwrap()
+            .replace("owsfs-lease 1", "owsfs-lease 9");
+        l.store().put(&l.key(2), Bytes::from(newer)).unwrap();
+        let e = l.current().unwrap_err();
+        assert!(
+            matches!(e, StoreError::UnsupportedVersion { found: 9, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_watch_judges_lapse_on_its_own_clock() {
+        let l = lease();
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_millis(100))
+            .unwrap();
+        let mut w = LeaseWatch::new();
+        assert!(!w.lapsed(&a));
+        std::thread::sleep(Duration::from_millis(60));
+        let a2 = l.renew(&a).unwrap();
+        // A renewal restarts the count.
+        assert!(!w.lapsed(&a2));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!w.lapsed(&a2));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(w.lapsed(&a2));
+        let r = l.release(&a2).unwrap();
+        assert!(LeaseWatch::new().lapsed(&r));
+    }
+}
