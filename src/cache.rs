@@ -9,6 +9,11 @@
 //! CACHE/journal/       write journal segments (journal/FORMAT.md)
 //! CACHE/control.sock   the daemon's control socket
 //! CACHE/owsfs.log      the log of a background daemon
+//! CACHE/node-id        this cache's node id in leases (random, made on first use)
+//! CACHE/state.db       the base generation and chunk index (src/sync/local.rs)
+//! CACHE/stopped.json   written at fail-stop: the unsynced changes here must not be merged
+//! CACHE/aside/NAME/    unsynced changes set aside (backing/, journal/, state.db, aside.json):
+//!                      `owsfs recover --cache CACHE/aside/NAME --as NEW` forks them
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -168,6 +173,68 @@ impl Cache {
             lock: Some(lock),
         })
     }
+
+    /// This cache's node id: made once, at random, and kept in `CACHE/node-id`.
+    pub fn node_id(&self) -> anyhow::Result<String> {
+        let path = self.root.join("node-id");
+        match std::fs::read_to_string(&path) {
+            Ok(s) if valid_node_id(s.trim()) => return Ok(s.trim().to_string()),
+            Ok(s) => bail!(
+                "{} holds {:?}, not a node id (16 hex digits); remove it to make a new one",
+                path.display(),
+                s.trim()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        let mut raw = [0u8; 8];
+        std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut raw)
+            .context("cannot get random bytes for a node id")?;
+        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = self.root.join("node-id.tmp");
+        std::fs::write(&tmp, format!("{id}\n"))?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(id)
+    }
+
+    /// Moves the backing directory, the journal and the cache state into
+    /// `CACHE/aside/NAME/`, with `why` in `aside.json`, and starts empty ones. The caller has
+    /// closed the journal and the state. Returns the new directory.
+    pub fn set_aside(&self, name: &str, why: &serde_json::Value) -> anyhow::Result<PathBuf> {
+        let dest = self.root.join("aside").join(name);
+        std::fs::create_dir_all(&dest)
+            .with_context(|| format!("cannot create {}", dest.display()))?;
+        for part in [
+            "backing",
+            "journal",
+            "state.db",
+            "state.db-wal",
+            "state.db-shm",
+        ] {
+            let from = self.root.join(part);
+            if from.exists() {
+                std::fs::rename(&from, dest.join(part)).with_context(|| {
+                    format!("cannot move {} to {}", from.display(), dest.display())
+                })?;
+            }
+        }
+        let node = self.root.join("node-id");
+        if node.exists() {
+            std::fs::copy(&node, dest.join("node-id"))?;
+        }
+        std::fs::write(dest.join("aside.json"), serde_json::to_vec_pretty(why)?)?;
+        let _ = std::fs::remove_file(self.root.join("stopped.json"));
+        for dir in [&self.backing, &self.journal] {
+            std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        File::open(&self.root)?.sync_all()?;
+        Ok(dest)
+    }
+}
+
+fn valid_node_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 /// `owsfs journal --cache DIR`: replays the journal read-only and prints the dirty set.

@@ -121,6 +121,58 @@ pub struct MountArgs {
     /// Slow writers down while more than this many bytes are unsynced (e.g. 512MiB, 2GiB).
     #[arg(long, env = "OWSFS_MAX_LAG_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_lag_bytes: u64,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// How a mount takes the workspace's writer lease.
+#[derive(Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// How long the lease lasts without renewal (renewed every third of it). A holder that
+    /// cannot renew stops writing a quarter of it before it lapses.
+    #[arg(long, env = "OWSFS_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: std::time::Duration,
+    /// If another node holds the lease, wait until it hands off or its lease lapses.
+    #[arg(long, env = "OWSFS_WAIT", conflicts_with = "steal")]
+    pub wait: bool,
+    /// Take the lease from another node once it has lapsed (watched for one TTL here); fail
+    /// if that node keeps renewing it.
+    #[arg(long, env = "OWSFS_STEAL")]
+    pub steal: bool,
+    /// With --steal: take the lease at once, for a node known to be dead. Its late commits
+    /// are refused (fenced), and its unsynced writes stay in its cache.
+    #[arg(long, requires = "steal")]
+    pub force: bool,
+}
+
+impl LeaseArgs {
+    pub fn takeover(&self) -> crate::lease::Takeover {
+        use crate::lease::Takeover;
+        match (self.wait, self.steal, self.force) {
+            (_, true, true) => Takeover::Force,
+            (_, true, false) => Takeover::Steal,
+            (true, _, _) => Takeover::Wait,
+            _ => Takeover::Refuse,
+        }
+    }
+
+    /// The flags again, for the background daemon.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--lease-ttl".to_string(),
+            format!("{}ms", self.lease_ttl.as_millis()),
+        ];
+        if self.wait {
+            v.push("--wait".into());
+        }
+        if self.steal {
+            v.push("--steal".into());
+        }
+        if self.force {
+            v.push("--force".into());
+        }
+        v
+    }
 }
 
 /// `1s`, `250ms`, `2m`, `1h`, or plain seconds.

@@ -173,9 +173,27 @@ fn request(mountpoint: &Path, req: Value, timeout: Option<Duration>) -> anyhow::
     let mut w = conn.try_clone()?;
     writeln!(w, "{req}")?;
     let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .context("the daemon did not answer")?;
+    match BufReader::new(conn).read_line(&mut line) {
+        // The daemon died with the connection open (e.g. killed while its threads exit).
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(DaemonGone {
+                mountpoint: mount.mountpoint.clone(),
+                cache,
+                source: e,
+            }
+            .into());
+        }
+        Ok(0) => {
+            return Err(DaemonGone {
+                mountpoint: mount.mountpoint.clone(),
+                cache,
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            }
+            .into());
+        }
+        Err(e) => return Err(e).context("the daemon did not answer"),
+        Ok(_) => {}
+    }
     let v: Value = serde_json::from_str(&line).context("the daemon sent a bad answer")?;
     if v["ok"].as_bool() != Some(true) {
         bail!("{}", v["error"].as_str().unwrap_or("the daemon refused"));
@@ -315,6 +333,19 @@ pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<(
     );
     if let Some(e) = s["last_error"].as_str() {
         println!("last error   {e}");
+    }
+    let l = &s["lease"];
+    println!(
+        "lease        {} epoch {} by {}; renewed {:.1}s ago, good for {:.1}s (ttl {:.1}s)",
+        l["state"].as_str().unwrap_or("?"),
+        l["epoch"],
+        l["holder"].as_str().unwrap_or("?"),
+        l["last_renewal_secs_ago"].as_f64().unwrap_or(0.0),
+        l["good_for_secs"].as_f64().unwrap_or(0.0),
+        l["ttl_secs"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(why) = s["writes_stopped"].as_str() {
+        println!("WRITES STOPPED (EROFS): {why}");
     }
     let r = &v["recovery"];
     if let Some(t) = r["torn_tail"].as_str() {

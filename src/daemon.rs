@@ -16,9 +16,11 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::cache::Cache;
 use crate::cli::{MountArgs, default_cache};
+use crate::lease::Keeper;
 use crate::sync::local::LocalState;
 use crate::sync::{SyncAgent, SyncOptions};
 use crate::{control, mountpoint, options};
+use owsfs_store::Holder;
 
 /// Set in the environment of the background daemon a foreground `owsfs mount` starts.
 const DAEMON_CHILD_ENV: &str = "OWSFS_DAEMON_CHILD";
@@ -160,6 +162,16 @@ impl Readiness {
         }
     }
 
+    /// A message for the user while the mount is not ready yet (e.g. waiting for a lease).
+    fn notice(&self, msg: &str) {
+        if self.child {
+            println!("NOTICE {}", msg.replace('\n', " "));
+            let _ = std::io::stdout().flush();
+        } else {
+            eprintln!("owsfs: {msg}");
+        }
+    }
+
     fn failed(&self, e: &anyhow::Error) {
         if self.child {
             println!("ERROR {}", format!("{e:#}").replace('\n', " "));
@@ -218,7 +230,8 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         .arg("--max-lag")
         .arg(format!("{}ms", args.max_lag.as_millis()))
         .arg("--max-lag-bytes")
-        .arg(args.max_lag_bytes.to_string());
+        .arg(args.max_lag_bytes.to_string())
+        .args(args.lease.to_args());
     cmd.env(DAEMON_CHILD_ENV, "1")
         .env_remove("OWSFS_FOREGROUND")
         // Not /dev/null: a container may lack it; a closed pipe reads as end of file too.
@@ -243,6 +256,10 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         if line == "READY" {
             return Ok(());
         }
+        if let Some(msg) = line.strip_prefix("NOTICE ") {
+            eprintln!("owsfs: {msg}");
+            continue;
+        }
         if let Some(msg) = line.strip_prefix("ERROR ") {
             let _ = child.wait();
             bail!("{msg}");
@@ -259,6 +276,27 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         "the daemon exited ({status}) before the mount was ready; its log {} ends with:\n{tail}",
         log_path.display()
     )
+}
+
+/// Boot id, path and device/inode of the cache directory: equal only for the same directory
+/// on the same running system.
+fn cache_fingerprint(root: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    match std::fs::metadata(root) {
+        Ok(m) if !boot.trim().is_empty() => {
+            format!("{}:{}#{}:{}", boot.trim(), root.display(), m.dev(), m.ino())
+        }
+        _ => String::new(),
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut raw = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut raw);
+    }
+    u64::from_le_bytes(raw) ^ std::process::id() as u64
 }
 
 /// Raises the open-file limit as far as allowed and returns it. Every inode the kernel holds
@@ -301,7 +339,7 @@ fn serve(
     let inode_budget = opts.max_inodes.map_or(fd_budget, |m| m.min(fd_budget));
     tracing::info!("open file limit {nofile}: up to {inode_budget} inodes cached by the kernel");
 
-    let (journal, recovery) =
+    let (mut journal, mut recovery) =
         Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
             .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))?;
     if let Some(tail) = &recovery.torn_tail {
@@ -320,7 +358,6 @@ fn serve(
             ""
         }
     );
-    let journal = Arc::new(journal);
 
     // The store and the workspace; a new cache of an existing workspace is restored here,
     // before anything can see the backing directory.
@@ -339,9 +376,129 @@ fn serve(
     };
     let ws = owsfs_store::generation::Workspace::open_or_create(&store, &ws_name)
         .with_context(|| format!("cannot open workspace {ws_name} in {store_url}"))?;
-    let mut local = LocalState::open(&cache.root.join("state.db"))?;
-    let (previous_sqlite, head) =
-        crate::sync::prepare::prepare_base(&store, &ws, &mut local, &cache, &journal, &store_url)?;
+
+    // The writer lease, then a fence: from here on no other node can commit.
+    let holder = Holder {
+        node: cache.node_id()?,
+        host: rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+        pid: std::process::id(),
+        session: format!("{:016x}", rand_u64()),
+        cache: cache_fingerprint(&cache.root),
+    };
+    let (held, acquired_at) = crate::lease::acquire(
+        &ws,
+        &holder,
+        args.lease.lease_ttl,
+        args.lease.takeover(),
+        &mut |m| {
+            tracing::info!("{m}");
+            ready.notice(m);
+        },
+    )?;
+    tracing::info!(
+        "lease of workspace {ws_name:?} taken at epoch {} ({holder})",
+        held.epoch
+    );
+    let core_slot: Arc<std::sync::OnceLock<Arc<Core>>> = Arc::default();
+    let keeper = {
+        let core_slot = Arc::clone(&core_slot);
+        let stopped = cache.root.join("stopped.json");
+        let ws_name = ws_name.clone();
+        let epoch = held.epoch;
+        Keeper::new(
+            &ws,
+            held,
+            acquired_at,
+            Box::new(move |why| {
+                let note = serde_json::json!({
+                    "workspace": ws_name,
+                    "epoch": epoch,
+                    "reason": why,
+                    "time_unix_ms": std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                });
+                if let Err(e) = std::fs::write(&stopped, note.to_string()) {
+                    tracing::warn!("cannot write {}: {e}", stopped.display());
+                }
+                if let Some(core) = core_slot.get() {
+                    core.stop_writes(why);
+                }
+            }),
+        )
+    };
+    let keeper_thread = {
+        let k = Arc::clone(&keeper);
+        std::thread::Builder::new()
+            .name("owsfs-lease".into())
+            .spawn(move || k.run())
+            .context("cannot start the lease thread")?
+    };
+    // Until the mount serves, a failure hands the lease back at once.
+    let give_back = |e: anyhow::Error| -> anyhow::Error {
+        keeper.stop();
+        if let Err(r) = keeper.release() {
+            tracing::warn!("{r:#}");
+        }
+        e
+    };
+    let head = ws
+        .fence(keeper.epoch())
+        .with_context(|| format!("cannot fence workspace {ws_name}"))
+        .map_err(give_back)?;
+    tracing::info!("generation {head}: fence of epoch {}", keeper.epoch());
+
+    let mut local = LocalState::open(&cache.root.join("state.db")).map_err(give_back)?;
+    if let Some(why) =
+        crate::sync::prepare::diverged(&ws, &local, journal.is_dirty(), head).map_err(give_back)?
+    {
+        // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
+        drop(local);
+        drop(journal);
+        let name = format!(
+            "{}-epoch{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            keeper.epoch()
+        );
+        let dest = cache
+            .set_aside(
+                &name,
+                &serde_json::json!({"workspace": ws_name, "store": store_url, "reason": why}),
+            )
+            .map_err(give_back)?;
+        tracing::warn!(
+            "{why}: they are kept in {}; make them a workspace of their own with `owsfs recover \
+             --cache {} --as NEW_NAME`",
+            dest.display(),
+            dest.display()
+        );
+        ready.notice(&format!(
+            "unsynced changes of an earlier mount were set aside in {} (recover them with \
+             `owsfs recover --cache {} --as NEW_NAME`)",
+            dest.display(),
+            dest.display()
+        ));
+        (journal, recovery) =
+            Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
+                .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))
+                .map_err(give_back)?;
+        local = LocalState::open(&cache.root.join("state.db")).map_err(give_back)?;
+    }
+    let journal = Arc::new(journal);
+    let (previous_sqlite, head) = crate::sync::prepare::prepare_base(
+        &store, &ws, &mut local, &cache, &journal, &store_url, head,
+    )
+    .map_err(give_back)?;
+    if keeper.is_lost() {
+        return Err(give_back(anyhow::anyhow!(
+            "the lease was lost while preparing the cache"
+        )));
+    }
 
     let core = Arc::new(
         Core::new(
@@ -353,8 +510,13 @@ fn serve(
                 side_dir: None,
             },
         )
-        .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,
+        .map_err(|e| give_back(anyhow::anyhow!("cannot open the backing directory: {e}")))?,
     );
+    let _ = core_slot.set(Arc::clone(&core));
+    if let Ok(note) = std::fs::read_to_string(cache.root.join("stopped.json")) {
+        tracing::info!("an earlier mount of this cache stopped writing: {note}");
+        let _ = std::fs::remove_file(cache.root.join("stopped.json"));
+    }
     let adapter = AdapterOptions {
         entry_ttl: opts.entry_timeout,
         attr_ttl: opts.attr_timeout,
@@ -380,7 +542,9 @@ fn serve(
         },
         previous_sqlite,
         head,
-    )?;
+        Arc::clone(&keeper),
+    )
+    .map_err(give_back)?;
     {
         let weak = Arc::downgrade(&agent);
         core.set_throttle(Box::new(move || {
@@ -390,7 +554,8 @@ fn serve(
         }));
     }
     let session = owsfs_fuse::mount(Arc::clone(&core), adapter, &mountpoint, &settings)
-        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))
+        .map_err(give_back)?;
     agent.set_mount(&mountpoint);
     let agent_thread = {
         let agent = Arc::clone(&agent);
@@ -449,15 +614,40 @@ fn serve(
     if agent_thread.join().is_err() {
         tracing::error!("the sync thread panicked");
     }
+    // Hand off: the lease is released only when everything written is in the store.
+    keeper.stop();
+    let _ = keeper_thread.join();
+    let handoff = if keeper.is_lost() {
+        Err("writes were stopped (fail-stop); the lease is not ours to release".to_string())
+    } else if journal.is_dirty() {
+        Err(format!(
+            "the last changes could not be committed ({}); they stay in the cache and go to \
+             the store at the next mount of it. The lease was not released: it lapses {:.0}s \
+             after the last renewal",
+            agent
+                .last_error()
+                .unwrap_or_else(|| "no error recorded".into()),
+            args.lease.lease_ttl.as_secs_f64()
+        ))
+    } else {
+        match keeper.release() {
+            Ok(()) => {
+                tracing::info!("lease released");
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot release the lease: {e:#}")),
+        }
+    };
     let closed = journal.close_clean();
     drop(control);
     if closed.is_ok() {
         cache.release();
     }
-    let result = match (&served, &closed) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), _) => Err(format!("the FUSE session failed: {e}")),
-        (_, Err(e)) => Err(format!("cannot close the journal cleanly: {e}")),
+    let result = match (&served, &closed, &handoff) {
+        (Ok(()), Ok(()), Ok(())) => Ok(()),
+        (Err(e), _, _) => Err(format!("the FUSE session failed: {e}")),
+        (_, Err(e), _) => Err(format!("cannot close the journal cleanly: {e}")),
+        (_, _, Err(e)) => Err(format!("unmounted, but not handed off: {e}")),
     };
     match &result {
         Ok(()) => tracing::info!("unmounted {}; journal closed cleanly", mountpoint.display()),

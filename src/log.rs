@@ -28,18 +28,29 @@ fn open_workspace(
 /// `owsfs restore`.
 pub fn restore(args: &crate::cli::RestoreArgs) -> anyhow::Result<()> {
     let (store, ws, url) = open_workspace(&args.store, &args.workspace)?;
-    let n = match args.generation {
-        Some(n) => n,
-        None => ws.head()?.with_context(|| {
-            format!("workspace {:?} in {url} has no generation", args.workspace)
-        })?,
+    let record = match args.generation {
+        Some(n) => ws
+            .read_generation(n)
+            .with_context(|| format!("cannot read generation {n}"))?,
+        None => {
+            let head = ws.head()?.with_context(|| {
+                format!("workspace {:?} in {url} has no generation", args.workspace)
+            })?;
+            ws.newest_commit(head)?.with_context(|| {
+                format!(
+                    "workspace {:?} in {url} has no commit yet (only fences)",
+                    args.workspace
+                )
+            })?
+        }
     };
-    let record = ws
-        .read_generation(n)
-        .with_context(|| format!("cannot read generation {n}"))?;
-    let root = record
-        .root
-        .with_context(|| format!("generation {n} has no tree (a fence record)"))?;
+    let n = record.number;
+    let root = record.root.with_context(|| {
+        format!(
+            "generation {n} is a fence (a new writer took the lease), not a state: restore \
+             the commit before it"
+        )
+    })?;
     match std::fs::read_dir(&args.dest) {
         Ok(mut d) => {
             if d.next().is_some() {
@@ -91,6 +102,17 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         "gen", "epoch", "time (UTC)", "files", "size", "uploaded", "ms"
     );
     for r in &records {
+        if r.kind == owsfs_store::GenKind::Fence {
+            println!(
+                "{:>6} {:>6} {:<24} {:>8}  (fence: a new writer took the lease at epoch {})",
+                r.number,
+                r.epoch,
+                utc(r.time_unix_ms),
+                "-",
+                r.epoch
+            );
+            continue;
+        }
         let positions: Vec<String> = r
             .sqlite
             .iter()

@@ -4,6 +4,7 @@ mod cache;
 mod cli;
 mod control;
 mod daemon;
+mod lease;
 mod log;
 mod mountpoint;
 mod options;

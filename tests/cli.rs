@@ -31,6 +31,7 @@ fn mount_helper_convention_through_mount_fuse3() {
     );
     run_ok(
         Command::new("mount.fuse3")
+            .env("XDG_DATA_HOME", test_data_home())
             .arg(&cache)
             .arg(&mp)
             .args(["-t", "fuse.owsfs", "-o", "rw,nosuid,nodev,threads=3"])
@@ -64,6 +65,7 @@ fn foreground_daemon_unmounts_cleanly_on_sigterm_and_sigint() {
         let (cache, mp) = (dir.path().join("cache"), dir.path().join("mp"));
         std::fs::create_dir(&mp).unwrap();
         let mut child = Command::new(OWSFS)
+            .env("XDG_DATA_HOME", test_data_home())
             .arg("mount")
             .arg(&mp)
             .arg("--foreground")
@@ -98,6 +100,7 @@ fn environment_variables_stand_in_for_flags() {
     let (cache, mp) = (dir.path().join("envcache"), dir.path().join("mp"));
     std::fs::create_dir(&mp).unwrap();
     let out = Command::new(OWSFS)
+        .env("XDG_DATA_HOME", test_data_home())
         .arg("mount")
         .arg(&mp)
         .env("OWSFS_CACHE", &cache)
@@ -111,6 +114,7 @@ fn environment_variables_stand_in_for_flags() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(OWSFS)
+        .env("XDG_DATA_HOME", test_data_home())
         .args(["status"])
         .arg(&mp)
         .env("OWSFS_JSON", "true")
@@ -132,6 +136,7 @@ fn default_cache_is_under_xdg_cache_home() {
     let mp = dir.path().join("myws");
     std::fs::create_dir(&mp).unwrap();
     let out = Command::new(OWSFS)
+        .env("XDG_DATA_HOME", test_data_home())
         .arg("mount")
         .arg(&mp)
         .env_remove("OWSFS_CACHE")

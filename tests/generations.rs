@@ -322,7 +322,7 @@ fn durability_after_sync_and_kill_9(store: &TestStore) {
     assert!(g >= 1);
     ws.kill_daemon();
 
-    let fresh = store.workspace("dur", &[]);
+    let fresh = store.workspace("dur", &["--steal", "--force"]);
     fresh.mount();
     assert_eq!(
         std::fs::read(fresh.path("d/synced.txt")).unwrap_or_default(),
@@ -388,7 +388,7 @@ fn durability_after_interval_cut_and_kill_9(store: &TestStore) {
     );
     ws.kill_daemon();
 
-    let fresh = store.workspace("dur2", &[]);
+    let fresh = store.workspace("dur2", &["--steal", "--force"]);
     fresh.mount();
     assert_eq!(
         std::fs::read(fresh.path("cut.txt")).unwrap_or_default(),
@@ -497,7 +497,7 @@ fn backpressure_bounds_the_unsynced_bytes() {
     let g = ws.sync();
     ws.kill_daemon();
 
-    let fresh = store.workspace("lag", &[]);
+    let fresh = store.workspace("lag", &["--steal", "--force"]);
     fresh.mount();
     assert!(
         std::fs::read(fresh.path("big.bin")).unwrap() == written,

@@ -157,6 +157,8 @@ pub struct Core {
     /// Called before a data write takes the barrier: slows writers down while the uploader
     /// lags too far behind (set by the daemon).
     throttle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Set once by [`Core::stop_writes`].
+    stopped: std::sync::OnceLock<String>,
     pub stats: Stats,
 }
 
@@ -199,6 +201,7 @@ impl Core {
             barrier: RwLock::new(()),
             freezer: Freezer::new(&opts.side_dir.unwrap_or_else(std::env::temp_dir)),
             throttle: std::sync::OnceLock::new(),
+            stopped: std::sync::OnceLock::new(),
             stats: Stats::default(),
         })
     }
@@ -227,17 +230,33 @@ impl Core {
         self.inodes.fuse_ino(backing_ino)
     }
 
-    /// Shared barrier for one mutation.
-    fn mutation(&self) -> RwLockReadGuard<'_, ()> {
-        self.barrier.read()
+    /// Shared barrier for one mutation; EROFS once the mount has stopped writing.
+    fn mutation(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
+        let guard = self.barrier.read();
+        if self.stopped.get().is_some() {
+            return Err(FsError::errno(libc::EROFS, "writes stopped"));
+        }
+        Ok(guard)
     }
 
     /// Shared barrier for a data write, after the backpressure check.
-    fn data_mutation(&self) -> RwLockReadGuard<'_, ()> {
+    fn data_mutation(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
         if let Some(throttle) = self.throttle.get() {
             throttle();
         }
-        self.barrier.read()
+        self.mutation()
+    }
+
+    /// Stops accepting writes for good (fail-stop): every mutation from now on fails with
+    /// EROFS, reads go on. Returns once no mutation is in progress. The first reason stays.
+    pub fn stop_writes(&self, reason: &str) {
+        let _ = self.stopped.set(reason.to_string());
+        drop(self.barrier.write());
+    }
+
+    /// Why writes were stopped, if they were.
+    pub fn writes_stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
     }
 
     /// Copy-on-first-write before `[start, end)` of `ino` (a FUSE number) changes.
@@ -494,9 +513,9 @@ impl Core {
         };
         let is_dir = inode.kind == FileType::Directory;
         let _barrier = if set.size.is_some() {
-            self.data_mutation()
+            self.data_mutation()?
         } else {
-            self.mutation()
+            self.mutation()?
         };
         if set.mode.is_some()
             || set.uid.is_some()
@@ -590,7 +609,7 @@ impl Core {
         create: impl FnOnce(&Inode) -> FsResult<()>,
     ) -> FsResult<Entry> {
         check_name(name)?;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         let dir = self.inode(parent)?;
         let dir_path = self.path_of(parent).unwrap_or_default();
         // The new inode number is unknown until it exists: mark the parent first, so a crash
@@ -690,7 +709,7 @@ impl Core {
     fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
         self.stats.count(&self.stats.removes);
         check_name(name)?;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         let pdir = self.inode(parent)?;
         let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
         let ino = self.inodes.fuse_ino(st.st_ino);
@@ -730,7 +749,7 @@ impl Core {
             return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         let src_dir = self.inode(parent)?;
         let dst_dir = self.inode(newparent)?;
         let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
@@ -780,7 +799,7 @@ impl Core {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         check_name(newname)?;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         let inode = self.inode(ino)?;
         let dir = self.inode(newparent)?;
         self.journal.append(Op::Link {
@@ -825,7 +844,12 @@ impl Core {
             return Err(FsError::errno(libc::EISDIR, "open of a directory"));
         }
         let write = writable(flags);
-        let _barrier = (flags & libc::O_TRUNC != 0).then(|| self.data_mutation());
+        if write && self.stopped.get().is_some() {
+            return Err(FsError::errno(libc::EROFS, "writes stopped"));
+        }
+        let _barrier = (flags & libc::O_TRUNC != 0)
+            .then(|| self.data_mutation())
+            .transpose()?;
         // The mode is settled first: an open the kernel would refuse must change nothing.
         let mode = self.reserve_mode(&inode, write)?;
         let opened = (|| {
@@ -966,7 +990,7 @@ impl Core {
     /// `security.capability` lookup per write).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
-        let _barrier = self.data_mutation();
+        let _barrier = self.data_mutation()?;
         if kill_suidgid {
             self.kill_suidgid(handle.ino, &handle.file)?;
         }
@@ -1020,7 +1044,7 @@ impl Core {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let _barrier = self.data_mutation();
+        let _barrier = self.data_mutation()?;
         // Collapsing or inserting a range moves every byte after it.
         let len = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
             u64::MAX - offset
@@ -1072,7 +1096,7 @@ impl Core {
         let src = self.handle(fh_in)?;
         let dst = self.handle(fh_out)?;
         let len = len.min(u32::MAX as u64 & !0xfff);
-        let _barrier = self.data_mutation();
+        let _barrier = self.data_mutation()?;
         self.freeze_before_change_fd(
             dst.ino,
             offset_out,
@@ -1256,7 +1280,7 @@ impl Core {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         self.journal_meta(&inode)?;
         rustix::fs::setxattr(
             path.as_c_str(),
@@ -1270,7 +1294,7 @@ impl Core {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
-        let _barrier = self.mutation();
+        let _barrier = self.mutation()?;
         self.journal_meta(&inode)?;
         rustix::fs::removexattr(path.as_c_str(), name).ctx("removexattr")
     }

@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use owsfs_fuse::Core;
 use owsfs_store::Store;
-use owsfs_store::generation::{GenKind, GenStats, GenerationRecord, Workspace};
+use owsfs_store::generation::{CommitError, GenKind, GenStats, GenerationRecord, Workspace};
 use parking_lot::{Condvar, Mutex};
 use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 
 use self::build::SqlitePosition;
 use self::local::{Base, LocalState};
+use crate::lease::Keeper;
 
 /// How the agent paces itself.
 #[derive(Clone, Debug)]
@@ -101,9 +102,13 @@ pub struct SyncAgent {
     mark_lock: Mutex<()>,
     pub throttled_ms: AtomicU64,
     pub store_url: String,
+    /// The writer lease: checked before every commit; lost (fail-stop) when a commit finds
+    /// its slot fenced.
+    keeper: Arc<Keeper>,
 }
 
 impl SyncAgent {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Arc<Core>,
         store: Arc<Store>,
@@ -112,8 +117,8 @@ impl SyncAgent {
         opts: SyncOptions,
         previous_sqlite: Vec<SqlitePosition>,
         head: u64,
+        keeper: Arc<Keeper>,
     ) -> anyhow::Result<Arc<SyncAgent>> {
-        let base = local.base()?;
         let root_fd = rustix::fs::open(
             core.backing_root(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -132,7 +137,7 @@ impl SyncAgent {
             mountpoint: Mutex::new(None),
             st: Mutex::new(AgentState {
                 head,
-                epoch: base.as_ref().map_or(1, |b| b.epoch.max(1)),
+                epoch: keeper.epoch(),
                 durable_seq,
                 requested_seq: 0,
                 stop: false,
@@ -150,6 +155,7 @@ impl SyncAgent {
             mark_lock: Mutex::new(()),
             throttled_ms: AtomicU64::new(0),
             store_url,
+            keeper,
         }))
     }
 
@@ -253,6 +259,12 @@ impl SyncAgent {
                             self.cv.notify_all();
                         }
                     }
+                    if self.keeper.is_lost() {
+                        // Fail-stop: nothing more goes to the store; the unsynced changes
+                        // stay in the cache.
+                        self.cv.wait_for(&mut st, Duration::from_millis(200));
+                        continue;
+                    }
                     let wanted = st.requested_seq > st.durable_seq;
                     let due = last_attempt.elapsed() >= self.opts.commit_interval + backoff
                         && self.core.journal().is_dirty();
@@ -286,7 +298,7 @@ impl SyncAgent {
         // The mount is gone: a last cut, retried a few times, so an unmount leaves nothing
         // unsynced that the store can take.
         for attempt in 0..5 {
-            if !self.core.journal().is_dirty() {
+            if !self.core.journal().is_dirty() || self.keeper.is_lost() {
                 break;
             }
             match self.commit_once() {
@@ -428,9 +440,25 @@ impl SyncAgent {
                 upload_ms: started.elapsed().as_millis() as u64 - cut_ms,
             },
         };
-        self.ws
-            .commit(&record)
-            .with_context(|| format!("commit generation {number}"))?;
+        // The lease must still be good; the fence in the store is the hard guarantee.
+        self.keeper
+            .check(Duration::ZERO)
+            .with_context(|| format!("not committing generation {number}"))?;
+        match self.ws.commit(&record) {
+            Ok(()) => {}
+            Err(CommitError::SlotTaken { number, existing }) => {
+                let why = format!(
+                    "generation slot {number} was taken at epoch {} (this mount has epoch \
+                     {epoch}): another node took the workspace over",
+                    existing.epoch
+                );
+                self.keeper.lose(&why);
+                bail!("commit refused: {why}");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("commit generation {number}"));
+            }
+        }
         // 5. The cache's new base, then the journal forgets what the cut covered.
         drop(local);
         let base = Base {
@@ -466,12 +494,19 @@ impl SyncAgent {
         Ok(number)
     }
 
+    /// The last commit error, if the last attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.st.lock().last_error.clone()
+    }
+
     /// For `owsfs status`.
     pub fn status(&self) -> Value {
         let st = self.st.lock();
         let (lag_bytes, lag_age) = self.core.journal().lag();
         json!({
             "store": self.store_url,
+            "lease": self.keeper.status(),
+            "writes_stopped": self.core.writes_stopped(),
             "workspace": self.ws.name(),
             "generation": st.head,
             "epoch": st.epoch,

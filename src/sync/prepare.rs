@@ -24,6 +24,7 @@ pub fn prepare_base(
     cache: &Cache,
     journal: &Journal,
     store_url: &str,
+    head: u64,
 ) -> anyhow::Result<(Vec<SqlitePosition>, u64)> {
     if let Some(w) = local.meta("workspace")?
         && w != ws.name()
@@ -42,9 +43,14 @@ pub fn prepare_base(
             cache.root.display()
         );
     }
-    let head = ws.head().context("cannot find the newest generation")?;
+    // The newest commit (fences carry no tree). Read after this mount's own fence, so no
+    // other node can commit after it.
+    let newest = ws
+        .newest_commit(head)
+        .context("cannot find the newest generation")?;
+    let newest_n = newest.as_ref().map(|r| r.number);
     let base = local.base()?;
-    let restore_head = match (&base, head) {
+    let restore_head = match (&base, newest_n) {
         (None, None) => None,
         (None, Some(h)) => {
             if dir_has_entries(&cache.backing)? {
@@ -111,15 +117,13 @@ pub fn prepare_base(
     };
     local.set_meta("workspace", ws.name())?;
     local.set_meta("store", store_url)?;
-    let Some(h) = restore_head.or(head) else {
-        return Ok((Vec::new(), 0));
+    let Some(record) = newest else {
+        return Ok((Vec::new(), head));
     };
-    let record = ws
-        .read_generation(h)
-        .with_context(|| format!("cannot read generation {h}"))?;
+    let h = record.number;
     let sqlite: Vec<SqlitePosition> = record.sqlite.clone();
     if restore_head.is_none() {
-        return Ok((sqlite, h));
+        return Ok((sqlite, head));
     }
     let Some(root) = record.root else {
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
@@ -177,7 +181,35 @@ pub fn prepare_base(
         ws.name(),
         started.elapsed().as_secs_f64()
     );
-    Ok((sqlite, h))
+    Ok((sqlite, head))
+}
+
+/// Whether the cache's unsynced changes must be set aside before mounting: the store has a
+/// newer commit than the cache's base, written by another node (a takeover), while the cache
+/// still has changes that are not in the store. They are never merged. Returns why.
+pub fn diverged(
+    ws: &Workspace,
+    local: &LocalState,
+    journal_dirty: bool,
+    head: u64,
+) -> anyhow::Result<Option<String>> {
+    let Some(base) = local.base()? else {
+        return Ok(None);
+    };
+    if !journal_dirty || local.meta("workspace")?.as_deref() != Some(ws.name()) {
+        return Ok(None);
+    }
+    let Some(newest) = ws.newest_commit(head)? else {
+        return Ok(None);
+    };
+    if newest.number <= base.generation || own_pending(local, ws, newest.number)? {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "the cache has changes made after generation {} (epoch {}) that are not in the store, \
+         and generation {} (epoch {}) was committed by another node since",
+        base.generation, base.epoch, newest.number, newest.epoch
+    )))
 }
 
 /// The store's generation `h` is the one this cache noted as pending before committing it.

@@ -33,6 +33,11 @@ pub struct Holder {
     pub pid: u32,
     /// Random per mount: tells two mounts of one node apart.
     pub session: String,
+    /// Which cache directory, exactly: boot id, path and device/inode. A mount of the same
+    /// cache (which holds the cache's lock, so the holder's process is gone) may take the
+    /// lease over at once.
+    #[serde(default)]
+    pub cache: String,
 }
 
 impl std::fmt::Display for Holder {
@@ -342,6 +347,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             session: format!("s-{node}"),
+            cache: String::new(),
         }
     }
 

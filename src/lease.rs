@@ -1,0 +1,406 @@
+//! The lease keeper: takes the workspace's lease at mount (waiting or stealing as asked),
+//! renews it, stops writes (fail-stop) when it cannot renew in time or was taken over, and
+//! releases it at a clean unmount.
+//!
+//! Timing, all on this node's monotonic clock: a renewal is attempted every TTL/3. The lease
+//! is good until `start of the last successful renewal + TTL - margin` (margin = TTL/4):
+//! another node starts counting the TTL only once it has seen that renewal, which is later.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use owsfs_store::generation::Workspace;
+use owsfs_store::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
+use parking_lot::{Condvar, Mutex};
+use serde_json::{Value, json};
+
+/// How a mount treats a lease another node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// Fail, naming the holder.
+    Refuse,
+    /// Wait until it is released or lapses.
+    Wait,
+    /// Take it once it has lapsed; fail if the holder keeps renewing.
+    Steal,
+    /// Take it now (the holder is known to be dead).
+    Force,
+}
+
+/// Progress while waiting for a lease, for the user.
+pub type Notice<'a> = &'a mut dyn FnMut(&str);
+
+/// Takes the lease of `ws` for `holder`.
+pub fn acquire(
+    ws: &Workspace,
+    holder: &Holder,
+    ttl: Duration,
+    mode: Takeover,
+    notice: Notice<'_>,
+) -> anyhow::Result<(LeaseRecord, Instant)> {
+    let lease = Lease::new(ws);
+    let mut watch = LeaseWatch::new();
+    let mut own_seen: Option<u64> = None;
+    let mut steal_seen: Option<u64> = None;
+    let mut last_notice: Option<Instant> = None;
+    loop {
+        let current = lease.current()?;
+        let take = match &current {
+            None => true,
+            Some(r) if r.state == LeaseState::Released => true,
+            Some(_) if mode == Takeover::Force => true,
+            Some(r) => {
+                let lapsed = watch.lapsed(r);
+                if r.holder.node == holder.node
+                    && !holder.cache.is_empty()
+                    && r.holder.cache == holder.cache
+                {
+                    // A mount of this very cache died holding it: this process holds the
+                    // cache's lock, so that mount is gone.
+                    tracing::info!(
+                        "the lease of workspace {:?} was held by an earlier mount of this cache \
+                         ({}, epoch {}), which is gone; taking it over",
+                        ws.name(),
+                        r.holder,
+                        r.epoch
+                    );
+                    true
+                } else if r.holder.node == holder.node {
+                    // This cache's id, while this process holds the cache lock: either a
+                    // mount of this cache that died, or another cache with the same id.
+                    if let Some(seq) = own_seen
+                        && seq != r.seq
+                    {
+                        bail!(
+                            "node id {} is in use by another live mount ({}, session {}): two \
+                             caches claim the same node id (a copied cache?). Remove the file \
+                             node-id from one cache to give it a new id",
+                            holder.node,
+                            r.holder,
+                            r.holder.session
+                        );
+                    }
+                    own_seen = Some(r.seq);
+                    if !lapsed && last_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+                    {
+                        last_notice = Some(Instant::now());
+                        notice(&format!(
+                            "the lease of workspace {:?} is still held by an earlier mount of \
+                             this cache ({}, epoch {}); waiting up to {:.1}s for it to lapse",
+                            ws.name(),
+                            r.holder,
+                            r.epoch,
+                            watch.remaining(r).as_secs_f64()
+                        ));
+                    }
+                    lapsed
+                } else {
+                    match mode {
+                        Takeover::Refuse => bail!(
+                            "workspace {:?} is in use: its lease is held by {} at epoch {} \
+                             (ttl {:.1}s). It lapses within {:.1}s if that node stops renewing \
+                             it. Use --wait to wait for it, --steal to take it once it lapses, \
+                             or --steal --force if that node is dead",
+                            ws.name(),
+                            r.holder,
+                            r.epoch,
+                            r.ttl().as_secs_f64(),
+                            r.ttl().as_secs_f64()
+                        ),
+                        Takeover::Steal if steal_seen.is_some_and(|seen| seen != r.seq) => {
+                            bail!(
+                                "workspace {:?} is in use: {} renewed its lease (epoch {}) while \
+                                 we waited for it to lapse. Use --wait to wait for a handoff, or \
+                                 --steal --force if that node is dead",
+                                ws.name(),
+                                r.holder,
+                                r.epoch
+                            );
+                        }
+                        _ => {
+                            steal_seen = Some(r.seq);
+                            if !lapsed
+                                && last_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+                            {
+                                last_notice = Some(Instant::now());
+                                notice(&format!(
+                                    "waiting for the lease of workspace {:?}: held by {} at \
+                                     epoch {}; it lapses in {:.1}s unless renewed",
+                                    ws.name(),
+                                    r.holder,
+                                    r.epoch,
+                                    watch.remaining(r).as_secs_f64()
+                                ));
+                            }
+                            lapsed
+                        }
+                    }
+                }
+            }
+        };
+        if take {
+            let started = Instant::now();
+            match lease.acquire(current.as_ref(), holder, ttl) {
+                Ok(r) => {
+                    if let Some(old) = &current
+                        && old.state == LeaseState::Held
+                    {
+                        tracing::warn!(
+                            "took over the lease of workspace {:?} from {} (epoch {} → {})",
+                            ws.name(),
+                            old.holder,
+                            old.epoch,
+                            r.epoch
+                        );
+                    }
+                    return Ok((r, started));
+                }
+                // Someone else moved first: look again.
+                Err(LeaseError::Lost { .. }) => continue,
+                Err(LeaseError::Store(e)) => return Err(e.into()),
+            }
+        }
+        let pause = current.as_ref().map_or(Duration::from_millis(100), |r| {
+            (r.ttl() / 10).clamp(Duration::from_millis(20), Duration::from_millis(500))
+        });
+        std::thread::sleep(pause);
+    }
+}
+
+struct KeeperState {
+    held: LeaseRecord,
+    /// Writes must stop at this instant unless a renewal succeeds first.
+    good_until: Instant,
+    last_renewal: Instant,
+    renewals: u64,
+    last_error: Option<String>,
+    /// Set once, at fail-stop: why.
+    lost: Option<String>,
+    released: bool,
+    stop: bool,
+}
+
+/// Keeps a lease renewed while the mount runs.
+pub struct Keeper {
+    lease: Lease,
+    ttl: Duration,
+    margin: Duration,
+    st: Mutex<KeeperState>,
+    cv: Condvar,
+    lost_flag: AtomicBool,
+    on_lost: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl Keeper {
+    /// `acquired_at`: when the acquisition request started.
+    pub fn new(
+        ws: &Workspace,
+        held: LeaseRecord,
+        acquired_at: Instant,
+        on_lost: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> Arc<Keeper> {
+        let ttl = held.ttl();
+        let margin = ttl / 4;
+        Arc::new(Keeper {
+            lease: Lease::new(ws),
+            ttl,
+            margin,
+            st: Mutex::new(KeeperState {
+                held,
+                good_until: acquired_at + ttl - margin,
+                last_renewal: acquired_at,
+                renewals: 0,
+                last_error: None,
+                lost: None,
+                released: false,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+            lost_flag: AtomicBool::new(false),
+            on_lost,
+        })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.st.lock().held.epoch
+    }
+
+    /// Whether the lease is still good for at least `ahead`; commits check this first.
+    pub fn check(&self, ahead: Duration) -> anyhow::Result<()> {
+        let st = self.st.lock();
+        if let Some(why) = &st.lost {
+            bail!("the lease is lost: {why}");
+        }
+        if Instant::now() + ahead >= st.good_until {
+            bail!(
+                "the lease is about to lapse (no renewal for {:.1}s{})",
+                st.last_renewal.elapsed().as_secs_f64(),
+                st.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost_flag.load(Ordering::Relaxed)
+    }
+
+    /// Fail-stop: records why and stops writes. Only the first reason counts.
+    pub fn lose(&self, why: &str) {
+        {
+            let mut st = self.st.lock();
+            if st.lost.is_some() || st.released {
+                return;
+            }
+            st.lost = Some(why.to_string());
+        }
+        self.lost_flag.store(true, Ordering::Relaxed);
+        tracing::error!("fail-stop: {why}; writes now fail with EROFS");
+        (self.on_lost)(why);
+        self.cv.notify_all();
+    }
+
+    /// The renewal thread and the watchdog; returns when stopped.
+    pub fn run(self: &Arc<Self>) {
+        let watchdog = {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("owsfs-lease-dog".into())
+                .spawn(move || me.watchdog())
+        };
+        let every = (self.ttl / 3).max(Duration::from_millis(10));
+        loop {
+            let (held, next_at) = {
+                let mut st = self.st.lock();
+                let next_at = st.last_renewal + every;
+                while !st.stop && st.lost.is_none() && Instant::now() < next_at {
+                    self.cv.wait_until(&mut st, next_at);
+                }
+                if st.stop || st.lost.is_some() {
+                    break;
+                }
+                (st.held.clone(), next_at)
+            };
+            let _ = next_at;
+            let started = Instant::now();
+            match self.lease.renew(&held) {
+                Ok(r) => {
+                    let mut st = self.st.lock();
+                    st.held = r;
+                    st.last_renewal = started;
+                    st.good_until = started + self.ttl - self.margin;
+                    st.renewals += 1;
+                    st.last_error = None;
+                }
+                Err(LeaseError::Lost { current, .. }) => {
+                    self.lose(&format!(
+                        "the lease was taken over by {} at epoch {}",
+                        current.holder, current.epoch
+                    ));
+                    break;
+                }
+                Err(LeaseError::Store(e)) => {
+                    tracing::warn!("lease: renewal failed: {e}");
+                    let mut st = self.st.lock();
+                    st.last_error = Some(e.to_string());
+                    // Try again soon rather than a full interval later.
+                    st.last_renewal = Instant::now()
+                        .checked_sub(every.saturating_sub(Duration::from_millis(100)))
+                        .unwrap_or(st.last_renewal);
+                }
+            }
+        }
+        if let Ok(w) = watchdog {
+            let _ = w.join();
+        }
+    }
+
+    /// Stops writes when the lease runs out, even while a renewal request hangs.
+    fn watchdog(&self) {
+        let mut st = self.st.lock();
+        loop {
+            if st.stop || st.lost.is_some() {
+                return;
+            }
+            if Instant::now() >= st.good_until {
+                let why = format!(
+                    "the lease could not be renewed for {:.1}s (ttl {:.1}s){}",
+                    st.last_renewal.elapsed().as_secs_f64(),
+                    self.ttl.as_secs_f64(),
+                    st.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                drop(st);
+                self.lose(&why);
+                return;
+            }
+            let until = st
+                .good_until
+                .min(Instant::now() + Duration::from_millis(50));
+            self.cv.wait_until(&mut st, until);
+        }
+    }
+
+    /// Stops renewing (the threads end).
+    pub fn stop(&self) {
+        self.st.lock().stop = true;
+        self.cv.notify_all();
+    }
+
+    /// Releases the lease so the next node can mount at once. Call after `stop` and after
+    /// the last generation is durable.
+    pub fn release(&self) -> anyhow::Result<()> {
+        let held = {
+            let st = self.st.lock();
+            if let Some(why) = &st.lost {
+                bail!("not released: the lease is lost ({why})");
+            }
+            st.held.clone()
+        };
+        match self.lease.release(&held) {
+            Ok(r) => {
+                let mut st = self.st.lock();
+                st.held = r;
+                st.released = true;
+                Ok(())
+            }
+            Err(LeaseError::Lost { current, .. }) => bail!(
+                "not released: the lease was taken over by {} at epoch {}",
+                current.holder,
+                current.epoch
+            ),
+            Err(LeaseError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// For `owsfs status`.
+    pub fn status(&self) -> Value {
+        let st = self.st.lock();
+        let state = if st.released {
+            "released"
+        } else if st.lost.is_some() {
+            "lost"
+        } else {
+            "held"
+        };
+        json!({
+            "state": state,
+            "holder": st.held.holder.to_string(),
+            "node": st.held.holder.node,
+            "epoch": st.held.epoch,
+            "ttl_secs": self.ttl.as_secs_f64(),
+            "last_renewal_secs_ago": st.last_renewal.elapsed().as_secs_f64(),
+            "good_for_secs": st.good_until.saturating_duration_since(Instant::now()).as_secs_f64(),
+            "renewals": st.renewals,
+            "last_error": st.last_error,
+            "lost": st.lost,
+        })
+    }
+}
