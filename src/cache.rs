@@ -219,9 +219,12 @@ impl Cache {
                 })?;
             }
         }
-        let node = self.root.join("node-id");
-        if node.exists() {
-            std::fs::copy(&node, dest.join("node-id"))?;
+        // A cache of its own (for `owsfs recover --cache`), with the same node id.
+        for file in ["node-id", "cache.json"] {
+            let from = self.root.join(file);
+            if from.exists() {
+                std::fs::copy(&from, dest.join(file))?;
+            }
         }
         std::fs::write(dest.join("aside.json"), serde_json::to_vec_pretty(why)?)?;
         let _ = std::fs::remove_file(self.root.join("stopped.json"));

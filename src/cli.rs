@@ -40,6 +40,56 @@ pub enum Command {
     /// Restore a generation of a workspace into a new directory (no mount; every object is
     /// verified by hash).
     Restore(RestoreArgs),
+    /// Hand the workspace off: last cut, wait until durable, release the lease, unmount.
+    /// Another node can then mount it at once.
+    Handoff(HandoffArgs),
+    /// Turn the unsynced changes left in a cache (after a crash or a fail-stop) into a new
+    /// workspace: a fork of the cache's last generation plus those changes.
+    Recover(RecoverArgs),
+    /// Mount, run CMD with the workspace ready, forward signals, hand off when CMD exits, and
+    /// exit with CMD's status (a container entrypoint).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct HandoffArgs {
+    /// The mountpoint of a running owsfs mount.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The cache (or a directory set aside in CACHE/aside/) holding the unsynced changes. No
+    /// daemon may be running on it.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The name of the new workspace (the fork). It must not exist yet.
+    #[arg(long = "as", value_name = "NEW_NAME")]
+    pub as_name: String,
+    /// The store [default: the one the cache belongs to]. It must be that store: the cache's
+    /// unchanged data is referenced there, not copied.
+    #[arg(long, env = "OWSFS_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status: CMD's (128+N if a signal N ended it); 75 when the \
+                        workspace's lease was lost and CMD was stopped; 1 when the mount or the \
+                        handoff failed."
+)]
+pub struct RunArgs {
+    /// Where to mount the workspace for CMD.
+    #[arg(long = "mount", value_name = "DIR")]
+    pub mount: PathBuf,
+    /// How long CMD has to exit after SIGTERM (forwarded, or on fail-stop) before SIGKILL.
+    #[arg(long, env = "OWSFS_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: std::time::Duration,
+    #[command(flatten)]
+    pub opts: MountOpts,
+    /// The command and its arguments (after --).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +140,20 @@ pub struct LogArgs {
 pub struct MountArgs {
     /// Where the workspace appears: an existing, empty directory.
     pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub opts: MountOpts,
+}
+
+impl std::ops::Deref for MountArgs {
+    type Target = MountOpts;
+    fn deref(&self) -> &MountOpts {
+        &self.opts
+    }
+}
+
+/// The options of a mount (shared by `owsfs mount` and `owsfs run`).
+#[derive(Args, Debug, Clone)]
+pub struct MountOpts {
     /// The cache directory: the backing files and the journal
     /// [default: $XDG_CACHE_HOME/owsfs/<mountpoint name>].
     #[arg(long, env = "OWSFS_CACHE")]
@@ -287,6 +351,9 @@ pub fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
                     | "sync"
                     | "log"
                     | "restore"
+                    | "handoff"
+                    | "recover"
+                    | "run"
                     | "help"
             )
     };
@@ -314,6 +381,9 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Sync(args) => control::sync(&args.mountpoint, args.timeout),
         Command::Log(args) => crate::log::run(&args),
         Command::Restore(args) => crate::log::restore(&args),
+        Command::Handoff(args) => control::handoff(&args.mountpoint),
+        Command::Recover(args) => crate::recover::recover(&args),
+        Command::Run(args) => return crate::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

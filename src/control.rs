@@ -214,6 +214,17 @@ struct DaemonGone {
     source: std::io::Error,
 }
 
+/// `owsfs handoff`: like a clean unmount, but a dead daemon is an error (nothing was handed
+/// off) and success is said.
+pub fn handoff(mountpoint: &Path) -> anyhow::Result<()> {
+    request(mountpoint, json!({"cmd": "unmount", "lazy": false}), None)?;
+    eprintln!(
+        "owsfs: {} handed off: everything written is in the store and the lease is released",
+        mountpoint.display()
+    );
+    Ok(())
+}
+
 /// `owsfs unmount`.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
     match request(mountpoint, json!({"cmd": "unmount", "lazy": lazy}), None) {
@@ -253,6 +264,15 @@ pub fn sync(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
 }
 
 /// `owsfs status`.
+/// The status of the mount at `mountpoint`, as JSON (for `owsfs run`).
+pub fn status_value(mountpoint: &Path) -> anyhow::Result<Value> {
+    request(
+        mountpoint,
+        json!({"cmd": "status", "dirty": false}),
+        Some(Duration::from_secs(10)),
+    )
+}
+
 pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<()> {
     let v = request(
         mountpoint,

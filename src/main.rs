@@ -8,6 +8,8 @@ mod lease;
 mod log;
 mod mountpoint;
 mod options;
+mod recover;
+mod run;
 mod sync;
 
 fn main() -> std::process::ExitCode {

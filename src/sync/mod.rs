@@ -362,6 +362,12 @@ impl SyncAgent {
         Ok(st.head)
     }
 
+    /// One cut and commit now, on the caller's thread (for `owsfs recover`, with no agent
+    /// thread running). Returns the generation number.
+    pub fn commit_now(&self) -> anyhow::Result<u64> {
+        self.commit_once()
+    }
+
     /// One cut and commit. Returns the generation number.
     fn commit_once(&self) -> anyhow::Result<u64> {
         let started = Instant::now();
