@@ -452,9 +452,20 @@ impl Core {
 
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
     fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
-        let cached = self.inodes.len();
+        let mut cached = self.inodes.len();
         if cached >= self.high_water() {
             self.kick_reaper();
+        }
+        if cached >= self.inode_budget {
+            // The reaper's invalidations make the kernel send FORGETs, which other threads
+            // serve: under load they can lag behind a burst of new names. Give them a moment
+            // before failing (bounded, so open files beyond the budget still fail soon).
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while cached >= self.inode_budget && std::time::Instant::now() < deadline {
+                self.kick_reaper();
+                std::thread::sleep(Duration::from_millis(5));
+                cached = self.inodes.len();
+            }
         }
         if cached >= self.inode_budget {
             if !self.budget_warned.swap(true, Ordering::Relaxed) {
