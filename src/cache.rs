@@ -11,7 +11,8 @@
 //! CACHE/owsfs.log      the log of a background daemon
 //! CACHE/node-id        this cache's node id in leases (random, made on first use)
 //! CACHE/state.db       the base generation and chunk index (src/sync/local.rs)
-//! CACHE/stopped.json   written at fail-stop: the unsynced changes here must not be merged
+//! CACHE/stopped.json   written at fail-stop (why, epoch); informational. The unsynced changes
+//!                      are set aside at the next mount only if another node committed since
 //! CACHE/aside/NAME/    unsynced changes set aside (backing/, journal/, state.db, aside.json):
 //!                      `owsfs recover --cache CACHE/aside/NAME --as NEW` forks them
 //! ```

@@ -87,8 +87,9 @@ pub fn acquire(
                     {
                         last_notice = Some(Instant::now());
                         notice(&format!(
-                            "the lease of workspace {:?} is still held by an earlier mount of \
-                             this cache ({}, epoch {}); waiting up to {:.1}s for it to lapse",
+                            "the lease of workspace {:?} is held under this cache's node id \
+                             ({}, epoch {}) by another cache or an earlier mount; waiting up \
+                             to {:.1}s for it to lapse",
                             ws.name(),
                             r.holder,
                             r.epoch,
