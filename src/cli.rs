@@ -194,7 +194,7 @@ pub struct MountOpts {
 pub struct LeaseArgs {
     /// How long the lease lasts without renewal (renewed every third of it). A holder that
     /// cannot renew stops writing a quarter of it before it lapses.
-    #[arg(long, env = "OWSFS_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "OWSFS_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
     pub lease_ttl: std::time::Duration,
     /// If another node holds the lease, wait until it hands off or its lease lapses.
     #[arg(long, env = "OWSFS_WAIT", conflicts_with = "steal")]
@@ -263,6 +263,17 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is not a duration (use e.g. 1s, 250ms, 2m)"));
     }
     Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+/// A lease TTL: a duration of at least 500ms (shorter ones would fail-stop on any hiccup).
+pub fn parse_lease_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(500) {
+        return Err(format!(
+            "{s:?} is too short for a lease TTL (at least 500ms)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `1GiB`, `512MiB`, `64KiB`, `1G`, `100M`, or plain bytes.

@@ -269,8 +269,13 @@ pub fn status_value(mountpoint: &Path) -> anyhow::Result<Value> {
     request(
         mountpoint,
         json!({"cmd": "status", "dirty": false}),
-        Some(Duration::from_secs(10)),
+        Some(Duration::from_secs(2)),
     )
+}
+
+/// Whether `e` (from a request) says no daemon serves the mount any more.
+pub fn daemon_gone(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<DaemonGone>().is_some() || format!("{e}").contains("is not an owsfs mount")
 }
 
 pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<()> {

@@ -155,6 +155,9 @@ struct Readiness {
 impl Readiness {
     fn ready(&self) {
         if self.child {
+            // From now on the daemon outlives the `owsfs mount` that started it.
+            // SAFETY: prctl with plain integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
             println!("READY");
             let _ = std::io::stdout().flush();
             // The parent stops reading: point stdout at the log (stderr) from here on.
@@ -242,6 +245,9 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     unsafe {
         cmd.pre_exec(|| {
             rustix::process::setsid()?;
+            // Until it reports ready, the daemon dies with the `owsfs mount` that waits for it
+            // (e.g. an interrupted `--wait`), so it cannot take a lease for nobody.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
     }
@@ -432,14 +438,22 @@ fn serve(
     };
     let keeper_thread = {
         let k = Arc::clone(&keeper);
-        std::thread::Builder::new()
-            .name("owsfs-lease".into())
-            .spawn(move || k.run())
-            .context("cannot start the lease thread")?
+        Mutex::new(Some(
+            std::thread::Builder::new()
+                .name("owsfs-lease".into())
+                .spawn(move || k.run())
+                .context("cannot start the lease thread")?,
+        ))
+    };
+    let stop_keeper = || {
+        keeper.stop();
+        if let Some(t) = keeper_thread.lock().take() {
+            let _ = t.join();
+        }
     };
     // Until the mount serves, a failure hands the lease back at once.
     let give_back = |e: anyhow::Error| -> anyhow::Error {
-        keeper.stop();
+        stop_keeper();
         if let Err(r) = keeper.release() {
             tracing::warn!("{r:#}");
         }
@@ -499,6 +513,10 @@ fn serve(
             "the lease was lost while preparing the cache"
         )));
     }
+    // Commits of this mount carry this epoch; a later mount of this cache knows them as its own.
+    local
+        .set_meta("lease_epoch", &keeper.epoch().to_string())
+        .map_err(give_back)?;
 
     let core = Arc::new(
         Core::new(
@@ -513,6 +531,10 @@ fn serve(
         .map_err(|e| give_back(anyhow::anyhow!("cannot open the backing directory: {e}")))?,
     );
     let _ = core_slot.set(Arc::clone(&core));
+    // Lost between the check above and now: `on_lost` found no core to stop.
+    if let Some(why) = keeper.lost_reason() {
+        core.stop_writes(&why);
+    }
     if let Ok(note) = std::fs::read_to_string(cache.root.join("stopped.json")) {
         tracing::info!("an earlier mount of this cache stopped writing: {note}");
         let _ = std::fs::remove_file(cache.root.join("stopped.json"));
@@ -615,8 +637,7 @@ fn serve(
         tracing::error!("the sync thread panicked");
     }
     // Hand off: the lease is released only when everything written is in the store.
-    keeper.stop();
-    let _ = keeper_thread.join();
+    stop_keeper();
     let handoff = if keeper.is_lost() {
         Err("writes were stopped (fail-stop); the lease is not ours to release".to_string())
     } else if journal.is_dirty() {

@@ -247,6 +247,11 @@ impl Keeper {
         Ok(())
     }
 
+    /// Why the lease was lost, if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.st.lock().lost.clone()
+    }
+
     pub fn is_lost(&self) -> bool {
         self.lost_flag.load(Ordering::Relaxed)
     }
@@ -297,6 +302,15 @@ impl Keeper {
                     st.good_until = started + self.ttl - self.margin;
                     st.renewals += 1;
                     st.last_error = None;
+                }
+                Err(LeaseError::Lost { current, .. })
+                    if current.epoch == held.epoch
+                        && current.holder.session == held.holder.session =>
+                {
+                    // Our own renewal, whose answer was lost, landed: take it as held, but
+                    // keep the deadline of the last renewal we know started in time.
+                    tracing::info!("lease: step {} was our own renewal", current.seq);
+                    self.st.lock().held = *current;
                 }
                 Err(LeaseError::Lost { current, .. }) => {
                     self.lose(&format!(

@@ -129,6 +129,10 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<u64> {
         let head = ws.fence(keeper.epoch())?;
+        // Checked again under the lease: a concurrent recover to the same name may have won.
+        if ws.newest_commit(head)?.is_some() {
+            bail!("workspace {name:?} was just created by someone else: choose another name");
+        }
         let journal = Arc::new(journal);
         if !journal.is_dirty() {
             // Nothing unsynced: the fork is the cache's generation as it is.
@@ -149,15 +153,14 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             };
             keeper.check(Duration::ZERO)?;
             ws.commit(&record)?;
-            local.set_meta("workspace", name)?;
             let mut b = base.clone();
             b.generation = head + 1;
             b.epoch = keeper.epoch();
             local.commit(&b, Default::default())?;
+            local.set_meta("workspace", name)?;
             journal.close_clean()?;
             return Ok(head + 1);
         }
-        local.set_meta("workspace", name)?;
         let core = Arc::new(
             Core::new(
                 &cache.backing,
@@ -193,6 +196,8 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
         );
         agent.stop();
         journal.close_clean()?;
+        // Only now does the cache belong to the fork (a failed recover leaves it as it was).
+        LocalState::open(&state_path)?.set_meta("workspace", name)?;
         Ok(g)
     })();
     keeper.stop();

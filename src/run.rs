@@ -50,16 +50,28 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2])
             .context("cannot install signal handlers")?;
     let (tx, rx) = mpsc::channel::<i32>();
-    std::thread::Builder::new()
-        .name("owsfs-run-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if tx.send(sig).is_err() {
-                    break;
+    let mounting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let mounting = std::sync::Arc::clone(&mounting);
+        std::thread::Builder::new()
+            .name("owsfs-run-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if matches!(sig, SIGTERM | SIGINT)
+                        && mounting.load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        // Still mounting (e.g. waiting for the lease): give up; the daemon,
+                        // not ready yet, dies with us.
+                        eprintln!("owsfs run: signal {sig} while mounting: giving up");
+                        std::process::exit(128 + sig);
+                    }
+                    if tx.send(sig).is_err() {
+                        break;
+                    }
                 }
-            }
-        })
-        .context("cannot start the signal thread")?;
+            })
+            .context("cannot start the signal thread")?;
+    }
 
     // An entrypoint should not need a mkdir before it.
     if !args.mount.exists() {
@@ -74,6 +86,7 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         opts,
     })
     .context("cannot mount the workspace")?;
+    mounting.store(false, std::sync::atomic::Ordering::SeqCst);
     let mp = args.mount.as_path();
 
     if let Ok(sig) = rx.try_recv() {
@@ -100,6 +113,7 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut stopping: Option<(Stopping, Instant)> = None;
     let mut killed = false;
     let mut last_check = Instant::now();
+    let mut status_failures = 0u32;
     let status = loop {
         if let Some(status) = child.try_wait().context("cannot wait for CMD")? {
             break status;
@@ -116,7 +130,7 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         if last_check.elapsed() >= Duration::from_millis(200) {
             last_check = Instant::now();
-            if let Some(why) = writes_stopped(mp)
+            if let Some(why) = writes_stopped(mp, &mut status_failures)
                 && !matches!(stopping, Some((Stopping::FailStop(_), _)))
             {
                 eprintln!(
@@ -184,11 +198,19 @@ fn handoff(mp: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Why the mount at `mp` stopped taking writes, if it did (or its daemon is gone).
-fn writes_stopped(mp: &Path) -> Option<String> {
+/// Why the mount at `mp` stopped taking writes, if it did, or its daemon is gone (or has not
+/// answered five status requests in a row).
+fn writes_stopped(mp: &Path, failures: &mut u32) -> Option<String> {
     match control::status_value(mp) {
-        Ok(v) => v["sync"]["writes_stopped"].as_str().map(str::to_string),
-        Err(e) => Some(format!("the owsfs daemon does not answer: {e:#}")),
+        Ok(v) => {
+            *failures = 0;
+            v["sync"]["writes_stopped"].as_str().map(str::to_string)
+        }
+        Err(e) if control::daemon_gone(&e) => Some(format!("the owsfs daemon is gone: {e:#}")),
+        Err(e) => {
+            *failures += 1;
+            (*failures >= 5).then(|| format!("the owsfs daemon does not answer: {e:#}"))
+        }
     }
 }
 

@@ -1215,3 +1215,70 @@ fn forced_takeover_fences_a_live_holder(store: &TestStore) {
     );
     c.unmount();
 }
+
+/// After a fail-stop, writes fail at once with EROFS even when the unsynced changes are older
+/// than `--max-lag` (backpressure would otherwise wait forever for an upload that will not
+/// come), so a writer never hangs on a stopped mount.
+#[test]
+fn a_stopped_mount_never_makes_writers_wait() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let mut a = store.workspace(
+        "stuck",
+        &[
+            "--lease-ttl",
+            "2s",
+            "--max-lag",
+            "500ms",
+            "--max-lag-bytes",
+            "64KiB",
+        ],
+    );
+    let part = a.cache.with_file_name("partition");
+    a.env.push((
+        "OWSFS_FAULTS".into(),
+        format!("partition={}", part.display()),
+    ));
+    a.mount();
+    std::fs::write(a.path("before"), b"synced").unwrap();
+    a.sync();
+    let _heal = RemoveOnDrop(part.clone());
+    std::fs::write(&part, b"").unwrap();
+    // Unsynced bytes over the byte bound, then wait for the fail-stop.
+    let _ = std::fs::write(a.path("big"), vec![7u8; 256 << 10]);
+    assert!(
+        wait_for(
+            Duration::from_secs(30),
+            || lease_status(&a)["lease"]["state"] == "lost"
+        ),
+        "no fail-stop{}",
+        a.log_tail()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // Each write runs on a thread: one that hangs fails the test instead of the suite.
+    for what in ["append", "truncate"] {
+        let path = a.path("before");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = match what {
+                "append" => append(&path, "more"),
+                _ => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(1)),
+            };
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}"),
+            Ok(Ok(())) => panic!("{what} on a stopped mount succeeded"),
+            Err(_) => panic!("{what} on a stopped mount hangs{}", a.log_tail()),
+        }
+    }
+    assert_eq!(std::fs::read(a.path("before")).unwrap(), b"synced");
+    std::fs::remove_file(&part).unwrap();
+    let out = a.owsfs(&["unmount", &a.mp.to_string_lossy()]);
+    assert!(!is_mounted(&a.mp), "{}", stderr(&out));
+}

@@ -241,6 +241,10 @@ impl Core {
 
     /// Shared barrier for a data write, after the backpressure check.
     fn data_mutation(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
+        // A stopped mount fails at once: no waiting for an upload that will not come.
+        if self.stopped.get().is_some() {
+            return Err(FsError::errno(libc::EROFS, "writes stopped"));
+        }
         if let Some(throttle) = self.throttle.get() {
             throttle();
         }
@@ -447,25 +451,30 @@ impl Core {
                 attr: self.attr(&st),
             });
         }
+        self.wait_for_inode_room();
         self.lookup_new(dir, name)
+    }
+
+    /// When the inode table is full, waits a moment for the kernel's FORGETs: the reaper's
+    /// invalidations make the kernel send them, and other threads serve them, but under load
+    /// they can lag behind a burst of new names. Bounded, so open files beyond the budget
+    /// still fail soon with ENFILE. Called before any barrier is taken.
+    fn wait_for_inode_room(&self) {
+        if self.inodes.len() < self.inode_budget {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.inodes.len() >= self.inode_budget && std::time::Instant::now() < deadline {
+            self.kick_reaper();
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
     fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
-        let mut cached = self.inodes.len();
+        let cached = self.inodes.len();
         if cached >= self.high_water() {
             self.kick_reaper();
-        }
-        if cached >= self.inode_budget {
-            // The reaper's invalidations make the kernel send FORGETs, which other threads
-            // serve: under load they can lag behind a burst of new names. Give them a moment
-            // before failing (bounded, so open files beyond the budget still fail soon).
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while cached >= self.inode_budget && std::time::Instant::now() < deadline {
-                self.kick_reaper();
-                std::thread::sleep(Duration::from_millis(5));
-                cached = self.inodes.len();
-            }
         }
         if cached >= self.inode_budget {
             if !self.budget_warned.swap(true, Ordering::Relaxed) {
@@ -620,6 +629,7 @@ impl Core {
         create: impl FnOnce(&Inode) -> FsResult<()>,
     ) -> FsResult<Entry> {
         check_name(name)?;
+        self.wait_for_inode_room();
         let _barrier = self.mutation()?;
         let dir = self.inode(parent)?;
         let dir_path = self.path_of(parent).unwrap_or_default();

@@ -201,7 +201,8 @@ impl SyncAgent {
         }
         let started = Instant::now();
         loop {
-            if self.syncing.load(Ordering::Acquire) || self.st.lock().stop {
+            if self.syncing.load(Ordering::Acquire) || self.st.lock().stop || self.keeper.is_lost()
+            {
                 break;
             }
             if !self.lagging() {
@@ -227,7 +228,10 @@ impl SyncAgent {
                 .name("owsfs-lag".into())
                 .spawn(move || {
                     while !me.st.lock().stop {
-                        me.over_lag.store(me.lagging(), Ordering::Relaxed);
+                        // After a fail-stop nothing will be uploaded: writers fail with EROFS
+                        // rather than wait.
+                        let lagging = !me.keeper.is_lost() && me.lagging();
+                        me.over_lag.store(lagging, Ordering::Relaxed);
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     me.over_lag.store(false, Ordering::Relaxed);
@@ -452,6 +456,16 @@ impl SyncAgent {
             .with_context(|| format!("not committing generation {number}"))?;
         match self.ws.commit(&record) {
             Ok(()) => {}
+            Err(CommitError::SlotTaken { number, existing }) if existing.epoch == epoch => {
+                // Our own earlier attempt landed although its answer was lost (the epoch is
+                // this mount's alone). The journal still covers it: go on on top of it.
+                let mut st = self.st.lock();
+                st.head = st.head.max(number);
+                bail!(
+                    "generation {number} of this mount landed although its answer was lost; \
+                     the next cut goes on top of it"
+                );
+            }
             Err(CommitError::SlotTaken { number, existing }) => {
                 let why = format!(
                     "generation slot {number} was taken at epoch {} (this mount has epoch \

@@ -83,7 +83,12 @@ pub fn prepare_base(
             }
             None
         }
-        (Some(b), Some(h)) if h > b.generation && own_pending(local, ws, h)? => {
+        (Some(b), Some(h))
+            if h > b.generation
+                && newest
+                    .as_ref()
+                    .is_some_and(|r| own_commit(local, ws, r).unwrap_or(false)) =>
+        {
             // This cache committed generation h and died before recording it: its journal
             // still covers everything since its base, so it goes on from there.
             tracing::info!(
@@ -202,7 +207,7 @@ pub fn diverged(
     let Some(newest) = ws.newest_commit(head)? else {
         return Ok(None);
     };
-    if newest.number <= base.generation || own_pending(local, ws, newest.number)? {
+    if newest.number <= base.generation || own_commit(local, ws, &newest)? {
         return Ok(None);
     }
     Ok(Some(format!(
@@ -210,6 +215,24 @@ pub fn diverged(
          and generation {} (epoch {}) was committed by another node since",
         base.generation, base.epoch, newest.number, newest.epoch
     )))
+}
+
+/// Whether the store's commit `r` came from this cache: noted as pending before it was
+/// committed, or written under the lease epoch this cache last held (a commit whose answer was
+/// lost). Either way the journal still covers it.
+fn own_commit(
+    local: &LocalState,
+    ws: &Workspace,
+    r: &owsfs_store::GenerationRecord,
+) -> anyhow::Result<bool> {
+    if local
+        .meta("lease_epoch")?
+        .and_then(|e| e.parse::<u64>().ok())
+        == Some(r.epoch)
+    {
+        return Ok(true);
+    }
+    own_pending(local, ws, r.number)
 }
 
 /// The store's generation `h` is the one this cache noted as pending before committing it.
