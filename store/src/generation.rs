@@ -82,48 +82,64 @@ pub fn generation_key(workspace: &str, n: GenNumber) -> String {
     format!("workspaces/{workspace}/gens/{n:020}")
 }
 
+/// Seals a JSON record as three lines: `TAG VERSION`, the JSON body, the blake3 of the body
+/// (the format of generation and lease records, `FORMAT.md`).
+pub(crate) fn seal_json<T: Serialize>(tag: &str, version: u64, what: &str, r: &T) -> Result<Bytes> {
+    let body = serde_json::to_string(r)
+        .map_err(|e| StoreError::Invalid(format!("cannot encode {what}: {e}")))?;
+    let sum = blake3::hash(body.as_bytes()).to_hex();
+    Ok(Bytes::from(format!("{tag} {version}\n{body}\n{sum}\n")))
+}
+
+/// Parses and verifies what [`seal_json`] made, read from `object`: header, version (a newer
+/// one is `UnsupportedVersion`), checksum, then the JSON body.
+pub(crate) fn unseal_json<T: serde::de::DeserializeOwned>(
+    tag: &str,
+    supported: u64,
+    object: &str,
+    b: &[u8],
+) -> Result<T> {
+    let bad = |what: &str| StoreError::corrupt(object, what);
+    let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
+    let text = text
+        .strip_suffix('\n')
+        .ok_or_else(|| bad("truncated (no final newline)"))?;
+    let mut lines = text.split('\n');
+    let (Some(head), Some(body), Some(sum), None) =
+        (lines.next(), lines.next(), lines.next(), lines.next())
+    else {
+        return Err(bad("not three lines"));
+    };
+    let version: u64 = head
+        .strip_prefix(tag)
+        .and_then(|v| v.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("bad header line"))?;
+    if version > supported {
+        return Err(StoreError::UnsupportedVersion {
+            object: object.into(),
+            found: version,
+            supported,
+        });
+    }
+    if version != supported {
+        return Err(bad("unknown version"));
+    }
+    if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
+        return Err(bad("checksum mismatch"));
+    }
+    serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))
+}
+
 impl GenerationRecord {
     /// The sealed text: header line, JSON body line, blake3 of the body line.
     pub fn seal(&self) -> Result<Bytes> {
-        let body = serde_json::to_string(self)
-            .map_err(|e| StoreError::Invalid(format!("cannot encode generation: {e}")))?;
-        let sum = blake3::hash(body.as_bytes()).to_hex();
-        Ok(Bytes::from(format!(
-            "owsfs-generation {GENERATION_VERSION}\n{body}\n{sum}\n"
-        )))
+        seal_json("owsfs-generation", GENERATION_VERSION, "generation", self)
     }
 
     /// Parses and verifies a sealed record read from `object`.
     pub fn unseal(object: &str, b: &[u8]) -> Result<GenerationRecord> {
-        let bad = |what: &str| StoreError::corrupt(object, what);
-        let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
-        let text = text
-            .strip_suffix('\n')
-            .ok_or_else(|| bad("truncated (no final newline)"))?;
-        let mut lines = text.split('\n');
-        let (Some(head), Some(body), Some(sum), None) =
-            (lines.next(), lines.next(), lines.next(), lines.next())
-        else {
-            return Err(bad("not three lines"));
-        };
-        let version: u64 = head
-            .strip_prefix("owsfs-generation ")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad("bad header line"))?;
-        if version > GENERATION_VERSION {
-            return Err(StoreError::UnsupportedVersion {
-                object: object.into(),
-                found: version,
-                supported: GENERATION_VERSION,
-            });
-        }
-        if version != GENERATION_VERSION {
-            return Err(bad("unknown version"));
-        }
-        if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
-            return Err(bad("checksum mismatch"));
-        }
-        serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))
+        unseal_json("owsfs-generation", GENERATION_VERSION, object, b)
     }
 }
 

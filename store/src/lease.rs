@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{PutOutcome, Store};
 use crate::error::{Result, StoreError};
-use crate::generation::Workspace;
+use crate::generation::{Workspace, seal_json, unseal_json};
 
 pub const LEASE_VERSION: u64 = 1;
 
@@ -78,46 +78,13 @@ impl LeaseRecord {
 
     /// The sealed text: header line, JSON body line, blake3 of the body line.
     pub fn seal(&self) -> Result<Bytes> {
-        let body = serde_json::to_string(self)
-            .map_err(|e| StoreError::Invalid(format!("cannot encode lease record: {e}")))?;
-        let sum = blake3::hash(body.as_bytes()).to_hex();
-        Ok(Bytes::from(format!(
-            "owsfs-lease {LEASE_VERSION}\n{body}\n{sum}\n"
-        )))
+        seal_json("owsfs-lease", LEASE_VERSION, "lease record", self)
     }
 
     /// Parses and verifies a sealed record read from `object`.
     pub fn unseal(object: &str, b: &[u8]) -> Result<LeaseRecord> {
+        let r: LeaseRecord = unseal_json("owsfs-lease", LEASE_VERSION, object, b)?;
         let bad = |what: &str| StoreError::corrupt(object, what);
-        let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
-        let text = text
-            .strip_suffix('\n')
-            .ok_or_else(|| bad("truncated (no final newline)"))?;
-        let mut lines = text.split('\n');
-        let (Some(head), Some(body), Some(sum), None) =
-            (lines.next(), lines.next(), lines.next(), lines.next())
-        else {
-            return Err(bad("not three lines"));
-        };
-        let version: u64 = head
-            .strip_prefix("owsfs-lease ")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad("bad header line"))?;
-        if version > LEASE_VERSION {
-            return Err(StoreError::UnsupportedVersion {
-                object: object.into(),
-                found: version,
-                supported: LEASE_VERSION,
-            });
-        }
-        if version != LEASE_VERSION {
-            return Err(bad("unknown version"));
-        }
-        if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
-            return Err(bad("checksum mismatch"));
-        }
-        let r: LeaseRecord =
-            serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))?;
         if r.epoch == 0 || r.ttl_ms == 0 {
             return Err(bad("epoch and ttl must be positive"));
         }
