@@ -20,7 +20,6 @@ use crate::lease::Keeper;
 use crate::sync::local::LocalState;
 use crate::sync::{SyncAgent, SyncOptions};
 use crate::{control, mountpoint, options};
-use owsfs_store::Holder;
 
 /// Set in the environment of the background daemon a foreground `owsfs mount` starts.
 const DAEMON_CHILD_ENV: &str = "OWSFS_DAEMON_CHILD";
@@ -284,27 +283,6 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
     )
 }
 
-/// Boot id, path and device/inode of the cache directory: equal only for the same directory
-/// on the same running system.
-fn cache_fingerprint(root: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    match std::fs::metadata(root) {
-        Ok(m) if !boot.trim().is_empty() => {
-            format!("{}:{}#{}:{}", boot.trim(), root.display(), m.dev(), m.ino())
-        }
-        _ => String::new(),
-    }
-}
-
-fn rand_u64() -> u64 {
-    let mut raw = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut raw);
-    }
-    u64::from_le_bytes(raw) ^ std::process::id() as u64
-}
-
 /// Raises the open-file limit as far as allowed and returns it. Every inode the kernel holds
 /// keeps a descriptor open, so this bounds how many inodes the kernel can cache at once.
 fn raise_nofile_limit() -> u64 {
@@ -384,16 +362,7 @@ fn serve(
         .with_context(|| format!("cannot open workspace {ws_name} in {store_url}"))?;
 
     // The writer lease, then a fence: from here on no other node can commit.
-    let holder = Holder {
-        node: cache.node_id()?,
-        host: rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-        pid: std::process::id(),
-        session: format!("{:016x}", rand_u64()),
-        cache: cache_fingerprint(&cache.root),
-    };
+    let holder = crate::lease::holder(&cache)?;
     let (held, acquired_at) = crate::lease::acquire(
         &ws,
         &holder,

@@ -16,6 +16,42 @@ use owsfs_store::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch
 use parking_lot::{Condvar, Mutex};
 use serde_json::{Value, json};
 
+/// This process as a lease holder of `cache`: the cache's node id, the host, the pid, a
+/// random session, and the cache's fingerprint (see `Holder::cache`).
+pub fn holder(cache: &crate::cache::Cache) -> anyhow::Result<Holder> {
+    Ok(Holder {
+        node: cache.node_id()?,
+        host: rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+        pid: std::process::id(),
+        session: format!("{:016x}", rand_u64()),
+        cache: cache_fingerprint(&cache.root),
+    })
+}
+
+/// Boot id, path and device/inode of the cache directory: equal only for the same directory
+/// on the same running system.
+fn cache_fingerprint(root: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    match std::fs::metadata(root) {
+        Ok(m) if !boot.trim().is_empty() => {
+            format!("{}:{}#{}:{}", boot.trim(), root.display(), m.dev(), m.ino())
+        }
+        _ => String::new(),
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut raw = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut raw);
+    }
+    u64::from_le_bytes(raw) ^ std::process::id() as u64
+}
+
 /// How a mount treats a lease another node holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Takeover {

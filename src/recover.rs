@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use owsfs_fuse::{Core, CoreOptions};
 use owsfs_journal::{Journal, JournalOptions};
+use owsfs_store::BlobRef;
 use owsfs_store::generation::{GenKind, GenStats, GenerationRecord, Workspace};
-use owsfs_store::{BlobRef, Holder};
 
 use crate::cache::Cache;
 use crate::cli::RecoverArgs;
@@ -92,16 +92,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     if ws.head()?.is_some() {
         bail!("workspace {name:?} already exists in {store_url}: choose another name");
     }
-    let holder = Holder {
-        node: cache.node_id()?,
-        host: rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-        pid: std::process::id(),
-        session: format!("recover-{}", std::process::id()),
-        cache: String::new(),
-    };
+    let holder = crate::lease::holder(&cache)?;
     let (held, acquired_at) = crate::lease::acquire(
         &ws,
         &holder,
