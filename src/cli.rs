@@ -185,6 +185,12 @@ pub struct MountOpts {
     /// Slow writers down while more than this many bytes are unsynced (e.g. 512MiB, 2GiB).
     #[arg(long, env = "OWSFS_MAX_LAG_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_lag_bytes: u64,
+    /// Background fetch workers for a workspace restored lazily (0: fetch only what is read).
+    #[arg(long, env = "OWSFS_PREFETCH", default_value_t = 4, value_name = "N")]
+    pub prefetch: usize,
+    /// Bandwidth of the background fetch per second, all workers together (0: no limit).
+    #[arg(long, env = "OWSFS_PREFETCH_BANDWIDTH", default_value = "0", value_parser = parse_bytes, value_name = "BYTES")]
+    pub prefetch_bandwidth: u64,
     #[command(flatten)]
     pub lease: LeaseArgs,
 }

@@ -369,6 +369,17 @@ pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<(
         l["good_for_secs"].as_f64().unwrap_or(0.0),
         l["ttl_secs"].as_f64().unwrap_or(0.0),
     );
+    if let Ok(p) = serde_json::from_value::<crate::hydrate::Progress>(s["hydration"].clone()) {
+        println!(
+            "hydration    {}; {} directories and {} files pending, {} bytes fetched in {} \
+             requests",
+            crate::hydrate::progress_line(&p),
+            p.dirs_pending,
+            p.files_pending,
+            p.fetched_bytes,
+            p.fetches
+        );
+    }
     if let Some(why) = s["writes_stopped"].as_str() {
         println!("WRITES STOPPED (EROFS): {why}");
     }

@@ -233,6 +233,10 @@ fn spawn_background(args: &MountArgs, cache: &Path) -> anyhow::Result<()> {
         .arg(format!("{}ms", args.max_lag.as_millis()))
         .arg("--max-lag-bytes")
         .arg(args.max_lag_bytes.to_string())
+        .arg("--prefetch")
+        .arg(args.prefetch.to_string())
+        .arg("--prefetch-bandwidth")
+        .arg(args.prefetch_bandwidth.to_string())
         .args(args.lease.to_args());
     cmd.env(DAEMON_CHILD_ENV, "1")
         .env_remove("OWSFS_FOREGROUND")
@@ -473,10 +477,9 @@ fn serve(
         local = LocalState::open(&cache.root.join("state.db")).map_err(give_back)?;
     }
     let journal = Arc::new(journal);
-    let (previous_sqlite, head) = crate::sync::prepare::prepare_base(
-        &store, &ws, &mut local, &cache, &journal, &store_url, head,
-    )
-    .map_err(give_back)?;
+    let (previous_sqlite, head) =
+        crate::sync::prepare::prepare_base(&ws, &mut local, &cache, &journal, &store_url, head)
+            .map_err(give_back)?;
     if keeper.is_lost() {
         return Err(give_back(anyhow::anyhow!(
             "the lease was lost while preparing the cache"
@@ -487,6 +490,22 @@ fn serve(
         .set_meta("lease_epoch", &keeper.epoch().to_string())
         .map_err(give_back)?;
 
+    // Lazy hydration: the root's entries are made now (its tree is the one fetch a mount of
+    // a new cache needs); everything else on demand and in the background.
+    let hyd = crate::hydrate::Hydrator::open(
+        &cache.root.join("state.db"),
+        &cache.backing,
+        Arc::clone(&store),
+        local.node_map(),
+        &journal.dirty(),
+    )
+    .map_err(give_back)?;
+    if hyd.dir_is_pending(hyd.root_ino()) {
+        hyd.materialize_dir(hyd.root_ino(), hyd.root_fd())
+            .context("cannot fetch the root directory")
+            .map_err(give_back)?;
+    }
+    let inherited_access = crate::hydrate::access_list(&store, &ws, &local);
     let core = Arc::new(
         Core::new(
             &cache.backing,
@@ -500,6 +519,9 @@ fn serve(
         .map_err(|e| give_back(anyhow::anyhow!("cannot open the backing directory: {e}")))?,
     );
     let _ = core_slot.set(Arc::clone(&core));
+    core.set_hydrator(Arc::new(crate::hydrate::CoreHook {
+        hyd: Arc::clone(&hyd),
+    }));
     // Lost between the check above and now: `on_lost` found no core to stop.
     if let Some(why) = keeper.lost_reason() {
         core.stop_writes(&why);
@@ -534,6 +556,8 @@ fn serve(
         previous_sqlite,
         head,
         Arc::clone(&keeper),
+        Arc::clone(&hyd),
+        inherited_access.clone(),
     )
     .map_err(give_back)?;
     {
@@ -561,6 +585,16 @@ fn serve(
     core.set_invalidator(Box::new(move |parent, name| {
         notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent), name)
     }));
+    let prefetch = crate::hydrate::prefetch::Prefetcher::start(
+        Arc::clone(&hyd),
+        Arc::clone(&core),
+        inherited_access,
+        crate::hydrate::prefetch::PrefetchOptions {
+            workers: args.prefetch,
+            bandwidth: args.prefetch_bandwidth,
+        },
+    );
+    let saver = crate::hydrate::spawn_saver(Arc::clone(&hyd), args.foreground);
     let reaper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let core = Arc::clone(&core);
@@ -600,10 +634,15 @@ fn serve(
 
     let served = session.run();
     reaper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    prefetch.stop();
+    saver.stop();
     // The last cut: everything written before the unmount goes to the store.
     agent.stop();
     if agent_thread.join().is_err() {
         tracing::error!("the sync thread panicked");
+    }
+    if let Err(e) = hyd.save() {
+        tracing::error!("cannot store the hydration state: {e:#}");
     }
     // Hand off: the lease is released only when everything written is in the store.
     stop_keeper();

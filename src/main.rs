@@ -4,6 +4,7 @@ mod cache;
 mod cli;
 mod control;
 mod daemon;
+mod hydrate;
 mod lease;
 mod log;
 mod mountpoint;

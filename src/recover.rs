@@ -141,6 +141,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
                 root: Some(root),
                 sqlite: Vec::new(),
                 stats: GenStats::default(),
+                access: None,
             };
             keeper.check(Duration::ZERO)?;
             ws.commit(&record)?;
@@ -165,6 +166,14 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,
         );
         let _ = core_slot.set(Arc::clone(&core));
+        // A lazily restored cache: what the cut reads but is not local yet is fetched.
+        let hyd = crate::hydrate::Hydrator::open(
+            &state_path,
+            &cache.backing,
+            Arc::clone(&store),
+            local.node_map(),
+            &journal.dirty(),
+        )?;
         let agent = SyncAgent::new(
             Arc::clone(&core),
             Arc::clone(&store),
@@ -178,6 +187,8 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             Vec::new(),
             head,
             Arc::clone(&keeper),
+            Arc::clone(&hyd),
+            Vec::new(),
         )?;
         let started = Instant::now();
         let g = agent.commit_now()?;
@@ -186,6 +197,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         agent.stop();
+        hyd.save()?;
         journal.close_clean()?;
         // Only now does the cache belong to the fork (a failed recover leaves it as it was).
         LocalState::open(&state_path)?.set_meta("workspace", name)?;

@@ -203,21 +203,8 @@ fn all_files(dir: &Path) -> Vec<PathBuf> {
 /// (any of the given strings); nothing is mounted afterwards. Returns the restore directory
 /// (possibly partly written) for the caller to inspect.
 fn refused(store: &TestStore, work: &Path, case: &str, objects: &[&str]) -> PathBuf {
+    let dest = refused_by_restore(store, work, case, objects);
     let ws = store.workspace("ws", &[]);
-    let dest = work.join(format!("restore-{case}"));
-    let out = ws.restore(None, &dest);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "{case}: owsfs restore succeeded on a corrupted store: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        objects.iter().any(|o| err.contains(o)),
-        "{case}: the restore error does not name {objects:?}: {err}"
-    );
-
-    eprintln!("{case}: owsfs restore: {}", err.trim());
     let out = ws.try_mount();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let mounted = is_mounted(&ws.mp);
@@ -238,6 +225,56 @@ fn refused(store: &TestStore, work: &Path, case: &str, objects: &[&str]) -> Path
         ws.log_tail()
     );
     dest
+}
+
+/// `owsfs restore` of the newest generation fails, naming one of `objects`.
+fn refused_by_restore(store: &TestStore, work: &Path, case: &str, objects: &[&str]) -> PathBuf {
+    let ws = store.workspace("ws", &[]);
+    let dest = work.join(format!("restore-{case}"));
+    let out = ws.restore(None, &dest);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{case}: owsfs restore succeeded on a corrupted store: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        objects.iter().any(|o| err.contains(o)),
+        "{case}: the restore error does not name {objects:?}: {err}"
+    );
+    eprintln!("{case}: owsfs restore: {}", err.trim());
+    dest
+}
+
+/// A fresh-cache mount fetches lazily: it succeeds, every file but `bad` reads right, and
+/// reading `bad` fails with EIO (never zeros), the daemon's log naming one of `objects`.
+fn refused_on_read(
+    store: &TestStore,
+    case: &str,
+    bad: &str,
+    objects: &[&str],
+    want: &BTreeMap<String, Vec<u8>>,
+) {
+    let ws = store.workspace("ws", &["--prefetch", "0"]);
+    ws.mount();
+    for (name, v) in want {
+        if name == bad || !v.starts_with(b"f:") {
+            continue;
+        }
+        assert_eq!(
+            std::fs::read(ws.path(name)).unwrap(),
+            v[2..],
+            "{case}: {name} differs"
+        );
+    }
+    let err = std::fs::read(ws.path(bad)).expect_err("a corrupted chunk was served");
+    let log = ws.log_tail();
+    ws.unmount();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{case}: {err}");
+    assert!(
+        objects.iter().any(|o| log.contains(o)),
+        "{case}: the daemon log does not name {objects:?}: {log}"
+    );
 }
 
 /// A restore and a fresh-cache mount of the newest generation succeed and show `want`.
@@ -319,7 +356,8 @@ fn corrupted_objects_are_refused_and_named() {
         .expect("the chunk is a piece of keep.bin");
     let at = off + len as u64 / 2;
     flip(&pack, at, 0x5a);
-    let dest = refused(&store, work.path(), "chunk", &[&pack_key]);
+    let dest = refused_by_restore(&store, work.path(), "chunk", &[&pack_key]);
+    refused_on_read(&store, "chunk", "keep.bin", &[&pack_key], &expected);
     let mut bad_chunk = chunk.clone();
     bad_chunk[len as usize / 2] ^= 0x5a;
     for f in all_files(&dest) {

@@ -4,7 +4,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 
 use crate::error::{Context, FsError, FsResult};
 use crate::freeze::Freezer;
+use crate::hydrate::Hydrate;
 use crate::inode::{Inode, InodeTable, ROOT_INO};
 use crate::stats::Stats;
 
@@ -159,6 +160,8 @@ pub struct Core {
     throttle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Set once by [`Core::stop_writes`].
     stopped: std::sync::OnceLock<String>,
+    /// Lazy hydration: entries and bytes that are still in the store (set by the daemon).
+    hydrate: std::sync::OnceLock<Arc<dyn Hydrate>>,
     pub stats: Stats,
 }
 
@@ -202,6 +205,7 @@ impl Core {
             freezer: Freezer::new(&opts.side_dir.unwrap_or_else(std::env::temp_dir)),
             throttle: std::sync::OnceLock::new(),
             stopped: std::sync::OnceLock::new(),
+            hydrate: std::sync::OnceLock::new(),
             stats: Stats::default(),
         })
     }
@@ -215,6 +219,13 @@ impl Core {
         self.barrier.write()
     }
 
+    /// Runs `f` with the write barrier held shared, like a mutation (lazy hydration's
+    /// background materializing).
+    pub fn with_barrier_shared<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _shared = self.barrier.read();
+        f()
+    }
+
     /// The copy-on-first-write state of the cut in flight.
     pub fn freezer(&self) -> &Freezer {
         &self.freezer
@@ -223,6 +234,109 @@ impl Core {
     /// Sets the function data writes call before they start (backpressure).
     pub fn set_throttle(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.throttle.set(f);
+    }
+
+    /// Installs lazy hydration (once, before the mount serves).
+    pub fn set_hydrator(&self, h: Arc<dyn Hydrate>) {
+        let _ = self.hydrate.set(h);
+    }
+
+    fn hyd(&self) -> Option<&dyn Hydrate> {
+        self.hydrate
+            .get()
+            .map(|h| h.as_ref())
+            .filter(|h| h.active())
+    }
+
+    /// Lazy hydration: the entries of directory `dir` exist in the backing directory. Called
+    /// before the operation takes the barrier (materializing takes it shared).
+    fn materialize(&self, dir: &Inode) -> FsResult<()> {
+        let Some(h) = self.hyd() else {
+            return Ok(());
+        };
+        if dir.kind != FileType::Directory {
+            return Ok(());
+        }
+        let bino = self.inodes.fuse_ino(dir.ino);
+        if !h.dir_pending(bino) {
+            return Ok(());
+        }
+        let _barrier = self.barrier.read();
+        h.materialize(bino, dir.fd.as_fd())
+            .map_err(|e| FsError::io("materialize a directory from the store", e))
+    }
+
+    /// [`Core::materialize`] for the directory `name` in `dir`, if it is one (before it is
+    /// removed or replaced: an unmaterialized directory looks empty).
+    fn materialize_child(&self, dir: &Inode, name: &OsStr) -> FsResult<()> {
+        let Some(h) = self.hyd() else {
+            return Ok(());
+        };
+        let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            return Ok(());
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !h.dir_pending(st.st_ino) {
+            return Ok(());
+        }
+        let fd = rustix::fs::openat(
+            &dir.fd,
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open a directory to materialize")?;
+        let _barrier = self.barrier.read();
+        h.materialize(st.st_ino, fd.as_fd())
+            .map_err(|e| FsError::io("materialize a directory from the store", e))
+    }
+
+    /// Lazy hydration: bytes `[start, end)` of file `ino` (a FUSE number) are local.
+    fn fetch(&self, ino: u64, start: u64, end: u64) -> FsResult<()> {
+        let Some(h) = self.hyd() else {
+            return Ok(());
+        };
+        if start >= end {
+            return Ok(());
+        }
+        h.fetch(self.inodes.fuse_ino(ino), start, end)
+            .map_err(|e| FsError::io("fetch file content from the store", e))
+    }
+
+    /// Before a truncate to `size` of a file the running cut has frozen: the bytes it drops
+    /// are saved for the cut, so they must be local (rare: truncating a file that is both
+    /// being uploaded and not yet fetched).
+    fn fetch_if_frozen(&self, ino: u64, size: u64) -> FsResult<()> {
+        if self.hyd().is_some()
+            && !self.whole(ino)
+            && self.freezer.is_frozen(self.inodes.fuse_ino(ino))
+        {
+            self.fetch(ino, size, u64::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// File `ino` (a FUSE number) is whole: no byte of it is still only in the store.
+    fn whole(&self, ino: u64) -> bool {
+        self.hyd()
+            .is_none_or(|h| h.whole(self.inodes.fuse_ino(ino)))
+    }
+
+    /// Lazy hydration: file `ino` (a FUSE number) is truncated to `size` next.
+    fn hyd_truncate(&self, ino: u64, size: u64) {
+        if let Some(h) = self.hyd() {
+            h.truncate(self.inodes.fuse_ino(ino), size);
+        }
+    }
+
+    /// The name `name` in `dir` goes away next (unlink, or replaced by a rename): if it is the
+    /// last name of a file, lazy hydration forgets it.
+    fn hyd_removing(&self, st: &rustix::fs::Stat) {
+        if let Some(h) = self.hyd()
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_nlink <= 1
+        {
+            h.removed(st.st_ino);
+        }
     }
 
     /// FUSE inode number of a backing inode number (and back: the mapping is its own inverse).
@@ -439,6 +553,7 @@ impl Core {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.lookups);
         let dir = self.inode(parent)?;
+        self.materialize(&dir)?;
         self.lookup_in(&dir, name)
     }
 
@@ -582,6 +697,8 @@ impl Core {
         }
         if let Some(size) = set.size {
             self.journal_file_op(ino, Op::Truncate { ino, size })?;
+            self.fetch_if_frozen(ino, size)?;
+            self.hyd_truncate(ino, size);
             self.freeze_before_change(ino, size, u64::MAX, &inode)?;
             let reopened;
             let file = match &handle {
@@ -630,8 +747,9 @@ impl Core {
     ) -> FsResult<Entry> {
         check_name(name)?;
         self.wait_for_inode_room();
-        let _barrier = self.mutation()?;
         let dir = self.inode(parent)?;
+        self.materialize(&dir)?;
+        let _barrier = self.mutation()?;
         let dir_path = self.path_of(parent).unwrap_or_default();
         // The new inode number is unknown until it exists: mark the parent first, so a crash
         // between the two records still leaves the new name dirty.
@@ -644,6 +762,9 @@ impl Core {
             create(&dir)?;
         }
         let entry = self.lookup_new(&dir, name)?;
+        if let Some(h) = self.hyd() {
+            h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+        }
         self.journal.append(Op::Create {
             ino: entry.attr.ino.0,
             kind: node_kind(entry.attr.kind),
@@ -705,6 +826,13 @@ impl Core {
     ) -> FsResult<(Entry, Arc<Handle>, u64)> {
         self.stats.count(&self.stats.creates);
         let oflags = backing_open_flags(flags) | OFlags::CREATE;
+        if flags & libc::O_TRUNC != 0
+            && let Some(h) = self.hyd()
+            && let Ok(dir) = self.inode(parent)
+            && let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+        {
+            h.truncate(st.st_ino, 0);
+        }
         let mut file = None;
         let entry = self.create_node(parent, name, caller, |dir| {
             let fd = rustix::fs::openat(&dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
@@ -714,7 +842,7 @@ impl Core {
         })?;
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.attr.ino.0)?;
-        let mode = self.reserve_mode(&inode, writable(flags))?;
+        let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.attr.ino.0))?;
         let (handle, fh) = self.insert_handle(&inode, file, mode);
         Ok((entry, handle, fh))
     }
@@ -730,8 +858,12 @@ impl Core {
     fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
         self.stats.count(&self.stats.removes);
         check_name(name)?;
-        let _barrier = self.mutation()?;
         let pdir = self.inode(parent)?;
+        self.materialize(&pdir)?;
+        if dir {
+            self.materialize_child(&pdir, name)?;
+        }
+        let _barrier = self.mutation()?;
         let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
         let ino = self.inodes.fuse_ino(st.st_ino);
         self.journal.append(Op::Remove {
@@ -748,6 +880,9 @@ impl Core {
             AtFlags::empty()
         };
         rustix::fs::unlinkat(&pdir.fd, name, flags).ctx("remove")?;
+        if !dir {
+            self.hyd_removing(&st);
+        }
         if let Some(child) = self.inodes.get(ino) {
             child.clear_loc_if(parent, name);
         }
@@ -770,9 +905,15 @@ impl Core {
             return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        let _barrier = self.mutation()?;
         let src_dir = self.inode(parent)?;
         let dst_dir = self.inode(newparent)?;
+        self.materialize(&src_dir)?;
+        self.materialize(&dst_dir)?;
+        if !exchange {
+            // Replacing a directory needs it empty: it must show its real entries.
+            self.materialize_child(&dst_dir, newname)?;
+        }
+        let _barrier = self.mutation()?;
         let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
             .ctx("rename source")?;
         // The target, if any: exchanged, or replaced (its recorded name must go).
@@ -801,6 +942,12 @@ impl Core {
             RenameFlags::from_bits_retain(flags),
         )
         .ctx("rename")?;
+        if let Some(dst) = &dst
+            && !exchange
+            && dst.st_ino != src.st_ino
+        {
+            self.hyd_removing(dst);
+        }
         if let Some(dst) = dst
             && dst.st_ino != src.st_ino
             && let Some(other) = self.inodes.get(self.inodes.fuse_ino(dst.st_ino))
@@ -820,9 +967,10 @@ impl Core {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         check_name(newname)?;
-        let _barrier = self.mutation()?;
         let inode = self.inode(ino)?;
         let dir = self.inode(newparent)?;
+        self.materialize(&dir)?;
+        let _barrier = self.mutation()?;
         self.journal.append(Op::Link {
             ino,
             path: self.child_path(newparent, newname),
@@ -868,17 +1016,23 @@ impl Core {
         if write && self.stopped.get().is_some() {
             return Err(FsError::errno(libc::EROFS, "writes stopped"));
         }
+        if let Some(h) = self.hyd() {
+            h.opened(self.inodes.fuse_ino(ino), self.path_of(ino).as_deref());
+        }
         let _barrier = (flags & libc::O_TRUNC != 0)
             .then(|| self.data_mutation())
             .transpose()?;
         // The mode is settled first: an open the kernel would refuse must change nothing.
-        let mode = self.reserve_mode(&inode, write)?;
+        // A file that is not wholly local is read through the daemon, which fetches.
+        let mode = self.reserve_mode(&inode, write, !self.whole(ino))?;
         let opened = (|| {
             // Without FUSE_ATOMIC_O_TRUNC the kernel truncates by SETATTR and strips O_TRUNC
             // from OPEN; should one arrive anyway, it is journaled and honoured like Linux
             // does (even for a read-only open).
             if flags & libc::O_TRUNC != 0 {
                 self.journal_file_op(ino, Op::Truncate { ino, size: 0 })?;
+                self.fetch_if_frozen(ino, 0)?;
+                self.hyd_truncate(ino, 0);
                 self.freeze_before_change(ino, 0, u64::MAX, &inode)?;
             }
             let file = self.reopen(&inode, backing_open_flags(flags))?;
@@ -900,7 +1054,7 @@ impl Core {
     /// cached open exists (and passthrough is on); cached otherwise. A writer while passthrough
     /// readers are open is refused: the kernel would only take a passthrough open, and writes
     /// must reach the daemon.
-    fn reserve_mode(&self, inode: &Inode, write: bool) -> FsResult<IoMode> {
+    fn reserve_mode(&self, inode: &Inode, write: bool, cached: bool) -> FsResult<IoMode> {
         let mut open = inode.open.lock();
         if write && open.passthrough > 0 {
             // close(2) returns before its RELEASE reaches us, so a reader that just closed may
@@ -913,7 +1067,7 @@ impl Core {
                     .timed_out()
             {}
         }
-        if !write && open.cached == 0 && self.passthrough_enabled() {
+        if !write && !cached && open.cached == 0 && self.passthrough_enabled() {
             open.passthrough += 1;
             Ok(IoMode::Passthrough)
         } else if open.passthrough > 0 {
@@ -988,6 +1142,7 @@ impl Core {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let handle = self.handle(fh)?;
+        self.fetch(handle.ino, offset, offset.saturating_add(size as u64))?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -1011,6 +1166,9 @@ impl Core {
     /// `security.capability` lookup per write).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
+        // Bytes around the written ones keep coming from the store: whole chunks are local
+        // before the write (and before a frozen file saves its old bytes).
+        self.fetch(handle.ino, offset, offset.saturating_add(data.len() as u64))?;
         let _barrier = self.data_mutation()?;
         if kill_suidgid {
             self.kill_suidgid(handle.ino, &handle.file)?;
@@ -1065,13 +1223,15 @@ impl Core {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let _barrier = self.data_mutation()?;
         // Collapsing or inserting a range moves every byte after it.
         let len = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
             u64::MAX - offset
         } else {
             len
         };
+        // Bytes it keeps (or moves) must be local first.
+        self.fetch(handle.ino, offset, offset.saturating_add(len))?;
+        let _barrier = self.data_mutation()?;
         self.freeze_before_change_fd(handle.ino, offset, offset.saturating_add(len), &handle.file)?;
         self.journal_file_op(
             handle.ino,
@@ -1093,6 +1253,20 @@ impl Core {
     /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself).
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
         let handle = self.handle(fh)?;
+        if matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) && !self.whole(handle.ino) {
+            // Holes of a file still being fetched are not the file's holes: the whole file
+            // counts as data, which lseek(2) allows.
+            let size = rustix::fs::fstat(&handle.file).ctx("lseek stat")?.st_size as u64;
+            let offset = offset as u64;
+            if offset >= size {
+                return Err(FsError::errno(libc::ENXIO, "lseek past the end"));
+            }
+            return Ok(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                size
+            } as i64);
+        }
         let pos = match whence {
             libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
             libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
@@ -1117,6 +1291,8 @@ impl Core {
         let src = self.handle(fh_in)?;
         let dst = self.handle(fh_out)?;
         let len = len.min(u32::MAX as u64 & !0xfff);
+        self.fetch(src.ino, offset_in, offset_in.saturating_add(len))?;
+        self.fetch(dst.ino, offset_out, offset_out.saturating_add(len))?;
         let _barrier = self.data_mutation()?;
         self.freeze_before_change_fd(
             dst.ino,
@@ -1154,6 +1330,7 @@ impl Core {
         if inode.kind != FileType::Directory {
             return Err(FsError::errno(libc::ENOTDIR, "opendir"));
         }
+        self.materialize(&inode)?;
         let entries = self.read_dir_entries(&inode)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs.insert(
@@ -1219,6 +1396,7 @@ impl Core {
     /// Looks up one entry for readdirplus (counts a kernel reference).
     pub fn readdirplus_entry(&self, dir_ino: u64, name: &OsStr) -> FsResult<Entry> {
         let dir = self.inode(dir_ino)?;
+        self.materialize(&dir)?;
         self.lookup_in(&dir, name)
     }
 

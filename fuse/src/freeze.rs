@@ -133,6 +133,11 @@ impl Freezer {
         }
     }
 
+    /// Backing inode `ino` is frozen by the running cut.
+    pub fn is_frozen(&self, ino: u64) -> bool {
+        self.get(ino).is_some()
+    }
+
     fn get(&self, ino: u64) -> Option<Arc<Frozen>> {
         if !self.active.load(Ordering::Acquire) {
             return None;
@@ -350,27 +355,7 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 
 /// The parts of `[start, end)` not covered by `set`.
 fn uncovered(set: &ExtentSet, start: u64, end: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut at = start;
-    for (s, e) in set.iter() {
-        if e <= at {
-            continue;
-        }
-        if s >= end {
-            break;
-        }
-        if s > at {
-            out.push((at, s));
-        }
-        at = at.max(e);
-        if at >= end {
-            break;
-        }
-    }
-    if at < end {
-        out.push((at, end));
-    }
-    out
+    set.gaps(start, end)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod adapter;
 mod core;
 mod error;
 mod freeze;
+mod hydrate;
 mod inode;
 mod stats;
 
@@ -23,6 +24,7 @@ pub use core::{
 };
 pub use error::{FsError, FsResult};
 pub use freeze::{Freezer, Frozen};
+pub use hydrate::Hydrate;
 pub use inode::ROOT_INO;
 pub use stats::{Stats, StatsSnapshot};
 

@@ -67,6 +67,28 @@ impl ExtentSet {
         self.ranges.get(i).is_some_and(|&(s, _)| s <= offset)
     }
 
+    /// The parts of `[start, end)` the set does not cover, in order.
+    pub fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        for &(s, e) in &self.ranges[self.ranges.partition_point(|&(_, e)| e <= start)..] {
+            if s >= end {
+                break;
+            }
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
     fn check_invariant(&self) -> bool {
         self.ranges.iter().all(|&(s, e)| s < e) && self.ranges.windows(2).all(|w| w[0].1 < w[1].0)
     }

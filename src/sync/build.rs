@@ -29,6 +29,7 @@ pub type SqlitePosition = owsfs_store::generation::SqliteState;
 /// What a cut produced, ready to commit.
 pub struct Built {
     pub root: BlobRef,
+    pub access: Option<BlobRef>,
     pub update: Update,
     pub sqlite: Vec<SqlitePosition>,
     pub files: u64,
@@ -128,6 +129,10 @@ impl Packer<'_> {
     }
 }
 
+/// Makes bytes `[start, end)` of a backing inode local before they are read (lazy
+/// hydration).
+pub type Fetch<'a> = dyn Fn(u64, u64, u64) -> io::Result<()> + 'a;
+
 /// Reads the frozen files and builds the tree of the cut.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
@@ -140,6 +145,8 @@ pub fn build(
     freezer: &Freezer,
     fuse_ino: &dyn Fn(u64) -> u64,
     previous_sqlite: &[SqlitePosition],
+    fetch: &Fetch<'_>,
+    access: &[u8],
 ) -> anyhow::Result<Built> {
     let loader = Loader { local, store };
     let mut packer = Packer {
@@ -169,6 +176,7 @@ pub fn build(
             fuse_ino,
             &mut sqlite,
             &mut bytes_read,
+            fetch,
         );
         // Done with it either way: later writes need not save anything for this cut.
         freezer.finish(f);
@@ -252,6 +260,11 @@ pub fn build(
     let (root, totals) = *built_dirs
         .get(Path::new(""))
         .context("the cut did not list the root")?;
+    let access = if access.is_empty() {
+        None
+    } else {
+        Some(packer.emit(BlobKind::Chunk, access)?)
+    };
     packer.flush()?;
 
     // Positions of databases this cut did not read carry over while they still exist.
@@ -262,6 +275,7 @@ pub fn build(
     }
     Ok(Built {
         root,
+        access,
         update: packer.update,
         sqlite: sqlite.into_values().collect(),
         files: totals.files,
@@ -322,7 +336,7 @@ fn exists_after(capture: &Capture, path: &Path) -> bool {
 
 fn base_entry(local: &LocalState, ino: u64, kind: u8) -> anyhow::Result<Option<TreeEntry>> {
     match local.node(ino) {
-        Some((k, bytes)) if *k == kind => Ok(Some(decode_node(bytes)?)),
+        Some((k, bytes)) if k == kind => Ok(Some(decode_node(&bytes)?)),
         _ => Ok(None),
     }
 }
@@ -379,9 +393,12 @@ fn read_frozen(
     fuse_ino: &dyn Fn(u64) -> u64,
     sqlite: &mut BTreeMap<String, SqlitePosition>,
     bytes_read: &mut u64,
+    fetch: &Fetch<'_>,
 ) -> anyhow::Result<FileContent> {
     let mut opened: Option<File> = None;
     let mut read_at = |off: u64, buf: &mut [u8]| -> io::Result<()> {
+        // Bytes not fetched yet are the base generation's: fetched into the live file first.
+        fetch(f.ino, off, off + buf.len() as u64)?;
         let n = f.read_at(root_fd, &mut opened, buf, off)?;
         *bytes_read += n as u64;
         if n < buf.len() {
@@ -395,10 +412,12 @@ fn read_frozen(
 
     let d = dirty.files.get(&fuse_ino(f.ino));
     let base = match loader.local.node(f.ino) {
-        Some((b'f', bytes)) if !d.is_some_and(|d| d.created) => match decode_node(bytes)?.content {
-            Content::File(c) => Some(c),
-            _ => None,
-        },
+        Some((b'f', bytes)) if !d.is_some_and(|d| d.created) => {
+            match decode_node(&bytes)?.content {
+                Content::File(c) => Some(c),
+                _ => None,
+            }
+        }
         _ => None,
     };
     let (old, old_len): (Vec<ChunkSpan>, u64) = match &base {
@@ -430,6 +449,7 @@ fn read_frozen(
     if let Some(db) = name.strip_suffix(b"-wal") {
         let db_path = f.path.with_file_name(std::ffi::OsStr::from_bytes(db));
         let mut bytes = vec![0u8; f.size as usize];
+        fetch(f.ino, 0, f.size)?;
         let mut opened2: Option<File> = None;
         let n = f.read_at(root_fd, &mut opened2, &mut bytes, 0)?;
         bytes.truncate(n);
@@ -441,6 +461,7 @@ fn read_frozen(
         entry.wal = wal::parse(&bytes);
     } else if f.size >= 100 {
         let mut head = [0u8; 100];
+        fetch(f.ino, 0, 100)?;
         let mut opened2: Option<File> = None;
         if f.read_at(root_fd, &mut opened2, &mut head, 0)? == 100 && wal::db_pages(&head).is_some()
         {

@@ -72,6 +72,11 @@ pub trait Known {
     fn has_file(&self, ino: u64) -> bool;
     /// The previous generation has this directory's subtree.
     fn has_dir(&self, ino: u64) -> bool;
+    /// This directory is not materialized yet (lazy hydration): its subtree is the previous
+    /// generation's, and its backing directory is empty.
+    fn pending_dir(&self, _ino: u64) -> bool {
+        false
+    }
 }
 
 /// The result of the barrier phase.
@@ -178,7 +183,10 @@ fn capture_with(
                 Vec::new()
             };
             if kind == libc::S_IFDIR {
-                if full || rebuild.contains(&child) || !known.has_dir(stat.ino) {
+                if (full && !known.pending_dir(stat.ino))
+                    || rebuild.contains(&child)
+                    || !known.has_dir(stat.ino)
+                {
                     queue.push(child.clone());
                 }
             } else if kind == libc::S_IFREG {

@@ -11,6 +11,10 @@
 //! - `totals`: files, directories and bytes below each known tree, by tree id, so a
 //!   generation's totals need only the directories the cut rebuilt.
 //!
+//! - `hyd_files`, `hyd_dirs`, `hyd_links`: lazy hydration (`src/hydrate/`): files whose
+//!   bytes are not all local yet, directories whose entries are not made yet, hard links met
+//!   while materializing. Written by the hydrator's own connection.
+//!
 //! One transaction per generation updates all of them, after the generation is durable and before
 //! the journal forgets what the cut covered. A crash in between leaves an older base with a
 //! journal that still covers everything since it: the next cut uploads a superset.
@@ -21,8 +25,55 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Version of the `state.db` schema.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the `state.db` schema. Version 2 added lazy hydration: a version 1 owsfs would
+/// take a file that is not fetched yet for data, so it must refuse a version 2 cache.
+pub const STATE_VERSION: u32 = 2;
+
+/// One `nodes` row: backing inode, kind (b'f', b'd'), encoded tree entry.
+pub type NodeRow = (u64, u8, Vec<u8>);
+
+/// `nodes`, in memory, shared by the sync agent (which commits generations) and the hydrator
+/// (which adds the nodes it materializes). Last writer wins, as in the table.
+#[derive(Default)]
+pub struct NodeMap {
+    map: parking_lot::RwLock<HashMap<u64, (u8, Vec<u8>)>>,
+    /// Nodes added since the running cut's capture: a commit that rewrites every node (a full
+    /// walk) keeps them.
+    late: parking_lot::Mutex<Option<Vec<NodeRow>>>,
+}
+
+impl NodeMap {
+    pub fn get(&self, ino: u64) -> Option<(u8, Vec<u8>)> {
+        self.map.read().get(&ino).cloned()
+    }
+
+    pub fn kind(&self, ino: u64) -> Option<u8> {
+        self.map.read().get(&ino).map(|(k, _)| *k)
+    }
+
+    /// Adds nodes: `write` stores them in the table (its own transaction), under the map's lock
+    /// so that a concurrent commit sees the rows and the map alike.
+    pub fn add(
+        &self,
+        rows: Vec<(u64, u8, Vec<u8>)>,
+        write: impl FnOnce(&[(u64, u8, Vec<u8>)]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut map = self.map.write();
+        write(&rows)?;
+        if let Some(late) = self.late.lock().as_mut() {
+            late.extend(rows.iter().cloned());
+        }
+        for (ino, kind, content) in rows {
+            map.insert(ino, (kind, content));
+        }
+        Ok(())
+    }
+
+    /// Called by the cut under the barrier, after its capture.
+    pub fn mark_capture(&self) {
+        *self.late.lock() = Some(Vec::new());
+    }
+}
 
 /// The base generation the cache holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,8 +104,17 @@ impl Totals {
 pub struct LocalState {
     conn: Connection,
     /// `nodes`, in memory: kind (b'f' file, b'd' directory) and encoded content.
-    nodes: HashMap<u64, (u8, Vec<u8>)>,
+    nodes: std::sync::Arc<NodeMap>,
 }
+
+/// The hydration tables (created by [`LocalState::open`], used by `src/hydrate/`).
+pub const HYDRATION_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS hyd_files (ino INTEGER PRIMARY KEY, handle BLOB NOT NULL,
+                                          node BLOB NOT NULL, valid_end INTEGER NOT NULL,
+                                          present BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS hyd_dirs (ino INTEGER PRIMARY KEY, handle BLOB NOT NULL,
+                                         node BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS hyd_links (key INTEGER PRIMARY KEY, handle BLOB NOT NULL);";
 
 /// Changes of one generation.
 #[derive(Default)]
@@ -83,13 +143,17 @@ impl LocalState {
                                                 dirs INTEGER NOT NULL, bytes INTEGER NOT NULL);",
         )
         .with_context(|| format!("cannot create the tables of {}", path.display()))?;
-        let mut state = LocalState {
+        conn.execute_batch(HYDRATION_SCHEMA)
+            .with_context(|| format!("cannot create the tables of {}", path.display()))?;
+        let state = LocalState {
             conn,
-            nodes: HashMap::new(),
+            nodes: Default::default(),
         };
         match state.meta("version")? {
             None => state.set_meta("version", &STATE_VERSION.to_string())?,
             Some(v) if v == STATE_VERSION.to_string() => {}
+            // Version 1 had no hydration tables; they are empty now.
+            Some(v) if v == "1" => state.set_meta("version", &STATE_VERSION.to_string())?,
             Some(v) => bail!(
                 "{} has state version {v}; this owsfs understands version {STATE_VERSION}: \
                  upgrade owsfs or mount on a new cache",
@@ -105,9 +169,10 @@ impl LocalState {
                     r.get(2)?,
                 ))
             })?;
+            let mut map = state.nodes.map.write();
             for row in rows {
                 let (ino, kind, content) = row?;
-                state.nodes.insert(ino, (kind, content));
+                map.insert(ino, (kind, content));
             }
         }
         Ok(state)
@@ -144,13 +209,64 @@ impl LocalState {
         }))
     }
 
-    pub fn node(&self, ino: u64) -> Option<&(u8, Vec<u8>)> {
-        self.nodes.get(&ino)
+    pub fn node(&self, ino: u64) -> Option<(u8, Vec<u8>)> {
+        self.nodes.get(ino)
+    }
+
+    pub fn node_kind(&self, ino: u64) -> Option<u8> {
+        self.nodes.kind(ino)
+    }
+
+    /// The in-memory nodes, for the hydrator.
+    pub fn node_map(&self) -> std::sync::Arc<NodeMap> {
+        std::sync::Arc::clone(&self.nodes)
     }
 
     #[cfg(test)]
     pub fn node_count(&self) -> usize {
-        self.nodes.len()
+        self.nodes.map.read().len()
+    }
+
+    /// Makes the cache a lazy copy of generation `base`: no node, nothing fetched, the root
+    /// directory (backing inode `root_ino`, file handle `root_handle`) to be materialized from
+    /// `root_node` (the root's entry, holding its tree). One transaction, so a crash leaves
+    /// the old base or the new one. The backing directory's old entries go when the root is
+    /// materialized.
+    pub fn lazy_restore(
+        &mut self,
+        base: &Base,
+        root_ino: u64,
+        root_handle: &[u8],
+        root_node: &[u8],
+        totals: Totals,
+    ) -> anyhow::Result<()> {
+        let mut map = self.nodes.map.write();
+        let tx = self.conn.transaction()?;
+        tx.execute_batch(
+            "DELETE FROM nodes; DELETE FROM hyd_files; DELETE FROM hyd_dirs;
+             DELETE FROM hyd_links; DELETE FROM meta WHERE key = 'pending';",
+        )?;
+        tx.execute(
+            "INSERT INTO hyd_dirs (ino, handle, node) VALUES (?1, ?2, ?3)",
+            params![root_ino as i64, root_handle, root_node],
+        )?;
+        {
+            let mut meta = tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?;
+            meta.execute(params!["base_generation", base.generation.to_string()])?;
+            meta.execute(params!["base_epoch", base.epoch.to_string()])?;
+            meta.execute(params!["base_root", base.root])?;
+            meta.execute(params!["hyd_total_files", totals.files.to_string()])?;
+            meta.execute(params!["hyd_total_bytes", totals.bytes.to_string()])?;
+            meta.execute(params!["hyd_missing_files", totals.files.to_string()])?;
+            meta.execute(params!["hyd_missing_bytes", totals.bytes.to_string()])?;
+            meta.execute(params!["hyd_generation", base.generation.to_string()])?;
+        }
+        tx.commit()?;
+        map.clear();
+        Ok(())
     }
 
     pub fn blob(&self, id: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
@@ -186,6 +302,9 @@ impl LocalState {
 
     /// Records a new base generation and its changes, in one transaction.
     pub fn commit(&mut self, base: &Base, update: Update) -> anyhow::Result<()> {
+        // Held across the transaction: the hydrator adds nodes under it too.
+        let mut map = self.nodes.map.write();
+        let late = self.nodes.late.lock().take().unwrap_or_default();
         let tx = self.conn.transaction()?;
         if update.replace_all_nodes {
             tx.execute("DELETE FROM nodes", [])?;
@@ -196,6 +315,12 @@ impl LocalState {
             )?;
             for (ino, kind, content) in &update.nodes {
                 put_node.execute(params![*ino as i64, *kind as i64, content])?;
+            }
+            // Materialized after the capture: a full walk did not see them.
+            if update.replace_all_nodes {
+                for (ino, kind, content) in &late {
+                    put_node.execute(params![*ino as i64, *kind as i64, content])?;
+                }
             }
             let mut put_blob =
                 tx.prepare_cached("INSERT OR IGNORE INTO blobs (id, data) VALUES (?1, ?2)")?;
@@ -229,10 +354,15 @@ impl LocalState {
         }
         tx.commit()?;
         if update.replace_all_nodes {
-            self.nodes.clear();
+            map.clear();
         }
         for (ino, kind, content) in update.nodes {
-            self.nodes.insert(ino, (kind, content));
+            map.insert(ino, (kind, content));
+        }
+        if update.replace_all_nodes {
+            for (ino, kind, content) in late {
+                map.insert(ino, (kind, content));
+            }
         }
         Ok(())
     }
@@ -274,7 +404,7 @@ mod tests {
         drop(s);
         let mut s = LocalState::open(&path).unwrap();
         assert_eq!(s.base().unwrap(), Some(base.clone()));
-        assert_eq!(s.node(5), Some(&(b'f', b"c5".to_vec())));
+        assert_eq!(s.node(5), Some((b'f', b"c5".to_vec())));
         assert_eq!(s.blob(&[1; 32]).unwrap(), Some(b"tree".to_vec()));
         assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(b"loc".to_vec()));
         assert_eq!(s.totals(&[3; 32]).unwrap().map(|t| t.bytes), Some(3));

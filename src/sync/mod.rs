@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 
 use self::build::SqlitePosition;
 use self::local::{Base, LocalState};
+use crate::hydrate::Hydrator;
 use crate::lease::Keeper;
 
 /// How the agent paces itself.
@@ -105,6 +106,10 @@ pub struct SyncAgent {
     /// The writer lease: checked before every commit; lost (fail-stop) when a commit finds
     /// its slot fenced.
     keeper: Arc<Keeper>,
+    /// Lazy hydration: what is not local yet (fetched before a cut reads it).
+    hyd: Arc<Hydrator>,
+    /// The base generation's access list (paths), carried on after this mount's own.
+    inherited_access: Mutex<Vec<String>>,
 }
 
 impl SyncAgent {
@@ -118,6 +123,8 @@ impl SyncAgent {
         previous_sqlite: Vec<SqlitePosition>,
         head: u64,
         keeper: Arc<Keeper>,
+        hyd: Arc<Hydrator>,
+        inherited_access: Vec<String>,
     ) -> anyhow::Result<Arc<SyncAgent>> {
         let root_fd = rustix::fs::open(
             core.backing_root(),
@@ -156,6 +163,8 @@ impl SyncAgent {
             throttled_ms: AtomicU64::new(0),
             store_url,
             keeper,
+            hyd,
+            inherited_access: Mutex::new(inherited_access),
         }))
     }
 
@@ -388,8 +397,9 @@ impl SyncAgent {
         let (seq, dirty, captured, frozen) = {
             let _barrier = self.core.barrier();
             let (seq, dirty) = journal.cut()?;
-            let known = KnownNodes(&local);
+            let known = KnownNodes(&local, &self.hyd);
             let captured = capture::capture(&self.root_fd, &dirty, &known, &fuse_ino, full)?;
+            local.node_map().mark_capture();
             let frozen = self.core.freezer().freeze(captured.to_read.iter().cloned());
             (seq, dirty, captured, frozen)
         };
@@ -406,6 +416,8 @@ impl SyncAgent {
             self.core.freezer(),
             &fuse_ino,
             &previous_sqlite,
+            &|ino, start, end| self.hyd.fetch_range(ino, start, end, false),
+            &self.access_list(),
         );
         let built = match built {
             Ok(b) => b,
@@ -437,6 +449,7 @@ impl SyncAgent {
             kind: GenKind::Commit,
             time_unix_ms: now_ms,
             root: Some(built.root),
+            access: built.access,
             sqlite: built.sqlite.clone(),
             stats: GenStats {
                 files: built.files,
@@ -487,6 +500,8 @@ impl SyncAgent {
             root: serde_json::to_string(&built.root)?,
         };
         self.local.lock().commit(&base, built.update)?;
+        // What the journal forgets must be in the stored hydration state first.
+        self.hyd.save()?;
         journal.committed(seq)?;
         let total_ms = started.elapsed().as_millis() as u64;
         let mut st = self.st.lock();
@@ -514,6 +529,25 @@ impl SyncAgent {
         Ok(number)
     }
 
+    /// The access list for the next generation: what this mount opened, most recent first,
+    /// then what the base generation's list held. Empty when there is nothing.
+    fn access_list(&self) -> Vec<u8> {
+        let mut seen = std::collections::HashSet::new();
+        let paths: Vec<String> = self
+            .hyd
+            .accessed_paths()
+            .into_iter()
+            .chain(self.inherited_access.lock().iter().cloned())
+            .filter(|p| seen.insert(p.clone()))
+            .take(crate::hydrate::prefetch::ACCESS_LIMIT)
+            .collect();
+        if paths.is_empty() {
+            return Vec::new();
+        }
+        serde_json::to_vec(&json!({"format": "owsfs-access", "version": 1, "paths": paths}))
+            .unwrap_or_default()
+    }
+
     /// The last commit error, if the last attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.st.lock().last_error.clone()
@@ -538,18 +572,22 @@ impl SyncAgent {
             "last_error": st.last_error,
             "throttled_ms": self.throttled_ms.load(Ordering::Relaxed),
             "store_requests": self.store.stats_snapshot(),
+            "hydration": self.hyd.status(),
         })
     }
 }
 
 /// The cache's base generation as identities for [`capture::capture`].
-struct KnownNodes<'a>(&'a LocalState);
+struct KnownNodes<'a>(&'a LocalState, &'a Hydrator);
 
 impl capture::Known for KnownNodes<'_> {
     fn has_file(&self, ino: u64) -> bool {
-        matches!(self.0.node(ino), Some((b'f', _)))
+        self.0.node_kind(ino) == Some(b'f')
     }
     fn has_dir(&self, ino: u64) -> bool {
-        matches!(self.0.node(ino), Some((b'd', _)))
+        self.0.node_kind(ino) == Some(b'd')
+    }
+    fn pending_dir(&self, ino: u64) -> bool {
+        self.1.dir_is_pending(ino)
     }
 }

@@ -1,16 +1,20 @@
-//! Before mounting: match the cache with the workspace in the store, restoring the newest
-//! generation into a new (or stale, clean) cache.
+//! Before mounting: match the cache with the workspace in the store, making a new (or stale,
+//! clean) cache a lazy copy of the newest generation (`src/hydrate/`).
 
 use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, bail};
 use owsfs_journal::Journal;
-use owsfs_store::Store;
 use owsfs_store::generation::Workspace;
 
-use super::build::{Loader, SqlitePosition};
-use super::local::{Base, LocalState};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+
+use owsfs_store::{Content, NodeKind, TreeEntry};
+
+use super::build::SqlitePosition;
+use super::local::{Base, LocalState, Totals};
 use crate::cache::Cache;
 
 /// Checks that the cache belongs to this workspace and store, and brings its base up to the
@@ -18,7 +22,6 @@ use crate::cache::Cache;
 /// generation (carried into the next one for databases it does not touch), and the newest
 /// generation, which the next commit follows.
 pub fn prepare_base(
-    store: &Store,
     ws: &Workspace,
     local: &mut LocalState,
     cache: &Cache,
@@ -133,57 +136,61 @@ pub fn prepare_base(
     let Some(root) = record.root else {
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
     };
-    // Restore beside the backing directory, then swap it in: a failure leaves nothing half
-    // restored where the mount would serve it.
-    let tmp = cache.root.join("restore.tmp");
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("remove {}", tmp.display()))?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    let loader = Loader { local, store };
+    // Lazy: only the root's tree is fetched (when the hydrator materializes the root);
+    // every other directory and every byte follows on demand.
     let started = std::time::Instant::now();
-    let mut last = std::time::Instant::now();
-    let update = super::restore::restore(store, &loader, &root, &tmp, &mut |p| {
-        if last.elapsed().as_secs() >= 2 {
-            last = std::time::Instant::now();
-            tracing::info!(
-                "restore: {}/{} files, {}/{} MiB",
-                p.files,
-                p.files_total,
-                p.bytes >> 20,
-                p.bytes_total >> 20
-            );
+    for leftover in ["restore.tmp", "backing.old"] {
+        let p = cache.root.join(leftover);
+        if p.exists() {
+            fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
         }
-    });
-    let update = match update {
-        Ok(u) => u,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e.context(format!(
-                "cannot restore generation {h} of workspace {:?}",
-                ws.name()
-            )));
-        }
-    };
-    let old = cache.root.join("backing.old");
-    if old.exists() {
-        fs::remove_dir_all(&old)?;
     }
-    fs::rename(&cache.backing, &old)
-        .with_context(|| format!("move {} aside", cache.backing.display()))?;
-    fs::rename(&tmp, &cache.backing).with_context(|| format!("move {} in", tmp.display()))?;
-    fs::remove_dir_all(&old).with_context(|| format!("remove {}", old.display()))?;
-    local.commit(
+    let root_dir = fs::File::open(&cache.backing)
+        .with_context(|| format!("open {}", cache.backing.display()))?;
+    let root_handle =
+        crate::hydrate::handle::of(root_dir.as_fd(), Path::new("")).with_context(|| {
+            format!(
+                "cannot take a file handle of {} (lazy hydration needs a filesystem with \
+                 file handles, and root)",
+                cache.backing.display()
+            )
+        })?;
+    let root_ino = root_dir.metadata()?.ino();
+    let root_entry = TreeEntry {
+        name: b"n".to_vec(),
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_sec: 0,
+        mtime_nsec: 0,
+        size: 0,
+        rdev: 0,
+        link_key: 0,
+        xattrs: Vec::new(),
+        content: Content::Dir(root),
+    };
+    local.lazy_restore(
         &Base {
             generation: h,
             epoch: record.epoch,
             root: serde_json::to_string(&root)?,
         },
-        update,
+        root_ino,
+        &root_handle,
+        &super::build::encode_node(&root_entry)?,
+        Totals {
+            files: record.stats.files,
+            dirs: record.stats.dirs,
+            bytes: record.stats.bytes_total,
+        },
     )?;
     tracing::info!(
-        "restored generation {h} of workspace {:?} in {:.2}s",
+        "generation {h} of workspace {:?} will be fetched on demand ({} files, {} bytes; \
+         prepared in {:.3}s)",
         ws.name(),
+        record.stats.files,
+        record.stats.bytes_total,
         started.elapsed().as_secs_f64()
     );
     Ok((sqlite, head))

@@ -75,6 +75,11 @@ pub struct GenerationRecord {
     pub sqlite: Vec<SqliteState>,
     #[serde(default)]
     pub stats: GenStats,
+    /// The access list: files the writer opened, most recent first (a blob in a pack; JSON
+    /// `{"format":"owsfs-access","version":1,"paths":[...]}`). The next holder prefetches
+    /// them first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<BlobRef>,
 }
 
 /// Key of a generation slot.
@@ -437,6 +442,7 @@ impl Workspace {
                 root: None,
                 sqlite: Vec::new(),
                 stats: GenStats::default(),
+                access: None,
             };
             match self.commit_checked(&record, parent.as_ref()) {
                 Ok(()) => return Ok(number),

@@ -44,6 +44,7 @@ fn record(ws: &str, n: u64, epoch: u64) -> GenerationRecord {
             files: 3,
             ..GenStats::default()
         },
+        access: None,
     }
 }
 

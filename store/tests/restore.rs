@@ -103,6 +103,7 @@ fn build(store: &Store) -> (GenerationRecord, Vec<(String, Vec<u8>)>) {
         root: Some(root_ref),
         sqlite: vec![],
         stats: GenStats::default(),
+        access: None,
     };
     let ws = Workspace::open_or_create(store, "w").unwrap();
     ws.commit(&g).unwrap();

@@ -1,0 +1,1397 @@
+//! Lazy hydration: a cache restored from the store holds, at first, only the root directory's
+//! entries. Every other directory is materialized on its first lookup or listing (entries with
+//! their real size, mode, owner, times and xattrs; files sparse), and file bytes are fetched
+//! chunk by chunk when first read or written around, while background workers fetch the rest
+//! (`prefetch.rs`).
+//!
+//! State (in `state.db`, through the hydrator's own connection; `src/sync/local.rs`):
+//! - `hyd_dirs`: directories not materialized yet: file handle, and their own tree entry.
+//! - `hyd_files`: files not wholly local: file handle, tree entry (the chunks), the offset
+//!   from which bytes never come from the store again (`valid_end`, lowered by truncates),
+//!   and the byte ranges already local (`present`).
+//! - `hyd_links`: hard-link keys met while materializing, and the inode they became.
+//!
+//! Invariants:
+//! - A byte is served or changed only once it is local: reads and writes fetch every chunk
+//!   they overlap first (a write's edges keep the store's bytes), and a fetched chunk is
+//!   written only into ranges not yet local, under the file's lock, clipped to `valid_end`.
+//! - The stored `present` never claims more than the backing file durably holds: a file's
+//!   ranges are stored after an fdatasync of it. It may claim less; what the journal says was
+//!   written since is added back at load, and a chunk fetched twice writes the same bytes.
+//! - Inodes are named by file handle, so a freed and reused inode number never inherits the
+//!   state of the inode it replaced.
+//! - Materializing holds the core's barrier shared, so a cut sees a directory either pending
+//!   (its subtree is the base generation's) or materialized with all its nodes known.
+
+pub mod handle;
+pub mod prefetch;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use dashmap::DashMap;
+use owsfs_journal::{DirtyState, ExtentSet};
+use owsfs_store::{BlobId, BlobRef, ChunkSpan, Content, FileContent, NodeKind, Store, Tree};
+use parking_lot::{Condvar, Mutex};
+use rusqlite::{Connection, params};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use serde_json::{Value, json};
+
+use crate::sync::build::{decode_node, encode_node};
+use crate::sync::local::NodeMap;
+
+/// One GET fetches at most this much of a pack (adjacent chunks of one file usually sit
+/// side by side in one pack).
+const MAX_RUN: u64 = 8 << 20;
+
+/// A file not wholly local.
+struct FileState {
+    ino: u64,
+    handle: Vec<u8>,
+    /// Its tree entry (from the generation it was restored from).
+    node: Vec<u8>,
+    content: FileContent,
+    /// Bytes the content covers.
+    len: u64,
+    inner: Mutex<FileInner>,
+}
+
+struct FileInner {
+    present: ExtentSet,
+    valid_end: u64,
+    /// Chunk spans by list group (one group for inline chunk lists), loaded on demand.
+    groups: Vec<Option<Arc<Vec<ChunkSpan>>>>,
+    /// Its last name is gone: nobody fetches it ahead any more.
+    removed: bool,
+    /// Changed since it was last stored.
+    unsaved: bool,
+}
+
+impl FileInner {
+    /// Bytes still to fetch.
+    fn missing(&self, len: u64) -> u64 {
+        let end = self.valid_end.min(len);
+        end - self.present.total_len_below(end)
+    }
+
+    fn whole(&self, len: u64) -> bool {
+        self.present.gaps(0, self.valid_end.min(len)).is_empty()
+    }
+}
+
+trait BelowExt {
+    fn total_len_below(&self, end: u64) -> u64;
+}
+
+impl BelowExt for ExtentSet {
+    fn total_len_below(&self, end: u64) -> u64 {
+        self.iter().map(|(s, e)| e.min(end).saturating_sub(s)).sum()
+    }
+}
+
+/// A directory not materialized yet.
+#[derive(Clone)]
+struct DirState {
+    handle: Vec<u8>,
+    /// Its own tree entry: the subtree and the attributes to restore after materializing.
+    node: Vec<u8>,
+}
+
+/// One chunk being fetched; others that need it wait here.
+#[derive(Default)]
+struct Inflight {
+    result: Mutex<Option<Result<Bytes, String>>>,
+    cv: Condvar,
+}
+
+/// Hydration progress, for `owsfs status` and the progress bar.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub files_total: u64,
+    pub files_present: u64,
+    pub bytes_total: u64,
+    pub bytes_present: u64,
+    pub dirs_pending: u64,
+    pub files_pending: u64,
+    pub fetched_bytes: u64,
+    pub fetches: u64,
+    /// Bytes per second over the last few seconds.
+    pub rate: f64,
+    pub done: bool,
+    pub generation: u64,
+}
+
+pub struct Hydrator {
+    store: Arc<Store>,
+    db: Mutex<Connection>,
+    /// The backing root, opened for reading: the mount descriptor for handles.
+    root: OwnedFd,
+    root_ino: u64,
+    nodes: Arc<NodeMap>,
+    files: DashMap<u64, Arc<FileState>>,
+    dirs: DashMap<u64, DirState>,
+    active: AtomicBool,
+    materializing: Mutex<()>,
+    inflight: Mutex<HashMap<BlobId, Arc<Inflight>>>,
+    /// Hard links met while materializing: key → handle of the inode.
+    links: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Files whose state must be stored (or dropped) at the next save.
+    unsaved: Mutex<HashSet<u64>>,
+    total_files: AtomicU64,
+    total_bytes: AtomicU64,
+    missing_files: AtomicI64,
+    missing_bytes: AtomicI64,
+    counters_unsaved: AtomicBool,
+    generation: u64,
+    fetched_bytes: AtomicU64,
+    fetches: AtomicU64,
+    window: Mutex<VecDeque<(Instant, u64)>>,
+    /// Reads a program waits on that are fetching now: the prefetch yields to them.
+    pub(crate) foreground: AtomicUsize,
+    /// Files opened during this mount: backing inode → (order, path).
+    access: Mutex<HashMap<u64, (u64, PathBuf)>>,
+    access_tick: AtomicU64,
+    is_root: bool,
+}
+
+fn err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// A fetch that failed: logged, and EIO to the program (the message rides along for the
+/// daemon's own callers, e.g. the mount).
+fn eio(msg: String) -> io::Error {
+    tracing::error!("{msg}");
+    io::Error::other(msg)
+}
+
+impl Hydrator {
+    /// Loads the hydration state of the cache whose backing directory is `backing`, adding
+    /// back what the journal's dirty state says was written or truncated since it was stored.
+    pub fn open(
+        state_db: &Path,
+        backing: &Path,
+        store: Arc<Store>,
+        nodes: Arc<NodeMap>,
+        dirty: &DirtyState,
+    ) -> anyhow::Result<Arc<Hydrator>> {
+        let conn = Connection::open(state_db)
+            .with_context(|| format!("cannot open {}", state_db.display()))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        let root = rustix::fs::open(
+            backing,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", backing.display()))?;
+        let root_ino = rustix::fs::fstat(&root)?.st_ino;
+        let meta = |k: &str| -> anyhow::Result<i64> {
+            Ok(conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
+                    r.get::<_, String>(0)
+                })
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0))
+        };
+        let h = Hydrator {
+            store,
+            total_files: AtomicU64::new(meta("hyd_total_files")? as u64),
+            total_bytes: AtomicU64::new(meta("hyd_total_bytes")? as u64),
+            missing_files: AtomicI64::new(meta("hyd_missing_files")?),
+            missing_bytes: AtomicI64::new(meta("hyd_missing_bytes")?),
+            generation: meta("hyd_generation")? as u64,
+            db: Mutex::new(conn),
+            root,
+            root_ino,
+            nodes,
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            active: AtomicBool::new(false),
+            materializing: Mutex::new(()),
+            inflight: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            unsaved: Mutex::new(HashSet::new()),
+            counters_unsaved: AtomicBool::new(false),
+            fetched_bytes: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            window: Mutex::new(VecDeque::new()),
+            foreground: AtomicUsize::new(0),
+            access: Mutex::new(HashMap::new()),
+            access_tick: AtomicU64::new(0),
+            is_root: rustix::process::geteuid().is_root(),
+        };
+        h.load(dirty)?;
+        let h = Arc::new(h);
+        h.update_active();
+        Ok(h)
+    }
+
+    fn load(&self, dirty: &DirtyState) -> anyhow::Result<()> {
+        let db = self.db.lock();
+        let mut stmt = db.prepare("SELECT ino, handle, node FROM hyd_dirs")?;
+        for row in stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+        })? {
+            let (ino, handle, node) = row?;
+            self.dirs.insert(ino, DirState { handle, node });
+        }
+        drop(stmt);
+        let mut stmt = db.prepare("SELECT ino, handle, node, valid_end, present FROM hyd_files")?;
+        type Row = (u64, Vec<u8>, Vec<u8>, u64, Vec<u8>);
+        let rows: Vec<Row> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)? as u64,
+                    r.get(4)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        drop(db);
+        for (ino, handle, node, valid_end, present) in rows {
+            let mut st = self.file_state(ino, handle, node)?;
+            {
+                let inner = st.inner.get_mut();
+                inner.valid_end = valid_end;
+                inner.present = decode_ranges(&present);
+                // Writes and truncates the journal holds may be newer than the stored state.
+                let fuse_ino = if ino == self.root_ino { 1 } else { ino };
+                if let Some(d) = dirty.files.get(&fuse_ino) {
+                    if d.created {
+                        // A new inode with a reused number (its handle would be stale anyway).
+                        inner.valid_end = 0;
+                    }
+                    if let Some(t) = d.truncated_to {
+                        inner.valid_end = inner.valid_end.min(t);
+                    }
+                    for (s, e) in d.extents.iter() {
+                        inner.present.insert(s, e);
+                    }
+                    inner.unsaved = true;
+                }
+            }
+            let whole = st.inner.get_mut().whole(st.len);
+            if whole {
+                self.unsaved.lock().insert(ino);
+            } else {
+                if st.inner.get_mut().unsaved {
+                    self.unsaved.lock().insert(ino);
+                }
+                self.files.insert(ino, Arc::new(st));
+            }
+        }
+        let links: Vec<(u64, Vec<u8>)> = {
+            let db = self.db.lock();
+            let mut stmt = db.prepare("SELECT key, handle FROM hyd_links")?;
+            stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        self.links.lock().extend(links);
+        Ok(())
+    }
+
+    fn file_state(&self, ino: u64, handle: Vec<u8>, node: Vec<u8>) -> anyhow::Result<FileState> {
+        let entry = decode_node(&node)?;
+        let Content::File(content) = entry.content else {
+            anyhow::bail!("hydration state of inode {ino} is not a file");
+        };
+        let (len, groups) = match &content {
+            FileContent::Empty => (0, Vec::new()),
+            FileContent::Chunks(c) => (c.iter().map(|r| r.len as u64).sum(), vec![None]),
+            FileContent::List(l) => (l.iter().map(|l| l.covered).sum(), vec![None; l.len()]),
+        };
+        Ok(FileState {
+            ino,
+            handle,
+            node,
+            content,
+            len,
+            inner: Mutex::new(FileInner {
+                present: ExtentSet::new(),
+                valid_end: len,
+                groups,
+                removed: false,
+                unsaved: false,
+            }),
+        })
+    }
+
+    fn update_active(&self) {
+        self.active.store(
+            !self.files.is_empty() || !self.dirs.is_empty(),
+            Ordering::Release,
+        );
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn root_ino(&self) -> u64 {
+        self.root_ino
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    // ---- directories --------------------------------------------------------------------
+
+    pub fn dir_is_pending(&self, ino: u64) -> bool {
+        self.dirs.contains_key(&ino)
+    }
+
+    /// Any directory still pending (for the prefetch), with a descriptor of it.
+    pub(crate) fn some_pending_dir(&self, skip: &HashSet<u64>) -> Option<(u64, OwnedFd)> {
+        let candidates: Vec<(u64, Vec<u8>)> = self
+            .dirs
+            .iter()
+            .filter(|e| !skip.contains(e.key()))
+            .take(16)
+            .map(|e| (*e.key(), e.value().handle.clone()))
+            .collect();
+        for (ino, h) in candidates {
+            match handle::open(self.root.as_fd(), &h, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(fd) => return Some((ino, fd)),
+                Err(e) => tracing::warn!("hydrate: directory inode {ino} cannot be opened: {e}"),
+            }
+        }
+        None
+    }
+
+    /// Materializes directory `ino` (an `O_PATH` descriptor of it in `dir`): every entry of
+    /// its tree is created (directories pending, files sparse and pending), then its own
+    /// attributes are set again. Entries of an attempt that died half-way are removed first:
+    /// nothing else can be in a directory nobody could see yet. The caller holds the core's
+    /// barrier shared.
+    pub fn materialize_dir(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
+        let _one = self.materializing.lock();
+        let Some(state) = self.dirs.get(&ino).map(|d| d.clone()) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let entry = decode_node(&state.node).map_err(err)?;
+        let Content::Dir(tree_ref) = entry.content else {
+            return Err(err(format!(
+                "hydration state of directory {ino} holds no tree"
+            )));
+        };
+        let tree = Tree::load(&*self.store, &tree_ref).map_err(|e| {
+            eio(format!(
+                "hydrate: cannot fetch tree {} of a directory (inode {ino}): {e}",
+                tree_ref.id
+            ))
+        })?;
+        let dirfd = rustix::fs::openat(
+            dir,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        clear_dir(&dirfd)?;
+        let mut nodes: Vec<(u64, u8, Vec<u8>)> = Vec::new();
+        let mut new_files: Vec<FileState> = Vec::new();
+        let mut new_dirs: Vec<(u64, DirState)> = Vec::new();
+        let mut new_links: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut zero_files = 0i64;
+        for e in &tree.entries {
+            let name = OsStr::from_bytes(&e.name);
+            if e.link_key != 0 && e.kind == NodeKind::File {
+                let known = self.links.lock().get(&e.link_key).cloned();
+                if let Some(h) = known {
+                    match handle::open(self.root.as_fd(), &h, libc::O_PATH) {
+                        Ok(fd) => {
+                            rustix::fs::linkat(&fd, c"", &dirfd, name, AtFlags::EMPTY_PATH)?;
+                            continue;
+                        }
+                        Err(err) => tracing::warn!(
+                            "hydrate: the other names of a hard-linked file are gone ({err}); \
+                             {} becomes a file of its own",
+                            String::from_utf8_lossy(&e.name)
+                        ),
+                    }
+                }
+            }
+            create_entry(&dirfd, name, e, self.is_root)?;
+            let h = handle::of(dirfd.as_fd(), Path::new(name))?;
+            let st = rustix::fs::statat(&dirfd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            let node = encode_node(e).map_err(err)?;
+            match e.kind {
+                NodeKind::Dir => {
+                    nodes.push((st.st_ino, b'd', node.clone()));
+                    new_dirs.push((st.st_ino, DirState { handle: h, node }));
+                }
+                NodeKind::File => {
+                    if e.link_key != 0 {
+                        new_links.push((e.link_key, h.clone()));
+                        self.links.lock().insert(e.link_key, h.clone());
+                    }
+                    nodes.push((st.st_ino, b'f', node.clone()));
+                    if e.size == 0 {
+                        zero_files += 1;
+                    } else {
+                        let fs = self.file_state(st.st_ino, h, node).map_err(err)?;
+                        if fs.len != e.size {
+                            return Err(eio(format!(
+                                "hydrate: tree {}: {} has size {} but its chunks cover {} bytes",
+                                tree_ref.id,
+                                String::from_utf8_lossy(&e.name),
+                                e.size,
+                                fs.len
+                            )));
+                        }
+                        new_files.push(fs);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The directory's own attributes, changed by the creations.
+        if ino != self.root_ino {
+            set_attrs(&dirfd, None, &entry, self.is_root)?;
+        }
+        rustix::fs::fsync(&dirfd)?;
+        let empty = Vec::new();
+        self.nodes
+            .add(nodes, |rows| {
+                let mut db = self.db.lock();
+                let tx = db.transaction()?;
+                {
+                    let mut put_node = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO nodes (ino, kind, content) VALUES (?1, ?2, ?3)",
+                    )?;
+                    for (ino, kind, content) in rows {
+                        put_node.execute(params![*ino as i64, *kind as i64, content])?;
+                    }
+                    let mut put_file = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hyd_files (ino, handle, node, valid_end, present)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?;
+                    for f in &new_files {
+                        put_file.execute(params![
+                            f.ino as i64,
+                            f.handle,
+                            f.node,
+                            f.len as i64,
+                            &empty
+                        ])?;
+                    }
+                    let mut put_dir = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hyd_dirs (ino, handle, node) VALUES (?1, ?2, ?3)",
+                    )?;
+                    for (ino, d) in &new_dirs {
+                        put_dir.execute(params![*ino as i64, d.handle, d.node])?;
+                    }
+                    let mut put_link = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hyd_links (key, handle) VALUES (?1, ?2)",
+                    )?;
+                    for (k, h) in &new_links {
+                        put_link.execute(params![*k as i64, h])?;
+                    }
+                    tx.execute("DELETE FROM hyd_dirs WHERE ino = ?1", [ino as i64])?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .map_err(err)?;
+        for (ino, d) in new_dirs {
+            self.dirs.insert(ino, d);
+        }
+        for f in new_files {
+            self.files.insert(f.ino, Arc::new(f));
+        }
+        self.dirs.remove(&ino);
+        if zero_files > 0 {
+            self.missing_files.fetch_sub(zero_files, Ordering::Relaxed);
+            self.counters_unsaved.store(true, Ordering::Relaxed);
+        }
+        self.update_active();
+        tracing::debug!(
+            "hydrate: materialized directory {ino}: {} entries in {:?}",
+            tree.entries.len(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    // ---- files --------------------------------------------------------------------------
+
+    pub fn is_whole(&self, ino: u64) -> bool {
+        !self.files.contains_key(&ino)
+    }
+
+    /// Any file still missing bytes, not in `skip` (for the prefetch).
+    pub(crate) fn some_partial_file(&self, skip: &HashSet<u64>) -> Option<u64> {
+        self.files
+            .iter()
+            .find(|e| !skip.contains(e.key()) && !e.value().inner.lock().removed)
+            .map(|e| *e.key())
+    }
+
+    /// Missing chunk spans overlapping `[start, end)`, at most `limit` bytes of them (at least
+    /// one span), loading list blobs as needed.
+    fn missing_spans(
+        &self,
+        f: &FileState,
+        start: u64,
+        end: u64,
+        limit: u64,
+    ) -> io::Result<Vec<ChunkSpan>> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let (valid_end, ngroups) = {
+            let inner = f.inner.lock();
+            (inner.valid_end, inner.groups.len())
+        };
+        let end = end.min(valid_end).min(f.len);
+        if start >= end {
+            return Ok(out);
+        }
+        let mut group_start = 0u64;
+        for g in 0..ngroups {
+            let covered = match &f.content {
+                FileContent::List(l) => l[g].covered,
+                _ => f.len,
+            };
+            let group_end = group_start + covered;
+            if group_end <= start {
+                group_start = group_end;
+                continue;
+            }
+            if group_start >= end {
+                break;
+            }
+            let spans = self.group_spans(f, g, group_start)?;
+            let inner = f.inner.lock();
+            for s in spans.iter() {
+                if s.end() <= start {
+                    continue;
+                }
+                if s.offset >= end {
+                    break;
+                }
+                let clip_end = s.end().min(inner.valid_end);
+                if s.offset < clip_end && !inner.present.gaps(s.offset, clip_end).is_empty() {
+                    out.push(*s);
+                    bytes += s.r.len as u64;
+                    if bytes >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            drop(inner);
+            group_start = group_end;
+        }
+        Ok(out)
+    }
+
+    fn group_spans(&self, f: &FileState, g: usize, offset: u64) -> io::Result<Arc<Vec<ChunkSpan>>> {
+        if let Some(s) = &f.inner.lock().groups[g] {
+            return Ok(Arc::clone(s));
+        }
+        let refs: Vec<BlobRef> = match &f.content {
+            FileContent::Empty => Vec::new(),
+            FileContent::Chunks(c) => c.clone(),
+            FileContent::List(l) => {
+                let b = &l[g].blob;
+                let data = owsfs_store::read_blob(&self.store, b).map_err(|e| {
+                    eio(format!(
+                        "hydrate: cannot fetch chunk list {} (in {}) of inode {}: {e}",
+                        b.id,
+                        b.pack.key(),
+                        f.ino
+                    ))
+                })?;
+                let object = format!("list {} in {}", b.id, b.pack.key());
+                let refs = owsfs_store::tree::decode_list(&object, &data)
+                    .map_err(|e| eio(format!("hydrate: {e}")))?;
+                let sum: u64 = refs.iter().map(|r| r.len as u64).sum();
+                if sum != l[g].covered {
+                    return Err(eio(format!(
+                        "hydrate: {object} covers {sum} bytes, the tree says {}",
+                        l[g].covered
+                    )));
+                }
+                refs
+            }
+        };
+        let mut at = offset;
+        let spans: Vec<ChunkSpan> = refs
+            .into_iter()
+            .map(|r| {
+                let s = ChunkSpan { r, offset: at };
+                at += r.len as u64;
+                s
+            })
+            .collect();
+        let spans = Arc::new(spans);
+        f.inner.lock().groups[g] = Some(Arc::clone(&spans));
+        Ok(spans)
+    }
+
+    /// Makes `[start, end)` of file `ino` local. `foreground`: a program waits for it.
+    pub fn fetch_range(&self, ino: u64, start: u64, end: u64, foreground: bool) -> io::Result<()> {
+        let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
+            return Ok(());
+        };
+        if foreground {
+            self.foreground.fetch_add(1, Ordering::AcqRel);
+        }
+        let r = self.fetch_file_range(&f, start, end, u64::MAX);
+        if foreground {
+            self.foreground.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Fetches missing spans of `[start, end)` in runs of at most `step` bytes; returns the
+    /// bytes fetched.
+    fn fetch_file_range(
+        &self,
+        f: &Arc<FileState>,
+        start: u64,
+        end: u64,
+        step: u64,
+    ) -> io::Result<()> {
+        let mut at = start;
+        loop {
+            let spans = self.missing_spans(f, at, end, step.min(64 << 20))?;
+            let Some(last) = spans.last() else {
+                return Ok(());
+            };
+            at = last.end();
+            let data = self.fetch_chunks(&spans)?;
+            self.write_spans(f, &spans, &data)?;
+            if step != u64::MAX && at < end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fetches the next at most `step` missing bytes of file `ino` from `from` on (for the
+    /// prefetch). Returns where it stopped, or None when nothing is missing from there.
+    pub(crate) fn fetch_step(&self, ino: u64, from: u64, step: u64) -> io::Result<Option<u64>> {
+        let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
+            return Ok(None);
+        };
+        let spans = self.missing_spans(&f, from, u64::MAX, step)?;
+        let Some(last) = spans.last() else {
+            return Ok(None);
+        };
+        let next = last.end();
+        let data = self.fetch_chunks(&spans)?;
+        self.write_spans(&f, &spans, &data)?;
+        Ok(Some(next))
+    }
+
+    /// Fetches and verifies chunks; a chunk another thread is fetching is waited for, not
+    /// fetched twice. Adjacent chunks of one pack are fetched with one ranged GET.
+    fn fetch_chunks(&self, spans: &[ChunkSpan]) -> io::Result<Vec<Bytes>> {
+        let mut mine: Vec<usize> = Vec::new();
+        let mut waits: Vec<(usize, Arc<Inflight>)> = Vec::new();
+        {
+            let mut inflight = self.inflight.lock();
+            for (i, s) in spans.iter().enumerate() {
+                match inflight.get(&s.r.id) {
+                    Some(w) => waits.push((i, Arc::clone(w))),
+                    None => {
+                        inflight.insert(s.r.id, Arc::new(Inflight::default()));
+                        mine.push(i);
+                    }
+                }
+            }
+        }
+        let mut out: Vec<Option<Bytes>> = vec![None; spans.len()];
+        let mut failure: Option<io::Error> = None;
+        // Runs: same pack, each chunk right after the previous one.
+        let mut k = 0;
+        while k < mine.len() {
+            let first = spans[mine[k]].r;
+            let mut j = k + 1;
+            let mut end = first.offset + first.len as u64;
+            while j < mine.len() {
+                let r = spans[mine[j]].r;
+                if r.pack != first.pack || r.offset != end || end - first.offset >= MAX_RUN {
+                    break;
+                }
+                end += r.len as u64;
+                j += 1;
+            }
+            let got = if failure.is_none() {
+                self.store
+                    .get_range(&first.pack.key(), first.offset..end)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("an earlier chunk of the same read failed".to_string())
+            };
+            for &i in &mine[k..j] {
+                let r = spans[i].r;
+                let res = got.as_ref().map_err(|e| e.clone()).and_then(|b| {
+                    let lo = (r.offset - first.offset) as usize;
+                    let data = b.slice(lo..lo + r.len as usize);
+                    owsfs_store::pack::verify_blob(&r, &data)
+                        .map(|()| data)
+                        .map_err(|e| e.to_string())
+                });
+                if let Ok(d) = &res {
+                    out[i] = Some(d.clone());
+                } else if let Err(e) = &res
+                    && failure.is_none()
+                {
+                    failure = Some(eio(format!(
+                        "hydrate: cannot fetch chunk {} from {}: {e}",
+                        r.id,
+                        r.pack.key()
+                    )));
+                }
+                let w = self.inflight.lock().remove(&r.id);
+                if let Some(w) = w {
+                    *w.result.lock() = Some(res);
+                    w.cv.notify_all();
+                }
+            }
+            if let Ok(b) = &got {
+                self.count_fetched(b.len() as u64);
+            }
+            k = j;
+        }
+        for (i, w) in waits {
+            let mut res = w.result.lock();
+            while res.is_none() {
+                w.cv.wait(&mut res);
+            }
+            match res.as_ref() {
+                Some(Ok(b)) => out[i] = Some(b.clone()),
+                Some(Err(e)) if failure.is_none() => {
+                    failure = Some(eio(format!(
+                        "hydrate: cannot fetch chunk {} from {}: {e}",
+                        spans[i].r.id,
+                        spans[i].r.pack.key()
+                    )));
+                }
+                Some(Err(_)) => {}
+                None => {}
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
+    }
+
+    fn count_fetched(&self, n: u64) {
+        self.fetched_bytes.fetch_add(n, Ordering::Relaxed);
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let mut w = self.window.lock();
+        let now = Instant::now();
+        w.push_back((now, n));
+        while w
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            w.pop_front();
+        }
+    }
+
+    /// Writes fetched chunks into the ranges of the file that are not local yet.
+    fn write_spans(
+        &self,
+        f: &Arc<FileState>,
+        spans: &[ChunkSpan],
+        data: &[Bytes],
+    ) -> io::Result<()> {
+        let fd = match handle::open(self.root.as_fd(), &f.handle, libc::O_WRONLY) {
+            Ok(fd) => File::from(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                // The inode is gone: nobody can read it any more.
+                self.forget_file(f.ino);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut inner = f.inner.lock();
+        let before = inner.missing(f.len);
+        for (s, d) in spans.iter().zip(data) {
+            let clip_end = s.end().min(inner.valid_end);
+            for (a, b) in inner.present.gaps(s.offset, clip_end) {
+                let lo = (a - s.offset) as usize;
+                let hi = (b - s.offset) as usize;
+                fd.write_all_at(&d[lo..hi], a)?;
+            }
+            if s.offset < clip_end {
+                inner.present.insert(s.offset, clip_end);
+            }
+        }
+        let after = inner.missing(f.len);
+        let removed = inner.removed;
+        inner.unsaved = true;
+        let whole = inner.whole(f.len);
+        drop(inner);
+        if !removed {
+            self.missing_bytes
+                .fetch_sub(before.saturating_sub(after) as i64, Ordering::Relaxed);
+        }
+        self.unsaved.lock().insert(f.ino);
+        if whole {
+            self.files.remove(&f.ino);
+            if !removed {
+                self.missing_files.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.update_active();
+        }
+        self.counters_unsaved.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn forget_file(&self, ino: u64) {
+        if let Some((_, f)) = self.files.remove(&ino) {
+            let inner = f.inner.lock();
+            if !inner.removed {
+                self.missing_bytes
+                    .fetch_sub(inner.missing(f.len) as i64, Ordering::Relaxed);
+                self.missing_files.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.unsaved.lock().insert(ino);
+            self.counters_unsaved.store(true, Ordering::Relaxed);
+        }
+        self.update_active();
+    }
+
+    pub fn truncate(&self, ino: u64, size: u64) {
+        let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
+            return;
+        };
+        let mut inner = f.inner.lock();
+        if size >= inner.valid_end {
+            return;
+        }
+        let before = inner.missing(f.len);
+        inner.valid_end = size;
+        let after = inner.missing(f.len);
+        inner.unsaved = true;
+        let whole = inner.whole(f.len);
+        let removed = inner.removed;
+        drop(inner);
+        if !removed {
+            self.missing_bytes
+                .fetch_sub(before.saturating_sub(after) as i64, Ordering::Relaxed);
+        }
+        self.unsaved.lock().insert(ino);
+        self.counters_unsaved.store(true, Ordering::Relaxed);
+        if whole {
+            self.files.remove(&ino);
+            if !removed {
+                self.missing_files.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.update_active();
+        }
+    }
+
+    /// A new inode got number `ino`: state of an older inode with that number goes (unless
+    /// the handle still opens: then it is the same file, opened with O_CREAT).
+    pub fn created(&self, ino: u64) {
+        let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
+            return;
+        };
+        if let Err(e) = handle::open(self.root.as_fd(), &f.handle, libc::O_PATH)
+            && e.raw_os_error() == Some(libc::ESTALE)
+        {
+            f.inner.lock().removed = true;
+            self.forget_file(ino);
+        }
+    }
+
+    pub fn removed(&self, ino: u64) {
+        let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
+            return;
+        };
+        let mut inner = f.inner.lock();
+        if inner.removed {
+            return;
+        }
+        inner.removed = true;
+        let missing = inner.missing(f.len);
+        drop(inner);
+        self.missing_bytes
+            .fetch_sub(missing as i64, Ordering::Relaxed);
+        self.missing_files.fetch_sub(1, Ordering::Relaxed);
+        self.counters_unsaved.store(true, Ordering::Relaxed);
+    }
+
+    pub fn opened(&self, ino: u64, path: Option<&Path>) {
+        let Some(path) = path else {
+            return;
+        };
+        let tick = self.access_tick.fetch_add(1, Ordering::Relaxed);
+        let mut a = self.access.lock();
+        a.insert(ino, (tick, path.to_path_buf()));
+        // Bounded: the oldest half goes when it grows past the limit.
+        if a.len() > 2 * prefetch::ACCESS_LIMIT {
+            let mut ticks: Vec<u64> = a.values().map(|(t, _)| *t).collect();
+            ticks.sort_unstable();
+            let cut = ticks[ticks.len() / 2];
+            a.retain(|_, (t, _)| *t >= cut);
+        }
+    }
+
+    /// Paths opened during this mount, most recent first.
+    pub fn accessed_paths(&self) -> Vec<String> {
+        let a = self.access.lock();
+        let mut v: Vec<(u64, String)> = a
+            .values()
+            .map(|(t, p)| (*t, p.to_string_lossy().into_owned()))
+            .collect();
+        v.sort_unstable_by_key(|x| std::cmp::Reverse(x.0));
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    // ---- persistence --------------------------------------------------------------------
+
+    /// Stores what changed: each changed file's ranges (after an fdatasync of it, so the
+    /// stored ranges are durable bytes), files now whole or gone dropped, and the counters.
+    /// Called every second, before the journal forgets a cut, and at unmount.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let inos: Vec<u64> = std::mem::take(&mut *self.unsaved.lock())
+            .into_iter()
+            .collect();
+        if inos.is_empty() && !self.counters_unsaved.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        // (inode, Some((valid_end, present)) to update, None to drop)
+        type Row = (u64, Option<(u64, Vec<u8>)>);
+        let mut rows: Vec<Row> = Vec::new();
+        for ino in inos {
+            match self.files.get(&ino).map(|f| Arc::clone(&f)) {
+                Some(f) => {
+                    if let Ok(fd) = handle::open(self.root.as_fd(), &f.handle, libc::O_RDONLY) {
+                        rustix::fs::fdatasync(&fd)?;
+                    }
+                    let mut inner = f.inner.lock();
+                    inner.unsaved = false;
+                    rows.push((ino, Some((inner.valid_end, encode_ranges(&inner.present)))));
+                }
+                None => {
+                    // Whole (sync its bytes first) or gone.
+                    rows.push((ino, None));
+                }
+            }
+        }
+        // Whole files: their bytes must be durable before their state goes.
+        let mut db = self.db.lock();
+        {
+            let mut stmt = db.prepare_cached("SELECT handle FROM hyd_files WHERE ino = ?1")?;
+            for (ino, r) in &rows {
+                if r.is_none()
+                    && let Ok(h) = stmt.query_row([*ino as i64], |r| r.get::<_, Vec<u8>>(0))
+                    && let Ok(fd) = handle::open(self.root.as_fd(), &h, libc::O_RDONLY)
+                {
+                    rustix::fs::fdatasync(&fd)?;
+                }
+            }
+        }
+        let tx = db.transaction()?;
+        {
+            let mut upd = tx.prepare_cached(
+                "UPDATE hyd_files SET valid_end = ?2, present = ?3 WHERE ino = ?1",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM hyd_files WHERE ino = ?1")?;
+            for (ino, r) in &rows {
+                match r {
+                    Some((valid_end, present)) => {
+                        upd.execute(params![*ino as i64, *valid_end as i64, present])?;
+                    }
+                    None => {
+                        del.execute([*ino as i64])?;
+                    }
+                }
+            }
+            let mut meta = tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?;
+            meta.execute(params![
+                "hyd_missing_files",
+                self.missing_files.load(Ordering::Relaxed).to_string()
+            ])?;
+            meta.execute(params![
+                "hyd_missing_bytes",
+                self.missing_bytes.load(Ordering::Relaxed).to_string()
+            ])?;
+            if self.files.is_empty() && self.dirs.is_empty() {
+                tx.execute("DELETE FROM hyd_links", [])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- progress -----------------------------------------------------------------------
+
+    pub fn progress(&self) -> Progress {
+        let total_files = self.total_files.load(Ordering::Relaxed);
+        let total_bytes = self.total_bytes.load(Ordering::Relaxed);
+        let done = !self.is_active();
+        let clamp = |missing: i64, total: u64| {
+            if done {
+                total
+            } else {
+                total.saturating_sub(missing.max(0) as u64)
+            }
+        };
+        let rate = {
+            let w = self.window.lock();
+            let bytes: u64 = w.iter().map(|(_, n)| n).sum();
+            match w.front() {
+                Some((t, _)) => {
+                    let secs = t.elapsed().as_secs_f64().max(1.0);
+                    bytes as f64 / secs
+                }
+                None => 0.0,
+            }
+        };
+        Progress {
+            files_total: total_files,
+            files_present: clamp(self.missing_files.load(Ordering::Relaxed), total_files),
+            bytes_total: total_bytes,
+            bytes_present: clamp(self.missing_bytes.load(Ordering::Relaxed), total_bytes),
+            dirs_pending: self.dirs.len() as u64,
+            files_pending: self.files.len() as u64,
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            fetches: self.fetches.load(Ordering::Relaxed),
+            rate,
+            done,
+            generation: self.generation,
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        json!(self.progress())
+    }
+}
+
+/// The core's view of the hydrator.
+pub struct CoreHook {
+    pub hyd: Arc<Hydrator>,
+}
+
+impl owsfs_fuse::Hydrate for CoreHook {
+    fn active(&self) -> bool {
+        self.hyd.is_active()
+    }
+    fn dir_pending(&self, ino: u64) -> bool {
+        self.hyd.dir_is_pending(ino)
+    }
+    fn materialize(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
+        self.hyd.materialize_dir(ino, dir)
+    }
+    fn fetch(&self, ino: u64, start: u64, end: u64) -> io::Result<()> {
+        self.hyd.fetch_range(ino, start, end, true)
+    }
+    fn whole(&self, ino: u64) -> bool {
+        self.hyd.is_whole(ino)
+    }
+    fn truncate(&self, ino: u64, size: u64) {
+        self.hyd.truncate(ino, size)
+    }
+    fn created(&self, ino: u64) {
+        self.hyd.created(ino)
+    }
+    fn removed(&self, ino: u64) {
+        self.hyd.removed(ino)
+    }
+    fn opened(&self, ino: u64, path: Option<&Path>) {
+        self.hyd.opened(ino, path)
+    }
+}
+
+fn encode_ranges(set: &ExtentSet) -> Vec<u8> {
+    let mut out = Vec::with_capacity(set.len() * 16);
+    for (s, e) in set.iter() {
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+    }
+    out
+}
+
+fn decode_ranges(b: &[u8]) -> ExtentSet {
+    b.chunks_exact(16)
+        .map(|c| {
+            let s = u64::from_le_bytes(c[..8].try_into().unwrap_or_default());
+            let e = u64::from_le_bytes(c[8..].try_into().unwrap_or_default());
+            (s, e)
+        })
+        .collect()
+}
+
+/// Removes every entry of a directory (what an interrupted materialization left).
+fn clear_dir(dir: &OwnedFd) -> io::Result<()> {
+    let names: Vec<(std::ffi::OsString, bool)> = {
+        let fd = rustix::fs::openat(
+            dir,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut d = rustix::fs::Dir::new(fd)?;
+        let mut v = Vec::new();
+        while let Some(e) = d.read() {
+            let e = e?;
+            let n = e.file_name().to_bytes();
+            if n == b"." || n == b".." {
+                continue;
+            }
+            v.push((
+                OsStr::from_bytes(n).to_os_string(),
+                e.file_type() == rustix::fs::FileType::Directory,
+            ));
+        }
+        v
+    };
+    for (name, is_dir) in names {
+        if is_dir {
+            let sub = rustix::fs::openat(
+                dir,
+                name.as_os_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            clear_dir(&sub)?;
+            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::REMOVEDIR)?;
+        } else {
+            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates one entry of a tree in `dir`: directories empty, files sparse at their size,
+/// symlinks, fifos and devices; then its attributes.
+fn create_entry(
+    dir: &OwnedFd,
+    name: &OsStr,
+    e: &owsfs_store::TreeEntry,
+    is_root: bool,
+) -> io::Result<()> {
+    match (&e.kind, &e.content) {
+        (NodeKind::Dir, _) => rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?,
+        (NodeKind::File, _) => {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            rustix::fs::ftruncate(&fd, e.size)?;
+        }
+        (NodeKind::Symlink, Content::Symlink(target)) => {
+            rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)?
+        }
+        (NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev, _) => {
+            let kind = match e.kind {
+                NodeKind::Fifo => rustix::fs::FileType::Fifo,
+                NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
+                _ => rustix::fs::FileType::BlockDevice,
+            };
+            if let Err(err) =
+                rustix::fs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), e.rdev)
+            {
+                tracing::warn!(
+                    "hydrate: cannot make {}: {err}",
+                    String::from_utf8_lossy(&e.name)
+                );
+                return Ok(());
+            }
+        }
+        (NodeKind::Socket, _) => return Ok(()),
+        _ => {
+            return Err(err(format!(
+                "entry {} has content that does not match its kind",
+                String::from_utf8_lossy(&e.name)
+            )));
+        }
+    }
+    set_attrs(dir, Some(name), e, is_root)
+}
+
+/// xattrs, owner, mode and times of `name` in `dir`, or of `dir` itself (a descriptor
+/// opened for reading).
+fn set_attrs(
+    dir: &OwnedFd,
+    name: Option<&OsStr>,
+    e: &owsfs_store::TreeEntry,
+    is_root: bool,
+) -> io::Result<()> {
+    let uid = Some(rustix::fs::Uid::from_raw(e.uid));
+    let gid = Some(rustix::fs::Gid::from_raw(e.gid));
+    let mode = Mode::from_raw_mode(e.mode);
+    let mtime = rustix::fs::Timespec {
+        tv_sec: e.mtime_sec,
+        tv_nsec: e.mtime_nsec as _,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    };
+    let Some(name) = name else {
+        set_xattrs(dir, e)?;
+        if is_root {
+            rustix::fs::fchown(dir, uid, gid)?;
+        }
+        rustix::fs::fchmod(dir, mode)?;
+        return rustix::fs::futimens(dir, &times).map_err(Into::into);
+    };
+    if e.kind == NodeKind::File || e.kind == NodeKind::Dir {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        set_xattrs(&fd, e)?;
+    }
+    if is_root {
+        rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
+    }
+    if e.kind != NodeKind::Symlink {
+        rustix::fs::chmodat(dir, name, mode, AtFlags::empty())?;
+    }
+    rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+fn set_xattrs(fd: &OwnedFd, e: &owsfs_store::TreeEntry) -> io::Result<()> {
+    for (k, v) in &e.xattrs {
+        rustix::fs::fsetxattr(fd, OsStr::from_bytes(k), v, rustix::fs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// The access list of the cache's base generation (empty when it has none or it cannot be
+/// read: it only orders the prefetch).
+pub fn access_list(
+    store: &Store,
+    ws: &owsfs_store::Workspace,
+    local: &crate::sync::local::LocalState,
+) -> Vec<String> {
+    let read = || -> anyhow::Result<Vec<String>> {
+        let Some(base) = local.base()? else {
+            return Ok(Vec::new());
+        };
+        let Some(r) = ws.read_generation(base.generation)?.access else {
+            return Ok(Vec::new());
+        };
+        let data = owsfs_store::read_blob(store, &r)?;
+        let v: Value = serde_json::from_slice(&data)?;
+        if v["format"] != "owsfs-access" || v["version"] != 1 {
+            anyhow::bail!("access list {} has an unknown format", r.id);
+        }
+        Ok(v["paths"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .take(prefetch::ACCESS_LIMIT)
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    read().unwrap_or_else(|e| {
+        tracing::warn!("cannot read the access list of the base generation: {e:#}");
+        Vec::new()
+    })
+}
+
+/// The thread that stores the hydration state every second and, for a foreground mount,
+/// draws the progress bar on stderr until everything is local.
+pub struct Saver {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Saver {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn spawn_saver(hyd: Arc<Hydrator>, progress_bar: bool) -> Saver {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("owsfs-hydrate".into())
+        .spawn(move || {
+            let mut bar = progress_bar && hyd.is_active();
+            let tty = rustix::termios::isatty(std::io::stderr());
+            let mut last_line = Instant::now();
+            while !s.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(250));
+                if let Err(e) = hyd.save() {
+                    tracing::warn!("cannot store the hydration state: {e:#}");
+                }
+                if bar && (tty || last_line.elapsed() >= Duration::from_secs(5)) {
+                    last_line = Instant::now();
+                    let p = hyd.progress();
+                    let line = progress_line(&p);
+                    if tty {
+                        eprint!("\r\x1b[K{line}");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                    if p.done {
+                        if tty {
+                            eprintln!();
+                        }
+                        bar = false;
+                    }
+                }
+            }
+        })
+        .ok();
+    Saver {
+        stop,
+        thread: Mutex::new(thread),
+    }
+}
+
+/// `hydrating: [#####.....] 48% 1.2/2.5 GiB, 310/1200 files, 85.3 MB/s`
+pub fn progress_line(p: &Progress) -> String {
+    let frac = if p.bytes_total == 0 {
+        if p.done { 1.0 } else { 0.0 }
+    } else {
+        p.bytes_present as f64 / p.bytes_total as f64
+    };
+    let width = 20;
+    let filled = ((frac * width as f64).round() as usize).min(width);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    format!(
+        "{} [{}{}] {:3.0}% {:.2}/{:.2} GiB, {}/{} files, {:.1} MB/s",
+        if p.done { "hydrated " } else { "hydrating" },
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        frac * 100.0,
+        gib(p.bytes_present),
+        gib(p.bytes_total),
+        p.files_present,
+        p.files_total,
+        p.rate / 1e6
+    )
+}
