@@ -128,19 +128,6 @@ fn assert_same_tree(got: &Snapshot, want: &Snapshot, what: &str) {
     }
 }
 
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
 fn node_id(ws: &Workspace) -> String {
     std::fs::read_to_string(ws.cache.join("node-id"))
         .expect("read CACHE/node-id")

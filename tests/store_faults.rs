@@ -34,19 +34,6 @@ fn injected_faults_lose_no_acknowledged_generation_seaweedfs() {
     injected_faults_lose_no_acknowledged_generation(&TestStore::seaweed("owsfs-faults"));
 }
 
-/// Deterministic bytes that do not compress or repeat (a 64-bit LCG).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
 fn injected_faults_lose_no_acknowledged_generation(store: &TestStore) {
     let mut ws = store.workspace("faulty", &["--commit-interval", "300ms"]);
     ws.env.push(("OWSFS_FAULTS".into(), FAULTS.into()));

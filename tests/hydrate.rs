@@ -1,0 +1,287 @@
+//! Lazy hydration, end to end: a workspace mounted on a fresh cache serves exactly the store's
+//! bytes while they are fetched on demand (random reads, concurrent readers, writes into a
+//! file not fetched yet), and a daemon killed half-way continues where it stopped. Each test
+//! runs against a `file://` store and a real S3 server (SeaweedFS on loopback).
+
+mod common;
+
+#[path = "../testkit/seaweed.rs"]
+mod seaweed;
+#[path = "common/stores.rs"]
+mod stores;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+use stores::TestStore;
+
+const BIG: usize = 64 << 20;
+
+/// Writes a 64 MiB file (and a few small ones) through a first node, and hands off.
+fn seed(store: &TestStore) -> Vec<u8> {
+    let data = noise(BIG, 7);
+    let a = store.workspace("ws", &[]);
+    a.mount();
+    std::fs::create_dir_all(a.path("d/e")).unwrap();
+    std::fs::write(a.path("d/e/big.bin"), &data).unwrap();
+    std::fs::write(a.path("d/small.txt"), b"small\n").unwrap();
+    std::os::unix::fs::symlink("e/big.bin", a.path("d/link")).unwrap();
+    a.sync();
+    a.unmount();
+    data
+}
+
+fn hydration(ws: &Workspace) -> serde_json::Value {
+    ws.status_json(false)["sync"]["hydration"].clone()
+}
+
+/// Random offsets of a file nothing has fetched yet return exactly its bytes, and only the
+/// chunks around them are fetched.
+fn random_reads(store: &TestStore) {
+    let data = seed(store);
+    let b = store.workspace("ws", &["--prefetch", "0"]);
+    b.mount();
+    let h = hydration(&b);
+    assert_eq!(h["done"], false, "{h}");
+    assert_eq!(
+        std::fs::metadata(b.path("d/e/big.bin")).unwrap().len(),
+        BIG as u64,
+        "the size is right before any byte is fetched"
+    );
+    assert_eq!(std::fs::read(b.path("d/small.txt")).unwrap(), b"small\n");
+    assert_eq!(
+        std::fs::read_link(b.path("d/link")).unwrap().to_str(),
+        Some("e/big.bin")
+    );
+    let f = std::fs::File::open(b.path("d/e/big.bin")).unwrap();
+    let mut x = 12345u64;
+    for _ in 0..200 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let off = (x >> 20) as usize % BIG;
+        let len = ((x >> 8) as usize % 70_000 + 1).min(BIG - off);
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == data[off..off + len], "bytes at {off}+{len} differ");
+    }
+    let fetched = hydration(&b)["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched < BIG as u64,
+        "200 small reads fetched {fetched} bytes, the whole file is {BIG}"
+    );
+    drop(f);
+    // The rest, in one go.
+    assert!(std::fs::read(b.path("d/e/big.bin")).unwrap() == data);
+    b.unmount();
+}
+
+#[test]
+fn random_reads_of_an_unfetched_file_file() {
+    if skip_fuse() {
+        return;
+    }
+    random_reads(&TestStore::file());
+}
+
+#[test]
+fn random_reads_of_an_unfetched_file_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    random_reads(&TestStore::seaweed("owsfs-hyd"));
+}
+
+/// Two processes reading the same unfetched file at once both get its bytes.
+fn concurrent_readers(store: &TestStore) {
+    let data = seed(store);
+    let b = store.workspace("ws", &["--prefetch", "0"]);
+    b.mount();
+    let path = b.path("d/e/big.bin");
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "dd if='{}' bs=1M iflag=direct status=none skip={} | sha256sum",
+                    path.display(),
+                    i
+                ))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let sums: Vec<String> = readers
+        .into_iter()
+        .map(|c| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap())
+        .collect();
+    let want = |skip: usize| {
+        let out = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(&data[skip << 20..])?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(sums[0], want(0), "reader 1");
+    assert_eq!(sums[1], want(1), "reader 2");
+    let h = hydration(&b);
+    let fetched = h["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched < 2 * BIG as u64,
+        "two readers fetched {fetched} bytes: chunks were fetched twice ({h})"
+    );
+    b.unmount();
+}
+
+#[test]
+fn two_readers_of_one_unfetched_file_file() {
+    if skip_fuse() {
+        return;
+    }
+    concurrent_readers(&TestStore::file());
+}
+
+#[test]
+fn two_readers_of_one_unfetched_file_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    concurrent_readers(&TestStore::seaweed("owsfs-hyd"));
+}
+
+/// A write in the middle of an unfetched file keeps the store's bytes around it, locally and
+/// in the generation it goes into; a truncate needs no fetch.
+fn write_into_unfetched(store: &TestStore) {
+    let data = seed(store);
+    let b = store.workspace("ws", &["--prefetch", "0"]);
+    b.mount();
+    let mut want = data.clone();
+    let mid = BIG / 2 + 12_345;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.path("d/e/big.bin"))
+        .unwrap();
+    f.write_all_at(b"written in the middle", mid as u64)
+        .unwrap();
+    want[mid..mid + 21].copy_from_slice(b"written in the middle");
+    drop(f);
+    let before = hydration(&b)["fetched_bytes"].as_u64().unwrap();
+    assert!(before < (1 << 20), "a 21-byte write fetched {before} bytes");
+    b.sync();
+    assert!(
+        std::fs::read(b.path("d/e/big.bin")).unwrap() == want,
+        "local copy"
+    );
+    // A truncate of another unfetched copy fetches nothing.
+    b.unmount();
+    let c = store.workspace("ws", &["--prefetch", "0"]);
+    c.mount();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.path("d/e/big.bin"))
+        .unwrap();
+    f.set_len(1000).unwrap();
+    drop(f);
+    assert_eq!(
+        hydration(&c)["fetched_bytes"].as_u64(),
+        Some(0),
+        "truncate fetched"
+    );
+    assert!(std::fs::read(c.path("d/e/big.bin")).unwrap() == want[..1000]);
+    std::fs::rename(c.path("d/small.txt"), c.path("small-moved.txt")).unwrap();
+    c.sync();
+    c.unmount();
+    let d = store.workspace("ws", &["--prefetch", "0"]);
+    d.mount();
+    assert!(std::fs::read(d.path("d/e/big.bin")).unwrap() == want[..1000]);
+    assert_eq!(
+        std::fs::read(d.path("small-moved.txt")).unwrap(),
+        b"small\n"
+    );
+    d.unmount();
+    // And the write itself is in the store: a restore shows it.
+    let dest = tempfile::tempdir().unwrap();
+    let out = d.restore(Some(d.log_json().len() as u64 - 1), &dest.path().join("r"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_write_into_an_unfetched_file_keeps_the_rest_file() {
+    if skip_fuse() {
+        return;
+    }
+    write_into_unfetched(&TestStore::file());
+}
+
+#[test]
+fn a_write_into_an_unfetched_file_keeps_the_rest_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    write_into_unfetched(&TestStore::seaweed("owsfs-hyd"));
+}
+
+/// `kill -9` while the background fetch runs; the remount of the same cache goes on from
+/// what was already local and ends with every byte right.
+fn kill_during_hydration(store: &TestStore) {
+    let data = seed(store);
+    let b = store.workspace("ws", &["--prefetch", "1", "--prefetch-bandwidth", "8MiB"]);
+    b.mount();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            hydration(&b)["bytes_present"].as_u64().unwrap_or(0) > 8 << 20
+        }),
+        "the prefetch does not progress: {}",
+        hydration(&b)
+    );
+    b.kill_daemon();
+    b.mount();
+    let h = hydration(&b);
+    let present = h["bytes_present"].as_u64().unwrap();
+    assert!(
+        present >= 4 << 20,
+        "the remount lost what was fetched before the kill: {h}"
+    );
+    assert!(std::fs::read(b.path("d/e/big.bin")).unwrap() == data);
+    let fetched = hydration(&b)["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched < BIG as u64,
+        "the remount fetched {fetched} bytes again (the file is {BIG})"
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || hydration(&b)["done"] == true),
+        "hydration never completes: {}",
+        hydration(&b)
+    );
+    b.unmount();
+    b.mount();
+    assert_eq!(hydration(&b)["done"], true);
+    assert!(std::fs::read(b.path("d/e/big.bin")).unwrap() == data);
+    b.unmount();
+}
+
+#[test]
+fn kill_9_during_hydration_then_remount_continues_file() {
+    if skip_fuse() {
+        return;
+    }
+    kill_during_hydration(&TestStore::file());
+}
+
+#[test]
+fn kill_9_during_hydration_then_remount_continues_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    kill_during_hydration(&TestStore::seaweed("owsfs-hyd"));
+}
