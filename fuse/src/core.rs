@@ -1016,7 +1016,9 @@ impl Core {
         if write && self.stopped.get().is_some() {
             return Err(FsError::errno(libc::EROFS, "writes stopped"));
         }
-        if let Some(h) = self.hyd() {
+        // Recorded even once everything is local: the access list orders the next holder's
+        // prefetch.
+        if let Some(h) = self.hydrate.get() {
             h.opened(self.inodes.fuse_ino(ino), self.path_of(ino).as_deref());
         }
         let _barrier = (flags & libc::O_TRUNC != 0)
