@@ -653,34 +653,24 @@ impl Hydrator {
         if foreground {
             self.foreground.fetch_add(1, Ordering::AcqRel);
         }
-        let r = self.fetch_file_range(&f, start, end, u64::MAX);
+        let r = self.fetch_file_range(&f, start, end);
         if foreground {
             self.foreground.fetch_sub(1, Ordering::AcqRel);
         }
         r
     }
 
-    /// Fetches missing spans of `[start, end)` in runs of at most `step` bytes; returns the
-    /// bytes fetched.
-    fn fetch_file_range(
-        &self,
-        f: &Arc<FileState>,
-        start: u64,
-        end: u64,
-        step: u64,
-    ) -> io::Result<()> {
+    /// Fetches every missing span of `[start, end)`, at most 64 MiB per round.
+    fn fetch_file_range(&self, f: &Arc<FileState>, start: u64, end: u64) -> io::Result<()> {
         let mut at = start;
         loop {
-            let spans = self.missing_spans(f, at, end, step.min(64 << 20))?;
+            let spans = self.missing_spans(f, at, end, 64 << 20)?;
             let Some(last) = spans.last() else {
                 return Ok(());
             };
             at = last.end();
             let data = self.fetch_chunks(&spans)?;
             self.write_spans(f, &spans, &data)?;
-            if step != u64::MAX && at < end {
-                return Ok(());
-            }
         }
     }
 

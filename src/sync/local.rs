@@ -251,13 +251,7 @@ impl LocalState {
             params![root_ino as i64, root_handle, root_node],
         )?;
         {
-            let mut meta = tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )?;
-            meta.execute(params!["base_generation", base.generation.to_string()])?;
-            meta.execute(params!["base_epoch", base.epoch.to_string()])?;
-            meta.execute(params!["base_root", base.root])?;
+            let mut meta = put_base(&tx, base)?;
             meta.execute(params!["hyd_total_files", totals.files.to_string()])?;
             meta.execute(params!["hyd_total_bytes", totals.bytes.to_string()])?;
             meta.execute(params!["hyd_missing_files", totals.files.to_string()])?;
@@ -343,13 +337,7 @@ impl LocalState {
                     t.bytes as i64
                 ])?;
             }
-            let mut meta = tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )?;
-            meta.execute(params!["base_generation", base.generation.to_string()])?;
-            meta.execute(params!["base_epoch", base.epoch.to_string()])?;
-            meta.execute(params!["base_root", base.root])?;
+            put_base(&tx, base)?;
             tx.execute("DELETE FROM meta WHERE key = 'pending'", [])?;
         }
         tx.commit()?;
@@ -366,6 +354,21 @@ impl LocalState {
         }
         Ok(())
     }
+}
+
+/// Writes the base generation's meta rows; returns the meta upsert for more.
+fn put_base<'t>(
+    tx: &'t rusqlite::Transaction<'_>,
+    base: &Base,
+) -> anyhow::Result<rusqlite::CachedStatement<'t>> {
+    let mut meta = tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?;
+    meta.execute(params!["base_generation", base.generation.to_string()])?;
+    meta.execute(params!["base_epoch", base.epoch.to_string()])?;
+    meta.execute(params!["base_root", base.root])?;
+    Ok(meta)
 }
 
 #[cfg(test)]
