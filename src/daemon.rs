@@ -633,14 +633,17 @@ fn serve(
     ready.ready();
 
     let served = session.run();
+    let ending = Instant::now();
     reaper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     prefetch.stop();
     saver.stop();
+    let stopped_ms = ending.elapsed().as_millis();
     // The last cut: everything written before the unmount goes to the store.
     agent.stop();
     if agent_thread.join().is_err() {
         tracing::error!("the sync thread panicked");
     }
+    let cut_ms = ending.elapsed().as_millis();
     if let Err(e) = hyd.save() {
         tracing::error!("cannot store the hydration state: {e:#}");
     }
@@ -668,6 +671,11 @@ fn serve(
         }
     };
     let closed = journal.close_clean();
+    tracing::info!(
+        "session ended: prefetch stopped after {stopped_ms} ms, last cut done after {cut_ms} \
+         ms, handed off after {} ms",
+        ending.elapsed().as_millis()
+    );
     drop(control);
     if closed.is_ok() {
         cache.release();

@@ -817,15 +817,30 @@ impl Hydrator {
         };
         let mut inner = f.inner.lock();
         let before = inner.missing(f.len);
+        let mut written: Option<(u64, u64)> = None;
         for (s, d) in spans.iter().zip(data) {
             let clip_end = s.end().min(inner.valid_end);
             for (a, b) in inner.present.gaps(s.offset, clip_end) {
                 let lo = (a - s.offset) as usize;
                 let hi = (b - s.offset) as usize;
                 fd.write_all_at(&d[lo..hi], a)?;
+                written = Some(written.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
             }
             if s.offset < clip_end {
                 inner.present.insert(s.offset, clip_end);
+            }
+        }
+        if let Some((a, b)) = written {
+            // Start the writeback now: the fdatasync of the next save (and of the unmount)
+            // then waits for a few steps' worth of bytes, not for everything fetched since.
+            // SAFETY: a plain syscall on a descriptor we own.
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    a as i64,
+                    (b - a) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
             }
         }
         let after = inner.missing(f.len);
