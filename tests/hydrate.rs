@@ -285,3 +285,170 @@ fn kill_9_during_hydration_then_remount_continues_seaweedfs() {
     }
     kill_during_hydration(&TestStore::seaweed("owsfs-hyd"));
 }
+
+/// A cache that holds an older generation fetches only what changed since: unchanged files
+/// stay where they are (same backing inode), a changed file keeps the chunks that did not
+/// move, and everything reads back as the newest generation has it, also on a third node
+/// after the warm node writes on top. `whole`: the cache had all of the older generation;
+/// otherwise a part (the first quarter of the big file, some directories).
+fn warm_remount(store: &TestStore, whole: bool) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let big = noise(BIG, 11);
+    let a = store.workspace("ws", &[]);
+    a.mount();
+    for d in ["d/e", "keep/sub", "gone_dir/x", "kind"] {
+        std::fs::create_dir_all(a.path(d)).unwrap();
+    }
+    std::fs::write(a.path("d/e/big.bin"), &big).unwrap();
+    std::fs::write(a.path("keep/k1.txt"), b"kept\n").unwrap();
+    std::fs::write(a.path("keep/sub/k2.bin"), noise(1 << 20, 12)).unwrap();
+    std::fs::write(a.path("gone.txt"), b"gone\n").unwrap();
+    std::fs::write(a.path("gone_dir/x/y.txt"), b"y\n").unwrap();
+    std::fs::write(a.path("mode.txt"), b"mode\n").unwrap();
+    std::fs::write(a.path("grow.bin"), noise(2 << 20, 13)).unwrap();
+    std::os::unix::fs::symlink("d/e/big.bin", a.path("link")).unwrap();
+    a.sync();
+    a.unmount();
+
+    // B holds that generation, wholly or in part.
+    let mut b = store.workspace("ws", if whole { &[] } else { &["--prefetch", "0"] });
+    b.mount();
+    if whole {
+        assert!(
+            wait_for(Duration::from_secs(60), || hydration(&b)["done"] == true),
+            "hydration never completes: {}",
+            hydration(&b)
+        );
+    } else {
+        let mut head = vec![0u8; BIG / 4];
+        std::fs::File::open(b.path("d/e/big.bin"))
+            .unwrap()
+            .read_exact_at(&mut head, 0)
+            .unwrap();
+        assert!(head[..] == big[..BIG / 4]);
+        assert_eq!(std::fs::read(b.path("keep/k1.txt")).unwrap(), b"kept\n");
+    }
+    let backing = b.cache.join("backing");
+    let ino = |rel: &str| std::fs::symlink_metadata(backing.join(rel)).unwrap().ino();
+    let big_ino = ino("d/e/big.bin");
+    let k2_ino = whole.then(|| ino("keep/sub/k2.bin"));
+    b.unmount();
+
+    // A changes some of it.
+    a.mount();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.path("d/e/big.bin"))
+        .unwrap();
+    f.write_all_at(&noise(1 << 20, 14), 32 << 20).unwrap();
+    drop(f);
+    let mut grow = std::fs::OpenOptions::new()
+        .append(true)
+        .open(a.path("grow.bin"))
+        .unwrap();
+    std::io::Write::write_all(&mut grow, &noise(1 << 20, 15)).unwrap();
+    drop(grow);
+    std::fs::remove_file(a.path("gone.txt")).unwrap();
+    std::fs::remove_dir_all(a.path("gone_dir")).unwrap();
+    std::fs::set_permissions(a.path("mode.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::remove_dir(a.path("kind")).unwrap();
+    std::fs::write(a.path("kind"), b"a file now\n").unwrap();
+    std::fs::write(a.path("new.txt"), b"new\n").unwrap();
+    std::fs::remove_file(a.path("link")).unwrap();
+    std::os::unix::fs::symlink("grow.bin", a.path("link")).unwrap();
+    let want = snapshot(&a.mp);
+    a.sync();
+    a.unmount();
+
+    // B again: warm. Nothing is fetched at the mount; reading everything fetches the
+    // changes only.
+    b.extra = vec!["--prefetch".into(), "0".into()];
+    b.mount();
+    assert_eq!(hydration(&b)["fetched_bytes"].as_u64(), Some(0));
+    // About 2 MiB changed (plus the chunks around the change, trees and lists); a cache that
+    // had only a quarter of the big file fetches the rest of it too.
+    let limit = if whole {
+        12 << 20
+    } else {
+        (BIG as u64) * 3 / 4 + (12 << 20)
+    };
+    let got = snapshot(&b.mp);
+    assert!(
+        got == want,
+        "the warm node does not see the newest generation"
+    );
+    let fetched = hydration(&b)["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched < limit,
+        "the warm remount fetched {fetched} bytes (at most {limit} expected)"
+    );
+    assert_eq!(
+        ino("d/e/big.bin"),
+        big_ino,
+        "the changed file was made anew"
+    );
+    if let Some(k2) = k2_ino {
+        assert_eq!(
+            ino("keep/sub/k2.bin"),
+            k2,
+            "an unchanged file was made anew"
+        );
+    }
+    let mode = std::fs::metadata(b.path("mode.txt")).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        wait_for(Duration::from_secs(30), || hydration(&b)["done"] == true),
+        "hydration never completes: {}",
+        hydration(&b)
+    );
+
+    // B writes on top; a fresh node C sees B's generation.
+    std::fs::write(b.path("keep/k1.txt"), b"changed on b\n").unwrap();
+    std::fs::write(b.path("keep/sub/after.txt"), b"after\n").unwrap();
+    let want = snapshot(&b.mp);
+    b.sync();
+    b.unmount();
+    b.mount();
+    assert_eq!(hydration(&b)["done"], true);
+    assert!(snapshot(&b.mp) == want, "B's own remount differs");
+    b.unmount();
+    let c = store.workspace("ws", &[]);
+    c.mount();
+    assert!(
+        snapshot(&c.mp) == want,
+        "a fresh node does not see B's generation"
+    );
+    c.unmount();
+}
+
+#[test]
+fn warm_remount_fetches_only_what_changed_file() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::file(), true);
+}
+
+#[test]
+fn warm_remount_fetches_only_what_changed_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::seaweed("owsfs-hyd"), true);
+}
+
+#[test]
+fn warm_remount_of_a_partly_hydrated_cache_file() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::file(), false);
+}
+
+#[test]
+fn warm_remount_of_a_partly_hydrated_cache_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::seaweed("owsfs-hyd"), false);
+}

@@ -42,9 +42,11 @@ use anyhow::Context;
 use bytes::Bytes;
 use dashmap::DashMap;
 use owsfs_journal::{DirtyState, ExtentSet};
-use owsfs_store::{BlobId, BlobRef, ChunkSpan, Content, FileContent, NodeKind, Store, Tree};
+use owsfs_store::{
+    BlobId, BlobRef, ChunkSpan, Content, FileContent, NodeKind, Store, Tree, TreeEntry,
+};
 use parking_lot::{Condvar, Mutex};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde_json::{Value, json};
 
@@ -106,6 +108,53 @@ struct DirState {
     handle: Vec<u8>,
     /// Its own tree entry: the subtree and the attributes to restore after materializing.
     node: Vec<u8>,
+}
+
+/// A pending directory that holds old material (entries of an older generation the cache
+/// had): `hyd_warm`.
+#[derive(Clone, Debug)]
+struct Warm {
+    /// The old material is exactly the directory's tree (same subtree id).
+    same: bool,
+    /// After an interrupted attempt: the inodes (u64 LE each) that attempt kept, the only
+    /// old material still trusted.
+    trust: Option<Vec<u8>>,
+}
+
+/// An inode of the older generation (`hyd_old`).
+struct OldNode {
+    /// A directory that was not materialized.
+    pending: bool,
+    entry: TreeEntry,
+    node: Vec<u8>,
+    /// The older generation's bytes the file holds.
+    present: ExtentSet,
+}
+
+/// What an old entry keeps when its directory is reconciled.
+enum Keep {
+    /// The ranges of the new content that are local; `old_end`: where its old bytes end.
+    File { present: ExtentSet, old_end: u64 },
+    /// Pending, with its old material (if any) inside.
+    Dir(Option<Warm>),
+    /// A symlink with the same target.
+    Other,
+}
+
+/// What materializing one directory made, stored in one transaction.
+#[derive(Default)]
+struct Batch {
+    nodes: Vec<crate::sync::local::NodeRow>,
+    /// Files not wholly local.
+    files: Vec<FileState>,
+    /// Directories left pending, with their warm row.
+    dirs: Vec<(u64, DirState, Option<Warm>)>,
+    links: Vec<(u64, Vec<u8>)>,
+    /// Files already whole, and the bytes local of all files.
+    whole_files: i64,
+    kept_bytes: i64,
+    /// `hyd_old` rows used up.
+    old_done: Vec<u64>,
 }
 
 /// One chunk being fetched; others that need it wait here.
@@ -377,9 +426,13 @@ impl Hydrator {
 
     /// Materializes directory `ino` (an `O_PATH` descriptor of it in `dir`): every entry of
     /// its tree is created (directories pending, files sparse and pending), then its own
-    /// attributes are set again. Entries of an attempt that died half-way are removed first:
-    /// nothing else can be in a directory nobody could see yet. The caller holds the core's
-    /// barrier shared.
+    /// attributes are set again. The caller holds the core's barrier shared.
+    ///
+    /// A directory without old material (made empty by an earlier materialization) is
+    /// emptied first: entries of an attempt that died half-way are all it can hold. A
+    /// directory with old material (a warm remount, `hyd_warm`) keeps what did not change:
+    /// see [`Hydrator::reconcile`]; one whose old material is exactly its tree is taken as it
+    /// is, without fetching the tree.
     pub fn materialize_dir(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
         let _one = self.materializing.lock();
         let Some(state) = self.dirs.get(&ino).map(|d| d.clone()) else {
@@ -392,74 +445,43 @@ impl Hydrator {
                 "hydration state of directory {ino} holds no tree"
             )));
         };
-        let tree = Tree::load(&*self.store, &tree_ref).map_err(|e| {
-            eio(format!(
-                "hydrate: cannot fetch tree {} of a directory (inode {ino}): {e}",
-                tree_ref.id
-            ))
-        })?;
         let dirfd = rustix::fs::openat(
             dir,
             c".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        clear_dir(&dirfd)?;
-        let mut nodes: Vec<(u64, u8, Vec<u8>)> = Vec::new();
-        let mut new_files: Vec<FileState> = Vec::new();
-        let mut new_dirs: Vec<(u64, DirState)> = Vec::new();
-        let mut new_links: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut zero_files = 0i64;
-        for e in &tree.entries {
-            let name = OsStr::from_bytes(&e.name);
-            if e.link_key != 0 && e.kind == NodeKind::File {
-                let known = self.links.lock().get(&e.link_key).cloned();
-                if let Some(h) = known {
-                    match handle::open(self.root.as_fd(), &h, libc::O_PATH) {
-                        Ok(fd) => {
-                            rustix::fs::linkat(&fd, c"", &dirfd, name, AtFlags::EMPTY_PATH)?;
-                            continue;
-                        }
-                        Err(err) => tracing::warn!(
-                            "hydrate: the other names of a hard-linked file are gone ({err}); \
-                             {} becomes a file of its own",
-                            String::from_utf8_lossy(&e.name)
-                        ),
+        let warm = self.warm_row(ino)?;
+        let mut batch = Batch::default();
+        let mut how = "kept as it was";
+        let same = warm.as_ref().is_some_and(|w| w.same && w.trust.is_none());
+        if !same || !self.keep_same(&dirfd, &mut batch)? {
+            batch = Batch::default();
+            let tree = Tree::load(&*self.store, &tree_ref).map_err(|e| {
+                eio(format!(
+                    "hydrate: cannot fetch tree {} of a directory (inode {ino}): {e}",
+                    tree_ref.id
+                ))
+            })?;
+            match warm {
+                Some(w) => {
+                    how = "reconciled with its old entries";
+                    self.reconcile(
+                        ino,
+                        &dirfd,
+                        &tree,
+                        &tree_ref.id,
+                        w.trust.as_deref(),
+                        &mut batch,
+                    )?;
+                }
+                None => {
+                    how = "made";
+                    clear_dir(&dirfd)?;
+                    for e in &tree.entries {
+                        self.create_fresh(&dirfd, e, &tree_ref.id, &mut batch)?;
                     }
                 }
-            }
-            create_entry(&dirfd, name, e, self.is_root)?;
-            let h = handle::of(dirfd.as_fd(), Path::new(name))?;
-            let st = rustix::fs::statat(&dirfd, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            let node = encode_node(e).map_err(err)?;
-            match e.kind {
-                NodeKind::Dir => {
-                    nodes.push((st.st_ino, b'd', node.clone()));
-                    new_dirs.push((st.st_ino, DirState { handle: h, node }));
-                }
-                NodeKind::File => {
-                    if e.link_key != 0 {
-                        new_links.push((e.link_key, h.clone()));
-                        self.links.lock().insert(e.link_key, h.clone());
-                    }
-                    nodes.push((st.st_ino, b'f', node.clone()));
-                    if e.size == 0 {
-                        zero_files += 1;
-                    } else {
-                        let fs = self.file_state(st.st_ino, h, node).map_err(err)?;
-                        if fs.len != e.size {
-                            return Err(eio(format!(
-                                "hydrate: tree {}: {} has size {} but its chunks cover {} bytes",
-                                tree_ref.id,
-                                String::from_utf8_lossy(&e.name),
-                                e.size,
-                                fs.len
-                            )));
-                        }
-                        new_files.push(fs);
-                    }
-                }
-                _ => {}
             }
         }
         // The directory's own attributes, changed by the creations.
@@ -467,7 +489,504 @@ impl Hydrator {
             set_attrs(&dirfd, None, &entry, self.is_root)?;
         }
         rustix::fs::fsync(&dirfd)?;
-        let empty = Vec::new();
+        let entries = batch.nodes.len();
+        self.commit_batch(ino, batch)?;
+        tracing::debug!(
+            "hydrate: materialized directory {ino} ({how}): {entries} nodes in {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Creates entry `e` of tree `tree_id` in `dir` as the store has it: a directory
+    /// pending, a file sparse (or a link to the inode its hard-link key already became).
+    fn create_fresh(
+        &self,
+        dir: &OwnedFd,
+        e: &TreeEntry,
+        tree_id: &BlobId,
+        batch: &mut Batch,
+    ) -> io::Result<()> {
+        let name = OsStr::from_bytes(&e.name);
+        if e.link_key != 0 && e.kind == NodeKind::File {
+            let known = self.links.lock().get(&e.link_key).cloned();
+            if let Some(h) = known {
+                match handle::open(self.root.as_fd(), &h, libc::O_PATH) {
+                    Ok(fd) => {
+                        rustix::fs::linkat(&fd, c"", dir, name, AtFlags::EMPTY_PATH)?;
+                        return Ok(());
+                    }
+                    Err(err) => tracing::warn!(
+                        "hydrate: the other names of a hard-linked file are gone ({err}); \
+                         {} becomes a file of its own",
+                        String::from_utf8_lossy(&e.name)
+                    ),
+                }
+            }
+        }
+        create_entry(dir, name, e, self.is_root)?;
+        let h = handle::of(dir.as_fd(), Path::new(name))?;
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let node = encode_node(e).map_err(err)?;
+        match e.kind {
+            NodeKind::Dir => {
+                batch.nodes.push((st.st_ino, b'd', node.clone()));
+                batch
+                    .dirs
+                    .push((st.st_ino, DirState { handle: h, node }, None));
+            }
+            NodeKind::File => {
+                if e.link_key != 0 {
+                    batch.links.push((e.link_key, h.clone()));
+                    self.links.lock().insert(e.link_key, h.clone());
+                }
+                batch.nodes.push((st.st_ino, b'f', node.clone()));
+                self.add_file(
+                    st.st_ino,
+                    h,
+                    node,
+                    e,
+                    Some(tree_id),
+                    ExtentSet::new(),
+                    batch,
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Adds file `ino` (entry `e`, bytes `present` already local) to `batch`: whole, or to
+    /// be fetched.
+    #[allow(clippy::too_many_arguments)]
+    fn add_file(
+        &self,
+        ino: u64,
+        handle: Vec<u8>,
+        node: Vec<u8>,
+        e: &TreeEntry,
+        tree_id: Option<&BlobId>,
+        present: ExtentSet,
+        batch: &mut Batch,
+    ) -> io::Result<()> {
+        let have = present.total_len_below(e.size);
+        batch.kept_bytes += have as i64;
+        if have == e.size {
+            batch.whole_files += 1;
+            return Ok(());
+        }
+        let fs = self.file_state(ino, handle, node).map_err(err)?;
+        if fs.len != e.size {
+            let tree = tree_id.map_or("the cache's older generation".into(), |t| {
+                format!("tree {t}")
+            });
+            return Err(eio(format!(
+                "hydrate: {tree}: {} has size {} but its chunks cover {} bytes",
+                String::from_utf8_lossy(&e.name),
+                e.size,
+                fs.len
+            )));
+        }
+        fs.inner.lock().present = present;
+        batch.files.push(fs);
+        Ok(())
+    }
+
+    /// The warm row of directory `ino`: it holds old material.
+    fn warm_row(&self, ino: u64) -> io::Result<Option<Warm>> {
+        let db = self.db.lock();
+        let mut stmt = db
+            .prepare_cached("SELECT same, trust FROM hyd_warm WHERE ino = ?1")
+            .map_err(err)?;
+        stmt.query_row([ino as i64], |r| {
+            Ok(Warm {
+                same: r.get::<_, i64>(0)? != 0,
+                trust: r.get(1)?,
+            })
+        })
+        .optional()
+        .map_err(err)
+    }
+
+    /// What the cache's older generation had at inode `ino` (`hyd_old`).
+    fn old_node(&self, ino: u64) -> io::Result<Option<OldNode>> {
+        /// state, node, valid_end, present
+        type Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>);
+        let row: Option<Row> = {
+            let db = self.db.lock();
+            let mut stmt = db
+                .prepare_cached(
+                    "SELECT state, node, valid_end, present FROM hyd_old WHERE ino = ?1",
+                )
+                .map_err(err)?;
+            stmt.query_row([ino as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+            .map_err(err)?
+        };
+        let Some((state, node, valid_end, present)) = row else {
+            return Ok(None);
+        };
+        let entry = decode_node(&node).map_err(err)?;
+        // The bytes of the older generation that are local: all of a whole file, the stored
+        // ranges below `valid_end` of a partial one.
+        let present = match state {
+            0 => std::iter::once((0, entry.size))
+                .filter(|r| r.1 > 0)
+                .collect(),
+            1 => {
+                let end = (valid_end.unwrap_or(0).max(0) as u64).min(entry.size);
+                clip(&decode_ranges(&present.unwrap_or_default()), end)
+            }
+            _ => ExtentSet::new(),
+        };
+        Ok(Some(OldNode {
+            pending: state == 2,
+            entry,
+            node,
+            present,
+        }))
+    }
+
+    /// The directory's old material is exactly its tree: each entry is kept as it is, with
+    /// the node and state it had. False, with nothing changed, when an entry is not known
+    /// as expected (then the tree decides).
+    fn keep_same(&self, dir: &OwnedFd, batch: &mut Batch) -> io::Result<bool> {
+        for (name, st) in list_dir(dir)? {
+            let ino = st.st_ino;
+            let kind = st.st_mode & libc::S_IFMT;
+            if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+                continue;
+            }
+            let Some(old) = self.old_node(ino)? else {
+                return Ok(false);
+            };
+            let h = handle::of(dir.as_fd(), Path::new(&name))?;
+            match (&old.entry.content, kind) {
+                (Content::File(_), libc::S_IFREG)
+                    if !old.pending && st.st_size as u64 == old.entry.size =>
+                {
+                    if old.entry.link_key != 0 {
+                        batch.links.push((old.entry.link_key, h.clone()));
+                    }
+                    batch.nodes.push((ino, b'f', old.node.clone()));
+                    self.add_file(ino, h, old.node, &old.entry, None, old.present, batch)?;
+                }
+                (Content::Dir(_), libc::S_IFDIR) => {
+                    let warm = if old.pending {
+                        self.warm_row(ino)?
+                    } else {
+                        Some(Warm {
+                            same: true,
+                            trust: None,
+                        })
+                    };
+                    batch.nodes.push((ino, b'd', old.node.clone()));
+                    batch.dirs.push((
+                        ino,
+                        DirState {
+                            handle: h,
+                            node: old.node,
+                        },
+                        warm,
+                    ));
+                }
+                _ => return Ok(false),
+            }
+            batch.old_done.push(ino);
+        }
+        let mut links = self.links.lock();
+        for (k, h) in &batch.links {
+            links.insert(*k, h.clone());
+        }
+        Ok(true)
+    }
+
+    /// Materializes directory `ino` over its old material: an old entry is kept where the
+    /// tree has an entry of the same name and kind and the cache knows what the old one holds
+    /// (a file keeps the ranges whose chunks did not change, a directory stays pending with
+    /// its old material inside, a symlink with the same target stays); everything else old
+    /// goes, and the tree's other entries are made as on a fresh cache.
+    ///
+    /// Before anything changes, the kept inodes are stored as the directory's `trust`: a
+    /// retry after a crash trusts only them (any other entry may be one this attempt made,
+    /// with an inode number an old row happens to name), and a kept file that shrinks has
+    /// its old row clipped first.
+    fn reconcile(
+        &self,
+        ino: u64,
+        dir: &OwnedFd,
+        tree: &Tree,
+        tree_id: &BlobId,
+        trust: Option<&[u8]>,
+        batch: &mut Batch,
+    ) -> io::Result<()> {
+        let trust: Option<HashSet<u64>> = trust.map(|t| {
+            t.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect()
+        });
+        let by_name: HashMap<&[u8], &TreeEntry> =
+            tree.entries.iter().map(|e| (&e.name[..], e)).collect();
+        let mut keep: Vec<(std::ffi::OsString, rustix::fs::Stat, &TreeEntry, Keep)> = Vec::new();
+        let mut remove: Vec<(std::ffi::OsString, bool, u64)> = Vec::new();
+        let mut clipped: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        for (name, st) in list_dir(dir)? {
+            let decision = match by_name.get(name.as_bytes()) {
+                Some(e) if trust.as_ref().is_none_or(|t| t.contains(&st.st_ino)) => {
+                    self.keep_decision(dir, &name, &st, e)?
+                }
+                _ => None,
+            };
+            match decision {
+                Some(k) => {
+                    if let Keep::File { old_end, .. } = &k
+                        && *old_end > by_name[name.as_bytes()].size
+                    {
+                        let e = by_name[name.as_bytes()];
+                        if let Some(old) = self.old_node(st.st_ino)? {
+                            clipped.push((
+                                st.st_ino,
+                                e.size,
+                                encode_ranges(&clip(&old.present, e.size)),
+                            ));
+                        }
+                    }
+                    let e = by_name[name.as_bytes()];
+                    keep.push((name, st, e, k));
+                }
+                None => {
+                    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    remove.push((name, is_dir, st.st_ino));
+                }
+            }
+        }
+        {
+            let kept: Vec<u8> = keep.iter().flat_map(|k| k.1.st_ino.to_le_bytes()).collect();
+            let mut db = self.db.lock();
+            let tx = db.transaction().map_err(err)?;
+            tx.execute(
+                "UPDATE hyd_warm SET trust = ?2 WHERE ino = ?1",
+                params![ino as i64, kept],
+            )
+            .map_err(err)?;
+            for (i, end, present) in &clipped {
+                tx.execute(
+                    "UPDATE hyd_old SET state = 1, valid_end = ?2, present = ?3 WHERE ino = ?1",
+                    params![*i as i64, *end as i64, present],
+                )
+                .map_err(err)?;
+            }
+            tx.commit().map_err(err)?;
+        }
+        for (name, is_dir, old_ino) in remove {
+            remove_entry(dir, &name, is_dir)?;
+            batch.old_done.push(old_ino);
+        }
+        let mut kept_names: HashSet<Vec<u8>> = HashSet::new();
+        for (name, st, e, k) in keep {
+            self.apply_keep(dir, &name, &st, e, k, Some(tree_id), batch)?;
+            kept_names.insert(name.as_bytes().to_vec());
+            batch.old_done.push(st.st_ino);
+        }
+        for e in &tree.entries {
+            if !kept_names.contains(&e.name) {
+                self.create_fresh(dir, e, tree_id, batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether old entry `name` (`st`) can stay as entry `e` of the new tree, and what of it.
+    fn keep_decision(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        st: &rustix::fs::Stat,
+        e: &TreeEntry,
+    ) -> io::Result<Option<Keep>> {
+        let kind = st.st_mode & libc::S_IFMT;
+        Ok(match (&e.content, kind) {
+            (Content::File(new), libc::S_IFREG) if st.st_nlink == 1 => {
+                let Some(old) = self.old_node(st.st_ino)? else {
+                    return Ok(None);
+                };
+                let Content::File(was) = &old.entry.content else {
+                    return Ok(None);
+                };
+                let local = st.st_size as u64;
+                if old.pending || (local != old.entry.size && local != e.size) {
+                    return Ok(None);
+                }
+                let present = clip(&old.present, local);
+                let present = if was == new {
+                    present
+                } else {
+                    self.unchanged_ranges(was, new, &present, st.st_ino)?
+                };
+                Some(Keep::File {
+                    present,
+                    old_end: old.entry.size.min(local),
+                })
+            }
+            (Content::Dir(new), libc::S_IFDIR) => {
+                let Some(old) = self.old_node(st.st_ino)? else {
+                    return Ok(None);
+                };
+                let Content::Dir(was) = &old.entry.content else {
+                    return Ok(None);
+                };
+                let warm = if old.pending {
+                    // Pending in the older generation too: its own old material, if any.
+                    self.warm_row(st.st_ino)?.map(|w| Warm {
+                        same: w.same && was.id == new.id,
+                        trust: w.trust,
+                    })
+                } else {
+                    Some(Warm {
+                        same: was.id == new.id,
+                        trust: None,
+                    })
+                };
+                Some(Keep::Dir(warm))
+            }
+            (Content::Symlink(target), libc::S_IFLNK) => {
+                let now = rustix::fs::readlinkat(dir, name, Vec::new())?;
+                (now.as_bytes() == &target[..]).then_some(Keep::Other)
+            }
+            _ => None,
+        })
+    }
+
+    /// Applies a kept entry: size and attributes of the new tree, and its place in `batch`.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_keep(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        st: &rustix::fs::Stat,
+        e: &TreeEntry,
+        keep: Keep,
+        tree_id: Option<&BlobId>,
+        batch: &mut Batch,
+    ) -> io::Result<()> {
+        let ino = st.st_ino;
+        if let Keep::File { .. } = keep
+            && st.st_size as u64 != e.size
+        {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            rustix::fs::ftruncate(&fd, e.size)?;
+            rustix::fs::fsync(&fd)?;
+        }
+        if e.kind == NodeKind::File || e.kind == NodeKind::Dir {
+            drop_other_xattrs(dir, name, e)?;
+        }
+        set_attrs(dir, Some(name), e, self.is_root)?;
+        let node = encode_node(e).map_err(err)?;
+        match keep {
+            Keep::File { present, .. } => {
+                let h = handle::of(dir.as_fd(), Path::new(name))?;
+                if e.link_key != 0 {
+                    batch.links.push((e.link_key, h.clone()));
+                    self.links.lock().insert(e.link_key, h.clone());
+                }
+                batch.nodes.push((ino, b'f', node.clone()));
+                self.add_file(ino, h, node, e, tree_id, present, batch)?;
+            }
+            Keep::Dir(warm) => {
+                let h = handle::of(dir.as_fd(), Path::new(name))?;
+                batch.nodes.push((ino, b'd', node.clone()));
+                batch.dirs.push((ino, DirState { handle: h, node }, warm));
+            }
+            Keep::Other => {}
+        }
+        Ok(())
+    }
+
+    /// The ranges of `present` (bytes of content `was`) whose chunks content `new` has at the
+    /// same offsets.
+    fn unchanged_ranges(
+        &self,
+        was: &FileContent,
+        new: &FileContent,
+        present: &ExtentSet,
+        ino: u64,
+    ) -> io::Result<ExtentSet> {
+        let a = self.content_spans(was, ino)?;
+        let b = self.content_spans(new, ino)?;
+        let mut same = ExtentSet::new();
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            let (x, y) = (&a[i], &b[j]);
+            if x.offset == y.offset {
+                if x.r.id == y.r.id && x.r.len == y.r.len {
+                    same.insert(x.offset, x.end());
+                }
+                i += 1;
+                j += 1;
+            } else if x.offset < y.offset {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        let mut out = ExtentSet::new();
+        for (s, e) in same.iter() {
+            let mut at = s;
+            for (gs, ge) in present.gaps(s, e) {
+                if gs > at {
+                    out.insert(at, gs);
+                }
+                at = ge;
+            }
+            if at < e {
+                out.insert(at, e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every chunk of a file's content, at its offset (chunk lists fetched).
+    fn content_spans(&self, c: &FileContent, ino: u64) -> io::Result<Vec<ChunkSpan>> {
+        let refs: Vec<BlobRef> = match c {
+            FileContent::Empty => Vec::new(),
+            FileContent::Chunks(c) => c.clone(),
+            FileContent::List(l) => {
+                let mut v = Vec::new();
+                for g in l {
+                    v.extend(self.list_refs(g, ino)?);
+                }
+                v
+            }
+        };
+        let mut at = 0u64;
+        Ok(refs
+            .into_iter()
+            .map(|r| {
+                let s = ChunkSpan { r, offset: at };
+                at += r.len as u64;
+                s
+            })
+            .collect())
+    }
+
+    /// Stores what materializing directory `ino` made, and makes it live.
+    fn commit_batch(&self, ino: u64, batch: Batch) -> io::Result<()> {
+        let Batch {
+            nodes,
+            files,
+            dirs,
+            links,
+            whole_files,
+            kept_bytes,
+            old_done,
+        } = batch;
         self.nodes
             .add(nodes, |rows| {
                 let mut db = self.db.lock();
@@ -483,50 +1002,62 @@ impl Hydrator {
                         "INSERT OR REPLACE INTO hyd_files (ino, handle, node, valid_end, present)
                          VALUES (?1, ?2, ?3, ?4, ?5)",
                     )?;
-                    for f in &new_files {
+                    for f in &files {
+                        let present = encode_ranges(&f.inner.lock().present);
                         put_file.execute(params![
                             f.ino as i64,
                             f.handle,
                             f.node,
                             f.len as i64,
-                            &empty
+                            present
                         ])?;
                     }
                     let mut put_dir = tx.prepare_cached(
                         "INSERT OR REPLACE INTO hyd_dirs (ino, handle, node) VALUES (?1, ?2, ?3)",
                     )?;
-                    for (ino, d) in &new_dirs {
+                    let mut put_warm = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hyd_warm (ino, same, trust) VALUES (?1, ?2, ?3)",
+                    )?;
+                    let mut no_warm = tx.prepare_cached("DELETE FROM hyd_warm WHERE ino = ?1")?;
+                    for (ino, d, warm) in &dirs {
                         put_dir.execute(params![*ino as i64, d.handle, d.node])?;
+                        match warm {
+                            Some(w) => {
+                                put_warm.execute(params![*ino as i64, w.same as i64, w.trust])?
+                            }
+                            None => no_warm.execute([*ino as i64])?,
+                        };
                     }
                     let mut put_link = tx.prepare_cached(
                         "INSERT OR REPLACE INTO hyd_links (key, handle) VALUES (?1, ?2)",
                     )?;
-                    for (k, h) in &new_links {
+                    for (k, h) in &links {
                         put_link.execute(params![*k as i64, h])?;
                     }
+                    let mut old = tx.prepare_cached("DELETE FROM hyd_old WHERE ino = ?1")?;
+                    for i in &old_done {
+                        old.execute([*i as i64])?;
+                    }
                     tx.execute("DELETE FROM hyd_dirs WHERE ino = ?1", [ino as i64])?;
+                    no_warm.execute([ino as i64])?;
                 }
                 tx.commit()?;
                 Ok(())
             })
             .map_err(err)?;
-        for (ino, d) in new_dirs {
+        for (ino, d, _) in dirs {
             self.dirs.insert(ino, d);
         }
-        for f in new_files {
+        for f in files {
             self.files.insert(f.ino, Arc::new(f));
         }
         self.dirs.remove(&ino);
-        if zero_files > 0 {
-            self.missing_files.fetch_sub(zero_files, Ordering::Relaxed);
+        if whole_files > 0 || kept_bytes > 0 {
+            self.missing_files.fetch_sub(whole_files, Ordering::Relaxed);
+            self.missing_bytes.fetch_sub(kept_bytes, Ordering::Relaxed);
             self.counters_unsaved.store(true, Ordering::Relaxed);
         }
         self.update_active();
-        tracing::debug!(
-            "hydrate: materialized directory {ino}: {} entries in {:?}",
-            tree.entries.len(),
-            started.elapsed()
-        );
         Ok(())
     }
 
@@ -601,6 +1132,29 @@ impl Hydrator {
         Ok(out)
     }
 
+    /// The chunks of one list group, fetched and checked.
+    fn list_refs(&self, l: &owsfs_store::tree::ListRef, ino: u64) -> io::Result<Vec<BlobRef>> {
+        let b = &l.blob;
+        let data = owsfs_store::read_blob(&self.store, b).map_err(|e| {
+            eio(format!(
+                "hydrate: cannot fetch chunk list {} (in {}) of inode {ino}: {e}",
+                b.id,
+                b.pack.key(),
+            ))
+        })?;
+        let object = format!("list {} in {}", b.id, b.pack.key());
+        let refs = owsfs_store::tree::decode_list(&object, &data)
+            .map_err(|e| eio(format!("hydrate: {e}")))?;
+        let sum: u64 = refs.iter().map(|r| r.len as u64).sum();
+        if sum != l.covered {
+            return Err(eio(format!(
+                "hydrate: {object} covers {sum} bytes, the tree says {}",
+                l.covered
+            )));
+        }
+        Ok(refs)
+    }
+
     fn group_spans(&self, f: &FileState, g: usize, offset: u64) -> io::Result<Arc<Vec<ChunkSpan>>> {
         if let Some(s) = &f.inner.lock().groups[g] {
             return Ok(Arc::clone(s));
@@ -608,28 +1162,7 @@ impl Hydrator {
         let refs: Vec<BlobRef> = match &f.content {
             FileContent::Empty => Vec::new(),
             FileContent::Chunks(c) => c.clone(),
-            FileContent::List(l) => {
-                let b = &l[g].blob;
-                let data = owsfs_store::read_blob(&self.store, b).map_err(|e| {
-                    eio(format!(
-                        "hydrate: cannot fetch chunk list {} (in {}) of inode {}: {e}",
-                        b.id,
-                        b.pack.key(),
-                        f.ino
-                    ))
-                })?;
-                let object = format!("list {} in {}", b.id, b.pack.key());
-                let refs = owsfs_store::tree::decode_list(&object, &data)
-                    .map_err(|e| eio(format!("hydrate: {e}")))?;
-                let sum: u64 = refs.iter().map(|r| r.len as u64).sum();
-                if sum != l[g].covered {
-                    return Err(eio(format!(
-                        "hydrate: {object} covers {sum} bytes, the tree says {}",
-                        l[g].covered
-                    )));
-                }
-                refs
-            }
+            FileContent::List(l) => self.list_refs(&l[g], f.ino)?,
         };
         let mut at = offset;
         let spans: Vec<ChunkSpan> = refs
@@ -1041,6 +1574,10 @@ impl Hydrator {
             if self.files.is_empty() && self.dirs.is_empty() {
                 tx.execute("DELETE FROM hyd_links", [])?;
             }
+            if self.dirs.is_empty() {
+                // No directory left to reconcile: the older generation's rows are spent.
+                tx.execute_batch("DELETE FROM hyd_old; DELETE FROM hyd_warm;")?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -1169,17 +1706,78 @@ fn clear_dir(dir: &OwnedFd) -> io::Result<()> {
         v
     };
     for (name, is_dir) in names {
-        if is_dir {
-            let sub = rustix::fs::openat(
-                dir,
-                name.as_os_str(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            clear_dir(&sub)?;
-            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::REMOVEDIR)?;
-        } else {
-            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty())?;
+        remove_entry(dir, &name, is_dir)?;
+    }
+    Ok(())
+}
+
+/// Removes `name` from `dir`, a directory with everything below it.
+fn remove_entry(dir: &OwnedFd, name: &OsStr, is_dir: bool) -> io::Result<()> {
+    if is_dir {
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        clear_dir(&sub)?;
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+    } else {
+        rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// The entries of `dir`, each with its own (not followed) status.
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, rustix::fs::Stat)>> {
+    let fd = rustix::fs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut d = rustix::fs::Dir::new(fd)?;
+    let mut v = Vec::new();
+    while let Some(e) = d.read() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        let name = OsStr::from_bytes(n).to_os_string();
+        let st = rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        v.push((name, st));
+    }
+    Ok(v)
+}
+
+/// `set` below `end`.
+fn clip(set: &ExtentSet, end: u64) -> ExtentSet {
+    set.iter()
+        .filter(|(s, _)| *s < end)
+        .map(|(s, e)| (s, e.min(end)))
+        .collect()
+}
+
+/// Removes the user and trusted xattrs of `name` that entry `e` does not have (a kept entry
+/// of an older generation).
+fn drop_other_xattrs(dir: &OwnedFd, name: &OsStr, e: &TreeEntry) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    let mut buf = vec![0u8; 64 << 10];
+    let n = match rustix::fs::flistxattr(&fd, &mut buf) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
+        let ours = k.starts_with(b"user.") || k.starts_with(b"trusted.");
+        if ours && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
+            rustix::fs::fremovexattr(&fd, OsStr::from_bytes(k))?;
         }
     }
     Ok(())

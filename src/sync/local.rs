@@ -27,7 +27,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 /// Version of the `state.db` schema. Version 2 added lazy hydration: a version 1 owsfs would
 /// take a file that is not fetched yet for data, so it must refuse a version 2 cache.
-pub const STATE_VERSION: u32 = 2;
+/// Version 3 added warm remounts (`hyd_old`, `hyd_warm`): a version 2 owsfs would take a
+/// directory's entries of an older generation for the newer one's.
+pub const STATE_VERSION: u32 = 3;
 
 /// One `nodes` row: backing inode, kind (b'f', b'd'), encoded tree entry.
 pub type NodeRow = (u64, u8, Vec<u8>);
@@ -114,7 +116,11 @@ pub const HYDRATION_SCHEMA: &str = "
                                           present BLOB NOT NULL);
     CREATE TABLE IF NOT EXISTS hyd_dirs (ino INTEGER PRIMARY KEY, handle BLOB NOT NULL,
                                          node BLOB NOT NULL);
-    CREATE TABLE IF NOT EXISTS hyd_links (key INTEGER PRIMARY KEY, handle BLOB NOT NULL);";
+    CREATE TABLE IF NOT EXISTS hyd_links (key INTEGER PRIMARY KEY, handle BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS hyd_old (ino INTEGER PRIMARY KEY, state INTEGER NOT NULL,
+                                        node BLOB NOT NULL, valid_end INTEGER, present BLOB);
+    CREATE TABLE IF NOT EXISTS hyd_warm (ino INTEGER PRIMARY KEY, same INTEGER NOT NULL,
+                                         trust BLOB);";
 
 /// Changes of one generation.
 #[derive(Default)]
@@ -152,8 +158,10 @@ impl LocalState {
         match state.meta("version")? {
             None => state.set_meta("version", &STATE_VERSION.to_string())?,
             Some(v) if v == STATE_VERSION.to_string() => {}
-            // Version 1 had no hydration tables; they are empty now.
-            Some(v) if v == "1" => state.set_meta("version", &STATE_VERSION.to_string())?,
+            // Versions 1 and 2 lacked tables that are empty now.
+            Some(v) if v == "1" || v == "2" => {
+                state.set_meta("version", &STATE_VERSION.to_string())?
+            }
             Some(v) => bail!(
                 "{} has state version {v}; this owsfs understands version {STATE_VERSION}: \
                  upgrade owsfs or mount on a new cache",
@@ -230,18 +238,58 @@ impl LocalState {
     /// Makes the cache a lazy copy of generation `base`: no node, nothing fetched, the root
     /// directory (backing inode `root_ino`, file handle `root_handle`) to be materialized from
     /// `root_node` (the root's entry, holding its tree). One transaction, so a crash leaves
-    /// the old base or the new one. The backing directory's old entries go when the root is
-    /// materialized.
+    /// the old base or the new one.
+    ///
+    /// `warm`: the backing directory holds the (clean) base generation the cache had, whose
+    /// entries stay where they are as old material: every node of it, whole, partial or
+    /// pending, moves to `hyd_old`, and each directory, when materialized, keeps what did not
+    /// change (`src/hydrate/`). Otherwise the backing directory's old entries go when the
+    /// root is materialized.
     pub fn lazy_restore(
         &mut self,
         base: &Base,
-        root_ino: u64,
-        root_handle: &[u8],
-        root_node: &[u8],
+        root: (u64, &[u8], &[u8]),
         totals: Totals,
+        warm: bool,
     ) -> anyhow::Result<()> {
+        let (root_ino, root_handle, root_node) = root;
+        let old_root = self.meta("base_root")?;
         let mut map = self.nodes.map.write();
         let tx = self.conn.transaction()?;
+        if warm {
+            // The root's old material: a materialized root holds the old base's root tree; a
+            // root still pending holds what its warm row says (or nothing).
+            let root_pending: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM hyd_dirs WHERE ino = ?1)",
+                [root_ino as i64],
+                |r| r.get(0),
+            )?;
+            let same_root = old_root.as_deref() == Some(base.root.as_str());
+            if root_pending {
+                if !same_root {
+                    tx.execute(
+                        "UPDATE hyd_warm SET same = 0 WHERE ino = ?1",
+                        [root_ino as i64],
+                    )?;
+                }
+            } else {
+                tx.execute(
+                    "INSERT OR REPLACE INTO hyd_warm (ino, same, trust) VALUES (?1, ?2, NULL)",
+                    params![root_ino as i64, same_root as i64],
+                )?;
+            }
+            // Later states win: a partial file or a pending directory also has a node row.
+            tx.execute_batch(
+                "INSERT OR REPLACE INTO hyd_old (ino, state, node, valid_end, present)
+                     SELECT ino, 0, content, NULL, NULL FROM nodes;
+                 INSERT OR REPLACE INTO hyd_old (ino, state, node, valid_end, present)
+                     SELECT ino, 1, node, valid_end, present FROM hyd_files;
+                 INSERT OR REPLACE INTO hyd_old (ino, state, node, valid_end, present)
+                     SELECT ino, 2, node, NULL, NULL FROM hyd_dirs;",
+            )?;
+        } else {
+            tx.execute_batch("DELETE FROM hyd_old; DELETE FROM hyd_warm;")?;
+        }
         tx.execute_batch(
             "DELETE FROM nodes; DELETE FROM hyd_files; DELETE FROM hyd_dirs;
              DELETE FROM hyd_links; DELETE FROM meta WHERE key = 'pending';",

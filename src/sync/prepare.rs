@@ -64,7 +64,7 @@ pub fn prepare_base(
                     cache.root.display()
                 );
             }
-            Some(h)
+            Some(false)
         }
         (Some(b), None) => bail!(
             "the cache {} holds generation {} of workspace {:?}, but {store_url} has no \
@@ -110,10 +110,10 @@ pub fn prepare_base(
                 );
             }
             tracing::info!(
-                "the store has generation {h}, the cache {}: restoring the newer one",
+                "the store has generation {h}, the cache {}: fetching what changed",
                 b.generation
             );
-            Some(h)
+            Some(true)
         }
         (Some(b), Some(h)) => bail!(
             "the cache {} holds generation {} of workspace {:?}, newer than the store's newest \
@@ -130,14 +130,15 @@ pub fn prepare_base(
     };
     let h = record.number;
     let sqlite: Vec<SqlitePosition> = record.sqlite.clone();
-    if restore_head.is_none() {
+    let Some(warm) = restore_head else {
         return Ok((sqlite, head));
-    }
+    };
     let Some(root) = record.root else {
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
     };
     // Lazy: only the root's tree is fetched (when the hydrator materializes the root);
-    // every other directory and every byte follows on demand.
+    // every other directory and every byte follows on demand. Warm: what the cache holds of
+    // its older generation stays, and is kept where it did not change.
     let started = std::time::Instant::now();
     for leftover in ["restore.tmp", "backing.old"] {
         let p = cache.root.join(leftover);
@@ -176,14 +177,17 @@ pub fn prepare_base(
             epoch: record.epoch,
             root: serde_json::to_string(&root)?,
         },
-        root_ino,
-        &root_handle,
-        &super::build::encode_node(&root_entry)?,
+        (
+            root_ino,
+            &root_handle,
+            &super::build::encode_node(&root_entry)?,
+        ),
         Totals {
             files: record.stats.files,
             dirs: record.stats.dirs,
             bytes: record.stats.bytes_total,
         },
+        warm,
     )?;
     tracing::info!(
         "generation {h} of workspace {:?} will be fetched on demand ({} files, {} bytes; \
