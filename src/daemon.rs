@@ -636,6 +636,7 @@ fn serve(
     let ending = Instant::now();
     reaper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     prefetch.stop();
+    let prefetch_ms = ending.elapsed().as_millis();
     saver.stop();
     let stopped_ms = ending.elapsed().as_millis();
     // The last cut: everything written before the unmount goes to the store.
@@ -672,8 +673,8 @@ fn serve(
     };
     let closed = journal.close_clean();
     tracing::info!(
-        "session ended: prefetch stopped after {stopped_ms} ms, last cut done after {cut_ms} \
-         ms, handed off after {} ms",
+        "session ended: prefetch stopped after {prefetch_ms} ms, saver after {stopped_ms} ms, \
+         last cut done after {cut_ms} ms, handed off after {} ms",
         ending.elapsed().as_millis()
     );
     drop(control);

@@ -1928,9 +1928,12 @@ pub struct Saver {
 }
 
 impl Saver {
+    /// Stops the thread at once (it is woken from its wait), without a last save: the
+    /// caller saves after the last cut.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.lock().take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -1945,8 +1948,12 @@ pub fn spawn_saver(hyd: Arc<Hydrator>, progress_bar: bool) -> Saver {
             let mut bar = progress_bar && hyd.is_active();
             let tty = rustix::termios::isatty(std::io::stderr());
             let mut last_line = Instant::now();
-            while !s.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(250));
+            loop {
+                // Woken early by `Saver::stop`.
+                std::thread::park_timeout(Duration::from_millis(250));
+                if s.load(Ordering::Acquire) {
+                    break;
+                }
                 if let Err(e) = hyd.save() {
                     tracing::warn!("cannot store the hydration state: {e:#}");
                 }

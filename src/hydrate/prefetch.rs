@@ -104,13 +104,13 @@ impl Shared {
                         tracing::info!("hydration complete: every file is local");
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    self.nap(Duration::from_millis(50));
                 }
                 Err(e) => {
                     failures += 1;
                     let wait = Duration::from_millis(100 << failures.min(7));
                     tracing::warn!("prefetch: {e:#}; retrying in {wait:?}");
-                    std::thread::sleep(wait);
+                    self.nap(wait);
                 }
             }
         }
@@ -217,8 +217,23 @@ impl Shared {
     /// Waits (a bounded while) until no read a program waits on is fetching.
     fn yield_to_readers(&self) {
         let deadline = Instant::now() + YIELD_MAX;
-        while self.hyd.foreground.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        while self.hyd.foreground.load(Ordering::Acquire) > 0
+            && Instant::now() < deadline
+            && !self.stop.load(Ordering::Acquire)
+        {
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sleeps `d`, or until the workers are stopped (the unmount waits for them).
+    fn nap(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        while !self.stop.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(10)));
         }
     }
 
@@ -236,6 +251,6 @@ impl Shared {
             *next += Duration::from_secs_f64(bytes as f64 / self.opts.bandwidth as f64);
             next.saturating_duration_since(now)
         };
-        std::thread::sleep(wait);
+        self.nap(wait);
     }
 }
