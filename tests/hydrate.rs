@@ -452,3 +452,55 @@ fn warm_remount_of_a_partly_hydrated_cache_seaweedfs() {
     }
     warm_remount(&TestStore::seaweed("owsfs-hyd"), false);
 }
+
+/// Two names of one file in two directories stay one file on a new node, after a change
+/// made through one name only (the other directory is not rebuilt by that cut).
+fn hard_links_across_directories(store: &TestStore) {
+    use std::os::unix::fs::MetadataExt;
+    let a = store.workspace("ws", &[]);
+    a.mount();
+    std::fs::create_dir_all(a.path("a")).unwrap();
+    std::fs::create_dir_all(a.path("b")).unwrap();
+    std::fs::write(a.path("a/f"), b"one\n").unwrap();
+    std::fs::hard_link(a.path("a/f"), a.path("b/g")).unwrap();
+    a.sync();
+    std::fs::write(a.path("a/f"), b"two, longer\n").unwrap();
+    std::fs::write(a.path("a/other"), b"x\n").unwrap();
+    a.sync();
+    a.unmount();
+    let c = store.workspace("ws", &[]);
+    c.mount();
+    assert_eq!(std::fs::read(c.path("b/g")).unwrap(), b"two, longer\n");
+    assert_eq!(std::fs::read(c.path("a/f")).unwrap(), b"two, longer\n");
+    let (f, g) = (
+        std::fs::metadata(c.path("a/f")).unwrap(),
+        std::fs::metadata(c.path("b/g")).unwrap(),
+    );
+    assert_eq!(f.ino(), g.ino(), "the two names became two files");
+    // A cut on this node rebuilds a/ only (b/ keeps the entry node A wrote).
+    std::fs::write(c.path("a/new"), b"n\n").unwrap();
+    c.sync();
+    c.unmount();
+    let d = store.workspace("ws", &[]);
+    d.mount();
+    let (f, g) = (
+        std::fs::metadata(d.path("a/f")).unwrap(),
+        std::fs::metadata(d.path("b/g")).unwrap(),
+    );
+    assert_eq!(
+        f.ino(),
+        g.ino(),
+        "the two names became two files on a third node"
+    );
+    std::fs::write(d.path("b/g"), b"three\n").unwrap();
+    assert_eq!(std::fs::read(d.path("a/f")).unwrap(), b"three\n");
+    d.unmount();
+}
+
+#[test]
+fn hard_links_across_directories_file() {
+    if skip_fuse() {
+        return;
+    }
+    hard_links_across_directories(&TestStore::file());
+}

@@ -238,7 +238,15 @@ pub fn build(
                 libc::S_IFLNK => Content::Symlink(e.symlink_target.clone().unwrap_or_default()),
                 _ => Content::None,
             };
-            let entry = tree_entry(e, content)?;
+            let mut entry = tree_entry(e, content)?;
+            // A hard-linked file keeps the key the base generation gave it: its names in
+            // directories this cut did not rebuild still carry that key.
+            if entry.link_key != 0
+                && let Some(prev) = base_entry(local, e.stat.ino, b'f')?
+                && prev.link_key != 0
+            {
+                entry.link_key = prev.link_key;
+            }
             let kind_byte = match entry.kind {
                 NodeKind::File => Some(b'f'),
                 NodeKind::Dir => Some(b'd'),
