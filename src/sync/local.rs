@@ -13,7 +13,9 @@
 //!
 //! - `hyd_files`, `hyd_dirs`, `hyd_links`: lazy hydration (`src/hydrate/`): files whose
 //!   bytes are not all local yet, directories whose entries are not made yet, hard links met
-//!   while materializing. Written by the hydrator's own connection.
+//!   while materializing. `hyd_old`, `hyd_warm`: a warm remount's older generation (what it
+//!   gave each inode; the pending directories that still hold its entries). Written by the
+//!   hydrator's own connection.
 //!
 //! One transaction per generation updates all of them, after the generation is durable and before
 //! the journal forgets what the cut covered. A crash in between leaves an older base with a
