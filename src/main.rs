@@ -3,6 +3,7 @@
 mod cache;
 mod cli;
 mod control;
+mod crashpoint;
 mod daemon;
 mod hydrate;
 mod lease;

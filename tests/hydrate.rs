@@ -290,8 +290,10 @@ fn kill_9_during_hydration_then_remount_continues_seaweedfs() {
 /// stay where they are (same backing inode), a changed file keeps the chunks that did not
 /// move, and everything reads back as the newest generation has it, also on a third node
 /// after the warm node writes on top. `whole`: the cache had all of the older generation;
-/// otherwise a part (the first quarter of the big file, some directories).
-fn warm_remount(store: &TestStore, whole: bool) {
+/// otherwise a part (the first quarter of the big file, some directories). `crash`: the
+/// first warm mount dies half-way through reconciling the root (old entries removed, new
+/// ones made, nothing stored), and the next mount must still come out right.
+fn warm_remount(store: &TestStore, whole: bool, crash: bool) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let big = noise(BIG, 11);
     let a = store.workspace("ws", &[]);
@@ -363,6 +365,26 @@ fn warm_remount(store: &TestStore, whole: bool) {
     // B again: warm. Nothing is fetched at the mount; reading everything fetches the
     // changes only.
     b.extra = vec!["--prefetch".into(), "0".into()];
+    if crash {
+        b.env
+            .push(("OWSFS_CRASH_AT".into(), "reconcile-midway".into()));
+        let _ = b.try_mount();
+        let _ = std::fs::read_dir(&b.mp).map(|d| d.count());
+        assert!(
+            wait_for(Duration::from_secs(30), || {
+                let _ = owsfs(&["unmount", &b.mp.to_string_lossy()]);
+                !is_mounted(&b.mp)
+            }),
+            "the crashed mount does not go away"
+        );
+        let log = std::fs::read_to_string(b.cache.join("owsfs.log")).unwrap_or_default();
+        assert!(
+            log.contains("crash point reconcile-midway"),
+            "the crash point was not reached:{}",
+            b.log_tail()
+        );
+        b.env.pop();
+    }
     b.mount();
     assert_eq!(hydration(&b)["fetched_bytes"].as_u64(), Some(0));
     // About 2 MiB changed (plus the chunks around the change, trees and lists); a cache that
@@ -426,7 +448,7 @@ fn warm_remount_fetches_only_what_changed_file() {
     if skip_fuse() {
         return;
     }
-    warm_remount(&TestStore::file(), true);
+    warm_remount(&TestStore::file(), true, false);
 }
 
 #[test]
@@ -434,7 +456,23 @@ fn warm_remount_fetches_only_what_changed_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    warm_remount(&TestStore::seaweed("owsfs-hyd"), true);
+    warm_remount(&TestStore::seaweed("owsfs-hyd"), true, false);
+}
+
+#[test]
+fn warm_remount_after_a_crash_while_reconciling_file() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::file(), true, true);
+}
+
+#[test]
+fn warm_remount_after_a_crash_while_reconciling_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    warm_remount(&TestStore::seaweed("owsfs-hyd"), true, true);
 }
 
 #[test]
@@ -442,7 +480,7 @@ fn warm_remount_of_a_partly_hydrated_cache_file() {
     if skip_fuse() {
         return;
     }
-    warm_remount(&TestStore::file(), false);
+    warm_remount(&TestStore::file(), false, false);
 }
 
 #[test]
@@ -450,7 +488,7 @@ fn warm_remount_of_a_partly_hydrated_cache_seaweedfs() {
     if skip_fuse() {
         return;
     }
-    warm_remount(&TestStore::seaweed("owsfs-hyd"), false);
+    warm_remount(&TestStore::seaweed("owsfs-hyd"), false, false);
 }
 
 /// Two names of one file in two directories stay one file on a new node, after a change

@@ -795,6 +795,7 @@ impl Hydrator {
                 self.create_fresh(dir, e, tree_id, batch)?;
             }
         }
+        crate::crashpoint::here("reconcile-midway");
         Ok(())
     }
 
