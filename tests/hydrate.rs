@@ -542,3 +542,44 @@ fn hard_links_across_directories_file() {
     }
     hard_links_across_directories(&TestStore::file());
 }
+
+/// Two files of an older generation that the newer one makes one (hard-linked) come back as
+/// one file on a warm remount.
+#[test]
+fn warm_remount_links_names_that_became_one_file() {
+    use std::os::unix::fs::MetadataExt;
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let a = store.workspace("ws", &[]);
+    a.mount();
+    std::fs::create_dir_all(a.path("x")).unwrap();
+    std::fs::create_dir_all(a.path("y")).unwrap();
+    std::fs::write(a.path("x/a"), b"same\n").unwrap();
+    std::fs::write(a.path("y/b"), b"same\n").unwrap();
+    a.sync();
+    a.unmount();
+    let b = store.workspace("ws", &[]);
+    b.mount();
+    assert!(
+        wait_for(Duration::from_secs(30), || hydration(&b)["done"] == true),
+        "hydration never completes: {}",
+        hydration(&b)
+    );
+    b.unmount();
+    a.mount();
+    std::fs::remove_file(a.path("y/b")).unwrap();
+    std::fs::hard_link(a.path("x/a"), a.path("y/b")).unwrap();
+    a.sync();
+    a.unmount();
+    b.mount();
+    let (x, y) = (
+        std::fs::metadata(b.path("x/a")).unwrap(),
+        std::fs::metadata(b.path("y/b")).unwrap(),
+    );
+    assert_eq!(x.ino(), y.ino(), "the two names stayed two files");
+    std::fs::write(b.path("y/b"), b"changed\n").unwrap();
+    assert_eq!(std::fs::read(b.path("x/a")).unwrap(), b"changed\n");
+    b.unmount();
+}

@@ -665,7 +665,9 @@ impl Hydrator {
             let h = handle::of(dir.as_fd(), Path::new(&name))?;
             match (&old.entry.content, kind) {
                 (Content::File(_), libc::S_IFREG)
-                    if !old.pending && st.st_size as u64 == old.entry.size =>
+                    if !old.pending
+                        && st.st_size as u64 == old.entry.size
+                        && !self.linked_elsewhere(old.entry.link_key, dir, &name)? =>
                 {
                     if old.entry.link_key != 0 {
                         batch.links.push((old.entry.link_key, h.clone()));
@@ -817,7 +819,10 @@ impl Hydrator {
                     return Ok(None);
                 };
                 let local = st.st_size as u64;
-                if old.pending || (local != old.entry.size && local != e.size) {
+                if old.pending
+                    || (local != old.entry.size && local != e.size)
+                    || self.linked_elsewhere(e.link_key, dir, name)?
+                {
                     return Ok(None);
                 }
                 let present = clip(&old.present, local);
@@ -858,6 +863,18 @@ impl Hydrator {
             }
             _ => None,
         })
+    }
+
+    /// Hard-link key `key` already belongs to another inode than `name`'s (then `name` must
+    /// become a link to it, not stay a file of its own).
+    fn linked_elsewhere(&self, key: u64, dir: &OwnedFd, name: &OsStr) -> io::Result<bool> {
+        if key == 0 {
+            return Ok(false);
+        }
+        let Some(h) = self.links.lock().get(&key).cloned() else {
+            return Ok(false);
+        };
+        Ok(handle::of(dir.as_fd(), Path::new(name))? != h)
     }
 
     /// Applies a kept entry: size and attributes of the new tree, and its place in `batch`.
