@@ -1521,7 +1521,7 @@ impl Hydrator {
 
     /// Stores what changed: each changed file's ranges (after an fdatasync of it, so the
     /// stored ranges are durable bytes), files now whole or gone dropped, and the counters.
-    /// Called every second, before the journal forgets a cut, and at unmount.
+    /// Called every 250 ms (the saver), before the journal forgets a cut, and at unmount.
     pub fn save(&self) -> anyhow::Result<()> {
         let inos: Vec<u64> = std::mem::take(&mut *self.unsaved.lock())
             .into_iter()
@@ -1532,35 +1532,48 @@ impl Hydrator {
         // (inode, Some((valid_end, present)) to update, None to drop)
         type Row = (u64, Option<(u64, Vec<u8>)>);
         let mut rows: Vec<Row> = Vec::new();
+        // The files whose bytes must be durable before the rows are: a partial file's
+        // ranges are taken before its sync (a chunk written after the snapshot is not
+        // claimed), a whole file's state goes only after its bytes are durable.
+        let mut to_sync: Vec<OwnedFd> = Vec::new();
         for ino in inos {
             match self.files.get(&ino).map(|f| Arc::clone(&f)) {
                 Some(f) => {
-                    if let Ok(fd) = handle::open(self.root.as_fd(), &f.handle, libc::O_RDONLY) {
-                        rustix::fs::fdatasync(&fd)?;
+                    {
+                        let mut inner = f.inner.lock();
+                        inner.unsaved = false;
+                        rows.push((ino, Some((inner.valid_end, encode_ranges(&inner.present)))));
                     }
-                    let mut inner = f.inner.lock();
-                    inner.unsaved = false;
-                    rows.push((ino, Some((inner.valid_end, encode_ranges(&inner.present)))));
+                    if let Ok(fd) = handle::open(self.root.as_fd(), &f.handle, libc::O_RDONLY) {
+                        to_sync.push(fd);
+                    }
                 }
-                None => {
-                    // Whole (sync its bytes first) or gone.
-                    rows.push((ino, None));
-                }
+                None => rows.push((ino, None)),
             }
         }
-        // Whole files: their bytes must be durable before their state goes.
-        let mut db = self.db.lock();
         {
+            let db = self.db.lock();
             let mut stmt = db.prepare_cached("SELECT handle FROM hyd_files WHERE ino = ?1")?;
             for (ino, r) in &rows {
                 if r.is_none()
                     && let Ok(h) = stmt.query_row([*ino as i64], |r| r.get::<_, Vec<u8>>(0))
                     && let Ok(fd) = handle::open(self.root.as_fd(), &h, libc::O_RDONLY)
                 {
-                    rustix::fs::fdatasync(&fd)?;
+                    to_sync.push(fd);
                 }
             }
         }
+        // One syncfs instead of many fdatasyncs (each a journal commit) when many files
+        // were fetched since the last save, e.g. a directory of small files.
+        if to_sync.len() > 16 {
+            rustix::fs::syncfs(&self.root)?;
+        } else {
+            for fd in &to_sync {
+                rustix::fs::fdatasync(fd)?;
+            }
+        }
+        drop(to_sync);
+        let mut db = self.db.lock();
         let tx = db.transaction()?;
         {
             let mut upd = tx.prepare_cached(
