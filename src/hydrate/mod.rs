@@ -1221,7 +1221,7 @@ impl Hydrator {
             };
             at = last.end();
             let data = self.fetch_chunks(&spans)?;
-            self.write_spans(f, &spans, &data)?;
+            self.write_spans(f, &spans, &data, false)?;
         }
     }
 
@@ -1237,7 +1237,7 @@ impl Hydrator {
         };
         let next = last.end();
         let data = self.fetch_chunks(&spans)?;
-        self.write_spans(&f, &spans, &data)?;
+        self.write_spans(&f, &spans, &data, true)?;
         Ok(Some(next))
     }
 
@@ -1350,12 +1350,16 @@ impl Hydrator {
         }
     }
 
-    /// Writes fetched chunks into the ranges of the file that are not local yet.
+    /// Writes fetched chunks into the ranges of the file that are not local yet, and starts
+    /// their writeback. `background` (the prefetch): also waits for it, so the prefetch runs
+    /// at most at the disk's speed and never leaves more than its steps under way for an
+    /// fdatasync (the save's, the unmount's) to wait for.
     fn write_spans(
         &self,
         f: &Arc<FileState>,
         spans: &[ChunkSpan],
         data: &[Bytes],
+        background: bool,
     ) -> io::Result<()> {
         let fd = match handle::open(self.root.as_fd(), &f.handle, libc::O_WRONLY) {
             Ok(fd) => File::from(fd),
@@ -1381,24 +1385,33 @@ impl Hydrator {
                 inner.present.insert(s.offset, clip_end);
             }
         }
-        if let Some((a, b)) = written {
-            // Start the writeback now: the fdatasync of the next save (and of the unmount)
-            // then waits for a few steps' worth of bytes, not for everything fetched since.
+        let writeback = written.map(|(a, b)| {
+            let flags = if background {
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER
+            } else {
+                libc::SYNC_FILE_RANGE_WRITE
+            };
+            (a, b, flags)
+        });
+        let after = inner.missing(f.len);
+        let removed = inner.removed;
+        inner.unsaved = true;
+        let whole = inner.whole(f.len);
+        drop(inner);
+        if let Some((a, b, flags)) = writeback {
+            // Outside the file's lock: a reader of other chunks does not wait for the disk.
             // SAFETY: a plain syscall on a descriptor we own.
             unsafe {
                 libc::sync_file_range(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),
                     a as i64,
                     (b - a) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
+                    flags,
                 );
             }
         }
-        let after = inner.missing(f.len);
-        let removed = inner.removed;
-        inner.unsaved = true;
-        let whole = inner.whole(f.len);
-        drop(inner);
         if !removed {
             self.missing_bytes
                 .fetch_sub(before.saturating_sub(after) as i64, Ordering::Relaxed);

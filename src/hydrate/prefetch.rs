@@ -19,9 +19,9 @@ use super::Hydrator;
 
 /// Paths kept in a generation's access list.
 pub const ACCESS_LIMIT: usize = 1000;
-/// One prefetch step fetches at most this much: small, so that a read a program waits on
-/// (and the unmount, which waits for the steps under way) is not queued behind much.
-const STEP: u64 = 1 << 20;
+/// One prefetch step fetches at most this much. (1 MiB steps were tried: no shorter handoff
+/// pause measured, and full hydration 40-60% slower; bench/RESULTS.md.)
+const STEP: u64 = 4 << 20;
 /// How long a prefetch step waits for reads a program waits on, at most.
 const YIELD_MAX: Duration = Duration::from_millis(200);
 
