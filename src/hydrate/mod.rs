@@ -1221,7 +1221,7 @@ impl Hydrator {
             };
             at = last.end();
             let data = self.fetch_chunks(&spans)?;
-            self.write_spans(f, &spans, &data, false)?;
+            self.write_spans(f, &spans, &data)?;
         }
     }
 
@@ -1237,7 +1237,7 @@ impl Hydrator {
         };
         let next = last.end();
         let data = self.fetch_chunks(&spans)?;
-        self.write_spans(&f, &spans, &data, true)?;
+        self.write_spans(&f, &spans, &data)?;
         Ok(Some(next))
     }
 
@@ -1351,15 +1351,13 @@ impl Hydrator {
     }
 
     /// Writes fetched chunks into the ranges of the file that are not local yet, and starts
-    /// their writeback. `background` (the prefetch): also waits for it, so the prefetch runs
-    /// at most at the disk's speed and never leaves more than its steps under way for an
-    /// fdatasync (the save's, the unmount's) to wait for.
+    /// their writeback (so a later fdatasync, the save's or the unmount's, has less to wait
+    /// for; waiting for it here too was tried: no shorter pause, and a slower prefetch).
     fn write_spans(
         &self,
         f: &Arc<FileState>,
         spans: &[ChunkSpan],
         data: &[Bytes],
-        background: bool,
     ) -> io::Result<()> {
         let fd = match handle::open(self.root.as_fd(), &f.handle, libc::O_WRONLY) {
             Ok(fd) => File::from(fd),
@@ -1385,30 +1383,19 @@ impl Hydrator {
                 inner.present.insert(s.offset, clip_end);
             }
         }
-        let writeback = written.map(|(a, b)| {
-            let flags = if background {
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER
-            } else {
-                libc::SYNC_FILE_RANGE_WRITE
-            };
-            (a, b, flags)
-        });
         let after = inner.missing(f.len);
         let removed = inner.removed;
         inner.unsaved = true;
         let whole = inner.whole(f.len);
         drop(inner);
-        if let Some((a, b, flags)) = writeback {
-            // Outside the file's lock: a reader of other chunks does not wait for the disk.
+        if let Some((a, b)) = written {
             // SAFETY: a plain syscall on a descriptor we own.
             unsafe {
                 libc::sync_file_range(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),
                     a as i64,
                     (b - a) as i64,
-                    flags,
+                    libc::SYNC_FILE_RANGE_WRITE,
                 );
             }
         }

@@ -20,7 +20,7 @@ use super::Hydrator;
 /// Paths kept in a generation's access list.
 pub const ACCESS_LIMIT: usize = 1000;
 /// One prefetch step fetches at most this much. (1 MiB steps were tried: no shorter handoff
-/// pause measured, and full hydration 40-60% slower; bench/RESULTS.md.)
+/// pause measured, and full hydration 40-60% slower; bench/RESULTS.md, notes.)
 const STEP: u64 = 4 << 20;
 /// How long a prefetch step waits for reads a program waits on, at most.
 const YIELD_MAX: Duration = Duration::from_millis(200);
