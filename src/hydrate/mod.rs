@@ -1714,30 +1714,8 @@ fn decode_ranges(b: &[u8]) -> ExtentSet {
 
 /// Removes every entry of a directory (what an interrupted materialization left).
 fn clear_dir(dir: &OwnedFd) -> io::Result<()> {
-    let names: Vec<(std::ffi::OsString, bool)> = {
-        let fd = rustix::fs::openat(
-            dir,
-            c".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut d = rustix::fs::Dir::new(fd)?;
-        let mut v = Vec::new();
-        while let Some(e) = d.read() {
-            let e = e?;
-            let n = e.file_name().to_bytes();
-            if n == b"." || n == b".." {
-                continue;
-            }
-            v.push((
-                OsStr::from_bytes(n).to_os_string(),
-                e.file_type() == rustix::fs::FileType::Directory,
-            ));
-        }
-        v
-    };
-    for (name, is_dir) in names {
-        remove_entry(dir, &name, is_dir)?;
+    for (name, st) in list_dir(dir)? {
+        remove_entry(dir, &name, st.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
     }
     Ok(())
 }
