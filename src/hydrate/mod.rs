@@ -445,12 +445,7 @@ impl Hydrator {
                 "hydration state of directory {ino} holds no tree"
             )));
         };
-        let dirfd = rustix::fs::openat(
-            dir,
-            c".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let dirfd = open_for_reading(dir)?;
         let warm = self.warm_row(ino)?;
         let mut batch = Batch::default();
         let mut how = "kept as it was";
@@ -1739,13 +1734,7 @@ fn remove_entry(dir: &OwnedFd, name: &OsStr, is_dir: bool) -> io::Result<()> {
 
 /// The entries of `dir`, each with its own (not followed) status.
 fn list_dir(dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, rustix::fs::Stat)>> {
-    let fd = rustix::fs::openat(
-        dir,
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut d = rustix::fs::Dir::new(fd)?;
+    let mut d = rustix::fs::Dir::new(open_for_reading(dir.as_fd())?)?;
     let mut v = Vec::new();
     while let Some(e) = d.read() {
         let e = e?;
@@ -1758,6 +1747,16 @@ fn list_dir(dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, rustix::fs::St
         v.push((name, st));
     }
     Ok(v)
+}
+
+/// Directory `dir` (any descriptor of it, `O_PATH` too) opened again for reading.
+fn open_for_reading(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// `set` below `end`.
