@@ -206,8 +206,9 @@ pub struct Hydrator {
     fetched_bytes: AtomicU64,
     fetches: AtomicU64,
     window: Mutex<VecDeque<(Instant, u64)>>,
-    /// Reads a program waits on that are fetching now: the prefetch yields to them.
-    pub(crate) foreground: AtomicUsize,
+    /// What programs wait on now (fetches and directory materializations), and when the
+    /// last of it ended: the prefetch yields to both.
+    pub(crate) foreground: Foreground,
     /// Files opened during this mount: backing inode → (order, path).
     access: Mutex<HashMap<u64, (u64, PathBuf)>>,
     access_tick: AtomicU64,
@@ -277,7 +278,7 @@ impl Hydrator {
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             window: Mutex::new(VecDeque::new()),
-            foreground: AtomicUsize::new(0),
+            foreground: Foreground::new(),
             access: Mutex::new(HashMap::new()),
             access_tick: AtomicU64::new(0),
             is_root: rustix::process::geteuid().is_root(),
@@ -1196,14 +1197,8 @@ impl Hydrator {
         let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
             return Ok(());
         };
-        if foreground {
-            self.foreground.fetch_add(1, Ordering::AcqRel);
-        }
-        let r = self.fetch_file_range(&f, start, end);
-        if foreground {
-            self.foreground.fetch_sub(1, Ordering::AcqRel);
-        }
-        r
+        let _waited_on = foreground.then(|| self.foreground.begin());
+        self.fetch_file_range(&f, start, end)
     }
 
     /// Fetches every missing span of `[start, end)`, at most 64 MiB per round.
@@ -1653,6 +1648,56 @@ impl Hydrator {
     }
 }
 
+/// Work a program waits on: how much is under way, and when the last of it ended. The
+/// prefetch holds back its next step while either says a program is busy, because a program's
+/// reads come one after another (a B-tree walk is one fetch per level) and a prefetch step sent
+/// in a gap between two of them delays the next.
+pub(crate) struct Foreground {
+    running: AtomicUsize,
+    /// Nanoseconds from `epoch` to the end of the last foreground work (0: none yet).
+    last_end: AtomicU64,
+    epoch: Instant,
+}
+
+impl Foreground {
+    fn new() -> Foreground {
+        Foreground {
+            running: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Marks foreground work under way until the guard is dropped.
+    pub(crate) fn begin(&self) -> ForegroundGuard<'_> {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        ForegroundGuard { fg: self }
+    }
+
+    /// Whether foreground work is under way or ended less than `quiet` ago.
+    pub(crate) fn busy(&self, quiet: Duration) -> bool {
+        if self.running.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        let end = self.last_end.load(Ordering::Acquire);
+        end != 0
+            && (self.epoch.elapsed().as_nanos() as u64).saturating_sub(end)
+                < quiet.as_nanos() as u64
+    }
+}
+
+pub(crate) struct ForegroundGuard<'a> {
+    fg: &'a Foreground,
+}
+
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        let now = (self.fg.epoch.elapsed().as_nanos() as u64).max(1);
+        self.fg.last_end.fetch_max(now, Ordering::AcqRel);
+        self.fg.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The core's view of the hydrator.
 pub struct CoreHook {
     pub hyd: Arc<Hydrator>,
@@ -1666,6 +1711,7 @@ impl owsfs_fuse::Hydrate for CoreHook {
         self.hyd.dir_is_pending(ino)
     }
     fn materialize(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
+        let _waited_on = self.hyd.foreground.begin();
         self.hyd.materialize_dir(ino, dir)
     }
     fn fetch(&self, ino: u64, start: u64, end: u64) -> io::Result<()> {
@@ -2012,4 +2058,29 @@ pub fn progress_line(p: &Progress) -> String {
         p.files_total,
         p.rate / 1e6
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreground_is_busy_while_running_and_for_the_quiet_time_after() {
+        let fg = Foreground::new();
+        let quiet = Duration::from_millis(40);
+        assert!(!fg.busy(quiet), "nothing ran yet");
+        let a = fg.begin();
+        let b = fg.begin();
+        assert!(fg.busy(Duration::ZERO));
+        drop(a);
+        assert!(fg.busy(Duration::ZERO), "one is still running");
+        drop(b);
+        assert!(!fg.busy(Duration::ZERO));
+        assert!(
+            fg.busy(Duration::from_secs(3600)),
+            "ended within the quiet time"
+        );
+        std::thread::sleep(quiet + Duration::from_millis(10));
+        assert!(!fg.busy(quiet), "quiet for longer than the quiet time");
+    }
 }

@@ -24,6 +24,9 @@ pub const ACCESS_LIMIT: usize = 1000;
 const STEP: u64 = 4 << 20;
 /// How long a prefetch step waits for reads a program waits on, at most.
 const YIELD_MAX: Duration = Duration::from_millis(200);
+/// A program counts as busy for this long after its last fetch or materialization ended: the
+/// gap between two reads of one query is far shorter.
+const QUIET: Duration = Duration::from_millis(30);
 
 #[derive(Clone, Copy, Debug)]
 pub struct PrefetchOptions {
@@ -119,6 +122,7 @@ impl Shared {
 
     /// One piece of work; false when there was none.
     fn one(&self) -> anyhow::Result<bool> {
+        self.yield_to_readers();
         let next_path = self.paths.lock().pop_front();
         if let Some(p) = next_path {
             self.path(Path::new(&p))?;
@@ -174,6 +178,7 @@ impl Shared {
                 return Ok(());
             }
             if self.hyd.dir_is_pending(ino) {
+                self.yield_to_readers();
                 self.materialize(ino, &cur)?;
             }
             let next = match rustix::fs::openat(
@@ -215,10 +220,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Waits (a bounded while) until no read a program waits on is fetching.
+    /// Waits (a bounded while) until no program has waited on a fetch or a directory for
+    /// `QUIET`.
     fn yield_to_readers(&self) {
         let deadline = Instant::now() + YIELD_MAX;
-        while self.hyd.foreground.load(Ordering::Acquire) > 0
+        while self.hyd.foreground.busy(QUIET)
             && Instant::now() < deadline
             && !self.stop.load(Ordering::Acquire)
         {
