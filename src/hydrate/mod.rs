@@ -45,7 +45,7 @@ use owsfs_journal::{DirtyState, ExtentSet};
 use owsfs_store::{
     BlobId, BlobRef, ChunkSpan, Content, FileContent, NodeKind, Store, Tree, TreeEntry,
 };
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, params};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde_json::{Value, json};
@@ -435,7 +435,34 @@ impl Hydrator {
     /// see [`Hydrator::reconcile`]; one whose old material is exactly its tree is taken as it
     /// is, without fetching the tree.
     pub fn materialize_dir(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
-        let _one = self.materializing.lock();
+        let one = self.materializing.lock();
+        self.materialize_locked(ino, dir, one)
+    }
+
+    /// [`Hydrator::materialize_dir`] for the prefetch. With `give_way`, when a program waits
+    /// on a fetch or a directory once the lock is ours, hands the lock on (fairly, so a
+    /// program's materialization waiting for it goes next) and returns false.
+    pub(crate) fn materialize_dir_in_background(
+        &self,
+        ino: u64,
+        dir: BorrowedFd<'_>,
+        give_way: bool,
+    ) -> io::Result<bool> {
+        let one = self.materializing.lock();
+        if give_way && self.foreground.busy(Duration::ZERO) {
+            MutexGuard::unlock_fair(one);
+            return Ok(false);
+        }
+        self.materialize_locked(ino, dir, one)?;
+        Ok(true)
+    }
+
+    fn materialize_locked(
+        &self,
+        ino: u64,
+        dir: BorrowedFd<'_>,
+        _one: MutexGuard<'_, ()>,
+    ) -> io::Result<()> {
         let Some(state) = self.dirs.get(&ino).map(|d| d.clone()) else {
             return Ok(());
         };

@@ -154,10 +154,21 @@ impl Shared {
         self.claimed.lock().insert(ino)
     }
 
+    /// Materializes directory `ino`, giving the materialization lock to a program that waits
+    /// (for at most `YIELD_MAX`).
     fn materialize(&self, ino: u64, fd: &OwnedFd) -> anyhow::Result<()> {
-        self.core
-            .with_barrier_shared(|| self.hyd.materialize_dir(ino, fd.as_fd()))?;
-        Ok(())
+        let deadline = Instant::now() + YIELD_MAX;
+        loop {
+            let give_way = Instant::now() < deadline && !self.stop.load(Ordering::Acquire);
+            let done = self.core.with_barrier_shared(|| {
+                self.hyd
+                    .materialize_dir_in_background(ino, fd.as_fd(), give_way)
+            })?;
+            if done {
+                return Ok(());
+            }
+            self.yield_to_readers();
+        }
     }
 
     /// Walks to `path` (materializing on the way) and fetches it whole if it is a file.
