@@ -90,7 +90,7 @@ impl Drop for Server {
     }
 }
 
-fn handle(daemon: &Daemon, conn: UnixStream) -> anyhow::Result<()> {
+fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -109,13 +109,10 @@ fn handle(daemon: &Daemon, conn: UnixStream) -> anyhow::Result<()> {
             let lazy = req["lazy"].as_bool().unwrap_or(false);
             // Registered before unmounting, so the process cannot exit before the answer.
             let _waiter = daemon.waiter();
-            let reply = match daemon.unmount(lazy) {
-                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
-                Ok(()) if lazy => json!({"ok": true, "detached": true}),
-                Ok(()) => match daemon.wait_finished() {
-                    Ok(()) => json!({"ok": true}),
-                    Err(e) => json!({"ok": false, "error": e}),
-                },
+            let reply = match daemon.unmount_and_wait(lazy) {
+                Err(e) => json!({"ok": false, "error": e}),
+                Ok(true) => json!({"ok": true, "detached": true}),
+                Ok(false) => json!({"ok": true}),
             };
             writeln!(conn, "{reply}")?;
             return Ok(());

@@ -32,16 +32,52 @@ pub struct Daemon {
     pub cache: PathBuf,
     pub started: Instant,
     pub recovery: Recovery,
-    /// Set when the session has ended and the journal is closed: Ok, or the error.
-    finished: Mutex<Option<Result<(), String>>>,
-    finished_cv: Condvar,
+    /// How the session is ending.
+    ending: Mutex<Ending>,
+    ending_cv: Condvar,
     /// Control connections waiting to report the end of the session; the process stays until
     /// they have answered.
     waiters: Mutex<usize>,
     waiters_cv: Condvar,
 }
 
+/// The two outcomes an unmount request waits for.
+#[derive(Default)]
+struct Ending {
+    /// The unmount call has returned: Ok, or why it failed.
+    unmounted: Option<Result<(), String>>,
+    /// The session has ended and the journal is closed: Ok, or the error.
+    finished: Option<Result<(), String>>,
+}
+
 impl Daemon {
+    /// `owsfs unmount`: unmounts and waits until the session has ended and the workspace is
+    /// handed off (`lazy`: only until the mount is detached); true when it was only detached.
+    ///
+    /// The unmount call runs on a thread of its own, because the kernel returns from it only
+    /// after it has freed the page cache of every file (about 30 ms per GiB cached), and it
+    /// does that after the session has ended: the answer does not wait for it.
+    pub fn unmount_and_wait(self: &Arc<Self>, lazy: bool) -> Result<bool, String> {
+        let daemon = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("owsfs-umount".into())
+            .spawn(move || {
+                let r = daemon.unmount(lazy).map_err(|e| format!("{e:#}"));
+                daemon.ending.lock().unmounted = Some(r);
+                daemon.ending_cv.notify_all();
+            })
+            .map_err(|e| format!("cannot start the unmount thread: {e}"))?;
+        let mut e = self.ending.lock();
+        loop {
+            match (&e.unmounted, &e.finished) {
+                (Some(Err(why)), _) => return Err(why.clone()),
+                (Some(Ok(())), _) if lazy => return Ok(true),
+                (_, Some(done)) if !lazy => return done.clone().map(|()| false),
+                _ => self.ending_cv.wait(&mut e),
+            }
+        }
+    }
+
     /// Unmounts the workspace; the serving thread then closes the journal and exits.
     pub fn unmount(&self, lazy: bool) -> anyhow::Result<()> {
         let flags = if lazy {
@@ -85,15 +121,6 @@ impl Daemon {
         Waiter { daemon: self }
     }
 
-    /// Waits until the session has ended and the journal is closed.
-    pub fn wait_finished(&self) -> Result<(), String> {
-        let mut f = self.finished.lock();
-        while f.is_none() {
-            self.finished_cv.wait(&mut f);
-        }
-        f.clone().unwrap_or(Ok(()))
-    }
-
     /// Gives waiting control connections a moment to answer before the process exits.
     fn drain_waiters(&self) {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
@@ -106,8 +133,8 @@ impl Daemon {
     }
 
     fn finish(&self, result: Result<(), String>) {
-        *self.finished.lock() = Some(result);
-        self.finished_cv.notify_all();
+        self.ending.lock().finished = Some(result);
+        self.ending_cv.notify_all();
     }
 }
 
@@ -612,8 +639,8 @@ fn serve(
         cache: cache.root.clone(),
         started: Instant::now(),
         recovery,
-        finished: Mutex::new(None),
-        finished_cv: Condvar::new(),
+        ending: Mutex::new(Ending::default()),
+        ending_cv: Condvar::new(),
         waiters: Mutex::new(0),
         waiters_cv: Condvar::new(),
     });

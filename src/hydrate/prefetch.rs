@@ -159,7 +159,11 @@ impl Shared {
     fn materialize(&self, ino: u64, fd: &OwnedFd) -> anyhow::Result<()> {
         let deadline = Instant::now() + YIELD_MAX;
         loop {
-            let give_way = Instant::now() < deadline && !self.stop.load(Ordering::Acquire);
+            if self.stop.load(Ordering::Acquire) {
+                // Unmounting: the directory stays pending, for the next mount.
+                return Ok(());
+            }
+            let give_way = Instant::now() < deadline;
             let done = self.core.with_barrier_shared(|| {
                 self.hyd
                     .materialize_dir_in_background(ino, fd.as_fd(), give_way)
