@@ -95,6 +95,8 @@ pub struct SyncAgent {
     /// Set (every 20 ms, by the lag watcher, and by the agent's loop) while the lag is over
     /// its bounds, so the data write path checks one atomic rather than the journal's lock.
     over_lag: AtomicBool,
+    /// The lag watcher's thread, woken at stop.
+    watcher: Mutex<Option<std::thread::Thread>>,
     /// At the last exact lag check: the journal's `written_bytes()` and the dirty bytes.
     /// Their sum, plus what was written since, bounds the dirty bytes from above, so a data
     /// write can tell it is safely under `--max-lag-bytes` without the journal's lock.
@@ -157,6 +159,7 @@ impl SyncAgent {
             cv: Condvar::new(),
             syncing: AtomicBool::new(false),
             over_lag: AtomicBool::new(false),
+            watcher: Mutex::new(None),
             mark_written: AtomicU64::new(0),
             mark_dirty: AtomicU64::new(0),
             mark_lock: Mutex::new(()),
@@ -241,13 +244,15 @@ impl SyncAgent {
                         // rather than wait.
                         let lagging = !me.keeper.is_lost() && me.lagging();
                         me.over_lag.store(lagging, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(20));
+                        // Unparked at stop, so the unmount does not wait out the period.
+                        std::thread::park_timeout(Duration::from_millis(20));
                     }
                     me.over_lag.store(false, Ordering::Relaxed);
                 })
         };
-        if let Err(e) = &watcher {
-            tracing::warn!("sync: cannot start the lag watcher: {e}");
+        match &watcher {
+            Ok(w) => *self.watcher.lock() = Some(w.thread().clone()),
+            Err(e) => tracing::warn!("sync: cannot start the lag watcher: {e}"),
         }
         self.run_loop();
         if let Ok(w) = watcher {
@@ -348,6 +353,9 @@ impl SyncAgent {
         self.over_lag.store(false, Ordering::Relaxed);
         self.st.lock().stop = true;
         self.cv.notify_all();
+        if let Some(w) = &*self.watcher.lock() {
+            w.unpark();
+        }
     }
 
     /// `owsfs sync`: everything written before the call is durable when this returns Ok,
