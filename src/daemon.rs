@@ -32,22 +32,13 @@ pub struct Daemon {
     pub cache: PathBuf,
     pub started: Instant,
     pub recovery: Recovery,
-    /// How the session is ending.
-    ending: Mutex<Ending>,
-    ending_cv: Condvar,
+    /// Set when the session has ended and the journal is closed: Ok, or the error.
+    finished: Mutex<Option<Result<(), String>>>,
+    finished_cv: Condvar,
     /// Control connections waiting to report the end of the session; the process stays until
     /// they have answered.
     waiters: Mutex<usize>,
     waiters_cv: Condvar,
-}
-
-/// The two outcomes an unmount request waits for.
-#[derive(Default)]
-struct Ending {
-    /// The unmount call has returned: Ok, or why it failed.
-    unmounted: Option<Result<(), String>>,
-    /// The session has ended and the journal is closed: Ok, or the error.
-    finished: Option<Result<(), String>>,
 }
 
 impl Daemon {
@@ -58,22 +49,32 @@ impl Daemon {
     /// after it has freed the page cache of every file (about 30 ms per GiB cached), and it
     /// does that after the session has ended: the answer does not wait for it.
     pub fn unmount_and_wait(self: &Arc<Self>, lazy: bool) -> Result<bool, String> {
-        let daemon = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("owsfs-umount".into())
-            .spawn(move || {
-                let r = daemon.unmount(lazy).map_err(|e| format!("{e:#}"));
-                daemon.ending.lock().unmounted = Some(r);
-                daemon.ending_cv.notify_all();
-            })
-            .map_err(|e| format!("cannot start the unmount thread: {e}"))?;
-        let mut e = self.ending.lock();
+        // This request's own outcome of the call (an earlier request's EBUSY is not ours).
+        // Set under `finished`'s lock, so the wait below cannot miss it.
+        let called: Arc<Mutex<Option<Result<(), String>>>> = Arc::default();
+        {
+            let daemon = Arc::clone(self);
+            let called = Arc::clone(&called);
+            std::thread::Builder::new()
+                .name("owsfs-umount".into())
+                .spawn(move || {
+                    let r = daemon.unmount(lazy).map_err(|e| format!("{e:#}"));
+                    let guard = daemon.finished.lock();
+                    *called.lock() = Some(r);
+                    drop(guard);
+                    daemon.finished_cv.notify_all();
+                })
+                .map_err(|e| format!("cannot start the unmount thread: {e}"))?;
+        }
+        let mut finished = self.finished.lock();
         loop {
-            match (&e.unmounted, &e.finished) {
-                (Some(Err(why)), _) => return Err(why.clone()),
+            // Taken apart from the match, so `called` is not locked while waiting.
+            let outcome = called.lock().clone();
+            match (outcome, &*finished) {
+                (Some(Err(why)), _) => return Err(why),
                 (Some(Ok(())), _) if lazy => return Ok(true),
                 (_, Some(done)) if !lazy => return done.clone().map(|()| false),
-                _ => self.ending_cv.wait(&mut e),
+                _ => self.finished_cv.wait(&mut finished),
             }
         }
     }
@@ -133,8 +134,8 @@ impl Daemon {
     }
 
     fn finish(&self, result: Result<(), String>) {
-        self.ending.lock().finished = Some(result);
-        self.ending_cv.notify_all();
+        *self.finished.lock() = Some(result);
+        self.finished_cv.notify_all();
     }
 }
 
@@ -639,8 +640,8 @@ fn serve(
         cache: cache.root.clone(),
         started: Instant::now(),
         recovery,
-        ending: Mutex::new(Ending::default()),
-        ending_cv: Condvar::new(),
+        finished: Mutex::new(None),
+        finished_cv: Condvar::new(),
         waiters: Mutex::new(0),
         waiters_cv: Condvar::new(),
     });

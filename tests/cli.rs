@@ -179,3 +179,47 @@ fn help_lists_commands_and_environment() {
         assert!(text.contains(env), "{env} in {text}");
     }
 }
+
+/// A refused unmount (a file is open) answers only for itself: once the file is closed the
+/// next `owsfs unmount` succeeds, and `--lazy` after a refusal detaches at once, the session
+/// ending (and the cache coming free) when the file is closed.
+#[test]
+fn unmount_after_a_busy_refusal() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let mp = ws.mp.to_string_lossy().to_string();
+    std::fs::write(ws.path("f"), b"kept").unwrap();
+    let held = std::fs::File::open(ws.path("f")).unwrap();
+    for _ in 0..2 {
+        let busy = ws.owsfs(&["unmount", &mp]);
+        assert!(!busy.status.success(), "unmount with a file open succeeded");
+        let err = String::from_utf8_lossy(&busy.stderr);
+        assert!(err.contains("busy"), "no 'busy' in: {err}");
+        assert!(is_mounted(&ws.mp));
+    }
+    drop(held);
+    ws.unmount();
+
+    ws.mount();
+    let held = std::fs::File::open(ws.path("f")).unwrap();
+    let busy = ws.owsfs(&["unmount", &mp]);
+    assert!(!busy.status.success(), "unmount with a file open succeeded");
+    let lazy = ws.owsfs(&["unmount", "--lazy", &mp]);
+    assert!(
+        lazy.status.success(),
+        "unmount --lazy after a refusal failed: {}{}",
+        String::from_utf8_lossy(&lazy.stderr),
+        ws.log_tail()
+    );
+    assert!(!is_mounted(&ws.mp), "still mounted after --lazy");
+    drop(held);
+    assert!(
+        wait_for(Duration::from_secs(20), || ws.try_mount().status.success()),
+        "the cache did not come free after the detached session's file was closed{}",
+        ws.log_tail()
+    );
+    assert_eq!(std::fs::read(ws.path("f")).unwrap(), b"kept");
+    ws.unmount();
+}

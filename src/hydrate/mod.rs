@@ -1224,18 +1224,29 @@ impl Hydrator {
         let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
             return Ok(());
         };
-        let _waited_on = foreground.then(|| self.foreground.begin());
-        self.fetch_file_range(&f, start, end)
+        self.fetch_file_range(&f, start, end, foreground)
     }
 
-    /// Fetches every missing span of `[start, end)`, at most 64 MiB per round.
-    fn fetch_file_range(&self, f: &Arc<FileState>, start: u64, end: u64) -> io::Result<()> {
+    /// Fetches every missing span of `[start, end)`, at most 64 MiB per round. `foreground`:
+    /// counted as a program's wait once there is something to fetch (a read of what is local
+    /// already does not hold the prefetch back).
+    fn fetch_file_range(
+        &self,
+        f: &Arc<FileState>,
+        start: u64,
+        end: u64,
+        foreground: bool,
+    ) -> io::Result<()> {
         let mut at = start;
+        let mut waited_on = None;
         loop {
             let spans = self.missing_spans(f, at, end, 64 << 20)?;
             let Some(last) = spans.last() else {
                 return Ok(());
             };
+            if foreground && waited_on.is_none() {
+                waited_on = Some(self.foreground.begin());
+            }
             at = last.end();
             let data = self.fetch_chunks(&spans)?;
             self.write_spans(f, &spans, &data)?;

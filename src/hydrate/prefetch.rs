@@ -195,6 +195,9 @@ impl Shared {
             if self.hyd.dir_is_pending(ino) {
                 self.yield_to_readers();
                 self.materialize(ino, &cur)?;
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
             }
             let next = match rustix::fs::openat(
                 &cur,
