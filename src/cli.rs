@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{cache, control, daemon, mountpoint};
+use crate::{control, daemon, journal_cmd, mountpoint};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -216,8 +216,8 @@ pub struct LeaseArgs {
 }
 
 impl LeaseArgs {
-    pub fn takeover(&self) -> crate::lease::Takeover {
-        use crate::lease::Takeover;
+    pub fn takeover(&self) -> owsfs_sync::lease::Takeover {
+        use owsfs_sync::lease::Takeover;
         match (self.wait, self.steal, self.force) {
             (_, true, true) => Takeover::Force,
             (_, true, false) => Takeover::Steal,
@@ -394,7 +394,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Mount(args) => daemon::mount(args),
         Command::Unmount(args) => control::unmount(&args.mountpoint, args.lazy),
         Command::Status(args) => control::status(&args.mountpoint, args.json, args.dirty),
-        Command::Journal(args) => cache::inspect_journal(&args.cache, args.json),
+        Command::Journal(args) => journal_cmd::inspect_journal(&args.cache, args.json),
         Command::Sync(args) => control::sync(&args.mountpoint, args.timeout),
         Command::Log(args) => crate::log::run(&args),
         Command::Restore(args) => crate::log::restore(&args),

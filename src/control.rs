@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::cache::Cache;
 use crate::daemon::Daemon;
 use crate::mountpoint;
+use owsfs_local::Cache;
 
 /// Unix socket paths are limited to ~108 bytes; reaching the socket through an open
 /// descriptor of its directory keeps the path short whatever the cache path is.
@@ -142,6 +142,8 @@ fn status_of(daemon: &Daemon, dirty: bool) -> Value {
         "ops": core.stats.snapshot(),
         "sync": daemon.sync.status(),
     });
+    v["sync"]["lease"] = daemon.keeper.status();
+    v["sync"]["hydration"] = daemon.hyd.status();
     if dirty {
         v["dirty"] = serde_json::to_value(journal.dirty()).unwrap_or(Value::Null);
     }
@@ -366,11 +368,11 @@ pub fn status(mountpoint: &Path, as_json: bool, dirty: bool) -> anyhow::Result<(
         l["good_for_secs"].as_f64().unwrap_or(0.0),
         l["ttl_secs"].as_f64().unwrap_or(0.0),
     );
-    if let Ok(p) = serde_json::from_value::<crate::hydrate::Progress>(s["hydration"].clone()) {
+    if let Ok(p) = serde_json::from_value::<owsfs_hydrate::Progress>(s["hydration"].clone()) {
         println!(
             "hydration    {}; {} directories and {} files pending, {} bytes fetched in {} \
              requests",
-            crate::hydrate::progress_line(&p),
+            owsfs_hydrate::progress_line(&p),
             p.dirs_pending,
             p.files_pending,
             p.fetched_bytes,

@@ -14,11 +14,11 @@ use owsfs_fuse::{AdapterOptions, Core, CoreOptions, MountSettings};
 use owsfs_journal::{Journal, JournalOptions, Recovery};
 use parking_lot::{Condvar, Mutex};
 
-use crate::cache::Cache;
+use owsfs_local::{Cache, LocalState};
+use owsfs_sync::lease::Keeper;
+use owsfs_sync::{SyncAgent, SyncOptions};
+
 use crate::cli::{MountArgs, default_cache};
-use crate::lease::Keeper;
-use crate::sync::local::LocalState;
-use crate::sync::{SyncAgent, SyncOptions};
 use crate::{control, mountpoint, options};
 
 /// Set in the environment of the background daemon a foreground `owsfs mount` starts.
@@ -28,6 +28,8 @@ const DAEMON_CHILD_ENV: &str = "OWSFS_DAEMON_CHILD";
 pub struct Daemon {
     pub core: Arc<Core>,
     pub sync: Arc<SyncAgent>,
+    pub keeper: Arc<Keeper>,
+    pub hyd: Arc<owsfs_hydrate::Hydrator>,
     pub mountpoint: PathBuf,
     pub cache: PathBuf,
     pub started: Instant,
@@ -394,8 +396,8 @@ fn serve(
         .with_context(|| format!("cannot open workspace {ws_name} in {store_url}"))?;
 
     // The writer lease, then a fence: from here on no other node can commit.
-    let holder = crate::lease::holder(&cache)?;
-    let (held, acquired_at) = crate::lease::acquire(
+    let holder = owsfs_sync::lease::holder(&cache)?;
+    let (held, acquired_at) = owsfs_sync::lease::acquire(
         &ws,
         &holder,
         args.lease.lease_ttl,
@@ -467,8 +469,8 @@ fn serve(
     tracing::info!("generation {head}: fence of epoch {}", keeper.epoch());
 
     let mut local = LocalState::open(&cache.root.join("state.db")).map_err(give_back)?;
-    if let Some(why) =
-        crate::sync::prepare::diverged(&ws, &local, journal.is_dirty(), head).map_err(give_back)?
+    if let Some(why) = owsfs_hydrate::prepare::diverged(&ws, &local, journal.is_dirty(), head)
+        .map_err(give_back)?
     {
         // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
         drop(local);
@@ -506,7 +508,7 @@ fn serve(
     }
     let journal = Arc::new(journal);
     let (previous_sqlite, head) =
-        crate::sync::prepare::prepare_base(&ws, &mut local, &cache, &journal, &store_url, head)
+        owsfs_hydrate::prepare::prepare_base(&ws, &mut local, &cache, &journal, &store_url, head)
             .map_err(give_back)?;
     if keeper.is_lost() {
         return Err(give_back(anyhow::anyhow!(
@@ -520,7 +522,7 @@ fn serve(
 
     // Lazy hydration: the root's entries are made now (its tree is the one fetch a mount of
     // a new cache needs); everything else on demand and in the background.
-    let hyd = crate::hydrate::Hydrator::open(
+    let hyd = owsfs_hydrate::Hydrator::open(
         &cache.root.join("state.db"),
         &cache.backing,
         Arc::clone(&store),
@@ -533,7 +535,7 @@ fn serve(
             .context("cannot fetch the root directory")
             .map_err(give_back)?;
     }
-    let inherited_access = crate::hydrate::access_list(&store, &ws, &local);
+    let inherited_access = owsfs_hydrate::access_list(&store, &ws, &local);
     let core = Arc::new(
         Core::new(
             &cache.backing,
@@ -547,7 +549,7 @@ fn serve(
         .map_err(|e| give_back(anyhow::anyhow!("cannot open the backing directory: {e}")))?,
     );
     let _ = core_slot.set(Arc::clone(&core));
-    core.set_hydrator(Arc::new(crate::hydrate::CoreHook {
+    core.set_hydrator(Arc::new(owsfs_hydrate::CoreHook {
         hyd: Arc::clone(&hyd),
     }));
     // Lost between the check above and now: `on_lost` found no core to stop.
@@ -583,8 +585,8 @@ fn serve(
         },
         previous_sqlite,
         head,
-        Arc::clone(&keeper),
-        Arc::clone(&hyd),
+        Arc::clone(&keeper) as Arc<dyn owsfs_sync::LeaseCheck>,
+        Arc::new(crate::daemon::Lazy(Arc::clone(&hyd))),
         inherited_access.clone(),
     )
     .map_err(give_back)?;
@@ -613,16 +615,16 @@ fn serve(
     core.set_invalidator(Box::new(move |parent, name| {
         notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent), name)
     }));
-    let prefetch = crate::hydrate::prefetch::Prefetcher::start(
+    let prefetch = owsfs_hydrate::prefetch::Prefetcher::start(
         Arc::clone(&hyd),
         Arc::clone(&core),
         inherited_access,
-        crate::hydrate::prefetch::PrefetchOptions {
+        owsfs_hydrate::prefetch::PrefetchOptions {
             workers: args.prefetch,
             bandwidth: args.prefetch_bandwidth,
         },
     );
-    let saver = crate::hydrate::spawn_saver(Arc::clone(&hyd), args.foreground);
+    let saver = owsfs_hydrate::spawn_saver(Arc::clone(&hyd), args.foreground);
     let reaper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let core = Arc::clone(&core);
@@ -636,6 +638,8 @@ fn serve(
     let daemon = Arc::new(Daemon {
         core,
         sync: Arc::clone(&agent),
+        keeper: Arc::clone(&keeper),
+        hyd: Arc::clone(&hyd),
         mountpoint: mountpoint.clone(),
         cache: cache.root.clone(),
         started: Instant::now(),
@@ -743,4 +747,22 @@ fn spawn_signal_handler(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
     Ok(())
+}
+
+/// The hydrator, as the sync agent sees it.
+pub struct Lazy(pub Arc<owsfs_hydrate::Hydrator>);
+
+impl owsfs_sync::Hydration for Lazy {
+    fn fetch(&self, ino: u64, start: u64, end: u64) -> std::io::Result<()> {
+        self.0.fetch_range(ino, start, end, false)
+    }
+    fn dir_pending(&self, ino: u64) -> bool {
+        self.0.dir_is_pending(ino)
+    }
+    fn save(&self) -> anyhow::Result<()> {
+        self.0.save()
+    }
+    fn accessed_paths(&self) -> Vec<String> {
+        self.0.accessed_paths()
+    }
 }

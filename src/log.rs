@@ -64,7 +64,7 @@ pub fn restore(args: &crate::cli::RestoreArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", args.dest.display())),
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    crate::sync::restore::restore(&store, &store, &root, &args.dest, &mut |p| {
+    owsfs_local::restore::restore(&store, &store, &root, &args.dest, &mut |p| {
         if tty {
             eprint!(
                 "\rrestoring generation {n}: {}/{} files, {}/{} MiB   ",

@@ -16,11 +16,11 @@ use owsfs_journal::{Journal, JournalOptions};
 use owsfs_store::BlobRef;
 use owsfs_store::generation::{GenKind, GenStats, GenerationRecord, Workspace};
 
-use crate::cache::Cache;
+use owsfs_local::{Cache, LocalState};
+use owsfs_sync::lease::{Keeper, Takeover};
+use owsfs_sync::{SyncAgent, SyncOptions};
+
 use crate::cli::RecoverArgs;
-use crate::lease::{Keeper, Takeover};
-use crate::sync::local::LocalState;
-use crate::sync::{SyncAgent, SyncOptions};
 
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     let cache = Cache::open(&args.cache)?;
@@ -92,8 +92,8 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     if ws.head()?.is_some() {
         bail!("workspace {name:?} already exists in {store_url}: choose another name");
     }
-    let holder = crate::lease::holder(&cache)?;
-    let (held, acquired_at) = crate::lease::acquire(
+    let holder = owsfs_sync::lease::holder(&cache)?;
+    let (held, acquired_at) = owsfs_sync::lease::acquire(
         &ws,
         &holder,
         Duration::from_secs(30),
@@ -167,7 +167,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
         );
         let _ = core_slot.set(Arc::clone(&core));
         // A lazily restored cache: what the cut reads but is not local yet is fetched.
-        let hyd = crate::hydrate::Hydrator::open(
+        let hyd = owsfs_hydrate::Hydrator::open(
             &state_path,
             &cache.backing,
             Arc::clone(&store),
@@ -186,8 +186,8 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             },
             Vec::new(),
             head,
-            Arc::clone(&keeper),
-            Arc::clone(&hyd),
+            Arc::clone(&keeper) as Arc<dyn owsfs_sync::LeaseCheck>,
+            Arc::new(crate::daemon::Lazy(Arc::clone(&hyd))),
             Vec::new(),
         )?;
         let started = Instant::now();

@@ -13,9 +13,8 @@ use std::os::unix::fs::MetadataExt;
 
 use owsfs_store::{Content, NodeKind, TreeEntry};
 
-use super::build::SqlitePosition;
-use super::local::{Base, LocalState, Totals};
-use crate::cache::Cache;
+use owsfs_local::{Base, Cache, LocalState, Totals};
+use owsfs_store::generation::SqliteState as SqlitePosition;
 
 /// Checks that the cache belongs to this workspace and store, and brings its base up to the
 /// store's newest generation when that is safe. Returns the SQLite positions of the base
@@ -149,7 +148,7 @@ pub fn prepare_base(
     let root_dir = fs::File::open(&cache.backing)
         .with_context(|| format!("open {}", cache.backing.display()))?;
     let root_handle =
-        crate::hydrate::handle::of(root_dir.as_fd(), Path::new("")).with_context(|| {
+        owsfs_local::handle::of(root_dir.as_fd(), Path::new("")).with_context(|| {
             format!(
                 "cannot take a file handle of {} (lazy hydration needs a filesystem with \
                  file handles, and root)",
@@ -180,7 +179,7 @@ pub fn prepare_base(
         (
             root_ino,
             &root_handle,
-            &super::build::encode_node(&root_entry)?,
+            &owsfs_local::encode_node(&root_entry)?,
         ),
         Totals {
             files: record.stats.files,

@@ -20,8 +20,8 @@ use owsfs_store::{
     BlobLoader, BlobRef, ChunkSpan, Content, NodeKind, PackId, Store, Tree, TreeEntry,
 };
 
-use super::build::encode_node;
-use super::local::Update;
+use crate::node::encode_node;
+use crate::state::Update;
 
 /// Progress of a restore, for logs and a progress line.
 #[derive(Clone, Debug, Default)]

@@ -17,8 +17,6 @@ use rustix::fs::{Mode, OFlags};
 
 use super::Hydrator;
 
-/// Paths kept in a generation's access list.
-pub const ACCESS_LIMIT: usize = 1000;
 /// One prefetch step fetches at most this much. (1 MiB steps were tried: no shorter handoff
 /// pause measured, and full hydration 40-60% slower; bench/RESULTS.md, notes.)
 const STEP: u64 = 4 << 20;

@@ -20,8 +20,8 @@ use owsfs_store::{
 };
 
 use super::capture::{Capture, EntryCapture};
-use super::local::{LocalState, Totals, Update};
 use super::wal;
+use owsfs_local::{LocalState, Totals, Update, decode_node, encode_node};
 
 /// A database and where its WAL stood at the cut.
 pub type SqlitePosition = owsfs_store::generation::SqliteState;
@@ -56,21 +56,6 @@ impl BlobLoader for Loader<'_> {
         }
         owsfs_store::read_blob(self.store, r)
     }
-}
-
-/// Encodes a node's entry for the cache state (a one-entry tree, in the store's encoding).
-pub fn encode_node(entry: &TreeEntry) -> anyhow::Result<Vec<u8>> {
-    let mut e = entry.clone();
-    e.name = b"n".to_vec();
-    Ok(Tree { entries: vec![e] }.encode()?)
-}
-
-pub fn decode_node(bytes: &[u8]) -> anyhow::Result<TreeEntry> {
-    let t = Tree::decode("cache state node", bytes)?;
-    t.entries
-        .into_iter()
-        .next()
-        .context("cache state node without an entry")
 }
 
 /// Packs new blobs and uploads full packs.

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 /// This process as a lease holder of `cache`: the cache's node id, the host, the pid, a
 /// random session, and the cache's fingerprint (see `Holder::cache`).
-pub fn holder(cache: &crate::cache::Cache) -> anyhow::Result<Holder> {
+pub fn holder(cache: &owsfs_local::Cache) -> anyhow::Result<Holder> {
     Ok(Holder {
         node: cache.node_id()?,
         host: rustix::system::uname()
@@ -453,5 +453,20 @@ impl Keeper {
             "last_error": st.last_error,
             "lost": st.lost,
         })
+    }
+}
+
+impl crate::LeaseCheck for Keeper {
+    fn epoch(&self) -> u64 {
+        Keeper::epoch(self)
+    }
+    fn check(&self, ahead: Duration) -> anyhow::Result<()> {
+        Keeper::check(self, ahead)
+    }
+    fn is_lost(&self) -> bool {
+        Keeper::is_lost(self)
+    }
+    fn lose(&self, why: &str) {
+        Keeper::lose(self, why)
     }
 }

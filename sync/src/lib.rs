@@ -13,9 +13,7 @@
 
 pub mod build;
 pub mod capture;
-pub mod local;
-pub mod prepare;
-pub mod restore;
+pub mod lease;
 pub mod wal;
 
 use std::fs::File;
@@ -34,9 +32,50 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use self::build::SqlitePosition;
-use self::local::{Base, LocalState};
-use crate::hydrate::Hydrator;
-use crate::lease::Keeper;
+use owsfs_local::{Base, LocalState};
+
+/// What the agent needs of the writer lease: a commit is attempted only while it is good,
+/// and a commit that finds its slot fenced loses it (fail-stop).
+pub trait LeaseCheck: Send + Sync {
+    /// The epoch this mount's commits carry.
+    fn epoch(&self) -> u64;
+    /// Ok while the lease is good for at least `ahead`.
+    fn check(&self, ahead: Duration) -> anyhow::Result<()>;
+    fn is_lost(&self) -> bool;
+    /// Fail-stop: writes stop, nothing more is committed.
+    fn lose(&self, why: &str);
+}
+
+/// What the agent needs of lazy hydration (a cache restored lazily holds bytes and
+/// directories that are not local yet).
+pub trait Hydration: Send + Sync {
+    /// Makes bytes `[start, end)` of backing inode `ino` local before a cut reads them.
+    fn fetch(&self, ino: u64, start: u64, end: u64) -> std::io::Result<()>;
+    /// The directory is not materialized: its subtree is the base generation's.
+    fn dir_pending(&self, ino: u64) -> bool;
+    /// Stores the hydration state; called before the journal forgets a cut.
+    fn save(&self) -> anyhow::Result<()>;
+    /// Paths opened during this mount, most recent first (the next access list).
+    fn accessed_paths(&self) -> Vec<String>;
+}
+
+/// A cache with nothing left to fetch.
+pub struct AllLocal;
+
+impl Hydration for AllLocal {
+    fn fetch(&self, _: u64, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn dir_pending(&self, _: u64) -> bool {
+        false
+    }
+    fn save(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn accessed_paths(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
 
 /// How the agent paces itself.
 #[derive(Clone, Debug)]
@@ -107,9 +146,9 @@ pub struct SyncAgent {
     pub store_url: String,
     /// The writer lease: checked before every commit; lost (fail-stop) when a commit finds
     /// its slot fenced.
-    keeper: Arc<Keeper>,
+    keeper: Arc<dyn LeaseCheck>,
     /// Lazy hydration: what is not local yet (fetched before a cut reads it).
-    hyd: Arc<Hydrator>,
+    hyd: Arc<dyn Hydration>,
     /// The base generation's access list (paths), carried on after this mount's own.
     inherited_access: Mutex<Vec<String>>,
 }
@@ -124,8 +163,8 @@ impl SyncAgent {
         opts: SyncOptions,
         previous_sqlite: Vec<SqlitePosition>,
         head: u64,
-        keeper: Arc<Keeper>,
-        hyd: Arc<Hydrator>,
+        keeper: Arc<dyn LeaseCheck>,
+        hyd: Arc<dyn Hydration>,
         inherited_access: Vec<String>,
     ) -> anyhow::Result<Arc<SyncAgent>> {
         let root_fd = rustix::fs::open(
@@ -405,7 +444,7 @@ impl SyncAgent {
         let (seq, dirty, captured, frozen) = {
             let _barrier = self.core.barrier();
             let (seq, dirty) = journal.cut()?;
-            let known = KnownNodes(&local, &self.hyd);
+            let known = KnownNodes(&local, &*self.hyd);
             let captured = capture::capture(&self.root_fd, &dirty, &known, &fuse_ino, full)?;
             local.node_map().mark_capture();
             let frozen = self.core.freezer().freeze(captured.to_read.iter().cloned());
@@ -424,7 +463,7 @@ impl SyncAgent {
             self.core.freezer(),
             &fuse_ino,
             &previous_sqlite,
-            &|ino, start, end| self.hyd.fetch_range(ino, start, end, false),
+            &|ino, start, end| self.hyd.fetch(ino, start, end),
             &self.access_list(),
         );
         let built = match built {
@@ -547,13 +586,9 @@ impl SyncAgent {
             .into_iter()
             .chain(self.inherited_access.lock().iter().cloned())
             .filter(|p| seen.insert(p.clone()))
-            .take(crate::hydrate::prefetch::ACCESS_LIMIT)
+            .take(owsfs_local::access::ACCESS_LIMIT)
             .collect();
-        if paths.is_empty() {
-            return Vec::new();
-        }
-        serde_json::to_vec(&json!({"format": "owsfs-access", "version": 1, "paths": paths}))
-            .unwrap_or_default()
+        owsfs_local::access::encode(&paths)
     }
 
     /// The last commit error, if the last attempt failed.
@@ -567,7 +602,6 @@ impl SyncAgent {
         let (lag_bytes, lag_age) = self.core.journal().lag();
         json!({
             "store": self.store_url,
-            "lease": self.keeper.status(),
             "writes_stopped": self.core.writes_stopped(),
             "workspace": self.ws.name(),
             "generation": st.head,
@@ -580,13 +614,12 @@ impl SyncAgent {
             "last_error": st.last_error,
             "throttled_ms": self.throttled_ms.load(Ordering::Relaxed),
             "store_requests": self.store.stats_snapshot(),
-            "hydration": self.hyd.status(),
         })
     }
 }
 
 /// The cache's base generation as identities for [`capture::capture`].
-struct KnownNodes<'a>(&'a LocalState, &'a Hydrator);
+struct KnownNodes<'a>(&'a LocalState, &'a dyn Hydration);
 
 impl capture::Known for KnownNodes<'_> {
     fn has_file(&self, ino: u64) -> bool {
@@ -596,6 +629,6 @@ impl capture::Known for KnownNodes<'_> {
         self.0.node_kind(ino) == Some(b'd')
     }
     fn pending_dir(&self, ino: u64) -> bool {
-        self.1.dir_is_pending(ino)
+        self.1.dir_pending(ino)
     }
 }

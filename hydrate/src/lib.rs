@@ -23,8 +23,8 @@
 //! - Materializing holds the core's barrier shared, so a cut sees a directory either pending
 //!   (its subtree is the base generation's) or materialized with all its nodes known.
 
-pub mod handle;
 pub mod prefetch;
+pub mod prepare;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
@@ -50,8 +50,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde_json::{Value, json};
 
-use crate::sync::build::{decode_node, encode_node};
-use crate::sync::local::NodeMap;
+use owsfs_local::handle;
+use owsfs_local::{NodeMap, decode_node, encode_node};
 
 /// One GET fetches at most this much of a pack (adjacent chunks of one file usually sit
 /// side by side in one pack).
@@ -144,7 +144,7 @@ enum Keep {
 /// What materializing one directory made, stored in one transaction.
 #[derive(Default)]
 struct Batch {
-    nodes: Vec<crate::sync::local::NodeRow>,
+    nodes: Vec<owsfs_local::NodeRow>,
     /// Files not wholly local.
     files: Vec<FileState>,
     /// Directories left pending, with their warm row.
@@ -820,7 +820,7 @@ impl Hydrator {
                 self.create_fresh(dir, e, tree_id, batch)?;
             }
         }
-        crate::crashpoint::here("reconcile-midway");
+        owsfs_local::crashpoint::here("reconcile-midway");
         Ok(())
     }
 
@@ -1526,7 +1526,7 @@ impl Hydrator {
         let mut a = self.access.lock();
         a.insert(ino, (tick, path.to_path_buf()));
         // Bounded: the oldest half goes when it grows past the limit.
-        if a.len() > 2 * prefetch::ACCESS_LIMIT {
+        if a.len() > 2 * owsfs_local::access::ACCESS_LIMIT {
             let mut ticks: Vec<u64> = a.values().map(|(t, _)| *t).collect();
             ticks.sort_unstable();
             let cut = ticks[ticks.len() / 2];
@@ -1982,7 +1982,7 @@ fn set_xattrs(fd: &OwnedFd, e: &owsfs_store::TreeEntry) -> io::Result<()> {
 pub fn access_list(
     store: &Store,
     ws: &owsfs_store::Workspace,
-    local: &crate::sync::local::LocalState,
+    local: &owsfs_local::LocalState,
 ) -> Vec<String> {
     let read = || -> anyhow::Result<Vec<String>> {
         let Some(base) = local.base()? else {
@@ -1992,19 +1992,7 @@ pub fn access_list(
             return Ok(Vec::new());
         };
         let data = owsfs_store::read_blob(store, &r)?;
-        let v: Value = serde_json::from_slice(&data)?;
-        if v["format"] != "owsfs-access" || v["version"] != 1 {
-            anyhow::bail!("access list {} has an unknown format", r.id);
-        }
-        Ok(v["paths"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p.as_str().map(str::to_string))
-                    .take(prefetch::ACCESS_LIMIT)
-                    .collect()
-            })
-            .unwrap_or_default())
+        owsfs_local::access::decode(&data).with_context(|| format!("access list {}", r.id))
     };
     read().unwrap_or_else(|e| {
         tracing::warn!("cannot read the access list of the base generation: {e:#}");

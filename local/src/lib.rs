@@ -1,0 +1,20 @@
+//! owsfs-local: what a cache holds besides the workspace's files. The cache directory's
+//! layout and lock (`cache`), its record of the base generation (`state`, `CACHE/state.db`),
+//! the encoding of one node (`node`), file handles (`handle`), the access list format
+//! (`access`), and the one writer of nodes from a tree (`restore`).
+//!
+//! Architecture invariant: this crate knows the store's formats but never talks to the
+//! kernel's FUSE side, the journal's writer or the sync agent; the crates above it share the
+//! state through it, so none of them needs another.
+
+pub mod access;
+pub mod cache;
+pub mod crashpoint;
+pub mod handle;
+pub mod node;
+pub mod restore;
+pub mod state;
+
+pub use cache::Cache;
+pub use node::{decode_node, encode_node};
+pub use state::{Base, LocalState, NodeMap, NodeRow, Totals, Update};
