@@ -1,16 +1,18 @@
-//! owsfs: a durable local workspace filesystem.
+//! owsfs: a durable local workspace filesystem. The binary parses, wires and reports; the
+//! logic lives in the library crates (see ARCHITECTURE.md).
 
-mod cli;
+mod args;
+mod cmd;
 mod control;
-mod daemon;
-mod journal_cmd;
-mod log;
+mod failpoints;
+mod mount;
 mod mountpoint;
 mod options;
-mod recover;
-mod run;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::helper_args(std::env::args_os().collect());
-    cli::run(args)
+    if let Err(e) = failpoints::setup_from_env() {
+        eprintln!("owsfs: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    cmd::main(std::env::args_os().collect())
 }

@@ -188,6 +188,20 @@ fn a_command_that_ignores_sigterm_is_still_stopped_seaweedfs() {
     a_command_that_ignores_sigterm_is_still_stopped(&TestStore::seaweed("owsfs-run"));
 }
 
+/// The pid CMD wrote into `pid` (the shell creates the file before it writes into it).
+fn wait_pid(ws: &Workspace) -> i32 {
+    let read_pid = || {
+        std::fs::read_to_string(ws.path("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || read_pid().is_some()),
+        "CMD did not start"
+    );
+    read_pid().unwrap()
+}
+
 fn a_command_that_ignores_sigterm_is_still_stopped(store: &TestStore) {
     let ws = store.workspace("run3", &[]);
     let child = run_cmd(
@@ -199,15 +213,7 @@ fn a_command_that_ignores_sigterm_is_still_stopped(store: &TestStore) {
     )
     .spawn()
     .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(30), || ws.path("pid").exists()),
-        "CMD did not start"
-    );
-    let pid: i32 = String::from_utf8(std::fs::read(ws.path("pid")).unwrap())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = wait_pid(&ws);
     signal(&child, libc::SIGTERM);
     let out = wait_child(child, Duration::from_secs(60));
     assert_eq!(
@@ -260,15 +266,7 @@ fn fail_stop_kills_the_command(store: &TestStore) {
     )
     .spawn()
     .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(30), || ws.path("pid").exists()),
-        "CMD did not start"
-    );
-    let pid: i32 = String::from_utf8(std::fs::read(ws.path("pid")).unwrap())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = wait_pid(&ws);
     std::fs::write(&part, b"").unwrap();
     let out = wait_child(child, Duration::from_secs(60));
     std::fs::remove_file(&part).unwrap();

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 macro_rules! counters {
     ($($name:ident),* $(,)?) => {
@@ -13,7 +13,7 @@ macro_rules! counters {
         }
 
         /// A copy of the counters at one instant.
-        #[derive(Clone, Debug, Default, Serialize)]
+        #[derive(Clone, Debug, Default, Serialize, Deserialize)]
         pub struct StatsSnapshot {
             $(pub $name: u64,)*
         }

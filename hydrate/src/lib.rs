@@ -820,7 +820,7 @@ impl Hydrator {
                 self.create_fresh(dir, e, tree_id, batch)?;
             }
         }
-        owsfs_local::crashpoint::here("reconcile-midway");
+        fail::fail_point!("reconcile-midway");
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::JournalError;
 use crate::op::{Ino, Op, Seq};
@@ -42,7 +42,7 @@ impl Default for JournalOptions {
 }
 
 /// What [`Journal::open`] (or [`Journal::inspect`]) found.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Recovery {
     /// Segments read.
     pub segments: usize,
@@ -61,7 +61,7 @@ pub struct Recovery {
 }
 
 /// Counters since open, and the size of the dirty state.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct JournalStats {
     /// Last sequence number handed out.
     pub last_seq: Seq,

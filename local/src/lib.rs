@@ -9,7 +9,6 @@
 
 pub mod access;
 pub mod cache;
-pub mod crashpoint;
 pub mod handle;
 pub mod node;
 pub mod restore;

@@ -25,7 +25,7 @@ pub struct StoreStats {
 }
 
 /// A copy of the counters at one instant.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub gets: u64,
     pub puts: u64,

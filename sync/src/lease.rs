@@ -14,7 +14,22 @@ use anyhow::bail;
 use owsfs_store::generation::Workspace;
 use owsfs_store::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
 use parking_lot::{Condvar, Mutex};
-use serde_json::{Value, json};
+
+/// The lease as this mount sees it, for `owsfs status`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LeaseStatus {
+    /// `held`, `lost` (fail-stop) or `released`.
+    pub state: String,
+    pub holder: String,
+    pub node: String,
+    pub epoch: u64,
+    pub ttl_secs: f64,
+    pub last_renewal_secs_ago: f64,
+    pub good_for_secs: f64,
+    pub renewals: u64,
+    pub last_error: Option<String>,
+    pub lost: Option<String>,
+}
 
 /// This process as a lease holder of `cache`: the cache's node id, the host, the pid, a
 /// random session, and the cache's fingerprint (see `Holder::cache`).
@@ -264,6 +279,11 @@ impl Keeper {
         self.st.lock().held.epoch
     }
 
+    /// How long the lease lasts without renewal.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Whether the lease is still good for at least `ahead`; commits check this first.
     pub fn check(&self, ahead: Duration) -> anyhow::Result<()> {
         let st = self.st.lock();
@@ -432,7 +452,7 @@ impl Keeper {
     }
 
     /// For `owsfs status`.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> LeaseStatus {
         let st = self.st.lock();
         let state = if st.released {
             "released"
@@ -441,18 +461,21 @@ impl Keeper {
         } else {
             "held"
         };
-        json!({
-            "state": state,
-            "holder": st.held.holder.to_string(),
-            "node": st.held.holder.node,
-            "epoch": st.held.epoch,
-            "ttl_secs": self.ttl.as_secs_f64(),
-            "last_renewal_secs_ago": st.last_renewal.elapsed().as_secs_f64(),
-            "good_for_secs": st.good_until.saturating_duration_since(Instant::now()).as_secs_f64(),
-            "renewals": st.renewals,
-            "last_error": st.last_error,
-            "lost": st.lost,
-        })
+        LeaseStatus {
+            state: state.to_string(),
+            holder: st.held.holder.to_string(),
+            node: st.held.holder.node.clone(),
+            epoch: st.held.epoch,
+            ttl_secs: self.ttl.as_secs_f64(),
+            last_renewal_secs_ago: st.last_renewal.elapsed().as_secs_f64(),
+            good_for_secs: st
+                .good_until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64(),
+            renewals: st.renewals,
+            last_error: st.last_error.clone(),
+            lost: st.lost.clone(),
+        }
     }
 }
 

@@ -28,8 +28,7 @@ use owsfs_store::Store;
 use owsfs_store::generation::{CommitError, GenKind, GenStats, GenerationRecord, Workspace};
 use parking_lot::{Condvar, Mutex};
 use rustix::fs::{Mode, OFlags};
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use self::build::SqlitePosition;
 use owsfs_local::{Base, LocalState};
@@ -87,8 +86,38 @@ pub struct SyncOptions {
     pub max_lag_bytes: u64,
 }
 
+/// Why `owsfs sync` did not get its generation.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the mount is shutting down")]
+    ShuttingDown,
+    #[error("not durable after {after:?}: {why}")]
+    NotDurable { after: Duration, why: String },
+}
+
+/// The agent's state, for `owsfs status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub store: String,
+    /// Why writes fail with EROFS (fail-stop), if they do.
+    pub writes_stopped: Option<String>,
+    pub workspace: String,
+    /// The newest durable generation.
+    pub generation: u64,
+    pub epoch: u64,
+    /// Age of the oldest unsynced change.
+    pub lag_secs: f64,
+    pub lag_bytes: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub last_commit: Option<CommitInfo>,
+    pub last_error: Option<String>,
+    pub throttled_ms: u64,
+    pub store_requests: owsfs_store::StatsSnapshot,
+}
+
 /// What the last successful commit did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CommitInfo {
     pub generation: u64,
     pub time_unix_ms: u64,
@@ -399,7 +428,7 @@ impl SyncAgent {
 
     /// `owsfs sync`: everything written before the call is durable when this returns Ok,
     /// with the newest generation number.
-    pub fn sync(&self, timeout: Duration) -> anyhow::Result<u64> {
+    pub fn sync(&self, timeout: Duration) -> Result<u64, SyncError> {
         let deadline = Instant::now() + timeout;
         let journal = self.core.journal();
         let target = journal.stats().last_seq;
@@ -408,15 +437,16 @@ impl SyncAgent {
         self.cv.notify_all();
         while st.durable_seq < target {
             if st.stop {
-                anyhow::bail!("the mount is shutting down");
+                return Err(SyncError::ShuttingDown);
             }
             if self.cv.wait_until(&mut st, deadline).timed_out() {
-                anyhow::bail!(
-                    "not durable after {timeout:?}: {}",
-                    st.last_error
-                        .as_deref()
-                        .unwrap_or("the upload is still running")
-                );
+                return Err(SyncError::NotDurable {
+                    after: timeout,
+                    why: st
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "the upload is still running".into()),
+                });
             }
         }
         Ok(st.head)
@@ -597,24 +627,24 @@ impl SyncAgent {
     }
 
     /// For `owsfs status`.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> AgentStatus {
         let st = self.st.lock();
         let (lag_bytes, lag_age) = self.core.journal().lag();
-        json!({
-            "store": self.store_url,
-            "writes_stopped": self.core.writes_stopped(),
-            "workspace": self.ws.name(),
-            "generation": st.head,
-            "epoch": st.epoch,
-            "lag_secs": lag_age.map_or(0.0, |a| a.as_secs_f64()),
-            "lag_bytes": lag_bytes,
-            "commits": st.commits,
-            "commit_failures": st.failures,
-            "last_commit": st.last_commit,
-            "last_error": st.last_error,
-            "throttled_ms": self.throttled_ms.load(Ordering::Relaxed),
-            "store_requests": self.store.stats_snapshot(),
-        })
+        AgentStatus {
+            store: self.store_url.clone(),
+            writes_stopped: self.core.writes_stopped().map(str::to_string),
+            workspace: self.ws.name().to_string(),
+            generation: st.head,
+            epoch: st.epoch,
+            lag_secs: lag_age.map_or(0.0, |a| a.as_secs_f64()),
+            lag_bytes,
+            commits: st.commits,
+            commit_failures: st.failures,
+            last_commit: st.last_commit.clone(),
+            last_error: st.last_error.clone(),
+            throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
+            store_requests: self.store.stats_snapshot(),
+        }
     }
 }
 

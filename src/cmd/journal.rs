@@ -1,11 +1,23 @@
-//! `owsfs journal --cache DIR`: read a stopped cache's journal.
+//! `owsfs journal --cache DIR`: replays a stopped cache's journal read-only and prints the
+//! dirty set.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use clap::Args;
 
-/// `owsfs journal --cache DIR`: replays the journal read-only and prints the dirty set.
-pub fn inspect_journal(cache: &Path, json: bool) -> anyhow::Result<()> {
+#[derive(Args, Debug)]
+pub struct JournalArgs {
+    /// The cache directory whose journal to read.
+    #[arg(long, env = "OWSFS_CACHE")]
+    pub cache: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, env = "OWSFS_JSON")]
+    pub json: bool,
+}
+
+pub fn run(args: &JournalArgs) -> anyhow::Result<()> {
+    let (cache, json) = (&args.cache, args.json);
     let dir = cache.join("journal");
     if !dir.is_dir() {
         bail!("{} has no journal: is it an owsfs cache?", cache.display());

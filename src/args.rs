@@ -1,0 +1,239 @@
+//! Argument groups that several commands share (the store, the options of a mount, the lease),
+//! their value parsers, and the default places (`$XDG_DATA_HOME`, `$XDG_CACHE_HOME`).
+//! Commands own their other arguments.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use owsfs_sync::lease::Takeover;
+
+/// `--store`.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store: file:///ABS/PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R (credentials from
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or memory:// (tests)
+    /// [default: file://$XDG_DATA_HOME/owsfs/store].
+    #[arg(long, env = "OWSFS_STORE")]
+    pub store: Option<String>,
+}
+
+impl StoreArgs {
+    /// The store URL: the flag, or the embedded default `file://$XDG_DATA_HOME/owsfs/store`
+    /// (created if missing).
+    pub fn url(&self) -> anyhow::Result<String> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let dir = xdg_dir("XDG_DATA_HOME", ".local/share", "--store URL")?
+            .join("owsfs")
+            .join("store");
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the default store {}: {e}", dir.display())
+        })?;
+        Ok(format!("file://{}", dir.display()))
+    }
+}
+
+/// The options of a mount (shared by `owsfs mount` and `owsfs run`).
+#[derive(Args, Debug, Clone)]
+pub struct MountOpts {
+    /// The cache directory: the backing files and the journal
+    /// [default: $XDG_CACHE_HOME/owsfs/<mountpoint name>].
+    #[arg(long, env = "OWSFS_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
+    #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
+    pub foreground: bool,
+    /// Mount options, comma-separated: ro, rw, threads=N (default 4), passthrough=on|off
+    /// (default off), writeback_cache, max_inodes=N, attr_timeout=SECS, entry_timeout=SECS,
+    /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
+    /// See SEMANTICS.md for what passthrough and writeback_cache change.
+    #[arg(short = 'o', env = "OWSFS_OPTIONS", value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Log filter for the daemon (error, warn, info, debug, trace, or a tracing filter).
+    #[arg(long, env = "OWSFS_LOG", default_value = "info")]
+    pub log: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The workspace's name in the store [default: the mountpoint's base name]. Created on
+    /// first mount; an existing workspace is restored into an empty cache.
+    #[arg(long, env = "OWSFS_WORKSPACE")]
+    pub workspace: Option<String>,
+    /// Cut a generation this often when anything changed (e.g. 1s, 500ms).
+    #[arg(long, env = "OWSFS_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+    /// Slow writers down while the oldest unsynced change is older than this.
+    #[arg(long, env = "OWSFS_MAX_LAG", default_value = "30s", value_parser = parse_duration)]
+    pub max_lag: Duration,
+    /// Slow writers down while more than this many bytes are unsynced (e.g. 512MiB, 2GiB).
+    #[arg(long, env = "OWSFS_MAX_LAG_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub max_lag_bytes: u64,
+    /// Background fetch workers for a workspace restored lazily (0: fetch only what is read).
+    #[arg(long, env = "OWSFS_PREFETCH", default_value_t = 4, value_name = "N")]
+    pub prefetch: usize,
+    /// Bandwidth of the background fetch per second, all workers together (0: no limit).
+    #[arg(long, env = "OWSFS_PREFETCH_BANDWIDTH", default_value = "0", value_parser = parse_bytes, value_name = "BYTES")]
+    pub prefetch_bandwidth: u64,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+impl MountOpts {
+    /// The flags again, for the background daemon (everything but the mountpoint, `--cache`
+    /// and `--foreground`).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec!["--log".to_string(), self.log.clone()];
+        for o in &self.options {
+            v.extend(["-o".to_string(), o.clone()]);
+        }
+        if let Some(s) = &self.store.store {
+            v.extend(["--store".to_string(), s.clone()]);
+        }
+        if let Some(w) = &self.workspace {
+            v.extend(["--workspace".to_string(), w.clone()]);
+        }
+        v.extend([
+            "--commit-interval".to_string(),
+            format!("{}ms", self.commit_interval.as_millis()),
+            "--max-lag".to_string(),
+            format!("{}ms", self.max_lag.as_millis()),
+            "--max-lag-bytes".to_string(),
+            self.max_lag_bytes.to_string(),
+            "--prefetch".to_string(),
+            self.prefetch.to_string(),
+            "--prefetch-bandwidth".to_string(),
+            self.prefetch_bandwidth.to_string(),
+        ]);
+        v.extend(self.lease.to_args());
+        v
+    }
+
+    /// The cache: `--cache`, or `$XDG_CACHE_HOME/owsfs/NAME` after the mountpoint's name.
+    pub fn cache_dir(&self, mountpoint: &Path) -> anyhow::Result<PathBuf> {
+        match &self.cache {
+            Some(c) => Ok(c.clone()),
+            None => Ok(xdg_dir("XDG_CACHE_HOME", ".cache", "--cache DIR")?
+                .join("owsfs")
+                .join(crate::mountpoint::name_of(mountpoint))),
+        }
+    }
+}
+
+/// How a mount takes the workspace's writer lease.
+#[derive(Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// How long the lease lasts without renewal (renewed every third of it). A holder that
+    /// cannot renew stops writing a quarter of it before it lapses.
+    #[arg(long, env = "OWSFS_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// If another node holds the lease, wait until it hands off or its lease lapses.
+    #[arg(long, env = "OWSFS_WAIT", conflicts_with = "steal")]
+    pub wait: bool,
+    /// Take the lease from another node once it has lapsed (watched for one TTL here); fail
+    /// if that node keeps renewing it.
+    #[arg(long, env = "OWSFS_STEAL")]
+    pub steal: bool,
+    /// With --steal: take the lease at once, for a node known to be dead. Its late commits
+    /// are refused (fenced), and its unsynced writes stay in its cache.
+    #[arg(long, requires = "steal")]
+    pub force: bool,
+}
+
+impl LeaseArgs {
+    pub fn takeover(&self) -> Takeover {
+        match (self.wait, self.steal, self.force) {
+            (_, true, true) => Takeover::Force,
+            (_, true, false) => Takeover::Steal,
+            (true, _, _) => Takeover::Wait,
+            _ => Takeover::Refuse,
+        }
+    }
+
+    /// The flags again, for the background daemon.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--lease-ttl".to_string(),
+            format!("{}ms", self.lease_ttl.as_millis()),
+        ];
+        if self.wait {
+            v.push("--wait".into());
+        }
+        if self.steal {
+            v.push("--steal".into());
+        }
+        if self.force {
+            v.push("--force".into());
+        }
+        v
+    }
+}
+
+/// A duration: `1s`, `250ms`, `2m`, `1h 30m`, `1d` (humantime), or plain seconds (`30`,
+/// `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    } else if let Ok(d) = humantime::parse_duration(t) {
+        return Ok(d);
+    }
+    Err(format!("{s:?} is not a duration (use e.g. 1s, 250ms, 2m)"))
+}
+
+/// A lease TTL: a duration of at least 500ms (shorter ones would fail-stop on any hiccup).
+pub fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(500) {
+        return Err(format!(
+            "{s:?} is too short for a lease TTL (at least 500ms)"
+        ));
+    }
+    Ok(d)
+}
+
+/// A size: `1GiB`, `512MiB`, `64KiB`, `1GB` (bytesize: `KiB` units are 1024, `KB` 1000), or
+/// plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)"))
+}
+
+/// `$VAR`, or `$HOME/fallback`.
+fn xdg_dir(var: &str, fallback: &str, flag: &str) -> anyhow::Result<PathBuf> {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(home) => Ok(PathBuf::from(home).join(fallback)),
+            None => anyhow::bail!("neither {var} nor HOME is set: pass {flag}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_lease_ttl("100ms").is_err());
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! The commands. Each module owns its arguments and its `run`; this one only dispatches.
+//! These names are a contract that scripts and later commands build on.
+
+mod handoff;
+mod journal;
+mod log;
+pub mod mount;
+mod recover;
+mod restore;
+mod run;
+mod status;
+mod sync;
+mod unmount;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "owsfs",
+    version,
+    about = "A durable local workspace filesystem: a FUSE passthrough over a local cache with a write journal",
+    long_about = None,
+    after_help = "Run `owsfs COMMAND --help` for the options of a command.\n\
+                  Also usable as a mount helper: `mount -t fuse.owsfs CACHE_DIR MOUNTPOINT -o OPTIONS`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mount a workspace (in the background unless --foreground; returns once it is ready).
+    Mount(mount::MountArgs),
+    /// Unmount cleanly: stop the daemon after the journal is flushed.
+    #[command(alias = "umount")]
+    Unmount(unmount::UnmountArgs),
+    /// Show the state of a mounted workspace.
+    Status(status::StatusArgs),
+    /// Inspect a cache's journal offline (the daemon must not be running on it).
+    Journal(journal::JournalArgs),
+    /// Cut a generation now and wait until it is durable in the store; prints its number.
+    Sync(sync::SyncArgs),
+    /// List the generations of a workspace in a store.
+    Log(log::LogArgs),
+    /// Restore a generation of a workspace into a new directory (no mount; every object is
+    /// verified by hash).
+    Restore(restore::RestoreArgs),
+    /// Hand the workspace off: last cut, wait until durable, release the lease, unmount.
+    /// Another node can then mount it at once.
+    Handoff(handoff::HandoffArgs),
+    /// Turn the unsynced changes left in a cache (after a crash or a fail-stop) into a new
+    /// workspace: a fork of the cache's last generation plus those changes.
+    Recover(recover::RecoverArgs),
+    /// Mount, run CMD with the workspace ready, forward signals, hand off when CMD exits, and
+    /// exit with CMD's status (a container entrypoint).
+    Run(run::RunArgs),
+}
+
+const COMMANDS: &[&str] = &[
+    "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
+    "recover", "run", "help",
+];
+
+/// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
+/// `owsfs mount MOUNTPOINT --cache SOURCE -o OPTIONS`.
+fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
+    let is_command = |a: &OsString| {
+        let s = a.to_string_lossy();
+        s.starts_with('-') || COMMANDS.contains(&s.as_ref())
+    };
+    if args.len() >= 3 && !is_command(&args[1]) {
+        let mut out = vec![
+            args[0].clone(),
+            "mount".into(),
+            args[2].clone(),
+            "--cache".into(),
+            args[1].clone(),
+        ];
+        out.extend(args[3..].iter().cloned());
+        return out;
+    }
+    args
+}
+
+/// Parses `args` (the mount-helper form too) and runs the command.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let cli = Cli::parse_from(helper_args(args));
+    let result = match cli.command {
+        Command::Mount(a) => mount::run(a),
+        Command::Unmount(a) => unmount::run(&a),
+        Command::Status(a) => status::run(&a),
+        Command::Journal(a) => journal::run(&a),
+        Command::Sync(a) => sync::run(&a),
+        Command::Log(a) => log::run(&a),
+        Command::Restore(a) => restore::run(&a),
+        Command::Handoff(a) => handoff::run(&a),
+        Command::Recover(a) => recover::run(&a),
+        Command::Run(a) => return run::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("owsfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_helper_form_becomes_a_mount() {
+        let args: Vec<OsString> = ["owsfs", "/c", "/w", "-o", "rw"].map(Into::into).into();
+        let got = helper_args(args);
+        let want: Vec<OsString> = ["owsfs", "mount", "/w", "--cache", "/c", "-o", "rw"]
+            .map(Into::into)
+            .into();
+        assert_eq!(got, want);
+        let status: Vec<OsString> = ["owsfs", "status", "/w"].map(Into::into).into();
+        assert_eq!(helper_args(status.clone()), status);
+    }
+
+    #[test]
+    fn every_command_is_known_to_the_helper_form() {
+        use clap::CommandFactory;
+        for sub in Cli::command().get_subcommands() {
+            assert!(COMMANDS.contains(&sub.get_name()), "{}", sub.get_name());
+        }
+    }
+}

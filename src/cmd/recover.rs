@@ -1,0 +1,212 @@
+//! `owsfs recover --cache DIR --as NEW`: the unsynced changes of a cache (after a crash, a
+//! fail-stop, or set aside at mount) become a new workspace, a fork of the cache's last
+//! generation plus those changes. Nothing is merged into the original workspace.
+//!
+//! No mount is needed: the mount's phases without the FUSE session. The journal is replayed,
+//! and the same cut the sync agent makes is taken from the backing directory, under a lease of
+//! the new workspace. The unchanged data is referenced in the store, not copied, so the fork
+//! must live in the cache's store. Afterwards the cache belongs to the new workspace and can
+//! be mounted as it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use owsfs_fuse::CoreOptions;
+use owsfs_hydrate::prefetch::PrefetchOptions;
+use owsfs_local::{Cache, LocalState};
+use owsfs_store::BlobRef;
+use owsfs_store::generation::{GenKind, GenStats, GenerationRecord, Workspace};
+use owsfs_sync::SyncOptions;
+use owsfs_sync::lease::Takeover;
+
+use crate::mount::lease::{LeaseGuard, LeaseRequest};
+use crate::mount::{OpenCache, Prepared, ServiceOptions, Services};
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The cache (or a directory set aside in CACHE/aside/) holding the unsynced changes. No
+    /// daemon may be running on it.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The name of the new workspace (the fork). It must not exist yet.
+    #[arg(long = "as", value_name = "NEW_NAME")]
+    pub as_name: String,
+    /// The store [default: the one the cache belongs to]. It must be that store: the cache's
+    /// unchanged data is referenced there, not copied.
+    #[arg(long, env = "OWSFS_STORE")]
+    pub store: Option<String>,
+}
+
+pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
+    let cache = Cache::open(&args.cache)?;
+    let cache_root = cache.root.clone();
+    let state_path = cache.root.join("state.db");
+    if !state_path.exists() {
+        bail!(
+            "{} has no cache state (state.db): it never held a workspace, nothing to recover",
+            cache.root.display()
+        );
+    }
+    let mut local = LocalState::open(&state_path)?;
+    let (Some(old_ws), Some(cache_store), Some(base)) = (
+        local.meta("workspace")?,
+        local.meta("store")?,
+        local.base()?,
+    ) else {
+        bail!(
+            "{} holds no generation of any workspace: nothing to fork from",
+            cache.root.display()
+        );
+    };
+    let store_url = args.store.clone().unwrap_or_else(|| cache_store.clone());
+    if store_url != cache_store {
+        bail!(
+            "the cache {} belongs to the store {cache_store}; a fork must be made there (its \
+             unchanged data is referenced, not copied): use --store {cache_store}",
+            cache.root.display()
+        );
+    }
+    let name = &args.as_name;
+    if name == &old_ws {
+        bail!(
+            "--as must name a new workspace, not {old_ws:?}: unsynced changes are never merged \
+             into the workspace they came from"
+        );
+    }
+    // Phase 1: the journal.
+    let open = OpenCache::from_cache(cache)?;
+    let dirty = open.journal.dirty();
+    eprintln!(
+        "owsfs: {} holds generation {} of workspace {old_ws:?} and changes not in the store: \
+         {} file(s), {} dir(s), {} bytes ({} journal records){}",
+        open.cache.root.display(),
+        base.generation,
+        dirty.files.len(),
+        dirty.dirs.len(),
+        dirty.dirty_bytes(),
+        open.recovery.records,
+        if open.recovery.clean {
+            ""
+        } else {
+            " left by a daemon that did not stop cleanly"
+        }
+    );
+
+    // Phase 2: the new workspace, which must not exist yet.
+    let store = crate::mount::open_store(&store_url)?;
+    let ws = Workspace::open_or_create(&store, name)
+        .with_context(|| format!("cannot create workspace {name:?} in {store_url}"))?;
+    if ws.head()?.is_some() {
+        bail!("workspace {name:?} already exists in {store_url}: choose another name");
+    }
+    // Phase 3: its lease.
+    let lease = LeaseGuard::take(LeaseRequest {
+        ws: &ws,
+        cache: &open.cache,
+        ttl: Duration::from_secs(30),
+        takeover: Takeover::Refuse,
+        notice: &mut |m| eprintln!("owsfs: {m}"),
+        note_stop: false,
+    })?;
+    let head = ws.fence(lease.epoch())?;
+    // Checked again under the lease: a concurrent recover to the same name may have won.
+    if ws.newest_commit(head)?.is_some() {
+        bail!("workspace {name:?} was just created by someone else: choose another name");
+    }
+    let OpenCache {
+        cache,
+        journal,
+        recovery,
+    } = open;
+    // The lease is given back whatever happens: the new workspace holds only a fence until
+    // the commit lands, and nothing of the cache is served.
+    let journal = Arc::new(journal);
+    let g = if !journal.is_dirty() {
+        // Nothing unsynced: the fork is the cache's generation as it is.
+        let root: BlobRef = serde_json::from_str(&base.root)
+            .context("the cache state's base root is unreadable")?;
+        let record = GenerationRecord {
+            workspace: name.clone(),
+            number: head + 1,
+            parent: Some(head),
+            epoch: lease.epoch(),
+            kind: GenKind::Commit,
+            time_unix_ms: jiff::Timestamp::now().as_millisecond() as u64,
+            root: Some(root),
+            sqlite: Vec::new(),
+            stats: GenStats::default(),
+            access: None,
+        };
+        lease.keeper().check(Duration::ZERO)?;
+        ws.commit(&record)?;
+        let mut b = base.clone();
+        b.generation = head + 1;
+        b.epoch = lease.epoch();
+        local.commit(&b, Default::default())?;
+        local.set_meta("workspace", name)?;
+        drop(local);
+        journal.close_clean()?;
+        lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
+        head + 1
+    } else {
+        drop(local);
+        // Phase 5 without a mount: one cut of the backing directory, on this thread.
+        let (services, _rest) = Services::start(
+            &store,
+            &ws,
+            &lease,
+            Prepared {
+                local: LocalState::open(&state_path)?,
+                cache,
+                journal: Arc::clone(&journal),
+                recovery,
+                head,
+                previous_sqlite: Vec::new(),
+            },
+            ServiceOptions {
+                sync: SyncOptions {
+                    commit_interval: Duration::from_secs(3600),
+                    max_lag: Duration::from_secs(3600),
+                    max_lag_bytes: u64::MAX,
+                },
+                core: CoreOptions {
+                    passthrough: false,
+                    inode_budget: 4096,
+                    side_dir: None,
+                },
+                prefetch: PrefetchOptions {
+                    workers: 0,
+                    bandwidth: 0,
+                },
+                serving: false,
+            },
+        )?;
+        let started = Instant::now();
+        let g = services
+            .agent
+            .commit_now()
+            .with_context(|| format!("cannot make workspace {name:?}"))?;
+        eprintln!(
+            "owsfs: generation {g} of {name:?} committed in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+        let (_clean, handed) = crate::mount::handoff(services, lease, &journal);
+        handed.map_err(anyhow::Error::msg)?;
+        // Only now does the cache belong to the fork (a failed recover leaves it as it was).
+        LocalState::open(&state_path)?.set_meta("workspace", name)?;
+        g
+    };
+    println!("{g}");
+    eprintln!(
+        "owsfs: workspace {name:?} (generation {g}) holds generation {} of {old_ws:?} plus the \
+         unsynced changes of {}; the cache now belongs to {name:?}: mount it with `owsfs mount \
+         MOUNTPOINT --cache {} --workspace {name}`",
+        base.generation,
+        cache_root.display(),
+        cache_root.display()
+    );
+    Ok(())
+}

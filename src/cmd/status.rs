@@ -1,0 +1,113 @@
+//! `owsfs status`: the state of a mounted workspace.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::control::client;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The mountpoint of a running owsfs mount.
+    pub mountpoint: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, env = "OWSFS_JSON")]
+    pub json: bool,
+    /// Also list the dirty set (files with their dirty extents, and dirty directories).
+    #[arg(long, env = "OWSFS_DIRTY")]
+    pub dirty: bool,
+}
+
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    let v = client::status(&args.mountpoint, args.dirty, Duration::from_secs(30))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let j = &v.journal;
+    let ops = &v.ops;
+    println!("mountpoint   {}", v.mountpoint.display());
+    println!("cache        {}", v.cache.display());
+    println!("backing      {}", v.backing.display());
+    println!(
+        "daemon       pid {}, up {:.0}s, passthrough {}",
+        v.pid,
+        v.uptime_secs,
+        if v.passthrough { "on" } else { "off" }
+    );
+    println!(
+        "journal      seq {}, segment {} at {} bytes; {} records in {} writes since mount",
+        j.last_seq, j.segment, j.segment_offset, j.records, j.batches
+    );
+    if let Some(why) = &j.failed {
+        println!(
+            "journal      FAILED, writes are refused with EIO: {why}; fix the cause (disk full?) \
+             and remount"
+        );
+    }
+    println!(
+        "dirty        {} files, {} dirs, {} bytes",
+        j.dirty_files, j.dirty_dirs, j.dirty_bytes
+    );
+    println!(
+        "ops          {} lookups, {} opens ({} passthrough), {} reads ({} bytes), {} writes ({} bytes), {} fsyncs, {} errors",
+        ops.lookups,
+        ops.opens,
+        ops.opens_passthrough,
+        ops.reads,
+        ops.read_bytes,
+        ops.writes,
+        ops.write_bytes,
+        ops.fsyncs,
+        ops.errors
+    );
+    let s = &v.sync.agent;
+    println!("store        {} workspace {}", s.store, s.workspace);
+    let newest = match &s.last_commit {
+        Some(c) => format!(
+            ", committed {:.1}s ago",
+            (jiff::Timestamp::now().as_millisecond() - c.time_unix_ms as i64).max(0) as f64
+                / 1000.0
+        ),
+        None => String::new(),
+    };
+    println!(
+        "generation   {} (durable){newest}; {} commits, {} failed since mount",
+        s.generation, s.commits, s.commit_failures
+    );
+    println!(
+        "lag          {:.1}s, {} bytes unsynced; writers throttled {} ms in total",
+        s.lag_secs, s.lag_bytes, s.throttled_ms
+    );
+    if let Some(e) = &s.last_error {
+        println!("last error   {e}");
+    }
+    let l = &v.sync.lease;
+    println!(
+        "lease        {} epoch {} by {}; renewed {:.1}s ago, good for {:.1}s (ttl {:.1}s)",
+        l.state, l.epoch, l.holder, l.last_renewal_secs_ago, l.good_for_secs, l.ttl_secs,
+    );
+    let p = &v.sync.hydration;
+    println!(
+        "hydration    {}; {} directories and {} files pending, {} bytes fetched in {} requests",
+        owsfs_hydrate::progress_line(p),
+        p.dirs_pending,
+        p.files_pending,
+        p.fetched_bytes,
+        p.fetches
+    );
+    if let Some(why) = v.writes_stopped() {
+        println!("WRITES STOPPED (EROFS): {why}");
+    }
+    if let Some(t) = &v.recovery.torn_tail {
+        println!("recovery     torn tail cut: {t}");
+    }
+    if let Some(t) = &v.recovery.rescan {
+        println!("recovery     rescanned: {t}");
+    }
+    if let Some(d) = &v.dirty {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The client side of the control socket: finds the daemon of a mountpoint and asks it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::{ControlError, Failure, Request, Status, Synced, Unmounted};
+use crate::mountpoint;
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No owsfs mount is at the path.
+    #[error("{} is not an owsfs mount", .0.display())]
+    NotMounted(PathBuf),
+    /// The mount is there, but its daemon does not answer: it died, leaving the mount behind.
+    #[error(
+        "the owsfs daemon of {} does not answer at {}/control.sock ({source}); if it died, run \
+         `owsfs unmount {}` to remove the dead mount",
+        mountpoint.display(), cache.display(), mountpoint.display()
+    )]
+    DaemonGone {
+        mountpoint: PathBuf,
+        cache: PathBuf,
+        source: std::io::Error,
+    },
+    /// The daemon answered with a refusal.
+    #[error(transparent)]
+    Refused(#[from] ControlError),
+    /// Anything else on the way (a timeout, a malformed answer).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// No daemon serves the mount any more (or there is no mount).
+    pub fn daemon_gone(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotMounted(_) | ClientError::DaemonGone { .. }
+        )
+    }
+}
+
+/// Sends `req` to the daemon serving `mountpoint` and waits for its answer, as `T`.
+fn call<T: DeserializeOwned>(
+    mountpoint: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<T, ClientError> {
+    let mount = mountpoint::find_owsfs(mountpoint)
+        .map_err(|e| ClientError::Other(format!("{e:#}")))?
+        .ok_or_else(|| ClientError::NotMounted(mountpoint.to_path_buf()))?;
+    let cache = PathBuf::from(&mount.source);
+    let gone = |source: std::io::Error| ClientError::DaemonGone {
+        mountpoint: mount.mountpoint.clone(),
+        cache: cache.clone(),
+        source,
+    };
+    let (_dirfd, short) = super::short_socket_path(&cache).map_err(|e| {
+        ClientError::Other(format!(
+            "the cache {} of the mount at {} is gone: {e}",
+            cache.display(),
+            mountpoint.display()
+        ))
+    })?;
+    let conn = UnixStream::connect(&short).map_err(gone)?;
+    let io = |e: std::io::Error| ClientError::Other(format!("control socket: {e}"));
+    conn.set_read_timeout(timeout).map_err(io)?;
+    let mut w = conn.try_clone().map_err(io)?;
+    let line = serde_json::to_string(req).map_err(|e| ClientError::Other(e.to_string()))?;
+    writeln!(w, "{line}").map_err(io)?;
+    let mut answer = String::new();
+    match BufReader::new(conn).read_line(&mut answer) {
+        // The daemon died with the connection open (e.g. killed while its threads exit).
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(gone(e)),
+        Ok(0) => return Err(gone(std::io::ErrorKind::UnexpectedEof.into())),
+        Err(e) => {
+            return Err(ClientError::Other(format!(
+                "the daemon did not answer: {e}"
+            )));
+        }
+        Ok(_) => {}
+    }
+    let bad =
+        |e: serde_json::Error| ClientError::Other(format!("the daemon sent a bad answer: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&answer).map_err(bad)?;
+    if v["ok"] == serde_json::Value::Bool(false) {
+        let f: Failure = serde_json::from_value(v).map_err(bad)?;
+        return Err(f.error.into());
+    }
+    serde_json::from_value(v).map_err(bad)
+}
+
+pub fn status(mountpoint: &Path, dirty: bool, timeout: Duration) -> Result<Status, ClientError> {
+    call(mountpoint, &Request::Status { dirty }, Some(timeout))
+}
+
+/// The newest generation once everything written before the call is durable.
+pub fn sync(mountpoint: &Path, timeout: Duration) -> Result<u64, ClientError> {
+    let s: Synced = call(
+        mountpoint,
+        &Request::Sync {
+            timeout_secs: timeout.as_secs_f64(),
+        },
+        Some(timeout + Duration::from_secs(10)),
+    )?;
+    Ok(s.generation)
+}
+
+/// Unmounts; true when only detached (`lazy`).
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<bool, ClientError> {
+    let u: Unmounted = call(mountpoint, &Request::Unmount { lazy }, None)?;
+    Ok(u.detached)
+}

@@ -1,0 +1,38 @@
+//! Fail points, for tests: every crash window named in `journal/FORMAT.md` and
+//! `store/FORMAT.md` (and some phases of a mount) has a named point (`fail::fail_point!`).
+//! They cost a registry lookup when reached and do nothing unless configured here, from the
+//! environment of the process (a background daemon inherits it):
+//!
+//! - `OWSFS_CRASH_AT=NAME[,NAME...]`: the process dies at once when it reaches NAME, as by
+//!   `kill -9` (no cleanup, no unwinding, exit status 137), so a test can check what a crash
+//!   there leaves;
+//! - `FAILPOINTS=NAME=ACTIONS;...`: the `fail` crate's actions (`return`, `panic`,
+//!   `sleep(MS)`, `N*return`...), e.g. `mount-after-lease=return` makes that phase fail.
+
+use anyhow::{Context, bail};
+
+/// Configures the fail points the environment names.
+pub fn setup_from_env() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var("FAILPOINTS") {
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((name, actions)) = part.split_once('=') else {
+                bail!("FAILPOINTS: {part:?} is not NAME=ACTIONS");
+            };
+            fail::cfg(name.trim(), actions.trim())
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("FAILPOINTS: {part:?}"))?;
+        }
+    }
+    if let Ok(names) = std::env::var("OWSFS_CRASH_AT") {
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let owned = name.to_string();
+            fail::cfg_callback(name, move || {
+                tracing::error!("crash point {owned}: dying now (OWSFS_CRASH_AT)");
+                // SAFETY: _exit ends the process at once; nothing of ours runs after it.
+                unsafe { libc::_exit(137) };
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+    }
+    Ok(())
+}

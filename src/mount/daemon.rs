@@ -1,0 +1,241 @@
+//! What the control socket and the signal handler need of a serving mount: its state, a
+//! sync, and the unmount, which answers once the session has ended and the workspace is
+//! handed off.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use owsfs_fuse::Core;
+use owsfs_hydrate::Hydrator;
+use owsfs_journal::Recovery;
+use owsfs_sync::SyncAgent;
+use owsfs_sync::lease::Keeper;
+use parking_lot::{Condvar, Mutex};
+
+use crate::control::{ControlError, Status, SyncStatus, True};
+
+pub struct Daemon {
+    core: Arc<Core>,
+    sync: Arc<SyncAgent>,
+    keeper: Arc<Keeper>,
+    hyd: Arc<Hydrator>,
+    mountpoint: PathBuf,
+    cache: PathBuf,
+    started: Instant,
+    recovery: Recovery,
+    /// Set when the session has ended and the journal is closed: Ok, or the error.
+    finished: Mutex<Option<Result<(), String>>>,
+    finished_cv: Condvar,
+    /// Control connections waiting to report the end of the session; the process stays until
+    /// they have answered.
+    waiters: Mutex<usize>,
+    waiters_cv: Condvar,
+}
+
+impl Daemon {
+    pub fn new(
+        core: Arc<Core>,
+        sync: Arc<SyncAgent>,
+        keeper: Arc<Keeper>,
+        hyd: Arc<Hydrator>,
+        mountpoint: PathBuf,
+        cache: PathBuf,
+        recovery: Recovery,
+    ) -> Daemon {
+        Daemon {
+            core,
+            sync,
+            keeper,
+            hyd,
+            mountpoint,
+            cache,
+            started: Instant::now(),
+            recovery,
+            finished: Mutex::new(None),
+            finished_cv: Condvar::new(),
+            waiters: Mutex::new(0),
+            waiters_cv: Condvar::new(),
+        }
+    }
+
+    pub fn cache(&self) -> &std::path::Path {
+        &self.cache
+    }
+
+    /// The state of the mount, for `owsfs status`.
+    pub fn status(&self, dirty: bool) -> Status {
+        let core = &self.core;
+        let journal = core.journal();
+        Status {
+            ok: True,
+            mountpoint: self.mountpoint.clone(),
+            cache: self.cache.clone(),
+            backing: core.backing_root().to_path_buf(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            passthrough: core.passthrough_enabled(),
+            inodes: core.inode_count(),
+            inode_budget: core.inode_budget(),
+            open_files: core.open_handles(),
+            journal: journal.stats(),
+            recovery: self.recovery.clone(),
+            ops: core.stats.snapshot(),
+            sync: SyncStatus {
+                agent: self.sync.status(),
+                lease: self.keeper.status(),
+                hydration: self.hyd.progress(),
+            },
+            dirty: dirty.then(|| serde_json::to_value(journal.dirty()).unwrap_or_default()),
+        }
+    }
+
+    /// `owsfs sync`: the newest generation once everything written before the call is
+    /// durable.
+    pub fn sync(&self, timeout: Duration) -> Result<u64, ControlError> {
+        self.sync.sync(timeout).map_err(|e| match e {
+            owsfs_sync::SyncError::ShuttingDown => ControlError::ShuttingDown,
+            owsfs_sync::SyncError::NotDurable { after, why } => ControlError::NotDurable {
+                secs: after.as_secs_f64(),
+                why,
+            },
+        })
+    }
+
+    /// `owsfs unmount`: unmounts and waits until the session has ended and the workspace is
+    /// handed off (`lazy`: only until the mount is detached); true when it was only detached.
+    ///
+    /// The unmount call runs on a thread of its own, because the kernel returns from it only
+    /// after it has freed the page cache of every file (about 30 ms per GiB cached), and it
+    /// does that after the session has ended: the answer does not wait for it.
+    pub fn unmount_and_wait(self: &Arc<Self>, lazy: bool) -> Result<bool, ControlError> {
+        // This request's own outcome of the call (an earlier request's EBUSY is not ours).
+        // Set under `finished`'s lock, so the wait below cannot miss it.
+        let called: Arc<Mutex<Option<Result<(), ControlError>>>> = Arc::default();
+        {
+            let daemon = Arc::clone(self);
+            let called = Arc::clone(&called);
+            std::thread::Builder::new()
+                .name("owsfs-umount".into())
+                .spawn(move || {
+                    let r = daemon.unmount(lazy);
+                    let guard = daemon.finished.lock();
+                    *called.lock() = Some(r);
+                    drop(guard);
+                    daemon.finished_cv.notify_all();
+                })
+                .map_err(|e| {
+                    ControlError::Other(format!("cannot start the unmount thread: {e}"))
+                })?;
+        }
+        let mut finished = self.finished.lock();
+        loop {
+            // Taken apart from the match, so `called` is not locked while waiting.
+            let outcome = called.lock().clone();
+            match (outcome, &*finished) {
+                (Some(Err(why)), _) => return Err(why),
+                (Some(Ok(())), _) if lazy => return Ok(true),
+                (_, Some(done)) if !lazy => {
+                    return done.clone().map(|()| false).map_err(ControlError::Unmount);
+                }
+                _ => self.finished_cv.wait(&mut finished),
+            }
+        }
+    }
+
+    /// Unmounts the workspace; the serving thread then hands off and exits.
+    pub fn unmount(&self, lazy: bool) -> Result<(), ControlError> {
+        let flags = if lazy {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
+        match rustix::mount::unmount(&self.mountpoint, flags) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::BUSY) => Err(ControlError::Busy(self.mountpoint.clone())),
+            Err(rustix::io::Errno::PERM) => {
+                // An unprivileged mount is unmounted through the setuid helper.
+                let mut cmd = Command::new("fusermount3");
+                cmd.arg("-u");
+                if lazy {
+                    cmd.arg("-z");
+                }
+                let status = cmd
+                    .arg(&self.mountpoint)
+                    .status()
+                    .map_err(|e| ControlError::Other(format!("cannot run fusermount3: {e}")))?;
+                if !status.success() {
+                    return Err(ControlError::Other(format!(
+                        "fusermount3 -u {} failed",
+                        self.mountpoint.display()
+                    )));
+                }
+                Ok(())
+            }
+            Err(e) => Err(ControlError::Other(format!(
+                "cannot unmount {}: {e}",
+                self.mountpoint.display()
+            ))),
+        }
+    }
+
+    /// Registers a control connection that will report the end of the session: the process
+    /// does not exit until the returned guard is dropped (or 5 s pass).
+    pub fn waiter(&self) -> Waiter<'_> {
+        *self.waiters.lock() += 1;
+        Waiter { daemon: self }
+    }
+
+    /// Gives waiting control connections a moment to answer before the process exits.
+    pub fn drain_waiters(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut w = self.waiters.lock();
+        while *w > 0 {
+            if self.waiters_cv.wait_until(&mut w, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+
+    /// The session has ended: how the handoff went.
+    pub fn finish(&self, result: Result<(), String>) {
+        *self.finished.lock() = Some(result);
+        self.finished_cv.notify_all();
+    }
+}
+
+/// Keeps the daemon process alive until a control connection has answered.
+pub struct Waiter<'a> {
+    daemon: &'a Daemon,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        *self.daemon.waiters.lock() -= 1;
+        self.daemon.waiters_cv.notify_all();
+    }
+}
+
+/// SIGINT and SIGTERM unmount cleanly (or detach, when the mount is busy).
+pub fn spawn_signal_handler(daemon: Arc<Daemon>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("owsfs-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                tracing::info!("signal {sig}: unmounting");
+                if let Err(e) = daemon.unmount(false) {
+                    tracing::warn!("{e}; detaching instead");
+                    if let Err(e) = daemon.unmount(true) {
+                        tracing::error!("cannot unmount: {e}");
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

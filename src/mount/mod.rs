@@ -1,0 +1,628 @@
+//! The life of a mount, as named phases. Each phase returns what it made, owned by guards
+//! whose `Drop` undoes it, so an error anywhere unwinds what came before:
+//!
+//! 1. [`OpenCache::open`]: the cache (locked) and its journal (replayed);
+//! 2. [`open_workspace`]: the store and the workspace in it;
+//! 3. [`LeaseGuard::take`]: the writer lease and its keeper;
+//! 4. [`prepare`]: the fence, unsynced changes of a diverged cache set aside, the cache
+//!    matched with the store (a new cache becomes a lazy copy of the newest generation);
+//! 5. [`Services::start`]: the hydrator, the filesystem core and the sync agent;
+//! 6. [`Mounted::mount`]: the FUSE session; [`Services::run`] starts the background threads;
+//! 7. serving, until the kernel ends the session;
+//! 8. [`handoff`]: the last cut, then the lease is released (promise 3).
+//!
+//! `owsfs recover` uses phases 1, 3 and 5 without a mount.
+
+pub mod background;
+pub mod daemon;
+pub mod lease;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use owsfs_fuse::{AdapterOptions, Core, CoreOptions, MountSettings};
+use owsfs_hydrate::Hydrator;
+use owsfs_hydrate::prefetch::{PrefetchOptions, Prefetcher};
+use owsfs_journal::{Journal, JournalOptions, Recovery};
+use owsfs_local::{Cache, LocalState};
+use owsfs_store::generation::{SqliteState, Workspace};
+use owsfs_store::{Store, StoreOptions};
+use owsfs_sync::{SyncAgent, SyncOptions};
+
+use self::background::Readiness;
+use self::daemon::Daemon;
+use self::lease::{LeaseGuard, LeaseRequest};
+use crate::args::MountOpts;
+use crate::options::MountOptions;
+use crate::{mountpoint, options};
+
+/// Phase 1: a cache, locked for this process, and its journal, replayed.
+pub struct OpenCache {
+    pub cache: Cache,
+    pub journal: Journal,
+    pub recovery: Recovery,
+}
+
+impl OpenCache {
+    pub fn open(dir: &Path) -> anyhow::Result<OpenCache> {
+        Self::from_cache(Cache::open(dir)?)
+    }
+
+    /// Replays the journal of a cache already open.
+    pub fn from_cache(cache: Cache) -> anyhow::Result<OpenCache> {
+        let (journal, recovery) = open_journal(&cache)?;
+        Ok(OpenCache {
+            cache,
+            journal,
+            recovery,
+        })
+    }
+}
+
+fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
+    let (journal, recovery) =
+        Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
+            .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))?;
+    if let Some(tail) = &recovery.torn_tail {
+        tracing::warn!("journal: torn tail cut: {tail}");
+    }
+    if let Some(why) = &recovery.rescan {
+        tracing::warn!("journal: rescanned the backing directory: {why}");
+    }
+    tracing::info!(
+        "journal: replayed {} record(s) from {} segment(s){}",
+        recovery.records,
+        recovery.segments,
+        if recovery.clean {
+            " (clean shutdown)"
+        } else {
+            ""
+        }
+    );
+    Ok((journal, recovery))
+}
+
+/// The store at `url`, with the fault injection the environment asks for (tests).
+pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
+    let opts = StoreOptions {
+        faults: owsfs_store::FaultConfig::from_env()?,
+        ..StoreOptions::default()
+    };
+    Ok(Arc::new(
+        Store::open(url, opts).with_context(|| format!("cannot use the store {url}"))?,
+    ))
+}
+
+/// Phase 2: the store and the workspace `name` in it (created when missing).
+pub fn open_workspace(url: &str, name: &str) -> anyhow::Result<(Arc<Store>, Workspace)> {
+    let store = open_store(url)?;
+    let ws = Workspace::open_or_create(&store, name)
+        .with_context(|| format!("cannot open workspace {name} in {url}"))?;
+    Ok((store, ws))
+}
+
+/// Phase 4's result: a cache that matches the store, ready to serve.
+pub struct Prepared {
+    pub cache: Cache,
+    pub journal: Arc<Journal>,
+    pub recovery: Recovery,
+    pub local: LocalState,
+    /// The newest generation (the fence of this mount, or a commit after it).
+    pub head: u64,
+    /// The SQLite positions of the base generation, carried on for databases a cut skips.
+    pub previous_sqlite: Vec<SqliteState>,
+}
+
+/// Phase 4: fences the workspace (no older epoch can commit from now on), sets aside the
+/// unsynced changes of a cache that diverged from the store, and matches the cache with the
+/// newest generation.
+pub fn prepare(
+    open: OpenCache,
+    ws: &Workspace,
+    lease: &LeaseGuard,
+    store_url: &str,
+    ready: &Readiness,
+) -> anyhow::Result<Prepared> {
+    let OpenCache {
+        cache,
+        mut journal,
+        mut recovery,
+    } = open;
+    let head = ws
+        .fence(lease.epoch())
+        .with_context(|| format!("cannot fence workspace {}", ws.name()))?;
+    tracing::info!("generation {head}: fence of epoch {}", lease.epoch());
+    let state_path = cache.root.join("state.db");
+    let mut local = LocalState::open(&state_path)?;
+    if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
+        // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
+        drop(local);
+        drop(journal);
+        let name = format!(
+            "{}-epoch{}",
+            jiff::Timestamp::now().as_second(),
+            lease.epoch()
+        );
+        let dest = cache.set_aside(
+            &name,
+            &serde_json::json!({"workspace": ws.name(), "store": store_url, "reason": why}),
+        )?;
+        tracing::warn!(
+            "{why}: they are kept in {}; make them a workspace of their own with `owsfs recover \
+             --cache {} --as NEW_NAME`",
+            dest.display(),
+            dest.display()
+        );
+        ready.notice(&format!(
+            "unsynced changes of an earlier mount were set aside in {} (recover them with \
+             `owsfs recover --cache {} --as NEW_NAME`)",
+            dest.display(),
+            dest.display()
+        ));
+        (journal, recovery) = open_journal(&cache)?;
+        local = LocalState::open(&state_path)?;
+    }
+    let journal = Arc::new(journal);
+    let (previous_sqlite, head) =
+        owsfs_hydrate::prepare::prepare_base(ws, &mut local, &cache, &journal, store_url, head)?;
+    if lease.keeper().is_lost() {
+        anyhow::bail!("the lease was lost while preparing the cache");
+    }
+    // Commits of this mount carry this epoch; a later mount of this cache knows them as its own.
+    local.set_meta("lease_epoch", &lease.epoch().to_string())?;
+    Ok(Prepared {
+        cache,
+        journal,
+        recovery,
+        local,
+        head,
+        previous_sqlite,
+    })
+}
+
+/// How the services run.
+pub struct ServiceOptions {
+    pub sync: SyncOptions,
+    pub core: CoreOptions,
+    pub prefetch: PrefetchOptions,
+    /// A mount that will serve (not `owsfs recover`): the root directory is materialized
+    /// and the access list read.
+    pub serving: bool,
+}
+
+/// Phase 5: the hydrator, the core and the sync agent. Their threads start with
+/// [`Services::run`]; dropping the services stops every thread they started.
+pub struct Services {
+    pub hyd: Arc<Hydrator>,
+    pub core: Arc<Core>,
+    pub agent: Arc<SyncAgent>,
+    inherited_access: Vec<String>,
+    prefetch: PrefetchOptions,
+    threads: Option<Threads>,
+}
+
+/// The background threads of a serving mount.
+struct Threads {
+    agent: std::thread::JoinHandle<()>,
+    prefetch: Arc<Prefetcher>,
+    saver: owsfs_hydrate::Saver,
+    reaper: Reaper,
+}
+
+impl Services {
+    pub fn start(
+        store: &Arc<Store>,
+        ws: &Workspace,
+        lease: &LeaseGuard,
+        prepared: Prepared,
+        opts: ServiceOptions,
+    ) -> anyhow::Result<(Services, PreparedRest)> {
+        let Prepared {
+            cache,
+            journal,
+            recovery,
+            local,
+            head,
+            previous_sqlite,
+        } = prepared;
+        // Lazy hydration: the root's entries are made now (its tree is the one fetch a mount
+        // of a new cache needs); everything else on demand and in the background.
+        let hyd = Hydrator::open(
+            &cache.root.join("state.db"),
+            &cache.backing,
+            Arc::clone(store),
+            local.node_map(),
+            &journal.dirty(),
+        )?;
+        if opts.serving && hyd.dir_is_pending(hyd.root_ino()) {
+            hyd.materialize_dir(hyd.root_ino(), hyd.root_fd())
+                .context("cannot fetch the root directory")?;
+        }
+        let inherited_access = if opts.serving {
+            owsfs_hydrate::access_list(store, ws, &local)
+        } else {
+            Vec::new()
+        };
+        let core = Arc::new(
+            Core::new(&cache.backing, Arc::clone(&journal), opts.core)
+                .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,
+        );
+        lease.attach(&core);
+        core.set_hydrator(Arc::new(owsfs_hydrate::CoreHook {
+            hyd: Arc::clone(&hyd),
+        }));
+        let stopped = cache.root.join("stopped.json");
+        if opts.serving
+            && let Ok(note) = std::fs::read_to_string(&stopped)
+        {
+            tracing::info!("an earlier mount of this cache stopped writing: {note}");
+            let _ = std::fs::remove_file(&stopped);
+        }
+        let agent = SyncAgent::new(
+            Arc::clone(&core),
+            Arc::clone(store),
+            ws.clone(),
+            local,
+            opts.sync,
+            previous_sqlite,
+            head,
+            Arc::clone(lease.keeper()) as Arc<dyn owsfs_sync::LeaseCheck>,
+            Arc::new(Lazy(Arc::clone(&hyd))),
+            inherited_access.clone(),
+        )?;
+        {
+            let weak = Arc::downgrade(&agent);
+            core.set_throttle(Box::new(move || {
+                if let Some(a) = weak.upgrade() {
+                    a.throttle();
+                }
+            }));
+        }
+        fail::fail_point!("mount-services", |_| Err(anyhow::anyhow!(
+            "fail point mount-services"
+        )));
+        Ok((
+            Services {
+                hyd,
+                core,
+                agent,
+                inherited_access,
+                prefetch: opts.prefetch,
+                threads: None,
+            },
+            PreparedRest {
+                cache,
+                journal,
+                recovery,
+            },
+        ))
+    }
+
+    /// Starts the background threads of a serving mount: the sync agent, the prefetch, the
+    /// hydration saver and the inode reaper.
+    pub fn run(
+        &mut self,
+        mountpoint: &Path,
+        invalidator: owsfs_fuse::Invalidator,
+        progress_bar: bool,
+    ) -> anyhow::Result<()> {
+        self.agent.set_mount(mountpoint);
+        let agent = {
+            let agent = Arc::clone(&self.agent);
+            std::thread::Builder::new()
+                .name("owsfs-sync".into())
+                .spawn(move || agent.run())
+                .context("cannot start the sync thread")?
+        };
+        // The kernel keeps inodes cached while memory allows, but each one holds a
+        // descriptor here: when the table nears its budget, ask the kernel to drop the
+        // oldest names.
+        self.core.set_invalidator(invalidator);
+        let prefetch = Prefetcher::start(
+            Arc::clone(&self.hyd),
+            Arc::clone(&self.core),
+            std::mem::take(&mut self.inherited_access),
+            self.prefetch,
+        );
+        let saver = owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), progress_bar);
+        let reaper = Reaper::start(Arc::clone(&self.core))?;
+        self.threads = Some(Threads {
+            agent,
+            prefetch,
+            saver,
+            reaper,
+        });
+        Ok(())
+    }
+
+    /// Stops the background work in the handoff's order: the reaper, the prefetch and the
+    /// saver at once; then the agent, after its last cut. Returns the phases' times in ms.
+    fn stop(&mut self) -> (u128, u128, u128) {
+        let ending = Instant::now();
+        let Some(t) = self.threads.take() else {
+            self.agent.stop();
+            return (0, 0, 0);
+        };
+        t.reaper.stop();
+        t.prefetch.stop();
+        let prefetch_ms = ending.elapsed().as_millis();
+        t.saver.stop();
+        let saver_ms = ending.elapsed().as_millis();
+        // The last cut: everything written before the unmount goes to the store.
+        self.agent.stop();
+        if t.agent.join().is_err() {
+            tracing::error!("the sync thread panicked");
+        }
+        (prefetch_ms, saver_ms, ending.elapsed().as_millis())
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What phase 5 leaves of phase 4 besides the services: the cache and its journal.
+pub struct PreparedRest {
+    pub cache: Cache,
+    pub journal: Arc<Journal>,
+    pub recovery: Recovery,
+}
+
+/// The thread that asks the kernel to forget inodes when the table nears its budget.
+struct Reaper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Reaper {
+    fn start(core: Arc<Core>) -> anyhow::Result<Reaper> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("owsfs-reaper".into())
+            .spawn(move || core.run_reaper(&s))
+            .context("cannot start the inode reaper thread")?;
+        Ok(Reaper { stop })
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Phase 6: the FUSE session, mounted. Until it has served, dropping it detaches the mount.
+pub struct Mounted {
+    session: Option<owsfs_fuse::fuser::Session<owsfs_fuse::FuseAdapter>>,
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    pub fn mount(
+        core: &Arc<Core>,
+        mountpoint: &Path,
+        o: &MountOptions,
+        fsname: &Path,
+    ) -> anyhow::Result<Mounted> {
+        let adapter = AdapterOptions {
+            entry_ttl: o.entry_timeout,
+            attr_ttl: o.attr_timeout,
+            negative_ttl: o.negative_timeout,
+            max_write: o.max_write,
+            writeback_cache: o.writeback_cache,
+        };
+        let settings = MountSettings {
+            fsname: fsname.to_string_lossy().into_owned(),
+            threads: o.threads,
+            flags: o.kernel.clone(),
+            read_only: o.read_only,
+        };
+        let session = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
+            .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+        Ok(Mounted {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    /// Asks the kernel to drop a name (for the inode reaper).
+    pub fn invalidator(&self) -> owsfs_fuse::Invalidator {
+        let notifier = self
+            .session
+            .as_ref()
+            .map(|s| s.notifier())
+            .expect("a mounted session");
+        Box::new(move |parent, name| notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent), name))
+    }
+
+    /// Phase 7: serves until the kernel ends the session (an unmount).
+    pub fn serve(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.run(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.session.take().is_some() {
+            // Never served: nobody should find a dead mount here.
+            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// Phase 8, the handoff promise: once the session has ended, everything written before the
+/// unmount goes to the store (the agent's last cut), the hydration state is stored, and only
+/// then, and only if nothing is left unsynced and the lease was not lost, is the lease
+/// released, so the next node can mount at once. The journal is closed cleanly last.
+///
+/// Returns whether the journal was closed cleanly (the cache may then be let go at once),
+/// and whether the workspace was handed off.
+pub fn handoff(
+    mut services: Services,
+    lease: LeaseGuard,
+    journal: &Journal,
+) -> (bool, Result<(), String>) {
+    let ending = Instant::now();
+    let (prefetch_ms, saver_ms, cut_ms) = services.stop();
+    if let Err(e) = services.hyd.save() {
+        tracing::error!("cannot store the hydration state: {e:#}");
+    }
+    let agent = Arc::clone(&services.agent);
+    drop(services);
+    let handed = lease.hand_off(|| {
+        agent
+            .last_error()
+            .unwrap_or_else(|| "no error recorded".into())
+    });
+    let closed = journal
+        .close_clean()
+        .map_err(|e| format!("cannot close the journal cleanly: {e}"));
+    tracing::info!(
+        "session ended: prefetch stopped after {prefetch_ms} ms, saver after {saver_ms} ms, \
+         last cut done after {cut_ms} ms, handed off after {} ms",
+        ending.elapsed().as_millis()
+    );
+    let clean = closed.is_ok();
+    let result = closed.and(handed.map_err(|e| format!("unmounted, but not handed off: {e}")));
+    (clean, result)
+}
+
+/// `owsfs mount` in the daemon: every phase, then serving until unmounted.
+pub fn serve(
+    mountpoint: &Path,
+    opts: &MountOpts,
+    o: &MountOptions,
+    cache_dir: &Path,
+    ready: &Readiness,
+) -> anyhow::Result<()> {
+    let mountpoint = mountpoint::check_mountable(mountpoint)?;
+    mountpoint::check_dev_fuse()?;
+    let open = OpenCache::open(cache_dir)?;
+    let inode_budget = background::inode_budget(o.max_inodes);
+
+    let store_url = opts.store.url()?;
+    let ws_name = match &opts.workspace {
+        Some(w) => w.clone(),
+        None => mountpoint::name_of(&mountpoint),
+    };
+    let (store, ws) = open_workspace(&store_url, &ws_name)?;
+
+    // The writer lease, then a fence: from here on no other node can commit.
+    let mut lease = LeaseGuard::take(LeaseRequest {
+        ws: &ws,
+        cache: &open.cache,
+        ttl: opts.lease.lease_ttl,
+        takeover: opts.lease.takeover(),
+        notice: &mut |m| {
+            tracing::info!("{m}");
+            ready.notice(m);
+        },
+        note_stop: true,
+    })?;
+    let prepared = prepare(open, &ws, &lease, &store_url, ready)?;
+    let (mut services, rest) = Services::start(
+        &store,
+        &ws,
+        &lease,
+        prepared,
+        ServiceOptions {
+            sync: SyncOptions {
+                commit_interval: opts.commit_interval,
+                max_lag: opts.max_lag,
+                max_lag_bytes: opts.max_lag_bytes,
+            },
+            core: CoreOptions {
+                passthrough: o.passthrough,
+                inode_budget,
+                side_dir: None,
+            },
+            prefetch: PrefetchOptions {
+                workers: opts.prefetch,
+                bandwidth: opts.prefetch_bandwidth,
+            },
+            serving: true,
+        },
+    )?;
+    let PreparedRest {
+        mut cache,
+        journal,
+        recovery,
+    } = rest;
+    let mounted = Mounted::mount(&services.core, &mountpoint, o, &cache.root)?;
+    lease.serving(&journal);
+    services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
+
+    let daemon = Arc::new(Daemon::new(
+        Arc::clone(&services.core),
+        Arc::clone(&services.agent),
+        Arc::clone(lease.keeper()),
+        Arc::clone(&services.hyd),
+        mountpoint.clone(),
+        cache.root.clone(),
+        recovery,
+    ));
+    let control = server::Server::start(Arc::clone(&daemon))?;
+    daemon::spawn_signal_handler(Arc::clone(&daemon))?;
+    fail::fail_point!("mount-before-ready", |_| Err(anyhow::anyhow!(
+        "fail point mount-before-ready"
+    )));
+    tracing::info!(
+        "mounted {} (cache {})",
+        mountpoint.display(),
+        cache.root.display()
+    );
+    ready.ready();
+
+    let served = mounted
+        .serve()
+        .map_err(|e| format!("the FUSE session failed: {e}"));
+    let (clean, handed) = handoff(services, lease, &journal);
+    drop(control);
+    if clean {
+        // Another daemon may open the cache while this process exits.
+        cache.release();
+    }
+    let result = served.and(handed);
+    match &result {
+        Ok(()) => tracing::info!("unmounted {}; journal closed cleanly", mountpoint.display()),
+        Err(e) => tracing::error!("{e}"),
+    }
+    daemon.finish(result.clone());
+    daemon.drain_waiters();
+    result.map_err(anyhow::Error::msg)
+}
+
+/// Parses `-o` and runs [`serve`] (the daemon side of `owsfs mount`).
+pub fn serve_args(
+    mountpoint: &Path,
+    opts: &MountOpts,
+    cache_dir: &Path,
+    ready: &Readiness,
+) -> anyhow::Result<()> {
+    let o = options::parse(&opts.options)?;
+    serve(mountpoint, opts, &o, cache_dir, ready)
+}
+
+/// The hydrator, as the sync agent sees it.
+pub struct Lazy(pub Arc<Hydrator>);
+
+impl owsfs_sync::Hydration for Lazy {
+    fn fetch(&self, ino: u64, start: u64, end: u64) -> std::io::Result<()> {
+        self.0.fetch_range(ino, start, end, false)
+    }
+    fn dir_pending(&self, ino: u64) -> bool {
+        self.0.dir_is_pending(ino)
+    }
+    fn save(&self) -> anyhow::Result<()> {
+        self.0.save()
+    }
+    fn accessed_paths(&self) -> Vec<String> {
+        self.0.accessed_paths()
+    }
+}

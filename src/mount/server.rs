@@ -1,0 +1,133 @@
+//! The daemon's side of the control socket (`crate::control` has the protocol).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use owsfs_local::Cache;
+
+use super::daemon::Daemon;
+use crate::control::{Answer, ControlError, Request, Response, Synced, Unmounted};
+
+/// The listening side. Dropping it stops accepting (the thread is woken and joined) and
+/// removes the socket; connections already accepted still get their answer.
+pub struct Server {
+    socket: PathBuf,
+    daemon: Arc<Daemon>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(daemon: Arc<Daemon>) -> anyhow::Result<Server> {
+        let socket = Cache::socket_path(daemon.cache());
+        // The cache lock is held, so a socket left here belongs to a dead daemon.
+        let _ = std::fs::remove_file(&socket);
+        let (_dirfd, short) = crate::control::short_socket_path(daemon.cache())
+            .with_context(|| format!("cannot open {}", daemon.cache().display()))?;
+        let listener = UnixListener::bind(&short)
+            .with_context(|| format!("cannot create the control socket {}", socket.display()))?;
+        // Only the daemon's user may stop it or read its state.
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict the control socket {}", socket.display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let daemon = Arc::clone(&daemon);
+            std::thread::Builder::new()
+                .name("owsfs-control".into())
+                .spawn(move || accept_loop(&listener, &daemon, &stop))
+                .context("cannot start the control thread")?
+        };
+        Ok(Server {
+            socket,
+            daemon,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn accept_loop(listener: &UnixListener, daemon: &Arc<Daemon>, stop: &AtomicBool) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                // EMFILE and the like: do not spin; the next client retries.
+                tracing::warn!("control socket: cannot accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let daemon = Arc::clone(daemon);
+        let _ = std::thread::Builder::new()
+            .name("owsfs-control-conn".into())
+            .spawn(move || {
+                if let Err(e) = handle(&daemon, conn) {
+                    tracing::debug!("control connection: {e:#}");
+                }
+            });
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept with a connection of our own, then wait for the thread.
+        if let Ok((_dirfd, short)) = crate::control::short_socket_path(self.daemon.cache()) {
+            let _ = UnixStream::connect(short);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut conn = conn;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::err(ControlError::BadRequest(e.to_string())),
+        Ok(Request::Status { dirty }) => {
+            Response::ok(Answer::Status(Box::new(daemon.status(dirty))))
+        }
+        Ok(Request::Sync { timeout_secs }) => {
+            let timeout =
+                Duration::try_from_secs_f64(timeout_secs).unwrap_or(Duration::from_secs(300));
+            match daemon.sync(timeout) {
+                Ok(generation) => Response::ok(Answer::Synced(Synced {
+                    ok: crate::control::True,
+                    generation,
+                })),
+                Err(e) => Response::err(e),
+            }
+        }
+        Ok(Request::Unmount { lazy }) => {
+            // Registered before unmounting, so the process cannot exit before the answer.
+            let _waiter = daemon.waiter();
+            let reply = match daemon.unmount_and_wait(lazy) {
+                Err(e) => Response::err(e),
+                Ok(detached) => Response::ok(Answer::Unmounted(Unmounted {
+                    ok: crate::control::True,
+                    detached,
+                })),
+            };
+            writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
+            return Ok(());
+        }
+    };
+    writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
+    Ok(())
+}
