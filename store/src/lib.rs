@@ -16,7 +16,7 @@ pub mod stats;
 pub mod tree;
 pub mod url;
 
-pub use backend::{PutOutcome, Store, StoreOptions};
+pub use backend::{Store, StoreOptions};
 pub use error::{Result, StoreError};
 pub use fault::{FaultConfig, FaultKinds, FaultLayer};
 pub use generation::{
@@ -25,7 +25,7 @@ pub use generation::{
 };
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use lease::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
-pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_pack};
+pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_blob_run, read_pack};
 pub use restore::{BlobCache, CachedLoader, RestorePhase, RestoreProgress, restore};
 pub use stats::{StatsSnapshot, StoreStats};
 pub use tree::{BlobLoader, ChunkSpan, Content, FileContent, ListRef, NodeKind, Tree, TreeEntry};

@@ -132,16 +132,15 @@ fn commits_head_and_conflicts() {
     s.delete("workspaces/w/HEAD").unwrap();
     assert_eq!(ws.head().unwrap(), Some(6));
     ws.commit(&record("w", 7, 2)).unwrap();
-    let hint = s.get("workspaces/w/HEAD").unwrap();
     s.put(
         "workspaces/w/HEAD",
-        Bytes::from(hint.iter().copied().rev().collect::<Vec<_>>()),
+        Bytes::from_static(b"\n0a1b2c3d4e5f6a7b 7 1 daeh-sfswo"),
     )
     .unwrap();
     assert_eq!(ws.head().unwrap(), Some(7));
     // A corrupt generation is an error naming the object.
     let key = generation_key("w", 3);
-    let mut b = s.get(&key).unwrap().to_vec();
+    let mut b = ws.read_generation(3).unwrap().seal().unwrap().to_vec();
     b[30] ^= 4;
     s.put(&key, Bytes::from(b)).unwrap();
     let e = ws.read_generation(3).unwrap_err();

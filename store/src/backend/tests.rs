@@ -1,27 +1,19 @@
-//! Store semantics on memory:// and file://.
+//! Store semantics on memory:// and file://. Unit tests, because they use the raw reads
+//! (`get`, `get_range`) and `put_if_absent`, which are private to the crate.
 
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use bytes::Bytes;
-use owsfs_store::{FaultConfig, PutOutcome, Store, StoreError, StoreOptions};
+
+use super::{PutOutcome, Store, StoreOptions};
+use crate::{FaultConfig, StoreError};
 
 fn stores() -> Vec<(tempfile::TempDir, String)> {
     let d = tempfile::tempdir().unwrap();
     let file = format!("file://{}/s", d.path().display());
-    let mem = format!("memory://backend-{}", rand_name());
+    let mem = format!("memory://backend-{:x}", rand::random::<u64>());
     vec![(tempfile::tempdir().unwrap(), mem), (d, file)]
-}
-
-fn rand_name() -> String {
-    format!("{:x}", std::process::id() as u64 * 1_000_003 + nanos())
-}
-
-fn nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
 }
 
 #[test]
@@ -34,7 +26,14 @@ fn basic_ops() {
         assert!(s.exists("a/b/c").unwrap());
         assert!(!s.exists("a/b/d").unwrap());
         assert!(matches!(s.get("nope"), Err(StoreError::NotFound { .. })));
-        assert!(s.get_range("a/b/c", 6..40).is_err());
+        // Past the end, partly or wholly: the store is damaged (or the reference is).
+        for r in [6..40, 11..12, 20..30] {
+            let e = s.get_range("a/b/c", r.clone()).unwrap_err();
+            assert!(
+                e.is_corrupt() && e.to_string().contains("a/b/c"),
+                "{url} {r:?}: {e}"
+            );
+        }
         s.put("a/x", Bytes::from_static(b"1")).unwrap();
         assert_eq!(s.list("a/").unwrap(), vec!["a/b/c", "a/x"]);
         assert_eq!(
