@@ -20,9 +20,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use opendal::{ErrorKind, Operator};
 use parking_lot::Mutex;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::fault::{FaultConfig, FaultInjector, FaultLayer};
 use crate::hook::{Hook, HookLayer, Req};
@@ -47,6 +49,9 @@ pub struct StoreOptions {
     pub max_backoff: Duration,
     /// Fault injection (tests).
     pub faults: Option<FaultConfig>,
+    /// The clock of the retry backoff and of the time stamps the store writes; the crates
+    /// above take it from [`Store::clock`]. Tests pass a [`crate::ManualClock`].
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for StoreOptions {
@@ -57,6 +62,7 @@ impl Default for StoreOptions {
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             faults: None,
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -98,6 +104,8 @@ struct Inner {
     stats: Arc<StoreStats>,
     faults: Option<Arc<FaultInjector>>,
     opts: StoreOptions,
+    /// Backoff jitter.
+    jitter: Mutex<StdRng>,
 }
 
 impl std::fmt::Debug for Store {
@@ -209,6 +217,7 @@ impl Store {
                 stats,
                 faults,
                 opts,
+                jitter: Mutex::new(StdRng::from_entropy()),
             }),
         };
         store.check_marker()?;
@@ -228,6 +237,11 @@ impl Store {
     /// A copy of the counters.
     pub fn stats_snapshot(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// The store's clock: time stamps, backoff, and the lease watch of the crates above.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.opts.clock
     }
 
     /// The fault injector, when faults are configured.
@@ -356,13 +370,14 @@ impl Store {
         })
     }
 
+    /// The wait before attempt `attempt + 1`: `min_backoff × 2^attempt`, capped at
+    /// `max_backoff`, jittered uniformly into [cap/2, cap].
     fn backoff(&self, attempt: u32) -> Duration {
         let o = &self.inner.opts;
         let base = o.min_backoff.saturating_mul(1u32 << attempt.min(16));
         let cap = base.min(o.max_backoff);
-        // Full jitter: uniformly in [cap/2, cap].
         let ms = cap.as_millis() as u64;
-        Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
+        Duration::from_millis(self.inner.jitter.lock().gen_range(ms / 2..=ms.max(1)))
     }
 
     /// Runs `f` until it succeeds, fails permanently, or attempts run out.
@@ -400,7 +415,7 @@ impl Store {
                         .stats
                         .retries
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    std::thread::sleep(self.backoff(attempt));
+                    self.inner.opts.clock.sleep(self.backoff(attempt));
                 }
             }
         }
@@ -624,6 +639,8 @@ fn fs_put_if_absent(
     if let Some(f) = faults {
         let b = f.before(Req::Put, key);
         if let Some(d) = b.delay {
+            // An injected slow request: real time, like the network it stands for.
+            #[expect(clippy::disallowed_methods, reason = "simulates a slow request")]
             std::thread::sleep(d);
         }
         if let Some(e) = b.fail {

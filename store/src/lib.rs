@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod chunk;
+pub mod clock;
 pub mod error;
 pub mod fault;
 pub mod generation;
@@ -17,6 +18,7 @@ pub mod tree;
 pub mod url;
 
 pub use backend::{Store, StoreOptions};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};
 pub use fault::{FaultConfig, FaultKinds, FaultLayer};
 pub use generation::{

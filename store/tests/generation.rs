@@ -1,12 +1,13 @@
 //! Generation records, HEAD discovery and commits, with and without injected faults.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use owsfs_store::generation::{generation_key, valid_workspace_name};
 use owsfs_store::{
-    BlobId, BlobRef, CommitError, FaultConfig, GenKind, GenStats, GenerationRecord, PackId,
-    SqliteState, Store, StoreOptions, WalPosition, Workspace,
+    BlobId, BlobRef, CommitError, FaultConfig, GenKind, GenStats, GenerationRecord, ManualClock,
+    PackId, SqliteState, Store, StoreOptions, WalPosition, Workspace,
 };
 
 fn mem(name: &str) -> Store {
@@ -164,6 +165,7 @@ fn commits_survive_ten_percent_faults_including_lost_acks() {
             min_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(4),
             faults: Some(cfg),
+            ..StoreOptions::default()
         };
         // Opening may itself fail under faults; a caller retries.
         let s = (0..20)
@@ -246,4 +248,20 @@ fn a_fence_refuses_every_later_commit_of_an_older_epoch() {
         .map(|n| ws.read_generation(n).unwrap().epoch)
         .collect();
     assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
+}
+
+#[test]
+fn fence_records_carry_the_store_clocks_wall_time() {
+    let clock = Arc::new(ManualClock::starting_at_unix_ms(42_000));
+    let opts = StoreOptions {
+        clock: clock.clone(),
+        ..StoreOptions::default()
+    };
+    let s = Store::open(&format!("memory://gen-clock-{}", std::process::id()), opts).unwrap();
+    let ws = Workspace::open_or_create(&s, "w").unwrap();
+    let n = ws.fence(1).unwrap();
+    assert_eq!(ws.read_generation(n).unwrap().time_unix_ms, 42_000);
+    clock.advance(Duration::from_secs(1));
+    let n = ws.fence(2).unwrap();
+    assert_eq!(ws.read_generation(n).unwrap().time_unix_ms, 43_000);
 }

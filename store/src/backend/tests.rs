@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{PutOutcome, Store, StoreOptions};
-use crate::{FaultConfig, StoreError};
+use crate::{FaultConfig, FaultKinds, ManualClock, StoreError};
 
 fn stores() -> Vec<(tempfile::TempDir, String)> {
     let d = tempfile::tempdir().unwrap();
@@ -148,6 +148,7 @@ fn s3_unreachable_endpoint_is_a_clear_error() {
 #[test]
 fn faults_are_retried() {
     for (_d, url) in stores() {
+        let clock = Arc::new(ManualClock::new());
         let mut cfg = FaultConfig::new(0.2, 11);
         cfg.delay = Duration::from_millis(300);
         let opts = StoreOptions {
@@ -156,6 +157,7 @@ fn faults_are_retried() {
             min_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(5),
             faults: Some(cfg),
+            clock: clock.clone(),
         };
         let s = Store::open(&url, opts).unwrap();
         for i in 0..60 {
@@ -175,6 +177,93 @@ fn faults_are_retried() {
             c.read > 0 && c.write > 0 && c.ack > 0 && c.timeout > 0,
             "{c:?}"
         );
-        assert!(s.stats_snapshot().retries > 0);
+        let retries = s.stats_snapshot().retries;
+        assert!(retries > 0);
+        // Every retry waited on the store's clock, none on the real one.
+        assert_eq!(clock.sleeps().len() as u64, retries);
     }
+}
+
+/// A store on `url` whose every write fails with a temporary error (reads succeed).
+fn failing_writes(url: &str, clock: Arc<ManualClock>, max_attempts: u32) -> Store {
+    // The first open makes the marker, which the faulty store then only reads.
+    Store::open(url, StoreOptions::default()).unwrap();
+    let mut cfg = FaultConfig::new(1.0, 1);
+    cfg.kinds = FaultKinds {
+        read: false,
+        write: true,
+        ack: false,
+        timeout: false,
+    };
+    let opts = StoreOptions {
+        max_attempts,
+        min_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        faults: Some(cfg),
+        clock,
+        ..StoreOptions::default()
+    };
+    Store::open(url, opts).unwrap()
+}
+
+#[test]
+fn backoff_doubles_up_to_its_cap_with_jitter_on_the_store_clock() {
+    for (_d, url) in stores() {
+        let clock = Arc::new(ManualClock::new());
+        let s = failing_writes(&url, clock.clone(), 8);
+        let e = s.put("k", Bytes::from_static(b"v")).unwrap_err();
+        assert!(matches!(e, StoreError::Backend { op: "put", .. }), "{e}");
+        let sleeps = clock.sleeps();
+        // Eight attempts, seven waits: 100 ms doubling from the first retry, capped at 1 s,
+        // each drawn from [cap/2, cap].
+        assert_eq!(sleeps.len(), 7, "{url}: {sleeps:?}");
+        for (i, d) in sleeps.iter().enumerate() {
+            let cap = (Duration::from_millis(100) * (2 << i)).min(Duration::from_secs(1));
+            assert!(
+                *d >= cap / 2 && *d <= cap,
+                "{url}: wait {i} is {d:?}, cap {cap:?}"
+            );
+        }
+        assert_eq!(clock.elapsed(), sleeps.iter().sum::<Duration>());
+        let st = s.stats_snapshot();
+        assert_eq!((st.errors, st.retries), (8, 7), "{url}");
+
+        // The conditional write takes the same path (file:// has its own).
+        let clock2 = Arc::new(ManualClock::new());
+        let s = failing_writes(&url, clock2.clone(), 3);
+        assert!(s.put_if_absent("c", Bytes::from_static(b"v")).is_err());
+        assert_eq!(clock2.sleeps().len(), 2, "{url}");
+    }
+}
+
+#[test]
+fn missing_objects_and_permanent_errors_are_not_retried() {
+    for (_d, url) in stores() {
+        let clock = Arc::new(ManualClock::new());
+        let opts = StoreOptions {
+            clock: clock.clone(),
+            ..StoreOptions::default()
+        };
+        let s = Store::open(&url, opts).unwrap();
+        assert!(s.get("nope").unwrap_err().is_not_found());
+        assert!(s.get_range("nope", 0..4).unwrap_err().is_not_found());
+        // Past the end of an object: refused at once, not retried.
+        s.put("short", Bytes::from_static(b"abc")).unwrap();
+        assert!(s.get_range("short", 10..20).unwrap_err().is_corrupt());
+        assert_eq!(clock.sleeps(), Vec::<Duration>::new(), "{url}");
+        assert_eq!(s.stats_snapshot().retries, 0, "{url}");
+    }
+}
+
+#[test]
+fn a_store_hands_out_its_clock() {
+    let clock = Arc::new(ManualClock::starting_at_unix_ms(77));
+    let opts = StoreOptions {
+        clock: clock.clone(),
+        ..StoreOptions::default()
+    };
+    let s = Store::open("memory://", opts).unwrap();
+    assert_eq!(s.clock().unix_ms(), 77);
+    clock.advance(Duration::from_millis(5));
+    assert_eq!(s.clock().unix_ms(), 82);
 }
