@@ -99,6 +99,8 @@ pub struct Store {
 struct Inner {
     url: StoreUrl,
     op: Operator,
+    /// Requests carry a signature (S3 with credentials).
+    signed: bool,
     rt: tokio::runtime::Runtime,
     fs_root: Option<PathBuf>,
     stats: Arc<StoreStats>,
@@ -117,7 +119,9 @@ impl std::fmt::Debug for Store {
 static MEMORY: LazyLock<Mutex<HashMap<String, Operator>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
+/// The backend service's operator, and whether its requests are signed (S3 with
+/// credentials in the environment).
+fn base_operator(url: &StoreUrl, shown: &str) -> Result<(Operator, bool)> {
     let cfg = |e: opendal::Error| StoreError::Config {
         url: shown.to_string(),
         msg: e.to_string(),
@@ -126,11 +130,11 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
         StoreUrl::Memory { name } => {
             let mut m = MEMORY.lock();
             if let Some(op) = m.get(name) {
-                return Ok(op.clone());
+                return Ok((op.clone(), false));
             }
             let op = Operator::new(opendal::services::Memory::default()).map_err(cfg)?;
             m.insert(name.clone(), op.clone());
-            Ok(op)
+            Ok((op, false))
         }
         StoreUrl::File { root } => {
             std::fs::create_dir_all(root.join(".tmp")).map_err(|e| {
@@ -142,7 +146,7 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
             let b = opendal::services::Fs::default()
                 .root(&root.to_string_lossy())
                 .atomic_write_dir(&root.join(".tmp").to_string_lossy());
-            Operator::new(b).map_err(cfg)
+            Ok((Operator::new(b).map_err(cfg)?, false))
         }
         StoreUrl::S3 {
             bucket,
@@ -166,16 +170,20 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
                 b = b.enable_virtual_host_style();
             }
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+            let signed = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
                 (Some(ak), Some(sk)) => {
                     b = b.access_key_id(&ak).secret_access_key(&sk);
                     if let Some(t) = env("AWS_SESSION_TOKEN") {
                         b = b.session_token(&t);
                     }
+                    true
                 }
-                _ => b = b.skip_signature(),
-            }
-            Operator::new(b).map_err(cfg)
+                _ => {
+                    b = b.skip_signature();
+                    false
+                }
+            };
+            Ok((Operator::new(b).map_err(cfg)?, signed))
         }
     }
 }
@@ -188,8 +196,8 @@ impl Store {
         let shown = parsed.to_string();
         let stats = Arc::new(StoreStats::default());
         let faults = opts.faults.clone().map(|c| Arc::new(FaultInjector::new(c)));
-        let mut op = base_operator(&parsed, &shown)?
-            .layer(HookLayer::new(Arc::new(StatsHook(stats.clone()))));
+        let (op, signed) = base_operator(&parsed, &shown)?;
+        let mut op = op.layer(HookLayer::new(Arc::new(StatsHook(stats.clone()))));
         if let Some(f) = &faults {
             op = op.layer(FaultLayer::new(f.clone()));
         }
@@ -212,6 +220,7 @@ impl Store {
             inner: Arc::new(Inner {
                 url: parsed,
                 op,
+                signed,
                 rt,
                 fs_root,
                 stats,
@@ -324,26 +333,7 @@ impl Store {
                 };
             }
         };
-        let text = source.to_string();
-        // ConfigInvalid is a local configuration problem, not a missing bucket: it falls
-        // through to the generic message with opendal's own text.
-        let msg = if text.contains("NoSuchBucket") || source.kind() == ErrorKind::NotFound {
-            format!(
-                "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name"
-            )
-        } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
-            format!(
-                "{endpoint} rejected the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
-            )
-        } else if source.kind() == ErrorKind::PermissionDenied {
-            format!(
-                "access to bucket {bucket:?} at {endpoint} was denied; check the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
-            )
-        } else {
-            format!(
-                "cannot talk to {endpoint} about bucket {bucket:?}: {text}; check that the endpoint is up and reachable"
-            )
-        };
+        let msg = explain_s3(&source, &bucket, &endpoint, self.inner.signed);
         StoreError::Access {
             url,
             msg,
@@ -400,10 +390,7 @@ impl Store {
                         .errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     attempt += 1;
-                    let temporary = e.is_temporary()
-                        || e.kind() == ErrorKind::RateLimited
-                        || e.to_string().contains("ConditionalRequestConflict");
-                    if !temporary || attempt >= self.inner.opts.max_attempts {
+                    if !is_temporary(&e) || attempt >= self.inner.opts.max_attempts {
                         tracing::debug!(what, key, attempt, "store request failed: {e}");
                         return Err(StoreError::Backend {
                             op: what,
@@ -578,6 +565,40 @@ impl Store {
             let k = key.to_string();
             self.block(async move { op.delete(&k).await })
         })
+    }
+}
+
+/// Whether a failed request is worth repeating: opendal marks it temporary (5xx, timeouts,
+/// connection errors; S3's `SlowDown`, `RequestTimeout`, and `ConditionalRequestConflict` on
+/// a PUT), or the backend asks us to slow down. Decided on opendal's typed kind and status,
+/// never on the message.
+fn is_temporary(e: &opendal::Error) -> bool {
+    e.is_temporary() || e.kind() == ErrorKind::RateLimited
+}
+
+/// What a person should check when the first request to an S3 store failed, decided on
+/// opendal's error kind (which opendal derives from the HTTP status and the S3 error code).
+fn explain_s3(source: &opendal::Error, bucket: &str, endpoint: &str, signed: bool) -> String {
+    match source.kind() {
+        // opendal classifies S3's `NoSuchBucket` (a 404 that is not about a key) as
+        // ConfigInvalid. The operator was built before the first request, so a ConfigInvalid
+        // here comes from the answer; its message is kept in case it is something else.
+        ErrorKind::ConfigInvalid | ErrorKind::NotFound => format!(
+            "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name ({})",
+            source.message()
+        ),
+        ErrorKind::PermissionDenied if !signed => format!(
+            "{endpoint} refused an unsigned request for bucket {bucket:?}: no credentials are set; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+        ),
+        // A 403: wrong key id, wrong secret, or a policy that denies these credentials. The
+        // S3 error code in opendal's message tells which.
+        ErrorKind::PermissionDenied => format!(
+            "{endpoint} refused the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the bucket policy ({})",
+            source.message()
+        ),
+        _ => format!(
+            "cannot talk to {endpoint} about bucket {bucket:?}: {source}; check that the endpoint is up and reachable"
+        ),
     }
 }
 

@@ -267,3 +267,278 @@ fn a_store_hands_out_its_clock() {
     clock.advance(Duration::from_millis(5));
     assert_eq!(s.clock().unix_ms(), 82);
 }
+
+#[test]
+fn temporary_errors_are_told_by_kind_and_status_not_by_message() {
+    use opendal::{Error, ErrorKind};
+    assert!(super::is_temporary(
+        &Error::new(ErrorKind::Unexpected, "503").set_temporary()
+    ));
+    assert!(super::is_temporary(&Error::new(ErrorKind::RateLimited, "")));
+    // S3's ConditionalRequestConflict on a PUT: opendal says Conflict, temporary.
+    assert!(super::is_temporary(
+        &Error::new(ErrorKind::Conflict, "").set_temporary()
+    ));
+    assert!(!super::is_temporary(&Error::new(ErrorKind::Conflict, "")));
+    assert!(!super::is_temporary(&Error::new(
+        ErrorKind::ConditionNotMatch,
+        ""
+    )));
+    assert!(!super::is_temporary(&Error::new(
+        ErrorKind::PermissionDenied,
+        ""
+    )));
+    // The message no longer decides anything.
+    assert!(!super::is_temporary(&Error::new(
+        ErrorKind::Unexpected,
+        "S3Error { code: \"ConditionalRequestConflict\" }"
+    )));
+}
+
+#[test]
+fn access_failures_are_explained_by_kind() {
+    use opendal::{Error, ErrorKind};
+    let explain = |kind, signed| {
+        super::explain_s3(
+            &Error::new(kind, "S3Error { code: \"X\" }"),
+            "b",
+            "http://e",
+            signed,
+        )
+    };
+    let m = explain(ErrorKind::ConfigInvalid, true);
+    assert!(m.contains("bucket \"b\" does not exist at http://e"), "{m}");
+    let m = explain(ErrorKind::PermissionDenied, true);
+    assert!(
+        m.contains("refused the credentials") && m.contains("AWS_SECRET_ACCESS_KEY"),
+        "{m}"
+    );
+    let m = explain(ErrorKind::PermissionDenied, false);
+    assert!(m.contains("no credentials are set"), "{m}");
+    let m = explain(ErrorKind::Unexpected, true);
+    assert!(m.contains("cannot talk to http://e"), "{m}");
+}
+
+/// A loopback HTTP server standing in for S3: it answers the n-th request with the n-th
+/// scripted response (the last one repeats) and records each request line. Enough to see how
+/// the store treats the answers S3 gives, through opendal's real S3 service.
+struct FakeS3 {
+    addr: std::net::SocketAddr,
+    requests: Arc<parking_lot::Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One scripted answer: status and body.
+type Answer = (u16, Vec<u8>);
+
+fn s3_error(status: u16, code: &str) -> Answer {
+    (
+        status,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{code}</Message><Resource>/b/p</Resource><RequestId>1</RequestId></Error>"
+        )
+        .into_bytes(),
+    )
+}
+
+fn ok(body: &[u8]) -> Answer {
+    (200, body.to_vec())
+}
+
+fn marker_body() -> Vec<u8> {
+    serde_json::to_vec(&super::Marker {
+        format: super::MARKER_FORMAT.into(),
+        version: super::STORE_VERSION,
+        checksum: super::marker_checksum(super::MARKER_FORMAT, super::STORE_VERSION),
+    })
+    .unwrap()
+}
+
+impl FakeS3 {
+    fn start(script: Vec<Answer>) -> FakeS3 {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, stopped) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let (status, answer) = script[n.min(script.len() - 1)].clone();
+                n += 1;
+                let head = line.starts_with("HEAD ");
+                log.lock().push(line.trim_end().to_string());
+                let mut out = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    answer.len()
+                )
+                .into_bytes();
+                if !head {
+                    out.extend_from_slice(&answer);
+                }
+                let _ = conn.write_all(&out);
+            }
+        });
+        FakeS3 {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("s3://b/p?endpoint=http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().clone()
+    }
+}
+
+impl Drop for FakeS3 {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_fake(s3: &FakeS3, clock: Arc<ManualClock>) -> Result<Store, StoreError> {
+    let opts = StoreOptions {
+        timeout: Duration::from_secs(20),
+        clock,
+        ..StoreOptions::default()
+    };
+    Store::open(&s3.url(), opts)
+}
+
+#[test]
+fn s3_missing_bucket_is_reported_as_such_without_retries() {
+    let s3 = FakeS3::start(vec![s3_error(404, "NoSuchBucket")]);
+    let clock = Arc::new(ManualClock::new());
+    let e = open_fake(&s3, clock.clone()).unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, StoreError::Access { .. }), "{m}");
+    assert!(m.contains("bucket \"b\" does not exist at http://"), "{m}");
+    assert_eq!(s3.requests().len(), 1, "{:?}", s3.requests());
+    assert!(clock.sleeps().is_empty());
+}
+
+#[test]
+fn s3_refused_credentials_are_reported_without_retries() {
+    for code in [
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+    ] {
+        let s3 = FakeS3::start(vec![s3_error(403, code)]);
+        let clock = Arc::new(ManualClock::new());
+        let e = open_fake(&s3, clock.clone()).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, StoreError::Access { .. }), "{m}");
+        // Signed or not depends on the test's environment; both name the variables.
+        assert!(
+            m.contains("refused") && m.contains("AWS_ACCESS_KEY_ID"),
+            "{code}: {m}"
+        );
+        assert_eq!(s3.requests().len(), 1, "{code}: {:?}", s3.requests());
+        assert!(clock.sleeps().is_empty());
+    }
+}
+
+#[test]
+fn s3_server_errors_and_slow_downs_are_retried() {
+    let s3 = FakeS3::start(vec![
+        s3_error(503, "SlowDown"),
+        s3_error(500, "InternalError"),
+        s3_error(429, "TooManyRequests"),
+        ok(&marker_body()),
+    ]);
+    let clock = Arc::new(ManualClock::new());
+    let s = open_fake(&s3, clock.clone()).unwrap();
+    assert_eq!(s3.requests().len(), 4, "{:?}", s3.requests());
+    assert_eq!(clock.sleeps().len(), 3);
+    assert_eq!(s.stats_snapshot().retries, 3);
+}
+
+#[test]
+fn s3_conditional_request_conflict_on_a_put_is_retried() {
+    let s3 = FakeS3::start(vec![
+        ok(&marker_body()),
+        s3_error(409, "ConditionalRequestConflict"),
+        ok(b""),
+    ]);
+    let clock = Arc::new(ManualClock::new());
+    let s = open_fake(&s3, clock.clone()).unwrap();
+    let o = s.put_if_absent("k", Bytes::from_static(b"v")).unwrap();
+    assert_eq!(o, PutOutcome::Created);
+    let r = s3.requests();
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert!(
+        r[1].starts_with("PUT ") && r[2].starts_with("PUT "),
+        "{r:?}"
+    );
+    assert_eq!(clock.sleeps().len(), 1);
+}
+
+#[test]
+fn s3_precondition_failed_is_read_back_not_retried() {
+    let s3 = FakeS3::start(vec![
+        ok(&marker_body()),
+        s3_error(412, "PreconditionFailed"),
+        ok(b"other"),
+    ]);
+    let clock = Arc::new(ManualClock::new());
+    let s = open_fake(&s3, clock.clone()).unwrap();
+    let o = s.put_if_absent("k", Bytes::from_static(b"v")).unwrap();
+    assert_eq!(o, PutOutcome::Conflict(Bytes::from_static(b"other")));
+    let r = s3.requests();
+    assert!(
+        r[1].starts_with("PUT ") && r[2].starts_with("GET "),
+        "{r:?}"
+    );
+    assert!(clock.sleeps().is_empty());
+}
+
+#[test]
+fn s3_permanent_errors_are_not_retried() {
+    let s3 = FakeS3::start(vec![
+        ok(&marker_body()),
+        s3_error(400, "InvalidArgument"),
+        ok(b""),
+    ]);
+    let clock = Arc::new(ManualClock::new());
+    let s = open_fake(&s3, clock.clone()).unwrap();
+    let e = s.put("k", Bytes::from_static(b"v")).unwrap_err();
+    assert!(matches!(e, StoreError::Backend { op: "put", .. }), "{e}");
+    assert_eq!(s3.requests().len(), 2, "{:?}", s3.requests());
+    assert!(clock.sleeps().is_empty());
+}
