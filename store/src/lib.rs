@@ -1,6 +1,21 @@
 //! owsfs-store: the object store side of owsfs. Content-addressed chunks and trees travel in
 //! packs; generations are numbered, checksummed records committed by create-if-absent.
 //! The byte layouts and the commit protocol are in `FORMAT.md`.
+//!
+//! Only verified bytes leave this crate: blobs through [`read_blob`], [`read_blob_run`] and
+//! [`read_pack`], records through their decoders; the raw reads are crate-private. Time comes
+//! from the [`Clock`] in [`StoreOptions`], never from the system directly (`clippy.toml`).
+//!
+//! ```compile_fail,E0624
+//! fn raw(store: &owsfs_store::Store) {
+//!     let _ = store.get_range("packs/00/00", 0..1); // private: use read_blob_run
+//! }
+//! ```
+//! ```compile_fail,E0624
+//! fn raw(store: &owsfs_store::Store) {
+//!     let _ = store.get("owsfs-store.json"); // private: records have their own readers
+//! }
+//! ```
 
 pub mod backend;
 pub mod chunk;

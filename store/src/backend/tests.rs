@@ -214,8 +214,8 @@ fn backoff_doubles_up_to_its_cap_with_jitter_on_the_store_clock() {
         let e = s.put("k", Bytes::from_static(b"v")).unwrap_err();
         assert!(matches!(e, StoreError::Backend { op: "put", .. }), "{e}");
         let sleeps = clock.sleeps();
-        // Eight attempts, seven waits: 100 ms doubling from the first retry, capped at 1 s,
-        // each drawn from [cap/2, cap].
+        // Eight attempts, seven waits: the cap doubles from 200 ms (2 × min_backoff) up to
+        // max_backoff (1 s), and each wait is drawn from [cap/2, cap].
         assert_eq!(sleeps.len(), 7, "{url}: {sleeps:?}");
         for (i, d) in sleeps.iter().enumerate() {
             let cap = (Duration::from_millis(100) * (2 << i)).min(Duration::from_secs(1));
