@@ -1303,21 +1303,14 @@ impl Hydrator {
                 j += 1;
             }
             let got = if failure.is_none() {
-                self.store
-                    .get_range(&first.pack.key(), first.offset..end)
-                    .map_err(|e| e.to_string())
+                let run: Vec<_> = mine[k..j].iter().map(|&i| spans[i].r).collect();
+                owsfs_store::read_blob_run(&self.store, &run).map_err(|e| e.to_string())
             } else {
                 Err("an earlier chunk of the same read failed".to_string())
             };
-            for &i in &mine[k..j] {
+            for (t, &i) in mine[k..j].iter().enumerate() {
                 let r = spans[i].r;
-                let res = got.as_ref().map_err(|e| e.clone()).and_then(|b| {
-                    let lo = (r.offset - first.offset) as usize;
-                    let data = b.slice(lo..lo + r.len as usize);
-                    owsfs_store::pack::verify_blob(&r, &data)
-                        .map(|()| data)
-                        .map_err(|e| e.to_string())
-                });
+                let res = got.as_ref().map(|b| b[t].clone()).map_err(|e| e.clone());
                 if let Ok(d) = &res {
                     out[i] = Some(d.clone());
                 } else if let Err(e) = &res
@@ -1335,8 +1328,8 @@ impl Hydrator {
                     w.cv.notify_all();
                 }
             }
-            if let Ok(b) = &got {
-                self.count_fetched(b.len() as u64);
+            if got.is_ok() {
+                self.count_fetched(end - first.offset);
             }
             k = j;
         }

@@ -20,9 +20,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use opendal::{ErrorKind, Operator};
 use parking_lot::Mutex;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::fault::{FaultConfig, FaultInjector, FaultLayer};
 use crate::hook::{Hook, HookLayer, Req};
@@ -47,6 +49,9 @@ pub struct StoreOptions {
     pub max_backoff: Duration,
     /// Fault injection (tests).
     pub faults: Option<FaultConfig>,
+    /// The clock of the retry backoff and of the time stamps the store writes; the crates
+    /// above take it from [`Store::clock`]. Tests pass a [`crate::ManualClock`].
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for StoreOptions {
@@ -57,13 +62,14 @@ impl Default for StoreOptions {
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             faults: None,
+            clock: SystemClock::shared(),
         }
     }
 }
 
 /// Result of [`Store::put_if_absent`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PutOutcome {
+pub(crate) enum PutOutcome {
     /// This call created the object.
     Created,
     /// The object existed with exactly these bytes (typically our own earlier attempt whose
@@ -93,11 +99,15 @@ pub struct Store {
 struct Inner {
     url: StoreUrl,
     op: Operator,
+    /// Requests carry a signature (S3 with credentials).
+    signed: bool,
     rt: tokio::runtime::Runtime,
     fs_root: Option<PathBuf>,
     stats: Arc<StoreStats>,
     faults: Option<Arc<FaultInjector>>,
     opts: StoreOptions,
+    /// Backoff jitter.
+    jitter: Mutex<StdRng>,
 }
 
 impl std::fmt::Debug for Store {
@@ -109,7 +119,9 @@ impl std::fmt::Debug for Store {
 static MEMORY: LazyLock<Mutex<HashMap<String, Operator>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
+/// The backend service's operator, and whether its requests are signed (S3 with
+/// credentials in the environment).
+fn base_operator(url: &StoreUrl, shown: &str) -> Result<(Operator, bool)> {
     let cfg = |e: opendal::Error| StoreError::Config {
         url: shown.to_string(),
         msg: e.to_string(),
@@ -118,11 +130,11 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
         StoreUrl::Memory { name } => {
             let mut m = MEMORY.lock();
             if let Some(op) = m.get(name) {
-                return Ok(op.clone());
+                return Ok((op.clone(), false));
             }
             let op = Operator::new(opendal::services::Memory::default()).map_err(cfg)?;
             m.insert(name.clone(), op.clone());
-            Ok(op)
+            Ok((op, false))
         }
         StoreUrl::File { root } => {
             std::fs::create_dir_all(root.join(".tmp")).map_err(|e| {
@@ -134,7 +146,7 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
             let b = opendal::services::Fs::default()
                 .root(&root.to_string_lossy())
                 .atomic_write_dir(&root.join(".tmp").to_string_lossy());
-            Operator::new(b).map_err(cfg)
+            Ok((Operator::new(b).map_err(cfg)?, false))
         }
         StoreUrl::S3 {
             bucket,
@@ -158,16 +170,20 @@ fn base_operator(url: &StoreUrl, shown: &str) -> Result<Operator> {
                 b = b.enable_virtual_host_style();
             }
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+            let signed = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
                 (Some(ak), Some(sk)) => {
                     b = b.access_key_id(&ak).secret_access_key(&sk);
                     if let Some(t) = env("AWS_SESSION_TOKEN") {
                         b = b.session_token(&t);
                     }
+                    true
                 }
-                _ => b = b.skip_signature(),
-            }
-            Operator::new(b).map_err(cfg)
+                _ => {
+                    b = b.skip_signature();
+                    false
+                }
+            };
+            Ok((Operator::new(b).map_err(cfg)?, signed))
         }
     }
 }
@@ -180,8 +196,8 @@ impl Store {
         let shown = parsed.to_string();
         let stats = Arc::new(StoreStats::default());
         let faults = opts.faults.clone().map(|c| Arc::new(FaultInjector::new(c)));
-        let mut op = base_operator(&parsed, &shown)?
-            .layer(HookLayer::new(Arc::new(StatsHook(stats.clone()))));
+        let (op, signed) = base_operator(&parsed, &shown)?;
+        let mut op = op.layer(HookLayer::new(Arc::new(StatsHook(stats.clone()))));
         if let Some(f) = &faults {
             op = op.layer(FaultLayer::new(f.clone()));
         }
@@ -204,11 +220,13 @@ impl Store {
             inner: Arc::new(Inner {
                 url: parsed,
                 op,
+                signed,
                 rt,
                 fs_root,
                 stats,
                 faults,
                 opts,
+                jitter: Mutex::new(StdRng::from_entropy()),
             }),
         };
         store.check_marker()?;
@@ -228,6 +246,11 @@ impl Store {
     /// A copy of the counters.
     pub fn stats_snapshot(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// The store's clock: time stamps, backoff, and the lease watch of the crates above.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.opts.clock
     }
 
     /// The fault injector, when faults are configured.
@@ -310,26 +333,7 @@ impl Store {
                 };
             }
         };
-        let text = source.to_string();
-        // ConfigInvalid is a local configuration problem, not a missing bucket: it falls
-        // through to the generic message with opendal's own text.
-        let msg = if text.contains("NoSuchBucket") || source.kind() == ErrorKind::NotFound {
-            format!(
-                "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name"
-            )
-        } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
-            format!(
-                "{endpoint} rejected the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
-            )
-        } else if source.kind() == ErrorKind::PermissionDenied {
-            format!(
-                "access to bucket {bucket:?} at {endpoint} was denied; check the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
-            )
-        } else {
-            format!(
-                "cannot talk to {endpoint} about bucket {bucket:?}: {text}; check that the endpoint is up and reachable"
-            )
-        };
+        let msg = explain_s3(&source, &bucket, &endpoint, self.inner.signed);
         StoreError::Access {
             url,
             msg,
@@ -356,13 +360,14 @@ impl Store {
         })
     }
 
+    /// The wait before attempt `attempt + 1`: `min_backoff × 2^attempt`, capped at
+    /// `max_backoff`, jittered uniformly into [cap/2, cap].
     fn backoff(&self, attempt: u32) -> Duration {
         let o = &self.inner.opts;
         let base = o.min_backoff.saturating_mul(1u32 << attempt.min(16));
         let cap = base.min(o.max_backoff);
-        // Full jitter: uniformly in [cap/2, cap].
         let ms = cap.as_millis() as u64;
-        Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
+        Duration::from_millis(self.inner.jitter.lock().gen_range(ms / 2..=ms.max(1)))
     }
 
     /// Runs `f` until it succeeds, fails permanently, or attempts run out.
@@ -385,10 +390,7 @@ impl Store {
                         .errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     attempt += 1;
-                    let temporary = e.is_temporary()
-                        || e.kind() == ErrorKind::RateLimited
-                        || e.to_string().contains("ConditionalRequestConflict");
-                    if !temporary || attempt >= self.inner.opts.max_attempts {
+                    if !is_temporary(&e) || attempt >= self.inner.opts.max_attempts {
                         tracing::debug!(what, key, attempt, "store request failed: {e}");
                         return Err(StoreError::Backend {
                             op: what,
@@ -400,14 +402,16 @@ impl Store {
                         .stats
                         .retries
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    std::thread::sleep(self.backoff(attempt));
+                    self.inner.opts.clock.sleep(self.backoff(attempt));
                 }
             }
         }
     }
 
-    /// Reads a whole object.
-    pub fn get(&self, key: &str) -> Result<Bytes> {
+    /// Reads a whole object, unverified. Crate-private: every object read for a caller goes
+    /// through a decoder that checks its hash or checksum ([`crate::pack::read_pack`], the
+    /// generation, lease, HEAD and marker readers).
+    pub(crate) fn get(&self, key: &str) -> Result<Bytes> {
         self.retry("get", key, || {
             let op = self.inner.op.clone();
             let k = key.to_string();
@@ -415,18 +419,35 @@ impl Store {
         })
     }
 
-    /// Reads `range` of an object. A range past the end is an error.
-    pub fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    /// Reads `range` of an object, unverified. A range past the end is an error.
+    /// Crate-private: callers read blobs with [`crate::pack::read_blob`] and
+    /// [`crate::pack::read_blob_run`], which verify each blob's hash.
+    pub(crate) fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
         let want = range.end - range.start;
-        let b = self.retry("get", key, || {
+        let b = match self.retry("get", key, || {
             let op = self.inner.op.clone();
             let k = key.to_string();
             let r = range.clone();
             self.block(async move { Ok(op.read_with(&k).range(r).await?.to_bytes()) })
-        })?;
+        }) {
+            // A reference past the end of its object: some backends refuse the range (memory,
+            // S3's 416) where others return fewer bytes (below). Both are a damaged store.
+            Err(StoreError::Backend { source, .. })
+                if source.kind() == ErrorKind::RangeNotSatisfied =>
+            {
+                return Err(StoreError::corrupt(
+                    key,
+                    format!(
+                        "range {}..{} is past the end of the object",
+                        range.start, range.end
+                    ),
+                ));
+            }
+            r => r?,
+        };
         if b.len() as u64 != want {
             return Err(StoreError::corrupt(
                 key,
@@ -460,7 +481,9 @@ impl Store {
     /// Creates an object only if it does not exist yet. Exactly one of several concurrent
     /// creators gets `Created`. A precondition failure is resolved by reading the object back:
     /// the same bytes mean an earlier attempt of ours (or an identical writer) landed.
-    pub fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+    /// Crate-private because a `Conflict` carries the existing object unverified; callers
+    /// write slots and lease steps through [`crate::Workspace`] and [`crate::Lease`].
+    pub(crate) fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
         let created = match &self.inner.fs_root {
             Some(root) => self.retry("put_if_absent", key, || {
                 fs_put_if_absent(
@@ -545,6 +568,40 @@ impl Store {
     }
 }
 
+/// Whether a failed request is worth repeating: opendal marks it temporary (5xx, timeouts,
+/// connection errors; S3's `SlowDown`, `RequestTimeout`, and `ConditionalRequestConflict` on
+/// a PUT), or the backend asks us to slow down. Decided on opendal's typed kind and status,
+/// never on the message.
+fn is_temporary(e: &opendal::Error) -> bool {
+    e.is_temporary() || e.kind() == ErrorKind::RateLimited
+}
+
+/// What a person should check when the first request to an S3 store failed, decided on
+/// opendal's error kind (which opendal derives from the HTTP status and the S3 error code).
+fn explain_s3(source: &opendal::Error, bucket: &str, endpoint: &str, signed: bool) -> String {
+    match source.kind() {
+        // opendal classifies S3's `NoSuchBucket` (a 404 that is not about a key) as
+        // ConfigInvalid. The operator was built before the first request, so a ConfigInvalid
+        // here comes from the answer; its message is kept in case it is something else.
+        ErrorKind::ConfigInvalid | ErrorKind::NotFound => format!(
+            "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name ({})",
+            source.message()
+        ),
+        ErrorKind::PermissionDenied if !signed => format!(
+            "{endpoint} refused an unsigned request for bucket {bucket:?}: no credentials are set; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+        ),
+        // A 403: wrong key id, wrong secret, or a policy that denies these credentials. The
+        // S3 error code in opendal's message tells which.
+        ErrorKind::PermissionDenied => format!(
+            "{endpoint} refused the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the bucket policy ({})",
+            source.message()
+        ),
+        _ => format!(
+            "cannot talk to {endpoint} about bucket {bucket:?}: {source}; check that the endpoint is up and reachable"
+        ),
+    }
+}
+
 fn io_err(e: std::io::Error) -> opendal::Error {
     let kind = if e.kind() == std::io::ErrorKind::NotFound {
         ErrorKind::NotFound
@@ -603,6 +660,8 @@ fn fs_put_if_absent(
     if let Some(f) = faults {
         let b = f.before(Req::Put, key);
         if let Some(d) = b.delay {
+            // An injected slow request: real time, like the network it stands for.
+            #[expect(clippy::disallowed_methods, reason = "simulates a slow request")]
             std::thread::sleep(d);
         }
         if let Some(e) = b.fail {
@@ -645,3 +704,6 @@ fn fs_put_if_absent(
     }
     Ok(created)
 }
+
+#[cfg(test)]
+mod tests;

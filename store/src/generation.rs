@@ -216,13 +216,6 @@ pub fn valid_workspace_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A workspace in a store.
 #[derive(Clone, Debug)]
 pub struct Workspace {
@@ -250,7 +243,7 @@ impl Workspace {
                     format: "owsfs-workspace".into(),
                     version: WORKSPACE_VERSION,
                     name: name.into(),
-                    created_unix_ms: now_ms(),
+                    created_unix_ms: store.clock().unix_ms(),
                 };
                 let body = serde_json::to_vec(&meta)
                     .map_err(|e| StoreError::Invalid(format!("cannot encode {key}: {e}")))?;
@@ -438,7 +431,7 @@ impl Workspace {
                 parent: after,
                 epoch,
                 kind: GenKind::Fence,
-                time_unix_ms: now_ms(),
+                time_unix_ms: self.store.clock().unix_ms(),
                 root: None,
                 sqlite: Vec::new(),
                 stats: GenStats::default(),

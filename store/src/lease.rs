@@ -13,12 +13,14 @@
 //! TTL after the *start* of its last successful renewal, which is earlier than any other node
 //! can have started counting.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{PutOutcome, Store};
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::generation::{Workspace, seal_json, unseal_json};
 
@@ -110,13 +112,6 @@ fn describe(r: &LeaseRecord) -> String {
         LeaseState::Held => format!("held by {} at epoch {}", r.holder, r.epoch),
         LeaseState::Released => format!("released by {} at epoch {}", r.holder, r.epoch),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Records kept behind the newest: older ones are deleted as the lease moves on.
@@ -233,7 +228,7 @@ impl Lease {
             state: LeaseState::Held,
             holder: holder.clone(),
             ttl_ms: ttl.as_millis().max(1) as u64,
-            time_unix_ms: now_ms(),
+            time_unix_ms: self.store().clock().unix_ms(),
         };
         self.write(&next)?;
         Ok(next)
@@ -243,7 +238,7 @@ impl Lease {
     pub fn renew(&self, held: &LeaseRecord) -> std::result::Result<LeaseRecord, LeaseError> {
         let next = LeaseRecord {
             seq: held.seq + 1,
-            time_unix_ms: now_ms(),
+            time_unix_ms: self.store().clock().unix_ms(),
             ..held.clone()
         };
         self.write(&next)?;
@@ -255,7 +250,7 @@ impl Lease {
         let next = LeaseRecord {
             seq: held.seq + 1,
             state: LeaseState::Released,
-            time_unix_ms: now_ms(),
+            time_unix_ms: self.store().clock().unix_ms(),
             ..held.clone()
         };
         self.write(&next)?;
@@ -267,6 +262,7 @@ impl Lease {
 #[derive(Debug)]
 pub struct LeaseWatch {
     seen: Option<(u64, Instant)>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for LeaseWatch {
@@ -276,17 +272,24 @@ impl Default for LeaseWatch {
 }
 
 impl LeaseWatch {
+    /// A watch on the system clock.
     pub fn new() -> LeaseWatch {
-        LeaseWatch { seen: None }
+        LeaseWatch::with_clock(SystemClock::shared())
+    }
+
+    /// A watch on `clock` (normally the store's, [`Store::clock`]).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> LeaseWatch {
+        LeaseWatch { seen: None, clock }
     }
 
     /// Notes the newest record as read now. Returns how long it has been the newest, as far
     /// as this node can tell (from when this node first saw it).
     pub fn observe(&mut self, r: &LeaseRecord) -> Duration {
+        let now = self.clock.now();
         match self.seen {
-            Some((seq, at)) if seq == r.seq => at.elapsed(),
+            Some((seq, at)) if seq == r.seq => now.saturating_duration_since(at),
             _ => {
-                self.seen = Some((r.seq, Instant::now()));
+                self.seen = Some((r.seq, now));
                 Duration::ZERO
             }
         }
@@ -306,7 +309,7 @@ impl LeaseWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreOptions;
+    use crate::{ManualClock, StoreOptions};
 
     fn holder(node: &str) -> Holder {
         Holder {
@@ -319,7 +322,15 @@ mod tests {
     }
 
     fn lease() -> Lease {
-        let store = Store::open("memory://", StoreOptions::default()).unwrap();
+        lease_on(SystemClock::shared())
+    }
+
+    fn lease_on(clock: Arc<dyn Clock>) -> Lease {
+        let opts = StoreOptions {
+            clock,
+            ..StoreOptions::default()
+        };
+        let store = Store::open("memory://", opts).unwrap();
         let name = format!("w{}", rand::random::<u64>());
         let ws = Workspace::open_or_create(&store, &name).unwrap();
         Lease::new(&ws)
@@ -409,21 +420,57 @@ mod tests {
 
     #[test]
     fn a_watch_judges_lapse_on_its_own_clock() {
-        let l = lease();
+        let clock = Arc::new(ManualClock::new());
+        let l = lease_on(clock.clone());
         let a = l
             .acquire(None, &holder("a"), Duration::from_millis(100))
             .unwrap();
-        let mut w = LeaseWatch::new();
+        let mut w = LeaseWatch::with_clock(l.store().clock().clone());
         assert!(!w.lapsed(&a));
-        std::thread::sleep(Duration::from_millis(60));
+        clock.advance(Duration::from_millis(60));
+        assert_eq!(w.remaining(&a), Duration::from_millis(40));
         let a2 = l.renew(&a).unwrap();
         // A renewal restarts the count.
         assert!(!w.lapsed(&a2));
-        std::thread::sleep(Duration::from_millis(60));
+        clock.advance(Duration::from_millis(60));
         assert!(!w.lapsed(&a2));
-        std::thread::sleep(Duration::from_millis(60));
+        clock.advance(Duration::from_millis(39));
+        assert!(!w.lapsed(&a2));
+        assert_eq!(w.remaining(&a2), Duration::from_millis(1));
+        clock.advance(Duration::from_millis(1));
         assert!(w.lapsed(&a2));
+        assert_eq!(w.remaining(&a2), Duration::ZERO);
         let r = l.release(&a2).unwrap();
-        assert!(LeaseWatch::new().lapsed(&r));
+        assert!(LeaseWatch::with_clock(clock).lapsed(&r));
+    }
+
+    #[test]
+    fn wall_clock_steps_neither_lapse_nor_extend_a_lease() {
+        let clock = Arc::new(ManualClock::new());
+        let l = lease_on(clock.clone());
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        let mut w = LeaseWatch::with_clock(clock.clone());
+        assert!(!w.lapsed(&a));
+        // A day forwards, then back to 1970: the watch does not notice.
+        clock.set_unix_ms(clock.unix_ms() + 86_400_000);
+        assert!(!w.lapsed(&a));
+        clock.set_unix_ms(0);
+        assert!(!w.lapsed(&a));
+        clock.advance(Duration::from_secs(10));
+        assert!(w.lapsed(&a));
+    }
+
+    #[test]
+    fn records_carry_the_store_clocks_wall_time() {
+        let clock = Arc::new(ManualClock::starting_at_unix_ms(1_234_000));
+        let l = lease_on(clock.clone());
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(a.time_unix_ms, 1_234_000);
+        clock.advance(Duration::from_millis(2500));
+        assert_eq!(l.renew(&a).unwrap().time_unix_ms, 1_236_500);
     }
 }

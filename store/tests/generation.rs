@@ -1,12 +1,13 @@
 //! Generation records, HEAD discovery and commits, with and without injected faults.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use owsfs_store::generation::{generation_key, valid_workspace_name};
 use owsfs_store::{
-    BlobId, BlobRef, CommitError, FaultConfig, GenKind, GenStats, GenerationRecord, PackId,
-    SqliteState, Store, StoreOptions, WalPosition, Workspace,
+    BlobId, BlobRef, CommitError, FaultConfig, GenKind, GenStats, GenerationRecord, ManualClock,
+    PackId, SqliteState, Store, StoreOptions, WalPosition, Workspace,
 };
 
 fn mem(name: &str) -> Store {
@@ -132,16 +133,15 @@ fn commits_head_and_conflicts() {
     s.delete("workspaces/w/HEAD").unwrap();
     assert_eq!(ws.head().unwrap(), Some(6));
     ws.commit(&record("w", 7, 2)).unwrap();
-    let hint = s.get("workspaces/w/HEAD").unwrap();
     s.put(
         "workspaces/w/HEAD",
-        Bytes::from(hint.iter().copied().rev().collect::<Vec<_>>()),
+        Bytes::from_static(b"\n0a1b2c3d4e5f6a7b 7 1 daeh-sfswo"),
     )
     .unwrap();
     assert_eq!(ws.head().unwrap(), Some(7));
     // A corrupt generation is an error naming the object.
     let key = generation_key("w", 3);
-    let mut b = s.get(&key).unwrap().to_vec();
+    let mut b = ws.read_generation(3).unwrap().seal().unwrap().to_vec();
     b[30] ^= 4;
     s.put(&key, Bytes::from(b)).unwrap();
     let e = ws.read_generation(3).unwrap_err();
@@ -165,6 +165,7 @@ fn commits_survive_ten_percent_faults_including_lost_acks() {
             min_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(4),
             faults: Some(cfg),
+            ..StoreOptions::default()
         };
         // Opening may itself fail under faults; a caller retries.
         let s = (0..20)
@@ -247,4 +248,20 @@ fn a_fence_refuses_every_later_commit_of_an_older_epoch() {
         .map(|n| ws.read_generation(n).unwrap().epoch)
         .collect();
     assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
+}
+
+#[test]
+fn fence_records_carry_the_store_clocks_wall_time() {
+    let clock = Arc::new(ManualClock::starting_at_unix_ms(42_000));
+    let opts = StoreOptions {
+        clock: clock.clone(),
+        ..StoreOptions::default()
+    };
+    let s = Store::open(&format!("memory://gen-clock-{}", std::process::id()), opts).unwrap();
+    let ws = Workspace::open_or_create(&s, "w").unwrap();
+    let n = ws.fence(1).unwrap();
+    assert_eq!(ws.read_generation(n).unwrap().time_unix_ms, 42_000);
+    clock.advance(Duration::from_secs(1));
+    let n = ws.fence(2).unwrap();
+    assert_eq!(ws.read_generation(n).unwrap().time_unix_ms, 43_000);
 }

@@ -2,7 +2,6 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use bytes::Bytes;
 use owsfs_store::chunk::chunk_reader;
 use owsfs_store::pack::{BlobKind, PackWriter};
 use owsfs_store::restore::{BlobCache, CachedLoader, restore_with};
@@ -221,8 +220,11 @@ impl FifoLike for std::fs::FileType {
 
 #[test]
 fn a_corrupt_chunk_aborts_the_restore_naming_pack_and_blob() {
+    // A file:// store, so the test can damage a pack on disk (the store reads objects for
+    // callers only through verified paths).
+    let dir = tempfile::tempdir().unwrap();
     let store = Store::open(
-        &format!("memory://restore-bad-{}", std::process::id()),
+        &format!("file://{}", dir.path().display()),
         StoreOptions::default(),
     )
     .unwrap();
@@ -239,9 +241,10 @@ fn a_corrupt_chunk_aborts_the_restore_naming_pack_and_blob() {
     };
     let victim = file_chunks(&store, fc).unwrap()[3].r;
     let key = victim.pack.key();
-    let mut b = store.get(&key).unwrap().to_vec();
+    let path = dir.path().join(&key);
+    let mut b = std::fs::read(&path).unwrap();
     b[victim.offset as usize + 10] ^= 0xff;
-    store.put(&key, Bytes::from(b)).unwrap();
+    std::fs::write(&path, b).unwrap();
     let dest = tempfile::tempdir().unwrap();
     let e = restore(&store, &g, dest.path(), &|_| {}).unwrap_err();
     let m = e.to_string();
