@@ -8,6 +8,7 @@ mod failpoints;
 mod mount;
 mod mountpoint;
 mod options;
+mod progress;
 
 fn main() -> std::process::ExitCode {
     if let Err(e) = failpoints::setup_from_env() {

@@ -32,7 +32,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -509,7 +508,7 @@ impl Hydrator {
         }
         // The directory's own attributes, changed by the creations.
         if ino != self.root_ino {
-            set_attrs(&dirfd, None, &entry, self.is_root)?;
+            owsfs_local::write::set_attrs(dirfd.as_fd(), None, &entry, self.is_root)?;
         }
         rustix::fs::fsync(&dirfd)?;
         let entries = batch.nodes.len();
@@ -547,7 +546,11 @@ impl Hydrator {
                 }
             }
         }
-        create_entry(dir, name, e, self.is_root)?;
+        if owsfs_local::write::create(dir.as_fd(), name, e)? == owsfs_local::write::Created::Skipped
+        {
+            return Ok(());
+        }
+        owsfs_local::write::set_attrs(dir.as_fd(), Some(name), e, self.is_root)?;
         let h = handle::of(dir.as_fd(), Path::new(name))?;
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
         let node = encode_node(e).map_err(err)?;
@@ -926,9 +929,9 @@ impl Hydrator {
             rustix::fs::fsync(&fd)?;
         }
         if e.kind == NodeKind::File || e.kind == NodeKind::Dir {
-            drop_other_xattrs(dir, name, e)?;
+            owsfs_local::write::drop_other_xattrs(dir.as_fd(), name, e)?;
         }
-        set_attrs(dir, Some(name), e, self.is_root)?;
+        owsfs_local::write::set_attrs(dir.as_fd(), Some(name), e, self.is_root)?;
         let node = encode_node(e).map_err(err)?;
         match keep {
             Keep::File { present, .. } => {
@@ -1397,7 +1400,7 @@ impl Hydrator {
             for (a, b) in inner.present.gaps(s.offset, clip_end) {
                 let lo = (a - s.offset) as usize;
                 let hi = (b - s.offset) as usize;
-                fd.write_all_at(&d[lo..hi], a)?;
+                owsfs_local::write::write_at(&fd, a, &d[lo..hi])?;
                 written = Some(written.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
             }
             if s.offset < clip_end {
@@ -1844,132 +1847,6 @@ fn clip(set: &ExtentSet, end: u64) -> ExtentSet {
         .collect()
 }
 
-/// Removes the user and trusted xattrs of `name` that entry `e` does not have (a kept entry
-/// of an older generation).
-fn drop_other_xattrs(dir: &OwnedFd, name: &OsStr, e: &TreeEntry) -> io::Result<()> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    )?;
-    let mut buf = vec![0u8; 64 << 10];
-    let n = match rustix::fs::flistxattr(&fd, &mut buf) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
-        let ours = k.starts_with(b"user.") || k.starts_with(b"trusted.");
-        if ours && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
-            rustix::fs::fremovexattr(&fd, OsStr::from_bytes(k))?;
-        }
-    }
-    Ok(())
-}
-
-/// Creates one entry of a tree in `dir`: directories empty, files sparse at their size,
-/// symlinks, fifos and devices; then its attributes.
-fn create_entry(
-    dir: &OwnedFd,
-    name: &OsStr,
-    e: &owsfs_store::TreeEntry,
-    is_root: bool,
-) -> io::Result<()> {
-    match (&e.kind, &e.content) {
-        (NodeKind::Dir, _) => rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?,
-        (NodeKind::File, _) => {
-            let fd = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )?;
-            rustix::fs::ftruncate(&fd, e.size)?;
-        }
-        (NodeKind::Symlink, Content::Symlink(target)) => {
-            rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)?
-        }
-        (NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev, _) => {
-            let kind = match e.kind {
-                NodeKind::Fifo => rustix::fs::FileType::Fifo,
-                NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
-                _ => rustix::fs::FileType::BlockDevice,
-            };
-            if let Err(err) =
-                rustix::fs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), e.rdev)
-            {
-                tracing::warn!(
-                    "hydrate: cannot make {}: {err}",
-                    String::from_utf8_lossy(&e.name)
-                );
-                return Ok(());
-            }
-        }
-        (NodeKind::Socket, _) => return Ok(()),
-        _ => {
-            return Err(err(format!(
-                "entry {} has content that does not match its kind",
-                String::from_utf8_lossy(&e.name)
-            )));
-        }
-    }
-    set_attrs(dir, Some(name), e, is_root)
-}
-
-/// xattrs, owner, mode and times of `name` in `dir`, or of `dir` itself (a descriptor
-/// opened for reading).
-fn set_attrs(
-    dir: &OwnedFd,
-    name: Option<&OsStr>,
-    e: &owsfs_store::TreeEntry,
-    is_root: bool,
-) -> io::Result<()> {
-    let uid = Some(rustix::fs::Uid::from_raw(e.uid));
-    let gid = Some(rustix::fs::Gid::from_raw(e.gid));
-    let mode = Mode::from_raw_mode(e.mode);
-    let mtime = rustix::fs::Timespec {
-        tv_sec: e.mtime_sec,
-        tv_nsec: e.mtime_nsec as _,
-    };
-    let times = rustix::fs::Timestamps {
-        last_access: mtime,
-        last_modification: mtime,
-    };
-    let Some(name) = name else {
-        set_xattrs(dir, e)?;
-        if is_root {
-            rustix::fs::fchown(dir, uid, gid)?;
-        }
-        rustix::fs::fchmod(dir, mode)?;
-        return rustix::fs::futimens(dir, &times).map_err(Into::into);
-    };
-    if e.kind == NodeKind::File || e.kind == NodeKind::Dir {
-        let fd = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-        )?;
-        set_xattrs(&fd, e)?;
-    }
-    if is_root {
-        rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
-    }
-    if e.kind != NodeKind::Symlink {
-        rustix::fs::chmodat(dir, name, mode, AtFlags::empty())?;
-    }
-    rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
-    Ok(())
-}
-
-fn set_xattrs(fd: &OwnedFd, e: &owsfs_store::TreeEntry) -> io::Result<()> {
-    for (k, v) in &e.xattrs {
-        rustix::fs::fsetxattr(fd, OsStr::from_bytes(k), v, rustix::fs::XattrFlags::empty())?;
-    }
-    Ok(())
-}
-
 /// The access list of the cache's base generation (empty when it has none or it cannot be
 /// read: it only orders the prefetch).
 pub fn access_list(
@@ -2012,15 +1889,26 @@ impl Saver {
     }
 }
 
-pub fn spawn_saver(hyd: Arc<Hydrator>, progress_bar: bool) -> Saver {
+/// Starts the saver; with `progress`, it also reports the hydration there until everything
+/// is local.
+pub fn spawn_saver(
+    hyd: Arc<Hydrator>,
+    progress: Option<Arc<dyn owsfs_local::progress::Progress>>,
+) -> Saver {
     let stop = Arc::new(AtomicBool::new(false));
     let s = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("owsfs-hydrate".into())
         .spawn(move || {
-            let mut bar = progress_bar && hyd.is_active();
-            let tty = rustix::termios::isatty(std::io::stderr());
-            let mut last_line = Instant::now();
+            let mut progress = progress.filter(|_| hyd.is_active());
+            if let Some(p) = &progress {
+                let now = hyd.progress();
+                p.begin(
+                    &format!("hydrating generation {}", now.generation),
+                    now.bytes_total,
+                    now.files_total,
+                );
+            }
             loop {
                 // Woken early by `Saver::stop`.
                 std::thread::park_timeout(Duration::from_millis(250));
@@ -2030,22 +1918,17 @@ pub fn spawn_saver(hyd: Arc<Hydrator>, progress_bar: bool) -> Saver {
                 if let Err(e) = hyd.save() {
                     tracing::warn!("cannot store the hydration state: {e:#}");
                 }
-                if bar && (tty || last_line.elapsed() >= Duration::from_secs(5)) {
-                    last_line = Instant::now();
+                if let Some(bar) = &progress {
                     let p = hyd.progress();
-                    let line = progress_line(&p);
-                    if tty {
-                        eprint!("\r\x1b[K{line}");
-                    } else {
-                        eprintln!("{line}");
-                    }
+                    bar.update(p.bytes_present, p.files_present);
                     if p.done {
-                        if tty {
-                            eprintln!();
-                        }
-                        bar = false;
+                        bar.finish();
+                        progress = None;
                     }
                 }
+            }
+            if let Some(bar) = &progress {
+                bar.finish();
             }
         })
         .ok();

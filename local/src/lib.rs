@@ -1,7 +1,8 @@
 //! owsfs-local: what a cache holds besides the workspace's files. The cache directory's
 //! layout and lock (`cache`), its record of the base generation (`state`, `CACHE/state.db`),
 //! the encoding of one node (`node`), file handles (`handle`), the access list format
-//! (`access`), and the one writer of nodes from a tree (`restore`).
+//! (`access`), the one writer of nodes from a tree (`write`, used by `restore` and by
+//! hydration), and the progress trait long work reports to (`progress`).
 //!
 //! Architecture invariant: this crate knows the store's formats but never talks to the
 //! kernel's FUSE side, the journal's writer or the sync agent; the crates above it share the
@@ -11,8 +12,10 @@ pub mod access;
 pub mod cache;
 pub mod handle;
 pub mod node;
+pub mod progress;
 pub mod restore;
 pub mod state;
+pub mod write;
 
 pub use cache::Cache;
 pub use node::{decode_node, encode_node};

@@ -1,17 +1,19 @@
-//! Full restore of a generation into an empty backing directory, recording every restored
-//! inode in the cache state so the next cut knows what it need not read.
+//! Full restore of a tree into an empty directory, through the node writer (`crate::write`),
+//! recording every restored inode for the cache state so the next cut knows what it need not
+//! read.
 //!
-//! Order: the skeleton (directories, files at their final size, symlinks, fifos and devices),
-//! then file content grouped by pack (a pack from which many chunks are needed is fetched
-//! whole, otherwise blob by blob; every blob is verified by hash), then extra hard links,
-//! then metadata bottom up (xattrs, owner, mode, mtime; directories last, deepest first).
-//! Any error aborts: the caller discards the directory, nothing half-restored is served.
+//! Order: the skeleton (directories, files sparse at their final size, symlinks, fifos and
+//! devices), then file content grouped by pack (a pack from which many chunks are needed is
+//! fetched whole, otherwise blob by blob; every blob is verified by hash before it is
+//! written), then the extra names of hard-linked files, then attributes bottom up (files
+//! first, then directories deepest first, so writing into a directory no longer moves its
+//! times). Any error aborts: the caller discards the directory, nothing half-restored is
+//! served.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,133 +21,158 @@ use anyhow::{Context, bail};
 use owsfs_store::{
     BlobLoader, BlobRef, ChunkSpan, Content, NodeKind, PackId, Store, Tree, TreeEntry,
 };
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::node::encode_node;
+use crate::progress::Progress;
 use crate::state::Update;
+use crate::write::{self, Created};
 
-/// Progress of a restore, for logs and a progress line.
-#[derive(Clone, Debug, Default)]
-pub struct Progress {
-    pub files: u64,
-    pub files_total: u64,
-    pub bytes: u64,
-    pub bytes_total: u64,
-}
-
-/// Restores the tree `root` into `dest` (an existing, empty directory).
+/// Restores the tree `root` into `dest` (an existing, empty directory). Tree and list blobs
+/// come through `loader` (a cache's blobs first, then the store), chunks from `store`; both
+/// verified. Returns the cache-state update that records what was restored.
 pub fn restore(
     store: &Store,
     loader: &dyn BlobLoader,
     root: &BlobRef,
     dest: &Path,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &dyn Progress,
 ) -> anyhow::Result<Update> {
     let started = Instant::now();
+    if std::fs::read_dir(dest)
+        .with_context(|| format!("cannot list {}", dest.display()))?
+        .next()
+        .is_some()
+    {
+        bail!("{} is not empty", dest.display());
+    }
+    let is_root = rustix::process::geteuid().is_root();
     let mut update = Update {
         replace_all_nodes: true,
         ..Update::default()
     };
-    // 1. Walk the trees and make the skeleton.
-    let mut dirs: Vec<(PathBuf, TreeEntry)> = Vec::new();
-    let mut others: Vec<(PathBuf, TreeEntry)> = Vec::new();
-    let mut files: Vec<(PathBuf, TreeEntry, Vec<ChunkSpan>)> = Vec::new();
+    let skel = skeleton(loader, root, dest, &mut update)?;
+    progress.begin("restoring", skel.bytes_total, skel.files.len() as u64);
+    contents(store, dest, &skel.files, &mut update, progress)?;
+    for (first, other) in &skel.extra_links {
+        std::fs::hard_link(dest.join(first), dest.join(other))
+            .with_context(|| format!("link {}", other.display()))?;
+    }
+    // Attributes bottom up, and the cache state's nodes.
+    for (path, e) in skel
+        .files
+        .iter()
+        .map(|(p, e, _)| (p, e))
+        .chain(skel.others.iter().map(|(p, e)| (p, e)))
+    {
+        let ino = set_attrs_at(dest, path, e, is_root)?;
+        if e.kind == NodeKind::File {
+            update.nodes.push((ino, b'f', encode_node(e)?));
+        }
+    }
+    let mut dirs = skel.dirs;
+    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (path, e) in &dirs {
+        let ino = set_attrs_at(dest, path, e, is_root)?;
+        update.nodes.push((ino, b'd', encode_node(e)?));
+    }
+    progress.finish();
+    tracing::info!(
+        "restore: {} files, {} directories, {} bytes in {:.2}s",
+        skel.files.len(),
+        dirs.len(),
+        skel.bytes_total,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(update)
+}
+
+/// What the walk made.
+#[derive(Default)]
+struct Skeleton {
+    dirs: Vec<(PathBuf, TreeEntry)>,
+    others: Vec<(PathBuf, TreeEntry)>,
+    files: Vec<(PathBuf, TreeEntry, Vec<ChunkSpan>)>,
+    extra_links: Vec<(PathBuf, PathBuf)>,
+    bytes_total: u64,
+}
+
+/// Walks the trees and makes every node (files sparse, attributes not set yet).
+fn skeleton(
+    loader: &dyn BlobLoader,
+    root: &BlobRef,
+    dest: &Path,
+    update: &mut Update,
+) -> anyhow::Result<Skeleton> {
+    let mut skel = Skeleton::default();
     let mut links: HashMap<u64, PathBuf> = HashMap::new();
-    let mut extra_links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut stack: Vec<(PathBuf, BlobRef)> = vec![(PathBuf::new(), *root)];
-    let mut prog = Progress::default();
     while let Some((rel, r)) = stack.pop() {
         let bytes = loader.load(&r)?;
         update.blobs.push((r.id.0, bytes.to_vec()));
         update.chunks.push((r.id.0, serde_json::to_vec(&r)?));
         let tree = Tree::decode(&format!("tree {} in {}", r.id, r.pack.key()), &bytes)?;
+        let dir = open_dir(&dest.join(&rel))?;
         for e in tree.entries {
-            let path = rel.join(OsStr::from_bytes(&e.name));
-            let abs = dest.join(&path);
-            match (&e.kind, &e.content) {
-                (NodeKind::Dir, Content::Dir(sub)) => {
-                    fs::create_dir(&abs).with_context(|| format!("mkdir {}", abs.display()))?;
-                    stack.push((path.clone(), *sub));
-                    dirs.push((path, e));
-                }
-                (NodeKind::File, Content::File(c)) => {
-                    if e.link_key != 0
-                        && let Some(first) = links.get(&e.link_key)
-                    {
-                        extra_links.push((first.clone(), path));
+            let name = OsStr::from_bytes(&e.name).to_os_string();
+            let path = rel.join(&name);
+            if let (NodeKind::File, Content::File(c)) = (&e.kind, &e.content) {
+                if e.link_key != 0 {
+                    if let Some(first) = links.get(&e.link_key) {
+                        skel.extra_links.push((first.clone(), path));
                         continue;
                     }
-                    if e.link_key != 0 {
-                        links.insert(e.link_key, path.clone());
-                    }
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&abs)
-                        .with_context(|| format!("create {}", abs.display()))?;
-                    f.set_len(e.size)?;
-                    let spans = owsfs_store::tree::file_chunks(loader, c)?;
-                    let covered = spans.last().map_or(0, |s| s.end());
-                    if covered != e.size {
-                        bail!(
-                            "tree {}: /{} has size {} but its chunks cover {covered} bytes",
-                            r.id,
-                            path.display(),
-                            e.size
-                        );
-                    }
-                    if let owsfs_store::FileContent::List(lists) = c {
-                        for l in lists {
-                            if let Ok(b) = loader.load(&l.blob) {
-                                update.blobs.push((l.blob.id.0, b.to_vec()));
-                                update
-                                    .chunks
-                                    .push((l.blob.id.0, serde_json::to_vec(&l.blob)?));
-                            }
-                        }
-                    }
-                    prog.files_total += 1;
-                    prog.bytes_total += e.size;
-                    files.push((path, e, spans));
+                    links.insert(e.link_key, path.clone());
                 }
-                (NodeKind::Symlink, Content::Symlink(target)) => {
-                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &abs)
-                        .with_context(|| format!("symlink {}", abs.display()))?;
-                    others.push((path, e));
+                let spans = owsfs_store::tree::file_chunks(loader, c)?;
+                let covered = spans.last().map_or(0, |s| s.end());
+                if covered != e.size {
+                    bail!(
+                        "tree {}: /{} has size {} but its chunks cover {covered} bytes",
+                        r.id,
+                        path.display(),
+                        e.size
+                    );
                 }
-                (NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev, _) => {
-                    let kind = match e.kind {
-                        NodeKind::Fifo => rustix::fs::FileType::Fifo,
-                        NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
-                        _ => rustix::fs::FileType::BlockDevice,
-                    };
-                    match rustix::fs::mknodat(
-                        rustix::fs::CWD,
-                        &abs,
-                        kind,
-                        rustix::fs::Mode::from_raw_mode(0o600),
-                        e.rdev,
-                    ) {
-                        Ok(()) => others.push((path, e)),
-                        Err(err) => {
-                            tracing::warn!("restore: cannot make {}: {err}", abs.display())
+                if let owsfs_store::FileContent::List(lists) = c {
+                    for l in lists {
+                        if let Ok(b) = loader.load(&l.blob) {
+                            update.blobs.push((l.blob.id.0, b.to_vec()));
+                            update
+                                .chunks
+                                .push((l.blob.id.0, serde_json::to_vec(&l.blob)?));
                         }
                     }
                 }
-                (NodeKind::Socket, _) => {
-                    tracing::warn!("restore: socket /{} is not restored", path.display());
+                write::create(dir.as_fd(), &name, &e)
+                    .with_context(|| format!("create /{}", path.display()))?;
+                skel.bytes_total += e.size;
+                skel.files.push((path, e, spans));
+                continue;
+            }
+            let made = write::create(dir.as_fd(), &name, &e)
+                .with_context(|| format!("tree {}: make /{}", r.id, path.display()))?;
+            match (&e.kind, &e.content) {
+                (NodeKind::Dir, Content::Dir(sub)) => {
+                    stack.push((path.clone(), *sub));
+                    skel.dirs.push((path, e));
                 }
-                _ => bail!(
-                    "tree {}: entry /{} has content that does not match its kind",
-                    r.id,
-                    path.display()
-                ),
+                _ if made == Created::Made => skel.others.push((path, e)),
+                _ => {}
             }
         }
     }
-    progress(&prog);
+    Ok(skel)
+}
 
-    // 2. Content, grouped by pack.
+/// Writes every file's content, grouped by pack.
+fn contents(
+    store: &Store,
+    dest: &Path,
+    files: &[(PathBuf, TreeEntry, Vec<ChunkSpan>)],
+    update: &mut Update,
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
     let mut by_pack: BTreeMap<PackId, Vec<(usize, ChunkSpan)>> = BTreeMap::new();
     for (i, (_, _, spans)) in files.iter().enumerate() {
         for s in spans {
@@ -153,8 +180,9 @@ pub fn restore(
             update.chunks.push((s.r.id.0, serde_json::to_vec(&s.r)?));
         }
     }
-    let mut open: HashMap<usize, File> = HashMap::new();
-    let mut done_per_file: Vec<u64> = vec![0; files.len()];
+    let mut open: HashMap<usize, OwnedFd> = HashMap::new();
+    let mut left: Vec<u64> = files.iter().map(|(_, e, _)| e.size).collect();
+    let (mut bytes, mut done_files) = (0u64, files.iter().filter(|f| f.1.size == 0).count());
     for (pack, wants) in by_pack {
         let whole = if wants.len() >= 8 {
             Some(owsfs_store::read_pack(store, pack)?)
@@ -166,110 +194,46 @@ pub fn restore(
                 Some(p) => p.blob(&span.r)?,
                 None => owsfs_store::read_blob(store, &span.r)?,
             };
-            let f = match open.entry(i) {
+            let fd = match open.entry(i) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let abs = dest.join(&files[i].0);
                     v.insert(
-                        OpenOptions::new()
-                            .write(true)
-                            .open(&abs)
+                        write::open_for_content(rustix::fs::CWD, abs.as_os_str())
                             .with_context(|| format!("open {}", abs.display()))?,
                     )
                 }
             };
-            f.write_all_at(&data, span.offset)?;
-            prog.bytes += data.len() as u64;
-            done_per_file[i] += data.len() as u64;
-            if done_per_file[i] == files[i].1.size {
-                prog.files += 1;
+            write::write_at(fd, span.offset, &data)
+                .with_context(|| format!("write /{}", files[i].0.display()))?;
+            bytes += data.len() as u64;
+            left[i] = left[i].saturating_sub(data.len() as u64);
+            if left[i] == 0 {
+                done_files += 1;
                 open.remove(&i);
             }
         }
-        progress(&prog);
+        progress.update(bytes, done_files as u64);
     }
-    drop(open);
-    prog.files = prog.files_total;
-    progress(&prog);
-
-    // 3. Extra names of hard-linked files.
-    for (first, other) in &extra_links {
-        fs::hard_link(dest.join(first), dest.join(other))
-            .with_context(|| format!("link {}", other.display()))?;
-    }
-
-    // 4. Metadata bottom up, and the cache state's nodes.
-    let is_root = rustix::process::geteuid().is_root();
-    for (path, e) in files
-        .iter()
-        .map(|(p, e, _)| (p, e))
-        .chain(others.iter().map(|(p, e)| (p, e)))
-    {
-        set_meta(&dest.join(path), e, is_root)?;
-        if e.kind == NodeKind::File {
-            let ino = fs::symlink_metadata(dest.join(path))?.ino();
-            update.nodes.push((ino, b'f', encode_node(e)?));
-        }
-    }
-    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-    for (path, e) in &dirs {
-        set_meta(&dest.join(path), e, is_root)?;
-        let ino = fs::symlink_metadata(dest.join(path))?.ino();
-        update.nodes.push((ino, b'd', encode_node(e)?));
-    }
-    tracing::info!(
-        "restore: {} files, {} directories, {} bytes in {:.2}s",
-        prog.files_total,
-        dirs.len(),
-        prog.bytes_total,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(update)
+    Ok(())
 }
 
-fn set_meta(abs: &Path, e: &TreeEntry, is_root: bool) -> anyhow::Result<()> {
-    let ctx = || format!("set attributes of {}", abs.display());
-    for (name, value) in &e.xattrs {
-        rustix::fs::lsetxattr(
-            abs,
-            OsStr::from_bytes(name),
-            value,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .with_context(ctx)?;
-    }
-    if is_root {
-        rustix::fs::chownat(
-            rustix::fs::CWD,
-            abs,
-            Some(rustix::fs::Uid::from_raw(e.uid)),
-            Some(rustix::fs::Gid::from_raw(e.gid)),
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .with_context(ctx)?;
-    }
-    if e.kind != NodeKind::Symlink {
-        rustix::fs::chmodat(
-            rustix::fs::CWD,
-            abs,
-            rustix::fs::Mode::from_raw_mode(e.mode),
-            rustix::fs::AtFlags::empty(),
-        )
-        .with_context(ctx)?;
-    }
-    let mtime = rustix::fs::Timespec {
-        tv_sec: e.mtime_sec,
-        tv_nsec: e.mtime_nsec as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        abs,
-        &rustix::fs::Timestamps {
-            last_access: mtime,
-            last_modification: mtime,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+fn open_dir(path: &Path) -> anyhow::Result<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
     )
-    .with_context(ctx)?;
-    Ok(())
+    .with_context(|| format!("open {}", path.display()))
+}
+
+/// Sets the attributes of `rel` (below `dest`) and returns its inode number.
+fn set_attrs_at(dest: &Path, rel: &Path, e: &TreeEntry, is_root: bool) -> anyhow::Result<u64> {
+    let abs = dest.join(rel);
+    let parent = abs.parent().unwrap_or(dest);
+    let name = abs.file_name().context("a restored path without a name")?;
+    let dir = open_dir(parent)?;
+    write::set_attrs(dir.as_fd(), Some(name), e, is_root)
+        .with_context(|| format!("set attributes of {}", abs.display()))?;
+    Ok(rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?.st_ino)
 }

@@ -125,7 +125,7 @@ pub const HYDRATION_SCHEMA: &str = "
                                          trust BLOB);";
 
 /// Changes of one generation.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Update {
     pub nodes: Vec<(u64, u8, Vec<u8>)>,
     pub blobs: Vec<([u8; 32], Vec<u8>)>,

@@ -46,34 +46,12 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<()> {
              the commit before it"
         )
     })?;
-    match std::fs::read_dir(&args.dest) {
-        Ok(mut d) => {
-            if d.next().is_some() {
-                anyhow::bail!("{} is not empty", args.dest.display());
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(&args.dest)
-                .with_context(|| format!("cannot create {}", args.dest.display()))?
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", args.dest.display())),
-    }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    owsfs_local::restore::restore(&store, &store, &root, &args.dest, &mut |p| {
-        if tty {
-            eprint!(
-                "\rrestoring generation {n}: {}/{} files, {}/{} MiB   ",
-                p.files,
-                p.files_total,
-                p.bytes >> 20,
-                p.bytes_total >> 20
-            );
-        }
-    })
-    .with_context(|| format!("cannot restore generation {n} of {:?}", args.workspace))?;
-    if tty {
-        eprintln!();
-    }
+    // The restore refuses a directory that is not empty.
+    std::fs::create_dir_all(&args.dest)
+        .with_context(|| format!("cannot create {}", args.dest.display()))?;
+    let bar = crate::progress::Bar::new();
+    owsfs_local::restore::restore(&store, &store, &root, &args.dest, &bar)
+        .with_context(|| format!("cannot restore generation {n} of {:?}", args.workspace))?;
     println!("{n}");
     Ok(())
 }

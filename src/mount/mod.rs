@@ -327,7 +327,10 @@ impl Services {
             std::mem::take(&mut self.inherited_access),
             self.prefetch,
         );
-        let saver = owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), progress_bar);
+        let bar = progress_bar.then(|| {
+            Arc::new(crate::progress::Bar::new()) as Arc<dyn owsfs_local::progress::Progress>
+        });
+        let saver = owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), bar);
         let reaper = Reaper::start(Arc::clone(&self.core))?;
         self.threads = Some(Threads {
             agent,

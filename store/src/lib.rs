@@ -27,7 +27,6 @@ pub mod hook;
 pub mod ids;
 pub mod lease;
 pub mod pack;
-pub mod restore;
 pub mod stats;
 pub mod tree;
 pub mod url;
@@ -43,7 +42,6 @@ pub use generation::{
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use lease::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
 pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_blob_run, read_pack};
-pub use restore::{BlobCache, CachedLoader, RestorePhase, RestoreProgress, restore};
 pub use stats::{StatsSnapshot, StoreStats};
 pub use tree::{BlobLoader, ChunkSpan, Content, FileContent, ListRef, NodeKind, Tree, TreeEntry};
 pub use url::StoreUrl;

@@ -1,15 +1,39 @@
-//! Restoring a generation into a directory.
+//! Restoring a tree into a directory through the node writer: every kind of node, hard
+//! links, attributes, a non-empty destination refused, and a corrupt chunk named.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
+use owsfs_local::progress::Progress;
 use owsfs_store::chunk::chunk_reader;
 use owsfs_store::pack::{BlobKind, PackWriter};
-use owsfs_store::restore::{BlobCache, CachedLoader, restore_with};
-use owsfs_store::tree::{BlobLoader, build_file_content, file_chunks};
+use owsfs_store::tree::{build_file_content, file_chunks};
 use owsfs_store::{
     Content, FileContent, GenKind, GenStats, GenerationRecord, NodeKind, Store, StoreOptions, Tree,
-    TreeEntry, Workspace, restore,
+    TreeEntry, Workspace,
 };
+
+/// Records what a restore reports.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl Progress for Seen {
+    fn begin(&self, _: &str, bytes: u64, items: u64) {
+        self.0.lock().unwrap().push((bytes, items));
+    }
+    fn update(&self, bytes: u64, items: u64) {
+        self.0.lock().unwrap().push((bytes, items));
+    }
+    fn finish(&self) {}
+}
+
+fn restore(
+    store: &Store,
+    g: &GenerationRecord,
+    dest: &std::path::Path,
+    p: &dyn Progress,
+) -> anyhow::Result<owsfs_local::Update> {
+    owsfs_local::restore::restore(store, store, &g.root.unwrap(), dest, p)
+}
 
 fn entry(name: &str, kind: NodeKind, mode: u32, content: Content, size: u64) -> TreeEntry {
     TreeEntry {
@@ -125,11 +149,8 @@ fn restores_a_generation() {
     .unwrap();
     let (g, files) = build(&store);
     let dest = tempfile::tempdir().unwrap();
-    let phases = std::sync::Mutex::new(Vec::new());
-    restore(&store, &g, dest.path(), &|p| {
-        phases.lock().unwrap().push(p.phase)
-    })
-    .unwrap();
+    let seen = Seen::default();
+    let update = restore(&store, &g, dest.path(), &seen).unwrap();
     for (path, bytes) in &files {
         assert_eq!(
             &std::fs::read(dest.path().join(path)).unwrap(),
@@ -171,41 +192,24 @@ fn restores_a_generation() {
             .len(),
         0
     );
-    assert_eq!(
-        *phases.lock().unwrap().last().unwrap(),
-        owsfs_store::RestorePhase::Done
-    );
+    let seen = seen.0.lock().unwrap();
+    // a (b is another name of it), sub/big and sub/empty.
+    let total: u64 = files
+        .iter()
+        .filter(|(p, _)| p != "b")
+        .map(|(_, b)| b.len() as u64)
+        .sum();
+    assert_eq!(seen.first(), Some(&(total, 3)), "begin: bytes and files");
+    assert_eq!(seen.last(), Some(&(total, 3)), "everything reported done");
+    // Every file and directory is recorded for the cache state (hard links once).
+    let kinds: Vec<u8> = update.nodes.iter().map(|n| n.1).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == b'f').count(), 3, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == b'd').count(), 1, "{kinds:?}");
+    assert!(update.replace_all_nodes);
 
     // A non-empty destination is refused.
-    assert!(restore(&store, &g, dest.path(), &|_| {}).is_err());
-
-    // Through a blob cache: the second walk is served locally.
-    let cache_dir = tempfile::tempdir().unwrap();
-    let cache = BlobCache::new(cache_dir.path()).unwrap();
-    for _ in 0..2 {
-        let d = tempfile::tempdir().unwrap();
-        let loader = CachedLoader {
-            cache: &cache,
-            inner: &store,
-        };
-        restore_with(&store, &loader, &g, d.path(), &|_| {}).unwrap();
-    }
-    let root = g.root.unwrap();
-    assert!(cache.get(&root.id).is_some());
-    // A corrupt cached copy is dropped and fetched again.
-    let h = root.id.to_hex();
-    std::fs::write(cache_dir.path().join(&h[..2]).join(&h), b"junk").unwrap();
-    let loader = CachedLoader {
-        cache: &cache,
-        inner: &store,
-    };
-    assert_eq!(loader.load(&root).unwrap().len(), root.len as usize);
-    let t = Tree::load(&loader, &root).unwrap();
-    let a_entry = t.get(b"a").unwrap();
-    let Content::File(fc) = &a_entry.content else {
-        panic!()
-    };
-    assert_eq!(file_chunks(&loader, fc).unwrap().len(), 1);
+    let e = restore(&store, &g, dest.path(), &owsfs_local::progress::Silent).unwrap_err();
+    assert!(e.to_string().contains("not empty"), "{e}");
 }
 
 trait FifoLike {
@@ -246,10 +250,13 @@ fn a_corrupt_chunk_aborts_the_restore_naming_pack_and_blob() {
     b[victim.offset as usize + 10] ^= 0xff;
     std::fs::write(&path, b).unwrap();
     let dest = tempfile::tempdir().unwrap();
-    let e = restore(&store, &g, dest.path(), &|_| {}).unwrap_err();
-    let m = e.to_string();
+    let e = restore(&store, &g, dest.path(), &owsfs_local::progress::Silent).unwrap_err();
+    let m = format!("{e:#}");
+    let corrupt = e
+        .downcast_ref::<owsfs_store::StoreError>()
+        .is_some_and(|s| s.is_corrupt());
     assert!(
-        e.is_corrupt() && m.contains(&key) && m.contains(&victim.id.to_hex()),
+        corrupt && m.contains(&key) && m.contains(&victim.id.to_hex()),
         "{m}"
     );
 }
