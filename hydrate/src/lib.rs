@@ -1708,6 +1708,22 @@ impl Foreground {
         ForegroundGuard { fg: self }
     }
 
+    /// How long until foreground work has been over for `quiet` (zero: it is); None while
+    /// some is under way.
+    pub(crate) fn quiet_in(&self, quiet: Duration) -> Option<Duration> {
+        if self.running.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let end = self.last_end.load(Ordering::Acquire);
+        if end == 0 {
+            return Some(Duration::ZERO);
+        }
+        let since = (self.epoch.elapsed().as_nanos() as u64).saturating_sub(end);
+        Some(Duration::from_nanos(
+            (quiet.as_nanos() as u64).saturating_sub(since),
+        ))
+    }
+
     /// Whether foreground work is under way or ended less than `quiet` ago.
     pub(crate) fn busy(&self, quiet: Duration) -> bool {
         if self.running.load(Ordering::Acquire) > 0 {
@@ -1873,17 +1889,16 @@ pub fn access_list(
 /// The thread that stores the hydration state every second and, for a foreground mount,
 /// draws the progress bar on stderr until everything is local.
 pub struct Saver {
-    stop: Arc<AtomicBool>,
+    stop_tx: Mutex<Option<crossbeam_channel::Sender<()>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Saver {
-    /// Stops the thread at once (it is woken from its wait), without a last save: the
-    /// caller saves after the last cut.
+    /// Stops the thread at once (its wait ends), without a last save: the caller saves after
+    /// the last cut.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop_tx.lock().take();
         if let Some(t) = self.thread.lock().take() {
-            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -1895,8 +1910,7 @@ pub fn spawn_saver(
     hyd: Arc<Hydrator>,
     progress: Option<Arc<dyn owsfs_local::progress::Progress>>,
 ) -> Saver {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = Arc::clone(&stop);
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let thread = std::thread::Builder::new()
         .name("owsfs-hydrate".into())
         .spawn(move || {
@@ -1909,11 +1923,11 @@ pub fn spawn_saver(
                     now.files_total,
                 );
             }
+            let ticker = crossbeam_channel::tick(Duration::from_millis(250));
             loop {
-                // Woken early by `Saver::stop`.
-                std::thread::park_timeout(Duration::from_millis(250));
-                if s.load(Ordering::Acquire) {
-                    break;
+                crossbeam_channel::select! {
+                    recv(stop_rx) -> _ => break,
+                    recv(ticker) -> _ => {}
                 }
                 if let Err(e) = hyd.save() {
                     tracing::warn!("cannot store the hydration state: {e:#}");
@@ -1933,7 +1947,7 @@ pub fn spawn_saver(
         })
         .ok();
     Saver {
-        stop,
+        stop_tx: Mutex::new(Some(stop_tx)),
         thread: Mutex::new(thread),
     }
 }

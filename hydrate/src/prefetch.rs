@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender, after, bounded, select};
 use owsfs_fuse::Core;
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -39,6 +40,8 @@ struct Shared {
     core: Arc<Core>,
     opts: PrefetchOptions,
     stop: AtomicBool,
+    /// Disconnected at stop: every wait of a worker ends at once.
+    stop_rx: Receiver<()>,
     paths: Mutex<VecDeque<String>>,
     claimed: Mutex<HashSet<u64>>,
     /// When the bandwidth allows the next byte.
@@ -47,6 +50,7 @@ struct Shared {
 
 pub struct Prefetcher {
     shared: Arc<Shared>,
+    stop_tx: Mutex<Option<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -58,11 +62,13 @@ impl Prefetcher {
         access: Vec<String>,
         opts: PrefetchOptions,
     ) -> Arc<Prefetcher> {
+        let (stop_tx, stop_rx) = bounded(0);
         let shared = Arc::new(Shared {
             hyd,
             core,
             opts,
             stop: AtomicBool::new(false),
+            stop_rx,
             paths: Mutex::new(access.into_iter().collect()),
             claimed: Mutex::new(HashSet::new()),
             next_at: Mutex::new(Instant::now()),
@@ -82,6 +88,7 @@ impl Prefetcher {
         }
         Arc::new(Prefetcher {
             shared,
+            stop_tx: Mutex::new(Some(stop_tx)),
             threads: Mutex::new(threads),
         })
     }
@@ -89,6 +96,7 @@ impl Prefetcher {
     /// Stops the workers (each finishes its step).
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.stop_tx.lock().take();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
@@ -240,23 +248,27 @@ impl Shared {
     /// `QUIET`.
     fn yield_to_readers(&self) {
         let deadline = Instant::now() + YIELD_MAX;
-        while self.hyd.foreground.busy(QUIET)
-            && Instant::now() < deadline
-            && !self.stop.load(Ordering::Acquire)
-        {
-            std::thread::sleep(Duration::from_millis(2));
+        loop {
+            // While a program's wait is under way its end is not an event here: look again
+            // every 2 ms; after it, wait out the quiet time.
+            let wait = match self.hyd.foreground.quiet_in(QUIET) {
+                Some(d) if d.is_zero() => return,
+                Some(d) => d,
+                None => Duration::from_millis(2),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.nap(wait.min(left)) {
+                return;
+            }
         }
     }
 
-    /// Sleeps `d`, or until the workers are stopped (the unmount waits for them).
-    fn nap(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        while !self.stop.load(Ordering::Acquire) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            std::thread::sleep(left.min(Duration::from_millis(10)));
+    /// Sleeps `d`, or until the workers are stopped (the unmount waits for them); false when
+    /// stopped.
+    fn nap(&self, d: Duration) -> bool {
+        select! {
+            recv(self.stop_rx) -> _ => false,
+            recv(after(d)) -> _ => true,
         }
     }
 

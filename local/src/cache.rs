@@ -188,10 +188,7 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
-        let mut raw = [0u8; 8];
-        std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut raw)
-            .context("cannot get random bytes for a node id")?;
-        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let id = format!("{:016x}", rand::random::<u64>());
         let tmp = self.root.join("node-id.tmp");
         std::fs::write(&tmp, format!("{id}\n"))?;
         File::open(&tmp)?.sync_all()?;

@@ -14,6 +14,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 /// A source of time. Shared as `Arc<dyn Clock>`.
@@ -27,6 +28,11 @@ pub trait Clock: Send + Sync + Debug + 'static {
 
     /// Waits `d` on the calling thread.
     fn sleep(&self, d: Duration);
+
+    /// A channel that receives this clock's `now()` once, `d` from now: the deadline arm of
+    /// a `select!` (background threads wait on messages, a deadline and a stop channel, so a
+    /// test with a [`ManualClock`] drives them by advancing it).
+    fn after(&self, d: Duration) -> Receiver<Instant>;
 }
 
 /// The system's clocks.
@@ -59,6 +65,10 @@ impl Clock for SystemClock {
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d)
     }
+
+    fn after(&self, d: Duration) -> Receiver<Instant> {
+        crossbeam_channel::after(d)
+    }
 }
 
 /// A clock for tests that moves only when told. `sleep` does not block: it advances the
@@ -77,6 +87,25 @@ struct ManualState {
     elapsed: Duration,
     unix_ms: u64,
     sleeps: Vec<Duration>,
+    /// Channels of [`Clock::after`] not fired yet: when (elapsed), and where.
+    timers: Vec<(Duration, Sender<Instant>)>,
+}
+
+impl ManualState {
+    /// Moves time forward by `d` and fires the timers that are due.
+    fn forward(&mut self, origin: Instant, d: Duration) {
+        self.elapsed += d;
+        self.unix_ms = self.unix_ms.saturating_add(d.as_millis() as u64);
+        let now = self.elapsed;
+        self.timers.retain(|(at, tx)| {
+            if *at <= now {
+                let _ = tx.send(origin + now);
+                false
+            } else {
+                true
+            }
+        });
+    }
 }
 
 /// The wall-clock time a [`ManualClock::new`] starts at: 2023-11-14T22:13:20Z.
@@ -107,15 +136,19 @@ impl ManualClock {
                 elapsed: Duration::ZERO,
                 unix_ms,
                 sleeps: Vec::new(),
+                timers: Vec::new(),
             }),
         }
     }
 
-    /// Moves both clocks forward by `d`.
+    /// Moves both clocks forward by `d`, firing the [`Clock::after`] channels that fall due.
     pub fn advance(&self, d: Duration) {
-        let mut s = self.state.lock();
-        s.elapsed += d;
-        s.unix_ms = s.unix_ms.saturating_add(d.as_millis() as u64);
+        self.state.lock().forward(self.origin, d);
+    }
+
+    /// [`Clock::after`] channels waiting to fire.
+    pub fn pending_timers(&self) -> usize {
+        self.state.lock().timers.len()
     }
 
     /// Sets the wall clock (forwards or backwards); monotonic time does not move.
@@ -146,8 +179,19 @@ impl Clock for ManualClock {
     fn sleep(&self, d: Duration) {
         let mut s = self.state.lock();
         s.sleeps.push(d);
-        s.elapsed += d;
-        s.unix_ms = s.unix_ms.saturating_add(d.as_millis() as u64);
+        s.forward(self.origin, d);
+    }
+
+    fn after(&self, d: Duration) -> Receiver<Instant> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut s = self.state.lock();
+        let at = s.elapsed + d;
+        if d.is_zero() {
+            let _ = tx.send(self.origin + at);
+        } else {
+            s.timers.push((at, tx));
+        }
+        rx
     }
 }
 
@@ -171,6 +215,27 @@ mod tests {
         c.set_unix_ms(5);
         assert_eq!(c.unix_ms(), 5);
         assert_eq!(c.elapsed(), Duration::from_millis(3_601_500));
+    }
+
+    #[test]
+    fn manual_timers_fire_when_the_clock_passes_them() {
+        let c = ManualClock::new();
+        let t0 = c.now();
+        let soon = c.after(Duration::from_secs(1));
+        let later = c.after(Duration::from_secs(10));
+        assert!(
+            c.after(Duration::ZERO).try_recv().is_ok(),
+            "a zero wait fires at once"
+        );
+        assert!(soon.try_recv().is_err());
+        c.advance(Duration::from_millis(999));
+        assert!(soon.try_recv().is_err());
+        c.advance(Duration::from_millis(1));
+        assert_eq!(soon.try_recv(), Ok(t0 + Duration::from_secs(1)));
+        assert!(later.try_recv().is_err());
+        c.sleep(Duration::from_secs(20));
+        assert_eq!(later.try_recv(), Ok(t0 + Duration::from_secs(21)));
+        assert_eq!(c.pending_timers(), 0);
     }
 
     #[test]

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use crossbeam_channel::{Receiver, Sender, bounded, select};
 use owsfs_store::generation::Workspace;
-use owsfs_store::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
-use parking_lot::{Condvar, Mutex};
+use owsfs_store::{Clock, Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
+use parking_lot::Mutex;
 
 /// The lease as this mount sees it, for `owsfs status`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -41,7 +42,7 @@ pub fn holder(cache: &owsfs_local::Cache) -> anyhow::Result<Holder> {
             .to_string_lossy()
             .into_owned(),
         pid: std::process::id(),
-        session: format!("{:016x}", rand_u64()),
+        session: format!("{:016x}", rand::random::<u64>()),
         cache: cache_fingerprint(&cache.root),
     })
 }
@@ -57,14 +58,6 @@ fn cache_fingerprint(root: &std::path::Path) -> String {
         }
         _ => String::new(),
     }
-}
-
-fn rand_u64() -> u64 {
-    let mut raw = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut raw);
-    }
-    u64::from_le_bytes(raw) ^ std::process::id() as u64
 }
 
 /// How a mount treats a lease another node holds.
@@ -83,7 +76,8 @@ pub enum Takeover {
 /// Progress while waiting for a lease, for the user.
 pub type Notice<'a> = &'a mut dyn FnMut(&str);
 
-/// Takes the lease of `ws` for `holder`.
+/// Takes the lease of `ws` for `holder`. Returns it, and when the successful request started
+/// (on the store's clock): the lease is good for its TTL less a margin from then.
 pub fn acquire(
     ws: &Workspace,
     holder: &Holder,
@@ -91,109 +85,28 @@ pub fn acquire(
     mode: Takeover,
     notice: Notice<'_>,
 ) -> anyhow::Result<(LeaseRecord, Instant)> {
+    let clock = Arc::clone(ws.store().clock());
     let lease = Lease::new(ws);
-    let mut watch = LeaseWatch::new();
-    let mut own_seen: Option<u64> = None;
-    let mut steal_seen: Option<u64> = None;
-    let mut last_notice: Option<Instant> = None;
+    let mut look = Looking {
+        ws,
+        holder,
+        mode,
+        watch: LeaseWatch::with_clock(Arc::clone(&clock)),
+        own_seen: None,
+        steal_seen: None,
+        last_notice: None,
+        clock: Arc::clone(&clock),
+    };
     loop {
         let current = lease.current()?;
         let take = match &current {
             None => true,
             Some(r) if r.state == LeaseState::Released => true,
             Some(_) if mode == Takeover::Force => true,
-            Some(r) => {
-                let lapsed = watch.lapsed(r);
-                if r.holder.node == holder.node
-                    && !holder.cache.is_empty()
-                    && r.holder.cache == holder.cache
-                {
-                    // A mount of this very cache died holding it: this process holds the
-                    // cache's lock, so that mount is gone.
-                    tracing::info!(
-                        "the lease of workspace {:?} was held by an earlier mount of this cache \
-                         ({}, epoch {}), which is gone; taking it over",
-                        ws.name(),
-                        r.holder,
-                        r.epoch
-                    );
-                    true
-                } else if r.holder.node == holder.node {
-                    // This cache's id, while this process holds the cache lock: either a
-                    // mount of this cache that died, or another cache with the same id.
-                    if let Some(seq) = own_seen
-                        && seq != r.seq
-                    {
-                        bail!(
-                            "node id {} is in use by another live mount ({}, session {}): two \
-                             caches claim the same node id (a copied cache?). Remove the file \
-                             node-id from one cache to give it a new id",
-                            holder.node,
-                            r.holder,
-                            r.holder.session
-                        );
-                    }
-                    own_seen = Some(r.seq);
-                    if !lapsed && last_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-                    {
-                        last_notice = Some(Instant::now());
-                        notice(&format!(
-                            "the lease of workspace {:?} is held under this cache's node id \
-                             ({}, epoch {}) by another cache or an earlier mount; waiting up \
-                             to {:.1}s for it to lapse",
-                            ws.name(),
-                            r.holder,
-                            r.epoch,
-                            watch.remaining(r).as_secs_f64()
-                        ));
-                    }
-                    lapsed
-                } else {
-                    match mode {
-                        Takeover::Refuse => bail!(
-                            "workspace {:?} is in use: its lease is held by {} at epoch {} \
-                             (ttl {:.1}s). It lapses within {:.1}s if that node stops renewing \
-                             it. Use --wait to wait for it, --steal to take it once it lapses, \
-                             or --steal --force if that node is dead",
-                            ws.name(),
-                            r.holder,
-                            r.epoch,
-                            r.ttl().as_secs_f64(),
-                            r.ttl().as_secs_f64()
-                        ),
-                        Takeover::Steal if steal_seen.is_some_and(|seen| seen != r.seq) => {
-                            bail!(
-                                "workspace {:?} is in use: {} renewed its lease (epoch {}) while \
-                                 we waited for it to lapse. Use --wait to wait for a handoff, or \
-                                 --steal --force if that node is dead",
-                                ws.name(),
-                                r.holder,
-                                r.epoch
-                            );
-                        }
-                        _ => {
-                            steal_seen = Some(r.seq);
-                            if !lapsed
-                                && last_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-                            {
-                                last_notice = Some(Instant::now());
-                                notice(&format!(
-                                    "waiting for the lease of workspace {:?}: held by {} at \
-                                     epoch {}; it lapses in {:.1}s unless renewed",
-                                    ws.name(),
-                                    r.holder,
-                                    r.epoch,
-                                    watch.remaining(r).as_secs_f64()
-                                ));
-                            }
-                            lapsed
-                        }
-                    }
-                }
-            }
+            Some(r) => look.may_take(r, notice)?,
         };
         if take {
-            let started = Instant::now();
+            let started = clock.now();
             match lease.acquire(current.as_ref(), holder, ttl) {
                 Ok(r) => {
                     if let Some(old) = &current
@@ -217,7 +130,120 @@ pub fn acquire(
         let pause = current.as_ref().map_or(Duration::from_millis(100), |r| {
             (r.ttl() / 10).clamp(Duration::from_millis(20), Duration::from_millis(500))
         });
-        std::thread::sleep(pause);
+        clock.sleep(pause);
+    }
+}
+
+/// What [`acquire`] has seen of a lease another holder has.
+struct Looking<'a> {
+    ws: &'a Workspace,
+    holder: &'a Holder,
+    mode: Takeover,
+    watch: LeaseWatch,
+    /// The step last seen held under this cache's own node id.
+    own_seen: Option<u64>,
+    /// The step last seen while waiting to steal.
+    steal_seen: Option<u64>,
+    last_notice: Option<Instant>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Looking<'_> {
+    /// Whether the held lease `r` may be taken now; an error when it must not be waited for.
+    fn may_take(&mut self, r: &LeaseRecord, notice: Notice<'_>) -> anyhow::Result<bool> {
+        let ws = self.ws;
+        let lapsed = self.watch.lapsed(r);
+        if r.holder.node == self.holder.node
+            && !self.holder.cache.is_empty()
+            && r.holder.cache == self.holder.cache
+        {
+            // A mount of this very cache died holding it: this process holds the cache's
+            // lock, so that mount is gone.
+            tracing::info!(
+                "the lease of workspace {:?} was held by an earlier mount of this cache ({}, \
+                 epoch {}), which is gone; taking it over",
+                ws.name(),
+                r.holder,
+                r.epoch
+            );
+            return Ok(true);
+        }
+        if r.holder.node == self.holder.node {
+            // This cache's id, while this process holds the cache lock: either a mount of
+            // this cache that died, or another cache with the same id.
+            if let Some(seq) = self.own_seen
+                && seq != r.seq
+            {
+                bail!(
+                    "node id {} is in use by another live mount ({}, session {}): two caches \
+                     claim the same node id (a copied cache?). Remove the file node-id from one \
+                     cache to give it a new id",
+                    self.holder.node,
+                    r.holder,
+                    r.holder.session
+                );
+            }
+            self.own_seen = Some(r.seq);
+            if !lapsed && self.notice_due() {
+                notice(&format!(
+                    "the lease of workspace {:?} is held under this cache's node id ({}, epoch \
+                     {}) by another cache or an earlier mount; waiting up to {:.1}s for it to \
+                     lapse",
+                    ws.name(),
+                    r.holder,
+                    r.epoch,
+                    self.watch.remaining(r).as_secs_f64()
+                ));
+            }
+            return Ok(lapsed);
+        }
+        match self.mode {
+            Takeover::Refuse => bail!(
+                "workspace {:?} is in use: its lease is held by {} at epoch {} (ttl {:.1}s). It \
+                 lapses within {:.1}s if that node stops renewing it. Use --wait to wait for \
+                 it, --steal to take it once it lapses, or --steal --force if that node is dead",
+                ws.name(),
+                r.holder,
+                r.epoch,
+                r.ttl().as_secs_f64(),
+                r.ttl().as_secs_f64()
+            ),
+            Takeover::Steal if self.steal_seen.is_some_and(|seen| seen != r.seq) => bail!(
+                "workspace {:?} is in use: {} renewed its lease (epoch {}) while we waited for \
+                 it to lapse. Use --wait to wait for a handoff, or --steal --force if that node \
+                 is dead",
+                ws.name(),
+                r.holder,
+                r.epoch
+            ),
+            _ => {
+                self.steal_seen = Some(r.seq);
+                if !lapsed && self.notice_due() {
+                    notice(&format!(
+                        "waiting for the lease of workspace {:?}: held by {} at epoch {}; it \
+                         lapses in {:.1}s unless renewed",
+                        ws.name(),
+                        r.holder,
+                        r.epoch,
+                        self.watch.remaining(r).as_secs_f64()
+                    ));
+                }
+                Ok(lapsed)
+            }
+        }
+    }
+
+    /// A notice every 5 s at most.
+    fn notice_due(&mut self) -> bool {
+        let now = self.clock.now();
+        if self
+            .last_notice
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(5))
+        {
+            return false;
+        }
+        self.last_notice = Some(now);
+        true
     }
 }
 
@@ -231,22 +257,28 @@ struct KeeperState {
     /// Set once, at fail-stop: why.
     lost: Option<String>,
     released: bool,
-    stop: bool,
 }
 
-/// Keeps a lease renewed while the mount runs.
+/// Keeps a lease renewed while the mount runs: a renewal thread and a watchdog, each waiting
+/// in one `select!` on the stop channel and a deadline of the store's clock (the watchdog
+/// also on renewals, which move its deadline).
 pub struct Keeper {
     lease: Lease,
+    clock: Arc<dyn Clock>,
     ttl: Duration,
     margin: Duration,
     st: Mutex<KeeperState>,
-    cv: Condvar,
     lost_flag: AtomicBool,
     on_lost: Box<dyn Fn(&str) + Send + Sync>,
+    /// Dropped at stop or fail-stop: both threads wake and end.
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
+    renewed_tx: Sender<()>,
+    renewed_rx: Receiver<()>,
 }
 
 impl Keeper {
-    /// `acquired_at`: when the acquisition request started.
+    /// `acquired_at`: when the acquisition request started (on the store's clock).
     pub fn new(
         ws: &Workspace,
         held: LeaseRecord,
@@ -255,8 +287,11 @@ impl Keeper {
     ) -> Arc<Keeper> {
         let ttl = held.ttl();
         let margin = ttl / 4;
+        let (stop_tx, stop_rx) = bounded(0);
+        let (renewed_tx, renewed_rx) = bounded(1);
         Arc::new(Keeper {
             lease: Lease::new(ws),
+            clock: Arc::clone(ws.store().clock()),
             ttl,
             margin,
             st: Mutex::new(KeeperState {
@@ -267,11 +302,13 @@ impl Keeper {
                 last_error: None,
                 lost: None,
                 released: false,
-                stop: false,
             }),
-            cv: Condvar::new(),
             lost_flag: AtomicBool::new(false),
             on_lost,
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
+            renewed_tx,
+            renewed_rx,
         })
     }
 
@@ -290,10 +327,11 @@ impl Keeper {
         if let Some(why) = &st.lost {
             bail!("the lease is lost: {why}");
         }
-        if Instant::now() + ahead >= st.good_until {
+        let now = self.clock.now();
+        if now + ahead >= st.good_until {
             bail!(
                 "the lease is about to lapse (no renewal for {:.1}s{})",
-                st.last_renewal.elapsed().as_secs_f64(),
+                now.saturating_duration_since(st.last_renewal).as_secs_f64(),
                 st.last_error
                     .as_deref()
                     .map(|e| format!("; last error: {e}"))
@@ -324,10 +362,10 @@ impl Keeper {
         self.lost_flag.store(true, Ordering::Relaxed);
         tracing::error!("fail-stop: {why}; writes now fail with EROFS");
         (self.on_lost)(why);
-        self.cv.notify_all();
+        self.stop_tx.lock().take();
     }
 
-    /// The renewal thread and the watchdog; returns when stopped.
+    /// The renewal thread (and the watchdog beside it); returns when stopped or lost.
     pub fn run(self: &Arc<Self>) {
         let watchdog = {
             let me = Arc::clone(self);
@@ -337,53 +375,19 @@ impl Keeper {
         };
         let every = (self.ttl / 3).max(Duration::from_millis(10));
         loop {
-            let (held, next_at) = {
-                let mut st = self.st.lock();
-                let next_at = st.last_renewal + every;
-                while !st.stop && st.lost.is_none() && Instant::now() < next_at {
-                    self.cv.wait_until(&mut st, next_at);
-                }
-                if st.stop || st.lost.is_some() {
+            let wait = {
+                let st = self.st.lock();
+                if st.lost.is_some() {
                     break;
                 }
-                (st.held.clone(), next_at)
+                (st.last_renewal + every).saturating_duration_since(self.clock.now())
             };
-            let _ = next_at;
-            let started = Instant::now();
-            match self.lease.renew(&held) {
-                Ok(r) => {
-                    let mut st = self.st.lock();
-                    st.held = r;
-                    st.last_renewal = started;
-                    st.good_until = started + self.ttl - self.margin;
-                    st.renewals += 1;
-                    st.last_error = None;
-                }
-                Err(LeaseError::Lost { current, .. })
-                    if current.epoch == held.epoch
-                        && current.holder.session == held.holder.session =>
-                {
-                    // Our own renewal, whose answer was lost, landed: take it as held, but
-                    // keep the deadline of the last renewal we know started in time.
-                    tracing::info!("lease: step {} was our own renewal", current.seq);
-                    self.st.lock().held = *current;
-                }
-                Err(LeaseError::Lost { current, .. }) => {
-                    self.lose(&format!(
-                        "the lease was taken over by {} at epoch {}",
-                        current.holder, current.epoch
-                    ));
-                    break;
-                }
-                Err(LeaseError::Store(e)) => {
-                    tracing::warn!("lease: renewal failed: {e}");
-                    let mut st = self.st.lock();
-                    st.last_error = Some(e.to_string());
-                    // Try again soon rather than a full interval later.
-                    st.last_renewal = Instant::now()
-                        .checked_sub(every.saturating_sub(Duration::from_millis(100)))
-                        .unwrap_or(st.last_renewal);
-                }
+            select! {
+                recv(self.stop_rx) -> _ => break,
+                recv(self.clock.after(wait)) -> _ => {}
+            }
+            if !self.renew_once(every) {
+                break;
             }
         }
         if let Ok(w) = watchdog {
@@ -391,38 +395,97 @@ impl Keeper {
         }
     }
 
+    /// One renewal; false when the lease turned out lost.
+    fn renew_once(&self, every: Duration) -> bool {
+        let held = {
+            let st = self.st.lock();
+            if st.lost.is_some() {
+                return false;
+            }
+            st.held.clone()
+        };
+        let started = self.clock.now();
+        match self.lease.renew(&held) {
+            Ok(r) => {
+                let mut st = self.st.lock();
+                st.held = r;
+                st.last_renewal = started;
+                st.good_until = started + self.ttl - self.margin;
+                st.renewals += 1;
+                st.last_error = None;
+                drop(st);
+                let _ = self.renewed_tx.try_send(());
+            }
+            Err(LeaseError::Lost { current, .. })
+                if current.epoch == held.epoch && current.holder.session == held.holder.session =>
+            {
+                // Our own renewal, whose answer was lost, landed: take it as held, but keep
+                // the deadline of the last renewal we know started in time.
+                tracing::info!("lease: step {} was our own renewal", current.seq);
+                self.st.lock().held = *current;
+            }
+            Err(LeaseError::Lost { current, .. }) => {
+                self.lose(&format!(
+                    "the lease was taken over by {} at epoch {}",
+                    current.holder, current.epoch
+                ));
+                return false;
+            }
+            Err(LeaseError::Store(e)) => {
+                tracing::warn!("lease: renewal failed: {e}");
+                let mut st = self.st.lock();
+                st.last_error = Some(e.to_string());
+                // Try again soon rather than a full interval later.
+                st.last_renewal = self
+                    .clock
+                    .now()
+                    .checked_sub(every.saturating_sub(Duration::from_millis(100)))
+                    .unwrap_or(st.last_renewal);
+            }
+        }
+        true
+    }
+
     /// Stops writes when the lease runs out, even while a renewal request hangs.
     fn watchdog(&self) {
-        let mut st = self.st.lock();
         loop {
-            if st.stop || st.lost.is_some() {
-                return;
-            }
-            if Instant::now() >= st.good_until {
-                let why = format!(
-                    "the lease could not be renewed for {:.1}s (ttl {:.1}s){}",
-                    st.last_renewal.elapsed().as_secs_f64(),
-                    self.ttl.as_secs_f64(),
-                    st.last_error
-                        .as_deref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                );
-                drop(st);
+            let wait = {
+                let st = self.st.lock();
+                if st.lost.is_some() {
+                    return;
+                }
+                st.good_until.saturating_duration_since(self.clock.now())
+            };
+            if wait.is_zero() {
+                let why = {
+                    let st = self.st.lock();
+                    format!(
+                        "the lease could not be renewed for {:.1}s (ttl {:.1}s){}",
+                        self.clock
+                            .now()
+                            .saturating_duration_since(st.last_renewal)
+                            .as_secs_f64(),
+                        self.ttl.as_secs_f64(),
+                        st.last_error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                };
                 self.lose(&why);
                 return;
             }
-            let until = st
-                .good_until
-                .min(Instant::now() + Duration::from_millis(50));
-            self.cv.wait_until(&mut st, until);
+            select! {
+                recv(self.stop_rx) -> _ => return,
+                recv(self.renewed_rx) -> _ => {}
+                recv(self.clock.after(wait)) -> _ => {}
+            }
         }
     }
 
     /// Stops renewing (the threads end).
     pub fn stop(&self) {
-        self.st.lock().stop = true;
-        self.cv.notify_all();
+        self.stop_tx.lock().take();
     }
 
     /// Releases the lease so the next node can mount at once. Call after `stop` and after
@@ -467,10 +530,14 @@ impl Keeper {
             node: st.held.holder.node.clone(),
             epoch: st.held.epoch,
             ttl_secs: self.ttl.as_secs_f64(),
-            last_renewal_secs_ago: st.last_renewal.elapsed().as_secs_f64(),
+            last_renewal_secs_ago: self
+                .clock
+                .now()
+                .saturating_duration_since(st.last_renewal)
+                .as_secs_f64(),
             good_for_secs: st
                 .good_until
-                .saturating_duration_since(Instant::now())
+                .saturating_duration_since(self.clock.now())
                 .as_secs_f64(),
             renewals: st.renewals,
             last_error: st.last_error.clone(),

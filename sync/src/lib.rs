@@ -20,9 +20,10 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use crossbeam_channel::{Receiver, Sender, bounded, never, select};
 use owsfs_fuse::Core;
 use owsfs_store::Store;
 use owsfs_store::generation::{CommitError, GenKind, GenStats, GenerationRecord, Workspace};
@@ -163,8 +164,14 @@ pub struct SyncAgent {
     /// Set (every 20 ms, by the lag watcher, and by the agent's loop) while the lag is over
     /// its bounds, so the data write path checks one atomic rather than the journal's lock.
     over_lag: AtomicBool,
-    /// The lag watcher's thread, woken at stop.
-    watcher: Mutex<Option<std::thread::Thread>>,
+    /// Time for the agent's decisions (the store's clock).
+    clock: Arc<dyn owsfs_store::Clock>,
+    /// Wakes the agent's loop: a sync request, a writer over the lag bounds.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+    /// Dropped at stop: the agent's loop and the lag watcher wake and end.
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
     /// At the last exact lag check: the journal's `written_bytes()` and the dirty bytes.
     /// Their sum, plus what was written since, bounds the dirty bytes from above, so a data
     /// write can tell it is safely under `--max-lag-bytes` without the journal's lock.
@@ -204,6 +211,9 @@ impl SyncAgent {
         .context("open backing root")?;
         let durable_seq = core.journal().clean_seq().unwrap_or(0);
         let store_url = store.url().to_string();
+        let clock = Arc::clone(store.clock());
+        let (wake_tx, wake_rx) = bounded(1);
+        let (stop_tx, stop_rx) = bounded(0);
         Ok(Arc::new(SyncAgent {
             core,
             store,
@@ -227,7 +237,11 @@ impl SyncAgent {
             cv: Condvar::new(),
             syncing: AtomicBool::new(false),
             over_lag: AtomicBool::new(false),
-            watcher: Mutex::new(None),
+            clock,
+            wake_tx,
+            wake_rx,
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
             mark_written: AtomicU64::new(0),
             mark_dirty: AtomicU64::new(0),
             mark_lock: Mutex::new(()),
@@ -267,7 +281,8 @@ impl SyncAgent {
         }
     }
 
-    /// Backpressure, called by data writes before they start.
+    /// Backpressure, called by data writes before they start: while the unsynced changes
+    /// are over their bounds, the writer wakes the agent and waits for a commit.
     pub fn throttle(&self) {
         if !self.over_lag.load(Ordering::Relaxed) {
             let grown = self
@@ -281,16 +296,17 @@ impl SyncAgent {
         }
         let started = Instant::now();
         loop {
-            if self.syncing.load(Ordering::Acquire) || self.st.lock().stop || self.keeper.is_lost()
-            {
+            if self.syncing.load(Ordering::Acquire) || self.keeper.is_lost() || !self.lagging() {
                 break;
             }
-            if !self.lagging() {
+            // Make sure a cut is coming, then wait for a commit (or its failure) to end. The
+            // timeout only bounds a missed wake-up: the lag is looked at again either way.
+            let _ = self.wake_tx.try_send(());
+            let mut st = self.st.lock();
+            if st.stop {
                 break;
             }
-            // Make sure a cut is coming, then wait a little.
-            self.cv.notify_all();
-            std::thread::sleep(Duration::from_millis(10));
+            self.cv.wait_for(&mut st, Duration::from_millis(100));
         }
         let waited = started.elapsed().as_millis() as u64;
         if waited > 0 {
@@ -306,21 +322,10 @@ impl SyncAgent {
             let me = Arc::clone(self);
             std::thread::Builder::new()
                 .name("owsfs-lag".into())
-                .spawn(move || {
-                    while !me.st.lock().stop {
-                        // After a fail-stop nothing will be uploaded: writers fail with EROFS
-                        // rather than wait.
-                        let lagging = !me.keeper.is_lost() && me.lagging();
-                        me.over_lag.store(lagging, Ordering::Relaxed);
-                        // Unparked at stop, so the unmount does not wait out the period.
-                        std::thread::park_timeout(Duration::from_millis(20));
-                    }
-                    me.over_lag.store(false, Ordering::Relaxed);
-                })
+                .spawn(move || me.watch_lag())
         };
-        match &watcher {
-            Ok(w) => *self.watcher.lock() = Some(w.thread().clone()),
-            Err(e) => tracing::warn!("sync: cannot start the lag watcher: {e}"),
+        if let Err(e) = &watcher {
+            tracing::warn!("sync: cannot start the lag watcher: {e}");
         }
         self.run_loop();
         if let Ok(w) = watcher {
@@ -328,46 +333,33 @@ impl SyncAgent {
         }
     }
 
+    /// Refreshes `over_lag` every 20 ms until stopped. (The age bound has no event: it is
+    /// crossed by time passing.)
+    fn watch_lag(&self) {
+        loop {
+            // After a fail-stop nothing will be uploaded: writers fail with EROFS rather than
+            // wait.
+            let lagging = !self.keeper.is_lost() && self.lagging();
+            self.over_lag.store(lagging, Ordering::Relaxed);
+            select! {
+                recv(self.stop_rx) -> _ => break,
+                recv(self.clock.after(Duration::from_millis(20))) -> _ => {}
+            }
+        }
+        self.over_lag.store(false, Ordering::Relaxed);
+    }
+
+    /// Cuts when a cut is due (the commit interval after the last attempt, while anything is
+    /// dirty), asked for (`owsfs sync`), or forced by the lag bounds; waits in one `select!`
+    /// on wake-ups, the next deadline and the stop channel. Failed commits back off.
     fn run_loop(self: &Arc<Self>) {
-        let mut last_attempt = Instant::now();
+        let mut last_attempt = self.clock.now();
         let mut backoff = Duration::ZERO;
         loop {
-            {
-                let mut st = self.st.lock();
-                loop {
-                    if st.stop {
-                        break;
-                    }
-                    if let Some(seq) = self.core.journal().clean_seq() {
-                        // Nothing dirty: everything handed out so far is durable.
-                        if seq > st.durable_seq {
-                            st.durable_seq = seq;
-                            self.cv.notify_all();
-                        }
-                    }
-                    if self.keeper.is_lost() {
-                        // Fail-stop: nothing more goes to the store; the unsynced changes
-                        // stay in the cache.
-                        self.cv.wait_for(&mut st, Duration::from_millis(200));
-                        continue;
-                    }
-                    let wanted = st.requested_seq > st.durable_seq;
-                    let due = last_attempt.elapsed() >= self.opts.commit_interval + backoff
-                        && self.core.journal().is_dirty();
-                    let lagging = self.lagging();
-                    self.over_lag.store(lagging, Ordering::Relaxed);
-                    if (wanted || due || lagging)
-                        && (backoff.is_zero() || wanted || last_attempt.elapsed() >= backoff)
-                    {
-                        break;
-                    }
-                    self.cv.wait_for(&mut st, Duration::from_millis(50));
-                }
-                if st.stop {
-                    break;
-                }
+            if !self.wait_for_work(last_attempt, backoff) {
+                break;
             }
-            last_attempt = Instant::now();
+            last_attempt = self.clock.now();
             match self.commit_once() {
                 Ok(_) => backoff = Duration::ZERO,
                 Err(e) => {
@@ -381,8 +373,64 @@ impl SyncAgent {
                 }
             }
         }
-        // The mount is gone: a last cut, retried a few times, so an unmount leaves nothing
-        // unsynced that the store can take.
+        self.final_cut();
+    }
+
+    /// Waits until a cut should start; false when stopped.
+    fn wait_for_work(&self, last_attempt: Instant, backoff: Duration) -> bool {
+        loop {
+            let wait = {
+                let mut st = self.st.lock();
+                if st.stop {
+                    return false;
+                }
+                if let Some(seq) = self.core.journal().clean_seq() {
+                    // Nothing dirty: everything handed out so far is durable.
+                    if seq > st.durable_seq {
+                        st.durable_seq = seq;
+                        self.cv.notify_all();
+                    }
+                }
+                let since = self.clock.now().saturating_duration_since(last_attempt);
+                if self.keeper.is_lost() {
+                    // Fail-stop: nothing more goes to the store; the unsynced changes stay in
+                    // the cache. Only the stop ends the wait.
+                    Duration::MAX
+                } else {
+                    let wanted = st.requested_seq > st.durable_seq;
+                    let dirty = self.core.journal().is_dirty();
+                    let lagging = self.lagging();
+                    self.over_lag.store(lagging, Ordering::Relaxed);
+                    let due_in = (self.opts.commit_interval + backoff).saturating_sub(since);
+                    let backed_off = since >= backoff;
+                    if wanted || (backed_off && (lagging || (dirty && due_in.is_zero()))) {
+                        return true;
+                    }
+                    // Nothing tells the agent when the journal becomes dirty: it looks again
+                    // after a commit interval (a change waits at most that long).
+                    match (wanted || lagging, dirty) {
+                        (true, _) => backoff.saturating_sub(since),
+                        (false, true) => due_in,
+                        (false, false) => self.opts.commit_interval,
+                    }
+                }
+            };
+            let deadline = if wait == Duration::MAX {
+                never()
+            } else {
+                self.clock.after(wait)
+            };
+            select! {
+                recv(self.stop_rx) -> _ => {}
+                recv(self.wake_rx) -> _ => {}
+                recv(deadline) -> _ => {}
+            }
+        }
+    }
+
+    /// The mount is gone: a last cut, retried a few times, so an unmount leaves nothing
+    /// unsynced that the store can take.
+    fn final_cut(&self) {
         for attempt in 0..5 {
             if !self.core.journal().is_dirty() || self.keeper.is_lost() {
                 break;
@@ -395,7 +443,7 @@ impl SyncAgent {
                 Err(e) => {
                     tracing::warn!("sync: final commit failed (attempt {}): {e:#}", attempt + 1);
                     self.st.lock().last_error = Some(format!("{e:#}"));
-                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                    self.clock.sleep(Duration::from_millis(200 << attempt));
                 }
             }
         }
@@ -420,10 +468,8 @@ impl SyncAgent {
     pub fn stop(&self) {
         self.over_lag.store(false, Ordering::Relaxed);
         self.st.lock().stop = true;
+        self.stop_tx.lock().take();
         self.cv.notify_all();
-        if let Some(w) = &*self.watcher.lock() {
-            w.unpark();
-        }
     }
 
     /// `owsfs sync`: everything written before the call is durable when this returns Ok,
@@ -434,7 +480,7 @@ impl SyncAgent {
         let target = journal.stats().last_seq;
         let mut st = self.st.lock();
         st.requested_seq = st.requested_seq.max(target);
-        self.cv.notify_all();
+        let _ = self.wake_tx.try_send(());
         while st.durable_seq < target {
             if st.stop {
                 return Err(SyncError::ShuttingDown);
@@ -515,9 +561,7 @@ impl SyncAgent {
             "pending",
             &format!("{number} {}", serde_json::to_string(&built.root)?),
         )?;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = self.clock.unix_ms();
         let record = GenerationRecord {
             workspace: self.ws.name().to_string(),
             number,
