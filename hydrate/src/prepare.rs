@@ -127,17 +127,29 @@ pub fn prepare_base(
     let Some(record) = newest else {
         return Ok((Vec::new(), head));
     };
-    let h = record.number;
     let sqlite: Vec<SqlitePosition> = record.sqlite.clone();
     let Some(warm) = restore_head else {
         return Ok((sqlite, head));
     };
+    lazy_restore(ws, local, cache, &record, warm)?;
+    Ok((sqlite, head))
+}
+
+/// Makes the cache a lazy copy of generation `record`. Lazy: only the root's tree is fetched
+/// (when the hydrator materializes the root); every other directory and every byte follows on
+/// demand. Warm: what the cache holds of its older generation stays, and is kept where it did
+/// not change.
+fn lazy_restore(
+    ws: &Workspace,
+    local: &mut LocalState,
+    cache: &Cache,
+    record: &owsfs_store::GenerationRecord,
+    warm: bool,
+) -> anyhow::Result<()> {
+    let h = record.number;
     let Some(root) = record.root else {
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
     };
-    // Lazy: only the root's tree is fetched (when the hydrator materializes the root);
-    // every other directory and every byte follows on demand. Warm: what the cache holds of
-    // its older generation stays, and is kept where it did not change.
     let started = std::time::Instant::now();
     for leftover in ["restore.tmp", "backing.old"] {
         let p = cache.root.join(leftover);
@@ -196,7 +208,7 @@ pub fn prepare_base(
         record.stats.bytes_total,
         started.elapsed().as_secs_f64()
     );
-    Ok((sqlite, head))
+    Ok(())
 }
 
 /// Whether the cache's unsynced changes must be set aside before mounting: the store has a

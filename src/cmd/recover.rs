@@ -50,7 +50,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
             cache.root.display()
         );
     }
-    let mut local = LocalState::open(&state_path)?;
+    let local = LocalState::open(&state_path)?;
     let (Some(old_ws), Some(cache_store), Some(base)) = (
         local.meta("workspace")?,
         local.meta("store")?,
@@ -125,79 +125,10 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     // the commit lands, and nothing of the cache is served.
     let journal = Arc::new(journal);
     let g = if !journal.is_dirty() {
-        // Nothing unsynced: the fork is the cache's generation as it is.
-        let root: BlobRef = serde_json::from_str(&base.root)
-            .context("the cache state's base root is unreadable")?;
-        let record = GenerationRecord {
-            workspace: name.clone(),
-            number: head + 1,
-            parent: Some(head),
-            epoch: lease.epoch(),
-            kind: GenKind::Commit,
-            time_unix_ms: jiff::Timestamp::now().as_millisecond() as u64,
-            root: Some(root),
-            sqlite: Vec::new(),
-            stats: GenStats::default(),
-            access: None,
-        };
-        lease.keeper().check(Duration::ZERO)?;
-        ws.commit(&record)?;
-        let mut b = base.clone();
-        b.generation = head + 1;
-        b.epoch = lease.epoch();
-        local.commit(&b, Default::default())?;
-        local.set_meta("workspace", name)?;
-        drop(local);
-        journal.close_clean()?;
-        lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
-        head + 1
+        fork_as_is(&ws, lease, local, &base, head, &journal)?
     } else {
         drop(local);
-        // Phase 5 without a mount: one cut of the backing directory, on this thread.
-        let (services, _rest) = Services::start(
-            &store,
-            &ws,
-            &lease,
-            Prepared {
-                local: LocalState::open(&state_path)?,
-                cache,
-                journal: Arc::clone(&journal),
-                recovery,
-                head,
-                previous_sqlite: Vec::new(),
-            },
-            ServiceOptions {
-                sync: SyncOptions {
-                    commit_interval: Duration::from_secs(3600),
-                    max_lag: Duration::from_secs(3600),
-                    max_lag_bytes: u64::MAX,
-                },
-                core: CoreOptions {
-                    passthrough: false,
-                    inode_budget: 4096,
-                    side_dir: None,
-                },
-                prefetch: PrefetchOptions {
-                    workers: 0,
-                    bandwidth: 0,
-                },
-                serving: false,
-            },
-        )?;
-        let started = Instant::now();
-        let g = services
-            .agent
-            .commit_now()
-            .with_context(|| format!("cannot make workspace {name:?}"))?;
-        eprintln!(
-            "owsfs: generation {g} of {name:?} committed in {:.2}s",
-            started.elapsed().as_secs_f64()
-        );
-        let (_clean, handed) = crate::mount::handoff(services, lease, &journal);
-        handed.map_err(anyhow::Error::msg)?;
-        // Only now does the cache belong to the fork (a failed recover leaves it as it was).
-        LocalState::open(&state_path)?.set_meta("workspace", name)?;
-        g
+        fork_with_changes(&store, &ws, lease, cache, journal, recovery, head)?
     };
     println!("{g}");
     eprintln!(
@@ -209,4 +140,101 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         cache_root.display()
     );
     Ok(())
+}
+
+/// The cache holds nothing unsynced: the fork's first commit is the cache's generation as it
+/// is (its tree is referenced, not copied).
+fn fork_as_is(
+    ws: &Workspace,
+    lease: LeaseGuard,
+    mut local: LocalState,
+    base: &owsfs_local::Base,
+    head: u64,
+    journal: &owsfs_journal::Journal,
+) -> anyhow::Result<u64> {
+    let name = ws.name().to_string();
+    // Nothing unsynced: the fork is the cache's generation as it is.
+    let root: BlobRef =
+        serde_json::from_str(&base.root).context("the cache state's base root is unreadable")?;
+    let record = GenerationRecord {
+        workspace: name.clone(),
+        number: head + 1,
+        parent: Some(head),
+        epoch: lease.epoch(),
+        kind: GenKind::Commit,
+        time_unix_ms: jiff::Timestamp::now().as_millisecond() as u64,
+        root: Some(root),
+        sqlite: Vec::new(),
+        stats: GenStats::default(),
+        access: None,
+    };
+    lease.keeper().check(Duration::ZERO)?;
+    ws.commit(&record)?;
+    let mut b = base.clone();
+    b.generation = head + 1;
+    b.epoch = lease.epoch();
+    local.commit(&b, Default::default())?;
+    local.set_meta("workspace", &name)?;
+    drop(local);
+    journal.close_clean()?;
+    lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
+    Ok(head + 1)
+}
+
+/// One cut of the backing directory on this thread: the mount's phase 5 without a mount.
+fn fork_with_changes(
+    store: &Arc<owsfs_store::Store>,
+    ws: &Workspace,
+    lease: LeaseGuard,
+    cache: Cache,
+    journal: Arc<owsfs_journal::Journal>,
+    recovery: owsfs_journal::Recovery,
+    head: u64,
+) -> anyhow::Result<u64> {
+    let name = ws.name().to_string();
+    let state_path = cache.root.join("state.db");
+    let (services, _rest) = Services::start(
+        store,
+        ws,
+        &lease,
+        Prepared {
+            local: LocalState::open(&state_path)?,
+            cache,
+            journal: Arc::clone(&journal),
+            recovery,
+            head,
+            previous_sqlite: Vec::new(),
+        },
+        ServiceOptions {
+            sync: SyncOptions {
+                commit_interval: Duration::from_secs(3600),
+                max_lag: Duration::from_secs(3600),
+                max_lag_bytes: u64::MAX,
+            },
+            core: CoreOptions {
+                passthrough: false,
+                inode_budget: 4096,
+                side_dir: None,
+            },
+            prefetch: PrefetchOptions {
+                workers: 0,
+                bandwidth: 0,
+            },
+            serving: false,
+        },
+    )?;
+    let started = Instant::now();
+    let g = services
+        .agent
+        .commit_now()
+        .with_context(|| format!("cannot make workspace {name:?}"))?;
+    eprintln!(
+        "owsfs: generation {g} of {name:?} committed in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    let (_clean, handed) = crate::mount::handoff(services, lease, &journal);
+    handed.map_err(anyhow::Error::msg)?;
+    // Only now does the cache belong to the fork (a failed recover leaves it as it was).
+    LocalState::open(&state_path)?.set_meta("workspace", &name)?;
+    Ok(g)
 }

@@ -169,6 +169,45 @@ pub fn build(
         contents.insert(f.ino, content);
     }
 
+    let (root, totals) = build_trees(&mut packer, &loader, local, capture, &contents)?;
+    let access = if access.is_empty() {
+        None
+    } else {
+        Some(packer.emit(BlobKind::Chunk, access)?)
+    };
+    packer.flush()?;
+
+    // Positions of databases this cut did not read carry over while they still exist.
+    for p in previous_sqlite {
+        if !sqlite.contains_key(&p.path) && exists_after(capture, Path::new(&p.path)) {
+            sqlite.insert(p.path.clone(), p.clone());
+        }
+    }
+    Ok(Built {
+        root,
+        access,
+        update: packer.update,
+        sqlite: sqlite.into_values().collect(),
+        files: totals.files,
+        dirs: totals.dirs + 1,
+        bytes_total: totals.bytes,
+        bytes_new: packer.bytes_new,
+        blobs_new: packer.blobs_new,
+        packs_new: packer.packs_new,
+        bytes_read,
+    })
+}
+
+/// Builds the tree blobs of the rebuilt directories, deepest first: entries from the capture,
+/// file contents from the files read (`contents`) or else the base generation, subtrees from
+/// the directories just built or else the base generation. Returns the root and its totals.
+fn build_trees(
+    packer: &mut Packer<'_>,
+    loader: &Loader<'_>,
+    local: &LocalState,
+    capture: &Capture,
+    contents: &HashMap<u64, FileContent>,
+) -> anyhow::Result<(BlobRef, Totals)> {
     // Trees, deepest directories first.
     let mut order: Vec<&PathBuf> = capture.dirs.keys().collect();
     order.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -205,7 +244,7 @@ pub fn build(
                                 ..
                             }) => {
                                 let t = subtree_totals(
-                                    &loader,
+                                    loader,
                                     &r,
                                     &mut known_totals,
                                     &mut packer.update,
@@ -250,35 +289,10 @@ pub fn build(
         packer.update.totals.push((r.id.0, totals));
         built_dirs.insert(path.as_path(), (r, totals));
     }
-    let (root, totals) = *built_dirs
+    let built = *built_dirs
         .get(Path::new(""))
         .context("the cut did not list the root")?;
-    let access = if access.is_empty() {
-        None
-    } else {
-        Some(packer.emit(BlobKind::Chunk, access)?)
-    };
-    packer.flush()?;
-
-    // Positions of databases this cut did not read carry over while they still exist.
-    for p in previous_sqlite {
-        if !sqlite.contains_key(&p.path) && exists_after(capture, Path::new(&p.path)) {
-            sqlite.insert(p.path.clone(), p.clone());
-        }
-    }
-    Ok(Built {
-        root,
-        access,
-        update: packer.update,
-        sqlite: sqlite.into_values().collect(),
-        files: totals.files,
-        dirs: totals.dirs + 1,
-        bytes_total: totals.bytes,
-        bytes_new: packer.bytes_new,
-        blobs_new: packer.blobs_new,
-        packs_new: packer.packs_new,
-        bytes_read,
-    })
+    Ok(built)
 }
 
 /// What the unchanged tree `r` holds: from the cache's record, or else counted by loading its
