@@ -62,7 +62,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use serde_json::{Value, json};
 
 use owsfs_local::handle;
-use owsfs_local::{NodeMap, decode_node, encode_node};
+use owsfs_local::{Kind, NodeMap, decode_node, encode_node};
 
 /// One GET fetches at most this much of a pack (adjacent chunks of one file usually sit
 /// side by side in one pack).

@@ -158,7 +158,7 @@ impl Hydrator {
         let node = encode_node(e).map_err(err)?;
         match e.kind {
             NodeKind::Dir => {
-                batch.nodes.push((st.st_ino, b'd', node.clone()));
+                batch.nodes.push((st.st_ino, Kind::Dir, node.clone()));
                 batch
                     .dirs
                     .push((st.st_ino, DirState { handle: h, node }, None));
@@ -168,7 +168,7 @@ impl Hydrator {
                     batch.links.push((e.link_key, h.clone()));
                     self.links.lock().insert(e.link_key, h.clone());
                 }
-                batch.nodes.push((st.st_ino, b'f', node.clone()));
+                batch.nodes.push((st.st_ino, Kind::File, node.clone()));
                 self.add_file(
                     st.st_ino,
                     h,
@@ -240,7 +240,7 @@ impl Hydrator {
                         "INSERT OR REPLACE INTO nodes (ino, kind, content) VALUES (?1, ?2, ?3)",
                     )?;
                     for (ino, kind, content) in rows {
-                        put_node.execute(params![*ino as i64, *kind as i64, content])?;
+                        put_node.execute(params![*ino as i64, kind.byte() as i64, content])?;
                     }
                     let mut put_file = tx.prepare_cached(
                         "INSERT OR REPLACE INTO hyd_files (ino, handle, node, valid_end, present)

@@ -84,7 +84,7 @@ impl Hydrator {
                     if old.entry.link_key != 0 {
                         batch.links.push((old.entry.link_key, h.clone()));
                     }
-                    batch.nodes.push((ino, b'f', old.node.clone()));
+                    batch.nodes.push((ino, Kind::File, old.node.clone()));
                     self.add_file(ino, h, old.node, &old.entry, None, old.present, batch)?;
                 }
                 (Content::Dir(_), libc::S_IFDIR) => {
@@ -96,7 +96,7 @@ impl Hydrator {
                             trust: None,
                         })
                     };
-                    batch.nodes.push((ino, b'd', old.node.clone()));
+                    batch.nodes.push((ino, Kind::Dir, old.node.clone()));
                     batch.dirs.push((
                         ino,
                         DirState {
@@ -331,12 +331,12 @@ impl Hydrator {
                     batch.links.push((e.link_key, h.clone()));
                     self.links.lock().insert(e.link_key, h.clone());
                 }
-                batch.nodes.push((ino, b'f', node.clone()));
+                batch.nodes.push((ino, Kind::File, node.clone()));
                 self.add_file(ino, h, node, e, tree_id, present, batch)?;
             }
             Keep::Dir(warm) => {
                 let h = handle::of(dir.as_fd(), Path::new(name))?;
-                batch.nodes.push((ino, b'd', node.clone()));
+                batch.nodes.push((ino, Kind::Dir, node.clone()));
                 batch.dirs.push((ino, DirState { handle: h, node }, warm));
             }
             Keep::Other => {}

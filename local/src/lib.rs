@@ -19,4 +19,4 @@ pub mod write;
 
 pub use cache::Cache;
 pub use node::{decode_node, encode_node};
-pub use state::{Base, LocalState, NodeMap, NodeRow, Totals, Update};
+pub use state::{Base, Kind, LocalState, NodeMap, NodeRow, Totals, Update};

@@ -25,7 +25,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::node::encode_node;
 use crate::progress::Progress;
-use crate::state::Update;
+use crate::state::{Kind, Update};
 use crate::write::{self, Created};
 
 /// Restores the tree `root` into `dest` (an existing, empty directory). Tree and list blobs
@@ -67,14 +67,14 @@ pub fn restore(
     {
         let ino = set_attrs_at(dest, path, e, is_root)?;
         if e.kind == NodeKind::File {
-            update.nodes.push((ino, b'f', encode_node(e)?));
+            update.nodes.push((ino, Kind::File, encode_node(e)?));
         }
     }
     let mut dirs = skel.dirs;
     dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (path, e) in &dirs {
         let ino = set_attrs_at(dest, path, e, is_root)?;
-        update.nodes.push((ino, b'd', encode_node(e)?));
+        update.nodes.push((ino, Kind::Dir, encode_node(e)?));
     }
     progress.finish();
     tracing::info!(

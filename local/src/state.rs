@@ -33,25 +33,50 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// directory's entries of an older generation for the newer one's.
 pub const STATE_VERSION: u32 = 3;
 
-/// One `nodes` row: backing inode, kind (b'f', b'd'), encoded tree entry.
-pub type NodeRow = (u64, u8, Vec<u8>);
+/// What a node of the cache state is. Only files and directories have rows: other kinds hold
+/// no content the cache must know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    // The discriminants are the column's bytes, so even a stray `as` cast stores them right.
+    File = b'f',
+    Dir = b'd',
+}
+
+impl Kind {
+    /// Its encoding in the `kind` column.
+    pub fn byte(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            b'f' => Some(Kind::File),
+            b'd' => Some(Kind::Dir),
+            _ => None,
+        }
+    }
+}
+
+/// One `nodes` row: backing inode, kind, encoded tree entry.
+pub type NodeRow = (u64, Kind, Vec<u8>);
 
 /// `nodes`, in memory, shared by the sync agent (which commits generations) and the hydrator
 /// (which adds the nodes it materializes). Last writer wins, as in the table.
 #[derive(Default)]
 pub struct NodeMap {
-    map: parking_lot::RwLock<HashMap<u64, (u8, Vec<u8>)>>,
+    map: parking_lot::RwLock<HashMap<u64, (Kind, Vec<u8>)>>,
     /// Nodes added since the running cut's capture: a commit that rewrites every node (a full
     /// walk) keeps them.
     late: parking_lot::Mutex<Option<Vec<NodeRow>>>,
 }
 
 impl NodeMap {
-    pub fn get(&self, ino: u64) -> Option<(u8, Vec<u8>)> {
+    pub fn get(&self, ino: u64) -> Option<(Kind, Vec<u8>)> {
         self.map.read().get(&ino).cloned()
     }
 
-    pub fn kind(&self, ino: u64) -> Option<u8> {
+    pub fn kind(&self, ino: u64) -> Option<Kind> {
         self.map.read().get(&ino).map(|(k, _)| *k)
     }
 
@@ -59,8 +84,8 @@ impl NodeMap {
     /// so that a concurrent commit sees the rows and the map alike.
     pub fn add(
         &self,
-        rows: Vec<(u64, u8, Vec<u8>)>,
-        write: impl FnOnce(&[(u64, u8, Vec<u8>)]) -> anyhow::Result<()>,
+        rows: Vec<NodeRow>,
+        write: impl FnOnce(&[NodeRow]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let mut map = self.map.write();
         write(&rows)?;
@@ -107,7 +132,7 @@ impl Totals {
 
 pub struct LocalState {
     conn: Connection,
-    /// `nodes`, in memory: kind (b'f' file, b'd' directory) and encoded content.
+    /// `nodes`, in memory: kind and encoded content.
     nodes: std::sync::Arc<NodeMap>,
 }
 
@@ -127,7 +152,7 @@ pub const HYDRATION_SCHEMA: &str = "
 /// Changes of one generation.
 #[derive(Debug, Default)]
 pub struct Update {
-    pub nodes: Vec<(u64, u8, Vec<u8>)>,
+    pub nodes: Vec<NodeRow>,
     pub blobs: Vec<([u8; 32], Vec<u8>)>,
     pub chunks: Vec<([u8; 32], Vec<u8>)>,
     pub totals: Vec<([u8; 32], Totals)>,
@@ -182,6 +207,13 @@ impl LocalState {
             let mut map = state.nodes.map.write();
             for row in rows {
                 let (ino, kind, content) = row?;
+                let kind = Kind::from_byte(kind).with_context(|| {
+                    format!(
+                        "{}: node {ino} has an unknown kind {kind}: the cache state is damaged; \
+                         mount on a new cache",
+                        path.display()
+                    )
+                })?;
                 map.insert(ino, (kind, content));
             }
         }
@@ -219,11 +251,11 @@ impl LocalState {
         }))
     }
 
-    pub fn node(&self, ino: u64) -> Option<(u8, Vec<u8>)> {
+    pub fn node(&self, ino: u64) -> Option<(Kind, Vec<u8>)> {
         self.nodes.get(ino)
     }
 
-    pub fn node_kind(&self, ino: u64) -> Option<u8> {
+    pub fn node_kind(&self, ino: u64) -> Option<Kind> {
         self.nodes.kind(ino)
     }
 
@@ -358,12 +390,12 @@ impl LocalState {
                 "INSERT OR REPLACE INTO nodes (ino, kind, content) VALUES (?1, ?2, ?3)",
             )?;
             for (ino, kind, content) in &update.nodes {
-                put_node.execute(params![*ino as i64, *kind as i64, content])?;
+                put_node.execute(params![*ino as i64, kind.byte() as i64, content])?;
             }
             // Materialized after the capture: a full walk did not see them.
             if update.replace_all_nodes {
                 for (ino, kind, content) in &late {
-                    put_node.execute(params![*ino as i64, *kind as i64, content])?;
+                    put_node.execute(params![*ino as i64, kind.byte() as i64, content])?;
                 }
             }
             let mut put_blob =
@@ -439,7 +471,10 @@ mod tests {
         s.commit(
             &base,
             Update {
-                nodes: vec![(5, b'f', b"c5".to_vec()), (6, b'd', b"c6".to_vec())],
+                nodes: vec![
+                    (5, Kind::File, b"c5".to_vec()),
+                    (6, Kind::Dir, b"c6".to_vec()),
+                ],
                 blobs: vec![([1; 32], b"tree".to_vec())],
                 chunks: vec![([2; 32], b"loc".to_vec())],
                 totals: vec![(
@@ -457,14 +492,14 @@ mod tests {
         drop(s);
         let mut s = LocalState::open(&path).unwrap();
         assert_eq!(s.base().unwrap(), Some(base.clone()));
-        assert_eq!(s.node(5), Some((b'f', b"c5".to_vec())));
+        assert_eq!(s.node(5), Some((Kind::File, b"c5".to_vec())));
         assert_eq!(s.blob(&[1; 32]).unwrap(), Some(b"tree".to_vec()));
         assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(b"loc".to_vec()));
         assert_eq!(s.totals(&[3; 32]).unwrap().map(|t| t.bytes), Some(3));
         s.commit(
             &base,
             Update {
-                nodes: vec![(7, b'f', b"c7".to_vec())],
+                nodes: vec![(7, Kind::File, b"c7".to_vec())],
                 replace_all_nodes: true,
                 ..Update::default()
             },

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
+use owsfs_local::Kind;
 use owsfs_local::progress::Progress;
 use owsfs_store::chunk::chunk_reader;
 use owsfs_store::pack::{BlobKind, PackWriter};
@@ -202,9 +203,17 @@ fn restores_a_generation() {
     assert_eq!(seen.first(), Some(&(total, 3)), "begin: bytes and files");
     assert_eq!(seen.last(), Some(&(total, 3)), "everything reported done");
     // Every file and directory is recorded for the cache state (hard links once).
-    let kinds: Vec<u8> = update.nodes.iter().map(|n| n.1).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == b'f').count(), 3, "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| **k == b'd').count(), 1, "{kinds:?}");
+    let kinds: Vec<Kind> = update.nodes.iter().map(|n| n.1).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == Kind::File).count(),
+        3,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == Kind::Dir).count(),
+        1,
+        "{kinds:?}"
+    );
     assert!(update.replace_all_nodes);
 
     // A non-empty destination is refused.

@@ -21,7 +21,7 @@ use owsfs_store::{
 
 use super::capture::{Capture, EntryCapture};
 use super::wal;
-use owsfs_local::{LocalState, Totals, Update, decode_node, encode_node};
+use owsfs_local::{Kind, LocalState, Totals, Update, decode_node, encode_node};
 
 /// A database and where its WAL stood at the cut.
 pub type SqlitePosition = owsfs_store::generation::SqliteState;
@@ -225,7 +225,7 @@ fn build_trees(
                     totals.bytes += e.stat.size;
                     let c = match contents.get(&e.stat.ino) {
                         Some(c) => c.clone(),
-                        None => match base_entry(local, e.stat.ino, b'f')? {
+                        None => match base_entry(local, e.stat.ino, Kind::File)? {
                             Some(TreeEntry {
                                 content: Content::File(c),
                                 ..
@@ -238,7 +238,7 @@ fn build_trees(
                 libc::S_IFDIR => {
                     let (r, below) = match built_dirs.get(child.as_path()) {
                         Some(built) => *built,
-                        None => match base_entry(local, e.stat.ino, b'd')? {
+                        None => match base_entry(local, e.stat.ino, Kind::Dir)? {
                             Some(TreeEntry {
                                 content: Content::Dir(r),
                                 ..
@@ -266,14 +266,14 @@ fn build_trees(
             // A hard-linked file keeps the key the base generation gave it: its names in
             // directories this cut did not rebuild still carry that key.
             if entry.link_key != 0
-                && let Some(prev) = base_entry(local, e.stat.ino, b'f')?
+                && let Some(prev) = base_entry(local, e.stat.ino, Kind::File)?
                 && prev.link_key != 0
             {
                 entry.link_key = prev.link_key;
             }
             let kind_byte = match entry.kind {
-                NodeKind::File => Some(b'f'),
-                NodeKind::Dir => Some(b'd'),
+                NodeKind::File => Some(Kind::File),
+                NodeKind::Dir => Some(Kind::Dir),
                 _ => None,
             };
             if let Some(k) = kind_byte {
@@ -341,7 +341,7 @@ fn exists_after(capture: &Capture, path: &Path) -> bool {
     }
 }
 
-fn base_entry(local: &LocalState, ino: u64, kind: u8) -> anyhow::Result<Option<TreeEntry>> {
+fn base_entry(local: &LocalState, ino: u64, kind: Kind) -> anyhow::Result<Option<TreeEntry>> {
     match local.node(ino) {
         Some((k, bytes)) if k == kind => Ok(Some(decode_node(&bytes)?)),
         _ => Ok(None),
@@ -419,7 +419,7 @@ fn read_frozen(
 
     let d = dirty.files.get(&fuse_ino(f.ino));
     let base = match loader.local.node(f.ino) {
-        Some((b'f', bytes)) if !d.is_some_and(|d| d.created) => {
+        Some((Kind::File, bytes)) if !d.is_some_and(|d| d.created) => {
             match decode_node(&bytes)?.content {
                 Content::File(c) => Some(c),
                 _ => None,

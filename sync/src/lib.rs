@@ -32,7 +32,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use self::build::SqlitePosition;
-use owsfs_local::{Base, LocalState};
+use owsfs_local::{Base, Kind, LocalState};
 
 /// What the agent needs of the writer lease: a commit is attempted only while it is good,
 /// and a commit that finds its slot fenced loses it (fail-stop).
@@ -697,10 +697,10 @@ struct KnownNodes<'a>(&'a LocalState, &'a dyn Hydration);
 
 impl capture::Known for KnownNodes<'_> {
     fn has_file(&self, ino: u64) -> bool {
-        self.0.node_kind(ino) == Some(b'f')
+        self.0.node_kind(ino) == Some(Kind::File)
     }
     fn has_dir(&self, ino: u64) -> bool {
-        self.0.node_kind(ino) == Some(b'd')
+        self.0.node_kind(ino) == Some(Kind::Dir)
     }
     fn pending_dir(&self, ino: u64) -> bool {
         self.1.dir_pending(ino)
