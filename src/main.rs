@@ -8,6 +8,7 @@ mod daemon;
 mod hydrate;
 mod lease;
 mod log;
+mod logwriter;
 mod mountpoint;
 mod options;
 mod recover;
