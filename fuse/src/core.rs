@@ -669,6 +669,10 @@ impl Core {
                 self.journal_file_op(ino, Op::Meta { ino, dir: None })?;
             }
         }
+        // Every record before the first change: a setattr whose record failed changes nothing.
+        if let Some(size) = set.size {
+            self.journal_file_op(ino, Op::Truncate { ino, size })?;
+        }
         if let Some(mode) = set.mode {
             let mode = Mode::from_raw_mode(mode & 0o7777);
             match &handle {
@@ -696,7 +700,6 @@ impl Core {
             .ctx("chown")?;
         }
         if let Some(size) = set.size {
-            self.journal_file_op(ino, Op::Truncate { ino, size })?;
             self.fetch_if_frozen(ino, size)?;
             self.hyd_truncate(ino, size);
             self.freeze_before_change(ino, size, u64::MAX, &inode)?;
@@ -738,12 +741,19 @@ impl Core {
 
     /// Runs `create` as the caller (fs uid/gid), so the backing filesystem applies ownership,
     /// setgid inheritance and permission rules itself; then records and looks up the result.
+    /// `create` says whether it made the node (false: it found it there).
+    ///
+    /// The `Create` record can only follow the creation, since it names the new inode. If it
+    /// cannot be written (a full disk), the node is removed again and the caller gets the
+    /// journal's error: an operation the journal did not record must not stay performed
+    /// (an unrecorded file could reuse the inode number of a file the last generation holds,
+    /// and would then pass for that file).
     fn create_node(
         &self,
         parent: u64,
         name: &OsStr,
         caller: Caller,
-        create: impl FnOnce(&Inode) -> FsResult<()>,
+        create: impl FnOnce(&Inode) -> FsResult<bool>,
     ) -> FsResult<Entry> {
         check_name(name)?;
         self.wait_for_inode_room();
@@ -757,20 +767,51 @@ impl Core {
             ino: parent,
             dir: Some(dir_path.clone()),
         })?;
-        {
+        let made = {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
-            create(&dir)?;
+            create(&dir)?
+        };
+        let recorded = (|| {
+            let entry = self.lookup_new(&dir, name)?;
+            if let Some(h) = self.hyd() {
+                h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+            }
+            let record = self.journal.append(Op::Create {
+                ino: entry.attr.ino.0,
+                kind: node_kind(entry.attr.kind),
+                path: dir_path.join(name),
+            });
+            if let Err(e) = record {
+                // The kernel never learns of the entry: drop the reference lookup_new counted.
+                self.inodes.forget(entry.attr.ino.0, 1);
+                return Err(FsError::from(e));
+            }
+            Ok(entry)
+        })();
+        if recorded.is_err() && made {
+            self.undo_create(&dir, name);
         }
-        let entry = self.lookup_new(&dir, name)?;
-        if let Some(h) = self.hyd() {
-            h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+        recorded
+    }
+
+    /// Removes the node `name` in `dir` that `create_node` just made. Nothing else can have
+    /// used the name since: the kernel holds the directory's lock for the whole creation,
+    /// and the daemon is the only writer of the backing directory.
+    fn undo_create(&self, dir: &Inode, name: &OsStr) {
+        let flags = match rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => AtFlags::REMOVEDIR,
+            Ok(_) => AtFlags::empty(),
+            Err(e) => {
+                tracing::error!("cannot find {name:?} to undo its creation: {e}");
+                return;
+            }
+        };
+        if let Err(e) = rustix::fs::unlinkat(&dir.fd, name, flags) {
+            tracing::error!(
+                "cannot remove {name:?}, created while its journal record failed: {e}; the \
+                 parent directory is marked dirty, so the next generation lists it"
+            );
         }
-        self.journal.append(Op::Create {
-            ino: entry.attr.ino.0,
-            kind: node_kind(entry.attr.kind),
-            path: dir_path.join(name),
-        })?;
-        Ok(entry)
     }
 
     pub fn mknod(
@@ -792,13 +833,16 @@ impl Core {
                 rdev as u64,
             )
             .ctx("mknod")
+            .map(|()| true)
         })
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         self.create_node(parent, name, caller, |dir| {
-            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777)).ctx("mkdir")
+            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777))
+                .ctx("mkdir")
+                .map(|()| true)
         })
     }
 
@@ -811,7 +855,9 @@ impl Core {
     ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         self.create_node(parent, name, caller, |dir| {
-            rustix::fs::symlinkat(target, &dir.fd, name).ctx("symlink")
+            rustix::fs::symlinkat(target, &dir.fd, name)
+                .ctx("symlink")
+                .map(|()| true)
         })
     }
 
@@ -835,10 +881,20 @@ impl Core {
         }
         let mut file = None;
         let entry = self.create_node(parent, name, caller, |dir| {
-            let fd = rustix::fs::openat(&dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
-                .ctx("create")?;
+            let m = Mode::from_raw_mode(mode & 0o7777);
+            // O_EXCL first, to know whether this call made the file (only then may a failed
+            // journal record remove it again).
+            let (fd, made) = match rustix::fs::openat(&dir.fd, name, oflags | OFlags::EXCL, m) {
+                Ok(fd) => (fd, true),
+                Err(rustix::io::Errno::EXIST) if !oflags.contains(OFlags::EXCL) => {
+                    let fd = rustix::fs::openat(&dir.fd, name, oflags - OFlags::CREATE, m)
+                        .ctx("create")?;
+                    (fd, false)
+                }
+                Err(e) => return Err(FsError::errno(e.raw_os_error(), "create")),
+            };
             file = Some(File::from(fd));
-            Ok(())
+            Ok(made)
         })?;
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.attr.ino.0)?;
@@ -1172,9 +1228,8 @@ impl Core {
         // before the write (and before a frozen file saves its old bytes).
         self.fetch(handle.ino, offset, offset.saturating_add(data.len() as u64))?;
         let _barrier = self.data_mutation()?;
-        if kill_suidgid {
-            self.kill_suidgid(handle.ino, &handle.file)?;
-        }
+        // Recorded before anything changes, set-id bits included: a write whose record
+        // failed changes nothing.
         self.journal_file_op(
             handle.ino,
             Op::Write {
@@ -1183,11 +1238,25 @@ impl Core {
                 len: data.len() as u64,
             },
         )?;
+        if kill_suidgid {
+            self.kill_suidgid(handle.ino, &handle.file)?;
+        }
         self.freeze_before_change_fd(handle.ino, offset, offset + data.len() as u64, &handle.file)?;
-        handle.file.write_all_at(data, offset).ctx("write")?;
+        let mut done = 0;
+        while done < data.len() {
+            match handle.file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(FsError::errno(libc::EIO, "write wrote nothing")),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of space part way: like write(2), report what was written (the caller
+                // retries the rest and gets the error then).
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(FsError::io("write", e)),
+            }
+        }
         self.stats.count(&self.stats.writes);
-        self.stats.add(&self.stats.write_bytes, data.len() as u64);
-        Ok(data.len() as u32)
+        self.stats.add(&self.stats.write_bytes, done as u64);
+        Ok(done as u32)
     }
 
     /// close(2) of one descriptor of an open file. Every write already reached the backing
@@ -1214,12 +1283,20 @@ impl Core {
 
     pub fn fsync(&self, ino: u64, fh: u64, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
-        self.journal.append(Op::Fsync { ino })?;
+        self.journal_fsync(ino);
         let handle = self.handle(fh)?;
         if datasync {
             rustix::fs::fdatasync(&handle.file).ctx("fdatasync")
         } else {
             rustix::fs::fsync(&handle.file).ctx("fsync")
+        }
+    }
+
+    /// Notes an fsync in the journal. The record changes no dirty state and precedes no
+    /// mutation, so failing to write it (a full disk) must not fail the fsync itself.
+    fn journal_fsync(&self, ino: u64) {
+        if let Err(e) = self.journal.append(Op::Fsync { ino }) {
+            tracing::debug!("fsync of inode {ino} not recorded: {e}");
         }
     }
 
@@ -1408,7 +1485,7 @@ impl Core {
 
     pub fn fsyncdir(&self, ino: u64, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
-        self.journal.append(Op::Fsync { ino })?;
+        self.journal_fsync(ino);
         let inode = self.inode(ino)?;
         let fd = rustix::fs::openat(
             &inode.fd,
@@ -1690,6 +1767,7 @@ impl Drop for CallerCreds {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::os::unix::fs::MetadataExt;
 
     use owsfs_journal::JournalOptions;
@@ -2025,5 +2103,109 @@ mod tests {
         std::fs::write(f.backing.join("d"), b"d").unwrap();
         assert_eq!(f.core.readdir(fh, 0).unwrap().len(), 6, "offset 0 rereads");
         f.core.releasedir(fh);
+    }
+
+    /// A small tmpfs of the test's own, unmounted on drop. Needs root.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            if !rustix::process::geteuid().is_root() {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount tmpfs");
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// The `Create` record of a new node can only be written once the node exists (it names
+    /// its inode). When that write fails (here: the journal's page has room for the parent's
+    /// `Meta` record but not for `Create`, on a full tmpfs, without a reserve), the node is
+    /// removed again, the caller gets ENOSPC and the kernel's reference is not counted.
+    #[test]
+    fn a_node_whose_create_record_fails_is_removed_again() {
+        let Some(fs) = Tmpfs::mount("1m") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        let opts = JournalOptions {
+            reserve_bytes: 0,
+            ..JournalOptions::default()
+        };
+        let (journal, _) = Journal::open(&fs.0.path().join("journal"), &backing, opts).unwrap();
+        let journal = Arc::new(journal);
+        let core = Core::new(&backing, Arc::clone(&journal), CoreOptions::default()).unwrap();
+        let name = "n".repeat(40);
+        // The sizes of the two records of a creation in the root.
+        let size_of = |op: Op| {
+            let before = journal.stats().segment_offset;
+            journal.append(op).unwrap();
+            journal.stats().segment_offset - before
+        };
+        let meta = size_of(Op::Meta {
+            ino: ROOT_INO,
+            dir: Some(PathBuf::new()),
+        });
+        let create = size_of(Op::Create {
+            ino: 99,
+            kind: NodeKind::Dir,
+            path: PathBuf::from(&name),
+        });
+        // Pad the segment until its last page has room for `meta` but not `meta + create`.
+        let room = |j: &Journal| 4096 - j.stats().segment_offset % 4096;
+        while !(meta..meta + create).contains(&room(&journal)) {
+            journal.append(Op::Fsync { ino: 1 }).unwrap();
+        }
+        let mut filler = File::create(fs.0.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let inodes = core.inode_count();
+
+        let e = core
+            .mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(
+            !backing.join(&name).exists(),
+            "the directory was not removed"
+        );
+        let e = core
+            .create(ROOT_INO, name.as_ref(), 0o644, libc::O_RDWR, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(!backing.join(&name).exists(), "the file was not removed");
+        assert_eq!(core.inode_count(), inodes, "a reference was left behind");
+        let dirty = journal.dirty();
+        assert!(
+            dirty
+                .files
+                .values()
+                .all(|f| f.path.as_deref() != Some(Path::new(&name))),
+            "{dirty:?}"
+        );
+        assert!(journal.stats().failed.is_none());
+        // Space is back: the same creation succeeds.
+        drop(filler);
+        std::fs::remove_file(fs.0.path().join("filler")).unwrap();
+        core.mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT).unwrap();
+        assert!(backing.join(&name).is_dir());
     }
 }
