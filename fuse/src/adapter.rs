@@ -545,8 +545,8 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdir", e),
         };
-        for (i, entry) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        // Entries go into the reply until it is full; the rest are neither copied nor looked at.
+        for (next, entry) in entries.iter() {
             if reply.add(INodeNo(entry.ino), next, entry.kind, &entry.name) {
                 break;
             }
@@ -566,8 +566,7 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdirplus", e),
         };
-        for (i, entry) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for (next, entry) in entries.iter() {
             let name = entry.name.as_encoded_bytes();
             if name == b"." || name == b".." {
                 // The kernel does not count references for these two.

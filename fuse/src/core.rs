@@ -97,8 +97,38 @@ impl Handle {
 #[derive(Debug)]
 struct DirHandle {
     ino: u64,
-    entries: Vec<DirEntry>,
+    /// Shared with the readdir replies in flight, which take entries from it without copies.
+    entries: Arc<Vec<DirEntry>>,
     read_once: bool,
+}
+
+/// The entries of an open directory from some offset on, for one readdir reply. It shares
+/// the listing with the handle: a reply takes the entries that fit and copies nothing, so a
+/// directory of n entries costs O(n) over all its replies, not O(n²).
+#[derive(Clone, Debug)]
+pub struct DirEntries {
+    entries: Arc<Vec<DirEntry>>,
+    start: usize,
+}
+
+impl DirEntries {
+    /// Each entry with the offset the kernel passes to continue after it.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &DirEntry)> {
+        let start = self.start.min(self.entries.len());
+        self.entries[start..]
+            .iter()
+            .enumerate()
+            .map(move |(i, e)| ((start + i + 1) as u64, e))
+    }
+
+    /// How many entries are left from the offset on.
+    pub fn len(&self) -> usize {
+        self.entries.len().saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One directory entry, for readdir.
@@ -1404,7 +1434,7 @@ impl Core {
             fh,
             Arc::new(Mutex::new(DirHandle {
                 ino,
-                entries,
+                entries: Arc::new(entries),
                 read_once: false,
             })),
         );
@@ -1445,7 +1475,7 @@ impl Core {
 
     /// The entries of an open directory from index `offset` on; offset 0 after a first read
     /// is a rewind and rereads the directory.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<DirEntries> {
         let dh = self
             .dirs
             .get(&fh)
@@ -1454,10 +1484,13 @@ impl Core {
         let mut dh = dh.lock();
         if offset == 0 && dh.read_once {
             let inode = self.inode(dh.ino)?;
-            dh.entries = self.read_dir_entries(&inode)?;
+            dh.entries = Arc::new(self.read_dir_entries(&inode)?);
         }
         dh.read_once = true;
-        Ok(dh.entries.iter().skip(offset as usize).cloned().collect())
+        Ok(DirEntries {
+            entries: Arc::clone(&dh.entries),
+            start: usize::try_from(offset).unwrap_or(usize::MAX),
+        })
     }
 
     /// Looks up one entry for readdirplus (counts a kernel reference).
@@ -2101,22 +2134,35 @@ mod tests {
         let all = f.core.readdir(fh, 0).unwrap();
         let mut names: Vec<_> = all
             .iter()
-            .map(|e| e.name.to_string_lossy().into_owned())
+            .map(|(_, e)| e.name.to_string_lossy().into_owned())
             .collect();
         names.sort();
         assert_eq!(names, vec![".", "..", "a", "b", "c"]);
-        assert_eq!(f.core.readdir(fh, 3).unwrap().len(), 2);
+        let offsets: Vec<u64> = all.iter().map(|(next, _)| next).collect();
+        assert_eq!(
+            offsets,
+            vec![1, 2, 3, 4, 5],
+            "each entry says where to go on"
+        );
+        let rest = f.core.readdir(fh, 3).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(
+            rest.iter().map(|(next, _)| next).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert!(f.core.readdir(fh, 99).unwrap().is_empty());
         std::fs::write(f.backing.join("d"), b"d").unwrap();
         assert_eq!(f.core.readdir(fh, 0).unwrap().len(), 6, "offset 0 rereads");
         f.core.releasedir(fh);
     }
 
-    /// Counts, per thread, the bytes allocated zero-filled (`vec![0; n]` asks for those), so
-    /// a test can check that a read does not zero its buffer.
+    /// Counts, per thread, the bytes allocated, and among them those allocated zero-filled
+    /// (`vec![0; n]` asks for those), so tests can check what a call allocates.
     struct CountingAlloc;
 
     thread_local! {
         static ZEROED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     fn count(cell: &'static std::thread::LocalKey<std::cell::Cell<usize>>, n: usize) {
@@ -2128,11 +2174,13 @@ mod tests {
     // without a destructor, so counting allocates nothing.
     unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
         unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            count(&ALLOCATED, layout.size());
             // SAFETY: forwarded as is (see the impl).
             unsafe { std::alloc::System.alloc(layout) }
         }
 
         unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            count(&ALLOCATED, layout.size());
             count(&ZEROED, layout.size());
             // SAFETY: forwarded as is (see the impl).
             unsafe { std::alloc::System.alloc_zeroed(layout) }
@@ -2149,6 +2197,7 @@ mod tests {
             layout: std::alloc::Layout,
             new_size: usize,
         ) -> *mut u8 {
+            count(&ALLOCATED, new_size.saturating_sub(layout.size()));
             // SAFETY: forwarded as is (see the impl).
             unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
         }
@@ -2159,6 +2208,31 @@ mod tests {
 
     fn zeroed_bytes() -> usize {
         ZEROED.with(|z| z.get())
+    }
+
+    fn allocated_bytes() -> usize {
+        ALLOCATED.with(|a| a.get())
+    }
+
+    /// A readdir reply takes its entries from the open directory's listing without copying
+    /// the rest of it: a listing of n entries costs O(n) over all its replies, not O(n²).
+    #[test]
+    fn readdir_copies_no_entries() {
+        let f = fixture(false);
+        for i in 0..5000 {
+            std::fs::write(f.backing.join(format!("entry-{i:05}")), b"").unwrap();
+        }
+        let fh = f.core.opendir(ROOT_INO).unwrap();
+        let before = allocated_bytes();
+        let rest = f.core.readdir(fh, 100).unwrap();
+        let allocated = allocated_bytes() - before;
+        assert!(
+            allocated < 1024,
+            "readdir at offset 100 allocated {allocated} bytes for {} entries",
+            rest.len()
+        );
+        assert_eq!(rest.len(), 5002 - 100);
+        f.core.releasedir(fh);
     }
 
     /// A read fills a buffer that was never zeroed, and returns what the file has: all of
