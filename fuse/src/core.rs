@@ -32,7 +32,11 @@ pub struct CoreOptions {
     /// How many inodes may hold a descriptor at once (each inode the kernel knows holds one);
     /// past it, lookups of new inodes fail with ENFILE instead of starving the daemon.
     pub inode_budget: usize,
-    /// Where copy-on-first-write saves bytes of frozen files (None: a temporary directory).
+    /// Where copy-on-first-write saves bytes of frozen files (unnamed files). It should be on
+    /// the backing directory's file system (the cache's), which has room for the workspace's
+    /// data, unlike a small `/tmp`. None: the directory that holds the backing root (the cache
+    /// directory in owsfs's layout, `CACHE/backing`) if it is on that file system, else the
+    /// temporary directory.
     pub side_dir: Option<PathBuf>,
 }
 
@@ -232,7 +236,11 @@ impl Core {
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
             barrier: RwLock::new(()),
-            freezer: Freezer::new(&opts.side_dir.unwrap_or_else(std::env::temp_dir)),
+            freezer: Freezer::new(
+                &opts
+                    .side_dir
+                    .unwrap_or_else(|| default_side_dir(backing_root, st.st_dev)),
+            ),
             throttle: std::sync::OnceLock::new(),
             stopped: std::sync::OnceLock::new(),
             hydrate: std::sync::OnceLock::new(),
@@ -1648,6 +1656,25 @@ pub enum XattrReply {
     Data(Vec<u8>),
 }
 
+/// Where side files go when the caller names no place: beside the backing root, if that is on
+/// the backing root's file system (device `dev`); else the temporary directory.
+fn default_side_dir(backing_root: &Path, dev: u64) -> PathBuf {
+    let beside = std::fs::canonicalize(backing_root)
+        .ok()
+        .and_then(|root| root.parent().map(Path::to_path_buf))
+        .filter(|parent| rustix::fs::stat(parent).is_ok_and(|st| st.st_dev == dev));
+    beside.unwrap_or_else(|| {
+        let tmp = std::env::temp_dir();
+        tracing::info!(
+            "copy-on-first-write saves bytes in {}: the directory above the backing root {} \
+             is on another file system",
+            tmp.display(),
+            backing_root.display()
+        );
+        tmp
+    })
+}
+
 /// Reads up to `size` bytes at `offset` (fewer only at end of file) into a new buffer. The
 /// bytes go straight into the buffer's spare capacity (`rustix::buffer::spare_capacity`
 /// extends its length by what each `pread` filled), so the buffer is never zeroed first:
@@ -2256,6 +2283,36 @@ mod tests {
         assert_eq!(f.core.read(fh, 1000, 7).unwrap(), content[1000..1007]);
         assert!(f.core.read(fh, 2 << 20, 4096).unwrap().is_empty());
         assert!(f.core.read(fh, 0, 0).unwrap().is_empty());
+        f.core.release(fh).unwrap();
+    }
+
+    /// Copy-on-first-write side files go on the cache's file system (beside the backing
+    /// directory), not to $TMPDIR.
+    #[test]
+    fn side_files_go_beside_the_backing_directory() {
+        let f = fixture(false);
+        std::fs::write(f.backing.join("frozen"), vec![1u8; 8192]).unwrap();
+        let ino = f.core.lookup(ROOT_INO, name("frozen")).unwrap().attr.ino.0;
+        let bino = f.core.fuse_ino(ino);
+        let _frozen = f
+            .core
+            .freezer()
+            .freeze([(bino, PathBuf::from("frozen"), 8192)]);
+        let (_, fh) = f.core.open(ino, libc::O_WRONLY, false).unwrap();
+        f.core.write(fh, 0, b"changed", false).unwrap();
+        let side = f
+            .core
+            .freezer()
+            .side_file_path(bino)
+            .expect("the write saved the old bytes in a side file");
+        let cache = std::fs::canonicalize(f._dir.path()).unwrap();
+        assert!(
+            side.starts_with(&cache) && !side.starts_with(&f.backing),
+            "side file {} is not beside the backing directory {}",
+            side.display(),
+            f.backing.display()
+        );
+        assert_eq!(f.core.freezer().side_dir(), cache);
         f.core.release(fh).unwrap();
     }
 
