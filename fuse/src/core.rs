@@ -202,10 +202,10 @@ pub struct Core {
 impl Core {
     /// Opens the core over `backing_root`, which must be an existing directory.
     ///
-    /// Sets the process umask to 0: the kernel sends modes already masked by the caller's
-    /// umask, and masking them again with the daemon's would be wrong.
+    /// The process umask is left alone: the kernel sends modes already masked by the caller's
+    /// umask, and where the process's own umask takes more bits, the creation restores them
+    /// (`exact_mode`). A daemon can spare that call by running with umask 0.
     pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
-        rustix::process::umask(Mode::empty());
         let root_fd = rustix::fs::open(
             backing_root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -790,6 +790,7 @@ impl Core {
         &self,
         parent: u64,
         name: &OsStr,
+        mode: Option<u32>,
         caller: Caller,
         create: impl FnOnce(&Inode) -> FsResult<bool>,
     ) -> FsResult<Entry> {
@@ -810,7 +811,18 @@ impl Core {
             create(&dir)?
         };
         let recorded = (|| {
-            let entry = self.lookup_new(&dir, name)?;
+            let mut entry = self.lookup_new(&dir, name)?;
+            if let Some(mode) = mode
+                && made
+            {
+                entry = match self.exact_mode(entry, mode) {
+                    Ok(entry) => entry,
+                    Err((e, ino)) => {
+                        self.inodes.forget(ino, 1);
+                        return Err(e);
+                    }
+                };
+            }
             if let Some(h) = self.hyd() {
                 h.created(self.inodes.fuse_ino(entry.attr.ino.0));
             }
@@ -830,6 +842,35 @@ impl Core {
             self.undo_create(&dir, name);
         }
         recorded
+    }
+
+    /// Gives a node just made exactly the permission bits of `mode`, which the kernel masked
+    /// with the caller's umask already: the process's own umask (the embedding program's
+    /// business, left alone here) may have taken more. One `chmod` in that case only. On an
+    /// error, also returns the inode number, whose reference the caller must drop.
+    fn exact_mode(&self, entry: Entry, mode: u32) -> Result<Entry, (FsError, u64)> {
+        let ino = entry.attr.ino.0;
+        let want = mode & 0o777;
+        let perm = u32::from(entry.attr.perm);
+        if perm & 0o777 == want {
+            return Ok(entry);
+        }
+        (|| {
+            let inode = self.inode(ino)?;
+            // The set-id and sticky bits are what the file system made of the request.
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                Self::proc_path(&inode.fd).as_c_str(),
+                Mode::from_raw_mode((perm & 0o7000) | want),
+                AtFlags::empty(),
+            )
+            .ctx("set the mode of a new node")?;
+            let st = rustix::fs::fstat(&inode.fd).ctx("stat a new node")?;
+            Ok(Entry {
+                attr: self.attr(&st),
+            })
+        })()
+        .map_err(|e| (e, ino))
     }
 
     /// Removes the node `name` in `dir` that `create_node` just made. Nothing else can have
@@ -862,7 +903,7 @@ impl Core {
     ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        self.create_node(parent, name, caller, |dir| {
+        self.create_node(parent, name, Some(mode), caller, |dir| {
             rustix::fs::mknodat(
                 &dir.fd,
                 name,
@@ -877,7 +918,7 @@ impl Core {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
-        self.create_node(parent, name, caller, |dir| {
+        self.create_node(parent, name, Some(mode), caller, |dir| {
             rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777))
                 .ctx("mkdir")
                 .map(|()| true)
@@ -892,7 +933,7 @@ impl Core {
         caller: Caller,
     ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
-        self.create_node(parent, name, caller, |dir| {
+        self.create_node(parent, name, None, caller, |dir| {
             rustix::fs::symlinkat(target, &dir.fd, name)
                 .ctx("symlink")
                 .map(|()| true)
@@ -918,7 +959,7 @@ impl Core {
             h.truncate(st.st_ino, 0);
         }
         let mut file = None;
-        let entry = self.create_node(parent, name, caller, |dir| {
+        let entry = self.create_node(parent, name, Some(mode), caller, |dir| {
             let m = Mode::from_raw_mode(mode & 0o7777);
             // O_EXCL first, to know whether this call made the file (only then may a failed
             // journal record remove it again).
@@ -2284,6 +2325,36 @@ mod tests {
         assert!(f.core.read(fh, 2 << 20, 4096).unwrap().is_empty());
         assert!(f.core.read(fh, 0, 0).unwrap().is_empty());
         f.core.release(fh).unwrap();
+    }
+
+    /// Core::new leaves the process umask alone (it used to set it to 0 behind the caller's
+    /// back), and nodes are still created with exactly the requested permission bits, which
+    /// the kernel has already masked with the caller's umask.
+    #[test]
+    fn the_umask_is_left_alone_and_new_nodes_get_their_exact_mode() {
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
+        let f = fixture(false);
+        let now = rustix::process::umask(Mode::from_raw_mode(0o077));
+        assert_eq!(now.bits(), 0o077, "Core::new changed the process umask");
+        let mode_of =
+            |n: &str| std::fs::symlink_metadata(f.backing.join(n)).unwrap().mode() & 0o7777;
+        let d = f.core.mkdir(ROOT_INO, name("d"), 0o775, ROOT).unwrap();
+        assert_eq!((d.attr.perm, mode_of("d")), (0o775, 0o775));
+        let (e, _, fh) = f
+            .core
+            .create(ROOT_INO, name("f"), 0o664, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!((e.attr.perm, mode_of("f")), (0o664, 0o664));
+        let p = f
+            .core
+            .mknod(ROOT_INO, name("p"), libc::S_IFIFO | 0o646, 0, ROOT)
+            .unwrap();
+        assert_eq!((p.attr.perm, mode_of("p")), (0o646, 0o646));
+        // Modes the umask does not touch need no second call, and special bits stay.
+        let s = f.core.mkdir(ROOT_INO, name("s"), 0o1700, ROOT).unwrap();
+        assert_eq!((s.attr.perm, mode_of("s")), (0o1700, 0o1700));
+        rustix::process::umask(old);
     }
 
     /// Copy-on-first-write side files go on the cache's file system (beside the backing
