@@ -1,9 +1,10 @@
 //! Small promises of the mount that a local disk keeps without thinking: new files get exactly
-//! the mode the program asked for (whatever the daemon's own umask).
+//! the mode the program asked for (whatever the daemon's own umask), and an ioctl the
+//! workspace does not implement (isatty's TCGETS) is an ordinary ENOTTY, not a log line.
 
 mod common;
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
@@ -37,4 +38,32 @@ fn new_nodes_get_the_mode_the_caller_asked_for() {
     assert_eq!(mode(&ws.backing("d")), 0o777);
     assert_eq!(mode(&ws.backing("f")), 0o666);
     ws.unmount();
+}
+
+/// `isatty()` of a workspace file asks the file system for TCGETS: the answer is ENOTTY, as
+/// on a local disk, and the daemon's log gets no warning for it (fuser's default logged one
+/// per call and answered ENOSYS).
+#[test]
+fn isatty_on_a_workspace_file_is_a_quiet_enotty() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    fs::write(ws.path("f"), b"not a terminal").unwrap();
+    let f = File::open(ws.path("f")).unwrap();
+    for _ in 0..20 {
+        assert!(!rustix::termios::isatty(&f));
+        assert_eq!(
+            rustix::termios::tcgetattr(&f).unwrap_err(),
+            rustix::io::Errno::NOTTY
+        );
+    }
+    drop(f);
+    ws.unmount();
+    let log = fs::read_to_string(ws.cache.join("owsfs.log")).unwrap();
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ioctl") || l.contains("Not Implemented"))
+        .collect();
+    assert!(noisy.is_empty(), "the log mentions ioctls: {noisy:#?}");
 }
