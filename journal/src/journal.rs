@@ -831,6 +831,8 @@ impl Journal {
                     );
                 }
             }
+            // Interrupted: tried again after the next batch.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_no_space(e.raw_os_error()) => {
                 if g.reserve.low.is_none() {
                     tracing::warn!(
