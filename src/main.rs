@@ -5,6 +5,7 @@ mod args;
 mod cmd;
 mod control;
 mod failpoints;
+mod logwriter;
 mod mount;
 mod mountpoint;
 mod options;

@@ -5,14 +5,16 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::core::{Caller, Core, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
@@ -54,6 +56,8 @@ pub struct FuseAdapter {
     /// Kernel backing files of inodes open by passthrough, with the number of such opens. All
     /// passthrough opens of one inode must share one backing id.
     backing: DashMap<u64, (BackingId, u32)>,
+    /// An ioctl was refused once already (only the first is logged).
+    ioctl_refused: AtomicBool,
 }
 
 impl FuseAdapter {
@@ -62,6 +66,7 @@ impl FuseAdapter {
             core,
             opts,
             backing: DashMap::new(),
+            ioctl_refused: AtomicBool::new(false),
         }
     }
 
@@ -545,8 +550,8 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdir", e),
         };
-        for (i, entry) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        // Entries go into the reply until it is full; the rest are neither copied nor looked at.
+        for (next, entry) in entries.iter() {
             if reply.add(INodeNo(entry.ino), next, entry.kind, &entry.name) {
                 break;
             }
@@ -566,8 +571,7 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdirplus", e),
         };
-        for (i, entry) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for (next, entry) in entries.iter() {
             let name = entry.name.as_encoded_bytes();
             if name == b"." || name == b".." {
                 // The kernel does not count references for these two.
@@ -732,6 +736,20 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(refuse_ioctl(&self.ioctl_refused, ino.0, cmd));
+    }
+
     fn copy_file_range(
         &self,
         _req: &Request,
@@ -755,6 +773,18 @@ impl Filesystem for FuseAdapter {
     }
 }
 
+/// The answer to every ioctl: ENOTTY, what a local file system gives for a request it does
+/// not know (`isatty(3)` asks TCGETS of every file it is given). fuser's default logged a
+/// warning per call and answered ENOSYS; this logs the first one at debug level only.
+fn refuse_ioctl(refused_before: &AtomicBool, ino: u64, cmd: u32) -> Errno {
+    if !refused_before.swap(true, Ordering::Relaxed) {
+        tracing::debug!(
+            "ioctl {cmd:#x} on inode {ino}: not supported (ENOTTY); later ones are not logged"
+        );
+    }
+    Errno::ENOTTY
+}
+
 fn negative_attr() -> FileAttr {
     FileAttr {
         ino: INodeNo(0),
@@ -772,5 +802,22 @@ fn negative_attr() -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctls_are_refused_with_enotty() {
+        let refused = AtomicBool::new(false);
+        let tcgets = libc::TCGETS as u32;
+        assert_eq!(refuse_ioctl(&refused, 2, tcgets), Errno::ENOTTY);
+        assert!(
+            refused.load(Ordering::Relaxed),
+            "the first refusal is noted"
+        );
+        assert_eq!(refuse_ioctl(&refused, 2, tcgets), Errno::ENOTTY);
     }
 }

@@ -32,7 +32,11 @@ pub struct CoreOptions {
     /// How many inodes may hold a descriptor at once (each inode the kernel knows holds one);
     /// past it, lookups of new inodes fail with ENFILE instead of starving the daemon.
     pub inode_budget: usize,
-    /// Where copy-on-first-write saves bytes of frozen files (None: a temporary directory).
+    /// Where copy-on-first-write saves bytes of frozen files (unnamed files). It should be on
+    /// the backing directory's file system (the cache's), which has room for the workspace's
+    /// data, unlike a small `/tmp`. None: the directory that holds the backing root (the cache
+    /// directory in owsfs's layout, `CACHE/backing`) if it is on that file system, else the
+    /// temporary directory.
     pub side_dir: Option<PathBuf>,
 }
 
@@ -97,8 +101,38 @@ impl Handle {
 #[derive(Debug)]
 struct DirHandle {
     ino: u64,
-    entries: Vec<DirEntry>,
+    /// Shared with the readdir replies in flight, which take entries from it without copies.
+    entries: Arc<Vec<DirEntry>>,
     read_once: bool,
+}
+
+/// The entries of an open directory from some offset on, for one readdir reply. It shares
+/// the listing with the handle: a reply takes the entries that fit and copies nothing, so a
+/// directory of n entries costs O(n) over all its replies, not O(n²).
+#[derive(Clone, Debug)]
+pub struct DirEntries {
+    entries: Arc<Vec<DirEntry>>,
+    start: usize,
+}
+
+impl DirEntries {
+    /// Each entry with the offset the kernel passes to continue after it.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &DirEntry)> {
+        let start = self.start.min(self.entries.len());
+        self.entries[start..]
+            .iter()
+            .enumerate()
+            .map(move |(i, e)| ((start + i + 1) as u64, e))
+    }
+
+    /// How many entries are left from the offset on.
+    pub fn len(&self) -> usize {
+        self.entries.len().saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One directory entry, for readdir.
@@ -168,10 +202,10 @@ pub struct Core {
 impl Core {
     /// Opens the core over `backing_root`, which must be an existing directory.
     ///
-    /// Sets the process umask to 0: the kernel sends modes already masked by the caller's
-    /// umask, and masking them again with the daemon's would be wrong.
+    /// The process umask is left alone: the kernel sends modes already masked by the caller's
+    /// umask, and where the process's own umask takes more bits, the creation restores them
+    /// (`exact_mode`). A daemon can spare that call by running with umask 0.
     pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
-        rustix::process::umask(Mode::empty());
         let root_fd = rustix::fs::open(
             backing_root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -202,7 +236,11 @@ impl Core {
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
             barrier: RwLock::new(()),
-            freezer: Freezer::new(&opts.side_dir.unwrap_or_else(std::env::temp_dir)),
+            freezer: Freezer::new(
+                &opts
+                    .side_dir
+                    .unwrap_or_else(|| default_side_dir(backing_root, st.st_dev)),
+            ),
             throttle: std::sync::OnceLock::new(),
             stopped: std::sync::OnceLock::new(),
             hydrate: std::sync::OnceLock::new(),
@@ -669,6 +707,10 @@ impl Core {
                 self.journal_file_op(ino, Op::Meta { ino, dir: None })?;
             }
         }
+        // Every record before the first change: a setattr whose record failed changes nothing.
+        if let Some(size) = set.size {
+            self.journal_file_op(ino, Op::Truncate { ino, size })?;
+        }
         if let Some(mode) = set.mode {
             let mode = Mode::from_raw_mode(mode & 0o7777);
             match &handle {
@@ -696,7 +738,6 @@ impl Core {
             .ctx("chown")?;
         }
         if let Some(size) = set.size {
-            self.journal_file_op(ino, Op::Truncate { ino, size })?;
             self.fetch_if_frozen(ino, size)?;
             self.hyd_truncate(ino, size);
             self.freeze_before_change(ino, size, u64::MAX, &inode)?;
@@ -738,12 +779,20 @@ impl Core {
 
     /// Runs `create` as the caller (fs uid/gid), so the backing filesystem applies ownership,
     /// setgid inheritance and permission rules itself; then records and looks up the result.
+    /// `create` says whether it made the node (false: it found it there).
+    ///
+    /// The `Create` record can only follow the creation, since it names the new inode. If it
+    /// cannot be written (a full disk), the node is removed again and the caller gets the
+    /// journal's error: an operation the journal did not record must not stay performed
+    /// (an unrecorded file could reuse the inode number of a file the last generation holds,
+    /// and would then pass for that file).
     fn create_node(
         &self,
         parent: u64,
         name: &OsStr,
+        mode: Option<u32>,
         caller: Caller,
-        create: impl FnOnce(&Inode) -> FsResult<()>,
+        create: impl FnOnce(&Inode) -> FsResult<bool>,
     ) -> FsResult<Entry> {
         check_name(name)?;
         self.wait_for_inode_room();
@@ -757,20 +806,91 @@ impl Core {
             ino: parent,
             dir: Some(dir_path.clone()),
         })?;
-        {
+        let made = {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
-            create(&dir)?;
+            create(&dir)?
+        };
+        let recorded = (|| {
+            let mut entry = self.lookup_new(&dir, name)?;
+            if let Some(mode) = mode
+                && made
+            {
+                entry = match self.exact_mode(entry, mode) {
+                    Ok(entry) => entry,
+                    Err((e, ino)) => {
+                        self.inodes.forget(ino, 1);
+                        return Err(e);
+                    }
+                };
+            }
+            if let Some(h) = self.hyd() {
+                h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+            }
+            let record = self.journal.append(Op::Create {
+                ino: entry.attr.ino.0,
+                kind: node_kind(entry.attr.kind),
+                path: dir_path.join(name),
+            });
+            if let Err(e) = record {
+                // The kernel never learns of the entry: drop the reference lookup_new counted.
+                self.inodes.forget(entry.attr.ino.0, 1);
+                return Err(FsError::from(e));
+            }
+            Ok(entry)
+        })();
+        if recorded.is_err() && made {
+            self.undo_create(&dir, name);
         }
-        let entry = self.lookup_new(&dir, name)?;
-        if let Some(h) = self.hyd() {
-            h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+        recorded
+    }
+
+    /// Gives a node just made exactly the permission bits of `mode`, which the kernel masked
+    /// with the caller's umask already: the process's own umask (the embedding program's
+    /// business, left alone here) may have taken more. One `chmod` in that case only. On an
+    /// error, also returns the inode number, whose reference the caller must drop.
+    fn exact_mode(&self, entry: Entry, mode: u32) -> Result<Entry, (FsError, u64)> {
+        let ino = entry.attr.ino.0;
+        let want = mode & 0o777;
+        let perm = u32::from(entry.attr.perm);
+        if perm & 0o777 == want {
+            return Ok(entry);
         }
-        self.journal.append(Op::Create {
-            ino: entry.attr.ino.0,
-            kind: node_kind(entry.attr.kind),
-            path: dir_path.join(name),
-        })?;
-        Ok(entry)
+        (|| {
+            let inode = self.inode(ino)?;
+            // The set-id and sticky bits are what the file system made of the request.
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                Self::proc_path(&inode.fd).as_c_str(),
+                Mode::from_raw_mode((perm & 0o7000) | want),
+                AtFlags::empty(),
+            )
+            .ctx("set the mode of a new node")?;
+            let st = rustix::fs::fstat(&inode.fd).ctx("stat a new node")?;
+            Ok(Entry {
+                attr: self.attr(&st),
+            })
+        })()
+        .map_err(|e| (e, ino))
+    }
+
+    /// Removes the node `name` in `dir` that `create_node` just made. Nothing else can have
+    /// used the name since: the kernel holds the directory's lock for the whole creation,
+    /// and the daemon is the only writer of the backing directory.
+    fn undo_create(&self, dir: &Inode, name: &OsStr) {
+        let flags = match rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => AtFlags::REMOVEDIR,
+            Ok(_) => AtFlags::empty(),
+            Err(e) => {
+                tracing::error!("cannot find {name:?} to undo its creation: {e}");
+                return;
+            }
+        };
+        if let Err(e) = rustix::fs::unlinkat(&dir.fd, name, flags) {
+            tracing::error!(
+                "cannot remove {name:?}, created while its journal record failed: {e}; the \
+                 parent directory is marked dirty, so the next generation lists it"
+            );
+        }
     }
 
     pub fn mknod(
@@ -783,7 +903,7 @@ impl Core {
     ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         let kind = rustix::fs::FileType::from_raw_mode(mode);
-        self.create_node(parent, name, caller, |dir| {
+        self.create_node(parent, name, Some(mode), caller, |dir| {
             rustix::fs::mknodat(
                 &dir.fd,
                 name,
@@ -792,13 +912,16 @@ impl Core {
                 rdev as u64,
             )
             .ctx("mknod")
+            .map(|()| true)
         })
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
-        self.create_node(parent, name, caller, |dir| {
-            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777)).ctx("mkdir")
+        self.create_node(parent, name, Some(mode), caller, |dir| {
+            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777))
+                .ctx("mkdir")
+                .map(|()| true)
         })
     }
 
@@ -810,8 +933,10 @@ impl Core {
         caller: Caller,
     ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
-        self.create_node(parent, name, caller, |dir| {
-            rustix::fs::symlinkat(target, &dir.fd, name).ctx("symlink")
+        self.create_node(parent, name, None, caller, |dir| {
+            rustix::fs::symlinkat(target, &dir.fd, name)
+                .ctx("symlink")
+                .map(|()| true)
         })
     }
 
@@ -834,11 +959,21 @@ impl Core {
             h.truncate(st.st_ino, 0);
         }
         let mut file = None;
-        let entry = self.create_node(parent, name, caller, |dir| {
-            let fd = rustix::fs::openat(&dir.fd, name, oflags, Mode::from_raw_mode(mode & 0o7777))
-                .ctx("create")?;
+        let entry = self.create_node(parent, name, Some(mode), caller, |dir| {
+            let m = Mode::from_raw_mode(mode & 0o7777);
+            // O_EXCL first, to know whether this call made the file (only then may a failed
+            // journal record remove it again).
+            let (fd, made) = match rustix::fs::openat(&dir.fd, name, oflags | OFlags::EXCL, m) {
+                Ok(fd) => (fd, true),
+                Err(rustix::io::Errno::EXIST) if !oflags.contains(OFlags::EXCL) => {
+                    let fd = rustix::fs::openat(&dir.fd, name, oflags - OFlags::CREATE, m)
+                        .ctx("create")?;
+                    (fd, false)
+                }
+                Err(e) => return Err(FsError::errno(e.raw_os_error(), "create")),
+            };
             file = Some(File::from(fd));
-            Ok(())
+            Ok(made)
         })?;
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.attr.ino.0)?;
@@ -1145,21 +1280,9 @@ impl Core {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let handle = self.handle(fh)?;
         self.fetch(handle.ino, offset, offset.saturating_add(size as u64))?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = handle
-                .file
-                .read_at(&mut buf[done..], offset + done as u64)
-                .ctx("read")?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
+        let buf = read_at_most(&handle.file, offset, size as usize).ctx("read")?;
         self.stats.count(&self.stats.reads);
-        self.stats.add(&self.stats.read_bytes, done as u64);
+        self.stats.add(&self.stats.read_bytes, buf.len() as u64);
         Ok(buf)
     }
 
@@ -1172,9 +1295,8 @@ impl Core {
         // before the write (and before a frozen file saves its old bytes).
         self.fetch(handle.ino, offset, offset.saturating_add(data.len() as u64))?;
         let _barrier = self.data_mutation()?;
-        if kill_suidgid {
-            self.kill_suidgid(handle.ino, &handle.file)?;
-        }
+        // Recorded before anything changes, set-id bits included: a write whose record
+        // failed changes nothing.
         self.journal_file_op(
             handle.ino,
             Op::Write {
@@ -1183,11 +1305,25 @@ impl Core {
                 len: data.len() as u64,
             },
         )?;
+        if kill_suidgid {
+            self.kill_suidgid(handle.ino, &handle.file)?;
+        }
         self.freeze_before_change_fd(handle.ino, offset, offset + data.len() as u64, &handle.file)?;
-        handle.file.write_all_at(data, offset).ctx("write")?;
+        let mut done = 0;
+        while done < data.len() {
+            match handle.file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(FsError::errno(libc::EIO, "write wrote nothing")),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of space part way: like write(2), report what was written (the caller
+                // retries the rest and gets the error then).
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(FsError::io("write", e)),
+            }
+        }
         self.stats.count(&self.stats.writes);
-        self.stats.add(&self.stats.write_bytes, data.len() as u64);
-        Ok(data.len() as u32)
+        self.stats.add(&self.stats.write_bytes, done as u64);
+        Ok(done as u32)
     }
 
     /// close(2) of one descriptor of an open file. Every write already reached the backing
@@ -1214,12 +1350,20 @@ impl Core {
 
     pub fn fsync(&self, ino: u64, fh: u64, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
-        self.journal.append(Op::Fsync { ino })?;
+        self.journal_fsync(ino);
         let handle = self.handle(fh)?;
         if datasync {
             rustix::fs::fdatasync(&handle.file).ctx("fdatasync")
         } else {
             rustix::fs::fsync(&handle.file).ctx("fsync")
+        }
+    }
+
+    /// Notes an fsync in the journal. The record changes no dirty state and precedes no
+    /// mutation, so failing to write it (a full disk) must not fail the fsync itself.
+    fn journal_fsync(&self, ino: u64) {
+        if let Err(e) = self.journal.append(Op::Fsync { ino }) {
+            tracing::debug!("fsync of inode {ino} not recorded: {e}");
         }
     }
 
@@ -1339,7 +1483,7 @@ impl Core {
             fh,
             Arc::new(Mutex::new(DirHandle {
                 ino,
-                entries,
+                entries: Arc::new(entries),
                 read_once: false,
             })),
         );
@@ -1380,7 +1524,7 @@ impl Core {
 
     /// The entries of an open directory from index `offset` on; offset 0 after a first read
     /// is a rewind and rereads the directory.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<DirEntries> {
         let dh = self
             .dirs
             .get(&fh)
@@ -1389,10 +1533,13 @@ impl Core {
         let mut dh = dh.lock();
         if offset == 0 && dh.read_once {
             let inode = self.inode(dh.ino)?;
-            dh.entries = self.read_dir_entries(&inode)?;
+            dh.entries = Arc::new(self.read_dir_entries(&inode)?);
         }
         dh.read_once = true;
-        Ok(dh.entries.iter().skip(offset as usize).cloned().collect())
+        Ok(DirEntries {
+            entries: Arc::clone(&dh.entries),
+            start: usize::try_from(offset).unwrap_or(usize::MAX),
+        })
     }
 
     /// Looks up one entry for readdirplus (counts a kernel reference).
@@ -1408,7 +1555,7 @@ impl Core {
 
     pub fn fsyncdir(&self, ino: u64, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
-        self.journal.append(Op::Fsync { ino })?;
+        self.journal_fsync(ino);
         let inode = self.inode(ino)?;
         let fd = rustix::fs::openat(
             &inode.fd,
@@ -1548,6 +1695,43 @@ impl Core {
 pub enum XattrReply {
     Size(u32),
     Data(Vec<u8>),
+}
+
+/// Where side files go when the caller names no place: beside the backing root, if that is on
+/// the backing root's file system (device `dev`); else the temporary directory.
+fn default_side_dir(backing_root: &Path, dev: u64) -> PathBuf {
+    let beside = std::fs::canonicalize(backing_root)
+        .ok()
+        .and_then(|root| root.parent().map(Path::to_path_buf))
+        .filter(|parent| rustix::fs::stat(parent).is_ok_and(|st| st.st_dev == dev));
+    beside.unwrap_or_else(|| {
+        let tmp = std::env::temp_dir();
+        tracing::info!(
+            "copy-on-first-write saves bytes in {}: the directory above the backing root {} \
+             is on another file system",
+            tmp.display(),
+            backing_root.display()
+        );
+        tmp
+    })
+}
+
+/// Reads up to `size` bytes at `offset` (fewer only at end of file) into a new buffer. The
+/// bytes go straight into the buffer's spare capacity (`rustix::buffer::spare_capacity`
+/// extends its length by what each `pread` filled), so the buffer is never zeroed first:
+/// a read costs its copy, not a memset of up to 1 MiB as well.
+fn read_at_most(file: &File, offset: u64, size: usize) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(size);
+    while buf.len() < size {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
 }
 
 fn check_name(name: &OsStr) -> FsResult<()> {
@@ -1690,6 +1874,7 @@ impl Drop for CallerCreds {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::os::unix::fs::MetadataExt;
 
     use owsfs_journal::JournalOptions;
@@ -2017,13 +2202,292 @@ mod tests {
         let all = f.core.readdir(fh, 0).unwrap();
         let mut names: Vec<_> = all
             .iter()
-            .map(|e| e.name.to_string_lossy().into_owned())
+            .map(|(_, e)| e.name.to_string_lossy().into_owned())
             .collect();
         names.sort();
         assert_eq!(names, vec![".", "..", "a", "b", "c"]);
-        assert_eq!(f.core.readdir(fh, 3).unwrap().len(), 2);
+        let offsets: Vec<u64> = all.iter().map(|(next, _)| next).collect();
+        assert_eq!(
+            offsets,
+            vec![1, 2, 3, 4, 5],
+            "each entry says where to go on"
+        );
+        let rest = f.core.readdir(fh, 3).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(
+            rest.iter().map(|(next, _)| next).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert!(f.core.readdir(fh, 99).unwrap().is_empty());
         std::fs::write(f.backing.join("d"), b"d").unwrap();
         assert_eq!(f.core.readdir(fh, 0).unwrap().len(), 6, "offset 0 rereads");
         f.core.releasedir(fh);
+    }
+
+    /// Counts, per thread, the bytes allocated, and among them those allocated zero-filled
+    /// (`vec![0; n]` asks for those), so tests can check what a call allocates.
+    struct CountingAlloc;
+
+    thread_local! {
+        static ZEROED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn count(cell: &'static std::thread::LocalKey<std::cell::Cell<usize>>, n: usize) {
+        let _ = cell.try_with(|c| c.set(c.get() + n));
+    }
+
+    // SAFETY: every method forwards to the system allocator with the caller's arguments,
+    // which uphold GlobalAlloc's contract; the counter is a const-initialized thread local
+    // without a destructor, so counting allocates nothing.
+    unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            count(&ALLOCATED, layout.size());
+            // SAFETY: forwarded as is (see the impl).
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            count(&ALLOCATED, layout.size());
+            count(&ZEROED, layout.size());
+            // SAFETY: forwarded as is (see the impl).
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: forwarded as is (see the impl).
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(
+            &self,
+            ptr: *mut u8,
+            layout: std::alloc::Layout,
+            new_size: usize,
+        ) -> *mut u8 {
+            count(&ALLOCATED, new_size.saturating_sub(layout.size()));
+            // SAFETY: forwarded as is (see the impl).
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: CountingAlloc = CountingAlloc;
+
+    fn zeroed_bytes() -> usize {
+        ZEROED.with(|z| z.get())
+    }
+
+    fn allocated_bytes() -> usize {
+        ALLOCATED.with(|a| a.get())
+    }
+
+    /// A readdir reply takes its entries from the open directory's listing without copying
+    /// the rest of it: a listing of n entries costs O(n) over all its replies, not O(n²).
+    #[test]
+    fn readdir_copies_no_entries() {
+        let f = fixture(false);
+        for i in 0..5000 {
+            std::fs::write(f.backing.join(format!("entry-{i:05}")), b"").unwrap();
+        }
+        let fh = f.core.opendir(ROOT_INO).unwrap();
+        let before = allocated_bytes();
+        let rest = f.core.readdir(fh, 100).unwrap();
+        let allocated = allocated_bytes() - before;
+        assert!(
+            allocated < 1024,
+            "readdir at offset 100 allocated {allocated} bytes for {} entries",
+            rest.len()
+        );
+        assert_eq!(rest.len(), 5002 - 100);
+        f.core.releasedir(fh);
+    }
+
+    /// A read fills a buffer that was never zeroed, and returns what the file has: all of
+    /// it in the middle, fewer bytes at the end, none past it.
+    #[test]
+    fn reads_do_not_zero_their_buffer() {
+        let f = fixture(false);
+        let content: Vec<u8> = (0..(1 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        std::fs::write(f.backing.join("big"), &content).unwrap();
+        let ino = f.core.lookup(ROOT_INO, name("big")).unwrap().attr.ino.0;
+        let (_, fh) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
+        let before = zeroed_bytes();
+        let data = f.core.read(fh, 0, 1 << 20).unwrap();
+        assert!(
+            zeroed_bytes() - before < 4096,
+            "a 1 MiB read zero-filled {} bytes",
+            zeroed_bytes() - before
+        );
+        assert!(data == content[..1 << 20]);
+        assert_eq!(f.core.read(fh, 1 << 20, 4096).unwrap(), content[1 << 20..]);
+        assert_eq!(f.core.read(fh, 1000, 7).unwrap(), content[1000..1007]);
+        assert!(f.core.read(fh, 2 << 20, 4096).unwrap().is_empty());
+        assert!(f.core.read(fh, 0, 0).unwrap().is_empty());
+        f.core.release(fh).unwrap();
+    }
+
+    /// Core::new leaves the process umask alone (it used to set it to 0 behind the caller's
+    /// back), and nodes are still created with exactly the requested permission bits, which
+    /// the kernel has already masked with the caller's umask.
+    #[test]
+    fn the_umask_is_left_alone_and_new_nodes_get_their_exact_mode() {
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
+        let f = fixture(false);
+        let now = rustix::process::umask(Mode::from_raw_mode(0o077));
+        assert_eq!(now.bits(), 0o077, "Core::new changed the process umask");
+        let mode_of =
+            |n: &str| std::fs::symlink_metadata(f.backing.join(n)).unwrap().mode() & 0o7777;
+        let d = f.core.mkdir(ROOT_INO, name("d"), 0o775, ROOT).unwrap();
+        assert_eq!((d.attr.perm, mode_of("d")), (0o775, 0o775));
+        let (e, _, fh) = f
+            .core
+            .create(ROOT_INO, name("f"), 0o664, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!((e.attr.perm, mode_of("f")), (0o664, 0o664));
+        let p = f
+            .core
+            .mknod(ROOT_INO, name("p"), libc::S_IFIFO | 0o646, 0, ROOT)
+            .unwrap();
+        assert_eq!((p.attr.perm, mode_of("p")), (0o646, 0o646));
+        // Modes the umask does not touch need no second call, and special bits stay.
+        let s = f.core.mkdir(ROOT_INO, name("s"), 0o1700, ROOT).unwrap();
+        assert_eq!((s.attr.perm, mode_of("s")), (0o1700, 0o1700));
+        rustix::process::umask(old);
+    }
+
+    /// Copy-on-first-write side files go on the cache's file system (beside the backing
+    /// directory), not to $TMPDIR.
+    #[test]
+    fn side_files_go_beside_the_backing_directory() {
+        let f = fixture(false);
+        std::fs::write(f.backing.join("frozen"), vec![1u8; 8192]).unwrap();
+        let ino = f.core.lookup(ROOT_INO, name("frozen")).unwrap().attr.ino.0;
+        let bino = f.core.fuse_ino(ino);
+        let _frozen = f
+            .core
+            .freezer()
+            .freeze([(bino, PathBuf::from("frozen"), 8192)]);
+        let (_, fh) = f.core.open(ino, libc::O_WRONLY, false).unwrap();
+        f.core.write(fh, 0, b"changed", false).unwrap();
+        let side = f
+            .core
+            .freezer()
+            .side_file_path(bino)
+            .expect("the write saved the old bytes in a side file");
+        let cache = std::fs::canonicalize(f._dir.path()).unwrap();
+        assert!(
+            side.starts_with(&cache) && !side.starts_with(&f.backing),
+            "side file {} is not beside the backing directory {}",
+            side.display(),
+            f.backing.display()
+        );
+        assert_eq!(f.core.freezer().side_dir(), cache);
+        f.core.release(fh).unwrap();
+    }
+
+    /// A small tmpfs of the test's own, unmounted on drop. Needs root.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            if !rustix::process::geteuid().is_root() {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount tmpfs");
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// The `Create` record of a new node can only be written once the node exists (it names
+    /// its inode). When that write fails (here: the journal's page has room for the parent's
+    /// `Meta` record but not for `Create`, on a full tmpfs, without a reserve), the node is
+    /// removed again, the caller gets ENOSPC and the kernel's reference is not counted.
+    #[test]
+    fn a_node_whose_create_record_fails_is_removed_again() {
+        let Some(fs) = Tmpfs::mount("1m") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        let opts = JournalOptions {
+            reserve_bytes: 0,
+            ..JournalOptions::default()
+        };
+        let (journal, _) = Journal::open(&fs.0.path().join("journal"), &backing, opts).unwrap();
+        let journal = Arc::new(journal);
+        let core = Core::new(&backing, Arc::clone(&journal), CoreOptions::default()).unwrap();
+        let name = "n".repeat(40);
+        // The sizes of the two records of a creation in the root.
+        let size_of = |op: Op| {
+            let before = journal.stats().segment_offset;
+            journal.append(op).unwrap();
+            journal.stats().segment_offset - before
+        };
+        let meta = size_of(Op::Meta {
+            ino: ROOT_INO,
+            dir: Some(PathBuf::new()),
+        });
+        let create = size_of(Op::Create {
+            ino: 99,
+            kind: NodeKind::Dir,
+            path: PathBuf::from(&name),
+        });
+        // Pad the segment until its last page has room for `meta` but not `meta + create`.
+        let room = |j: &Journal| 4096 - j.stats().segment_offset % 4096;
+        while !(meta..meta + create).contains(&room(&journal)) {
+            journal.append(Op::Fsync { ino: 1 }).unwrap();
+        }
+        let mut filler = File::create(fs.0.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let inodes = core.inode_count();
+
+        let e = core
+            .mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(
+            !backing.join(&name).exists(),
+            "the directory was not removed"
+        );
+        let e = core
+            .create(ROOT_INO, name.as_ref(), 0o644, libc::O_RDWR, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(!backing.join(&name).exists(), "the file was not removed");
+        assert_eq!(core.inode_count(), inodes, "a reference was left behind");
+        let dirty = journal.dirty();
+        assert!(
+            dirty
+                .files
+                .values()
+                .all(|f| f.path.as_deref() != Some(Path::new(&name))),
+            "{dirty:?}"
+        );
+        assert!(journal.stats().failed.is_none());
+        // Space is back: the same creation succeeds.
+        drop(filler);
+        std::fs::remove_file(fs.0.path().join("filler")).unwrap();
+        core.mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT).unwrap();
+        assert!(backing.join(&name).is_dir());
     }
 }

@@ -58,6 +58,7 @@ impl FsError {
                 | libc::EMLINK
                 | libc::EFBIG
                 | libc::ENOSPC
+                | libc::EDQUOT
                 | libc::EROFS
                 | libc::EBADF
                 | libc::ETXTBSY
@@ -92,9 +93,20 @@ impl std::error::Error for FsError {
 impl From<owsfs_journal::JournalError> for FsError {
     fn from(e: owsfs_journal::JournalError) -> Self {
         // A journal that cannot record a mutation must refuse the mutation: nothing may
-        // change in the workspace that the journal does not know about.
-        tracing::error!("journal append failed, refusing the operation: {e}");
-        FsError::errno(libc::EIO, "journal append failed")
+        // change in the workspace that the journal does not know about. The caller gets the
+        // journal's errno: ENOSPC on a full disk (which passes once space is freed; the
+        // journal logs when that starts and ends), EIO when the journal gave up.
+        let errno = e.to_errno();
+        if matches!(errno, libc::ENOSPC | libc::EDQUOT) {
+            tracing::trace!("journal append refused, refusing the operation: {e}");
+        } else {
+            tracing::error!("journal append failed, refusing the operation: {e}");
+        }
+        FsError {
+            errno,
+            context: "journal append failed",
+            source: Some(std::io::Error::other(e)),
+        }
     }
 }
 

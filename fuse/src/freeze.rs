@@ -171,17 +171,7 @@ impl Freezer {
             None => open()?,
         };
         if inner.side.is_none() {
-            let n = self.side_seq.fetch_add(1, Ordering::Relaxed);
-            let path = self.side_dir.join(format!("cow-{}-{n}", f.ino));
-            let side = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
-            // Only the descriptor is needed; the name goes at once.
-            let _ = std::fs::remove_file(&path);
-            inner.side = Some(side);
+            inner.side = Some(self.new_side_file(f.ino)?);
         }
         let mut buf = vec![0u8; 1 << 20];
         for (s, e) in missing {
@@ -249,6 +239,46 @@ impl Freezer {
         )?;
         inner.pinned = Some(File::from(fd));
         Ok(())
+    }
+
+    /// A new side file in `side_dir`, with no name: `O_TMPFILE`, or where the file system
+    /// lacks it, a file removed at once (only the descriptor is needed).
+    fn new_side_file(&self, ino: u64) -> io::Result<File> {
+        match rustix::fs::open(
+            &self.side_dir,
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let n = self.side_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.side_dir.join(format!("cow-{ino}-{n}"));
+        let side = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let _ = std::fs::remove_file(&path);
+        Ok(side)
+    }
+
+    /// Where the side file of `ino` lives (as `/proc/self/fd` says), if it has one.
+    #[cfg(test)]
+    pub(crate) fn side_file_path(&self, ino: u64) -> Option<PathBuf> {
+        use std::os::fd::AsRawFd;
+        let f = self.files.lock().get(&ino).cloned()?;
+        let inner = f.inner.lock();
+        let fd = inner.side.as_ref()?.as_raw_fd();
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+    }
+
+    /// Where side files go.
+    pub fn side_dir(&self) -> &Path {
+        &self.side_dir
     }
 
     fn wait_all_read(&self) {

@@ -2,9 +2,9 @@
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::JournalError;
 use crate::op::{Ino, Op, Seq};
-use crate::record;
+use crate::record::{self, Record};
 use crate::replay::{self, Replay};
 use crate::segment::{self, BootId};
 use crate::state::{self, DirtyState};
@@ -30,6 +30,11 @@ pub struct JournalOptions {
     /// Boot id to record and compare against; None reads `/proc/sys/kernel/random/boot_id`.
     /// At most 36 bytes. For tests.
     pub boot_id: Option<String>,
+    /// Disk space kept allocated past the end of the current segment (1 MiB by default; 0:
+    /// none), so that the records of operations that free space (unlink, rmdir, rename,
+    /// truncate) can still be written when the file system is full. See FORMAT.md
+    /// ("Space reserve").
+    pub reserve_bytes: u64,
 }
 
 impl Default for JournalOptions {
@@ -37,6 +42,7 @@ impl Default for JournalOptions {
         JournalOptions {
             segment_bytes: 64 << 20,
             boot_id: None,
+            reserve_bytes: 1 << 20,
         }
     }
 }
@@ -83,9 +89,15 @@ pub struct JournalStats {
     pub dirty_dirs: u64,
     /// `DirtyState::dirty_bytes()`.
     pub dirty_bytes: u64,
-    /// Why the journal refuses records (a failed write, or closed), if it does: every
-    /// mutation of the workspace then fails with EIO until the daemon is restarted.
+    /// Why the journal refuses records (a failed write it cannot recover from, or closed), if
+    /// it does: every mutation of the workspace then fails with EIO until the daemon is
+    /// restarted.
     pub failed: Option<String>,
+    /// Why the journal accepts only the records of operations that free space, if it does
+    /// (its file system is full): the others fail with ENOSPC until space is freed.
+    pub low_space: Option<String>,
+    /// Batch writes that failed since open (their operations failed and were not performed).
+    pub failed_batches: u64,
 }
 
 /// The write journal of one backing directory. Cheap to share: all methods take `&self` and
@@ -130,26 +142,104 @@ struct Inner {
     /// The previous batch's buffer, kept to reuse its allocation.
     spare: Vec<u8>,
     next_seq: Seq,
-    /// Every seq up to this one has been handed to the kernel.
-    written: Seq,
+    /// The outcome of the records in `buf`, shared with their appenders.
+    batch: Arc<Batch>,
     /// A leader is writing a batch right now.
     writing: bool,
-    /// The first failed write; once set, nothing more is appended.
+    /// Why nothing more is appended: a failure the journal cannot recover from, or closed.
     poisoned: Option<String>,
+    /// The in-memory state may hold operations that were never performed (a failed write
+    /// whose records could not be dropped from it): no cut may use it.
+    state_lost: bool,
+    reserve: Reserve,
+    /// No rotation for size before the segment reaches this offset (after a failed one).
+    rotate_after: u64,
     records: u64,
     batches: u64,
+    failed_batches: u64,
     bytes: u64,
     rotations: u64,
     /// Offset just past the current segment's snapshot (its first record).
     snapshot_end: u64,
     /// Called by the leader just before each batch write, without the lock: lets tests hold
-    /// a write in flight (to force batching) or make it fail.
+    /// a write in flight (to force batching), make it fail, or write only part of it. `None`:
+    /// the write goes ahead; `Some(r)`: `r` stands for its outcome.
     #[cfg(test)]
     write_hook: Option<WriteHook>,
 }
 
 #[cfg(test)]
-pub(crate) type WriteHook = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+pub(crate) type WriteHook = Arc<dyn Fn(&File, &[u8]) -> Option<io::Result<()>> + Send + Sync>;
+
+/// The outcome of one batch write, shared by every appender whose record is in it, so that
+/// they all fail together when it fails.
+#[derive(Default)]
+struct Batch {
+    outcome: OnceLock<Result<(), Failure>>,
+}
+
+/// Why a batch was not written: enough to give each of its appenders the same error.
+#[derive(Clone, Debug)]
+enum Failure {
+    /// The write failed with this OS error (or this message, when it had no errno).
+    Write {
+        path: PathBuf,
+        errno: Option<i32>,
+        text: String,
+    },
+    /// The journal stopped accepting records before the batch could be written.
+    Poisoned(String),
+}
+
+impl Failure {
+    fn error(&self, dir: &Path) -> JournalError {
+        match self {
+            Failure::Write { path, errno, text } => JournalError::io(
+                "write records to segment",
+                path.clone(),
+                match errno {
+                    Some(n) => io::Error::from_raw_os_error(*n),
+                    None => io::Error::other(text.clone()),
+                },
+            ),
+            Failure::Poisoned(reason) => JournalError::Poisoned {
+                dir: dir.to_path_buf(),
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+const EDQUOT: i32 = rustix::io::Errno::DQUOT.raw_os_error();
+const EFBIG: i32 = rustix::io::Errno::FBIG.raw_os_error();
+
+/// Errors that mean "no space": the journal recovers from them once space is freed.
+fn is_no_space(errno: Option<i32>) -> bool {
+    matches!(errno, Some(ENOSPC | EDQUOT))
+}
+
+/// Disk space kept allocated past the end of the current segment (FORMAT.md, "Space reserve").
+struct Reserve {
+    /// Its size; 0 disables it.
+    bytes: u64,
+    /// `fallocate` works on the journal's file system.
+    supported: bool,
+    /// The current segment's space is allocated up to here (as far as this journal knows).
+    end: u64,
+    /// Set while the reserve cannot be refilled (the file system is full): only the records
+    /// of operations that free space are accepted, and they use the reserve. The errno and
+    /// the reason.
+    low: Option<(i32, String)>,
+}
+
+/// Operations that free disk space or need none, whose records may use the reserve.
+fn frees_space(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Remove { .. } | Op::Rename { .. } | Op::Truncate { .. } | Op::Fsync { .. }
+    )
+}
 
 impl Journal {
     /// Opens (or creates) the journal in `dir` for the backing directory `backing_root`,
@@ -270,11 +360,20 @@ impl Journal {
                 buf: Vec::new(),
                 spare: Vec::new(),
                 next_seq: last_seq + 1,
-                written: last_seq,
+                batch: Arc::default(),
                 writing: false,
                 poisoned: None,
+                state_lost: false,
+                reserve: Reserve {
+                    bytes: opts.reserve_bytes,
+                    supported: true,
+                    end: offset,
+                    low: None,
+                },
+                rotate_after: 0,
                 records: 0,
                 batches: 0,
+                failed_batches: 0,
                 bytes: 0,
                 rotations: 0,
                 snapshot_end,
@@ -285,6 +384,10 @@ impl Journal {
             lock: Mutex::new(Some(lock)),
             written_bytes: std::sync::atomic::AtomicU64::new(0),
         };
+        {
+            let mut g = journal.inner.lock();
+            journal.top_up(&mut g);
+        }
         Ok((journal, recovery))
     }
 
@@ -308,10 +411,17 @@ impl Journal {
 
     /// Appends `op`, applies it to the dirty state and returns once its record has been
     /// handed to the kernel by write(2) (never synced). Concurrent callers share write calls.
+    ///
+    /// On an error the operation must not be performed: its record is not in the journal
+    /// (nor in the dirty state). Errors of a full file system (`to_errno()` ENOSPC, EDQUOT)
+    /// are passing: later appends succeed once space is freed.
     pub fn append(&self, op: Op) -> Result<Seq, JournalError> {
         let mut g = self.inner.lock();
+        self.admit(&mut g, &op)?;
         let seq = self.push(&mut g, &op)?;
-        self.wait_written(g, seq)
+        let batch = Arc::clone(&g.batch);
+        self.wait_written(g, &batch)?;
+        Ok(seq)
     }
 
     /// Like [`Journal::append`], but first appends `Touch { ino, path: path_of() }` if `ino`
@@ -325,12 +435,15 @@ impl Journal {
         op: Op,
     ) -> Result<Seq, JournalError> {
         let mut g = self.inner.lock();
+        self.admit(&mut g, &op)?;
         if !g.live.files.contains_key(&ino) {
             let path = path_of();
             self.push(&mut g, &Op::Touch { ino, path })?;
         }
         let seq = self.push(&mut g, &op)?;
-        self.wait_written(g, seq)
+        let batch = Arc::clone(&g.batch);
+        self.wait_written(g, &batch)?;
+        Ok(seq)
     }
 
     /// A copy of the dirty state: everything not yet in a durable generation.
@@ -355,12 +468,11 @@ impl Journal {
     /// from here on are tracked apart, so that [`Journal::committed`] can forget exactly what
     /// the cut covered.
     pub fn cut(&self) -> Result<(Seq, DirtyState), JournalError> {
-        let mut g = self.inner.lock();
-        let last = g.next_seq - 1;
-        if g.written < last {
-            self.wait_written(g, last)?;
-            g = self.inner.lock();
+        let mut g = self.settle(self.inner.lock());
+        if g.state_lost {
+            return Err(self.poisoned_error(&g));
         }
+        let last = g.next_seq - 1;
         g.live = DirtyState::default();
         g.live_since = None;
         g.pending_cut = Some(last);
@@ -383,26 +495,24 @@ impl Journal {
                 ),
             });
         }
-        let last = g.next_seq - 1;
-        if g.written < last {
-            self.wait_written(g, last)?;
-            g = self.inner.lock();
-        }
-        if let Some(reason) = &g.poisoned {
-            return Err(JournalError::Poisoned {
-                dir: self.dir.clone(),
-                reason: reason.clone(),
-            });
+        g = self.settle(g);
+        if g.poisoned.is_some() {
+            return Err(self.poisoned_error(&g));
         }
         g.pending_cut = None;
         g.state = g.live.clone();
         g.dirty_since = g.live_since;
-        let result = self.rotate(&mut g);
-        if let Err(e) = &result {
-            tracing::error!("journal {}: {e}", self.dir.display());
-            g.poisoned = Some(e.to_string());
+        // Without the new segment the current one stays in use: its replay gives a superset
+        // of the state (the cut's changes would be uploaded again), which is harmless.
+        if let Err(e) = self.rotate(&mut g) {
+            tracing::warn!(
+                "journal {}: could not start a new segment after a commit ({e}); appending \
+                 to segment {} goes on",
+                self.dir.display(),
+                g.segment
+            );
         }
-        result
+        Ok(())
     }
 
     /// Unsynced bytes (dirty extents) and the age of the oldest unsynced change.
@@ -435,18 +545,18 @@ impl Journal {
             dirty_dirs: g.state.dirs.len() as u64,
             dirty_bytes: g.state.dirty_bytes(),
             failed: g.poisoned.clone(),
+            low_space: g.reserve.low.as_ref().map(|(_, why)| why.clone()),
+            failed_batches: g.failed_batches,
         }
     }
 
     /// Flushes, fdatasyncs the segment and writes the CLEAN marker (then fsyncs the
     /// directory), so that the next open trusts the journal even after a reboot.
     pub fn close_clean(&self) -> Result<(), JournalError> {
-        let mut g = self.inner.lock();
-        // Wait for every record handed to the journal so far; a failed write reports here.
-        if g.written < g.next_seq - 1 || g.poisoned.is_some() {
-            let last = g.next_seq - 1;
-            self.wait_written(g, last)?;
-            g = self.inner.lock();
+        // Wait for every record handed to the journal so far.
+        let mut g = self.settle(self.inner.lock());
+        if g.poisoned.is_some() {
+            return Err(self.poisoned_error(&g));
         }
         // From here on the journal takes no records: the CLEAN marker must not lie.
         g.poisoned = Some("the journal was closed (unmount); no more records are accepted".into());
@@ -464,14 +574,42 @@ impl Journal {
         Ok(())
     }
 
+    /// The error for appenders of a poisoned journal.
+    fn poisoned_error(&self, g: &Inner) -> JournalError {
+        JournalError::Poisoned {
+            dir: self.dir.clone(),
+            reason: g
+                .poisoned
+                .clone()
+                .unwrap_or_else(|| "an earlier write failed".into()),
+        }
+    }
+
+    /// Refuses `op` before anything is buffered when the journal takes no records, or takes
+    /// only those of operations that free space and `op` is not one (and the reserve still
+    /// cannot be refilled).
+    fn admit(&self, g: &mut Inner, op: &Op) -> Result<(), JournalError> {
+        if g.poisoned.is_some() {
+            return Err(self.poisoned_error(g));
+        }
+        if g.reserve.low.is_some() && !frees_space(op) {
+            self.top_up(g);
+            if let Some((errno, _)) = &g.reserve.low {
+                return Err(JournalError::io(
+                    "reserve space for records in",
+                    segment::segment_path(&self.dir, g.segment),
+                    io::Error::from_raw_os_error(*errno),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes `op` into the batch buffer under the lock and applies it to the state, so
     /// buffer order, seq order and state order are one order.
     fn push(&self, g: &mut Inner, op: &Op) -> Result<Seq, JournalError> {
-        if let Some(reason) = &g.poisoned {
-            return Err(JournalError::Poisoned {
-                dir: self.dir.clone(),
-                reason: reason.clone(),
-            });
+        if g.poisoned.is_some() {
+            return Err(self.poisoned_error(g));
         }
         let seq = g.next_seq;
         record::encode_op(&mut g.buf, seq, op)?;
@@ -492,93 +630,275 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Waits until `seq` is written. The first waiter to find no write in progress becomes
-    /// the leader: it takes the whole buffer and writes it with one call, without the lock,
-    /// while later appenders fill the next batch.
+    /// Waits until `batch` is written (or has failed). The first waiter to find no write in
+    /// progress becomes the leader: it takes the whole buffer and writes it with one call,
+    /// without the lock, while later appenders fill the next batch.
     fn wait_written<'a>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
-        seq: Seq,
-    ) -> Result<Seq, JournalError> {
+        batch: &Batch,
+    ) -> Result<(), JournalError> {
         loop {
-            if g.written >= seq {
-                return Ok(seq);
-            }
-            if let Some(reason) = &g.poisoned {
-                return Err(JournalError::Poisoned {
-                    dir: self.dir.clone(),
-                    reason: reason.clone(),
-                });
+            if let Some(outcome) = batch.outcome.get() {
+                return outcome.clone().map_err(|f| f.error(&self.dir));
             }
             if g.writing {
                 self.written.wait(&mut g);
                 continue;
             }
-            let spare = std::mem::take(&mut g.spare);
-            let mut batch = std::mem::replace(&mut g.buf, spare);
-            let batch_last = g.next_seq - 1;
-            let file = Arc::clone(&g.file);
+            // Batches end in order and the one in flight has ended, so `batch` is the buffer.
+            self.write_batch(&mut g);
+        }
+    }
+
+    /// Waits until every record handed to the journal so far is written or has failed (and
+    /// the state holds exactly the written ones).
+    fn settle<'a>(&'a self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        loop {
+            if g.writing {
+                self.written.wait(&mut g);
+            } else if g.buf.is_empty() {
+                return g;
+            } else {
+                self.write_batch(&mut g);
+            }
+        }
+    }
+
+    /// Writes the buffered records as one batch (the caller is the leader: no write is in
+    /// flight) and settles the batch's outcome.
+    fn write_batch(&self, g: &mut MutexGuard<'_, Inner>) {
+        let batch = std::mem::take(&mut g.batch);
+        if g.buf.is_empty() {
+            let _ = batch.outcome.set(Ok(()));
+            return;
+        }
+        if g.poisoned.is_some() {
+            // Poisoning already dropped these records from the state; see `failed_write`.
+            g.buf.clear();
+            let _ = batch.outcome.set(Err(Failure::Poisoned(
+                g.poisoned.clone().unwrap_or_default(),
+            )));
+            self.written.notify_all();
+            return;
+        }
+        let spare = std::mem::take(&mut g.spare);
+        let mut bytes = std::mem::replace(&mut g.buf, spare);
+        let file = Arc::clone(&g.file);
+        #[cfg(test)]
+        let hook = g.write_hook.clone();
+        g.writing = true;
+        let result = MutexGuard::unlocked(g, || {
             #[cfg(test)]
-            let hook = g.write_hook.clone();
-            g.writing = true;
-            let result = MutexGuard::unlocked(&mut g, || {
-                #[cfg(test)]
-                if let Some(hook) = hook {
-                    hook()?;
-                }
-                (&*file).write_all(&batch)
-            });
-            g.writing = false;
-            match result {
-                Ok(()) => {
-                    let len = batch.len() as u64;
-                    g.written = batch_last;
-                    g.offset += len;
-                    g.bytes += len;
-                    g.batches += 1;
-                    batch.clear();
-                    g.spare = batch;
-                    if g.wants_rotation()
-                        && let Err(e) = self.rotate(&mut g)
-                    {
-                        tracing::error!("journal {}: {e}", self.dir.display());
-                        g.poisoned = Some(e.to_string());
-                    }
-                }
-                Err(e) => {
-                    let e = JournalError::io(
-                        "write records to segment",
-                        segment::segment_path(&self.dir, g.segment),
-                        e,
-                    );
-                    tracing::error!("{e}");
-                    g.poisoned = Some(e.to_string());
-                    self.written.notify_all();
-                    // The leader reports the cause itself; the other appenders of the batch
-                    // and all later ones get `Poisoned`.
-                    return Err(e);
+            if let Some(hook) = hook
+                && let Some(result) = hook(&file, &bytes)
+            {
+                return result;
+            }
+            (&*file).write_all(&bytes)
+        });
+        g.writing = false;
+        match result {
+            Ok(()) => {
+                let len = bytes.len() as u64;
+                g.offset += len;
+                g.bytes += len;
+                g.batches += 1;
+                bytes.clear();
+                g.spare = bytes;
+                let _ = batch.outcome.set(Ok(()));
+                self.top_up(g);
+                if g.wants_rotation() && g.reserve.low.is_none() && g.offset >= g.rotate_after {
+                    self.rotate_for_size(g);
                 }
             }
-            self.written.notify_all();
+            Err(e) => {
+                let failure = self.failed_write(g, e);
+                let _ = batch.outcome.set(Err(failure));
+            }
+        }
+        self.written.notify_all();
+    }
+
+    /// After a failed batch write: leaves the segment as it was before the write, drops the
+    /// batch's records from the state (their operations will not be performed), and poisons
+    /// the journal unless the failure is a passing one (no space). Returns the batch's error.
+    fn failed_write(&self, g: &mut Inner, e: io::Error) -> Failure {
+        let path = segment::segment_path(&self.dir, g.segment);
+        let errno = e.raw_os_error();
+        let failure = Failure::Write {
+            path: path.clone(),
+            errno,
+            text: e.to_string(),
+        };
+        let err = failure.error(&self.dir);
+        g.failed_batches += 1;
+        // The write may have appended part of the batch: cut it off, so the segment ends with
+        // the last whole record again and later records follow it directly.
+        let mut poison = match g.file.set_len(g.offset) {
+            Ok(()) if is_no_space(errno) || errno == Some(EFBIG) => None,
+            Ok(()) => Some(format!("{err}")),
+            Err(cut) => Some(format!(
+                "{err}; then could not remove the partial write from the segment: {cut}"
+            )),
+        };
+        if poison.is_some() {
+            // The records buffered meanwhile will not be written either.
+            g.buf.clear();
+            let _ = std::mem::take(&mut g.batch)
+                .outcome
+                .set(Err(Failure::Poisoned(poison.clone().unwrap_or_default())));
+        }
+        // The failed records were applied to the state when they were buffered.
+        if let Err(why) = self.restore_state(g) {
+            let why = format!("{err}; then could not drop its records from the dirty state: {why}");
+            g.state_lost = true;
+            poison = Some(why);
+        }
+        if let Some(why) = poison {
+            tracing::error!("journal {}: {why}", self.dir.display());
+            g.poisoned.get_or_insert(why);
+        } else {
+            tracing::debug!("journal {}: {err}", self.dir.display());
+            if is_no_space(errno) && g.reserve.bytes > 0 && g.reserve.supported {
+                // Cutting the segment back also freed what was left of its reserve.
+                g.reserve.end = g.offset;
+                self.top_up(g);
+            }
+        }
+        failure
+    }
+
+    /// Rebuilds the state and the changes since the pending cut from the segment's whole
+    /// records (what the disk holds), then applies the records still buffered.
+    fn restore_state(&self, g: &mut Inner) -> Result<(), String> {
+        let path = segment::segment_path(&self.dir, g.segment);
+        let mut bytes = vec![0; g.offset as usize];
+        File::open(&path)
+            .and_then(|f| f.read_exact_at(&mut bytes, 0))
+            .map_err(|e| format!("read {}: {e}", path.display()))?;
+        let (mut state, after_cut) = replay::fold_segment(&bytes, g.pending_cut)
+            .map_err(|why| format!("{}: {why}", path.display()))?;
+        // Without a pending cut the two are one; with one whose start the segment no longer
+        // holds (it rotated since), the whole state stands in for the later changes: a
+        // superset, which only makes the next cut read more.
+        let mut live = match (g.pending_cut, after_cut) {
+            (Some(_), Some(live)) => live,
+            _ => state.clone(),
+        };
+        let mut off = 0;
+        while off < g.buf.len() {
+            let (_, rec, end) =
+                record::read_frame(&g.buf, off).map_err(|e| e.reason().to_owned())?;
+            if let Record::Op(op) = rec {
+                state.apply(&op);
+                live.apply(&op);
+            }
+            off = end;
+        }
+        if state.is_empty() {
+            g.dirty_since = None;
+        } else if g.dirty_since.is_none() {
+            g.dirty_since = Some(Instant::now());
+        }
+        if live.is_empty() {
+            g.live_since = None;
+        } else if g.live_since.is_none() {
+            g.live_since = Some(Instant::now());
+        }
+        g.state = state;
+        g.live = live;
+        Ok(())
+    }
+
+    /// Keeps `reserve.bytes` (at least) allocated past the end of the segment: when less is
+    /// left, allocates twice that, so that this costs one `fallocate` per `reserve.bytes`
+    /// appended. While that fails for lack of space, only the records of operations that
+    /// free space are accepted (`admit`); they use what is left of the reserve.
+    fn top_up(&self, g: &mut Inner) {
+        let r = &g.reserve;
+        if r.bytes == 0 || !r.supported || r.end >= g.offset + r.bytes {
+            return;
+        }
+        let want = 2 * r.bytes;
+        match segment::preallocate(&g.file, g.offset, want) {
+            Ok(()) => {
+                g.reserve.end = g.offset + want;
+                if g.reserve.low.take().is_some() {
+                    tracing::info!(
+                        "journal {}: space is back; every operation is accepted again",
+                        self.dir.display()
+                    );
+                }
+            }
+            // Interrupted: tried again after the next batch.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_no_space(e.raw_os_error()) => {
+                if g.reserve.low.is_none() {
+                    tracing::warn!(
+                        "journal {}: no space for its reserve ({e}); until space is freed, \
+                         only unlink, rmdir, rename and truncate are accepted, other \
+                         changes fail with \"{e}\"",
+                        self.dir.display()
+                    );
+                }
+                g.reserve.low = Some((
+                    e.raw_os_error().unwrap_or(ENOSPC),
+                    format!(
+                        "the file system of {} is full ({e}): only unlink, rmdir, rename and \
+                         truncate are accepted until space is freed",
+                        self.dir.display()
+                    ),
+                ));
+            }
+            Err(e) => {
+                // No fallocate here (or it failed otherwise): appends simply fail with the
+                // file system's error when it is full.
+                tracing::info!(
+                    "journal {}: no space reserve ({e}); on a full disk, unlink and rename \
+                     may fail too",
+                    self.dir.display()
+                );
+                g.reserve.supported = false;
+                g.reserve.low = None;
+            }
+        }
+    }
+
+    /// Rotation because the segment grew past its size; a failure (a full disk) leaves the
+    /// current segment in use and is retried after another sixteenth of `segment_bytes`.
+    fn rotate_for_size(&self, g: &mut Inner) {
+        if let Err(e) = self.rotate(g) {
+            tracing::warn!(
+                "journal {}: could not start a new segment ({e}); appending to segment {} \
+                 goes on",
+                self.dir.display(),
+                g.segment
+            );
+            g.rotate_after = g.offset + g.segment_bytes / 16;
         }
     }
 
     /// Starts the next segment with a snapshot of the whole state, then removes the older
     /// segments. Called by a leader with the lock held and no write in flight. The snapshot
     /// also covers records buffered since the last batch, which are therefore dropped from
-    /// the buffer and count as written.
+    /// the buffer and count as written. On an error nothing changed: the current segment
+    /// stays in use.
     fn rotate(&self, g: &mut Inner) -> Result<(), JournalError> {
         let seq = g.next_seq - 1;
         let n = g.segment + 1;
         let (file, len) = segment::create_segment(&self.dir, n, g.boot, seq, &g.state)?;
         g.buf.clear();
-        g.written = seq;
+        let _ = std::mem::take(&mut g.batch).outcome.set(Ok(()));
         g.file = Arc::new(file);
         g.segment = n;
         g.offset = len;
         g.snapshot_end = len;
         g.rotations += 1;
+        g.rotate_after = 0;
+        g.reserve.end = len;
         segment::remove_segments_before(&self.dir, n);
+        self.top_up(g);
         Ok(())
     }
 }

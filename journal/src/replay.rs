@@ -241,3 +241,36 @@ fn valid_record_after(buf: &[u8], bad: usize, last: Seq) -> Option<usize> {
         |&off| matches!(record::read_frame(buf, off), Ok((seq, Record::Op(_), _)) if seq > last),
     )
 }
+
+/// The states a segment's whole records give, for [`crate::Journal`] to drop the records of a
+/// failed write from its live state: `bytes` is the segment up to the end of its last record
+/// (header, snapshot, records). Returns the state and, when `cut` is given, the changes after
+/// seq `cut` alone, if the segment holds them all (its snapshot is not newer than the cut).
+pub(crate) fn fold_segment(
+    bytes: &[u8],
+    cut: Option<Seq>,
+) -> Result<(DirtyState, Option<DirtyState>), String> {
+    let mut state = DirtyState::default();
+    let mut after_cut = None;
+    let mut off = HEADER_LEN;
+    while off < bytes.len() {
+        let (seq, rec, end) = record::read_frame(bytes, off).map_err(|e| e.reason().to_owned())?;
+        match rec {
+            Record::Snapshot(s) if off == HEADER_LEN => {
+                state = s;
+                after_cut = cut.filter(|&c| c >= seq).map(|_| DirtyState::default());
+            }
+            Record::Snapshot(_) => return Err(format!("snapshot record at offset {off}")),
+            Record::Op(op) => {
+                state.apply(&op);
+                if let Some(live) = after_cut.as_mut()
+                    && cut.is_some_and(|c| seq > c)
+                {
+                    live.apply(&op);
+                }
+            }
+        }
+        off = end;
+    }
+    Ok((state, after_cut))
+}

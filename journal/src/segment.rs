@@ -194,10 +194,28 @@ pub(crate) fn create_segment(
         .create_new(true)
         .open(&tmp)
         .map_err(|e| JournalError::io("create segment", &tmp, e))?;
-    file.write_all(&buf)
-        .map_err(|e| JournalError::io("write segment snapshot to", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename new segment into", &path, e))?;
+    let written = file
+        .write_all(&buf)
+        .map_err(|e| JournalError::io("write segment snapshot to", &tmp, e))
+        .and_then(|()| {
+            fs::rename(&tmp, &path)
+                .map_err(|e| JournalError::io("rename new segment into", &path, e))
+        });
+    if let Err(e) = written {
+        // Give the space back at once (a full disk is the usual cause); the current segment
+        // stays in use.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok((file, buf.len() as u64))
+}
+
+/// Allocates disk space for `[offset, offset + len)` of `file` without changing its size
+/// (`FALLOC_FL_KEEP_SIZE`): later writes into that range need no free space, and readers
+/// see nothing of it.
+pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
+        .map_err(io::Error::from)
 }
 
 /// Removes every segment numbered below `n`. They are superseded by the snapshot at the start

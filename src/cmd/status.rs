@@ -42,8 +42,26 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
     );
     if let Some(why) = &j.failed {
         println!(
-            "journal      FAILED, writes are refused with EIO: {why}; fix the cause (disk full?) \
-             and remount"
+            "journal      FAILED, writes are refused with EIO: {why}; the cache's disk cannot be \
+             trusted: check it, then remount"
+        );
+    }
+    if let Some(why) = &j.low_space {
+        println!(
+            "journal      LOW ON SPACE: {why}; changes fail with ENOSPC until space is freed \
+             (unlink, rename and truncate still work)"
+        );
+    }
+    if j.failed_batches > 0 {
+        println!(
+            "journal      {} appends failed since mount",
+            j.failed_batches
+        );
+    }
+    if v.log_lines_dropped > 0 {
+        println!(
+            "log          {} lines could not be written (disk full?)",
+            v.log_lines_dropped
         );
     }
     println!(

@@ -164,6 +164,9 @@ pub struct Status {
     pub journal: owsfs_journal::JournalStats,
     pub recovery: owsfs_journal::Recovery,
     pub ops: owsfs_fuse::StatsSnapshot,
+    /// Log lines the daemon could not write (its log's file system full).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
     pub sync: SyncStatus,
     /// The journal's dirty set, when asked for (files with their extents, directories).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -64,7 +64,7 @@ pub fn init_logging(filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::logwriter::LossyStderr)
         .with_ansi(rustix::termios::isatty(std::io::stderr()))
         .try_init();
 }

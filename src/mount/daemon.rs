@@ -83,6 +83,7 @@ impl Daemon {
             journal: journal.stats(),
             recovery: self.recovery.clone(),
             ops: core.stats.snapshot(),
+            log_lines_dropped: crate::logwriter::dropped_lines(),
             sync: SyncStatus {
                 agent: self.sync.status(),
                 lease: self.keeper.status(),

@@ -506,6 +506,9 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let mountpoint = mountpoint::check_mountable(mountpoint)?;
     mountpoint::check_dev_fuse()?;
+    // The kernel hands the daemon modes already masked by each caller's umask: with the
+    // daemon's own at 0 the backing files get exactly those, without a chmod per creation.
+    rustix::process::umask(rustix::fs::Mode::empty());
     let open = OpenCache::open(cache_dir)?;
     let inode_budget = background::inode_budget(o.max_inodes);
 

@@ -18,6 +18,7 @@ fn opts(boot: &str, segment_bytes: u64) -> JournalOptions {
     JournalOptions {
         segment_bytes,
         boot_id: Some(boot.to_owned()),
+        ..JournalOptions::default()
     }
 }
 
@@ -603,7 +604,24 @@ fn leftover_temporary_segment_is_removed() {
 }
 
 fn set_write_hook(j: &Journal, hook: impl Fn() -> io::Result<()> + Send + Sync + 'static) {
-    j.inner.lock().write_hook = Some(Arc::new(hook));
+    j.inner.lock().write_hook = Some(Arc::new(move |_: &File, _: &[u8]| match hook() {
+        Ok(()) => None,
+        Err(e) => Some(Err(e)),
+    }));
+}
+
+/// The next batch writes only its first half, then fails with `errno` (a write that ran out
+/// of space in the middle); later batches are written normally.
+fn fail_next_write_halfway(j: &Journal, errno: i32) {
+    let armed = std::sync::atomic::AtomicBool::new(true);
+    j.inner.lock().write_hook = Some(Arc::new(move |file: &File, bytes: &[u8]| {
+        if !armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let mut f = file;
+        f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        Some(Err(io::Error::from_raw_os_error(errno)))
+    }));
 }
 
 fn concurrent_appends(segment_bytes: u64) {
@@ -714,26 +732,328 @@ fn appenders_waiting_during_a_write_share_the_next_one() {
     assert_eq!(rec.records, 8);
 }
 
+const ENOSPC: i32 = 28;
+const EIO: i32 = 5;
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().len()
+}
+
+/// A write that fails with ENOSPC halfway through leaves the segment as it was (no partial
+/// record), gives the caller ENOSPC, keeps the failed op out of the state, and appending goes
+/// on once the write succeeds again: the journal is not poisoned.
 #[test]
-fn failed_write_poisons_the_journal() {
+fn a_failed_write_leaves_the_segment_whole_and_appending_goes_on() {
     let d = tempfile::tempdir().unwrap();
     let b = backing();
     let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
     j.append(write_op(1, 0, 1)).unwrap();
-    set_write_hook(&j, || Err(io::Error::from_raw_os_error(28)));
+    let seg = last_segment(d.path());
+    let len = file_len(&seg);
+    fail_next_write_halfway(&j, ENOSPC);
+    let e = j.append(write_op(2, 5, 1)).unwrap_err();
+    assert_eq!(e.to_errno(), ENOSPC, "{e}");
+    assert_eq!(file_len(&seg), len, "the partial write is cut off");
+    assert_eq!(j.dirty(), applied(&[write_op(1, 0, 1)]));
+    let st = j.stats();
+    assert!(st.failed.is_none(), "not poisoned: {st:?}");
+    assert_eq!(st.failed_batches, 1);
+    // The seq of the failed record is a gap; later records follow the last whole one.
+    assert_eq!(j.append(write_op(1, 9, 1)).unwrap(), 3);
+    let live = j.dirty();
+    assert_eq!(live, applied(&[write_op(1, 0, 1), write_op(1, 9, 1)]));
+    j.close_clean().unwrap();
+    drop(j);
+    let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
+    assert!(rec.rescan.is_none() && rec.torn_tail.is_none(), "{rec:?}");
+    assert_eq!((rec.records, rec.last_seq), (2, 3));
+    assert_eq!(j.dirty(), live);
+}
+
+/// Path bookkeeping is not a monotone join: a rename whose record failed (and which is
+/// therefore not performed) must not move the paths of the state.
+#[test]
+fn a_failed_rename_moves_no_path() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    j.append_file_op(5, || Some(p("a/x")), write_op(5, 0, 3))
+        .unwrap();
+    let before = j.dirty();
+    fail_next_write_halfway(&j, ENOSPC);
+    let rename = Op::Rename {
+        from: p("a"),
+        to: p("b"),
+        exchange: false,
+    };
+    assert_eq!(j.append(rename).unwrap_err().to_errno(), ENOSPC);
+    assert_eq!(j.dirty(), before);
+    assert_eq!(j.dirty().files[&5].path, Some(p("a/x")));
+    let rmdir = Op::Remove {
+        ino: 9,
+        path: p("a"),
+        dir: true,
+    };
+    fail_next_write_halfway(&j, ENOSPC);
+    assert_eq!(j.append(rmdir).unwrap_err().to_errno(), ENOSPC);
+    assert_eq!(j.dirty(), before);
+}
+
+/// Every appender whose record is in the failed write gets its error; appenders of the next
+/// batch do not, and their records are kept.
+#[test]
+fn every_appender_of_a_failed_batch_fails_and_only_they_do() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    // Write 1 (one record) blocks until appenders 1..8 have buffered theirs (write 2), which
+    // then fails halfway; appender 8's record is buffered while write 2 is in flight and goes
+    // into write 3.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (second_tx, second_rx) = std::sync::mpsc::channel::<()>();
+    let (third_tx, third_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(Some(go_rx));
+    let third_rx = Mutex::new(Some(third_rx));
+    let writes = std::sync::atomic::AtomicU32::new(0);
+    j.inner.lock().write_hook = Some(Arc::new(move |file: &File, bytes: &[u8]| {
+        match writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => {
+                if let Some(rx) = go_rx.lock().take() {
+                    rx.recv().ok();
+                }
+                None
+            }
+            1 => {
+                second_tx.send(()).unwrap();
+                if let Some(rx) = third_rx.lock().take() {
+                    rx.recv().ok();
+                }
+                let mut f = file;
+                f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+                Some(Err(io::Error::from_raw_os_error(ENOSPC)))
+            }
+            _ => None,
+        }
+    }));
+    let results: Vec<(Ino, Result<Seq, i32>)> = std::thread::scope(|s| {
+        let j = &j;
+        let mut handles = vec![s.spawn(move || (0, j.append(write_op(0, 0, 1))))];
+        while j.stats().records < 1 {
+            std::thread::yield_now();
+        }
+        for t in 1..8 {
+            handles.push(s.spawn(move || (t, j.append(write_op(t, 0, 1)))));
+        }
+        while j.stats().records < 8 {
+            std::thread::yield_now();
+        }
+        go_tx.send(()).unwrap();
+        second_rx.recv().unwrap();
+        handles.push(s.spawn(move || (8, j.append(write_op(8, 0, 1)))));
+        while j.stats().records < 9 {
+            std::thread::yield_now();
+        }
+        third_tx.send(()).unwrap();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (t, r) = h.join().unwrap();
+                (t, r.map_err(|e| e.to_errno()))
+            })
+            .collect()
+    });
+    for (t, r) in &results {
+        match t {
+            0 => assert_eq!(*r, Ok(1)),
+            8 => assert_eq!(*r, Ok(9)),
+            _ => assert_eq!(*r, Err(ENOSPC), "appender {t}"),
+        }
+    }
+    let live = applied(&[write_op(0, 0, 1), write_op(8, 0, 1)]);
+    assert_eq!(j.dirty(), live);
+    assert_eq!(j.stats().failed_batches, 1);
+    drop(j);
+    let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
+    assert!(rec.rescan.is_none() && rec.torn_tail.is_none(), "{rec:?}");
+    assert_eq!(j.dirty(), live);
+}
+
+/// A failed write while a cut is pending keeps the later changes apart from the cut's: once
+/// the cut is committed, only the later changes that were written stay dirty.
+#[test]
+fn a_failed_write_during_a_pending_cut_keeps_the_cut_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    j.append(write_op(1, 0, 1)).unwrap();
+    let (seq, _) = j.cut().unwrap();
+    j.append(write_op(2, 0, 1)).unwrap();
+    fail_next_write_halfway(&j, ENOSPC);
+    j.append(write_op(3, 0, 1)).unwrap_err();
+    assert_eq!(j.dirty(), applied(&[write_op(1, 0, 1), write_op(2, 0, 1)]));
+    j.committed(seq).unwrap();
+    assert_eq!(j.dirty(), applied(&[write_op(2, 0, 1)]));
+}
+
+/// An error other than "no space" (here EIO) may mean the disk or the page cache can no
+/// longer be trusted: the journal stops accepting records, but still leaves the segment whole.
+#[test]
+fn a_failed_write_of_another_kind_poisons_the_journal() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    j.append(write_op(1, 0, 1)).unwrap();
+    let len = file_len(&last_segment(d.path()));
+    fail_next_write_halfway(&j, EIO);
     let e = j.append(write_op(1, 5, 1)).unwrap_err();
-    assert_eq!(e.to_errno(), 28, "{e}");
-    j.inner.lock().write_hook = None;
+    assert_eq!(e.to_errno(), EIO, "{e}");
+    assert_eq!(file_len(&last_segment(d.path())), len);
     let e = j.append(write_op(1, 9, 1)).unwrap_err();
     assert!(matches!(e, JournalError::Poisoned { .. }), "{e}");
     assert!(e.to_string().contains("restart the daemon"), "{e}");
     assert!(j.stats().failed.is_some(), "the failure shows in the stats");
+    // The state holds exactly what was written, so cuts may still upload it.
+    assert_eq!(j.cut().unwrap().1, applied(&[write_op(1, 0, 1)]));
     assert!(j.close_clean().is_err());
     assert!(!d.path().join(CLEAN_MARKER).exists());
     drop(j);
     let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert!(rec.rescan.is_none() && rec.torn_tail.is_none());
     assert_eq!(j.dirty(), applied(&[write_op(1, 0, 1)]));
+}
+
+/// A small tmpfs of the test's own, unmounted on drop. Needs root.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs");
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self, name: &str) {
+        let mut f = File::create(self.path().join(name)).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(ENOSPC) => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// On a really full file system: records of ops that free space go into the reserve, the
+/// others fail with ENOSPC, and once space is freed everything is accepted again.
+#[test]
+fn a_full_disk_leaves_room_for_unlink_and_rename_and_recovers() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let d = fs.path().join("journal");
+    let b = backing();
+    let o = JournalOptions {
+        reserve_bytes: 64 << 10,
+        ..big()
+    };
+    let (j, _) = Journal::open(&d, b.path(), o.clone()).unwrap();
+    let mut model = DirtyState::default();
+    let ok = |j: &Journal, model: &mut DirtyState, op: Op| {
+        j.append(op.clone()).unwrap();
+        model.apply(&op);
+    };
+    ok(&j, &mut model, write_op(1, 0, 10));
+    fs.fill("filler");
+    // Records still fit in what is allocated until the reserve must be refilled; then only
+    // ops that free space are accepted.
+    let mut refused = None;
+    for i in 0..100_000 {
+        match j.append(write_op(2, i * 10, 5)) {
+            Ok(_) => model.apply(&write_op(2, i * 10, 5)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("appends are refused on a full disk");
+    assert_eq!(e.to_errno(), ENOSPC, "{e}");
+    assert!(j.stats().low_space.is_some(), "{:?}", j.stats());
+    assert!(j.stats().failed.is_none(), "not poisoned");
+    let create = Op::Create {
+        ino: 3,
+        kind: NodeKind::File,
+        path: p("new"),
+    };
+    assert_eq!(j.append(create).unwrap_err().to_errno(), ENOSPC);
+    // Unlink, rename and truncate still work: hundreds of them fit in the reserve.
+    for i in 0..200 {
+        ok(
+            &j,
+            &mut model,
+            Op::Rename {
+                from: p(&format!("r{i}")),
+                to: p(&format!("s{i}")),
+                exchange: false,
+            },
+        );
+        ok(&j, &mut model, Op::Truncate { ino: 1, size: 5 });
+        ok(
+            &j,
+            &mut model,
+            Op::Remove {
+                ino: 100 + i,
+                path: p(&format!("f{i}")),
+                dir: false,
+            },
+        );
+    }
+    assert_eq!(j.dirty(), model);
+    // A commit cannot start a new segment on the full disk: the current one stays in use.
+    let (seq, _) = j.cut().unwrap();
+    j.committed(seq).unwrap();
+    model = DirtyState::default();
+    assert!(j.stats().failed.is_none());
+    // Space is freed: every op is accepted again.
+    fs::remove_file(fs.path().join("filler")).unwrap();
+    ok(&j, &mut model, write_op(4, 0, 1));
+    assert!(j.stats().low_space.is_none());
+    assert_eq!(j.dirty(), model);
+    drop(j);
+    let (j, rec) = Journal::open(&d, b.path(), o).unwrap();
+    assert!(rec.rescan.is_none() && rec.torn_tail.is_none(), "{rec:?}");
+    // Replay gives a superset: the segment from before the commit is still the current one.
+    let replayed = j.dirty();
+    assert_eq!(replayed.files[&4], model.files[&4]);
 }
 
 #[test]
