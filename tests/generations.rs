@@ -505,3 +505,44 @@ fn backpressure_bounds_the_unsynced_bytes() {
     );
     fresh.unmount();
 }
+
+/// An operation whose journal record is written but which then fails must not lose the
+/// changes below it: `rmdir` of a non-empty directory and `rename` onto a non-empty
+/// directory fail with ENOTEMPTY after their records; the files written below both still go
+/// into the next generation. (Before the fix, the next generation kept their old content.)
+#[test]
+fn a_refused_rmdir_or_rename_loses_no_change_below_it() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::with_options(&[]);
+    std::fs::create_dir_all(ws.path("d")).unwrap();
+    std::fs::create_dir_all(ws.path("src/sub")).unwrap();
+    std::fs::create_dir_all(ws.path("dst")).unwrap();
+    std::fs::write(ws.path("d/x"), b"v1").unwrap();
+    std::fs::write(ws.path("src/sub/y"), b"v1").unwrap();
+    std::fs::write(ws.path("dst/z"), b"v1").unwrap();
+    ws.sync();
+    std::fs::write(ws.path("d/x"), b"v2").unwrap();
+    std::fs::write(ws.path("src/sub/y"), b"v2").unwrap();
+    std::fs::write(ws.path("dst/z"), b"v2").unwrap();
+    let e = std::fs::remove_dir(ws.path("d")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY), "{e}");
+    let e = std::fs::rename(ws.path("src"), ws.path("dst")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY), "{e}");
+    let g = ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(Some(g), &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, want) in [("d/x", "v2"), ("src/sub/y", "v2"), ("dst/z", "v2")] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(path)).unwrap(),
+            want,
+            "{path} in generation {g}"
+        );
+    }
+}

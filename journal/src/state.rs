@@ -84,11 +84,15 @@ impl DirtyState {
                     _ => {}
                 }
             }
+            // Records are intents: the operation may then fail (ENOTEMPTY, a full disk...), so
+            // neither of these forgets a place where a dirty file may still be. An rmdir that
+            // succeeds leaves nothing live below the path; one that fails leaves every path
+            // below it true. An unlinked file's parent stays marked, so if the unlink failed,
+            // the cut finds the file there by its inode.
             Op::Remove { ino, path, dir } => {
                 self.mark_parent(path);
-                if *dir {
-                    self.forget_under(path);
-                } else if let Some(f) = self.files.get_mut(ino)
+                if !*dir
+                    && let Some(f) = self.files.get_mut(ino)
                     && f.path.as_deref() == Some(path.as_path())
                 {
                     f.path = None;
@@ -102,6 +106,14 @@ impl DirtyState {
                 if under(from, to) || under(to, from) {
                     return;
                 }
+                // The paths move to where the rename puts them, and every directory that held
+                // a moved path stays marked: if the rename failed, the cut lists the old places
+                // and finds the files there (a superset either way). Paths below `to` are not
+                // forgotten: a rename succeeds over an empty directory only.
+                let mut old = self.places_under(from);
+                if *exchange {
+                    old.extend(self.places_under(to));
+                }
                 if *exchange {
                     self.rewrite_paths(|p| {
                         if under(p, from) {
@@ -113,9 +125,9 @@ impl DirtyState {
                         }
                     });
                 } else {
-                    self.forget_under(to);
                     self.rewrite_paths(|p| under(p, from).then(|| rebase(p, from, to)));
                 }
+                self.dirs.extend(old);
             }
             Op::Link { ino, path } => {
                 self.mark_parent(path);
@@ -170,13 +182,16 @@ impl DirtyState {
 
     /// A directory at `prefix` is gone (removed or overwritten): drop it and everything below
     /// from `dirs`, and forget the path of files below it.
-    fn forget_under(&mut self, prefix: &Path) {
-        self.dirs.retain(|d| !under(d, prefix));
-        for f in self.files.values_mut() {
-            if f.path.as_deref().is_some_and(|p| under(p, prefix)) {
-                f.path = None;
-            }
-        }
+    /// The directories at or below `prefix` that hold a dirty file or are dirty themselves.
+    fn places_under(&self, prefix: &Path) -> Vec<PathBuf> {
+        let files = self
+            .files
+            .values()
+            .filter_map(|f| f.path.as_deref())
+            .filter(|p| under(p, prefix))
+            .filter_map(|p| p.parent().map(Path::to_path_buf));
+        let dirs = self.dirs.iter().filter(|d| under(d, prefix)).cloned();
+        files.chain(dirs).collect()
     }
 
     /// Replaces every file and dir path for which `map` returns a new one, in one pass.
@@ -367,8 +382,11 @@ mod tests {
         assert!(s.dirs.contains(&p("c")));
     }
 
+    /// An rmdir is an intent: if it fails (ENOTEMPTY), the files below are still there, so
+    /// their paths are kept. (The data loss this prevents: `d/x` written, `rmdir d` refused,
+    /// and the next generation kept the old `d/x`.)
     #[test]
-    fn rmdir_drops_dirs_under_and_forgets_file_paths() {
+    fn rmdir_keeps_the_paths_below_it() {
         let mut s = applied(&[
             mkdir(1, "a"),
             mkdir(2, "a/b"),
@@ -381,8 +399,8 @@ mod tests {
             path: p("a"),
             dir: true,
         });
-        assert_eq!(s.dirs, dirs(&["", "ab"]), "'ab' is not under 'a'");
-        assert_eq!(path_of(&s, 4), None);
+        assert_eq!(s.dirs, dirs(&["", "a", "a/b", "ab"]));
+        assert_eq!(path_of(&s, 4), Some(p("a/b/f")));
         assert_eq!(path_of(&s, 5), Some(p("ab/f")));
     }
 
@@ -412,6 +430,7 @@ mod tests {
             len: 10,
         });
         s.apply(&rename("src", "dst/moved", false));
+        // The old places stay marked: had the rename failed, the files would be there.
         assert_eq!(
             s.dirs,
             dirs(&[
@@ -420,6 +439,9 @@ mod tests {
                 "dst/moved",
                 "dst/moved/sub",
                 "dst/moved/sub/deep",
+                "src",
+                "src/sub",
+                "src/sub/deep",
                 "srcx"
             ])
         );
@@ -433,8 +455,10 @@ mod tests {
         assert_eq!(s.files[&4].extents.total_len(), 10);
     }
 
+    /// A rename over a directory succeeds only if it is empty; if it was not, the rename
+    /// failed and the target's files are where they were: nothing below it is forgotten.
     #[test]
-    fn rename_over_existing_target_forgets_target_entries() {
+    fn rename_over_existing_target_keeps_target_entries() {
         let mut s = applied(&[
             mkdir(1, "old"),
             create_file(2, "old/f"),
@@ -445,14 +469,13 @@ mod tests {
             create_file(7, "y"),
         ]);
         s.apply(&rename("new", "old", false));
-        // The old target and everything under it is gone; the source takes its place.
-        assert_eq!(path_of(&s, 2), None);
+        assert_eq!(path_of(&s, 2), Some(p("old/f")));
         assert_eq!(path_of(&s, 5), Some(p("old/f")));
-        assert_eq!(s.dirs, dirs(&["", "old"]));
-        // Overwriting a file.
+        assert_eq!(s.dirs, dirs(&["", "new", "old", "old/d"]));
+        // Overwriting a file: the replaced one keeps the name it had (its parent is listed).
         s.apply(&rename("x", "y", false));
         assert_eq!(path_of(&s, 6), Some(p("y")));
-        assert_eq!(path_of(&s, 7), None);
+        assert_eq!(path_of(&s, 7), Some(p("y")));
     }
 
     #[test]
@@ -467,7 +490,7 @@ mod tests {
         s.apply(&rename("a", "b", true));
         assert_eq!(path_of(&s, 3), Some(p("b/in/f")));
         assert_eq!(path_of(&s, 5), Some(p("a/g")));
-        assert_eq!(s.dirs, dirs(&["", "a", "b", "b/in"]));
+        assert_eq!(s.dirs, dirs(&["", "a", "a/in", "b", "b/in"]));
         // Exchanging two files.
         let mut s = applied(&[create_file(1, "d/x"), create_file(2, "e/y")]);
         s.apply(&rename("d/x", "e/y", true));
