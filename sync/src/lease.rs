@@ -352,6 +352,7 @@ impl Keeper {
             let started = Instant::now();
             match self.lease.renew(&held) {
                 Ok(r) => {
+                    fail::fail_point!("lease-after-renew");
                     let mut st = self.st.lock();
                     st.held = r;
                     st.last_renewal = started;
@@ -437,6 +438,7 @@ impl Keeper {
         };
         match self.lease.release(&held) {
             Ok(r) => {
+                fail::fail_point!("lease-after-release");
                 let mut st = self.st.lock();
                 st.held = r;
                 st.released = true;
