@@ -219,6 +219,9 @@ impl Cache {
                     format!("cannot move {} to {}", from.display(), dest.display())
                 })?;
             }
+            if part == "backing" {
+                fail::fail_point!("aside-midway");
+            }
         }
         // A cache of its own (for `owsfs recover --cache`), with the same node id.
         for file in ["node-id", "cache.json"] {

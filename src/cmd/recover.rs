@@ -112,6 +112,8 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         note_stop: false,
     })?;
     let head = ws.fence(lease.epoch())?;
+    // Crash window: the new workspace holds a fence only.
+    fail::fail_point!("recover-after-fence");
     // Checked again under the lease: a concurrent recover to the same name may have won.
     if ws.newest_commit(head)?.is_some() {
         bail!("workspace {name:?} was just created by someone else: choose another name");
@@ -189,6 +191,8 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
             .agent
             .commit_now()
             .with_context(|| format!("cannot make workspace {name:?}"))?;
+        // Crash window: the fork is committed, the cache still belongs to the old workspace.
+        fail::fail_point!("recover-after-commit");
         eprintln!(
             "owsfs: generation {g} of {name:?} committed in {:.2}s",
             started.elapsed().as_secs_f64()

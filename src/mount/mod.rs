@@ -135,6 +135,8 @@ pub fn prepare(
         .fence(lease.epoch())
         .with_context(|| format!("cannot fence workspace {}", ws.name()))?;
     tracing::info!("generation {head}: fence of epoch {}", lease.epoch());
+    // Crash window: the fence is in the store, nothing of this mount in the cache yet.
+    fail::fail_point!("fence-after-slot");
     let state_path = cache.root.join("state.db");
     let mut local = LocalState::open(&state_path)?;
     if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
@@ -478,6 +480,8 @@ pub fn handoff(
     }
     let agent = Arc::clone(&services.agent);
     drop(services);
+    // Crash window: the last cut is in the store, the lease still held.
+    fail::fail_point!("handoff-after-cut");
     let handed = lease.hand_off(|| {
         agent
             .last_error()
