@@ -131,6 +131,10 @@ pub fn prepare(
         mut journal,
         mut recovery,
     } = open;
+    // A set-aside that a crash interrupted was finished when the cache was opened.
+    for dest in &cache.finished_aside {
+        ready.notice(&aside_notice(dest));
+    }
     let head = ws
         .fence(lease.epoch())
         .with_context(|| format!("cannot fence workspace {}", ws.name()))?;
@@ -158,12 +162,7 @@ pub fn prepare(
             dest.display(),
             dest.display()
         );
-        ready.notice(&format!(
-            "unsynced changes of an earlier mount were set aside in {} (recover them with \
-             `owsfs recover --cache {} --as NEW_NAME`)",
-            dest.display(),
-            dest.display()
-        ));
+        ready.notice(&aside_notice(&dest));
         (journal, recovery) = open_journal(&cache)?;
         local = LocalState::open(&state_path)?;
     }
@@ -183,6 +182,15 @@ pub fn prepare(
         head,
         previous_sqlite,
     })
+}
+
+fn aside_notice(dest: &Path) -> String {
+    format!(
+        "unsynced changes of an earlier mount were set aside in {} (recover them with `owsfs \
+         recover --cache {} --as NEW_NAME`)",
+        dest.display(),
+        dest.display()
+    )
 }
 
 /// How the services run.
