@@ -312,6 +312,10 @@ const LEASE_WINDOWS: &[Window] = &[
     w("lease-after-release", Trigger::Unmount, true),
 ];
 
+/// The step of a renewal written, the old steps not deleted yet (only the cache's view of
+/// the store differs, so `file://` only).
+const LEASE_TIDY_WINDOW: Window = w("lease-before-tidy", Trigger::Renewal, false);
+
 /// Node A runs the workload (rows 1..=20, then `owsfs sync`, then rows 21..=40) and crashes at
 /// the window. Another node B then serves the newest committed generation: rows 21..=40 only
 /// if the crashed cut landed. After B, A's own cache mounts again with all 40 rows, commits
@@ -517,7 +521,7 @@ fn crash_in_lease_renewal_and_handoff_file() {
         return;
     }
     let store = TestStore::file();
-    for (i, win) in LEASE_WINDOWS.iter().enumerate() {
+    for (i, win) in LEASE_WINDOWS.iter().chain([&LEASE_TIDY_WINDOW]).enumerate() {
         crash_in_window(&store, &format!("l{i}"), win);
     }
 }
@@ -760,13 +764,15 @@ fn crash_while_setting_aside_and_recovering() {
     );
 }
 
-// ---- Hydration's save ----------------------------------------------------------------------
+// ---- Hydration: materializing a directory, storing what was fetched ------------------------
 
-/// A fresh node hydrating a big file dies while storing what it fetched: the bytes are on
-/// disk, their ranges not recorded. Its next mount fetches what it lacks again and serves
-/// exactly the generation plus the write it made before the crash.
+/// A fresh node dies twice while hydrating: once while materializing a directory (its entries
+/// made, not recorded), once while storing what it fetched of a big file (the bytes on disk,
+/// their ranges not recorded). Each next mount of the cache makes the directory again and
+/// fetches what it lacks again, and serves exactly the generation plus the write it made
+/// before the second crash.
 #[test]
-fn crash_while_saving_the_hydration_state() {
+fn crash_while_hydrating() {
     if skip_fuse() {
         return;
     }
@@ -777,14 +783,34 @@ fn crash_while_saving_the_hydration_state() {
     let mut big = noise(BIG, 7);
     std::fs::write(a.path("big.bin"), &big).unwrap();
     workload(&a, 1, 20);
+    let mut want = tree(&a.mp);
     a.unmount();
 
-    let point = "hydrate-save-midway";
     let mut b = store.workspace("w", &["--prefetch", "0"]);
     let arm = b.dir.path().join("armed");
-    b.env.push(("OWSFS_CRASH_AT".into(), point.into()));
-    b.env
-        .push(("OWSFS_CRASH_ARMED_BY".into(), arm.to_string_lossy().into()));
+    let crash_env = |point: &str| {
+        vec![
+            ("OWSFS_CRASH_AT".to_string(), point.to_string()),
+            (
+                "OWSFS_CRASH_ARMED_BY".to_string(),
+                arm.to_string_lossy().into_owned(),
+            ),
+        ]
+    };
+
+    let point = "materialize-before-commit";
+    b.env = crash_env(point);
+    b.mount();
+    b.env.clear();
+    let pid = b.daemon_pid();
+    std::fs::write(&arm, b"").unwrap();
+    let listed = std::fs::read_dir(b.path("files")).map(|d| d.count());
+    assert!(listed.is_err(), "{point}: files/ was listed: {listed:?}");
+    crashed(&b, pid, point);
+    std::fs::remove_file(&arm).unwrap();
+
+    let point = "hydrate-save-midway";
+    b.env = crash_env(point);
     b.mount();
     b.env.clear();
     let pid = b.daemon_pid();
@@ -807,15 +833,14 @@ fn crash_while_saving_the_hydration_state() {
     crashed(&b, pid, point);
 
     b.mount();
-    assert!(
-        std::fs::read(b.path("big.bin")).unwrap() == big,
-        "{point}: big.bin after the remount"
-    );
+    let mut expect_big = b"f:".to_vec();
+    expect_big.extend_from_slice(&big);
+    want.insert("big.bin".into(), expect_big);
+    assert_same_tree(&tree(&b.mp), &want, "after both crashes");
     check_db(&b.mp, 20, point);
-    let want = tree(&b.mp);
     b.unmount();
     let c = store.workspace("w", &[]);
     c.mount();
-    assert_same_tree(&tree(&c.mp), &want, &format!("{point}: another node"));
+    assert_same_tree(&tree(&c.mp), &want, "another node");
     c.unmount();
 }
