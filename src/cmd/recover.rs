@@ -42,6 +42,9 @@ pub struct RecoverArgs {
 
 pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     let cache = Cache::open(&args.cache)?;
+    for dest in &cache.finished_aside {
+        eprintln!("owsfs: {}", crate::mount::aside_notice(dest));
+    }
     let cache_root = cache.root.clone();
     let state_path = cache.root.join("state.db");
     if !state_path.exists() {

@@ -184,7 +184,8 @@ pub fn prepare(
     })
 }
 
-fn aside_notice(dest: &Path) -> String {
+/// Where unsynced changes were set aside, and how to get them back.
+pub fn aside_notice(dest: &Path) -> String {
     format!(
         "unsynced changes of an earlier mount were set aside in {} (recover them with `owsfs \
          recover --cache {} --as NEW_NAME`)",
