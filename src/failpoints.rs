@@ -1,11 +1,14 @@
-//! Fail points, for tests: every crash window named in `journal/FORMAT.md` and
-//! `store/FORMAT.md` (and some phases of a mount) has a named point (`fail::fail_point!`).
+//! Fail points, for tests: every crash window of the store and commit side (tabled in
+//! `store/FORMAT.md`, "Crash windows and their fail points"; the journal's follow) and some
+//! phases of a mount have a named point (`fail::fail_point!`).
 //! They cost a registry lookup when reached and do nothing unless configured here, from the
 //! environment of the process (a background daemon inherits it):
 //!
 //! - `OWSFS_CRASH_AT=NAME[,NAME...]`: the process dies at once when it reaches NAME, as by
 //!   `kill -9` (no cleanup, no unwinding, exit status 137), so a test can check what a crash
-//!   there leaves;
+//!   there leaves. With `OWSFS_CRASH_ARMED_BY=PATH` as well, the points fire only while PATH
+//!   exists, so a test can let a mount work normally (a first `owsfs sync`, the periodic
+//!   lease renewals) and arm the crash when its workload is where it wants it;
 //! - `FAILPOINTS=NAME=ACTIONS;...`: the `fail` crate's actions (`return`, `panic`,
 //!   `sleep(MS)`, `N*return`...), e.g. `mount-after-lease=return` makes that phase fail.
 
@@ -24,10 +27,20 @@ pub fn setup_from_env() -> anyhow::Result<()> {
         }
     }
     if let Ok(names) = std::env::var("OWSFS_CRASH_AT") {
+        let armed_by = std::env::var_os("OWSFS_CRASH_ARMED_BY").map(std::path::PathBuf::from);
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             let owned = name.to_string();
+            let armed_by = armed_by.clone();
             fail::cfg_callback(name, move || {
-                tracing::error!("crash point {owned}: dying now (OWSFS_CRASH_AT)");
+                if armed_by.as_ref().is_some_and(|p| !p.exists()) {
+                    return;
+                }
+                if tracing::dispatcher::has_been_set() {
+                    tracing::error!("crash point {owned}: dying now (OWSFS_CRASH_AT)");
+                } else {
+                    // A command without a log (`owsfs recover`) says it on stderr.
+                    eprintln!("owsfs: crash point {owned}: dying now (OWSFS_CRASH_AT)");
+                }
                 // SAFETY: _exit ends the process at once; nothing of ours runs after it.
                 unsafe { libc::_exit(137) };
             })

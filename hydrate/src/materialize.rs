@@ -222,6 +222,8 @@ impl Hydrator {
 
     /// Stores what materializing directory `ino` made, and makes it live.
     pub(crate) fn commit_batch(&self, ino: u64, batch: Batch) -> io::Result<()> {
+        // Crash window: the entries are made and durable, not recorded.
+        fail::fail_point!("materialize-before-commit");
         let Batch {
             nodes,
             files,

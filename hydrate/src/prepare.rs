@@ -200,6 +200,8 @@ fn lazy_restore(
         },
         warm,
     )?;
+    // Crash window: the new base is recorded, the root not materialized yet.
+    fail::fail_point!("lazy-restore-after-commit");
     tracing::info!(
         "generation {h} of workspace {:?} will be fetched on demand ({} files, {} bytes; \
          prepared in {:.3}s)",

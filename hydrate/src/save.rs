@@ -57,6 +57,8 @@ impl Hydrator {
             }
         }
         drop(to_sync);
+        // Crash window: the bytes are durable, the ranges not recorded.
+        fail::fail_point!("hydrate-save-midway");
         let mut db = self.db.lock();
         let tx = db.transaction()?;
         {

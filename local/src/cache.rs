@@ -43,6 +43,8 @@ pub struct Cache {
     pub root: PathBuf,
     pub backing: PathBuf,
     pub journal: PathBuf,
+    /// Set-asides that a crash had interrupted, finished by [`Cache::open`].
+    pub finished_aside: Vec<PathBuf>,
     lock: Option<File>,
 }
 
@@ -151,6 +153,8 @@ impl Cache {
             }
             Err(e) => return Err(e).context("cannot read the cache marker"),
         }
+        // Before anything starts a new backing directory, journal or state.
+        let finished_aside = resume_set_aside(&root)?;
         let backing = root.join("backing");
         let journal = root.join("journal");
         for dir in [&backing, &journal] {
@@ -171,6 +175,7 @@ impl Cache {
             root,
             backing,
             journal,
+            finished_aside,
             lock: Some(lock),
         })
     }
@@ -199,41 +204,177 @@ impl Cache {
     /// Moves the backing directory, the journal and the cache state into
     /// `CACHE/aside/NAME/`, with `why` in `aside.json`, and starts empty ones. The caller has
     /// closed the journal and the state. Returns the new directory.
+    ///
+    /// The move is staged in `CACHE/aside/.NAME.partial/`: once its `aside.json` is there,
+    /// the decision is durable, and a set-aside that a crash interrupts is finished by the
+    /// next [`Cache::open`], before anything makes a new backing directory, journal or state
+    /// that could be taken for the ones set aside.
     pub fn set_aside(&self, name: &str, why: &serde_json::Value) -> anyhow::Result<PathBuf> {
-        let dest = self.root.join("aside").join(name);
-        std::fs::create_dir_all(&dest)
-            .with_context(|| format!("cannot create {}", dest.display()))?;
-        for part in [
-            "backing",
-            "journal",
-            "state.db",
-            "state.db-wal",
-            "state.db-shm",
-        ] {
-            let from = self.root.join(part);
-            if from.exists() {
-                std::fs::rename(&from, dest.join(part)).with_context(|| {
-                    format!("cannot move {} to {}", from.display(), dest.display())
-                })?;
-            }
-        }
-        // A cache of its own (for `owsfs recover --cache`), with the same node id.
-        for file in ["node-id", "cache.json"] {
-            let from = self.root.join(file);
-            if from.exists() {
-                std::fs::copy(&from, dest.join(file))?;
-            }
-        }
-        std::fs::write(dest.join("aside.json"), serde_json::to_vec_pretty(why)?)?;
-        let _ = std::fs::remove_file(self.root.join("stopped.json"));
-        for dir in [&self.backing, &self.journal] {
-            std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        File::open(&self.root)?.sync_all()?;
-        Ok(dest)
+        let aside = self.root.join("aside");
+        let staging = aside.join(format!(".{name}{PARTIAL}"));
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))?;
+        let tmp = staging.join("aside.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(why)?)?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, staging.join("aside.json"))?;
+        File::open(&staging)?.sync_all()?;
+        File::open(&aside)?.sync_all()?;
+        finish_aside(&self.root, &staging)
     }
+}
+
+/// Suffix of a set-aside in progress (`CACHE/aside/.NAME.partial/`).
+const PARTIAL: &str = ".partial";
+
+/// What a set-aside moves, in this order.
+const ASIDE_PARTS: [&str; 5] = [
+    "backing",
+    "journal",
+    "state.db",
+    "state.db-wal",
+    "state.db-shm",
+];
+
+/// Finishes the set-asides a crash interrupted (see [`Cache::set_aside`]). Returns where
+/// they went.
+fn resume_set_aside(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut done = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root.join("aside")) else {
+        return Ok(done);
+    };
+    for e in entries {
+        let staging = e?.path();
+        let name = staging.file_name().unwrap_or_default().to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(PARTIAL)) {
+            continue;
+        }
+        if !staging.join("aside.json").exists() {
+            // Interrupted before it was decided: nothing was moved yet.
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("cannot remove {}", staging.display()))?;
+            continue;
+        }
+        tracing::warn!(
+            "finishing the set-aside of unsynced changes into {} that a crash interrupted",
+            staging.display()
+        );
+        done.push(finish_aside(root, &staging)?);
+    }
+    Ok(done)
+}
+
+/// Moves what is left of the cache's parts into `staging`, starts empty ones, and gives
+/// `staging` its final name.
+fn finish_aside(root: &Path, staging: &Path) -> anyhow::Result<PathBuf> {
+    // A cache of its own (for `owsfs recover --cache`), with the same node id.
+    for file in ["node-id", "cache.json"] {
+        let from = root.join(file);
+        if from.exists() {
+            std::fs::copy(&from, staging.join(file))?;
+        }
+    }
+    for part in ASIDE_PARTS {
+        let from = root.join(part);
+        let to = staging.join(part);
+        if std::fs::symlink_metadata(&from).is_ok() {
+            if std::fs::symlink_metadata(&to).is_ok() {
+                bail!(
+                    "{} and {} both exist: a set-aside was interrupted and the cache changed \
+                     since; move one of them away by hand",
+                    from.display(),
+                    to.display()
+                );
+            }
+            std::fs::rename(&from, &to).with_context(|| {
+                format!("cannot move {} to {}", from.display(), staging.display())
+            })?;
+        }
+        if part == "backing" {
+            fail::fail_point!("aside-midway");
+        }
+    }
+    let _ = std::fs::remove_file(root.join("stopped.json"));
+    for dir in ["backing", "journal"] {
+        match std::fs::create_dir(root.join(dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create {}", root.join(dir).display()));
+            }
+        }
+    }
+    File::open(root)?.sync_all()?;
+    let name = staging
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.strip_suffix(PARTIAL))
+        .context("a set-aside's staging directory has no name")?;
+    let aside = root.join("aside");
+    let dest = aside.join(name);
+    if dest.exists() {
+        bail!(
+            "cannot finish the set-aside {}: {} exists",
+            staging.display(),
+            dest.display()
+        );
+    }
+    std::fs::rename(staging, &dest)
+        .with_context(|| format!("cannot rename {} to {}", staging.display(), dest.display()))?;
+    File::open(&aside)?.sync_all()?;
+    Ok(dest)
 }
 
 fn valid_node_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A set-aside that stopped after moving the backing directory (a crash) is finished by
+    /// the next open: everything ends up in one aside directory, and the cache starts empty.
+    #[test]
+    fn an_interrupted_set_aside_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        let cache = Cache::open(&root).unwrap();
+        std::fs::write(cache.backing.join("f"), b"unsynced").unwrap();
+        std::fs::write(cache.journal.join("1.seg"), b"journal").unwrap();
+        std::fs::write(cache.root.join("state.db"), b"state").unwrap();
+        let root = cache.root.clone();
+        drop(cache);
+        // What set_aside leaves when it dies after its first move.
+        let staging = root.join("aside").join(".n.partial");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("aside.json"), b"{}").unwrap();
+        std::fs::rename(root.join("backing"), staging.join("backing")).unwrap();
+
+        let cache = Cache::open(&root).unwrap();
+        let dest = root.join("aside").join("n");
+        assert_eq!(cache.finished_aside, vec![dest.clone()]);
+        assert!(!staging.exists());
+        assert_eq!(std::fs::read(dest.join("backing/f")).unwrap(), b"unsynced");
+        assert_eq!(
+            std::fs::read(dest.join("journal/1.seg")).unwrap(),
+            b"journal"
+        );
+        assert_eq!(std::fs::read(dest.join("state.db")).unwrap(), b"state");
+        assert!(dest.join("cache.json").exists());
+        assert_eq!(std::fs::read_dir(&cache.backing).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&cache.journal).unwrap().count(), 0);
+        assert!(!root.join("state.db").exists());
+        drop(cache);
+
+        // Interrupted before its aside.json was in place: nothing had moved, nothing moves.
+        std::fs::create_dir_all(root.join("aside").join(".m.partial")).unwrap();
+        std::fs::write(root.join("backing").join("g"), b"kept").unwrap();
+        let cache = Cache::open(&root).unwrap();
+        assert!(cache.finished_aside.is_empty());
+        assert!(!root.join("aside").join(".m.partial").exists());
+        assert_eq!(std::fs::read(cache.backing.join("g")).unwrap(), b"kept");
+    }
 }

@@ -340,6 +340,8 @@ impl LocalState {
             meta.execute(params!["hyd_missing_bytes", totals.bytes.to_string()])?;
             meta.execute(params!["hyd_generation", base.generation.to_string()])?;
         }
+        // Crash window: nothing of the transaction is in the file yet.
+        fail::fail_point!("lazy-restore-before-commit");
         tx.commit()?;
         map.clear();
         Ok(())

@@ -42,6 +42,9 @@ pub struct RecoverArgs {
 
 pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     let cache = Cache::open(&args.cache)?;
+    for dest in &cache.finished_aside {
+        eprintln!("owsfs: {}", crate::mount::aside_notice(dest));
+    }
     let cache_root = cache.root.clone();
     let state_path = cache.root.join("state.db");
     if !state_path.exists() {
@@ -95,13 +98,30 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         }
     );
 
-    // Phase 2: the new workspace, which must not exist yet.
+    // Phase 2: the new workspace, which must not exist yet. One that holds fences only was
+    // begun by a recover that did not finish, and is taken on. One whose newest commit has
+    // this cache's tree while nothing is unsynced was made by a recover of this cache that
+    // stopped before the cache was handed to it (a crash): that recover is finished.
     let store = crate::mount::open_store(&store_url)?;
     let ws = Workspace::open_or_create(&store, name)
         .with_context(|| format!("cannot create workspace {name:?} in {store_url}"))?;
-    if ws.head()?.is_some() {
-        bail!("workspace {name:?} already exists in {store_url}: choose another name");
-    }
+    let made_here = |r: &GenerationRecord| {
+        !open.journal.is_dirty()
+            && r.root
+                .and_then(|r| serde_json::to_string(&r).ok())
+                .as_deref()
+                == Some(&base.root)
+    };
+    let finishing = match ws
+        .head()?
+        .map(|h| ws.newest_commit(h))
+        .transpose()?
+        .flatten()
+    {
+        None => false,
+        Some(r) if made_here(&r) => true,
+        Some(_) => bail!("workspace {name:?} already exists in {store_url}: choose another name"),
+    };
     // Phase 3: its lease.
     let lease = LeaseGuard::take(LeaseRequest {
         ws: &ws,
@@ -111,7 +131,12 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         notice: &mut |m| eprintln!("owsfs: {m}"),
         note_stop: false,
     })?;
+    if finishing {
+        return finish_earlier_recover(&ws, lease, local, &open, &base, &cache_root);
+    }
     let head = ws.fence(lease.epoch())?;
+    // Crash window: the new workspace holds a fence only.
+    fail::fail_point!("recover-after-fence");
     // Checked again under the lease: a concurrent recover to the same name may have won.
     if ws.newest_commit(head)?.is_some() {
         bail!("workspace {name:?} was just created by someone else: choose another name");
@@ -228,6 +253,8 @@ fn fork_with_changes(
         .agent
         .commit_now()
         .with_context(|| format!("cannot make workspace {name:?}"))?;
+    // Crash window: the fork is committed, the cache still belongs to the old workspace.
+    fail::fail_point!("recover-after-commit");
     eprintln!(
         "owsfs: generation {g} of {name:?} committed in {:.2}s",
         started.elapsed().as_secs_f64()
@@ -237,4 +264,54 @@ fn fork_with_changes(
     // Only now does the cache belong to the fork (a failed recover leaves it as it was).
     LocalState::open(&state_path)?.set_meta("workspace", &name)?;
     Ok(g)
+}
+
+/// The workspace was made from this cache by a recover that stopped before the cache was
+/// handed to it: finish that one (the cache now belongs to the fork).
+fn finish_earlier_recover(
+    ws: &Workspace,
+    lease: LeaseGuard,
+    mut local: LocalState,
+    open: &OpenCache,
+    base: &owsfs_local::Base,
+    cache_root: &std::path::Path,
+) -> anyhow::Result<()> {
+    let name = ws.name();
+    let made_here = |r: &GenerationRecord| {
+        !open.journal.is_dirty()
+            && r.root
+                .and_then(|r| serde_json::to_string(&r).ok())
+                .as_deref()
+                == Some(&base.root)
+    };
+    let newest = ws
+        .head()?
+        .map(|h| ws.newest_commit(h))
+        .transpose()?
+        .flatten();
+    let Some(r) = newest.filter(made_here) else {
+        bail!("workspace {name:?} was just changed by someone else: choose another name");
+    };
+    local.commit(
+        &owsfs_local::Base {
+            generation: r.number,
+            epoch: r.epoch,
+            root: base.root.clone(),
+        },
+        Default::default(),
+    )?;
+    local.set_meta("workspace", name)?;
+    drop(local);
+    open.journal.close_clean()?;
+    lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
+    println!("{}", r.number);
+    eprintln!(
+        "owsfs: workspace {name:?} (generation {}) was made from {} by an earlier recover \
+         that stopped before the end; the cache now belongs to {name:?}: mount it with \
+         `owsfs mount MOUNTPOINT --cache {} --workspace {name}`",
+        r.number,
+        cache_root.display(),
+        cache_root.display()
+    );
+    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::control::client::{self, ClientError};
@@ -22,6 +22,18 @@ pub fn run(args: &UnmountArgs) -> anyhow::Result<()> {
         Err(ClientError::DaemonGone {
             mountpoint, cache, ..
         }) => {
+            if crate::mountpoint::find_owsfs(&mountpoint)?.is_none() {
+                // The session ended, then the daemon died before it answered: in the
+                // handoff. There is no mount to remove, and the handoff's outcome is unknown.
+                bail!(
+                    "the daemon of {} died during the unmount, after the mount was gone (see \
+                     {}): the last changes may not be in the store and the lease may not be \
+                     released; the next mount of {} commits whatever is left",
+                    mountpoint.display(),
+                    cache.join("owsfs.log").display(),
+                    cache.display()
+                );
+            }
             // Nobody serves this mount any more: remove it so the path is usable again.
             rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH).with_context(
                 || format!("cannot remove the dead mount at {}", mountpoint.display()),

@@ -131,10 +131,16 @@ pub fn prepare(
         mut journal,
         mut recovery,
     } = open;
+    // A set-aside that a crash interrupted was finished when the cache was opened.
+    for dest in &cache.finished_aside {
+        ready.notice(&aside_notice(dest));
+    }
     let head = ws
         .fence(lease.epoch())
         .with_context(|| format!("cannot fence workspace {}", ws.name()))?;
     tracing::info!("generation {head}: fence of epoch {}", lease.epoch());
+    // Crash window: the fence is in the store, nothing of this mount in the cache yet.
+    fail::fail_point!("fence-after-slot");
     let state_path = cache.root.join("state.db");
     let mut local = LocalState::open(&state_path)?;
     if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
@@ -156,12 +162,7 @@ pub fn prepare(
             dest.display(),
             dest.display()
         );
-        ready.notice(&format!(
-            "unsynced changes of an earlier mount were set aside in {} (recover them with \
-             `owsfs recover --cache {} --as NEW_NAME`)",
-            dest.display(),
-            dest.display()
-        ));
+        ready.notice(&aside_notice(&dest));
         (journal, recovery) = open_journal(&cache)?;
         local = LocalState::open(&state_path)?;
     }
@@ -181,6 +182,16 @@ pub fn prepare(
         head,
         previous_sqlite,
     })
+}
+
+/// Where unsynced changes were set aside, and how to get them back.
+pub fn aside_notice(dest: &Path) -> String {
+    format!(
+        "unsynced changes of an earlier mount were set aside in {} (recover them with `owsfs \
+         recover --cache {} --as NEW_NAME`)",
+        dest.display(),
+        dest.display()
+    )
 }
 
 /// How the services run.
@@ -478,6 +489,8 @@ pub fn handoff(
     }
     let agent = Arc::clone(&services.agent);
     drop(services);
+    // Crash window: the last cut is in the store, the lease still held.
+    fail::fail_point!("handoff-after-cut");
     let handed = lease.hand_off(|| {
         agent
             .last_error()

@@ -683,11 +683,15 @@ fn fs_put_if_absent(
         if let Some(parent) = dest.parent() {
             ensure_dir(root, parent)?;
         }
+        // Crash windows: a durable temporary that nobody links (garbage in `.tmp/`), then the
+        // object in place with its temporary still beside it.
+        fail::fail_point!("cas-before-link");
         let created = match std::fs::hard_link(&tmp, &dest) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(e),
         };
+        fail::fail_point!("cas-after-link");
         std::fs::remove_file(&tmp)?;
         if created && let Some(parent) = dest.parent() {
             sync_dir(parent)?;

@@ -391,6 +391,11 @@ impl Workspace {
                 });
             }
         }
+        // Crash window: the slot is taken, the HEAD hint still names an older one.
+        match record.kind {
+            GenKind::Commit => fail::fail_point!("commit-before-head"),
+            GenKind::Fence => fail::fail_point!("fence-before-head"),
+        }
         let n = record.number.to_string();
         let hint = format!("owsfs-head {HEAD_VERSION} {n} {}\n", head_sum(&n));
         if let Err(e) = self.store.put(&self.key("HEAD"), Bytes::from(hint)) {

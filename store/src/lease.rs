@@ -202,6 +202,8 @@ impl Lease {
                 });
             }
         }
+        // Crash window: the step is written, the old steps are still there.
+        fail::fail_point!("lease-before-tidy");
         // Tidy up; a failure only leaves an extra object behind.
         if next.seq > KEEP {
             let old = self.key(next.seq - KEEP - 1);

@@ -407,6 +407,7 @@ impl Keeper {
         let started = self.clock.now();
         match self.lease.renew(&held) {
             Ok(r) => {
+                fail::fail_point!("lease-after-renew");
                 let mut st = self.st.lock();
                 st.held = r;
                 st.last_renewal = started;
@@ -500,6 +501,7 @@ impl Keeper {
         };
         match self.lease.release(&held) {
             Ok(r) => {
+                fail::fail_point!("lease-after-release");
                 let mut st = self.st.lock();
                 st.held = r;
                 st.released = true;

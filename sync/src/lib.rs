@@ -527,6 +527,8 @@ impl SyncAgent {
             (seq, dirty, captured, frozen)
         };
         let cut_ms = started.elapsed().as_millis() as u64;
+        // Crash windows (`store/FORMAT.md`, "Crash windows"), in the order a cut meets them.
+        fail::fail_point!("commit-after-cut");
         // 3. Read, chunk, pack, upload.
         let previous_sqlite = self.st.lock().previous_sqlite.clone();
         let built = build::build(
@@ -549,6 +551,7 @@ impl SyncAgent {
                 return Err(e);
             }
         };
+        fail::fail_point!("commit-after-packs");
         // 4. Commit the generation.
         let (head, epoch) = {
             let st = self.st.lock();
@@ -584,6 +587,7 @@ impl SyncAgent {
                 upload_ms: started.elapsed().as_millis() as u64 - cut_ms,
             },
         };
+        fail::fail_point!("commit-after-pending");
         // The lease must still be good; the fence in the store is the hard guarantee.
         self.keeper
             .check(Duration::ZERO)
@@ -613,6 +617,7 @@ impl SyncAgent {
                 return Err(e).with_context(|| format!("commit generation {number}"));
             }
         }
+        fail::fail_point!("commit-after-slot");
         // 5. The cache's new base, then the journal forgets what the cut covered.
         drop(local);
         let base = Base {
@@ -621,6 +626,7 @@ impl SyncAgent {
             root: serde_json::to_string(&built.root)?,
         };
         self.local.lock().commit(&base, built.update)?;
+        fail::fail_point!("commit-after-state");
         // What the journal forgets must be in the stored hydration state first.
         self.hyd.save()?;
         journal.committed(seq)?;
