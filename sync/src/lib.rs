@@ -407,10 +407,15 @@ impl SyncAgent {
                         return true;
                     }
                     // Nothing tells the agent when the journal becomes dirty: it looks again
-                    // after a commit interval (a change waits at most that long).
+                    // after a commit interval (a change waits at most that long). Dirty, it
+                    // also wakes when the oldest change reaches `--max-lag`.
+                    let age_left = || {
+                        let (_, age) = self.core.journal().lag();
+                        age.map_or(self.opts.max_lag, |a| self.opts.max_lag.saturating_sub(a))
+                    };
                     match (wanted || lagging, dirty) {
                         (true, _) => backoff.saturating_sub(since),
-                        (false, true) => due_in,
+                        (false, true) => due_in.min(age_left().max(backoff)),
                         (false, false) => self.opts.commit_interval,
                     }
                 }
