@@ -155,6 +155,11 @@ impl Model {
         self.resolve(&comps(path))
     }
 
+    /// The directory that would hold `path` exists.
+    pub fn parent_exists(&self, path: &str) -> bool {
+        self.parent(path).is_ok()
+    }
+
     /// The directory holding the last component, and that component.
     fn parent<'p>(&self, path: &'p str) -> Res<(Id, &'p str)> {
         let c = comps(path);
