@@ -583,3 +583,75 @@ fn warm_remount_links_names_that_became_one_file() {
     assert_eq!(std::fs::read(b.path("x/a")).unwrap(), b"changed\n");
     b.unmount();
 }
+
+/// A directory lazy hydration has not fetched yet keeps its subtree in the next generation
+/// even when the dirty state names its path: a chmod of it (which does not fetch it), and a
+/// rename of it onto a path the dirty state still holds (an rmdir and a rename keep their old
+/// places marked). Before the fix, the cut listed the empty backing directory and committed
+/// it empty: the files below it were gone from the store.
+fn pending_directory_keeps_its_subtree(store: &TestStore) {
+    let a = store.workspace("ws", &[]);
+    a.mount();
+    std::fs::create_dir_all(a.path("d/sub")).unwrap();
+    std::fs::create_dir_all(a.path("e/sub")).unwrap();
+    std::fs::write(a.path("d/f1"), b"one\n").unwrap();
+    std::fs::write(a.path("d/sub/f2"), b"two\n").unwrap();
+    std::fs::write(a.path("e/f3"), b"three\n").unwrap();
+    std::fs::write(a.path("e/sub/f4"), b"four\n").unwrap();
+    a.sync();
+    a.unmount();
+
+    // A fresh node that fetches nothing in the background: d and e stay pending.
+    let b = store.workspace("ws", &["--prefetch", "0"]);
+    b.mount();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(b.path("d"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::create_dir(b.path("m")).unwrap();
+    std::fs::remove_dir(b.path("m")).unwrap();
+    std::fs::rename(b.path("e"), b.path("m")).unwrap();
+    let g = b.sync();
+    b.unmount();
+
+    let dest = b.dir.path().join("restored");
+    let out = b.restore(Some(g), &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, want) in [
+        ("d/f1", "one\n"),
+        ("d/sub/f2", "two\n"),
+        ("m/f3", "three\n"),
+        ("m/sub/f4", "four\n"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(path)).unwrap_or_default(),
+            want,
+            "{path} in generation {g}"
+        );
+    }
+    let mode = std::fs::metadata(dest.join("d"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o700, "the chmod of the pending directory");
+    assert!(!dest.join("e").exists());
+}
+
+#[test]
+fn a_pending_directory_keeps_its_subtree_file() {
+    if skip_fuse() {
+        return;
+    }
+    pending_directory_keeps_its_subtree(&TestStore::file());
+}
+
+#[test]
+fn a_pending_directory_keeps_its_subtree_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    pending_directory_keeps_its_subtree(&TestStore::seaweed("owsfs-pending"));
+}

@@ -183,9 +183,12 @@ fn capture_with(
                 Vec::new()
             };
             if kind == libc::S_IFDIR {
-                if (full && !known.pending_dir(stat.ino))
-                    || rebuild.contains(&child)
-                    || !known.has_dir(stat.ino)
+                // A pending directory (lazy hydration) holds none of its entries yet: its
+                // subtree is the base generation's, whatever the dirty state says of its
+                // path (a change inside it materializes it first; its own attributes come
+                // from this listing).
+                if !known.pending_dir(stat.ino)
+                    && (full || rebuild.contains(&child) || !known.has_dir(stat.ino))
                 {
                     queue.push(child.clone());
                 }
