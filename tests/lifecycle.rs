@@ -118,3 +118,42 @@ fn a_cache_of_another_workspace_is_refused_and_the_lease_given_back() {
     );
     b.unmount();
 }
+
+/// The daemon leaves its umask alone: a new workspace's root is 0755, and nothing in the
+/// cache or in a `file://` store becomes writable by other users (a daemon that cleared its
+/// umask made both world-writable: any local user could then delete generations or write
+/// lease records).
+#[test]
+fn nothing_the_daemon_creates_is_world_writable() {
+    use std::os::unix::fs::PermissionsExt;
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let a = store.workspace("perm", &[]);
+    a.mount();
+    let root = std::fs::metadata(&a.mp).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(root, 0o755, "the root of a new workspace");
+    std::fs::write(a.path("f"), b"x").unwrap();
+    a.sync();
+    a.unmount();
+    let mut writable = Vec::new();
+    for top in [store.root(), a.cache.clone()] {
+        let mut stack = vec![top];
+        while let Some(p) = stack.pop() {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.file_type().is_symlink() {
+                continue;
+            }
+            if md.permissions().mode() & 0o002 != 0 {
+                writable.push(p.clone());
+            }
+            if md.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    stack.push(e.unwrap().path());
+                }
+            }
+        }
+    }
+    assert!(writable.is_empty(), "writable by everyone: {writable:?}");
+}

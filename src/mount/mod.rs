@@ -519,9 +519,9 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let mountpoint = mountpoint::check_mountable(mountpoint)?;
     mountpoint::check_dev_fuse()?;
-    // The kernel hands the daemon modes already masked by each caller's umask: with the
-    // daemon's own at 0 the backing files get exactly those, without a chmod per creation.
-    rustix::process::umask(rustix::fs::Mode::empty());
+    // The process umask stays as it is: it also applies to the cache, the journal and a
+    // file:// store, which must not become writable by everyone. New nodes get exactly the
+    // mode the kernel sends (the core restores bits the umask took, see fuse/src/core.rs).
     let open = OpenCache::open(cache_dir)?;
     let inode_budget = background::inode_budget(o.max_inodes);
 
