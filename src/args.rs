@@ -194,13 +194,28 @@ pub fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A size: `1GiB`, `512MiB`, `64KiB`, `1GB` (bytesize: `KiB` units are 1024, `KB` 1000), or
-/// plain bytes.
+/// A size: `1GiB`, `512MiB`, `64K`, `1G`, `100MB`, or plain bytes. As owsfs always took them,
+/// the units are binary whether or not they say `i` (`1G` = `1GB` = `1GiB` = 2^30 bytes);
+/// bytesize parses the normalized form.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.trim()
+    let bad = || format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => "B",
+        "k" | "kb" | "kib" => "KiB",
+        "m" | "mb" | "mib" => "MiB",
+        "g" | "gb" | "gib" => "GiB",
+        "t" | "tb" | "tib" => "TiB",
+        _ => return Err(bad()),
+    };
+    format!("{num} {unit}")
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
-        .map_err(|_| format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)"))
+        .map_err(|_| bad())
 }
 
 /// `$VAR`, or `$HOME/fallback`.
@@ -234,6 +249,10 @@ mod tests {
         assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
         assert_eq!(parse_bytes("0"), Ok(0));
         assert_eq!(parse_bytes("4096"), Ok(4096));
+        // Binary, as owsfs always took them.
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("100MB"), Ok(100 << 20));
+        assert_eq!(parse_bytes("1.5k"), Ok(1536));
         assert!(parse_bytes("lots").is_err());
     }
 }

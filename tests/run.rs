@@ -325,6 +325,23 @@ fn recover_turns_the_unsynced_tail_into_a_fork(store: &TestStore) {
     std::fs::write(b.path("d/b"), b"b\n").unwrap();
     b.unmount();
 
+    // A workspace someone else made, that holds only the fence of its first mount, is not a
+    // recover's to take on.
+    let other = store.workspace("taken", &[]);
+    other.mount();
+    other.unmount();
+    let out = a.owsfs(&[
+        "recover",
+        "--cache",
+        &a.cache.to_string_lossy(),
+        "--as",
+        "taken",
+        "--store",
+        &a.store,
+    ]);
+    assert!(!out.status.success(), "recover took on another's workspace");
+    assert!(err(&out).contains("already exists"), "{}", err(&out));
+
     // The crashed node's tail becomes a fork; the workspace itself is untouched.
     let out = a.owsfs(&[
         "recover",

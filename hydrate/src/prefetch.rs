@@ -103,6 +103,13 @@ impl Prefetcher {
     }
 }
 
+impl Drop for Prefetcher {
+    /// Dropped without [`Prefetcher::stop`] (an error exit), the workers still end.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl Shared {
     fn run(&self) {
         let mut failures = 0u32;

@@ -112,7 +112,7 @@ impl Drop for ForegroundGuard<'_> {
     }
 }
 
-/// The thread that stores the hydration state every second and, for a foreground mount,
+/// The thread that stores the hydration state every 250 ms and, for a foreground mount,
 /// draws the progress bar on stderr until everything is local.
 pub struct Saver {
     stop_tx: Mutex<Option<crossbeam_channel::Sender<()>>>,
@@ -127,6 +127,12 @@ impl Saver {
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

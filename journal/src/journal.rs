@@ -117,6 +117,8 @@ pub struct Journal {
     /// Bytes of all `Write` records appended since open: a cheap upper bound on how much the
     /// dirty state can have grown since a given moment (for backpressure).
     written_bytes: std::sync::atomic::AtomicU64,
+    /// Called when the first change since the last cut is appended (see [`Journal::on_change`]).
+    on_change: parking_lot::RwLock<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 struct Inner {
@@ -383,6 +385,7 @@ impl Journal {
             written: Condvar::new(),
             lock: Mutex::new(Some(lock)),
             written_bytes: std::sync::atomic::AtomicU64::new(0),
+            on_change: parking_lot::RwLock::new(None),
         };
         {
             let mut g = journal.inner.lock();
@@ -452,6 +455,13 @@ impl Journal {
     }
 
     /// Whether anything changed since the last durable generation.
+    /// Calls `f` whenever a record is appended while nothing had changed since the last
+    /// [`Journal::cut`] (the sync agent's wake-up: a clean journal has become dirty). `f` runs
+    /// under the journal's lock and must not block.
+    pub fn on_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.on_change.write() = Some(f);
+    }
+
     pub fn is_dirty(&self) -> bool {
         !self.inner.lock().state.is_empty()
     }
@@ -618,11 +628,15 @@ impl Journal {
         if g.state.is_empty() {
             g.dirty_since = Some(Instant::now());
         }
-        if g.live.is_empty() {
+        let first_change = g.live.is_empty();
+        if first_change {
             g.live_since = Some(Instant::now());
         }
         g.state.apply(op);
         g.live.apply(op);
+        if first_change && let Some(f) = self.on_change.read().as_ref() {
+            f();
+        }
         if let Op::Write { len, .. } = op {
             self.written_bytes
                 .fetch_add(*len, std::sync::atomic::Ordering::Relaxed);

@@ -112,15 +112,13 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
                 .as_deref()
                 == Some(&base.root)
     };
-    let finishing = match ws
-        .head()?
-        .map(|h| ws.newest_commit(h))
-        .transpose()?
-        .flatten()
-    {
-        None => false,
-        Some(r) if made_here(&r) => true,
-        Some(_) => bail!("workspace {name:?} already exists in {store_url}: choose another name"),
+    // Only a workspace this cache's own recover began (it noted the name first) is taken on.
+    let ours = local.meta("recovering_as")?.as_deref() == Some(name.as_str());
+    let head = ws.head()?;
+    let finishing = match head.map(|h| ws.newest_commit(h)).transpose()?.flatten() {
+        None if head.is_none() || ours => false,
+        Some(r) if ours && made_here(&r) => true,
+        _ => bail!("workspace {name:?} already exists in {store_url}: choose another name"),
     };
     // Phase 3: its lease.
     let lease = LeaseGuard::take(LeaseRequest {
@@ -134,6 +132,9 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     if finishing {
         return finish_earlier_recover(&ws, lease, local, &open, &base, &cache_root);
     }
+    // Noted before the new workspace gets anything: a rerun after a crash takes on only a
+    // workspace this note names.
+    local.set_meta("recovering_as", name)?;
     let head = ws.fence(lease.epoch())?;
     // Crash window: the new workspace holds a fence only.
     fail::fail_point!("recover-after-fence");
@@ -200,6 +201,7 @@ fn fork_as_is(
     b.epoch = lease.epoch();
     local.commit(&b, Default::default())?;
     local.set_meta("workspace", &name)?;
+    local.set_meta("recovering_as", "")?;
     drop(local);
     journal.close_clean()?;
     lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
@@ -262,7 +264,9 @@ fn fork_with_changes(
     let (_clean, handed) = crate::mount::handoff(services, lease, &journal);
     handed.map_err(anyhow::Error::msg)?;
     // Only now does the cache belong to the fork (a failed recover leaves it as it was).
-    LocalState::open(&state_path)?.set_meta("workspace", &name)?;
+    let local = LocalState::open(&state_path)?;
+    local.set_meta("workspace", &name)?;
+    local.set_meta("recovering_as", "")?;
     Ok(g)
 }
 
@@ -301,6 +305,7 @@ fn finish_earlier_recover(
         Default::default(),
     )?;
     local.set_meta("workspace", name)?;
+    local.set_meta("recovering_as", "")?;
     drop(local);
     open.journal.close_clean()?;
     lease.hand_off(String::new).map_err(anyhow::Error::msg)?;

@@ -89,8 +89,14 @@ fn call<T: DeserializeOwned>(
         |e: serde_json::Error| ClientError::Other(format!("the daemon sent a bad answer: {e}"));
     let v: serde_json::Value = serde_json::from_str(&answer).map_err(bad)?;
     if v["ok"] == serde_json::Value::Bool(false) {
-        let f: Failure = serde_json::from_value(v).map_err(bad)?;
-        return Err(f.error.into());
+        return Err(match serde_json::from_value::<Failure>(v.clone()) {
+            Ok(f) => f.error.into(),
+            // A daemon that sends only the message (an older one): keep its words.
+            Err(e) => match v["error"].as_str() {
+                Some(msg) => ControlError::Other(msg.to_string()).into(),
+                None => bad(e),
+            },
+        });
     }
     serde_json::from_value(v).map_err(bad)
 }

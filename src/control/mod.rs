@@ -3,8 +3,8 @@
 //! commands reach it through [`client`].
 //!
 //! Requests: `{"cmd":"status","dirty":bool}`, `{"cmd":"sync","timeout_secs":f64}`,
-//! `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true, a typed
-//! [`ControlError`] (`"error"`, with its `"kind"`) when false.
+//! `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true; when false,
+//! the message (`"error"`) and a typed [`ControlError`] (`"kind"`, `"detail"`).
 
 pub mod client;
 
@@ -54,10 +54,13 @@ pub enum Answer {
     Unmounted(Unmounted),
 }
 
-/// A refused request: `{"ok": false, "error": ..., "kind": ...}`.
+/// A refused request: `{"ok": false, "error": "<message>", "kind": ..., "detail": ...}`.
+/// `error` is the message for a person (and for clients that do not know the kind).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Failure {
     pub ok: False,
+    #[serde(default, rename = "error")]
+    pub message: Option<String>,
     #[serde(flatten)]
     pub error: ControlError,
 }
@@ -126,6 +129,7 @@ impl Response {
     pub fn err(e: ControlError) -> Response {
         Response::Err(Failure {
             ok: False,
+            message: Some(e.to_string()),
             error: e,
         })
     }
@@ -224,6 +228,10 @@ mod tests {
         let e = Response::err(ControlError::Busy(PathBuf::from("/w")));
         let wire = serde_json::to_string(&e).unwrap();
         assert!(wire.contains(r#""ok":false"#), "{wire}");
+        assert!(
+            wire.contains(r#""error":"/w is busy"#),
+            "the message travels too: {wire}"
+        );
         match serde_json::from_str::<Response>(&wire).unwrap() {
             Response::Err(f) => assert_eq!(f.error, ControlError::Busy(PathBuf::from("/w"))),
             other => panic!("{other:?}"),

@@ -212,15 +212,17 @@ pub struct Services {
     pub agent: Arc<SyncAgent>,
     inherited_access: Vec<String>,
     prefetch: PrefetchOptions,
-    threads: Option<Threads>,
+    threads: Threads,
 }
 
-/// The background threads of a serving mount.
+/// The background threads of a serving mount, each kept as soon as it runs, so that a
+/// failure half-way through [`Services::run`] still stops (and joins) what had started.
+#[derive(Default)]
 struct Threads {
-    agent: std::thread::JoinHandle<()>,
-    prefetch: Arc<Prefetcher>,
-    saver: owsfs_hydrate::Saver,
-    reaper: Reaper,
+    agent: Option<std::thread::JoinHandle<()>>,
+    prefetch: Option<Arc<Prefetcher>>,
+    saver: Option<owsfs_hydrate::Saver>,
+    reaper: Option<Reaper>,
 }
 
 impl Services {
@@ -302,7 +304,7 @@ impl Services {
                 agent,
                 inherited_access,
                 prefetch: opts.prefetch,
-                threads: None,
+                threads: Threads::default(),
             },
             PreparedRest {
                 cache,
@@ -321,34 +323,28 @@ impl Services {
         progress_bar: bool,
     ) -> anyhow::Result<()> {
         self.agent.set_mount(mountpoint);
-        let agent = {
-            let agent = Arc::clone(&self.agent);
+        let agent = Arc::clone(&self.agent);
+        self.threads.agent = Some(
             std::thread::Builder::new()
                 .name("owsfs-sync".into())
                 .spawn(move || agent.run())
-                .context("cannot start the sync thread")?
-        };
+                .context("cannot start the sync thread")?,
+        );
         // The kernel keeps inodes cached while memory allows, but each one holds a
         // descriptor here: when the table nears its budget, ask the kernel to drop the
         // oldest names.
         self.core.set_invalidator(invalidator);
-        let prefetch = Prefetcher::start(
+        self.threads.prefetch = Some(Prefetcher::start(
             Arc::clone(&self.hyd),
             Arc::clone(&self.core),
             std::mem::take(&mut self.inherited_access),
             self.prefetch,
-        );
+        ));
         let bar = progress_bar.then(|| {
             Arc::new(crate::progress::Bar::new()) as Arc<dyn owsfs_local::progress::Progress>
         });
-        let saver = owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), bar);
-        let reaper = Reaper::start(Arc::clone(&self.core))?;
-        self.threads = Some(Threads {
-            agent,
-            prefetch,
-            saver,
-            reaper,
-        });
+        self.threads.saver = Some(owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), bar));
+        self.threads.reaper = Some(Reaper::start(Arc::clone(&self.core))?);
         Ok(())
     }
 
@@ -356,18 +352,21 @@ impl Services {
     /// saver at once; then the agent, after its last cut. Returns the phases' times in ms.
     fn stop(&mut self) -> (u128, u128, u128) {
         let ending = Instant::now();
-        let Some(t) = self.threads.take() else {
-            self.agent.stop();
-            return (0, 0, 0);
-        };
-        t.reaper.stop();
-        t.prefetch.stop();
+        let t = std::mem::take(&mut self.threads);
+        if let Some(r) = t.reaper {
+            r.stop();
+        }
+        if let Some(p) = t.prefetch {
+            p.stop();
+        }
         let prefetch_ms = ending.elapsed().as_millis();
-        t.saver.stop();
+        if let Some(s) = t.saver {
+            s.stop();
+        }
         let saver_ms = ending.elapsed().as_millis();
         // The last cut: everything written before the unmount goes to the store.
         self.agent.stop();
-        if t.agent.join().is_err() {
+        if t.agent.is_some_and(|a| a.join().is_err()) {
             tracing::error!("the sync thread panicked");
         }
         (prefetch_ms, saver_ms, ending.elapsed().as_millis())
@@ -532,6 +531,10 @@ pub fn serve(
     };
     let (store, ws) = open_workspace(&store_url, &ws_name)?;
 
+    // Declared before the lease and the services, so that on an error exit it is dropped
+    // after them: the cache's lock is let go only once the services' last cut is done and
+    // the lease is handled (locals drop in reverse order).
+    let mut cache_lock: Option<Cache> = None;
     // The writer lease, then a fence: from here on no other node can commit.
     let mut lease = LeaseGuard::take(LeaseRequest {
         ws: &ws,
@@ -569,11 +572,13 @@ pub fn serve(
         },
     )?;
     let PreparedRest {
-        mut cache,
+        cache,
         journal,
         recovery,
     } = rest;
-    let mounted = Mounted::mount(&services.core, &mountpoint, o, &cache.root)?;
+    let cache_root = cache.root.clone();
+    cache_lock.replace(cache);
+    let mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
 
@@ -583,7 +588,7 @@ pub fn serve(
         Arc::clone(lease.keeper()),
         Arc::clone(&services.hyd),
         mountpoint.clone(),
-        cache.root.clone(),
+        cache_root.clone(),
         recovery,
     ));
     let control = server::Server::start(Arc::clone(&daemon))?;
@@ -594,7 +599,7 @@ pub fn serve(
     tracing::info!(
         "mounted {} (cache {})",
         mountpoint.display(),
-        cache.root.display()
+        cache_root.display()
     );
     ready.ready();
 
@@ -603,7 +608,7 @@ pub fn serve(
         .map_err(|e| format!("the FUSE session failed: {e}"));
     let (clean, handed) = handoff(services, lease, &journal);
     drop(control);
-    if clean {
+    if clean && let Some(cache) = cache_lock.as_mut() {
         // Another daemon may open the cache while this process exits.
         cache.release();
     }

@@ -1,11 +1,11 @@
 //! The daemon's side of the control socket (`crate::control` has the protocol).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use crate::control::{Answer, ControlError, Request, Response, Synced, Unmounted}
 /// removes the socket; connections already accepted still get their answer.
 pub struct Server {
     socket: PathBuf,
-    daemon: Arc<Daemon>,
-    stop: Arc<AtomicBool>,
+    /// Closed at drop: the accept thread, polling its read end, wakes and ends.
+    stop: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -36,31 +36,44 @@ impl Server {
         // Only the daemon's user may stop it or read its state.
         std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot restrict the control socket {}", socket.display()))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let daemon = Arc::clone(&daemon);
-            std::thread::Builder::new()
-                .name("owsfs-control".into())
-                .spawn(move || accept_loop(&listener, &daemon, &stop))
-                .context("cannot start the control thread")?
-        };
+        listener
+            .set_nonblocking(true)
+            .context("cannot set up the control socket")?;
+        let (stop_r, stop_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .context("cannot make a pipe")?;
+        let thread = std::thread::Builder::new()
+            .name("owsfs-control".into())
+            .spawn(move || accept_loop(&listener, &daemon, &stop_r))
+            .context("cannot start the control thread")?;
         Ok(Server {
             socket,
-            daemon,
-            stop,
+            stop: Some(stop_w),
             thread: Some(thread),
         })
     }
 }
 
-fn accept_loop(listener: &UnixListener, daemon: &Arc<Daemon>, stop: &AtomicBool) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
-            break;
+/// Accepts connections until the stop pipe is closed, each answered on a thread of its own.
+fn accept_loop(listener: &UnixListener, daemon: &Arc<Daemon>, stop: &OwnedFd) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                tracing::warn!("control socket: poll: {e}");
+                return;
+            }
         }
-        let conn = match conn {
-            Ok(conn) => conn,
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        let conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 // EMFILE and the like: do not spin; the next client retries.
                 tracing::warn!("control socket: cannot accept: {e}");
@@ -68,6 +81,9 @@ fn accept_loop(listener: &UnixListener, daemon: &Arc<Daemon>, stop: &AtomicBool)
                 continue;
             }
         };
+        // Answered in blocking mode (the listener's flag is not inherited on Linux, but be
+        // sure).
+        let _ = conn.set_nonblocking(false);
         let daemon = Arc::clone(daemon);
         let _ = std::thread::Builder::new()
             .name("owsfs-control-conn".into())
@@ -81,11 +97,8 @@ fn accept_loop(listener: &UnixListener, daemon: &Arc<Daemon>, stop: &AtomicBool)
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept with a connection of our own, then wait for the thread.
-        if let Ok((_dirfd, short)) = crate::control::short_socket_path(self.daemon.cache()) {
-            let _ = UnixStream::connect(short);
-        }
+        // Closing the pipe's write end wakes the accept thread's poll.
+        self.stop.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

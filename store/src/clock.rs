@@ -33,6 +33,13 @@ pub trait Clock: Send + Sync + Debug + 'static {
     /// a `select!` (background threads wait on messages, a deadline and a stop channel, so a
     /// test with a [`ManualClock`] drives them by advancing it).
     fn after(&self, d: Duration) -> Receiver<Instant>;
+
+    /// A channel that receives this clock's `now()` once it has reached `deadline`. Prefer it
+    /// to [`Clock::after`] for a deadline computed earlier: time that passes in between is
+    /// not added to the wait.
+    fn at(&self, deadline: Instant) -> Receiver<Instant> {
+        self.after(deadline.saturating_duration_since(self.now()))
+    }
 }
 
 /// The system's clocks.
@@ -183,11 +190,22 @@ impl Clock for ManualClock {
     }
 
     fn after(&self, d: Duration) -> Receiver<Instant> {
+        let at = self.state.lock().elapsed + d;
+        self.timer(at)
+    }
+
+    fn at(&self, deadline: Instant) -> Receiver<Instant> {
+        self.timer(deadline.saturating_duration_since(self.origin))
+    }
+}
+
+impl ManualClock {
+    /// A timer that fires once the clock's elapsed time reaches `at`.
+    fn timer(&self, at: Duration) -> Receiver<Instant> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let mut s = self.state.lock();
-        let at = s.elapsed + d;
-        if d.is_zero() {
-            let _ = tx.send(self.origin + at);
+        if at <= s.elapsed {
+            let _ = tx.send(self.origin + s.elapsed);
         } else {
             s.timers.push((at, tx));
         }

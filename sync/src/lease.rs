@@ -375,16 +375,16 @@ impl Keeper {
         };
         let every = (self.ttl / 3).max(Duration::from_millis(10));
         loop {
-            let wait = {
+            let next = {
                 let st = self.st.lock();
                 if st.lost.is_some() {
                     break;
                 }
-                (st.last_renewal + every).saturating_duration_since(self.clock.now())
+                st.last_renewal + every
             };
             select! {
                 recv(self.stop_rx) -> _ => break,
-                recv(self.clock.after(wait)) -> _ => {}
+                recv(self.clock.at(next)) -> _ => {}
             }
             if !self.renew_once(every) {
                 break;
@@ -450,14 +450,14 @@ impl Keeper {
     /// Stops writes when the lease runs out, even while a renewal request hangs.
     fn watchdog(&self) {
         loop {
-            let wait = {
+            let (good_until, now) = {
                 let st = self.st.lock();
                 if st.lost.is_some() {
                     return;
                 }
-                st.good_until.saturating_duration_since(self.clock.now())
+                (st.good_until, self.clock.now())
             };
-            if wait.is_zero() {
+            if now >= good_until {
                 let why = {
                     let st = self.st.lock();
                     format!(
@@ -479,7 +479,7 @@ impl Keeper {
             select! {
                 recv(self.stop_rx) -> _ => return,
                 recv(self.renewed_rx) -> _ => {}
-                recv(self.clock.after(wait)) -> _ => {}
+                recv(self.clock.at(good_until)) -> _ => {}
             }
         }
     }

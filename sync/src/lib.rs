@@ -214,6 +214,12 @@ impl SyncAgent {
         let clock = Arc::clone(store.clock());
         let (wake_tx, wake_rx) = bounded(1);
         let (stop_tx, stop_rx) = bounded(0);
+        // The first change after a cut wakes the agent: a clean journal is not looked at on
+        // a period.
+        let on_change = wake_tx.clone();
+        core.journal().on_change(Box::new(move || {
+            let _ = on_change.try_send(());
+        }));
         Ok(Arc::new(SyncAgent {
             core,
             store,
@@ -406,9 +412,9 @@ impl SyncAgent {
                     if wanted || (backed_off && (lagging || (dirty && due_in.is_zero()))) {
                         return true;
                     }
-                    // Nothing tells the agent when the journal becomes dirty: it looks again
-                    // after a commit interval (a change waits at most that long). Dirty, it
-                    // also wakes when the oldest change reaches `--max-lag`.
+                    // A clean journal wakes the agent when it becomes dirty (`on_change`).
+                    // Dirty, the agent waits for the commit interval, or for the oldest change
+                    // to reach `--max-lag`, whichever comes first.
                     let age_left = || {
                         let (_, age) = self.core.journal().lag();
                         age.map_or(self.opts.max_lag, |a| self.opts.max_lag.saturating_sub(a))
@@ -416,7 +422,7 @@ impl SyncAgent {
                     match (wanted || lagging, dirty) {
                         (true, _) => backoff.saturating_sub(since),
                         (false, true) => due_in.min(age_left().max(backoff)),
-                        (false, false) => self.opts.commit_interval,
+                        (false, false) => Duration::MAX,
                     }
                 }
             };
