@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
-use owsfs_journal::Op;
+use owsfs_journal::{FuseIno, Op};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
 use super::{Caller, Core};
@@ -34,14 +34,14 @@ pub enum TimeSpec {
 }
 
 impl Core {
-    pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+    pub fn getattr(&self, ino: FuseIno) -> FsResult<FileAttr> {
         self.stats.count(&self.stats.getattrs);
         let inode = self.inode(ino)?;
         let st = rustix::fs::fstat(&inode.fd).ctx("getattr")?;
         Ok(self.attr(&st))
     }
 
-    pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<FileAttr> {
+    pub fn setattr(&self, ino: FuseIno, set: SetAttr) -> FsResult<FileAttr> {
         self.stats.count(&self.stats.setattrs);
         let inode = self.inode(ino)?;
         let handle = match set.fh {
@@ -135,7 +135,7 @@ impl Core {
 
     /// access(2): checked against the mode bits as the kernel would (it normally checks
     /// itself, with default_permissions).
-    pub fn access(&self, ino: u64, mask: i32, caller: Caller) -> FsResult<()> {
+    pub fn access(&self, ino: FuseIno, mask: i32, caller: Caller) -> FsResult<()> {
         let attr = self.getattr(ino)?;
         if mask == libc::F_OK {
             return Ok(());
@@ -165,7 +165,7 @@ impl Core {
     pub(super) fn attr(&self, st: &rustix::fs::Stat) -> FileAttr {
         let kind = file_type(st.st_mode);
         FileAttr {
-            ino: INodeNo(self.inodes.fuse_ino(st.st_ino)),
+            ino: INodeNo(self.ino_of(st).0),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: system_time(st.st_atime, st.st_atime_nsec as i64),

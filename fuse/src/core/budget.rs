@@ -139,7 +139,7 @@ mod tests {
             ..CoreOptions::default()
         };
         let core = Core::new(&backing, Arc::new(journal), opts).unwrap();
-        let a = core.lookup(ROOT_INO, name("f0")).unwrap().attr.ino.0;
+        let a = core.lookup(ROOT_INO, name("f0")).unwrap().ino();
         core.lookup(ROOT_INO, name("f1")).unwrap();
         assert_eq!(
             core.lookup(ROOT_INO, name("f2")).unwrap_err().to_errno(),

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fuser::FileType;
-use owsfs_journal::Op;
+use owsfs_journal::{FuseIno, Op};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
@@ -34,7 +34,7 @@ pub enum IoMode {
 /// An open file.
 #[derive(Debug)]
 pub struct Handle {
-    pub ino: u64,
+    pub ino: FuseIno,
     pub file: File,
     mode: Mutex<IoMode>,
 }
@@ -48,7 +48,12 @@ impl Handle {
 impl Core {
     /// Opens a file; the result says whether the kernel should serve it by passthrough.
     /// `kill_suidgid`: an unprivileged O_TRUNC, which clears the set-id bits.
-    pub fn open(&self, ino: u64, flags: i32, kill_suidgid: bool) -> FsResult<(Arc<Handle>, u64)> {
+    pub fn open(
+        &self,
+        ino: FuseIno,
+        flags: i32,
+        kill_suidgid: bool,
+    ) -> FsResult<(Arc<Handle>, u64)> {
         self.stats.count(&self.stats.opens);
         let inode = self.inode(ino)?;
         if inode.kind == FileType::Directory {
@@ -61,7 +66,7 @@ impl Core {
         // Recorded even once everything is local: the access list orders the next holder's
         // prefetch.
         if let Some(h) = self.hydrate.get() {
-            h.opened(self.inodes.fuse_ino(ino), self.path_of(ino).as_deref());
+            h.opened(self.inodes.backing_ino(ino), self.path_of(ino).as_deref());
         }
         let _barrier = (flags & libc::O_TRUNC != 0)
             .then(|| self.data_mutation())
@@ -251,7 +256,7 @@ impl Core {
 
     /// Clears set-user-id, and set-group-id when group-executable, like the VFS does when an
     /// unprivileged process writes or truncates.
-    pub(super) fn kill_suidgid(&self, ino: u64, fd: &impl std::os::fd::AsFd) -> FsResult<()> {
+    pub(super) fn kill_suidgid(&self, ino: FuseIno, fd: &impl std::os::fd::AsFd) -> FsResult<()> {
         let st = rustix::fs::fstat(fd).ctx("stat for set-id bits")?;
         let mut mode = st.st_mode & 0o7777;
         mode &= !libc::S_ISUID;
@@ -265,7 +270,7 @@ impl Core {
         Ok(())
     }
 
-    pub fn fsync(&self, ino: u64, fh: u64, datasync: bool) -> FsResult<()> {
+    pub fn fsync(&self, ino: FuseIno, fh: u64, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
         self.journal_fsync(ino);
         let handle = self.handle(fh)?;
@@ -278,7 +283,7 @@ impl Core {
 
     /// Notes an fsync in the journal. The record changes no dirty state and precedes no
     /// mutation, so failing to write it (a full disk) must not fail the fsync itself.
-    pub(super) fn journal_fsync(&self, ino: u64) {
+    pub(super) fn journal_fsync(&self, ino: FuseIno) {
         if let Err(e) = self.journal.append(Op::Fsync { ino }) {
             tracing::debug!("fsync of inode {ino} not recorded: {e}");
         }
@@ -445,7 +450,7 @@ mod tests {
     fn create_write_read_and_the_journal_sees_it() {
         let f = fixture(true);
         let d = f.core.mkdir(ROOT_INO, name("d"), 0o755, ROOT).unwrap();
-        let dino = d.attr.ino.0;
+        let dino = d.ino();
         let (e, h, fh) = f
             .core
             .create(dino, name("x"), 0o644, libc::O_RDWR, ROOT)
@@ -457,7 +462,7 @@ mod tests {
         );
         assert_eq!(f.core.write(fh, 10, b"hello", false).unwrap(), 5);
         assert_eq!(f.core.read(fh, 10, 100).unwrap(), b"hello");
-        f.core.fsync(e.attr.ino.0, fh, false).unwrap();
+        f.core.fsync(e.ino(), fh, false).unwrap();
         assert_eq!(f.core.release(fh).unwrap(), IoMode::Cached);
         assert_eq!(
             std::fs::read(f.backing.join("d/x")).unwrap()[10..],
@@ -465,21 +470,21 @@ mod tests {
         );
 
         let dirty = f.core.journal().dirty();
-        let file = &dirty.files[&e.attr.ino.0];
+        let file = &dirty.files[&e.ino()];
         assert_eq!(file.path.as_deref(), Some(Path::new("d/x")));
         assert!(file.created);
         assert_eq!(file.extents.iter().collect::<Vec<_>>(), vec![(10, 15)]);
         assert!(dirty.dirs.contains(Path::new("")) && dirty.dirs.contains(Path::new("d")));
         // The inode number is the backing file's.
         let ino = std::fs::metadata(f.backing.join("d/x")).unwrap().ino();
-        assert_eq!(e.attr.ino.0, ino);
+        assert_eq!(e.ino().0, ino);
     }
 
     #[test]
     fn io_modes_never_mix_passthrough_and_cached_opens() {
         let f = fixture(true);
         std::fs::write(f.backing.join("a"), b"abc").unwrap();
-        let ino = f.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
+        let ino = f.core.lookup(ROOT_INO, name("a")).unwrap().ino();
         let (r1, fh1) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r1.mode(), IoMode::Passthrough);
         // A writer while a passthrough reader is open is refused, and changes nothing.
@@ -507,7 +512,7 @@ mod tests {
         // With passthrough off (the default), everything is cached and nothing is refused.
         let g = fixture(false);
         std::fs::write(g.backing.join("a"), b"abc").unwrap();
-        let ino = g.core.lookup(ROOT_INO, name("a")).unwrap().attr.ino.0;
+        let ino = g.core.lookup(ROOT_INO, name("a")).unwrap().ino();
         let (r, _) = g.core.open(ino, libc::O_RDONLY, false).unwrap();
         assert_eq!(r.mode(), IoMode::Cached);
         let (w, _) = g.core.open(ino, libc::O_RDWR, false).unwrap();
@@ -521,7 +526,7 @@ mod tests {
         let f = fixture(false);
         let content: Vec<u8> = (0..(1 << 20) + 5).map(|i| (i % 251) as u8).collect();
         std::fs::write(f.backing.join("big"), &content).unwrap();
-        let ino = f.core.lookup(ROOT_INO, name("big")).unwrap().attr.ino.0;
+        let ino = f.core.lookup(ROOT_INO, name("big")).unwrap().ino();
         let (_, fh) = f.core.open(ino, libc::O_RDONLY, false).unwrap();
         let before = zeroed_bytes();
         let data = f.core.read(fh, 0, 1 << 20).unwrap();

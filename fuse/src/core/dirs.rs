@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fuser::FileType;
+use owsfs_journal::{BackingIno, FuseIno};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
@@ -17,7 +18,7 @@ use crate::inode::Inode;
 /// An open directory: its entries, read at opendir and again on rewind.
 #[derive(Debug)]
 pub(super) struct DirHandle {
-    ino: u64,
+    ino: FuseIno,
     /// Shared with the readdir replies in flight, which take entries from it without copies.
     entries: Arc<Vec<DirEntry>>,
     read_once: bool,
@@ -55,13 +56,13 @@ impl DirEntries {
 /// One directory entry, for readdir.
 #[derive(Clone, Debug)]
 pub struct DirEntry {
-    pub ino: u64,
+    pub ino: FuseIno,
     pub kind: FileType,
     pub name: OsString,
 }
 
 impl Core {
-    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+    pub fn opendir(&self, ino: FuseIno) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         if inode.kind != FileType::Directory {
             return Err(FsError::errno(libc::ENOTDIR, "opendir"));
@@ -104,7 +105,7 @@ impl Core {
                 _ => FileType::RegularFile,
             };
             entries.push(DirEntry {
-                ino: self.inodes.fuse_ino(entry.ino()),
+                ino: self.inodes.fuse_ino(BackingIno(entry.ino())),
                 kind,
                 name,
             });
@@ -133,7 +134,7 @@ impl Core {
     }
 
     /// Looks up one entry for readdirplus (counts a kernel reference).
-    pub fn readdirplus_entry(&self, dir_ino: u64, name: &OsStr) -> FsResult<Entry> {
+    pub fn readdirplus_entry(&self, dir_ino: FuseIno, name: &OsStr) -> FsResult<Entry> {
         let dir = self.inode(dir_ino)?;
         self.materialize(&dir)?;
         self.lookup_in(&dir, name)
@@ -143,7 +144,7 @@ impl Core {
         self.dirs.remove(&fh);
     }
 
-    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> FsResult<()> {
+    pub fn fsyncdir(&self, ino: FuseIno, datasync: bool) -> FsResult<()> {
         self.stats.count(&self.stats.fsyncs);
         self.journal_fsync(ino);
         let inode = self.inode(ino)?;

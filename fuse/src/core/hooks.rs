@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 
 use fuser::FileType;
+use owsfs_journal::{BackingIno, FuseIno};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::Core;
@@ -31,7 +32,7 @@ impl Core {
         if dir.kind != FileType::Directory {
             return Ok(());
         }
-        let bino = self.inodes.fuse_ino(dir.ino);
+        let bino = self.inodes.backing_ino(dir.ino);
         if !h.dir_pending(bino) {
             return Ok(());
         }
@@ -49,7 +50,7 @@ impl Core {
         let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
             return Ok(());
         };
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !h.dir_pending(st.st_ino) {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !h.dir_pending(BackingIno(st.st_ino)) {
             return Ok(());
         }
         let fd = rustix::fs::openat(
@@ -60,29 +61,29 @@ impl Core {
         )
         .ctx("open a directory to materialize")?;
         let _barrier = self.barrier.read();
-        h.materialize(st.st_ino, fd.as_fd())
+        h.materialize(BackingIno(st.st_ino), fd.as_fd())
             .map_err(|e| FsError::io("materialize a directory from the store", e))
     }
 
     /// Lazy hydration: bytes `[start, end)` of file `ino` (a FUSE number) are local.
-    pub(super) fn fetch(&self, ino: u64, start: u64, end: u64) -> FsResult<()> {
+    pub(super) fn fetch(&self, ino: FuseIno, start: u64, end: u64) -> FsResult<()> {
         let Some(h) = self.hyd() else {
             return Ok(());
         };
         if start >= end {
             return Ok(());
         }
-        h.fetch(self.inodes.fuse_ino(ino), start, end)
+        h.fetch(self.inodes.backing_ino(ino), start, end)
             .map_err(|e| FsError::io("fetch file content from the store", e))
     }
 
     /// Before a truncate to `size` of a file the running cut has frozen: the bytes it drops
     /// are saved for the cut, so they must be local (rare: truncating a file that is both
     /// being uploaded and not yet fetched).
-    pub(super) fn fetch_if_frozen(&self, ino: u64, size: u64) -> FsResult<()> {
+    pub(super) fn fetch_if_frozen(&self, ino: FuseIno, size: u64) -> FsResult<()> {
         if self.hyd().is_some()
             && !self.whole(ino)
-            && self.freezer.is_frozen(self.inodes.fuse_ino(ino))
+            && self.freezer.is_frozen(self.inodes.backing_ino(ino))
         {
             self.fetch(ino, size, u64::MAX)?;
         }
@@ -90,15 +91,15 @@ impl Core {
     }
 
     /// File `ino` (a FUSE number) is whole: no byte of it is still only in the store.
-    pub(super) fn whole(&self, ino: u64) -> bool {
+    pub(super) fn whole(&self, ino: FuseIno) -> bool {
         self.hyd()
-            .is_none_or(|h| h.whole(self.inodes.fuse_ino(ino)))
+            .is_none_or(|h| h.whole(self.inodes.backing_ino(ino)))
     }
 
     /// Lazy hydration: file `ino` (a FUSE number) is truncated to `size` next.
-    pub(super) fn hyd_truncate(&self, ino: u64, size: u64) {
+    pub(super) fn hyd_truncate(&self, ino: FuseIno, size: u64) {
         if let Some(h) = self.hyd() {
-            h.truncate(self.inodes.fuse_ino(ino), size);
+            h.truncate(self.inodes.backing_ino(ino), size);
         }
     }
 
@@ -109,20 +110,20 @@ impl Core {
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_nlink <= 1
         {
-            h.removed(st.st_ino);
+            h.removed(BackingIno(st.st_ino));
         }
     }
 
     /// Copy-on-first-write before `[start, end)` of `ino` (a FUSE number) changes.
     pub(super) fn freeze_before_change(
         &self,
-        ino: u64,
+        ino: FuseIno,
         start: u64,
         end: u64,
         inode: &Inode,
     ) -> FsResult<()> {
         self.freezer
-            .before_change(self.inodes.fuse_ino(ino), start, end, || {
+            .before_change(self.inodes.backing_ino(ino), start, end, || {
                 self.reopen(inode, OFlags::RDONLY | OFlags::CLOEXEC)
                     .map_err(|e| std::io::Error::from_raw_os_error(e.to_errno()))
             })
@@ -133,13 +134,13 @@ impl Core {
     /// so the bytes are read through a fresh read-only open of the same file).
     pub(super) fn freeze_before_change_fd(
         &self,
-        ino: u64,
+        ino: FuseIno,
         start: u64,
         end: u64,
         file: &File,
     ) -> FsResult<()> {
         self.freezer
-            .before_change(self.inodes.fuse_ino(ino), start, end, || {
+            .before_change(self.inodes.backing_ino(ino), start, end, || {
                 let name = file.as_raw_fd().to_string();
                 rustix::fs::openat(
                     &self.proc_self_fd,

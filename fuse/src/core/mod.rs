@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use fuser::FileAttr;
-use owsfs_journal::{Journal, Op};
+use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, Op};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{Mode, OFlags};
 
@@ -74,7 +74,7 @@ impl Default for CoreOptions {
 }
 
 /// Tells the kernel to drop the cached name `name` in directory `parent`.
-pub type Invalidator = Box<dyn Fn(u64, &OsStr) -> std::io::Result<()> + Send + Sync>;
+pub type Invalidator = Box<dyn Fn(FuseIno, &OsStr) -> std::io::Result<()> + Send + Sync>;
 
 /// The caller of an operation, for ownership of what it creates.
 #[derive(Clone, Copy, Debug)]
@@ -87,6 +87,13 @@ pub struct Caller {
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
     pub attr: FileAttr,
+}
+
+impl Entry {
+    /// The entry's inode number.
+    pub fn ino(&self) -> FuseIno {
+        FuseIno(self.attr.ino.0)
+    }
 }
 
 /// The filesystem core.
@@ -146,7 +153,7 @@ impl Core {
         .ctx("open /proc/self/fd")?;
         Ok(Core {
             backing_root: backing_root.to_path_buf(),
-            inodes: InodeTable::new(root_fd, st.st_ino),
+            inodes: InodeTable::new(root_fd, BackingIno(st.st_ino)),
             handles: DashMap::new(),
             dirs: DashMap::new(),
             next_fh: AtomicU64::new(1),
@@ -204,9 +211,24 @@ impl Core {
         let _ = self.hydrate.set(h);
     }
 
-    /// FUSE inode number of a backing inode number (and back: the mapping is its own inverse).
-    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
-        self.inodes.fuse_ino(backing_ino)
+    /// How the FUSE and backing inode numbers of this mount map to each other.
+    pub fn ino_map(&self) -> InoMap {
+        self.inodes.inos()
+    }
+
+    /// The FUSE inode number of a backing inode number.
+    pub fn fuse_ino(&self, ino: BackingIno) -> FuseIno {
+        self.inodes.fuse_ino(ino)
+    }
+
+    /// The backing inode number of a FUSE inode number.
+    pub fn backing_ino(&self, ino: FuseIno) -> BackingIno {
+        self.inodes.backing_ino(ino)
+    }
+
+    /// The FUSE inode number of a backing file's `stat`.
+    pub(super) fn ino_of(&self, st: &rustix::fs::Stat) -> FuseIno {
+        self.inodes.fuse_ino(BackingIno(st.st_ino))
     }
 
     /// Shared barrier for one mutation; EROFS once the mount has stopped writing.
@@ -259,7 +281,7 @@ impl Core {
         self.passthrough.load(Ordering::Relaxed)
     }
 
-    fn inode(&self, ino: u64) -> FsResult<Arc<Inode>> {
+    fn inode(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
         self.inodes
             .get(ino)
             .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))
@@ -286,11 +308,11 @@ impl Core {
         Ok(File::from(fd))
     }
 
-    fn path_of(&self, ino: u64) -> Option<PathBuf> {
+    fn path_of(&self, ino: FuseIno) -> Option<PathBuf> {
         self.inodes.path_of(ino)
     }
 
-    fn child_path(&self, parent: u64, name: &OsStr) -> PathBuf {
+    fn child_path(&self, parent: FuseIno, name: &OsStr) -> PathBuf {
         // An unknown parent path only weakens a hint: the cut rescans what it cannot place.
         self.inodes
             .child_path(parent, name)
@@ -298,7 +320,7 @@ impl Core {
     }
 
     /// Appends a mutation of file `ino`, with its path recorded the first time it gets dirty.
-    fn journal_file_op(&self, ino: u64, op: Op) -> FsResult<()> {
+    fn journal_file_op(&self, ino: FuseIno, op: Op) -> FsResult<()> {
         self.journal
             .append_file_op(ino, || self.inodes.path_of(ino), op)?;
         Ok(())

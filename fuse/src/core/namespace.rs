@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fuser::FileType;
-use owsfs_journal::{NodeKind, Op};
+use owsfs_journal::{BackingIno, FuseIno, NodeKind, Op};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
 use super::data::{Handle, backing_open_flags, writable};
@@ -18,7 +18,7 @@ use crate::inode::Inode;
 
 impl Core {
     /// Resolves `name` in `parent` and counts a kernel reference to the result.
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+    pub fn lookup(&self, parent: FuseIno, name: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.lookups);
         let dir = self.inode(parent)?;
         self.materialize(&dir)?;
@@ -28,7 +28,7 @@ impl Core {
     pub(super) fn lookup_in(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
         check_name(name)?;
         let st = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("lookup")?;
-        let ino = self.inodes.fuse_ino(st.st_ino);
+        let ino = self.ino_of(&st);
         if self.inodes.reference_existing(ino, dir.ino, name) {
             return Ok(Entry {
                 attr: self.attr(&st),
@@ -56,7 +56,7 @@ impl Core {
                 "entry is on another filesystem",
             ));
         }
-        let ino = self.inodes.fuse_ino(st.st_ino);
+        let ino = self.ino_of(&st);
         self.inodes
             .reference(ino, super::attr::file_type(st.st_mode), fd, dir.ino, name);
         Ok(Entry {
@@ -64,11 +64,11 @@ impl Core {
         })
     }
 
-    pub fn forget(&self, ino: u64, n: u64) {
+    pub fn forget(&self, ino: FuseIno, n: u64) {
         self.inodes.forget(ino, n);
     }
 
-    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+    pub fn readlink(&self, ino: FuseIno) -> FsResult<Vec<u8>> {
         let inode = self.inode(ino)?;
         let target = rustix::fs::readlinkat(&inode.fd, c"", Vec::new()).ctx("readlink")?;
         Ok(target.into_bytes())
@@ -85,7 +85,7 @@ impl Core {
     /// and would then pass for that file).
     fn create_node(
         &self,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
         mode: Option<u32>,
         caller: Caller,
@@ -121,16 +121,16 @@ impl Core {
                 };
             }
             if let Some(h) = self.hyd() {
-                h.created(self.inodes.fuse_ino(entry.attr.ino.0));
+                h.created(self.inodes.backing_ino(entry.ino()));
             }
             let record = self.journal.append(Op::Create {
-                ino: entry.attr.ino.0,
+                ino: entry.ino(),
                 kind: node_kind(entry.attr.kind),
                 path: dir_path.join(name),
             });
             if let Err(e) = record {
                 // The kernel never learns of the entry: drop the reference lookup_new counted.
-                self.inodes.forget(entry.attr.ino.0, 1);
+                self.inodes.forget(entry.ino(), 1);
                 return Err(FsError::from(e));
             }
             Ok(entry)
@@ -145,8 +145,8 @@ impl Core {
     /// with the caller's umask already: the process's own umask (the embedding program's
     /// business, left alone here) may have taken more. One `chmod` in that case only. On an
     /// error, also returns the inode number, whose reference the caller must drop.
-    fn exact_mode(&self, entry: Entry, mode: u32) -> Result<Entry, (FsError, u64)> {
-        let ino = entry.attr.ino.0;
+    fn exact_mode(&self, entry: Entry, mode: u32) -> Result<Entry, (FsError, FuseIno)> {
+        let ino = entry.ino();
         let want = mode & 0o777;
         let perm = u32::from(entry.attr.perm);
         if perm & 0o777 == want {
@@ -192,7 +192,7 @@ impl Core {
 
     pub fn mknod(
         &self,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
         mode: u32,
         rdev: u32,
@@ -213,7 +213,13 @@ impl Core {
         })
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Entry> {
+    pub fn mkdir(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         self.create_node(parent, name, Some(mode), caller, |dir| {
             rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777))
@@ -224,7 +230,7 @@ impl Core {
 
     pub fn symlink(
         &self,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
         target: &Path,
         caller: Caller,
@@ -240,7 +246,7 @@ impl Core {
     /// Creates and opens a regular file.
     pub fn create(
         &self,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
         mode: u32,
         flags: i32,
@@ -253,7 +259,7 @@ impl Core {
             && let Ok(dir) = self.inode(parent)
             && let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
         {
-            h.truncate(st.st_ino, 0);
+            h.truncate(BackingIno(st.st_ino), 0);
         }
         let mut file = None;
         let entry = self.create_node(parent, name, Some(mode), caller, |dir| {
@@ -273,21 +279,21 @@ impl Core {
             Ok(made)
         })?;
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
-        let inode = self.inode(entry.attr.ino.0)?;
-        let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.attr.ino.0))?;
+        let inode = self.inode(entry.ino())?;
+        let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.ino()))?;
         let (handle, fh) = self.insert_handle(&inode, file, mode);
         Ok((entry, handle, fh))
     }
 
-    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+    pub fn unlink(&self, parent: FuseIno, name: &OsStr) -> FsResult<()> {
         self.remove(parent, name, false)
     }
 
-    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+    pub fn rmdir(&self, parent: FuseIno, name: &OsStr) -> FsResult<()> {
         self.remove(parent, name, true)
     }
 
-    fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
+    fn remove(&self, parent: FuseIno, name: &OsStr, dir: bool) -> FsResult<()> {
         self.stats.count(&self.stats.removes);
         check_name(name)?;
         let pdir = self.inode(parent)?;
@@ -297,7 +303,7 @@ impl Core {
         }
         let _barrier = self.mutation()?;
         let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
-        let ino = self.inodes.fuse_ino(st.st_ino);
+        let ino = self.ino_of(&st);
         self.journal.append(Op::Remove {
             ino,
             path: self.child_path(parent, name),
@@ -323,9 +329,9 @@ impl Core {
 
     pub fn rename(
         &self,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
-        newparent: u64,
+        newparent: FuseIno,
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
@@ -382,7 +388,7 @@ impl Core {
         }
         if let Some(dst) = dst
             && dst.st_ino != src.st_ino
-            && let Some(other) = self.inodes.get(self.inodes.fuse_ino(dst.st_ino))
+            && let Some(other) = self.inodes.get(self.ino_of(&dst))
         {
             if exchange {
                 other.set_loc(parent, name);
@@ -390,13 +396,13 @@ impl Core {
                 other.clear_loc_if(newparent, newname);
             }
         }
-        if let Some(moved) = self.inodes.get(self.inodes.fuse_ino(src.st_ino)) {
+        if let Some(moved) = self.inodes.get(self.ino_of(&src)) {
             moved.set_loc(newparent, newname);
         }
         Ok(())
     }
 
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+    pub fn link(&self, ino: FuseIno, newparent: FuseIno, newname: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.creates);
         check_name(newname)?;
         let inode = self.inode(ino)?;
@@ -425,7 +431,7 @@ impl Core {
         }
         // A hard link keeps the inode's recorded name; the new one is only an alias.
         let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;
-        let linked_ino = self.inodes.fuse_ino(st.st_ino);
+        let linked_ino = self.ino_of(&st);
         if !self.inodes.reference_keep_loc(linked_ino) {
             return self.lookup_in(&dir, newname);
         }
@@ -502,7 +508,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
-    use owsfs_journal::{Journal, JournalOptions, NodeKind, Op};
+    use owsfs_journal::{FuseIno, Journal, JournalOptions, NodeKind, Op};
     use rustix::fs::Mode;
 
     use crate::core::tests::{ROOT, fixture, name};
@@ -517,12 +523,12 @@ mod tests {
         let e2 = f.core.lookup(ROOT_INO, name("a")).unwrap();
         assert_eq!(e1.attr.ino, e2.attr.ino);
         let before = f.core.inode_count();
-        f.core.forget(e1.attr.ino.0, 1);
+        f.core.forget(e1.ino(), 1);
         assert_eq!(f.core.inode_count(), before, "one reference is left");
-        f.core.forget(e1.attr.ino.0, 1);
+        f.core.forget(e1.ino(), 1);
         assert_eq!(f.core.inode_count(), before - 1);
         assert_eq!(
-            f.core.getattr(e1.attr.ino.0).unwrap_err().to_errno(),
+            f.core.getattr(e1.ino()).unwrap_err().to_errno(),
             libc::ESTALE
         );
         assert_eq!(
@@ -545,9 +551,7 @@ mod tests {
             .core
             .mkdir(ROOT_INO, name("a"), 0o755, ROOT)
             .unwrap()
-            .attr
-            .ino
-            .0;
+            .ino();
         let (e, _, fh) = f
             .core
             .create(a, name("f"), 0o644, libc::O_WRONLY, ROOT)
@@ -559,17 +563,17 @@ mod tests {
             .unwrap();
         let dirty = f.core.journal().dirty();
         assert_eq!(
-            dirty.files[&e.attr.ino.0].path.as_deref(),
+            dirty.files[&e.ino()].path.as_deref(),
             Some(Path::new("b/f"))
         );
         // Later records about the file use its new path.
-        let (_, fh) = f.core.open(e.attr.ino.0, libc::O_WRONLY, false).unwrap();
+        let (_, fh) = f.core.open(e.ino(), libc::O_WRONLY, false).unwrap();
         f.core.write(fh, 1, b"y", false).unwrap();
         f.core.release(fh).unwrap();
         assert_eq!(std::fs::read(f.backing.join("b/f")).unwrap(), b"xy");
         f.core.unlink(a, name("f")).unwrap();
         let dirty = f.core.journal().dirty();
-        assert_eq!(dirty.files[&e.attr.ino.0].path, None);
+        assert_eq!(dirty.files[&e.ino()].path, None);
         assert!(!f.backing.join("b/f").exists());
         assert_eq!(
             f.core
@@ -595,12 +599,9 @@ mod tests {
         f.core
             .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
             .unwrap();
+        assert_eq!(f.core.inodes.path_of(a.ino()), Some(PathBuf::from("b")));
         assert_eq!(
-            f.core.inodes.path_of(a.attr.ino.0),
-            Some(PathBuf::from("b"))
-        );
-        assert_eq!(
-            f.core.inodes.path_of(b.attr.ino.0),
+            f.core.inodes.path_of(b.ino()),
             None,
             "the replaced file is unlinked"
         );
@@ -618,14 +619,8 @@ mod tests {
                 libc::RENAME_EXCHANGE,
             )
             .unwrap();
-        assert_eq!(
-            f.core.inodes.path_of(a.attr.ino.0),
-            Some(PathBuf::from("c"))
-        );
-        assert_eq!(
-            f.core.inodes.path_of(c.attr.ino.0),
-            Some(PathBuf::from("b"))
-        );
+        assert_eq!(f.core.inodes.path_of(a.ino()), Some(PathBuf::from("c")));
+        assert_eq!(f.core.inodes.path_of(c.ino()), Some(PathBuf::from("b")));
         for fh in [fha, fhb, fhc] {
             f.core.release(fh).unwrap();
         }
@@ -646,9 +641,7 @@ mod tests {
             .core
             .mkdir(ROOT_INO, name("open"), 0o777, ROOT)
             .unwrap()
-            .attr
-            .ino
-            .0;
+            .ino();
         let e = f.core.mkdir(d, name("mine"), 0o700, user).unwrap();
         assert_eq!((e.attr.uid, e.attr.gid), (4242, 4343));
         let (e, _, fh) = f
@@ -662,9 +655,7 @@ mod tests {
             .core
             .mkdir(ROOT_INO, name("closed"), 0o755, ROOT)
             .unwrap()
-            .attr
-            .ino
-            .0;
+            .ino();
         assert_eq!(
             f.core
                 .mkdir(closed, name("x"), 0o755, user)
@@ -768,14 +759,14 @@ mod tests {
             dir: Some(PathBuf::new()),
         });
         let create = size_of(Op::Create {
-            ino: 99,
+            ino: FuseIno(99),
             kind: NodeKind::Dir,
             path: PathBuf::from(&name),
         });
         // Pad the segment until its last page has room for `meta` but not `meta + create`.
         let room = |j: &Journal| 4096 - j.stats().segment_offset % 4096;
         while !(meta..meta + create).contains(&room(&journal)) {
-            journal.append(Op::Fsync { ino: 1 }).unwrap();
+            journal.append(Op::Fsync { ino: FuseIno(1) }).unwrap();
         }
         let mut filler = File::create(fs.0.path().join("filler")).unwrap();
         while filler.write_all(&[0u8; 4096]).is_ok() {}

@@ -107,8 +107,8 @@ pub(super) fn allocated_bytes() -> usize {
 fn side_files_go_beside_the_backing_directory() {
     let f = fixture(false);
     std::fs::write(f.backing.join("frozen"), vec![1u8; 8192]).unwrap();
-    let ino = f.core.lookup(ROOT_INO, name("frozen")).unwrap().attr.ino.0;
-    let bino = f.core.fuse_ino(ino);
+    let ino = f.core.lookup(ROOT_INO, name("frozen")).unwrap().ino();
+    let bino = f.core.backing_ino(ino);
     let _frozen = f
         .core
         .freezer()

@@ -4,7 +4,7 @@ use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 
 use fuser::FileType;
-use owsfs_journal::Op;
+use owsfs_journal::{FuseIno, Op};
 
 use super::Core;
 use crate::error::{Context, FsError, FsResult};
@@ -32,7 +32,7 @@ impl Core {
         Ok(Self::proc_path(&inode.fd))
     }
 
-    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<XattrReply> {
+    pub fn getxattr(&self, ino: FuseIno, name: &OsStr, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
         if size == 0 {
@@ -45,7 +45,7 @@ impl Core {
         Ok(XattrReply::Data(buf))
     }
 
-    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<XattrReply> {
+    pub fn listxattr(&self, ino: FuseIno, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
         if inode.kind == FileType::Symlink {
             return Ok(if size == 0 {
@@ -65,7 +65,7 @@ impl Core {
         })
     }
 
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+    pub fn setxattr(&self, ino: FuseIno, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
         let _barrier = self.mutation()?;
@@ -79,7 +79,7 @@ impl Core {
         .ctx("setxattr")
     }
 
-    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+    pub fn removexattr(&self, ino: FuseIno, name: &OsStr) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
         let _barrier = self.mutation()?;
