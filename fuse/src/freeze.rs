@@ -30,9 +30,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use owsfs_journal::{BackingIno, ExtentSet};
+use owsfs_journal::{BackingIno, ExtentSet, NodeKind};
 use parking_lot::{Condvar, Mutex};
 use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::kind;
 
 /// One file frozen by a cut.
 pub struct Frozen {
@@ -216,15 +218,15 @@ impl Freezer {
             Err(rustix::io::Errno::NOENT) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let kind = st.st_mode & libc::S_IFMT;
-        if kind == libc::S_IFDIR {
-            if moves {
-                self.wait_all_read();
+        match kind::of_mode(st.st_mode) {
+            NodeKind::Dir => {
+                if moves {
+                    self.wait_all_read();
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        if kind != libc::S_IFREG {
-            return Ok(());
+            NodeKind::File => {}
+            _ => return Ok(()),
         }
         let Some(f) = self.get(BackingIno(st.st_ino)) else {
             return Ok(());

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use fuser::FileType;
-use owsfs_journal::{BackingIno, FuseIno, InoMap};
+use owsfs_journal::{BackingIno, FuseIno, InoMap, NodeKind};
 use parking_lot::Mutex;
 
 /// The FUSE inode number of the workspace root.
@@ -33,7 +32,7 @@ pub(crate) struct OpenCounts {
 #[derive(Debug)]
 pub struct Inode {
     pub ino: FuseIno,
-    pub kind: FileType,
+    pub kind: NodeKind,
     pub(crate) fd: OwnedFd,
     nlookup: AtomicU64,
     /// Tick of the table's clock at the last lookup: the oldest go first when the table must
@@ -87,7 +86,7 @@ impl InodeTable {
             ROOT_INO,
             Arc::new(Inode {
                 ino: ROOT_INO,
-                kind: FileType::Directory,
+                kind: NodeKind::Dir,
                 fd: root_fd,
                 // The root is never forgotten.
                 nlookup: AtomicU64::new(1 << 62),
@@ -155,7 +154,7 @@ impl InodeTable {
     pub(crate) fn reference(
         &self,
         ino: FuseIno,
-        kind: FileType,
+        kind: NodeKind,
         fd: OwnedFd,
         parent: FuseIno,
         name: &OsStr,
@@ -211,7 +210,7 @@ impl InodeTable {
             let inode = entry.value();
             // Directories stay: dropping a directory's name unhashes it even while it is some
             // process's working directory, and getcwd(2) then fails with ENOENT.
-            if inode.ino == ROOT_INO || inode.kind == FileType::Directory {
+            if inode.ino == ROOT_INO || inode.kind == NodeKind::Dir {
                 continue;
             }
             {

@@ -11,6 +11,7 @@ mod error;
 mod freeze;
 mod hydrate;
 mod inode;
+mod kind;
 mod stats;
 
 use std::io;

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
-use owsfs_journal::{FuseIno, Op};
+use owsfs_journal::{FuseIno, NodeKind, Op};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
 use super::{Caller, Core};
 use crate::error::{Context, FsError, FsResult};
 use crate::inode::ROOT_INO;
+use crate::kind;
 
 /// What changes in `setattr`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,7 +49,7 @@ impl Core {
             Some(fh) => self.handles.get(&fh).map(|h| Arc::clone(h.value())),
             None => None,
         };
-        let is_dir = inode.kind == FileType::Directory;
+        let is_dir = inode.kind == NodeKind::Dir;
         let _barrier = if set.size.is_some() {
             self.data_mutation()?
         } else {
@@ -79,7 +80,7 @@ impl Core {
             let mode = Mode::from_raw_mode(mode & 0o7777);
             match &handle {
                 Some(h) => rustix::fs::fchmod(&h.file, mode).ctx("chmod")?,
-                None if inode.kind == FileType::Symlink => {
+                None if inode.kind == NodeKind::Symlink => {
                     return Err(FsError::errno(libc::EOPNOTSUPP, "chmod of a symlink"));
                 }
                 None => rustix::fs::chmodat(
@@ -163,7 +164,7 @@ impl Core {
     }
 
     pub(super) fn attr(&self, st: &rustix::fs::Stat) -> FileAttr {
-        let kind = file_type(st.st_mode);
+        let kind = kind::to_fuser(kind::of_mode(st.st_mode));
         FileAttr {
             ino: INodeNo(self.ino_of(st).0),
             size: st.st_size as u64,
@@ -181,18 +182,6 @@ impl Core {
             blksize: st.st_blksize as u32,
             flags: 0,
         }
-    }
-}
-
-pub(super) fn file_type(mode: u32) -> FileType {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFIFO => FileType::NamedPipe,
-        libc::S_IFSOCK => FileType::Socket,
-        libc::S_IFCHR => FileType::CharDevice,
-        libc::S_IFBLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
     }
 }
 

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fuser::FileType;
-use owsfs_journal::{FuseIno, Op};
+use owsfs_journal::{FuseIno, NodeKind, Op};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
@@ -56,7 +55,7 @@ impl Core {
     ) -> FsResult<(Arc<Handle>, u64)> {
         self.stats.count(&self.stats.opens);
         let inode = self.inode(ino)?;
-        if inode.kind == FileType::Directory {
+        if inode.kind == NodeKind::Dir {
             return Err(FsError::errno(libc::EISDIR, "open of a directory"));
         }
         let write = writable(flags);

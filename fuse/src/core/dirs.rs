@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fuser::FileType;
-use owsfs_journal::{BackingIno, FuseIno};
+use owsfs_journal::{BackingIno, FuseIno, NodeKind};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use super::{Core, Entry};
 use crate::error::{Context, FsError, FsResult};
 use crate::inode::Inode;
+use crate::kind;
 
 /// An open directory: its entries, read at opendir and again on rewind.
 #[derive(Debug)]
@@ -64,7 +65,7 @@ pub struct DirEntry {
 impl Core {
     pub fn opendir(&self, ino: FuseIno) -> FsResult<u64> {
         let inode = self.inode(ino)?;
-        if inode.kind != FileType::Directory {
+        if inode.kind != NodeKind::Dir {
             return Err(FsError::errno(libc::ENOTDIR, "opendir"));
         }
         self.materialize(&inode)?;
@@ -95,15 +96,7 @@ impl Core {
         while let Some(entry) = dir.read() {
             let entry = entry.ctx("readdir")?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
-            let kind = match entry.file_type() {
-                rustix::fs::FileType::Directory => FileType::Directory,
-                rustix::fs::FileType::Symlink => FileType::Symlink,
-                rustix::fs::FileType::Fifo => FileType::NamedPipe,
-                rustix::fs::FileType::Socket => FileType::Socket,
-                rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
-                rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
-                _ => FileType::RegularFile,
-            };
+            let kind = kind::to_fuser(kind::of_type(entry.file_type()));
             entries.push(DirEntry {
                 ino: self.inodes.fuse_ino(BackingIno(entry.ino())),
                 kind,

@@ -6,14 +6,14 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 
-use fuser::FileType;
-use owsfs_journal::{BackingIno, FuseIno};
+use owsfs_journal::{BackingIno, FuseIno, NodeKind};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::Core;
 use crate::error::{Context, FsError, FsResult};
 use crate::hydrate::Hydrate;
 use crate::inode::Inode;
+use crate::kind;
 
 impl Core {
     pub(super) fn hyd(&self) -> Option<&dyn Hydrate> {
@@ -29,7 +29,7 @@ impl Core {
         let Some(h) = self.hyd() else {
             return Ok(());
         };
-        if dir.kind != FileType::Directory {
+        if dir.kind != NodeKind::Dir {
             return Ok(());
         }
         let bino = self.inodes.backing_ino(dir.ino);
@@ -50,7 +50,7 @@ impl Core {
         let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
             return Ok(());
         };
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !h.dir_pending(BackingIno(st.st_ino)) {
+        if kind::of_mode(st.st_mode) != NodeKind::Dir || !h.dir_pending(BackingIno(st.st_ino)) {
             return Ok(());
         }
         let fd = rustix::fs::openat(
@@ -107,7 +107,7 @@ impl Core {
     /// last name of a file, lazy hydration forgets it.
     pub(super) fn hyd_removing(&self, st: &rustix::fs::Stat) {
         if let Some(h) = self.hyd()
-            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && kind::of_mode(st.st_mode) == NodeKind::File
             && st.st_nlink <= 1
         {
             h.removed(BackingIno(st.st_ino));

@@ -7,7 +7,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fuser::FileType;
 use owsfs_journal::{BackingIno, FuseIno, NodeKind, Op};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
@@ -15,6 +14,7 @@ use super::data::{Handle, backing_open_flags, writable};
 use super::{Caller, Core, Entry};
 use crate::error::{Context, FsError, FsResult};
 use crate::inode::Inode;
+use crate::kind;
 
 impl Core {
     /// Resolves `name` in `parent` and counts a kernel reference to the result.
@@ -58,7 +58,7 @@ impl Core {
         }
         let ino = self.ino_of(&st);
         self.inodes
-            .reference(ino, super::attr::file_type(st.st_mode), fd, dir.ino, name);
+            .reference(ino, kind::of_mode(st.st_mode), fd, dir.ino, name);
         Ok(Entry {
             attr: self.attr(&st),
         })
@@ -125,7 +125,7 @@ impl Core {
             }
             let record = self.journal.append(Op::Create {
                 ino: entry.ino(),
-                kind: node_kind(entry.attr.kind),
+                kind: kind::of_fuser(entry.attr.kind),
                 path: dir_path.join(name),
             });
             if let Err(e) = record {
@@ -175,7 +175,7 @@ impl Core {
     /// and the daemon is the only writer of the backing directory.
     fn undo_create(&self, dir: &Inode, name: &OsStr) {
         let flags = match rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => AtFlags::REMOVEDIR,
+            Ok(st) if kind::of_mode(st.st_mode) == NodeKind::Dir => AtFlags::REMOVEDIR,
             Ok(_) => AtFlags::empty(),
             Err(e) => {
                 tracing::error!("cannot find {name:?} to undo its creation: {e}");
@@ -450,18 +450,6 @@ fn check_name(name: &OsStr) -> FsResult<()> {
         return Err(FsError::errno(libc::ENAMETOOLONG, "name too long"));
     }
     Ok(())
-}
-
-fn node_kind(kind: FileType) -> NodeKind {
-    match kind {
-        FileType::Directory => NodeKind::Dir,
-        FileType::Symlink => NodeKind::Symlink,
-        FileType::NamedPipe => NodeKind::Fifo,
-        FileType::Socket => NodeKind::Socket,
-        FileType::CharDevice => NodeKind::CharDev,
-        FileType::BlockDevice => NodeKind::BlockDev,
-        FileType::RegularFile => NodeKind::File,
-    }
 }
 
 /// Acts as the caller for file-system permission and ownership purposes on this thread

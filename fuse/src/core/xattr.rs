@@ -3,8 +3,7 @@
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 
-use fuser::FileType;
-use owsfs_journal::{FuseIno, Op};
+use owsfs_journal::{FuseIno, NodeKind, Op};
 
 use super::Core;
 use crate::error::{Context, FsError, FsResult};
@@ -19,7 +18,7 @@ pub enum XattrReply {
 
 impl Core {
     fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
-        if inode.kind == FileType::Symlink {
+        if inode.kind == NodeKind::Symlink {
             return Err(FsError::errno(libc::EOPNOTSUPP, "xattr on a symlink"));
         }
         // The kernel does not enforce POSIX ACLs for this filesystem, so storing them would
@@ -47,7 +46,7 @@ impl Core {
 
     pub fn listxattr(&self, ino: FuseIno, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
-        if inode.kind == FileType::Symlink {
+        if inode.kind == NodeKind::Symlink {
             return Ok(if size == 0 {
                 XattrReply::Size(0)
             } else {
@@ -88,7 +87,7 @@ impl Core {
     }
 
     fn journal_meta(&self, inode: &Inode) -> FsResult<()> {
-        if inode.kind == FileType::Directory {
+        if inode.kind == NodeKind::Dir {
             self.journal.append(Op::Meta {
                 ino: inode.ino,
                 dir: Some(self.path_of(inode.ino).unwrap_or_default()),
