@@ -1,6 +1,6 @@
 //! The hook for content that is not local yet (lazy hydration). The daemon implements it over
 //! the object store; the core calls it before it serves anything that needs the missing bytes
-//! or entries. Backing inode numbers throughout.
+//! or entries, by backing inode number.
 
 use std::io;
 use std::os::fd::BorrowedFd;

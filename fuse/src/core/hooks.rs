@@ -65,7 +65,7 @@ impl Core {
             .map_err(|e| FsError::io("materialize a directory from the store", e))
     }
 
-    /// Lazy hydration: bytes `[start, end)` of file `ino` (a FUSE number) are local.
+    /// Lazy hydration: bytes `[start, end)` of file `ino` are local.
     pub(super) fn fetch(&self, ino: FuseIno, start: u64, end: u64) -> FsResult<()> {
         let Some(h) = self.hyd() else {
             return Ok(());
@@ -90,13 +90,13 @@ impl Core {
         Ok(())
     }
 
-    /// File `ino` (a FUSE number) is whole: no byte of it is still only in the store.
+    /// File `ino` is whole: no byte of it is still only in the store.
     pub(super) fn whole(&self, ino: FuseIno) -> bool {
         self.hyd()
             .is_none_or(|h| h.whole(self.inodes.backing_ino(ino)))
     }
 
-    /// Lazy hydration: file `ino` (a FUSE number) is truncated to `size` next.
+    /// Lazy hydration: file `ino` is truncated to `size` next.
     pub(super) fn hyd_truncate(&self, ino: FuseIno, size: u64) {
         if let Some(h) = self.hyd() {
             h.truncate(self.inodes.backing_ino(ino), size);
@@ -114,7 +114,7 @@ impl Core {
         }
     }
 
-    /// Copy-on-first-write before `[start, end)` of `ino` (a FUSE number) changes.
+    /// Copy-on-first-write before `[start, end)` of `ino` changes.
     pub(super) fn freeze_before_change(
         &self,
         ino: FuseIno,
