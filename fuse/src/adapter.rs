@@ -17,6 +17,8 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use owsfs_journal::FuseIno;
+
 use crate::core::{Caller, Core, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
 use crate::error::FsError;
 
@@ -55,7 +57,7 @@ pub struct FuseAdapter {
     opts: AdapterOptions,
     /// Kernel backing files of inodes open by passthrough, with the number of such opens. All
     /// passthrough opens of one inode must share one backing id.
-    backing: DashMap<u64, (BackingId, u32)>,
+    backing: DashMap<FuseIno, (BackingId, u32)>,
     /// An ioctl was refused once already (only the first is logged).
     ioctl_refused: AtomicBool,
 }
@@ -84,7 +86,7 @@ impl FuseAdapter {
         &'a self,
         handle: &Handle,
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> io::Result<dashmap::mapref::one::RefMut<'a, u64, (BackingId, u32)>> {
+    ) -> io::Result<dashmap::mapref::one::RefMut<'a, FuseIno, (BackingId, u32)>> {
         let mut entry = self
             .backing
             .entry(handle.ino)
@@ -93,7 +95,7 @@ impl FuseAdapter {
         Ok(entry)
     }
 
-    fn release_backing(&self, ino: u64) {
+    fn release_backing(&self, ino: FuseIno) {
         if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.backing.entry(ino) {
             e.get_mut().1 -= 1;
             if e.get().1 == 0 {
@@ -132,6 +134,16 @@ impl FuseAdapter {
             }
         }
     }
+}
+
+/// The kernel's inode number as the core takes it.
+fn fuse_ino(ino: INodeNo) -> FuseIno {
+    FuseIno(ino.0)
+}
+
+/// The core's inode number as fuser takes it.
+fn inode_no(ino: FuseIno) -> INodeNo {
+    INodeNo(ino.0)
 }
 
 fn caller(req: &Request) -> Caller {
@@ -211,7 +223,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.core.lookup(parent.0, name) {
+        match self.core.lookup(fuse_ino(parent), name) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) if e.to_errno() == libc::ENOENT && !self.opts.negative_ttl.is_zero() => {
                 // A zero inode number caches the absence of the name.
@@ -229,11 +241,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.forget(ino.0, nlookup);
+        self.core.forget(fuse_ino(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
+        match self.core.getattr(fuse_ino(ino)) {
             Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             Err(e) => fail!(self, reply, "getattr", e),
         }
@@ -268,14 +280,14 @@ impl Filesystem for FuseAdapter {
             // fuser does not pass FATTR_KILL_SUIDGID; an unprivileged caller is what sets it.
             kill_suidgid: req.uid() != 0,
         };
-        match self.core.setattr(ino.0, set) {
+        match self.core.setattr(fuse_ino(ino), set) {
             Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             Err(e) => fail!(self, reply, "setattr", e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.core.readlink(ino.0) {
+        match self.core.readlink(fuse_ino(ino)) {
             Ok(target) => reply.data(&target),
             Err(e) => fail!(self, reply, "readlink", e),
         }
@@ -291,7 +303,10 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mknod(parent.0, name, mode, rdev, caller(req)) {
+        match self
+            .core
+            .mknod(fuse_ino(parent), name, mode, rdev, caller(req))
+        {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "mknod", e),
         }
@@ -306,21 +321,21 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name, mode, caller(req)) {
+        match self.core.mkdir(fuse_ino(parent), name, mode, caller(req)) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "mkdir", e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.unlink(parent.0, name) {
+        match self.core.unlink(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "unlink", e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.rmdir(parent.0, name) {
+        match self.core.rmdir(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "rmdir", e),
         }
@@ -334,7 +349,10 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.core.symlink(parent.0, link_name, target, caller(req)) {
+        match self
+            .core
+            .symlink(fuse_ino(parent), link_name, target, caller(req))
+        {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "symlink", e),
         }
@@ -350,10 +368,13 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
-            .core
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
+        match self.core.rename(
+            fuse_ino(parent),
+            name,
+            fuse_ino(newparent),
+            newname,
+            flags.bits(),
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "rename", e),
         }
@@ -367,14 +388,14 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.core.link(ino.0, newparent.0, newname) {
+        match self.core.link(fuse_ino(ino), fuse_ino(newparent), newname) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "link", e),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (handle, fh) = match self.core.open(ino.0, flags.0, req.uid() != 0) {
+        let (handle, fh) = match self.core.open(fuse_ino(ino), flags.0, req.uid() != 0) {
             Ok(h) => h,
             Err(e) => return fail!(self, reply, "open", e),
         };
@@ -412,10 +433,14 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (entry, handle, fh) = match self.core.create(parent.0, name, mode, flags, caller(req)) {
-            Ok(r) => r,
-            Err(e) => return fail!(self, reply, "create", e),
-        };
+        let (entry, handle, fh) =
+            match self
+                .core
+                .create(fuse_ino(parent), name, mode, flags, caller(req))
+            {
+                Ok(r) => r,
+                Err(e) => return fail!(self, reply, "create", e),
+            };
         let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
         match handle.mode() {
             IoMode::Passthrough => {
@@ -509,7 +534,7 @@ impl Filesystem for FuseAdapter {
         match self.core.release(fh.0) {
             Ok(mode) => {
                 if mode == IoMode::Passthrough {
-                    self.release_backing(ino.0);
+                    self.release_backing(fuse_ino(ino));
                 }
                 reply.ok()
             }
@@ -525,14 +550,14 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.core.fsync(ino.0, fh.0, datasync) {
+        match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsync", e),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(ino.0) {
+        match self.core.opendir(fuse_ino(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => fail!(self, reply, "opendir", e),
         }
@@ -552,7 +577,7 @@ impl Filesystem for FuseAdapter {
         };
         // Entries go into the reply until it is full; the rest are neither copied nor looked at.
         for (next, entry) in entries.iter() {
-            if reply.add(INodeNo(entry.ino), next, entry.kind, &entry.name) {
+            if reply.add(inode_no(entry.ino), next, entry.kind, &entry.name) {
                 break;
             }
         }
@@ -576,10 +601,10 @@ impl Filesystem for FuseAdapter {
             if name == b"." || name == b".." {
                 // The kernel does not count references for these two.
                 let mut attr = negative_attr();
-                attr.ino = INodeNo(entry.ino);
+                attr.ino = inode_no(entry.ino);
                 attr.kind = FileType::Directory;
                 if reply.add(
-                    INodeNo(entry.ino),
+                    inode_no(entry.ino),
                     next,
                     &entry.name,
                     &Duration::ZERO,
@@ -590,7 +615,7 @@ impl Filesystem for FuseAdapter {
                 }
                 continue;
             }
-            let found = match self.core.readdirplus_entry(ino.0, &entry.name) {
+            let found = match self.core.readdirplus_entry(fuse_ino(ino), &entry.name) {
                 Ok(found) => found,
                 // Gone since the directory was read: leave it out.
                 Err(_) => continue,
@@ -605,7 +630,7 @@ impl Filesystem for FuseAdapter {
                 Generation(0),
             ) {
                 // It did not fit: the kernel will not count this reference.
-                self.core.forget(attr.ino.0, 1);
+                self.core.forget(fuse_ino(attr.ino), 1);
                 break;
             }
         }
@@ -632,7 +657,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.core.fsyncdir(ino.0, datasync) {
+        match self.core.fsyncdir(fuse_ino(ino), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsyncdir", e),
         }
@@ -664,14 +689,14 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.core.setxattr(ino.0, name, value, flags) {
+        match self.core.setxattr(fuse_ino(ino), name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "setxattr", e),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.core.getxattr(ino.0, name, size) {
+        match self.core.getxattr(fuse_ino(ino), name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
             Err(e) => fail!(self, reply, "getxattr", e),
@@ -679,7 +704,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.core.listxattr(ino.0, size) {
+        match self.core.listxattr(fuse_ino(ino), size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
             Err(e) => fail!(self, reply, "listxattr", e),
@@ -687,14 +712,14 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.removexattr(ino.0, name) {
+        match self.core.removexattr(fuse_ino(ino), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "removexattr", e),
         }
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.core.access(ino.0, mask.bits(), caller(req)) {
+        match self.core.access(fuse_ino(ino), mask.bits(), caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "access", e),
         }
@@ -747,7 +772,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(refuse_ioctl(&self.ioctl_refused, ino.0, cmd));
+        reply.error(refuse_ioctl(&self.ioctl_refused, fuse_ino(ino), cmd));
     }
 
     fn copy_file_range(
@@ -776,7 +801,7 @@ impl Filesystem for FuseAdapter {
 /// The answer to every ioctl: ENOTTY, what a local file system gives for a request it does
 /// not know (`isatty(3)` asks TCGETS of every file it is given). fuser's default logged a
 /// warning per call and answered ENOSYS; this logs the first one at debug level only.
-fn refuse_ioctl(refused_before: &AtomicBool, ino: u64, cmd: u32) -> Errno {
+fn refuse_ioctl(refused_before: &AtomicBool, ino: FuseIno, cmd: u32) -> Errno {
     if !refused_before.swap(true, Ordering::Relaxed) {
         tracing::debug!(
             "ioctl {cmd:#x} on inode {ino}: not supported (ENOTTY); later ones are not logged"
@@ -813,11 +838,11 @@ mod tests {
     fn ioctls_are_refused_with_enotty() {
         let refused = AtomicBool::new(false);
         let tcgets = libc::TCGETS as u32;
-        assert_eq!(refuse_ioctl(&refused, 2, tcgets), Errno::ENOTTY);
+        assert_eq!(refuse_ioctl(&refused, FuseIno(2), tcgets), Errno::ENOTTY);
         assert!(
             refused.load(Ordering::Relaxed),
             "the first refusal is noted"
         );
-        assert_eq!(refuse_ioctl(&refused, 2, tcgets), Errno::ENOTTY);
+        assert_eq!(refuse_ioctl(&refused, FuseIno(2), tcgets), Errno::ENOTTY);
     }
 }

@@ -30,14 +30,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use owsfs_journal::ExtentSet;
+use owsfs_journal::{BackingIno, ExtentSet, NodeKind};
 use parking_lot::{Condvar, Mutex};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+use crate::kind;
+
 /// One file frozen by a cut.
 pub struct Frozen {
-    /// Backing inode number.
-    pub ino: u64,
+    pub ino: BackingIno,
     /// Path at the cut, relative to the backing root.
     pub path: PathBuf,
     /// Size at the cut: bytes at or past it are not part of the cut.
@@ -59,7 +60,7 @@ struct FrozenInner {
 /// The set of frozen files of the cut in flight (at most one cut is in flight).
 pub struct Freezer {
     active: AtomicBool,
-    files: Mutex<HashMap<u64, Arc<Frozen>>>,
+    files: Mutex<HashMap<BackingIno, Arc<Frozen>>>,
     /// Number of frozen files not yet done; directory renames wait for it to reach 0.
     unread: Mutex<usize>,
     all_read: Condvar,
@@ -85,7 +86,10 @@ impl Freezer {
 
     /// Registers the files of a new cut. Must be called with the write barrier held, and only
     /// when the previous cut's files are all [`Freezer::finish`]ed.
-    pub fn freeze(&self, files: impl IntoIterator<Item = (u64, PathBuf, u64)>) -> Vec<Arc<Frozen>> {
+    pub fn freeze(
+        &self,
+        files: impl IntoIterator<Item = (BackingIno, PathBuf, u64)>,
+    ) -> Vec<Arc<Frozen>> {
         let mut map = self.files.lock();
         map.clear();
         let mut out = Vec::new();
@@ -134,11 +138,11 @@ impl Freezer {
     }
 
     /// Backing inode `ino` is frozen by the running cut.
-    pub fn is_frozen(&self, ino: u64) -> bool {
+    pub fn is_frozen(&self, ino: BackingIno) -> bool {
         self.get(ino).is_some()
     }
 
-    fn get(&self, ino: u64) -> Option<Arc<Frozen>> {
+    fn get(&self, ino: BackingIno) -> Option<Arc<Frozen>> {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }
@@ -149,7 +153,7 @@ impl Freezer {
     /// bytes at the cut that are not saved yet. `open` gives a readable descriptor of the file.
     pub fn before_change(
         &self,
-        ino: u64,
+        ino: BackingIno,
         start: u64,
         end: u64,
         open: impl FnOnce() -> io::Result<File>,
@@ -214,17 +218,17 @@ impl Freezer {
             Err(rustix::io::Errno::NOENT) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let kind = st.st_mode & libc::S_IFMT;
-        if kind == libc::S_IFDIR {
-            if moves {
-                self.wait_all_read();
+        match kind::of_mode(st.st_mode) {
+            NodeKind::Dir => {
+                if moves {
+                    self.wait_all_read();
+                }
+                return Ok(());
             }
-            return Ok(());
+            NodeKind::File => {}
+            _ => return Ok(()),
         }
-        if kind != libc::S_IFREG {
-            return Ok(());
-        }
-        let Some(f) = self.get(st.st_ino) else {
+        let Some(f) = self.get(BackingIno(st.st_ino)) else {
             return Ok(());
         };
         let mut inner = f.inner.lock();
@@ -243,7 +247,7 @@ impl Freezer {
 
     /// A new side file in `side_dir`, with no name: `O_TMPFILE`, or where the file system
     /// lacks it, a file removed at once (only the descriptor is needed).
-    fn new_side_file(&self, ino: u64) -> io::Result<File> {
+    fn new_side_file(&self, ino: BackingIno) -> io::Result<File> {
         match rustix::fs::open(
             &self.side_dir,
             OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
@@ -268,7 +272,7 @@ impl Freezer {
 
     /// Where the side file of `ino` lives (as `/proc/self/fd` says), if it has one.
     #[cfg(test)]
-    pub(crate) fn side_file_path(&self, ino: u64) -> Option<PathBuf> {
+    pub(crate) fn side_file_path(&self, ino: BackingIno) -> Option<PathBuf> {
         use std::os::fd::AsRawFd;
         let f = self.files.lock().get(&ino).cloned()?;
         let inner = f.inner.lock();
@@ -357,7 +361,7 @@ impl Frozen {
         )?;
         let st = rustix::fs::fstat(&fd)?;
         // By the invariant above the path still names the file; check rather than trust.
-        if st.st_ino != self.ino {
+        if BackingIno(st.st_ino) != self.ino {
             return Err(io::Error::other(format!(
                 "{}: no longer the frozen file (inode {} instead of {})",
                 self.path.display(),
@@ -400,7 +404,11 @@ mod tests {
         let root = File::open(dir.path()).unwrap();
         let fz = Freezer::new(dir.path());
         use std::os::unix::fs::MetadataExt;
-        let frozen = fz.freeze([(st.ino(), PathBuf::from("f"), content.len() as u64)]);
+        let frozen = fz.freeze([(
+            BackingIno(st.ino()),
+            PathBuf::from("f"),
+            content.len() as u64,
+        )]);
         (dir, root, fz, Arc::clone(&frozen[0]))
     }
 

@@ -3,8 +3,8 @@
 //! Each inode keeps an `O_PATH` descriptor of its backing file, so operations address it by
 //! handle rather than by path (renames and unlinks of open files need no bookkeeping), and the
 //! backing inode cannot be freed and its number reused while the kernel still knows it. FUSE
-//! inode numbers are the backing inode numbers, so hard links share one number and the numbers
-//! are stable across remounts of the same cache.
+//! inode numbers are the backing inode numbers (with the root's and 1 swapped: [`InoMap`]), so
+//! hard links share one number and the numbers are stable across remounts of the same cache.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use fuser::FileType;
+use owsfs_journal::{BackingIno, FuseIno, InoMap, NodeKind};
 use parking_lot::Mutex;
 
 /// The FUSE inode number of the workspace root.
-pub const ROOT_INO: u64 = 1;
+pub const ROOT_INO: FuseIno = FuseIno::ROOT;
 
 /// Open files of one inode, by the kernel I/O mode they put it in. The kernel refuses to mix
 /// passthrough and cached opens of one inode; these counts are an upper bound of the kernel's
@@ -31,8 +31,8 @@ pub(crate) struct OpenCounts {
 
 #[derive(Debug)]
 pub struct Inode {
-    pub ino: u64,
-    pub kind: FileType,
+    pub ino: FuseIno,
+    pub kind: NodeKind,
     pub(crate) fd: OwnedFd,
     nlookup: AtomicU64,
     /// Tick of the table's clock at the last lookup: the oldest go first when the table must
@@ -40,14 +40,14 @@ pub struct Inode {
     last_used: AtomicU64,
     /// The directory and name this inode was last seen under; None once unlinked. Exact for
     /// directories (they have one parent); for hard-linked files it is one of the names.
-    loc: Mutex<Option<(u64, OsString)>>,
+    loc: Mutex<Option<(FuseIno, OsString)>>,
     pub(crate) open: Mutex<OpenCounts>,
     /// Signalled when the last passthrough open of this inode is released.
     pub(crate) passthrough_gone: parking_lot::Condvar,
 }
 
 impl Inode {
-    pub(crate) fn set_loc(&self, parent: u64, name: &OsStr) {
+    pub(crate) fn set_loc(&self, parent: FuseIno, name: &OsStr) {
         let mut loc = self.loc.lock();
         match &*loc {
             Some((p, n)) if *p == parent && n == name => {}
@@ -56,7 +56,7 @@ impl Inode {
     }
 
     /// Forgets the location if it is `(parent, name)`: that name was removed.
-    pub(crate) fn clear_loc_if(&self, parent: u64, name: &OsStr) {
+    pub(crate) fn clear_loc_if(&self, parent: FuseIno, name: &OsStr) {
         let mut loc = self.loc.lock();
         if matches!(&*loc, Some((p, n)) if *p == parent && n == name) {
             *loc = None;
@@ -66,10 +66,10 @@ impl Inode {
 
 /// Maps backing inode numbers to FUSE inode numbers and holds the inodes the kernel knows.
 pub struct InodeTable {
-    map: DashMap<u64, Arc<Inode>>,
-    /// Backing inode number of the root directory; it is presented as `ROOT_INO`, and a backing
-    /// inode numbered `ROOT_INO` (impossible on ext4, possible elsewhere) takes its number.
-    root_backing_ino: u64,
+    map: DashMap<FuseIno, Arc<Inode>>,
+    /// The root directory is presented as `ROOT_INO`, and a backing inode numbered `ROOT_INO`
+    /// (impossible on ext4, possible elsewhere) takes its number.
+    inos: InoMap,
     clock: AtomicU64,
     /// Entries in `map`, kept alongside it so that counting costs no shard locks.
     count: std::sync::atomic::AtomicUsize,
@@ -80,13 +80,13 @@ impl InodeTable {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn new(root_fd: OwnedFd, root_backing_ino: u64) -> Self {
+    pub fn new(root_fd: OwnedFd, root_backing_ino: BackingIno) -> Self {
         let map = DashMap::new();
         map.insert(
             ROOT_INO,
             Arc::new(Inode {
                 ino: ROOT_INO,
-                kind: FileType::Directory,
+                kind: NodeKind::Dir,
                 fd: root_fd,
                 // The root is never forgotten.
                 nlookup: AtomicU64::new(1 << 62),
@@ -98,29 +98,33 @@ impl InodeTable {
         );
         InodeTable {
             map,
-            root_backing_ino,
+            inos: InoMap::new(root_backing_ino),
             clock: AtomicU64::new(0),
             count: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
-    /// The FUSE inode number of a backing inode number (a bijection).
-    pub fn fuse_ino(&self, backing_ino: u64) -> u64 {
-        if backing_ino == self.root_backing_ino {
-            ROOT_INO
-        } else if backing_ino == ROOT_INO {
-            self.root_backing_ino
-        } else {
-            backing_ino
-        }
+    /// How this table's FUSE and backing inode numbers map to each other.
+    pub fn inos(&self) -> InoMap {
+        self.inos
     }
 
-    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+    /// The FUSE inode number of a backing inode number.
+    pub fn fuse_ino(&self, ino: BackingIno) -> FuseIno {
+        self.inos.fuse(ino)
+    }
+
+    /// The backing inode number of a FUSE inode number.
+    pub fn backing_ino(&self, ino: FuseIno) -> BackingIno {
+        self.inos.backing(ino)
+    }
+
+    pub fn get(&self, ino: FuseIno) -> Option<Arc<Inode>> {
         self.map.get(&ino).map(|r| Arc::clone(r.value()))
     }
 
     /// Counts one more kernel reference to an inode already in the table.
-    pub(crate) fn reference_existing(&self, ino: u64, parent: u64, name: &OsStr) -> bool {
+    pub(crate) fn reference_existing(&self, ino: FuseIno, parent: FuseIno, name: &OsStr) -> bool {
         // Holding the shard read guard while incrementing keeps a concurrent forget (which
         // needs the write guard) from removing the entry between the check and the increment.
         match self.map.get(&ino) {
@@ -136,7 +140,7 @@ impl InodeTable {
 
     /// Counts one more kernel reference to a known inode without changing its recorded name
     /// (a new hard link is an alias).
-    pub(crate) fn reference_keep_loc(&self, ino: u64) -> bool {
+    pub(crate) fn reference_keep_loc(&self, ino: FuseIno) -> bool {
         match self.map.get(&ino) {
             Some(inode) => {
                 inode.nlookup.fetch_add(1, Ordering::Relaxed);
@@ -149,10 +153,10 @@ impl InodeTable {
     /// Counts one more kernel reference, inserting the inode with `fd` if it is new.
     pub(crate) fn reference(
         &self,
-        ino: u64,
-        kind: FileType,
+        ino: FuseIno,
+        kind: NodeKind,
         fd: OwnedFd,
-        parent: u64,
+        parent: FuseIno,
         name: &OsStr,
     ) -> Arc<Inode> {
         match self.map.entry(ino) {
@@ -181,7 +185,7 @@ impl InodeTable {
     }
 
     /// Drops `n` kernel references; the inode leaves the table at zero.
-    pub fn forget(&self, ino: u64, n: u64) {
+    pub fn forget(&self, ino: FuseIno, n: u64) {
         if ino == ROOT_INO {
             return;
         }
@@ -200,13 +204,13 @@ impl InodeTable {
 
     /// The names of the `count` least recently looked-up non-directory inodes that no file
     /// handle keeps open, for asking the kernel to forget them.
-    pub(crate) fn eviction_candidates(&self, count: usize) -> Vec<(u64, OsString)> {
-        let mut all: Vec<(u64, u64, OsString)> = Vec::new();
+    pub(crate) fn eviction_candidates(&self, count: usize) -> Vec<(FuseIno, OsString)> {
+        let mut all: Vec<(u64, FuseIno, OsString)> = Vec::new();
         for entry in self.map.iter() {
             let inode = entry.value();
             // Directories stay: dropping a directory's name unhashes it even while it is some
             // process's working directory, and getcwd(2) then fails with ENOENT.
-            if inode.ino == ROOT_INO || inode.kind == FileType::Directory {
+            if inode.ino == ROOT_INO || inode.kind == NodeKind::Dir {
                 continue;
             }
             {
@@ -228,7 +232,7 @@ impl InodeTable {
 
     /// The path of an inode relative to the workspace root ("" is the root), if every
     /// directory above it is known. Used for journal records, not for I/O.
-    pub fn path_of(&self, ino: u64) -> Option<PathBuf> {
+    pub fn path_of(&self, ino: FuseIno) -> Option<PathBuf> {
         let mut names: Vec<OsString> = Vec::new();
         let mut cur = ino;
         // Depth bound: a cycle would be a bug, not a reason to spin.
@@ -249,7 +253,7 @@ impl InodeTable {
     }
 
     /// The path of `name` inside directory `parent`.
-    pub fn child_path(&self, parent: u64, name: &OsStr) -> Option<PathBuf> {
+    pub fn child_path(&self, parent: FuseIno, name: &OsStr) -> Option<PathBuf> {
         self.path_of(parent).map(|p| p.join(name))
     }
 

@@ -11,6 +11,7 @@ mod error;
 mod freeze;
 mod hydrate;
 mod inode;
+mod kind;
 mod stats;
 
 use std::io;
@@ -27,6 +28,7 @@ pub use error::{FsError, FsResult};
 pub use freeze::{Freezer, Frozen};
 pub use hydrate::Hydrate;
 pub use inode::ROOT_INO;
+pub use owsfs_journal::{BackingIno, FuseIno, InoMap};
 pub use stats::{Stats, StatsSnapshot};
 
 pub use fuser;

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use dashmap::DashMap;
-use owsfs_journal::{DirtyState, ExtentSet};
+use owsfs_journal::{BackingIno, DirtyState, ExtentSet, InoMap};
 use owsfs_store::{
     BlobId, BlobRef, ChunkSpan, Content, FileContent, NodeKind, Store, Tree, TreeEntry,
 };
@@ -321,8 +321,8 @@ impl Hydrator {
                 inner.valid_end = valid_end;
                 inner.present = decode_ranges(&present);
                 // Writes and truncates the journal holds may be newer than the stored state.
-                let fuse_ino = if ino == self.root_ino { 1 } else { ino };
-                if let Some(d) = dirty.files.get(&fuse_ino) {
+                let inos = InoMap::new(BackingIno(self.root_ino));
+                if let Some(d) = dirty.files.get(&inos.fuse(BackingIno(ino))) {
                     if d.created {
                         // A new inode with a reused number (its handle would be stale anyway).
                         inner.valid_end = 0;
@@ -411,30 +411,30 @@ impl owsfs_fuse::Hydrate for CoreHook {
     fn active(&self) -> bool {
         self.hyd.is_active()
     }
-    fn dir_pending(&self, ino: u64) -> bool {
-        self.hyd.dir_is_pending(ino)
+    fn dir_pending(&self, ino: BackingIno) -> bool {
+        self.hyd.dir_is_pending(ino.0)
     }
-    fn materialize(&self, ino: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
+    fn materialize(&self, ino: BackingIno, dir: BorrowedFd<'_>) -> io::Result<()> {
         let _waited_on = self.hyd.foreground.begin();
-        self.hyd.materialize_dir(ino, dir)
+        self.hyd.materialize_dir(ino.0, dir)
     }
-    fn fetch(&self, ino: u64, start: u64, end: u64) -> io::Result<()> {
-        self.hyd.fetch_range(ino, start, end, true)
+    fn fetch(&self, ino: BackingIno, start: u64, end: u64) -> io::Result<()> {
+        self.hyd.fetch_range(ino.0, start, end, true)
     }
-    fn whole(&self, ino: u64) -> bool {
-        self.hyd.is_whole(ino)
+    fn whole(&self, ino: BackingIno) -> bool {
+        self.hyd.is_whole(ino.0)
     }
-    fn truncate(&self, ino: u64, size: u64) {
-        self.hyd.truncate(ino, size)
+    fn truncate(&self, ino: BackingIno, size: u64) {
+        self.hyd.truncate(ino.0, size)
     }
-    fn created(&self, ino: u64) {
-        self.hyd.created(ino)
+    fn created(&self, ino: BackingIno) {
+        self.hyd.created(ino.0)
     }
-    fn removed(&self, ino: u64) {
-        self.hyd.removed(ino)
+    fn removed(&self, ino: BackingIno) {
+        self.hyd.removed(ino.0)
     }
-    fn opened(&self, ino: u64, path: Option<&Path>) {
-        self.hyd.opened(ino, path)
+    fn opened(&self, ino: BackingIno, path: Option<&Path>) {
+        self.hyd.opened(ino.0, path)
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod error;
 mod extent;
+mod ino;
 mod journal;
 mod op;
 mod record;
@@ -22,6 +23,7 @@ mod state;
 
 pub use error::JournalError;
 pub use extent::ExtentSet;
+pub use ino::{BackingIno, FuseIno, InoMap};
 pub use journal::{CLEAN_MARKER, Journal, JournalOptions, JournalStats, LOCK_FILE, Recovery};
 pub use op::{Ino, NodeKind, Op, Seq};
 pub use state::{DirtyFile, DirtyState};

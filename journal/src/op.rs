@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::serde_path;
 
-/// Backing inode number (stable across daemon restarts).
-pub type Ino = u64;
+/// The inode number records name: the kernel's (FUSE) number, stable across daemon restarts
+/// (see [`InoMap`](crate::InoMap) for how it relates to the backing file system's).
+pub type Ino = crate::ino::FuseIno;
 /// Record sequence number: strictly increasing over the life of a journal.
 pub type Seq = u64;
 

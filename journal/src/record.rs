@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::JournalError;
 use crate::extent::ExtentSet;
-use crate::op::{NodeKind, Op, Seq};
+use crate::ino::FuseIno;
+use crate::op::{Ino, NodeKind, Op, Seq};
 use crate::state::{DirtyFile, DirtyState};
 
 /// Bytes before the payload: length and checksum.
@@ -128,7 +129,7 @@ pub(crate) fn encode_op(out: &mut Vec<u8>, seq: Seq, op: &Op) -> Result<(), Jour
     let what = op.name();
     match op {
         Op::Touch { ino, path } => frame(out, seq, T_TOUCH, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_bool(o, path.is_some());
             match path {
                 Some(p) => put_path(o, p, what),
@@ -136,12 +137,12 @@ pub(crate) fn encode_op(out: &mut Vec<u8>, seq: Seq, op: &Op) -> Result<(), Jour
             }
         }),
         Op::Create { ino, kind, path } => frame(out, seq, T_CREATE, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             o.push(kind.code());
             put_path(o, path, what)
         }),
         Op::Remove { ino, path, dir } => frame(out, seq, T_REMOVE, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_path(o, path, what)?;
             put_bool(o, *dir);
             Ok(())
@@ -153,22 +154,22 @@ pub(crate) fn encode_op(out: &mut Vec<u8>, seq: Seq, op: &Op) -> Result<(), Jour
             Ok(())
         }),
         Op::Link { ino, path } => frame(out, seq, T_LINK, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_path(o, path, what)
         }),
         Op::Write { ino, offset, len } => frame(out, seq, T_WRITE, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_u64(o, *offset);
             put_u64(o, *len);
             Ok(())
         }),
         Op::Truncate { ino, size } => frame(out, seq, T_TRUNCATE, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_u64(o, *size);
             Ok(())
         }),
         Op::Meta { ino, dir } => frame(out, seq, T_META, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             put_bool(o, dir.is_some());
             match dir {
                 Some(p) => put_path(o, p, what),
@@ -176,7 +177,7 @@ pub(crate) fn encode_op(out: &mut Vec<u8>, seq: Seq, op: &Op) -> Result<(), Jour
             }
         }),
         Op::Fsync { ino } => frame(out, seq, T_FSYNC, what, |o| {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             Ok(())
         }),
     }
@@ -192,7 +193,7 @@ pub(crate) fn encode_snapshot(
     frame(out, seq, T_SNAPSHOT, WHAT, |o| {
         put_len(o, state.files.len(), WHAT)?;
         for (ino, f) in &state.files {
-            put_u64(o, *ino);
+            put_u64(o, ino.0);
             let mut flags = 0;
             if f.path.is_some() {
                 flags |= F_PATH;
@@ -263,6 +264,10 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
+    fn ino(&mut self) -> Result<Ino, String> {
+        self.u64().map(FuseIno)
+    }
+
     fn bool(&mut self) -> Result<bool, String> {
         match self.u8()? {
             0 => Ok(false),
@@ -307,12 +312,12 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<(Seq, Record), String> {
     let ty = r.u8()?;
     let record = match ty {
         T_TOUCH => {
-            let ino = r.u64()?;
+            let ino = r.ino()?;
             let path = if r.bool()? { Some(r.path()?) } else { None };
             Record::Op(Op::Touch { ino, path })
         }
         T_CREATE => {
-            let ino = r.u64()?;
+            let ino = r.ino()?;
             let code = r.u8()?;
             let kind =
                 NodeKind::from_code(code).ok_or_else(|| format!("unknown node kind {code}"))?;
@@ -320,7 +325,7 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<(Seq, Record), String> {
             Record::Op(Op::Create { ino, kind, path })
         }
         T_REMOVE => {
-            let ino = r.u64()?;
+            let ino = r.ino()?;
             let path = r.path()?;
             let dir = r.bool()?;
             Record::Op(Op::Remove { ino, path, dir })
@@ -332,25 +337,25 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<(Seq, Record), String> {
             Record::Op(Op::Rename { from, to, exchange })
         }
         T_LINK => {
-            let ino = r.u64()?;
+            let ino = r.ino()?;
             let path = r.path()?;
             Record::Op(Op::Link { ino, path })
         }
         T_WRITE => Record::Op(Op::Write {
-            ino: r.u64()?,
+            ino: r.ino()?,
             offset: r.u64()?,
             len: r.u64()?,
         }),
         T_TRUNCATE => Record::Op(Op::Truncate {
-            ino: r.u64()?,
+            ino: r.ino()?,
             size: r.u64()?,
         }),
         T_META => {
-            let ino = r.u64()?;
+            let ino = r.ino()?;
             let dir = if r.bool()? { Some(r.path()?) } else { None };
             Record::Op(Op::Meta { ino, dir })
         }
-        T_FSYNC => Record::Op(Op::Fsync { ino: r.u64()? }),
+        T_FSYNC => Record::Op(Op::Fsync { ino: r.ino()? }),
         T_SNAPSHOT => Record::Snapshot(decode_snapshot(&mut r)?),
         other => return Err(format!("unknown record type {other}")),
     };
@@ -363,7 +368,7 @@ fn decode_snapshot(r: &mut Reader<'_>) -> Result<DirtyState, String> {
     // A file entry is at least ino, flags and extent count.
     let files = r.count(13)?;
     for _ in 0..files {
-        let ino = r.u64()?;
+        let ino = r.ino()?;
         let flags = r.u8()?;
         if flags & !F_ALL != 0 {
             return Err(format!("unknown snapshot file flags {flags:#x}"));
@@ -454,52 +459,55 @@ mod tests {
         let odd = PathBuf::from(std::ffi::OsString::from_vec(vec![b'a', 0xff, b'/', 0x80]));
         vec![
             Op::Touch {
-                ino: 1,
+                ino: FuseIno(1),
                 path: Some(p("a/b")),
             },
-            Op::Touch { ino: 2, path: None },
+            Op::Touch {
+                ino: FuseIno(2),
+                path: None,
+            },
             Op::Create {
-                ino: 3,
+                ino: FuseIno(3),
                 kind: NodeKind::File,
                 path: p("f"),
             },
             Op::Create {
-                ino: 4,
+                ino: FuseIno(4),
                 kind: NodeKind::Dir,
                 path: p("d/e"),
             },
             Op::Create {
-                ino: 5,
+                ino: FuseIno(5),
                 kind: NodeKind::Symlink,
                 path: odd.clone(),
             },
             Op::Create {
-                ino: 6,
+                ino: FuseIno(6),
                 kind: NodeKind::Fifo,
                 path: p("fifo"),
             },
             Op::Create {
-                ino: 7,
+                ino: FuseIno(7),
                 kind: NodeKind::Socket,
                 path: p("sock"),
             },
             Op::Create {
-                ino: 8,
+                ino: FuseIno(8),
                 kind: NodeKind::CharDev,
                 path: p("c"),
             },
             Op::Create {
-                ino: 9,
+                ino: FuseIno(9),
                 kind: NodeKind::BlockDev,
                 path: p("b"),
             },
             Op::Remove {
-                ino: 10,
+                ino: FuseIno(10),
                 path: p("x"),
                 dir: false,
             },
             Op::Remove {
-                ino: 11,
+                ino: FuseIno(11),
                 path: p("y"),
                 dir: true,
             },
@@ -514,21 +522,27 @@ mod tests {
                 exchange: true,
             },
             Op::Link {
-                ino: 12,
+                ino: FuseIno(12),
                 path: p("l"),
             },
             Op::Write {
-                ino: u64::MAX,
+                ino: FuseIno(u64::MAX),
                 offset: u64::MAX - 5,
                 len: 5,
             },
-            Op::Truncate { ino: 13, size: 0 },
+            Op::Truncate {
+                ino: FuseIno(13),
+                size: 0,
+            },
             Op::Meta {
-                ino: 14,
+                ino: FuseIno(14),
                 dir: Some(p("m")),
             },
-            Op::Meta { ino: 15, dir: None },
-            Op::Fsync { ino: 16 },
+            Op::Meta {
+                ino: FuseIno(15),
+                dir: None,
+            },
+            Op::Fsync { ino: FuseIno(16) },
         ]
     }
 
@@ -538,12 +552,12 @@ mod tests {
             s.apply(&op);
         }
         s.apply(&Op::Write {
-            ino: 3,
+            ino: FuseIno(3),
             offset: 0,
             len: 10,
         });
         s.apply(&Op::Write {
-            ino: 3,
+            ino: FuseIno(3),
             offset: 20,
             len: 10,
         });
@@ -599,7 +613,7 @@ mod tests {
             &mut buf,
             1,
             &Op::Create {
-                ino: 1,
+                ino: FuseIno(1),
                 kind: NodeKind::File,
                 path: p("some/file"),
             },
@@ -672,6 +686,7 @@ mod tests {
     }
 
     fn arb_op() -> impl Strategy<Value = Op> {
+        let ino = || any::<u64>().prop_map(FuseIno);
         let kind = prop_oneof![
             Just(NodeKind::File),
             Just(NodeKind::Dir),
@@ -682,30 +697,25 @@ mod tests {
             Just(NodeKind::BlockDev),
         ];
         prop_oneof![
-            (any::<u64>(), proptest::option::of(arb_path()))
+            (ino(), proptest::option::of(arb_path()))
                 .prop_map(|(ino, path)| Op::Touch { ino, path }),
-            (any::<u64>(), kind, arb_path()).prop_map(|(ino, kind, path)| Op::Create {
-                ino,
-                kind,
-                path
-            }),
-            (any::<u64>(), arb_path(), any::<bool>()).prop_map(|(ino, path, dir)| Op::Remove {
+            (ino(), kind, arb_path()).prop_map(|(ino, kind, path)| Op::Create { ino, kind, path }),
+            (ino(), arb_path(), any::<bool>()).prop_map(|(ino, path, dir)| Op::Remove {
                 ino,
                 path,
                 dir
             }),
             (arb_path(), arb_path(), any::<bool>())
                 .prop_map(|(from, to, exchange)| { Op::Rename { from, to, exchange } }),
-            (any::<u64>(), arb_path()).prop_map(|(ino, path)| Op::Link { ino, path }),
-            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(ino, offset, len)| Op::Write {
+            (ino(), arb_path()).prop_map(|(ino, path)| Op::Link { ino, path }),
+            (ino(), any::<u64>(), any::<u64>()).prop_map(|(ino, offset, len)| Op::Write {
                 ino,
                 offset,
                 len
             }),
-            (any::<u64>(), any::<u64>()).prop_map(|(ino, size)| Op::Truncate { ino, size }),
-            (any::<u64>(), proptest::option::of(arb_path()))
-                .prop_map(|(ino, dir)| Op::Meta { ino, dir }),
-            any::<u64>().prop_map(|ino| Op::Fsync { ino }),
+            (ino(), any::<u64>()).prop_map(|(ino, size)| Op::Truncate { ino, size }),
+            (ino(), proptest::option::of(arb_path())).prop_map(|(ino, dir)| Op::Meta { ino, dir }),
+            ino().prop_map(|ino| Op::Fsync { ino }),
         ]
     }
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::error::JournalError;
 use crate::extent::ExtentSet;
+use crate::ino::{BackingIno, InoMap};
 use crate::op::{Ino, NodeKind, Op};
 use crate::serde_path;
 
@@ -216,6 +217,9 @@ pub(crate) fn rescan_excluding(
         path: path.to_path_buf(),
         source,
     };
+    // The state names files by the kernel's inode numbers.
+    let root_md = fs::metadata(backing_root).map_err(|e| rescan_err(backing_root, e))?;
+    let inos = InoMap::new(BackingIno(root_md.ino()));
     let mut state = DirtyState::default();
     state.dirs.insert(PathBuf::new());
     let mut stack = vec![PathBuf::new()];
@@ -251,13 +255,16 @@ pub(crate) fn rescan_excluding(
                 state.dirs.insert(path.clone());
                 stack.push(path);
             } else if md.is_file() {
-                state.files.entry(md.ino()).or_insert_with(|| DirtyFile {
-                    path: Some(path),
-                    extents: std::iter::once((0, md.len())).collect(),
-                    truncated_to: None,
-                    created: true,
-                    meta: false,
-                });
+                state
+                    .files
+                    .entry(inos.fuse(BackingIno(md.ino())))
+                    .or_insert_with(|| DirtyFile {
+                        path: Some(path),
+                        extents: std::iter::once((0, md.len())).collect(),
+                        truncated_to: None,
+                        created: true,
+                        meta: false,
+                    });
             }
         }
     }
@@ -267,6 +274,7 @@ pub(crate) fn rescan_excluding(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ino::FuseIno;
 
     fn p(s: &str) -> PathBuf {
         PathBuf::from(s)
@@ -284,17 +292,17 @@ mod tests {
         s
     }
 
-    fn create_file(ino: Ino, path: &str) -> Op {
+    fn create_file(ino: u64, path: &str) -> Op {
         Op::Create {
-            ino,
+            ino: FuseIno(ino),
             kind: NodeKind::File,
             path: p(path),
         }
     }
 
-    fn mkdir(ino: Ino, path: &str) -> Op {
+    fn mkdir(ino: u64, path: &str) -> Op {
         Op::Create {
-            ino,
+            ino: FuseIno(ino),
             kind: NodeKind::Dir,
             path: p(path),
         }
@@ -308,20 +316,23 @@ mod tests {
         }
     }
 
-    fn path_of(s: &DirtyState, ino: Ino) -> Option<PathBuf> {
-        s.files[&ino].path.clone()
+    fn path_of(s: &DirtyState, ino: u64) -> Option<PathBuf> {
+        s.files[&FuseIno(ino)].path.clone()
     }
 
     #[test]
     fn touch_creates_entry_and_sets_path() {
         let mut s = applied(&[Op::Touch {
-            ino: 7,
+            ino: FuseIno(7),
             path: Some(p("a/x")),
         }]);
         assert_eq!(path_of(&s, 7), Some(p("a/x")));
-        assert!(!s.files[&7].created);
+        assert!(!s.files[&FuseIno(7)].created);
         assert!(s.dirs.is_empty());
-        s.apply(&Op::Touch { ino: 7, path: None });
+        s.apply(&Op::Touch {
+            ino: FuseIno(7),
+            path: None,
+        });
         assert_eq!(path_of(&s, 7), None);
     }
 
@@ -331,19 +342,19 @@ mod tests {
             mkdir(1, "d"),
             create_file(2, "d/f"),
             Op::Create {
-                ino: 3,
+                ino: FuseIno(3),
                 kind: NodeKind::Symlink,
                 path: p("e/l"),
             },
             Op::Create {
-                ino: 4,
+                ino: FuseIno(4),
                 kind: NodeKind::Fifo,
                 path: p("top"),
             },
         ]);
         assert_eq!(s.dirs, dirs(&["", "d", "e"]));
         assert_eq!(s.files.len(), 1);
-        let f = &s.files[&2];
+        let f = &s.files[&FuseIno(2)];
         assert!(f.created);
         assert_eq!(f.path, Some(p("d/f")));
     }
@@ -353,32 +364,35 @@ mod tests {
         let mut s = applied(&[
             create_file(1, "a/x"),
             Op::Link {
-                ino: 1,
+                ino: FuseIno(1),
                 path: p("b/y"),
             },
         ]);
         // Unlinking another name of the inode keeps the known path.
         s.apply(&Op::Remove {
-            ino: 1,
+            ino: FuseIno(1),
             path: p("b/y"),
             dir: false,
         });
         assert_eq!(path_of(&s, 1), Some(p("a/x")));
         s.apply(&Op::Remove {
-            ino: 1,
+            ino: FuseIno(1),
             path: p("a/x"),
             dir: false,
         });
         assert_eq!(path_of(&s, 1), None);
-        assert!(s.files[&1].created, "content flags survive an unlink");
+        assert!(
+            s.files[&FuseIno(1)].created,
+            "content flags survive an unlink"
+        );
         assert_eq!(s.dirs, dirs(&["a", "b"]));
         // Removing a file with no entry does not make one.
         s.apply(&Op::Remove {
-            ino: 9,
+            ino: FuseIno(9),
             path: p("c/z"),
             dir: false,
         });
-        assert!(!s.files.contains_key(&9));
+        assert!(!s.files.contains_key(&FuseIno(9)));
         assert!(s.dirs.contains(&p("c")));
     }
 
@@ -395,7 +409,7 @@ mod tests {
             create_file(5, "ab/f"),
         ]);
         s.apply(&Op::Remove {
-            ino: 1,
+            ino: FuseIno(1),
             path: p("a"),
             dir: true,
         });
@@ -425,7 +439,7 @@ mod tests {
             create_file(7, "srcx/h"),
         ]);
         s.apply(&Op::Write {
-            ino: 4,
+            ino: FuseIno(4),
             offset: 0,
             len: 10,
         });
@@ -452,7 +466,7 @@ mod tests {
             Some(p("srcx/h")),
             "'srcx' is not under 'src'"
         );
-        assert_eq!(s.files[&4].extents.total_len(), 10);
+        assert_eq!(s.files[&FuseIno(4)].extents.total_len(), 10);
     }
 
     /// A rename over a directory succeeds only if it is empty; if it was not, the rename
@@ -512,13 +526,13 @@ mod tests {
     #[test]
     fn link_sets_meta_and_path_if_unknown() {
         let mut s = applied(&[Op::Link {
-            ino: 1,
+            ino: FuseIno(1),
             path: p("d/l1"),
         }]);
         assert_eq!(path_of(&s, 1), Some(p("d/l1")));
-        assert!(s.files[&1].meta);
+        assert!(s.files[&FuseIno(1)].meta);
         s.apply(&Op::Link {
-            ino: 1,
+            ino: FuseIno(1),
             path: p("e/l2"),
         });
         assert_eq!(path_of(&s, 1), Some(p("d/l1")), "a known path is kept");
@@ -529,32 +543,36 @@ mod tests {
     fn write_unions_extents_and_zero_len_makes_entry() {
         let s = applied(&[
             Op::Write {
-                ino: 1,
+                ino: FuseIno(1),
                 offset: 10,
                 len: 5,
             },
             Op::Write {
-                ino: 1,
+                ino: FuseIno(1),
                 offset: 0,
                 len: 10,
             },
             Op::Write {
-                ino: 2,
+                ino: FuseIno(2),
                 offset: 100,
                 len: 0,
             },
             Op::Write {
-                ino: 3,
+                ino: FuseIno(3),
                 offset: u64::MAX - 1,
                 len: 10,
             },
         ]);
         assert_eq!(
-            s.files[&1].extents.iter().collect::<Vec<_>>(),
+            s.files[&FuseIno(1)].extents.iter().collect::<Vec<_>>(),
             vec![(0, 15)]
         );
-        assert!(s.files[&2].extents.is_empty());
-        assert_eq!(s.files[&3].extents.total_len(), 1, "saturates at u64::MAX");
+        assert!(s.files[&FuseIno(2)].extents.is_empty());
+        assert_eq!(
+            s.files[&FuseIno(3)].extents.total_len(),
+            1,
+            "saturates at u64::MAX"
+        );
         assert_eq!(s.dirty_bytes(), 16);
     }
 
@@ -562,34 +580,46 @@ mod tests {
     fn truncate_keeps_minimum_and_extents() {
         let s = applied(&[
             Op::Write {
-                ino: 1,
+                ino: FuseIno(1),
                 offset: 0,
                 len: 100,
             },
-            Op::Truncate { ino: 1, size: 50 },
-            Op::Truncate { ino: 1, size: 80 },
+            Op::Truncate {
+                ino: FuseIno(1),
+                size: 50,
+            },
+            Op::Truncate {
+                ino: FuseIno(1),
+                size: 80,
+            },
         ]);
-        assert_eq!(s.files[&1].truncated_to, Some(50));
-        assert_eq!(s.files[&1].extents.total_len(), 100);
+        assert_eq!(s.files[&FuseIno(1)].truncated_to, Some(50));
+        assert_eq!(s.files[&FuseIno(1)].extents.total_len(), 100);
     }
 
     #[test]
     fn meta_on_dir_and_file() {
         let s = applied(&[
             Op::Meta {
-                ino: 1,
+                ino: FuseIno(1),
                 dir: Some(p("d")),
             },
-            Op::Meta { ino: 2, dir: None },
+            Op::Meta {
+                ino: FuseIno(2),
+                dir: None,
+            },
         ]);
         assert_eq!(s.dirs, dirs(&["d"]));
-        assert!(!s.files.contains_key(&1));
-        assert!(s.files[&2].meta);
+        assert!(!s.files.contains_key(&FuseIno(1)));
+        assert!(s.files[&FuseIno(2)].meta);
     }
 
     #[test]
     fn fsync_changes_nothing() {
-        assert_eq!(applied(&[Op::Fsync { ino: 1 }]), DirtyState::default());
+        assert_eq!(
+            applied(&[Op::Fsync { ino: FuseIno(1) }]),
+            DirtyState::default()
+        );
     }
 
     #[test]
@@ -607,19 +637,25 @@ mod tests {
         assert_eq!(s.dirs, dirs(&["", "a", "a/b"]));
         assert_eq!(s.files.len(), 2);
         let f_ino = fs::metadata(r.join("a/b/f")).unwrap().ino();
-        let f = &s.files[&f_ino];
+        let f = &s.files[&FuseIno(f_ino)];
         assert_eq!(f.path, Some(p("a/b/f")));
         assert!(f.created);
         assert_eq!(f.extents.iter().collect::<Vec<_>>(), vec![(0, 5)]);
         let top_ino = fs::metadata(r.join("top")).unwrap().ino();
         // Both names are found; the first in walk order is kept.
-        assert!(s.files[&top_ino].path.is_some());
-        assert!(s.files[&top_ino].extents.is_empty());
+        assert!(s.files[&FuseIno(top_ino)].path.is_some());
+        assert!(s.files[&FuseIno(top_ino)].extents.is_empty());
     }
 
     #[test]
     fn serializes_paths_as_strings() {
-        let s = applied(&[create_file(1, "d/f"), Op::Truncate { ino: 1, size: 3 }]);
+        let s = applied(&[
+            create_file(1, "d/f"),
+            Op::Truncate {
+                ino: FuseIno(1),
+                size: 3,
+            },
+        ]);
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["dirs"], serde_json::json!(["d"]));
         assert_eq!(json["files"]["1"]["path"], "d/f");

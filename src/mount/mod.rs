@@ -448,7 +448,9 @@ impl Mounted {
             .as_ref()
             .map(|s| s.notifier())
             .expect("a mounted session");
-        Box::new(move |parent, name| notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent), name))
+        Box::new(move |parent, name| {
+            notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
+        })
     }
 
     /// Phase 7: serves until the kernel ends the session (an unmount).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use owsfs_fuse::{Freezer, Frozen};
-use owsfs_journal::DirtyState;
+use owsfs_journal::{DirtyState, InoMap};
 use owsfs_store::{
     BlobId, BlobKind, BlobLoader, BlobRef, ChunkSpan, Content, FileContent, NodeKind, PackWriter,
     Store, Tree, TreeEntry,
@@ -128,7 +128,7 @@ pub fn build(
     dirty: &DirtyState,
     frozen: &[Arc<Frozen>],
     freezer: &Freezer,
-    fuse_ino: &dyn Fn(u64) -> u64,
+    inos: InoMap,
     previous_sqlite: &[SqlitePosition],
     fetch: &Fetch<'_>,
     access: &[u8],
@@ -158,7 +158,7 @@ pub fn build(
             root_fd,
             f,
             dirty,
-            fuse_ino,
+            inos,
             &mut sqlite,
             &mut bytes_read,
             fetch,
@@ -166,7 +166,7 @@ pub fn build(
         // Done with it either way: later writes need not save anything for this cut.
         freezer.finish(f);
         let content = result.with_context(|| format!("read /{}", f.path.display()))?;
-        contents.insert(f.ino, content);
+        contents.insert(f.ino.0, content);
     }
 
     let (root, totals) = build_trees(&mut packer, &loader, local, capture, &contents)?;
@@ -397,7 +397,7 @@ fn read_frozen(
     root_fd: &impl AsFd,
     f: &Frozen,
     dirty: &DirtyState,
-    fuse_ino: &dyn Fn(u64) -> u64,
+    inos: InoMap,
     sqlite: &mut BTreeMap<String, SqlitePosition>,
     bytes_read: &mut u64,
     fetch: &Fetch<'_>,
@@ -405,7 +405,7 @@ fn read_frozen(
     let mut opened: Option<File> = None;
     let mut read_at = |off: u64, buf: &mut [u8]| -> io::Result<()> {
         // Bytes not fetched yet are the base generation's: fetched into the live file first.
-        fetch(f.ino, off, off + buf.len() as u64)?;
+        fetch(f.ino.0, off, off + buf.len() as u64)?;
         let n = f.read_at(root_fd, &mut opened, buf, off)?;
         *bytes_read += n as u64;
         if n < buf.len() {
@@ -417,8 +417,8 @@ fn read_frozen(
         Ok(())
     };
 
-    let d = dirty.files.get(&fuse_ino(f.ino));
-    let base = match loader.local.node(f.ino) {
+    let d = dirty.files.get(&inos.fuse(f.ino));
+    let base = match loader.local.node(f.ino.0) {
         Some((Kind::File, bytes)) if !d.is_some_and(|d| d.created) => {
             match decode_node(&bytes)?.content {
                 Content::File(c) => Some(c),
@@ -456,7 +456,7 @@ fn read_frozen(
     if let Some(db) = name.strip_suffix(b"-wal") {
         let db_path = f.path.with_file_name(std::ffi::OsStr::from_bytes(db));
         let mut bytes = vec![0u8; f.size as usize];
-        fetch(f.ino, 0, f.size)?;
+        fetch(f.ino.0, 0, f.size)?;
         let mut opened2: Option<File> = None;
         let n = f.read_at(root_fd, &mut opened2, &mut bytes, 0)?;
         bytes.truncate(n);
@@ -468,7 +468,7 @@ fn read_frozen(
         entry.wal = wal::parse(&bytes);
     } else if f.size >= 100 {
         let mut head = [0u8; 100];
-        fetch(f.ino, 0, 100)?;
+        fetch(f.ino.0, 0, 100)?;
         let mut opened2: Option<File> = None;
         if f.read_at(root_fd, &mut opened2, &mut head, 0)? == 100 && wal::db_pages(&head).is_some()
         {

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use owsfs_journal::DirtyState;
+use owsfs_journal::{BackingIno, DirtyState, InoMap};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 /// Attributes of one node at the cut.
@@ -84,30 +84,30 @@ pub struct Capture {
     /// Rebuilt directories by path ("" is the root).
     pub dirs: BTreeMap<PathBuf, DirCapture>,
     /// Regular files whose content must be read: (backing ino, path, size at the cut).
-    pub to_read: Vec<(u64, PathBuf, u64)>,
+    pub to_read: Vec<(BackingIno, PathBuf, u64)>,
     /// The walk covered the whole tree.
     pub full: bool,
 }
 
-/// Captures what the cut needs. `dirty` uses FUSE inode numbers; `fuse_ino` maps a backing
-/// number to its FUSE number. With `full`, every directory is rebuilt (no usable previous
+/// Captures what the cut needs. `dirty` uses FUSE inode numbers; `inos` maps backing numbers
+/// to them. With `full`, every directory is rebuilt (no usable previous
 /// generation, or hard links whose other names could not be placed).
 pub fn capture(
     root_fd: &impl AsFd,
     dirty: &DirtyState,
     known: &dyn Known,
-    fuse_ino: &dyn Fn(u64) -> u64,
+    inos: InoMap,
     full: bool,
 ) -> anyhow::Result<Capture> {
     if !full {
-        match capture_with(root_fd, dirty, known, fuse_ino, false)? {
+        match capture_with(root_fd, dirty, known, inos, false)? {
             Some(c) => return Ok(c),
             None => tracing::info!(
                 "cut: a written file has hard links outside the directories it touched; walking the whole tree"
             ),
         }
     }
-    capture_with(root_fd, dirty, known, fuse_ino, true)?
+    capture_with(root_fd, dirty, known, inos, true)?
         .context("a full walk found unplaced hard links")
 }
 
@@ -115,7 +115,7 @@ fn capture_with(
     root_fd: &impl AsFd,
     dirty: &DirtyState,
     known: &dyn Known,
-    fuse_ino: &dyn Fn(u64) -> u64,
+    inos: InoMap,
     full: bool,
 ) -> anyhow::Result<Option<Capture>> {
     // Seeds: dirty directories, and the directory of every dirty file at its known path.
@@ -193,7 +193,7 @@ fn capture_with(
                     queue.push(child.clone());
                 }
             } else if kind == libc::S_IFREG {
-                let fino = fuse_ino(stat.ino);
+                let fino = inos.fuse(BackingIno(stat.ino));
                 let is_dirty = dirty.files.contains_key(&fino);
                 if is_dirty || !known.has_file(stat.ino) {
                     if stat.nlink > 1 && is_dirty {
@@ -202,7 +202,8 @@ fn capture_with(
                     }
                     // One read per inode, however many names it has here.
                     if queued.insert(stat.ino) {
-                        out.to_read.push((stat.ino, child.clone(), stat.size));
+                        out.to_read
+                            .push((BackingIno(stat.ino), child.clone(), stat.size));
                     }
                 }
             }

@@ -526,13 +526,13 @@ impl SyncAgent {
         let journal = self.core.journal();
         let local = self.local.lock();
         let full = local.base()?.is_none();
-        let fuse_ino = |b: u64| self.core.fuse_ino(b);
+        let inos = self.core.ino_map();
         // 2. The barrier: a consistent cut.
         let (seq, dirty, captured, frozen) = {
             let _barrier = self.core.barrier();
             let (seq, dirty) = journal.cut()?;
             let known = KnownNodes(&local, &*self.hyd);
-            let captured = capture::capture(&self.root_fd, &dirty, &known, &fuse_ino, full)?;
+            let captured = capture::capture(&self.root_fd, &dirty, &known, inos, full)?;
             local.node_map().mark_capture();
             let frozen = self.core.freezer().freeze(captured.to_read.iter().cloned());
             (seq, dirty, captured, frozen)
@@ -550,7 +550,7 @@ impl SyncAgent {
             &dirty,
             &frozen,
             self.core.freezer(),
-            &fuse_ino,
+            inos,
             &previous_sqlite,
             &|ino, start, end| self.hyd.fetch(ino, start, end),
             &self.access_list(),

@@ -404,7 +404,7 @@ fn unlocates_a_dirty_file(backing: &Path, dirty: &DirtyState, op: &Op) -> bool {
         && md.nlink() > 1
         && dirty
             .files
-            .get(&md.ino())
+            .get(&owsfs_fuse::FuseIno(md.ino()))
             .is_some_and(|f| f.path.as_deref() == Some(Path::new(victim)))
 }
 
@@ -564,7 +564,10 @@ impl Cut<'_> {
                         if n.nlink > 1 {
                             gen_links.push((n.ino, child.clone()));
                         }
-                        let dirty = self.dirty.files.get(&self.fuse_ino(n.ino));
+                        let dirty = self
+                            .dirty
+                            .files
+                            .get(&owsfs_fuse::FuseIno(self.fuse_ino(n.ino)));
                         if dirty.is_some() && n.nlink > 1 {
                             *names_seen.entry(n.ino).or_default() += 1;
                             multi.insert(n.ino, n.nlink);

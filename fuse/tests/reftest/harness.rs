@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use owsfs_fuse::fuser::{FileAttr, FileType};
-use owsfs_fuse::{Caller, Core, CoreOptions, FsError, ROOT_INO, SetAttr, TimeSpec, XattrReply};
+use owsfs_fuse::{Caller, Core, CoreOptions, FsError, FuseIno, SetAttr, TimeSpec, XattrReply};
+
+/// The root's inode number, as the harness keeps inode numbers (bare).
+const ROOT_INO: u64 = owsfs_fuse::ROOT_INO.0;
 use owsfs_journal::Journal;
 
 use crate::ops::{Mode, Op, RenameMode, SLOTS, XattrMode, pattern};
@@ -123,7 +126,7 @@ impl CoreFs {
             if dir {
                 *self.dirs.entry(ino).or_default() += 1;
             } else {
-                self.core.forget(ino, 1);
+                self.core.forget(FuseIno(ino), 1);
             }
         }
         let gone: Vec<u64> = self
@@ -134,7 +137,7 @@ impl CoreFs {
             .collect();
         for ino in gone {
             if let Some(n) = self.dirs.remove(&ino) {
-                self.core.forget(ino, n);
+                self.core.forget(FuseIno(ino), n);
             }
         }
     }
@@ -149,18 +152,18 @@ impl CoreFs {
     fn close(&mut self, slot: usize) {
         if let Some((fh, ino)) = self.open[slot].take() {
             self.core.release(fh).expect("release an open file");
-            self.core.forget(ino, 1);
+            self.core.forget(FuseIno(ino), 1);
         }
     }
 
     pub fn lookup(&mut self, parent: u64, name: &OsStr) -> Res<Attr> {
-        let e = self.core.lookup(parent, name).map_err(errno)?;
+        let e = self.core.lookup(FuseIno(parent), name).map_err(errno)?;
         Ok(self.counted(&e.attr))
     }
 
     pub fn getattr(&self, ino: u64) -> Res<Attr> {
         self.core
-            .getattr(ino)
+            .getattr(FuseIno(ino))
             .map(|a| Attr::from(&a))
             .map_err(errno)
     }
@@ -189,14 +192,14 @@ impl CoreFs {
 
     /// The names in a directory, with the kind and inode readdir gives (no "." and "..").
     pub fn list_dir(&self, ino: u64) -> Res<Vec<(OsString, Kind, u64)>> {
-        let fh = self.core.opendir(ino).map_err(errno)?;
+        let fh = self.core.opendir(FuseIno(ino)).map_err(errno)?;
         let entries = self.core.readdir(fh, 0).map_err(errno);
         self.core.releasedir(fh);
         Ok(entries?
             .iter()
             .map(|(_, e)| e)
             .filter(|e| e.name != "." && e.name != "..")
-            .map(|e| (e.name.clone(), kind(e.kind), e.ino))
+            .map(|e| (e.name.clone(), kind(e.kind), e.ino.0))
             .collect())
     }
 
@@ -217,19 +220,22 @@ impl CoreFs {
 
     /// The whole content of a file, through an open of its own.
     pub fn read_all(&self, ino: u64) -> Res<Vec<u8>> {
-        let (_, fh) = self.core.open(ino, libc::O_RDONLY, false).map_err(errno)?;
+        let (_, fh) = self
+            .core
+            .open(FuseIno(ino), libc::O_RDONLY, false)
+            .map_err(errno)?;
         let data = self.read_fh(fh);
         self.core.release(fh).map_err(errno)?;
         data
     }
 
     pub fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
-        self.core.readlink(ino).map_err(errno)
+        self.core.readlink(FuseIno(ino)).map_err(errno)
     }
 
     /// The `user.*` attributes, by listxattr and getxattr (each asked for its size first).
     pub fn xattrs(&self, ino: u64) -> Res<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let size = match self.core.listxattr(ino, 0).map_err(errno)? {
+        let size = match self.core.listxattr(FuseIno(ino), 0).map_err(errno)? {
             XattrReply::Size(n) => n,
             XattrReply::Data(_) => panic!("listxattr of size 0 gave data"),
         };
@@ -237,20 +243,20 @@ impl CoreFs {
         if size == 0 {
             return Ok(out);
         }
-        let names = match self.core.listxattr(ino, size).map_err(errno)? {
+        let names = match self.core.listxattr(FuseIno(ino), size).map_err(errno)? {
             XattrReply::Data(d) => d,
             XattrReply::Size(_) => panic!("listxattr gave a size"),
         };
         for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
             let name = OsStr::from_bytes(name);
-            let len = match self.core.getxattr(ino, name, 0).map_err(errno)? {
+            let len = match self.core.getxattr(FuseIno(ino), name, 0).map_err(errno)? {
                 XattrReply::Size(n) => n,
                 XattrReply::Data(_) => panic!("getxattr of size 0 gave data"),
             };
             let value = if len == 0 {
                 Vec::new()
             } else {
-                match self.core.getxattr(ino, name, len).map_err(errno)? {
+                match self.core.getxattr(FuseIno(ino), name, len).map_err(errno)? {
                     XattrReply::Data(d) => d,
                     XattrReply::Size(_) => panic!("getxattr gave a size"),
                 }
@@ -330,7 +336,7 @@ impl CoreFs {
     fn open_rdwr(&mut self, attr: Attr) -> Res<u64> {
         let (_, fh) = self
             .core
-            .open(attr.ino, libc::O_RDWR, false)
+            .open(FuseIno(attr.ino), libc::O_RDWR, false)
             .map_err(errno)?;
         Ok(fh)
     }
@@ -351,7 +357,7 @@ impl CoreFs {
                 let flags = libc::O_RDWR | libc::O_CREAT | if excl { libc::O_EXCL } else { 0 };
                 let (e, _, fh) = self
                     .core
-                    .create(dir, name, mode.0, flags, ROOT)
+                    .create(FuseIno(dir), name, mode.0, flags, ROOT)
                     .map_err(errno)?;
                 self.refs
                     .push((e.attr.ino.0, e.attr.kind == FileType::Directory));
@@ -414,18 +420,21 @@ impl CoreFs {
             }
             Op::Mkdir { path, mode } => {
                 let (dir, name) = self.resolve_parent(path)?;
-                let e = self.core.mkdir(dir, name, mode.0, ROOT).map_err(errno)?;
+                let e = self
+                    .core
+                    .mkdir(FuseIno(dir), name, mode.0, ROOT)
+                    .map_err(errno)?;
                 self.refs
                     .push((e.attr.ino.0, e.attr.kind == FileType::Directory));
                 Ok(())
             }
             Op::Rmdir { path } => {
                 let (dir, name) = self.resolve_parent(path)?;
-                self.core.rmdir(dir, name).map_err(errno)
+                self.core.rmdir(FuseIno(dir), name).map_err(errno)
             }
             Op::Unlink { path } => {
                 let (dir, name) = self.resolve_parent(path)?;
-                self.core.unlink(dir, name).map_err(errno)
+                self.core.unlink(FuseIno(dir), name).map_err(errno)
             }
             Op::Rename { from, to, mode } => {
                 let (fdir, fname) = self.resolve_parent(from)?;
@@ -436,13 +445,16 @@ impl CoreFs {
                     RenameMode::Exchange => libc::RENAME_EXCHANGE,
                 };
                 self.core
-                    .rename(fdir, fname, tdir, tname, flags)
+                    .rename(FuseIno(fdir), fname, FuseIno(tdir), tname, flags)
                     .map_err(errno)
             }
             Op::Link { from, to } => {
                 let a = self.resolve(from)?;
                 let (dir, name) = self.resolve_parent(to)?;
-                let e = self.core.link(a.ino, dir, name).map_err(errno)?;
+                let e = self
+                    .core
+                    .link(FuseIno(a.ino), FuseIno(dir), name)
+                    .map_err(errno)?;
                 self.refs
                     .push((e.attr.ino.0, e.attr.kind == FileType::Directory));
                 Ok(())
@@ -451,7 +463,7 @@ impl CoreFs {
                 let (dir, name) = self.resolve_parent(path)?;
                 let e = self
                     .core
-                    .symlink(dir, name, Path::new(target), ROOT)
+                    .symlink(FuseIno(dir), name, Path::new(target), ROOT)
                     .map_err(errno)?;
                 self.refs
                     .push((e.attr.ino.0, e.attr.kind == FileType::Directory));
@@ -490,25 +502,25 @@ impl CoreFs {
                     XattrMode::OnlyReplace => libc::XATTR_REPLACE,
                 };
                 self.core
-                    .setxattr(a.ino, OsStr::new(name), value.as_bytes(), flags)
+                    .setxattr(FuseIno(a.ino), OsStr::new(name), value.as_bytes(), flags)
                     .map_err(errno)
             }
             Op::RemoveXattr { path, name } => {
                 let a = self.resolve(path)?;
                 self.core
-                    .removexattr(a.ino, OsStr::new(name))
+                    .removexattr(FuseIno(a.ino), OsStr::new(name))
                     .map_err(errno)
             }
             Op::Fsync { path, datasync } => {
                 let a = self.resolve(path)?;
                 if a.kind == Kind::Dir {
-                    return self.core.fsyncdir(a.ino, datasync).map_err(errno);
+                    return self.core.fsyncdir(FuseIno(a.ino), datasync).map_err(errno);
                 }
                 let (_, fh) = self
                     .core
-                    .open(a.ino, libc::O_RDONLY, false)
+                    .open(FuseIno(a.ino), libc::O_RDONLY, false)
                     .map_err(errno)?;
-                let r = self.core.fsync(a.ino, fh, datasync).map_err(errno);
+                let r = self.core.fsync(FuseIno(a.ino), fh, datasync).map_err(errno);
                 self.core.release(fh).map_err(errno)?;
                 r
             }
@@ -556,7 +568,7 @@ impl CoreFs {
                 let Some((fh, ino)) = self.open[slot] else {
                     return Ok(());
                 };
-                self.core.fsync(ino, fh, false).map_err(errno)
+                self.core.fsync(FuseIno(ino), fh, false).map_err(errno)
             }
             Op::Close { slot } => {
                 self.close(slot);
@@ -566,6 +578,9 @@ impl CoreFs {
     }
 
     fn setattr(&self, ino: u64, set: SetAttr) -> Res {
-        self.core.setattr(ino, set).map(|_| ()).map_err(errno)
+        self.core
+            .setattr(FuseIno(ino), set)
+            .map(|_| ())
+            .map_err(errno)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Barrier;
 use proptest::prelude::*;
 
 use super::*;
+use crate::ino::FuseIno;
 use crate::op::NodeKind;
 use crate::record::Record;
 use crate::segment::{HEADER_LEN, encode_header, segment_path};
@@ -77,20 +78,24 @@ fn flip(path: &Path, offset: usize) {
     fs::write(path, bytes).unwrap();
 }
 
-fn write_op(ino: Ino, offset: u64, len: u64) -> Op {
-    Op::Write { ino, offset, len }
+fn write_op(ino: u64, offset: u64, len: u64) -> Op {
+    Op::Write {
+        ino: FuseIno(ino),
+        offset,
+        len,
+    }
 }
 
 /// A few ops of different sizes.
 fn sample_ops() -> Vec<Op> {
     vec![
         Op::Create {
-            ino: 10,
+            ino: FuseIno(10),
             kind: NodeKind::Dir,
             path: p("src"),
         },
         Op::Create {
-            ino: 11,
+            ino: FuseIno(11),
             kind: NodeKind::File,
             path: p("src/lib.rs"),
         },
@@ -100,10 +105,16 @@ fn sample_ops() -> Vec<Op> {
             to: p("crate/src"),
             exchange: false,
         },
-        Op::Truncate { ino: 11, size: 100 },
-        Op::Meta { ino: 12, dir: None },
+        Op::Truncate {
+            ino: FuseIno(11),
+            size: 100,
+        },
+        Op::Meta {
+            ino: FuseIno(12),
+            dir: None,
+        },
         Op::Link {
-            ino: 11,
+            ino: FuseIno(11),
             path: p("crate/lib-link.rs"),
         },
         write_op(12, 7, 9),
@@ -175,7 +186,7 @@ fn fresh_journal_appends_and_replays() {
     assert!(rec.rescan.is_none() && rec.torn_tail.is_none() && !rec.clean);
     assert_eq!(j.dirty(), live);
     assert_eq!(
-        j.append(Op::Fsync { ino: 1 }).unwrap(),
+        j.append(Op::Fsync { ino: FuseIno(1) }).unwrap(),
         9,
         "seqs continue after replay"
     );
@@ -211,7 +222,7 @@ fn appends_after_close_clean_are_refused() {
     drop(j);
     let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert!(rec.clean);
-    assert_eq!(j.dirty().files[&1].extents.total_len(), 10);
+    assert_eq!(j.dirty().files[&FuseIno(1)].extents.total_len(), 10);
 }
 
 #[test]
@@ -235,7 +246,7 @@ fn append_file_op_touches_unknown_inodes_once() {
     let mut calls = 0;
     let seq = j
         .append_file_op(
-            5,
+            FuseIno(5),
             || {
                 calls += 1;
                 Some(p("x/y"))
@@ -246,20 +257,20 @@ fn append_file_op_touches_unknown_inodes_once() {
     assert_eq!(seq, 2, "the Touch took seq 1");
     let seq = j
         .append_file_op(
-            5,
+            FuseIno(5),
             || panic!("path_of must not be called"),
             write_op(5, 3, 3),
         )
         .unwrap();
     assert_eq!(seq, 3);
     assert_eq!(calls, 1);
-    let f = &j.dirty().files[&5];
+    let f = &j.dirty().files[&FuseIno(5)];
     assert_eq!(f.path, Some(p("x/y")));
     assert_eq!(f.extents.total_len(), 6);
     drop(j);
     let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert_eq!(rec.records, 3);
-    assert_eq!(j.dirty().files[&5].path, Some(p("x/y")));
+    assert_eq!(j.dirty().files[&FuseIno(5)].path, Some(p("x/y")));
 }
 
 #[test]
@@ -471,7 +482,11 @@ fn oldest_segment_without_snapshot_rescans() {
             .contains("start of the journal is missing")
     );
     assert_eq!(j.dirty(), DirtyState::rescan(b.path()).unwrap());
-    assert_eq!(j.append(Op::Fsync { ino: 1 }).unwrap(), 10, "seqs continue");
+    assert_eq!(
+        j.append(Op::Fsync { ino: FuseIno(1) }).unwrap(),
+        10,
+        "seqs continue"
+    );
 }
 
 #[test]
@@ -675,7 +690,7 @@ fn concurrent_appends(segment_bytes: u64) {
     );
     let live = j.dirty();
     for t in 0..THREADS {
-        assert_eq!(live.files[&t].extents.total_len(), PER_THREAD * 5);
+        assert_eq!(live.files[&FuseIno(t)].extents.total_len(), PER_THREAD * 5);
     }
     drop(j);
     let (j, rec) = Journal::open(d.path(), b.path(), opts(BOOT_A, segment_bytes)).unwrap();
@@ -777,7 +792,7 @@ fn a_failed_rename_moves_no_path() {
     let d = tempfile::tempdir().unwrap();
     let b = backing();
     let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
-    j.append_file_op(5, || Some(p("a/x")), write_op(5, 0, 3))
+    j.append_file_op(FuseIno(5), || Some(p("a/x")), write_op(5, 0, 3))
         .unwrap();
     let before = j.dirty();
     fail_next_write_halfway(&j, ENOSPC);
@@ -788,9 +803,9 @@ fn a_failed_rename_moves_no_path() {
     };
     assert_eq!(j.append(rename).unwrap_err().to_errno(), ENOSPC);
     assert_eq!(j.dirty(), before);
-    assert_eq!(j.dirty().files[&5].path, Some(p("a/x")));
+    assert_eq!(j.dirty().files[&FuseIno(5)].path, Some(p("a/x")));
     let rmdir = Op::Remove {
-        ino: 9,
+        ino: FuseIno(9),
         path: p("a"),
         dir: true,
     };
@@ -835,7 +850,7 @@ fn every_appender_of_a_failed_batch_fails_and_only_they_do() {
             _ => None,
         }
     }));
-    let results: Vec<(Ino, Result<Seq, i32>)> = std::thread::scope(|s| {
+    let results: Vec<(u64, Result<Seq, i32>)> = std::thread::scope(|s| {
         let j = &j;
         let mut handles = vec![s.spawn(move || (0, j.append(write_op(0, 0, 1))))];
         while j.stats().records < 1 {
@@ -1010,7 +1025,7 @@ fn a_full_disk_leaves_room_for_unlink_and_rename_and_recovers() {
     assert!(j.stats().low_space.is_some(), "{:?}", j.stats());
     assert!(j.stats().failed.is_none(), "not poisoned");
     let create = Op::Create {
-        ino: 3,
+        ino: FuseIno(3),
         kind: NodeKind::File,
         path: p("new"),
     };
@@ -1026,12 +1041,19 @@ fn a_full_disk_leaves_room_for_unlink_and_rename_and_recovers() {
                 exchange: false,
             },
         );
-        ok(&j, &mut model, Op::Truncate { ino: 1, size: 5 });
+        ok(
+            &j,
+            &mut model,
+            Op::Truncate {
+                ino: FuseIno(1),
+                size: 5,
+            },
+        );
         ok(
             &j,
             &mut model,
             Op::Remove {
-                ino: 100 + i,
+                ino: FuseIno(100 + i),
                 path: p(&format!("f{i}")),
                 dir: false,
             },
@@ -1053,7 +1075,7 @@ fn a_full_disk_leaves_room_for_unlink_and_rename_and_recovers() {
     assert!(rec.rescan.is_none() && rec.torn_tail.is_none(), "{rec:?}");
     // Replay gives a superset: the segment from before the commit is still the current one.
     let replayed = j.dirty();
-    assert_eq!(replayed.files[&4], model.files[&4]);
+    assert_eq!(replayed.files[&FuseIno(4)], model.files[&FuseIno(4)]);
 }
 
 #[test]
@@ -1183,7 +1205,7 @@ fn arb_path() -> impl Strategy<Value = PathBuf> {
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
-    let ino = 1u64..8;
+    let ino = (1u64..8).prop_map(FuseIno);
     let kind = prop::sample::select(vec![NodeKind::File, NodeKind::Dir, NodeKind::Symlink]);
     prop_oneof![
         (ino.clone(), proptest::option::of(arb_path()))
@@ -1246,7 +1268,7 @@ proptest! {
                     prop_assert_eq!(j.append(op).unwrap(), seq);
                 }
                 Step::FileOp(op, path) => {
-                    let ino = op.ino().unwrap_or(1);
+                    let ino = op.ino().unwrap_or(FuseIno(1));
                     if !model.files.contains_key(&ino) {
                         model.apply(&Op::Touch { ino, path: path.clone() });
                         seq += 1;
@@ -1308,38 +1330,47 @@ fn cut_then_committed_keeps_only_later_changes() {
     let dir = tempfile::tempdir().unwrap();
     let b = backing();
     let (j, _) = Journal::open(dir.path(), b.path(), big()).unwrap();
-    j.append_file_op(5, || Some(p("a")), write_op(5, 0, 10))
+    j.append_file_op(FuseIno(5), || Some(p("a")), write_op(5, 0, 10))
         .unwrap();
     let (seq, covered) = j.cut().unwrap();
-    assert!(covered.files.contains_key(&5));
-    j.append_file_op(6, || Some(p("b")), write_op(6, 0, 4))
+    assert!(covered.files.contains_key(&FuseIno(5)));
+    j.append_file_op(FuseIno(6), || Some(p("b")), write_op(6, 0, 4))
         .unwrap();
     // Not committed yet: everything is still unsynced, and replay agrees.
     assert_eq!(
         j.dirty().files.keys().copied().collect::<Vec<_>>(),
-        vec![5, 6]
+        vec![FuseIno(5), FuseIno(6)]
     );
     let (replayed, _) = Journal::inspect(dir.path()).unwrap();
     assert_eq!(replayed, j.dirty());
     assert_eq!(j.lag().0, 14);
 
     j.committed(seq).unwrap();
-    assert_eq!(j.dirty().files.keys().copied().collect::<Vec<_>>(), vec![6]);
-    assert_eq!(j.dirty().files[&6].path, Some(p("b")));
+    assert_eq!(
+        j.dirty().files.keys().copied().collect::<Vec<_>>(),
+        vec![FuseIno(6)]
+    );
+    assert_eq!(j.dirty().files[&FuseIno(6)].path, Some(p("b")));
     assert_eq!(j.lag().0, 4);
     assert!(j.committed(seq).is_err(), "a cut is committed once");
     drop(j);
     let (j, _) = Journal::open(dir.path(), b.path(), big()).unwrap();
-    assert_eq!(j.dirty().files.keys().copied().collect::<Vec<_>>(), vec![6]);
+    assert_eq!(
+        j.dirty().files.keys().copied().collect::<Vec<_>>(),
+        vec![FuseIno(6)]
+    );
     assert_eq!(segments(dir.path()).len(), 1, "older segments are removed");
 
     // A cut that is never committed (its upload failed) stays in the next cut.
     let (_, first) = j.cut().unwrap();
-    j.append_file_op(7, || Some(p("c")), write_op(7, 0, 1))
+    j.append_file_op(FuseIno(7), || Some(p("c")), write_op(7, 0, 1))
         .unwrap();
     let (seq2, second) = j.cut().unwrap();
-    assert!(first.files.contains_key(&6));
-    assert_eq!(second.files.keys().copied().collect::<Vec<_>>(), vec![6, 7]);
+    assert!(first.files.contains_key(&FuseIno(6)));
+    assert_eq!(
+        second.files.keys().copied().collect::<Vec<_>>(),
+        vec![FuseIno(6), FuseIno(7)]
+    );
     j.committed(seq2).unwrap();
     assert!(!j.is_dirty());
     assert_eq!(j.lag(), (0, None));

@@ -1,0 +1,153 @@
+//! The inode budget: each inode the kernel knows holds a descriptor, so the table is kept
+//! under the daemon's open file limit. Past the high-water mark a reaper thread asks the
+//! kernel to forget names down to the low-water mark; at the budget, new inodes fail with
+//! ENFILE.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{Core, Invalidator};
+use crate::error::{FsError, FsResult};
+
+impl Core {
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// How many inodes may be cached by the kernel at once (see `CoreOptions::inode_budget`).
+    pub fn inode_budget(&self) -> usize {
+        self.inode_budget
+    }
+
+    /// Where the reaper starts asking the kernel to forget (80% of the budget), and where it
+    /// stops (70%). Both leave room for bursts, since the kernel forgets asynchronously.
+    fn high_water(&self) -> usize {
+        self.inode_budget / 10 * 8
+    }
+
+    fn low_water(&self) -> usize {
+        self.inode_budget / 10 * 7
+    }
+
+    /// Installs the way to ask the kernel to drop names (once).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidate.set(f);
+    }
+
+    fn kick_reaper(&self) {
+        let (lock, cv) = &self.reaper_kick;
+        *lock.lock() = true;
+        cv.notify_one();
+    }
+
+    /// The reaper's loop: whenever the inode table passes its high-water mark, ask the kernel
+    /// to drop the least recently used names until it is back under the low-water mark. Runs
+    /// on its own thread, never inside a request (the kernel takes directory locks to drop a
+    /// name, which a request in flight may hold). Returns when `stop` says so.
+    pub fn run_reaper(&self, stop: &AtomicBool) {
+        let (lock, cv) = &self.reaper_kick;
+        while !stop.load(Ordering::Relaxed) {
+            {
+                let mut kicked = lock.lock();
+                if !*kicked {
+                    cv.wait_for(&mut kicked, Duration::from_millis(500));
+                }
+                *kicked = false;
+            }
+            let cached = self.inodes.len();
+            if cached < self.high_water() {
+                continue;
+            }
+            let Some(invalidate) = self.invalidate.get() else {
+                continue;
+            };
+            let excess = cached - self.low_water();
+            for (parent, name) in self.inodes.eviction_candidates(excess) {
+                // A name already gone or a busy entry is simply skipped.
+                let _ = invalidate(parent, &name);
+            }
+        }
+    }
+
+    /// When the inode table is full, waits a moment for the kernel's FORGETs: the reaper's
+    /// invalidations make the kernel send them, and other threads serve them, but under load
+    /// they can lag behind a burst of new names. Bounded, so open files beyond the budget
+    /// still fail soon with ENFILE. Called before any barrier is taken.
+    pub(super) fn wait_for_inode_room(&self) {
+        if self.inodes.len() < self.inode_budget {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.inodes.len() >= self.inode_budget && std::time::Instant::now() < deadline {
+            self.kick_reaper();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Admits one more inode into the table, or refuses it (ENFILE) at the budget; past the
+    /// high-water mark it wakes the reaper.
+    pub(super) fn admit_new_inode(&self) -> FsResult<()> {
+        let cached = self.inodes.len();
+        if cached >= self.high_water() {
+            self.kick_reaper();
+        }
+        if cached >= self.inode_budget {
+            if !self.budget_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the kernel holds {} inodes, the most this daemon's open file limit allows; \
+                     new names fail with ENFILE until it forgets some (raise fs.nr_open and the \
+                     hard `ulimit -n`, or `echo 2 > /proc/sys/vm/drop_caches`)",
+                    self.inodes.len()
+                );
+            }
+            return Err(FsError::errno(
+                libc::ENFILE,
+                "inode descriptor budget exhausted",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use owsfs_journal::{Journal, JournalOptions};
+
+    use crate::core::tests::name;
+    use crate::core::{Core, CoreOptions};
+    use crate::inode::ROOT_INO;
+
+    #[test]
+    fn the_inode_budget_bounds_descriptors_and_recovers_after_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        for i in 0..4 {
+            std::fs::write(backing.join(format!("f{i}")), b"x").unwrap();
+        }
+        let (journal, _) = Journal::open(
+            &dir.path().join("journal"),
+            &backing,
+            JournalOptions::default(),
+        )
+        .unwrap();
+        // The root counts as one: room for two more.
+        let opts = CoreOptions {
+            inode_budget: 3,
+            ..CoreOptions::default()
+        };
+        let core = Core::new(&backing, Arc::new(journal), opts).unwrap();
+        let a = core.lookup(ROOT_INO, name("f0")).unwrap().ino();
+        core.lookup(ROOT_INO, name("f1")).unwrap();
+        assert_eq!(
+            core.lookup(ROOT_INO, name("f2")).unwrap_err().to_errno(),
+            libc::ENFILE
+        );
+        // Known inodes are still found; a forgotten one makes room.
+        core.lookup(ROOT_INO, name("f0")).unwrap();
+        core.forget(a, 2);
+        core.lookup(ROOT_INO, name("f2")).unwrap();
+    }
+}

@@ -1,0 +1,347 @@
+//! The passthrough filesystem core: POSIX operations over the backing directory, each mutation
+//! recorded in the journal before it is performed. Nothing here knows about the kernel
+//! protocol, so tests drive it directly on a temporary directory.
+//!
+//! [`Core`] and the helpers every operation shares are here; the operations are split by
+//! what they touch: `namespace` (names: lookup, the create family, remove, rename, link),
+//! `data` (open files and their I/O modes), `dirs` (open directories), `xattr`, `attr`
+//! (attributes, access, statfs), `budget` (the inode budget and its reaper) and `hooks`
+//! (what operations call before they serve or change bytes: lazy hydration and
+//! copy-on-first-write).
+
+mod attr;
+mod budget;
+mod data;
+mod dirs;
+mod hooks;
+mod namespace;
+#[cfg(test)]
+mod tests;
+mod xattr;
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use fuser::FileAttr;
+use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, Op};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use rustix::fs::{Mode, OFlags};
+
+use crate::error::{Context, FsError, FsResult};
+use crate::freeze::Freezer;
+use crate::hydrate::Hydrate;
+use crate::inode::{Inode, InodeTable};
+use crate::stats::Stats;
+
+pub use attr::{SetAttr, TimeSpec};
+pub use data::{Handle, IoMode};
+pub use dirs::{DirEntries, DirEntry};
+pub use xattr::XattrReply;
+
+use dirs::DirHandle;
+
+/// Settings of the core that a mount chooses.
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// Serve read-only opens by kernel passthrough when no writer has the file open.
+    pub passthrough: bool,
+    /// How many inodes may hold a descriptor at once (each inode the kernel knows holds one);
+    /// past it, lookups of new inodes fail with ENFILE instead of starving the daemon.
+    pub inode_budget: usize,
+    /// Where copy-on-first-write saves bytes of frozen files (unnamed files). It should be on
+    /// the backing directory's file system (the cache's), which has room for the workspace's
+    /// data, unlike a small `/tmp`. None: the directory that holds the backing root (the cache
+    /// directory in owsfs's layout, `CACHE/backing`) if it is on that file system, else the
+    /// temporary directory.
+    pub side_dir: Option<PathBuf>,
+}
+
+impl Default for CoreOptions {
+    /// Passthrough is off by default: while a file is open by passthrough the kernel lets no
+    /// writer open it, and writes must go through the daemon.
+    fn default() -> Self {
+        CoreOptions {
+            passthrough: false,
+            inode_budget: usize::MAX,
+            side_dir: None,
+        }
+    }
+}
+
+/// Tells the kernel to drop the cached name `name` in directory `parent`.
+pub type Invalidator = Box<dyn Fn(FuseIno, &OsStr) -> std::io::Result<()> + Send + Sync>;
+
+/// The caller of an operation, for ownership of what it creates.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A name and its attributes, as returned by lookup and the create family.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub attr: FileAttr,
+}
+
+impl Entry {
+    /// The entry's inode number.
+    pub fn ino(&self) -> FuseIno {
+        FuseIno(self.attr.ino.0)
+    }
+}
+
+/// The filesystem core.
+pub struct Core {
+    backing_root: PathBuf,
+    inodes: InodeTable,
+    handles: DashMap<u64, Arc<Handle>>,
+    dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
+    next_fh: AtomicU64,
+    journal: Arc<Journal>,
+    proc_self_fd: OwnedFd,
+    passthrough: AtomicBool,
+    inode_budget: usize,
+    budget_warned: AtomicBool,
+    /// Asks the kernel to drop a cached name (FUSE_NOTIFY_INVAL_ENTRY), so that it forgets the
+    /// inode; set by the mount once the session exists.
+    invalidate: std::sync::OnceLock<Invalidator>,
+    /// Wakes the reaper when the inode table nears its budget.
+    reaper_kick: (Mutex<bool>, parking_lot::Condvar),
+    /// The daemon's own ids, restored after acting as a caller.
+    own_uid: u32,
+    own_gid: u32,
+    root_dev: u64,
+    /// Mutations hold it shared from their journal record to the end of their operation; a
+    /// cut holds it exclusively, so it sees no mutation half done.
+    barrier: RwLock<()>,
+    freezer: Freezer,
+    /// Called before a data write takes the barrier: slows writers down while the uploader
+    /// lags too far behind (set by the daemon).
+    throttle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Set once by [`Core::stop_writes`].
+    stopped: std::sync::OnceLock<String>,
+    /// Lazy hydration: entries and bytes that are still in the store (set by the daemon).
+    hydrate: std::sync::OnceLock<Arc<dyn Hydrate>>,
+    pub stats: Stats,
+}
+
+impl Core {
+    /// Opens the core over `backing_root`, which must be an existing directory.
+    ///
+    /// The process umask is left alone: the kernel sends modes already masked by the caller's
+    /// umask, and where the process's own umask takes more bits, the creation restores them
+    /// (`exact_mode`). A daemon can spare that call by running with umask 0.
+    pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
+        let root_fd = rustix::fs::open(
+            backing_root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open backing root")?;
+        let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
+        let proc_self_fd = rustix::fs::open(
+            "/proc/self/fd",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open /proc/self/fd")?;
+        Ok(Core {
+            backing_root: backing_root.to_path_buf(),
+            inodes: InodeTable::new(root_fd, BackingIno(st.st_ino)),
+            handles: DashMap::new(),
+            dirs: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            journal,
+            proc_self_fd,
+            passthrough: AtomicBool::new(opts.passthrough),
+            inode_budget: opts.inode_budget,
+            budget_warned: AtomicBool::new(false),
+            invalidate: std::sync::OnceLock::new(),
+            reaper_kick: (Mutex::new(false), parking_lot::Condvar::new()),
+            own_uid: rustix::process::geteuid().as_raw(),
+            own_gid: rustix::process::getegid().as_raw(),
+            root_dev: st.st_dev,
+            barrier: RwLock::new(()),
+            freezer: Freezer::new(
+                &opts
+                    .side_dir
+                    .unwrap_or_else(|| default_side_dir(backing_root, st.st_dev)),
+            ),
+            throttle: std::sync::OnceLock::new(),
+            stopped: std::sync::OnceLock::new(),
+            hydrate: std::sync::OnceLock::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn backing_root(&self) -> &Path {
+        &self.backing_root
+    }
+
+    /// Takes the write barrier: no mutation is in progress until the guard is dropped.
+    pub fn barrier(&self) -> RwLockWriteGuard<'_, ()> {
+        self.barrier.write()
+    }
+
+    /// Runs `f` with the write barrier held shared, like a mutation (lazy hydration's
+    /// background materializing).
+    pub fn with_barrier_shared<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _shared = self.barrier.read();
+        f()
+    }
+
+    /// The copy-on-first-write state of the cut in flight.
+    pub fn freezer(&self) -> &Freezer {
+        &self.freezer
+    }
+
+    /// Sets the function data writes call before they start (backpressure).
+    pub fn set_throttle(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.throttle.set(f);
+    }
+
+    /// Installs lazy hydration (once, before the mount serves).
+    pub fn set_hydrator(&self, h: Arc<dyn Hydrate>) {
+        let _ = self.hydrate.set(h);
+    }
+
+    /// How the FUSE and backing inode numbers of this mount map to each other.
+    pub fn ino_map(&self) -> InoMap {
+        self.inodes.inos()
+    }
+
+    /// The FUSE inode number of a backing inode number.
+    pub fn fuse_ino(&self, ino: BackingIno) -> FuseIno {
+        self.inodes.fuse_ino(ino)
+    }
+
+    /// The backing inode number of a FUSE inode number.
+    pub fn backing_ino(&self, ino: FuseIno) -> BackingIno {
+        self.inodes.backing_ino(ino)
+    }
+
+    /// The FUSE inode number of a backing file's `stat`.
+    pub(super) fn ino_of(&self, st: &rustix::fs::Stat) -> FuseIno {
+        self.inodes.fuse_ino(BackingIno(st.st_ino))
+    }
+
+    /// Shared barrier for one mutation; EROFS once the mount has stopped writing.
+    fn mutation(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
+        let guard = self.barrier.read();
+        if self.stopped.get().is_some() {
+            return Err(FsError::errno(libc::EROFS, "writes stopped"));
+        }
+        Ok(guard)
+    }
+
+    /// Shared barrier for a data write, after the backpressure check.
+    fn data_mutation(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
+        // A stopped mount fails at once: no waiting for an upload that will not come.
+        if self.stopped.get().is_some() {
+            return Err(FsError::errno(libc::EROFS, "writes stopped"));
+        }
+        if let Some(throttle) = self.throttle.get() {
+            throttle();
+        }
+        self.mutation()
+    }
+
+    /// Stops accepting writes for good (fail-stop): every mutation from now on fails with
+    /// EROFS, reads go on. Returns once no mutation is in progress. The first reason stays.
+    pub fn stop_writes(&self, reason: &str) {
+        let _ = self.stopped.set(reason.to_string());
+        drop(self.barrier.write());
+    }
+
+    /// Why writes were stopped, if they were.
+    pub fn writes_stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Turns passthrough off for later opens (the kernel refused it).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    fn inode(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
+        self.inodes
+            .get(ino)
+            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles
+            .get(&fh)
+            .map(|h| Arc::clone(h.value()))
+            .ok_or_else(|| FsError::errno(libc::EBADF, "file handle not known"))
+    }
+
+    /// `/proc/self/fd/N` of a descriptor, to reach an `O_PATH` inode with calls that take a path.
+    fn proc_path(fd: &impl AsRawFd) -> CString {
+        // The digits of a number never contain NUL.
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+    }
+
+    /// Opens the inode's backing file for I/O.
+    fn reopen(&self, inode: &Inode, flags: OFlags) -> FsResult<File> {
+        let name = inode.fd.as_raw_fd().to_string();
+        let fd = rustix::fs::openat(&self.proc_self_fd, name.as_str(), flags, Mode::empty())
+            .ctx("open backing file")?;
+        Ok(File::from(fd))
+    }
+
+    fn path_of(&self, ino: FuseIno) -> Option<PathBuf> {
+        self.inodes.path_of(ino)
+    }
+
+    fn child_path(&self, parent: FuseIno, name: &OsStr) -> PathBuf {
+        // An unknown parent path only weakens a hint: the cut rescans what it cannot place.
+        self.inodes
+            .child_path(parent, name)
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// Appends a mutation of file `ino`, with its path recorded the first time it gets dirty.
+    fn journal_file_op(&self, ino: FuseIno, op: Op) -> FsResult<()> {
+        self.journal
+            .append_file_op(ino, || self.inodes.path_of(ino), op)?;
+        Ok(())
+    }
+}
+
+/// Where side files go when the caller names no place: beside the backing root, if that is on
+/// the backing root's file system (device `dev`); else the temporary directory.
+fn default_side_dir(backing_root: &Path, dev: u64) -> PathBuf {
+    let beside = std::fs::canonicalize(backing_root)
+        .ok()
+        .and_then(|root| root.parent().map(Path::to_path_buf))
+        .filter(|parent| rustix::fs::stat(parent).is_ok_and(|st| st.st_dev == dev));
+    beside.unwrap_or_else(|| {
+        let tmp = std::env::temp_dir();
+        tracing::info!(
+            "copy-on-first-write saves bytes in {}: the directory above the backing root {} \
+             is on another file system",
+            tmp.display(),
+            backing_root.display()
+        );
+        tmp
+    })
+}

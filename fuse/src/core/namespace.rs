@@ -1,0 +1,792 @@
+//! Names: lookup and forget, the create family (mknod, mkdir, symlink, create), unlink,
+//! rmdir, rename and link.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use owsfs_journal::{BackingIno, FuseIno, NodeKind, Op};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+
+use super::data::{Handle, backing_open_flags, writable};
+use super::{Caller, Core, Entry};
+use crate::error::{Context, FsError, FsResult};
+use crate::inode::Inode;
+use crate::kind;
+
+impl Core {
+    /// Resolves `name` in `parent` and counts a kernel reference to the result.
+    pub fn lookup(&self, parent: FuseIno, name: &OsStr) -> FsResult<Entry> {
+        self.stats.count(&self.stats.lookups);
+        let dir = self.inode(parent)?;
+        self.materialize(&dir)?;
+        self.lookup_in(&dir, name)
+    }
+
+    pub(super) fn lookup_in(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
+        check_name(name)?;
+        let st = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("lookup")?;
+        let ino = self.ino_of(&st);
+        if self.inodes.reference_existing(ino, dir.ino, name) {
+            return Ok(Entry {
+                attr: self.attr(&st),
+            });
+        }
+        self.wait_for_inode_room();
+        self.lookup_new(dir, name)
+    }
+
+    /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
+    fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
+        self.admit_new_inode()?;
+        let fd = rustix::fs::openat(
+            &dir.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("lookup open")?;
+        // The descriptor, not the earlier stat, says which inode we hold.
+        let st = rustix::fs::fstat(&fd).ctx("lookup stat")?;
+        if st.st_dev != self.root_dev {
+            return Err(FsError::errno(
+                libc::EXDEV,
+                "entry is on another filesystem",
+            ));
+        }
+        let ino = self.ino_of(&st);
+        self.inodes
+            .reference(ino, kind::of_mode(st.st_mode), fd, dir.ino, name);
+        Ok(Entry {
+            attr: self.attr(&st),
+        })
+    }
+
+    pub fn forget(&self, ino: FuseIno, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub fn readlink(&self, ino: FuseIno) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let target = rustix::fs::readlinkat(&inode.fd, c"", Vec::new()).ctx("readlink")?;
+        Ok(target.into_bytes())
+    }
+
+    /// Runs `create` as the caller (fs uid/gid), so the backing filesystem applies ownership,
+    /// setgid inheritance and permission rules itself; then records and looks up the result.
+    /// `create` says whether it made the node (false: it found it there).
+    ///
+    /// The `Create` record can only follow the creation, since it names the new inode. If it
+    /// cannot be written (a full disk), the node is removed again and the caller gets the
+    /// journal's error: an operation the journal did not record must not stay performed
+    /// (an unrecorded file could reuse the inode number of a file the last generation holds,
+    /// and would then pass for that file).
+    fn create_node(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        mode: Option<u32>,
+        caller: Caller,
+        create: impl FnOnce(&Inode) -> FsResult<bool>,
+    ) -> FsResult<Entry> {
+        check_name(name)?;
+        self.wait_for_inode_room();
+        let dir = self.inode(parent)?;
+        self.materialize(&dir)?;
+        let _barrier = self.mutation()?;
+        let dir_path = self.path_of(parent).unwrap_or_default();
+        // The new inode number is unknown until it exists: mark the parent first, so a crash
+        // between the two records still leaves the new name dirty.
+        self.journal.append(Op::Meta {
+            ino: parent,
+            dir: Some(dir_path.clone()),
+        })?;
+        let made = {
+            let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
+            create(&dir)?
+        };
+        let recorded = (|| {
+            let mut entry = self.lookup_new(&dir, name)?;
+            if let Some(mode) = mode
+                && made
+            {
+                entry = match self.exact_mode(entry, mode) {
+                    Ok(entry) => entry,
+                    Err((e, ino)) => {
+                        self.inodes.forget(ino, 1);
+                        return Err(e);
+                    }
+                };
+            }
+            if let Some(h) = self.hyd() {
+                h.created(self.inodes.backing_ino(entry.ino()));
+            }
+            let record = self.journal.append(Op::Create {
+                ino: entry.ino(),
+                kind: kind::of_fuser(entry.attr.kind),
+                path: dir_path.join(name),
+            });
+            if let Err(e) = record {
+                // The kernel never learns of the entry: drop the reference lookup_new counted.
+                self.inodes.forget(entry.ino(), 1);
+                return Err(FsError::from(e));
+            }
+            Ok(entry)
+        })();
+        if recorded.is_err() && made {
+            self.undo_create(&dir, name);
+        }
+        recorded
+    }
+
+    /// Gives a node just made exactly the permission bits of `mode`, which the kernel masked
+    /// with the caller's umask already: the process's own umask (the embedding program's
+    /// business, left alone here) may have taken more. One `chmod` in that case only. On an
+    /// error, also returns the inode number, whose reference the caller must drop.
+    fn exact_mode(&self, entry: Entry, mode: u32) -> Result<Entry, (FsError, FuseIno)> {
+        let ino = entry.ino();
+        let want = mode & 0o777;
+        let perm = u32::from(entry.attr.perm);
+        if perm & 0o777 == want {
+            return Ok(entry);
+        }
+        (|| {
+            let inode = self.inode(ino)?;
+            // The set-id and sticky bits are what the file system made of the request.
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                Self::proc_path(&inode.fd).as_c_str(),
+                Mode::from_raw_mode((perm & 0o7000) | want),
+                AtFlags::empty(),
+            )
+            .ctx("set the mode of a new node")?;
+            let st = rustix::fs::fstat(&inode.fd).ctx("stat a new node")?;
+            Ok(Entry {
+                attr: self.attr(&st),
+            })
+        })()
+        .map_err(|e| (e, ino))
+    }
+
+    /// Removes the node `name` in `dir` that `create_node` just made. Nothing else can have
+    /// used the name since: the kernel holds the directory's lock for the whole creation,
+    /// and the daemon is the only writer of the backing directory.
+    fn undo_create(&self, dir: &Inode, name: &OsStr) {
+        let flags = match rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if kind::of_mode(st.st_mode) == NodeKind::Dir => AtFlags::REMOVEDIR,
+            Ok(_) => AtFlags::empty(),
+            Err(e) => {
+                tracing::error!("cannot find {name:?} to undo its creation: {e}");
+                return;
+            }
+        };
+        if let Err(e) = rustix::fs::unlinkat(&dir.fd, name, flags) {
+            tracing::error!(
+                "cannot remove {name:?}, created while its journal record failed: {e}; the \
+                 parent directory is marked dirty, so the next generation lists it"
+            );
+        }
+    }
+
+    pub fn mknod(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        let kind = rustix::fs::FileType::from_raw_mode(mode);
+        self.create_node(parent, name, Some(mode), caller, |dir| {
+            rustix::fs::mknodat(
+                &dir.fd,
+                name,
+                kind,
+                Mode::from_raw_mode(mode & 0o7777),
+                rdev as u64,
+            )
+            .ctx("mknod")
+            .map(|()| true)
+        })
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        self.create_node(parent, name, Some(mode), caller, |dir| {
+            rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(mode & 0o7777))
+                .ctx("mkdir")
+                .map(|()| true)
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        self.create_node(parent, name, None, caller, |dir| {
+            rustix::fs::symlinkat(target, &dir.fd, name)
+                .ctx("symlink")
+                .map(|()| true)
+        })
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Entry, Arc<Handle>, u64)> {
+        self.stats.count(&self.stats.creates);
+        let oflags = backing_open_flags(flags) | OFlags::CREATE;
+        if flags & libc::O_TRUNC != 0
+            && let Some(h) = self.hyd()
+            && let Ok(dir) = self.inode(parent)
+            && let Ok(st) = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+        {
+            h.truncate(BackingIno(st.st_ino), 0);
+        }
+        let mut file = None;
+        let entry = self.create_node(parent, name, Some(mode), caller, |dir| {
+            let m = Mode::from_raw_mode(mode & 0o7777);
+            // O_EXCL first, to know whether this call made the file (only then may a failed
+            // journal record remove it again).
+            let (fd, made) = match rustix::fs::openat(&dir.fd, name, oflags | OFlags::EXCL, m) {
+                Ok(fd) => (fd, true),
+                Err(rustix::io::Errno::EXIST) if !oflags.contains(OFlags::EXCL) => {
+                    let fd = rustix::fs::openat(&dir.fd, name, oflags - OFlags::CREATE, m)
+                        .ctx("create")?;
+                    (fd, false)
+                }
+                Err(e) => return Err(FsError::errno(e.raw_os_error(), "create")),
+            };
+            file = Some(File::from(fd));
+            Ok(made)
+        })?;
+        let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
+        let inode = self.inode(entry.ino())?;
+        let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.ino()))?;
+        let (handle, fh) = self.insert_handle(&inode, file, mode);
+        Ok((entry, handle, fh))
+    }
+
+    pub fn unlink(&self, parent: FuseIno, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: FuseIno, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: FuseIno, name: &OsStr, dir: bool) -> FsResult<()> {
+        self.stats.count(&self.stats.removes);
+        check_name(name)?;
+        let pdir = self.inode(parent)?;
+        self.materialize(&pdir)?;
+        if dir {
+            self.materialize_child(&pdir, name)?;
+        }
+        let _barrier = self.mutation()?;
+        let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
+        let ino = self.ino_of(&st);
+        self.journal.append(Op::Remove {
+            ino,
+            path: self.child_path(parent, name),
+            dir,
+        })?;
+        self.freezer
+            .before_name_change(&pdir.fd, name, false)
+            .ctx("pin a frozen file")?;
+        let flags = if dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::unlinkat(&pdir.fd, name, flags).ctx("remove")?;
+        if !dir {
+            self.hyd_removing(&st);
+        }
+        if let Some(child) = self.inodes.get(ino) {
+            child.clear_loc_if(parent, name);
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: FuseIno,
+        name: &OsStr,
+        newparent: FuseIno,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        self.stats.count(&self.stats.renames);
+        check_name(name)?;
+        check_name(newname)?;
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if flags & !known != 0 {
+            return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let src_dir = self.inode(parent)?;
+        let dst_dir = self.inode(newparent)?;
+        self.materialize(&src_dir)?;
+        self.materialize(&dst_dir)?;
+        if !exchange {
+            // Replacing a directory needs it empty: it must show its real entries.
+            self.materialize_child(&dst_dir, newname)?;
+        }
+        let _barrier = self.mutation()?;
+        let src = rustix::fs::statat(&src_dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .ctx("rename source")?;
+        // The target, if any: exchanged, or replaced (its recorded name must go).
+        let dst = match rustix::fs::statat(&dst_dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            Err(rustix::io::Errno::NOENT) if !exchange => None,
+            Err(e) => return Err(FsError::errno(e.raw_os_error(), "rename target")),
+        };
+        self.journal.append(Op::Rename {
+            from: self.child_path(parent, name),
+            to: self.child_path(newparent, newname),
+            exchange,
+        })?;
+        self.freezer
+            .before_name_change(&src_dir.fd, name, true)
+            .and_then(|()| {
+                self.freezer
+                    .before_name_change(&dst_dir.fd, newname, exchange)
+            })
+            .ctx("pin a frozen file")?;
+        rustix::fs::renameat_with(
+            &src_dir.fd,
+            name,
+            &dst_dir.fd,
+            newname,
+            RenameFlags::from_bits_retain(flags),
+        )
+        .ctx("rename")?;
+        if let Some(dst) = &dst
+            && !exchange
+            && dst.st_ino != src.st_ino
+        {
+            self.hyd_removing(dst);
+        }
+        if let Some(dst) = dst
+            && dst.st_ino != src.st_ino
+            && let Some(other) = self.inodes.get(self.ino_of(&dst))
+        {
+            if exchange {
+                other.set_loc(parent, name);
+            } else {
+                other.clear_loc_if(newparent, newname);
+            }
+        }
+        if let Some(moved) = self.inodes.get(self.ino_of(&src)) {
+            moved.set_loc(newparent, newname);
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: FuseIno, newparent: FuseIno, newname: &OsStr) -> FsResult<Entry> {
+        self.stats.count(&self.stats.creates);
+        check_name(newname)?;
+        let inode = self.inode(ino)?;
+        let dir = self.inode(newparent)?;
+        self.materialize(&dir)?;
+        let _barrier = self.mutation()?;
+        self.journal.append(Op::Link {
+            ino,
+            path: self.child_path(newparent, newname),
+        })?;
+        let linked = rustix::fs::linkat(&inode.fd, c"", &dir.fd, newname, AtFlags::EMPTY_PATH);
+        match linked {
+            Ok(()) => {}
+            // Linking by descriptor needs CAP_DAC_READ_SEARCH; the /proc path does not.
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) if self.own_uid != 0 => {
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    Self::proc_path(&inode.fd).as_c_str(),
+                    &dir.fd,
+                    newname,
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+                .ctx("link")?
+            }
+            Err(e) => return Err(FsError::errno(e.raw_os_error(), "link")),
+        }
+        // A hard link keeps the inode's recorded name; the new one is only an alias.
+        let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;
+        let linked_ino = self.ino_of(&st);
+        if !self.inodes.reference_keep_loc(linked_ino) {
+            return self.lookup_in(&dir, newname);
+        }
+        Ok(Entry {
+            attr: self.attr(&st),
+        })
+    }
+}
+
+fn check_name(name: &OsStr) -> FsResult<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.contains(&b'/') || b == b"." || b == b".." {
+        return Err(FsError::errno(libc::EINVAL, "invalid name"));
+    }
+    if b.len() > 255 {
+        return Err(FsError::errno(libc::ENAMETOOLONG, "name too long"));
+    }
+    Ok(())
+}
+
+/// Acts as the caller for file-system permission and ownership purposes on this thread
+/// (setfsuid/setfsgid are per thread on Linux), and back as the daemon on drop.
+struct CallerCreds {
+    restore: Option<(u32, u32)>,
+}
+
+impl CallerCreds {
+    fn assume(caller: Caller, own_uid: u32, own_gid: u32) -> Self {
+        // Only root can act as someone else; a user mount creates files as its user.
+        if own_uid != 0 || (caller.uid == own_uid && caller.gid == own_gid) {
+            return CallerCreds { restore: None };
+        }
+        // SAFETY: setfsgid/setfsuid take plain integers and touch only this thread's
+        // credentials; they cannot violate memory safety.
+        unsafe {
+            libc::setfsgid(caller.gid);
+            libc::setfsuid(caller.uid);
+        }
+        CallerCreds {
+            restore: Some((own_uid, own_gid)),
+        }
+    }
+}
+
+impl Drop for CallerCreds {
+    fn drop(&mut self) {
+        if let Some((uid, gid)) = self.restore {
+            // SAFETY: as in `assume`.
+            unsafe {
+                libc::setfsuid(uid);
+                libc::setfsgid(gid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use owsfs_journal::{FuseIno, Journal, JournalOptions, NodeKind, Op};
+    use rustix::fs::Mode;
+
+    use crate::core::tests::{ROOT, fixture, name};
+    use crate::core::{Caller, Core, CoreOptions};
+    use crate::inode::ROOT_INO;
+
+    #[test]
+    fn lookups_are_counted_and_forgotten() {
+        let f = fixture(true);
+        std::fs::write(f.backing.join("a"), b"a").unwrap();
+        let e1 = f.core.lookup(ROOT_INO, name("a")).unwrap();
+        let e2 = f.core.lookup(ROOT_INO, name("a")).unwrap();
+        assert_eq!(e1.attr.ino, e2.attr.ino);
+        let before = f.core.inode_count();
+        f.core.forget(e1.ino(), 1);
+        assert_eq!(f.core.inode_count(), before, "one reference is left");
+        f.core.forget(e1.ino(), 1);
+        assert_eq!(f.core.inode_count(), before - 1);
+        assert_eq!(
+            f.core.getattr(e1.ino()).unwrap_err().to_errno(),
+            libc::ESTALE
+        );
+        assert_eq!(
+            f.core
+                .lookup(ROOT_INO, name("missing"))
+                .unwrap_err()
+                .to_errno(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            f.core.lookup(ROOT_INO, name("..")).unwrap_err().to_errno(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn rename_and_unlink_update_paths_in_the_journal() {
+        let f = fixture(true);
+        let a = f
+            .core
+            .mkdir(ROOT_INO, name("a"), 0o755, ROOT)
+            .unwrap()
+            .ino();
+        let (e, _, fh) = f
+            .core
+            .create(a, name("f"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core.write(fh, 0, b"x", false).unwrap();
+        f.core.release(fh).unwrap();
+        f.core
+            .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
+            .unwrap();
+        let dirty = f.core.journal().dirty();
+        assert_eq!(
+            dirty.files[&e.ino()].path.as_deref(),
+            Some(Path::new("b/f"))
+        );
+        // Later records about the file use its new path.
+        let (_, fh) = f.core.open(e.ino(), libc::O_WRONLY, false).unwrap();
+        f.core.write(fh, 1, b"y", false).unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!(std::fs::read(f.backing.join("b/f")).unwrap(), b"xy");
+        f.core.unlink(a, name("f")).unwrap();
+        let dirty = f.core.journal().dirty();
+        assert_eq!(dirty.files[&e.ino()].path, None);
+        assert!(!f.backing.join("b/f").exists());
+        assert_eq!(
+            f.core
+                .rename(ROOT_INO, name("b"), ROOT_INO, name("c"), 1 << 7)
+                .unwrap_err()
+                .to_errno(),
+            libc::EINVAL,
+            "RENAME_WHITEOUT is not supported"
+        );
+    }
+
+    #[test]
+    fn rename_over_a_known_target_forgets_its_name() {
+        let f = fixture(true);
+        let (a, _, fha) = f
+            .core
+            .create(ROOT_INO, name("a"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        let (b, _, fhb) = f
+            .core
+            .create(ROOT_INO, name("b"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core
+            .rename(ROOT_INO, name("a"), ROOT_INO, name("b"), 0)
+            .unwrap();
+        assert_eq!(f.core.inodes.path_of(a.ino()), Some(PathBuf::from("b")));
+        assert_eq!(
+            f.core.inodes.path_of(b.ino()),
+            None,
+            "the replaced file is unlinked"
+        );
+        // Exchange swaps the names.
+        let (c, _, fhc) = f
+            .core
+            .create(ROOT_INO, name("c"), 0o644, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core
+            .rename(
+                ROOT_INO,
+                name("b"),
+                ROOT_INO,
+                name("c"),
+                libc::RENAME_EXCHANGE,
+            )
+            .unwrap();
+        assert_eq!(f.core.inodes.path_of(a.ino()), Some(PathBuf::from("c")));
+        assert_eq!(f.core.inodes.path_of(c.ino()), Some(PathBuf::from("b")));
+        for fh in [fha, fhb, fhc] {
+            f.core.release(fh).unwrap();
+        }
+    }
+
+    #[test]
+    fn created_nodes_belong_to_the_caller() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let f = fixture(true);
+        let user = Caller {
+            uid: 4242,
+            gid: 4343,
+        };
+        // The caller needs write access to the directory, as on a local disk.
+        let d = f
+            .core
+            .mkdir(ROOT_INO, name("open"), 0o777, ROOT)
+            .unwrap()
+            .ino();
+        let e = f.core.mkdir(d, name("mine"), 0o700, user).unwrap();
+        assert_eq!((e.attr.uid, e.attr.gid), (4242, 4343));
+        let (e, _, fh) = f
+            .core
+            .create(d, name("file"), 0o600, libc::O_WRONLY, user)
+            .unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!((e.attr.uid, e.attr.gid), (4242, 4343));
+        // A root-owned 0755 directory refuses the user's create, as the backing fs would.
+        let closed = f
+            .core
+            .mkdir(ROOT_INO, name("closed"), 0o755, ROOT)
+            .unwrap()
+            .ino();
+        assert_eq!(
+            f.core
+                .mkdir(closed, name("x"), 0o755, user)
+                .unwrap_err()
+                .to_errno(),
+            libc::EACCES
+        );
+        // The daemon thread is root again afterwards.
+        let e = f.core.mkdir(closed, name("y"), 0o755, ROOT).unwrap();
+        assert_eq!(e.attr.uid, 0);
+    }
+
+    /// Core::new leaves the process umask alone (it used to set it to 0 behind the caller's
+    /// back), and nodes are still created with exactly the requested permission bits, which
+    /// the kernel has already masked with the caller's umask.
+    #[test]
+    fn the_umask_is_left_alone_and_new_nodes_get_their_exact_mode() {
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
+        let f = fixture(false);
+        let now = rustix::process::umask(Mode::from_raw_mode(0o077));
+        assert_eq!(now.bits(), 0o077, "Core::new changed the process umask");
+        let mode_of =
+            |n: &str| std::fs::symlink_metadata(f.backing.join(n)).unwrap().mode() & 0o7777;
+        let d = f.core.mkdir(ROOT_INO, name("d"), 0o775, ROOT).unwrap();
+        assert_eq!((d.attr.perm, mode_of("d")), (0o775, 0o775));
+        let (e, _, fh) = f
+            .core
+            .create(ROOT_INO, name("f"), 0o664, libc::O_WRONLY, ROOT)
+            .unwrap();
+        f.core.release(fh).unwrap();
+        assert_eq!((e.attr.perm, mode_of("f")), (0o664, 0o664));
+        let p = f
+            .core
+            .mknod(ROOT_INO, name("p"), libc::S_IFIFO | 0o646, 0, ROOT)
+            .unwrap();
+        assert_eq!((p.attr.perm, mode_of("p")), (0o646, 0o646));
+        // Modes the umask does not touch need no second call, and special bits stay.
+        let s = f.core.mkdir(ROOT_INO, name("s"), 0o1700, ROOT).unwrap();
+        assert_eq!((s.attr.perm, mode_of("s")), (0o1700, 0o1700));
+        rustix::process::umask(old);
+    }
+
+    /// A small tmpfs of the test's own, unmounted on drop. Needs root.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            if !rustix::process::geteuid().is_root() {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount tmpfs");
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// The `Create` record of a new node can only be written once the node exists (it names
+    /// its inode). When that write fails (here: the journal's page has room for the parent's
+    /// `Meta` record but not for `Create`, on a full tmpfs, without a reserve), the node is
+    /// removed again, the caller gets ENOSPC and the kernel's reference is not counted.
+    #[test]
+    fn a_node_whose_create_record_fails_is_removed_again() {
+        let Some(fs) = Tmpfs::mount("1m") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir(&backing).unwrap();
+        let opts = JournalOptions {
+            reserve_bytes: 0,
+            ..JournalOptions::default()
+        };
+        let (journal, _) = Journal::open(&fs.0.path().join("journal"), &backing, opts).unwrap();
+        let journal = Arc::new(journal);
+        let core = Core::new(&backing, Arc::clone(&journal), CoreOptions::default()).unwrap();
+        let name = "n".repeat(40);
+        // The sizes of the two records of a creation in the root.
+        let size_of = |op: Op| {
+            let before = journal.stats().segment_offset;
+            journal.append(op).unwrap();
+            journal.stats().segment_offset - before
+        };
+        let meta = size_of(Op::Meta {
+            ino: ROOT_INO,
+            dir: Some(PathBuf::new()),
+        });
+        let create = size_of(Op::Create {
+            ino: FuseIno(99),
+            kind: NodeKind::Dir,
+            path: PathBuf::from(&name),
+        });
+        // Pad the segment until its last page has room for `meta` but not `meta + create`.
+        let room = |j: &Journal| 4096 - j.stats().segment_offset % 4096;
+        while !(meta..meta + create).contains(&room(&journal)) {
+            journal.append(Op::Fsync { ino: FuseIno(1) }).unwrap();
+        }
+        let mut filler = File::create(fs.0.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let inodes = core.inode_count();
+
+        let e = core
+            .mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(
+            !backing.join(&name).exists(),
+            "the directory was not removed"
+        );
+        let e = core
+            .create(ROOT_INO, name.as_ref(), 0o644, libc::O_RDWR, ROOT)
+            .unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOSPC, "{e}");
+        assert!(!backing.join(&name).exists(), "the file was not removed");
+        assert_eq!(core.inode_count(), inodes, "a reference was left behind");
+        let dirty = journal.dirty();
+        assert!(
+            dirty
+                .files
+                .values()
+                .all(|f| f.path.as_deref() != Some(Path::new(&name))),
+            "{dirty:?}"
+        );
+        assert!(journal.stats().failed.is_none());
+        // Space is back: the same creation succeeds.
+        drop(filler);
+        std::fs::remove_file(fs.0.path().join("filler")).unwrap();
+        core.mkdir(ROOT_INO, name.as_ref(), 0o755, ROOT).unwrap();
+        assert!(backing.join(&name).is_dir());
+    }
+}

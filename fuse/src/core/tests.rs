@@ -1,0 +1,132 @@
+//! The fixture the core's unit tests share, a counting allocator for the tests that check
+//! what a call allocates, and tests of the core as a whole.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use owsfs_journal::{Journal, JournalOptions};
+
+use super::{Caller, Core, CoreOptions};
+use crate::inode::ROOT_INO;
+
+pub(super) struct Fixture {
+    _dir: tempfile::TempDir,
+    pub(super) backing: PathBuf,
+    pub(super) core: Core,
+}
+
+pub(super) const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+pub(super) fn fixture(passthrough: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    let (journal, _) = Journal::open(
+        &dir.path().join("journal"),
+        &backing,
+        JournalOptions::default(),
+    )
+    .unwrap();
+    let core = Core::new(
+        &backing,
+        Arc::new(journal),
+        CoreOptions {
+            passthrough,
+            ..CoreOptions::default()
+        },
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        backing,
+        core,
+    }
+}
+
+pub(super) fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// Counts, per thread, the bytes allocated, and among them those allocated zero-filled
+/// (`vec![0; n]` asks for those), so tests can check what a call allocates.
+struct CountingAlloc;
+
+thread_local! {
+    static ZEROED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn count(cell: &'static std::thread::LocalKey<std::cell::Cell<usize>>, n: usize) {
+    let _ = cell.try_with(|c| c.set(c.get() + n));
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments,
+// which uphold GlobalAlloc's contract; the counter is a const-initialized thread local
+// without a destructor, so counting allocates nothing.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(&ALLOCATED, layout.size());
+        // SAFETY: forwarded as is (see the impl).
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(&ALLOCATED, layout.size());
+        count(&ZEROED, layout.size());
+        // SAFETY: forwarded as is (see the impl).
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded as is (see the impl).
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        count(&ALLOCATED, new_size.saturating_sub(layout.size()));
+        // SAFETY: forwarded as is (see the impl).
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+pub(super) fn zeroed_bytes() -> usize {
+    ZEROED.with(|z| z.get())
+}
+
+pub(super) fn allocated_bytes() -> usize {
+    ALLOCATED.with(|a| a.get())
+}
+
+/// Copy-on-first-write side files go on the cache's file system (beside the backing
+/// directory), not to $TMPDIR.
+#[test]
+fn side_files_go_beside_the_backing_directory() {
+    let f = fixture(false);
+    std::fs::write(f.backing.join("frozen"), vec![1u8; 8192]).unwrap();
+    let ino = f.core.lookup(ROOT_INO, name("frozen")).unwrap().ino();
+    let bino = f.core.backing_ino(ino);
+    let _frozen = f
+        .core
+        .freezer()
+        .freeze([(bino, PathBuf::from("frozen"), 8192)]);
+    let (_, fh) = f.core.open(ino, libc::O_WRONLY, false).unwrap();
+    f.core.write(fh, 0, b"changed", false).unwrap();
+    let side = f
+        .core
+        .freezer()
+        .side_file_path(bino)
+        .expect("the write saved the old bytes in a side file");
+    let cache = std::fs::canonicalize(f._dir.path()).unwrap();
+    assert!(
+        side.starts_with(&cache) && !side.starts_with(&f.backing),
+        "side file {} is not beside the backing directory {}",
+        side.display(),
+        f.backing.display()
+    );
+    assert_eq!(f.core.freezer().side_dir(), cache);
+    f.core.release(fh).unwrap();
+}

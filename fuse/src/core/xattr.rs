@@ -1,0 +1,106 @@
+//! Extended attributes: getxattr, listxattr, setxattr and removexattr.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+
+use owsfs_journal::{FuseIno, NodeKind, Op};
+
+use super::Core;
+use crate::error::{Context, FsError, FsResult};
+use crate::inode::Inode;
+
+/// The answer to getxattr/listxattr: the size asked for, or the bytes.
+#[derive(Debug)]
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+impl Core {
+    fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
+        if inode.kind == NodeKind::Symlink {
+            return Err(FsError::errno(libc::EOPNOTSUPP, "xattr on a symlink"));
+        }
+        // The kernel does not enforce POSIX ACLs for this filesystem, so storing them would
+        // only pretend.
+        if let Some(name) = name
+            && name.as_bytes().starts_with(b"system.posix_acl_")
+        {
+            return Err(FsError::errno(libc::EOPNOTSUPP, "POSIX ACLs"));
+        }
+        Ok(Self::proc_path(&inode.fd))
+    }
+
+    pub fn getxattr(&self, ino: FuseIno, name: &OsStr, size: u32) -> FsResult<XattrReply> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        if size == 0 {
+            let n = rustix::fs::getxattr_query(path.as_c_str(), name).ctx("getxattr")?;
+            return Ok(XattrReply::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = rustix::fs::getxattr(path.as_c_str(), name, &mut buf[..]).ctx("getxattr")?;
+        buf.truncate(n);
+        Ok(XattrReply::Data(buf))
+    }
+
+    pub fn listxattr(&self, ino: FuseIno, size: u32) -> FsResult<XattrReply> {
+        let inode = self.inode(ino)?;
+        if inode.kind == NodeKind::Symlink {
+            return Ok(if size == 0 {
+                XattrReply::Size(0)
+            } else {
+                XattrReply::Data(Vec::new())
+            });
+        }
+        let path = Self::proc_path(&inode.fd);
+        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).ctx("listxattr")?;
+        buf.truncate(n);
+        Ok(if size == 0 {
+            XattrReply::Size(n as u32)
+        } else {
+            XattrReply::Data(buf)
+        })
+    }
+
+    pub fn setxattr(&self, ino: FuseIno, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        let _barrier = self.mutation()?;
+        self.journal_meta(&inode)?;
+        rustix::fs::setxattr(
+            path.as_c_str(),
+            name,
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )
+        .ctx("setxattr")
+    }
+
+    pub fn removexattr(&self, ino: FuseIno, name: &OsStr) -> FsResult<()> {
+        let inode = self.inode(ino)?;
+        let path = self.xattr_path(&inode, Some(name))?;
+        let _barrier = self.mutation()?;
+        self.journal_meta(&inode)?;
+        rustix::fs::removexattr(path.as_c_str(), name).ctx("removexattr")
+    }
+
+    fn journal_meta(&self, inode: &Inode) -> FsResult<()> {
+        if inode.kind == NodeKind::Dir {
+            self.journal.append(Op::Meta {
+                ino: inode.ino,
+                dir: Some(self.path_of(inode.ino).unwrap_or_default()),
+            })?;
+            Ok(())
+        } else {
+            self.journal_file_op(
+                inode.ino,
+                Op::Meta {
+                    ino: inode.ino,
+                    dir: None,
+                },
+            )
+        }
+    }
+}
