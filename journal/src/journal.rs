@@ -894,8 +894,17 @@ fn resume(
     Ok(resumed(state, recovery, start))
 }
 
+/// Held shared while a journal takes its lock, and exclusively by a test while it spawns a
+/// child process: until the child execs, it holds copies of all the test process's file
+/// descriptors, and with them the `flock` of a journal closed meanwhile, which would make
+/// reopening that journal fail with `Locked` (`crash_tests`).
+#[cfg(test)]
+static SPAWNING: parking_lot::RwLock<()> = parking_lot::RwLock::new(());
+
 /// Takes the exclusive lock of the journal directory.
 fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    #[cfg(test)]
+    let _spawning = SPAWNING.read();
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -919,6 +928,8 @@ fn dir_id(dir: &Path) -> Option<(u64, u64)> {
     fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;
 
