@@ -256,7 +256,12 @@ impl Journal {
             .map_err(|e| JournalError::io("create journal directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let boot = BootId::resolve(opts.boot_id.as_deref())?;
-        let clean = take_clean_marker(dir)?;
+        let clean_path = dir.join(CLEAN_MARKER);
+        let clean = match fs::symlink_metadata(&clean_path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(JournalError::io("look for clean marker", clean_path, e)),
+        };
         segment::remove_temporaries(dir)?;
         let replay = replay::replay(dir, Some(boot), clean)?;
         let Resumed {
@@ -269,6 +274,11 @@ impl Journal {
             snapshot_end,
         } = resume(dir, backing_root, boot, replay)?;
         recovery.clean = clean;
+        if clean {
+            // Only now: until here nothing was appended, so CLEAN still vouched for what a
+            // crash in the steps above left (the new segment of a new boot included).
+            remove_clean_marker(&clean_path)?;
+        }
 
         let journal = Journal {
             dir: dir.to_path_buf(),
@@ -763,22 +773,13 @@ impl Inner {
     }
 }
 
-/// Removes the CLEAN marker, if there is one, and makes its removal durable before anything
-/// is appended: a stale CLEAN surviving a power loss would hide records lost from this run.
-/// Returns whether it was there.
-fn take_clean_marker(dir: &Path) -> Result<bool, JournalError> {
-    let clean_path = dir.join(CLEAN_MARKER);
-    let clean = match fs::remove_file(&clean_path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(JournalError::io("remove clean marker", clean_path, e)),
-    };
-    if clean {
-        // Crash window: CLEAN removed, the removal not yet durable.
-        fail::fail_point!("journal-open-after-unclean");
-        segment::sync_dir(dir)?;
-    }
-    Ok(clean)
+/// Removes the CLEAN marker and makes its removal durable before anything is appended: a
+/// stale CLEAN surviving a power loss would hide records lost from this run.
+fn remove_clean_marker(path: &Path) -> Result<(), JournalError> {
+    fs::remove_file(path).map_err(|e| JournalError::io("remove clean marker", path, e))?;
+    // Crash window: CLEAN removed, the removal not yet durable.
+    fail::fail_point!("journal-open-after-unclean");
+    segment::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// What [`Journal::open`] goes on from: the state, the report, and the segment to append to.
