@@ -277,7 +277,7 @@ impl Journal {
         if clean {
             // Only now: until here nothing was appended, so CLEAN still vouched for what a
             // crash in the steps above left (the new segment of a new boot included).
-            remove_clean_marker(&clean_path)?;
+            remove_clean_marker(dir)?;
         }
 
         let journal = Journal {
@@ -775,11 +775,12 @@ impl Inner {
 
 /// Removes the CLEAN marker and makes its removal durable before anything is appended: a
 /// stale CLEAN surviving a power loss would hide records lost from this run.
-fn remove_clean_marker(path: &Path) -> Result<(), JournalError> {
-    fs::remove_file(path).map_err(|e| JournalError::io("remove clean marker", path, e))?;
+fn remove_clean_marker(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join(CLEAN_MARKER);
+    fs::remove_file(&path).map_err(|e| JournalError::io("remove clean marker", path, e))?;
     // Crash window: CLEAN removed, the removal not yet durable.
     fail::fail_point!("journal-open-after-unclean");
-    segment::sync_dir(path.parent().unwrap_or(Path::new(".")))
+    segment::sync_dir(dir)
 }
 
 /// What [`Journal::open`] goes on from: the state, the report, and the segment to append to.
