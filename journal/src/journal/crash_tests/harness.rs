@@ -33,11 +33,11 @@ pub(super) fn big(boot: &str) -> JournalOptions {
 // ---- The child process and its crash ------------------------------------------------------
 
 /// In the child: the directory of the case.
-pub(super) const CASE_ENV: &str = "OWSFS_JOURNAL_CRASH_CASE";
+const CASE_ENV: &str = "OWSFS_JOURNAL_CRASH_CASE";
 
 /// Whether the fail point kills the child when reached: the workload arms it once it is
 /// where it wants the crash, so earlier passes through the same point go on.
-pub(super) static ARMED: AtomicBool = AtomicBool::new(false);
+static ARMED: AtomicBool = AtomicBool::new(false);
 
 pub(super) fn arm() {
     ARMED.store(true, Ordering::SeqCst);
@@ -154,6 +154,7 @@ pub(super) fn crash(test: &str, point: &str, workload: impl FnOnce(&Case)) -> Ca
             if ARMED.load(Ordering::SeqCst) {
                 let me = rustix::process::getpid();
                 let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+                // Not reached: a SIGKILL sent to oneself is delivered before kill returns.
                 std::process::abort();
             }
         })
