@@ -1,6 +1,6 @@
-//! Fail points, for tests: every crash window of the store and commit side (tabled in
-//! `store/FORMAT.md`, "Crash windows and their fail points"; the journal's follow) and some
-//! phases of a mount have a named point (`fail::fail_point!`).
+//! Fail points, for tests: every crash window of the store and commit side and of the journal
+//! (tabled in `store/FORMAT.md` and `journal/FORMAT.md`, "Crash windows and their fail
+//! points") and some phases of a mount have a named point (`fail::fail_point!`).
 //! They cost a registry lookup when reached and do nothing unless configured here, from the
 //! environment of the process (a background daemon inherits it):
 //!

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// An inode number as the kernel knows it (FUSE): the workspace root is 1. Also the key of
 /// the journal's records and dirty state.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 #[repr(transparent)]
 pub struct FuseIno(pub u64);

@@ -1,8 +1,8 @@
 //! The journal: open (replay, cut, rescan), group append, rotation, clean close.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::JournalError;
 use crate::op::{Ino, Op, Seq};
-use crate::record::{self, Record};
+use crate::record;
 use crate::replay::{self, Replay};
 use crate::segment::{self, BootId};
 use crate::state::{self, DirtyState};
+
+mod failed;
 
 /// Name of the marker written by [`Journal::close_clean`].
 pub const CLEAN_MARKER: &str = "CLEAN";
@@ -256,95 +258,29 @@ impl Journal {
             .map_err(|e| JournalError::io("create journal directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let boot = BootId::resolve(opts.boot_id.as_deref())?;
-
         let clean_path = dir.join(CLEAN_MARKER);
-        let clean = match fs::remove_file(&clean_path) {
-            Ok(()) => true,
+        let clean = match fs::symlink_metadata(&clean_path) {
+            Ok(_) => true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(JournalError::io("remove clean marker", clean_path, e)),
+            Err(e) => return Err(JournalError::io("look for clean marker", clean_path, e)),
         };
-        if clean {
-            // A stale CLEAN surviving a power loss would hide records lost from this run.
-            segment::sync_dir(dir)?;
-        }
         segment::remove_temporaries(dir)?;
-
-        let Replay {
-            mut state,
+        let replay = replay::replay(dir, Some(boot), clean)?;
+        let Resumed {
+            state,
             mut recovery,
             last_seq,
-            tail,
-            obsolete,
-            max_segment,
-        } = replay::replay(dir, Some(boot), clean)?;
+            file,
+            segment,
+            offset,
+            snapshot_end,
+        } = resume(dir, backing_root, boot, replay)?;
         recovery.clean = clean;
-
-        let (file, segment, offset, snapshot_end) = if let Some(why) = &recovery.rescan {
-            // Nothing is cut: the damaged segments are replaced as a whole.
-            recovery.torn_tail = None;
-            tracing::warn!(
-                "journal {}: rescanning backing directory {}: {why}",
-                dir.display(),
-                backing_root.display()
-            );
-            state = state::rescan_excluding(backing_root, dir_id(dir))?;
-            let n = max_segment + 1;
-            let (file, len) = segment::create_segment(dir, n, boot, last_seq, &state)?;
-            segment::remove_segments_before(dir, n);
-            (file, n, len, len)
-        } else if let Some(tail) = tail {
-            for path in &obsolete {
-                if let Err(e) = fs::remove_file(path) {
-                    tracing::warn!(
-                        "journal: could not remove superseded segment {}: {e}",
-                        path.display()
-                    );
-                }
-            }
-            if let Some(torn) = &recovery.torn_tail {
-                tracing::warn!(
-                    "journal {}: torn tail: {torn} ({} bytes dropped)",
-                    dir.display(),
-                    tail.file_len - tail.valid_len
-                );
-            }
-            if tail.boot == boot {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&tail.path)
-                    .map_err(|e| JournalError::io("open segment", &tail.path, e))?;
-                if tail.valid_len < tail.file_len {
-                    file.set_len(tail.valid_len)
-                        .map_err(|e| JournalError::io("cut torn tail of segment", &tail.path, e))?;
-                }
-                (file, tail.segment, tail.valid_len, tail.snapshot_end)
-            } else {
-                // The header must name the boot that writes the segment's tail, for the rule
-                // about unclean reboots. A torn tail goes away with the old segment.
-                let n = tail.segment + 1;
-                let (file, len) = segment::create_segment(dir, n, boot, last_seq, &state)?;
-                segment::remove_segments_before(dir, n);
-                (file, n, len, len)
-            }
-        } else if backing_has_entries(backing_root, dir)? {
-            // No journal at all, yet the backing directory holds files: whatever changed them
-            // went unrecorded (the journal was deleted, or never written), so all of it is dirty.
-            let why = "no journal, but the backing directory is not empty".to_string();
-            tracing::warn!(
-                "journal {}: rescanning backing directory {}: {why}",
-                dir.display(),
-                backing_root.display()
-            );
-            state = state::rescan_excluding(backing_root, dir_id(dir))?;
-            recovery.rescan = Some(why);
-            let n = max_segment + 1;
-            let (file, len) = segment::create_segment(dir, n, boot, last_seq, &state)?;
-            (file, n, len, len)
-        } else {
-            let n = max_segment + 1;
-            let (file, len) = segment::create_segment(dir, n, boot, 0, &state)?;
-            (file, n, len, len)
-        };
+        if clean {
+            // Only now: until here nothing was appended, so CLEAN still vouched for what a
+            // crash in the steps above left (the new segment of a new boot included).
+            remove_clean_marker(dir)?;
+        }
 
         let journal = Journal {
             dir: dir.to_path_buf(),
@@ -574,10 +510,14 @@ impl Journal {
         g.file
             .sync_data()
             .map_err(|e| JournalError::io("fdatasync segment", &seg_path, e))?;
+        // Crash window: every record synced, no CLEAN.
+        fail::fail_point!("journal-close-before-clean");
         let marker = self.dir.join(CLEAN_MARKER);
         File::create(&marker)
             .and_then(|f| f.sync_all())
             .map_err(|e| JournalError::io("write clean marker", &marker, e))?;
+        // Crash window: CLEAN written, its name not yet durable.
+        fail::fail_point!("journal-close-after-clean");
         segment::sync_dir(&self.dir)?;
         drop(g);
         self.lock.lock().take();
@@ -709,7 +649,7 @@ impl Journal {
             {
                 return result;
             }
-            (&*file).write_all(&bytes)
+            segment::append_records(&file, &bytes)
         });
         g.writing = false;
         match result {
@@ -732,97 +672,6 @@ impl Journal {
             }
         }
         self.written.notify_all();
-    }
-
-    /// After a failed batch write: leaves the segment as it was before the write, drops the
-    /// batch's records from the state (their operations will not be performed), and poisons
-    /// the journal unless the failure is a passing one (no space). Returns the batch's error.
-    fn failed_write(&self, g: &mut Inner, e: io::Error) -> Failure {
-        let path = segment::segment_path(&self.dir, g.segment);
-        let errno = e.raw_os_error();
-        let failure = Failure::Write {
-            path: path.clone(),
-            errno,
-            text: e.to_string(),
-        };
-        let err = failure.error(&self.dir);
-        g.failed_batches += 1;
-        // The write may have appended part of the batch: cut it off, so the segment ends with
-        // the last whole record again and later records follow it directly.
-        let mut poison = match g.file.set_len(g.offset) {
-            Ok(()) if is_no_space(errno) || errno == Some(EFBIG) => None,
-            Ok(()) => Some(format!("{err}")),
-            Err(cut) => Some(format!(
-                "{err}; then could not remove the partial write from the segment: {cut}"
-            )),
-        };
-        if poison.is_some() {
-            // The records buffered meanwhile will not be written either.
-            g.buf.clear();
-            let _ = std::mem::take(&mut g.batch)
-                .outcome
-                .set(Err(Failure::Poisoned(poison.clone().unwrap_or_default())));
-        }
-        // The failed records were applied to the state when they were buffered.
-        if let Err(why) = self.restore_state(g) {
-            let why = format!("{err}; then could not drop its records from the dirty state: {why}");
-            g.state_lost = true;
-            poison = Some(why);
-        }
-        if let Some(why) = poison {
-            tracing::error!("journal {}: {why}", self.dir.display());
-            g.poisoned.get_or_insert(why);
-        } else {
-            tracing::debug!("journal {}: {err}", self.dir.display());
-            if is_no_space(errno) && g.reserve.bytes > 0 && g.reserve.supported {
-                // Cutting the segment back also freed what was left of its reserve.
-                g.reserve.end = g.offset;
-                self.top_up(g);
-            }
-        }
-        failure
-    }
-
-    /// Rebuilds the state and the changes since the pending cut from the segment's whole
-    /// records (what the disk holds), then applies the records still buffered.
-    fn restore_state(&self, g: &mut Inner) -> Result<(), String> {
-        let path = segment::segment_path(&self.dir, g.segment);
-        let mut bytes = vec![0; g.offset as usize];
-        File::open(&path)
-            .and_then(|f| f.read_exact_at(&mut bytes, 0))
-            .map_err(|e| format!("read {}: {e}", path.display()))?;
-        let (mut state, after_cut) = replay::fold_segment(&bytes, g.pending_cut)
-            .map_err(|why| format!("{}: {why}", path.display()))?;
-        // Without a pending cut the two are one; with one whose start the segment no longer
-        // holds (it rotated since), the whole state stands in for the later changes: a
-        // superset, which only makes the next cut read more.
-        let mut live = match (g.pending_cut, after_cut) {
-            (Some(_), Some(live)) => live,
-            _ => state.clone(),
-        };
-        let mut off = 0;
-        while off < g.buf.len() {
-            let (_, rec, end) =
-                record::read_frame(&g.buf, off).map_err(|e| e.reason().to_owned())?;
-            if let Record::Op(op) = rec {
-                state.apply(&op);
-                live.apply(&op);
-            }
-            off = end;
-        }
-        if state.is_empty() {
-            g.dirty_since = None;
-        } else if g.dirty_since.is_none() {
-            g.dirty_since = Some(Instant::now());
-        }
-        if live.is_empty() {
-            g.live_since = None;
-        } else if g.live_since.is_none() {
-            g.live_since = Some(Instant::now());
-        }
-        g.state = state;
-        g.live = live;
-        Ok(())
     }
 
     /// Keeps `reserve.bytes` (at least) allocated past the end of the segment: when less is
@@ -901,7 +750,14 @@ impl Journal {
     fn rotate(&self, g: &mut Inner) -> Result<(), JournalError> {
         let seq = g.next_seq - 1;
         let n = g.segment + 1;
-        let (file, len) = segment::create_segment(&self.dir, n, g.boot, seq, &g.state)?;
+        let (file, len) = segment::create_segment(
+            &self.dir,
+            n,
+            g.boot,
+            seq,
+            &g.state,
+            "journal-rotate-before-rename",
+        )?;
         g.buf.clear();
         let _ = std::mem::take(&mut g.batch).outcome.set(Ok(()));
         g.file = Arc::new(file);
@@ -911,6 +767,8 @@ impl Journal {
         g.rotations += 1;
         g.rotate_after = 0;
         g.reserve.end = len;
+        // Crash window: the new segment in place, the old ones still there.
+        fail::fail_point!("journal-rotate-after-rename");
         segment::remove_segments_before(&self.dir, n);
         self.top_up(g);
         Ok(())
@@ -929,8 +787,140 @@ impl Inner {
     }
 }
 
+/// Removes the CLEAN marker and makes its removal durable before anything is appended: a
+/// stale CLEAN surviving a power loss would hide records lost from this run.
+fn remove_clean_marker(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join(CLEAN_MARKER);
+    fs::remove_file(&path).map_err(|e| JournalError::io("remove clean marker", path, e))?;
+    // Crash window: CLEAN removed, the removal not yet durable.
+    fail::fail_point!("journal-open-after-unclean");
+    segment::sync_dir(dir)
+}
+
+/// What [`Journal::open`] goes on from: the state, the report, and the segment to append to.
+struct Resumed {
+    state: DirtyState,
+    recovery: Recovery,
+    last_seq: Seq,
+    file: File,
+    segment: u64,
+    /// Bytes in the segment.
+    offset: u64,
+    /// Offset just past the segment's snapshot.
+    snapshot_end: u64,
+}
+
+/// Acts on what replay found (FORMAT.md, "Opening", steps 4 and 5): rescans the backing
+/// directory into a new segment, or continues the last segment after cutting its torn tail
+/// (a new one after a reboot), or starts a fresh journal.
+fn resume(
+    dir: &Path,
+    backing_root: &Path,
+    boot: BootId,
+    replay: Replay,
+) -> Result<Resumed, JournalError> {
+    let Replay {
+        state,
+        mut recovery,
+        last_seq,
+        tail,
+        obsolete,
+        max_segment,
+    } = replay;
+    if tail.is_none() && recovery.rescan.is_none() && backing_has_entries(backing_root, dir)? {
+        // No journal at all, yet the backing directory holds files: whatever changed them
+        // went unrecorded (the journal was deleted, or never written), so all of it is dirty.
+        recovery.rescan = Some("no journal, but the backing directory is not empty".into());
+    }
+    let resumed = |state, recovery, (file, segment, offset, snapshot_end)| Resumed {
+        state,
+        recovery,
+        last_seq,
+        file,
+        segment,
+        offset,
+        snapshot_end,
+    };
+    if let Some(why) = &recovery.rescan {
+        // Nothing is cut: the damaged segments are replaced as a whole.
+        recovery.torn_tail = None;
+        tracing::warn!(
+            "journal {}: rescanning backing directory {}: {why}",
+            dir.display(),
+            backing_root.display()
+        );
+        let state = state::rescan_excluding(backing_root, dir_id(dir))?;
+        let n = max_segment + 1;
+        let (file, len) =
+            segment::create_segment(dir, n, boot, last_seq, &state, "journal-rescan-midway")?;
+        // Crash window: the new segment in place, the damaged ones still there.
+        fail::fail_point!("journal-rescan-after-rename");
+        segment::remove_segments_before(dir, n);
+        return Ok(resumed(state, recovery, (file, n, len, len)));
+    }
+    let Some(tail) = tail else {
+        let n = max_segment + 1;
+        let (file, len) =
+            segment::create_segment(dir, n, boot, 0, &state, "journal-create-before-rename")?;
+        return Ok(resumed(state, recovery, (file, n, len, len)));
+    };
+    for path in &obsolete {
+        if let Err(e) = fs::remove_file(path) {
+            tracing::warn!(
+                "journal: could not remove superseded segment {}: {e}",
+                path.display()
+            );
+        }
+    }
+    if let Some(torn) = &recovery.torn_tail {
+        tracing::warn!(
+            "journal {}: torn tail: {torn} ({} bytes dropped)",
+            dir.display(),
+            tail.file_len - tail.valid_len
+        );
+    }
+    if tail.boot != boot {
+        // The header must name the boot that writes the segment's tail, for the rule about
+        // unclean reboots. A torn tail goes away with the old segment.
+        let n = tail.segment + 1;
+        let (file, len) = segment::create_segment(
+            dir,
+            n,
+            boot,
+            last_seq,
+            &state,
+            "journal-rotate-before-rename",
+        )?;
+        // Crash window: the new segment in place, the old one still there.
+        fail::fail_point!("journal-rotate-after-rename");
+        segment::remove_segments_before(dir, n);
+        return Ok(resumed(state, recovery, (file, n, len, len)));
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&tail.path)
+        .map_err(|e| JournalError::io("open segment", &tail.path, e))?;
+    if tail.valid_len < tail.file_len {
+        // Crash window: superseded segments removed, the torn tail not yet cut.
+        fail::fail_point!("journal-open-before-cut");
+        file.set_len(tail.valid_len)
+            .map_err(|e| JournalError::io("cut torn tail of segment", &tail.path, e))?;
+    }
+    let start = (file, tail.segment, tail.valid_len, tail.snapshot_end);
+    Ok(resumed(state, recovery, start))
+}
+
+/// Held shared while a journal takes its lock, and exclusively by a test while it spawns a
+/// child process: until the child execs, it holds copies of all the test process's file
+/// descriptors, and with them the `flock` of a journal closed meanwhile, which would make
+/// reopening that journal fail with `Locked` (`crash_tests`).
+#[cfg(test)]
+static SPAWNING: parking_lot::RwLock<()> = parking_lot::RwLock::new(());
+
 /// Takes the exclusive lock of the journal directory.
 fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    #[cfg(test)]
+    let _spawning = SPAWNING.read();
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -954,6 +944,8 @@ fn dir_id(dir: &Path) -> Option<(u64, u64)> {
     fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;
 

@@ -90,139 +90,18 @@ pub(crate) fn replay(
     if names.is_empty() {
         return Ok(out);
     }
-
-    // Replay starts at the newest segment that opens with a valid snapshot: rotation writes
-    // a segment's snapshot before removing the older segments, so those are superseded.
-    let mut segs = Vec::new();
-    let mut start = None;
-    for (n, path) in names.iter().rev() {
-        let seg = Seg::load(*n, path.clone())?;
-        let found = seg.starts_with_snapshot();
-        segs.push(seg);
-        if found {
-            start = Some(names.len() - segs.len());
-            break;
-        }
-    }
-    segs.reverse();
-    let found_snapshot = start.is_some();
-    let start = start.unwrap_or(0);
-    // `segs` holds names[names.len() - segs.len()..]; keep those from `start` on.
-    let skip = start - (names.len() - segs.len());
-    let segs: Vec<Seg> = segs.into_iter().skip(skip).collect();
-    out.obsolete = names[..start].iter().map(|(_, p)| p.clone()).collect();
-
-    let newest = segs.last().map(|s| (s.n, s.header.clone()));
-    let mut rescan = match newest {
-        Some((n, Err(why))) => Some(format!("segment {n}: bad header: {why}")),
-        Some((n, Ok(written_in))) => match boot {
-            Some(now) if !clean && written_in != now => Some(format!(
-                "unclean shutdown across a reboot: segment {n} was written during boot \
-                 {written_in}, this is boot {now}, and the CLEAN marker is missing, so the page \
-                 cache may have lost journal records"
-            )),
-            _ => None,
-        },
-        None => None,
-    };
-    // Only segment 1, the first of a fresh journal, may lack a snapshot with nothing before
-    // it (its empty snapshot was torn).
-    if rescan.is_none() && !found_snapshot && segs[0].n != 1 {
-        rescan = Some(format!(
-            "segment {} is the oldest and does not start with a snapshot: the start of the \
-             journal is missing",
-            segs[0].n
-        ));
-    }
-
+    let (segs, found_snapshot) = load_from_last_snapshot(&names)?;
+    out.obsolete = names[..names.len() - segs.len()]
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect();
+    let mut rescan = distrust(&segs, found_snapshot, boot, clean);
     let mut last: Option<Seq> = None;
     let count = segs.len();
     for (i, seg) in segs.iter().enumerate() {
-        let is_last = i + 1 == count;
-        let boot_of_seg = match &seg.header {
-            Ok(b) => *b,
-            Err(why) => {
-                rescan.get_or_insert_with(|| format!("segment {}: bad header: {why}", seg.n));
-                break;
-            }
-        };
-        out.recovery.segments += 1;
-        let mut off = HEADER_LEN;
-        let mut snapshot_end = HEADER_LEN;
-        let mut problem = None;
-        while off < seg.bytes.len() {
-            match record::read_frame(&seg.bytes, off) {
-                Ok((seq, rec, end)) => {
-                    let in_order = match (&rec, last) {
-                        (_, None) => true,
-                        // A snapshot repeats the seq of the last record it covers.
-                        (Record::Snapshot(_), Some(l)) => off == HEADER_LEN && seq >= l,
-                        (Record::Op(_), Some(l)) => seq > l,
-                    };
-                    if !in_order {
-                        problem = Some(match rec {
-                            Record::Snapshot(_) if off != HEADER_LEN => {
-                                "snapshot record not at the start of its segment".to_owned()
-                            }
-                            _ => format!(
-                                "sequence number {seq} does not follow {}",
-                                last.unwrap_or(0)
-                            ),
-                        });
-                        break;
-                    }
-                    match rec {
-                        Record::Op(op) => {
-                            out.state.apply(&op);
-                            out.recovery.records += 1;
-                        }
-                        Record::Snapshot(state) => {
-                            out.state = state;
-                            snapshot_end = end;
-                        }
-                    }
-                    last = Some(seq);
-                    off = end;
-                }
-                Err(e) => {
-                    problem = Some(e.reason().to_owned());
-                    break;
-                }
-            }
-        }
-        out.last_seq = last.unwrap_or(0);
-        if let Some(why) = problem {
-            if !is_last {
-                rescan.get_or_insert_with(|| {
-                    format!(
-                        "segment {} is corrupt at offset {off}: {why}; it is not the last \
-                         segment, so records after it would be lost",
-                        seg.n
-                    )
-                });
-                break;
-            }
-            if let Some(next) = valid_record_after(&seg.bytes, off, out.last_seq) {
-                rescan.get_or_insert_with(|| {
-                    format!(
-                        "segment {} is corrupt at offset {off}: {why}; a valid record follows \
-                         at offset {next}, so this is damage, not a torn write",
-                        seg.n
-                    )
-                });
-                break;
-            }
-            out.recovery.torn_tail = Some(format!("segment {} cut at offset {off}: {why}", seg.n));
-        }
-        if is_last {
-            out.tail = Some(Tail {
-                segment: seg.n,
-                path: seg.path.clone(),
-                valid_len: off as u64,
-                file_len: seg.bytes.len() as u64,
-                boot: boot_of_seg,
-                snapshot_end: snapshot_end as u64,
-            });
+        if let Err(why) = replay_segment(seg, i + 1 == count, &mut out, &mut last) {
+            rescan.get_or_insert(why);
+            break;
         }
     }
     out.recovery.last_seq = out.last_seq;
@@ -231,6 +110,152 @@ pub(crate) fn replay(
         out.tail = None;
     }
     Ok(out)
+}
+
+/// Loads the segments replay starts from: from the newest that opens with a valid snapshot
+/// (rotation writes a segment's snapshot before removing the older segments, so those are
+/// superseded) to the last; all of them if none does. Also says whether one did.
+fn load_from_last_snapshot(names: &[(u64, PathBuf)]) -> Result<(Vec<Seg>, bool), JournalError> {
+    let mut segs = Vec::new();
+    let mut found = false;
+    for (n, path) in names.iter().rev() {
+        let seg = Seg::load(*n, path.clone())?;
+        found = seg.starts_with_snapshot();
+        segs.push(seg);
+        if found {
+            break;
+        }
+    }
+    segs.reverse();
+    Ok((segs, found))
+}
+
+/// Why the segments cannot be trusted whatever their records: the newest one's header is
+/// bad, or it was written during another boot and the journal was not closed cleanly, or the
+/// start of the journal is missing. `segs` is not empty.
+fn distrust(
+    segs: &[Seg],
+    found_snapshot: bool,
+    boot: Option<BootId>,
+    clean: bool,
+) -> Option<String> {
+    let newest = segs.last()?;
+    match (&newest.header, boot) {
+        (Err(why), _) => return Some(format!("segment {}: bad header: {why}", newest.n)),
+        (Ok(written_in), Some(now)) if !clean && *written_in != now => {
+            return Some(format!(
+                "unclean shutdown across a reboot: segment {} was written during boot \
+                 {written_in}, this is boot {now}, and the CLEAN marker is missing, so the page \
+                 cache may have lost journal records",
+                newest.n
+            ));
+        }
+        _ => {}
+    }
+    // Only segment 1, the first of a fresh journal, may lack a snapshot with nothing before
+    // it (its empty snapshot was torn).
+    (!found_snapshot && segs[0].n != 1).then(|| {
+        format!(
+            "segment {} is the oldest and does not start with a snapshot: the start of the \
+             journal is missing",
+            segs[0].n
+        )
+    })
+}
+
+/// Applies the records of `seg` to `out` (`last`: the seq of the last record applied). At
+/// the first record that is not whole and valid: in the last segment, a torn tail (noted in
+/// `out`), unless a valid record follows; otherwise returns why the journal must be rescanned.
+fn replay_segment(
+    seg: &Seg,
+    is_last: bool,
+    out: &mut Replay,
+    last: &mut Option<Seq>,
+) -> Result<(), String> {
+    let boot = match &seg.header {
+        Ok(b) => *b,
+        Err(why) => return Err(format!("segment {}: bad header: {why}", seg.n)),
+    };
+    out.recovery.segments += 1;
+    let (off, snapshot_end, problem) = apply_records(seg, out, last);
+    out.last_seq = last.unwrap_or(0);
+    if let Some(why) = problem {
+        if !is_last {
+            return Err(format!(
+                "segment {} is corrupt at offset {off}: {why}; it is not the last segment, so \
+                 records after it would be lost",
+                seg.n
+            ));
+        }
+        if let Some(next) = valid_record_after(&seg.bytes, off, out.last_seq) {
+            return Err(format!(
+                "segment {} is corrupt at offset {off}: {why}; a valid record follows at \
+                 offset {next}, so this is damage, not a torn write",
+                seg.n
+            ));
+        }
+        out.recovery.torn_tail = Some(format!("segment {} cut at offset {off}: {why}", seg.n));
+    }
+    if is_last {
+        out.tail = Some(Tail {
+            segment: seg.n,
+            path: seg.path.clone(),
+            valid_len: off as u64,
+            file_len: seg.bytes.len() as u64,
+            boot,
+            snapshot_end: snapshot_end as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Applies the whole, valid records of `seg` in order, up to the first that is not (or is out
+/// of order). Returns the offset where they end, the end of the segment's snapshot
+/// ([`HEADER_LEN`] if none), and what is wrong at that offset, if anything.
+fn apply_records(
+    seg: &Seg,
+    out: &mut Replay,
+    last: &mut Option<Seq>,
+) -> (usize, usize, Option<String>) {
+    let mut off = HEADER_LEN;
+    let mut snapshot_end = HEADER_LEN;
+    while off < seg.bytes.len() {
+        let (seq, rec, end) = match record::read_frame(&seg.bytes, off) {
+            Ok(frame) => frame,
+            Err(e) => return (off, snapshot_end, Some(e.reason().to_owned())),
+        };
+        let in_order = match (&rec, *last) {
+            (_, None) => true,
+            // A snapshot repeats the seq of the last record it covers.
+            (Record::Snapshot(_), Some(l)) => off == HEADER_LEN && seq >= l,
+            (Record::Op(_), Some(l)) => seq > l,
+        };
+        if !in_order {
+            let why = match rec {
+                Record::Snapshot(_) if off != HEADER_LEN => {
+                    "snapshot record not at the start of its segment".to_owned()
+                }
+                _ => format!(
+                    "sequence number {seq} does not follow {}",
+                    last.unwrap_or(0)
+                ),
+            };
+            return (off, snapshot_end, Some(why));
+        }
+        match rec {
+            Record::Op(op) => {
+                out.state.apply(&op);
+                out.recovery.records += 1;
+            }
+            Record::Snapshot(state) => {
+                out.state = state;
+                snapshot_end = end;
+            }
+        }
+        *last = Some(seq);
+        off = end;
+    }
+    (off, snapshot_end, None)
 }
 
 /// The offset of a whole, valid record with a seq above `last` somewhere after `bad`, if any.

@@ -164,6 +164,8 @@ pub(crate) fn remove_temporaries(dir: &Path) -> Result<(), JournalError> {
             let path = entry.path();
             fs::remove_file(&path)
                 .map_err(|e| JournalError::io("remove unfinished segment", path, e))?;
+            // Crash window: some leftovers removed, others not yet.
+            fail::fail_point!("journal-open-cleanup-midway");
         }
     }
     Ok(())
@@ -172,13 +174,15 @@ pub(crate) fn remove_temporaries(dir: &Path) -> Result<(), JournalError> {
 /// Creates segment `n` holding the header and a Snapshot of `state` as of `seq`, and returns
 /// it opened for appending with its length. It is written under a temporary name and renamed,
 /// so a crash leaves either no segment `n` or a whole one. Nothing is synced: see FORMAT.md
-/// for why that is enough.
+/// for why that is enough. `before_rename` names the fail point between the write and the
+/// rename (the caller's crash window: FORMAT.md, "Crash windows and their fail points").
 pub(crate) fn create_segment(
     dir: &Path,
     n: u64,
     boot: BootId,
     seq: Seq,
     state: &DirtyState,
+    before_rename: &str,
 ) -> Result<(File, u64), JournalError> {
     let mut buf = encode_header(n, boot).to_vec();
     record::encode_snapshot(&mut buf, seq, state)?;
@@ -198,6 +202,7 @@ pub(crate) fn create_segment(
         .write_all(&buf)
         .map_err(|e| JournalError::io("write segment snapshot to", &tmp, e))
         .and_then(|()| {
+            fail::fail_point!(before_rename);
             fs::rename(&tmp, &path)
                 .map_err(|e| JournalError::io("rename new segment into", &path, e))
         });
@@ -208,6 +213,47 @@ pub(crate) fn create_segment(
         return Err(e);
     }
     Ok((file, buf.len() as u64))
+}
+
+/// Appends a batch of encoded records to the segment with one `write_all`.
+///
+/// The fail point `journal-batch-torn` is a crash part way through that write. Reaching it
+/// takes a lookup in the fail point registry (`fail::list`, empty unless a test configured
+/// a point), and only when it is configured is the batch written in two parts: up to the
+/// middle of the record around the batch's middle, the point, then the rest.
+pub(crate) fn append_records(file: &File, bytes: &[u8]) -> io::Result<()> {
+    let mut file = file;
+    if fail::list()
+        .iter()
+        .any(|(name, _)| name == "journal-batch-torn")
+    {
+        let torn = torn_len(bytes);
+        file.write_all(&bytes[..torn])?;
+        fail::fail_point!("journal-batch-torn");
+        return file.write_all(&bytes[torn..]);
+    }
+    file.write_all(bytes)
+}
+
+/// A length of `batch` (whole records) that ends inside a record: in the middle of the one
+/// that holds the batch's middle byte. The records before it are whole, it is torn.
+pub(crate) fn torn_len(batch: &[u8]) -> usize {
+    let middle = batch.len() / 2;
+    let mut start = 0;
+    while start + 8 <= batch.len() {
+        let len = u32::from_le_bytes([
+            batch[start],
+            batch[start + 1],
+            batch[start + 2],
+            batch[start + 3],
+        ]) as usize;
+        let end = start + 8 + len;
+        if end > middle || end >= batch.len() {
+            return start + (end.min(batch.len()) - start) / 2;
+        }
+        start = end;
+    }
+    middle
 }
 
 /// Allocates disk space for `[offset, offset + len)` of `file` without changing its size
@@ -293,6 +339,30 @@ mod tests {
         if Path::new(BOOT_ID_PATH).exists() {
             assert_eq!(BootId::resolve(None).unwrap().to_string().len(), 36);
         }
+    }
+
+    #[test]
+    fn a_torn_batch_ends_inside_the_record_at_its_middle() {
+        let mut batch = Vec::new();
+        let mut ends = Vec::new();
+        for len in [100, 7, 300, 20] {
+            record::encode_op(
+                &mut batch,
+                1,
+                &crate::op::Op::Touch {
+                    ino: crate::FuseIno(1),
+                    path: Some(PathBuf::from("x".repeat(len))),
+                },
+            )
+            .unwrap();
+            ends.push(batch.len());
+        }
+        let torn = torn_len(&batch);
+        // The middle byte is in the third record, which is cut in its middle.
+        assert!(ends[1] <= batch.len() / 2 && batch.len() / 2 < ends[2]);
+        assert_eq!(torn, ends[1] + (ends[2] - ends[1]) / 2);
+        let one = &batch[..ends[0]];
+        assert!(torn_len(one) > 0 && torn_len(one) < one.len());
     }
 
     #[test]

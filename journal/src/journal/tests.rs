@@ -2,6 +2,7 @@
 //! concurrency, and inspect's read-only promise.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::sync::Barrier;
 
 use proptest::prelude::*;

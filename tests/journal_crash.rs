@@ -1,0 +1,411 @@
+//! The daemon dies at the journal's crash windows (the table "Crash windows and their fail
+//! points" in `journal/FORMAT.md`) while it serves a real mount: in the rotation that follows
+//! a commit, in the clean close of an unmount, in a batch write under a workload, and while
+//! opening the journal at mount. The daemon is started with `OWSFS_CRASH_AT=NAME` and dies
+//! there as by `kill -9` (exit status 137, `src/failpoints.rs`); with
+//! `OWSFS_CRASH_ARMED_BY=PATH` the point fires only once the test creates PATH.
+//!
+//! Every test checks that the crash happened where it should (the log names the point) and
+//! what it left in the journal directory, then that the same cache mounts again with
+//! everything the workload completed (SQLite's `integrity_check` ok), that `owsfs sync`
+//! works on top of it, and that the newest generation holds exactly the tree.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+type Tree = BTreeMap<String, Vec<u8>>;
+
+/// Rows argv[2]..=argv[3] of table t in `app.db` (WAL mode), one transaction each, and a file
+/// `files/K` for each. With argv[4] = PATH, runs on past argv[3] until an error (the daemon
+/// died), appending each K to PATH once its row and file are done.
+const WORKLOAD: &str = r#"
+import os, sqlite3, sys
+mp, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+progress = open(sys.argv[4], "a") if len(sys.argv) > 4 else None
+os.makedirs(f"{mp}/files", exist_ok=True)
+db = sqlite3.connect(f"{mp}/app.db", isolation_level=None)
+assert db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+db.execute("CREATE TABLE IF NOT EXISTS t(k INTEGER PRIMARY KEY, v TEXT)")
+k = a
+try:
+    while k <= b or progress:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t VALUES (?, ?)", (k, f"row {k} " * 60))
+        db.execute("COMMIT")
+        with open(f"{mp}/files/{k}", "w") as f:
+            f.write(f"file {k}\n" * (k % 97 * 20 + 1))
+        if progress:
+            progress.write(f"{k}\n")
+            progress.flush()
+        k += 1
+except (OSError, sqlite3.Error):
+    if not progress:
+        raise
+"#;
+
+/// Prints `{"integrity": ..., "rows": [k...]}` of the database at argv[1].
+const SQL_CHECK: &str = r#"
+import json, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+integrity = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
+rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
+print(json.dumps({"integrity": integrity, "rows": rows}))
+"#;
+
+fn workload(ws: &Workspace, a: u64, b: u64) {
+    run_ok(
+        Command::new("python3")
+            .args(["-c", WORKLOAD])
+            .arg(&ws.mp)
+            .args([a.to_string(), b.to_string()]),
+    );
+}
+
+/// The tree without SQLite's shared-memory file (never part of a generation).
+fn tree(root: &Path) -> Tree {
+    let mut t = snapshot(root);
+    t.retain(|k, _| !k.ends_with("-shm"));
+    t
+}
+
+fn assert_same_tree(got: &Tree, want: &Tree, what: &str) {
+    let gk: Vec<&String> = got.keys().collect();
+    let wk: Vec<&String> = want.keys().collect();
+    assert_eq!(gk, wk, "{what}: different files");
+    for (k, v) in want {
+        assert!(got[k] == *v, "{what}: {k} differs");
+    }
+}
+
+/// The rows of the database under `root`, checked on a copy: `integrity_check` must be ok.
+fn db_rows(root: &Path, what: &str) -> Vec<u64> {
+    let copy = tempfile::Builder::new()
+        .prefix("owsfs-db-")
+        .tempdir()
+        .unwrap();
+    for f in ["app.db", "app.db-wal"] {
+        if root.join(f).exists() {
+            std::fs::copy(root.join(f), copy.path().join(f)).unwrap();
+        }
+    }
+    let out = run_ok(
+        Command::new("python3")
+            .args(["-c", SQL_CHECK])
+            .arg(copy.path().join("app.db")),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
+    assert_eq!(v["integrity"], "ok", "{what}: integrity_check");
+    v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect()
+}
+
+/// A workspace whose daemon dies at `point` once `armed()` exists; no cut but those the test
+/// asks for.
+fn crashing_workspace(point: &str) -> Workspace {
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.extra = ["--commit-interval", "1h", "--max-lag", "1h"]
+        .map(String::from)
+        .to_vec();
+    ws.env = vec![
+        ("OWSFS_CRASH_AT".into(), point.into()),
+        (
+            "OWSFS_CRASH_ARMED_BY".into(),
+            armed(&ws).to_string_lossy().into_owned(),
+        ),
+    ];
+    ws
+}
+
+fn armed(ws: &Workspace) -> std::path::PathBuf {
+    ws.dir.path().join("armed")
+}
+
+/// Waits until the daemon `pid` is gone, checks that its log names `point`, and removes its
+/// dead mount.
+fn crashed(ws: &Workspace, pid: i32, point: &str) {
+    let gone = wait_for(Duration::from_secs(60), || {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => s
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        }
+    });
+    assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
+    assert_crash_logged(ws, point);
+    if is_mounted(&ws.mp) {
+        let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "owsfs unmount of the dead mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        !is_mounted(&ws.mp),
+        "{point}: the dead mount is still there"
+    );
+}
+
+fn assert_crash_logged(ws: &Workspace, point: &str) {
+    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("crash point {point}: dying now")),
+        "the crash point {point} was not reached{}",
+        ws.log_tail()
+    );
+}
+
+/// Names in the cache's journal directory (segments, `.tmp`s, CLEAN).
+fn journal_files(ws: &Workspace) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(ws.cache.join("journal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "LOCK")
+        .collect();
+    v.sort();
+    v
+}
+
+/// The crashed cache mounts again with `want` (and `rows` rows), writes one more file, syncs
+/// it and unmounts; the newest generation is then exactly the tree.
+fn remount_and_sync(ws: &mut Workspace, want: &Tree, rows: u64, what: &str) {
+    ws.env.clear();
+    ws.mount();
+    assert_same_tree(&tree(&ws.mp), want, &format!("{what}: remount"));
+    assert_eq!(
+        db_rows(&ws.mp, what),
+        (1..=rows).collect::<Vec<_>>(),
+        "{what}: rows"
+    );
+    std::fs::write(ws.path("files/after.txt"), b"after the crash\n").unwrap();
+    let want = tree(&ws.mp);
+    ws.sync();
+    ws.unmount();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{what}: restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&tree(&dest), &want, &format!("{what}: newest generation"));
+}
+
+/// `owsfs sync` commits, then dies in the journal's rotation (`committed`): before the new
+/// segment's rename (a `.seg.tmp` is left) or after it (two segments are left). The
+/// generation landed; the same cache replays the journal (a superset of what changed since,
+/// or exactly that) and goes on.
+#[test]
+fn crash_in_the_journals_rotation_after_a_commit() {
+    if skip_fuse() {
+        return;
+    }
+    for point in [
+        "journal-rotate-before-rename",
+        "journal-rotate-after-rename",
+    ] {
+        let mut ws = crashing_workspace(point);
+        ws.mount();
+        let pid = ws.daemon_pid();
+        workload(&ws, 1, 20);
+        // Not armed yet: this commit's rotation goes through.
+        let g1 = ws.sync();
+        workload(&ws, 21, 40);
+        let want = tree(&ws.mp);
+        std::fs::write(armed(&ws), b"").unwrap();
+        let out = ws.owsfs(&["sync", &ws.mp.to_string_lossy()]);
+        assert!(!out.status.success(), "{point}: owsfs sync succeeded");
+        crashed(&ws, pid, point);
+        let left = journal_files(&ws);
+        let (tmps, segs) = (
+            left.iter().filter(|n| n.ends_with(".seg.tmp")).count(),
+            left.iter().filter(|n| n.ends_with(".seg")).count(),
+        );
+        match point {
+            "journal-rotate-before-rename" => assert_eq!((tmps, segs), (1, 1), "{left:?}"),
+            _ => assert_eq!((tmps, segs), (0, 2), "{left:?}"),
+        }
+        let log = ws.log_json();
+        assert!(
+            log.iter()
+                .any(|r| r["number"].as_u64() == Some(g1 + 1) && r["kind"] == "commit"),
+            "{point}: the crashed sync's generation landed: {log:?}"
+        );
+        remount_and_sync(&mut ws, &want, 40, point);
+    }
+}
+
+/// `owsfs unmount` hands off (the last cut committed, the lease released), then the daemon
+/// dies closing the journal: before CLEAN (the segment synced) or after it (its name not yet
+/// synced). Another node sees the last cut; the same cache replays and goes on.
+#[test]
+fn crash_while_closing_the_journal() {
+    if skip_fuse() {
+        return;
+    }
+    for point in ["journal-close-before-clean", "journal-close-after-clean"] {
+        let mut ws = crashing_workspace(point);
+        ws.mount();
+        let pid = ws.daemon_pid();
+        workload(&ws, 1, 20);
+        ws.sync();
+        workload(&ws, 21, 40);
+        let want = tree(&ws.mp);
+        std::fs::write(armed(&ws), b"").unwrap();
+        let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("died during the unmount"),
+            "{point}: owsfs unmount: {}: {err}",
+            out.status
+        );
+        crashed(&ws, pid, point);
+        let clean = journal_files(&ws).contains(&"CLEAN".to_string());
+        assert_eq!(
+            clean,
+            point == "journal-close-after-clean",
+            "{point}: CLEAN"
+        );
+
+        let other = Workspace::unmounted(Some(&ws.store), "ws");
+        other.mount();
+        assert_same_tree(&tree(&other.mp), &want, &format!("{point}: another node"));
+        other.unmount();
+        remount_and_sync(&mut ws, &want, 40, point);
+    }
+}
+
+/// The daemon dies in a batch write, half of it written (`journal-batch-torn`), while a
+/// workload of SQLite transactions and files runs. The next mount cuts the torn tail; every
+/// row and file the workload completed is there.
+#[test]
+fn crash_in_a_torn_batch_under_a_workload() {
+    if skip_fuse() {
+        return;
+    }
+    let point = "journal-batch-torn";
+    let mut ws = crashing_workspace(point);
+    ws.mount();
+    let pid = ws.daemon_pid();
+    workload(&ws, 1, 10);
+    ws.sync();
+    let progress = ws.dir.path().join("progress");
+    let mut child: Child = Command::new("python3")
+        .args(["-c", WORKLOAD])
+        .arg(&ws.mp)
+        .args(["11", "11"])
+        .arg(&progress)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let done = || -> Vec<u64> {
+        std::fs::read_to_string(&progress)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || done().len() >= 10),
+        "the workload made no progress{}",
+        ws.log_tail()
+    );
+    std::fs::write(armed(&ws), b"").unwrap();
+    crashed(&ws, pid, point);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the workload: {status}");
+    let done = done();
+    let last = *done.last().unwrap();
+
+    ws.env.clear();
+    ws.mount();
+    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
+    assert!(
+        log.contains("torn tail cut"),
+        "no torn tail{}",
+        ws.log_tail()
+    );
+    let rows = db_rows(&ws.mp, point);
+    assert!(
+        rows.len() as u64 >= last && rows.iter().copied().eq(1..=rows.len() as u64),
+        "{point}: rows {rows:?}, the workload completed 1..={last}"
+    );
+    for k in 1..=last {
+        let got = std::fs::read(ws.path(&format!("files/{k}"))).unwrap();
+        assert_eq!(
+            got,
+            format!("file {k}\n")
+                .repeat((k % 97 * 20 + 1) as usize)
+                .as_bytes()
+        );
+    }
+    let want = tree(&ws.mp);
+    ws.unmount();
+    remount_and_sync(&mut ws, &want, rows.len() as u64, point);
+}
+
+/// Opening the journal at mount dies: after removing CLEAN (a clean unmount before), and in
+/// the middle of a rescan (a damaged segment header before). The next mount serves the tree.
+#[test]
+fn crash_while_opening_the_journal() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.extra = ["--commit-interval", "1h"].map(String::from).to_vec();
+    ws.mount();
+    workload(&ws, 1, 20);
+    let want = tree(&ws.mp);
+    ws.unmount();
+    for point in ["journal-open-after-unclean", "journal-rescan-midway"] {
+        if point == "journal-rescan-midway" {
+            let seg = journal_files(&ws)
+                .into_iter()
+                .find(|n| n.ends_with(".seg"))
+                .unwrap();
+            let path = ws.cache.join("journal").join(seg);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[0] ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+        }
+        ws.env = vec![("OWSFS_CRASH_AT".into(), point.into())];
+        let out = ws.try_mount();
+        ws.env.clear();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("exit status: 137"),
+            "{point}: {err}{}",
+            ws.log_tail()
+        );
+        assert_crash_logged(&ws, point);
+        assert!(!is_mounted(&ws.mp), "{point}: a mount is left behind");
+        // After a clean unmount, CLEAN goes at the end of the open: a crash in the rescan
+        // leaves it (it vouches for nothing a rescan would trust).
+        let left = journal_files(&ws);
+        match point {
+            "journal-open-after-unclean" => {
+                assert!(!left.contains(&"CLEAN".to_string()), "{point}: {left:?}");
+            }
+            _ => assert!(left.iter().any(|n| n.ends_with(".seg.tmp")), "{left:?}"),
+        }
+        let _ = std::fs::remove_file(ws.cache.join("owsfs.log"));
+        ws.mount();
+        assert_same_tree(&tree(&ws.mp), &want, point);
+        assert_eq!(db_rows(&ws.mp, point), (1..=20).collect::<Vec<_>>());
+        ws.unmount();
+    }
+    let log_before = ws.log_json().len();
+    remount_and_sync(&mut ws, &want, 20, "after both");
+    assert!(ws.log_json().len() > log_before);
+}
