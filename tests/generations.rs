@@ -546,3 +546,45 @@ fn a_refused_rmdir_or_rename_loses_no_change_below_it() {
         );
     }
 }
+
+/// A written file keeps its new content in the store when the name the journal knows it by
+/// goes while it keeps another name (an unlink, or a rename over it): the next cut walks the
+/// whole tree to find it. (Before the fix, the other name kept the old content in the store.)
+#[test]
+fn a_written_file_keeps_its_change_when_one_of_its_names_goes() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::with_options(&[]);
+    for d in ["h", "l", "m", "n"] {
+        std::fs::create_dir(ws.path(d)).unwrap();
+    }
+    std::fs::write(ws.path("h/x"), b"v1").unwrap();
+    std::fs::hard_link(ws.path("h/x"), ws.path("l/y")).unwrap();
+    std::fs::write(ws.path("m/x"), b"v1").unwrap();
+    std::fs::hard_link(ws.path("m/x"), ws.path("n/y")).unwrap();
+    ws.sync();
+    // Unlinked by the name it was written through.
+    std::fs::write(ws.path("h/x"), b"v2-longer").unwrap();
+    std::fs::remove_file(ws.path("h/x")).unwrap();
+    // Replaced by a rename over the name it was written through.
+    std::fs::write(ws.path("m/x"), b"v2-longer").unwrap();
+    std::fs::write(ws.path("m/z"), b"z").unwrap();
+    std::fs::rename(ws.path("m/z"), ws.path("m/x")).unwrap();
+    let g = ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(Some(g), &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, want) in [("l/y", "v2-longer"), ("n/y", "v2-longer"), ("m/x", "z")] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(path)).unwrap(),
+            want,
+            "{path} in generation {g}"
+        );
+    }
+    assert!(!dest.join("h/x").exists());
+}

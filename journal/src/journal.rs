@@ -241,7 +241,11 @@ struct Reserve {
 fn frees_space(op: &Op) -> bool {
     matches!(
         op,
-        Op::Remove { .. } | Op::Rename { .. } | Op::Truncate { .. } | Op::Fsync { .. }
+        Op::Remove { .. }
+            | Op::Rename { .. }
+            | Op::Truncate { .. }
+            | Op::Fsync { .. }
+            | Op::Unplace { .. }
     )
 }
 

@@ -108,6 +108,10 @@ pub enum Op {
     },
     /// fsync/fdatasync of a file, fsyncdir of a directory: durability barrier, no state change.
     Fsync { ino: Ino },
+    /// A name of a regular file with other names is about to go (unlink, or a rename over
+    /// it): if the file is dirty, its other names are unknown to the state, so the next cut
+    /// must look for them (a walk of the whole tree).
+    Unplace { ino: Ino },
 }
 
 impl Op {
@@ -123,6 +127,7 @@ impl Op {
             Op::Truncate { .. } => "truncate",
             Op::Meta { .. } => "meta",
             Op::Fsync { .. } => "fsync",
+            Op::Unplace { .. } => "unplace",
         }
     }
 
@@ -136,7 +141,8 @@ impl Op {
             | Op::Write { ino, .. }
             | Op::Truncate { ino, .. }
             | Op::Meta { ino, .. }
-            | Op::Fsync { ino } => Some(*ino),
+            | Op::Fsync { ino }
+            | Op::Unplace { ino } => Some(*ino),
             Op::Rename { .. } => None,
         }
     }

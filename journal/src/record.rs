@@ -29,6 +29,7 @@ pub(crate) const T_WRITE: u8 = 6;
 pub(crate) const T_TRUNCATE: u8 = 7;
 pub(crate) const T_META: u8 = 8;
 pub(crate) const T_FSYNC: u8 = 9;
+pub(crate) const T_UNPLACE: u8 = 10;
 pub(crate) const T_SNAPSHOT: u8 = 64;
 
 // Snapshot per-file flag bits.
@@ -36,7 +37,8 @@ const F_PATH: u8 = 1;
 const F_CREATED: u8 = 2;
 const F_META: u8 = 4;
 const F_TRUNCATED: u8 = 8;
-const F_ALL: u8 = F_PATH | F_CREATED | F_META | F_TRUNCATED;
+const F_UNPLACED: u8 = 16;
+const F_ALL: u8 = F_PATH | F_CREATED | F_META | F_TRUNCATED | F_UNPLACED;
 
 /// A decoded record payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +182,10 @@ pub(crate) fn encode_op(out: &mut Vec<u8>, seq: Seq, op: &Op) -> Result<(), Jour
             put_u64(o, ino.0);
             Ok(())
         }),
+        Op::Unplace { ino } => frame(out, seq, T_UNPLACE, what, |o| {
+            put_u64(o, ino.0);
+            Ok(())
+        }),
     }
 }
 
@@ -206,6 +212,9 @@ pub(crate) fn encode_snapshot(
             }
             if f.truncated_to.is_some() {
                 flags |= F_TRUNCATED;
+            }
+            if f.unplaced {
+                flags |= F_UNPLACED;
             }
             o.push(flags);
             if let Some(p) = &f.path {
@@ -356,6 +365,7 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<(Seq, Record), String> {
             Record::Op(Op::Meta { ino, dir })
         }
         T_FSYNC => Record::Op(Op::Fsync { ino: r.ino()? }),
+        T_UNPLACE => Record::Op(Op::Unplace { ino: r.ino()? }),
         T_SNAPSHOT => Record::Snapshot(decode_snapshot(&mut r)?),
         other => return Err(format!("unknown record type {other}")),
     };
@@ -398,6 +408,7 @@ fn decode_snapshot(r: &mut Reader<'_>) -> Result<DirtyState, String> {
             truncated_to,
             created: flags & F_CREATED != 0,
             meta: flags & F_META != 0,
+            unplaced: flags & F_UNPLACED != 0,
         };
         if state.files.insert(ino, file).is_some() {
             return Err(format!("inode {ino} twice in snapshot"));
@@ -708,6 +719,7 @@ mod tests {
             (arb_path(), arb_path(), any::<bool>())
                 .prop_map(|(from, to, exchange)| { Op::Rename { from, to, exchange } }),
             (ino(), arb_path()).prop_map(|(ino, path)| Op::Link { ino, path }),
+            ino().prop_map(|ino| Op::Unplace { ino }),
             (ino(), any::<u64>(), any::<u64>()).prop_map(|(ino, offset, len)| Op::Write {
                 ino,
                 offset,

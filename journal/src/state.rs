@@ -31,6 +31,10 @@ pub struct DirtyFile {
     pub created: bool,
     /// Attributes/xattrs changed.
     pub meta: bool,
+    /// A name of the file went while it had others (`Op::Unplace`): where it is now is not
+    /// known here, so the next cut walks the whole tree to find it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unplaced: bool,
 }
 
 /// Every file and directory that may differ from the last generation.
@@ -153,6 +157,12 @@ impl DirtyState {
                 None => self.files.entry(*ino).or_default().meta = true,
             },
             Op::Fsync { .. } => {}
+            // Only a dirty file can lose changes: a clean one has none to lose.
+            Op::Unplace { ino } => {
+                if let Some(f) = self.files.get_mut(ino) {
+                    f.unplaced = true;
+                }
+            }
         }
     }
 
@@ -264,6 +274,7 @@ pub(crate) fn rescan_excluding(
                         truncated_to: None,
                         created: true,
                         meta: false,
+                        unplaced: false,
                     });
             }
         }

@@ -99,7 +99,13 @@ pub fn capture(
     inos: InoMap,
     full: bool,
 ) -> anyhow::Result<Capture> {
-    if !full {
+    // A dirty file lost a name while it had others (`Op::Unplace`): only a walk of the whole
+    // tree finds where it is.
+    let unplaced = dirty.files.values().any(|f| f.unplaced);
+    if unplaced && !full {
+        tracing::info!("cut: a written file lost a name and keeps others; walking the whole tree");
+    }
+    if !full && !unplaced {
         match capture_with(root_fd, dirty, known, inos, false)? {
             Some(c) => return Ok(c),
             None => tracing::info!(

@@ -304,6 +304,9 @@ impl Core {
         let _barrier = self.mutation()?;
         let st = rustix::fs::statat(&pdir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("remove")?;
         let ino = self.ino_of(&st);
+        if !dir && keeps_other_names(&st) {
+            self.journal.append(Op::Unplace { ino })?;
+        }
         self.journal.append(Op::Remove {
             ino,
             path: self.child_path(parent, name),
@@ -360,6 +363,15 @@ impl Core {
             Err(rustix::io::Errno::NOENT) if !exchange => None,
             Err(e) => return Err(FsError::errno(e.raw_os_error(), "rename target")),
         };
+        if let Some(d) = &dst
+            && !exchange
+            && d.st_ino != src.st_ino
+            && keeps_other_names(d)
+        {
+            self.journal.append(Op::Unplace {
+                ino: self.ino_of(d),
+            })?;
+        }
         self.journal.append(Op::Rename {
             from: self.child_path(parent, name),
             to: self.child_path(newparent, newname),
@@ -486,6 +498,13 @@ impl Drop for CallerCreds {
             }
         }
     }
+}
+
+/// A regular file that keeps names after one of them goes (unlink, rename over it): the
+/// journal must hear of it first (`Op::Unplace`), or a dirty file's change could stay behind
+/// in a directory no cut lists.
+fn keeps_other_names(st: &rustix::fs::Stat) -> bool {
+    crate::kind::of_mode(st.st_mode) == owsfs_journal::NodeKind::File && st.st_nlink > 1
 }
 
 #[cfg(test)]
