@@ -261,8 +261,17 @@ fn fork_with_changes(
         "owsfs: generation {g} of {name:?} committed in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-    let (_clean, handed) = crate::mount::handoff(services, lease, &journal);
-    handed.map_err(anyhow::Error::msg)?;
+    let (clean, handed) = crate::mount::handoff(services, lease, &journal);
+    if !clean {
+        anyhow::bail!(
+            "generation {g} of {name:?} is committed, but the cache's journal could not be closed: {}",
+            handed.err().unwrap_or_default()
+        );
+    }
+    if let Err(e) = handed {
+        // The fork is made; only its lease is left to lapse (30 s).
+        eprintln!("owsfs: warning: {e}");
+    }
     // Only now does the cache belong to the fork (a failed recover leaves it as it was).
     let local = LocalState::open(&state_path)?;
     local.set_meta("workspace", &name)?;

@@ -102,6 +102,7 @@ impl Daemon {
                 secs: after.as_secs_f64(),
                 why,
             },
+            e @ owsfs_sync::SyncError::Stopped(_) => ControlError::Other(e.to_string()),
         })
     }
 

@@ -129,7 +129,7 @@ impl LeaseGuard {
     }
 
     /// The handoff's last step: stops the keeper and releases the lease if nothing is left
-    /// unsynced. `lag` says what the journal still holds, for the message.
+    /// unsynced. `why_dirty` says why the journal still holds changes, for the message.
     pub fn hand_off(mut self, why_dirty: impl FnOnce() -> String) -> Result<(), String> {
         self.stop();
         self.release = Release::Done;
@@ -172,7 +172,10 @@ impl Drop for LeaseGuard {
             Release::Always => true,
             Release::IfClean => !self.journal.as_ref().is_some_and(|j| j.is_dirty()),
         };
-        if !release || self.keeper.is_lost() {
+        if self.keeper.is_lost() {
+            return;
+        }
+        if !release {
             if self.release != Release::Done {
                 tracing::warn!(
                     "the lease is kept until it lapses: unsynced changes stay in the cache"

@@ -94,6 +94,12 @@ pub enum SyncError {
     ShuttingDown,
     #[error("not durable after {after:?}: {why}")]
     NotDurable { after: Duration, why: String },
+    /// The lease was lost (fail-stop): nothing more is uploaded from this mount.
+    #[error(
+        "writes were stopped ({0}); nothing more goes to the store from this mount: its \
+         unsynced changes stay in its cache (`owsfs recover` turns them into a workspace)"
+    )]
+    Stopped(String),
 }
 
 /// The agent's state, for `owsfs status`.
@@ -496,7 +502,13 @@ impl SyncAgent {
             if st.stop {
                 return Err(SyncError::ShuttingDown);
             }
-            if self.cv.wait_until(&mut st, deadline).timed_out() {
+            if let Some(why) = self.core.writes_stopped() {
+                return Err(SyncError::Stopped(why.to_string()));
+            }
+            // A fail-stop does not wake this wait (the keeper does not know the agent): it is
+            // looked at every 200 ms.
+            let until = deadline.min(Instant::now() + Duration::from_millis(200));
+            if self.cv.wait_until(&mut st, until).timed_out() && Instant::now() >= deadline {
                 return Err(SyncError::NotDurable {
                     after: timeout,
                     why: st
