@@ -386,24 +386,31 @@ pub struct PreparedRest {
     pub recovery: Recovery,
 }
 
-/// The thread that asks the kernel to forget inodes when the table nears its budget.
+/// The thread that asks the kernel to forget inodes when the table nears its budget. Dropping
+/// the stop sender ends it; `stop` joins it.
 struct Reaper {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reaper {
     fn start(core: Arc<Core>) -> anyhow::Result<Reaper> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = Arc::clone(&stop);
-        std::thread::Builder::new()
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
             .name("owsfs-reaper".into())
-            .spawn(move || core.run_reaper(&s))
+            .spawn(move || core.run_reaper(&stopped))
             .context("cannot start the inode reaper thread")?;
-        Ok(Reaper { stop })
+        Ok(Reaper {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
-    fn stop(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    fn stop(mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! kernel to forget names down to the low-water mark; at the budget, new inodes fail with
 //! ENFILE.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use crossbeam_channel::{Receiver, select};
 
 use super::{Core, Invalidator};
 use crate::error::{FsError, FsResult};
@@ -35,24 +37,21 @@ impl Core {
     }
 
     fn kick_reaper(&self) {
-        let (lock, cv) = &self.reaper_kick;
-        *lock.lock() = true;
-        cv.notify_one();
+        // Kicks coalesce: one pending is enough.
+        let _ = self.reaper_kick.0.try_send(());
     }
 
     /// The reaper's loop: whenever the inode table passes its high-water mark, ask the kernel
     /// to drop the least recently used names until it is back under the low-water mark. Runs
     /// on its own thread, never inside a request (the kernel takes directory locks to drop a
-    /// name, which a request in flight may hold). Returns when `stop` says so.
-    pub fn run_reaper(&self, stop: &AtomicBool) {
-        let (lock, cv) = &self.reaper_kick;
-        while !stop.load(Ordering::Relaxed) {
-            {
-                let mut kicked = lock.lock();
-                if !*kicked {
-                    cv.wait_for(&mut kicked, Duration::from_millis(500));
-                }
-                *kicked = false;
+    /// name, which a request in flight may hold). Waits in one `select!` on the kicks (sent
+    /// when the table passes the mark) and `stop`, whose sender is dropped to stop it.
+    pub fn run_reaper(&self, stop: &Receiver<()>) {
+        let kicks = &self.reaper_kick.1;
+        loop {
+            select! {
+                recv(stop) -> _ => return,
+                recv(kicks) -> _ => {}
             }
             let cached = self.inodes.len();
             if cached < self.high_water() {
@@ -77,6 +76,7 @@ impl Core {
         if self.inodes.len() < self.inode_budget {
             return;
         }
+        // No event says the kernel forgot an inode: the count is looked at every 5 ms.
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         while self.inodes.len() >= self.inode_budget && std::time::Instant::now() < deadline {
             self.kick_reaper();

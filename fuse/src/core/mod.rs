@@ -112,7 +112,10 @@ pub struct Core {
     /// inode; set by the mount once the session exists.
     invalidate: std::sync::OnceLock<Invalidator>,
     /// Wakes the reaper when the inode table nears its budget.
-    reaper_kick: (Mutex<bool>, parking_lot::Condvar),
+    reaper_kick: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
     /// The daemon's own ids, restored after acting as a caller.
     own_uid: u32,
     own_gid: u32,
@@ -163,7 +166,7 @@ impl Core {
             inode_budget: opts.inode_budget,
             budget_warned: AtomicBool::new(false),
             invalidate: std::sync::OnceLock::new(),
-            reaper_kick: (Mutex::new(false), parking_lot::Condvar::new()),
+            reaper_kick: crossbeam_channel::bounded(1),
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
