@@ -105,19 +105,12 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     let store = crate::mount::open_store(&store_url)?;
     let ws = Workspace::open_or_create(&store, name)
         .with_context(|| format!("cannot create workspace {name:?} in {store_url}"))?;
-    let made_here = |r: &GenerationRecord| {
-        !open.journal.is_dirty()
-            && r.root
-                .and_then(|r| serde_json::to_string(&r).ok())
-                .as_deref()
-                == Some(&base.root)
-    };
     // Only a workspace this cache's own recover began (it noted the name first) is taken on.
     let ours = local.meta("recovering_as")?.as_deref() == Some(name.as_str());
     let head = ws.head()?;
     let finishing = match head.map(|h| ws.newest_commit(h)).transpose()?.flatten() {
         None if head.is_none() || ours => false,
-        Some(r) if ours && made_here(&r) => true,
+        Some(r) if ours && made_here(&open, &base, &r) => true,
         _ => bail!("workspace {name:?} already exists in {store_url}: choose another name"),
     };
     // Phase 3: its lease.
@@ -279,6 +272,15 @@ fn fork_with_changes(
     Ok(g)
 }
 
+/// Whether commit `r` was made from this cache: it has the cache's tree and nothing is unsynced.
+fn made_here(open: &OpenCache, base: &owsfs_local::Base, r: &GenerationRecord) -> bool {
+    !open.journal.is_dirty()
+        && r.root
+            .and_then(|r| serde_json::to_string(&r).ok())
+            .as_deref()
+            == Some(&base.root)
+}
+
 /// The workspace was made from this cache by a recover that stopped before the cache was
 /// handed to it: finish that one (the cache now belongs to the fork).
 fn finish_earlier_recover(
@@ -290,19 +292,12 @@ fn finish_earlier_recover(
     cache_root: &std::path::Path,
 ) -> anyhow::Result<()> {
     let name = ws.name();
-    let made_here = |r: &GenerationRecord| {
-        !open.journal.is_dirty()
-            && r.root
-                .and_then(|r| serde_json::to_string(&r).ok())
-                .as_deref()
-                == Some(&base.root)
-    };
     let newest = ws
         .head()?
         .map(|h| ws.newest_commit(h))
         .transpose()?
         .flatten();
-    let Some(r) = newest.filter(made_here) else {
+    let Some(r) = newest.filter(|r| made_here(open, base, r)) else {
         bail!("workspace {name:?} was just changed by someone else: choose another name");
     };
     local.commit(
