@@ -19,17 +19,13 @@ mod seaweed;
 #[path = "common/stores.rs"]
 mod stores;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 use common::*;
 use stores::TestStore;
-
-type Snapshot = BTreeMap<String, Vec<u8>>;
 
 /// Rows argv[2]..=argv[3] of table t in `app.db` (WAL mode), one transaction each, and a file
 /// `files/K` for each, written under a temporary name and renamed into place. With argv[4] ==
@@ -55,15 +51,6 @@ print("ready", flush=True)
 if hold:
     sys.stdin.read()
 db.close()
-"#;
-
-/// Prints `{"integrity": ..., "rows": [k...]}` of the database at argv[1].
-const SQL_CHECK: &str = r#"
-import json, sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-integrity = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
-rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
-print(json.dumps({"integrity": integrity, "rows": rows}))
 "#;
 
 /// Kills a child process (a workload holding its database open) when dropped.
@@ -107,53 +94,10 @@ fn workload_holding(ws: &Workspace, a: u64, b: u64) -> KillOnDrop {
     child
 }
 
-/// A tree without SQLite's shared-memory files (never part of a generation).
-fn tree(root: &Path) -> Snapshot {
-    let mut s = snapshot(root);
-    s.retain(|k, _| !k.ends_with("-shm"));
-    s
-}
-
-/// Asserts two trees are equal, naming the first difference (not dumping file contents).
-fn assert_same_tree(got: &Snapshot, want: &Snapshot, what: &str) {
-    let gk: Vec<&String> = got.keys().collect();
-    let wk: Vec<&String> = want.keys().collect();
-    assert_eq!(gk, wk, "{what}: different files");
-    for (k, v) in want {
-        assert!(
-            got[k] == *v,
-            "{what}: {k} differs ({} bytes, want {} bytes)",
-            got[k].len(),
-            v.len()
-        );
-    }
-}
-
 /// Checks the database under `root` on a copy (so the workspace is not changed): integrity
 /// ok, and rows exactly `1..=rows`.
 fn check_db(root: &Path, rows: u64, what: &str) {
-    let copy = tempfile::Builder::new()
-        .prefix("owsfs-db-")
-        .tempdir()
-        .unwrap();
-    for f in ["app.db", "app.db-wal"] {
-        if root.join(f).exists() {
-            std::fs::copy(root.join(f), copy.path().join(f)).unwrap();
-        }
-    }
-    let out = run_ok(
-        Command::new("python3")
-            .args(["-c", SQL_CHECK])
-            .arg(copy.path().join("app.db")),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
-    assert_eq!(v["integrity"], "ok", "{what}: integrity_check");
-    let got: Vec<u64> = v["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r.as_u64().unwrap())
-        .collect();
+    let got = db_rows(root, what);
     assert_eq!(got, (1..=rows).collect::<Vec<_>>(), "{what}: rows");
 }
 
@@ -196,46 +140,6 @@ fn checked_log(ws: &Workspace) -> Vec<(u64, u64, String)> {
     }
     assert_eq!(v.first().map(|r| r.2.as_str()), Some("fence"), "{v:?}");
     v
-}
-
-/// Waits until the daemon `pid` is gone, checks that its log names the crash point, and
-/// removes its dead mount.
-fn crashed(ws: &Workspace, pid: i32, point: &str) {
-    let gone = wait_for(Duration::from_secs(60), || {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => s
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-            Err(_) => true,
-        }
-    });
-    assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
-    assert_crash_logged(ws, point);
-    if is_mounted(&ws.mp) {
-        assert!(
-            std::fs::metadata(&ws.mp).is_err(),
-            "{point}: the mount still answers after its daemon died"
-        );
-        let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
-        assert!(
-            out.status.success(),
-            "owsfs unmount of the dead mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(
-        !is_mounted(&ws.mp),
-        "{point}: the dead mount is still there"
-    );
-}
-
-fn assert_crash_logged(ws: &Workspace, point: &str) {
-    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
-    assert!(
-        log.contains(&format!("crash point {point}: dying now")),
-        "the crash point {point} was not reached{}",
-        ws.log_tail()
-    );
 }
 
 /// A mount that must die at `point` before it is ready.

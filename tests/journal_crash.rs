@@ -12,14 +12,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-type Tree = BTreeMap<String, Vec<u8>>;
 
 /// Rows argv[2]..=argv[3] of table t in `app.db` (WAL mode), one transaction each, and a file
 /// `files/K` for each. With argv[4] = PATH, runs on past argv[3] until an error (the daemon
@@ -49,15 +45,6 @@ except (OSError, sqlite3.Error):
         raise
 "#;
 
-/// Prints `{"integrity": ..., "rows": [k...]}` of the database at argv[1].
-const SQL_CHECK: &str = r#"
-import json, sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-integrity = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
-rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
-print(json.dumps({"integrity": integrity, "rows": rows}))
-"#;
-
 fn workload(ws: &Workspace, a: u64, b: u64) {
     run_ok(
         Command::new("python3")
@@ -65,48 +52,6 @@ fn workload(ws: &Workspace, a: u64, b: u64) {
             .arg(&ws.mp)
             .args([a.to_string(), b.to_string()]),
     );
-}
-
-/// The tree without SQLite's shared-memory file (never part of a generation).
-fn tree(root: &Path) -> Tree {
-    let mut t = snapshot(root);
-    t.retain(|k, _| !k.ends_with("-shm"));
-    t
-}
-
-fn assert_same_tree(got: &Tree, want: &Tree, what: &str) {
-    let gk: Vec<&String> = got.keys().collect();
-    let wk: Vec<&String> = want.keys().collect();
-    assert_eq!(gk, wk, "{what}: different files");
-    for (k, v) in want {
-        assert!(got[k] == *v, "{what}: {k} differs");
-    }
-}
-
-/// The rows of the database under `root`, checked on a copy: `integrity_check` must be ok.
-fn db_rows(root: &Path, what: &str) -> Vec<u64> {
-    let copy = tempfile::Builder::new()
-        .prefix("owsfs-db-")
-        .tempdir()
-        .unwrap();
-    for f in ["app.db", "app.db-wal"] {
-        if root.join(f).exists() {
-            std::fs::copy(root.join(f), copy.path().join(f)).unwrap();
-        }
-    }
-    let out = run_ok(
-        Command::new("python3")
-            .args(["-c", SQL_CHECK])
-            .arg(copy.path().join("app.db")),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
-    assert_eq!(v["integrity"], "ok", "{what}: integrity_check");
-    v["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r.as_u64().unwrap())
-        .collect()
 }
 
 /// A workspace whose daemon dies at `point` once `armed()` exists; no cut but those the test
@@ -130,42 +75,6 @@ fn armed(ws: &Workspace) -> std::path::PathBuf {
     ws.dir.path().join("armed")
 }
 
-/// Waits until the daemon `pid` is gone, checks that its log names `point`, and removes its
-/// dead mount.
-fn crashed(ws: &Workspace, pid: i32, point: &str) {
-    let gone = wait_for(Duration::from_secs(60), || {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => s
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-            Err(_) => true,
-        }
-    });
-    assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
-    assert_crash_logged(ws, point);
-    if is_mounted(&ws.mp) {
-        let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
-        assert!(
-            out.status.success(),
-            "owsfs unmount of the dead mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(
-        !is_mounted(&ws.mp),
-        "{point}: the dead mount is still there"
-    );
-}
-
-fn assert_crash_logged(ws: &Workspace, point: &str) {
-    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
-    assert!(
-        log.contains(&format!("crash point {point}: dying now")),
-        "the crash point {point} was not reached{}",
-        ws.log_tail()
-    );
-}
-
 /// Names in the cache's journal directory (segments, `.tmp`s, CLEAN).
 fn journal_files(ws: &Workspace) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(ws.cache.join("journal"))
@@ -179,7 +88,7 @@ fn journal_files(ws: &Workspace) -> Vec<String> {
 
 /// The crashed cache mounts again with `want` (and `rows` rows), writes one more file, syncs
 /// it and unmounts; the newest generation is then exactly the tree.
-fn remount_and_sync(ws: &mut Workspace, want: &Tree, rows: u64, what: &str) {
+fn remount_and_sync(ws: &mut Workspace, want: &Snapshot, rows: u64, what: &str) {
     ws.env.clear();
     ws.mount();
     assert_same_tree(&tree(&ws.mp), want, &format!("{what}: remount"));

@@ -14,7 +14,6 @@ mod seaweed;
 #[path = "common/stores.rs"]
 mod stores;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,8 +21,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use stores::TestStore;
-
-type Snapshot = BTreeMap<String, Vec<u8>>;
 
 /// Inserts row (k, v) into table t of the database at argv[1] (WAL mode), then closes it.
 const SQL_INSERT: &str = r#"
@@ -36,20 +33,6 @@ for k in sys.argv[2].split(","):
     db.execute("INSERT INTO t VALUES (?, ?)", (int(k), sys.argv[3] * int(k)))
 db.execute("COMMIT")
 db.close()
-"#;
-
-/// Prints `{"integrity": ..., "rows": [k...]}` of the database at argv[1] (opened read-only
-/// when argv[2] is "ro").
-const SQL_CHECK: &str = r#"
-import json, sqlite3, sys
-path = sys.argv[1]
-if len(sys.argv) > 2 and sys.argv[2] == "ro":
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-else:
-    db = sqlite3.connect(path)
-integrity = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
-rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
-print(json.dumps({"integrity": integrity, "rows": rows}))
 "#;
 
 /// The workload of `tests/generations.rs`: k = 1..=N, an SQLite (WAL) commit of row k, then
@@ -82,50 +65,6 @@ fn python(script: &str, args: &[&str]) -> std::process::Output {
 fn sql_insert(db: &Path, keys: &[u64], tag: &str) {
     let keys: Vec<String> = keys.iter().map(u64::to_string).collect();
     python(SQL_INSERT, &[&db.to_string_lossy(), &keys.join(","), tag]);
-}
-
-/// (integrity_check, rows of t) of a database.
-fn sql_check(db: &Path, read_only: bool) -> (String, Vec<u64>) {
-    let mut args = vec![db.to_string_lossy().into_owned()];
-    if read_only {
-        args.push("ro".into());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = python(SQL_CHECK, &args);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
-    let rows = v["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r.as_u64().expect("row key"))
-        .collect();
-    (
-        v["integrity"].as_str().unwrap_or_default().to_string(),
-        rows,
-    )
-}
-
-/// A workspace's tree without SQLite's shared-memory files (never part of a generation).
-fn tree(root: &Path) -> Snapshot {
-    let mut s = snapshot(root);
-    s.retain(|k, _| !k.ends_with("-shm"));
-    s
-}
-
-/// Asserts two trees are equal, naming the first difference (not dumping file contents).
-fn assert_same_tree(got: &Snapshot, want: &Snapshot, what: &str) {
-    let gk: Vec<&String> = got.keys().collect();
-    let wk: Vec<&String> = want.keys().collect();
-    assert_eq!(gk, wk, "{what}: different files");
-    for (k, v) in want {
-        let g = &got[k];
-        assert!(
-            g == v,
-            "{what}: {k} differs ({} bytes, want {} bytes)",
-            g.len(),
-            v.len()
-        );
-    }
 }
 
 fn node_id(ws: &Workspace) -> String {

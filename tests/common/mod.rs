@@ -404,3 +404,122 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A tree as `snapshot` gives it.
+pub type Snapshot = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// A workspace's tree without SQLite's shared-memory files (never part of a generation).
+pub fn tree(root: &Path) -> Snapshot {
+    let mut s = snapshot(root);
+    s.retain(|k, _| !k.ends_with("-shm"));
+    s
+}
+
+/// Asserts two trees are equal, naming the first difference (not dumping file contents).
+pub fn assert_same_tree(got: &Snapshot, want: &Snapshot, what: &str) {
+    let gk: Vec<&String> = got.keys().collect();
+    let wk: Vec<&String> = want.keys().collect();
+    assert_eq!(gk, wk, "{what}: different files");
+    for (k, v) in want {
+        let g = &got[k];
+        assert!(
+            g == v,
+            "{what}: {k} differs ({} bytes, want {} bytes)",
+            g.len(),
+            v.len()
+        );
+    }
+}
+
+/// Prints `{"integrity": ..., "rows": [k...]}` of table t of the database at argv[1] (opened
+/// read-only when argv[2] is "ro").
+const SQL_CHECK: &str = r#"
+import json, sqlite3, sys
+path = sys.argv[1]
+if len(sys.argv) > 2 and sys.argv[2] == "ro":
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+else:
+    db = sqlite3.connect(path)
+integrity = "\n".join(r[0] for r in db.execute("PRAGMA integrity_check"))
+rows = [r[0] for r in db.execute("SELECT k FROM t ORDER BY k")]
+print(json.dumps({"integrity": integrity, "rows": rows}))
+"#;
+
+/// (integrity_check, keys of table t) of the database `db`.
+pub fn sql_check(db: &Path, read_only: bool) -> (String, Vec<u64>) {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", SQL_CHECK]).arg(db);
+    if read_only {
+        cmd.arg("ro");
+    }
+    let out = run_ok(&mut cmd);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
+    let rows = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r.as_u64().expect("row key"))
+        .collect();
+    (
+        v["integrity"].as_str().unwrap_or_default().to_string(),
+        rows,
+    )
+}
+
+/// The keys of table t in `root/app.db`, checked on a copy (so the workspace is not changed):
+/// `integrity_check` must be ok.
+pub fn db_rows(root: &Path, what: &str) -> Vec<u64> {
+    let copy = tempfile::Builder::new()
+        .prefix("owsfs-db-")
+        .tempdir()
+        .unwrap();
+    for f in ["app.db", "app.db-wal"] {
+        if root.join(f).exists() {
+            std::fs::copy(root.join(f), copy.path().join(f)).unwrap();
+        }
+    }
+    let (integrity, rows) = sql_check(&copy.path().join("app.db"), false);
+    assert_eq!(integrity, "ok", "{what}: integrity_check");
+    rows
+}
+
+/// Waits until the daemon `pid` of a workspace started with `OWSFS_CRASH_AT=point` is gone,
+/// checks that its log names the crash point, and removes its dead mount.
+pub fn crashed(ws: &Workspace, pid: i32, point: &str) {
+    let gone = wait_for(Duration::from_secs(60), || {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => s
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        }
+    });
+    assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
+    assert_crash_logged(ws, point);
+    if is_mounted(&ws.mp) {
+        assert!(
+            std::fs::metadata(&ws.mp).is_err(),
+            "{point}: the mount still answers after its daemon died"
+        );
+        let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "owsfs unmount of the dead mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        !is_mounted(&ws.mp),
+        "{point}: the dead mount is still there"
+    );
+}
+
+/// Asserts the daemon's log says it died at the crash point `point`.
+pub fn assert_crash_logged(ws: &Workspace, point: &str) {
+    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("crash point {point}: dying now")),
+        "the crash point {point} was not reached{}",
+        ws.log_tail()
+    );
+}
