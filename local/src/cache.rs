@@ -155,17 +155,9 @@ impl Cache {
         }
         // Before anything starts a new backing directory, journal or state.
         let finished_aside = resume_set_aside(&root)?;
+        make_dirs(&root)?;
         let backing = root.join("backing");
         let journal = root.join("journal");
-        for dir in [&backing, &journal] {
-            match std::fs::create_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot create {}", dir.display()));
-                }
-            }
-        }
         // Prove the cache takes writes before mounting on it.
         let probe = root.join(".write-probe");
         std::fs::write(&probe, b"ok")
@@ -264,8 +256,9 @@ fn resume_set_aside(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(done)
 }
 
-/// Moves what is left of the cache's parts into `staging`, starts empty ones, and gives
-/// `staging` its final name.
+/// Moves what is left of the cache's parts into `staging`, gives `staging` its final name,
+/// and starts empty ones (after the rename: an empty part made before it would stand beside
+/// the staged one when a crash comes in between).
 fn finish_aside(root: &Path, staging: &Path) -> anyhow::Result<PathBuf> {
     // A cache of its own (for `owsfs recover --cache`), with the same node id.
     for file in ["node-id", "cache.json"] {
@@ -278,6 +271,11 @@ fn finish_aside(root: &Path, staging: &Path) -> anyhow::Result<PathBuf> {
         let from = root.join(part);
         let to = staging.join(part);
         if std::fs::symlink_metadata(&from).is_ok() {
+            // An empty directory beside the staged one was started after the move by an
+            // earlier version of this code, which made them before the rename: nothing in it.
+            if std::fs::symlink_metadata(&to).is_ok() && std::fs::remove_dir(&from).is_ok() {
+                continue;
+            }
             if std::fs::symlink_metadata(&to).is_ok() {
                 bail!(
                     "{} and {} both exist: a set-aside was interrupted and the cache changed \
@@ -295,16 +293,6 @@ fn finish_aside(root: &Path, staging: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     let _ = std::fs::remove_file(root.join("stopped.json"));
-    for dir in ["backing", "journal"] {
-        match std::fs::create_dir(root.join(dir)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot create {}", root.join(dir).display()));
-            }
-        }
-    }
     File::open(root)?.sync_all()?;
     let name = staging
         .file_name()
@@ -324,7 +312,24 @@ fn finish_aside(root: &Path, staging: &Path) -> anyhow::Result<PathBuf> {
     std::fs::rename(staging, &dest)
         .with_context(|| format!("cannot rename {} to {}", staging.display(), dest.display()))?;
     File::open(&aside)?.sync_all()?;
+    make_dirs(root)?;
     Ok(dest)
+}
+
+/// Starts the backing directory and the journal's directory where they are missing.
+fn make_dirs(root: &Path) -> anyhow::Result<()> {
+    for dir in ["backing", "journal"] {
+        match std::fs::create_dir(root.join(dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create {}", root.join(dir).display()));
+            }
+        }
+    }
+    File::open(root)?.sync_all()?;
+    Ok(())
 }
 
 fn valid_node_id(s: &str) -> bool {
@@ -367,6 +372,23 @@ mod tests {
         assert_eq!(std::fs::read_dir(&cache.backing).unwrap().count(), 0);
         assert_eq!(std::fs::read_dir(&cache.journal).unwrap().count(), 0);
         assert!(!root.join("state.db").exists());
+        drop(cache);
+
+        // Stopped by an earlier version after it started the empty parts and before the
+        // rename: the empty ones go, the staged ones are kept.
+        let staging = root.join("aside").join(".k.partial");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("aside.json"), b"{}").unwrap();
+        std::fs::write(root.join("backing").join("h"), b"second").unwrap();
+        for part in ["backing", "journal"] {
+            std::fs::rename(root.join(part), staging.join(part)).unwrap();
+            std::fs::create_dir(root.join(part)).unwrap();
+        }
+        let cache = Cache::open(&root).unwrap();
+        let dest = root.join("aside").join("k");
+        assert_eq!(cache.finished_aside, vec![dest.clone()]);
+        assert_eq!(std::fs::read(dest.join("backing/h")).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(&cache.backing).unwrap().count(), 0);
         drop(cache);
 
         // Interrupted before its aside.json was in place: nothing had moved, nothing moves.
