@@ -588,3 +588,56 @@ fn a_written_file_keeps_its_change_when_one_of_its_names_goes() {
     }
     assert!(!dest.join("h/x").exists());
 }
+
+/// A clean file that loses the name the daemon knows it by, and is written afterwards through
+/// a descriptor opened before, keeps the change in the store under its other name: its first
+/// change since the cut finds no path while the file still has names, so the cut looks for
+/// it. (Before the fix, `l/y` kept the old content in the store.)
+#[test]
+fn a_clean_file_written_after_losing_a_name_keeps_the_change() {
+    if skip_fuse() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let ws = Workspace::with_options(&[]);
+    for d in ["h", "l", "m", "n"] {
+        std::fs::create_dir(ws.path(d)).unwrap();
+    }
+    std::fs::write(ws.path("h/x"), b"v1").unwrap();
+    std::fs::hard_link(ws.path("h/x"), ws.path("l/y")).unwrap();
+    std::fs::write(ws.path("m/x"), b"v1").unwrap();
+    std::fs::hard_link(ws.path("m/x"), ws.path("n/y")).unwrap();
+    ws.sync();
+    // Unlinked by the name it was opened through, then written.
+    let h = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws.path("h/x"))
+        .unwrap();
+    std::fs::remove_file(ws.path("h/x")).unwrap();
+    h.write_all_at(b"v2-longer", 0).unwrap();
+    // Replaced by a rename over the name it was opened through, then written.
+    let m = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws.path("m/x"))
+        .unwrap();
+    std::fs::write(ws.path("m/z"), b"z").unwrap();
+    std::fs::rename(ws.path("m/z"), ws.path("m/x")).unwrap();
+    m.write_all_at(b"v2-longer", 0).unwrap();
+    drop((h, m));
+    let g = ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(Some(g), &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, want) in [("l/y", "v2-longer"), ("n/y", "v2-longer"), ("m/x", "z")] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(path)).unwrap(),
+            want,
+            "{path} in generation {g}"
+        );
+    }
+    assert!(!dest.join("h/x").exists());
+}

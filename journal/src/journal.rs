@@ -102,6 +102,25 @@ pub struct JournalStats {
     pub failed_batches: u64,
 }
 
+/// Where a file is, as the caller knows it at the file's first change since a cut
+/// ([`Journal::append_file_op`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// At this path (one of its names).
+    Path(PathBuf),
+    /// It has names, but none the caller knows: the cut must look for it.
+    Unknown,
+    /// It has no name (unlinked while open): no tree holds it.
+    Nameless,
+}
+
+/// A known path, or none; `None` is taken for [`Place::Nameless`].
+impl From<Option<PathBuf>> for Place {
+    fn from(p: Option<PathBuf>) -> Place {
+        p.map_or(Place::Nameless, Place::Path)
+    }
+}
+
 /// The write journal of one backing directory. Cheap to share: all methods take `&self` and
 /// the journal is `Send + Sync`.
 ///
@@ -367,21 +386,29 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Like [`Journal::append`], but first appends `Touch { ino, path: path_of() }` if `ino`
-    /// has no entry in the dirty state, so the file's path is known from its first mutation.
-    /// `path_of` is called under the journal lock, at most once, and must not call back into
-    /// the journal (it would deadlock). Returns the seq of `op`.
-    pub fn append_file_op(
+    /// Like [`Journal::append`], but first appends `Touch { ino, path }` if `ino` has no entry
+    /// in the dirty state, so the file's path is known from its first mutation; where the
+    /// file has names but none is known ([`Place::Unknown`]), `Unplace { ino }` follows, so
+    /// that the cut looks for it. `place_of` is called under the journal lock, at most once,
+    /// and must not call back into the journal (it would deadlock). Returns the seq of `op`.
+    pub fn append_file_op<P: Into<Place>>(
         &self,
         ino: Ino,
-        path_of: impl FnOnce() -> Option<PathBuf>,
+        place_of: impl FnOnce() -> P,
         op: Op,
     ) -> Result<Seq, JournalError> {
         let mut g = self.inner.lock();
         self.admit(&mut g, &op)?;
         if !g.live.files.contains_key(&ino) {
-            let path = path_of();
+            let (path, unplaced) = match place_of().into() {
+                Place::Path(p) => (Some(p), false),
+                Place::Unknown => (None, true),
+                Place::Nameless => (None, false),
+            };
             self.push(&mut g, &Op::Touch { ino, path })?;
+            if unplaced {
+                self.push(&mut g, &Op::Unplace { ino })?;
+            }
         }
         let seq = self.push(&mut g, &op)?;
         let batch = Arc::clone(&g.batch);

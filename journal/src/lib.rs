@@ -24,7 +24,9 @@ mod state;
 pub use error::JournalError;
 pub use extent::ExtentSet;
 pub use ino::{BackingIno, FuseIno, InoMap};
-pub use journal::{CLEAN_MARKER, Journal, JournalOptions, JournalStats, LOCK_FILE, Recovery};
+pub use journal::{
+    CLEAN_MARKER, Journal, JournalOptions, JournalStats, LOCK_FILE, Place, Recovery,
+};
 pub use op::{Ino, NodeKind, Op, Seq};
 pub use state::{DirtyFile, DirtyState};
 

@@ -191,8 +191,6 @@ impl DirtyState {
         }
     }
 
-    /// A directory at `prefix` is gone (removed or overwritten): drop it and everything below
-    /// from `dirs`, and forget the path of files below it.
     /// The directories at or below `prefix` that hold a dirty file or are dirty themselves.
     fn places_under(&self, prefix: &Path) -> Vec<PathBuf> {
         let files = self

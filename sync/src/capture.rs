@@ -99,17 +99,12 @@ pub fn capture(
     inos: InoMap,
     full: bool,
 ) -> anyhow::Result<Capture> {
-    // A dirty file lost a name while it had others (`Op::Unplace`): only a walk of the whole
-    // tree finds where it is.
-    let unplaced = dirty.files.values().any(|f| f.unplaced);
-    if unplaced && !full {
-        tracing::info!("cut: a written file lost a name and keeps others; walking the whole tree");
-    }
-    if !full && !unplaced {
+    if !full {
         match capture_with(root_fd, dirty, known, inos, false)? {
             Some(c) => return Ok(c),
             None => tracing::info!(
-                "cut: a written file has hard links outside the directories it touched; walking the whole tree"
+                "cut: a written file has names outside the directories it touched; walking the \
+                 whole tree"
             ),
         }
     }
@@ -143,6 +138,8 @@ fn capture_with(
     };
     // Names seen of each multiply-linked dirty file.
     let mut names_seen: HashMap<u64, u64> = HashMap::new();
+    // Dirty files seen under any name.
+    let mut seen = std::collections::HashSet::new();
     let mut multi: HashMap<u64, u64> = HashMap::new();
     let mut queued: std::collections::HashSet<u64> = std::collections::HashSet::new();
 
@@ -201,6 +198,9 @@ fn capture_with(
             } else if kind == libc::S_IFREG {
                 let fino = inos.fuse(BackingIno(stat.ino));
                 let is_dirty = dirty.files.contains_key(&fino);
+                if is_dirty {
+                    seen.insert(fino);
+                }
                 if is_dirty || !known.has_file(stat.ino) {
                     if stat.nlink > 1 && is_dirty {
                         *names_seen.entry(stat.ino).or_default() += 1;
@@ -225,12 +225,16 @@ fn capture_with(
         out.dirs.insert(path, DirCapture { entries });
     }
     // A written file with more names than were listed has a name in a directory this cut
-    // would reuse unchanged, with stale content: only a full walk places them all.
-    if !full
-        && multi
-            .iter()
-            .any(|(ino, n)| names_seen.get(ino).copied().unwrap_or(0) < *n)
-    {
+    // would reuse unchanged, with stale content; so may one that lost the name it was known
+    // by (`Op::Unplace`) and was not seen at all. Only a full walk places them.
+    let missed_names = multi
+        .iter()
+        .any(|(ino, n)| names_seen.get(ino).copied().unwrap_or(0) < *n);
+    let missed_unplaced = dirty
+        .files
+        .iter()
+        .any(|(ino, f)| f.unplaced && !seen.contains(ino));
+    if !full && (missed_names || missed_unplaced) {
         return Ok(None);
     }
     Ok(Some(out))

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use fuser::FileAttr;
-use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, Op};
+use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, Op, Place};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{Mode, OFlags};
 
@@ -322,11 +322,30 @@ impl Core {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
-    /// Appends a mutation of file `ino`, with its path recorded the first time it gets dirty.
+    /// Appends a mutation of file `ino`, with its place recorded the first time it gets dirty.
     fn journal_file_op(&self, ino: FuseIno, op: Op) -> FsResult<()> {
         self.journal
-            .append_file_op(ino, || self.inodes.path_of(ino), op)?;
+            .append_file_op(ino, || self.place_of(ino), op)?;
         Ok(())
+    }
+
+    /// Where file `ino` is. Its path, where the table knows one; otherwise (the name it was
+    /// known by went, and it was opened before) whether it still has names elsewhere: then
+    /// the cut must look for them, or they would keep the old content in the store.
+    fn place_of(&self, ino: FuseIno) -> Place {
+        if let Some(p) = self.inodes.path_of(ino) {
+            return Place::Path(p);
+        }
+        let nameless = self
+            .inodes
+            .get(ino)
+            .and_then(|i| rustix::fs::fstat(&i.fd).ok())
+            .is_some_and(|st| st.st_nlink == 0);
+        if nameless {
+            Place::Nameless
+        } else {
+            Place::Unknown
+        }
     }
 }
 

@@ -259,7 +259,7 @@ fn append_file_op_touches_unknown_inodes_once() {
     let seq = j
         .append_file_op(
             FuseIno(5),
-            || panic!("path_of must not be called"),
+            || -> Place { panic!("place_of must not be called") },
             write_op(5, 3, 3),
         )
         .unwrap();
@@ -272,6 +272,36 @@ fn append_file_op_touches_unknown_inodes_once() {
     let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
     assert_eq!(rec.records, 3);
     assert_eq!(j.dirty().files[&FuseIno(5)].path, Some(p("x/y")));
+}
+
+/// A file whose first change finds it with names but none known is marked unplaced (so the
+/// cut looks for it), also after replay; a nameless one is not.
+#[test]
+fn append_file_op_marks_a_file_of_unknown_place() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    j.append_file_op(FuseIno(5), || Place::Unknown, write_op(5, 0, 3))
+        .unwrap();
+    j.append_file_op(FuseIno(6), || Place::Nameless, write_op(6, 0, 3))
+        .unwrap();
+    j.append_file_op(FuseIno(7), || Place::Path(p("a")), write_op(7, 0, 3))
+        .unwrap();
+    let check = |s: &DirtyState| {
+        let f = |i| {
+            (
+                s.files[&FuseIno(i)].path.clone(),
+                s.files[&FuseIno(i)].unplaced,
+            )
+        };
+        assert_eq!(f(5), (None, true));
+        assert_eq!(f(6), (None, false));
+        assert_eq!(f(7), (Some(p("a")), false));
+    };
+    check(&j.dirty());
+    drop(j);
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    check(&j.dirty());
 }
 
 #[test]
