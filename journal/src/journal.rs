@@ -256,15 +256,13 @@ struct Reserve {
     low: Option<(i32, String)>,
 }
 
-/// Operations that free disk space or need none, whose records may use the reserve.
+/// Operations that free disk space or need none, whose records may use the reserve. Not
+/// `Fsync`: a program that fsyncs in a loop on a full disk would use up the reserve that
+/// unlink needs, and an fsync does not fail for want of its record.
 fn frees_space(op: &Op) -> bool {
     matches!(
         op,
-        Op::Remove { .. }
-            | Op::Rename { .. }
-            | Op::Truncate { .. }
-            | Op::Fsync { .. }
-            | Op::Unplace { .. }
+        Op::Remove { .. } | Op::Rename { .. } | Op::Truncate { .. } | Op::Unplace { .. }
     )
 }
 
@@ -596,17 +594,20 @@ impl Journal {
         record::encode_op(&mut g.buf, seq, op)?;
         g.next_seq += 1;
         g.records += 1;
-        if g.state.is_empty() {
-            g.dirty_since = Some(Instant::now());
-        }
-        let first_change = g.live.is_empty();
-        if first_change {
-            g.live_since = Some(Instant::now());
-        }
+        // A record that changes nothing (`Fsync`, `Unplace` of a clean file) neither starts
+        // the age of unsynced changes nor wakes the sync agent.
+        let was_clean = g.state.is_empty();
+        let live_was_empty = g.live.is_empty();
         g.state.apply(op);
         g.live.apply(op);
-        if first_change && let Some(f) = self.on_change.read().as_ref() {
-            f();
+        if was_clean && !g.state.is_empty() {
+            g.dirty_since = Some(Instant::now());
+        }
+        if live_was_empty && !g.live.is_empty() {
+            g.live_since = Some(Instant::now());
+            if let Some(f) = self.on_change.read().as_ref() {
+                f();
+            }
         }
         if let Op::Write { len, .. } = op {
             self.written_bytes

@@ -1061,6 +1061,13 @@ fn a_full_disk_leaves_room_for_unlink_and_rename_and_recovers() {
         path: p("new"),
     };
     assert_eq!(j.append(create).unwrap_err().to_errno(), ENOSPC);
+    // An fsync's record is not worth the reserve: a program fsyncing in a loop would use it up.
+    assert_eq!(
+        j.append(Op::Fsync { ino: FuseIno(1) })
+            .unwrap_err()
+            .to_errno(),
+        ENOSPC
+    );
     // Unlink, rename and truncate still work: hundreds of them fit in the reserve.
     for i in 0..200 {
         ok(
@@ -1405,4 +1412,34 @@ fn cut_then_committed_keeps_only_later_changes() {
     j.committed(seq2).unwrap();
     assert!(!j.is_dirty());
     assert_eq!(j.lag(), (0, None));
+}
+
+/// `on_change` is called when the first change since a cut is appended, once, and not for a
+/// record that changes nothing (an fsync); nor does such a record start the age of unsynced
+/// changes.
+#[test]
+fn on_change_fires_once_per_cut_and_not_for_an_fsync() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    j.on_change(Box::new(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+    }));
+    j.append(Op::Fsync { ino: FuseIno(1) }).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "an fsync is no change");
+    assert!(!j.is_dirty());
+    j.append(write_op(1, 0, 1)).unwrap();
+    j.append(write_op(1, 1, 1)).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let (seq, _) = j.cut().unwrap();
+    j.append(write_op(2, 0, 1)).unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the first change after the cut"
+    );
+    j.committed(seq).unwrap();
 }
