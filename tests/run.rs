@@ -387,3 +387,67 @@ fn recover_turns_the_unsynced_tail_into_a_fork(store: &TestStore) {
         assert!(!out.status.success(), "recover --as {name} was accepted");
     }
 }
+
+/// After a recover, the cache knows the fork's lease epoch, not the old workspace's. A commit
+/// that another node makes to the fork at the epoch this cache last held in the old workspace
+/// is not taken for the cache's own: the cache shows it at its next mount (it used to go on
+/// from its old base and never show the other node's files).
+#[test]
+fn a_recovered_cache_takes_no_commit_of_the_fork_for_its_own() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let epoch = |ws: &Workspace| {
+        ws.status_json(false)["sync"]["lease"]["epoch"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut a = store.workspace("old", &["--commit-interval", "1h"]);
+    for round in 0..2 {
+        a.mount();
+        std::fs::write(a.path("round"), format!("{round}\n")).unwrap();
+        a.sync();
+        a.unmount();
+    }
+    a.mount();
+    let old_epoch = epoch(&a);
+    assert!(old_epoch >= 3, "epoch {old_epoch}");
+    std::fs::write(a.path("tail"), b"tail\n").unwrap();
+    a.kill_daemon();
+    let out = a.owsfs(&[
+        "recover",
+        "--cache",
+        &a.cache.to_string_lossy(),
+        "--as",
+        "fork",
+        "--store",
+        &a.store,
+    ]);
+    assert!(out.status.success(), "owsfs recover: {}", err(&out));
+
+    // Another node mounts the fork until it holds the old workspace's epoch, and commits.
+    loop {
+        let b = store.workspace("fork", &[]);
+        b.mount();
+        let e = epoch(&b);
+        assert!(e <= old_epoch, "skipped epoch {old_epoch}: {e}");
+        if e == old_epoch {
+            std::fs::write(b.path("from-b"), b"b\n").unwrap();
+            b.sync();
+            b.unmount();
+            break;
+        }
+        b.unmount();
+    }
+    a.name = "fork".into();
+    a.mount();
+    assert_eq!(std::fs::read(a.path("tail")).unwrap(), b"tail\n");
+    assert_eq!(
+        std::fs::read(a.path("from-b")).unwrap_or_default(),
+        b"b\n",
+        "the other node's commit is missing{}",
+        a.log_tail()
+    );
+    a.unmount();
+}

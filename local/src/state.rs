@@ -236,6 +236,30 @@ impl LocalState {
         Ok(())
     }
 
+    /// Sets several meta keys in one transaction: all of them or none.
+    pub fn set_metas(&mut self, pairs: &[(&str, &str)]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        for (key, value) in pairs {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The cache passes to workspace `name`, in which it last held the lease at `epoch` (a
+    /// commit of that epoch is its own: `lease_epoch`); a recover that made it is done.
+    pub fn belong_to(&mut self, name: &str, epoch: u64) -> anyhow::Result<()> {
+        self.set_metas(&[
+            ("workspace", name),
+            ("lease_epoch", &epoch.to_string()),
+            ("recovering_as", ""),
+        ])
+    }
+
     pub fn base(&self) -> anyhow::Result<Option<Base>> {
         let Some(g) = self.meta("base_generation")? else {
             return Ok(None);

@@ -193,8 +193,7 @@ fn fork_as_is(
     b.generation = head + 1;
     b.epoch = lease.epoch();
     local.commit(&b, Default::default())?;
-    local.set_meta("workspace", &name)?;
-    local.set_meta("recovering_as", "")?;
+    local.belong_to(&name, lease.epoch())?;
     drop(local);
     journal.close_clean()?;
     lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
@@ -244,6 +243,7 @@ fn fork_with_changes(
         },
     )?;
     let started = Instant::now();
+    let epoch = lease.epoch();
     let g = services
         .agent
         .commit_now()
@@ -266,9 +266,7 @@ fn fork_with_changes(
         eprintln!("owsfs: warning: {e}");
     }
     // Only now does the cache belong to the fork (a failed recover leaves it as it was).
-    let local = LocalState::open(&state_path)?;
-    local.set_meta("workspace", &name)?;
-    local.set_meta("recovering_as", "")?;
+    LocalState::open(&state_path)?.belong_to(&name, epoch)?;
     Ok(g)
 }
 
@@ -308,8 +306,7 @@ fn finish_earlier_recover(
         },
         Default::default(),
     )?;
-    local.set_meta("workspace", name)?;
-    local.set_meta("recovering_as", "")?;
+    local.belong_to(name, lease.epoch())?;
     drop(local);
     open.journal.close_clean()?;
     lease.hand_off(String::new).map_err(anyhow::Error::msg)?;
