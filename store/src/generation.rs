@@ -12,7 +12,7 @@ use crate::error::{Result, StoreError};
 use crate::pack::BlobRef;
 
 pub const GENERATION_VERSION: u64 = 1;
-pub const WORKSPACE_VERSION: u64 = 1;
+pub const WORKSPACE_VERSION: u64 = 2;
 pub const HEAD_VERSION: u64 = 1;
 
 /// A generation number; the first generation of a workspace is 1.
@@ -199,12 +199,63 @@ pub enum CommitError {
     Store(#[from] StoreError),
 }
 
-#[derive(Serialize, Deserialize)]
-struct WorkspaceMeta {
+/// `workspace.json` as version 1 wrote it: plain JSON, no checksum (still read).
+#[derive(Deserialize)]
+struct WorkspaceMetaV1 {
     format: String,
     version: u64,
     name: String,
     created_unix_ms: u64,
+}
+
+/// Where a fork came from: the source workspace and the commit its first generation copies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkSource {
+    pub workspace: String,
+    pub generation: GenNumber,
+}
+
+/// What `workspaces/NAME/workspace.json` says (version 2: sealed like a generation record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceInfo {
+    pub name: String,
+    pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkSource>,
+}
+
+impl WorkspaceInfo {
+    fn seal(&self) -> Result<Bytes> {
+        seal_json("owsfs-workspace", WORKSPACE_VERSION, "workspace.json", self)
+    }
+
+    /// Reads either version; the name must match the key's.
+    fn parse(key: &str, name: &str, b: &[u8]) -> Result<WorkspaceInfo> {
+        let info = if b.first() == Some(&b'{') {
+            let v1: WorkspaceMetaV1 = serde_json::from_slice(b)
+                .map_err(|e| StoreError::corrupt(key, format!("bad workspace.json: {e}")))?;
+            if v1.format != "owsfs-workspace" {
+                return Err(StoreError::corrupt(key, "format does not match"));
+            }
+            if v1.version != 1 {
+                return Err(StoreError::corrupt(
+                    key,
+                    "a JSON workspace.json must be version 1",
+                ));
+            }
+            WorkspaceInfo {
+                name: v1.name,
+                created_unix_ms: v1.created_unix_ms,
+                forked_from: None,
+            }
+        } else {
+            unseal_json("owsfs-workspace", WORKSPACE_VERSION, key, b)?
+        };
+        if info.name != name {
+            return Err(StoreError::corrupt(key, "name does not match"));
+        }
+        Ok(info)
+    }
 }
 
 /// Checks a workspace name: `[A-Za-z0-9._-]`, 1..=128 bytes, not starting with '.'.
@@ -216,57 +267,146 @@ pub fn valid_workspace_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+fn check_workspace_name(name: &str) -> Result<()> {
+    if valid_workspace_name(name) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "invalid workspace name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'"
+        )))
+    }
+}
+
 /// A workspace in a store.
 #[derive(Clone, Debug)]
 pub struct Workspace {
     store: Store,
     name: String,
+    info: WorkspaceInfo,
 }
 
 impl Workspace {
     /// Opens a workspace, creating `workspaces/NAME/workspace.json` on first use.
     pub fn open_or_create(store: &Store, name: &str) -> Result<Workspace> {
-        if !valid_workspace_name(name) {
-            return Err(StoreError::Invalid(format!(
-                "invalid workspace name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'"
-            )));
-        }
-        let ws = Workspace {
-            store: store.clone(),
+        check_workspace_name(name)?;
+        let info = WorkspaceInfo {
             name: name.to_string(),
+            created_unix_ms: store.clock().unix_ms(),
+            forked_from: None,
         };
-        let key = ws.key("workspace.json");
+        Self::open_with(store, info)
+    }
+
+    /// Opens an existing workspace; `None` when it has no `workspace.json`.
+    pub fn open_existing(store: &Store, name: &str) -> Result<Option<Workspace>> {
+        check_workspace_name(name)?;
+        let key = format!("workspaces/{name}/workspace.json");
+        match store.get(&key) {
+            Ok(b) => Ok(Some(Workspace {
+                store: store.clone(),
+                name: name.to_string(),
+                info: WorkspaceInfo::parse(&key, name, &b)?,
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the workspace `info` names, creating its marker from `info` when absent.
+    fn open_with(store: &Store, info: WorkspaceInfo) -> Result<Workspace> {
+        let name = info.name.clone();
+        let key = format!("workspaces/{name}/workspace.json");
         let existing = match store.get(&key) {
             Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => {
-                let meta = WorkspaceMeta {
-                    format: "owsfs-workspace".into(),
-                    version: WORKSPACE_VERSION,
-                    name: name.into(),
-                    created_unix_ms: store.clock().unix_ms(),
-                };
-                let body = serde_json::to_vec(&meta)
-                    .map_err(|e| StoreError::Invalid(format!("cannot encode {key}: {e}")))?;
-                match store.put_if_absent(&key, Bytes::from(body))? {
-                    PutOutcome::Created | PutOutcome::AlreadyIdentical => return Ok(ws),
-                    PutOutcome::Conflict(b) => b,
+            Err(StoreError::NotFound { .. }) => match store.put_if_absent(&key, info.seal()?)? {
+                PutOutcome::Created | PutOutcome::AlreadyIdentical => {
+                    return Ok(Workspace {
+                        store: store.clone(),
+                        name,
+                        info,
+                    });
                 }
-            }
+                PutOutcome::Conflict(b) => b,
+            },
             Err(e) => return Err(e),
         };
-        let meta: WorkspaceMeta = serde_json::from_slice(&existing)
-            .map_err(|e| StoreError::corrupt(&key, format!("bad workspace.json: {e}")))?;
-        if meta.format != "owsfs-workspace" || meta.name != name {
-            return Err(StoreError::corrupt(&key, "format or name does not match"));
+        let info = WorkspaceInfo::parse(&key, &name, &existing)?;
+        Ok(Workspace {
+            store: store.clone(),
+            name,
+            info,
+        })
+    }
+
+    /// What the workspace's marker says (its fork source, when it is a fork).
+    pub fn info(&self) -> &WorkspaceInfo {
+        &self.info
+    }
+
+    /// Creates workspace `name` as a fork of `source` at commit `from`: its first generation
+    /// (epoch 0, below every lease's) holds `from`'s tree, so no data is copied. Refused when
+    /// `name` exists, unless it is this same fork left half made (its marker without a
+    /// generation).
+    pub fn fork(
+        store: &Store,
+        name: &str,
+        source: &Workspace,
+        from: &GenerationRecord,
+    ) -> Result<Workspace> {
+        check_workspace_name(name)?;
+        let root = match (from.kind, from.root) {
+            (GenKind::Commit, Some(root)) => root,
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "generation {} of {:?} is a fence, not a state: fork a commit",
+                    from.number,
+                    source.name()
+                )));
+            }
+        };
+        let want = ForkSource {
+            workspace: source.name().to_string(),
+            generation: from.number,
+        };
+        let exists = || {
+            StoreError::Invalid(format!(
+                "workspace {name:?} already exists; pick another name for the fork"
+            ))
+        };
+        let ws = Self::open_with(
+            store,
+            WorkspaceInfo {
+                name: name.to_string(),
+                created_unix_ms: store.clock().unix_ms(),
+                forked_from: Some(want.clone()),
+            },
+        )?;
+        if ws.info.forked_from.as_ref() != Some(&want) || ws.head()?.is_some() {
+            return Err(exists());
         }
-        if meta.version > WORKSPACE_VERSION {
-            return Err(StoreError::UnsupportedVersion {
-                object: key,
-                found: meta.version,
-                supported: WORKSPACE_VERSION,
-            });
+        let record = GenerationRecord {
+            workspace: name.to_string(),
+            number: 1,
+            parent: None,
+            epoch: 0,
+            kind: GenKind::Commit,
+            time_unix_ms: store.clock().unix_ms(),
+            root: Some(root),
+            sqlite: from.sqlite.clone(),
+            stats: GenStats {
+                files: from.stats.files,
+                dirs: from.stats.dirs,
+                bytes_total: from.stats.bytes_total,
+                ..GenStats::default()
+            },
+            access: from.access,
+        };
+        match ws.commit(&record) {
+            Ok(()) => Ok(ws),
+            Err(CommitError::SlotTaken { .. }) => Err(exists()),
+            Err(CommitError::Invalid(m)) => Err(StoreError::Invalid(m)),
+            Err(CommitError::Store(e)) => Err(e),
         }
-        Ok(ws)
     }
 
     pub fn name(&self) -> &str {

@@ -27,6 +27,8 @@ pub mod hook;
 pub mod ids;
 pub mod lease;
 pub mod pack;
+pub mod refs;
+pub mod snapshot;
 pub mod stats;
 pub mod tree;
 pub mod url;
@@ -36,12 +38,14 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};
 pub use fault::{FaultConfig, FaultKinds, FaultLayer};
 pub use generation::{
-    CommitError, GenKind, GenNumber, GenStats, GenerationRecord, SqliteState, WalPosition,
-    Workspace,
+    CommitError, ForkSource, GenKind, GenNumber, GenStats, GenerationRecord, SqliteState,
+    WalPosition, Workspace, WorkspaceInfo,
 };
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use lease::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
 pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_blob_run, read_pack};
+pub use refs::{GenRef, ResolveError};
+pub use snapshot::{Snapshot, SnapshotError};
 pub use stats::{StatsSnapshot, StoreStats};
 pub use tree::{BlobLoader, ChunkSpan, Content, FileContent, ListRef, NodeKind, Tree, TreeEntry};
 pub use url::StoreUrl;

@@ -265,3 +265,90 @@ fn fence_records_carry_the_store_clocks_wall_time() {
     let n = ws.fence(2).unwrap();
     assert_eq!(ws.read_generation(n).unwrap().time_unix_ms, 43_000);
 }
+
+#[test]
+fn a_fork_starts_at_its_sources_tree_and_says_where_it_came_from() {
+    let s = mem("fork");
+    let src = Workspace::open_or_create(&s, "src").unwrap();
+    assert_eq!(src.info().forked_from, None);
+    for n in 1..=3 {
+        src.commit(&record("src", n, 1)).unwrap();
+    }
+    let from = src.read_generation(2).unwrap();
+    let fork = Workspace::fork(&s, "f", &src, &from).unwrap();
+    let first = fork.read_generation(1).unwrap();
+    assert_eq!(first.root, from.root, "the same tree: nothing copied");
+    assert_eq!(
+        (first.epoch, first.parent, first.kind),
+        (0, None, GenKind::Commit)
+    );
+    assert_eq!(first.sqlite, from.sqlite);
+    assert_eq!(first.stats.files, 3);
+    let source = fork.info().forked_from.clone().unwrap();
+    assert_eq!((source.workspace.as_str(), source.generation), ("src", 2));
+    // Read back as a reader would.
+    let again = Workspace::open_existing(&s, "f").unwrap().unwrap();
+    assert_eq!(again.info(), fork.info());
+    // The source goes on; the fork takes a lease and fences like any workspace.
+    src.commit(&record("src", 4, 1)).unwrap();
+    assert_eq!(fork.fence(1).unwrap(), 2);
+    // An existing name is refused, a fork or not.
+    let err = Workspace::fork(&s, "f", &src, &from)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    let err = Workspace::fork(&s, "src", &src, &from)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    // A fence is not a state.
+    let fence = fork.read_generation(2).unwrap();
+    assert!(Workspace::fork(&s, "g", &fork, &fence).is_err());
+    assert!(Workspace::open_existing(&s, "nope").unwrap().is_none());
+}
+
+#[test]
+fn a_fork_left_half_made_is_finished_by_the_same_fork() {
+    let s = mem("fork-half");
+    let src = Workspace::open_or_create(&s, "src").unwrap();
+    src.commit(&record("src", 1, 1)).unwrap();
+    let from = src.read_generation(1).unwrap();
+    // The marker of the fork exists, its first generation does not (a crash in between).
+    let half = Workspace::fork(&s, "f", &src, &from).unwrap();
+    s.delete(&half.generation_key(1)).unwrap();
+    Workspace::fork(&s, "f", &src, &from).unwrap();
+    // Another source's half-made fork of the same name is not taken over.
+    s.delete(&half.generation_key(1)).unwrap();
+    src.commit(&record("src", 2, 1)).unwrap();
+    let other = src.read_generation(2).unwrap();
+    assert!(Workspace::fork(&s, "f", &src, &other).is_err());
+}
+
+#[test]
+fn a_version_1_workspace_marker_is_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(
+        &format!("file://{}", dir.path().display()),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let v1 = r#"{"format":"owsfs-workspace","version":1,"name":"old","created_unix_ms":5}"#;
+    s.put("workspaces/old/workspace.json", Bytes::from(v1))
+        .unwrap();
+    let ws = Workspace::open_or_create(&s, "old").unwrap();
+    assert_eq!(ws.info().created_unix_ms, 5);
+    assert_eq!(ws.info().forked_from, None);
+    // A new marker is sealed: a changed byte is caught.
+    let ws = Workspace::open_or_create(&s, "new").unwrap();
+    let sealed = Workspace::open_existing(&s, "new").unwrap().unwrap();
+    assert_eq!(sealed.info(), ws.info());
+    let path = dir.path().join("workspaces/new/workspace.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("owsfs-workspace 2\n"), "{text}");
+    std::fs::write(&path, text.replacen("\"new\"", "\"neW\"", 1)).unwrap();
+    assert!(
+        Workspace::open_existing(&s, "new")
+            .unwrap_err()
+            .is_corrupt()
+    );
+}
