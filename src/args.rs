@@ -75,6 +75,16 @@ pub struct MountOpts {
     /// Bandwidth of the background fetch per second, all workers together (0: no limit).
     #[arg(long, env = "OWSFS_PREFETCH_BANDWIDTH", default_value = "0", value_parser = parse_bytes, value_name = "BYTES")]
     pub prefetch_bandwidth: u64,
+    /// Automatic snapshots to keep: one is taken at each handoff (unmount), and the oldest
+    /// beyond this many are deleted. Snapshots named with `owsfs snapshot create` stay until
+    /// deleted. 0: take none.
+    #[arg(
+        long,
+        env = "OWSFS_KEEP_SNAPSHOTS",
+        default_value_t = 5,
+        value_name = "N"
+    )]
+    pub keep_snapshots: usize,
     #[command(flatten)]
     pub lease: LeaseArgs,
 }
@@ -104,6 +114,8 @@ impl MountOpts {
             self.prefetch.to_string(),
             "--prefetch-bandwidth".to_string(),
             self.prefetch_bandwidth.to_string(),
+            "--keep-snapshots".to_string(),
+            self.keep_snapshots.to_string(),
         ]);
         v.extend(self.lease.to_args());
         v

@@ -1,9 +1,6 @@
 //! `owsfs log`: the generations of a workspace, read from the store.
 
-use anyhow::Context;
 use clap::Args;
-use owsfs_store::Store;
-use owsfs_store::generation::Workspace;
 
 use crate::args::StoreArgs;
 
@@ -14,34 +11,56 @@ pub struct LogArgs {
     /// The workspace whose generations to list.
     #[arg(long, env = "OWSFS_WORKSPACE")]
     pub workspace: String,
-    /// Print JSON (one array of generation records).
+    /// Print JSON: one array of generation records, each with the snapshots naming it.
     #[arg(long, env = "OWSFS_JSON")]
     pub json: bool,
 }
 
-/// Opens an existing workspace (never creates one): the store, the workspace and the URL.
-pub fn open_existing(store: &StoreArgs, name: &str) -> anyhow::Result<(Store, Workspace, String)> {
-    let url = store.url()?;
-    let store = Store::open(&url, owsfs_store::StoreOptions::default())
-        .with_context(|| format!("cannot use the store {url}"))?;
-    let marker = format!("workspaces/{name}/workspace.json");
-    if !store.exists(&marker)? {
-        anyhow::bail!("there is no workspace {name:?} in {url}");
-    }
-    let ws = Workspace::open_or_create(&store, name)
-        .with_context(|| format!("cannot open workspace {name:?} in {url}"))?;
-    Ok((store, ws, url))
+/// One element of `owsfs log --json`: the generation record, with the snapshots that name it
+/// and, on a fork's first generation, where it came from.
+#[derive(serde::Serialize)]
+struct LogEntry<'a> {
+    #[serde(flatten)]
+    record: &'a owsfs_store::GenerationRecord,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forked_from: Option<&'a owsfs_store::ForkSource>,
 }
 
 pub fn run(args: &LogArgs) -> anyhow::Result<()> {
-    let (_store, ws, _url) = open_existing(&args.store, &args.workspace)?;
+    let ws = super::target::open_existing(&args.store, &args.workspace)?.ws;
     let mut records = Vec::new();
     for n in ws.list_generations()? {
         records.push(ws.read_generation(n)?);
     }
+    let snapshots = ws.list_snapshots()?;
+    let forked_from = ws.info().forked_from.as_ref();
+    let names_of = |n: u64| -> Vec<&str> {
+        snapshots
+            .iter()
+            .filter(|s| s.generation == n)
+            .map(|s| s.name.as_str())
+            .collect()
+    };
+    let fork_start = |r: &owsfs_store::GenerationRecord| r.number == 1 && r.epoch == 0;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
+        let out: Vec<LogEntry<'_>> = records
+            .iter()
+            .map(|r| LogEntry {
+                record: r,
+                snapshots: names_of(r.number),
+                forked_from: forked_from.filter(|_| fork_start(r)),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
+    }
+    if let Some(f) = forked_from {
+        println!(
+            "workspace {:?} is a fork of {:?} at generation {}",
+            args.workspace, f.workspace, f.generation
+        );
     }
     if records.is_empty() {
         println!("workspace {:?} has no generations yet", args.workspace);
@@ -52,6 +71,12 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         "gen", "epoch", "time (UTC)", "files", "size", "uploaded", "ms"
     );
     for r in &records {
+        let names = names_of(r.number);
+        let marks = if names.is_empty() {
+            String::new()
+        } else {
+            format!("  [snapshot {}]", names.join(", "))
+        };
         if r.kind == owsfs_store::GenKind::Fence {
             println!(
                 "{:>6} {:>6} {:<24} {:>8}  (fence: a new writer took the lease at epoch {})",
@@ -63,7 +88,7 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
             );
             continue;
         }
-        let positions: Vec<String> = r
+        let mut positions: Vec<String> = r
             .sqlite
             .iter()
             .map(|p| match &p.wal {
@@ -71,8 +96,11 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
                 None => p.path.clone(),
             })
             .collect();
+        if fork_start(r) && forked_from.is_some() {
+            positions.insert(0, "(the fork's start)".into());
+        }
         println!(
-            "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  {}",
+            "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  {}{marks}",
             r.number,
             r.epoch,
             utc(r.time_unix_ms),
@@ -87,7 +115,7 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
-fn utc(ms: u64) -> String {
+pub fn utc(ms: u64) -> String {
     match jiff::Timestamp::from_millisecond(ms as i64) {
         Ok(t) => t.strftime("%Y-%m-%d %H:%M:%S%.3f").to_string(),
         Err(_) => format!("@{ms}ms"),

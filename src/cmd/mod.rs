@@ -1,6 +1,7 @@
 //! The commands. Each module owns its arguments and its `run`; this one only dispatches.
 //! These names are a contract that scripts and later commands build on.
 
+mod fork;
 mod handoff;
 mod journal;
 mod log;
@@ -8,8 +9,10 @@ pub mod mount;
 mod recover;
 mod restore;
 mod run;
+mod snapshot;
 mod status;
 mod sync;
+mod target;
 mod unmount;
 
 use std::ffi::OsString;
@@ -58,11 +61,16 @@ enum Command {
     /// Mount, run CMD with the workspace ready, forward signals, hand off when CMD exits, and
     /// exit with CMD's status (a container entrypoint).
     Run(run::RunArgs),
+    /// Name a state of a workspace (create), list the names, delete one.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Make a new workspace that starts from a state of another (no data is copied); the
+    /// source goes on, and the fork can be mounted at once, anywhere.
+    Fork(fork::ForkArgs),
 }
 
 const COMMANDS: &[&str] = &[
     "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
-    "recover", "run", "help",
+    "recover", "run", "snapshot", "fork", "help",
 ];
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
@@ -100,6 +108,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Handoff(a) => handoff::run(&a),
         Command::Recover(a) => recover::run(&a),
         Command::Run(a) => return run::run(a),
+        Command::Snapshot(a) => snapshot::run(&a),
+        Command::Fork(a) => fork::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -254,7 +254,7 @@ fn fork_with_changes(
         "owsfs: generation {g} of {name:?} committed in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-    let (clean, handed) = crate::mount::handoff(services, lease, &journal);
+    let (clean, handed) = crate::mount::handoff(services, lease, &journal, 0);
     if !clean {
         anyhow::bail!(
             "generation {g} of {name:?} is committed, but the cache's journal could not be closed: {}",

@@ -82,6 +82,12 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
     );
     let s = &v.sync.agent;
     println!("store        {} workspace {}", s.store, s.workspace);
+    if let Some(f) = &s.forked_from {
+        println!(
+            "forked from  workspace {} at generation {}",
+            f.workspace, f.generation
+        );
+    }
     let newest = match &s.last_commit {
         Some(c) => format!(
             ", committed {:.1}s ago",

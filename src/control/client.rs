@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::{ControlError, Failure, Request, Status, Synced, Unmounted};
+use super::{ControlError, Failure, Request, Snapshotted, Status, Synced, Unmounted};
 use crate::mountpoint;
 
 /// Why a request got no answer.
@@ -115,6 +115,23 @@ pub fn sync(mountpoint: &Path, timeout: Duration) -> Result<u64, ClientError> {
         Some(timeout + Duration::from_secs(10)),
     )?;
     Ok(s.generation)
+}
+
+/// Cuts a generation, waits until it is durable, and names it.
+pub fn snapshot(
+    mountpoint: &Path,
+    name: &str,
+    timeout: Duration,
+) -> Result<owsfs_store::Snapshot, ClientError> {
+    let s: Snapshotted = call(
+        mountpoint,
+        &Request::Snapshot {
+            name: name.to_string(),
+            timeout_secs: timeout.as_secs_f64(),
+        },
+        Some(timeout + Duration::from_secs(30)),
+    )?;
+    Ok(s.snapshot)
 }
 
 /// Unmounts; true when only detached (`lazy`).

@@ -3,7 +3,7 @@
 //! commands reach it through [`client`].
 //!
 //! Requests: `{"cmd":"status","dirty":bool}`, `{"cmd":"sync","timeout_secs":f64}`,
-//! `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true; when false,
+//! `{"cmd":"snapshot","name":str,"timeout_secs":f64}`, `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true; when false,
 //! the message (`"error"`) and a typed [`ControlError`] (`"kind"`, `"detail"`).
 
 pub mod client;
@@ -23,6 +23,12 @@ pub enum Request {
     },
     /// Answer once everything written before the request is durable in the store.
     Sync {
+        #[serde(default = "default_sync_timeout")]
+        timeout_secs: f64,
+    },
+    /// Cut a generation, wait until it is durable, and name it (a snapshot).
+    Snapshot {
+        name: String,
         #[serde(default = "default_sync_timeout")]
         timeout_secs: f64,
     },
@@ -51,6 +57,8 @@ pub enum Response {
 pub enum Answer {
     Status(Box<Status>),
     Synced(Synced),
+    /// Before `Unmounted`, whose fields all have defaults.
+    Snapshotted(Box<Snapshotted>),
     Unmounted(Unmounted),
 }
 
@@ -141,6 +149,13 @@ pub struct Synced {
     pub ok: True,
     /// The newest durable generation: it holds everything written before the request.
     pub generation: u64,
+}
+
+/// `owsfs snapshot create`'s answer on a mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshotted {
+    pub ok: True,
+    pub snapshot: owsfs_store::Snapshot,
 }
 
 /// `owsfs unmount`'s answer.

@@ -106,6 +106,29 @@ impl Daemon {
         })
     }
 
+    /// `owsfs snapshot create` on a mount: everything written before the call made durable,
+    /// then the newest commit named `name`.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<owsfs_store::Snapshot, ControlError> {
+        owsfs_store::snapshot::check_snapshot_name(name).map_err(ControlError::BadRequest)?;
+        let g = self.sync(timeout)?;
+        let ws = self.sync.workspace();
+        let record = ws
+            .newest_commit(g)
+            .map_err(|e| ControlError::Other(format!("cannot read generation {g}: {e}")))?
+            .ok_or_else(|| {
+                ControlError::Other(format!(
+                    "workspace {:?} has no commit yet (nothing was ever written): nothing to name",
+                    ws.name()
+                ))
+            })?;
+        ws.create_snapshot(name, &record, None)
+            .map_err(|e| ControlError::Other(e.to_string()))
+    }
+
     /// `owsfs unmount`: unmounts and waits until the session has ended and the workspace is
     /// handed off (`lazy`: only until the mount is detached); true when it was only detached.
     ///

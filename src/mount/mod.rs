@@ -483,12 +483,17 @@ impl Drop for Mounted {
 /// then, and only if nothing is left unsynced and the lease was not lost, is the lease
 /// released, so the next node can mount at once. The journal is closed cleanly last.
 ///
+/// When everything is in the store, the newest commit gets an automatic snapshot
+/// (`auto-handoff-N`), and automatic snapshots beyond `keep_snapshots` are rolled off (0: none
+/// taken).
+///
 /// Returns whether the journal was closed cleanly (the cache may then be let go at once),
 /// and whether the workspace was handed off.
 pub fn handoff(
     mut services: Services,
     lease: LeaseGuard,
     journal: &Journal,
+    keep_snapshots: usize,
 ) -> (bool, Result<(), String>) {
     let ending = Instant::now();
     let (prefetch_ms, saver_ms, cut_ms) = services.stop();
@@ -497,6 +502,9 @@ pub fn handoff(
     }
     let agent = Arc::clone(&services.agent);
     drop(services);
+    if keep_snapshots > 0 && !journal.is_dirty() && !lease.keeper().is_lost() {
+        snapshot_before_handoff(&agent, keep_snapshots);
+    }
     // Crash window: the last cut is in the store, the lease still held.
     fail::fail_point!("handoff-after-cut");
     let handed = lease.hand_off(|| {
@@ -515,6 +523,34 @@ pub fn handoff(
     let clean = closed.is_ok();
     let result = closed.and(handed.map_err(|e| format!("unmounted, but not handed off: {e}")));
     (clean, result)
+}
+
+/// The automatic snapshot of a handoff. A failure is logged: the handoff does not depend on
+/// it (everything is in the store already).
+fn snapshot_before_handoff(agent: &SyncAgent, keep: usize) {
+    let ws = agent.workspace();
+    let head = agent.status().generation;
+    let taken = ws
+        .newest_commit(head)
+        .map_err(owsfs_store::SnapshotError::from)
+        .and_then(|record| match record {
+            Some(r) => ws.auto_snapshot("handoff", &r, keep).map(Some),
+            None => Ok(None),
+        });
+    match taken {
+        Ok(Some((s, rolled))) => tracing::info!(
+            "snapshot {} of generation {}{}",
+            s.name,
+            s.generation,
+            if rolled.is_empty() {
+                String::new()
+            } else {
+                format!("; rolled off {}", rolled.join(", "))
+            }
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("no automatic snapshot before the handoff: {e}"),
+    }
 }
 
 /// `owsfs mount` in the daemon: every phase, then serving until unmounted.
@@ -615,7 +651,7 @@ pub fn serve(
     let served = mounted
         .serve()
         .map_err(|e| format!("the FUSE session failed: {e}"));
-    let (clean, handed) = handoff(services, lease, &journal);
+    let (clean, handed) = handoff(services, lease, &journal, opts.keep_snapshots);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {
         // Another daemon may open the cache while this process exits.

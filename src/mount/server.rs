@@ -13,7 +13,7 @@ use anyhow::Context;
 use owsfs_local::Cache;
 
 use super::daemon::Daemon;
-use crate::control::{Answer, ControlError, Request, Response, Synced, Unmounted};
+use crate::control::{Answer, ControlError, Request, Response, Snapshotted, Synced, Unmounted};
 
 /// The listening side. Dropping it stops accepting (the thread is woken and joined) and
 /// removes the socket; connections already accepted still get their answer.
@@ -124,6 +124,17 @@ fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
                     ok: crate::control::True,
                     generation,
                 })),
+                Err(e) => Response::err(e),
+            }
+        }
+        Ok(Request::Snapshot { name, timeout_secs }) => {
+            let timeout =
+                Duration::try_from_secs_f64(timeout_secs).unwrap_or(Duration::from_secs(300));
+            match daemon.snapshot(&name, timeout) {
+                Ok(snapshot) => Response::ok(Answer::Snapshotted(Box::new(Snapshotted {
+                    ok: crate::control::True,
+                    snapshot,
+                }))),
                 Err(e) => Response::err(e),
             }
         }

@@ -89,6 +89,42 @@ impl StoreUrl {
             other => Err(bad(format!("unknown scheme {other:?}"))),
         }
     }
+
+    /// The URL that [`StoreUrl::parse`] reads back as this location (for `--store`; `Display`
+    /// is for messages).
+    pub fn to_url(&self) -> String {
+        match self {
+            StoreUrl::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+                virtual_host,
+            } => {
+                let mut s = format!("s3://{bucket}");
+                if !prefix.is_empty() {
+                    s.push('/');
+                    s.push_str(prefix);
+                }
+                let mut q = Vec::new();
+                if let Some(e) = endpoint {
+                    q.push(format!("endpoint={e}"));
+                }
+                if let Some(r) = region {
+                    q.push(format!("region={r}"));
+                }
+                if *virtual_host {
+                    q.push("virtual_host=true".into());
+                }
+                if !q.is_empty() {
+                    s.push('?');
+                    s.push_str(&q.join("&"));
+                }
+                s
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for StoreUrl {
@@ -143,6 +179,16 @@ mod tests {
                 virtual_host: false,
             }
         );
+        assert_eq!(StoreUrl::parse(&u.to_url()).unwrap(), u);
+        for s in [
+            "file:///tmp/x",
+            "memory://t1",
+            "s3://b",
+            "s3://b/p?virtual_host=true",
+        ] {
+            let u = StoreUrl::parse(s).unwrap();
+            assert_eq!(StoreUrl::parse(&u.to_url()).unwrap(), u, "{s}");
+        }
         assert!(matches!(
             StoreUrl::parse("s3://b").unwrap(),
             StoreUrl::S3 { ref prefix, .. } if prefix.is_empty()

@@ -106,9 +106,15 @@ pub enum SyncError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub store: String,
+    /// The store as a `--store` URL (`store` is for people).
+    #[serde(default)]
+    pub store_url: String,
     /// Why writes fail with EROFS (fail-stop), if they do.
     pub writes_stopped: Option<String>,
     pub workspace: String,
+    /// Where the workspace was forked from, when it is a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<owsfs_store::ForkSource>,
     /// The newest durable generation.
     pub generation: u64,
     pub epoch: u64,
@@ -699,14 +705,21 @@ impl SyncAgent {
         self.st.lock().last_error.clone()
     }
 
+    /// The workspace this agent commits to.
+    pub fn workspace(&self) -> &Workspace {
+        &self.ws
+    }
+
     /// For `owsfs status`.
     pub fn status(&self) -> AgentStatus {
         let st = self.st.lock();
         let (lag_bytes, lag_age) = self.core.journal().lag();
         AgentStatus {
             store: self.store_url.clone(),
+            store_url: self.store.url().to_url(),
             writes_stopped: self.core.writes_stopped().map(str::to_string),
             workspace: self.ws.name().to_string(),
+            forked_from: self.ws.info().forked_from.clone(),
             generation: st.head,
             epoch: st.epoch,
             lag_secs: lag_age.map_or(0.0, |a| a.as_secs_f64()),

@@ -1,0 +1,104 @@
+//! Which workspace a command works on: `--workspace W` (with `--store`), or the workspace a
+//! running mount serves (its MOUNTPOINT), or `W@REF` for a state of it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use owsfs_store::{GenRef, GenerationRecord, Store, Workspace};
+
+use crate::args::StoreArgs;
+
+/// `--store` and `--workspace`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkspaceArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The workspace (instead of a MOUNTPOINT).
+    #[arg(long, env = "OWSFS_WORKSPACE")]
+    pub workspace: Option<String>,
+}
+
+/// An existing workspace and the store it is in.
+pub struct Target {
+    pub store: Arc<Store>,
+    pub ws: Workspace,
+    pub url: String,
+}
+
+/// Opens the existing workspace `name` (never creates one).
+pub fn open_existing(store: &StoreArgs, name: &str) -> anyhow::Result<Target> {
+    let url = store.url()?;
+    open_existing_at(&url, name)
+}
+
+fn open_existing_at(url: &str, name: &str) -> anyhow::Result<Target> {
+    let store = crate::mount::open_store(url)?;
+    let ws = Workspace::open_existing(&store, name)
+        .with_context(|| format!("cannot open workspace {name:?} in {url}"))?
+        .with_context(|| format!("there is no workspace {name:?} in {url}"))?;
+    Ok(Target {
+        store,
+        ws,
+        url: url.to_string(),
+    })
+}
+
+/// The workspace of `--workspace`, or of the mount at `mountpoint` (its store and name, as its
+/// daemon reports them). Exactly one of them must be given.
+pub fn open(args: &WorkspaceArgs, mountpoint: Option<&Path>) -> anyhow::Result<Target> {
+    match (mountpoint, &args.workspace) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give either a MOUNTPOINT or --workspace, not both")
+        }
+        (None, None) => anyhow::bail!(
+            "which workspace? Give the MOUNTPOINT of a mount, or --workspace NAME (and --store URL)"
+        ),
+        (None, Some(name)) => open_existing(&args.store, name),
+        (Some(mp), None) => {
+            let s = crate::control::client::status(mp, false, Duration::from_secs(30))?;
+            open_existing_at(&s.sync.agent.store_url, &s.sync.agent.workspace)
+        }
+    }
+}
+
+/// Splits `W@REF` (REF defaults to HEAD).
+pub fn split_ref(s: &str) -> anyhow::Result<(String, GenRef)> {
+    match s.split_once('@') {
+        Some((w, r)) => Ok((
+            w.to_string(),
+            r.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?,
+        )),
+        None => Ok((s.to_string(), GenRef::Head)),
+    }
+}
+
+impl Target {
+    /// The commit `r` names, with the workspace in the message when it does not resolve.
+    pub fn resolve(&self, r: &GenRef) -> anyhow::Result<GenerationRecord> {
+        self.ws.resolve(r).with_context(|| {
+            format!(
+                "cannot find {r} of workspace {:?} in {}",
+                self.ws.name(),
+                self.url
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn workspace_at_ref() {
+        use owsfs_store::GenRef;
+        let (w, r) = super::split_ref("src@12").unwrap();
+        assert_eq!((w.as_str(), r), ("src", GenRef::Number(12)));
+        let (w, r) = super::split_ref("src").unwrap();
+        assert_eq!((w.as_str(), r), ("src", GenRef::Head));
+        let (_, r) = super::split_ref("src@10m ago").unwrap();
+        assert_eq!(r, GenRef::Ago(std::time::Duration::from_secs(600)));
+        assert!(super::split_ref("src@").is_err());
+    }
+}

@@ -1,0 +1,307 @@
+//! History as users reach it: snapshots (named on a live mount, automatic at each handoff and
+//! rolled off), references (numbers, snapshot names, times), and forks written beside their
+//! source on another node. Each scenario runs on `file://` and on SeaweedFS.
+
+mod common;
+
+#[path = "../testkit/seaweed.rs"]
+mod seaweed;
+#[path = "common/stores.rs"]
+mod stores;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+use stores::TestStore;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs owsfs as workspace `ws` would, asserting success; the trimmed stdout.
+fn ok(ws: &Workspace, args: &[&str]) -> String {
+    let out = ws.owsfs(args);
+    assert!(
+        out.status.success(),
+        "owsfs {}: {}{}",
+        args.join(" "),
+        stderr(&out),
+        ws.log_tail()
+    );
+    stdout(&out).trim().to_string()
+}
+
+/// Runs owsfs, asserting failure; the stderr.
+fn refused(ws: &Workspace, args: &[&str]) -> String {
+    let out = ws.owsfs(args);
+    assert!(
+        !out.status.success(),
+        "owsfs {} was accepted: {}",
+        args.join(" "),
+        stdout(&out)
+    );
+    stderr(&out)
+}
+
+/// `owsfs restore` of `name` at `at` into a fresh directory; its tree.
+fn restored(ws: &Workspace, name: &str, at: &str) -> Snapshot {
+    let dest = ws
+        .dir
+        .path()
+        .join(format!("restore-{name}-{}", at.replace(' ', "_")));
+    ok(
+        ws,
+        &[
+            "restore",
+            "--store",
+            &ws.store,
+            "--workspace",
+            name,
+            "--at",
+            at,
+            &dest.to_string_lossy(),
+        ],
+    );
+    tree(&dest)
+}
+
+fn snapshot_names(ws: &Workspace) -> Vec<String> {
+    let out = ok(
+        ws,
+        &["snapshot", "list", "--json", &ws.mp.to_string_lossy()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn write_db(dir: &Path, rows: u32) {
+    let script = format!(
+        "import sqlite3; db = sqlite3.connect('{}'); db.execute('PRAGMA journal_mode=WAL'); \
+         db.execute('CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)'); \
+         db.executemany('INSERT INTO t (v) VALUES (?)', [('row',)] * {rows}); db.commit()",
+        dir.join("app.db").display()
+    );
+    run_ok(std::process::Command::new("python3").args(["-c", &script]));
+}
+
+/// Snapshots on a live mount, references, restore at each, automatic snapshots rolled off.
+fn snapshots_name_states(store: &TestStore) {
+    let a = store.workspace("src", &["--commit-interval", "1h", "--keep-snapshots", "2"]);
+    a.mount();
+    let mp = a.mp.to_string_lossy().into_owned();
+    std::fs::create_dir(a.path("src")).unwrap();
+    std::fs::write(a.path("src/main.rs"), b"fn main() {}\n").unwrap();
+    write_db(&a.mp, 100);
+    let v1 = tree(&a.mp);
+    // Named on the mount: the cut is made and durable first (the interval is an hour).
+    let g1: u64 = ok(&a, &["snapshot", "create", "before", &mp])
+        .parse()
+        .unwrap();
+    // The same name for the same state again: accepted (nothing changed).
+    ok(&a, &["snapshot", "create", "before", &mp]);
+    for bad in ["42", "auto-x", "a/b", "HEAD"] {
+        let err = refused(&a, &["snapshot", "create", bad, &mp]);
+        assert!(err.contains("invalid snapshot name"), "{bad}: {err}");
+    }
+    let between = jiff::Timestamp::now().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(a.path("src/main.rs"), b"fn main() { v2() }\n").unwrap();
+    std::fs::remove_file(a.path("src/main.rs")).unwrap();
+    std::fs::write(a.path("notes.txt"), b"v2\n").unwrap();
+    write_db(&a.mp, 50);
+    let v2 = tree(&a.mp);
+    let g2 = a.sync();
+    assert!(g2 > g1, "{g2} after {g1}");
+    let err = refused(&a, &["snapshot", "create", "before", &mp]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(snapshot_names(&a), ["before"]);
+    // Every way to name v1 and v2.
+    assert_same_tree(&restored(&a, "src", "before"), &v1, "--at before");
+    assert_same_tree(&restored(&a, "src", &g1.to_string()), &v1, "--at g1");
+    assert_same_tree(&restored(&a, "src", &between), &v1, "--at a time");
+    assert_same_tree(&restored(&a, "src", "HEAD"), &v2, "--at HEAD");
+    assert_same_tree(&restored(&a, "src", "0s ago"), &v2, "--at 0s ago");
+    let (integrity, rows) = sql_check(&a.dir.path().join("restore-src-before/app.db"), true);
+    assert_eq!((integrity.as_str(), rows.len()), ("ok", 100));
+    let err = refused(
+        &a,
+        &[
+            "restore",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--at",
+            "nope",
+            "/tmp/x-never",
+        ],
+    );
+    assert!(err.contains("no snapshot named \"nope\""), "{err}");
+    // A name given offline, at an older state.
+    ok(
+        &a,
+        &[
+            "snapshot",
+            "create",
+            "first",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--at",
+            &g1.to_string(),
+        ],
+    );
+
+    // An automatic snapshot at each handoff; beyond two, the oldest rolls off. Named ones stay.
+    a.unmount();
+    let mut autos = Vec::new();
+    for round in 0..3 {
+        a.mount();
+        std::fs::write(a.path("round"), format!("{round}\n")).unwrap();
+        a.unmount();
+        let log = a.log_json();
+        let head = log.last().unwrap()["number"].as_u64().unwrap();
+        autos.push(format!("auto-handoff-{head}"));
+    }
+    a.mount();
+    let names = snapshot_names(&a);
+    let kept: Vec<&str> = autos[1..].iter().map(String::as_str).collect();
+    let mut want = vec!["before", "first"];
+    want.extend(kept.iter().copied());
+    let mut got: Vec<&str> = names.iter().map(String::as_str).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    // `owsfs log` marks the named generations.
+    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    let line = log
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{g1} ")))
+        .unwrap_or_else(|| panic!("no line for {g1}: {log}"));
+    assert!(line.contains("[snapshot before, first]"), "{line}");
+    let json = a.log_json();
+    let entry = json
+        .iter()
+        .find(|r| r["number"].as_u64() == Some(g1))
+        .unwrap();
+    assert_eq!(entry["snapshots"], serde_json::json!(["before", "first"]));
+    ok(&a, &["snapshot", "delete", "before", &mp]);
+    let err = refused(&a, &["snapshot", "delete", "before", &mp]);
+    assert!(err.contains("no snapshot named"), "{err}");
+    assert!(!snapshot_names(&a).contains(&"before".to_string()));
+    a.unmount();
+}
+
+#[test]
+fn snapshots_name_states_file() {
+    if skip_fuse() {
+        return;
+    }
+    snapshots_name_states(&TestStore::file());
+}
+
+#[test]
+fn snapshots_name_states_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    snapshots_name_states(&TestStore::seaweed("history-snap"));
+}
+
+/// A fork is mounted on another node and written while its source keeps being written on the
+/// first; each ends with exactly its own changes.
+fn a_fork_goes_its_own_way(store: &TestStore) {
+    let a = store.workspace("src", &[]);
+    a.mount();
+    std::fs::create_dir(a.path("data")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            a.path(&format!("data/{i}.bin")),
+            noise(50_000 + i * 1000, i as u64),
+        )
+        .unwrap();
+    }
+    write_db(&a.mp, 200);
+    let base = tree(&a.mp);
+    let g = a.sync();
+
+    // The fork, from the source's newest commit, while the source stays mounted.
+    let fork_name = ok(
+        &a,
+        &["fork", &format!("src@{g}"), "fork", "--store", &a.store],
+    );
+    assert_eq!(fork_name, "fork");
+    let err = refused(&a, &["fork", "src", "fork", "--store", &a.store]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = refused(&a, &["fork", "nope", "other", "--store", &a.store]);
+    assert!(err.contains("no workspace \"nope\""), "{err}");
+
+    let b = store.workspace("fork", &[]);
+    b.mount();
+    assert_same_tree(&tree(&b.mp), &base, "the fork at its start");
+    let status = b.status_json(false);
+    assert_eq!(
+        status["sync"]["forked_from"],
+        serde_json::json!({"workspace": "src", "generation": g})
+    );
+
+    // Both written at once.
+    std::fs::write(a.path("data/0.bin"), b"source only\n").unwrap();
+    std::fs::write(a.path("from-source"), b"a\n").unwrap();
+    std::fs::write(b.path("data/1.bin"), b"fork only\n").unwrap();
+    std::fs::remove_file(b.path("data/2.bin")).unwrap();
+    write_db(&b.mp, 10);
+    let (ta, tb) = (tree(&a.mp), tree(&b.mp));
+    assert!(!tb.contains_key("from-source"));
+    assert_eq!(ta["data/1.bin"], base["data/1.bin"]);
+    assert_eq!(tb["data/0.bin"], base["data/0.bin"]);
+    a.sync();
+    b.sync();
+    assert_same_tree(&restored(&a, "src", "HEAD"), &ta, "the source");
+    assert_same_tree(&restored(&b, "fork", "HEAD"), &tb, "the fork");
+    assert_same_tree(
+        &restored(&b, "fork", "1"),
+        &base,
+        "the fork's first generation",
+    );
+    let (integrity, rows) = sql_check(&b.mp.join("app.db"), true);
+    assert_eq!((integrity.as_str(), rows.len()), ("ok", 210));
+
+    // The log says where the fork came from.
+    let log = ok(&b, &["log", "--store", &b.store, "--workspace", "fork"]);
+    assert!(
+        log.contains(&format!("is a fork of \"src\" at generation {g}")),
+        "{log}"
+    );
+    let json = b.log_json();
+    assert_eq!(json[0]["forked_from"]["workspace"], "src");
+    assert_eq!(json[0]["epoch"], 0);
+    a.unmount();
+    b.unmount();
+}
+
+#[test]
+fn a_fork_goes_its_own_way_file() {
+    if skip_fuse() {
+        return;
+    }
+    a_fork_goes_its_own_way(&TestStore::file());
+}
+
+#[test]
+fn a_fork_goes_its_own_way_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    a_fork_goes_its_own_way(&TestStore::seaweed("history-fork"));
+}
