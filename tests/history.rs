@@ -123,6 +123,64 @@ fn snapshots_name_states(store: &TestStore) {
     assert!(g2 > g1, "{g2} after {g1}");
     let err = refused(&a, &["snapshot", "create", "before", &mp]);
     assert!(err.contains("already exists"), "{err}");
+    // What changed, from the snapshot to now.
+    let out = ok(
+        &a,
+        &[
+            "diff",
+            "before",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--json",
+            "--sqlite",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let changes: Vec<(String, String)> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["change"].as_str().unwrap().to_string(),
+                c["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [("removed", "src/main.rs"), ("added", "notes.txt")] {
+        assert!(
+            changes.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} not in {changes:?}"
+        );
+    }
+    assert!(
+        changes
+            .iter()
+            .all(|(_, p)| p.starts_with("app.db") || p == "src/main.rs" || p == "notes.txt"),
+        "{changes:?}"
+    );
+    assert_eq!(v["from"]["generation"], g1);
+    assert_eq!(v["to"]["generation"], g2);
+    assert_eq!(
+        v["sqlite"],
+        serde_json::json!([{"path": "app.db", "tables": [{"name": "t", "before": 100, "after": 150}]}])
+    );
+    let text = ok(
+        &a,
+        &[
+            "diff",
+            &format!("src@{g1}"),
+            &format!("src@{g2}"),
+            "--store",
+            &a.store,
+        ],
+    );
+    assert!(text.lines().any(|l| l == "A  notes.txt"), "{text}");
+    assert!(text.lines().any(|l| l == "D  src/main.rs"), "{text}");
+    let err = refused(&a, &["diff", "before", "--store", &a.store]);
+    assert!(err.contains("--workspace"), "{err}");
     assert_eq!(snapshot_names(&a), ["before"]);
     // Every way to name v1 and v2.
     assert_same_tree(&restored(&a, "src", "before"), &v1, "--at before");
@@ -276,6 +334,20 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
     );
     let (integrity, rows) = sql_check(&b.mp.join("app.db"), true);
     assert_eq!((integrity.as_str(), rows.len()), ("ok", 210));
+
+    // A fork and its source compare like two states of one workspace.
+    let text = ok(&b, &["diff", "src@HEAD", "fork@HEAD", "--store", &b.store]);
+    for want in [
+        "D  from-source",
+        "D  data/2.bin",
+        "M  data/0.bin  (content",
+        "M  data/1.bin  (content",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(want)),
+            "{want:?} not in {text}"
+        );
+    }
 
     // The log says where the fork came from.
     let log = ok(&b, &["log", "--store", &b.store, "--workspace", "fork"]);

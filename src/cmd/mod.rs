@@ -1,6 +1,7 @@
 //! The commands. Each module owns its arguments and its `run`; this one only dispatches.
 //! These names are a contract that scripts and later commands build on.
 
+mod diff;
 mod fork;
 mod handoff;
 mod journal;
@@ -66,11 +67,14 @@ enum Command {
     /// Make a new workspace that starts from a state of another (no data is copied); the
     /// source goes on, and the fork can be mounted at once, anywhere.
     Fork(fork::ForkArgs),
+    /// What changed between two states of a workspace (or of a fork and its source):
+    /// added, removed, modified, renamed; with --sqlite, the tables whose row counts changed.
+    Diff(diff::DiffArgs),
 }
 
 const COMMANDS: &[&str] = &[
     "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
-    "recover", "run", "snapshot", "fork", "help",
+    "recover", "run", "snapshot", "fork", "diff", "help",
 ];
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
@@ -110,6 +114,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Run(a) => return run::run(a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Fork(a) => fork::run(&a),
+        Command::Diff(a) => diff::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

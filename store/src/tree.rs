@@ -23,8 +23,9 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// The permission, setid and sticky bits a mode may hold.
 pub const MODE_MASK: u32 = 0o7777;
 
-/// The kind of a directory entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The kind of a directory entry (serialized for `owsfs diff --json` as `file`, `dir`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NodeKind {
     File = 1,
     Dir = 2,
@@ -564,4 +565,41 @@ pub fn file_chunks(loader: &dyn BlobLoader, content: &FileContent) -> Result<Vec
         }
     }
     Ok(out)
+}
+
+/// The entry at `path` (`/`-separated, relative) under tree `root`; `None` when a component
+/// is missing or not a directory.
+pub fn lookup(loader: &dyn BlobLoader, root: &BlobRef, path: &str) -> Result<Option<TreeEntry>> {
+    let mut dir = *root;
+    let mut parts = path.split('/').filter(|p| !p.is_empty()).peekable();
+    while let Some(name) = parts.next() {
+        let tree = Tree::load(loader, &dir)?;
+        let Some(e) = tree.get(name.as_bytes()) else {
+            return Ok(None);
+        };
+        if parts.peek().is_none() {
+            return Ok(Some(e.clone()));
+        }
+        match e.content {
+            Content::Dir(r) => dir = r,
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// Writes a file's bytes to `out`, every chunk verified as it is loaded.
+pub fn write_file(
+    loader: &dyn BlobLoader,
+    content: &FileContent,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let mut n = 0;
+    for span in file_chunks(loader, content)? {
+        let b = loader.load(&span.r)?;
+        out.write_all(&b)
+            .map_err(|e| StoreError::io("cannot write a file's bytes", e))?;
+        n += b.len() as u64;
+    }
+    Ok(n)
 }
