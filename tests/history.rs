@@ -290,6 +290,13 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
         .unwrap();
     }
     write_db(&a.mp, 200);
+    std::os::unix::fs::symlink("data/0.bin", a.path("link")).unwrap();
+    std::fs::hard_link(a.path("data/3.bin"), a.path("data/hard")).unwrap();
+    std::fs::set_permissions(
+        a.path("data/4.bin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let base = tree(&a.mp);
     let g = a.sync();
 
@@ -334,6 +341,90 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
     );
     let (integrity, rows) = sql_check(&b.mp.join("app.db"), true);
     assert_eq!((integrity.as_str(), rows.len()), ("ok", 210));
+
+    // Exported as a plain tree, a tar and a tar.zst: the same files, links and modes.
+    let out = a.dir.path();
+    ok(
+        &a,
+        &[
+            "export",
+            "fork@HEAD",
+            &out.join("fork-dir").to_string_lossy(),
+            "--store",
+            &a.store,
+        ],
+    );
+    assert_same_tree(&tree(&out.join("fork-dir")), &tb, "export to a directory");
+    let err = refused(
+        &a,
+        &[
+            "export",
+            "fork@HEAD",
+            &out.join("fork-dir").to_string_lossy(),
+            "--store",
+            &a.store,
+        ],
+    );
+    assert!(err.contains("not empty"), "{err}");
+    ok(
+        &a,
+        &[
+            "export",
+            "src@HEAD",
+            &out.join("src.tar").to_string_lossy(),
+            "--store",
+            &a.store,
+        ],
+    );
+    ok(
+        &a,
+        &[
+            "export",
+            &g.to_string(),
+            &out.join("base.tar.zst").to_string_lossy(),
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+        ],
+    );
+    let zst = std::fs::read(out.join("base.tar.zst")).unwrap();
+    std::fs::write(out.join("base.tar"), zstd::decode_all(&zst[..]).unwrap()).unwrap();
+    for (archive, want) in [("src.tar", &ta), ("base.tar", &base)] {
+        let dir = out.join(format!("x-{archive}"));
+        std::fs::create_dir(&dir).unwrap();
+        run_ok(
+            std::process::Command::new("tar")
+                .arg("-xf")
+                .arg(out.join(archive))
+                .arg("-C")
+                .arg(&dir),
+        );
+        assert_same_tree(&tree(&dir), want, archive);
+        let md = std::fs::metadata(dir.join("data/4.bin")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
+            0o755
+        );
+        let md = std::fs::metadata(dir.join("data/hard")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(&md),
+            2,
+            "{archive}: hard link"
+        );
+    }
+    let err = refused(
+        &a,
+        &[
+            "export",
+            "src@nope",
+            &out.join("n.tar").to_string_lossy(),
+            "--store",
+            &a.store,
+        ],
+    );
+    assert!(err.contains("no snapshot named"), "{err}");
+    assert!(!out.join("n.tar").exists());
 
     // A fork and its source compare like two states of one workspace.
     let text = ok(&b, &["diff", "src@HEAD", "fork@HEAD", "--store", &b.store]);

@@ -64,20 +64,8 @@ struct DiffOut {
     stats: DiffStats,
 }
 
-/// Opens `spec`'s workspace (`W@REF`, or REF of --workspace) and resolves the state.
 fn side(args: &DiffArgs, spec: &str) -> anyhow::Result<(Target, GenerationRecord)> {
-    let (name, r) = if spec.contains('@') {
-        target::split_ref(spec)?
-    } else {
-        let name = args.workspace.clone().with_context(|| {
-            format!("which workspace is {spec:?} of? Pass --workspace NAME, or write NAME@{spec}")
-        })?;
-        let r = spec.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?;
-        (name, r)
-    };
-    let t = target::open_existing(&args.store, &name)?;
-    let record = t.resolve(&r)?;
-    Ok((t, record))
+    target::resolve_spec(&args.store, args.workspace.as_deref(), spec)
 }
 
 pub fn run(args: &DiffArgs) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! These names are a contract that scripts and later commands build on.
 
 mod diff;
+mod export;
 mod fork;
 mod handoff;
 mod journal;
@@ -70,11 +71,14 @@ enum Command {
     /// What changed between two states of a workspace (or of a fork and its source):
     /// added, removed, modified, renamed; with --sqlite, the tables whose row counts changed.
     Diff(diff::DiffArgs),
+    /// Write a state of a workspace as a plain directory tree or a tar archive (.tar,
+    /// .tar.zst, or - for stdout), every object verified.
+    Export(export::ExportArgs),
 }
 
 const COMMANDS: &[&str] = &[
     "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
-    "recover", "run", "snapshot", "fork", "diff", "help",
+    "recover", "run", "snapshot", "fork", "diff", "export", "help",
 ];
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
@@ -115,6 +119,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Fork(a) => fork::run(&a),
         Command::Diff(a) => diff::run(&a),
+        Command::Export(a) => export::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,26 @@ pub fn split_ref(s: &str) -> anyhow::Result<(String, GenRef)> {
     }
 }
 
+/// The workspace and state of `spec`: `W@REF`, or a REF of `workspace` (`--workspace`).
+pub fn resolve_spec(
+    store: &StoreArgs,
+    workspace: Option<&str>,
+    spec: &str,
+) -> anyhow::Result<(Target, GenerationRecord)> {
+    let (name, r) = if spec.contains('@') {
+        split_ref(spec)?
+    } else {
+        let name = workspace.with_context(|| {
+            format!("which workspace is {spec:?} of? Pass --workspace NAME, or write NAME@{spec}")
+        })?;
+        let r = spec.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?;
+        (name.to_string(), r)
+    };
+    let t = open_existing(store, &name)?;
+    let record = t.resolve(&r)?;
+    Ok((t, record))
+}
+
 impl Target {
     /// The commit `r` names, with the workspace in the message when it does not resolve.
     pub fn resolve(&self, r: &GenRef) -> anyhow::Result<GenerationRecord> {
