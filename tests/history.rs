@@ -468,3 +468,94 @@ fn a_fork_goes_its_own_way_seaweedfs() {
     }
     a_fork_goes_its_own_way(&TestStore::seaweed("history-fork"));
 }
+
+/// A drill proves a generation restores, and catches a damaged pack and a missing one; each
+/// outcome is recorded in the store and shown by `owsfs log`.
+fn drills_prove_and_catch(store: &TestStore) {
+    let a = store.workspace("src", &[]);
+    a.mount();
+    std::fs::create_dir(a.path("data")).unwrap();
+    for i in 0..8 {
+        std::fs::write(a.path(&format!("data/{i}.bin")), noise(200_000, i)).unwrap();
+    }
+    std::os::unix::fs::symlink("data/0.bin", a.path("link")).unwrap();
+    std::fs::hard_link(a.path("data/3.bin"), a.path("data/hard")).unwrap();
+    write_db(&a.mp, 300);
+    let g = a.sync();
+    a.unmount();
+    let drill = |state: &str| {
+        a.owsfs(&[
+            "drill",
+            state,
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--json",
+        ])
+    };
+    let out = drill(&g.to_string());
+    assert!(out.status.success(), "drill: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], true);
+    // Eight files, a second name of one, the database (its WAL is gone once closed).
+    assert_eq!(r["files"], 10, "{r}");
+    assert_eq!(
+        r["databases"],
+        serde_json::json!([{"path": "app.db", "integrity": "ok"}])
+    );
+    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    assert!(log.contains("[drill ok"), "{log}");
+
+    // A byte flipped in the middle of the largest pack.
+    let packs = store.keys("packs/");
+    let largest = packs
+        .iter()
+        .max_by_key(|k| store.get(k).len())
+        .unwrap()
+        .clone();
+    let good = store.get(&largest);
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    store.put(&largest, &bad);
+    let out = drill(&g.to_string());
+    assert!(!out.status.success(), "a drill passed over a damaged pack");
+    let err = stderr(&out);
+    assert!(err.contains("FAILED") && err.contains("corrupt"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], false);
+    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    assert!(log.contains("[DRILL FAILED"), "{log}");
+
+    // Put back, then lost.
+    store.put(&largest, &good);
+    assert!(drill("HEAD").status.success());
+    store.delete(&largest);
+    let out = drill("HEAD");
+    assert!(!out.status.success(), "a drill passed without a pack");
+    let err = stderr(&out);
+    assert!(err.contains("does not exist"), "{err}");
+    let json = a.log_json();
+    let entry = json
+        .iter()
+        .find(|e| e["number"].as_u64() == Some(g))
+        .unwrap();
+    assert_eq!(entry["drill"]["ok"], false, "{entry}");
+}
+
+#[test]
+fn drills_prove_and_catch_file() {
+    if skip_fuse() {
+        return;
+    }
+    drills_prove_and_catch(&TestStore::file());
+}
+
+#[test]
+fn drills_prove_and_catch_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    drills_prove_and_catch(&TestStore::seaweed("history-drill"));
+}

@@ -2,7 +2,7 @@
 //! layout and lock (`cache`), its record of the base generation (`state`, `CACHE/state.db`),
 //! the encoding of one node (`node`), file handles (`handle`), the access list format
 //! (`access`), the one writer of nodes from a tree (`write`, used by `restore` and by
-//! hydration), a tree as a tar archive (`export`), and the progress trait long work reports to
+//! hydration), a tree as a tar archive (`export`), a restore drill (`drill`), and the progress trait long work reports to
 //! (`progress`).
 //!
 //! Architecture invariant: this crate knows the store's formats but never talks to the
@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod cache;
+pub mod drill;
 pub mod export;
 pub mod handle;
 pub mod node;

@@ -269,3 +269,46 @@ fn a_corrupt_chunk_aborts_the_restore_naming_pack_and_blob() {
         "{m}"
     );
 }
+
+#[test]
+fn a_drill_checks_the_restored_tree_independently() {
+    use owsfs_local::drill::{check, drill};
+    let store = Store::open(
+        &format!("memory://drill-{}", std::process::id()),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let (g, _) = build(&store);
+    let dest = tempfile::tempdir().unwrap();
+    let c = drill(&store, &g, dest.path(), &owsfs_local::progress::Silent).unwrap();
+    assert_eq!((c.files, c.dirs, c.bytes), (4, 2, 5_002_000));
+    let p = |rel: &str| dest.path().join(rel);
+    let expect_err = |what: &str| {
+        let e = format!("{:#}", check(&store, &g, dest.path()).unwrap_err());
+        assert!(e.contains(what), "{what:?} not in {e}");
+    };
+    // One byte of the big file changed on disk.
+    let mut big = std::fs::read(p("sub/big")).unwrap();
+    big[4_000_000] ^= 1;
+    std::fs::write(p("sub/big"), &big).unwrap();
+    expect_err("do not hash to their chunk id");
+    big[4_000_000] ^= 1;
+    std::fs::write(p("sub/big"), &big).unwrap();
+    check(&store, &g, dest.path()).unwrap();
+    // A name too many, a mode, a broken hard link, another symlink target.
+    std::fs::write(p("sub/extra"), b"x").unwrap();
+    expect_err("sub holds 3 names, its tree 2");
+    std::fs::remove_file(p("sub/extra")).unwrap();
+    std::fs::set_permissions(p("sub"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    expect_err("mode 700, the tree says 750");
+    std::fs::set_permissions(p("sub"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::remove_file(p("b")).unwrap();
+    std::fs::copy(p("a"), p("b")).unwrap();
+    std::fs::set_permissions(p("b"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    expect_err("not the same inode");
+    std::fs::remove_file(p("b")).unwrap();
+    std::fs::hard_link(p("a"), p("b")).unwrap();
+    std::fs::remove_file(p("link")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", p("link")).unwrap();
+    expect_err("another symlink target");
+}

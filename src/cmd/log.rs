@@ -26,6 +26,9 @@ struct LogEntry<'a> {
     snapshots: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     forked_from: Option<&'a owsfs_store::ForkSource>,
+    /// The newest drill of this generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drill: Option<&'a owsfs_store::drill::DrillRecord>,
 }
 
 pub fn run(args: &LogArgs) -> anyhow::Result<()> {
@@ -35,6 +38,9 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         records.push(ws.read_generation(n)?);
     }
     let snapshots = ws.list_snapshots()?;
+    let drills = ws.list_drills()?;
+    // Oldest first: the last one of a generation is its newest.
+    let drill_of = |n: u64| drills.iter().rev().find(|d| d.generation == n);
     let forked_from = ws.info().forked_from.as_ref();
     let names_of = |n: u64| -> Vec<&str> {
         snapshots
@@ -51,6 +57,7 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
                 record: r,
                 snapshots: names_of(r.number),
                 forked_from: forked_from.filter(|_| fork_start(r)),
+                drill: drill_of(r.number),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -72,11 +79,20 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
     );
     for r in &records {
         let names = names_of(r.number);
-        let marks = if names.is_empty() {
+        let mut marks = if names.is_empty() {
             String::new()
         } else {
             format!("  [snapshot {}]", names.join(", "))
         };
+        match drill_of(r.number) {
+            Some(d) if d.ok => marks.push_str(&format!("  [drill ok {}]", utc(d.time_unix_ms))),
+            Some(d) => marks.push_str(&format!(
+                "  [DRILL FAILED {}: {}]",
+                utc(d.time_unix_ms),
+                d.error.as_deref().unwrap_or("?")
+            )),
+            None => {}
+        }
         if r.kind == owsfs_store::GenKind::Fence {
             println!(
                 "{:>6} {:>6} {:<24} {:>8}  (fence: a new writer took the lease at epoch {})",

@@ -2,6 +2,7 @@
 //! These names are a contract that scripts and later commands build on.
 
 mod diff;
+pub mod drill;
 mod export;
 mod fork;
 mod handoff;
@@ -74,11 +75,14 @@ enum Command {
     /// Write a state of a workspace as a plain directory tree or a tar archive (.tar,
     /// .tar.zst, or - for stdout), every object verified.
     Export(export::ExportArgs),
+    /// Prove a generation restores: restore it into a temporary directory, verify every hash,
+    /// the tree's shape and each SQLite database, and record the outcome in the store.
+    Drill(drill::DrillArgs),
 }
 
 const COMMANDS: &[&str] = &[
     "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
-    "recover", "run", "snapshot", "fork", "diff", "export", "help",
+    "recover", "run", "snapshot", "fork", "diff", "export", "drill", "help",
 ];
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
@@ -120,6 +124,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Fork(a) => fork::run(&a),
         Command::Diff(a) => diff::run(&a),
         Command::Export(a) => export::run(&a),
+        Command::Drill(a) => drill::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

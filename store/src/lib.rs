@@ -21,6 +21,7 @@ pub mod backend;
 pub mod chunk;
 pub mod clock;
 pub mod diff;
+pub mod drill;
 pub mod error;
 pub mod fault;
 pub mod generation;
