@@ -85,6 +85,14 @@ pub struct MountOpts {
         value_name = "N"
     )]
     pub keep_snapshots: usize,
+    /// Run a restore drill this often (e.g. 1h): the newest generation, or every other time
+    /// a random older one, restored into --drill-scratch and verified; the outcome goes to
+    /// the store, the log and `owsfs status` [default: never].
+    #[arg(long, env = "OWSFS_DRILL_EVERY", value_parser = parse_duration, value_name = "DURATION")]
+    pub drill_every: Option<Duration>,
+    /// Where drills restore (it needs room for a whole generation) [default: $TMPDIR].
+    #[arg(long, env = "OWSFS_DRILL_SCRATCH", value_name = "DIR")]
+    pub drill_scratch: Option<PathBuf>,
     #[command(flatten)]
     pub lease: LeaseArgs,
 }
@@ -117,6 +125,17 @@ impl MountOpts {
             "--keep-snapshots".to_string(),
             self.keep_snapshots.to_string(),
         ]);
+        if let Some(d) = self.drill_every {
+            v.extend(["--drill-every".to_string(), format!("{}ms", d.as_millis())]);
+        }
+        if let Some(d) = &self.drill_scratch {
+            // The daemon does not keep the caller's working directory.
+            let d = std::path::absolute(d).unwrap_or_else(|_| d.clone());
+            v.extend([
+                "--drill-scratch".to_string(),
+                d.to_string_lossy().into_owned(),
+            ]);
+        }
         v.extend(self.lease.to_args());
         v
     }
@@ -266,5 +285,48 @@ mod tests {
         assert_eq!(parse_bytes("100MB"), Ok(100 << 20));
         assert_eq!(parse_bytes("1.5k"), Ok(1536));
         assert!(parse_bytes("lots").is_err());
+    }
+
+    /// What the daemon is started with says everything the user gave `owsfs mount`.
+    #[test]
+    fn the_daemon_gets_every_mount_option() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: MountOpts,
+        }
+        let given = [
+            "x",
+            "--store",
+            "memory://a",
+            "--workspace",
+            "w",
+            "--commit-interval",
+            "2s",
+            "--max-lag",
+            "5s",
+            "--max-lag-bytes",
+            "1MiB",
+            "--prefetch",
+            "2",
+            "--prefetch-bandwidth",
+            "1000",
+            "--keep-snapshots",
+            "3",
+            "--drill-every",
+            "1h",
+            "--drill-scratch",
+            "/scratch",
+            "--lease-ttl",
+            "3s",
+            "--wait",
+        ];
+        let a = <Cli as clap::Parser>::parse_from(given).opts;
+        let mut again = vec!["x".to_string()];
+        again.extend(a.to_args());
+        let b = <Cli as clap::Parser>::parse_from(again).opts;
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(b.keep_snapshots, 3);
+        assert_eq!(b.drill_every, Some(Duration::from_secs(3600)));
     }
 }

@@ -559,3 +559,61 @@ fn drills_prove_and_catch_seaweedfs() {
     }
     drills_prove_and_catch(&TestStore::seaweed("history-drill"));
 }
+
+/// `--drill-every`: the daemon drills on its own; `owsfs status` shows the newest outcome, a
+/// failure loudly.
+fn the_daemon_drills_on_a_schedule(store: &TestStore) {
+    let scratch = tempfile::tempdir().unwrap();
+    let a = store.workspace(
+        "src",
+        &[
+            "--drill-every",
+            "300ms",
+            "--drill-scratch",
+            &scratch.path().to_string_lossy(),
+        ],
+    );
+    a.mount();
+    for i in 0..4 {
+        std::fs::write(a.path(&format!("f{i}")), noise(100_000, i)).unwrap();
+    }
+    write_db(&a.mp, 10);
+    let g = a.sync();
+    let drilled = wait_for(std::time::Duration::from_secs(60), || {
+        let s = a.status_json(false);
+        s["sync"]["drill"]["ok"] == true && s["sync"]["drill"]["generation"].as_u64() >= Some(g)
+    });
+    assert!(drilled, "no drill in the status{}", a.log_tail());
+    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    assert!(text.contains("drill        ok"), "{text}");
+    // Lose every pack: the next drill fails, loudly.
+    for k in store.keys("packs/") {
+        store.delete(&k);
+    }
+    let failed = wait_for(std::time::Duration::from_secs(60), || {
+        a.status_json(false)["sync"]["drill"]["ok"] == false
+    });
+    assert!(failed, "no failed drill in the status{}", a.log_tail());
+    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    assert!(text.contains("DRILL FAILED"), "{text}");
+    assert!(a.log_tail().contains("FAILED"), "{}", a.log_tail());
+    a.unmount();
+    // Nothing is left in the scratch directory.
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_daemon_drills_on_a_schedule_file() {
+    if skip_fuse() {
+        return;
+    }
+    the_daemon_drills_on_a_schedule(&TestStore::file());
+}
+
+#[test]
+fn the_daemon_drills_on_a_schedule_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    the_daemon_drills_on_a_schedule(&TestStore::seaweed("history-drills"));
+}

@@ -12,7 +12,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use owsfs_store::drill::DatabaseCheck;
+use owsfs_store::Workspace;
+use owsfs_store::drill::{DatabaseCheck, DrillRecord};
 use owsfs_store::tree::file_chunks;
 use owsfs_store::{
     BlobLoader, BlobRef, Content, GenStats, GenerationRecord, NodeKind, Store, Tree,
@@ -27,6 +28,48 @@ pub struct Checked {
     pub dirs: u64,
     pub bytes: u64,
     pub databases: Vec<DatabaseCheck>,
+}
+
+/// Runs a drill of `record` in a new directory under `scratch` (named `prefix…`, removed
+/// afterwards); the caller records the outcome (`Workspace::record_drill`). An error means
+/// the drill could not be run (no scratch space); a failed check is a record with `ok:
+/// false`.
+pub fn run(
+    store: &Store,
+    ws: &Workspace,
+    record: &GenerationRecord,
+    scratch: &Path,
+    prefix: &str,
+    progress: &dyn Progress,
+) -> anyhow::Result<DrillRecord> {
+    let started = std::time::Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(scratch)
+        .with_context(|| format!("cannot make the drill's directory in {}", scratch.display()))?;
+    let outcome = drill(store, record, dir.path(), progress);
+    drop(dir);
+    let (ok, error, checked) = match outcome {
+        Ok(c) => (true, None, c),
+        Err(e) => (false, Some(format!("{e:#}")), Checked::default()),
+    };
+    let r = DrillRecord {
+        workspace: ws.name().to_string(),
+        generation: record.number,
+        time_unix_ms: store.clock().unix_ms(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        ok,
+        error,
+        files: checked.files,
+        dirs: checked.dirs,
+        bytes: checked.bytes,
+        databases: checked.databases,
+        host: rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Ok(r)
 }
 
 /// Restores `record`'s tree into `dir` (empty) and checks it. An error says what did not

@@ -4,12 +4,10 @@
 //! `owsfs log` and `owsfs status` show it.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use owsfs_store::drill::DrillRecord;
-use owsfs_store::{GenerationRecord, Store, Workspace};
 
 use super::target;
 use crate::args::StoreArgs;
@@ -36,7 +34,10 @@ pub fn run(args: &DrillArgs) -> anyhow::Result<()> {
     let spec = args.state.as_deref().unwrap_or("HEAD");
     let (t, record) = target::resolve_spec(&args.store, args.workspace.as_deref(), spec)?;
     let bar = crate::progress::Bar::new();
-    let r = drill(&t.store, &t.ws, &record, args.scratch.as_deref(), &bar)?;
+    let scratch = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    let r = owsfs_local::drill::run(&t.store, &t.ws, &record, &scratch, "owsfs-drill-", &bar)?;
+    t.ws.record_drill(&r)
+        .context("the drill ran, but its outcome could not be recorded in the store")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -77,49 +78,4 @@ pub fn summary(r: &DrillRecord) -> String {
             r.error.as_deref().unwrap_or("?")
         )
     }
-}
-
-/// Runs a drill of `record` and records its outcome in the store. An error means the drill
-/// could not be run or recorded (no scratch space, the store unreachable for the record); a
-/// failed check is a record with `ok: false`.
-pub fn drill(
-    store: &Store,
-    ws: &Workspace,
-    record: &GenerationRecord,
-    scratch: Option<&std::path::Path>,
-    progress: &dyn owsfs_local::progress::Progress,
-) -> anyhow::Result<DrillRecord> {
-    let started = Instant::now();
-    let mut b = tempfile::Builder::new();
-    b.prefix("owsfs-drill-");
-    let dir = match scratch {
-        Some(s) => b.tempdir_in(s),
-        None => b.tempdir(),
-    }
-    .context("cannot make the drill's temporary directory")?;
-    let outcome = owsfs_local::drill::drill(store, record, dir.path(), progress);
-    let (ok, error, checked) = match outcome {
-        Ok(c) => (true, None, c),
-        Err(e) => (false, Some(format!("{e:#}")), Default::default()),
-    };
-    let r = DrillRecord {
-        workspace: ws.name().to_string(),
-        generation: record.number,
-        time_unix_ms: store.clock().unix_ms(),
-        duration_ms: started.elapsed().as_millis() as u64,
-        ok,
-        error,
-        files: checked.files,
-        dirs: checked.dirs,
-        bytes: checked.bytes,
-        databases: checked.databases,
-        host: rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-    };
-    drop(dir);
-    ws.record_drill(&r)
-        .context("the drill ran, but its outcome could not be recorded in the store")?;
-    Ok(r)
 }

@@ -121,6 +121,22 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         p.fetched_bytes,
         p.fetches
     );
+    if let Some(d) = &v.sync.drill {
+        let ago = (jiff::Timestamp::now().as_millisecond() - d.time_unix_ms as i64).max(0) / 1000;
+        if d.ok {
+            println!(
+                "drill        ok: generation {} restored and verified {ago}s ago on {}",
+                d.generation, d.host
+            );
+        } else {
+            println!(
+                "DRILL FAILED generation {}, {ago}s ago on {}: {}",
+                d.generation,
+                d.host,
+                d.error.as_deref().unwrap_or("?")
+            );
+        }
+    }
     if let Some(why) = v.writes_stopped() {
         println!("WRITES STOPPED (EROFS): {why}");
     }

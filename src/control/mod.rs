@@ -199,6 +199,9 @@ pub struct SyncStatus {
     pub agent: owsfs_sync::AgentStatus,
     pub lease: owsfs_sync::lease::LeaseStatus,
     pub hydration: owsfs_hydrate::Progress,
+    /// The newest drill of the workspace (`owsfs drill`, `--drill-every`), as last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<owsfs_store::drill::DrillRecord>,
 }
 
 impl Status {

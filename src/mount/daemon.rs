@@ -18,6 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::control::{ControlError, Status, SyncStatus, True};
 
 pub struct Daemon {
+    last_drill: super::drills::LastDrill,
     core: Arc<Core>,
     sync: Arc<SyncAgent>,
     keeper: Arc<Keeper>,
@@ -36,20 +37,21 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon of the mount `services` serve, under `keeper`'s lease.
     pub fn new(
-        core: Arc<Core>,
-        sync: Arc<SyncAgent>,
+        services: &super::Services,
         keeper: Arc<Keeper>,
-        hyd: Arc<Hydrator>,
+        last_drill: super::drills::LastDrill,
         mountpoint: PathBuf,
         cache: PathBuf,
         recovery: Recovery,
     ) -> Daemon {
         Daemon {
-            core,
-            sync,
+            last_drill,
+            core: Arc::clone(&services.core),
+            sync: Arc::clone(&services.agent),
             keeper,
-            hyd,
+            hyd: Arc::clone(&services.hyd),
             mountpoint,
             cache,
             started: Instant::now(),
@@ -88,6 +90,7 @@ impl Daemon {
                 agent: self.sync.status(),
                 lease: self.keeper.status(),
                 hydration: self.hyd.progress(),
+                drill: self.last_drill.lock().clone(),
             },
             dirty: dirty.then(|| serde_json::to_value(journal.dirty()).unwrap_or_default()),
         }

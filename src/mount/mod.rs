@@ -15,6 +15,7 @@
 
 pub mod background;
 pub mod daemon;
+pub mod drills;
 pub mod lease;
 pub mod server;
 
@@ -622,16 +623,25 @@ pub fn serve(
         recovery,
     } = rest;
     let cache_root = cache.root.clone();
+    let node = cache.node_id()?;
     cache_lock.replace(cache);
     let mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
 
+    let drills = drills::Drills::start(
+        Arc::clone(&store),
+        ws.clone(),
+        opts.drill_every,
+        opts.drill_scratch
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
+        &node,
+    )?;
     let daemon = Arc::new(Daemon::new(
-        Arc::clone(&services.core),
-        Arc::clone(&services.agent),
+        &services,
         Arc::clone(lease.keeper()),
-        Arc::clone(&services.hyd),
+        Arc::clone(&drills.last),
         mountpoint.clone(),
         cache_root.clone(),
         recovery,
@@ -651,6 +661,7 @@ pub fn serve(
     let served = mounted
         .serve()
         .map_err(|e| format!("the FUSE session failed: {e}"));
+    drop(drills);
     let (clean, handed) = handoff(services, lease, &journal, opts.keep_snapshots);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {
