@@ -558,6 +558,15 @@ impl Store {
         Ok(keys)
     }
 
+    /// The size of an object in bytes.
+    pub fn size(&self, key: &str) -> Result<u64> {
+        self.retry("stat", key, || {
+            let op = self.inner.op.clone();
+            let k = key.to_string();
+            self.block(async move { Ok(op.stat(&k).await?.content_length()) })
+        })
+    }
+
     /// Deletes an object; deleting a missing object is not an error.
     pub fn delete(&self, key: &str) -> Result<()> {
         self.retry("delete", key, || {

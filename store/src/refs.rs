@@ -132,7 +132,25 @@ impl Workspace {
             }
             GenRef::Snapshot(name) => {
                 let s = self.read_snapshot(name)?;
-                let record = self.read_generation(s.generation)?;
+                let record = match self.read_generation(s.generation) {
+                    Ok(r) => r,
+                    // Pruned by a GC that listed before the snapshot was taken: the snapshot
+                    // carries the tree (which that GC's successors keep), not the SQLite
+                    // positions.
+                    Err(e) if e.is_not_found() => GenerationRecord {
+                        workspace: s.workspace.clone(),
+                        number: s.generation,
+                        parent: s.generation.checked_sub(1).filter(|&p| p > 0),
+                        epoch: 0,
+                        kind: GenKind::Commit,
+                        time_unix_ms: s.generation_time_unix_ms,
+                        root: Some(s.root),
+                        sqlite: Vec::new(),
+                        stats: s.stats,
+                        access: None,
+                    },
+                    Err(e) => return Err(e.into()),
+                };
                 if record.root != Some(s.root) {
                     return Err(StoreError::corrupt(
                         self.generation_key(s.generation),

@@ -1,0 +1,474 @@
+//! Garbage collection: retention applied, then mark and sweep with a grace, safe beside live
+//! writers and readers (`FORMAT.md`, "GC": the protocol and its crash analysis).
+//!
+//! A run marks every pack that the kept generations and snapshots of every workspace reach,
+//! then *condemns* the packs nothing reaches by publishing them in its run record
+//! (`gc/runs/N`) before it deletes anything. It deletes only packs that an earlier run
+//! condemned at least the grace before this run began and that this run's mark still finds
+//! unreferenced. Writers read the run records ([`GcWatch`]) and never reference a condemned
+//! pack: they do not deduplicate against one, and a commit that would reference one is made
+//! again. A pack an in-flight commit uploaded but has not referenced yet is therefore either
+//! referenced by the time a later run marks (rescued), or known condemned to its writer before
+//! its commit lands.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{PutOutcome, Store};
+use crate::error::{Result, StoreError};
+use crate::generation::{GenNumber, GenerationRecord, Workspace, seal_json, unseal_json};
+use crate::ids::{BlobId, PackId};
+use crate::pack::BlobRef;
+use crate::progress::Progress;
+use crate::retention::{self, GenSummary, Kept};
+use crate::tree::{Content, FileContent, Tree, decode_list};
+
+pub const GC_VERSION: u64 = 1;
+
+/// The default grace: a pack is deleted at least this long after it was condemned, and a
+/// generation record only once it is this old.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
+/// How long run records are kept. A writer that has not read them for longer forgets its
+/// whole deduplication index (it cannot know which packs went).
+pub const RUN_HISTORY: Duration = Duration::from_secs(30 * 86_400);
+
+/// A run record `gc/runs/<20-digit run>`: what a GC run condemned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRun {
+    pub run: u64,
+    /// When the record was written (the GC's clock).
+    pub published_unix_ms: u64,
+    pub grace_ms: u64,
+    /// Packs nothing kept referenced at this run's mark.
+    pub condemned: Vec<PackId>,
+}
+
+fn run_key(n: u64) -> String {
+    format!("gc/runs/{n:020}")
+}
+
+/// The numbers of the run records in the store, ascending.
+pub fn list_runs(store: &Store) -> Result<Vec<u64>> {
+    let mut out: Vec<u64> = store
+        .list("gc/runs/")?
+        .iter()
+        .filter_map(|k| k.strip_prefix("gc/runs/")?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads and verifies run record `n`.
+pub fn read_run(store: &Store, n: u64) -> Result<GcRun> {
+    let key = run_key(n);
+    let r: GcRun = unseal_json("owsfs-gc", GC_VERSION, &key, &store.get(&key)?)?;
+    if r.run != n {
+        return Err(StoreError::corrupt(&key, "the record names another run"));
+    }
+    Ok(r)
+}
+
+/// A writer's view of the run records: the packs it must not reference.
+#[derive(Debug, Default)]
+pub struct GcWatch {
+    /// Condemned packs by run.
+    runs: BTreeMap<u64, Vec<PackId>>,
+    bad: HashSet<PackId>,
+    grace: Option<Duration>,
+    refreshed: Option<Instant>,
+}
+
+/// What a refresh found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The highest run seen (to be remembered across mounts).
+    pub seen: u64,
+    /// Runs between `seen_before` and the oldest record still stored are gone: the packs they
+    /// condemned are unknown, and a deduplication index older than them must be forgotten.
+    pub gap: bool,
+    /// Runs read for the first time.
+    pub new_runs: usize,
+}
+
+impl GcWatch {
+    /// Reads the run records this watch has not read yet (`seen_before`: the highest run a
+    /// previous watch of the same cache read; 0 for none). `now` is the caller's monotonic
+    /// time of the listing.
+    pub fn refresh(&mut self, store: &Store, seen_before: u64, now: Instant) -> Result<Refreshed> {
+        let listed = list_runs(store)?;
+        let gap = match listed.first() {
+            Some(&oldest) => self.runs.is_empty() && oldest > seen_before + 1,
+            None => false,
+        };
+        let listed_set: BTreeSet<u64> = listed.iter().copied().collect();
+        self.runs.retain(|n, _| listed_set.contains(n));
+        let mut new_runs = 0;
+        for &n in &listed {
+            if self.runs.contains_key(&n) {
+                continue;
+            }
+            let r = match read_run(store, n) {
+                Ok(r) => r,
+                // Deleted since the listing (too old): its packs are gone or rescued.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let g = Duration::from_millis(r.grace_ms);
+            self.grace = Some(self.grace.map_or(g, |x| x.min(g)));
+            self.runs.insert(n, r.condemned);
+            new_runs += 1;
+        }
+        self.bad = self.runs.values().flatten().copied().collect();
+        self.refreshed = Some(now);
+        Ok(Refreshed {
+            seen: listed
+                .last()
+                .copied()
+                .unwrap_or(seen_before)
+                .max(seen_before),
+            gap,
+            new_runs,
+        })
+    }
+
+    /// Whether a writer may reference `pack`.
+    pub fn is_condemned(&self, pack: &PackId) -> bool {
+        self.bad.contains(pack)
+    }
+
+    /// Every condemned pack.
+    pub fn condemned(&self) -> &HashSet<PackId> {
+        &self.bad
+    }
+
+    /// The smallest grace of the runs seen (the default before any).
+    pub fn grace(&self) -> Duration {
+        self.grace.unwrap_or(DEFAULT_GRACE)
+    }
+
+    /// Whether the view must be read again before a commit lands: it is older than a quarter
+    /// of the grace (a commit then lands well within half the grace of the view it checked).
+    pub fn stale(&self, now: Instant) -> bool {
+        self.refreshed
+            .is_none_or(|t| now.saturating_duration_since(t) > self.grace() / 4)
+    }
+
+    /// Whether the view is too old to prove a commit safe (half the grace).
+    pub fn too_old(&self, now: Instant) -> bool {
+        self.refreshed
+            .is_none_or(|t| now.saturating_duration_since(t) > self.grace() / 2)
+    }
+}
+
+/// How a GC run goes.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    pub grace: Duration,
+    /// Compute and report, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> GcOptions {
+        GcOptions {
+            grace: DEFAULT_GRACE,
+            dry_run: false,
+        }
+    }
+}
+
+/// What a GC run did (or, dry, would do).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// The run record written (none when dry or when there was nothing to condemn or delete).
+    pub run: Option<u64>,
+    pub workspaces: u64,
+    pub generations: u64,
+    pub generations_kept: u64,
+    /// Generation records deleted: not kept and older than the grace.
+    pub generations_pruned: u64,
+    pub snapshots: u64,
+    pub trees_read: u64,
+    pub packs: u64,
+    pub packs_live: u64,
+    /// Unreferenced now: deleted by a later run unless referenced again.
+    pub packs_condemned: u64,
+    pub packs_deleted: u64,
+    pub bytes_deleted: u64,
+    /// Every object deleted: packs, generation records, old run records.
+    pub objects_deleted: u64,
+    /// Kept generations per workspace, with why (for `owsfs log`-like reports).
+    #[serde(skip)]
+    pub kept: BTreeMap<String, Kept>,
+}
+
+/// One workspace as GC sees it.
+struct WsView {
+    ws: Workspace,
+    gens: Vec<GenerationRecord>,
+    snapshot_roots: Vec<(GenNumber, BlobRef)>,
+}
+
+/// Runs GC over the whole store.
+pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport> {
+    let grace_ms = opts.grace.as_millis() as u64;
+    let t_mark = store.clock().unix_ms();
+    let mut report = GcReport::default();
+
+    // 1. Every workspace, its generations and snapshots.
+    let views = load_workspaces(store, progress, &mut report)?;
+    let mut fork_sources: HashMap<String, Vec<GenNumber>> = HashMap::new();
+    for v in &views {
+        if let Some(f) = &v.ws.info().forked_from {
+            fork_sources
+                .entry(f.workspace.clone())
+                .or_default()
+                .push(f.generation);
+        }
+    }
+
+    // 2. Retention: what is kept, what is pruned (not kept and older than the grace).
+    let mut roots: Vec<BlobRef> = Vec::new();
+    let mut blobs: Vec<BlobRef> = Vec::new();
+    let mut prune: Vec<String> = Vec::new();
+    for v in &views {
+        let policy = v.ws.retention()?;
+        let summaries: Vec<GenSummary> = v
+            .gens
+            .iter()
+            .map(|g| GenSummary {
+                number: g.number,
+                kind: g.kind,
+                time_unix_ms: g.time_unix_ms,
+            })
+            .collect();
+        let snaps: Vec<GenNumber> = v.snapshot_roots.iter().map(|(n, _)| *n).collect();
+        let forks = fork_sources.get(v.ws.name()).cloned().unwrap_or_default();
+        let kept = retention::plan(&policy, t_mark, &summaries, &snaps, &forks, &[]);
+        for g in &v.gens {
+            let young = t_mark.saturating_sub(g.time_unix_ms) < grace_ms;
+            if kept.contains_key(&g.number) || young {
+                report.generations_kept += 1;
+                roots.extend(g.root);
+                blobs.extend(g.access);
+            } else {
+                prune.push(v.ws.generation_key(g.number));
+            }
+        }
+        roots.extend(v.snapshot_roots.iter().map(|(_, r)| *r));
+        report.kept.insert(v.ws.name().to_string(), kept);
+    }
+    report.generations_pruned = prune.len() as u64;
+
+    // 3. Mark every pack the kept trees reach.
+    let mut live = mark(store, &roots, progress, &mut report)?;
+    live.extend(blobs.iter().map(|b| b.pack));
+    report.packs_live = live.len() as u64;
+
+    // 4. Every pack; the unreferenced ones are condemned.
+    let packs: Vec<PackId> = store
+        .list("packs/")?
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+        .collect();
+    report.packs = packs.len() as u64;
+    let condemned: Vec<PackId> = packs
+        .iter()
+        .filter(|p| !live.contains(p))
+        .copied()
+        .collect();
+    report.packs_condemned = condemned.len() as u64;
+
+    // 5. Deletable: condemned now and by a run published at least the grace before this
+    // run's mark began.
+    let runs = list_runs(store)?;
+    let mut ripe: HashSet<PackId> = HashSet::new();
+    let mut old_runs = Vec::new();
+    for &n in &runs {
+        let r = read_run(store, n)?;
+        let wait = r.grace_ms.max(grace_ms);
+        if r.published_unix_ms + wait <= t_mark {
+            ripe.extend(r.condemned.iter().copied());
+        }
+        if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {
+            old_runs.push(n);
+        }
+    }
+    let delete: Vec<PackId> = condemned
+        .iter()
+        .filter(|p| ripe.contains(p))
+        .copied()
+        .collect();
+    if opts.dry_run {
+        report.packs_deleted = delete.len() as u64;
+        for p in &delete {
+            report.bytes_deleted += store.size(&p.key()).unwrap_or(0);
+        }
+        report.objects_deleted = report.packs_deleted + report.generations_pruned;
+        return Ok(report);
+    }
+
+    // 6. Publish what this run condemns, before deleting anything.
+    if !condemned.is_empty() || !delete.is_empty() || !prune.is_empty() {
+        let n = runs.last().map_or(1, |l| l + 1);
+        let record = GcRun {
+            run: n,
+            published_unix_ms: store.clock().unix_ms(),
+            grace_ms,
+            condemned: condemned.clone(),
+        };
+        match store.put_if_absent(
+            &run_key(n),
+            seal_json("owsfs-gc", GC_VERSION, "gc run", &record)?,
+        )? {
+            PutOutcome::Created | PutOutcome::AlreadyIdentical => {}
+            PutOutcome::Conflict(_) => {
+                return Err(StoreError::Invalid(format!(
+                    "another GC wrote run {n} at the same time; nothing was deleted, run it again"
+                )));
+            }
+        }
+        report.run = Some(n);
+    }
+    fail::fail_point!("gc-after-publish");
+
+    // 7. Sweep: packs, then pruned generation records, then run records past their history.
+    progress.begin("deleting", 0, delete.len() as u64);
+    for (i, p) in delete.iter().enumerate() {
+        let key = p.key();
+        match store.size(&key) {
+            Ok(n) => report.bytes_deleted += n,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        }
+        store.delete(&key)?;
+        report.packs_deleted += 1;
+        progress.update(report.bytes_deleted, i as u64 + 1);
+    }
+    progress.finish();
+    for key in &prune {
+        store.delete(key)?;
+    }
+    // Keep the newest run record whatever its age: writers learn the grace from it.
+    for n in old_runs
+        .iter()
+        .filter(|&&n| Some(n) != report.run && Some(&n) != runs.last())
+    {
+        store.delete(&run_key(*n))?;
+        report.objects_deleted += 1;
+    }
+    report.objects_deleted += report.packs_deleted + report.generations_pruned;
+    Ok(report)
+}
+
+/// Reads every workspace's generation records and snapshots.
+fn load_workspaces(
+    store: &Store,
+    progress: &dyn Progress,
+    report: &mut GcReport,
+) -> Result<Vec<WsView>> {
+    let keys = store.list("workspaces/")?;
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let mut gens: HashMap<String, Vec<GenNumber>> = HashMap::new();
+    for k in &keys {
+        let mut parts = k.splitn(4, '/');
+        let (Some(_), Some(name), Some(kind)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        names.insert(name.to_string());
+        if kind == "gens"
+            && let Some(n) = parts.next().and_then(|n| n.parse::<GenNumber>().ok())
+        {
+            gens.entry(name.to_string()).or_default().push(n);
+        }
+    }
+    let total: u64 = gens.values().map(|g| g.len() as u64).sum();
+    progress.begin("reading generations", 0, total);
+    let mut done = 0;
+    let mut out = Vec::new();
+    for name in names {
+        let Some(ws) = Workspace::open_existing(store, &name)? else {
+            continue;
+        };
+        let mut records = Vec::new();
+        let mut numbers = gens.remove(&name).unwrap_or_default();
+        numbers.sort_unstable();
+        for n in numbers {
+            match ws.read_generation(n) {
+                Ok(r) => records.push(r),
+                // Pruned since the listing by another GC: not kept by this one either.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+            done += 1;
+            progress.update(0, done);
+        }
+        let snapshot_roots = ws
+            .list_snapshots()?
+            .into_iter()
+            .map(|s| (s.generation, s.root))
+            .collect::<Vec<_>>();
+        report.workspaces += 1;
+        report.generations += records.len() as u64;
+        report.snapshots += snapshot_roots.len() as u64;
+        out.push(WsView {
+            ws,
+            gens: records,
+            snapshot_roots,
+        });
+    }
+    progress.finish();
+    Ok(out)
+}
+
+/// The packs the trees at `roots` reach. Any tree or list that cannot be read fails the whole
+/// mark: nothing is deleted on a partial mark.
+fn mark(
+    store: &Store,
+    roots: &[BlobRef],
+    progress: &dyn Progress,
+    report: &mut GcReport,
+) -> Result<HashSet<PackId>> {
+    let mut live: HashSet<PackId> = HashSet::new();
+    let mut seen_trees: HashSet<BlobId> = HashSet::new();
+    let mut seen_lists: HashSet<BlobId> = HashSet::new();
+    let mut stack: Vec<BlobRef> = Vec::new();
+    progress.begin("marking", 0, 0);
+    for r in roots {
+        live.insert(r.pack);
+        stack.push(*r);
+    }
+    while let Some(r) = stack.pop() {
+        if !seen_trees.insert(r.id) {
+            continue;
+        }
+        let tree = Tree::load(store, &r)?;
+        report.trees_read += 1;
+        progress.update(0, report.trees_read);
+        for e in &tree.entries {
+            match &e.content {
+                Content::Dir(sub) => {
+                    live.insert(sub.pack);
+                    stack.push(*sub);
+                }
+                Content::File(FileContent::Chunks(c)) => live.extend(c.iter().map(|r| r.pack)),
+                Content::File(FileContent::List(lists)) => {
+                    for l in lists {
+                        live.insert(l.blob.pack);
+                        if seen_lists.insert(l.blob.id) {
+                            let b = crate::pack::read_blob(store, &l.blob)?;
+                            let object = format!("list {} in {}", l.blob.id, l.blob.pack.key());
+                            live.extend(decode_list(&object, &b)?.iter().map(|r| r.pack));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    progress.finish();
+    Ok(live)
+}
