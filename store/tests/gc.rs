@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use owsfs_store::gc::{self, GcOptions, GcWatch};
 use owsfs_store::pack::{BlobKind, PackWriter};
@@ -260,7 +260,7 @@ fn a_writer_learns_what_is_condemned_and_when_its_view_is_too_old() {
     w.store.put(&orphan.key(), bytes).unwrap();
 
     let mut watch = GcWatch::default();
-    let t0 = Instant::now();
+    let t0 = w.store.clock().now();
     assert!(watch.stale(t0) && watch.too_old(t0));
     let r = watch.refresh(&w.store, 0, t0).unwrap();
     assert_eq!(
