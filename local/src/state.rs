@@ -134,6 +134,8 @@ pub struct LocalState {
     conn: Connection,
     /// `nodes`, in memory: kind and encoded content.
     nodes: std::sync::Arc<NodeMap>,
+    /// Packs a GC condemned: `chunk` never answers with a blob in one of them.
+    condemned: std::collections::HashSet<owsfs_store::PackId>,
 }
 
 /// The hydration tables (created by [`LocalState::open`], used by `src/hydrate/`).
@@ -181,6 +183,7 @@ impl LocalState {
         let state = LocalState {
             conn,
             nodes: Default::default(),
+            condemned: Default::default(),
         };
         match state.meta("version")? {
             None => state.set_meta("version", &STATE_VERSION.to_string())?,
@@ -380,11 +383,32 @@ impl LocalState {
             .optional()?)
     }
 
+    /// Where blob `id` is in the store (a `BlobRef` as JSON), for deduplication; never in a
+    /// pack a GC condemned ([`LocalState::set_condemned`]).
     pub fn chunk(&self, id: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT loc FROM chunks WHERE id = ?1")?;
-        Ok(stmt.query_row([&id[..]], |r| r.get(0)).optional()?)
+        let loc: Option<Vec<u8>> = stmt.query_row([&id[..]], |r| r.get(0)).optional()?;
+        if !self.condemned.is_empty()
+            && let Some(l) = &loc
+            && let Ok(r) = serde_json::from_slice::<owsfs_store::BlobRef>(l)
+            && self.condemned.contains(&r.pack)
+        {
+            return Ok(None);
+        }
+        Ok(loc)
+    }
+
+    /// The packs a GC condemned (`owsfs_store::gc::GcWatch`): deduplication avoids them.
+    pub fn set_condemned(&mut self, packs: std::collections::HashSet<owsfs_store::PackId>) {
+        self.condemned = packs;
+    }
+
+    /// Forgets the whole deduplication index (GC runs were missed: any pack may be gone).
+    pub fn forget_chunks(&self) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM chunks", [])?;
+        Ok(())
     }
 
     pub fn totals(&self, id: &[u8; 32]) -> anyhow::Result<Option<Totals>> {

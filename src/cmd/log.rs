@@ -1,6 +1,7 @@
 //! `owsfs log`: the generations of a workspace, read from the store.
 
 use clap::Args;
+use owsfs_store::retention::{self, GenSummary};
 
 use crate::args::StoreArgs;
 
@@ -29,6 +30,9 @@ struct LogEntry<'a> {
     /// The newest drill of this generation.
     #[serde(skip_serializing_if = "Option::is_none")]
     drill: Option<&'a owsfs_store::drill::DrillRecord>,
+    /// Why the retention policy keeps it (empty: a GC may delete it once it is older than
+    /// the grace).
+    kept: Vec<&'static str>,
 }
 
 pub fn run(args: &LogArgs) -> anyhow::Result<()> {
@@ -41,6 +45,24 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
     let drills = ws.list_drills()?;
     // Oldest first: the last one of a generation is its newest.
     let drill_of = |n: u64| drills.iter().rev().find(|d| d.generation == n);
+    let policy = ws.retention()?;
+    let summaries: Vec<GenSummary> = records
+        .iter()
+        .map(|r| GenSummary {
+            number: r.number,
+            kind: r.kind,
+            time_unix_ms: r.time_unix_ms,
+        })
+        .collect();
+    let snap_gens: Vec<u64> = snapshots.iter().map(|s| s.generation).collect();
+    let fork_gens: Vec<u64> = ws.forks()?.into_iter().map(|(_, n)| n).collect();
+    let now = ws.store().clock().unix_ms();
+    let kept = retention::plan(&policy, now, &summaries, &snap_gens, &fork_gens, &[]);
+    let why = |n: u64| -> Vec<&'static str> {
+        kept.get(&n)
+            .map(|r| r.iter().map(|r| r.as_str()).collect())
+            .unwrap_or_default()
+    };
     let forked_from = ws.info().forked_from.as_ref();
     let names_of = |n: u64| -> Vec<&str> {
         snapshots
@@ -58,6 +80,7 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
                 snapshots: names_of(r.number),
                 forked_from: forked_from.filter(|_| fork_start(r)),
                 drill: drill_of(r.number),
+                kept: why(r.number),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -73,6 +96,7 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         println!("workspace {:?} has no generations yet", args.workspace);
         return Ok(());
     }
+    println!("retention: {policy}");
     println!(
         "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  sqlite",
         "gen", "epoch", "time (UTC)", "files", "size", "uploaded", "ms"
@@ -84,6 +108,12 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         } else {
             format!("  [snapshot {}]", names.join(", "))
         };
+        let reasons = why(r.number);
+        if reasons.is_empty() {
+            marks.push_str("  (not kept: goes at a GC)");
+        } else if reasons != ["recent"] {
+            marks.push_str(&format!("  (kept: {})", reasons.join(", ")));
+        }
         match drill_of(r.number) {
             Some(d) if d.ok => marks.push_str(&format!("  [drill ok {}]", utc(d.time_unix_ms))),
             Some(d) => marks.push_str(&format!(

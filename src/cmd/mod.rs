@@ -5,12 +5,14 @@ mod diff;
 pub mod drill;
 mod export;
 mod fork;
+mod gc;
 mod handoff;
 mod journal;
 mod log;
 pub mod mount;
 mod recover;
 mod restore;
+mod retention;
 mod run;
 mod snapshot;
 mod status;
@@ -78,11 +80,33 @@ enum Command {
     /// Prove a generation restores: restore it into a temporary directory, verify every hash,
     /// the tree's shape and each SQLite database, and record the outcome in the store.
     Drill(drill::DrillArgs),
+    /// Collect garbage in a store: apply each workspace's retention, then delete packs no
+    /// kept generation, snapshot or fork references (a grace after they were found so).
+    Gc(gc::GcArgs),
+    /// Show or set which generations a workspace keeps (everything recent, hourly, daily).
+    Retention(retention::RetentionArgs),
 }
 
 const COMMANDS: &[&str] = &[
-    "mount", "unmount", "umount", "status", "journal", "sync", "log", "restore", "handoff",
-    "recover", "run", "snapshot", "fork", "diff", "export", "drill", "help",
+    "mount",
+    "unmount",
+    "umount",
+    "status",
+    "journal",
+    "sync",
+    "log",
+    "restore",
+    "handoff",
+    "recover",
+    "run",
+    "snapshot",
+    "fork",
+    "diff",
+    "export",
+    "drill",
+    "gc",
+    "retention",
+    "help",
 ];
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
@@ -125,6 +149,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Diff(a) => diff::run(&a),
         Command::Export(a) => export::run(&a),
         Command::Drill(a) => drill::run(&a),
+        Command::Gc(a) => gc::run(&a),
+        Command::Retention(a) => retention::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

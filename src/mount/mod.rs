@@ -88,10 +88,15 @@ fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
 
 /// The store at `url`, with the fault injection the environment asks for (tests).
 pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
-    let opts = StoreOptions {
+    let mut opts = StoreOptions {
         faults: owsfs_store::FaultConfig::from_env()?,
         ..StoreOptions::default()
     };
+    // Test hook: how often writers read the GC runs (a GC's grace must be 4 times this).
+    if let Ok(s) = std::env::var("OWSFS_GC_REFRESH") {
+        opts.gc_refresh = crate::args::parse_duration(&s)
+            .map_err(|e| anyhow::anyhow!("OWSFS_GC_REFRESH: {e}"))?;
+    }
     Ok(Arc::new(
         Store::open(url, opts).with_context(|| format!("cannot use the store {url}"))?,
     ))

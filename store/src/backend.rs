@@ -52,6 +52,9 @@ pub struct StoreOptions {
     /// The clock of the retry backoff and of the time stamps the store writes; the crates
     /// above take it from [`Store::clock`]. Tests pass a [`crate::ManualClock`].
     pub clock: Arc<dyn Clock>,
+    /// How often a writer reads the GC run records again while it commits; a GC's grace must
+    /// be at least four times this (`crate::gc`). Tests shorten it (`OWSFS_GC_REFRESH`).
+    pub gc_refresh: Duration,
 }
 
 impl Default for StoreOptions {
@@ -63,6 +66,7 @@ impl Default for StoreOptions {
             max_backoff: Duration::from_secs(2),
             faults: None,
             clock: SystemClock::shared(),
+            gc_refresh: crate::gc::DEFAULT_REFRESH,
         }
     }
 }
@@ -231,6 +235,11 @@ impl Store {
         };
         store.check_marker()?;
         Ok(store)
+    }
+
+    /// How often writers read the GC run records again ([`StoreOptions::gc_refresh`]).
+    pub fn gc_refresh(&self) -> Duration {
+        self.inner.opts.gc_refresh
     }
 
     /// The store's location, for messages.

@@ -31,6 +31,14 @@ pub const GC_VERSION: u64 = 1;
 /// generation record only once it is this old.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 
+/// How often a writer reads the run records again while it commits (the store's
+/// `gc_refresh`); its view may be at most twice this old when a commit is sent.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+
+/// A grace must cover a writer's oldest allowed view (twice the refresh interval) plus the
+/// time a commit's request may take: at least this many refresh intervals.
+pub const MIN_GRACE_REFRESHES: u32 = 4;
+
 /// How long run records are kept. A writer that has not read them for longer forgets its
 /// whole deduplication index (it cannot know which packs went).
 pub const RUN_HISTORY: Duration = Duration::from_secs(30 * 86_400);
@@ -77,7 +85,7 @@ pub struct GcWatch {
     /// Condemned packs by run.
     runs: BTreeMap<u64, Vec<PackId>>,
     bad: HashSet<PackId>,
-    grace: Option<Duration>,
+    every: Duration,
     refreshed: Option<Instant>,
 }
 
@@ -96,7 +104,7 @@ pub struct Refreshed {
 impl GcWatch {
     /// Reads the run records this watch has not read yet (`seen_before`: the highest run a
     /// previous watch of the same cache read; 0 for none). `now` is the caller's monotonic
-    /// time of the listing.
+    /// time, taken before the listing.
     pub fn refresh(&mut self, store: &Store, seen_before: u64, now: Instant) -> Result<Refreshed> {
         let listed = list_runs(store)?;
         let gap = match listed.first() {
@@ -116,12 +124,11 @@ impl GcWatch {
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             };
-            let g = Duration::from_millis(r.grace_ms);
-            self.grace = Some(self.grace.map_or(g, |x| x.min(g)));
             self.runs.insert(n, r.condemned);
             new_runs += 1;
         }
         self.bad = self.runs.values().flatten().copied().collect();
+        self.every = store.gc_refresh();
         self.refreshed = Some(now);
         Ok(Refreshed {
             seen: listed
@@ -144,22 +151,16 @@ impl GcWatch {
         &self.bad
     }
 
-    /// The smallest grace of the runs seen (the default before any).
-    pub fn grace(&self) -> Duration {
-        self.grace.unwrap_or(DEFAULT_GRACE)
-    }
-
-    /// Whether the view must be read again before a commit lands: it is older than a quarter
-    /// of the grace (a commit then lands well within half the grace of the view it checked).
+    /// Whether the view should be read again (older than the refresh interval).
     pub fn stale(&self, now: Instant) -> bool {
         self.refreshed
-            .is_none_or(|t| now.saturating_duration_since(t) > self.grace() / 4)
+            .is_none_or(|t| now.saturating_duration_since(t) > self.every)
     }
 
-    /// Whether the view is too old to prove a commit safe (half the grace).
+    /// Whether the view is too old to send a commit with (twice the refresh interval).
     pub fn too_old(&self, now: Instant) -> bool {
         self.refreshed
-            .is_none_or(|t| now.saturating_duration_since(t) > self.grace() / 2)
+            .is_none_or(|t| now.saturating_duration_since(t) > 2 * self.every)
     }
 }
 
@@ -214,6 +215,16 @@ struct WsView {
 
 /// Runs GC over the whole store.
 pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport> {
+    let min = store.gc_refresh() * MIN_GRACE_REFRESHES;
+    if opts.grace < min {
+        return Err(StoreError::Invalid(format!(
+            "a grace of {} is too short: writers read the GC runs every {}, so it must be at \
+             least {}",
+            humantime::format_duration(opts.grace),
+            humantime::format_duration(store.gc_refresh()),
+            humantime::format_duration(min)
+        )));
+    }
     let grace_ms = opts.grace.as_millis() as u64;
     let t_mark = store.clock().unix_ms();
     let mut report = GcReport::default();
@@ -289,8 +300,7 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     let mut old_runs = Vec::new();
     for &n in &runs {
         let r = read_run(store, n)?;
-        let wait = r.grace_ms.max(grace_ms);
-        if r.published_unix_ms + wait <= t_mark {
+        if r.published_unix_ms + grace_ms <= t_mark {
             ripe.extend(r.condemned.iter().copied());
         }
         if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {

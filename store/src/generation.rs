@@ -208,6 +208,16 @@ struct WorkspaceMetaV1 {
     created_unix_ms: u64,
 }
 
+pub const FORK_NOTE_VERSION: u64 = 1;
+
+/// `workspaces/SRC/forks/FORK`: a fork of SRC, noted in the source.
+#[derive(Serialize, Deserialize)]
+struct ForkNote {
+    source: String,
+    fork: String,
+    generation: GenNumber,
+}
+
 /// Where a fork came from: the source workspace and the commit its first generation copies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForkSource {
@@ -338,6 +348,39 @@ impl Workspace {
         })
     }
 
+    /// Records in this workspace that workspace `fork` started from its generation `n`
+    /// (`workspaces/W/forks/FORK`; retention keeps `n` while the record is there).
+    fn note_fork(&self, fork: &str, n: GenNumber) -> Result<()> {
+        let note = ForkNote {
+            source: self.name.clone(),
+            fork: fork.to_string(),
+            generation: n,
+        };
+        self.store.put(
+            &self.key(&format!("forks/{fork}")),
+            seal_json("owsfs-fork", FORK_NOTE_VERSION, "fork note", &note)?,
+        )
+    }
+
+    /// The generations forks started from (from `forks/`), by fork name.
+    pub fn forks(&self) -> Result<Vec<(String, GenNumber)>> {
+        let prefix = self.key("forks/");
+        let mut out = Vec::new();
+        for key in self.store.list(&prefix)? {
+            let b = match self.store.get(&key) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let n: ForkNote = unseal_json("owsfs-fork", FORK_NOTE_VERSION, &key, &b)?;
+            if n.source != self.name || Some(n.fork.as_str()) != key.strip_prefix(&prefix) {
+                return Err(StoreError::corrupt(&key, "the note names another fork"));
+            }
+            out.push((n.fork, n.generation));
+        }
+        Ok(out)
+    }
+
     /// What the workspace's marker says (its fork source, when it is a fork).
     pub fn info(&self) -> &WorkspaceInfo {
         &self.info
@@ -384,6 +427,8 @@ impl Workspace {
         if ws.info.forked_from.as_ref() != Some(&want) || ws.head()?.is_some() {
             return Err(exists());
         }
+        // The source learns of the fork (its retention keeps the generation).
+        source.note_fork(name, from.number)?;
         let record = GenerationRecord {
             workspace: name.to_string(),
             number: 1,

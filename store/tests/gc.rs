@@ -15,6 +15,8 @@ use owsfs_store::{
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// How often writers read the runs (graces must be at least four times this).
+const REFRESH: Duration = Duration::from_secs(1);
 
 struct World {
     store: Store,
@@ -27,6 +29,7 @@ fn world(name: &str) -> World {
         &format!("memory://gc-{name}-{}", std::process::id()),
         StoreOptions {
             clock: clock.clone(),
+            gc_refresh: REFRESH,
             ..Default::default()
         },
     )
@@ -272,10 +275,12 @@ fn a_writer_learns_what_is_condemned_and_when_its_view_is_too_old() {
         }
     );
     assert!(!watch.stale(t0));
-    assert_eq!(watch.grace(), gc::DEFAULT_GRACE);
-    assert!(watch.stale(t0 + gc::DEFAULT_GRACE / 3));
-    assert!(!watch.too_old(t0 + gc::DEFAULT_GRACE / 3));
-    assert!(watch.too_old(t0 + gc::DEFAULT_GRACE));
+    assert!(watch.stale(t0 + REFRESH * 3 / 2));
+    assert!(!watch.too_old(t0 + REFRESH * 3 / 2));
+    assert!(watch.too_old(t0 + REFRESH * 3));
+    // A grace shorter than four refresh intervals is refused.
+    let err = gc::collect(&w.store, &opts(REFRESH * 3), &Silent).unwrap_err();
+    assert!(err.to_string().contains("too short"), "{err}");
 
     gc::collect(&w.store, &opts(Duration::from_secs(120)), &Silent).unwrap();
     let r = watch.refresh(&w.store, 0, t0).unwrap();
@@ -288,7 +293,6 @@ fn a_writer_learns_what_is_condemned_and_when_its_view_is_too_old() {
         }
     );
     assert!(watch.is_condemned(&orphan));
-    assert_eq!(watch.grace(), Duration::from_secs(120));
     let live: Vec<PackId> = w
         .store
         .list("packs/")
@@ -331,10 +335,10 @@ fn a_run_that_cannot_read_a_tree_deletes_nothing() {
     p.add(BlobKind::Chunk, b"orphan");
     let (orphan, bytes) = p.seal();
     w.store.put(&orphan.key(), bytes).unwrap();
-    gc::collect(&w.store, &opts(Duration::from_secs(1)), &Silent).unwrap();
+    gc::collect(&w.store, &opts(REFRESH * 4), &Silent).unwrap();
     w.clock.advance(Duration::from_secs(10));
     // The root tree's pack is lost: the mark fails, the orphan (ripe) stays.
     w.store.delete(&g.root.unwrap().pack.key()).unwrap();
-    assert!(gc::collect(&w.store, &opts(Duration::from_secs(1)), &Silent).is_err());
+    assert!(gc::collect(&w.store, &opts(REFRESH * 4), &Silent).is_err());
     assert!(w.store.size(&orphan.key()).is_ok());
 }

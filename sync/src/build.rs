@@ -15,8 +15,8 @@ use bytes::Bytes;
 use owsfs_fuse::{Freezer, Frozen};
 use owsfs_journal::{DirtyState, InoMap};
 use owsfs_store::{
-    BlobId, BlobKind, BlobLoader, BlobRef, ChunkSpan, Content, FileContent, NodeKind, PackWriter,
-    Store, Tree, TreeEntry,
+    BlobId, BlobKind, BlobLoader, BlobRef, ChunkSpan, Content, FileContent, NodeKind, PackId,
+    PackWriter, Store, Tree, TreeEntry,
 };
 
 use super::capture::{Capture, EntryCapture};
@@ -39,6 +39,9 @@ pub struct Built {
     pub blobs_new: u64,
     pub packs_new: u64,
     pub bytes_read: u64,
+    /// Every pack a blob made or deduplicated by this cut is in (a GC must not have
+    /// condemned any of them when the generation is committed).
+    pub packs_used: std::collections::HashSet<PackId>,
 }
 
 /// Loads tree and list blobs from the cache's state, or else from the store (verified).
@@ -69,6 +72,8 @@ struct Packer<'a> {
     bytes_new: u64,
     blobs_new: u64,
     packs_new: u64,
+    /// Every pack a blob of this cut is in (new or deduplicated).
+    used: std::collections::HashSet<PackId>,
 }
 
 impl Packer<'_> {
@@ -82,10 +87,12 @@ impl Packer<'_> {
             && r.id == id
         {
             self.added.insert(id, r);
+            self.used.insert(r.pack);
             return Ok(r);
         }
         let r = self.pack.add(kind, data);
         self.added.insert(id, r);
+        self.used.insert(r.pack);
         self.bytes_new += data.len() as u64;
         self.blobs_new += 1;
         self.update.chunks.push((
@@ -146,6 +153,7 @@ pub fn build(
         bytes_new: 0,
         blobs_new: 0,
         packs_new: 0,
+        used: Default::default(),
     };
     let mut contents: HashMap<u64, FileContent> = HashMap::new();
     let mut sqlite: BTreeMap<String, SqlitePosition> = BTreeMap::new();
@@ -194,6 +202,7 @@ pub fn build(
         bytes_new: packer.bytes_new,
         blobs_new: packer.blobs_new,
         packs_new: packer.packs_new,
+        packs_used: packer.used,
         bytes_read,
     })
 }

@@ -13,6 +13,7 @@
 
 pub mod build;
 pub mod capture;
+mod gc;
 pub mod lease;
 pub mod wal;
 
@@ -199,6 +200,8 @@ pub struct SyncAgent {
     hyd: Arc<dyn Hydration>,
     /// The base generation's access list (paths), carried on after this mount's own.
     inherited_access: Mutex<Vec<String>>,
+    /// What the GC runs condemned, as last read (`gc.rs`).
+    gc: Mutex<owsfs_store::gc::GcWatch>,
 }
 
 impl SyncAgent {
@@ -268,6 +271,7 @@ impl SyncAgent {
             keeper,
             hyd,
             inherited_access: Mutex::new(inherited_access),
+            gc: Mutex::default(),
         }))
     }
 
@@ -542,7 +546,8 @@ impl SyncAgent {
             self.push_dirty_pages();
         }
         let journal = self.core.journal();
-        let local = self.local.lock();
+        let mut local = self.local.lock();
+        self.gc_refresh(&mut local)?;
         let full = local.base()?.is_none();
         let inos = self.core.ino_map();
         // 2. The barrier: a consistent cut.
@@ -587,6 +592,7 @@ impl SyncAgent {
             (st.head, st.epoch)
         };
         let number = head + 1;
+        self.gc_check(&mut local, &built.packs_used, number)?;
         // Noted before the commit: if the daemon dies between the commit and the cache's
         // update, the next mount recognises the generation as this cache's own.
         local.set_meta(

@@ -158,6 +158,7 @@ fn faults_are_retried() {
             max_backoff: Duration::from_millis(5),
             faults: Some(cfg),
             clock: clock.clone(),
+            ..StoreOptions::default()
         };
         let s = Store::open(&url, opts).unwrap();
         for i in 0..60 {

@@ -1,0 +1,75 @@
+//! `owsfs gc`: retention applied to every workspace of the store, then unreferenced packs
+//! condemned and, a grace later, deleted (`store/FORMAT.md`, "GC"). Safe beside live
+//! writers and readers.
+
+use std::time::Duration;
+
+use clap::Args;
+use owsfs_store::gc::{self, GcOptions, GcReport};
+
+use crate::args::StoreArgs;
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A pack is deleted only this long after a run condemned it, and a generation only
+    /// once it is this old. Writers must be able to commit within half of it.
+    #[arg(long, default_value = "1h", value_parser = parse_grace)]
+    pub grace: Duration,
+    /// Print the report as JSON.
+    #[arg(long, env = "OWSFS_JSON")]
+    pub json: bool,
+}
+
+/// A grace of at least a second (tests); an hour is the default.
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    let d = crate::args::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is too short for a grace (at least 1s)"));
+    }
+    Ok(d)
+}
+
+pub fn run(args: &GcArgs) -> anyhow::Result<()> {
+    let url = args.store.url()?;
+    let store = crate::mount::open_store(&url)?;
+    let bar = crate::progress::Bar::new();
+    let report = gc::collect(
+        &store,
+        &GcOptions {
+            grace: args.grace,
+            dry_run: args.dry_run,
+        },
+        &bar,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print(&report, args.dry_run, &url);
+    }
+    Ok(())
+}
+
+fn print(r: &GcReport, dry: bool, url: &str) {
+    let verb = if dry { "would delete" } else { "deleted" };
+    println!(
+        "{url}: {} workspaces, {} generations ({} kept), {} snapshots",
+        r.workspaces, r.generations, r.generations_kept, r.snapshots
+    );
+    println!(
+        "{verb} {} generation records, {} packs ({} bytes); {} objects in all",
+        r.generations_pruned, r.packs_deleted, r.bytes_deleted, r.objects_deleted
+    );
+    println!(
+        "packs: {} in the store, {} referenced, {} unreferenced (deleted by a later run a grace \
+         from now unless referenced again); {} trees read",
+        r.packs, r.packs_live, r.packs_condemned, r.trees_read
+    );
+    if let Some(n) = r.run {
+        println!("run {n} recorded in gc/runs/");
+    }
+}

@@ -1,0 +1,206 @@
+//! GC beside live work: a writer that keeps rewriting files with contents it had before
+//! (so its deduplication index points into packs GC condemns), a fork written on another node
+//! and hydrating lazily there, and exports of HEAD, while `owsfs gc` runs 100 times with a
+//! short grace and a short retention. Afterwards every kept generation of both workspaces
+//! passes a drill, and each workspace's newest generation holds exactly what was written.
+//! On `file://` and on SeaweedFS.
+
+mod common;
+
+#[path = "../testkit/seaweed.rs"]
+mod seaweed;
+#[path = "common/stores.rs"]
+mod stores;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use stores::TestStore;
+
+const ROUNDS: usize = 100;
+
+fn ok(ws: &Workspace, args: &[&str]) -> String {
+    let out = ws.owsfs(args);
+    assert!(
+        out.status.success(),
+        "owsfs {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        ws.log_tail()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Rewrites files of `dir` until `stop`, with contents from one of two sets that take turns
+/// every 3 seconds: a set's chunks leave every kept generation, GC condemns and deletes their
+/// packs, and then the same chunks come back, which the writer's deduplication index still
+/// knows in those packs.
+fn churn(
+    dir: std::path::PathBuf,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let pool: Vec<Vec<u8>> = (0..6)
+            .map(|i| noise(80_000 + 7_000 * i, seed * 100 + i as u64))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut x = seed;
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let phase = (started.elapsed().as_secs() / 3 % 2) as usize;
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let f = dir.join(format!("f{}", (x >> 33) % 4));
+            if (x >> 40).is_multiple_of(7) {
+                let _ = std::fs::remove_file(&f);
+            } else {
+                std::fs::write(&f, &pool[phase * 3 + ((x >> 45) % 3) as usize]).unwrap();
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        n
+    })
+}
+
+fn gc_races_writers_readers_and_forks(store: &TestStore) {
+    // Writers read the GC runs every 200 ms, so a grace of 1 s is allowed.
+    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
+    let mut a = store.workspace("src", &["--commit-interval", "50ms"]);
+    a.env.push(refresh.clone());
+    a.mount();
+    std::fs::write(a.path("base"), noise(300_000, 1)).unwrap();
+    let g = a.sync();
+    ok(
+        &a,
+        &["fork", &format!("src@{g}"), "fork", "--store", &a.store],
+    );
+    // The fork's node hydrates lazily (no prefetch) while it is written.
+    let mut b = store.workspace("fork", &["--commit-interval", "50ms", "--prefetch", "0"]);
+    b.env.push(refresh);
+    b.mount();
+    for w in ["src", "fork"] {
+        ok(
+            &a,
+            &[
+                "retention",
+                "--store",
+                &a.store,
+                "--workspace",
+                w,
+                "--keep-all",
+                "2s",
+                "--hourly",
+                "0s",
+                "--daily",
+                "0s",
+            ],
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [
+        churn(a.mp.clone(), 1, Arc::clone(&stop)),
+        churn(b.mp.clone(), 2, Arc::clone(&stop)),
+    ];
+    let mut deleted = 0u64;
+    let mut condemned = 0u64;
+    for round in 0..ROUNDS {
+        let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        deleted += r["packs_deleted"].as_u64().unwrap();
+        condemned += r["packs_condemned"].as_u64().unwrap();
+        if round % 10 == 0 {
+            // A reader of the store: HEAD exported whole while GC runs.
+            let dest = a.dir.path().join(format!("export-{round}"));
+            ok(
+                &a,
+                &[
+                    "export",
+                    "src@HEAD",
+                    &dest.to_string_lossy(),
+                    "--store",
+                    &a.store,
+                ],
+            );
+            // The lazy node reads a file it may not have fetched yet.
+            let _ = std::fs::read(b.path("base")).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        assert!(w.join().unwrap() > 50);
+    }
+    let (want_a, want_b) = (tree(&a.mp), tree(&b.mp));
+    a.sync();
+    b.sync();
+    assert!(
+        deleted > 0,
+        "GC deleted nothing in {ROUNDS} rounds ({condemned} condemned)"
+    );
+    a.unmount();
+    b.unmount();
+    // One more GC a grace later: the last condemned packs go too.
+    std::thread::sleep(Duration::from_millis(1100));
+    ok(&a, &["gc", "--store", &a.store, "--grace", "1s"]);
+
+    for (ws, name, want) in [(&a, "src", &want_a), (&b, "fork", &want_b)] {
+        let log = {
+            let out = ws.owsfs(&["log", "--json", "--store", &ws.store, "--workspace", name]);
+            assert!(out.status.success());
+            serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+        };
+        let commits: Vec<u64> = log
+            .iter()
+            .filter(|r| r["kind"] == "commit")
+            .map(|r| r["number"].as_u64().unwrap())
+            .collect();
+        assert!(!commits.is_empty());
+        for n in &commits {
+            let out = ws.owsfs(&[
+                "drill",
+                &n.to_string(),
+                "--store",
+                &ws.store,
+                "--workspace",
+                name,
+            ]);
+            assert!(
+                out.status.success(),
+                "{name}: generation {n} of the kept {commits:?} fails its drill: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dest = ws.dir.path().join(format!("final-{name}"));
+        ok(
+            ws,
+            &[
+                "restore",
+                "--store",
+                &ws.store,
+                "--workspace",
+                name,
+                &dest.to_string_lossy(),
+            ],
+        );
+        assert_same_tree(&tree(&dest), want, name);
+    }
+}
+
+#[test]
+fn gc_races_writers_readers_and_forks_file() {
+    if skip_fuse() {
+        return;
+    }
+    gc_races_writers_readers_and_forks(&TestStore::file());
+}
+
+#[test]
+fn gc_races_writers_readers_and_forks_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    gc_races_writers_readers_and_forks(&TestStore::seaweed("gc-race"));
+}
