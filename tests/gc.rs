@@ -204,3 +204,94 @@ fn gc_races_writers_readers_and_forks_seaweedfs() {
     }
     gc_races_writers_readers_and_forks(&TestStore::seaweed("gc-race"));
 }
+
+/// A cache whose base generation a GC pruned (and whose packs it deleted) is recovered by
+/// uploading every file again: the fork holds all of it, and passes a drill.
+#[test]
+fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
+    let mut a = store.workspace("old", &["--commit-interval", "1h"]);
+    a.env.push(refresh.clone());
+    a.mount();
+    for i in 0..4 {
+        std::fs::write(a.path(&format!("kept{i}")), noise(150_000, 10 + i)).unwrap();
+    }
+    a.sync();
+    std::fs::write(a.path("tail"), b"not synced\n").unwrap();
+    let want = tree(&a.mp);
+    a.kill_daemon();
+
+    // Another node takes over, replaces every file, and GC runs until the old base's packs
+    // are gone.
+    let mut b = store.workspace("old", &["--steal", "--force"]);
+    b.env.push(refresh.clone());
+    b.mount();
+    for i in 0..4 {
+        std::fs::remove_file(b.path(&format!("kept{i}"))).unwrap();
+    }
+    std::fs::write(b.path("other"), b"b\n").unwrap();
+    b.sync();
+    b.unmount();
+    ok(
+        &a,
+        &[
+            "retention",
+            "--store",
+            &a.store,
+            "--workspace",
+            "old",
+            "--keep-all",
+            "0s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ],
+    );
+    let mut deleted = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        deleted += r["packs_deleted"].as_u64().unwrap();
+    }
+    assert!(deleted > 0, "the old base's packs were not collected");
+
+    let out = a.owsfs(&[
+        "recover",
+        "--cache",
+        &a.cache.to_string_lossy(),
+        "--as",
+        "saved",
+        "--store",
+        &a.store,
+    ]);
+    assert!(
+        out.status.success(),
+        "recover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uploaded again"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&a, &["drill", "--store", &a.store, "--workspace", "saved"]);
+    let dest = a.dir.path().join("saved");
+    ok(
+        &a,
+        &[
+            "restore",
+            "--store",
+            &a.store,
+            "--workspace",
+            "saved",
+            &dest.to_string_lossy(),
+        ],
+    );
+    assert_same_tree(&tree(&dest), &want, "the recovered fork");
+}

@@ -405,6 +405,21 @@ impl LocalState {
         self.condemned = packs;
     }
 
+    /// Forgets the base generation and the deduplication index: the next cut reads every
+    /// file and references nothing it did not upload itself (the base's packs may be gone).
+    /// Bytes that are not local yet (lazy hydration) can then not be read.
+    pub fn forget_base(&mut self) -> anyhow::Result<()> {
+        let mut map = self.nodes.map.write();
+        let tx = self.conn.transaction()?;
+        tx.execute_batch(
+            "DELETE FROM nodes; DELETE FROM chunks;
+             DELETE FROM meta WHERE key IN ('base_generation', 'base_epoch', 'base_root', 'pending');",
+        )?;
+        tx.commit()?;
+        map.clear();
+        Ok(())
+    }
+
     /// Forgets the whole deduplication index (GC runs were missed: any pack may be gone).
     pub fn forget_chunks(&self) -> anyhow::Result<()> {
         self.conn.execute("DELETE FROM chunks", [])?;

@@ -53,7 +53,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
             cache.root.display()
         );
     }
-    let local = LocalState::open(&state_path)?;
+    let mut local = LocalState::open(&state_path)?;
     let (Some(old_ws), Some(cache_store), Some(base)) = (
         local.meta("workspace")?,
         local.meta("store")?,
@@ -79,6 +79,25 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
              into the workspace they came from"
         );
     }
+    // The base's generation must still be in the store: a GC that pruned it may have deleted
+    // packs its unchanged files point into. Then everything is uploaded again.
+    let base_alive = {
+        let store = crate::mount::open_store(&store_url)?;
+        match Workspace::open_existing(&store, &old_ws)? {
+            Some(old) => match old.read_generation(base.generation) {
+                Ok(r) => {
+                    r.root
+                        .map(|r| serde_json::to_string(&r))
+                        .transpose()?
+                        .as_deref()
+                        == Some(base.root.as_str())
+                }
+                Err(e) if e.is_not_found() => false,
+                Err(e) => return Err(e.into()),
+            },
+            None => false,
+        }
+    };
     // Phase 1: the journal.
     let open = OpenCache::from_cache(cache)?;
     let dirty = open.journal.dirty();
@@ -143,7 +162,15 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     // The lease is given back whatever happens: the new workspace holds only a fence until
     // the commit lands, and nothing of the cache is served.
     let journal = Arc::new(journal);
-    let g = if !journal.is_dirty() {
+    if !base_alive {
+        eprintln!(
+            "owsfs: generation {} of {old_ws:?} is no longer in the store (pruned): every file \
+             of the cache is uploaded again",
+            base.generation
+        );
+        local.forget_base()?;
+    }
+    let g = if base_alive && !journal.is_dirty() {
         fork_as_is(&ws, lease, local, &base, head, &journal)?
     } else {
         drop(local);
