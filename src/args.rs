@@ -93,6 +93,13 @@ pub struct MountOpts {
     /// Where drills restore (it needs room for a whole generation) [default: $TMPDIR].
     #[arg(long, env = "OWSFS_DRILL_SCRATCH", value_name = "DIR")]
     pub drill_scratch: Option<PathBuf>,
+    /// Run retention and GC of the whole store this often (e.g. 1h), as `owsfs gc` does
+    /// [default: never].
+    #[arg(long, env = "OWSFS_GC_EVERY", value_parser = parse_duration, value_name = "DURATION")]
+    pub gc_every: Option<Duration>,
+    /// The grace of the daemon's GC runs (see `owsfs gc --grace`).
+    #[arg(long, env = "OWSFS_GC_GRACE", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub gc_grace: Duration,
     #[command(flatten)]
     pub lease: LeaseArgs,
 }
@@ -128,6 +135,13 @@ impl MountOpts {
         if let Some(d) = self.drill_every {
             v.extend(["--drill-every".to_string(), format!("{}ms", d.as_millis())]);
         }
+        if let Some(d) = self.gc_every {
+            v.extend(["--gc-every".to_string(), format!("{}ms", d.as_millis())]);
+        }
+        v.extend([
+            "--gc-grace".to_string(),
+            format!("{}ms", self.gc_grace.as_millis()),
+        ]);
         if let Some(d) = &self.drill_scratch {
             // The daemon does not keep the caller's working directory.
             let d = std::path::absolute(d).unwrap_or_else(|_| d.clone());
@@ -317,6 +331,10 @@ mod tests {
             "1h",
             "--drill-scratch",
             "/scratch",
+            "--gc-every",
+            "1d",
+            "--gc-grace",
+            "2h",
             "--lease-ttl",
             "3s",
             "--wait",

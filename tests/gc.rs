@@ -295,3 +295,152 @@ fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
     );
     assert_same_tree(&tree(&dest), &want, "the recovered fork");
 }
+
+/// `--gc-every`: the daemon applies retention and collects on its own; `owsfs status` shows
+/// the last run; what is kept still drills.
+fn the_daemon_collects_on_a_schedule(store: &TestStore) {
+    let mut a = store.workspace(
+        "src",
+        &[
+            "--commit-interval",
+            "50ms",
+            "--gc-every",
+            "300ms",
+            "--gc-grace",
+            "1s",
+        ],
+    );
+    a.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    a.mount();
+    ok(
+        &a,
+        &[
+            "retention",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--keep-all",
+            "0s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ],
+    );
+    for i in 0..6 {
+        std::fs::write(a.path("f"), noise(120_000, i)).unwrap();
+        a.sync();
+    }
+    let collected = wait_for(Duration::from_secs(60), || {
+        let s = a.status_json(false);
+        s["sync"]["gc"]["report"]["packs_deleted"].as_u64() > Some(0)
+    });
+    assert!(collected, "no GC deleted anything{}", a.log_tail());
+    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    assert!(text.contains("gc           "), "{text}");
+    let want = tree(&a.mp);
+    a.sync();
+    a.unmount();
+    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+    let dest = a.dir.path().join("final");
+    ok(
+        &a,
+        &[
+            "restore",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            &dest.to_string_lossy(),
+        ],
+    );
+    assert_same_tree(&tree(&dest), &want, "after the daemon's GCs");
+}
+
+#[test]
+fn the_daemon_collects_on_a_schedule_file() {
+    if skip_fuse() {
+        return;
+    }
+    the_daemon_collects_on_a_schedule(&TestStore::file());
+}
+
+#[test]
+fn the_daemon_collects_on_a_schedule_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    the_daemon_collects_on_a_schedule(&TestStore::seaweed("gc-daemon"));
+}
+
+/// A GC that dies right after publishing its run record (before deleting) loses nothing, and
+/// the next run finishes the work.
+#[test]
+fn a_gc_killed_after_publishing_loses_nothing() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let mut a = store.workspace("src", &[]);
+    a.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    a.mount();
+    ok(
+        &a,
+        &[
+            "retention",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--keep-all",
+            "0s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ],
+    );
+    for i in 0..4 {
+        std::fs::write(a.path("f"), noise(100_000, i)).unwrap();
+        a.sync();
+    }
+    let want = tree(&a.mp);
+    a.unmount();
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut crash = store.workspace("src", &[]);
+    crash.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    crash
+        .env
+        .push(("OWSFS_CRASH_AT".into(), "gc-after-publish".into()));
+    let out = crash.owsfs(&["gc", "--store", &a.store, "--grace", "1s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        store.keys("gc/runs/").len(),
+        1,
+        "the run record was written"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(r["packs_deleted"].as_u64() > Some(0), "{r}");
+    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+    let dest = a.dir.path().join("final");
+    ok(
+        &a,
+        &[
+            "restore",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            &dest.to_string_lossy(),
+        ],
+    );
+    assert_same_tree(&tree(&dest), &want, "after a crashed GC");
+}

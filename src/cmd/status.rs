@@ -137,6 +137,17 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(g) = &v.sync.gc {
+        let ago = (jiff::Timestamp::now().as_millisecond() - g.time_unix_ms as i64).max(0) / 1000;
+        match (&g.report, &g.error) {
+            (Some(r), _) => println!(
+                "gc           {ago}s ago: {} generation records and {} packs ({} bytes) deleted, \
+                 {} packs condemned",
+                r.generations_pruned, r.packs_deleted, r.bytes_deleted, r.packs_condemned
+            ),
+            (None, e) => println!("GC FAILED    {ago}s ago: {}", e.as_deref().unwrap_or("?")),
+        }
+    }
     if let Some(why) = v.writes_stopped() {
         println!("WRITES STOPPED (EROFS): {why}");
     }

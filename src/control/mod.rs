@@ -202,6 +202,9 @@ pub struct SyncStatus {
     /// The newest drill of the workspace (`owsfs drill`, `--drill-every`), as last read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill: Option<owsfs_store::drill::DrillRecord>,
+    /// The daemon's last GC (`--gc-every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc: Option<crate::mount::upkeep::GcOutcome>,
 }
 
 impl Status {

@@ -18,7 +18,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::control::{ControlError, Status, SyncStatus, True};
 
 pub struct Daemon {
-    last_drill: super::drills::LastDrill,
+    last_drill: super::upkeep::LastDrill,
+    last_gc: super::upkeep::LastGc,
     core: Arc<Core>,
     sync: Arc<SyncAgent>,
     keeper: Arc<Keeper>,
@@ -41,13 +42,15 @@ impl Daemon {
     pub fn new(
         services: &super::Services,
         keeper: Arc<Keeper>,
-        last_drill: super::drills::LastDrill,
+        last_drill: super::upkeep::LastDrill,
+        last_gc: super::upkeep::LastGc,
         mountpoint: PathBuf,
         cache: PathBuf,
         recovery: Recovery,
     ) -> Daemon {
         Daemon {
             last_drill,
+            last_gc,
             core: Arc::clone(&services.core),
             sync: Arc::clone(&services.agent),
             keeper,
@@ -91,6 +94,7 @@ impl Daemon {
                 lease: self.keeper.status(),
                 hydration: self.hyd.progress(),
                 drill: self.last_drill.lock().clone(),
+                gc: self.last_gc.lock().clone(),
             },
             dirty: dirty.then(|| serde_json::to_value(journal.dirty()).unwrap_or_default()),
         }

@@ -15,9 +15,9 @@
 
 pub mod background;
 pub mod daemon;
-pub mod drills;
 pub mod lease;
 pub mod server;
+pub mod upkeep;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -634,19 +634,25 @@ pub fn serve(
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
 
-    let drills = drills::Drills::start(
+    let upkeep = upkeep::Upkeep::start(
         Arc::clone(&store),
         ws.clone(),
-        opts.drill_every,
-        opts.drill_scratch
-            .clone()
-            .unwrap_or_else(std::env::temp_dir),
+        upkeep::UpkeepOptions {
+            drill_every: opts.drill_every,
+            scratch: opts
+                .drill_scratch
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+            gc_every: opts.gc_every,
+            gc_grace: opts.gc_grace,
+        },
         &node,
     )?;
     let daemon = Arc::new(Daemon::new(
         &services,
         Arc::clone(lease.keeper()),
-        Arc::clone(&drills.last),
+        Arc::clone(&upkeep.last),
+        Arc::clone(&upkeep.last_gc),
         mountpoint.clone(),
         cache_root.clone(),
         recovery,
@@ -666,7 +672,7 @@ pub fn serve(
     let served = mounted
         .serve()
         .map_err(|e| format!("the FUSE session failed: {e}"));
-    drop(drills);
+    drop(upkeep);
     let (clean, handed) = handoff(services, lease, &journal, opts.keep_snapshots);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {

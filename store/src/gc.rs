@@ -182,7 +182,7 @@ impl Default for GcOptions {
 }
 
 /// What a GC run did (or, dry, would do).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     /// The run record written (none when dry or when there was nothing to condemn or delete).
     pub run: Option<u64>,
