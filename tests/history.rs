@@ -617,3 +617,100 @@ fn the_daemon_drills_on_a_schedule_seaweedfs() {
     }
     the_daemon_drills_on_a_schedule(&TestStore::seaweed("history-drills"));
 }
+
+/// Laptop to cloud and back: a copy to a second store, a change, a second copy that moves
+/// only the difference, a mount of the copy on a fresh cache, a change there, and the copy
+/// back; a copy of one state under another name; a diverged destination refused.
+fn copy_between_stores(cloud: &TestStore) {
+    let laptop = TestStore::file();
+    let mut a = laptop.workspace("proj", &[]);
+    a.env.extend(cloud.env.iter().cloned());
+    a.mount();
+    std::fs::create_dir(a.path("src")).unwrap();
+    for i in 0..6 {
+        std::fs::write(a.path(&format!("src/{i}.bin")), noise(200_000, 40 + i)).unwrap();
+    }
+    write_db(&a.mp, 100);
+    ok(&a, &["snapshot", "create", "v1", &a.mp.to_string_lossy()]);
+    let v1 = tree(&a.mp);
+    a.unmount();
+    let copy = |from: &str, to: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&a, &["copy", from, to, "--json"])).unwrap()
+    };
+    let src = format!("{}#proj", laptop.url);
+    let first = copy(&src, &cloud.url);
+    assert!(first["packs_copied"].as_u64() > Some(0), "{first}");
+    // v1 and the unmount's automatic snapshot.
+    assert_eq!(first["snapshots_copied"], 2, "{first}");
+
+    // A change on the laptop; the second copy moves only it.
+    a.mount();
+    std::fs::write(a.path("src/0.bin"), b"changed\n").unwrap();
+    let v2 = tree(&a.mp);
+    a.unmount();
+    let second = copy(&src, &cloud.url);
+    assert!(second["generations_present"].as_u64() > Some(0), "{second}");
+    assert!(second["packs_present"].as_u64() > Some(0), "{second}");
+    assert!(
+        second["bytes_copied"].as_u64().unwrap() * 4 < first["bytes_copied"].as_u64().unwrap(),
+        "the second copy moved too much: {second} after {first}"
+    );
+
+    // Mounted in the cloud on a fresh cache: the laptop's newest state and its snapshot.
+    let c = cloud.workspace("proj", &[]);
+    c.mount();
+    assert_same_tree(&tree(&c.mp), &v2, "the copy");
+    let snaps = ok(&c, &["snapshot", "list", &c.mp.to_string_lossy()]);
+    assert!(snaps.contains("v1"), "{snaps}");
+    std::fs::write(c.path("from-cloud"), b"cloud\n").unwrap();
+    let v3 = tree(&c.mp);
+    c.unmount();
+    // The cloud copy was written: copying the laptop over it is refused...
+    let out = a.owsfs(&["copy", &src, &cloud.url]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("diverged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and copying it back works; the laptop mounts it and goes on.
+    copy(&format!("{}#proj", cloud.url), &laptop.url);
+    let mut b = laptop.workspace("proj", &[]);
+    b.env.extend(cloud.env.iter().cloned());
+    b.mount();
+    assert_same_tree(&tree(&b.mp), &v3, "copied back");
+    std::fs::write(b.path("again"), b"laptop\n").unwrap();
+    b.sync();
+    b.unmount();
+
+    // One state under another name.
+    let one = copy(
+        &format!("{}#proj@v1", laptop.url),
+        &format!("{}#proj-v1", cloud.url),
+    );
+    assert_eq!(one["generations_copied"], 1, "{one}");
+    let d = cloud.workspace("proj-v1", &[]);
+    d.mount();
+    assert_same_tree(&tree(&d.mp), &v1, "one state copied");
+    d.unmount();
+    ok(
+        &d,
+        &["drill", "--store", &cloud.url, "--workspace", "proj-v1"],
+    );
+}
+
+#[test]
+fn copy_between_stores_file() {
+    if skip_fuse() {
+        return;
+    }
+    copy_between_stores(&TestStore::file());
+}
+
+#[test]
+fn copy_between_stores_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    copy_between_stores(&TestStore::seaweed("history-copy"));
+}

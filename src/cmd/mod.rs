@@ -1,6 +1,7 @@
 //! The commands. Each module owns its arguments and its `run`; this one only dispatches.
 //! These names are a contract that scripts and later commands build on.
 
+mod copy;
 mod diff;
 pub mod drill;
 mod export;
@@ -85,36 +86,27 @@ enum Command {
     Gc(gc::GcArgs),
     /// Show or set which generations a workspace keeps (everything recent, hourly, daily).
     Retention(retention::RetentionArgs),
+    /// Copy a workspace's history (or one state) to another store, uploading only what the
+    /// destination lacks: STORE#WS[@REF] to STORE[#NEW].
+    Copy(copy::CopyArgs),
 }
 
-const COMMANDS: &[&str] = &[
-    "mount",
-    "unmount",
-    "umount",
-    "status",
-    "journal",
-    "sync",
-    "log",
-    "restore",
-    "handoff",
-    "recover",
-    "run",
-    "snapshot",
-    "fork",
-    "diff",
-    "export",
-    "drill",
-    "gc",
-    "retention",
-    "help",
-];
+/// Whether `name` is one of the commands (or an alias, or `help`): taken from the parser, so
+/// a new command can never be mistaken for the mount helper's SOURCE.
+fn is_command_name(name: &str) -> bool {
+    use clap::CommandFactory;
+    name == "help"
+        || Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == name || c.get_all_aliases().any(|a| a == name))
+}
 
 /// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
 /// `owsfs mount MOUNTPOINT --cache SOURCE -o OPTIONS`.
 fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     let is_command = |a: &OsString| {
         let s = a.to_string_lossy();
-        s.starts_with('-') || COMMANDS.contains(&s.as_ref())
+        s.starts_with('-') || is_command_name(&s)
     };
     if args.len() >= 3 && !is_command(&args[1]) {
         let mut out = vec![
@@ -151,6 +143,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Drill(a) => drill::run(&a),
         Command::Gc(a) => gc::run(&a),
         Command::Retention(a) => retention::run(&a),
+        Command::Copy(a) => copy::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,9 +172,13 @@ mod tests {
 
     #[test]
     fn every_command_is_known_to_the_helper_form() {
-        use clap::CommandFactory;
-        for sub in Cli::command().get_subcommands() {
-            assert!(COMMANDS.contains(&sub.get_name()), "{}", sub.get_name());
+        for name in ["umount", "copy", "gc", "help", "snapshot"] {
+            assert!(is_command_name(name), "{name}");
         }
+        assert!(!is_command_name("/c"));
+        let copy: Vec<OsString> = ["owsfs", "copy", "file:///a#w", "file:///b"]
+            .map(Into::into)
+            .into();
+        assert_eq!(helper_args(copy.clone()), copy);
     }
 }

@@ -436,7 +436,7 @@ fn load_workspaces(
 
 /// The packs the trees at `roots` reach. Any tree or list that cannot be read fails the whole
 /// mark: nothing is deleted on a partial mark.
-fn mark(
+pub(crate) fn mark(
     store: &Store,
     roots: &[BlobRef],
     progress: &dyn Progress,

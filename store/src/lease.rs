@@ -236,6 +236,28 @@ impl Lease {
         Ok(next)
     }
 
+    /// As [`Lease::acquire`], with an epoch above `min_epoch` too (a copy of generation
+    /// records of that epoch is coming: the next holder must fence after them).
+    pub fn acquire_above(
+        &self,
+        after: Option<&LeaseRecord>,
+        holder: &Holder,
+        ttl: Duration,
+        min_epoch: u64,
+    ) -> std::result::Result<LeaseRecord, LeaseError> {
+        let next = LeaseRecord {
+            workspace: self.ws.name().into(),
+            seq: after.map_or(1, |r| r.seq + 1),
+            epoch: after.map_or(0, |r| r.epoch).max(min_epoch) + 1,
+            state: LeaseState::Held,
+            holder: holder.clone(),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+            time_unix_ms: self.store().clock().unix_ms(),
+        };
+        self.write(&next)?;
+        Ok(next)
+    }
+
     /// Renews `held` (the holder's newest record); returns the new newest record.
     pub fn renew(&self, held: &LeaseRecord) -> std::result::Result<LeaseRecord, LeaseError> {
         let next = LeaseRecord {

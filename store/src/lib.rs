@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod chunk;
 pub mod clock;
+pub mod copy;
 pub mod diff;
 pub mod drill;
 pub mod error;
