@@ -60,6 +60,14 @@ pub struct MountOpts {
     /// first mount; an existing workspace is restored into an empty cache.
     #[arg(long, env = "OWSFS_WORKSPACE")]
     pub workspace: Option<String>,
+    /// Mount without the writer's lease: every write fails with EROFS, any number of such
+    /// mounts can run beside the writer, on any node. Shows --at, or the newest generation.
+    #[arg(long, env = "OWSFS_READ_ONLY")]
+    pub read_only: bool,
+    /// Mount this state, read-only (implies --read-only): a generation number, a snapshot
+    /// name, HEAD, `10m ago`, an RFC 3339 time.
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub at: Option<String>,
     /// Cut a generation this often when anything changed (e.g. 1s, 500ms).
     #[arg(long, env = "OWSFS_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub commit_interval: Duration,
@@ -134,6 +142,12 @@ impl MountOpts {
         ]);
         if let Some(d) = self.drill_every {
             v.extend(["--drill-every".to_string(), format!("{}ms", d.as_millis())]);
+        }
+        if self.read_only {
+            v.push("--read-only".to_string());
+        }
+        if let Some(r) = &self.at {
+            v.extend(["--at".to_string(), r.clone()]);
         }
         if let Some(d) = self.gc_every {
             v.extend(["--gc-every".to_string(), format!("{}ms", d.as_millis())]);
@@ -226,6 +240,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Ok(d);
     }
     Err(format!("{s:?} is not a duration (use e.g. 1s, 250ms, 2m)"))
+}
+
+/// A REF (checked here, kept as written so the daemon gets it as given).
+pub fn parse_ref(s: &str) -> Result<String, String> {
+    s.parse::<owsfs_store::GenRef>()?;
+    Ok(s.to_string())
 }
 
 /// A lease TTL: a duration of at least 500ms (shorter ones would fail-stop on any hiccup).
@@ -333,6 +353,9 @@ mod tests {
             "/scratch",
             "--gc-every",
             "1d",
+            "--read-only",
+            "--at",
+            "10m ago",
             "--gc-grace",
             "2h",
             "--lease-ttl",

@@ -714,3 +714,123 @@ fn copy_between_stores_seaweedfs() {
     }
     copy_between_stores(&TestStore::seaweed("history-copy"));
 }
+
+/// Read-only mounts of older generations beside the writer: every write fails with EROFS,
+/// they keep showing their generation while the writer commits and GC runs (their pins hold
+/// it), they hydrate lazily from it, and their pins go with them.
+fn read_only_mounts_beside_the_writer(store: &TestStore) {
+    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
+    let mut a = store.workspace("src", &["--commit-interval", "50ms"]);
+    a.env.push(refresh.clone());
+    a.mount();
+    std::fs::create_dir(a.path("d")).unwrap();
+    for i in 0..5 {
+        std::fs::write(a.path(&format!("d/{i}.bin")), noise(150_000, 70 + i)).unwrap();
+    }
+    std::os::unix::fs::symlink("d/0.bin", a.path("link")).unwrap();
+    let v1 = tree(&a.mp);
+    ok(
+        &a,
+        &["snapshot", "create", "first", &a.mp.to_string_lossy()],
+    );
+    let mut ro1 = store.workspace("src", &["--at", "first", "--prefetch", "0"]);
+    ro1.env.push(refresh.clone());
+    ro1.mount();
+    let mut ro2 = store.workspace("src", &["--read-only", "--prefetch", "0"]);
+    ro2.env.push(refresh.clone());
+    ro2.mount();
+    assert_eq!(store.keys("workspaces/src/pins/").len(), 2);
+    let status = ro1.status_json(false);
+    assert!(status["read_only_at"].as_u64().is_some(), "{status}");
+    let text = ok(&ro1, &["status", &ro1.mp.to_string_lossy()]);
+    assert!(text.contains("read-only    generation"), "{text}");
+
+    // Every kind of write is refused.
+    let p = |rel: &str| ro1.path(rel);
+    let erofs = |what: &str, r: std::io::Result<()>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs("create", std::fs::write(p("new"), b"x"));
+    erofs(
+        "write",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p("d/1.bin"))
+            .map(|_| ()),
+    );
+    erofs("mkdir", std::fs::create_dir(p("newdir")));
+    erofs("unlink", std::fs::remove_file(p("d/2.bin")));
+    erofs("rmdir", std::fs::remove_dir(p("d")));
+    erofs("rename", std::fs::rename(p("d/3.bin"), p("moved")));
+    erofs("symlink", std::os::unix::fs::symlink("x", p("l2")));
+    erofs("link", std::fs::hard_link(p("d/3.bin"), p("h")));
+    erofs(
+        "chmod",
+        std::fs::set_permissions(
+            p("d/4.bin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        ),
+    );
+
+    // The writer goes on and a GC with a short retention runs; the mounts show their state.
+    for i in 0..5 {
+        std::fs::remove_file(a.path(&format!("d/{i}.bin"))).unwrap();
+        std::fs::write(a.path(&format!("new{i}")), noise(50_000, 90 + i)).unwrap();
+        a.sync();
+    }
+    ok(
+        &a,
+        &[
+            "retention",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            "--keep-all",
+            "0s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ],
+    );
+    ok(
+        &a,
+        &["snapshot", "delete", "first", &a.mp.to_string_lossy()],
+    );
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        ok(&a, &["gc", "--store", &a.store, "--grace", "1s"]);
+    }
+    assert_same_tree(&tree(&ro1.mp), &v1, "the read-only mount of `first`");
+    assert_same_tree(
+        &tree(&ro2.mp),
+        &v1,
+        "the read-only mount of HEAD at its start",
+    );
+    assert!(!tree(&a.mp).contains_key("d/0.bin"));
+    ro1.unmount();
+    ro2.unmount();
+    assert!(
+        store.keys("workspaces/src/pins/").is_empty(),
+        "pins left behind"
+    );
+    a.unmount();
+}
+
+#[test]
+fn read_only_mounts_beside_the_writer_file() {
+    if skip_fuse() {
+        return;
+    }
+    read_only_mounts_beside_the_writer(&TestStore::file());
+}
+
+#[test]
+fn read_only_mounts_beside_the_writer_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    read_only_mounts_beside_the_writer(&TestStore::seaweed("history-ro"));
+}

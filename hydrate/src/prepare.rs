@@ -135,6 +135,49 @@ pub fn prepare_base(
     Ok((sqlite, head))
 }
 
+/// A read-only mount's cache: a lazy copy of `record`, any generation of `ws`. A cache with
+/// changes that are not in the store (a writer's) is refused; one that holds another
+/// generation keeps what did not change (warm).
+pub fn prepare_read_only(
+    ws: &Workspace,
+    local: &mut LocalState,
+    cache: &Cache,
+    journal: &Journal,
+    store_url: &str,
+    record: &owsfs_store::GenerationRecord,
+) -> anyhow::Result<Vec<SqlitePosition>> {
+    for (key, want) in [("workspace", ws.name()), ("store", store_url)] {
+        if let Some(have) = local.meta(key)?
+            && have != want
+        {
+            bail!(
+                "the cache {} holds {key} {have:?}, not {want:?}: use another --cache",
+                cache.root.display()
+            );
+        }
+    }
+    if journal.is_dirty() {
+        bail!(
+            "the cache {} has changes that are not in the store (a writer's cache): a read-only \
+             mount needs a cache of its own (--cache DIR)",
+            cache.root.display()
+        );
+    }
+    let root = record.root.map(|r| serde_json::to_string(&r)).transpose()?;
+    let base = local.base()?;
+    match &base {
+        Some(b) if b.generation == record.number && Some(b.root.as_str()) == root.as_deref() => {}
+        None if dir_has_entries(&cache.backing)? => bail!(
+            "the cache {} already holds files: mount on a new --cache",
+            cache.root.display()
+        ),
+        _ => lazy_restore(ws, local, cache, record, base.is_some())?,
+    }
+    local.set_meta("workspace", ws.name())?;
+    local.set_meta("store", store_url)?;
+    Ok(record.sqlite.clone())
+}
+
 /// Makes the cache a lazy copy of generation `record`. Lazy: only the root's tree is fetched
 /// (when the hydrator materializes the root); every other directory and every byte follows on
 /// demand. Warm: what the cache holds of its older generation stays, and is kept where it did

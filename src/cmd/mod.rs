@@ -125,6 +125,12 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
 /// Parses `args` (the mount-helper form too) and runs the command.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let cli = Cli::parse_from(helper_args(args));
+    if !matches!(cli.command, Command::Mount(_) | Command::Run(_)) {
+        // `owsfs log | head` ends quietly, as other tools do, instead of a panic on the closed
+        // pipe. Not for the daemons (`mount`, `run`), which must outlive a reader that left.
+        // SAFETY: signal(2) with a valid signal number and SIG_DFL, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Mount(a) => mount::run(a),
         Command::Unmount(a) => unmount::run(&a),

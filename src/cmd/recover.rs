@@ -242,7 +242,7 @@ fn fork_with_changes(
     let (services, _rest) = Services::start(
         store,
         ws,
-        &lease,
+        Some(&lease),
         Prepared {
             local: LocalState::open(&state_path)?,
             cache,

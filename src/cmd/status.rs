@@ -82,6 +82,9 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
     );
     let s = &v.sync.agent;
     println!("store        {} workspace {}", s.store, s.workspace);
+    if let Some(n) = v.read_only_at {
+        println!("read-only    generation {n}: no lease; every write fails with EROFS");
+    }
     if let Some(f) = &s.forked_from {
         println!(
             "forked from  workspace {} at generation {}",
@@ -108,10 +111,14 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         println!("last error   {e}");
     }
     let l = &v.sync.lease;
-    println!(
-        "lease        {} epoch {} by {}; renewed {:.1}s ago, good for {:.1}s (ttl {:.1}s)",
-        l.state, l.epoch, l.holder, l.last_renewal_secs_ago, l.good_for_secs, l.ttl_secs,
-    );
+    if v.read_only_at.is_some() {
+        println!("lease        {}", l.state);
+    } else {
+        println!(
+            "lease        {} epoch {} by {}; renewed {:.1}s ago, good for {:.1}s (ttl {:.1}s)",
+            l.state, l.epoch, l.holder, l.last_renewal_secs_ago, l.good_for_secs, l.ttl_secs,
+        );
+    }
     let p = &v.sync.hydration;
     println!(
         "hydration    {}; {} directories and {} files pending, {} bytes fetched in {} requests",

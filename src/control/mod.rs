@@ -186,6 +186,9 @@ pub struct Status {
     /// Log lines the daemon could not write (its log's file system full).
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// A read-only mount (`--read-only`, `--at`): the generation it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_at: Option<u64>,
     pub sync: SyncStatus,
     /// The journal's dirty set, when asked for (files with their extents, directories).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,12 +22,15 @@ pub struct Daemon {
     last_gc: super::upkeep::LastGc,
     core: Arc<Core>,
     sync: Arc<SyncAgent>,
-    keeper: Arc<Keeper>,
+    /// The writer's lease keeper; `None` on a read-only mount.
+    keeper: Option<Arc<Keeper>>,
     hyd: Arc<Hydrator>,
     mountpoint: PathBuf,
     cache: PathBuf,
     started: Instant,
     recovery: Recovery,
+    /// A read-only mount's generation.
+    read_only_at: std::sync::OnceLock<u64>,
     /// Set when the session has ended and the journal is closed: Ok, or the error.
     finished: Mutex<Option<Result<(), String>>>,
     finished_cv: Condvar,
@@ -41,7 +44,7 @@ impl Daemon {
     /// The daemon of the mount `services` serve, under `keeper`'s lease.
     pub fn new(
         services: &super::Services,
-        keeper: Arc<Keeper>,
+        keeper: Option<Arc<Keeper>>,
         last_drill: super::upkeep::LastDrill,
         last_gc: super::upkeep::LastGc,
         mountpoint: PathBuf,
@@ -59,11 +62,17 @@ impl Daemon {
             cache,
             started: Instant::now(),
             recovery,
+            read_only_at: std::sync::OnceLock::new(),
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
             waiters: Mutex::new(0),
             waiters_cv: Condvar::new(),
         }
+    }
+
+    /// Marks the mount read-only, at generation `n` (for the status).
+    pub fn set_read_only_at(&self, n: u64) {
+        let _ = self.read_only_at.set(n);
     }
 
     pub fn cache(&self) -> &std::path::Path {
@@ -89,9 +98,13 @@ impl Daemon {
             recovery: self.recovery.clone(),
             ops: core.stats.snapshot(),
             log_lines_dropped: crate::logwriter::dropped_lines(),
+            read_only_at: self.read_only_at.get().copied(),
             sync: SyncStatus {
                 agent: self.sync.status(),
-                lease: self.keeper.status(),
+                lease: match &self.keeper {
+                    Some(k) => k.status(),
+                    None => super::readonly::lease_status(),
+                },
                 hydration: self.hyd.progress(),
                 drill: self.last_drill.lock().clone(),
                 gc: self.last_gc.lock().clone(),

@@ -16,6 +16,7 @@
 pub mod background;
 pub mod daemon;
 pub mod lease;
+pub mod readonly;
 pub mod server;
 pub mod upkeep;
 
@@ -232,10 +233,11 @@ struct Threads {
 }
 
 impl Services {
+    /// `lease`: the writer's; `None` for a read-only mount (its agent commits nothing).
     pub fn start(
         store: &Arc<Store>,
         ws: &Workspace,
-        lease: &LeaseGuard,
+        lease: Option<&LeaseGuard>,
         prepared: Prepared,
         opts: ServiceOptions,
     ) -> anyhow::Result<(Services, PreparedRest)> {
@@ -269,7 +271,13 @@ impl Services {
             Core::new(&cache.backing, Arc::clone(&journal), opts.core)
                 .map_err(|e| anyhow::anyhow!("cannot open the backing directory: {e}"))?,
         );
-        lease.attach(&core);
+        let keeper: Arc<dyn owsfs_sync::LeaseCheck> = match lease {
+            Some(l) => {
+                l.attach(&core);
+                Arc::clone(l.keeper()) as Arc<dyn owsfs_sync::LeaseCheck>
+            }
+            None => Arc::new(readonly::NoLease),
+        };
         core.set_hydrator(Arc::new(owsfs_hydrate::CoreHook {
             hyd: Arc::clone(&hyd),
         }));
@@ -288,7 +296,7 @@ impl Services {
             opts.sync,
             previous_sqlite,
             head,
-            Arc::clone(lease.keeper()) as Arc<dyn owsfs_sync::LeaseCheck>,
+            keeper,
             Arc::new(Lazy(Arc::clone(&hyd))),
             inherited_access.clone(),
         )?;
@@ -531,6 +539,23 @@ pub fn handoff(
     (clean, result)
 }
 
+/// The end of a read-only mount: the threads stopped, the hydration state stored, the
+/// journal closed; true when it closed cleanly.
+pub fn shut_down(mut services: Services, journal: &Journal) -> bool {
+    services.stop();
+    if let Err(e) = services.hyd.save() {
+        tracing::error!("cannot store the hydration state: {e:#}");
+    }
+    drop(services);
+    match journal.close_clean() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("cannot close the journal cleanly: {e}");
+            false
+        }
+    }
+}
+
 /// The automatic snapshot of a handoff. A failure is logged: the handoff does not depend on
 /// it (everything is in the store already).
 fn snapshot_before_handoff(agent: &SyncAgent, keep: usize) {
@@ -602,7 +627,7 @@ pub fn serve(
     let (mut services, rest) = Services::start(
         &store,
         &ws,
-        &lease,
+        Some(&lease),
         prepared,
         ServiceOptions {
             sync: SyncOptions {
@@ -650,7 +675,7 @@ pub fn serve(
     )?;
     let daemon = Arc::new(Daemon::new(
         &services,
-        Arc::clone(lease.keeper()),
+        Some(Arc::clone(lease.keeper())),
         Arc::clone(&upkeep.last),
         Arc::clone(&upkeep.last_gc),
         mountpoint.clone(),
@@ -697,6 +722,15 @@ pub fn serve_args(
     ready: &Readiness,
 ) -> anyhow::Result<()> {
     let o = options::parse(&opts.options)?;
+    if opts.read_only || opts.at.is_some() {
+        let at: owsfs_store::GenRef = opts
+            .at
+            .as_deref()
+            .unwrap_or("HEAD")
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+        return readonly::serve(mountpoint, opts, &o, cache_dir, ready, &at);
+    }
     serve(mountpoint, opts, &o, cache_dir, ready)
 }
 

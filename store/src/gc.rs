@@ -211,6 +211,10 @@ struct WsView {
     ws: Workspace,
     gens: Vec<GenerationRecord>,
     snapshot_roots: Vec<(GenNumber, BlobRef)>,
+    /// Unexpired pins: generation and root.
+    pins: Vec<(GenNumber, BlobRef)>,
+    /// Expired pins, deleted by the sweep.
+    expired_pins: Vec<String>,
 }
 
 /// Runs GC over the whole store.
@@ -258,7 +262,8 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
             .collect();
         let snaps: Vec<GenNumber> = v.snapshot_roots.iter().map(|(n, _)| *n).collect();
         let forks = fork_sources.get(v.ws.name()).cloned().unwrap_or_default();
-        let kept = retention::plan(&policy, t_mark, &summaries, &snaps, &forks, &[]);
+        let pinned: Vec<GenNumber> = v.pins.iter().map(|(n, _)| *n).collect();
+        let kept = retention::plan(&policy, t_mark, &summaries, &snaps, &forks, &pinned);
         for g in &v.gens {
             let young = t_mark.saturating_sub(g.time_unix_ms) < grace_ms;
             if kept.contains_key(&g.number) || young {
@@ -270,6 +275,8 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
             }
         }
         roots.extend(v.snapshot_roots.iter().map(|(_, r)| *r));
+        // A pin's tree even if its record was pruned by a run that listed before the pin.
+        roots.extend(v.pins.iter().map(|(_, r)| *r));
         report.kept.insert(v.ws.name().to_string(), kept);
     }
     report.generations_pruned = prune.len() as u64;
@@ -362,6 +369,12 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     for key in &prune {
         store.delete(key)?;
     }
+    for v in &views {
+        for id in &v.expired_pins {
+            v.ws.unpin(id)?;
+            report.objects_deleted += 1;
+        }
+    }
     // Keep the newest run record whatever its age: writers learn the grace from it.
     for n in old_runs
         .iter()
@@ -421,6 +434,15 @@ fn load_workspaces(
             .into_iter()
             .map(|s| (s.generation, s.root))
             .collect::<Vec<_>>();
+        let now = store.clock().unix_ms();
+        let (mut pins, mut expired_pins) = (Vec::new(), Vec::new());
+        for p in ws.list_pins()? {
+            if p.expires_unix_ms > now {
+                pins.push((p.generation, p.root));
+            } else {
+                expired_pins.push(p.id);
+            }
+        }
         report.workspaces += 1;
         report.generations += records.len() as u64;
         report.snapshots += snapshot_roots.len() as u64;
@@ -428,6 +450,8 @@ fn load_workspaces(
             ws,
             gens: records,
             snapshot_roots,
+            pins,
+            expired_pins,
         });
     }
     progress.finish();

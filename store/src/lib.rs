@@ -31,6 +31,7 @@ pub mod hook;
 pub mod ids;
 pub mod lease;
 pub mod pack;
+pub mod pins;
 pub mod progress;
 pub mod refs;
 pub mod retention;

@@ -342,3 +342,49 @@ fn a_run_that_cannot_read_a_tree_deletes_nothing() {
     assert!(gc::collect(&w.store, &opts(REFRESH * 4), &Silent).is_err());
     assert!(w.store.size(&orphan.key()).is_ok());
 }
+
+#[test]
+fn a_pinned_generation_stays_until_its_pin_expires() {
+    let w = world("pins");
+    let ws = Workspace::open_or_create(&w.store, "w").unwrap();
+    ws.set_retention(&owsfs_store::retention::Policy {
+        all_secs: 0,
+        hourly_secs: 0,
+        daily_secs: 0,
+    })
+    .unwrap();
+    let (g1, c1) = commit(&w, &ws, &[("a", "pinned bytes")], &[]);
+    commit(&w, &ws, &[("b", "newer")], &[]);
+    // A read-only mount of generation 1, pinned for ten minutes.
+    ws.pin(
+        "ro-1",
+        1,
+        g1.root.unwrap(),
+        "test",
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    for _ in 0..6 {
+        w.clock.advance(Duration::from_secs(300));
+        ws.pin(
+            "ro-1",
+            1,
+            g1.root.unwrap(),
+            "test",
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        gc::collect(&w.store, &opts(Duration::from_secs(60)), &Silent).unwrap();
+    }
+    assert!(ws.list_generations().unwrap().contains(&1));
+    owsfs_store::read_blob(&w.store, &c1[0].1).unwrap();
+    // The pin expires (its mount died): generation 1 and its pack go, the pin record too.
+    w.clock.advance(HOUR);
+    for _ in 0..3 {
+        gc::collect(&w.store, &opts(Duration::from_secs(60)), &Silent).unwrap();
+        w.clock.advance(Duration::from_secs(120));
+    }
+    assert!(!ws.list_generations().unwrap().contains(&1));
+    assert!(owsfs_store::read_blob(&w.store, &c1[0].1).is_err());
+    assert!(ws.list_pins().unwrap().is_empty());
+}
