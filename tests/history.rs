@@ -834,3 +834,76 @@ fn read_only_mounts_beside_the_writer_seaweedfs() {
     }
     read_only_mounts_beside_the_writer(&TestStore::seaweed("history-ro"));
 }
+
+/// A rollback to a snapshot, then its undo; refused while the workspace is mounted.
+fn rollback_and_undo(store: &TestStore) {
+    let a = store.workspace("src", &[]);
+    a.mount();
+    std::fs::write(a.path("a"), b"v1\n").unwrap();
+    write_db(&a.mp, 10);
+    ok(&a, &["snapshot", "create", "good", &a.mp.to_string_lossy()]);
+    let v1 = tree(&a.mp);
+    std::fs::write(a.path("a"), b"v2 (bad)\n").unwrap();
+    std::fs::write(a.path("junk"), b"junk\n").unwrap();
+    write_db(&a.mp, 5);
+    let v2 = tree(&a.mp);
+    let args = |r: &str| -> Vec<String> {
+        ["rollback", "--store", &a.store, "--workspace", "src", r]
+            .map(String::from)
+            .to_vec()
+    };
+    let run = |r: &str| a.owsfs(&args(r).iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run("good");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unmount it first"));
+    let out = a.owsfs(&["rollback", &a.mp.to_string_lossy(), "good"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    a.unmount();
+
+    let out = run("good");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let undo = String::from_utf8_lossy(&out.stderr)
+        .split("undo with `owsfs rollback --workspace src ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .expect("the undo is said")
+        .to_string();
+    a.mount();
+    assert_same_tree(&tree(&a.mp), &v1, "after the rollback");
+    let (integrity, rows) = sql_check(&a.mp.join("app.db"), true);
+    assert_eq!((integrity.as_str(), rows.len()), ("ok", 10));
+    a.unmount();
+    let out = run(&undo);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.mount();
+    assert_same_tree(&tree(&a.mp), &v2, "after the undo");
+    // History is kept: the bad state, the rollback and its undo are all generations.
+    std::fs::write(a.path("after"), b"goes on\n").unwrap();
+    a.sync();
+    a.unmount();
+    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+}
+
+#[test]
+fn rollback_and_undo_file() {
+    if skip_fuse() {
+        return;
+    }
+    rollback_and_undo(&TestStore::file());
+}
+
+#[test]
+fn rollback_and_undo_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    rollback_and_undo(&TestStore::seaweed("history-rollback"));
+}

@@ -4,7 +4,6 @@
 
 use anyhow::Context;
 use clap::Args;
-use owsfs_store::Holder;
 
 use super::target;
 
@@ -52,16 +51,7 @@ pub fn run(args: &CopyArgs) -> anyhow::Result<()> {
     )?;
     let only = r.as_ref().map(|r| src.resolve(r)).transpose()?;
     let dst = crate::mount::open_store(dst_url)?;
-    let holder = Holder {
-        node: format!("{:016x}", rand::random::<u64>()),
-        host: rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-        pid: std::process::id(),
-        session: format!("{:016x}", rand::random::<u64>()),
-        cache: "owsfs copy".into(),
-    };
+    let holder = target::cli_holder("copy");
     let bar = crate::progress::Bar::new();
     let report =
         owsfs_store::copy::copy_workspace(&src.ws, only.as_ref(), &dst, &dst_name, &holder, &bar)

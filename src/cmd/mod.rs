@@ -14,6 +14,7 @@ pub mod mount;
 mod recover;
 mod restore;
 mod retention;
+mod rollback;
 mod run;
 mod snapshot;
 mod status;
@@ -89,6 +90,9 @@ enum Command {
     /// Copy a workspace's history (or one state) to another store, uploading only what the
     /// destination lacks: STORE#WS[@REF] to STORE[#NEW].
     Copy(copy::CopyArgs),
+    /// Go back to an earlier state: a new generation whose tree is REF's (history is kept, so
+    /// it can be undone). The workspace must not be mounted.
+    Rollback(rollback::RollbackArgs),
 }
 
 /// Whether `name` is one of the commands (or an alias, or `help`): taken from the parser, so
@@ -150,6 +154,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Gc(a) => gc::run(&a),
         Command::Retention(a) => retention::run(&a),
         Command::Copy(a) => copy::run(&a),
+        Command::Rollback(a) => rollback::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -95,6 +95,20 @@ pub fn resolve_spec(
     Ok((t, record))
 }
 
+/// A lease holder for a command that briefly holds a workspace's lease (`copy`, `rollback`).
+pub fn cli_holder(what: &str) -> owsfs_store::Holder {
+    owsfs_store::Holder {
+        node: format!("{:016x}", rand::random::<u64>()),
+        host: rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+        pid: std::process::id(),
+        session: format!("{:016x}", rand::random::<u64>()),
+        cache: format!("owsfs {what}"),
+    }
+}
+
 impl Target {
     /// The commit `r` names, with the workspace in the message when it does not resolve.
     pub fn resolve(&self, r: &GenRef) -> anyhow::Result<GenerationRecord> {

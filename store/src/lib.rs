@@ -35,6 +35,7 @@ pub mod pins;
 pub mod progress;
 pub mod refs;
 pub mod retention;
+pub mod rollback;
 pub mod snapshot;
 pub mod stats;
 pub mod tree;

@@ -1,0 +1,65 @@
+//! `owsfs rollback --workspace W REF`: a new generation whose tree is REF's, after an
+//! automatic snapshot of the state it replaces (undo: roll back to that snapshot). The
+//! workspace must not be mounted.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::target::{self, WorkspaceArgs};
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// The state to go back to: a generation number, a snapshot name, `10m ago`, an RFC 3339
+    /// time. With two arguments, the first is the MOUNTPOINT of a live mount (not supported
+    /// yet: unmount it first).
+    #[arg(num_args = 1..=2, required = true, value_name = "[MOUNTPOINT] REF")]
+    pub args: Vec<String>,
+    #[command(flatten)]
+    pub target: WorkspaceArgs,
+    /// Automatic snapshots to keep (one is taken before the rollback).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub keep_snapshots: usize,
+}
+
+pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
+    let (mountpoint, spec) = match args.args.as_slice() {
+        [r] => (None, r.as_str()),
+        [m, r] => (Some(PathBuf::from(m)), r.as_str()),
+        _ => unreachable!("clap takes one or two"),
+    };
+    if let Some(mp) = &mountpoint {
+        anyhow::bail!(
+            "a rollback of a live mount is not supported yet: unmount {} (`owsfs unmount {}`), \
+             then run `owsfs rollback --workspace NAME {spec}`",
+            mp.display(),
+            mp.display()
+        );
+    }
+    let r: owsfs_store::GenRef = spec.parse().map_err(anyhow::Error::msg)?;
+    let t = target::open(&args.target, None)?;
+    let to = t.resolve(&r)?;
+    let done = owsfs_store::rollback::rollback(
+        &t.ws,
+        &to,
+        &target::cli_holder("rollback"),
+        args.keep_snapshots,
+    )
+    .with_context(|| format!("cannot roll {:?} back to {r}", t.ws.name()))?;
+    println!("{}", done.generation);
+    eprintln!(
+        "generation {} of {} holds the state of generation {}{}",
+        done.generation,
+        t.ws.name(),
+        done.to,
+        done.snapshot
+            .as_deref()
+            .map(|s| format!(
+                "; undo with `owsfs rollback --workspace {} {s}`",
+                t.ws.name()
+            ))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
