@@ -47,7 +47,9 @@ pub fn run(args: &GcArgs) -> anyhow::Result<()> {
         &bar,
     )?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["requests"] = serde_json::to_value(store.stats_snapshot())?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print(&report, args.dry_run, &url);
     }

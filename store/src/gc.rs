@@ -246,40 +246,8 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     }
 
     // 2. Retention: what is kept, what is pruned (not kept and older than the grace).
-    let mut roots: Vec<BlobRef> = Vec::new();
-    let mut blobs: Vec<BlobRef> = Vec::new();
-    let mut prune: Vec<String> = Vec::new();
-    for v in &views {
-        let policy = v.ws.retention()?;
-        let summaries: Vec<GenSummary> = v
-            .gens
-            .iter()
-            .map(|g| GenSummary {
-                number: g.number,
-                kind: g.kind,
-                time_unix_ms: g.time_unix_ms,
-            })
-            .collect();
-        let snaps: Vec<GenNumber> = v.snapshot_roots.iter().map(|(n, _)| *n).collect();
-        let forks = fork_sources.get(v.ws.name()).cloned().unwrap_or_default();
-        let pinned: Vec<GenNumber> = v.pins.iter().map(|(n, _)| *n).collect();
-        let kept = retention::plan(&policy, t_mark, &summaries, &snaps, &forks, &pinned);
-        for g in &v.gens {
-            let young = t_mark.saturating_sub(g.time_unix_ms) < grace_ms;
-            if kept.contains_key(&g.number) || young {
-                report.generations_kept += 1;
-                roots.extend(g.root);
-                blobs.extend(g.access);
-            } else {
-                prune.push(v.ws.generation_key(g.number));
-            }
-        }
-        roots.extend(v.snapshot_roots.iter().map(|(_, r)| *r));
-        // A pin's tree even if its record was pruned by a run that listed before the pin.
-        roots.extend(v.pins.iter().map(|(_, r)| *r));
-        report.kept.insert(v.ws.name().to_string(), kept);
-    }
-    report.generations_pruned = prune.len() as u64;
+    let (roots, blobs, prune) =
+        apply_retention(&views, &fork_sources, t_mark, grace_ms, &mut report)?;
 
     // 3. Mark every pack the kept trees reach.
     let mut live = mark(store, &roots, progress, &mut report)?;
@@ -385,6 +353,52 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     }
     report.objects_deleted += report.packs_deleted + report.generations_pruned;
     Ok(report)
+}
+
+/// The trees and blobs kept generations reach, and the keys of the records to prune (not kept
+/// and older than the grace).
+fn apply_retention(
+    views: &[WsView],
+    fork_sources: &HashMap<String, Vec<GenNumber>>,
+    t_mark: u64,
+    grace_ms: u64,
+    report: &mut GcReport,
+) -> Result<(Vec<BlobRef>, Vec<BlobRef>, Vec<String>)> {
+    let mut roots: Vec<BlobRef> = Vec::new();
+    let mut blobs: Vec<BlobRef> = Vec::new();
+    let mut prune: Vec<String> = Vec::new();
+    for v in views {
+        let policy = v.ws.retention()?;
+        let summaries: Vec<GenSummary> = v
+            .gens
+            .iter()
+            .map(|g| GenSummary {
+                number: g.number,
+                kind: g.kind,
+                time_unix_ms: g.time_unix_ms,
+            })
+            .collect();
+        let snaps: Vec<GenNumber> = v.snapshot_roots.iter().map(|(n, _)| *n).collect();
+        let forks = fork_sources.get(v.ws.name()).cloned().unwrap_or_default();
+        let pinned: Vec<GenNumber> = v.pins.iter().map(|(n, _)| *n).collect();
+        let kept = retention::plan(&policy, t_mark, &summaries, &snaps, &forks, &pinned);
+        for g in &v.gens {
+            let young = t_mark.saturating_sub(g.time_unix_ms) < grace_ms;
+            if kept.contains_key(&g.number) || young {
+                report.generations_kept += 1;
+                roots.extend(g.root);
+                blobs.extend(g.access);
+            } else {
+                prune.push(v.ws.generation_key(g.number));
+            }
+        }
+        roots.extend(v.snapshot_roots.iter().map(|(_, r)| *r));
+        // A pin's tree even if its record was pruned by a run that listed before the pin.
+        roots.extend(v.pins.iter().map(|(_, r)| *r));
+        report.kept.insert(v.ws.name().to_string(), kept);
+    }
+    report.generations_pruned = prune.len() as u64;
+    Ok((roots, blobs, prune))
 }
 
 /// Reads every workspace's generation records and snapshots.

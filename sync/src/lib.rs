@@ -587,10 +587,7 @@ impl SyncAgent {
         };
         fail::fail_point!("commit-after-packs");
         // 4. Commit the generation.
-        let (head, epoch) = {
-            let st = self.st.lock();
-            (st.head, st.epoch)
-        };
+        let (head, epoch) = self.head_epoch();
         let number = head + 1;
         self.gc_check(&mut local, &built.packs_used, number)?;
         // Noted before the commit: if the daemon dies between the commit and the cache's
@@ -709,6 +706,12 @@ impl SyncAgent {
     /// The last commit error, if the last attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.st.lock().last_error.clone()
+    }
+
+    /// The newest generation this agent knows and the epoch its commits carry.
+    fn head_epoch(&self) -> (u64, u64) {
+        let st = self.st.lock();
+        (st.head, st.epoch)
     }
 
     /// The workspace this agent commits to.
