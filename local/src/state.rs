@@ -420,6 +420,39 @@ impl LocalState {
         Ok(())
     }
 
+    /// Drops from the deduplication index every blob in one of `packs` (condemned by a GC: a
+    /// later blob of the same content is uploaded anew).
+    pub fn purge_chunks(
+        &self,
+        packs: &std::collections::HashSet<owsfs_store::PackId>,
+    ) -> anyhow::Result<u64> {
+        if packs.is_empty() {
+            return Ok(0);
+        }
+        let mut gone: Vec<Vec<u8>> = Vec::new();
+        {
+            let mut stmt = self.conn.prepare("SELECT id, loc FROM chunks")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let loc: Vec<u8> = row.get(1)?;
+                if serde_json::from_slice::<owsfs_store::BlobRef>(&loc)
+                    .is_ok_and(|r| packs.contains(&r.pack))
+                {
+                    gone.push(row.get(0)?);
+                }
+            }
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut del = tx.prepare("DELETE FROM chunks WHERE id = ?1")?;
+            for id in &gone {
+                del.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(gone.len() as u64)
+    }
+
     /// Forgets the whole deduplication index (GC runs were missed: any pack may be gone).
     pub fn forget_chunks(&self) -> anyhow::Result<()> {
         self.conn.execute("DELETE FROM chunks", [])?;
@@ -469,7 +502,7 @@ impl LocalState {
                 put_blob.execute(params![&id[..], data])?;
             }
             let mut put_chunk =
-                tx.prepare_cached("INSERT OR IGNORE INTO chunks (id, loc) VALUES (?1, ?2)")?;
+                tx.prepare_cached("INSERT OR REPLACE INTO chunks (id, loc) VALUES (?1, ?2)")?;
             for (id, loc) in &update.chunks {
                 put_chunk.execute(params![&id[..], loc])?;
             }

@@ -57,6 +57,10 @@ pub fn run(args: &GcArgs) -> anyhow::Result<()> {
 }
 
 fn print(r: &GcReport, dry: bool, url: &str) {
+    if let Some(why) = &r.skipped {
+        println!("{url}: skipped: {why}");
+        return;
+    }
     let verb = if dry { "would delete" } else { "deleted" };
     println!(
         "{url}: {} workspaces, {} generations ({} kept), {} snapshots",

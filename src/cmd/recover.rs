@@ -79,25 +79,10 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
              into the workspace they came from"
         );
     }
-    // The base's generation must still be in the store: a GC that pruned it may have deleted
-    // packs its unchanged files point into. Then everything is uploaded again.
-    let base_alive = {
-        let store = crate::mount::open_store(&store_url)?;
-        match Workspace::open_existing(&store, &old_ws)? {
-            Some(old) => match old.read_generation(base.generation) {
-                Ok(r) => {
-                    r.root
-                        .map(|r| serde_json::to_string(&r))
-                        .transpose()?
-                        .as_deref()
-                        == Some(base.root.as_str())
-                }
-                Err(e) if e.is_not_found() => false,
-                Err(e) => return Err(e.into()),
-            },
-            None => false,
-        }
-    };
+    // The base's generation must still be in the store (a GC that pruned it may have deleted
+    // packs its unchanged files point into: then everything is uploaded again), and a pin
+    // keeps it from GC while the recover runs.
+    let (base_alive, _base_pin) = pin_base(&store_url, &old_ws, &base)?;
     // Phase 1: the journal.
     let open = OpenCache::from_cache(cache)?;
     let dirty = open.journal.dirty();
@@ -186,6 +171,41 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         cache_root.display()
     );
     Ok(())
+}
+
+/// Pins the cache's base generation in its old workspace and reads its record again under the
+/// pin: whether it is still in the store with the cache's tree (else a GC pruned it, and its
+/// packs may be gone), and the pin.
+fn pin_base(
+    store_url: &str,
+    old_ws: &str,
+    base: &owsfs_local::Base,
+) -> anyhow::Result<(bool, Option<crate::mount::readonly::PinGuard>)> {
+    let store = crate::mount::open_store(store_url)?;
+    let same_root = |r: &GenerationRecord| -> anyhow::Result<bool> {
+        Ok(r.root
+            .map(|r| serde_json::to_string(&r))
+            .transpose()?
+            .as_deref()
+            == Some(base.root.as_str()))
+    };
+    let Some(old) = Workspace::open_existing(&store, old_ws)? else {
+        return Ok((false, None));
+    };
+    let r = match old.read_generation(base.generation) {
+        Ok(r) if same_root(&r)? => r,
+        Ok(_) => return Ok((false, None)),
+        Err(e) if e.is_not_found() => return Ok((false, None)),
+        Err(e) => return Err(e.into()),
+    };
+    let id = format!("recover-{:016x}", rand::random::<u64>());
+    let pin = crate::mount::readonly::PinGuard::take(&old, &id, &r)?;
+    match old.read_generation(base.generation) {
+        Ok(again) if same_root(&again)? => Ok((true, Some(pin))),
+        Ok(_) => Ok((false, None)),
+        Err(e) if e.is_not_found() => Ok((false, None)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The cache holds nothing unsynced: the fork's first commit is the cache's generation as it

@@ -214,6 +214,10 @@ fn collect(store: &Store, grace: Duration, shared: &Shared) {
         report: r.as_ref().ok().cloned(),
     };
     match &r {
+        Ok(r) if r.skipped.is_some() => {
+            tracing::info!("gc: {}", r.skipped.as_deref().unwrap_or_default());
+            return;
+        }
         Ok(r) => tracing::info!(
             "gc: {} generation records and {} packs ({} bytes) deleted, {} packs condemned, in {} ms",
             r.generations_pruned,

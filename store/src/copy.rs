@@ -62,62 +62,122 @@ pub fn copy_workspace(
         )));
     }
     let dws = Workspace::open_or_create(dst, dst_name)?;
-    // Divergence: every record both have must be the same state.
+    let max_epoch = records.iter().map(|r| r.epoch).max().unwrap_or(0);
+    let lease = Lease::new(&dws);
+    let mut hold = Hold {
+        held: take_lease(&lease, holder, max_epoch, dst_name)?,
+        lease: &lease,
+        clock: std::sync::Arc::clone(dst.clock()),
+        renewed: dst.clock().now(),
+    };
+    let result = copy_under_lease(
+        src,
+        &records,
+        only.is_none(),
+        &dws,
+        &mut hold,
+        progress,
+        &mut report,
+    );
+    let released = lease.release(&hold.held);
+    result?;
+    released.map_err(|e| StoreError::Invalid(format!("the copy is done, but: {e}")))?;
+    report.head = dws.head()?;
+    Ok(report)
+}
+
+/// The destination's lease while a copy runs, renewed every third of its TTL.
+struct Hold<'a> {
+    held: LeaseRecord,
+    lease: &'a Lease,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    renewed: std::time::Instant,
+}
+
+impl Hold<'_> {
+    fn keep(&mut self) -> Result<()> {
+        if self.clock.now().duration_since(self.renewed) > COPY_TTL / 3 {
+            self.held = self.lease.renew(&self.held).map_err(|e| {
+                StoreError::Invalid(format!("the copy lost the destination's lease: {e}"))
+            })?;
+            self.renewed = self.clock.now();
+        }
+        Ok(())
+    }
+}
+
+/// The copy proper, generation by generation in ascending order: the packs a generation
+/// reaches that no earlier one did (missing ones copied and verified; present ones checked
+/// against the destination's GC), then its record. Each record is written right after its
+/// packs, so the destination's GC finds them referenced at its next mark.
+fn copy_under_lease(
+    src: &Workspace,
+    records: &[GenerationRecord],
+    whole: bool,
+    dws: &Workspace,
+    hold: &mut Hold<'_>,
+    progress: &dyn Progress,
+    report: &mut CopyReport,
+) -> Result<()> {
+    let dst = dws.store();
+    let dst_name = dws.name();
+    // Divergence: every record both have must be the same state; nothing is copied below
+    // the destination's newest record (it may have pruned some).
     let theirs: Vec<GenNumber> = dws.list_generations()?;
-    let ours: HashSet<GenNumber> = records.iter().map(|r| r.number).collect();
+    let theirs_newest = theirs.last().copied().unwrap_or(0);
     let max_ours = records.iter().map(|r| r.number).max().unwrap_or(0);
+    if theirs_newest > max_ours {
+        return Err(diverged(
+            dst_name,
+            theirs_newest,
+            "is newer than anything copied",
+        ));
+    }
     for &n in &theirs {
-        if n > max_ours {
-            return Err(diverged(dst_name, n, "is newer than anything copied"));
-        }
-        if !ours.contains(&n) {
-            continue;
-        }
-        let d = dws.read_generation(n)?;
-        let s = records
-            .iter()
-            .find(|r| r.number == n)
-            .expect("listed above");
-        if (d.epoch, d.kind, d.root) != (s.epoch, s.kind, s.root) {
-            return Err(diverged(dst_name, n, "holds another state"));
+        if let Some(s) = records.iter().find(|r| r.number == n) {
+            let d = dws.read_generation(n)?;
+            if (d.epoch, d.kind, d.root) != (s.epoch, s.kind, s.root) {
+                return Err(diverged(dst_name, n, "holds another state"));
+            }
         }
     }
     let to_copy: Vec<&GenerationRecord> = records
         .iter()
-        .filter(|r| !theirs.contains(&r.number))
+        .filter(|r| r.number > theirs_newest)
         .collect();
     report.generations_present = (records.len() - to_copy.len()) as u64;
-
-    // The destination's lease, above every epoch copied.
-    let max_epoch = records.iter().map(|r| r.epoch).max().unwrap_or(0);
-    let lease = Lease::new(&dws);
-    let mut held = take_lease(&lease, holder, max_epoch, dst_name)?;
-    let clock = std::sync::Arc::clone(dst.clock());
-    let mut renewed = clock.now();
-    let result = (|| -> Result<()> {
-        // Packs first: a record is written only once everything it reaches is there.
-        let roots: Vec<_> = to_copy.iter().filter_map(|r| r.root).collect();
-        let mut blobs: Vec<PackId> = to_copy
-            .iter()
-            .filter_map(|r| r.access)
-            .map(|a| a.pack)
-            .collect();
-        let mut scratch = crate::gc::GcReport::default();
-        let mut packs: Vec<PackId> = crate::gc::mark(src.store(), &roots, progress, &mut scratch)?
-            .into_iter()
-            .collect();
-        packs.append(&mut blobs);
-        packs.sort_unstable_by_key(|p| p.0);
-        packs.dedup();
-        let present: HashSet<String> = dst.list("packs/")?.into_iter().collect();
-        progress.begin("copying packs", 0, packs.len() as u64);
-        for (i, p) in packs.iter().enumerate() {
+    let present: HashSet<String> = dst.list("packs/")?.into_iter().collect();
+    let mut watch = crate::gc::GcWatch::default();
+    let mut marker = crate::gc::Marker::default();
+    let mut scratch = crate::gc::GcReport::default();
+    let mut done: HashSet<PackId> = HashSet::new();
+    progress.begin("copying", 0, to_copy.len() as u64);
+    for (i, r) in to_copy.iter().enumerate() {
+        let roots: Vec<_> = r.root.into_iter().collect();
+        let mut packs = marker.mark(src.store(), &roots, &crate::progress::Silent, &mut scratch)?;
+        packs.extend(r.access.map(|a| a.pack));
+        if watch.stale(dst.clock().now()) {
+            watch.refresh(dst, 0, dst.clock().now())?;
+        }
+        for p in packs {
+            if !done.insert(p) {
+                continue;
+            }
             let key = p.key();
             if present.contains(&key) {
+                if watch.at_risk(&p) {
+                    return Err(StoreError::Invalid(format!(
+                        "pack {} of the destination, which this copy needs, was just condemned \
+                         by its GC; nothing beyond generation {} was copied: run the copy again \
+                         after the destination's next GC",
+                        p.to_hex(),
+                        r.number.saturating_sub(1)
+                    )));
+                }
                 report.packs_present += 1;
             } else {
                 let data = src.store().get(&key)?;
-                let parsed = ParsedPack::parse(*p, data.clone())?;
+                let parsed = ParsedPack::parse(p, data.clone())?;
                 for e in parsed.entries() {
                     parsed.entry_blob(e)?;
                 }
@@ -125,62 +185,51 @@ pub fn copy_workspace(
                 report.packs_copied += 1;
                 report.bytes_copied += data.len() as u64;
             }
-            progress.update(report.bytes_copied, i as u64 + 1);
-            if clock.now().duration_since(renewed) > COPY_TTL / 3 {
-                held = lease.renew(&held).map_err(|e| {
-                    StoreError::Invalid(format!("the copy lost the destination's lease: {e}"))
-                })?;
-                renewed = clock.now();
-            }
+            hold.keep()?;
         }
-        progress.finish();
-        for r in &to_copy {
-            let mut r = (*r).clone();
-            r.workspace = dst_name.to_string();
-            match dws.commit(&r) {
-                Ok(()) => {}
-                Err(crate::generation::CommitError::SlotTaken { number, .. }) => {
-                    return Err(diverged(dst_name, number, "was written during the copy"));
-                }
-                Err(crate::generation::CommitError::Invalid(m)) => {
-                    return Err(StoreError::Invalid(m));
-                }
-                Err(crate::generation::CommitError::Store(e)) => return Err(e),
+        let mut r = (*r).clone();
+        r.workspace = dst_name.to_string();
+        match dws.commit(&r) {
+            Ok(()) => {}
+            Err(crate::generation::CommitError::SlotTaken { number, .. }) => {
+                return Err(diverged(dst_name, number, "was written during the copy"));
             }
-            report.generations_copied += 1;
+            Err(crate::generation::CommitError::Invalid(m)) => return Err(StoreError::Invalid(m)),
+            Err(crate::generation::CommitError::Store(e)) => return Err(e),
         }
-        // Snapshots of copied generations, and the retention policy.
-        let copied: HashSet<GenNumber> = records.iter().map(|r| r.number).collect();
-        for s in src.list_snapshots()? {
-            if !copied.contains(&s.generation) {
-                continue;
-            }
-            let r = records
-                .iter()
-                .find(|r| r.number == s.generation)
-                .expect("copied")
-                .clone();
-            let r = GenerationRecord {
-                workspace: dst_name.to_string(),
-                ..r
-            };
-            match dws.create_snapshot(&s.name, &r, s.auto.as_deref()) {
-                Ok(_) => report.snapshots_copied += 1,
-                Err(crate::snapshot::SnapshotError::Exists { .. }) => {}
-                Err(crate::snapshot::SnapshotError::Store(e)) => return Err(e),
-                Err(e) => return Err(StoreError::Invalid(e.to_string())),
-            }
+        report.generations_copied += 1;
+        progress.update(report.bytes_copied, i as u64 + 1);
+        hold.keep()?;
+    }
+    progress.finish();
+    // Snapshots of copied generations, and the retention policy (unless the destination has
+    // its own).
+    let copied: HashSet<GenNumber> = records.iter().map(|r| r.number).collect();
+    for s in src.list_snapshots()? {
+        if !copied.contains(&s.generation) {
+            continue;
         }
-        if only.is_none() {
-            dws.set_retention(&src.retention()?)?;
+        let r = records
+            .iter()
+            .find(|r| r.number == s.generation)
+            .expect("copied")
+            .clone();
+        let r = GenerationRecord {
+            workspace: dst_name.to_string(),
+            ..r
+        };
+        match dws.create_snapshot(&s.name, &r, s.auto.as_deref()) {
+            Ok(_) => report.snapshots_copied += 1,
+            Err(crate::snapshot::SnapshotError::Exists { .. }) => {}
+            Err(crate::snapshot::SnapshotError::Store(e)) => return Err(e),
+            Err(e) => return Err(StoreError::Invalid(e.to_string())),
         }
-        Ok(())
-    })();
-    let released = lease.release(&held);
-    result?;
-    released.map_err(|e| StoreError::Invalid(format!("the copy is done, but: {e}")))?;
-    report.head = dws.head()?;
-    Ok(report)
+        hold.keep()?;
+    }
+    if whole && dws.retention_if_set()?.is_none() {
+        dws.set_retention(&src.retention()?)?;
+    }
+    Ok(())
 }
 
 fn diverged(name: &str, n: GenNumber, how: &str) -> StoreError {

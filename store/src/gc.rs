@@ -85,6 +85,8 @@ pub struct GcWatch {
     /// Condemned packs by run.
     runs: BTreeMap<u64, Vec<PackId>>,
     bad: HashSet<PackId>,
+    /// Packs condemned by runs above `seen_before` read since the last `take_fresh`.
+    fresh: HashSet<PackId>,
     every: Duration,
     refreshed: Option<Instant>,
 }
@@ -124,6 +126,9 @@ impl GcWatch {
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             };
+            if n > seen_before {
+                self.fresh.extend(r.condemned.iter().copied());
+            }
             self.runs.insert(n, r.condemned);
             new_runs += 1;
         }
@@ -139,6 +144,22 @@ impl GcWatch {
             gap,
             new_runs,
         })
+    }
+
+    /// The packs condemned by runs this cache had not seen before (since the last call): a
+    /// writer drops them from its deduplication index for good, since run records go after
+    /// 30 days.
+    pub fn take_fresh(&mut self) -> HashSet<PackId> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// Whether the newest run condemned `pack`: the next run may delete it (an older run's
+    /// condemnation that a later run did not repeat was rescued).
+    pub fn at_risk(&self, pack: &PackId) -> bool {
+        self.runs
+            .values()
+            .next_back()
+            .is_some_and(|c| c.contains(pack))
     }
 
     /// Whether a writer may reference `pack`.
@@ -201,6 +222,9 @@ pub struct GcReport {
     pub bytes_deleted: u64,
     /// Every object deleted: packs, generation records, old run records.
     pub objects_deleted: u64,
+    /// Why the run did nothing (another GC took the same run number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     /// Kept generations per workspace, with why (for `owsfs log`-like reports).
     #[serde(skip)]
     pub kept: BTreeMap<String, Kept>,
@@ -268,20 +292,24 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         .collect();
     report.packs_condemned = condemned.len() as u64;
 
-    // 5. Deletable: condemned now and by a run published at least the grace before this
-    // run's mark began.
+    // 5. Deletable: condemned now and by every run back to one published at least the grace
+    // before this run's mark began, with no run in between that found it referenced.
     let runs = list_runs(store)?;
-    let mut ripe: HashSet<PackId> = HashSet::new();
+    let mut records = Vec::new();
     let mut old_runs = Vec::new();
     for &n in &runs {
-        let r = read_run(store, n)?;
-        if r.published_unix_ms + grace_ms <= t_mark {
-            ripe.extend(r.condemned.iter().copied());
-        }
-        if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {
-            old_runs.push(n);
+        match read_run(store, n) {
+            Ok(r) => {
+                if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {
+                    old_runs.push(n);
+                }
+                records.push(r);
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
         }
     }
+    let ripe = ripe_packs(&condemned, &records, t_mark, grace_ms);
     let delete: Vec<PackId> = condemned
         .iter()
         .filter(|p| ripe.contains(p))
@@ -296,8 +324,9 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         return Ok(report);
     }
 
-    // 6. Publish what this run condemns, before deleting anything.
-    if !condemned.is_empty() || !delete.is_empty() || !prune.is_empty() {
+    // 6. Publish what this run condemns, before deleting anything. Every run writes one, so
+    // that "condemned by every run since" has no holes.
+    {
         let n = runs.last().map_or(1, |l| l + 1);
         let record = GcRun {
             run: n,
@@ -311,16 +340,21 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         )? {
             PutOutcome::Created | PutOutcome::AlreadyIdentical => {}
             PutOutcome::Conflict(_) => {
-                return Err(StoreError::Invalid(format!(
-                    "another GC wrote run {n} at the same time; nothing was deleted, run it again"
-                )));
+                report.skipped = Some(format!(
+                    "another GC wrote run {n} at the same time; this one deleted nothing"
+                ));
+                return Ok(report);
             }
         }
         report.run = Some(n);
     }
     fail::fail_point!("gc-after-publish");
 
-    // 7. Sweep: packs, then pruned generation records, then run records past their history.
+    // 7. Sweep: pruned generation records first (a record is never left whose packs are gone),
+    // then packs, then expired pins and run records past their history.
+    for key in &prune {
+        store.delete(key)?;
+    }
     progress.begin("deleting", 0, delete.len() as u64);
     for (i, p) in delete.iter().enumerate() {
         let key = p.key();
@@ -334,16 +368,13 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         progress.update(report.bytes_deleted, i as u64 + 1);
     }
     progress.finish();
-    for key in &prune {
-        store.delete(key)?;
-    }
     for v in &views {
         for id in &v.expired_pins {
             v.ws.unpin(id)?;
             report.objects_deleted += 1;
         }
     }
-    // Keep the newest run record whatever its age: writers learn the grace from it.
+    // Keep the newest run record whatever its age (run numbers go on from it).
     for n in old_runs
         .iter()
         .filter(|&&n| Some(n) != report.run && Some(&n) != runs.last())
@@ -401,6 +432,35 @@ fn apply_retention(
     Ok((roots, blobs, prune))
 }
 
+/// The packs of `condemned` that every run from the newest back to one published at least
+/// `grace_ms` before `t_mark` condemned too, with consecutive run numbers (a pack some run in
+/// between found referenced starts over: a grace from when it was condemned again).
+fn ripe_packs(
+    condemned: &[PackId],
+    records: &[GcRun],
+    t_mark: u64,
+    grace_ms: u64,
+) -> HashSet<PackId> {
+    let mut streak: HashSet<PackId> = condemned.iter().copied().collect();
+    let mut expect: Option<u64> = None;
+    for r in records.iter().rev() {
+        if expect.is_some_and(|e| e != r.run) {
+            break;
+        }
+        let theirs: HashSet<&PackId> = r.condemned.iter().collect();
+        streak.retain(|p| theirs.contains(p));
+        if streak.is_empty() {
+            break;
+        }
+        if r.published_unix_ms + grace_ms <= t_mark {
+            // Older runs' streaks are subsets of this one.
+            return streak;
+        }
+        expect = r.run.checked_sub(1);
+    }
+    HashSet::new()
+}
+
 /// Reads every workspace's generation records and snapshots.
 fn load_workspaces(
     store: &Store,
@@ -427,9 +487,14 @@ fn load_workspaces(
     let mut done = 0;
     let mut out = Vec::new();
     for name in names {
-        let Some(ws) = Workspace::open_existing(store, &name)? else {
-            continue;
-        };
+        // A workspace without its marker would go unmarked: stop rather than delete its
+        // packs.
+        let ws = Workspace::open_existing(store, &name)?.ok_or_else(|| {
+            StoreError::corrupt(
+                format!("workspaces/{name}/workspace.json"),
+                "missing while the workspace has other objects; GC stopped",
+            )
+        })?;
         let mut records = Vec::new();
         let mut numbers = gens.remove(&name).unwrap_or_default();
         numbers.sort_unstable();
@@ -480,43 +545,64 @@ pub(crate) fn mark(
     progress: &dyn Progress,
     report: &mut GcReport,
 ) -> Result<HashSet<PackId>> {
-    let mut live: HashSet<PackId> = HashSet::new();
-    let mut seen_trees: HashSet<BlobId> = HashSet::new();
-    let mut seen_lists: HashSet<BlobId> = HashSet::new();
-    let mut stack: Vec<BlobRef> = Vec::new();
     progress.begin("marking", 0, 0);
-    for r in roots {
-        live.insert(r.pack);
-        stack.push(*r);
-    }
-    while let Some(r) = stack.pop() {
-        if !seen_trees.insert(r.id) {
-            continue;
-        }
-        let tree = Tree::load(store, &r)?;
-        report.trees_read += 1;
-        progress.update(0, report.trees_read);
-        for e in &tree.entries {
-            match &e.content {
-                Content::Dir(sub) => {
-                    live.insert(sub.pack);
-                    stack.push(*sub);
-                }
-                Content::File(FileContent::Chunks(c)) => live.extend(c.iter().map(|r| r.pack)),
-                Content::File(FileContent::List(lists)) => {
-                    for l in lists {
-                        live.insert(l.blob.pack);
-                        if seen_lists.insert(l.blob.id) {
-                            let b = crate::pack::read_blob(store, &l.blob)?;
-                            let object = format!("list {} in {}", l.blob.id, l.blob.pack.key());
-                            live.extend(decode_list(&object, &b)?.iter().map(|r| r.pack));
-                        }
-                    }
-                }
-                _ => {}
+    let live = Marker::default().mark(store, roots, progress, report);
+    progress.finish();
+    live
+}
+
+/// A mark that remembers the trees and lists it read: a later call returns only the packs
+/// that trees and lists it had not met yet reach (a copy, generation by generation).
+#[derive(Default)]
+pub(crate) struct Marker {
+    seen_trees: HashSet<BlobId>,
+    seen_lists: HashSet<BlobId>,
+}
+
+impl Marker {
+    pub(crate) fn mark(
+        &mut self,
+        store: &Store,
+        roots: &[BlobRef],
+        progress: &dyn Progress,
+        report: &mut GcReport,
+    ) -> Result<HashSet<PackId>> {
+        let mut live: HashSet<PackId> = HashSet::new();
+        let mut stack: Vec<BlobRef> = Vec::new();
+        for r in roots {
+            if !self.seen_trees.contains(&r.id) {
+                live.insert(r.pack);
+                stack.push(*r);
             }
         }
+        while let Some(r) = stack.pop() {
+            if !self.seen_trees.insert(r.id) {
+                continue;
+            }
+            let tree = Tree::load(store, &r)?;
+            report.trees_read += 1;
+            progress.update(0, report.trees_read);
+            for e in &tree.entries {
+                match &e.content {
+                    Content::Dir(sub) if !self.seen_trees.contains(&sub.id) => {
+                        live.insert(sub.pack);
+                        stack.push(*sub);
+                    }
+                    Content::File(FileContent::Chunks(c)) => live.extend(c.iter().map(|r| r.pack)),
+                    Content::File(FileContent::List(lists)) => {
+                        for l in lists {
+                            live.insert(l.blob.pack);
+                            if self.seen_lists.insert(l.blob.id) {
+                                let b = crate::pack::read_blob(store, &l.blob)?;
+                                let object = format!("list {} in {}", l.blob.id, l.blob.pack.key());
+                                live.extend(decode_list(&object, &b)?.iter().map(|r| r.pack));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(live)
     }
-    progress.finish();
-    Ok(live)
 }

@@ -635,13 +635,26 @@ impl Workspace {
         }
     }
 
-    /// The newest commit record at or before generation `n`, skipping fences.
+    /// The newest commit record at or before generation `n`, skipping fences and slots a GC
+    /// pruned.
     pub fn newest_commit(&self, n: GenNumber) -> Result<Option<GenerationRecord>> {
         let mut n = n;
         while n >= 1 {
-            let r = self.read_generation(n)?;
-            if r.kind == GenKind::Commit {
-                return Ok(Some(r));
+            match self.read_generation(n) {
+                Ok(r) if r.kind == GenKind::Commit => return Ok(Some(r)),
+                Ok(_) => {}
+                // A pruned slot: the listing says which slots are left.
+                Err(e) if e.is_not_found() => {
+                    let below = self.list_generations()?;
+                    match below.into_iter().rev().find(|&g| g < n) {
+                        Some(g) => {
+                            n = g;
+                            continue;
+                        }
+                        None => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(e),
             }
             n -= 1;
         }

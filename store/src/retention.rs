@@ -121,6 +121,11 @@ pub fn plan(
     if let Some(newest) = commits.last() {
         add(newest.number, Reason::Newest);
     }
+    // The fences above the newest commit: the path from HEAD down to it.
+    let newest_n = commits.last().map_or(0, |c| c.number);
+    for g in gens.iter().filter(|g| g.number > newest_n) {
+        add(g.number, Reason::Head);
+    }
     let age = |g: &GenSummary| now_ms.saturating_sub(g.time_unix_ms);
     // Newest first, so the first commit met in a bucket is its newest.
     let mut hours = BTreeSet::new();
@@ -162,6 +167,16 @@ impl Workspace {
         match self.store().get(&key) {
             Ok(b) => unseal_json("owsfs-retention", RETENTION_VERSION, &key, &b),
             Err(e) if e.is_not_found() => Ok(Policy::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The workspace's policy when one was set (`None`: the defaults apply).
+    pub fn retention_if_set(&self) -> Result<Option<Policy>> {
+        let key = self.retention_key();
+        match self.store().get(&key) {
+            Ok(b) => unseal_json("owsfs-retention", RETENTION_VERSION, &key, &b).map(Some),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -209,8 +209,9 @@ impl Workspace {
     }
 
     /// Takes an automatic snapshot of commit `record` (`reason`: `handoff`, `rollback`) and
-    /// rolls the oldest automatic snapshots off beyond `keep`. Named snapshots are never
-    /// touched. Returns the snapshot and the names rolled off.
+    /// rolls the oldest automatic snapshots of the same reason off beyond `keep` (so handoffs
+    /// never push a rollback's undo out). Named snapshots are never touched. Returns the
+    /// snapshot and the names rolled off.
     pub fn auto_snapshot(
         &self,
         reason: &str,
@@ -221,7 +222,7 @@ impl Workspace {
         let mut autos: Vec<Snapshot> = self
             .list_snapshots()?
             .into_iter()
-            .filter(Snapshot::is_auto)
+            .filter(|s| s.auto.as_deref() == Some(reason))
             .collect();
         // Oldest first; the one just taken is never rolled off, even with `keep` 0.
         autos.sort_by_key(|s| (s.generation, s.time_unix_ms));
@@ -371,6 +372,14 @@ mod tests {
         let g6 = ws.read_generation(6).unwrap();
         ws.auto_snapshot("handoff", &g6, 3).unwrap();
         assert_eq!(ws.list_snapshots().unwrap().len(), 4);
+        // Another reason counts apart: a rollback's snapshot outlives any number of handoffs.
+        let g7 = commit(&ws, 7);
+        ws.auto_snapshot("rollback", &g7, 3).unwrap();
+        for n in 8..=12 {
+            let g = commit(&ws, n);
+            ws.auto_snapshot("handoff", &g, 3).unwrap();
+        }
+        assert!(ws.read_snapshot("auto-rollback-7").is_ok());
     }
 
     #[test]

@@ -388,3 +388,65 @@ fn a_pinned_generation_stays_until_its_pin_expires() {
     assert!(owsfs_store::read_blob(&w.store, &c1[0].1).is_err());
     assert!(ws.list_pins().unwrap().is_empty());
 }
+
+#[test]
+fn a_pack_referenced_again_in_between_waits_a_full_grace_once_it_is_unreferenced_again() {
+    let w = world("streak");
+    let ws = Workspace::open_or_create(&w.store, "w").unwrap();
+    ws.set_retention(&owsfs_store::retention::Policy {
+        all_secs: 0,
+        hourly_secs: 0,
+        daily_secs: 0,
+    })
+    .unwrap();
+    commit(&w, &ws, &[("x", "x")], &[]);
+    // An orphan (a commit that crashed after its upload), condemned by run 1.
+    let mut p = PackWriter::new();
+    let orphan_ref = p.add(BlobKind::Chunk, b"orphan");
+    let (orphan, bytes) = p.seal();
+    w.store.put(&orphan.key(), bytes).unwrap();
+    gc::collect(&w.store, &opts(HOUR), &Silent).unwrap();
+    // Referenced by a commit before run 2 (rescued there) ...
+    w.clock.advance(2 * HOUR);
+    commit(&w, &ws, &[("o", "")], &[("o", orphan_ref)]);
+    gc::collect(&w.store, &opts(HOUR), &Silent).unwrap();
+    // ... and unreferenced again (the next commit drops it; its generation is pruned).
+    w.clock.advance(2 * HOUR);
+    commit(&w, &ws, &[("y", "y")], &[]);
+    w.clock.advance(2 * HOUR);
+    commit(&w, &ws, &[("z", "z")], &[]);
+    let r3 = gc::collect(&w.store, &opts(HOUR), &Silent).unwrap();
+    assert!(
+        w.store.size(&orphan.key()).is_ok(),
+        "deleted at once, on the strength of run 1's old condemnation: {r3:?}"
+    );
+    // A grace after it was condemned again, it goes.
+    w.clock.advance(2 * HOUR);
+    gc::collect(&w.store, &opts(HOUR), &Silent).unwrap();
+    assert!(w.store.size(&orphan.key()).is_err());
+    // Every run left a record, even one that condemned nothing.
+    assert_eq!(gc::list_runs(&w.store).unwrap(), [1, 2, 3, 4]);
+}
+
+#[test]
+fn the_newest_commit_is_found_across_pruned_slots() {
+    let w = world("holes");
+    let ws = Workspace::open_or_create(&w.store, "w").unwrap();
+    commit(&w, &ws, &[("a", "a")], &[]);
+    let f1 = ws.fence(2).unwrap();
+    let f2 = ws.fence(3).unwrap();
+    let f3 = ws.fence(4).unwrap();
+    // Retention keeps the fences above the newest commit (the path from HEAD down to it).
+    w.clock.advance(2 * HOUR);
+    ws.set_retention(&owsfs_store::retention::Policy {
+        all_secs: 0,
+        hourly_secs: 0,
+        daily_secs: 0,
+    })
+    .unwrap();
+    gc::collect(&w.store, &opts(HOUR), &Silent).unwrap();
+    assert_eq!(ws.list_generations().unwrap(), [1, f1, f2, f3]);
+    // A hole made another way is stepped over.
+    w.store.delete(&ws.generation_key(f2)).unwrap();
+    assert_eq!(ws.newest_commit(f3).unwrap().unwrap().number, 1);
+}

@@ -1,7 +1,7 @@
 //! The writer's side of the GC protocol (`store/FORMAT.md`, "GC"): the agent reads the GC
-//! run records at least every quarter of the grace, never deduplicates against a condemned
-//! pack, and does not commit a generation that would reference one, nor with a view of the
-//! runs older than half the grace.
+//! run records when its view is older than the store's `gc_refresh` R, drops newly condemned
+//! packs from its deduplication index for good, never deduplicates against a condemned pack,
+//! and does not commit a generation that would reference one, nor with a view older than 2R.
 
 use std::collections::HashSet;
 
@@ -33,6 +33,13 @@ impl SyncAgent {
                     );
                     local.forget_chunks()?;
                 }
+                let purged = local.purge_chunks(&watch.take_fresh())?;
+                if purged > 0 {
+                    tracing::info!(
+                        "GC condemned packs: {purged} blobs leave the deduplication index"
+                    );
+                }
+                // Noted only once the purge is done: a crash in between purges again.
                 if r.seen != seen {
                     local.set_meta("gc_seen", &r.seen.to_string())?;
                 }
