@@ -248,6 +248,20 @@ fn drill(
             return true;
         }
     };
+    // Pinned while it is drilled, and read again under the pin: a generation another host's GC
+    // is pruning is skipped, not reported as a failed drill.
+    let pin_id = format!("drill-{:016x}", rand::random::<u64>());
+    let _pin = match super::readonly::PinGuard::take(ws, &pin_id, &record) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("drill: cannot pin generation {}: {e:#}", record.number);
+            return true;
+        }
+    };
+    match ws.read_generation(record.number) {
+        Ok(r) if r.root == record.root => {}
+        _ => return true,
+    }
     shared.busy.store(true, Ordering::Release);
     let r = owsfs_local::drill::run(
         store,

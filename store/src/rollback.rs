@@ -43,7 +43,8 @@ pub fn rollback(
     {
         return Err(StoreError::Invalid(format!(
             "workspace {:?} is mounted by {} (epoch {}): a rollback of a live mount is not \
-             supported yet; unmount it first",
+             supported yet; unmount it first (a holder that died: mount it with --steal and \
+             unmount it)",
             ws.name(),
             c.holder,
             c.epoch
