@@ -139,7 +139,7 @@ pub fn serve(
         .resolve(at)
         .with_context(|| format!("cannot find {at} of workspace {ws_name:?}"))?;
     let node = open.cache.node_id()?;
-    let _pin = PinGuard::take(
+    let pin = PinGuard::take(
         &ws,
         &format!("ro-{node}-{:08x}", rand::random::<u32>()),
         &record,
@@ -218,6 +218,8 @@ pub fn serve(
         .serve()
         .map_err(|e| format!("the FUSE session failed: {e}"));
     let clean = super::shut_down(services, &journal);
+    // The pin goes before the unmount is answered: whoever waits for it finds it gone.
+    drop(pin);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {
         cache.release();
