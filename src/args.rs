@@ -39,7 +39,7 @@ impl StoreArgs {
 #[derive(Args, Debug, Clone)]
 pub struct MountOpts {
     /// The cache directory: the backing files and the journal
-    /// [default: $XDG_CACHE_HOME/owsfs/<mountpoint name>].
+    /// [default: $XDG_CACHE_HOME/owsfs/<mountpoint name>, or <mountpoint name>.read-only].
     #[arg(long, env = "OWSFS_CACHE")]
     pub cache: Option<PathBuf>,
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
@@ -172,9 +172,18 @@ impl MountOpts {
     pub fn cache_dir(&self, mountpoint: &Path) -> anyhow::Result<PathBuf> {
         match &self.cache {
             Some(c) => Ok(c.clone()),
-            None => Ok(xdg_dir("XDG_CACHE_HOME", ".cache", "--cache DIR")?
-                .join("owsfs")
-                .join(crate::mountpoint::name_of(mountpoint))),
+            None => {
+                let name = crate::mountpoint::name_of(mountpoint);
+                // A read-only mount never shares a writer's default cache.
+                let name = if self.read_only || self.at.is_some() {
+                    format!("{name}.read-only")
+                } else {
+                    name
+                };
+                Ok(xdg_dir("XDG_CACHE_HOME", ".cache", "--cache DIR")?
+                    .join("owsfs")
+                    .join(name))
+            }
         }
     }
 }

@@ -536,6 +536,28 @@ fn drills_prove_and_catch(store: &TestStore) {
     assert!(!out.status.success(), "a drill passed without a pack");
     let err = stderr(&out);
     assert!(err.contains("does not exist"), "{err}");
+    // A restore that fails half-way leaves nothing: a directory it made is removed, an empty
+    // one it was given is emptied again.
+    let made = a.dir.path().join("half");
+    let given = a.dir.path().join("given");
+    std::fs::create_dir(&given).unwrap();
+    for dest in [&made, &given] {
+        let out = a.owsfs(&[
+            "restore",
+            "--store",
+            &a.store,
+            "--workspace",
+            "src",
+            &dest.to_string_lossy(),
+        ]);
+        assert!(!out.status.success(), "a restore without a pack succeeded");
+    }
+    assert!(!made.exists(), "a failed restore left its directory");
+    assert_eq!(
+        std::fs::read_dir(&given).unwrap().count(),
+        0,
+        "a failed restore left files"
+    );
     let json = a.log_json();
     let entry = json
         .iter()

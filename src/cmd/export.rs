@@ -66,16 +66,8 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let bar = crate::progress::Bar::new();
     match dest_kind(&args.dest) {
         Dest::Dir(dir) => {
-            let created = !dir.exists();
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            if let Err(e) = owsfs_local::restore::restore(store, store, &root, &dir, &bar) {
-                // Nothing half-written is left where we made it.
-                if created {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                return Err(e).with_context(|| format!("cannot export {what}"));
-            }
+            super::target::restore_into(store, &root, &dir)
+                .with_context(|| format!("cannot export {what}"))?;
             eprintln!("exported {what} to {}", dir.display());
         }
         Dest::Tar { path: None, zstd } => {

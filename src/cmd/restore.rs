@@ -38,12 +38,8 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<()> {
     let root = record
         .root
         .with_context(|| format!("generation {n} has no tree"))?;
-    // The restore refuses a directory that is not empty.
-    std::fs::create_dir_all(&args.dest)
-        .with_context(|| format!("cannot create {}", args.dest.display()))?;
-    let bar = crate::progress::Bar::new();
-    let store: &owsfs_store::Store = &t.store;
-    owsfs_local::restore::restore(store, store, &root, &args.dest, &bar)
+    // The restore refuses a directory that is not empty, and leaves nothing half-restored.
+    super::target::restore_into(&t.store, &root, &args.dest)
         .with_context(|| format!("cannot restore generation {n} of {:?}", args.workspace))?;
     println!("{n}");
     Ok(())

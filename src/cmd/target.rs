@@ -95,6 +95,35 @@ pub fn resolve_spec(
     Ok((t, record))
 }
 
+/// Restores tree `root` into `dest` (created, or an existing empty directory) through the
+/// one restore path; on failure nothing half-restored is left: a directory this call made is
+/// removed, an existing one emptied again.
+pub fn restore_into(
+    store: &Store,
+    root: &owsfs_store::BlobRef,
+    dest: &std::path::Path,
+) -> anyhow::Result<()> {
+    let created = !dest.exists();
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let bar = crate::progress::Bar::new();
+    let r = owsfs_local::restore::restore(store, store, root, dest, &bar);
+    if r.is_err() {
+        if created {
+            let _ = std::fs::remove_dir_all(dest);
+        } else if let Ok(rd) = std::fs::read_dir(dest) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
+    r.map(|_| ())
+}
+
 /// A lease holder for a command that briefly holds a workspace's lease (`copy`, `rollback`).
 pub fn cli_holder(what: &str) -> owsfs_store::Holder {
     owsfs_store::Holder {
