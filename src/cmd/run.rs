@@ -189,6 +189,9 @@ fn supervise(
     exited: &Receiver<std::io::Result<ExitStatus>>,
 ) -> anyhow::Result<(ExitStatus, Option<Stopping>)> {
     let ticker = tick(Duration::from_millis(200));
+    // Once the signal thread is gone (its channel disconnected) it is waited on no more: a
+    // disconnected channel would wake the loop at once, over and over.
+    let mut signals = signals.clone();
     let mut stopping: Option<Stopping> = None;
     let mut deadline: Receiver<Instant> = never();
     let mut status_failures = 0u32;
@@ -201,7 +204,10 @@ fn supervise(
                 return Ok((status, stopping));
             }
             recv(signals) -> sig => {
-                let Ok(sig) = sig else { continue };
+                let Ok(sig) = sig else {
+                    signals = never();
+                    continue;
+                };
                 kill(-pgid, sig);
                 if matches!(sig, SIGTERM | SIGINT) && stopping.is_none() {
                     eprintln!("owsfs run: signal {sig} passed to CMD; it has {grace:?} to exit");
