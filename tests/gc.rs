@@ -21,18 +21,6 @@ use stores::TestStore;
 
 const ROUNDS: usize = 100;
 
-fn ok(ws: &Workspace, args: &[&str]) -> String {
-    let out = ws.owsfs(args);
-    assert!(
-        out.status.success(),
-        "owsfs {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        ws.log_tail()
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Rewrites files of `dir` until `stop`, with contents from one of two sets that take turns
 /// every 3 seconds: a set's chunks leave every kept generation, GC condemns and deletes their
 /// packs, and then the same chunks come back, which the writer's deduplication index still
@@ -67,37 +55,30 @@ fn churn(
 
 fn gc_races_writers_readers_and_forks(store: &TestStore) {
     // Writers read the GC runs every 200 ms, so a grace of 1 s is allowed.
-    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
     let mut a = store.workspace("src", &["--commit-interval", "50ms"]);
-    a.env.push(refresh.clone());
+    a.fast_gc();
     a.mount();
     std::fs::write(a.path("base"), noise(300_000, 1)).unwrap();
     let g = a.sync();
-    ok(
-        &a,
-        &["fork", &format!("src@{g}"), "fork", "--store", &a.store],
-    );
+    a.ok(&["fork", &format!("src@{g}"), "fork", "--store", &a.store]);
     // The fork's node hydrates lazily (no prefetch) while it is written.
     let mut b = store.workspace("fork", &["--commit-interval", "50ms", "--prefetch", "0"]);
-    b.env.push(refresh);
+    b.fast_gc();
     b.mount();
     for w in ["src", "fork"] {
-        ok(
-            &a,
-            &[
-                "retention",
-                "--store",
-                &a.store,
-                "--workspace",
-                w,
-                "--keep-all",
-                "2s",
-                "--hourly",
-                "0s",
-                "--daily",
-                "0s",
-            ],
-        );
+        a.ok(&[
+            "retention",
+            "--store",
+            &a.store,
+            "--workspace",
+            w,
+            "--keep-all",
+            "2s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ]);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writers = [
@@ -107,23 +88,20 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
     let mut deleted = 0u64;
     let mut condemned = 0u64;
     for round in 0..ROUNDS {
-        let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+        let out = a.ok(&["gc", "--store", &a.store, "--grace", "1s", "--json"]);
         let r: serde_json::Value = serde_json::from_str(&out).unwrap();
         deleted += r["packs_deleted"].as_u64().unwrap();
         condemned += r["packs_condemned"].as_u64().unwrap();
         if round % 10 == 0 {
             // A reader of the store: HEAD exported whole while GC runs.
             let dest = a.dir.path().join(format!("export-{round}"));
-            ok(
-                &a,
-                &[
-                    "export",
-                    "src@HEAD",
-                    &dest.to_string_lossy(),
-                    "--store",
-                    &a.store,
-                ],
-            );
+            a.ok(&[
+                "export",
+                "src@HEAD",
+                &dest.to_string_lossy(),
+                "--store",
+                &a.store,
+            ]);
             // The lazy node reads a file it may not have fetched yet.
             let _ = std::fs::read(b.path("base")).unwrap();
         }
@@ -144,7 +122,7 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
     b.unmount();
     // One more GC a grace later: the last condemned packs go too.
     std::thread::sleep(Duration::from_millis(1100));
-    ok(&a, &["gc", "--store", &a.store, "--grace", "1s"]);
+    a.ok(&["gc", "--store", &a.store, "--grace", "1s"]);
 
     for (ws, name, want) in [(&a, "src", &want_a), (&b, "fork", &want_b)] {
         let log = {
@@ -174,17 +152,14 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
             );
         }
         let dest = ws.dir.path().join(format!("final-{name}"));
-        ok(
-            ws,
-            &[
-                "restore",
-                "--store",
-                &ws.store,
-                "--workspace",
-                name,
-                &dest.to_string_lossy(),
-            ],
-        );
+        ws.ok(&[
+            "restore",
+            "--store",
+            &ws.store,
+            "--workspace",
+            name,
+            &dest.to_string_lossy(),
+        ]);
         assert_same_tree(&tree(&dest), want, name);
     }
 }
@@ -213,9 +188,8 @@ fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
         return;
     }
     let store = TestStore::file();
-    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
     let mut a = store.workspace("old", &["--commit-interval", "1h"]);
-    a.env.push(refresh.clone());
+    a.fast_gc();
     a.mount();
     for i in 0..4 {
         std::fs::write(a.path(&format!("kept{i}")), noise(150_000, 10 + i)).unwrap();
@@ -228,7 +202,7 @@ fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
     // Another node takes over, replaces every file, and GC runs until the old base's packs
     // are gone.
     let mut b = store.workspace("old", &["--steal", "--force"]);
-    b.env.push(refresh.clone());
+    b.fast_gc();
     b.mount();
     for i in 0..4 {
         std::fs::remove_file(b.path(&format!("kept{i}"))).unwrap();
@@ -236,26 +210,11 @@ fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
     std::fs::write(b.path("other"), b"b\n").unwrap();
     b.sync();
     b.unmount();
-    ok(
-        &a,
-        &[
-            "retention",
-            "--store",
-            &a.store,
-            "--workspace",
-            "old",
-            "--keep-all",
-            "0s",
-            "--hourly",
-            "0s",
-            "--daily",
-            "0s",
-        ],
-    );
+    a.keep_only_newest("old");
     let mut deleted = 0;
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1100));
-        let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+        let out = a.ok(&["gc", "--store", &a.store, "--grace", "1s", "--json"]);
         let r: serde_json::Value = serde_json::from_str(&out).unwrap();
         deleted += r["packs_deleted"].as_u64().unwrap();
     }
@@ -280,19 +239,16 @@ fn recover_of_a_cache_whose_base_was_collected_uploads_everything() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ok(&a, &["drill", "--store", &a.store, "--workspace", "saved"]);
+    a.ok(&["drill", "--store", &a.store, "--workspace", "saved"]);
     let dest = a.dir.path().join("saved");
-    ok(
-        &a,
-        &[
-            "restore",
-            "--store",
-            &a.store,
-            "--workspace",
-            "saved",
-            &dest.to_string_lossy(),
-        ],
-    );
+    a.ok(&[
+        "restore",
+        "--store",
+        &a.store,
+        "--workspace",
+        "saved",
+        &dest.to_string_lossy(),
+    ]);
     assert_same_tree(&tree(&dest), &want, "the recovered fork");
 }
 
@@ -310,24 +266,9 @@ fn the_daemon_collects_on_a_schedule(store: &TestStore) {
             "1s",
         ],
     );
-    a.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    a.fast_gc();
     a.mount();
-    ok(
-        &a,
-        &[
-            "retention",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            "--keep-all",
-            "0s",
-            "--hourly",
-            "0s",
-            "--daily",
-            "0s",
-        ],
-    );
+    a.keep_only_newest("src");
     for i in 0..6 {
         std::fs::write(a.path("f"), noise(120_000, i)).unwrap();
         a.sync();
@@ -337,24 +278,21 @@ fn the_daemon_collects_on_a_schedule(store: &TestStore) {
         s["sync"]["gc"]["report"]["packs_deleted"].as_u64() > Some(0)
     });
     assert!(collected, "no GC deleted anything{}", a.log_tail());
-    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    let text = a.ok(&["status", &a.mp.to_string_lossy()]);
     assert!(text.contains("gc           "), "{text}");
     let want = tree(&a.mp);
     a.sync();
     a.unmount();
-    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+    a.ok(&["drill", "--store", &a.store, "--workspace", "src"]);
     let dest = a.dir.path().join("final");
-    ok(
-        &a,
-        &[
-            "restore",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            &dest.to_string_lossy(),
-        ],
-    );
+    a.ok(&[
+        "restore",
+        "--store",
+        &a.store,
+        "--workspace",
+        "src",
+        &dest.to_string_lossy(),
+    ]);
     assert_same_tree(&tree(&dest), &want, "after the daemon's GCs");
 }
 
@@ -383,24 +321,9 @@ fn a_gc_killed_after_publishing_loses_nothing() {
     }
     let store = TestStore::file();
     let mut a = store.workspace("src", &[]);
-    a.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    a.fast_gc();
     a.mount();
-    ok(
-        &a,
-        &[
-            "retention",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            "--keep-all",
-            "0s",
-            "--hourly",
-            "0s",
-            "--daily",
-            "0s",
-        ],
-    );
+    a.keep_only_newest("src");
     for i in 0..4 {
         std::fs::write(a.path("f"), noise(100_000, i)).unwrap();
         a.sync();
@@ -409,7 +332,7 @@ fn a_gc_killed_after_publishing_loses_nothing() {
     a.unmount();
     std::thread::sleep(Duration::from_millis(1100));
     let mut crash = store.workspace("src", &[]);
-    crash.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    crash.fast_gc();
     crash
         .env
         .push(("OWSFS_CRASH_AT".into(), "gc-after-publish".into()));
@@ -426,21 +349,18 @@ fn a_gc_killed_after_publishing_loses_nothing() {
         "the run record was written"
     );
     std::thread::sleep(Duration::from_millis(1100));
-    let out = ok(&a, &["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+    let out = a.ok(&["gc", "--store", &a.store, "--grace", "1s", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(r["packs_deleted"].as_u64() > Some(0), "{r}");
-    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+    a.ok(&["drill", "--store", &a.store, "--workspace", "src"]);
     let dest = a.dir.path().join("final");
-    ok(
-        &a,
-        &[
-            "restore",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            &dest.to_string_lossy(),
-        ],
-    );
+    a.ok(&[
+        "restore",
+        "--store",
+        &a.store,
+        "--workspace",
+        "src",
+        &dest.to_string_lossy(),
+    ]);
     assert_same_tree(&tree(&dest), &want, "after a crashed GC");
 }

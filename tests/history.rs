@@ -23,19 +23,6 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs owsfs as workspace `ws` would, asserting success; the trimmed stdout.
-fn ok(ws: &Workspace, args: &[&str]) -> String {
-    let out = ws.owsfs(args);
-    assert!(
-        out.status.success(),
-        "owsfs {}: {}{}",
-        args.join(" "),
-        stderr(&out),
-        ws.log_tail()
-    );
-    stdout(&out).trim().to_string()
-}
-
 /// Runs owsfs, asserting failure; the stderr.
 fn refused(ws: &Workspace, args: &[&str]) -> String {
     let out = ws.owsfs(args);
@@ -54,27 +41,21 @@ fn restored(ws: &Workspace, name: &str, at: &str) -> Snapshot {
         .dir
         .path()
         .join(format!("restore-{name}-{}", at.replace(' ', "_")));
-    ok(
-        ws,
-        &[
-            "restore",
-            "--store",
-            &ws.store,
-            "--workspace",
-            name,
-            "--at",
-            at,
-            &dest.to_string_lossy(),
-        ],
-    );
+    ws.ok(&[
+        "restore",
+        "--store",
+        &ws.store,
+        "--workspace",
+        name,
+        "--at",
+        at,
+        &dest.to_string_lossy(),
+    ]);
     tree(&dest)
 }
 
 fn snapshot_names(ws: &Workspace) -> Vec<String> {
-    let out = ok(
-        ws,
-        &["snapshot", "list", "--json", &ws.mp.to_string_lossy()],
-    );
+    let out = ws.ok(&["snapshot", "list", "--json", &ws.mp.to_string_lossy()]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v.as_array()
         .unwrap()
@@ -103,11 +84,12 @@ fn snapshots_name_states(store: &TestStore) {
     write_db(&a.mp, 100);
     let v1 = tree(&a.mp);
     // Named on the mount: the cut is made and durable first (the interval is an hour).
-    let g1: u64 = ok(&a, &["snapshot", "create", "before", &mp])
+    let g1: u64 = a
+        .ok(&["snapshot", "create", "before", &mp])
         .parse()
         .unwrap();
     // The same name for the same state again: accepted (nothing changed).
-    ok(&a, &["snapshot", "create", "before", &mp]);
+    a.ok(&["snapshot", "create", "before", &mp]);
     for bad in ["42", "auto-x", "a/b", "HEAD"] {
         let err = refused(&a, &["snapshot", "create", bad, &mp]);
         assert!(err.contains("invalid snapshot name"), "{bad}: {err}");
@@ -124,19 +106,16 @@ fn snapshots_name_states(store: &TestStore) {
     let err = refused(&a, &["snapshot", "create", "before", &mp]);
     assert!(err.contains("already exists"), "{err}");
     // What changed, from the snapshot to now.
-    let out = ok(
-        &a,
-        &[
-            "diff",
-            "before",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            "--json",
-            "--sqlite",
-        ],
-    );
+    let out = a.ok(&[
+        "diff",
+        "before",
+        "--store",
+        &a.store,
+        "--workspace",
+        "src",
+        "--json",
+        "--sqlite",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let changes: Vec<(String, String)> = v["changes"]
         .as_array()
@@ -167,16 +146,13 @@ fn snapshots_name_states(store: &TestStore) {
         v["sqlite"],
         serde_json::json!([{"path": "app.db", "tables": [{"name": "t", "before": 100, "after": 150}]}])
     );
-    let text = ok(
-        &a,
-        &[
-            "diff",
-            &format!("src@{g1}"),
-            &format!("src@{g2}"),
-            "--store",
-            &a.store,
-        ],
-    );
+    let text = a.ok(&[
+        "diff",
+        &format!("src@{g1}"),
+        &format!("src@{g2}"),
+        "--store",
+        &a.store,
+    ]);
     assert!(text.lines().any(|l| l == "A  notes.txt"), "{text}");
     assert!(text.lines().any(|l| l == "D  src/main.rs"), "{text}");
     let err = refused(&a, &["diff", "before", "--store", &a.store]);
@@ -205,20 +181,17 @@ fn snapshots_name_states(store: &TestStore) {
     );
     assert!(err.contains("no snapshot named \"nope\""), "{err}");
     // A name given offline, at an older state.
-    ok(
-        &a,
-        &[
-            "snapshot",
-            "create",
-            "first",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            "--at",
-            &g1.to_string(),
-        ],
-    );
+    a.ok(&[
+        "snapshot",
+        "create",
+        "first",
+        "--store",
+        &a.store,
+        "--workspace",
+        "src",
+        "--at",
+        &g1.to_string(),
+    ]);
 
     // An automatic snapshot at each handoff; beyond two, the oldest rolls off. Named ones stay.
     a.unmount();
@@ -241,7 +214,7 @@ fn snapshots_name_states(store: &TestStore) {
     want.sort_unstable();
     assert_eq!(got, want);
     // `owsfs log` marks the named generations.
-    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    let log = a.ok(&["log", "--store", &a.store, "--workspace", "src"]);
     let line = log
         .lines()
         .find(|l| l.trim_start().starts_with(&format!("{g1} ")))
@@ -253,7 +226,7 @@ fn snapshots_name_states(store: &TestStore) {
         .find(|r| r["number"].as_u64() == Some(g1))
         .unwrap();
     assert_eq!(entry["snapshots"], serde_json::json!(["before", "first"]));
-    ok(&a, &["snapshot", "delete", "before", &mp]);
+    a.ok(&["snapshot", "delete", "before", &mp]);
     let err = refused(&a, &["snapshot", "delete", "before", &mp]);
     assert!(err.contains("no snapshot named"), "{err}");
     assert!(!snapshot_names(&a).contains(&"before".to_string()));
@@ -301,10 +274,7 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
     let g = a.sync();
 
     // The fork, from the source's newest commit, while the source stays mounted.
-    let fork_name = ok(
-        &a,
-        &["fork", &format!("src@{g}"), "fork", "--store", &a.store],
-    );
+    let fork_name = a.ok(&["fork", &format!("src@{g}"), "fork", "--store", &a.store]);
     assert_eq!(fork_name, "fork");
     let err = refused(&a, &["fork", "src", "fork", "--store", &a.store]);
     assert!(err.contains("already exists"), "{err}");
@@ -344,16 +314,13 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
 
     // Exported as a plain tree, a tar and a tar.zst: the same files, links and modes.
     let out = a.dir.path();
-    ok(
-        &a,
-        &[
-            "export",
-            "fork@HEAD",
-            &out.join("fork-dir").to_string_lossy(),
-            "--store",
-            &a.store,
-        ],
-    );
+    a.ok(&[
+        "export",
+        "fork@HEAD",
+        &out.join("fork-dir").to_string_lossy(),
+        "--store",
+        &a.store,
+    ]);
     assert_same_tree(&tree(&out.join("fork-dir")), &tb, "export to a directory");
     let err = refused(
         &a,
@@ -366,28 +333,22 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
         ],
     );
     assert!(err.contains("not empty"), "{err}");
-    ok(
-        &a,
-        &[
-            "export",
-            "src@HEAD",
-            &out.join("src.tar").to_string_lossy(),
-            "--store",
-            &a.store,
-        ],
-    );
-    ok(
-        &a,
-        &[
-            "export",
-            &g.to_string(),
-            &out.join("base.tar.zst").to_string_lossy(),
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-        ],
-    );
+    a.ok(&[
+        "export",
+        "src@HEAD",
+        &out.join("src.tar").to_string_lossy(),
+        "--store",
+        &a.store,
+    ]);
+    a.ok(&[
+        "export",
+        &g.to_string(),
+        &out.join("base.tar.zst").to_string_lossy(),
+        "--store",
+        &a.store,
+        "--workspace",
+        "src",
+    ]);
     let zst = std::fs::read(out.join("base.tar.zst")).unwrap();
     std::fs::write(out.join("base.tar"), zstd::decode_all(&zst[..]).unwrap()).unwrap();
     for (archive, want) in [("src.tar", &ta), ("base.tar", &base)] {
@@ -427,7 +388,7 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
     assert!(!out.join("n.tar").exists());
 
     // A fork and its source compare like two states of one workspace.
-    let text = ok(&b, &["diff", "src@HEAD", "fork@HEAD", "--store", &b.store]);
+    let text = b.ok(&["diff", "src@HEAD", "fork@HEAD", "--store", &b.store]);
     for want in [
         "D  from-source",
         "D  data/2.bin",
@@ -441,7 +402,7 @@ fn a_fork_goes_its_own_way(store: &TestStore) {
     }
 
     // The log says where the fork came from.
-    let log = ok(&b, &["log", "--store", &b.store, "--workspace", "fork"]);
+    let log = b.ok(&["log", "--store", &b.store, "--workspace", "fork"]);
     assert!(
         log.contains(&format!("is a fork of \"src\" at generation {g}")),
         "{log}"
@@ -504,7 +465,7 @@ fn drills_prove_and_catch(store: &TestStore) {
         r["databases"],
         serde_json::json!([{"path": "app.db", "integrity": "ok"}])
     );
-    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    let log = a.ok(&["log", "--store", &a.store, "--workspace", "src"]);
     assert!(log.contains("[drill ok"), "{log}");
 
     // A byte flipped in the middle of the largest pack.
@@ -525,7 +486,7 @@ fn drills_prove_and_catch(store: &TestStore) {
     assert!(err.contains("FAILED") && err.contains("corrupt"), "{err}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["ok"], false);
-    let log = ok(&a, &["log", "--store", &a.store, "--workspace", "src"]);
+    let log = a.ok(&["log", "--store", &a.store, "--workspace", "src"]);
     assert!(log.contains("[DRILL FAILED"), "{log}");
 
     // Put back, then lost.
@@ -606,7 +567,7 @@ fn the_daemon_drills_on_a_schedule(store: &TestStore) {
         s["sync"]["drill"]["ok"] == true && s["sync"]["drill"]["generation"].as_u64() >= Some(g)
     });
     assert!(drilled, "no drill in the status{}", a.log_tail());
-    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    let text = a.ok(&["status", &a.mp.to_string_lossy()]);
     assert!(text.contains("drill        ok"), "{text}");
     // Lose every pack: the next drill fails, loudly.
     for k in store.keys("packs/") {
@@ -616,7 +577,7 @@ fn the_daemon_drills_on_a_schedule(store: &TestStore) {
         a.status_json(false)["sync"]["drill"]["ok"] == false
     });
     assert!(failed, "no failed drill in the status{}", a.log_tail());
-    let text = ok(&a, &["status", &a.mp.to_string_lossy()]);
+    let text = a.ok(&["status", &a.mp.to_string_lossy()]);
     assert!(text.contains("DRILL FAILED"), "{text}");
     assert!(a.log_tail().contains("FAILED"), "{}", a.log_tail());
     a.unmount();
@@ -653,11 +614,11 @@ fn copy_between_stores(cloud: &TestStore) {
         std::fs::write(a.path(&format!("src/{i}.bin")), noise(200_000, 40 + i)).unwrap();
     }
     write_db(&a.mp, 100);
-    ok(&a, &["snapshot", "create", "v1", &a.mp.to_string_lossy()]);
+    a.ok(&["snapshot", "create", "v1", &a.mp.to_string_lossy()]);
     let v1 = tree(&a.mp);
     a.unmount();
     let copy = |from: &str, to: &str| -> serde_json::Value {
-        serde_json::from_str(&ok(&a, &["copy", from, to, "--json"])).unwrap()
+        serde_json::from_str(&a.ok(&["copy", from, to, "--json"])).unwrap()
     };
     let src = format!("{}#proj", laptop.url);
     let first = copy(&src, &cloud.url);
@@ -682,7 +643,7 @@ fn copy_between_stores(cloud: &TestStore) {
     let c = cloud.workspace("proj", &[]);
     c.mount();
     assert_same_tree(&tree(&c.mp), &v2, "the copy");
-    let snaps = ok(&c, &["snapshot", "list", &c.mp.to_string_lossy()]);
+    let snaps = c.ok(&["snapshot", "list", &c.mp.to_string_lossy()]);
     assert!(snaps.contains("v1"), "{snaps}");
     std::fs::write(c.path("from-cloud"), b"cloud\n").unwrap();
     let v3 = tree(&c.mp);
@@ -715,10 +676,7 @@ fn copy_between_stores(cloud: &TestStore) {
     d.mount();
     assert_same_tree(&tree(&d.mp), &v1, "one state copied");
     d.unmount();
-    ok(
-        &d,
-        &["drill", "--store", &cloud.url, "--workspace", "proj-v1"],
-    );
+    d.ok(&["drill", "--store", &cloud.url, "--workspace", "proj-v1"]);
 }
 
 #[test]
@@ -741,9 +699,8 @@ fn copy_between_stores_seaweedfs() {
 /// they keep showing their generation while the writer commits and GC runs (their pins hold
 /// it), they hydrate lazily from it, and their pins go with them.
 fn read_only_mounts_beside_the_writer(store: &TestStore) {
-    let refresh = ("OWSFS_GC_REFRESH".to_string(), "200ms".to_string());
     let mut a = store.workspace("src", &["--commit-interval", "50ms"]);
-    a.env.push(refresh.clone());
+    a.fast_gc();
     a.mount();
     std::fs::create_dir(a.path("d")).unwrap();
     for i in 0..5 {
@@ -751,20 +708,17 @@ fn read_only_mounts_beside_the_writer(store: &TestStore) {
     }
     std::os::unix::fs::symlink("d/0.bin", a.path("link")).unwrap();
     let v1 = tree(&a.mp);
-    ok(
-        &a,
-        &["snapshot", "create", "first", &a.mp.to_string_lossy()],
-    );
+    a.ok(&["snapshot", "create", "first", &a.mp.to_string_lossy()]);
     let mut ro1 = store.workspace("src", &["--at", "first", "--prefetch", "0"]);
-    ro1.env.push(refresh.clone());
+    ro1.fast_gc();
     ro1.mount();
     let mut ro2 = store.workspace("src", &["--read-only", "--prefetch", "0"]);
-    ro2.env.push(refresh.clone());
+    ro2.fast_gc();
     ro2.mount();
     assert_eq!(store.keys("workspaces/src/pins/").len(), 2);
     let status = ro1.status_json(false);
     assert!(status["read_only_at"].as_u64().is_some(), "{status}");
-    let text = ok(&ro1, &["status", &ro1.mp.to_string_lossy()]);
+    let text = ro1.ok(&["status", &ro1.mp.to_string_lossy()]);
     assert!(text.contains("read-only    generation"), "{text}");
 
     // Every kind of write is refused.
@@ -801,29 +755,11 @@ fn read_only_mounts_beside_the_writer(store: &TestStore) {
         std::fs::write(a.path(&format!("new{i}")), noise(50_000, 90 + i)).unwrap();
         a.sync();
     }
-    ok(
-        &a,
-        &[
-            "retention",
-            "--store",
-            &a.store,
-            "--workspace",
-            "src",
-            "--keep-all",
-            "0s",
-            "--hourly",
-            "0s",
-            "--daily",
-            "0s",
-        ],
-    );
-    ok(
-        &a,
-        &["snapshot", "delete", "first", &a.mp.to_string_lossy()],
-    );
+    a.keep_only_newest("src");
+    a.ok(&["snapshot", "delete", "first", &a.mp.to_string_lossy()]);
     for _ in 0..3 {
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        ok(&a, &["gc", "--store", &a.store, "--grace", "1s"]);
+        a.ok(&["gc", "--store", &a.store, "--grace", "1s"]);
     }
     assert_same_tree(&tree(&ro1.mp), &v1, "the read-only mount of `first`");
     assert_same_tree(
@@ -863,7 +799,7 @@ fn rollback_and_undo(store: &TestStore) {
     a.mount();
     std::fs::write(a.path("a"), b"v1\n").unwrap();
     write_db(&a.mp, 10);
-    ok(&a, &["snapshot", "create", "good", &a.mp.to_string_lossy()]);
+    a.ok(&["snapshot", "create", "good", &a.mp.to_string_lossy()]);
     let v1 = tree(&a.mp);
     std::fs::write(a.path("a"), b"v2 (bad)\n").unwrap();
     std::fs::write(a.path("junk"), b"junk\n").unwrap();
@@ -911,7 +847,7 @@ fn rollback_and_undo(store: &TestStore) {
     std::fs::write(a.path("after"), b"goes on\n").unwrap();
     a.sync();
     a.unmount();
-    ok(&a, &["drill", "--store", &a.store, "--workspace", "src"]);
+    a.ok(&["drill", "--store", &a.store, "--workspace", "src"]);
 }
 
 #[test]

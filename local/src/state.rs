@@ -383,21 +383,17 @@ impl LocalState {
             .optional()?)
     }
 
-    /// Where blob `id` is in the store (a `BlobRef` as JSON), for deduplication; never in a
-    /// pack a GC condemned ([`LocalState::set_condemned`]).
-    pub fn chunk(&self, id: &[u8; 32]) -> anyhow::Result<Option<Vec<u8>>> {
+    /// Where blob `id` is in the store, for deduplication: never in a pack a GC condemned
+    /// ([`LocalState::set_condemned`]), and `None` for a row that does not decode or names
+    /// another blob.
+    pub fn chunk(&self, id: &[u8; 32]) -> anyhow::Result<Option<owsfs_store::BlobRef>> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT loc FROM chunks WHERE id = ?1")?;
         let loc: Option<Vec<u8>> = stmt.query_row([&id[..]], |r| r.get(0)).optional()?;
-        if !self.condemned.is_empty()
-            && let Some(l) = &loc
-            && let Ok(r) = serde_json::from_slice::<owsfs_store::BlobRef>(l)
-            && self.condemned.contains(&r.pack)
-        {
-            return Ok(None);
-        }
-        Ok(loc)
+        Ok(loc
+            .and_then(|l| serde_json::from_slice::<owsfs_store::BlobRef>(&l).ok())
+            .filter(|r| r.id.0 == *id && !self.condemned.contains(&r.pack)))
     }
 
     /// The packs a GC condemned (`owsfs_store::gc::GcWatch`): deduplication avoids them.
@@ -561,6 +557,12 @@ mod tests {
         let path = dir.path().join("state.db");
         let mut s = LocalState::open(&path).unwrap();
         assert_eq!(s.base().unwrap(), None);
+        let loc = owsfs_store::BlobRef {
+            id: owsfs_store::BlobId([2; 32]),
+            pack: owsfs_store::PackId([9; 32]),
+            offset: 16,
+            len: 4,
+        };
         let base = Base {
             generation: 3,
             epoch: 1,
@@ -574,7 +576,7 @@ mod tests {
                     (6, Kind::Dir, b"c6".to_vec()),
                 ],
                 blobs: vec![([1; 32], b"tree".to_vec())],
-                chunks: vec![([2; 32], b"loc".to_vec())],
+                chunks: vec![([2; 32], serde_json::to_vec(&loc).unwrap())],
                 totals: vec![(
                     [3; 32],
                     Totals {
@@ -592,7 +594,16 @@ mod tests {
         assert_eq!(s.base().unwrap(), Some(base.clone()));
         assert_eq!(s.node(5), Some((Kind::File, b"c5".to_vec())));
         assert_eq!(s.blob(&[1; 32]).unwrap(), Some(b"tree".to_vec()));
-        assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(b"loc".to_vec()));
+        assert_eq!(s.chunk(&[2; 32]).unwrap(), Some(loc));
+        // A pack a GC condemned is not offered for deduplication.
+        s.set_condemned([loc.pack].into_iter().collect());
+        assert_eq!(s.chunk(&[2; 32]).unwrap(), None);
+        s.set_condemned(Default::default());
+        assert_eq!(
+            s.purge_chunks(&[loc.pack].into_iter().collect()).unwrap(),
+            1
+        );
+        assert_eq!(s.chunk(&[2; 32]).unwrap(), None);
         assert_eq!(s.totals(&[3; 32]).unwrap().map(|t| t.bytes), Some(3));
         s.commit(
             &base,

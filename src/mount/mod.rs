@@ -211,6 +211,25 @@ pub struct ServiceOptions {
     pub serving: bool,
 }
 
+impl ServiceOptions {
+    /// A serving mount's: `-o` and the mount's flags, with the agent's `sync` options.
+    pub fn serving(opts: &MountOpts, o: &MountOptions, sync: SyncOptions) -> ServiceOptions {
+        ServiceOptions {
+            sync,
+            core: CoreOptions {
+                passthrough: o.passthrough,
+                inode_budget: background::inode_budget(o.max_inodes),
+                side_dir: None,
+            },
+            prefetch: PrefetchOptions {
+                workers: opts.prefetch,
+                bandwidth: opts.prefetch_bandwidth,
+            },
+            serving: true,
+        }
+    }
+}
+
 /// Phase 5: the hydrator, the core and the sync agent. Their threads start with
 /// [`Services::run`]; dropping the services stops every thread they started.
 pub struct Services {
@@ -598,7 +617,6 @@ pub fn serve(
     // file:// store, which must not become writable by everyone. New nodes get exactly the
     // mode the kernel sends (the core restores bits the umask took, see fuse/src/core.rs).
     let open = OpenCache::open(cache_dir)?;
-    let inode_budget = background::inode_budget(o.max_inodes);
 
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
@@ -629,23 +647,15 @@ pub fn serve(
         &ws,
         Some(&lease),
         prepared,
-        ServiceOptions {
-            sync: SyncOptions {
+        ServiceOptions::serving(
+            opts,
+            o,
+            SyncOptions {
                 commit_interval: opts.commit_interval,
                 max_lag: opts.max_lag,
                 max_lag_bytes: opts.max_lag_bytes,
             },
-            core: CoreOptions {
-                passthrough: o.passthrough,
-                inode_budget,
-                side_dir: None,
-            },
-            prefetch: PrefetchOptions {
-                workers: opts.prefetch,
-                bandwidth: opts.prefetch_bandwidth,
-            },
-            serving: true,
-        },
+        ),
     )?;
     let PreparedRest {
         cache,

@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::{Sender, select};
-use owsfs_fuse::CoreOptions;
-use owsfs_hydrate::prefetch::PrefetchOptions;
 use owsfs_store::{GenRef, GenerationRecord, Store, Workspace};
 use owsfs_sync::SyncOptions;
 
@@ -168,23 +166,16 @@ pub fn serve(
             head: record.number,
             previous_sqlite,
         },
-        ServiceOptions {
-            sync: SyncOptions {
+        // Its agent has nothing to commit: the kernel refuses every write.
+        ServiceOptions::serving(
+            opts,
+            &o,
+            SyncOptions {
                 commit_interval: Duration::from_secs(86_400),
                 max_lag: Duration::from_secs(86_400),
                 max_lag_bytes: u64::MAX,
             },
-            core: CoreOptions {
-                passthrough: o.passthrough,
-                inode_budget: super::background::inode_budget(o.max_inodes),
-                side_dir: None,
-            },
-            prefetch: PrefetchOptions {
-                workers: opts.prefetch,
-                bandwidth: opts.prefetch_bandwidth,
-            },
-            serving: true,
-        },
+        ),
     )?;
     let PreparedRest {
         cache,

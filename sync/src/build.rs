@@ -82,10 +82,7 @@ impl Packer<'_> {
         if let Some(r) = self.added.get(&id) {
             return Ok(*r);
         }
-        if let Ok(Some(loc)) = self.local.chunk(&id.0)
-            && let Ok(r) = serde_json::from_slice::<BlobRef>(&loc)
-            && r.id == id
-        {
+        if let Ok(Some(r)) = self.local.chunk(&id.0) {
             self.added.insert(id, r);
             self.used.insert(r.pack);
             return Ok(r);

@@ -143,6 +143,43 @@ impl Workspace {
         }
     }
 
+    /// Runs owsfs as this workspace would, asserting success; the trimmed stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.owsfs(args);
+        assert!(
+            out.status.success(),
+            "owsfs {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Sets workspace `name`'s retention (in this workspace's store) to the newest generation
+    /// only, so that a GC prunes everything else once it is older than the grace.
+    pub fn keep_only_newest(&self, name: &str) {
+        self.ok(&[
+            "retention",
+            "--store",
+            &self.store,
+            "--workspace",
+            name,
+            "--keep-all",
+            "0s",
+            "--hourly",
+            "0s",
+            "--daily",
+            "0s",
+        ]);
+    }
+
+    /// Writers (and `owsfs gc`) of this workspace read the GC runs every 200 ms, so that a
+    /// test may collect with a grace of 1 s.
+    pub fn fast_gc(&mut self) {
+        self.env.push(("OWSFS_GC_REFRESH".into(), "200ms".into()));
+    }
+
     /// Runs owsfs with this workspace's environment.
     pub fn owsfs(&self, args: &[&str]) -> Output {
         Command::new(OWSFS)
