@@ -814,8 +814,6 @@ fn rollback_and_undo(store: &TestStore) {
     let out = run("good");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unmount it first"));
-    let out = a.owsfs(&["rollback", &a.mp.to_string_lossy(), "good"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
     a.unmount();
 
     let out = run("good");

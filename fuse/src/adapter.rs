@@ -223,6 +223,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _serving = self.core.serving();
         match self.core.lookup(fuse_ino(parent), name) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) if e.to_errno() == libc::ENOENT && !self.opts.negative_ttl.is_zero() => {
@@ -245,6 +246,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _serving = self.core.serving();
         match self.core.getattr(fuse_ino(ino)) {
             Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             Err(e) => fail!(self, reply, "getattr", e),
@@ -269,6 +271,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _serving = self.core.serving();
         let set = SetAttr {
             mode,
             uid,
@@ -287,6 +290,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _serving = self.core.serving();
         match self.core.readlink(fuse_ino(ino)) {
             Ok(target) => reply.data(&target),
             Err(e) => fail!(self, reply, "readlink", e),
@@ -303,6 +307,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.core.serving();
         match self
             .core
             .mknod(fuse_ino(parent), name, mode, rdev, caller(req))
@@ -321,6 +326,7 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.core.serving();
         match self.core.mkdir(fuse_ino(parent), name, mode, caller(req)) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "mkdir", e),
@@ -328,6 +334,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.core.serving();
         match self.core.unlink(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "unlink", e),
@@ -335,6 +342,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.core.serving();
         match self.core.rmdir(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "rmdir", e),
@@ -349,6 +357,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _serving = self.core.serving();
         match self
             .core
             .symlink(fuse_ino(parent), link_name, target, caller(req))
@@ -368,6 +377,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.rename(
             fuse_ino(parent),
             name,
@@ -388,6 +398,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _serving = self.core.serving();
         match self.core.link(fuse_ino(ino), fuse_ino(newparent), newname) {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "link", e),
@@ -395,6 +406,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _serving = self.core.serving();
         let (handle, fh) = match self.core.open(fuse_ino(ino), flags.0, req.uid() != 0) {
             Ok(h) => h,
             Err(e) => return fail!(self, reply, "open", e),
@@ -433,6 +445,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _serving = self.core.serving();
         let (entry, handle, fh) =
             match self
                 .core
@@ -482,6 +495,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _serving = self.core.serving();
         match self.core.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => fail!(self, reply, "read", e),
@@ -500,6 +514,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _serving = self.core.serving();
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self.core.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
@@ -515,6 +530,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "flush", e),
@@ -531,6 +547,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.release(fh.0) {
             Ok(mode) => {
                 if mode == IoMode::Passthrough {
@@ -550,6 +567,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsync", e),
@@ -557,6 +575,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _serving = self.core.serving();
         match self.core.opendir(fuse_ino(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => fail!(self, reply, "opendir", e),
@@ -571,6 +590,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _serving = self.core.serving();
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdir", e),
@@ -592,6 +612,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _serving = self.core.serving();
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdirplus", e),
@@ -645,6 +666,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -657,6 +679,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.fsyncdir(fuse_ino(ino), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsyncdir", e),
@@ -664,6 +687,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _serving = self.core.serving();
         match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -689,6 +713,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.setxattr(fuse_ino(ino), name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "setxattr", e),
@@ -696,6 +721,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _serving = self.core.serving();
         match self.core.getxattr(fuse_ino(ino), name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -704,6 +730,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _serving = self.core.serving();
         match self.core.listxattr(fuse_ino(ino), size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -712,6 +739,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.core.serving();
         match self.core.removexattr(fuse_ino(ino), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "removexattr", e),
@@ -719,6 +747,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _serving = self.core.serving();
         match self.core.access(fuse_ino(ino), mask.bits(), caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "access", e),
@@ -735,6 +764,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.core.serving();
         match self.core.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fallocate", e),
@@ -750,6 +780,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _serving = self.core.serving();
         if self.opts.writeback_cache {
             // Dirty pages in the kernel are invisible to the backing file, so its holes would
             // lie. ENOSYS makes the kernel answer itself (all data, the hole at the end).
@@ -772,6 +803,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let _serving = self.core.serving();
         reply.error(refuse_ioctl(&self.ioctl_refused, fuse_ino(ino), cmd));
     }
 
@@ -788,6 +820,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _serving = self.core.serving();
         match self
             .core
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

@@ -50,6 +50,7 @@ impl FsError {
                 | libc::ENOTDIR
                 | libc::EISDIR
                 | libc::EINVAL
+                | libc::ESTALE
                 | libc::ENAMETOOLONG
                 | libc::EXDEV
                 | libc::ENXIO

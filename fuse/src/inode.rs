@@ -33,6 +33,9 @@ pub(crate) struct OpenCounts {
 pub struct Inode {
     pub ino: FuseIno,
     pub kind: NodeKind,
+    /// The table's era when this inode entered it: an inode of an earlier era belongs to a
+    /// tree a live rollback replaced ([`InodeTable::next_era`]).
+    pub(crate) era: u64,
     pub(crate) fd: OwnedFd,
     nlookup: AtomicU64,
     /// Tick of the table's clock at the last lookup: the oldest go first when the table must
@@ -73,6 +76,8 @@ pub struct InodeTable {
     clock: AtomicU64,
     /// Entries in `map`, kept alongside it so that counting costs no shard locks.
     count: std::sync::atomic::AtomicUsize,
+    /// Raised by a live rollback: inodes of earlier eras are stale (ESTALE), the root aside.
+    era: AtomicU64,
 }
 
 impl InodeTable {
@@ -87,6 +92,7 @@ impl InodeTable {
             Arc::new(Inode {
                 ino: ROOT_INO,
                 kind: NodeKind::Dir,
+                era: 0,
                 fd: root_fd,
                 // The root is never forgotten.
                 nlookup: AtomicU64::new(1 << 62),
@@ -101,7 +107,42 @@ impl InodeTable {
             inos: InoMap::new(root_backing_ino),
             clock: AtomicU64::new(0),
             count: std::sync::atomic::AtomicUsize::new(1),
+            era: AtomicU64::new(0),
         }
+    }
+
+    /// The current era.
+    pub fn era(&self) -> u64 {
+        self.era.load(Ordering::Acquire)
+    }
+
+    /// Whether `inode` belongs to the current tree. The root always does: a live rollback
+    /// keeps the backing root and replaces what is below it.
+    pub(crate) fn is_current(&self, inode: &Inode) -> bool {
+        inode.ino == ROOT_INO || inode.era == self.era()
+    }
+
+    /// Starts a new era (a live rollback replaced the tree below the root): every inode the
+    /// table holds, the root aside, becomes stale. They stay until the kernel forgets them,
+    /// so their backing inodes (and numbers) stay taken meanwhile. Returns the names the
+    /// kernel may hold in the root, for invalidation.
+    pub(crate) fn next_era(&self) -> Vec<OsString> {
+        self.era.fetch_add(1, Ordering::AcqRel);
+        let mut names = Vec::new();
+        for entry in self.map.iter() {
+            let inode = entry.value();
+            if inode.ino == ROOT_INO {
+                continue;
+            }
+            // Their names are the old tree's: a write through an old inode must not be
+            // recorded at a path of the new one.
+            if let Some((parent, name)) = inode.loc.lock().take()
+                && parent == ROOT_INO
+            {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// How this table's FUSE and backing inode numbers map to each other.
@@ -170,6 +211,7 @@ impl InodeTable {
                 let inode = Arc::new(Inode {
                     ino,
                     kind,
+                    era: self.era(),
                     fd,
                     nlookup: AtomicU64::new(1),
                     last_used: AtomicU64::new(self.tick()),

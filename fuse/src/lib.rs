@@ -46,15 +46,38 @@ pub struct MountSettings {
     pub read_only: bool,
 }
 
+/// Asks the kernel to drop every cached name of the mount at once (FUSE_NOTIFY_INC_EPOCH,
+/// Linux 6.16): each cached entry, negative ones too, is looked up again before its next use.
+/// fuser has no call for it, so it is written to a descriptor of the session's `/dev/fuse`.
+pub struct EpochNotifier(std::os::fd::OwnedFd);
+
+impl EpochNotifier {
+    /// Sends the notification; an error (EINVAL from an older kernel) says it was not taken.
+    pub fn inc_epoch(&self) -> io::Result<()> {
+        /// `fuse_notify_code::FUSE_NOTIFY_INC_EPOCH` (protocol 7.44).
+        const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+        // struct fuse_out_header { u32 len; i32 error (the code); u64 unique (0) }.
+        let mut msg = [0u8; 16];
+        msg[..4].copy_from_slice(&16u32.to_ne_bytes());
+        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        let n = rustix::io::write(&self.0, &msg)?;
+        if n != msg.len() {
+            return Err(io::Error::other("short write of a notification"));
+        }
+        Ok(())
+    }
+}
+
 /// Mounts `core` at `mountpoint` as filesystem type `fuse.owsfs`; the returned session is
 /// mounted and initialised (the kernel's INIT has been answered), so the mount is ready when
-/// this returns. On any failure nothing stays mounted.
+/// this returns. On any failure nothing stays mounted. With it, when the daemon holds
+/// `/dev/fuse` itself (root), a way to drop every cached name ([`EpochNotifier`]).
 pub fn mount(
     core: Arc<Core>,
     adapter: AdapterOptions,
     mountpoint: &Path,
     settings: &MountSettings,
-) -> io::Result<fuser::Session<FuseAdapter>> {
+) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
     use rustix::mount::MountFlags as F;
     let root = rustix::process::geteuid().is_root();
     let mut config = fuser::Config::default();
@@ -75,7 +98,7 @@ pub fn mount(
             fuser::MountOption::Subtype("owsfs".into()),
             fuser::MountOption::DefaultPermissions,
         ];
-        return fuser::Session::new(adapter, mountpoint, &config);
+        return fuser::Session::new(adapter, mountpoint, &config).map(|s| (s, None));
     }
 
     let mut flags = F::NOSUID | F::NODEV | F::NOATIME;
@@ -129,8 +152,9 @@ pub fn mount(
             format!("mount(2) of fuse.owsfs failed: {e}"),
         )
     })?;
+    let epoch = dev.try_clone().ok().map(|d| EpochNotifier(d.into()));
     match fuser::Session::from_fd(adapter, std::os::fd::OwnedFd::from(dev), config.acl, config) {
-        Ok(session) => Ok(session),
+        Ok(session) => Ok((session, epoch)),
         Err(e) => {
             let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
             Err(e)

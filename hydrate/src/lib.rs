@@ -202,7 +202,7 @@ pub struct Hydrator {
     missing_files: AtomicI64,
     missing_bytes: AtomicI64,
     counters_unsaved: AtomicBool,
-    generation: u64,
+    generation: AtomicU64,
     fetched_bytes: AtomicU64,
     fetches: AtomicU64,
     window: Mutex<VecDeque<(Instant, u64)>>,
@@ -262,7 +262,7 @@ impl Hydrator {
             total_bytes: AtomicU64::new(meta("hyd_total_bytes")? as u64),
             missing_files: AtomicI64::new(meta("hyd_missing_files")?),
             missing_bytes: AtomicI64::new(meta("hyd_missing_bytes")?),
-            generation: meta("hyd_generation")? as u64,
+            generation: AtomicU64::new(meta("hyd_generation")? as u64),
             db: Mutex::new(conn),
             root,
             root_ino,
@@ -287,6 +287,44 @@ impl Hydrator {
         let h = Arc::new(h);
         h.update_active();
         Ok(h)
+    }
+
+    /// Loads the hydration state again, after the cache was made a lazy copy of another
+    /// generation below the same backing root (a live rollback). Whatever this hydrator knew
+    /// goes, the paths opened included (they named the old tree). The caller makes sure no
+    /// fetch, materialization or save runs meanwhile (the prefetch and the saver stopped,
+    /// kernel requests held back, the sync agent's cache state locked).
+    pub fn reload(&self, dirty: &DirtyState) -> anyhow::Result<()> {
+        self.files.clear();
+        self.dirs.clear();
+        self.links.lock().clear();
+        self.unsaved.lock().clear();
+        self.access.lock().clear();
+        self.counters_unsaved.store(false, Ordering::Relaxed);
+        {
+            let db = self.db.lock();
+            let meta = |k: &str| -> i64 {
+                db.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
+                    r.get::<_, String>(0)
+                })
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+            };
+            self.total_files
+                .store(meta("hyd_total_files") as u64, Ordering::Relaxed);
+            self.total_bytes
+                .store(meta("hyd_total_bytes") as u64, Ordering::Relaxed);
+            self.missing_files
+                .store(meta("hyd_missing_files"), Ordering::Relaxed);
+            self.missing_bytes
+                .store(meta("hyd_missing_bytes"), Ordering::Relaxed);
+            self.generation
+                .store(meta("hyd_generation") as u64, Ordering::Relaxed);
+        }
+        self.load(dirty)?;
+        self.update_active();
+        Ok(())
     }
 
     fn load(&self, dirty: &DirtyState) -> anyhow::Result<()> {

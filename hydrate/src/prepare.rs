@@ -2,7 +2,7 @@
 //! clean) cache a lazy copy of the newest generation (`src/hydrate/`).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use owsfs_journal::Journal;
@@ -131,7 +131,8 @@ pub fn prepare_base(
     let Some(warm) = restore_head else {
         return Ok((sqlite, head));
     };
-    lazy_restore(ws, local, cache, &record, warm)?;
+    remove_leftovers(&cache.root)?;
+    lazy_restore(ws, local, &cache.backing, &record, warm)?;
     Ok((sqlite, head))
 }
 
@@ -171,7 +172,10 @@ pub fn prepare_read_only(
             "the cache {} already holds files: mount on a new --cache",
             cache.root.display()
         ),
-        _ => lazy_restore(ws, local, cache, record, base.is_some())?,
+        _ => {
+            remove_leftovers(&cache.root)?;
+            lazy_restore(ws, local, &cache.backing, record, base.is_some())?
+        }
     }
     local.set_meta("workspace", ws.name())?;
     local.set_meta("store", store_url)?;
@@ -185,7 +189,7 @@ pub fn prepare_read_only(
 fn lazy_restore(
     ws: &Workspace,
     local: &mut LocalState,
-    cache: &Cache,
+    backing: &Path,
     record: &owsfs_store::GenerationRecord,
     warm: bool,
 ) -> anyhow::Result<()> {
@@ -194,20 +198,14 @@ fn lazy_restore(
         bail!("generation {h} of workspace {:?} has no tree", ws.name());
     };
     let started = std::time::Instant::now();
-    for leftover in ["restore.tmp", "backing.old"] {
-        let p = cache.root.join(leftover);
-        if p.exists() {
-            fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
-        }
-    }
-    let root_dir = fs::File::open(&cache.backing)
-        .with_context(|| format!("open {}", cache.backing.display()))?;
+    let root_dir =
+        fs::File::open(backing).with_context(|| format!("open {}", backing.display()))?;
     let root_handle =
         owsfs_local::handle::of(root_dir.as_fd(), Path::new("")).with_context(|| {
             format!(
                 "cannot take a file handle of {} (lazy hydration needs a filesystem with \
                  file handles, and root)",
-                cache.backing.display()
+                backing.display()
             )
         })?;
     let root_ino = root_dir.metadata()?.ino();
@@ -256,6 +254,83 @@ fn lazy_restore(
     Ok(())
 }
 
+/// What interrupted work left in the cache directory (a restore, a set-aside backing, the
+/// old trees of live rollbacks): removed before the cache is prepared.
+fn remove_leftovers(cache_root: &Path) -> anyhow::Result<()> {
+    for leftover in ["restore.tmp", "backing.old", TRASH] {
+        let p = cache_root.join(leftover);
+        if p.exists() {
+            fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a live rollback puts the old tree (`CACHE/rollback.trash/N`).
+pub const TRASH: &str = "rollback.trash";
+
+/// A live rollback's rebase: the cache, whose journal is clean and which holds generation
+/// `record`'s parent, becomes a lazy copy of `record` below the same backing root (whose
+/// inode, and so the mount's root, stays). First the cache's state (the root pending, nothing
+/// else known: a crash from here on materializes the root afresh), then every old entry of
+/// the root is moved into `CACHE/rollback.trash/N`, so nothing of the old tree is reachable
+/// from the root; open files keep their inodes there. Returns that directory, for
+/// [`remove_trash`] once the new tree serves. The caller materializes the root.
+pub fn rebase_live(
+    ws: &Workspace,
+    local: &mut LocalState,
+    cache_root: &Path,
+    backing: &Path,
+    record: &owsfs_store::GenerationRecord,
+) -> anyhow::Result<PathBuf> {
+    lazy_restore(ws, local, backing, record, false)?;
+    let trash = cache_root.join(TRASH).join(record.number.to_string());
+    fs::create_dir_all(&trash).with_context(|| format!("create {}", trash.display()))?;
+    let root = fs::File::open(backing).with_context(|| format!("open {}", backing.display()))?;
+    let root = rustix::fs::openat(
+        root.as_fd(),
+        c".",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let into = fs::File::open(&trash).with_context(|| format!("open {}", trash.display()))?;
+    for entry in fs::read_dir(backing).with_context(|| format!("list {}", backing.display()))? {
+        let name = entry?.file_name();
+        match rustix::fs::renameat(&root, name.as_os_str(), into.as_fd(), name.as_os_str()) {
+            Ok(()) => {}
+            // The backing directory is a file system of its own: removed in place (slower).
+            Err(rustix::io::Errno::XDEV) => {
+                let path = backing.join(&name);
+                let r = if path.symlink_metadata()?.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                r.with_context(|| format!("remove {}", path.display()))?;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("move {} aside", backing.join(&name).display()));
+            }
+        }
+    }
+    Ok(trash)
+}
+
+/// Removes the old tree a live rollback set aside (in the background: it can be large).
+pub fn remove_trash(trash: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("owsfs-trash".into())
+        .spawn(move || {
+            if let Err(e) = fs::remove_dir_all(&trash) {
+                tracing::warn!("cannot remove {}: {e}", trash.display());
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the thread that removes the old tree: {e}");
+    }
+}
+
 /// Whether the cache's unsynced changes must be set aside before mounting: the store has a
 /// newer commit than the cache's base, written by another node (a takeover), while the cache
 /// still has changes that are not in the store. They are never merged. Returns why.
@@ -292,6 +367,13 @@ fn own_commit(
     ws: &Workspace,
     r: &owsfs_store::GenerationRecord,
 ) -> anyhow::Result<bool> {
+    // A live rollback committed it and died before the cache became its copy: the cache
+    // still holds the tree it replaced, which the journal does not turn into this one.
+    if let Some(rb) = local.meta("rollback")?
+        && rb.split_once(' ').map(|(n, _)| n) == Some(r.number.to_string().as_str())
+    {
+        return Ok(false);
+    }
     if local
         .meta("lease_epoch")?
         .and_then(|e| e.parse::<u64>().ok())

@@ -37,7 +37,7 @@ impl Hydrator {
             fetches: self.fetches.load(Ordering::Relaxed),
             rate,
             done,
-            generation: self.generation,
+            generation: self.generation.load(Ordering::Relaxed),
         }
     }
 

@@ -353,7 +353,7 @@ impl LocalState {
         }
         tx.execute_batch(
             "DELETE FROM nodes; DELETE FROM hyd_files; DELETE FROM hyd_dirs;
-             DELETE FROM hyd_links; DELETE FROM meta WHERE key = 'pending';",
+             DELETE FROM hyd_links; DELETE FROM meta WHERE key IN ('pending', 'rollback');",
         )?;
         tx.execute(
             "INSERT INTO hyd_dirs (ino, handle, node) VALUES (?1, ?2, ?3)",

@@ -1,5 +1,6 @@
-//! `owsfs rollback --workspace W REF`: a new generation whose tree is REF's, after an
-//! automatic snapshot of the state it replaces (undo: roll back to that snapshot). The
+//! `owsfs rollback [MOUNTPOINT] REF`: a new generation whose tree is REF's, after an
+//! automatic snapshot of the state it replaces (undo: roll back to that snapshot). On a
+//! MOUNTPOINT, the daemon does it live (`mount/rollback.rs`); with `--workspace`, the
 //! workspace must not be mounted.
 
 use std::path::PathBuf;
@@ -12,8 +13,8 @@ use super::target::{self, WorkspaceArgs};
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
     /// The state to go back to: a generation number, a snapshot name, `10m ago`, an RFC 3339
-    /// time. With two arguments, the first is the MOUNTPOINT of a live mount (not supported
-    /// yet: unmount it first).
+    /// time. With two arguments, the first is the MOUNTPOINT of a live mount: its tree
+    /// changes at once (files open before see ESTALE; SEMANTICS.md, "Rollback").
     #[arg(num_args = 1..=2, required = true, value_name = "[MOUNTPOINT] REF")]
     pub args: Vec<String>,
     #[command(flatten)]
@@ -21,6 +22,10 @@ pub struct RollbackArgs {
     /// Automatic snapshots to keep (one is taken before the rollback).
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub keep_snapshots: usize,
+    /// On a mount: how long everything written before the rollback may take to reach the
+    /// store.
+    #[arg(long, default_value = "5m", value_parser = crate::args::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
@@ -30,12 +35,21 @@ pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
         _ => unreachable!("clap takes one or two"),
     };
     if let Some(mp) = &mountpoint {
-        anyhow::bail!(
-            "a rollback of a live mount is not supported yet: unmount {} (`owsfs unmount {}`), \
-             then run `owsfs rollback --workspace NAME {spec}`",
+        let done = crate::control::client::rollback(mp, spec, args.keep_snapshots, args.timeout)
+            .with_context(|| format!("cannot roll {} back to {spec}", mp.display()))?;
+        println!("{}", done.generation);
+        eprintln!(
+            "{} now holds the state of generation {} (generation {}, visible after {:.0} ms){}",
             mp.display(),
-            mp.display()
+            done.to,
+            done.generation,
+            done.visible_ms,
+            done.snapshot
+                .as_deref()
+                .map(|s| format!("; undo with `owsfs rollback {} {s}`", mp.display()))
+                .unwrap_or_default()
         );
+        return Ok(());
     }
     let r: owsfs_store::GenRef = spec.parse().map_err(anyhow::Error::msg)?;
     let t = target::open(&args.target, None)?;

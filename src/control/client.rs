@@ -134,6 +134,25 @@ pub fn snapshot(
     Ok(s.snapshot)
 }
 
+/// Rolls the mount back to `to` (a reference) and answers once the new tree is served.
+pub fn rollback(
+    mountpoint: &Path,
+    to: &str,
+    keep_snapshots: usize,
+    timeout: Duration,
+) -> Result<super::LiveRollback, ClientError> {
+    let r: super::RolledBack = call(
+        mountpoint,
+        &Request::Rollback {
+            to: to.to_string(),
+            keep_snapshots,
+            timeout_secs: timeout.as_secs_f64(),
+        },
+        Some(timeout + Duration::from_secs(60)),
+    )?;
+    Ok(r.rollback)
+}
+
 /// Unmounts; true when only detached (`lazy`).
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<bool, ClientError> {
     let u: Unmounted = call(mountpoint, &Request::Unmount { lazy }, None)?;

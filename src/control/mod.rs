@@ -3,7 +3,9 @@
 //! commands reach it through [`client`].
 //!
 //! Requests: `{"cmd":"status","dirty":bool}`, `{"cmd":"sync","timeout_secs":f64}`,
-//! `{"cmd":"snapshot","name":str,"timeout_secs":f64}`, `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true; when false,
+//! `{"cmd":"snapshot","name":str,"timeout_secs":f64}`,
+//! `{"cmd":"rollback","to":str,"keep_snapshots":int,"timeout_secs":f64}`,
+//! `{"cmd":"unmount","lazy":bool}`. Responses carry `"ok"`: the answer when true; when false,
 //! the message (`"error"`) and a typed [`ControlError`] (`"kind"`, `"detail"`).
 
 pub mod client;
@@ -32,6 +34,16 @@ pub enum Request {
         #[serde(default = "default_sync_timeout")]
         timeout_secs: f64,
     },
+    /// Roll the mount back to generation `to` (a reference: number, snapshot, time): a new
+    /// generation with its tree, visible at once, after an automatic snapshot of the state
+    /// it replaces (older automatic ones beyond `keep_snapshots` roll off).
+    Rollback {
+        to: String,
+        #[serde(default = "default_keep_snapshots")]
+        keep_snapshots: usize,
+        #[serde(default = "default_sync_timeout")]
+        timeout_secs: f64,
+    },
     /// Unmount (and hand off); `lazy`: detach now, finish when the last file is closed.
     Unmount {
         #[serde(default)]
@@ -41,6 +53,10 @@ pub enum Request {
 
 fn default_sync_timeout() -> f64 {
     300.0
+}
+
+fn default_keep_snapshots() -> usize {
+    5
 }
 
 /// The daemon's answer to a [`Request`].
@@ -59,6 +75,7 @@ pub enum Answer {
     Synced(Synced),
     /// Before `Unmounted`, whose fields all have defaults.
     Snapshotted(Box<Snapshotted>),
+    RolledBack(RolledBack),
     Unmounted(Unmounted),
 }
 
@@ -156,6 +173,28 @@ pub struct Synced {
 pub struct Snapshotted {
     pub ok: True,
     pub snapshot: owsfs_store::Snapshot,
+}
+
+/// `owsfs rollback MOUNTPOINT REF`'s answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub ok: True,
+    pub rollback: LiveRollback,
+}
+
+/// What a live rollback did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveRollback {
+    /// The new generation, holding `to`'s tree.
+    pub generation: u64,
+    pub to: u64,
+    /// The automatic snapshot of the state it replaced (undo: roll back to it).
+    pub snapshot: Option<String>,
+    /// From holding kernel requests back until the new tree was served, in ms (before it,
+    /// everything written was made durable while writers went on).
+    pub visible_ms: f64,
+    /// The whole rollback, that first sync included, in ms.
+    pub total_ms: f64,
 }
 
 /// `owsfs unmount`'s answer.

@@ -31,6 +31,8 @@ pub struct Daemon {
     recovery: Recovery,
     /// A read-only mount's generation.
     read_only_at: std::sync::OnceLock<u64>,
+    /// What a live rollback needs (a writer's mount).
+    rollback: std::sync::OnceLock<super::rollback::Rollback>,
     /// Set when the session has ended and the journal is closed: Ok, or the error.
     finished: Mutex<Option<Result<(), String>>>,
     finished_cv: Condvar,
@@ -63,6 +65,7 @@ impl Daemon {
             started: Instant::now(),
             recovery,
             read_only_at: std::sync::OnceLock::new(),
+            rollback: std::sync::OnceLock::new(),
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
             waiters: Mutex::new(0),
@@ -73,6 +76,27 @@ impl Daemon {
     /// Marks the mount read-only, at generation `n` (for the status).
     pub fn set_read_only_at(&self, n: u64) {
         let _ = self.read_only_at.set(n);
+    }
+
+    /// Makes the mount one that can be rolled back live.
+    pub fn set_rollback(&self, r: super::rollback::Rollback) {
+        let _ = self.rollback.set(r);
+    }
+
+    /// `owsfs rollback MOUNTPOINT REF`: a new generation with REF's tree, served at once.
+    pub fn rollback(
+        &self,
+        to: &str,
+        keep_snapshots: usize,
+        timeout: Duration,
+    ) -> Result<crate::control::LiveRollback, ControlError> {
+        match self.rollback.get() {
+            Some(r) => r.run(to, keep_snapshots, timeout),
+            None => Err(ControlError::Other(format!(
+                "{} is a read-only mount: it cannot be rolled back (mount another generation                  with `owsfs mount --read-only --at REF`)",
+                self.mountpoint.display()
+            ))),
+        }
     }
 
     pub fn cache(&self) -> &std::path::Path {

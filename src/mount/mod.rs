@@ -17,6 +17,7 @@ pub mod background;
 pub mod daemon;
 pub mod lease;
 pub mod readonly;
+pub mod rollback;
 pub mod server;
 pub mod upkeep;
 
@@ -237,7 +238,8 @@ pub struct Services {
     pub core: Arc<Core>,
     pub agent: Arc<SyncAgent>,
     inherited_access: Vec<String>,
-    prefetch: PrefetchOptions,
+    /// The prefetch and the hydration saver, which a live rollback stops and starts again.
+    pub hydration: Arc<HydrationThreads>,
     threads: Threads,
 }
 
@@ -246,9 +248,48 @@ pub struct Services {
 #[derive(Default)]
 struct Threads {
     agent: Option<std::thread::JoinHandle<()>>,
-    prefetch: Option<Arc<Prefetcher>>,
-    saver: Option<owsfs_hydrate::Saver>,
     reaper: Option<Reaper>,
+}
+
+/// The background hydration of a serving mount: the prefetch workers and the saver of the
+/// hydration state.
+pub struct HydrationThreads {
+    hyd: Arc<Hydrator>,
+    core: Arc<Core>,
+    opts: PrefetchOptions,
+    bar: std::sync::OnceLock<Arc<dyn owsfs_local::progress::Progress>>,
+    running: parking_lot::Mutex<(Option<Arc<Prefetcher>>, Option<owsfs_hydrate::Saver>)>,
+    /// Set when the services stop: nothing starts again.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl HydrationThreads {
+    /// Starts the prefetch (`access`: the paths to fetch first) and the saver.
+    pub fn start(&self, access: Vec<String>) {
+        let mut running = self.running.lock();
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let prefetch = Prefetcher::start(
+            Arc::clone(&self.hyd),
+            Arc::clone(&self.core),
+            access,
+            self.opts,
+        );
+        let saver = owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), self.bar.get().cloned());
+        *running = (Some(prefetch), Some(saver));
+    }
+
+    /// Stops both (each worker finishes its step); no last save.
+    pub fn stop(&self) {
+        let (prefetch, saver) = std::mem::take(&mut *self.running.lock());
+        if let Some(p) = prefetch {
+            p.stop();
+        }
+        if let Some(s) = saver {
+            s.stop();
+        }
+    }
 }
 
 impl Services {
@@ -332,11 +373,18 @@ impl Services {
         )));
         Ok((
             Services {
+                hydration: Arc::new(HydrationThreads {
+                    hyd: Arc::clone(&hyd),
+                    core: Arc::clone(&core),
+                    opts: opts.prefetch,
+                    bar: std::sync::OnceLock::new(),
+                    running: parking_lot::Mutex::new((None, None)),
+                    closed: std::sync::atomic::AtomicBool::new(false),
+                }),
                 hyd,
                 core,
                 agent,
                 inherited_access,
-                prefetch: opts.prefetch,
                 threads: Threads::default(),
             },
             PreparedRest {
@@ -367,16 +415,14 @@ impl Services {
         // descriptor here: when the table nears its budget, ask the kernel to drop the
         // oldest names.
         self.core.set_invalidator(invalidator);
-        self.threads.prefetch = Some(Prefetcher::start(
-            Arc::clone(&self.hyd),
-            Arc::clone(&self.core),
-            std::mem::take(&mut self.inherited_access),
-            self.prefetch,
-        ));
-        let bar = progress_bar.then(|| {
-            Arc::new(crate::progress::Bar::new()) as Arc<dyn owsfs_local::progress::Progress>
-        });
-        self.threads.saver = Some(owsfs_hydrate::spawn_saver(Arc::clone(&self.hyd), bar));
+        if progress_bar {
+            let _ = self
+                .hydration
+                .bar
+                .set(Arc::new(crate::progress::Bar::new()));
+        }
+        self.hydration
+            .start(std::mem::take(&mut self.inherited_access));
         self.threads.reaper = Some(Reaper::start(Arc::clone(&self.core))?);
         Ok(())
     }
@@ -389,11 +435,18 @@ impl Services {
         if let Some(r) = t.reaper {
             r.stop();
         }
-        if let Some(p) = t.prefetch {
+        let (prefetch, saver) = {
+            let mut running = self.hydration.running.lock();
+            self.hydration
+                .closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *running)
+        };
+        if let Some(p) = prefetch {
             p.stop();
         }
         let prefetch_ms = ending.elapsed().as_millis();
-        if let Some(s) = t.saver {
+        if let Some(s) = saver {
             s.stop();
         }
         let saver_ms = ending.elapsed().as_millis();
@@ -451,6 +504,7 @@ impl Reaper {
 pub struct Mounted {
     session: Option<owsfs_fuse::fuser::Session<owsfs_fuse::FuseAdapter>>,
     mountpoint: PathBuf,
+    epoch: Option<owsfs_fuse::EpochNotifier>,
 }
 
 impl Mounted {
@@ -473,12 +527,25 @@ impl Mounted {
             flags: o.kernel.clone(),
             read_only: o.read_only,
         };
-        let session = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
+        let (session, epoch) = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
             .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
         Ok(Mounted {
             session: Some(session),
             mountpoint: mountpoint.to_path_buf(),
+            epoch,
         })
+    }
+
+    /// What a live rollback tells the kernel: every cached name goes.
+    pub fn forgetter(&mut self) -> rollback::Forget {
+        rollback::Forget {
+            notifier: self
+                .session
+                .as_ref()
+                .map(|s| s.notifier())
+                .expect("a mounted session"),
+            epoch: self.epoch.take(),
+        }
     }
 
     /// Asks the kernel to drop a name (for the inode reaper).
@@ -665,7 +732,7 @@ pub fn serve(
     let cache_root = cache.root.clone();
     let node = cache.node_id()?;
     cache_lock.replace(cache);
-    let mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
+    let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
 
@@ -692,6 +759,17 @@ pub fn serve(
         cache_root.clone(),
         recovery,
     ));
+    daemon.set_rollback(rollback::Rollback {
+        core: Arc::clone(&services.core),
+        agent: Arc::clone(&services.agent),
+        hyd: Arc::clone(&services.hyd),
+        store: Arc::clone(&store),
+        hydration: Arc::clone(&services.hydration),
+        forget: mounted.forgetter(),
+        cache_root: cache_root.clone(),
+        backing: services.core.backing_root().to_path_buf(),
+        one: parking_lot::Mutex::new(()),
+    });
     let control = server::Server::start(Arc::clone(&daemon))?;
     daemon::spawn_signal_handler(Arc::clone(&daemon))?;
     fail::fail_point!("mount-before-ready", |_| Err(anyhow::anyhow!(

@@ -138,6 +138,21 @@ fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
                 Err(e) => Response::err(e),
             }
         }
+        Ok(Request::Rollback {
+            to,
+            keep_snapshots,
+            timeout_secs,
+        }) => {
+            let timeout =
+                Duration::try_from_secs_f64(timeout_secs).unwrap_or(Duration::from_secs(300));
+            match daemon.rollback(&to, keep_snapshots, timeout) {
+                Ok(rollback) => Response::ok(Answer::RolledBack(crate::control::RolledBack {
+                    ok: crate::control::True,
+                    rollback,
+                })),
+                Err(e) => Response::err(e),
+            }
+        }
         Ok(Request::Unmount { lazy }) => {
             // Registered before unmounting, so the process cannot exit before the answer.
             let _waiter = daemon.waiter();

@@ -42,9 +42,9 @@ pub fn rollback(
         && c.state == LeaseState::Held
     {
         return Err(StoreError::Invalid(format!(
-            "workspace {:?} is mounted by {} (epoch {}): a rollback of a live mount is not \
-             supported yet; unmount it first (a holder that died: mount it with --steal and \
-             unmount it)",
+            "workspace {:?} is mounted by {} (epoch {}): roll the mount back on its node \
+             (`owsfs rollback MOUNTPOINT REF`), or unmount it first (a holder that died: mount \
+             it with --steal and unmount it)",
             ws.name(),
             c.holder,
             c.epoch

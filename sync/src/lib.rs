@@ -15,6 +15,7 @@ pub mod build;
 pub mod capture;
 mod gc;
 pub mod lease;
+mod rollback;
 pub mod wal;
 
 use std::fs::File;
@@ -33,6 +34,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use self::build::SqlitePosition;
+pub use self::rollback::RollbackDone;
 use owsfs_local::{Base, Kind, LocalState};
 
 /// What the agent needs of the writer lease: a commit is attempted only while it is good,
@@ -539,10 +541,16 @@ impl SyncAgent {
 
     /// One cut and commit. Returns the generation number.
     fn commit_once(&self) -> anyhow::Result<u64> {
+        self.commit_once_with(true)
+    }
+
+    /// One cut and commit; `push_pages`: a syncfs of the mount first (not while kernel
+    /// requests are held back: it would wait on them).
+    fn commit_once_with(&self, push_pages: bool) -> anyhow::Result<u64> {
         let started = Instant::now();
         // 1. Dirty pages of mmaps and of the writeback cache reach the daemon first (not after
         // the unmount: nothing serves the mount any more).
-        if !self.st.lock().stop {
+        if push_pages && !self.st.lock().stop {
             self.push_dirty_pages();
         }
         let journal = self.core.journal();

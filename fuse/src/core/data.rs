@@ -36,6 +36,8 @@ pub struct Handle {
     pub ino: FuseIno,
     pub file: File,
     mode: Mutex<IoMode>,
+    /// The inode table's era at the open: a handle of an earlier era is stale.
+    pub(super) era: u64,
 }
 
 impl Handle {
@@ -158,6 +160,7 @@ impl Core {
             ino: inode.ino,
             file,
             mode: Mutex::new(mode),
+            era: inode.era,
         });
         self.handles.insert(fh, Arc::clone(&handle));
         (handle, fh)
@@ -250,7 +253,11 @@ impl Core {
     /// close(2) of one descriptor of an open file. Every write already reached the backing
     /// file, which is local, so there is nothing to push; the handle must exist.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        self.handle(fh).map(|_| ())
+        match self.handle(fh) {
+            // Nothing to push either: its writes were committed before the rollback.
+            Err(e) if e.to_errno() == libc::ESTALE => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     /// Clears set-user-id, and set-group-id when group-executable, like the VFS does when an

@@ -20,6 +20,9 @@ use crate::kind;
 #[derive(Debug)]
 pub(super) struct DirHandle {
     ino: FuseIno,
+    /// The inode table's era of its listing: the root's listing is read again after a live
+    /// rollback; other directories of an earlier era are stale.
+    era: u64,
     /// Shared with the readdir replies in flight, which take entries from it without copies.
     entries: Arc<Vec<DirEntry>>,
     read_once: bool,
@@ -75,6 +78,7 @@ impl Core {
             fh,
             Arc::new(Mutex::new(DirHandle {
                 ino,
+                era: self.inodes.era(),
                 entries: Arc::new(entries),
                 read_once: false,
             })),
@@ -115,9 +119,12 @@ impl Core {
             .map(|d| Arc::clone(d.value()))
             .ok_or_else(|| FsError::errno(libc::EBADF, "directory handle not known"))?;
         let mut dh = dh.lock();
-        if offset == 0 && dh.read_once {
+        let era = self.inodes.era();
+        if (offset == 0 && dh.read_once) || dh.era != era {
             let inode = self.inode(dh.ino)?;
+            self.materialize(&inode)?;
             dh.entries = Arc::new(self.read_dir_entries(&inode)?);
+            dh.era = era;
         }
         dh.read_once = true;
         Ok(DirEntries {

@@ -123,6 +123,9 @@ pub struct Core {
     /// Mutations hold it shared from their journal record to the end of their operation; a
     /// cut holds it exclusively, so it sees no mutation half done.
     barrier: RwLock<()>,
+    /// Every kernel request holds it shared while it is served ([`Core::serving`]); a live
+    /// rollback holds it exclusively while it replaces the tree ([`Core::hold_requests`]).
+    gate: RwLock<()>,
     freezer: Freezer,
     /// Called before a data write takes the barrier: slows writers down while the uploader
     /// lags too far behind (set by the daemon).
@@ -171,6 +174,7 @@ impl Core {
             own_gid: rustix::process::getegid().as_raw(),
             root_dev: st.st_dev,
             barrier: RwLock::new(()),
+            gate: RwLock::new(()),
             freezer: Freezer::new(
                 &opts
                     .side_dir
@@ -190,6 +194,32 @@ impl Core {
     /// Takes the write barrier: no mutation is in progress until the guard is dropped.
     pub fn barrier(&self) -> RwLockWriteGuard<'_, ()> {
         self.barrier.write()
+    }
+
+    /// Held by the adapter while it serves one kernel request.
+    pub fn serving(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read()
+    }
+
+    /// Waits until no kernel request is being served and holds new ones back until the guard
+    /// is dropped (a live rollback: nothing sees the tree half replaced). Nothing done while
+    /// it is held may wait on a kernel request: not a syncfs of the mount, not a notification
+    /// to the kernel (it may wait on a directory lock a held-back request holds).
+    pub fn hold_requests(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write()
+    }
+
+    /// The tree below the root was replaced (a live rollback, under
+    /// [`Core::hold_requests`]): every inode, handle and open directory from before is stale
+    /// from now on (ESTALE), the root aside. Returns the names in the root the kernel may
+    /// hold, to be invalidated once requests flow again.
+    pub fn replaced_tree(&self) -> Vec<std::ffi::OsString> {
+        self.inodes.next_era()
+    }
+
+    /// The inode table's era (raised by each [`Core::replaced_tree`]).
+    pub fn era(&self) -> u64 {
+        self.inodes.era()
     }
 
     /// Runs `f` with the write barrier held shared, like a mutation (lazy hydration's
@@ -285,16 +315,32 @@ impl Core {
     }
 
     fn inode(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
-        self.inodes
+        let inode = self
+            .inodes
             .get(ino)
-            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))
+            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))?;
+        if !self.inodes.is_current(&inode) {
+            return Err(FsError::errno(
+                libc::ESTALE,
+                "inode from before a rollback of the workspace",
+            ));
+        }
+        Ok(inode)
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
-        self.handles
+        let handle = self
+            .handles
             .get(&fh)
             .map(|h| Arc::clone(h.value()))
-            .ok_or_else(|| FsError::errno(libc::EBADF, "file handle not known"))
+            .ok_or_else(|| FsError::errno(libc::EBADF, "file handle not known"))?;
+        if handle.era != self.inodes.era() {
+            return Err(FsError::errno(
+                libc::ESTALE,
+                "file opened before a rollback of the workspace",
+            ));
+        }
+        Ok(handle)
     }
 
     /// `/proc/self/fd/N` of a descriptor, to reach an `O_PATH` inode with calls that take a path.

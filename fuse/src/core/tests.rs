@@ -130,3 +130,74 @@ fn side_files_go_beside_the_backing_directory() {
     assert_eq!(f.core.freezer().side_dir(), cache);
     f.core.release(fh).unwrap();
 }
+
+/// After the tree below the root is replaced (a live rollback), everything from before is
+/// stale: inodes, open files, open directories answer ESTALE (a close succeeds), and the root
+/// serves the new tree.
+#[test]
+fn a_replaced_tree_makes_everything_from_before_stale() {
+    let f = fixture(false);
+    std::fs::create_dir(f.backing.join("dir")).unwrap();
+    std::fs::write(f.backing.join("dir/old"), b"old").unwrap();
+    std::fs::write(f.backing.join("file"), b"before").unwrap();
+    let dir = f.core.lookup(ROOT_INO, name("dir")).unwrap().ino();
+    let file = f.core.lookup(ROOT_INO, name("file")).unwrap().ino();
+    let (_, fh) = f.core.open(file, libc::O_RDWR, false).unwrap();
+    let dh = f.core.opendir(dir).unwrap();
+    let root_dh = f.core.opendir(ROOT_INO).unwrap();
+    assert_eq!(f.core.read(fh, 0, 100).unwrap(), b"before");
+
+    // The rollback: the old entries go aside, the new tree takes their place.
+    let aside = f._dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    {
+        let _held = f.core.hold_requests();
+        std::fs::rename(f.backing.join("dir"), aside.join("dir")).unwrap();
+        std::fs::rename(f.backing.join("file"), aside.join("file")).unwrap();
+        std::fs::write(f.backing.join("file"), b"after").unwrap();
+        let mut names = f.core.replaced_tree();
+        names.sort();
+        assert_eq!(names, vec![name("dir"), name("file")]);
+    }
+    assert_eq!(f.core.era(), 1);
+
+    let estale = |r: crate::FsResult<()>| {
+        assert_eq!(r.map_err(|e| e.to_errno()), Err(libc::ESTALE));
+    };
+    estale(f.core.read(fh, 0, 100).map(|_| ()));
+    estale(f.core.write(fh, 0, b"lost", false).map(|_| ()));
+    estale(f.core.getattr(file).map(|_| ()));
+    estale(f.core.lookup(dir, name("old")).map(|_| ()));
+    estale(f.core.readdir(dh, 0).map(|_| ()));
+    estale(f.core.mkdir(dir, name("new"), 0o755, ROOT).map(|_| ()));
+    f.core.flush(fh).unwrap();
+    f.core.release(fh).unwrap();
+    f.core.releasedir(dh);
+    assert_eq!(
+        std::fs::read(aside.join("file")).unwrap(),
+        b"before",
+        "a write through a stale handle changed nothing"
+    );
+
+    // The root serves the new tree, an open listing of it included.
+    let listing: Vec<_> = f
+        .core
+        .readdir(root_dh, 0)
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.name.clone())
+        .collect();
+    assert!(listing.iter().any(|n| n == "file"), "{listing:?}");
+    assert!(!listing.iter().any(|n| n == "dir"), "{listing:?}");
+    f.core.releasedir(root_dh);
+    let new = f.core.lookup(ROOT_INO, name("file")).unwrap().ino();
+    assert_ne!(new, file);
+    let (_, fh) = f.core.open(new, libc::O_RDONLY, false).unwrap();
+    assert_eq!(f.core.read(fh, 0, 100).unwrap(), b"after");
+    f.core.release(fh).unwrap();
+    f.core.getattr(ROOT_INO).unwrap();
+    // The kernel forgets the old inodes in time; they leave the table then.
+    f.core.forget(file, 1);
+    f.core.forget(dir, 1);
+    assert_eq!(f.core.inode_count(), 2);
+}
