@@ -95,14 +95,19 @@ impl Rollback {
         let started = Instant::now();
         let ws = self.agent.workspace().clone();
         let r: owsfs_store::GenRef = spec.parse().map_err(ControlError::BadRequest)?;
-        let to = ws
-            .resolve(&r)
-            .map_err(|e| ControlError::Other(e.to_string()))?;
+        let resolve = || {
+            ws.resolve(&r)
+                .map_err(|e| ControlError::Other(e.to_string()))
+        };
+        resolve()?;
         // 1. Writers go on meanwhile; the rest of their changes is committed in step 3.
         self.agent.sync(timeout).map_err(|e| match e {
             owsfs_sync::SyncError::ShuttingDown => ControlError::ShuttingDown,
             e => ControlError::Other(format!("not rolled back: {e}")),
         })?;
+        // Again, milliseconds before the commit: a GC keeps the packs of a record it prunes
+        // for a grace after the record goes, not for as long as a sync may take.
+        let to = resolve()?;
         // 2.
         self.hydration.stop();
         let held_at = Instant::now();
