@@ -134,12 +134,12 @@ impl InodeTable {
             if inode.ino == ROOT_INO {
                 continue;
             }
-            // Their names are the old tree's: a write through an old inode must not be
-            // recorded at a path of the new one.
-            if let Some((parent, name)) = inode.loc.lock().take()
-                && parent == ROOT_INO
+            // Their names stay: nothing is recorded through a stale inode (every mutation
+            // of one fails), and the reaper needs them to ask the kernel to drop them.
+            if let Some((parent, name)) = &*inode.loc.lock()
+                && *parent == ROOT_INO
             {
-                names.push(name);
+                names.push(name.clone());
             }
         }
         names
