@@ -93,6 +93,10 @@ pub struct MountOpts {
         value_name = "N"
     )]
     pub keep_snapshots: usize,
+    /// Mount a template (`owsfs template mark`) for writing: templates are read-mostly, and
+    /// are otherwise mounted --read-only or forked.
+    #[arg(long)]
+    pub edit_template: bool,
     /// Run a restore drill this often (e.g. 1h): the newest generation, or every other time
     /// a random older one, restored into --drill-scratch and verified; the outcome goes to
     /// the store, the log and `owsfs status` [default: never].
@@ -145,6 +149,9 @@ impl MountOpts {
         }
         if self.read_only {
             v.push("--read-only".to_string());
+        }
+        if self.edit_template {
+            v.push("--edit-template".to_string());
         }
         if let Some(r) = &self.at {
             v.extend(["--at".to_string(), r.clone()]);
@@ -363,6 +370,7 @@ mod tests {
             "--gc-every",
             "1d",
             "--read-only",
+            "--edit-template",
             "--at",
             "10m ago",
             "--gc-grace",

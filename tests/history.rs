@@ -863,3 +863,104 @@ fn rollback_and_undo_seaweedfs() {
     }
     rollback_and_undo(&TestStore::seaweed("history-rollback"));
 }
+
+/// A template is read-mostly: writer mounts refused unless they edit it; read-only mounts and
+/// forks (with the template's access list) are what it is for; unmarked, it is ordinary.
+fn templates_are_read_mostly(store: &TestStore) {
+    let mut t = store.workspace("tpl", &[]);
+    t.mount();
+    std::fs::create_dir(t.path("lib")).unwrap();
+    std::fs::write(t.path("lib/base.py"), b"BASE = 1\n").unwrap();
+    std::fs::write(t.path("data.bin"), noise(1 << 20, 7)).unwrap();
+    write_db(&t.mp, 20);
+    // Opened, so it is on the template's access list (a fork's mount fetches it first).
+    std::fs::read(t.path("data.bin")).unwrap();
+    let v = tree(&t.mp);
+    t.unmount();
+
+    t.ok(&[
+        "template",
+        "mark",
+        "--store",
+        &t.store,
+        "--workspace",
+        "tpl",
+    ]);
+    let list = t.ok(&["template", "list", "--json", "--store", &t.store]);
+    assert!(list.contains("\"workspace\": \"tpl\""), "{list}");
+    let log = t.ok(&["log", "--store", &t.store, "--workspace", "tpl"]);
+    assert!(log.contains("template: read-mostly"), "{log}");
+    let out = t.try_mount();
+    assert!(!out.status.success(), "a writer mount of a template");
+    assert!(stderr(&out).contains("is a template"), "{}", stderr(&out));
+    let err = refused(
+        &t,
+        &["rollback", "--store", &t.store, "--workspace", "tpl", "1"],
+    );
+    assert!(err.contains("is a template"), "{err}");
+
+    let ro = store.workspace("tpl", &["--read-only"]);
+    ro.mount();
+    assert_same_tree(&tree(&ro.mp), &v, "a read-only mount of the template");
+    ro.unmount();
+
+    // Start from it: a fork, written; the template stays as it was.
+    t.ok(&["fork", "--store", &t.store, "tpl", "proj"]);
+    let p = store.workspace("proj", &[]);
+    p.mount();
+    assert_same_tree(&tree(&p.mp), &v, "the fork of the template");
+    std::fs::write(p.path("lib/base.py"), b"BASE = 2\n").unwrap();
+    let g = p.sync();
+    p.unmount();
+    let gens = p.log_json();
+    let first = gens
+        .iter()
+        .find(|r| r["number"] == 1)
+        .expect("generation 1");
+    let tpl_head = t.log_json().last().cloned().unwrap();
+    assert_eq!(
+        first["access"], tpl_head["access"],
+        "the fork starts with the template's access list"
+    );
+    assert!(first["access"].is_object(), "{first}");
+    assert!(g > 1);
+    assert_same_tree(
+        &restored(&t, "tpl", "HEAD"),
+        &v,
+        "the template after the fork",
+    );
+
+    // Edited on purpose, then unmarked.
+    t.extra.push("--edit-template".into());
+    t.mount();
+    std::fs::write(t.path("lib/base.py"), b"BASE = 3\n").unwrap();
+    t.unmount();
+    t.extra.clear();
+    t.ok(&[
+        "template",
+        "unmark",
+        "--store",
+        &t.store,
+        "--workspace",
+        "tpl",
+    ]);
+    t.mount();
+    assert_eq!(std::fs::read(t.path("lib/base.py")).unwrap(), b"BASE = 3\n");
+    t.unmount();
+}
+
+#[test]
+fn templates_are_read_mostly_file() {
+    if skip_fuse() {
+        return;
+    }
+    templates_are_read_mostly(&TestStore::file());
+}
+
+#[test]
+fn templates_are_read_mostly_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    templates_are_read_mostly(&TestStore::seaweed("history-template"));
+}

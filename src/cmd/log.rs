@@ -97,6 +97,16 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("retention: {policy}");
+    if let Some(m) = ws.template()? {
+        println!(
+            "template: read-mostly since {} (marked by {}); start from it with `owsfs fork {} NEW`",
+            jiff::Timestamp::from_millisecond(m.since_unix_ms as i64)
+                .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default(),
+            m.by,
+            ws.name()
+        );
+    }
     println!(
         "{:>6} {:>6} {:<24} {:>8} {:>12} {:>12} {:>7}  sqlite",
         "gen", "epoch", "time (UTC)", "files", "size", "uploaded", "ms"

@@ -20,6 +20,7 @@ mod snapshot;
 mod status;
 mod sync;
 mod target;
+mod template;
 mod unmount;
 
 use std::ffi::OsString;
@@ -91,8 +92,11 @@ enum Command {
     /// destination lacks: STORE#WS[@REF] to STORE[#NEW].
     Copy(copy::CopyArgs),
     /// Go back to an earlier state: a new generation whose tree is REF's (history is kept, so
-    /// it can be undone). The workspace must not be mounted.
+    /// it can be undone). On a MOUNTPOINT the mount serves it at once.
     Rollback(rollback::RollbackArgs),
+    /// Mark a workspace a template (a read-mostly source that forks start from), unmark it,
+    /// list the templates.
+    Template(template::TemplateArgs),
 }
 
 /// Whether `name` is one of the commands (or an alias, or `help`): taken from the parser, so
@@ -155,6 +159,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Retention(a) => retention::run(&a),
         Command::Copy(a) => copy::run(&a),
         Command::Rollback(a) => rollback::run(&a),
+        Command::Template(a) => template::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

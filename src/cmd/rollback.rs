@@ -26,6 +26,9 @@ pub struct RollbackArgs {
     /// store.
     #[arg(long, default_value = "5m", value_parser = crate::args::parse_duration)]
     pub timeout: std::time::Duration,
+    /// With --workspace: roll back a template (`owsfs template mark`), which is read-mostly.
+    #[arg(long)]
+    pub edit_template: bool,
 }
 
 pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
@@ -53,6 +56,7 @@ pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
     }
     let r: owsfs_store::GenRef = spec.parse().map_err(anyhow::Error::msg)?;
     let t = target::open(&args.target, None)?;
+    crate::mount::refuse_template(&t.ws, args.edit_template)?;
     let to = t.resolve(&r)?;
     let done = owsfs_store::rollback::rollback(
         &t.ws,

@@ -691,6 +691,7 @@ pub fn serve(
         None => mountpoint::name_of(&mountpoint),
     };
     let (store, ws) = open_workspace(&store_url, &ws_name)?;
+    refuse_template(&ws, opts.edit_template)?;
 
     // Declared before the lease and the services, so that on an error exit it is dropped
     // after them: the cache's lock is let go only once the services' last cut is done and
@@ -800,6 +801,24 @@ pub fn serve(
     daemon.finish(result.clone());
     daemon.drain_waiters();
     result.map_err(anyhow::Error::msg)
+}
+
+/// A template is read-mostly: a writer mount of it must say it edits it.
+pub fn refuse_template(ws: &Workspace, edit: bool) -> anyhow::Result<()> {
+    if !edit
+        && let Some(m) = ws
+            .template()
+            .with_context(|| format!("cannot read whether {} is a template", ws.name()))?
+    {
+        anyhow::bail!(
+            "workspace {name} is a template (marked by {by}): mount it --read-only, fork it \
+             (`owsfs fork {name} NEW`) and mount the fork, or pass --edit-template to change the \
+             template itself",
+            name = ws.name(),
+            by = m.by
+        );
+    }
+    Ok(())
 }
 
 /// Parses `-o` and runs [`serve`] (the daemon side of `owsfs mount`).

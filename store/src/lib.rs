@@ -38,6 +38,7 @@ pub mod retention;
 pub mod rollback;
 pub mod snapshot;
 pub mod stats;
+pub mod template;
 pub mod tree;
 pub mod url;
 
