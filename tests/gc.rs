@@ -87,11 +87,24 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
     ];
     let mut deleted = 0u64;
     let mut condemned = 0u64;
+    let mut repacked = 0u64;
     for round in 0..ROUNDS {
-        let out = a.ok(&["gc", "--store", &a.store, "--grace", "1s", "--json"]);
+        // Every pack at least half dead is repacked: blobs move, with forwards, under the
+        // writers, the lazy reader and the exports.
+        let out = a.ok(&[
+            "gc",
+            "--store",
+            &a.store,
+            "--grace",
+            "1s",
+            "--repack-min-dead",
+            "1",
+            "--json",
+        ]);
         let r: serde_json::Value = serde_json::from_str(&out).unwrap();
         deleted += r["packs_deleted"].as_u64().unwrap();
         condemned += r["packs_condemned"].as_u64().unwrap();
+        repacked += r["packs_repacked"].as_u64().unwrap();
         if round % 10 == 0 {
             // A reader of the store: HEAD exported whole while GC runs.
             let dest = a.dir.path().join(format!("export-{round}"));
@@ -118,6 +131,7 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
         deleted > 0,
         "GC deleted nothing in {ROUNDS} rounds ({condemned} condemned)"
     );
+    assert!(repacked > 0, "GC repacked nothing in {ROUNDS} rounds");
     a.unmount();
     b.unmount();
     // One more GC a grace later: the last condemned packs go too.

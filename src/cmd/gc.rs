@@ -20,6 +20,14 @@ pub struct GcArgs {
     /// once it is this old. Writers must be able to commit within half of it.
     #[arg(long, default_value = "1h", value_parser = parse_grace)]
     pub grace: Duration,
+    /// Packs mostly dead (less than half live, at least 1 MiB dead) have their live blobs
+    /// moved into new packs and are deleted a grace later: at most this many bytes of such
+    /// packs are read per run (0: no repacking).
+    #[arg(long, default_value = "2GiB", value_parser = crate::args::parse_bytes)]
+    pub repack_budget: u64,
+    /// Repack only packs with at least this many dead bytes.
+    #[arg(long, default_value = "1MiB", value_parser = crate::args::parse_bytes)]
+    pub repack_min_dead: u64,
     /// Print the report as JSON.
     #[arg(long, env = "OWSFS_JSON")]
     pub json: bool,
@@ -43,6 +51,8 @@ pub fn run(args: &GcArgs) -> anyhow::Result<()> {
         &GcOptions {
             grace: args.grace,
             dry_run: args.dry_run,
+            repack_budget: args.repack_budget,
+            repack_min_dead: args.repack_min_dead,
         },
         &bar,
     )?;
@@ -75,6 +85,17 @@ fn print(r: &GcReport, dry: bool, url: &str) {
          from now unless referenced again); {} trees read",
         r.packs, r.packs_live, r.packs_condemned, r.trees_read
     );
+    if r.packs_repacked > 0 {
+        let verb = if dry { "would move" } else { "moved" };
+        println!(
+            "repacked: {} mostly dead packs ({verb} {} live bytes into {} new packs; the old \
+             packs are deleted by a later run a grace from now)",
+            r.packs_repacked, r.repack_bytes_moved, r.repack_packs_written
+        );
+    }
+    if r.forwards_deleted > 0 {
+        println!("{} forward records deleted", r.forwards_deleted);
+    }
     if let Some(n) = r.run {
         println!("run {n} recorded in gc/runs/");
     }

@@ -203,7 +203,7 @@ fn collect(store: &Store, grace: Duration, shared: &Shared) {
         store,
         &GcOptions {
             grace,
-            dry_run: false,
+            ..GcOptions::default()
         },
         &owsfs_local::progress::Silent,
     );

@@ -112,6 +112,8 @@ struct Inner {
     opts: StoreOptions,
     /// Backoff jitter.
     jitter: Mutex<StdRng>,
+    /// Forwards of repacked packs read so far (`crate::forward::locate`).
+    forwards: Mutex<HashMap<crate::ids::PackId, Arc<crate::forward::Forwarded>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -231,6 +233,7 @@ impl Store {
                 faults,
                 opts,
                 jitter: Mutex::new(StdRng::from_entropy()),
+                forwards: Mutex::new(HashMap::new()),
             }),
         };
         store.check_marker()?;
@@ -431,6 +434,18 @@ impl Store {
     /// Reads `range` of an object, unverified. A range past the end is an error.
     /// Crate-private: callers read blobs with [`crate::pack::read_blob`] and
     /// [`crate::pack::read_blob_run`], which verify each blob's hash.
+    /// The forwards of pack `p` this store read before, if any.
+    pub(crate) fn forwards_cached(
+        &self,
+        p: &crate::ids::PackId,
+    ) -> Option<Arc<crate::forward::Forwarded>> {
+        self.inner.forwards.lock().get(p).cloned()
+    }
+
+    pub(crate) fn cache_forwards(&self, p: crate::ids::PackId, f: Arc<crate::forward::Forwarded>) {
+        self.inner.forwards.lock().insert(p, f);
+    }
+
     pub(crate) fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         if range.is_empty() {
             return Ok(Bytes::new());
@@ -541,6 +556,35 @@ impl Store {
 
     /// Keys of all objects under `prefix` (recursively), sorted. `prefix` is a directory-like
     /// prefix ending in `/`, or empty for the whole store.
+    /// [`Store::list`] with each object's size, where the listing tells it (S3 does;
+    /// elsewhere 0, and [`Store::size`] asks).
+    pub fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut keys = self.retry("list", prefix, || {
+            let op = self.inner.op.clone();
+            let p = prefix.to_string();
+            self.block(async move {
+                let entries = match op.list_with(&p).recursive(true).await {
+                    Ok(v) => v,
+                    Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                Ok(entries
+                    .into_iter()
+                    .filter(|e| e.metadata().is_file() && !e.path().ends_with('/'))
+                    .map(|e| {
+                        (
+                            e.path().trim_start_matches('/').to_string(),
+                            e.metadata().content_length(),
+                        )
+                    })
+                    .filter(|(p, _)| !p.starts_with(".tmp/"))
+                    .collect::<Vec<_>>())
+            })
+        })?;
+        keys.sort();
+        Ok(keys)
+    }
+
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let mut keys = self.retry("list", prefix, || {
             let op = self.inner.op.clone();

@@ -154,7 +154,10 @@ fn copy_under_lease(
     progress.begin("copying", 0, to_copy.len() as u64);
     for (i, r) in to_copy.iter().enumerate() {
         let roots: Vec<_> = r.root.into_iter().collect();
-        let mut packs = marker.mark(src.store(), &roots, &crate::progress::Silent, &mut scratch)?;
+        let mut packs: Vec<PackId> = marker
+            .mark(src.store(), &roots, &crate::progress::Silent, &mut scratch)?
+            .packs()
+            .collect();
         packs.extend(r.access.map(|a| a.pack));
         if watch.stale(dst.clock().now()) {
             watch.refresh(dst, 0, dst.clock().now())?;
@@ -176,14 +179,7 @@ fn copy_under_lease(
                 }
                 report.packs_present += 1;
             } else {
-                let data = src.store().get(&key)?;
-                let parsed = ParsedPack::parse(p, data.clone())?;
-                for e in parsed.entries() {
-                    parsed.entry_blob(e)?;
-                }
-                dst.put(&key, data.clone())?;
-                report.packs_copied += 1;
-                report.bytes_copied += data.len() as u64;
+                copy_pack(src.store(), dst, p, &present, &mut done, report, 0)?;
             }
             hold.keep()?;
         }
@@ -229,6 +225,57 @@ fn copy_under_lease(
     if whole && dws.retention_if_set()?.is_none() {
         dws.set_retention(&src.retention()?)?;
     }
+    Ok(())
+}
+
+/// Copies pack `p` (verified). A pack the source's GC repacked is copied as its forwards: the
+/// packs they point to first, then the records, so the destination reads the moved blobs
+/// where the source does.
+fn copy_pack(
+    src: &crate::backend::Store,
+    dst: &crate::backend::Store,
+    p: PackId,
+    present: &HashSet<String>,
+    done: &mut HashSet<PackId>,
+    report: &mut CopyReport,
+    hops: usize,
+) -> Result<()> {
+    let key = p.key();
+    let data = match src.get(&key) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() && hops < crate::forward::MAX_HOPS => {
+            let f = crate::forward::read(src, &p)?;
+            if f.keys.is_empty() {
+                return Err(e);
+            }
+            let targets: HashSet<PackId> = f.targets().collect();
+            for t in targets {
+                if done.insert(t) && !present.contains(&t.key()) {
+                    copy_pack(src, dst, t, present, done, report, hops + 1)?;
+                }
+            }
+            for k in &f.keys {
+                let b = src.get(k)?;
+                // Verified before it is copied, like every object.
+                let _: crate::forward::ForwardRecord = crate::generation::unseal_json(
+                    "owsfs-forward",
+                    crate::forward::FORWARD_VERSION,
+                    k,
+                    &b,
+                )?;
+                dst.put_if_absent(k, b)?;
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let parsed = ParsedPack::parse(p, data.clone())?;
+    for e in parsed.entries() {
+        parsed.entry_blob(e)?;
+    }
+    dst.put(&key, data.clone())?;
+    report.packs_copied += 1;
+    report.bytes_copied += data.len() as u64;
     Ok(())
 }
 

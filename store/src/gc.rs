@@ -50,8 +50,13 @@ pub struct GcRun {
     /// When the record was written (the GC's clock).
     pub published_unix_ms: u64,
     pub grace_ms: u64,
-    /// Packs nothing kept referenced at this run's mark.
+    /// Packs nothing kept referenced at this run's mark (a blob reached through a pack's
+    /// forwards references the pack it was moved to).
     pub condemned: Vec<PackId>,
+    /// Packs whose forwards nothing kept reaches any more (their records go once ripe, as
+    /// condemned packs do). Absent in records of runs before repacking.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards_condemned: Vec<PackId>,
 }
 
 fn run_key(n: u64) -> String {
@@ -191,13 +196,23 @@ pub struct GcOptions {
     pub grace: Duration,
     /// Compute and report, change nothing.
     pub dry_run: bool,
+    /// Bytes of mostly-dead packs a run reads to repack them (0: no repacking).
+    pub repack_budget: u64,
+    /// A pack is repacked only when at least this many of its bytes are dead (and less than
+    /// half are live).
+    pub repack_min_dead: u64,
 }
+
+/// The default [`GcOptions::repack_budget`]: 2 GiB of packs read per run.
+pub const DEFAULT_REPACK_BUDGET: u64 = 2 << 30;
 
 impl Default for GcOptions {
     fn default() -> GcOptions {
         GcOptions {
             grace: DEFAULT_GRACE,
             dry_run: false,
+            repack_budget: DEFAULT_REPACK_BUDGET,
+            repack_min_dead: crate::repack::REPACK_MIN_DEAD,
         }
     }
 }
@@ -220,6 +235,17 @@ pub struct GcReport {
     pub packs_condemned: u64,
     pub packs_deleted: u64,
     pub bytes_deleted: u64,
+    /// Mostly-dead packs whose live blobs were moved (dry: would be), the packs written for
+    /// them, and the live bytes moved.
+    #[serde(default)]
+    pub packs_repacked: u64,
+    #[serde(default)]
+    pub repack_packs_written: u64,
+    #[serde(default)]
+    pub repack_bytes_moved: u64,
+    /// Forward records deleted (their packs reached by nothing kept, a grace ago).
+    #[serde(default)]
+    pub forwards_deleted: u64,
     /// Every object deleted: packs, generation records, old run records.
     pub objects_deleted: u64,
     /// Why the run did nothing (another GC took the same run number).
@@ -273,24 +299,72 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     let (roots, blobs, prune) =
         apply_retention(&views, &fork_sources, t_mark, grace_ms, &mut report)?;
 
-    // 3. Mark every pack the kept trees reach.
-    let mut live = mark(store, &roots, progress, &mut report)?;
-    live.extend(blobs.iter().map(|b| b.pack));
+    // 3. Mark every blob the kept trees reach, each where its pack's forwards (if any) say it
+    // is now.
+    let mut refs = mark(store, &roots, progress, &mut report)?;
+    blobs.iter().for_each(|b| refs.insert(b));
+    let forwards = crate::forward::read_all(store)?;
+    let mut live: HashMap<PackId, HashMap<u64, (BlobId, u32)>> = HashMap::new();
+    // Every pack a kept blob names or passes through: its forwards are still needed.
+    let mut named: HashSet<PackId> = HashSet::new();
+    for b in refs.blobs() {
+        named.insert(b.pack);
+        let (at, via) = crate::forward::resolve(&forwards, &b);
+        named.extend(via);
+        live.entry(at.pack)
+            .or_default()
+            .insert(at.offset, (at.id, at.len));
+    }
     report.packs_live = live.len() as u64;
 
-    // 4. Every pack; the unreferenced ones are condemned.
-    let packs: Vec<PackId> = store
-        .list("packs/")?
-        .iter()
-        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
-        .collect();
-    report.packs = packs.len() as u64;
-    let condemned: Vec<PackId> = packs
-        .iter()
-        .filter(|p| !live.contains(p))
+    // 4. Every pack; the unreferenced ones are condemned. Mostly dead ones are repacked: their
+    // live blobs move to new packs, with forwards, and they are condemned too.
+    let mut sizes: HashMap<PackId, u64> = HashMap::new();
+    for (k, size) in store.list_sizes("packs/")? {
+        if let Some(p) = k.rsplit('/').next().and_then(|p| p.parse::<PackId>().ok()) {
+            sizes.insert(p, size);
+        }
+    }
+    report.packs = sizes.len() as u64;
+    if opts.repack_budget > 0 {
+        // Sizes the listing did not give (file://): only of packs that may qualify.
+        let unknown: Vec<PackId> = sizes
+            .iter()
+            .filter(|(p, s)| **s == 0 && live.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in unknown {
+            sizes.insert(p, store.size(&p.key()).unwrap_or(0));
+        }
+    }
+    let cands = crate::repack::candidates(&sizes, &live, opts.repack_budget, opts.repack_min_dead);
+    report.packs_repacked = cands.len() as u64;
+    // This run's mark found them referenced: their grace starts with this run, whatever
+    // earlier runs condemned.
+    let repacked: HashSet<PackId> = cands.iter().map(|c| c.pack).collect();
+    if opts.dry_run {
+        report.repack_bytes_moved = cands.iter().map(|c| c.live_bytes()).sum();
+    } else if !cands.is_empty() {
+        let done = crate::repack::repack(store, &cands, progress)?;
+        report.repack_packs_written = done.packs_written;
+        report.repack_bytes_moved = done.bytes_moved;
+        for (old, _) in &done.forwards {
+            live.remove(old);
+        }
+    }
+    let mut condemned: Vec<PackId> = sizes
+        .keys()
+        .filter(|p| !live.contains_key(p))
         .copied()
         .collect();
+    condemned.sort();
     report.packs_condemned = condemned.len() as u64;
+    let mut forwards_condemned: Vec<PackId> = forwards
+        .keys()
+        .filter(|p| !named.contains(p))
+        .copied()
+        .collect();
+    forwards_condemned.sort();
 
     // 5. Deletable: condemned now and by every run back to one published at least the grace
     // before this run's mark began, with no run in between that found it referenced.
@@ -309,12 +383,19 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
             Err(e) => return Err(e),
         }
     }
-    let ripe = ripe_packs(&condemned, &records, t_mark, grace_ms);
+    let ripe = ripe_packs(&condemned, &records, |r| &r.condemned, t_mark, grace_ms);
     let delete: Vec<PackId> = condemned
         .iter()
-        .filter(|p| ripe.contains(p))
+        .filter(|p| ripe.contains(p) && !repacked.contains(p))
         .copied()
         .collect();
+    let ripe_forwards = ripe_packs(
+        &forwards_condemned,
+        &records,
+        |r| &r.forwards_condemned,
+        t_mark,
+        grace_ms,
+    );
     if opts.dry_run {
         report.packs_deleted = delete.len() as u64;
         for p in &delete {
@@ -333,6 +414,7 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
             published_unix_ms: store.clock().unix_ms(),
             grace_ms,
             condemned: condemned.clone(),
+            forwards_condemned: forwards_condemned.clone(),
         };
         match store.put_if_absent(
             &run_key(n),
@@ -368,6 +450,15 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         progress.update(report.bytes_deleted, i as u64 + 1);
     }
     progress.finish();
+    // Forwards last: a blob is never left whose forward is gone while its old pack is not.
+    for p in &ripe_forwards {
+        if let Some(f) = forwards.get(p) {
+            for key in &f.keys {
+                store.delete(key)?;
+                report.forwards_deleted += 1;
+            }
+        }
+    }
     for v in &views {
         for id in &v.expired_pins {
             v.ws.unpin(id)?;
@@ -382,7 +473,8 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
         store.delete(&run_key(*n))?;
         report.objects_deleted += 1;
     }
-    report.objects_deleted += report.packs_deleted + report.generations_pruned;
+    report.objects_deleted +=
+        report.packs_deleted + report.generations_pruned + report.forwards_deleted;
     Ok(report)
 }
 
@@ -438,6 +530,7 @@ fn apply_retention(
 fn ripe_packs(
     condemned: &[PackId],
     records: &[GcRun],
+    of: impl Fn(&GcRun) -> &Vec<PackId>,
     t_mark: u64,
     grace_ms: u64,
 ) -> HashSet<PackId> {
@@ -447,7 +540,7 @@ fn ripe_packs(
         if expect.is_some_and(|e| e != r.run) {
             break;
         }
-        let theirs: HashSet<&PackId> = r.condemned.iter().collect();
+        let theirs: HashSet<&PackId> = of(r).iter().collect();
         streak.retain(|p| theirs.contains(p));
         if streak.is_empty() {
             break;
@@ -544,11 +637,44 @@ pub(crate) fn mark(
     roots: &[BlobRef],
     progress: &dyn Progress,
     report: &mut GcReport,
-) -> Result<HashSet<PackId>> {
+) -> Result<Refs> {
     progress.begin("marking", 0, 0);
     let live = Marker::default().mark(store, roots, progress, report);
     progress.finish();
     live
+}
+
+/// The blobs a mark reached, by pack and offset (blobs are named by pack and offset: a
+/// repacked pack's are found through its forwards).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Refs {
+    pub(crate) by_pack: HashMap<PackId, HashMap<u64, (BlobId, u32)>>,
+}
+
+impl Refs {
+    pub(crate) fn insert(&mut self, r: &BlobRef) {
+        self.by_pack
+            .entry(r.pack)
+            .or_default()
+            .insert(r.offset, (r.id, r.len));
+    }
+
+    /// The packs named.
+    pub(crate) fn packs(&self) -> impl Iterator<Item = PackId> + '_ {
+        self.by_pack.keys().copied()
+    }
+
+    /// Every blob named, each once.
+    pub(crate) fn blobs(&self) -> impl Iterator<Item = BlobRef> + '_ {
+        self.by_pack.iter().flat_map(|(p, offs)| {
+            offs.iter().map(|(o, (id, len))| BlobRef {
+                id: *id,
+                pack: *p,
+                offset: *o,
+                len: *len,
+            })
+        })
+    }
 }
 
 /// A mark that remembers the trees and lists it read: a later call returns only the packs
@@ -566,12 +692,12 @@ impl Marker {
         roots: &[BlobRef],
         progress: &dyn Progress,
         report: &mut GcReport,
-    ) -> Result<HashSet<PackId>> {
-        let mut live: HashSet<PackId> = HashSet::new();
+    ) -> Result<Refs> {
+        let mut live = Refs::default();
         let mut stack: Vec<BlobRef> = Vec::new();
         for r in roots {
             if !self.seen_trees.contains(&r.id) {
-                live.insert(r.pack);
+                live.insert(r);
                 stack.push(*r);
             }
         }
@@ -585,17 +711,19 @@ impl Marker {
             for e in &tree.entries {
                 match &e.content {
                     Content::Dir(sub) if !self.seen_trees.contains(&sub.id) => {
-                        live.insert(sub.pack);
+                        live.insert(sub);
                         stack.push(*sub);
                     }
-                    Content::File(FileContent::Chunks(c)) => live.extend(c.iter().map(|r| r.pack)),
+                    Content::File(FileContent::Chunks(c)) => c.iter().for_each(|r| live.insert(r)),
                     Content::File(FileContent::List(lists)) => {
                         for l in lists {
-                            live.insert(l.blob.pack);
+                            live.insert(&l.blob);
                             if self.seen_lists.insert(l.blob.id) {
                                 let b = crate::pack::read_blob(store, &l.blob)?;
                                 let object = format!("list {} in {}", l.blob.id, l.blob.pack.key());
-                                live.extend(decode_list(&object, &b)?.iter().map(|r| r.pack));
+                                decode_list(&object, &b)?
+                                    .iter()
+                                    .for_each(|r| live.insert(r));
                             }
                         }
                     }

@@ -186,11 +186,31 @@ pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads one blob with a range GET and verifies it.
+/// Reads one blob with a range GET and verifies it. A blob whose pack a GC repacked is read
+/// where the pack's forwards say it went (`crate::forward`).
 pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
-    let data = store.get_range(&r.pack.key(), r.range())?;
-    verify_blob(r, &data)?;
-    Ok(data)
+    let mut at = *r;
+    for _ in 0..=crate::forward::MAX_HOPS {
+        match store.get_range(&at.pack.key(), at.range()) {
+            Ok(data) => {
+                verify_blob(&at, &data)?;
+                return Ok(data);
+            }
+            Err(e) if e.is_not_found() => match crate::forward::locate(store, &at)? {
+                Some(next) => at = next,
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::corrupt(
+        r.pack.key(),
+        format!(
+            "blob {} is forwarded more than {} times",
+            r.id,
+            crate::forward::MAX_HOPS
+        ),
+    ))
 }
 
 /// Reads a run of blobs that lie back to back in one pack with a single range GET, and
@@ -201,6 +221,11 @@ pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
 /// anything else is refused with `Invalid` before a request is made. The caller bounds the
 /// run's size. An empty run reads nothing.
 pub fn read_blob_run(store: &Store, run: &[BlobRef]) -> Result<Vec<Bytes>> {
+    read_run_hops(store, run, 0)
+}
+
+/// [`read_blob_run`], `hops` forwards down.
+fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Bytes>> {
     let Some(first) = run.first() else {
         return Ok(Vec::new());
     };
@@ -231,7 +256,34 @@ pub fn read_blob_run(store: &Store, run: &[BlobRef]) -> Result<Vec<Bytes>> {
             ))
         })?;
     }
-    let data = store.get_range(&first.pack.key(), first.offset..end)?;
+    let data = match store.get_range(&first.pack.key(), first.offset..end) {
+        Ok(d) => d,
+        // A repacked pack: where its forwards say, in runs of blobs that stayed adjacent.
+        Err(e) if e.is_not_found() && hops < crate::forward::MAX_HOPS => {
+            let mut moved = Vec::with_capacity(run.len());
+            for r in run {
+                match crate::forward::locate(store, r)? {
+                    Some(to) => moved.push(to),
+                    None => return Err(e),
+                }
+            }
+            let mut out = Vec::with_capacity(run.len());
+            let mut i = 0;
+            while i < moved.len() {
+                let mut j = i + 1;
+                while j < moved.len()
+                    && moved[j].pack == moved[i].pack
+                    && moved[j].offset == moved[j - 1].offset + moved[j - 1].len as u64
+                {
+                    j += 1;
+                }
+                out.extend(read_run_hops(store, &moved[i..j], hops + 1)?);
+                i = j;
+            }
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    };
     run.iter()
         .map(|r| {
             let lo = (r.offset - first.offset) as usize;

@@ -126,7 +126,7 @@ fn packs(w: &World) -> HashSet<String> {
 fn opts(grace: Duration) -> GcOptions {
     GcOptions {
         grace,
-        dry_run: false,
+        ..GcOptions::default()
     }
 }
 
