@@ -301,88 +301,19 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
 
     // 3. Mark every blob the kept trees reach, each where its pack's forwards (if any) say it
     // is now.
-    let mut refs = mark(store, &roots, progress, &mut report)?;
-    blobs.iter().for_each(|b| refs.insert(b));
-    let forwards = crate::forward::read_all(store)?;
-    let mut live: HashMap<PackId, HashMap<u64, (BlobId, u32)>> = HashMap::new();
-    // Every pack a kept blob names or passes through: its forwards are still needed.
-    let mut named: HashSet<PackId> = HashSet::new();
-    for b in refs.blobs() {
-        named.insert(b.pack);
-        let (at, via) = crate::forward::resolve(&forwards, &b);
-        named.extend(via);
-        live.entry(at.pack)
-            .or_default()
-            .insert(at.offset, (at.id, at.len));
-    }
-    report.packs_live = live.len() as u64;
-
+    let marked = mark_through_forwards(store, &roots, &blobs, progress, &mut report)?;
     // 4. Every pack; the unreferenced ones are condemned. Mostly dead ones are repacked: their
     // live blobs move to new packs, with forwards, and they are condemned too.
-    let mut sizes: HashMap<PackId, u64> = HashMap::new();
-    for (k, size) in store.list_sizes("packs/")? {
-        if let Some(p) = k.rsplit('/').next().and_then(|p| p.parse::<PackId>().ok()) {
-            sizes.insert(p, size);
-        }
-    }
-    report.packs = sizes.len() as u64;
-    if opts.repack_budget > 0 {
-        // Sizes the listing did not give (file://): only of packs that may qualify.
-        let unknown: Vec<PackId> = sizes
-            .iter()
-            .filter(|(p, s)| **s == 0 && live.contains_key(p))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in unknown {
-            sizes.insert(p, store.size(&p.key()).unwrap_or(0));
-        }
-    }
-    let cands = crate::repack::candidates(&sizes, &live, opts.repack_budget, opts.repack_min_dead);
-    report.packs_repacked = cands.len() as u64;
-    // This run's mark found them referenced: their grace starts with this run, whatever
-    // earlier runs condemned.
-    let repacked: HashSet<PackId> = cands.iter().map(|c| c.pack).collect();
-    if opts.dry_run {
-        report.repack_bytes_moved = cands.iter().map(|c| c.live_bytes()).sum();
-    } else if !cands.is_empty() {
-        let done = crate::repack::repack(store, &cands, progress)?;
-        report.repack_packs_written = done.packs_written;
-        report.repack_bytes_moved = done.bytes_moved;
-        for (old, _) in &done.forwards {
-            live.remove(old);
-        }
-    }
-    let mut condemned: Vec<PackId> = sizes
-        .keys()
-        .filter(|p| !live.contains_key(p))
-        .copied()
-        .collect();
-    condemned.sort();
-    report.packs_condemned = condemned.len() as u64;
-    let mut forwards_condemned: Vec<PackId> = forwards
-        .keys()
-        .filter(|p| !named.contains(p))
-        .copied()
-        .collect();
-    forwards_condemned.sort();
+    let Condemned {
+        condemned,
+        forwards_condemned,
+        repacked,
+        forwards,
+    } = condemn(store, opts, marked, progress, &mut report)?;
 
     // 5. Deletable: condemned now and by every run back to one published at least the grace
     // before this run's mark began, with no run in between that found it referenced.
-    let runs = list_runs(store)?;
-    let mut records = Vec::new();
-    let mut old_runs = Vec::new();
-    for &n in &runs {
-        match read_run(store, n) {
-            Ok(r) => {
-                if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {
-                    old_runs.push(n);
-                }
-                records.push(r);
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let (runs, records, old_runs) = read_runs(store, t_mark)?;
     let ripe = ripe_packs(&condemned, &records, |r| &r.condemned, t_mark, grace_ms);
     let delete: Vec<PackId> = condemned
         .iter()
@@ -476,6 +407,142 @@ pub fn collect(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Resu
     report.objects_deleted +=
         report.packs_deleted + report.generations_pruned + report.forwards_deleted;
     Ok(report)
+}
+
+/// The run numbers listed, the records still there, and the numbers of those past their
+/// history at `t_mark`.
+fn read_runs(store: &Store, t_mark: u64) -> Result<(Vec<u64>, Vec<GcRun>, Vec<u64>)> {
+    let runs = list_runs(store)?;
+    let mut records = Vec::new();
+    let mut old_runs = Vec::new();
+    for &n in &runs {
+        match read_run(store, n) {
+            Ok(r) => {
+                if r.published_unix_ms + RUN_HISTORY.as_millis() as u64 <= t_mark {
+                    old_runs.push(n);
+                }
+                records.push(r);
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((runs, records, old_runs))
+}
+
+/// What a mark found: the live blobs of each pack (after forwards), every pack a kept blob
+/// names or passes through (their forwards are still needed), and the forwards read.
+struct Marked {
+    live: HashMap<PackId, HashMap<u64, (BlobId, u32)>>,
+    named: HashSet<PackId>,
+    forwards: HashMap<PackId, crate::forward::Forwarded>,
+}
+
+/// Steps 3 of a run: the mark from `roots` (and the loose `blobs`: access lists), resolved
+/// through every pack's forwards.
+fn mark_through_forwards(
+    store: &Store,
+    roots: &[BlobRef],
+    blobs: &[BlobRef],
+    progress: &dyn Progress,
+    report: &mut GcReport,
+) -> Result<Marked> {
+    let mut refs = mark(store, roots, progress, report)?;
+    blobs.iter().for_each(|b| refs.insert(b));
+    let forwards = crate::forward::read_all(store)?;
+    let mut live: HashMap<PackId, HashMap<u64, (BlobId, u32)>> = HashMap::new();
+    let mut named: HashSet<PackId> = HashSet::new();
+    for b in refs.blobs() {
+        named.insert(b.pack);
+        let (at, via) = crate::forward::resolve(&forwards, &b);
+        named.extend(via);
+        live.entry(at.pack)
+            .or_default()
+            .insert(at.offset, (at.id, at.len));
+    }
+    report.packs_live = live.len() as u64;
+    Ok(Marked {
+        live,
+        named,
+        forwards,
+    })
+}
+
+/// What a run condemns: packs with no live blob (the repacked ones included), forwards of
+/// packs nothing kept reaches; and the packs it repacked (its own mark found them live).
+struct Condemned {
+    condemned: Vec<PackId>,
+    forwards_condemned: Vec<PackId>,
+    repacked: HashSet<PackId>,
+    forwards: HashMap<PackId, crate::forward::Forwarded>,
+}
+
+/// Step 4 of a run: every pack listed, the mostly dead ones repacked (not when dry), the
+/// unreferenced ones condemned.
+fn condemn(
+    store: &Store,
+    opts: &GcOptions,
+    marked: Marked,
+    progress: &dyn Progress,
+    report: &mut GcReport,
+) -> Result<Condemned> {
+    let Marked {
+        mut live,
+        named,
+        forwards,
+    } = marked;
+    let mut sizes: HashMap<PackId, u64> = HashMap::new();
+    for (k, size) in store.list_sizes("packs/")? {
+        if let Some(p) = k.rsplit('/').next().and_then(|p| p.parse::<PackId>().ok()) {
+            sizes.insert(p, size);
+        }
+    }
+    report.packs = sizes.len() as u64;
+    if opts.repack_budget > 0 {
+        // Sizes the listing did not give (file://): only of packs that may qualify.
+        let unknown: Vec<PackId> = sizes
+            .iter()
+            .filter(|(p, s)| **s == 0 && live.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in unknown {
+            sizes.insert(p, store.size(&p.key()).unwrap_or(0));
+        }
+    }
+    let cands = crate::repack::candidates(&sizes, &live, opts.repack_budget, opts.repack_min_dead);
+    report.packs_repacked = cands.len() as u64;
+    // This run's mark found them referenced: their grace starts with this run, whatever
+    // earlier runs condemned.
+    let repacked: HashSet<PackId> = cands.iter().map(|c| c.pack).collect();
+    if opts.dry_run {
+        report.repack_bytes_moved = cands.iter().map(|c| c.live_bytes()).sum();
+    } else if !cands.is_empty() {
+        let done = crate::repack::repack(store, &cands, progress)?;
+        report.repack_packs_written = done.packs_written;
+        report.repack_bytes_moved = done.bytes_moved;
+        for (old, _) in &done.forwards {
+            live.remove(old);
+        }
+    }
+    let mut condemned: Vec<PackId> = sizes
+        .keys()
+        .filter(|p| !live.contains_key(p))
+        .copied()
+        .collect();
+    condemned.sort();
+    report.packs_condemned = condemned.len() as u64;
+    let mut forwards_condemned: Vec<PackId> = forwards
+        .keys()
+        .filter(|p| !named.contains(p))
+        .copied()
+        .collect();
+    forwards_condemned.sort();
+    Ok(Condemned {
+        condemned,
+        forwards_condemned,
+        repacked,
+        forwards,
+    })
 }
 
 /// The trees and blobs kept generations reach, and the keys of the records to prune (not kept
