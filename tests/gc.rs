@@ -89,7 +89,7 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
     let mut condemned = 0u64;
     let mut repacked = 0u64;
     for round in 0..ROUNDS {
-        // Every pack at least half dead is repacked: blobs move, with forwards, under the
+        // Every pack with a dead blob is repacked: blobs move, with forwards, under the
         // writers, the lazy reader and the exports.
         let out = a.ok(&[
             "gc",
@@ -97,8 +97,8 @@ fn gc_races_writers_readers_and_forks(store: &TestStore) {
             &a.store,
             "--grace",
             "1s",
-            "--repack-min-dead",
-            "1",
+            "--max-unused",
+            "0",
             "--json",
         ]);
         let r: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -20,14 +20,14 @@ pub struct GcArgs {
     /// once it is this old. Writers must be able to commit within half of it.
     #[arg(long, default_value = "1h", value_parser = parse_grace)]
     pub grace: Duration,
-    /// Packs mostly dead (less than half live, at least 1 MiB dead) have their live blobs
-    /// moved into new packs and are deleted a grace later: at most this many bytes of such
-    /// packs are read per run (0: no repacking).
+    /// Packs that also hold dead blobs are repacked (their live blobs moved into new packs,
+    /// the old ones deleted a grace later), the deadest first, until the dead bytes left are
+    /// at most this percentage of the live bytes.
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    pub max_unused: f64,
+    /// At most this many bytes of packs are read per run to repack them (0: no repacking).
     #[arg(long, default_value = "2GiB", value_parser = crate::args::parse_bytes)]
     pub repack_budget: u64,
-    /// Repack only packs with at least this many dead bytes.
-    #[arg(long, default_value = "1MiB", value_parser = crate::args::parse_bytes)]
-    pub repack_min_dead: u64,
     /// Print the report as JSON.
     #[arg(long, env = "OWSFS_JSON")]
     pub json: bool,
@@ -52,7 +52,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<()> {
             grace: args.grace,
             dry_run: args.dry_run,
             repack_budget: args.repack_budget,
-            repack_min_dead: args.repack_min_dead,
+            max_unused: args.max_unused / 100.0,
         },
         &bar,
     )?;
@@ -88,8 +88,8 @@ fn print(r: &GcReport, dry: bool, url: &str) {
     if r.packs_repacked > 0 {
         let verb = if dry { "would move" } else { "moved" };
         println!(
-            "repacked: {} mostly dead packs ({verb} {} live bytes into {} new packs; the old \
-             packs are deleted by a later run a grace from now)",
+            "repacked: {} packs holding dead blobs ({verb} {} live bytes into {} new packs; the \
+             old packs are deleted by a later run a grace from now)",
             r.packs_repacked, r.repack_bytes_moved, r.repack_packs_written
         );
     }

@@ -4,8 +4,10 @@
 //! moves the live blobs of a mostly-dead pack into a new pack writes a forward record for the
 //! old one: each moved blob, by its old offset, with its new pack and offset. Once the old pack
 //! is gone, a read of a blob in it finds the blob through the forwards ([`locate`]); the bytes
-//! are verified against the blob's id as always. Forwards are only ever added (one record per
-//! repack), never changed, so a location they give stays true.
+//! are verified against the blob's id as always. Records are only ever added, never changed:
+//! a blob repacked again gets a newer record under the pack the trees name, and the newest
+//! record naming a blob wins, so a blob is one hop from where trees name it. A reader whose
+//! cached forwards sent it to a pack a later repack emptied reads the forwards again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,16 +69,18 @@ impl Forwarded {
     }
 
     /// Adds a record; records are added in key order (oldest first), and where two name the
-    /// same blob (two GCs repacked the pack at once) the oldest wins, for readers and GC alike,
-    /// however many records were read.
+    /// same blob (it was repacked again, or two GCs repacked it at once) the newest wins.
     fn add(&mut self, key: String, rec: &ForwardRecord) {
         for m in &rec.moved {
-            self.by_offset.entry(m.offset).or_insert(BlobRef {
-                id: m.id,
-                pack: m.to,
-                offset: m.to_offset,
-                len: m.len,
-            });
+            self.by_offset.insert(
+                m.offset,
+                BlobRef {
+                    id: m.id,
+                    pack: m.to,
+                    offset: m.to_offset,
+                    len: m.len,
+                },
+            );
         }
         self.keys.push(key);
     }
@@ -141,10 +145,11 @@ pub fn read_all(store: &Store) -> Result<HashMap<PackId, Forwarded>> {
 }
 
 /// Where blob `r` went, its pack being gone: the next location the forwards give, or `None`
-/// when none names it. Forwards read once are kept by the store; a miss reads them again
-/// (a later GC may have added some).
-pub fn locate(store: &Store, r: &BlobRef) -> Result<Option<BlobRef>> {
-    if let Some(f) = store.forwards_cached(&r.pack)
+/// when none names it. Forwards read once are kept by the store; a miss, or `fresh`, reads
+/// them again (a later GC may have added some).
+pub fn locate(store: &Store, r: &BlobRef, fresh: bool) -> Result<Option<BlobRef>> {
+    if !fresh
+        && let Some(f) = store.forwards_cached(&r.pack)
         && let Some(to) = f.next(r)
     {
         return Ok(Some(to));

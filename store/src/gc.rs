@@ -198,9 +198,9 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Bytes of mostly-dead packs a run reads to repack them (0: no repacking).
     pub repack_budget: u64,
-    /// A pack is repacked only when at least this many of its bytes are dead (and less than
-    /// half are live).
-    pub repack_min_dead: u64,
+    /// Live packs are repacked, the deadest first, until the dead bytes left in them are at
+    /// most this share of the live bytes.
+    pub max_unused: f64,
 }
 
 /// The default [`GcOptions::repack_budget`]: 2 GiB of packs read per run.
@@ -212,7 +212,7 @@ impl Default for GcOptions {
             grace: DEFAULT_GRACE,
             dry_run: false,
             repack_budget: DEFAULT_REPACK_BUDGET,
-            repack_min_dead: crate::repack::REPACK_MIN_DEAD,
+            max_unused: crate::repack::DEFAULT_MAX_UNUSED,
         }
     }
 }
@@ -235,8 +235,8 @@ pub struct GcReport {
     pub packs_condemned: u64,
     pub packs_deleted: u64,
     pub bytes_deleted: u64,
-    /// Mostly-dead packs whose live blobs were moved (dry: would be), the packs written for
-    /// them, and the live bytes moved.
+    /// Packs whose live blobs were moved (dry: would be), the packs written for them, and
+    /// the live bytes moved.
     #[serde(default)]
     pub packs_repacked: u64,
     #[serde(default)]
@@ -433,7 +433,7 @@ fn read_runs(store: &Store, t_mark: u64) -> Result<(Vec<u64>, Vec<GcRun>, Vec<u6
 /// What a mark found: the live blobs of each pack (after forwards), every pack a kept blob
 /// names or passes through (their forwards are still needed), and the forwards read.
 struct Marked {
-    live: HashMap<PackId, HashMap<u64, (BlobId, u32)>>,
+    live: HashMap<PackId, HashMap<u64, crate::repack::LiveBlob>>,
     named: HashSet<PackId>,
     forwards: HashMap<PackId, crate::forward::Forwarded>,
 }
@@ -450,15 +450,20 @@ fn mark_through_forwards(
     let mut refs = mark(store, roots, progress, report)?;
     blobs.iter().for_each(|b| refs.insert(b));
     let forwards = crate::forward::read_all(store)?;
-    let mut live: HashMap<PackId, HashMap<u64, (BlobId, u32)>> = HashMap::new();
+    let mut live: HashMap<PackId, HashMap<u64, crate::repack::LiveBlob>> = HashMap::new();
     let mut named: HashSet<PackId> = HashSet::new();
     for b in refs.blobs() {
         named.insert(b.pack);
         let (at, via) = crate::forward::resolve(&forwards, &b);
         named.extend(via);
-        live.entry(at.pack)
+        let blob = live
+            .entry(at.pack)
             .or_default()
-            .insert(at.offset, (at.id, at.len));
+            .entry(at.offset)
+            .or_default();
+        blob.id = at.id;
+        blob.len = at.len;
+        blob.named_at.push((b.pack, b.offset));
     }
     report.packs_live = live.len() as u64;
     Ok(Marked {
@@ -509,7 +514,7 @@ fn condemn(
             sizes.insert(p, store.size(&p.key()).unwrap_or(0));
         }
     }
-    let cands = crate::repack::candidates(&sizes, &live, opts.repack_budget, opts.repack_min_dead);
+    let cands = crate::repack::candidates(&sizes, &live, opts.repack_budget, opts.max_unused);
     report.packs_repacked = cands.len() as u64;
     // This run's mark found them referenced: their grace starts with this run, whatever
     // earlier runs condemned.
@@ -520,8 +525,8 @@ fn condemn(
         let done = crate::repack::repack(store, &cands, progress)?;
         report.repack_packs_written = done.packs_written;
         report.repack_bytes_moved = done.bytes_moved;
-        for (old, _) in &done.forwards {
-            live.remove(old);
+        for c in &cands {
+            live.remove(&c.pack);
         }
     }
     let mut condemned: Vec<PackId> = sizes

@@ -189,6 +189,15 @@ pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
 /// Reads one blob with a range GET and verifies it. A blob whose pack a GC repacked is read
 /// where the pack's forwards say it went (`crate::forward`).
 pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
+    match read_blob_via(store, r, false) {
+        // Forwards read earlier may point at a pack a later repack emptied: read them again.
+        Err(e) if e.is_not_found() => read_blob_via(store, r, true).map_err(|_| e),
+        done => done,
+    }
+}
+
+/// [`read_blob`], with the forwards cached (`fresh`: read again from the store).
+fn read_blob_via(store: &Store, r: &BlobRef, fresh: bool) -> Result<Bytes> {
     let mut at = *r;
     for _ in 0..=crate::forward::MAX_HOPS {
         match store.get_range(&at.pack.key(), at.range()) {
@@ -196,7 +205,7 @@ pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
                 verify_blob(&at, &data)?;
                 return Ok(data);
             }
-            Err(e) if e.is_not_found() => match crate::forward::locate(store, &at)? {
+            Err(e) if e.is_not_found() => match crate::forward::locate(store, &at, fresh)? {
                 Some(next) => at = next,
                 None => return Err(e),
             },
@@ -262,7 +271,7 @@ fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Byte
         Err(e) if e.is_not_found() && hops < crate::forward::MAX_HOPS => {
             let mut moved = Vec::with_capacity(run.len());
             for r in run {
-                match crate::forward::locate(store, r)? {
+                match crate::forward::locate(store, r, false)? {
                     Some(to) => moved.push(to),
                     None => return Err(e),
                 }
@@ -277,7 +286,16 @@ fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Byte
                 {
                     j += 1;
                 }
-                out.extend(read_run_hops(store, &moved[i..j], hops + 1)?);
+                match read_run_hops(store, &moved[i..j], hops + 1) {
+                    Ok(b) => out.extend(b),
+                    // Stale forwards: blob by blob, reading them again.
+                    Err(e) if e.is_not_found() => {
+                        for r in &run[i..j] {
+                            out.push(read_blob(store, r)?);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
                 i = j;
             }
             return Ok(out);

@@ -13,72 +13,94 @@ use crate::ids::{BlobId, PackId};
 use crate::pack::{PACK_TARGET_SIZE, PackWriter, read_pack};
 use crate::progress::Progress;
 
-/// A pack is repacked when less than this share of its bytes is live...
-pub const REPACK_LIVE_BELOW: f64 = 0.5;
-/// ...and at least this many of its bytes are dead (the default of
-/// `GcOptions::repack_min_dead`).
-pub const REPACK_MIN_DEAD: u64 = 1 << 20;
+/// The default share of dead bytes a store may keep in packs that also hold live blobs, as
+/// a share of the live bytes (`GcOptions::max_unused`).
+pub const DEFAULT_MAX_UNUSED: f64 = 0.10;
+
+/// A live blob as a GC's mark found it: its id and length, and the places trees name it by
+/// (its pack and offset, or those of the packs it was moved from).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LiveBlob {
+    pub id: BlobId,
+    pub len: u32,
+    pub named_at: Vec<(PackId, u64)>,
+}
 
 /// A pack worth repacking: its size and its live blobs by offset.
 #[derive(Clone, Debug)]
 pub(crate) struct Candidate {
     pub pack: PackId,
     pub size: u64,
-    pub live: BTreeMap<u64, (BlobId, u32)>,
+    pub live: BTreeMap<u64, LiveBlob>,
 }
 
 impl Candidate {
     pub(crate) fn live_bytes(&self) -> u64 {
-        self.live.values().map(|(_, l)| *l as u64).sum()
+        self.live.values().map(|b| b.len as u64).sum()
     }
 }
 
-/// The live packs (`sizes`: every pack's size; `live`: the live blobs of each, by offset)
-/// that are mostly dead (less than half live, at least `min_dead` bytes dead), the deadest
-/// first, up to `budget` bytes of packs to read.
+/// The live packs to repack (`sizes`: every pack's size; `live`: the live blobs of each, by
+/// offset): the deadest first (by dead share), until the dead bytes left in live packs are at
+/// most `max_unused` of the live bytes, and at most `budget` bytes of packs read.
 pub(crate) fn candidates(
     sizes: &HashMap<PackId, u64>,
-    live: &HashMap<PackId, HashMap<u64, (BlobId, u32)>>,
+    live: &HashMap<PackId, HashMap<u64, LiveBlob>>,
     budget: u64,
-    min_dead: u64,
+    max_unused: f64,
 ) -> Vec<Candidate> {
-    let mut out: Vec<Candidate> = live
+    let mut all: Vec<Candidate> = live
         .iter()
         .filter_map(|(p, blobs)| {
             let size = *sizes.get(p)?;
-            let live: u64 = blobs.values().map(|(_, l)| *l as u64).sum();
-            let dead = size.saturating_sub(live);
-            ((live as f64) < size as f64 * REPACK_LIVE_BELOW && dead >= min_dead.max(1)).then(
-                || Candidate {
-                    pack: *p,
-                    size,
-                    live: blobs.iter().map(|(o, v)| (*o, *v)).collect(),
-                },
-            )
+            Some(Candidate {
+                pack: *p,
+                size,
+                live: blobs.iter().map(|(o, v)| (*o, v.clone())).collect(),
+            })
         })
         .collect();
-    out.sort_by_key(|c| std::cmp::Reverse(c.size - c.live_bytes()));
-    let mut read = 0u64;
-    out.retain(|c| {
-        read += c.size;
-        read <= budget
+    let live_total: u64 = all.iter().map(Candidate::live_bytes).sum();
+    let dead = |c: &Candidate| c.size.saturating_sub(c.live_bytes());
+    let mut dead_total: u64 = all.iter().map(dead).sum();
+    let allowed = (live_total as f64 * max_unused.max(0.0)) as u64;
+    // Deadest share first; ties: the bigger dead first.
+    all.sort_by(|a, b| {
+        let share = |c: &Candidate| dead(c) as f64 / c.size.max(1) as f64;
+        share(b).total_cmp(&share(a)).then(dead(b).cmp(&dead(a)))
     });
+    let mut out = Vec::new();
+    let mut read = 0u64;
+    for c in all {
+        if dead_total <= allowed || dead(&c) == 0 {
+            break;
+        }
+        if read + c.size > budget {
+            continue;
+        }
+        read += c.size;
+        dead_total -= dead(&c);
+        out.push(c);
+    }
     out
 }
 
-/// What a repack did: per old pack, where its live blobs went; and the bytes moved.
+/// What a repack did: the forward records written (by the pack they are for), the packs
+/// written, and the bytes read and moved.
 #[derive(Debug, Default)]
 pub(crate) struct Repacked {
-    pub forwards: Vec<(PackId, Vec<Moved>)>,
+    pub forwards: Vec<PackId>,
     pub packs_written: u64,
     pub bytes_read: u64,
     pub bytes_moved: u64,
 }
 
 /// Moves the live blobs of `cands` into new packs (each old pack read whole, its index checked
-/// and every live blob verified against its id), uploads the new packs, then writes one
-/// forward record per old pack. A crash before a forward is written leaves new packs nothing
-/// references (garbage for a later run); after, the forward is correct whatever follows.
+/// and every live blob verified against its id), uploads the new packs, then writes the
+/// forward records: one per pack trees name the moved blobs by (the old pack itself, or the
+/// packs a blob was moved from before, so a blob stays one hop from where trees name it). A
+/// crash before a forward is written leaves new packs nothing references (garbage for a later
+/// run); after, the forward is correct whatever follows.
 pub(crate) fn repack(
     store: &Store,
     cands: &[Candidate],
@@ -88,13 +110,13 @@ pub(crate) fn repack(
     let total: u64 = cands.iter().map(|c| c.size).sum();
     progress.begin("repacking", total, cands.len() as u64);
     let mut writer = PackWriter::new();
-    let mut pending: Vec<(PackId, Vec<Moved>)> = Vec::new();
+    let mut pending: BTreeMap<PackId, Vec<Moved>> = BTreeMap::new();
     for (i, c) in cands.iter().enumerate() {
         let pack = read_pack(store, c.pack)?;
         done.bytes_read += c.size;
         let by_offset: HashMap<u64, _> = pack.entries().iter().map(|e| (e.offset, *e)).collect();
-        let mut moved = Vec::with_capacity(c.live.len());
-        for (&offset, &(id, len)) in &c.live {
+        for (&offset, blob) in &c.live {
+            let (id, len) = (blob.id, blob.len);
             let e = by_offset
                 .get(&offset)
                 .filter(|e| e.id == id && e.len == len)
@@ -112,15 +134,16 @@ pub(crate) fn repack(
             }
             let to = writer.add(e.kind, &data);
             done.bytes_moved += len as u64;
-            moved.push(Moved {
-                id,
-                offset,
-                len,
-                to: to.pack,
-                to_offset: to.offset,
-            });
+            for &(named, named_offset) in &blob.named_at {
+                pending.entry(named).or_default().push(Moved {
+                    id,
+                    offset: named_offset,
+                    len,
+                    to: to.pack,
+                    to_offset: to.offset,
+                });
+            }
         }
-        pending.push((c.pack, moved));
         progress.update(done.bytes_read, i as u64 + 1);
     }
     if !writer.is_empty() {
@@ -135,10 +158,10 @@ pub(crate) fn repack(
             &ForwardRecord {
                 pack,
                 time_unix_ms: store.clock().unix_ms(),
-                moved: moved.clone(),
+                moved,
             },
         )?;
-        done.forwards.push((pack, moved));
+        done.forwards.push(pack);
     }
     progress.finish();
     Ok(done)

@@ -255,3 +255,62 @@ fn holder() -> Holder {
         cache: "test".into(),
     }
 }
+
+/// A blob repacked twice stays one hop from where trees name it, and a reader whose cached
+/// forwards point at the emptied middle pack reads them again.
+#[test]
+fn a_blob_repacked_twice_is_found_by_a_reader_with_stale_forwards() {
+    let clock = Arc::new(ManualClock::starting_at_unix_ms(1_800_000_000_000));
+    let s = store("twice", &clock);
+    let ws = Workspace::open_or_create(&s, "w").unwrap();
+    ws.set_retention(&Policy {
+        all_secs: 0,
+        hourly_secs: 0,
+        daily_secs: 0,
+    })
+    .unwrap();
+    let (old, files) = big_pack(&s, 40);
+    commit(&s, &ws, &files);
+    commit(&s, &ws, &files[..16]);
+    for _ in 0..2 {
+        clock.advance(2 * HOUR);
+        gc(&s);
+    }
+    assert!(s.size(&old.key()).unwrap_err().is_not_found());
+    // This store now caches the old pack's forwards (to the first new pack).
+    let g = commit(&s, &ws, &files[..3]).number;
+    reads_back(&s, &ws, g);
+    clock.advance(2 * HOUR);
+    let r = gc(&s);
+    assert_eq!(
+        r.packs_repacked, 1,
+        "the first new pack is mostly dead: {r:?}"
+    );
+    clock.advance(2 * HOUR);
+    let r = gc(&s);
+    assert!(r.packs_deleted >= 1, "{r:?}");
+    // Both records are under the pack the trees name.
+    let records = s.list("forwards/").unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let prefix = owsfs_store::forward::prefix(&old);
+    assert!(
+        records.iter().all(|k| k.starts_with(&prefix)),
+        "{records:?}"
+    );
+    // The stale cache sends this store to the emptied pack first; it reads the forwards again.
+    reads_back(&s, &ws, g);
+    // A fresh reader goes straight there.
+    let fresh = Store::open(
+        &format!("memory://repack-twice-{}", std::process::id()),
+        StoreOptions {
+            clock: clock.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    reads_back(&fresh, &ws_in(&fresh), g);
+}
+
+fn ws_in(s: &Store) -> Workspace {
+    Workspace::open_existing(s, "w").unwrap().unwrap()
+}
