@@ -141,10 +141,15 @@ impl Rollback {
         let visible_ms = held_at.elapsed().as_secs_f64() * 1000.0;
         // 5.
         let access = match &done {
-            Ok(_) => self.access_list(&ws, &to),
+            Ok(_) => {
+                let access = self.access_list(&ws, &to);
+                self.agent.set_inherited_access(access.clone());
+                access
+            }
+            // Nothing changed (or the mount stopped writing): the prefetch goes on with what
+            // is pending, in no particular order.
             Err(_) => Vec::new(),
         };
-        self.agent.set_inherited_access(access.clone());
         self.hydration.start(access);
         if let Some(t) = trash {
             owsfs_hydrate::prepare::remove_trash(t);
