@@ -181,6 +181,8 @@ fn live_rollback_and_undo(store: &TestStore) {
     assert_eq!((integrity.as_str(), rows.len()), ("ok", 150));
     let snapshots = a.ok(&["snapshot", "list", &mp]);
     assert!(snapshots.contains(&undo), "{snapshots}");
+    let log = a.ok(&["log", "--store", &a.store, "--workspace", "live"]);
+    assert_eq!(log.matches("[rollback to ").count(), 2, "{log}");
     let last = tree(&a.mp);
     a.unmount();
 

@@ -118,6 +118,9 @@ pub fn run(args: &LogArgs) -> anyhow::Result<()> {
         } else {
             format!("  [snapshot {}]", names.join(", "))
         };
+        if let Some(to) = r.stats.rollback_to {
+            marks.push_str(&format!("  [rollback to {to}]"));
+        }
         let reasons = why(r.number);
         if reasons.is_empty() {
             marks.push_str("  (not kept: goes at a GC)");

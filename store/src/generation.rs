@@ -59,6 +59,9 @@ pub struct GenStats {
     pub journal_seq: u64,
     pub cut_ms: u64,
     pub upload_ms: u64,
+    /// A rollback: the generation whose state this one holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<GenNumber>,
 }
 
 /// One generation record.

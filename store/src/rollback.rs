@@ -84,6 +84,7 @@ pub fn rollback(
                 files: to.stats.files,
                 dirs: to.stats.dirs,
                 bytes_total: to.stats.bytes_total,
+                rollback_to: Some(to.number),
                 ..GenStats::default()
             },
             access: to.access,

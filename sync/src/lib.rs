@@ -625,6 +625,7 @@ impl SyncAgent {
                 journal_seq: seq,
                 cut_ms,
                 upload_ms: started.elapsed().as_millis() as u64 - cut_ms,
+                rollback_to: None,
             },
         };
         fail::fail_point!("commit-after-pending");

@@ -86,6 +86,7 @@ impl SyncAgent {
                 files: to.stats.files,
                 dirs: to.stats.dirs,
                 bytes_total: to.stats.bytes_total,
+                rollback_to: Some(to.number),
                 ..GenStats::default()
             },
             access: to.access,
