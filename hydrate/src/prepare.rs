@@ -124,6 +124,9 @@ pub fn prepare_base(
     };
     local.set_meta("workspace", ws.name())?;
     local.set_meta("store", store_url)?;
+    // Whatever interrupted work left (the old tree of a live rollback included), whether or
+    // not the cache is restored now.
+    remove_leftovers(&cache.root)?;
     let Some(record) = newest else {
         return Ok((Vec::new(), head));
     };
@@ -131,7 +134,6 @@ pub fn prepare_base(
     let Some(warm) = restore_head else {
         return Ok((sqlite, head));
     };
-    remove_leftovers(&cache.root)?;
     lazy_restore(ws, local, &cache.backing, &record, warm)?;
     Ok((sqlite, head))
 }
@@ -166,16 +168,14 @@ pub fn prepare_read_only(
     }
     let root = record.root.map(|r| serde_json::to_string(&r)).transpose()?;
     let base = local.base()?;
+    remove_leftovers(&cache.root)?;
     match &base {
         Some(b) if b.generation == record.number && Some(b.root.as_str()) == root.as_deref() => {}
         None if dir_has_entries(&cache.backing)? => bail!(
             "the cache {} already holds files: mount on a new --cache",
             cache.root.display()
         ),
-        _ => {
-            remove_leftovers(&cache.root)?;
-            lazy_restore(ws, local, &cache.backing, record, base.is_some())?
-        }
+        _ => lazy_restore(ws, local, &cache.backing, record, base.is_some())?,
     }
     local.set_meta("workspace", ws.name())?;
     local.set_meta("store", store_url)?;
@@ -269,30 +269,29 @@ fn remove_leftovers(cache_root: &Path) -> anyhow::Result<()> {
 /// Where a live rollback puts the old tree (`CACHE/rollback.trash/N`).
 pub const TRASH: &str = "rollback.trash";
 
-/// A live rollback's rebase: the cache, whose journal is clean and which holds generation
-/// `record`'s parent, becomes a lazy copy of `record` below the same backing root (whose
-/// inode, and so the mount's root, stays). First the cache's state (the root pending, nothing
-/// else known: a crash from here on materializes the root afresh), then every old entry of
-/// the root is moved into `CACHE/rollback.trash/N`, so nothing of the old tree is reachable
-/// from the root; open files keep their inodes there. Returns that directory, for
-/// [`remove_trash`] once the new tree serves. The caller materializes the root.
-pub fn rebase_live(
+/// A live rollback's rebase, first step: the cache's state (`state.db`), whose journal is
+/// clean and which holds generation `record`'s parent, becomes that of a lazy copy of
+/// `record` below the same backing root (whose inode, and so the mount's root, stays): the
+/// root pending, nothing else known. One transaction: on error nothing changed. From its
+/// commit on, the next mount of the cache materializes the root afresh, removing whatever
+/// the old tree left in it.
+pub fn rebase_state(
     ws: &Workspace,
     local: &mut LocalState,
-    cache_root: &Path,
     backing: &Path,
     record: &owsfs_store::GenerationRecord,
-) -> anyhow::Result<PathBuf> {
-    lazy_restore(ws, local, backing, record, false)?;
-    let trash = cache_root.join(TRASH).join(record.number.to_string());
+) -> anyhow::Result<()> {
+    lazy_restore(ws, local, backing, record, false)
+}
+
+/// A live rollback's rebase, second step: every entry of the backing root moves into
+/// `CACHE/rollback.trash/N` (N: the new generation), so nothing of the old tree is reachable
+/// from the root; open files keep their inodes there. Returns that directory, for
+/// [`remove_trash`] once the new tree serves.
+pub fn move_aside(cache_root: &Path, backing: &Path, generation: u64) -> anyhow::Result<PathBuf> {
+    let trash = cache_root.join(TRASH).join(generation.to_string());
     fs::create_dir_all(&trash).with_context(|| format!("create {}", trash.display()))?;
     let root = fs::File::open(backing).with_context(|| format!("open {}", backing.display()))?;
-    let root = rustix::fs::openat(
-        root.as_fd(),
-        c".",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
     let into = fs::File::open(&trash).with_context(|| format!("open {}", trash.display()))?;
     for entry in fs::read_dir(backing).with_context(|| format!("list {}", backing.display()))? {
         let name = entry?.file_name();
@@ -370,7 +369,8 @@ fn own_commit(
     // A live rollback committed it and died before the cache became its copy: the cache
     // still holds the tree it replaced, which the journal does not turn into this one.
     if let Some(rb) = local.meta("rollback")?
-        && rb.split_once(' ').map(|(n, _)| n) == Some(r.number.to_string().as_str())
+        && let Some(root) = r.root
+        && rb == format!("{} {}", r.number, serde_json::to_string(&root)?)
     {
         return Ok(false);
     }

@@ -93,7 +93,8 @@ impl Daemon {
         match self.rollback.get() {
             Some(r) => r.run(to, keep_snapshots, timeout),
             None => Err(ControlError::Other(format!(
-                "{} is a read-only mount: it cannot be rolled back (mount another generation                  with `owsfs mount --read-only --at REF`)",
+                "{} is a read-only mount: it cannot be rolled back (mount another generation \
+                 with `owsfs mount --read-only --at REF`)",
                 self.mountpoint.display()
             ))),
         }

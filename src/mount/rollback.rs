@@ -100,7 +100,10 @@ impl Rollback {
                 .map_err(|e| ControlError::Other(e.to_string()))
         };
         resolve()?;
-        // 1. Writers go on meanwhile; the rest of their changes is committed in step 3.
+        // 1. Writers go on meanwhile; the rest of their changes is committed in step 3. The
+        // kernel's dirty pages (shared mmaps, the writeback cache) are pushed first: a clean
+        // journal would not make the sync push them.
+        self.agent.push_dirty_pages();
         self.agent.sync(timeout).map_err(|e| match e {
             owsfs_sync::SyncError::ShuttingDown => ControlError::ShuttingDown,
             e => ControlError::Other(format!("not rolled back: {e}")),
@@ -114,23 +117,31 @@ impl Rollback {
         let held = self.core.hold_requests();
         let mut names = Vec::new();
         let mut replaced = false;
+        let mut hydrator_ok = true;
         let mut trash = None;
         // 3.
         let done = self.agent.rollback_to(&to, keep, |local, record| {
-            trash = Some(owsfs_hydrate::prepare::rebase_live(
-                &ws,
-                local,
-                &self.cache_root,
-                &self.backing,
-                record,
-            )?);
+            owsfs_hydrate::prepare::rebase_state(&ws, local, &self.backing, record)?;
+            // From here on the cache's state is the new tree's: the mount follows it whatever
+            // fails (the root, pending, is emptied when it is materialized).
+            let moved =
+                owsfs_hydrate::prepare::move_aside(&self.cache_root, &self.backing, record.number);
             names = self.core.replaced_tree();
             replaced = true;
-            self.hyd.reload(&self.core.journal().dirty())?;
+            if let Err(e) = self.hyd.reload(&self.core.journal().dirty()) {
+                hydrator_ok = false;
+                return Err(e.context("cannot load the new tree's hydration state"));
+            }
+            trash = Some(moved?);
+            // One fetch (the root's tree); if the store does not answer now, the first
+            // lookup fetches it.
             let root = self.hyd.root_ino();
-            self.core
+            if let Err(e) = self
+                .core
                 .with_barrier_shared(|| self.hyd.materialize_dir(root, self.hyd.root_fd()))
-                .map_err(|e| anyhow::anyhow!("cannot fetch the root directory: {e}"))?;
+            {
+                tracing::warn!("rollback: the root directory is fetched on first use: {e}");
+            }
             Ok(())
         });
         // 4.
@@ -150,7 +161,11 @@ impl Rollback {
             // is pending, in no particular order.
             Err(_) => Vec::new(),
         };
-        self.hydration.start(access);
+        // A hydrator that could not load its state is left alone (the mount stopped writing;
+        // its next mount starts from the cache's state).
+        if hydrator_ok {
+            self.hydration.start(access);
+        }
         if let Some(t) = trash {
             owsfs_hydrate::prepare::remove_trash(t);
         }

@@ -10,7 +10,7 @@ use crate::error::{Result, StoreError};
 use crate::generation::{GenNumber, GenerationRecord, Workspace};
 use crate::ids::PackId;
 use crate::lease::{Holder, Lease, LeaseRecord, LeaseState};
-use crate::pack::ParsedPack;
+use crate::pack::{BlobRef, ParsedPack};
 use crate::progress::Progress;
 
 /// What a copy did.
@@ -146,41 +146,31 @@ fn copy_under_lease(
         .filter(|r| r.number > theirs_newest)
         .collect();
     report.generations_present = (records.len() - to_copy.len()) as u64;
-    let present: HashSet<String> = dst.list("packs/")?.into_iter().collect();
-    let mut watch = crate::gc::GcWatch::default();
+    let mut packs = Packs {
+        src: src.store(),
+        dst,
+        present: dst.list("packs/")?.into_iter().collect(),
+        watch: crate::gc::GcWatch::default(),
+        whole: HashSet::new(),
+        forwarded: HashSet::new(),
+        report,
+    };
     let mut marker = crate::gc::Marker::default();
     let mut scratch = crate::gc::GcReport::default();
-    let mut done: HashSet<PackId> = HashSet::new();
     progress.begin("copying", 0, to_copy.len() as u64);
     for (i, r) in to_copy.iter().enumerate() {
         let roots: Vec<_> = r.root.into_iter().collect();
-        let mut packs: Vec<PackId> = marker
-            .mark(src.store(), &roots, &crate::progress::Silent, &mut scratch)?
-            .packs()
-            .collect();
-        packs.extend(r.access.map(|a| a.pack));
-        if watch.stale(dst.clock().now()) {
-            watch.refresh(dst, 0, dst.clock().now())?;
+        let mut refs = marker.mark(src.store(), &roots, &crate::progress::Silent, &mut scratch)?;
+        if let Some(a) = &r.access {
+            refs.insert(a);
         }
-        for p in packs {
-            if !done.insert(p) {
-                continue;
-            }
-            let key = p.key();
-            if present.contains(&key) {
-                if watch.at_risk(&p) {
-                    return Err(StoreError::Invalid(format!(
-                        "pack {} of the destination, which this copy needs, was just condemned \
-                         by its GC; nothing beyond generation {} was copied: run the copy again \
-                         after the destination's next GC",
-                        p.to_hex(),
-                        r.number.saturating_sub(1)
-                    )));
-                }
-                report.packs_present += 1;
-            } else {
-                copy_pack(src.store(), dst, p, &present, &mut done, report, 0)?;
-            }
+        if packs.watch.stale(dst.clock().now()) {
+            packs.watch.refresh(dst, 0, dst.clock().now())?;
+        }
+        for (p, blobs) in refs.by_pack_blobs() {
+            packs
+                .ensure(p, &blobs, 0)
+                .map_err(|e| at_generation(e, r.number))?;
             hold.keep()?;
         }
         let mut r = (*r).clone();
@@ -193,8 +183,8 @@ fn copy_under_lease(
             Err(crate::generation::CommitError::Invalid(m)) => return Err(StoreError::Invalid(m)),
             Err(crate::generation::CommitError::Store(e)) => return Err(e),
         }
-        report.generations_copied += 1;
-        progress.update(report.bytes_copied, i as u64 + 1);
+        packs.report.generations_copied += 1;
+        progress.update(packs.report.bytes_copied, i as u64 + 1);
         hold.keep()?;
     }
     progress.finish();
@@ -228,55 +218,121 @@ fn copy_under_lease(
     Ok(())
 }
 
-/// Copies pack `p` (verified). A pack the source's GC repacked is copied as its forwards: the
-/// packs they point to first, then the records, so the destination reads the moved blobs
-/// where the source does.
-fn copy_pack(
-    src: &crate::backend::Store,
-    dst: &crate::backend::Store,
-    p: PackId,
-    present: &HashSet<String>,
-    done: &mut HashSet<PackId>,
-    report: &mut CopyReport,
-    hops: usize,
-) -> Result<()> {
-    let key = p.key();
-    let data = match src.get(&key) {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() && hops < crate::forward::MAX_HOPS => {
-            let f = crate::forward::read(src, &p)?;
-            if f.keys.is_empty() {
-                return Err(e);
-            }
-            let targets: HashSet<PackId> = f.targets().collect();
-            for t in targets {
-                if done.insert(t) && !present.contains(&t.key()) {
-                    copy_pack(src, dst, t, present, done, report, hops + 1)?;
-                }
-            }
-            for k in &f.keys {
-                let b = src.get(k)?;
-                // Verified before it is copied, like every object.
-                let _: crate::forward::ForwardRecord = crate::generation::unseal_json(
-                    "owsfs-forward",
-                    crate::forward::FORWARD_VERSION,
-                    k,
-                    &b,
-                )?;
-                dst.put_if_absent(k, b)?;
-            }
+/// The copy's view of the packs: what the destination has, its GC's view, and what was
+/// copied.
+struct Packs<'a> {
+    src: &'a Store,
+    dst: &'a Store,
+    present: HashSet<String>,
+    watch: crate::gc::GcWatch,
+    /// Packs in the destination whole (copied or found there).
+    whole: HashSet<PackId>,
+    /// Blobs of packs the source repacked, already readable in the destination.
+    forwarded: HashSet<(PackId, u64)>,
+    report: &'a mut CopyReport,
+}
+
+impl Packs<'_> {
+    /// Makes `blobs` (named in pack `p` by the trees copied) readable in the destination: the
+    /// pack, copied and verified unless the destination has it (and its GC did not just
+    /// condemn it); or, for a pack the source's GC repacked, the packs its forwards send those
+    /// blobs to, then its forward records.
+    fn ensure(&mut self, p: PackId, blobs: &[BlobRef], hops: usize) -> Result<()> {
+        if self.whole.contains(&p) {
             return Ok(());
         }
-        Err(e) => return Err(e),
-    };
-    let parsed = ParsedPack::parse(p, data.clone())?;
-    for e in parsed.entries() {
-        parsed.entry_blob(e)?;
+        let key = p.key();
+        if self.present.contains(&key) {
+            if self.watch.at_risk(&p) {
+                return Err(at_risk(&format!("pack {}", p.to_hex())));
+            }
+            self.report.packs_present += 1;
+            self.whole.insert(p);
+            return Ok(());
+        }
+        let data = match self.src.get(&key) {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() && hops < crate::forward::MAX_HOPS => {
+                return self.ensure_forwarded(p, blobs, hops, e);
+            }
+            Err(e) => return Err(e),
+        };
+        let parsed = ParsedPack::parse(p, data.clone())?;
+        for e in parsed.entries() {
+            parsed.entry_blob(e)?;
+        }
+        self.dst.put(&key, data.clone())?;
+        self.present.insert(key);
+        self.whole.insert(p);
+        self.report.packs_copied += 1;
+        self.report.bytes_copied += data.len() as u64;
+        Ok(())
     }
-    dst.put(&key, data.clone())?;
-    report.packs_copied += 1;
-    report.bytes_copied += data.len() as u64;
-    Ok(())
+
+    fn ensure_forwarded(
+        &mut self,
+        p: PackId,
+        blobs: &[BlobRef],
+        hops: usize,
+        missing: StoreError,
+    ) -> Result<()> {
+        let todo: Vec<BlobRef> = blobs
+            .iter()
+            .filter(|b| !self.forwarded.contains(&(p, b.offset)))
+            .copied()
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let f = crate::forward::read(self.src, &p)?;
+        let mut by_target: Vec<(PackId, Vec<BlobRef>)> = Vec::new();
+        for b in &todo {
+            let Some(t) = f.next(b) else {
+                return Err(missing);
+            };
+            match by_target.iter_mut().find(|(q, _)| *q == t.pack) {
+                Some((_, v)) => v.push(t),
+                None => by_target.push((t.pack, vec![t])),
+            }
+        }
+        for (t, tb) in by_target {
+            self.ensure(t, &tb, hops + 1)?;
+        }
+        if self.watch.forwards_at_risk(&p) {
+            return Err(at_risk(&format!("the forwards of pack {}", p.to_hex())));
+        }
+        for k in &f.keys {
+            let b = self.src.get(k)?;
+            // Verified before it is copied, like every object.
+            let _: crate::forward::ForwardRecord = crate::generation::unseal_json(
+                "owsfs-forward",
+                crate::forward::FORWARD_VERSION,
+                k,
+                &b,
+            )?;
+            self.dst.put_if_absent(k, b)?;
+        }
+        self.forwarded.extend(todo.iter().map(|b| (p, b.offset)));
+        Ok(())
+    }
+}
+
+fn at_risk(what: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "{what} of the destination, which this copy needs, was just condemned by its GC"
+    ))
+}
+
+/// A copy error, saying how far the copy got.
+fn at_generation(e: StoreError, n: GenNumber) -> StoreError {
+    match e {
+        StoreError::Invalid(m) if m.contains("just condemned") => StoreError::Invalid(format!(
+            "{m}; nothing beyond generation {} was copied: run the copy again after the \
+             destination's next GC",
+            n.saturating_sub(1)
+        )),
+        e => e,
+    }
 }
 
 fn diverged(name: &str, n: GenNumber, how: &str) -> StoreError {

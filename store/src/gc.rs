@@ -89,6 +89,8 @@ pub fn read_run(store: &Store, n: u64) -> Result<GcRun> {
 pub struct GcWatch {
     /// Condemned packs by run.
     runs: BTreeMap<u64, Vec<PackId>>,
+    /// Packs whose forwards were condemned, by run.
+    forward_runs: BTreeMap<u64, Vec<PackId>>,
     bad: HashSet<PackId>,
     /// Packs condemned by runs above `seen_before` read since the last `take_fresh`.
     fresh: HashSet<PackId>,
@@ -120,6 +122,7 @@ impl GcWatch {
         };
         let listed_set: BTreeSet<u64> = listed.iter().copied().collect();
         self.runs.retain(|n, _| listed_set.contains(n));
+        self.forward_runs.retain(|n, _| listed_set.contains(n));
         let mut new_runs = 0;
         for &n in &listed {
             if self.runs.contains_key(&n) {
@@ -135,6 +138,7 @@ impl GcWatch {
                 self.fresh.extend(r.condemned.iter().copied());
             }
             self.runs.insert(n, r.condemned);
+            self.forward_runs.insert(n, r.forwards_condemned);
             new_runs += 1;
         }
         self.bad = self.runs.values().flatten().copied().collect();
@@ -162,6 +166,15 @@ impl GcWatch {
     /// condemnation that a later run did not repeat was rescued).
     pub fn at_risk(&self, pack: &PackId) -> bool {
         self.runs
+            .values()
+            .next_back()
+            .is_some_and(|c| c.contains(pack))
+    }
+
+    /// Whether the newest run condemned the forwards of `pack` (a copy that needs them must
+    /// not count on them).
+    pub fn forwards_at_risk(&self, pack: &PackId) -> bool {
+        self.forward_runs
             .values()
             .next_back()
             .is_some_and(|c| c.contains(pack))
@@ -731,9 +744,23 @@ impl Refs {
             .insert(r.offset, (r.id, r.len));
     }
 
-    /// The packs named.
-    pub(crate) fn packs(&self) -> impl Iterator<Item = PackId> + '_ {
-        self.by_pack.keys().copied()
+    /// The blobs named, pack by pack.
+    pub(crate) fn by_pack_blobs(&self) -> Vec<(PackId, Vec<BlobRef>)> {
+        self.by_pack
+            .iter()
+            .map(|(p, offs)| {
+                let blobs = offs
+                    .iter()
+                    .map(|(o, (id, len))| BlobRef {
+                        id: *id,
+                        pack: *p,
+                        offset: *o,
+                        len: *len,
+                    })
+                    .collect();
+                (*p, blobs)
+            })
+            .collect()
     }
 
     /// Every blob named, each once.

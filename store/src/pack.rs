@@ -21,6 +21,12 @@ pub const INDEX_ENTRY_LEN: usize = 46;
 /// The size at which callers usually seal a pack.
 pub const PACK_TARGET_SIZE: u64 = 16 << 20;
 
+/// The size of a sealed pack of `blobs` blobs holding `bytes` bytes in all: header, blobs,
+/// index (magic, count, entries, checksum) and trailer.
+pub fn sealed_size(blobs: u64, bytes: u64) -> u64 {
+    HEADER_LEN + bytes + 16 + blobs * INDEX_ENTRY_LEN as u64 + TRAILER_LEN
+}
+
 /// What a blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BlobKind {
@@ -191,7 +197,10 @@ pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
 pub fn read_blob(store: &Store, r: &BlobRef) -> Result<Bytes> {
     match read_blob_via(store, r, false) {
         // Forwards read earlier may point at a pack a later repack emptied: read them again.
-        Err(e) if e.is_not_found() => read_blob_via(store, r, true).map_err(|_| e),
+        Err(e) if e.is_not_found() => read_blob_via(store, r, true).map_err(|again| {
+            // A corrupt or unreachable blob is that, not "missing".
+            if again.is_not_found() { e } else { again }
+        }),
         done => done,
     }
 }
@@ -447,6 +456,14 @@ pub fn read_pack(store: &Store, id: PackId) -> Result<ParsedPack> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn sealed_size_is_the_size_of_a_sealed_pack() {
+        let (_, b, refs) = sample();
+        let bytes: u64 = refs.iter().map(|r| r.len as u64).sum();
+        assert_eq!(sealed_size(refs.len() as u64, bytes), b.len() as u64);
+        assert_eq!(sealed_size(0, 0), PackWriter::new().seal().1.len() as u64);
+    }
 
     fn sample() -> (PackId, Bytes, Vec<BlobRef>) {
         let mut w = PackWriter::new();

@@ -10,7 +10,7 @@ use crate::backend::Store;
 use crate::error::{Result, StoreError};
 use crate::forward::{self, ForwardRecord, Moved};
 use crate::ids::{BlobId, PackId};
-use crate::pack::{PACK_TARGET_SIZE, PackWriter, read_pack};
+use crate::pack::{PACK_TARGET_SIZE, PackWriter, read_pack, sealed_size};
 use crate::progress::Progress;
 
 /// The default share of dead bytes a store may keep in packs that also hold live blobs, as
@@ -61,7 +61,12 @@ pub(crate) fn candidates(
         })
         .collect();
     let live_total: u64 = all.iter().map(Candidate::live_bytes).sum();
-    let dead = |c: &Candidate| c.size.saturating_sub(c.live_bytes());
+    // Dead: what a pack of only its live blobs would not hold (dead blobs and their index
+    // entries; a pack's own header and trailer are not dead).
+    let dead = |c: &Candidate| {
+        c.size
+            .saturating_sub(sealed_size(c.live.len() as u64, c.live_bytes()))
+    };
     let mut dead_total: u64 = all.iter().map(dead).sum();
     let allowed = (live_total as f64 * max_unused.max(0.0)) as u64;
     // Deadest share first; ties: the bigger dead first.

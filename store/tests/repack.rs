@@ -299,6 +299,10 @@ fn a_blob_repacked_twice_is_found_by_a_reader_with_stale_forwards() {
     );
     // The stale cache sends this store to the emptied pack first; it reads the forwards again.
     reads_back(&s, &ws, g);
+    // A copy takes only where the blobs are now (the emptied middle pack is gone).
+    let dst = store("twice-dst", &clock);
+    owsfs_store::copy::copy_workspace(&ws, None, &dst, "w", &holder(), &Silent).unwrap();
+    reads_back(&dst, &ws_in(&dst), g);
     // A fresh reader goes straight there.
     let fresh = Store::open(
         &format!("memory://repack-twice-{}", std::process::id()),

@@ -204,6 +204,9 @@ pub struct SyncAgent {
     inherited_access: Mutex<Vec<String>>,
     /// What the GC runs condemned, as last read (`gc.rs`).
     gc: Mutex<owsfs_store::gc::GcWatch>,
+    /// One commit at a time, from its cut to its state updated: the agent's thread, a
+    /// `commit_now`, a live rollback.
+    commit_lock: Mutex<()>,
 }
 
 impl SyncAgent {
@@ -274,6 +277,7 @@ impl SyncAgent {
             hyd,
             inherited_access: Mutex::new(inherited_access),
             gc: Mutex::default(),
+            commit_lock: Mutex::new(()),
         }))
     }
 
@@ -284,7 +288,7 @@ impl SyncAgent {
 
     /// syncfs on the mount, so dirty pages of shared mmaps and of the writeback cache have
     /// reached the daemon before the barrier.
-    fn push_dirty_pages(&self) {
+    pub fn push_dirty_pages(&self) {
         let Some(mp) = self.mountpoint.lock().clone() else {
             return;
         };
@@ -547,12 +551,18 @@ impl SyncAgent {
     /// One cut and commit; `push_pages`: a syncfs of the mount first (not while kernel
     /// requests are held back: it would wait on them).
     fn commit_once_with(&self, push_pages: bool) -> anyhow::Result<u64> {
-        let started = Instant::now();
         // 1. Dirty pages of mmaps and of the writeback cache reach the daemon first (not after
         // the unmount: nothing serves the mount any more).
         if push_pages && !self.st.lock().stop {
             self.push_dirty_pages();
         }
+        let _one = self.commit_lock.lock();
+        self.commit_locked()
+    }
+
+    /// A cut and commit, with the commit lock held.
+    fn commit_locked(&self) -> anyhow::Result<u64> {
+        let started = Instant::now();
         let journal = self.core.journal();
         let mut local = self.local.lock();
         self.gc_refresh(&mut local)?;

@@ -44,8 +44,11 @@ impl SyncAgent {
         if let Some(why) = self.core.writes_stopped() {
             bail!("writes were stopped ({why}): nothing more is committed from this mount");
         }
+        // No other commit until this one's state is updated (the agent's thread would
+        // otherwise cut on top of a base the rollback is replacing).
+        let _one = self.commit_lock.lock();
         if self.core.journal().is_dirty() {
-            self.commit_once_with(false)
+            self.commit_locked()
                 .context("cannot commit what was written before the rollback")?;
         }
         let mut local = self.local.lock();
