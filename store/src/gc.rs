@@ -446,7 +446,7 @@ fn read_runs(store: &Store, t_mark: u64) -> Result<(Vec<u64>, Vec<GcRun>, Vec<u6
 /// What a mark found: the live blobs of each pack (after forwards), every pack a kept blob
 /// names or passes through (their forwards are still needed), and the forwards read.
 struct Marked {
-    live: HashMap<PackId, HashMap<u64, crate::repack::LiveBlob>>,
+    live: crate::repack::Live,
     named: HashSet<PackId>,
     forwards: HashMap<PackId, crate::forward::Forwarded>,
 }
@@ -463,22 +463,17 @@ fn mark_through_forwards(
     let mut refs = mark(store, roots, progress, report)?;
     blobs.iter().for_each(|b| refs.insert(b));
     let forwards = crate::forward::read_all(store)?;
-    let mut live: HashMap<PackId, HashMap<u64, crate::repack::LiveBlob>> = HashMap::new();
+    let mut live = crate::repack::Live::default();
     let mut named: HashSet<PackId> = HashSet::new();
     for b in refs.blobs() {
         named.insert(b.pack);
         let (at, via) = crate::forward::resolve(&forwards, &b);
+        let moved = !via.is_empty();
         named.extend(via);
-        let blob = live
-            .entry(at.pack)
-            .or_default()
-            .entry(at.offset)
-            .or_default();
-        blob.id = at.id;
-        blob.len = at.len;
-        blob.named_at.push((b.pack, b.offset));
+        live.add(&at, moved.then_some((b.pack, b.offset)));
     }
-    report.packs_live = live.len() as u64;
+    drop(refs);
+    report.packs_live = live.packs.len() as u64;
     Ok(Marked {
         live,
         named,
@@ -520,7 +515,7 @@ fn condemn(
         // Sizes the listing did not give (file://): only of packs that may qualify.
         let unknown: Vec<PackId> = sizes
             .iter()
-            .filter(|(p, s)| **s == 0 && live.contains_key(p))
+            .filter(|(p, s)| **s == 0 && live.packs.contains_key(p))
             .map(|(p, _)| *p)
             .collect();
         for p in unknown {
@@ -539,12 +534,12 @@ fn condemn(
         report.repack_packs_written = done.packs_written;
         report.repack_bytes_moved = done.bytes_moved;
         for c in &cands {
-            live.remove(&c.pack);
+            live.packs.remove(&c.pack);
         }
     }
     let mut condemned: Vec<PackId> = sizes
         .keys()
-        .filter(|p| !live.contains_key(p))
+        .filter(|p| !live.packs.contains_key(p))
         .copied()
         .collect();
     condemned.sort();
@@ -733,45 +728,31 @@ pub(crate) fn mark(
 /// repacked pack's are found through its forwards).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Refs {
-    pub(crate) by_pack: HashMap<PackId, HashMap<u64, (BlobId, u32)>>,
+    /// Keyed by pack and offset: one table, not one per pack (a store has many small packs).
+    blobs: HashMap<(PackId, u64), (BlobId, u32)>,
 }
 
 impl Refs {
     pub(crate) fn insert(&mut self, r: &BlobRef) {
-        self.by_pack
-            .entry(r.pack)
-            .or_default()
-            .insert(r.offset, (r.id, r.len));
+        self.blobs.insert((r.pack, r.offset), (r.id, r.len));
     }
 
     /// The blobs named, pack by pack.
     pub(crate) fn by_pack_blobs(&self) -> Vec<(PackId, Vec<BlobRef>)> {
-        self.by_pack
-            .iter()
-            .map(|(p, offs)| {
-                let blobs = offs
-                    .iter()
-                    .map(|(o, (id, len))| BlobRef {
-                        id: *id,
-                        pack: *p,
-                        offset: *o,
-                        len: *len,
-                    })
-                    .collect();
-                (*p, blobs)
-            })
-            .collect()
+        let mut by: HashMap<PackId, Vec<BlobRef>> = HashMap::new();
+        for b in self.blobs() {
+            by.entry(b.pack).or_default().push(b);
+        }
+        by.into_iter().collect()
     }
 
     /// Every blob named, each once.
     pub(crate) fn blobs(&self) -> impl Iterator<Item = BlobRef> + '_ {
-        self.by_pack.iter().flat_map(|(p, offs)| {
-            offs.iter().map(|(o, (id, len))| BlobRef {
-                id: *id,
-                pack: *p,
-                offset: *o,
-                len: *len,
-            })
+        self.blobs.iter().map(|((p, o), (id, len))| BlobRef {
+            id: *id,
+            pack: *p,
+            offset: *o,
+            len: *len,
         })
     }
 }

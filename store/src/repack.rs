@@ -4,26 +4,64 @@
 //! deleted a grace later. Stored trees never change: readers find a moved blob through the
 //! forwards (`crate::forward`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::backend::Store;
 use crate::error::{Result, StoreError};
 use crate::forward::{self, ForwardRecord, Moved};
 use crate::ids::{BlobId, PackId};
-use crate::pack::{PACK_TARGET_SIZE, PackWriter, read_pack, sealed_size};
+use crate::pack::{BlobRef, PACK_TARGET_SIZE, PackWriter, read_pack, sealed_size};
 use crate::progress::Progress;
 
 /// The default share of dead bytes a store may keep in packs that also hold live blobs, as
 /// a share of the live bytes (`GcOptions::max_unused`).
 pub const DEFAULT_MAX_UNUSED: f64 = 0.10;
 
-/// A live blob as a GC's mark found it: its id and length, and the places trees name it by
-/// (its pack and offset, or those of the packs it was moved from).
+/// A live blob as a GC's mark found it: its id and length, whether trees name it where it is
+/// (`direct`), and the other places they name it by (the packs it was moved from).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LiveBlob {
     pub id: BlobId,
     pub len: u32,
-    pub named_at: Vec<(PackId, u64)>,
+    pub direct: bool,
+    pub moved_from: Vec<(PackId, u64)>,
+}
+
+/// What a mark found live: per pack, its live bytes and blobs (for the choice of packs to
+/// repack), and every live blob by pack and offset (one table for the whole store).
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    pub packs: HashMap<PackId, (u64, u64)>,
+    pub blobs: HashMap<(PackId, u64), LiveBlob>,
+}
+
+impl Live {
+    /// Blob `at` is live; `from`: where trees name it, when that is not `at` (it moved).
+    pub(crate) fn add(&mut self, at: &BlobRef, from: Option<(PackId, u64)>) {
+        let b = self.blobs.entry((at.pack, at.offset)).or_default();
+        if !b.direct && b.moved_from.is_empty() {
+            b.id = at.id;
+            b.len = at.len;
+            let p = self.packs.entry(at.pack).or_default();
+            p.0 += at.len as u64;
+            p.1 += 1;
+        }
+        match from {
+            Some(f) => b.moved_from.push(f),
+            None => b.direct = true,
+        }
+    }
+
+    /// The live blobs of the packs `wanted`, by offset.
+    fn of(&self, wanted: &HashSet<PackId>) -> HashMap<PackId, BTreeMap<u64, LiveBlob>> {
+        let mut out: HashMap<PackId, BTreeMap<u64, LiveBlob>> = HashMap::new();
+        for ((p, o), b) in &self.blobs {
+            if wanted.contains(p) {
+                out.entry(*p).or_default().insert(*o, b.clone());
+            }
+        }
+        out
+    }
 }
 
 /// A pack worth repacking: its size and its live blobs by offset.
@@ -45,49 +83,51 @@ impl Candidate {
 /// most `max_unused` of the live bytes, and at most `budget` bytes of packs read.
 pub(crate) fn candidates(
     sizes: &HashMap<PackId, u64>,
-    live: &HashMap<PackId, HashMap<u64, LiveBlob>>,
+    live: &Live,
     budget: u64,
     max_unused: f64,
 ) -> Vec<Candidate> {
-    let mut all: Vec<Candidate> = live
+    // (pack, size, live bytes, live blobs)
+    type Row = (PackId, u64, u64, u64);
+    let mut all: Vec<Row> = live
+        .packs
         .iter()
-        .filter_map(|(p, blobs)| {
-            let size = *sizes.get(p)?;
-            Some(Candidate {
-                pack: *p,
-                size,
-                live: blobs.iter().map(|(o, v)| (*o, v.clone())).collect(),
-            })
-        })
+        .filter_map(|(p, (bytes, count))| Some((*p, *sizes.get(p)?, *bytes, *count)))
         .collect();
-    let live_total: u64 = all.iter().map(Candidate::live_bytes).sum();
+    let live_total: u64 = all.iter().map(|c| c.2).sum();
     // Dead: what a pack of only its live blobs would not hold (dead blobs and their index
     // entries; a pack's own header and trailer are not dead).
-    let dead = |c: &Candidate| {
-        c.size
-            .saturating_sub(sealed_size(c.live.len() as u64, c.live_bytes()))
-    };
+    let dead = |c: &Row| c.1.saturating_sub(sealed_size(c.3, c.2));
     let mut dead_total: u64 = all.iter().map(dead).sum();
     let allowed = (live_total as f64 * max_unused.max(0.0)) as u64;
     // Deadest share first; ties: the bigger dead first.
     all.sort_by(|a, b| {
-        let share = |c: &Candidate| dead(c) as f64 / c.size.max(1) as f64;
+        let share = |c: &Row| dead(c) as f64 / c.1.max(1) as f64;
         share(b).total_cmp(&share(a)).then(dead(b).cmp(&dead(a)))
     });
-    let mut out = Vec::new();
+    let mut chosen: Vec<(PackId, u64)> = Vec::new();
     let mut read = 0u64;
-    for c in all {
-        if dead_total <= allowed || dead(&c) == 0 {
+    for c in &all {
+        if dead_total <= allowed || dead(c) == 0 {
             break;
         }
-        if read + c.size > budget {
+        if read + c.1 > budget {
             continue;
         }
-        read += c.size;
-        dead_total -= dead(&c);
-        out.push(c);
+        read += c.1;
+        dead_total -= dead(c);
+        chosen.push((c.0, c.1));
     }
-    out
+    let wanted: HashSet<PackId> = chosen.iter().map(|c| c.0).collect();
+    let mut blobs = live.of(&wanted);
+    chosen
+        .into_iter()
+        .map(|(pack, size)| Candidate {
+            pack,
+            size,
+            live: blobs.remove(&pack).unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// What a repack did: the forward records written (by the pack they are for), the packs
@@ -139,7 +179,8 @@ pub(crate) fn repack(
             }
             let to = writer.add(e.kind, &data);
             done.bytes_moved += len as u64;
-            for &(named, named_offset) in &blob.named_at {
+            let here = blob.direct.then_some((c.pack, offset));
+            for &(named, named_offset) in here.iter().chain(&blob.moved_from) {
                 pending.entry(named).or_default().push(Moved {
                     id,
                     offset: named_offset,
