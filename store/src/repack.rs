@@ -1,5 +1,6 @@
-//! Repacking (`FORMAT.md`, "Repack"): a GC run moves the live blobs of packs that are mostly
-//! dead into new packs and writes a forward record for each old pack; the old pack is then
+//! Repacking (`FORMAT.md`, "Repack"): a GC run moves the live blobs of packs that hold dead
+//! ones into new packs (the deadest first, until the dead bytes left are within a bound) and
+//! writes forward records for them; the old pack is then
 //! referenced by nothing but forwarded blobs, so it is condemned like any unreferenced pack and
 //! deleted a grace later. Stored trees never change: readers find a moved blob through the
 //! forwards (`crate::forward`).
