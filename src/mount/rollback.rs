@@ -95,11 +95,8 @@ impl Rollback {
         let started = Instant::now();
         let ws = self.agent.workspace().clone();
         let r: owsfs_store::GenRef = spec.parse().map_err(ControlError::BadRequest)?;
-        let resolve = || {
-            ws.resolve(&r)
-                .map_err(|e| ControlError::Other(e.to_string()))
-        };
-        resolve()?;
+        ws.resolve(&r)
+            .map_err(|e| ControlError::Other(e.to_string()))?;
         // 1. Writers go on meanwhile; the rest of their changes is committed in step 3. The
         // kernel's dirty pages (shared mmaps, the writeback cache) are pushed first: a clean
         // journal would not make the sync push them.
@@ -108,9 +105,6 @@ impl Rollback {
             owsfs_sync::SyncError::ShuttingDown => ControlError::ShuttingDown,
             e => ControlError::Other(format!("not rolled back: {e}")),
         })?;
-        // Again, milliseconds before the commit: a GC keeps the packs of a record it prunes
-        // for a grace after the record goes, not for as long as a sync may take.
-        let to = resolve()?;
         // 2.
         self.hydration.stop();
         let held_at = Instant::now();
@@ -119,8 +113,14 @@ impl Rollback {
         let mut replaced = false;
         let mut hydrator_ok = true;
         let mut trash = None;
-        // 3.
-        let done = self.agent.rollback_to(&to, keep, |local, record| {
+        let mut to = None;
+        // 3. REF is read again there, milliseconds before the commit.
+        let resolve = || -> anyhow::Result<GenerationRecord> {
+            let r = ws.resolve(&r)?;
+            to = Some(r.clone());
+            Ok(r)
+        };
+        let done = self.agent.rollback_to(resolve, keep, |local, record| {
             owsfs_hydrate::prepare::rebase_state(&ws, local, &self.backing, record)?;
             // From here on the cache's state is the new tree's: the mount follows it whatever
             // fails (the root, pending, is emptied when it is materialized).
@@ -151,15 +151,15 @@ impl Rollback {
         }
         let visible_ms = held_at.elapsed().as_secs_f64() * 1000.0;
         // 5.
-        let access = match &done {
-            Ok(_) => {
-                let access = self.access_list(&ws, &to);
+        let access = match (&done, &to) {
+            (Ok(_), Some(to)) => {
+                let access = self.access_list(&ws, to);
                 self.agent.set_inherited_access(access.clone());
                 access
             }
             // Nothing changed (or the mount stopped writing): the prefetch goes on with what
             // is pending, in no particular order.
-            Err(_) => Vec::new(),
+            _ => Vec::new(),
         };
         // A hydrator that could not load its state is left alone (the mount stopped writing;
         // its next mount starts from the cache's state).

@@ -21,26 +21,25 @@ pub struct RollbackDone {
 }
 
 impl SyncAgent {
-    /// Commits, on top of the newest generation, one whose tree is commit `to`'s, then lets
-    /// `rebase` make the cache a copy of it (the new generation's record), under the cache state's lock: no cut runs in
-    /// between. The caller holds kernel requests back, so nothing is written meanwhile;
-    /// whatever was written since the last commit is committed first (without a syncfs of
-    /// the mount, which would wait on the held-back requests). The newest commit before the
-    /// rollback gets an automatic snapshot `auto-rollback-N` (older ones beyond `keep` roll
-    /// off; 0: none), which a second rollback goes back to.
+    /// Commits, on top of the newest generation, one whose tree is the commit `resolve`
+    /// names, then lets `rebase` make the cache a copy of it (given the new generation's
+    /// record), under the commit lock and the cache state's lock: no cut runs in between. The
+    /// caller holds kernel requests back, so nothing is written meanwhile; whatever was
+    /// written since the last commit is committed first (without a syncfs of the mount, which
+    /// would wait on the held-back requests), and `resolve` is called after that, so the
+    /// reference is read milliseconds before the commit (a GC keeps the packs of a record it
+    /// prunes for a grace after the record goes, not for as long as an upload may take). The
+    /// newest commit before the rollback gets an automatic snapshot `auto-rollback-N` (older
+    /// ones beyond `keep` roll off; 0: none), which a second rollback goes back to.
     ///
-    /// A `rebase` that fails leaves the cache neither the old tree nor the new one: writes
-    /// stop (fail-stop), and the next mount of the cache finishes the rollback.
+    /// A `rebase` that fails stops writes (fail-stop): the cache's state may already be the
+    /// new tree's, and the next mount of the cache finishes the rollback.
     pub fn rollback_to(
         &self,
-        to: &GenerationRecord,
+        resolve: impl FnOnce() -> anyhow::Result<GenerationRecord>,
         keep: usize,
         rebase: impl FnOnce(&mut LocalState, &GenerationRecord) -> anyhow::Result<()>,
     ) -> anyhow::Result<RollbackDone> {
-        let root = match (to.kind, to.root) {
-            (GenKind::Commit, Some(r)) => r,
-            _ => bail!("generation {} is a fence, not a state", to.number),
-        };
         if let Some(why) = self.core.writes_stopped() {
             bail!("writes were stopped ({why}): nothing more is committed from this mount");
         }
@@ -55,6 +54,11 @@ impl SyncAgent {
         if self.core.journal().is_dirty() {
             bail!("the workspace changed during the rollback; nothing was rolled back");
         }
+        let to = resolve()?;
+        let root = match (to.kind, to.root) {
+            (GenKind::Commit, Some(r)) => r,
+            _ => bail!("generation {} is a fence, not a state", to.number),
+        };
         self.keeper
             .check(Duration::ZERO)
             .context("not rolling back: the lease")?;
