@@ -26,7 +26,7 @@ pub struct GcArgs {
     #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
     pub max_unused: f64,
     /// At most this many bytes of packs are read per run to repack them (0: no repacking).
-    #[arg(long, default_value = "2GiB", value_parser = crate::args::parse_bytes)]
+    #[arg(long, default_value = "2GiB", value_parser = crate::args::parse_bytes, value_name = "SIZE")]
     pub repack_budget: u64,
     /// Print the report as JSON.
     #[arg(long, env = "OWSFS_JSON")]
