@@ -9,7 +9,6 @@ mod seaweed;
 #[path = "common/stores.rs"]
 mod stores;
 
-use std::path::Path;
 use std::process::Output;
 
 use common::*;
@@ -62,16 +61,6 @@ fn snapshot_names(ws: &Workspace) -> Vec<String> {
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn write_db(dir: &Path, rows: u32) {
-    let script = format!(
-        "import sqlite3; db = sqlite3.connect('{}'); db.execute('PRAGMA journal_mode=WAL'); \
-         db.execute('CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)'); \
-         db.executemany('INSERT INTO t (v) VALUES (?)', [('row',)] * {rows}); db.commit()",
-        dir.join("app.db").display()
-    );
-    run_ok(std::process::Command::new("python3").args(["-c", &script]));
 }
 
 /// Snapshots on a live mount, references, restore at each, automatic snapshots rolled off.

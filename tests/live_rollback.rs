@@ -14,23 +14,12 @@ mod stores;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
 use stores::TestStore;
-
-fn write_db(dir: &Path, rows: u32) {
-    let script = format!(
-        "import sqlite3; db = sqlite3.connect('{}'); db.execute('PRAGMA journal_mode=WAL'); \
-         db.execute('CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)'); \
-         db.executemany('INSERT INTO t (v) VALUES (?)', [('row',)] * {rows}); db.commit()",
-        dir.join("app.db").display()
-    );
-    run_ok(std::process::Command::new("python3").args(["-c", &script]));
-}
 
 /// `owsfs rollback MP REF` on the mount: the new generation, and the reference that undoes it.
 fn rollback(ws: &Workspace, to: &str) -> (u64, String) {

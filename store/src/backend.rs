@@ -561,7 +561,11 @@ impl Store {
     pub fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let mut keys = self.retry("list", prefix, || {
             let op = self.inner.op.clone();
-            let p = prefix.to_string();
+            let p = if prefix.is_empty() {
+                "/".to_string()
+            } else {
+                prefix.to_string()
+            };
             self.block(async move {
                 let entries = match op.list_with(&p).recursive(true).await {
                     Ok(v) => v,
@@ -586,29 +590,11 @@ impl Store {
     }
 
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut keys = self.retry("list", prefix, || {
-            let op = self.inner.op.clone();
-            let p = if prefix.is_empty() {
-                "/".to_string()
-            } else {
-                prefix.to_string()
-            };
-            self.block(async move {
-                let entries = match op.list_with(&p).recursive(true).await {
-                    Ok(v) => v,
-                    Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
-                    Err(e) => return Err(e),
-                };
-                Ok(entries
-                    .into_iter()
-                    .filter(|e| e.metadata().is_file() && !e.path().ends_with('/'))
-                    .map(|e| e.path().trim_start_matches('/').to_string())
-                    .filter(|p| !p.starts_with(".tmp/"))
-                    .collect::<Vec<_>>())
-            })
-        })?;
-        keys.sort();
-        Ok(keys)
+        Ok(self
+            .list_sizes(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
     }
 
     /// The size of an object in bytes.

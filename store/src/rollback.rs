@@ -71,24 +71,7 @@ pub fn rollback(
             },
             _ => None,
         };
-        let record = GenerationRecord {
-            workspace: ws.name().to_string(),
-            number: head + 1,
-            parent: Some(head),
-            epoch: held.epoch,
-            kind: GenKind::Commit,
-            time_unix_ms: ws.store().clock().unix_ms(),
-            root: Some(root),
-            sqlite: to.sqlite.clone(),
-            stats: GenStats {
-                files: to.stats.files,
-                dirs: to.stats.dirs,
-                bytes_total: to.stats.bytes_total,
-                rollback_to: Some(to.number),
-                ..GenStats::default()
-            },
-            access: to.access,
-        };
+        let record = rollback_record(ws, to, root, head, held.epoch);
         match ws.commit_checked(&record, Some(&parent)) {
             Ok(()) => {}
             Err(CommitError::SlotTaken { number, .. }) => {
@@ -110,4 +93,33 @@ pub fn rollback(
     let r = result?;
     released.map_err(|e| StoreError::Invalid(format!("rolled back, but: {e}")))?;
     Ok(r)
+}
+
+/// The record of a rollback's generation: slot `head + 1` at `epoch`, holding commit `to`'s
+/// tree (`root`), SQLite positions, access list and size.
+pub fn rollback_record(
+    ws: &Workspace,
+    to: &GenerationRecord,
+    root: crate::pack::BlobRef,
+    head: GenNumber,
+    epoch: u64,
+) -> GenerationRecord {
+    GenerationRecord {
+        workspace: ws.name().to_string(),
+        number: head + 1,
+        parent: (head > 0).then_some(head),
+        epoch,
+        kind: GenKind::Commit,
+        time_unix_ms: ws.store().clock().unix_ms(),
+        root: Some(root),
+        sqlite: to.sqlite.clone(),
+        stats: GenStats {
+            files: to.stats.files,
+            dirs: to.stats.dirs,
+            bytes_total: to.stats.bytes_total,
+            rollback_to: Some(to.number),
+            ..GenStats::default()
+        },
+        access: to.access,
+    }
 }

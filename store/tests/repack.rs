@@ -147,12 +147,21 @@ fn pack_bytes(s: &Store) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_mostly_dead_pack_is_repacked_and_its_blobs_read_through_forwards() {
+/// A store on a manual clock, workspace `w` keeping only its newest generation, and a first
+/// generation of 40 files of 64 KiB in one pack: the clock, the store, the workspace, the
+/// pack and the files.
+fn setup(
+    name: &str,
+) -> (
+    Arc<ManualClock>,
+    Store,
+    Workspace,
+    PackId,
+    Vec<(String, BlobRef)>,
+) {
     let clock = Arc::new(ManualClock::starting_at_unix_ms(1_800_000_000_000));
-    let s = store("basic", &clock);
+    let s = store(name, &clock);
     let ws = Workspace::open_or_create(&s, "w").unwrap();
-    // Only the newest generation is kept.
     ws.set_retention(&Policy {
         all_secs: 0,
         hourly_secs: 0,
@@ -161,6 +170,12 @@ fn a_mostly_dead_pack_is_repacked_and_its_blobs_read_through_forwards() {
     .unwrap();
     let (old, files) = big_pack(&s, 40);
     commit(&s, &ws, &files);
+    (clock, s, ws, old, files)
+}
+
+#[test]
+fn a_mostly_dead_pack_is_repacked_and_its_blobs_read_through_forwards() {
+    let (clock, s, ws, old, files) = setup("basic");
     // Five adjacent files stay: 5 of 40 live.
     let g2 = commit(&s, &ws, &files[10..15]).number;
     let before = pack_bytes(&s);
@@ -214,17 +229,7 @@ fn a_mostly_dead_pack_is_repacked_and_its_blobs_read_through_forwards() {
 /// the old pack alive: it is not deleted while a kept tree names it at an unforwarded offset.
 #[test]
 fn a_blob_referenced_after_the_mark_keeps_a_repacked_pack() {
-    let clock = Arc::new(ManualClock::starting_at_unix_ms(1_800_000_000_000));
-    let s = store("late", &clock);
-    let ws = Workspace::open_or_create(&s, "w").unwrap();
-    ws.set_retention(&Policy {
-        all_secs: 0,
-        hourly_secs: 0,
-        daily_secs: 0,
-    })
-    .unwrap();
-    let (old, files) = big_pack(&s, 40);
-    commit(&s, &ws, &files);
+    let (clock, s, ws, old, files) = setup("late");
     commit(&s, &ws, &files[..5]);
     clock.advance(2 * HOUR);
     assert_eq!(gc(&s).packs_repacked, 1);
@@ -260,17 +265,7 @@ fn holder() -> Holder {
 /// forwards point at the emptied middle pack reads them again.
 #[test]
 fn a_blob_repacked_twice_is_found_by_a_reader_with_stale_forwards() {
-    let clock = Arc::new(ManualClock::starting_at_unix_ms(1_800_000_000_000));
-    let s = store("twice", &clock);
-    let ws = Workspace::open_or_create(&s, "w").unwrap();
-    ws.set_retention(&Policy {
-        all_secs: 0,
-        hourly_secs: 0,
-        daily_secs: 0,
-    })
-    .unwrap();
-    let (old, files) = big_pack(&s, 40);
-    commit(&s, &ws, &files);
+    let (clock, s, ws, old, files) = setup("twice");
     commit(&s, &ws, &files[..16]);
     for _ in 0..2 {
         clock.advance(2 * HOUR);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use owsfs_local::LocalState;
-use owsfs_store::generation::{CommitError, GenKind, GenStats, GenerationRecord};
+use owsfs_store::generation::{CommitError, GenKind, GenerationRecord};
 
 use super::SyncAgent;
 
@@ -80,24 +80,7 @@ impl SyncAgent {
             "rollback",
             &format!("{number} {}", serde_json::to_string(&root)?),
         )?;
-        let record = GenerationRecord {
-            workspace: self.ws.name().to_string(),
-            number,
-            parent: (head > 0).then_some(head),
-            epoch,
-            kind: GenKind::Commit,
-            time_unix_ms: self.clock.unix_ms(),
-            root: Some(root),
-            sqlite: to.sqlite.clone(),
-            stats: GenStats {
-                files: to.stats.files,
-                dirs: to.stats.dirs,
-                bytes_total: to.stats.bytes_total,
-                rollback_to: Some(to.number),
-                ..GenStats::default()
-            },
-            access: to.access,
-        };
+        let record = owsfs_store::rollback::rollback_record(&self.ws, &to, root, head, epoch);
         fail::fail_point!("rollback-before-commit");
         match self.ws.commit(&record) {
             Ok(()) => {}

@@ -560,3 +560,14 @@ pub fn assert_crash_logged(ws: &Workspace, point: &str) {
         ws.log_tail()
     );
 }
+
+/// Adds `rows` rows to table `t` of `DIR/app.db` (WAL mode), created when missing.
+pub fn write_db(dir: &Path, rows: u32) {
+    let script = format!(
+        "import sqlite3; db = sqlite3.connect('{}'); db.execute('PRAGMA journal_mode=WAL'); \
+         db.execute('CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)'); \
+         db.executemany('INSERT INTO t (v) VALUES (?)', [('row',)] * {rows}); db.commit()",
+        dir.join("app.db").display()
+    );
+    run_ok(std::process::Command::new("python3").args(["-c", &script]));
+}
