@@ -295,6 +295,7 @@ impl Workspace {
             }
         });
         assert!(gone, "daemon {pid} still alive after SIGKILL");
+        wait_cache_unlocked(&self.cache);
         let out = owsfs(&["unmount", &self.mp.to_string_lossy()]);
         assert!(
             out.status.success(),
@@ -532,6 +533,7 @@ pub fn crashed(ws: &Workspace, pid: i32, point: &str) {
         }
     });
     assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
+    wait_cache_unlocked(&ws.cache);
     assert_crash_logged(ws, point);
     if is_mounted(&ws.mp) {
         assert!(
@@ -570,4 +572,24 @@ pub fn write_db(dir: &Path, rows: u32) {
         dir.join("app.db").display()
     );
     run_ok(std::process::Command::new("python3").args(["-c", &script]));
+}
+
+/// Waits until nothing holds the cache's lock. A killed daemon's leader shows as a zombie
+/// while its other threads are still exiting, and the lock goes only with the last of them.
+pub fn wait_cache_unlocked(cache: &Path) {
+    let free = wait_for(Duration::from_secs(30), || {
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(cache.join("lock"))
+        else {
+            return true;
+        };
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    });
+    assert!(
+        free,
+        "the cache {} stays locked after its daemon died",
+        cache.display()
+    );
 }
