@@ -247,22 +247,13 @@ impl Hydrator {
         )
         .with_context(|| format!("cannot open {}", backing.display()))?;
         let root_ino = rustix::fs::fstat(&root)?.st_ino;
-        let meta = |k: &str| -> anyhow::Result<i64> {
-            Ok(conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
-                    r.get::<_, String>(0)
-                })
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0))
-        };
         let h = Hydrator {
             store,
-            total_files: AtomicU64::new(meta("hyd_total_files")? as u64),
-            total_bytes: AtomicU64::new(meta("hyd_total_bytes")? as u64),
-            missing_files: AtomicI64::new(meta("hyd_missing_files")?),
-            missing_bytes: AtomicI64::new(meta("hyd_missing_bytes")?),
-            generation: AtomicU64::new(meta("hyd_generation")? as u64),
+            total_files: AtomicU64::new(0),
+            total_bytes: AtomicU64::new(0),
+            missing_files: AtomicI64::new(0),
+            missing_bytes: AtomicI64::new(0),
+            generation: AtomicU64::new(0),
             db: Mutex::new(conn),
             root,
             root_ino,
@@ -283,6 +274,7 @@ impl Hydrator {
             access_tick: AtomicU64::new(0),
             is_root: rustix::process::geteuid().is_root(),
         };
+        h.load_counters();
         h.load(dirty)?;
         let h = Arc::new(h);
         h.update_active();
@@ -301,30 +293,29 @@ impl Hydrator {
         self.unsaved.lock().clear();
         self.access.lock().clear();
         self.counters_unsaved.store(false, Ordering::Relaxed);
-        {
-            let db = self.db.lock();
-            let meta = |k: &str| -> i64 {
-                db.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
-                    r.get::<_, String>(0)
-                })
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-            };
-            self.total_files
-                .store(meta("hyd_total_files") as u64, Ordering::Relaxed);
-            self.total_bytes
-                .store(meta("hyd_total_bytes") as u64, Ordering::Relaxed);
-            self.missing_files
-                .store(meta("hyd_missing_files"), Ordering::Relaxed);
-            self.missing_bytes
-                .store(meta("hyd_missing_bytes"), Ordering::Relaxed);
-            self.generation
-                .store(meta("hyd_generation") as u64, Ordering::Relaxed);
-        }
+        self.load_counters();
         self.load(dirty)?;
         self.update_active();
         Ok(())
+    }
+
+    /// The stored totals and the generation (0 where none is stored).
+    fn load_counters(&self) {
+        let db = self.db.lock();
+        let meta = |k: &str| -> i64 {
+            db.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
+                r.get::<_, String>(0)
+            })
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+        };
+        let r = Ordering::Relaxed;
+        self.total_files.store(meta("hyd_total_files") as u64, r);
+        self.total_bytes.store(meta("hyd_total_bytes") as u64, r);
+        self.missing_files.store(meta("hyd_missing_files"), r);
+        self.missing_bytes.store(meta("hyd_missing_bytes"), r);
+        self.generation.store(meta("hyd_generation") as u64, r);
     }
 
     fn load(&self, dirty: &DirtyState) -> anyhow::Result<()> {
