@@ -393,6 +393,68 @@ fn check_store_leftovers(store: &TestStore, name: &str, point: &str, g1: u64) {
     }
 }
 
+/// The crash lands the cache's *first* commit (no generation of it recorded locally yet):
+/// the same cache mounts again with everything, and commits on top. Found by the torture
+/// harness: the remount took the cache for a stranger's ("already holds other files").
+fn crash_in_the_first_commit(store: &TestStore, name: &str, point: &str) {
+    let mut a = store.workspace(name, &["--commit-interval", "1h", "--max-lag", "1h"]);
+    let arm = a.dir.path().join("armed");
+    a.env.push(("OWSFS_CRASH_AT".into(), point.into()));
+    a.env
+        .push(("OWSFS_CRASH_ARMED_BY".into(), arm.to_string_lossy().into()));
+    a.mount();
+    a.env.truncate(a.env.len() - 2);
+    let pid = a.daemon_pid();
+    workload(&a, 1, 20);
+    let want = tree(&a.mp);
+    std::fs::write(&arm, b"").unwrap();
+    let out = a.owsfs(&["sync", &a.mp.to_string_lossy()]);
+    assert!(!out.status.success(), "{point}: owsfs sync succeeded");
+    crashed(&a, pid, point);
+    a.mount();
+    assert_same_tree(&tree(&a.mp), &want, &format!("{point}: remount"));
+    check_db(&a.mp, 20, &format!("{point}: remount"));
+    std::fs::write(a.path("files/after.txt"), b"after the crash\n").unwrap();
+    let want = tree(&a.mp);
+    a.unmount();
+    let dest = a.dir.path().join("restored");
+    let out = a.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{point}: restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&tree(&dest), &want, &format!("{point}: newest generation"));
+}
+
+#[test]
+fn crash_in_the_first_commit_file() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    for (i, point) in ["commit-before-head", "commit-after-slot", "cas-after-link"]
+        .iter()
+        .enumerate()
+    {
+        crash_in_the_first_commit(&store, &format!("first{i}"), point);
+    }
+}
+
+#[test]
+fn crash_in_the_first_commit_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::seaweed("crash-first");
+    for (i, point) in ["commit-before-head", "commit-after-slot"]
+        .iter()
+        .enumerate()
+    {
+        crash_in_the_first_commit(&store, &format!("first{i}"), point);
+    }
+}
+
 #[test]
 fn crash_in_the_commit_protocol_file() {
     if skip_fuse() {

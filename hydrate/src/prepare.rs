@@ -54,6 +54,19 @@ pub fn prepare_base(
     let base = local.base()?;
     let restore_head = match (&base, newest_n) {
         (None, None) => None,
+        (None, Some(h))
+            if newest
+                .as_ref()
+                .is_some_and(|r| own_commit(local, ws, r).unwrap_or(false)) =>
+        {
+            // This cache's first commit landed, and it died before recording it: its journal
+            // covers everything it ever held, so it goes on from there.
+            tracing::info!(
+                "generation {h}, this cache's first commit, landed just before it stopped; \
+                 continuing"
+            );
+            None
+        }
         (None, Some(h)) => {
             if dir_has_entries(&cache.backing)? {
                 bail!(

@@ -207,10 +207,16 @@ impl Store {
         if let Some(f) = &faults {
             op = op.layer(FaultLayer::new(f.clone()));
         }
+        // Fault injection may shorten the deadline, so that its timeouts are real ones.
+        let timeout = opts
+            .faults
+            .as_ref()
+            .and_then(|f| f.store_timeout)
+            .unwrap_or(opts.timeout);
         op = op.layer(
             opendal::layers::TimeoutLayer::new()
-                .with_timeout(opts.timeout)
-                .with_io_timeout(opts.timeout),
+                .with_timeout(timeout)
+                .with_io_timeout(timeout),
         );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -35,6 +35,11 @@ pub trait Hook: Send + Sync + Debug + 'static {
     /// Called with the outcome. `bytes` is the payload moved (down for gets, up for puts).
     /// Returning an error replaces a success (a lost acknowledgement).
     fn after(&self, req: Req, path: &str, bytes: u64, ok: bool) -> Result<()>;
+    /// Called for each entry of a listing: `true` leaves it out (a listing that lags behind
+    /// recent writes). `modified` is the entry's time when the backend gives one.
+    fn hide_listed(&self, _path: &str, _modified: Option<std::time::SystemTime>) -> bool {
+        false
+    }
 }
 
 /// The opendal layer that installs a [`Hook`].
@@ -285,9 +290,33 @@ impl oio::List for HookLister {
             self.started = true;
             before(&*self.hook, Req::List, &self.path).await?;
             let r = self.inner.next().await;
-            return after(&*self.hook, Req::List, &self.path, 0, r);
+            let first = after(&*self.hook, Req::List, &self.path, 0, r)?;
+            return match first {
+                Some(e) if self.hidden(&e) => self.rest().await,
+                other => Ok(other),
+            };
         }
-        self.inner.next().await
+        self.rest().await
+    }
+}
+
+impl HookLister {
+    fn hidden(&self, e: &oio::Entry) -> bool {
+        let modified = e
+            .metadata()
+            .last_modified()
+            .map(std::time::SystemTime::from);
+        self.hook.hide_listed(e.path(), modified)
+    }
+
+    /// The next entry the hook does not hide.
+    async fn rest(&mut self) -> Result<Option<oio::Entry>> {
+        loop {
+            match oio::List::next(&mut self.inner).await? {
+                Some(e) if self.hidden(&e) => continue,
+                other => return Ok(other),
+            }
+        }
     }
 }
 

@@ -191,10 +191,8 @@ fn failing_writes(url: &str, clock: Arc<ManualClock>, max_attempts: u32) -> Stor
     Store::open(url, StoreOptions::default()).unwrap();
     let mut cfg = FaultConfig::new(1.0, 1);
     cfg.kinds = FaultKinds {
-        read: false,
         write: true,
-        ack: false,
-        timeout: false,
+        ..FaultKinds::NONE
     };
     let opts = StoreOptions {
         max_attempts,

@@ -1,0 +1,350 @@
+//! `owsfs-torture`: the torture harness. It runs trials of each scenario against real mounts
+//! of the `owsfs` binary, on a `file://` store and on a SeaweedFS server, stops at the first
+//! broken promise, and prints the figure table. `xfstests/torture` is the one command that
+//! builds and runs it; see `xfstests/README.md`.
+
+mod check;
+mod crash;
+mod model;
+mod node;
+mod workload;
+
+#[path = "../../testkit/seaweed.rs"]
+mod seaweed;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::node::Owsfs;
+
+#[derive(Parser)]
+#[command(
+    name = "owsfs-torture",
+    about = "Crash, store-fault, partition and corruption trials against real owsfs mounts",
+    after_help = "Exit status: 0 when every trial kept every promise, 1 at the first broken \
+                  promise (its trial directory is kept under --work), 2 when the harness itself \
+                  could not run."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// The CI mode: a few trials of each scenario on each store (a few minutes).
+    #[arg(long, conflicts_with = "long")]
+    short: bool,
+    /// Run trials round-robin for this long (e.g. 2h), then print the figures.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    long: Option<Duration>,
+    /// Stores to run on.
+    #[arg(long, value_delimiter = ',', default_value = "file,s3")]
+    stores: Vec<StoreKind>,
+    /// Scenarios to run.
+    #[arg(long, value_delimiter = ',', default_value = "crash,faults")]
+    scenarios: Vec<Scenario>,
+    /// Run only this trial number (to reproduce a failure; with the same --seed).
+    #[arg(long)]
+    trial: Option<u64>,
+    /// Seed of every random choice [default: random, printed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The owsfs binary under test.
+    #[arg(long, env = "OWSFS_BIN", default_value = "target/release/owsfs")]
+    owsfs: PathBuf,
+    /// Where trials run (a directory per trial, removed when it passes).
+    #[arg(long, default_value = "/var/tmp/owsfs-torture")]
+    work: PathBuf,
+    /// Trials per scenario and store in --short mode.
+    #[arg(long, default_value_t = 4)]
+    short_trials: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// (internal) Run the workload against a mount, logging what completed.
+    #[command(hide = true)]
+    Workload {
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        max_big: usize,
+        #[arg(long)]
+        sync_weight: u32,
+        #[arg(long)]
+        pause_us: u64,
+        #[arg(long)]
+        owsfs: PathBuf,
+        #[arg(long, default_value_t = u64::MAX)]
+        max_ops: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    File,
+    S3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// The mixed workload, kill -9 of the daemon, restore, remount.
+    Crash,
+    /// The same behind injected store faults (daemon and restores).
+    Faults,
+}
+
+/// A promise the harness found broken (as opposed to the harness failing to run).
+#[derive(Debug)]
+pub struct Broken(pub String);
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BROKEN PROMISE: {}", self.0)
+    }
+}
+
+impl std::error::Error for Broken {}
+
+/// What trials share.
+pub struct Ctx {
+    pub owsfs: Owsfs,
+    pub work: PathBuf,
+    pub self_exe: PathBuf,
+    pub short: bool,
+    pub seed: u64,
+    /// A drill after every this many trials.
+    pub drill_every: u64,
+}
+
+/// The figures of a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    pub trials: u64,
+    pub kills: u64,
+    pub faults: u64,
+    pub takeovers: u64,
+    pub corruptions: u64,
+    pub detected: u64,
+    pub inconsistent: u64,
+    pub lost: u64,
+    pub drills: u64,
+}
+
+impl Figures {
+    fn add(&mut self, o: &Figures) {
+        self.trials += o.trials;
+        self.kills += o.kills;
+        self.faults += o.faults;
+        self.takeovers += o.takeovers;
+        self.corruptions += o.corruptions;
+        self.detected += o.detected;
+        self.inconsistent += o.inconsistent;
+        self.lost += o.lost;
+        self.drills += o.drills;
+    }
+}
+
+/// The figure table, in the fixed format the issue asks for.
+fn table(rows: &[(String, Figures)]) -> String {
+    let mut out = String::from(
+        "store | trials | kills | faults injected | takeovers | corruptions injected/detected | inconsistent states | lost acknowledged writes\n",
+    );
+    out.push_str("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---:\n");
+    for (name, f) in rows {
+        out.push_str(&format!(
+            "{name} | {} | {} | {} | {} | {}/{} | {} | {}\n",
+            f.trials,
+            f.kills,
+            f.faults,
+            f.takeovers,
+            f.corruptions,
+            f.detected,
+            f.inconsistent,
+            f.lost
+        ));
+    }
+    out
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Cmd::Workload {
+        mount,
+        log,
+        seed,
+        max_big,
+        sync_weight,
+        pause_us,
+        owsfs,
+        max_ops,
+    }) = cli.command
+    {
+        let r = workload::Runner {
+            mount,
+            owsfs,
+            log,
+            cfg: workload::Cfg {
+                seed,
+                max_big,
+                sync_weight,
+            },
+            max_ops,
+            pause: Duration::from_micros(pause_us),
+        }
+        .run();
+        if let Err(e) = r {
+            eprintln!("workload stopped: {e:#}");
+            std::process::exit(3);
+        }
+        return;
+    }
+    match run(&cli) {
+        Ok(()) => {}
+        Err(e) if e.downcast_ref::<Broken>().is_some() => {
+            eprintln!("\n{e:#}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("\nowsfs-torture could not run: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// A store for a run: a `file://` directory, or a SeaweedFS server of its own.
+struct RunStore {
+    url: String,
+    env: Vec<(String, String)>,
+    _s3: Option<seaweed::Seaweed>,
+}
+
+fn open_store(kind: StoreKind, work: &std::path::Path) -> RunStore {
+    match kind {
+        StoreKind::File => RunStore {
+            url: format!("file://{}", work.join("store").display()),
+            env: Vec::new(),
+            _s3: None,
+        },
+        StoreKind::S3 => {
+            let s3 = seaweed::Seaweed::start();
+            s3.create_bucket("torture");
+            RunStore {
+                url: s3.store_url("torture", "t"),
+                env: s3.env(),
+                _s3: Some(s3),
+            }
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    if !cli.short && cli.long.is_none() && cli.trial.is_none() {
+        bail!("say --short, --long DURATION or --trial N");
+    }
+    let owsfs_bin = std::fs::canonicalize(&cli.owsfs).with_context(|| {
+        format!(
+            "the owsfs binary {} (build it, or pass --owsfs)",
+            cli.owsfs.display()
+        )
+    })?;
+    let seed = cli.seed.unwrap_or_else(rand::random);
+    let started = Instant::now();
+    std::fs::create_dir_all(&cli.work)?;
+    let run_dir = tempfile::Builder::new()
+        .prefix(&format!("run-{seed}-"))
+        .tempdir_in(&cli.work)
+        .context("make the run directory")?;
+    println!(
+        "owsfs-torture: seed {seed}, stores {:?}, scenarios {:?}, {}; work in {}",
+        cli.stores,
+        cli.scenarios,
+        match (cli.short, cli.long) {
+            (true, _) => format!("short ({} trials each)", cli.short_trials),
+            (_, Some(d)) => format!("long ({})", humantime::format_duration(d)),
+            _ => "one trial".into(),
+        },
+        run_dir.path().display()
+    );
+    let mut rows = Vec::new();
+    let mut stores = Vec::new();
+    for kind in &cli.stores {
+        let dir = run_dir.path().join(format!("{kind:?}").to_lowercase());
+        std::fs::create_dir_all(&dir)?;
+        let s = open_store(*kind, &dir);
+        let ctx = Ctx {
+            owsfs: Owsfs {
+                bin: owsfs_bin.clone(),
+                store: s.url.clone(),
+                env: s.env.clone(),
+                data_home: dir.join("data-home"),
+            },
+            work: dir,
+            self_exe: std::env::current_exe()?,
+            short: cli.short,
+            seed,
+            drill_every: if cli.short { 2 } else { 10 },
+        };
+        stores.push((*kind, ctx, s, Figures::default()));
+    }
+    let mut n = cli.trial.unwrap_or(0);
+    let result = 'trials: loop {
+        for (kind, ctx, _, figs) in stores.iter_mut() {
+            for sc in &cli.scenarios {
+                let start = Instant::now();
+                let r = match sc {
+                    Scenario::Crash => crash::trial(ctx, n, false, figs),
+                    Scenario::Faults => crash::trial(ctx, n, true, figs),
+                };
+                match r {
+                    Ok(summary) => println!(
+                        "trial {n} {kind:?} {sc:?}: ok in {:.1} s: {summary}",
+                        start.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => {
+                        println!("trial {n} {kind:?} {sc:?}: FAILED");
+                        let keep = run_dir.path().to_path_buf();
+                        let e = e.context(format!(
+                            "trial {n} ({kind:?}, {sc:?}); reproduce with: owsfs-torture --trial {n} \
+                             --seed {seed} --stores {} --scenarios {}; its files are kept in {}",
+                            format!("{kind:?}").to_lowercase(),
+                            format!("{sc:?}").to_lowercase(),
+                            keep.display()
+                        ));
+                        break 'trials Err(e);
+                    }
+                }
+            }
+        }
+        n += 1;
+        let done = match (cli.trial, cli.long) {
+            (Some(_), _) => true,
+            (_, Some(d)) => started.elapsed() >= d,
+            _ => n >= cli.short_trials,
+        };
+        if done {
+            break Ok(());
+        }
+    };
+    let mut total = Figures::default();
+    for (kind, _, _, f) in &stores {
+        rows.push((format!("{kind:?}").to_lowercase(), *f));
+        total.add(f);
+    }
+    rows.push(("total".into(), total));
+    println!(
+        "\nfigures after {:.0} s (seed {seed}; {} drills passed):\n{}",
+        started.elapsed().as_secs_f64(),
+        total.drills,
+        table(&rows)
+    );
+    if result.is_err() {
+        // Keep the failing trial's files for a look.
+        let _ = run_dir.keep();
+    }
+    result
+}
