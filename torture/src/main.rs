@@ -7,6 +7,7 @@ mod check;
 mod crash;
 mod model;
 mod node;
+mod partition;
 mod workload;
 
 #[path = "../../testkit/seaweed.rs"]
@@ -41,7 +42,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "file,s3")]
     stores: Vec<StoreKind>,
     /// Scenarios to run.
-    #[arg(long, value_delimiter = ',', default_value = "crash,faults")]
+    #[arg(long, value_delimiter = ',', default_value = "crash,faults,partition")]
     scenarios: Vec<Scenario>,
     /// Run only this trial number (to reproduce a failure; with the same --seed).
     #[arg(long)]
@@ -96,6 +97,8 @@ enum Scenario {
     Crash,
     /// The same behind injected store faults (daemon and restores).
     Faults,
+    /// Two or three nodes, short leases, store access cut and restored, forced takeovers.
+    Partition,
 }
 
 /// A promise the harness found broken (as opposed to the harness failing to run).
@@ -299,6 +302,7 @@ fn run(cli: &Cli) -> Result<()> {
                 let r = match sc {
                     Scenario::Crash => crash::trial(ctx, n, false, figs),
                     Scenario::Faults => crash::trial(ctx, n, true, figs),
+                    Scenario::Partition => partition::trial(ctx, n, figs),
                 };
                 match r {
                     Ok(summary) => println!(
