@@ -16,5 +16,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("owsfs: {e:#}");
         return std::process::ExitCode::FAILURE;
     }
-    cmd::main(std::env::args_os().collect())
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The daemon's syncfs helper (`sync/src/pages.rs`), not a command.
+    if args.len() == 3 && args[1] == owsfs_sync::pages::HELPER_ARG {
+        owsfs_sync::pages::helper_main(std::path::Path::new(&args[2]));
+    }
+    cmd::main(args)
 }

@@ -227,3 +227,68 @@ fn a_lost_journal_makes_the_next_mount_rescan() {
     assert_eq!(kept["created"], true);
     assert_eq!(std::fs::read(ws.path("d/kept")).unwrap(), b"0123456789");
 }
+
+/// `kill -9` while a cut's syncfs of the mount waits for the daemon's answer: the daemon dies
+/// whole, its cache lock goes, and the mount can be removed. Found by the torture harness:
+/// the syncfs ran on a thread of the daemon, which the kernel then kept waiting for an answer
+/// no thread was left to give, so the process, `/dev/fuse` and the mount lived on, and `owsfs
+/// sync` and `owsfs unmount` hung.
+#[test]
+fn kill_9_during_a_cuts_syncfs_lets_the_daemon_die() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    // Every opendir (the syncfs helper opens the mountpoint) waits 3 s in the daemon.
+    ws.env
+        .push(("FAILPOINTS".into(), "fuse-opendir=sleep(3000)".into()));
+    ws.extra = vec!["--commit-interval".into(), "100ms".into()];
+    ws.mount();
+    let pid = ws.daemon_pid();
+    std::fs::write(ws.path("a"), b"changed, so a cut runs").unwrap();
+    // The cut's syncfs is now waiting on the held opendir.
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let whole = wait_for(Duration::from_secs(15), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    if !whole {
+        // Unblock what the old behaviour left, so the test ends: abort this mount's
+        // connection (its number is the mount's minor device number).
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mp = ws.mp.to_string_lossy();
+        if let Some(dev) = info
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.len() > 4 && f[4] == mp)
+            .map(|f| f[2].to_string())
+        {
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+                .stderr(Stdio::null())
+                .status();
+            let minor = dev.split(':').nth(1).unwrap_or_default();
+            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), b"1");
+        }
+    }
+    assert!(
+        whole,
+        "the daemon {pid} is still there 15 s after kill -9 (a thread waits on its own mount)"
+    );
+    wait_cache_unlocked(&ws.cache);
+    let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "owsfs unmount of the dead mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&ws.mp));
+    // What the workspace committed before is intact, and a remount goes on.
+    ws.mount();
+    assert_eq!(
+        std::fs::read(ws.path("a")).unwrap(),
+        b"changed, so a cut runs"
+    );
+    ws.unmount();
+}

@@ -576,6 +576,9 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _serving = self.core.serving();
+        // Tests hold a request here (`FAILPOINTS=fuse-opendir=sleep(MS)`) to kill the daemon
+        // while a request is in flight.
+        fail::fail_point!("fuse-opendir");
         match self.core.opendir(fuse_ino(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => fail!(self, reply, "opendir", e),

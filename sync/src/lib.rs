@@ -15,10 +15,10 @@ pub mod build;
 pub mod capture;
 mod gc;
 pub mod lease;
+pub mod pages;
 mod rollback;
 pub mod wal;
 
-use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -168,9 +168,9 @@ pub struct SyncAgent {
     local: Mutex<LocalState>,
     opts: SyncOptions,
     root_fd: OwnedFd,
-    /// The mountpoint, for syncfs. Each cut opens it and closes it again: a descriptor kept
-    /// open would make the unmount fail with EBUSY.
-    mountpoint: Mutex<Option<std::path::PathBuf>>,
+    /// The syncfs of the mount (by a helper process, `pages`). Each cut opens the mountpoint
+    /// and closes it again: a descriptor kept open would make the unmount fail with EBUSY.
+    pages: Mutex<Option<Arc<pages::PagePusher>>>,
     st: Mutex<AgentState>,
     cv: Condvar,
     /// A cut is pushing dirty pages through the mount: writers must not be throttled, or the
@@ -247,7 +247,7 @@ impl SyncAgent {
             local: Mutex::new(local),
             opts,
             root_fd,
-            mountpoint: Mutex::new(None),
+            pages: Mutex::new(None),
             st: Mutex::new(AgentState {
                 head,
                 epoch: keeper.epoch(),
@@ -283,29 +283,20 @@ impl SyncAgent {
 
     /// Where the workspace is mounted; called once the mount exists.
     pub fn set_mount(&self, mountpoint: &std::path::Path) {
-        *self.mountpoint.lock() = Some(mountpoint.to_path_buf());
+        *self.pages.lock() = Some(Arc::new(pages::PagePusher::new(mountpoint)));
     }
 
     /// syncfs on the mount, so dirty pages of shared mmaps and of the writeback cache have
     /// reached the daemon before the barrier.
     pub fn push_dirty_pages(&self) {
-        let Some(mp) = self.mountpoint.lock().clone() else {
+        let Some(pages) = self.pages.lock().clone() else {
             return;
         };
-        let fd = match File::open(&mp) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!("sync: cannot open {} for syncfs: {e}", mp.display());
-                None
-            }
-        };
-        if let Some(f) = fd.as_ref() {
-            self.syncing.store(true, Ordering::Release);
-            let r = rustix::fs::syncfs(f);
-            self.syncing.store(false, Ordering::Release);
-            if let Err(e) = r {
-                tracing::debug!("sync: syncfs: {e}");
-            }
+        self.syncing.store(true, Ordering::Release);
+        let r = pages.push();
+        self.syncing.store(false, Ordering::Release);
+        if let Err(e) = r {
+            tracing::warn!("sync: {e:#}");
         }
     }
 

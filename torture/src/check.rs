@@ -65,6 +65,17 @@ fn walk(root: &Path, dir: &Path, found: &mut Found) -> Result<()> {
     Ok(())
 }
 
+/// The model after the first `ops` operations of the workload.
+pub fn model_after(cfg: &Cfg, ops: u64) -> Model {
+    let mut g = Gen::new(cfg);
+    let mut m = Model::new();
+    for j in 0..ops {
+        let op = g.next(&m);
+        apply(&mut m, j, &op);
+    }
+    m
+}
+
 /// The verdict on a tree.
 #[derive(Debug)]
 pub enum Verdict {

@@ -4,10 +4,12 @@
 //! builds and runs it; see `xfstests/README.md`.
 
 mod check;
+mod corrupt;
 mod crash;
 mod model;
 mod node;
 mod partition;
+mod raw;
 mod workload;
 
 #[path = "../../testkit/seaweed.rs"]
@@ -42,7 +44,11 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "file,s3")]
     stores: Vec<StoreKind>,
     /// Scenarios to run.
-    #[arg(long, value_delimiter = ',', default_value = "crash,faults,partition")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "crash,faults,partition,corrupt"
+    )]
     scenarios: Vec<Scenario>,
     /// Run only this trial number (to reproduce a failure; with the same --seed).
     #[arg(long)]
@@ -99,6 +105,8 @@ enum Scenario {
     Faults,
     /// Two or three nodes, short leases, store access cut and restored, forced takeovers.
     Partition,
+    /// A bit flip or a truncation in a pack, a generation, a lease or a journal segment.
+    Corrupt,
 }
 
 /// A promise the harness found broken (as opposed to the harness failing to run).
@@ -122,6 +130,8 @@ pub struct Ctx {
     pub seed: u64,
     /// A drill after every this many trials.
     pub drill_every: u64,
+    /// The store's objects, behind owsfs's back.
+    pub raw: raw::Raw,
 }
 
 /// The figures of a run.
@@ -223,7 +233,7 @@ fn main() {
 struct RunStore {
     url: String,
     env: Vec<(String, String)>,
-    _s3: Option<seaweed::Seaweed>,
+    raw: raw::Raw,
 }
 
 fn open_store(kind: StoreKind, work: &std::path::Path) -> RunStore {
@@ -231,15 +241,19 @@ fn open_store(kind: StoreKind, work: &std::path::Path) -> RunStore {
         StoreKind::File => RunStore {
             url: format!("file://{}", work.join("store").display()),
             env: Vec::new(),
-            _s3: None,
+            raw: raw::Raw::File(work.join("store")),
         },
         StoreKind::S3 => {
-            let s3 = seaweed::Seaweed::start();
+            let s3 = std::sync::Arc::new(seaweed::Seaweed::start());
             s3.create_bucket("torture");
             RunStore {
                 url: s3.store_url("torture", "t"),
                 env: s3.env(),
-                _s3: Some(s3),
+                raw: raw::Raw::S3 {
+                    s3,
+                    bucket: "torture".into(),
+                    prefix: "t".into(),
+                },
             }
         }
     }
@@ -291,6 +305,7 @@ fn run(cli: &Cli) -> Result<()> {
             short: cli.short,
             seed,
             drill_every: if cli.short { 2 } else { 10 },
+            raw: s.raw.clone(),
         };
         stores.push((*kind, ctx, s, Figures::default()));
     }
@@ -303,6 +318,7 @@ fn run(cli: &Cli) -> Result<()> {
                     Scenario::Crash => crash::trial(ctx, n, false, figs),
                     Scenario::Faults => crash::trial(ctx, n, true, figs),
                     Scenario::Partition => partition::trial(ctx, n, figs),
+                    Scenario::Corrupt => corrupt::trial(ctx, n, figs),
                 };
                 match r {
                     Ok(summary) => println!(

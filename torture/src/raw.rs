@@ -1,0 +1,83 @@
+//! The store's objects read and written behind owsfs's back, to corrupt them: files under a
+//! `file://` root, or objects of the SeaweedFS bucket through its S3 API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+
+use crate::seaweed::Seaweed;
+
+#[derive(Clone)]
+pub enum Raw {
+    File(PathBuf),
+    S3 {
+        s3: Arc<Seaweed>,
+        bucket: String,
+        prefix: String,
+    },
+}
+
+impl Raw {
+    /// Keys under `prefix` (relative to the store's root), sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut out = match self {
+            Raw::File(root) => {
+                let mut out = Vec::new();
+                let mut stack = vec![root.clone()];
+                while let Some(d) = stack.pop() {
+                    let Ok(rd) = std::fs::read_dir(&d) else {
+                        continue;
+                    };
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        if p.is_dir() {
+                            stack.push(p);
+                        } else if let Ok(rel) = p.strip_prefix(root) {
+                            out.push(rel.to_string_lossy().into_owned());
+                        }
+                    }
+                }
+                out.retain(|k| k.starts_with(prefix));
+                out
+            }
+            Raw::S3 {
+                s3,
+                bucket,
+                prefix: p,
+            } => s3
+                .list_keys(bucket, &format!("{p}/{prefix}"))
+                .into_iter()
+                .filter_map(|k| k.strip_prefix(&format!("{p}/")).map(str::to_string))
+                .collect(),
+        };
+        out.sort();
+        out
+    }
+
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        match self {
+            Raw::File(root) => Ok(std::fs::read(root.join(key))?),
+            Raw::S3 { s3, bucket, prefix } => {
+                let r = s3.get_object(bucket, &format!("{prefix}/{key}"));
+                if !r.is_success() {
+                    bail!("GET {key}: {}", r.status);
+                }
+                Ok(r.body)
+            }
+        }
+    }
+
+    pub fn put(&self, key: &str, body: &[u8]) -> Result<()> {
+        match self {
+            Raw::File(root) => Ok(std::fs::write(root.join(key), body)?),
+            Raw::S3 { s3, bucket, prefix } => {
+                let r = s3.put_object(bucket, &format!("{prefix}/{key}"), body);
+                if !r.is_success() {
+                    bail!("PUT {key}: {}", r.status);
+                }
+                Ok(())
+            }
+        }
+    }
+}
