@@ -724,8 +724,9 @@ fn lease_objects(root: &Path, ws: &str) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// A malformed newest lease object: every mount fails naming it (even `--steal --force`),
-/// and no lease object is written.
+/// A malformed newest lease object: a mount fails naming it and saying what to do, and no
+/// lease object is written; `--steal --force` takes the lease over it, at an epoch above any
+/// it could have held, and the workspace's data is intact.
 #[test]
 fn malformed_lease_object_is_refused_and_named() {
     if skip_fuse() {
@@ -736,44 +737,46 @@ fn malformed_lease_object_is_refused_and_named() {
     a.mount();
     std::fs::write(a.path("f.txt"), b"kept\n").unwrap();
     a.unmount();
-    let before = lease_objects(&store.root(), "bad");
-    let (newest_name, newest) = before.last().cloned().expect("a lease object");
-    let newest_seq: u64 = newest_name.parse().expect("20-digit name");
-    let text = String::from_utf8(newest).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
-    assert_eq!(lines[0], "owsfs-lease 1");
-
-    let next_key = format!("workspaces/bad/lease/{:020}", newest_seq + 1);
-    let next_path = store.root().join(&next_key);
-    // Each case: the next step of the lease, malformed in its own way.
-    let body_changed = lines[1].replacen("\"state\":\"released\"", "\"state\":\"held\"", 1);
-    assert_ne!(body_changed, lines[1], "{text}");
-    let cases: Vec<(&str, String)> = vec![
-        (
-            "checksum",
-            format!("{}\n{}\n{}\n", lines[0], body_changed, lines[2]),
-        ),
-        ("garbage", "owsfs-lease 1\n{}\nbad\n".to_string()),
-        ("truncated", text[..text.len() / 2].to_string()),
-    ];
-    for (case, content) in cases {
+    for case in ["checksum", "garbage", "truncated"] {
+        let before = lease_objects(&store.root(), "bad");
+        let (newest_name, newest) = before.last().cloned().expect("a lease object");
+        let newest_seq: u64 = newest_name.parse().expect("20-digit name");
+        let text = String::from_utf8(newest).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], "owsfs-lease 1");
+        let epoch = |l: &str| -> u64 {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["epoch"].as_u64().unwrap()
+        };
+        let old_epoch = epoch(lines[1]);
+        let next_key = format!("workspaces/bad/lease/{:020}", newest_seq + 1);
+        let next_path = store.root().join(&next_key);
+        // The next step of the lease, malformed in its own way.
+        let content = match case {
+            "checksum" => {
+                let changed = lines[1].replacen("\"state\":\"released\"", "\"state\":\"held\"", 1);
+                assert_ne!(changed, lines[1], "{text}");
+                format!("{}\n{}\n{}\n", lines[0], changed, lines[2])
+            }
+            "garbage" => "owsfs-lease 1\n{}\nbad\n".to_string(),
+            _ => text[..text.len() / 2].to_string(),
+        };
         std::fs::write(&next_path, &content).unwrap();
         let listed = lease_objects(&store.root(), "bad");
-        for (who, extra) in [
-            ("a fresh node", vec![]),
-            ("the last holder", vec![]),
-            (
-                "a fresh node with --steal --force",
-                vec!["--steal", "--force"],
-            ),
+        for who in [
+            "a fresh node",
+            "the last holder",
+            "a fresh node with --steal",
         ] {
-            let ws = if who == "the last holder" {
-                let mut w = store.workspace("bad", &extra);
-                w.cache = a.cache.clone();
-                w
-            } else {
-                store.workspace("bad", &extra)
+            let ws = match who {
+                "the last holder" => {
+                    let mut w = store.workspace("bad", &[]);
+                    w.cache = a.cache.clone();
+                    w
+                }
+                "a fresh node with --steal" => store.workspace("bad", &["--steal"]),
+                _ => store.workspace("bad", &[]),
             };
             let out = ws.try_mount();
             let err = stderr(&out);
@@ -785,8 +788,8 @@ fn malformed_lease_object_is_refused_and_named() {
             );
             assert!(!is_mounted(&ws.mp), "{case}: {who}: a mount was left");
             assert!(
-                err.contains(&next_key),
-                "{case}: {who}: the error does not name {next_key}: {err}"
+                err.contains(&next_key) && err.contains("--steal --force"),
+                "{case}: {who}: the error does not name {next_key} and the way out: {err}"
             );
             assert_eq!(
                 lease_objects(&store.root(), "bad"),
@@ -794,13 +797,29 @@ fn malformed_lease_object_is_refused_and_named() {
                 "{case}: {who}: the lease objects changed"
             );
         }
+        // --steal --force takes it over the damaged step, two epochs above the step before.
+        let mut f = store.workspace("bad", &["--steal", "--force"]);
+        f.cache = a.cache.clone();
+        f.mount();
+        assert_eq!(std::fs::read(f.path("f.txt")).unwrap(), b"kept\n", "{case}");
+        let after = lease_objects(&store.root(), "bad");
+        let (taken_name, taken) = after
+            .iter()
+            .find(|(n, _)| n.parse::<u64>().unwrap() == newest_seq + 2)
+            .cloned()
+            .unwrap_or_else(|| panic!("{case}: no lease step above the damaged one: {after:?}"));
+        let taken = String::from_utf8(taken).unwrap();
+        assert!(
+            epoch(taken.lines().nth(1).unwrap()) >= old_epoch + 2,
+            "{case}: step {taken_name} took epoch {taken} after epoch {old_epoch}"
+        );
+        assert!(
+            f.log_tail().contains("is damaged"),
+            "{case}{}",
+            f.log_tail()
+        );
+        f.unmount();
     }
-    // With the bad object gone, the last holder mounts again.
-    std::fs::remove_file(&next_path).unwrap();
-    assert_eq!(lease_objects(&store.root(), "bad"), before);
-    a.mount();
-    assert_eq!(std::fs::read(a.path("f.txt")).unwrap(), b"kept\n");
-    a.unmount();
 }
 
 /// Two caches with one node id: the second cannot take the lease the first holds and renews.

@@ -29,6 +29,7 @@ pub mod prefetch;
 pub mod prepare;
 mod progress;
 pub mod ranges;
+pub mod reconcile;
 mod save;
 mod warm;
 

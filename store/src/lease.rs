@@ -189,6 +189,47 @@ impl Lease {
         )))
     }
 
+    /// Takes the lease over a damaged newest record (`--steal --force`): the step after the
+    /// highest one, with an epoch two above every readable record's and `min_epoch` (the
+    /// newest generation's). The damaged step was at most one above the record before it, so
+    /// its holder, if alive, is fenced like any forced-out holder. Returns the new record and
+    /// the damaged step's key.
+    pub fn replace_damaged(
+        &self,
+        holder: &Holder,
+        ttl: Duration,
+        min_epoch: u64,
+    ) -> std::result::Result<(LeaseRecord, String), LeaseError> {
+        let prefix = self.prefix();
+        let seqs: Vec<u64> = self
+            .store()
+            .list(&prefix)?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.parse::<u64>().ok())
+            .collect();
+        let mut n = seqs.iter().copied().max().unwrap_or(0);
+        while self.store().exists(&self.key(n + 1))? {
+            n += 1;
+        }
+        let readable = seqs
+            .iter()
+            .filter_map(|&s| self.read(s).ok())
+            .map(|r| r.epoch)
+            .max()
+            .unwrap_or(0);
+        let next = LeaseRecord {
+            workspace: self.ws.name().into(),
+            seq: n + 1,
+            epoch: readable.max(min_epoch) + 2,
+            state: LeaseState::Held,
+            holder: holder.clone(),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+            time_unix_ms: self.store().clock().unix_ms(),
+        };
+        self.write(&next)?;
+        Ok((next, self.key(n)))
+    }
+
     /// Writes record `next`; `Lost` if another record took the step.
     fn write(&self, next: &LeaseRecord) -> std::result::Result<(), LeaseError> {
         let key = self.key(next.seq);

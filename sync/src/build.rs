@@ -449,6 +449,11 @@ fn read_frozen(
                 ranges.push(t..u64::MAX);
             }
         }
+        // Bytes past the base's end are new whatever the journal says: a journal that lost a
+        // record (damage) must not leave a commit that can never be encoded.
+        if f.size > old_len {
+            ranges.push(old_len..f.size);
+        }
         ranges = normalize(ranges, f.size);
     }
     let mut emit = |data: &[u8]| packer.emit(BlobKind::Chunk, data);

@@ -98,7 +98,41 @@ pub fn acquire(
         clock: Arc::clone(&clock),
     };
     loop {
-        let current = lease.current()?;
+        let current = match lease.current() {
+            Ok(c) => c,
+            Err(e) if e.is_corrupt() && mode == Takeover::Force => {
+                // The newest record cannot be read: --force replaces it, fencing above every
+                // epoch it could have held.
+                let min_epoch = ws
+                    .head()
+                    .ok()
+                    .flatten()
+                    .and_then(|h| ws.read_generation(h).ok())
+                    .map_or(0, |r| r.epoch);
+                let started = clock.now();
+                match lease.replace_damaged(holder, ttl, min_epoch) {
+                    Ok((r, damaged)) => {
+                        tracing::warn!(
+                            "the lease record {damaged} of workspace {:?} is damaged ({e}); \
+                             took the lease over it at epoch {} (--force)",
+                            ws.name(),
+                            r.epoch
+                        );
+                        return Ok((r, started));
+                    }
+                    Err(LeaseError::Lost { .. }) => continue,
+                    Err(LeaseError::Store(e)) => return Err(e.into()),
+                }
+            }
+            Err(e) if e.is_corrupt() => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the lease of workspace {:?} cannot be read; if no node holds the workspace, \
+                     mount with --steal --force to take it over the damaged record",
+                    ws.name()
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let take = match &current {
             None => true,
             Some(r) if r.state == LeaseState::Released => true,

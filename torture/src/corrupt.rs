@@ -96,13 +96,42 @@ fn read_all(mp: &Path, model: &Model) -> Result<Took> {
             Err(e) => bail!("read {path} through the mount: {e}"),
         }
     }
+    // The databases and their companions: right (as far as SQLite can tell) or EIO.
+    let db_files: Vec<_> = std::fs::read_dir(mp)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| is_sqlite(&n.to_string_lossy()))
+        })
+        .collect();
+    for p in db_files {
+        match std::fs::read(&p) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => refused = true,
+            Err(e) => bail!("read {} through the mount: {e}", p.display()),
+        }
+    }
     Ok(if refused { Took::Refused } else { Took::Right })
 }
 
 pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
-    let mut rng = StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    // A store of its own: every pack in it is one of this workspace's.
     let dir = ctx.work.join(format!("corrupt-{n}"));
     std::fs::create_dir_all(&dir)?;
+    let (url, raw) = ctx.raw.fresh(&format!("corrupt-{n}"), &dir);
+    let mut owsfs = ctx.owsfs.clone();
+    owsfs.store = url;
+    let ctx = &Ctx {
+        owsfs,
+        raw,
+        work: ctx.work.clone(),
+        self_exe: ctx.self_exe.clone(),
+        short: ctx.short,
+        seed: ctx.seed,
+        drill_every: ctx.drill_every,
+    };
+    let mut rng = StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let ws = format!("corrupt-{n}");
     let target = [
         Target::Pack,
@@ -111,10 +140,12 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         Target::Lease,
         Target::Journal,
     ][rng.gen_range(0..5)];
+    // For the journal, syncs along the way: the journal then holds only what changed since
+    // the last one, and a commit relies on it to know what changed.
     let cfg = Cfg {
         seed: rng.r#gen(),
         max_big: 256 << 10,
-        sync_weight: 0,
+        sync_weight: if target == Target::Journal { 4 } else { 0 },
     };
     let ops = rng.gen_range(50..300);
     figs.trials += 1;
@@ -136,7 +167,8 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         .arg(&log)
         .args(["--seed", &cfg.seed.to_string()])
         .args(["--max-big", &cfg.max_big.to_string()])
-        .args(["--sync-weight", "0", "--pause-us", "0", "--max-ops"])
+        .args(["--sync-weight", &cfg.sync_weight.to_string()])
+        .args(["--pause-us", "0", "--max-ops"])
         .arg(ops.to_string())
         .arg("--owsfs")
         .arg(&ctx.owsfs.bin)

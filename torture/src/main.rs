@@ -122,6 +122,7 @@ impl std::fmt::Display for Broken {
 impl std::error::Error for Broken {}
 
 /// What trials share.
+#[derive(Clone)]
 pub struct Ctx {
     pub owsfs: Owsfs,
     pub work: PathBuf,

@@ -19,6 +19,25 @@ pub enum Raw {
 }
 
 impl Raw {
+    /// A store of its own for one trial, on the same server: its URL and its objects. A
+    /// `file://` store goes in `dir`.
+    pub fn fresh(&self, name: &str, dir: &std::path::Path) -> (String, Raw) {
+        match self {
+            Raw::File(_) => {
+                let root = dir.join("store");
+                (format!("file://{}", root.display()), Raw::File(root))
+            }
+            Raw::S3 { s3, bucket, .. } => (
+                s3.store_url(bucket, name),
+                Raw::S3 {
+                    s3: s3.clone(),
+                    bucket: bucket.clone(),
+                    prefix: name.to_string(),
+                },
+            ),
+        }
+    }
+
     /// Keys under `prefix` (relative to the store's root), sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let mut out = match self {
