@@ -223,3 +223,26 @@ fn unmount_after_a_busy_refusal() {
     assert_eq!(std::fs::read(ws.path("f")).unwrap(), b"kept");
     ws.unmount();
 }
+
+/// Arguments the parser takes but the command cannot use get an error, not a panic. Found by
+/// the torture harness's CLI fuzzer: clap takes rollback's positionals again after an option.
+#[test]
+fn rollback_with_three_positionals_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(OWSFS)
+        .args([
+            "rollback",
+            "fork",
+            "200%",
+            "--workspace",
+            "template",
+            "drill",
+        ])
+        .env("XDG_DATA_HOME", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("got 3 arguments"), "{err}");
+}

@@ -35,7 +35,12 @@ pub fn run(args: &RollbackArgs) -> anyhow::Result<()> {
     let (mountpoint, spec) = match args.args.as_slice() {
         [r] => (None, r.as_str()),
         [m, r] => (Some(PathBuf::from(m)), r.as_str()),
-        _ => unreachable!("clap takes one or two"),
+        // clap takes a positional again after an option: `rollback A --workspace W B C`.
+        more => anyhow::bail!(
+            "rollback takes REF, or MOUNTPOINT REF; got {} arguments: {}",
+            more.len(),
+            more.join(" ")
+        ),
     };
     if let Some(mp) = &mountpoint {
         let done = crate::control::client::rollback(mp, spec, args.keep_snapshots, args.timeout)

@@ -6,6 +6,8 @@
 mod check;
 mod corrupt;
 mod crash;
+mod full;
+mod fuzz;
 mod model;
 mod node;
 mod partition;
@@ -47,7 +49,7 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "crash,faults,partition,corrupt"
+        default_value = "crash,faults,partition,corrupt,full"
     )]
     scenarios: Vec<Scenario>,
     /// Run only this trial number (to reproduce a failure; with the same --seed).
@@ -70,6 +72,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// (internal) Run the workload against a mount, logging what completed.
+    /// Fuzz the parsers (journal segments, trees, list blobs, generation and lease records,
+    /// SQLite WAL and database headers, store URLs) and the CLI, each for --for.
+    Fuzz {
+        /// How long each target runs (e.g. 10m).
+        #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "10m")]
+        budget: Duration,
+        /// Targets (default: all).
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        targets: Vec<String>,
+    },
     #[command(hide = true)]
     Workload {
         #[arg(long)]
@@ -107,6 +119,8 @@ enum Scenario {
     Partition,
     /// A bit flip or a truncation in a pack, a generation, a lease or a journal segment.
     Corrupt,
+    /// A full cache disk, a full `file://` store, a store lost for longer than the lease.
+    Full,
 }
 
 /// A promise the harness found broken (as opposed to the harness failing to run).
@@ -196,19 +210,19 @@ fn main() {
         pause_us,
         owsfs,
         max_ops,
-    }) = cli.command
+    }) = &cli.command
     {
         let r = workload::Runner {
-            mount,
-            owsfs,
-            log,
+            mount: mount.clone(),
+            owsfs: owsfs.clone(),
+            log: log.clone(),
             cfg: workload::Cfg {
-                seed,
-                max_big,
-                sync_weight,
+                seed: *seed,
+                max_big: *max_big,
+                sync_weight: *sync_weight,
             },
-            max_ops,
-            pause: Duration::from_micros(pause_us),
+            max_ops: *max_ops,
+            pause: Duration::from_micros(*pause_us),
         }
         .run();
         if let Err(e) = r {
@@ -217,7 +231,11 @@ fn main() {
         }
         return;
     }
-    match run(&cli) {
+    let result = match &cli.command {
+        Some(Cmd::Fuzz { budget, targets }) => fuzz_all(&cli, *budget, targets),
+        _ => run(&cli),
+    };
+    match result {
         Ok(()) => {}
         Err(e) if e.downcast_ref::<Broken>().is_some() => {
             eprintln!("\n{e:#}");
@@ -226,6 +244,47 @@ fn main() {
         Err(e) => {
             eprintln!("\nowsfs-torture could not run: {e:#}");
             std::process::exit(2);
+        }
+    }
+}
+
+/// `owsfs-torture fuzz`: every target for `budget`, then a table of runs per target.
+fn fuzz_all(cli: &Cli, budget: Duration, targets: &[String]) -> Result<()> {
+    let owsfs = std::fs::canonicalize(&cli.owsfs).with_context(|| {
+        format!(
+            "the owsfs binary {} (build it, or pass --owsfs)",
+            cli.owsfs.display()
+        )
+    })?;
+    let seed = cli.seed.unwrap_or_else(rand::random);
+    std::fs::create_dir_all(&cli.work)?;
+    let work = tempfile::Builder::new()
+        .prefix(&format!("fuzz-{seed}-"))
+        .tempdir_in(&cli.work)?;
+    println!(
+        "owsfs-torture fuzz: seed {seed}, {} per target; work in {}",
+        humantime::format_duration(budget),
+        work.path().display()
+    );
+    let r = fuzz::run(targets, budget, seed, &owsfs, work.path());
+    match r {
+        Ok(outcomes) => {
+            println!("\ntarget | time | inputs | accepted | panics");
+            println!("--- | ---: | ---: | ---: | ---:");
+            for o in &outcomes {
+                println!(
+                    "{} | {:.0} s | {} | {} | 0",
+                    o.target,
+                    o.elapsed.as_secs_f64(),
+                    o.runs,
+                    o.accepted
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = work.keep();
+            Err(e)
         }
     }
 }
@@ -262,7 +321,7 @@ fn open_store(kind: StoreKind, work: &std::path::Path) -> RunStore {
 
 fn run(cli: &Cli) -> Result<()> {
     if !cli.short && cli.long.is_none() && cli.trial.is_none() {
-        bail!("say --short, --long DURATION or --trial N");
+        bail!("say --short, --long DURATION, --trial N, or fuzz");
     }
     let owsfs_bin = std::fs::canonicalize(&cli.owsfs).with_context(|| {
         format!(
@@ -320,6 +379,7 @@ fn run(cli: &Cli) -> Result<()> {
                     Scenario::Faults => crash::trial(ctx, n, true, figs),
                     Scenario::Partition => partition::trial(ctx, n, figs),
                     Scenario::Corrupt => corrupt::trial(ctx, n, figs),
+                    Scenario::Full => full::trial(ctx, n, figs),
                 };
                 match r {
                     Ok(summary) => println!(

@@ -153,6 +153,22 @@ impl Trial<'_> {
         Ok(())
     }
 
+    /// A takeover (without force) from a holder that stopped writing. A renewal it had in
+    /// flight when the store black-holed it may land after the partition heals, and a node
+    /// watching the lease then sees it renewed and refuses; the next try waits out that last
+    /// renewal.
+    fn steal_stopped(&mut self) -> Result<Tenure> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.start(&["--steal"]) {
+                Ok(t) => return Ok(t),
+                Err(e) if format!("{e:#}").contains("renewed its lease") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
     /// Cuts the holder's store access for a while (failing or black-holed requests).
     fn partition(&mut self, t: &Tenure) -> Result<()> {
         let hang = self.rng.gen_bool(0.5);
@@ -239,7 +255,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         figs,
     };
     t.figs.trials += 1;
-    let duration = Duration::from_secs(if ctx.short { 12 } else { 40 });
+    let duration = Duration::from_secs(if ctx.short { 8 } else { 40 });
     let start = Instant::now();
     let mut holder = t.start(&[])?;
     let (mut partitions, mut handoffs, mut races, mut stopped) = (0, 0, 0, 0);
@@ -254,7 +270,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
                 if holder.writer.as_ref().is_some_and(|w| w.is_finished()) {
                     // It stopped writing (its lease would have lapsed): another node waits
                     // the lease out and takes over, without force.
-                    let next = t.start(&["--steal"])?;
+                    let next = t.steal_stopped()?;
                     t.figs.takeovers += 1;
                     t.end(holder, false)?;
                     holder = next;
@@ -294,7 +310,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
             }
             // A clean handoff (a holder that stopped writing is taken over instead).
             _ if holder.writer.as_ref().is_some_and(|w| w.is_finished()) => {
-                let next = t.start(&["--steal"])?;
+                let next = t.steal_stopped()?;
                 t.figs.takeovers += 1;
                 t.end(holder, false)?;
                 holder = next;
@@ -311,7 +327,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
     t.end(holder, clean)?;
     if !clean {
         // The last holder stopped: a last takeover commits the final state.
-        let last = t.start(&["--steal"])?;
+        let last = t.steal_stopped()?;
         t.figs.takeovers += 1;
         t.end(last, true)?;
     }

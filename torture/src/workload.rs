@@ -564,29 +564,48 @@ impl Runner {
                         e.insert(open_db(&self.path(db), *wal)?)
                     }
                 };
-                let tx = conn.transaction()?;
-                if let Some(d) = delete {
-                    tx.execute("DELETE FROM t WHERE txn = ?1", [*d as i64])?;
-                }
-                {
-                    let mut ins = tx.prepare("INSERT INTO t (txn, i, v) VALUES (?1, ?2, ?3)")?;
-                    for (i, len) in row_lens(*seed, *rows).enumerate() {
-                        ins.execute(rusqlite::params![
-                            index as i64,
-                            i as i64,
-                            bytes(seed.wrapping_add(i as u64), len)
-                        ])?;
-                    }
-                }
-                tx.commit()?;
-                if *checkpoint {
-                    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                let r = transaction(conn, index, *rows, *seed, *delete, *checkpoint);
+                if let Err(e) = r {
+                    // SQLite reports any failed write(2) as an I/O error: say which errno.
+                    // SAFETY: the handle is this open connection's; the call only reads it.
+                    let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+                    bail!("{e} ({})", std::io::Error::from_raw_os_error(errno));
                 }
             }
             Op::Sync => bail!("sync is run by the runner"),
         }
         Ok(())
     }
+}
+
+/// One transaction of [`Op::Sql`] on `conn`.
+fn transaction(
+    conn: &mut rusqlite::Connection,
+    index: u64,
+    rows: u64,
+    seed: u64,
+    delete: Option<u64>,
+    checkpoint: bool,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    if let Some(d) = delete {
+        tx.execute("DELETE FROM t WHERE txn = ?1", [d as i64])?;
+    }
+    {
+        let mut ins = tx.prepare("INSERT INTO t (txn, i, v) VALUES (?1, ?2, ?3)")?;
+        for (i, len) in row_lens(seed, rows).enumerate() {
+            ins.execute(rusqlite::params![
+                index as i64,
+                i as i64,
+                bytes(seed.wrapping_add(i as u64), len)
+            ])?;
+        }
+    }
+    tx.commit()?;
+    if checkpoint {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(())
 }
 
 fn open_db(path: &Path, wal: bool) -> Result<rusqlite::Connection> {

@@ -69,3 +69,45 @@ fn torture_short_file() {
 fn torture_short_seaweedfs() {
     short("s3");
 }
+
+/// The fuzz targets for a few seconds each, as CI runs them (`fuzz --for 10m` in long mode).
+#[test]
+fn torture_fuzz_short() {
+    let work = tempfile::Builder::new()
+        .prefix("owsfs-fuzz-")
+        .tempdir()
+        .expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_owsfs-torture"))
+        .arg("--owsfs")
+        .arg(owsfs_bin())
+        .arg("--work")
+        .arg(work.path())
+        .args(["fuzz", "--for", "3s"])
+        .output()
+        .expect("run owsfs-torture fuzz");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    if !out.status.success() {
+        let _ = work.keep();
+    }
+    assert!(out.status.success(), "owsfs-torture fuzz failed:\n{text}");
+    for target in [
+        "journal",
+        "tree",
+        "list",
+        "generation",
+        "lease",
+        "wal",
+        "url",
+        "cli",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{target} |"))),
+            "no line for fuzz target {target}:\n{text}"
+        );
+    }
+}
