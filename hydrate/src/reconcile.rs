@@ -11,7 +11,10 @@
 //! attributes differ from the base generation's node (size, mtime, mode, owner), or that has
 //! no node, is journaled as changed before the mount serves: the next commit reads it again.
 //! It costs one walk of the backing directory with a `stat` per name, at mounts after a crash
-//! only (not after a clean unmount, nor after a rescan, which made everything dirty).
+//! only (not after a clean unmount, nor after a rescan, which made everything dirty). Files
+//! fetched by lazy hydration since the last commit have a new mtime and are read again too
+//! (their chunks deduplicate: nothing is uploaded); a pending directory's subtree stays the
+//! base generation's whatever is journaled (the capture never lists it).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -34,11 +37,15 @@ fn same(e: &TreeEntry, md: &fs::Metadata, is_file: bool) -> bool {
 }
 
 /// Journals every file and directory under `backing` that differs from the base generation.
-/// Returns how many names it journaled.
-pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> anyhow::Result<usize> {
+/// Returns how many names it journaled, and the first few of them.
+pub fn after_crash(
+    backing: &Path,
+    local: &LocalState,
+    journal: &Journal,
+) -> anyhow::Result<(usize, Vec<String>)> {
     if local.base()?.is_none() {
         // No base: the next commit reads everything anyway.
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let root_md = fs::metadata(backing).with_context(|| format!("stat {}", backing.display()))?;
     let inos = InoMap::new(BackingIno(root_md.ino()));
@@ -51,6 +58,12 @@ pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> any
     // What the journal already has needs nothing more.
     let dirty = journal.dirty();
     let mut changed = 0;
+    let mut names: Vec<String> = Vec::new();
+    let mut note = |p: &Path| {
+        if names.len() < 5 {
+            names.push(format!("/{}", p.display()));
+        }
+    };
     let append = |op: Op| -> anyhow::Result<()> {
         journal
             .append(op)
@@ -64,6 +77,7 @@ pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> any
             ino: inos.fuse(BackingIno(root_md.ino())),
             dir: Some(PathBuf::new()),
         })?;
+        note(Path::new(""));
         changed += 1;
     }
     let mut stack = vec![PathBuf::new()];
@@ -87,6 +101,7 @@ pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> any
                         ino,
                         dir: Some(path.clone()),
                     })?;
+                    note(&path);
                     changed += 1;
                 }
                 stack.push(path);
@@ -104,6 +119,7 @@ pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> any
                             len: md.size().max(e.size),
                         })?;
                         append(Op::Meta { ino, dir: None })?;
+                        note(&path);
                         changed += 1;
                     }
                     None => {
@@ -117,11 +133,12 @@ pub fn after_crash(backing: &Path, local: &LocalState, journal: &Journal) -> any
                             offset: 0,
                             len: md.size(),
                         })?;
+                        note(&path);
                         changed += 1;
                     }
                 }
             }
         }
     }
-    Ok(changed)
+    Ok((changed, names))
 }

@@ -177,13 +177,15 @@ pub fn prepare(
     let journal = Arc::new(journal);
     let (previous_sqlite, head) =
         owsfs_hydrate::prepare::prepare_base(ws, &mut local, &cache, &journal, store_url, head)?;
-    if !recovery.clean && recovery.rescan.is_none() {
-        let n = owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal)?;
+    // A new cache (no segment yet) has nothing to reconcile.
+    if !recovery.clean && recovery.rescan.is_none() && recovery.segments > 0 {
+        let (n, names) = owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal)?;
         if n > 0 {
             tracing::warn!(
-                "journal: {n} name(s) differ from the last generation but are not in the \
-                 journal (it was damaged: a crash loses nothing there); they go in the next \
-                 commit"
+                "journal: {n} name(s) differ from the last generation without a journal record \
+                 (fetched since, or records lost to damage); the next commit reads them again: \
+                 {}",
+                names.join(", ")
             );
         }
     }

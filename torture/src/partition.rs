@@ -255,7 +255,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         figs,
     };
     t.figs.trials += 1;
-    let duration = Duration::from_secs(if ctx.short { 8 } else { 40 });
+    let duration = Duration::from_secs(if ctx.short { 8 } else { 30 });
     let start = Instant::now();
     let mut holder = t.start(&[])?;
     let (mut partitions, mut handoffs, mut races, mut stopped) = (0, 0, 0, 0);
