@@ -36,11 +36,18 @@ pub struct PagePusher {
 }
 
 impl PagePusher {
+    /// Starts the helper at once, so the first cut does not wait for it (writers are not
+    /// held back while a cut pushes pages); if it cannot start, the first push tries again.
     pub fn new(mountpoint: &Path) -> PagePusher {
-        PagePusher {
+        let p = PagePusher {
             mountpoint: mountpoint.to_path_buf(),
             helper: Mutex::new(None),
+        };
+        match p.start() {
+            Ok(h) => *p.helper.lock() = Some(h),
+            Err(e) => tracing::warn!("sync: {e:#}"),
         }
+        p
     }
 
     fn start(&self) -> anyhow::Result<Helper> {

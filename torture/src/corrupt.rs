@@ -130,6 +130,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         short: ctx.short,
         seed: ctx.seed,
         drill_every: ctx.drill_every,
+        keep: ctx.keep,
     };
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let ws = format!("corrupt-{n}");
@@ -227,7 +228,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         store_readers(ctx, &dir, &ws, &cfg, ops, &model)?
     };
     figs.detected += 1;
-    std::fs::remove_dir_all(&dir)?;
+    ctx.passed(&dir)?;
     Ok(format!("{target:?} {object}: {what}: {took}"))
 }
 

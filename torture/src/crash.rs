@@ -236,7 +236,7 @@ pub fn trial(ctx: &Ctx, n: u64, faults: bool, figs: &mut Figures) -> Result<Stri
     }
     let injected = count_faults(&dir.join("faults.log"));
     figs.faults += injected;
-    std::fs::remove_dir_all(&dir)?;
+    ctx.passed(&dir)?;
     Ok(format!(
         "{} ops done, {} synced ({} syncs, {} failed), newest generation = {at_kill} ops, \
          faults {injected}, commit every {}, kill at {:?}",

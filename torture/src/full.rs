@@ -156,7 +156,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
         "store" => store_full(ctx, &dir, n, &cfg, &mut rng, figs)?,
         _ => store_lost(ctx, &dir, n, &cfg, &mut rng, figs)?,
     };
-    std::fs::remove_dir_all(&dir)?;
+    ctx.passed(&dir)?;
     Ok(format!("{kind}: {summary}"))
 }
 

@@ -64,6 +64,9 @@ struct Cli {
     /// Where trials run (a directory per trial, removed when it passes).
     #[arg(long, default_value = "/var/tmp/owsfs-torture")]
     work: PathBuf,
+    /// Keep the directories of trials that passed (under --work).
+    #[arg(long)]
+    keep: bool,
     /// Trials per scenario and store in --short mode.
     #[arg(long, default_value_t = 4)]
     short_trials: u64,
@@ -147,6 +150,19 @@ pub struct Ctx {
     pub drill_every: u64,
     /// The store's objects, behind owsfs's back.
     pub raw: raw::Raw,
+    /// Keep the directories of trials that passed.
+    pub keep: bool,
+}
+
+impl Ctx {
+    /// A trial passed: its directory goes, unless `--keep` asked to look at it.
+    pub fn passed(&self, dir: &std::path::Path) -> Result<()> {
+        if !self.keep {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("remove {}", dir.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// The figures of a run.
@@ -366,6 +382,7 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             drill_every: if cli.short { 2 } else { 10 },
             raw: s.raw.clone(),
+            keep: cli.keep,
         };
         stores.push((*kind, ctx, s, Figures::default()));
     }
@@ -427,7 +444,7 @@ fn run(cli: &Cli) -> Result<()> {
         total.drills,
         table(&rows)
     );
-    if result.is_err() {
+    if result.is_err() || cli.keep {
         // Keep the failing trial's files for a look.
         let _ = run_dir.keep();
     }
