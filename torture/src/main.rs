@@ -158,8 +158,7 @@ impl Ctx {
     /// A trial passed: its directory goes, unless `--keep` asked to look at it.
     pub fn passed(&self, dir: &std::path::Path) -> Result<()> {
         if !self.keep {
-            std::fs::remove_dir_all(dir)
-                .with_context(|| format!("remove {}", dir.display()))?;
+            std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
         }
         Ok(())
     }
