@@ -157,3 +157,44 @@ fn nothing_the_daemon_creates_is_world_writable() {
     }
     assert!(writable.is_empty(), "writable by everyone: {writable:?}");
 }
+
+/// `umount MOUNTPOINT` then at once `mount` again (plain umount(8), as fstab and systemd do):
+/// the old daemon is still committing the last changes, and the new mount waits for it
+/// (saying so) instead of failing with "in use by another owsfs daemon". Found by running a
+/// standard conformance suite against owsfs.
+#[test]
+fn a_mount_right_after_umount_waits_for_the_last_commit() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.extra = vec!["--commit-interval".into(), "1h".into()];
+    // Every store request takes 150 ms more: the last commit takes a while.
+    ws.env.push((
+        "OWSFS_FAULTS".into(),
+        "rate=1,seed=3,kinds=slow,slow_ms=150".into(),
+    ));
+    ws.mount();
+    for i in 0..20 {
+        std::fs::write(ws.path(&format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    let want = tree(&ws.mp);
+    let out = std::process::Command::new("umount")
+        .arg(&ws.mp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "umount: {}", stderr(&out));
+    let out = ws.try_mount();
+    let err = stderr(&out);
+    assert!(
+        out.status.success(),
+        "the mount after umount failed: {err}{}",
+        ws.log_tail()
+    );
+    assert!(
+        err.contains("finishing its last commit"),
+        "the mount did not say it waited (the old daemon was already gone?): {err}"
+    );
+    assert_same_tree(&tree(&ws.mp), &want, "after the remount");
+    ws.unmount();
+}

@@ -4,7 +4,8 @@
 //! Layout (version 1):
 //! ```text
 //! CACHE/cache.json     format marker: {"format":"owsfs-cache","version":1,"crc32c":...}
-//! CACHE/lock           flock(2)ed by the daemon that serves this cache
+//! CACHE/lock           flock(2)ed by the daemon that serves this cache; holds its pid, then
+//!                      `PID stopping` once its session ended (a new mount waits for it)
 //! CACHE/backing/       the workspace's files, exactly as the workspace shows them
 //! CACHE/journal/       write journal segments (journal/FORMAT.md)
 //! CACHE/control.sock   the daemon's control socket
@@ -63,8 +64,29 @@ impl Cache {
         root.join("owsfs.log")
     }
 
+    /// Says in the lock file that this daemon's session has ended and it is finishing its
+    /// last commit: a new mount of the cache then waits for it instead of failing.
+    pub fn mark_stopping(&self) {
+        use std::os::unix::fs::FileExt;
+        if let Some(f) = &self.lock {
+            let _ = f.set_len(0);
+            let _ = f.write_all_at(format!("{} stopping\n", std::process::id()).as_bytes(), 0);
+        }
+    }
+
     /// Creates the cache if needed, checks its format and takes its lock.
     pub fn open(root: &Path) -> anyhow::Result<Cache> {
+        Self::open_waiting(root, std::time::Duration::ZERO, &mut |_| {})
+    }
+
+    /// As [`Cache::open`], but while the daemon holding the lock is finishing its last commit
+    /// (its session ended: `umount MOUNTPOINT` then `mount MOUNTPOINT`, as fstab and systemd
+    /// do), waits up to `wait` for it, saying so once through `notice`.
+    pub fn open_waiting(
+        root: &Path,
+        wait: std::time::Duration,
+        notice: &mut dyn FnMut(&str),
+    ) -> anyhow::Result<Cache> {
         std::fs::create_dir_all(root).with_context(|| {
             format!(
                 "cannot create cache directory {}: choose a writable place with --cache DIR",
@@ -87,15 +109,47 @@ impl Cache {
                     root.display()
                 )
             })?;
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let started = std::time::Instant::now();
+        let mut told = false;
+        while rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .is_err()
+        {
             let holder = std::fs::read_to_string(root.join("lock")).unwrap_or_default();
-            bail!(
-                "cache {} is in use by another owsfs daemon{}; unmount that workspace first",
-                root.display(),
-                match holder.trim() {
-                    "" => String::new(),
-                    pid => format!(" (pid {pid})"),
+            let (pid, stopping) = match holder.trim().split_once(' ') {
+                Some((pid, "stopping")) => (pid.to_string(), true),
+                _ => (holder.trim().to_string(), false),
+            };
+            let pid = if pid.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            };
+            if stopping && started.elapsed() < wait {
+                if !told {
+                    notice(&format!(
+                        "the previous daemon of cache {}{pid} is finishing its last commit; \
+                         waiting for it (up to {} s)",
+                        root.display(),
+                        wait.as_secs()
+                    ));
+                    told = true;
                 }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            if stopping {
+                bail!(
+                    "cache {} is still held by its previous daemon{pid}, which has been \
+                     finishing its last commit for {} s (is the store reachable?); try again \
+                     later, or see its log {}",
+                    root.display(),
+                    started.elapsed().as_secs(),
+                    Self::log_path(&root).display()
+                );
+            }
+            bail!(
+                "cache {} is in use by another owsfs daemon{pid}; unmount that workspace first",
+                root.display(),
             );
         }
         let mut lock = lock;

@@ -42,6 +42,10 @@ use crate::args::MountOpts;
 use crate::options::MountOptions;
 use crate::{mountpoint, options};
 
+/// How long a mount waits for a previous daemon of its cache that is finishing its last
+/// commit.
+pub const PREVIOUS_DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Phase 1: a cache, locked for this process, and its journal, replayed.
 pub struct OpenCache {
     pub cache: Cache,
@@ -52,6 +56,16 @@ pub struct OpenCache {
 impl OpenCache {
     pub fn open(dir: &Path) -> anyhow::Result<OpenCache> {
         Self::from_cache(Cache::open(dir)?)
+    }
+
+    /// As [`OpenCache::open`], waiting up to `wait` for a previous daemon of the cache that is
+    /// finishing its last commit.
+    pub fn open_waiting(
+        dir: &Path,
+        wait: std::time::Duration,
+        notice: &mut dyn FnMut(&str),
+    ) -> anyhow::Result<OpenCache> {
+        Self::from_cache(Cache::open_waiting(dir, wait, notice)?)
     }
 
     /// Replays the journal of a cache already open.
@@ -695,7 +709,12 @@ pub fn serve(
     // The process umask stays as it is: it also applies to the cache, the journal and a
     // file:// store, which must not become writable by everyone. New nodes get exactly the
     // mode the kernel sends (the core restores bits the umask took, see fuse/src/core.rs).
-    let open = OpenCache::open(cache_dir)?;
+    // A previous daemon of this cache may still be finishing its last commit (`umount`, then
+    // `mount` at once): wait for it, bounded.
+    let open = OpenCache::open_waiting(cache_dir, PREVIOUS_DAEMON_WAIT, &mut |m| {
+        tracing::info!("{m}");
+        ready.notice(m);
+    })?;
 
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
@@ -798,6 +817,10 @@ pub fn serve(
     let served = mounted
         .serve()
         .map_err(|e| format!("the FUSE session failed: {e}"));
+    // A new mount of the cache now waits for this one's last commit instead of failing.
+    if let Some(cache) = cache_lock.as_ref() {
+        cache.mark_stopping();
+    }
     drop(upkeep);
     let (clean, handed) = handoff(services, lease, &journal, opts.keep_snapshots);
     drop(control);
