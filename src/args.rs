@@ -45,7 +45,8 @@ pub struct MountOpts {
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
     pub foreground: bool,
-    /// Mount options, comma-separated: ro, rw, threads=N (default 4), passthrough=on|off
+    /// Mount options, comma-separated: ro, rw, remount (with ro|rw and the flags: changes the
+    /// mount that is there), threads=N (default 4), passthrough=on|off
     /// (default off), writeback_cache, max_inodes=N, attr_timeout=SECS, entry_timeout=SECS,
     /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
     /// See SEMANTICS.md for what passthrough and writeback_cache change.

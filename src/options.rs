@@ -20,6 +20,9 @@ pub struct MountOptions {
     pub max_inodes: Option<usize>,
     /// Kernel mount flags passed on as they are (nosuid, nodev, noexec, ...).
     pub kernel: Vec<String>,
+    /// `remount` (from `mount -o remount,...`): change the flags of the mount that is there
+    /// (ro/rw, nosuid, ...) instead of mounting.
+    pub remount: bool,
 }
 
 impl Default for MountOptions {
@@ -36,6 +39,7 @@ impl Default for MountOptions {
             writeback_cache: adapter.writeback_cache,
             max_inodes: None,
             kernel: Vec::new(),
+            remount: false,
         }
     }
 }
@@ -64,6 +68,7 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
         };
         match (key, value) {
             ("ro", None) => o.read_only = true,
+            ("remount", None) => o.remount = true,
             ("rw", None) => o.read_only = false,
             ("threads", Some(v)) => {
                 o.threads = v
@@ -114,7 +119,7 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ) => {}
             ("x-systemd.automount" | "x-systemd.device-timeout", _) => {}
             _ => bail!(
-                "unknown mount option `{opt}`; known: ro, rw, threads=N, passthrough=on|off, \
+                "unknown mount option `{opt}`; known: ro, rw, remount, threads=N, passthrough=on|off, \
                  writeback_cache, max_inodes=N, attr_timeout=S, entry_timeout=S, \
                  negative_timeout=S, max_write=BYTES, nosuid, nodev, noexec, noatime, sync, \
                  dirsync"

@@ -246,3 +246,53 @@ fn rollback_with_three_positionals_is_an_error_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("got 3 arguments"), "{err}");
 }
+
+/// `mount -o remount,ro` and `remount,rw` through the mount-helper convention (`owsfs SOURCE
+/// MOUNTPOINT -o remount,...`, as mount.fuse3 runs it): the daemon stays, writes fail with
+/// EROFS while read-only and work again after. Found by running a standard conformance suite
+/// against owsfs ("unknown mount option `remount`").
+#[test]
+fn remount_read_only_and_back_through_the_mount_helper() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::write(ws.path("a"), b"before").unwrap();
+    let pid = ws.daemon_pid();
+    let helper = |opts: &str| {
+        let out = Command::new(OWSFS)
+            .arg(&ws.cache)
+            .arg(&ws.mp)
+            .args(["-o", opts])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "owsfs CACHE MP -o {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    helper("remount,ro,nosuid");
+    let e = std::fs::write(ws.path("b"), b"refused").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert_eq!(std::fs::read(ws.path("a")).unwrap(), b"before");
+    helper("remount,rw");
+    std::fs::write(ws.path("b"), b"after").unwrap();
+    assert_eq!(ws.daemon_pid(), pid, "the daemon was replaced");
+    let g = ws.sync();
+    let dest = ws.dir.path().join("restored");
+    assert!(ws.restore(Some(g), &dest).status.success());
+    assert_eq!(std::fs::read(dest.join("b")).unwrap(), b"after");
+    // Not an owsfs mount: a clear error.
+    let out = Command::new(OWSFS)
+        .arg(&ws.cache)
+        .arg(ws.dir.path())
+        .args(["-o", "remount,ro"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not an owsfs mount"),
+        "{err}"
+    );
+}

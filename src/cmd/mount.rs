@@ -18,7 +18,10 @@ pub struct MountArgs {
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
     // Checked here too, so a bad option fails before anything starts.
-    crate::options::parse(&args.opts.options)?;
+    let o = crate::options::parse(&args.opts.options)?;
+    if o.remount {
+        return remount(&args.mountpoint, &o);
+    }
     let cache = args.opts.cache_dir(&args.mountpoint)?;
     let child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
     if !(args.opts.foreground || child) {
@@ -29,4 +32,45 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     crate::mount::serve_args(&args.mountpoint, &args.opts, &cache, &ready).inspect_err(|e| {
         ready.failed(e);
     })
+}
+
+/// `mount -o remount,ro|rw,...`: changes the flags of the owsfs mount at `mountpoint` (the
+/// kernel's: read-only for the whole mount, nosuid, nodev, noexec, noatime for this mount
+/// point); the daemon goes on serving. Writes to a read-only mount fail with EROFS in the
+/// kernel before they reach the daemon.
+fn remount(mountpoint: &std::path::Path, o: &crate::options::MountOptions) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use rustix::mount::MountFlags;
+    let mp = crate::mountpoint::absolute(mountpoint)?;
+    if crate::mountpoint::find_owsfs(&mp)?.is_none() {
+        anyhow::bail!("{} is not an owsfs mount: nothing to remount", mp.display());
+    }
+    let mut flags = MountFlags::empty();
+    if o.read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    for k in &o.kernel {
+        flags |= match k.as_str() {
+            "nosuid" => MountFlags::NOSUID,
+            "nodev" => MountFlags::NODEV,
+            "noexec" => MountFlags::NOEXEC,
+            "noatime" => MountFlags::NOATIME,
+            _ => MountFlags::empty(),
+        };
+    }
+    // The superblock's read-only flag, then the mount point's own flags.
+    rustix::mount::mount_remount(&mp, flags & MountFlags::RDONLY, "").with_context(|| {
+        format!(
+            "cannot remount {} {}",
+            mp.display(),
+            if o.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        )
+    })?;
+    rustix::mount::mount_remount(&mp, flags | MountFlags::BIND, "")
+        .with_context(|| format!("cannot change the flags of {}", mp.display()))?;
+    Ok(())
 }
