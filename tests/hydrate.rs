@@ -655,3 +655,52 @@ fn a_pending_directory_keeps_its_subtree_seaweedfs() {
     }
     pending_directory_keeps_its_subtree(&TestStore::seaweed("owsfs-pending"));
 }
+
+/// Reading a file that is fetched lazily does not change its mtime: not through the mount
+/// after a remount (when the kernel's cached attributes are gone), nor in the backing file
+/// (which a crash's reconciliation would take for a local change). Found by the torture
+/// harness's reconciliation after a crash.
+#[test]
+fn fetching_a_file_keeps_its_mtime() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let a = store.workspace("w", &[]);
+    a.mount();
+    std::fs::write(a.path("old.bin"), noise(3 << 20, 5)).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+    std::fs::File::options()
+        .write(true)
+        .open(a.path("old.bin"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    a.unmount();
+    let b = store.workspace("w", &["--prefetch", "0"]);
+    b.mount();
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(b.path("old.bin"))
+        .unwrap()
+        .read_exact_at(&mut buf, 1 << 20)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(b.backing("old.bin"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        old,
+        "the fetch changed the backing file's mtime"
+    );
+    b.unmount();
+    b.mount();
+    assert_eq!(
+        std::fs::metadata(b.path("old.bin"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        old,
+        "the mtime seen through the mount changed after a read"
+    );
+    b.unmount();
+}

@@ -286,6 +286,12 @@ impl Hydrator {
         };
         let mut inner = f.inner.lock();
         let before = inner.missing(f.len);
+        // Fetched bytes are the generation's, not a change: the file keeps its mtime (a read
+        // must not change it, and the cut would take a new one for a local change).
+        let mtime = rustix::fs::fstat(&fd).ok().map(|st| rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        });
         let mut written: Option<(u64, u64)> = None;
         for (s, d) in spans.iter().zip(data) {
             let clip_end = s.end().min(inner.valid_end);
@@ -298,6 +304,16 @@ impl Hydrator {
             if s.offset < clip_end {
                 inner.present.insert(s.offset, clip_end);
             }
+        }
+        if let (Some(_), Some(mtime)) = (written, mtime) {
+            let times = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                last_modification: mtime,
+            };
+            rustix::fs::futimens(&fd, &times)?;
         }
         let after = inner.missing(f.len);
         let removed = inner.removed;

@@ -12,9 +12,11 @@
 //! no node, is journaled as changed before the mount serves: the next commit reads it again.
 //! It costs one walk of the backing directory with a `stat` per name, at mounts after a crash
 //! only (not after a clean unmount, nor after a rescan, which made everything dirty). Files
-//! fetched by lazy hydration since the last commit have a new mtime and are read again too
-//! (their chunks deduplicate: nothing is uploaded); a pending directory's subtree stays the
-//! base generation's whatever is journaled (the capture never lists it).
+//! fetched whole by lazy hydration since the last commit have a new mtime and are read again
+//! too (their chunks deduplicate: nothing is uploaded). What hydration still tracks (partial
+//! files, pending directories, a warm remount's old entries) is left alone: a write journaled
+//! for a partial file would be taken for local bytes. It runs before the cache is matched with
+//! the store, against the cache's own base, so what it finds counts as unsynced changes.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -55,8 +57,11 @@ pub fn after_crash(
             _ => None,
         }
     };
-    // What the journal already has needs nothing more.
+    // What the journal already has needs nothing more; what hydration tracks (partial files,
+    // pending directories) differs from its node by design, and a write journaled for it
+    // would be taken for local bytes.
     let dirty = journal.dirty();
+    let hydrating = local.hydration_inos()?;
     let mut changed = 0;
     let mut names: Vec<String> = Vec::new();
     let mut note = |p: &Path| {
@@ -70,16 +75,9 @@ pub fn after_crash(
             .context("cannot journal a change found after a torn tail")?;
         Ok(())
     };
-    if !dirty.dirs.contains(Path::new(""))
-        && node(root_md.ino(), Kind::Dir).is_none_or(|e| !same(&e, &root_md, false))
-    {
-        append(Op::Meta {
-            ino: inos.fuse(BackingIno(root_md.ino())),
-            dir: Some(PathBuf::new()),
-        })?;
-        note(Path::new(""));
-        changed += 1;
-    }
+    // The root is not compared: a lazily restored cache makes it with a time of its own. A
+    // name created there without a record is found by its own check below (and marks the
+    // root); only a removal from the root whose record was lost goes unseen.
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let abs = backing.join(&rel);
@@ -93,6 +91,12 @@ pub fn after_crash(
                 Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
             };
             let ino = inos.fuse(BackingIno(md.ino()));
+            if hydrating.contains(&md.ino()) {
+                if md.is_dir() {
+                    stack.push(path);
+                }
+                continue;
+            }
             if md.is_dir() {
                 if !dirty.dirs.contains(&path)
                     && node(md.ino(), Kind::Dir).is_none_or(|e| !same(&e, &md, false))

@@ -163,6 +163,19 @@ pub struct Update {
 }
 
 impl LocalState {
+    /// The inodes lazy hydration tracks (partial files, pending directories, a warm remount's
+    /// old entries): their backing attributes say nothing about local changes.
+    pub fn hydration_inos(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
+        let mut out = std::collections::HashSet::new();
+        for table in ["hyd_files", "hyd_dirs", "hyd_old", "hyd_warm"] {
+            let mut stmt = self.conn.prepare(&format!("SELECT ino FROM {table}"))?;
+            for ino in stmt.query_map([], |r| r.get::<_, i64>(0))? {
+                out.insert(ino? as u64);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn open(path: &Path) -> anyhow::Result<LocalState> {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the cache state {}", path.display()))?;

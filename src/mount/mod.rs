@@ -165,6 +165,19 @@ pub fn prepare(
     fail::fail_point!("fence-after-slot");
     let state_path = cache.root.join("state.db");
     let mut local = LocalState::open(&state_path)?;
+    // After a crash, what the journal may have lost (against the cache's own base, before it
+    // is matched with the store). A new cache (no segment yet) has nothing to reconcile.
+    if !recovery.clean && recovery.rescan.is_none() && recovery.segments > 0 {
+        let (n, names) = owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal)?;
+        if n > 0 {
+            tracing::warn!(
+                "journal: {n} name(s) differ from the last generation without a journal record \
+                 (fetched since, or records lost to damage); the next commit reads them again: \
+                 {}",
+                names.join(", ")
+            );
+        }
+    }
     if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
         // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
         drop(local);
@@ -191,18 +204,6 @@ pub fn prepare(
     let journal = Arc::new(journal);
     let (previous_sqlite, head) =
         owsfs_hydrate::prepare::prepare_base(ws, &mut local, &cache, &journal, store_url, head)?;
-    // A new cache (no segment yet) has nothing to reconcile.
-    if !recovery.clean && recovery.rescan.is_none() && recovery.segments > 0 {
-        let (n, names) = owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal)?;
-        if n > 0 {
-            tracing::warn!(
-                "journal: {n} name(s) differ from the last generation without a journal record \
-                 (fetched since, or records lost to damage); the next commit reads them again: \
-                 {}",
-                names.join(", ")
-            );
-        }
-    }
     if lease.keeper().is_lost() {
         anyhow::bail!("the lease was lost while preparing the cache");
     }
