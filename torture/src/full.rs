@@ -238,7 +238,7 @@ fn store_full(
 ) -> Result<String> {
     let fs = Tmpfs::mount(&dir.join("storefs"), 64)?;
     // Ballast leaves only a few MiB for the store.
-    let free = rng.gen_range(2..10u64);
+    let free = rng.gen_range(1..5u64);
     let ballast = fs.0.join("ballast");
     std::fs::write(&ballast, vec![0u8; ((64 - free) << 20) as usize])?;
     let mut owsfs = ctx.owsfs.clone();
@@ -251,7 +251,7 @@ fn store_full(
         .map(|s| s.to_string())
         .collect();
     let mount = owsfs.mount(&mp, &cache, &ws, &args, &[])?;
-    let mut child = start_workload(ctx, cfg, &mp, dir, 300)?;
+    let mut child = start_workload(ctx, cfg, &mp, dir, 600)?;
     // The store fills up; commits fail and writers are held back.
     let full_for = Duration::from_millis(rng.gen_range(1500..4000));
     std::thread::sleep(full_for);
