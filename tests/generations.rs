@@ -645,3 +645,30 @@ fn a_clean_file_written_after_losing_a_name_keeps_the_change() {
     }
     assert!(!dest.join("h/x").exists());
 }
+
+/// A clean hard-linked file loses one of its names in another directory: the next generation
+/// shows the name left as an ordinary file (no hard-link key of several), so a drill passes.
+/// Found by the torture harness: the name left kept the key in a directory the cut reused,
+/// and the drill failed with "hard-link key K has only one name".
+#[test]
+fn a_hard_link_removed_elsewhere_leaves_no_stale_key() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("d1")).unwrap();
+    std::fs::create_dir(ws.path("d2")).unwrap();
+    std::fs::write(ws.path("d1/a"), b"linked").unwrap();
+    std::fs::hard_link(ws.path("d1/a"), ws.path("d2/b")).unwrap();
+    ws.sync();
+    std::fs::remove_file(ws.path("d2/b")).unwrap();
+    ws.sync();
+    let out = ws.owsfs(&["drill", "--store", &ws.store, "--workspace", &ws.name]);
+    assert!(
+        out.status.success(),
+        "drill: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ws.unmount();
+}

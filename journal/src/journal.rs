@@ -594,7 +594,7 @@ impl Journal {
         record::encode_op(&mut g.buf, seq, op)?;
         g.next_seq += 1;
         g.records += 1;
-        // A record that changes nothing (`Fsync`, `Unplace` of a clean file) neither starts
+        // A record that changes nothing (`Fsync`) neither starts
         // the age of unsynced changes nor wakes the sync agent.
         let was_clean = g.state.is_empty();
         let live_was_empty = g.live.is_empty();

@@ -157,11 +157,11 @@ impl DirtyState {
                 None => self.files.entry(*ino).or_default().meta = true,
             },
             Op::Fsync { .. } => {}
-            // Only a dirty file can lose changes: a clean one has none to lose.
+            // A dirty file could lose changes in a name the cut does not list; a clean one
+            // would keep a stale hard-link key in it (the generation would show one name with
+            // the key of several). Either way the next cut must find the other names.
             Op::Unplace { ino } => {
-                if let Some(f) = self.files.get_mut(ino) {
-                    f.unplaced = true;
-                }
+                self.files.entry(*ino).or_default().unplaced = true;
             }
         }
     }
