@@ -400,3 +400,57 @@ fn a_journal_cut_short_loses_nothing_the_backing_files_hold() {
         "the remount did not say it found changes the journal lost:\n{log}"
     );
 }
+
+/// The same with a file the journal still has dirty: the records kept name one range of it,
+/// the records lost another. After the torn tail the whole file is read again.
+#[test]
+fn a_journal_cut_short_loses_no_range_of_a_file_it_still_has_dirty() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.extra = vec!["--commit-interval".into(), "1h".into()];
+    ws.mount();
+    std::fs::write(ws.path("f"), noise(4 << 20, 3)).unwrap();
+    ws.sync();
+    let journal = ws.cache.join("journal");
+    let segment = || {
+        let mut segs: Vec<_> = std::fs::read_dir(&journal)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segs.sort();
+        segs.pop().expect("a segment")
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws.path("f"))
+        .unwrap();
+    f.write_all_at(b"kept record", 1000).unwrap();
+    let kept = std::fs::metadata(segment()).unwrap().len();
+    f.write_all_at(b"lost record", 3 << 20).unwrap();
+    drop(f);
+    let want = tree(&ws.mp);
+    ws.kill_daemon();
+    let seg = segment();
+    assert!(std::fs::metadata(&seg).unwrap().len() > kept);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(kept + 5)
+        .unwrap();
+    ws.mount();
+    assert_same_tree(&tree(&ws.mp), &want, "remount");
+    ws.sync();
+    ws.unmount();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&tree(&dest), &want, "newest generation");
+}

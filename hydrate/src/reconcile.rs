@@ -28,9 +28,14 @@ use owsfs_journal::{Journal, NodeKind as JNodeKind, Op};
 use owsfs_local::{Kind, LocalState, decode_node};
 use owsfs_store::TreeEntry;
 
-/// Whether `md` (the backing file) still has the base node `e`'s attributes.
-fn same(e: &TreeEntry, md: &fs::Metadata, is_file: bool) -> bool {
-    (!is_file || e.size == md.size())
+/// Whether `md` (the backing file) still has the base node `e`'s attributes, and they can be
+/// trusted: a file whose mtime is not older than `racy_ns` (the base's cut, less a margin for
+/// the clock's tick) may have changed again in the same tick without a new mtime, as git's
+/// "racily clean" index entries; it is read again.
+fn same(e: &TreeEntry, md: &fs::Metadata, is_file: bool, racy_ns: i128) -> bool {
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    (!is_file || mtime_ns < racy_ns)
+        && (!is_file || e.size == md.size())
         && e.mtime_sec == md.mtime()
         && i64::from(e.mtime_nsec) == md.mtime_nsec()
         && e.mode == md.mode() & 0o7777
@@ -40,16 +45,25 @@ fn same(e: &TreeEntry, md: &fs::Metadata, is_file: bool) -> bool {
 
 /// Journals every file and directory under `backing` that differs from the base generation.
 /// Returns how many names it journaled, and the first few of them.
+///
+/// With `torn` (replay cut a torn tail), a file the journal has dirty is read again whole as
+/// well: the records lost with the tail may have held more of its ranges.
 pub fn after_crash(
     backing: &Path,
     local: &LocalState,
     journal: &Journal,
+    torn: bool,
 ) -> anyhow::Result<(usize, Vec<String>)> {
     if local.base()?.is_none() {
         // No base: the next commit reads everything anyway.
         return Ok((0, Vec::new()));
     }
     let root_md = fs::metadata(backing).with_context(|| format!("stat {}", backing.display()))?;
+    // Without the base's cut time (a cache from before it was kept), every mtime is trusted.
+    let racy_ns = local
+        .meta("base_cut_unix_ms")?
+        .and_then(|v| v.parse::<i128>().ok())
+        .map_or(i128::MAX, |ms| (ms - 1000) * 1_000_000);
     let inos = InoMap::new(BackingIno(root_md.ino()));
     let node = |ino: u64, kind: Kind| -> Option<TreeEntry> {
         match local.node(ino) {
@@ -99,7 +113,7 @@ pub fn after_crash(
             }
             if md.is_dir() {
                 if !dirty.dirs.contains(&path)
-                    && node(md.ino(), Kind::Dir).is_none_or(|e| !same(&e, &md, false))
+                    && node(md.ino(), Kind::Dir).is_none_or(|e| !same(&e, &md, false, racy_ns))
                 {
                     append(Op::Meta {
                         ino,
@@ -109,9 +123,19 @@ pub fn after_crash(
                     changed += 1;
                 }
                 stack.push(path);
-            } else if md.is_file() && !dirty.files.contains_key(&ino) {
+            } else if md.is_file() && dirty.files.contains_key(&ino) {
+                if torn {
+                    append(Op::Write {
+                        ino,
+                        offset: 0,
+                        len: md.size(),
+                    })?;
+                    note(&path);
+                    changed += 1;
+                }
+            } else if md.is_file() {
                 match node(md.ino(), Kind::File) {
-                    Some(e) if same(&e, &md, true) => {}
+                    Some(e) if same(&e, &md, true, racy_ns) => {}
                     Some(e) => {
                         append(Op::Touch {
                             ino,

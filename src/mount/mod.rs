@@ -168,7 +168,9 @@ pub fn prepare(
     // After a crash, what the journal may have lost (against the cache's own base, before it
     // is matched with the store). A new cache (no segment yet) has nothing to reconcile.
     if !recovery.clean && recovery.rescan.is_none() && recovery.segments > 0 {
-        let (n, names) = owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal)?;
+        let torn = recovery.torn_tail.is_some();
+        let (n, names) =
+            owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal, torn)?;
         if n > 0 {
             tracing::warn!(
                 "journal: {n} name(s) differ from the last generation without a journal record \
