@@ -34,8 +34,7 @@ use owsfs_store::TreeEntry;
 /// "racily clean" index entries; it is read again.
 fn same(e: &TreeEntry, md: &fs::Metadata, is_file: bool, racy_ns: i128) -> bool {
     let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
-    (!is_file || mtime_ns < racy_ns)
-        && (!is_file || e.size == md.size())
+    (!is_file || (mtime_ns < racy_ns && e.size == md.size()))
         && e.mtime_sec == md.mtime()
         && i64::from(e.mtime_nsec) == md.mtime_nsec()
         && e.mode == md.mode() & 0o7777
