@@ -73,6 +73,14 @@ fn kill_9_mid_workload(opts: &[&str]) {
     std::fs::create_dir(ws.path("pre")).unwrap();
     std::fs::write(ws.path("pre/a"), vec![b'.'; 16 * 4096]).unwrap();
     std::fs::write(ws.path("pre/b"), b"untouched by the workload").unwrap();
+    // Older than the clock tick of the cut below, so the remount after the crash trusts its
+    // attributes (a file changed within a second of the last cut is read again).
+    std::fs::File::options()
+        .write(true)
+        .open(ws.path("pre/b"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
     // A clean remount in between: the unmount commits a last generation, so what the setup
     // changed is durable and no longer dirty; pre/b stays untouched from here on.
     ws.unmount();
