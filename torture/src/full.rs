@@ -325,7 +325,17 @@ fn store_lost(
     // The holder stops writing before its lease lapses: the workload ends on EROFS.
     wait(&mut child, Duration::from_secs(60))?;
     let _ = std::fs::remove_file(&partition);
-    errors_were(dir, &["Read-only file system"], "a lost store")?;
+    // SQLite turns the EROFS of its journal's create into "unable to open database file"
+    // (and its last errno is then a stat's ENOENT), or reopens the database read-only.
+    errors_were(
+        dir,
+        &[
+            "Read-only file system",
+            "readonly database",
+            "unable to open database file",
+        ],
+        "a lost store",
+    )?;
     let p = read_log(&dir.join("workload.log"))?;
     // Its unmount cannot hand off: the unsynced tail stays in the cache.
     let _ = mount.unmount();
