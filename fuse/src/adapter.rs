@@ -516,7 +516,12 @@ impl Filesystem for FuseAdapter {
     ) {
         let _serving = self.core.serving();
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.core.write(fh.0, offset, data, kill) {
+        let r = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.core.write_pages(fh.0, offset, data, kill)
+        } else {
+            self.core.write(fh.0, offset, data, kill)
+        };
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => fail!(self, reply, "write", e),
         }

@@ -391,9 +391,9 @@ impl Services {
         )?;
         {
             let weak = Arc::downgrade(&agent);
-            core.set_throttle(Box::new(move || {
+            core.set_throttle(Box::new(move |page_writeback| {
                 if let Some(a) = weak.upgrade() {
-                    a.throttle();
+                    a.throttle(page_writeback);
                 }
             }));
         }

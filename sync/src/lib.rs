@@ -17,6 +17,10 @@ mod gc;
 pub mod lease;
 pub mod pages;
 mod rollback;
+
+/// How long a throttled write waits for a cut's push of the kernel's pages before it goes
+/// through anyway (the push may need the FUSE thread the write holds).
+pub const PUSH_WAIT: Duration = Duration::from_millis(20);
 pub mod wal;
 
 use std::os::fd::OwnedFd;
@@ -302,7 +306,15 @@ impl SyncAgent {
 
     /// Backpressure, called by data writes before they start: while the unsynced changes
     /// are over their bounds, the writer wakes the agent and waits for a commit.
-    pub fn throttle(&self) {
+    ///
+    /// While a cut pushes the kernel's pages through the mount (`syncing`), the page writeback
+    /// it waits for goes through at once, and other writes wait for the push to end, but only
+    /// briefly: a FUSE thread held here could be the one the push needs, so after
+    /// [`PUSH_WAIT`] they go through too.
+    pub fn throttle(&self, page_writeback: bool) {
+        if page_writeback && self.syncing.load(Ordering::Acquire) {
+            return;
+        }
         if !self.over_lag.load(Ordering::Relaxed) {
             let grown = self
                 .core
@@ -314,9 +326,18 @@ impl SyncAgent {
             }
         }
         let started = Instant::now();
+        let mut push_seen: Option<Instant> = None;
         loop {
-            if self.syncing.load(Ordering::Acquire) || self.keeper.is_lost() || !self.lagging() {
+            if self.keeper.is_lost() || !self.lagging() {
                 break;
+            }
+            if self.syncing.load(Ordering::Acquire) {
+                let since = *push_seen.get_or_insert_with(Instant::now);
+                if page_writeback || since.elapsed() >= PUSH_WAIT {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
             // Make sure a cut is coming, then wait for a commit (or its failure) to end. The
             // timeout only bounds a missed wake-up: the lag is looked at again either way.

@@ -213,6 +213,21 @@ impl Core {
     /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so the set-id
     /// bits go, as a local filesystem would do (the kernel leaves this to us, which spares a
     /// `security.capability` lookup per write).
+    /// [`Core::write`] of the kernel's page writeback (`FUSE_WRITE_CACHE`): the backpressure
+    /// hook is told, so a cut's syncfs waiting for these pages is not held up by them.
+    pub fn write_pages(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suidgid: bool,
+    ) -> FsResult<u32> {
+        super::PAGE_WRITEBACK.with(|w| w.set(true));
+        let r = self.write(fh, offset, data, kill_suidgid);
+        super::PAGE_WRITEBACK.with(|w| w.set(false));
+        r
+    }
+
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
         // Bytes around the written ones keep coming from the store: whole chunks are local

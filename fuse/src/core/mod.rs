@@ -129,7 +129,7 @@ pub struct Core {
     freezer: Freezer,
     /// Called before a data write takes the barrier: slows writers down while the uploader
     /// lags too far behind (set by the daemon).
-    throttle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    throttle: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
     /// Set once by [`Core::stop_writes`].
     stopped: std::sync::OnceLock<String>,
     /// Lazy hydration: entries and bytes that are still in the store (set by the daemon).
@@ -235,7 +235,9 @@ impl Core {
     }
 
     /// Sets the function data writes call before they start (backpressure).
-    pub fn set_throttle(&self, f: Box<dyn Fn() + Send + Sync>) {
+    /// The backpressure hook, called before each data write with whether the write is the
+    /// kernel's page writeback (`FUSE_WRITE_CACHE`).
+    pub fn set_throttle(&self, f: Box<dyn Fn(bool) + Send + Sync>) {
         let _ = self.throttle.set(f);
     }
 
@@ -280,7 +282,7 @@ impl Core {
             return Err(FsError::errno(libc::EROFS, "writes stopped"));
         }
         if let Some(throttle) = self.throttle.get() {
-            throttle();
+            throttle(PAGE_WRITEBACK.with(std::cell::Cell::get));
         }
         self.mutation()
     }
@@ -412,4 +414,10 @@ fn default_side_dir(backing_root: &Path, dev: u64) -> PathBuf {
         );
         tmp
     })
+}
+
+thread_local! {
+    /// Set by the adapter while it serves a write of the kernel's page writeback, which a cut's
+    /// syncfs may be waiting for (`Core::write_pages`).
+    static PAGE_WRITEBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
