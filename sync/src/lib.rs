@@ -580,9 +580,7 @@ impl SyncAgent {
         self.gc_refresh(&mut local)?;
         let full = local.base()?.is_none();
         let inos = self.core.ino_map();
-        // 2. The barrier: a consistent cut. Its wall time is kept with the base: a file
-        // changed in the same clock tick as the cut shows the mtime the cut saw (see
-        // `hydrate/src/reconcile.rs`).
+        // 2. The barrier: a consistent cut (its time is kept: `hydrate/src/reconcile.rs`).
         let cut_unix_ms = self.clock.unix_ms();
         let (seq, dirty, captured, frozen) = {
             let _barrier = self.core.barrier();
@@ -691,11 +689,10 @@ impl SyncAgent {
             epoch,
             root: serde_json::to_string(&built.root)?,
         };
-        {
-            let mut l = self.local.lock();
-            l.commit(&base, built.update)?;
-            l.set_meta("base_cut_unix_ms", &cut_unix_ms.to_string())?;
-        }
+        let mut l = self.local.lock();
+        l.commit(&base, built.update)?;
+        l.set_meta("base_cut_unix_ms", &cut_unix_ms.to_string())?;
+        drop(l);
         fail::fail_point!("commit-after-state");
         // What the journal forgets must be in the stored hydration state first.
         self.hyd.save()?;
