@@ -58,10 +58,14 @@ pub fn after_crash(
         return Ok((0, Vec::new()));
     }
     let root_md = fs::metadata(backing).with_context(|| format!("stat {}", backing.display()))?;
-    // Without the base's cut time (a cache from before it was kept), every mtime is trusted.
+    // Only after a torn tail, which shows damage: after a plain crash the journal holds a
+    // record of every change, and a re-read file would make the journal dirty (a cache whose
+    // workspace moved on elsewhere would then be set aside for nothing). Without the base's
+    // cut time (a cache from before it was kept), every mtime is trusted.
     let racy_ns = local
         .meta("base_cut_unix_ms")?
         .and_then(|v| v.parse::<i128>().ok())
+        .filter(|_| torn)
         .map_or(i128::MAX, |ms| (ms - 1000) * 1_000_000);
     let inos = InoMap::new(BackingIno(root_md.ino()));
     let node = |ino: u64, kind: Kind| -> Option<TreeEntry> {
