@@ -547,21 +547,63 @@ fn unprivileged_writes_and_truncates_clear_set_id_bits_with(opts: &[&str]) {
                 .arg(&p),
         );
     };
+    // The mode as the kernel has it: statx asking for the mode alone is answered from the
+    // kernel's cached attributes unless the daemon said they changed (stat(2) asks for the
+    // times too, which a write marks stale, and so refreshes everything).
+    let mode = || {
+        let st = rustix::fs::statx(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::AtFlags::empty(),
+            rustix::fs::StatxFlags::MODE,
+        )
+        .unwrap();
+        let cached = u32::from(st.stx_mode) & 0o7777;
+        let fresh = fs::metadata(&p).unwrap().mode() & 0o7777;
+        assert_eq!(cached, fresh, "statx(STATX_MODE) and stat(2) disagree");
+        cached
+    };
     // Root (CAP_FSETID) keeps them.
     reset();
     fs::write(&p, b"by root").unwrap();
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o6777);
+    assert_eq!(mode(), 0o6777);
     // A write by another user clears set-uid, and set-gid since the file is group-executable.
     reset();
+    assert_eq!(mode(), 0o6777);
     as_user("import sys\nfd=os.open(sys.argv[1], os.O_WRONLY)\nos.write(fd, b'y')\nos.close(fd)");
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+    assert_eq!(mode(), 0o0777);
     // So does a truncate, and an O_TRUNC open.
     reset();
     as_user("import sys\nos.truncate(sys.argv[1], 0)");
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+    assert_eq!(mode(), 0o0777);
     reset();
     as_user("import sys\nos.close(os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC))");
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o0777);
+    assert_eq!(mode(), 0o0777);
+    // And every kind of fallocate(1): plain (mode 0), punching a hole, zeroing a range, as
+    // vfs_fallocate does on a local filesystem.
+    for falloc in [&[][..], &["--punch-hole"], &["--zero-range"]] {
+        reset();
+        assert_eq!(mode(), 0o6777);
+        run_ok(
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=4242",
+                    "--regid=4242",
+                    "--clear-groups",
+                    "fallocate",
+                ])
+                .args(falloc)
+                .args(["--offset=0", "--length=4096"])
+                .arg(&p),
+        );
+        assert_eq!(mode(), 0o0777, "fallocate {falloc:?}");
+    }
+    // Root's fallocate keeps them.
+    reset();
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 8192).unwrap();
+    drop(f);
+    assert_eq!(mode(), 0o6777);
 }
 
 #[test]

@@ -764,7 +764,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -773,7 +773,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving();
-        match self.core.fallocate(fh.0, offset, length, mode) {
+        // FUSE_FALLOCATE carries no kill flag: an unprivileged caller is what says it.
+        match self
+            .core
+            .fallocate(fh.0, offset, length, mode, req.uid() != 0)
+        {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fallocate", e),
         }

@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 pub use adapter::{AdapterOptions, FuseAdapter};
 pub use core::{
-    Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, Invalidator, IoMode, SetAttr, TimeSpec,
-    XattrReply,
+    AttrInvalidator, Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, Invalidator, IoMode,
+    SetAttr, TimeSpec, XattrReply,
 };
 pub use error::{FsError, FsResult};
 pub use freeze::{Freezer, Frozen};

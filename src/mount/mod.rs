@@ -429,7 +429,7 @@ impl Services {
     pub fn run(
         &mut self,
         mountpoint: &Path,
-        invalidator: owsfs_fuse::Invalidator,
+        invalidators: (owsfs_fuse::Invalidator, owsfs_fuse::AttrInvalidator),
         progress_bar: bool,
     ) -> anyhow::Result<()> {
         self.agent.set_mount(mountpoint);
@@ -443,7 +443,7 @@ impl Services {
         // The kernel keeps inodes cached while memory allows, but each one holds a
         // descriptor here: when the table nears its budget, ask the kernel to drop the
         // oldest names.
-        self.core.set_invalidator(invalidator);
+        self.core.set_invalidators(invalidators.0, invalidators.1);
         if progress_bar {
             let _ = self
                 .hydration
@@ -577,16 +577,19 @@ impl Mounted {
         }
     }
 
-    /// Asks the kernel to drop a name (for the inode reaper).
-    pub fn invalidator(&self) -> owsfs_fuse::Invalidator {
-        let notifier = self
-            .session
-            .as_ref()
-            .map(|s| s.notifier())
-            .expect("a mounted session");
-        Box::new(move |parent, name| {
-            notifier.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
-        })
+    /// Ask the kernel to drop a name (for the inode reaper), and an inode's cached attributes
+    /// (after the daemon changed them as a side effect).
+    pub fn invalidators(&self) -> (owsfs_fuse::Invalidator, owsfs_fuse::AttrInvalidator) {
+        let session = self.session.as_ref().expect("a mounted session");
+        let names = session.notifier();
+        let attrs = session.notifier();
+        (
+            Box::new(move |parent, name| {
+                names.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
+            }),
+            // A negative offset: the attributes only, no page is dropped.
+            Box::new(move |ino| attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), -1, 0)),
+        )
     }
 
     /// Phase 7: serves until the kernel ends the session (an unmount).
@@ -769,7 +772,7 @@ pub fn serve(
     cache_lock.replace(cache);
     let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
     lease.serving(&journal);
-    services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
+    services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
 
     let upkeep = upkeep::Upkeep::start(
         Arc::clone(&store),

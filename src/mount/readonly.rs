@@ -185,7 +185,7 @@ pub fn serve(
     let cache_root = cache.root.clone();
     let mut cache_lock = Some(cache);
     let mounted = Mounted::mount(&services.core, &mountpoint, &o, &cache_root)?;
-    services.run(&mountpoint, mounted.invalidator(), opts.foreground)?;
+    services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
     let daemon = Arc::new(Daemon::new(
         &services,
         None,

@@ -40,7 +40,15 @@ fn plan(ctx: &Ctx, rng: &mut StdRng, faults: bool, dir: &Path) -> Plan {
         },
         pause: Duration::from_micros([0, 200, 2000][rng.gen_range(0..3)]),
         commit_interval: ["50ms", "200ms", "1s"][rng.gen_range(0..3)],
-        kill_after: Duration::from_millis(rng.gen_range(100..if ctx.short { 2500 } else { 4000 })),
+        // Under faults a long run lets the daemon work longer before the kill, so that a trial
+        // meets more of them (most store calls come from commits, a few per second).
+        kill_after: Duration::from_millis(rng.gen_range(
+            100..match (ctx.short, faults) {
+                (true, _) => 2500,
+                (false, false) => 4000,
+                (false, true) => 10_000,
+            },
+        )),
         faults: faults.then(|| {
             format!(
                 "rate={},seed={},delay_ms=1500,store_timeout_ms=1000,log={}",

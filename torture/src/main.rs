@@ -74,7 +74,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// (internal) Run the workload against a mount, logging what completed.
     /// Fuzz the parsers (journal segments, trees, list blobs, generation and lease records,
     /// SQLite WAL and database headers, store URLs) and the CLI, each for --for.
     Fuzz {
@@ -85,6 +84,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "all")]
         targets: Vec<String>,
     },
+    /// (internal) Run the workload against a mount, logging what completed.
     #[command(hide = true)]
     Workload {
         #[arg(long)]

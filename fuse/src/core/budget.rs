@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, select};
+use owsfs_journal::FuseIno;
 
-use super::{Core, Invalidator};
+use super::{AttrInvalidator, Core, Invalidator};
 use crate::error::{FsError, FsResult};
 
 impl Core {
@@ -31,9 +32,23 @@ impl Core {
         self.inode_budget / 10 * 7
     }
 
-    /// Installs the way to ask the kernel to drop names (once).
-    pub fn set_invalidator(&self, f: Invalidator) {
-        let _ = self.invalidate.set(f);
+    /// Installs the ways to ask the kernel to drop names and stale attributes (once).
+    pub fn set_invalidators(&self, names: Invalidator, attrs: AttrInvalidator) {
+        let _ = self.invalidate.set(names);
+        let _ = self.invalidate_attr.set(attrs);
+    }
+
+    /// The daemon changed attributes of `ino` that the kernel caches for the attribute TTL and
+    /// would not ask for again (a mode after an unprivileged write: the kernel marks only the
+    /// times and size stale, so `statx(STATX_MODE)` kept the old set-id bits for an hour).
+    /// Safe inside a request: dropping attributes takes no lock a request may hold.
+    pub(super) fn attrs_changed(&self, ino: FuseIno) {
+        if let Some(invalidate) = self.invalidate_attr.get()
+            && let Err(e) = invalidate(ino)
+        {
+            // ENOENT: the kernel holds no such inode, so nothing of it is cached.
+            tracing::debug!("attributes of inode {ino} not invalidated: {e}");
+        }
     }
 
     fn kick_reaper(&self) {

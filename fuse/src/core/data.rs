@@ -287,6 +287,7 @@ impl Core {
         if mode != st.st_mode & 0o7777 {
             self.journal_file_op(ino, Op::Meta { ino, dir: None })?;
             rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).ctx("clear set-id bits")?;
+            self.attrs_changed(ino);
         }
         Ok(())
     }
@@ -310,7 +311,16 @@ impl Core {
         }
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+    /// `kill_suidgid`: the caller is unprivileged, and like a write (as `vfs_fallocate` does on
+    /// a local filesystem) any fallocate clears the set-id bits; the kernel leaves it to us.
+    pub fn fallocate(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        kill_suidgid: bool,
+    ) -> FsResult<()> {
         let handle = self.handle(fh)?;
         // Collapsing or inserting a range moves every byte after it.
         let len = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
@@ -330,6 +340,9 @@ impl Core {
                 len,
             },
         )?;
+        if kill_suidgid {
+            self.kill_suidgid(handle.ino, &handle.file)?;
+        }
         rustix::fs::fallocate(
             &handle.file,
             rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
