@@ -52,7 +52,11 @@ fn plan(ctx: &Ctx, rng: &mut StdRng, faults: bool, dir: &Path) -> Plan {
         faults: faults.then(|| {
             format!(
                 "rate={},seed={},delay_ms=1500,store_timeout_ms=1000,log={}",
-                [0.02, 0.05, 0.1, 0.2][rng.gen_range(0..4)],
+                if ctx.short {
+                    [0.02, 0.05, 0.1, 0.2]
+                } else {
+                    [0.05, 0.1, 0.2, 0.3]
+                }[rng.gen_range(0..4)],
                 rng.r#gen::<u32>(),
                 dir.join("faults.log").display()
             )
