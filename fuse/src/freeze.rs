@@ -235,11 +235,10 @@ impl Freezer {
         if inner.done || inner.pinned.is_some() {
             return Ok(());
         }
-        let fd: OwnedFd = rustix::fs::openat(
+        let fd: OwnedFd = crate::openat_noatime(
             dir,
             name,
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
         )?;
         inner.pinned = Some(File::from(fd));
         Ok(())
@@ -353,11 +352,10 @@ impl Frozen {
     }
 
     fn open_at_cut_path(&self, root: &impl AsFd) -> io::Result<File> {
-        let fd = rustix::fs::openat(
+        let fd = crate::openat_noatime(
             root,
             &self.path,
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&fd)?;
         // By the invariant above the path still names the file; check rather than trust.

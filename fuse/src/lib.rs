@@ -33,6 +33,23 @@ pub use stats::{Stats, StatsSnapshot};
 
 pub use fuser;
 
+/// `openat` for the daemon's own opens of backing files and directories, with `O_NOATIME`:
+/// the workspace is noatime, and getattr reports the backing atime, which the backing
+/// filesystem (relatime) would otherwise move on the daemon's reads (serving reads, reading
+/// around writes, listing directories, cutting generations). `O_NOATIME` needs the file's
+/// owner or CAP_FOWNER; a daemon with neither opens without it.
+pub fn openat_noatime<P: rustix::path::Arg + Copy>(
+    dir: impl std::os::fd::AsFd,
+    path: P,
+    flags: rustix::fs::OFlags,
+) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    let m = rustix::fs::Mode::empty();
+    match rustix::fs::openat(&dir, path, flags | rustix::fs::OFlags::NOATIME, m) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::openat(&dir, path, flags, m),
+        r => r,
+    }
+}
+
 /// How a session is mounted.
 #[derive(Clone, Debug)]
 pub struct MountSettings {

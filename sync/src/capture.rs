@@ -264,11 +264,10 @@ fn open_dir(root: &impl AsFd, path: &Path) -> io::Result<OwnedFd> {
     } else {
         path
     };
-    Ok(rustix::fs::openat(
+    Ok(owsfs_fuse::openat_noatime(
         root,
         p,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
     )?)
 }
 
@@ -354,11 +353,10 @@ fn drop_sqlite_shm(dir: &OwnedFd, entries: &mut Vec<EntryCapture>) {
 
 /// The file starts with SQLite's header string.
 pub fn is_sqlite(dir: &impl AsFd, name: &OsStr) -> bool {
-    let Ok(fd) = rustix::fs::openat(
+    let Ok(fd) = owsfs_fuse::openat_noatime(
         dir,
         name,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
     ) else {
         return false;
     };

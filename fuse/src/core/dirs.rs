@@ -88,11 +88,10 @@ impl Core {
 
     fn read_dir_entries(&self, inode: &Inode) -> FsResult<Vec<DirEntry>> {
         // The inode's descriptor is O_PATH, which cannot list: open the directory itself.
-        let fd = rustix::fs::openat(
+        let fd = crate::openat_noatime(
             &inode.fd,
             c".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
         )
         .ctx("opendir")?;
         let mut dir = rustix::fs::Dir::new(fd).ctx("opendir")?;

@@ -142,11 +142,10 @@ impl Core {
         self.freezer
             .before_change(self.inodes.backing_ino(ino), start, end, || {
                 let name = file.as_raw_fd().to_string();
-                rustix::fs::openat(
+                crate::openat_noatime(
                     &self.proc_self_fd,
                     name.as_str(),
                     OFlags::RDONLY | OFlags::CLOEXEC,
-                    Mode::empty(),
                 )
                 .map(File::from)
                 .map_err(std::io::Error::from)

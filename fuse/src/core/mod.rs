@@ -156,6 +156,7 @@ impl Core {
             Mode::empty(),
         )
         .ctx("open backing root")?;
+        noatime_inherited(backing_root);
         let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
         let proc_self_fd = rustix::fs::open(
             "/proc/self/fd",
@@ -361,7 +362,7 @@ impl Core {
     /// Opens the inode's backing file for I/O.
     fn reopen(&self, inode: &Inode, flags: OFlags) -> FsResult<File> {
         let name = inode.fd.as_raw_fd().to_string();
-        let fd = rustix::fs::openat(&self.proc_self_fd, name.as_str(), flags, Mode::empty())
+        let fd = crate::openat_noatime(&self.proc_self_fd, name.as_str(), flags)
             .ctx("open backing file")?;
         Ok(File::from(fd))
     }
@@ -427,4 +428,28 @@ thread_local! {
     /// Set by the adapter while it serves a write of the kernel's page writeback, which a cut's
     /// syncfs may be waiting for (`Core::write_pages`).
     static PAGE_WRITEBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the backing root no-atime (`chattr +A`), which ext4 and xfs pass on to every file and
+/// directory created under it. The daemon's own opens say `O_NOATIME`, but a passthrough read
+/// goes through a backing file the kernel opens with the reader's flags, on the backing mount:
+/// only the inode flag keeps that read from moving the atime getattr reports. Once per cache
+/// (changing the flag touches the root's ctime); a filesystem without the flag (tmpfs) is left
+/// as it is.
+fn noatime_inherited(backing_root: &Path) {
+    let set = || -> rustix::io::Result<()> {
+        let fd = rustix::fs::open(
+            backing_root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOATIME,
+            Mode::empty(),
+        )?;
+        let flags = rustix::fs::ioctl_getflags(&fd)?;
+        if !flags.contains(rustix::fs::IFlags::NOATIME) {
+            rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::NOATIME)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = set() {
+        tracing::debug!("backing root not marked no-atime: {e}");
+    }
 }
