@@ -95,3 +95,86 @@ fn atime_holds_still_with(opts: &[&str]) {
     ws.sync();
     assert_eq!(atimes(), want, "after a cut");
 }
+
+fn lget(p: &Path, name: &str) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let n = rustix::fs::lgetxattr(p, name, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn llist(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut buf).unwrap();
+    let mut names: Vec<String> = buf[..n]
+        .split(|b| *b == 0)
+        .filter(|k| !k.is_empty())
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// xattrs on symlinks (and FIFOs) work where the backing filesystem has them: `trusted.` and
+/// `security.` names, not `user.` ones (Linux refuses those on symlinks with EPERM). They
+/// are journaled, cut into the tree and restored like a file's.
+#[test]
+fn xattrs_on_symlinks_and_fifos() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let link = ws.path("link");
+    symlink("nowhere", &link).unwrap();
+    let fifo = ws.path("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let set = |p: &Path, k: &str, v: &[u8]| {
+        rustix::fs::lsetxattr(p, k, v, rustix::fs::XattrFlags::empty())
+    };
+    set(&link, "trusted.owner", b"agent-7").unwrap();
+    set(&link, "trusted.gone", b"x").unwrap();
+    set(&fifo, "trusted.kind", b"pipe").unwrap();
+    assert_eq!(
+        set(&link, "user.nope", b"x").unwrap_err(),
+        rustix::io::Errno::PERM,
+        "user. xattrs on a symlink are refused, as on ext4"
+    );
+    assert_eq!(lget(&link, "trusted.owner").unwrap(), b"agent-7");
+    assert_eq!(llist(&link), ["trusted.gone", "trusted.owner"]);
+    rustix::fs::lremovexattr(&link, "trusted.gone").unwrap();
+    assert_eq!(llist(&link), ["trusted.owner"]);
+    assert_eq!(
+        lget(&link, "trusted.gone").unwrap_err(),
+        rustix::io::Errno::NODATA
+    );
+    // The backing symlink carries them, not its target.
+    assert_eq!(
+        lget(&ws.backing("link"), "trusted.owner").unwrap(),
+        b"agent-7"
+    );
+    ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_link(dest.join("link")).unwrap(),
+        Path::new("nowhere")
+    );
+    assert_eq!(llist(&dest.join("link")), ["trusted.owner"]);
+    assert_eq!(
+        lget(&dest.join("link"), "trusted.owner").unwrap(),
+        b"agent-7"
+    );
+    assert_eq!(lget(&dest.join("fifo"), "trusted.kind").unwrap(), b"pipe");
+}

@@ -319,9 +319,7 @@ impl Hydrator {
             rustix::fs::ftruncate(&fd, e.size)?;
             rustix::fs::fsync(&fd)?;
         }
-        if e.kind == NodeKind::File || e.kind == NodeKind::Dir {
-            owsfs_local::write::drop_other_xattrs(dir.as_fd(), name, e)?;
-        }
+        owsfs_local::write::drop_other_xattrs(dir.as_fd(), name, e)?;
         owsfs_local::write::set_attrs(dir.as_fd(), Some(name), e, self.is_root)?;
         let node = encode_node(e).map_err(err)?;
         match keep {

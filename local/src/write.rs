@@ -8,7 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use owsfs_store::{Content, NodeKind, TreeEntry};
@@ -98,7 +98,7 @@ pub fn open_for_content(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd
     )?)
 }
 
-/// Sets the attributes of entry `e`: xattrs (files and directories), owner (only as root:
+/// Sets the attributes of entry `e`: xattrs (of any kind of node), owner (only as root:
 /// otherwise the files are the caller's), mode (not of a symlink), and times (mtime; atime
 /// the same). `name: None` sets them on `dir` itself.
 pub fn set_attrs(
@@ -126,9 +126,16 @@ pub fn set_attrs(
         rustix::fs::fchmod(dir, mode)?;
         return rustix::fs::futimens(dir, &times).map_err(Into::into);
     };
-    if matches!(e.kind, NodeKind::File | NodeKind::Dir) && !e.xattrs.is_empty() {
-        let fd = open_nofollow(dir, name)?;
-        set_xattrs(fd.as_fd(), e)?;
+    if !e.xattrs.is_empty() {
+        let node = Node::open(dir, name)?;
+        for (k, v) in &e.xattrs {
+            rustix::fs::setxattr(
+                node.path.as_str(),
+                OsStr::from_bytes(k),
+                v,
+                rustix::fs::XattrFlags::empty(),
+            )?;
+        }
     }
     if is_root {
         rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
@@ -144,9 +151,9 @@ pub fn set_attrs(
 /// `trusted.` namespaces: the others are the system's), for an entry kept from an older
 /// generation.
 pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io::Result<()> {
-    let fd = open_nofollow(dir, name)?;
+    let node = Node::open(dir, name)?;
     let mut buf = vec![0u8; 64 << 10];
-    let n = match rustix::fs::flistxattr(&fd, &mut buf) {
+    let n = match rustix::fs::listxattr(node.path.as_str(), &mut buf) {
         Ok(n) => n,
         Err(rustix::io::Errno::NOTSUP) => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -154,19 +161,31 @@ pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io
     for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
         let ours = k.starts_with(b"user.") || k.starts_with(b"trusted.");
         if ours && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
-            rustix::fs::fremovexattr(&fd, OsStr::from_bytes(k))?;
+            rustix::fs::removexattr(node.path.as_str(), OsStr::from_bytes(k))?;
         }
     }
     Ok(())
 }
 
-fn open_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    )?)
+/// A node opened `O_PATH`, and its `/proc/self/fd` path: xattr calls on that path reach the
+/// node itself whatever its kind (a symlink, a FIFO, a device), which `f*xattr` on an `O_PATH`
+/// descriptor cannot, and an ordinary open of a symlink or a FIFO would not.
+struct Node {
+    _fd: OwnedFd,
+    path: String,
+}
+
+impl Node {
+    fn open(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Node> {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        Ok(Node { _fd: fd, path })
+    }
 }
 
 fn set_xattrs(fd: BorrowedFd<'_>, e: &TreeEntry) -> io::Result<()> {
@@ -222,12 +241,22 @@ mod tests {
         );
         assert_eq!(&std::fs::read(d.path().join("f")).unwrap()[3..6], b"abc");
 
-        let l = entry("l", NodeKind::Symlink, Content::Symlink(b"f".to_vec()));
+        // A symlink's xattrs land on the symlink (Linux allows no `user.` ones there).
+        let mut l = entry("l", NodeKind::Symlink, Content::Symlink(b"f".to_vec()));
+        l.xattrs = vec![(b"trusted.k".to_vec(), b"v".to_vec())];
         create(dir.as_fd(), OsStr::new("l"), &l).unwrap();
         set_attrs(dir.as_fd(), Some(OsStr::new("l")), &l, false).unwrap();
         assert_eq!(
             std::fs::read_link(d.path().join("l")).unwrap(),
             OsStr::new("f")
+        );
+        let mut v = [0u8; 8];
+        let n = rustix::fs::lgetxattr(d.path().join("l"), "trusted.k", &mut v).unwrap();
+        assert_eq!(&v[..n], b"v");
+        assert_eq!(
+            rustix::fs::getxattr(d.path().join("f"), "trusted.k", &mut v).unwrap_err(),
+            rustix::io::Errno::NODATA,
+            "not on its target"
         );
 
         let p = entry("p", NodeKind::Fifo, Content::None);

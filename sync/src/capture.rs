@@ -179,12 +179,9 @@ fn capture_with(
             } else {
                 None
             };
-            let xattrs = if kind == libc::S_IFREG || kind == libc::S_IFDIR {
-                read_xattrs(&dir_fd, Some(&name))
-                    .with_context(|| format!("xattrs of {}", show(&child)))?
-            } else {
-                Vec::new()
-            };
+            // Of every kind of node: symlinks, FIFOs and devices carry xattrs too.
+            let xattrs = read_xattrs(&dir_fd, Some(&name))
+                .with_context(|| format!("xattrs of {}", show(&child)))?;
             if kind == libc::S_IFDIR {
                 // A pending directory (lazy hydration) holds none of its entries yet: its
                 // subtree is the base generation's, whatever the dirty state says of its

@@ -18,9 +18,8 @@ pub enum XattrReply {
 
 impl Core {
     fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
-        if inode.kind == NodeKind::Symlink {
-            return Err(FsError::errno(libc::EOPNOTSUPP, "xattr on a symlink"));
-        }
+        // The inode's descriptor is O_PATH, so its /proc path reaches the node itself, a
+        // symlink too (whose `user.` names the backing filesystem then refuses, as Linux does).
         // The kernel does not enforce POSIX ACLs for this filesystem, so storing them would
         // only pretend.
         if let Some(name) = name
@@ -46,13 +45,6 @@ impl Core {
 
     pub fn listxattr(&self, ino: FuseIno, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
-        if inode.kind == NodeKind::Symlink {
-            return Ok(if size == 0 {
-                XattrReply::Size(0)
-            } else {
-                XattrReply::Data(Vec::new())
-            });
-        }
         let path = Self::proc_path(&inode.fd);
         let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
         let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).ctx("listxattr")?;

@@ -361,8 +361,9 @@ impl Model {
                 mode,
             } => {
                 let id = self.lookup(path)?;
+                // The model's names are `user.` ones, which Linux refuses on a symlink.
                 if matches!(self.node(id).body, Body::Symlink(_)) {
-                    return Err(libc::EOPNOTSUPP);
+                    return Err(libc::EPERM);
                 }
                 let exists = self.node(id).xattrs.contains_key(name);
                 match mode {
@@ -378,7 +379,7 @@ impl Model {
             Op::RemoveXattr { path, name } => {
                 let id = self.lookup(path)?;
                 if matches!(self.node(id).body, Body::Symlink(_)) {
-                    return Err(libc::EOPNOTSUPP);
+                    return Err(libc::EPERM);
                 }
                 self.node_mut(id)
                     .xattrs
