@@ -47,7 +47,8 @@ pub struct MountOpts {
     pub foreground: bool,
     /// Mount options, comma-separated: ro, rw, remount (with ro|rw and the flags: changes the
     /// mount that is there), threads=N (default 4), passthrough=on|off
-    /// (default off), writeback_cache, max_inodes=N, attr_timeout=SECS, entry_timeout=SECS,
+    /// (default off), writeback_cache, acl|noacl (POSIX ACLs, default acl), max_inodes=N,
+    /// attr_timeout=SECS, entry_timeout=SECS,
     /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
     /// See SEMANTICS.md for what passthrough and writeback_cache change.
     #[arg(short = 'o', env = "OWSFS_OPTIONS", value_name = "OPTS")]

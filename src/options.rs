@@ -15,6 +15,8 @@ pub struct MountOptions {
     pub negative_timeout: Duration,
     pub max_write: u32,
     pub writeback_cache: bool,
+    /// POSIX ACLs, enforced by the kernel (`acl`, the default; `noacl`).
+    pub posix_acl: bool,
     /// At most this many inodes cached by the kernel (each holds a descriptor in the daemon);
     /// None: as many as the open file limit allows.
     pub max_inodes: Option<usize>,
@@ -37,6 +39,7 @@ impl Default for MountOptions {
             negative_timeout: adapter.negative_ttl,
             max_write: adapter.max_write,
             writeback_cache: adapter.writeback_cache,
+            posix_acl: adapter.posix_acl,
             max_inodes: None,
             kernel: Vec::new(),
             remount: false,
@@ -80,6 +83,8 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ("passthrough", Some("on" | "1" | "true")) => o.passthrough = true,
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
             ("writeback_cache", None) => o.writeback_cache = true,
+            ("acl", None) => o.posix_acl = true,
+            ("noacl", None) => o.posix_acl = false,
             ("max_inodes", Some(v)) => {
                 o.max_inodes = Some(
                     v.parse()
@@ -120,7 +125,7 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ("x-systemd.automount" | "x-systemd.device-timeout", _) => {}
             _ => bail!(
                 "unknown mount option `{opt}`; known: ro, rw, remount, threads=N, passthrough=on|off, \
-                 writeback_cache, max_inodes=N, attr_timeout=S, entry_timeout=S, \
+                 writeback_cache, acl, noacl, max_inodes=N, attr_timeout=S, entry_timeout=S, \
                  negative_timeout=S, max_write=BYTES, nosuid, nodev, noexec, noatime, sync, \
                  dirsync"
             ),
@@ -140,6 +145,9 @@ mod tests {
         assert_eq!(o.threads, 4);
         assert!(!o.passthrough);
         assert_eq!(o.kernel, vec!["nosuid".to_string()]);
+        assert!(o.posix_acl, "POSIX ACLs are on by default");
+        assert!(!parse(&["noacl".into()]).unwrap().posix_acl);
+        assert!(parse(&["noacl,acl".into()]).unwrap().posix_acl);
     }
 
     #[test]

@@ -178,3 +178,143 @@ fn xattrs_on_symlinks_and_fifos() {
     );
     assert_eq!(lget(&dest.join("fifo"), "trusted.kind").unwrap(), b"pipe");
 }
+
+/// A POSIX ACL in its xattr form: version 2, then (tag, perm, id) entries in order.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+const NO_ID: u32 = u32::MAX;
+
+/// Runs `cmd` as user 4242 (or another uid): whether it succeeded.
+fn as_user(uid: u32, cmd: &[&str]) -> bool {
+    std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// POSIX ACLs: stored as `system.posix_acl_*` xattrs, enforced by the kernel
+/// (FUSE_POSIX_ACL), kept in step with the mode, inherited from a directory's default ACL,
+/// and cut into the tree and restored like other xattrs.
+#[test]
+fn posix_acls_are_enforced_inherited_and_restored() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let secret = ws.path("secret");
+    fs::write(&secret, b"s3cret").unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cat = |p: &Path| vec!["cat".to_string(), p.to_string_lossy().into_owned()];
+    let can_read = |uid, p: &Path| {
+        let c = cat(p);
+        as_user(uid, &c.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(!can_read(4242, &secret), "mode 0600 keeps user 4242 out");
+    // user::rw- user:4242:r-- group::--- mask::r-- other::---
+    let access = acl(&[
+        (USER_OBJ, 6, NO_ID),
+        (USER, 4, 4242),
+        (GROUP_OBJ, 0, NO_ID),
+        (MASK, 4, NO_ID),
+        (OTHER, 0, NO_ID),
+    ]);
+    rustix::fs::setxattr(
+        &secret,
+        "system.posix_acl_access",
+        &access,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    // The mode's group bits are the mask.
+    assert_eq!(fs::metadata(&secret).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(lget(&secret, "system.posix_acl_access").unwrap(), access);
+    assert!(can_read(4242, &secret), "the ACL lets user 4242 read");
+    assert!(!can_read(4243, &secret), "and nobody else");
+    // A chmod moves the mask, and so takes the read back.
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert!(!can_read(4242, &secret), "chmod 0600 masks the named user");
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    assert!(can_read(4242, &secret));
+
+    // A directory's default ACL is inherited by what is created in it, whatever the umask.
+    let shared = ws.path("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let rwx_4242 = acl(&[
+        (USER_OBJ, 7, NO_ID),
+        (USER, 7, 4242),
+        (GROUP_OBJ, 0, NO_ID),
+        (MASK, 7, NO_ID),
+        (OTHER, 0, NO_ID),
+    ]);
+    for name in ["system.posix_acl_access", "system.posix_acl_default"] {
+        rustix::fs::setxattr(&shared, name, &rwx_4242, rustix::fs::XattrFlags::empty()).unwrap();
+    }
+    let old_umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    fs::write(shared.join("new"), b"n").unwrap();
+    rustix::process::umask(old_umask);
+    let inherited = lget(&shared.join("new"), "system.posix_acl_access").unwrap();
+    assert_eq!(
+        inherited,
+        acl(&[
+            (USER_OBJ, 6, NO_ID),
+            (USER, 7, 4242),
+            (GROUP_OBJ, 0, NO_ID),
+            (MASK, 6, NO_ID),
+            (OTHER, 0, NO_ID),
+        ]),
+        "the default ACL, masked by the mode asked for (0666), not by the umask (077)"
+    );
+    assert_eq!(
+        fs::metadata(shared.join("new")).unwrap().mode() & 0o777,
+        0o660
+    );
+    let new = shared.join("new").to_string_lossy().into_owned();
+    assert!(as_user(4242, &["sh", "-c", &format!("echo more >> {new}")]));
+    assert!(!as_user(4243, &["cat", &new]));
+
+    // Cut into the tree and restored.
+    ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lget(&dest.join("secret"), "system.posix_acl_access").unwrap(),
+        access
+    );
+    assert_eq!(
+        fs::metadata(dest.join("secret")).unwrap().mode() & 0o777,
+        0o640
+    );
+    assert_eq!(
+        lget(&dest.join("shared"), "system.posix_acl_default").unwrap(),
+        rwx_4242
+    );
+    assert_eq!(
+        lget(&dest.join("shared/new"), "system.posix_acl_access").unwrap(),
+        inherited
+    );
+}

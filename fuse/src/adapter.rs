@@ -37,6 +37,10 @@ pub struct AdapterOptions {
     /// and reach the daemon at close, fsync or writeback. Faster for small writes, but a crash
     /// of the daemon loses written data that was not yet closed or fsynced.
     pub writeback_cache: bool,
+    /// POSIX ACLs (FUSE_POSIX_ACL): the kernel enforces the `system.posix_acl_*` xattrs the
+    /// daemon stores. Costs one getxattr per inode the first time another user's access
+    /// needs its ACL.
+    pub posix_acl: bool,
 }
 
 impl Default for AdapterOptions {
@@ -47,6 +51,7 @@ impl Default for AdapterOptions {
             negative_ttl: Duration::from_secs(3600),
             max_write: 1 << 20,
             writeback_cache: false,
+            posix_acl: true,
         }
     }
 }
@@ -150,6 +155,16 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask: 0,
+    }
+}
+
+/// The caller of a creation, with its umask (not yet applied under FUSE_DONT_MASK; applying
+/// it again is harmless otherwise).
+fn creator(req: &Request, umask: u32) -> Caller {
+    Caller {
+        umask,
+        ..caller(req)
     }
 }
 
@@ -201,6 +216,14 @@ impl Filesystem for FuseAdapter {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
             }
+        }
+        // FUSE_DONT_MASK: creations carry the caller's umask unapplied, since a directory
+        // with a default ACL ignores it.
+        if self.opts.posix_acl
+            && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_ok()
+        {
+            self.core.enable_posix_acl();
         }
         if self.opts.writeback_cache {
             self.core.disable_passthrough();
@@ -303,14 +326,14 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let _serving = self.core.serving();
         match self
             .core
-            .mknod(fuse_ino(parent), name, mode, rdev, caller(req))
+            .mknod(fuse_ino(parent), name, mode, rdev, creator(req, umask))
         {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "mknod", e),
@@ -323,11 +346,14 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let _serving = self.core.serving();
-        match self.core.mkdir(fuse_ino(parent), name, mode, caller(req)) {
+        match self
+            .core
+            .mkdir(fuse_ino(parent), name, mode, creator(req, umask))
+        {
             Ok(entry) => self.reply_entry(reply, &entry.attr),
             Err(e) => fail!(self, reply, "mkdir", e),
         }
@@ -441,7 +467,7 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -449,7 +475,7 @@ impl Filesystem for FuseAdapter {
         let (entry, handle, fh) =
             match self
                 .core
-                .create(fuse_ino(parent), name, mode, flags, caller(req))
+                .create(fuse_ino(parent), name, mode, flags, creator(req, umask))
             {
                 Ok(r) => r,
                 Err(e) => return fail!(self, reply, "create", e),

@@ -549,6 +549,7 @@ impl Mounted {
             negative_ttl: o.negative_timeout,
             max_write: o.max_write,
             writeback_cache: o.writeback_cache,
+            posix_acl: o.posix_acl,
         };
         let settings = MountSettings {
             fsname: fsname.to_string_lossy().into_owned(),

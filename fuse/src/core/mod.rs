@@ -84,6 +84,9 @@ pub type AttrInvalidator = Box<dyn Fn(FuseIno) -> std::io::Result<()> + Send + S
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The caller's umask, for creations: applied to the mode unless the parent directory
+    /// has a default ACL (0 for other operations, or where the kernel applied it already).
+    pub umask: u32,
 }
 
 /// A name and its attributes, as returned by lookup and the create family.
@@ -109,6 +112,8 @@ pub struct Core {
     journal: Arc<Journal>,
     proc_self_fd: OwnedFd,
     passthrough: AtomicBool,
+    /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL was granted): their xattrs are stored.
+    posix_acl: AtomicBool,
     inode_budget: usize,
     budget_warned: AtomicBool,
     /// Asks the kernel to drop a cached name (FUSE_NOTIFY_INVAL_ENTRY), so that it forgets the
@@ -173,6 +178,7 @@ impl Core {
             journal,
             proc_self_fd,
             passthrough: AtomicBool::new(opts.passthrough),
+            posix_acl: AtomicBool::new(false),
             inode_budget: opts.inode_budget,
             budget_warned: AtomicBool::new(false),
             invalidate: std::sync::OnceLock::new(),
@@ -313,6 +319,17 @@ impl Core {
 
     pub fn open_handles(&self) -> usize {
         self.handles.len()
+    }
+
+    /// The kernel enforces POSIX ACLs (it granted FUSE_POSIX_ACL): `system.posix_acl_*`
+    /// xattrs are stored from now on, and creations in a directory with a default ACL leave
+    /// the umask to it.
+    pub fn enable_posix_acl(&self) {
+        self.posix_acl.store(true, Ordering::Relaxed);
+    }
+
+    pub fn posix_acl_enabled(&self) -> bool {
+        self.posix_acl.load(Ordering::Relaxed)
     }
 
     /// Turns passthrough off for later opens (the kernel refused it).

@@ -103,14 +103,19 @@ impl Core {
             ino: parent,
             dir: Some(dir_path.clone()),
         })?;
+        // A default ACL of the directory decides the new node's mode (the backing filesystem
+        // applies it, and the umask does not count); otherwise it is the caller's mode less
+        // the caller's umask, exactly.
+        let inherits = self.posix_acl_enabled() && has_default_acl(&dir);
         let made = {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
             create(&dir)?
         };
         let recorded = (|| {
             let mut entry = self.lookup_new(&dir, name)?;
-            if let Some(mode) = mode
+            if let Some(mode) = mode.map(|m| m & !caller.umask)
                 && made
+                && !inherits
             {
                 entry = match self.exact_mode(entry, mode) {
                     Ok(entry) => entry,
@@ -507,6 +512,15 @@ fn keeps_other_names(st: &rustix::fs::Stat) -> bool {
     crate::kind::of_mode(st.st_mode) == owsfs_journal::NodeKind::File && st.st_nlink > 1
 }
 
+/// The directory has a default ACL (`system.posix_acl_default`), which new nodes inherit.
+fn has_default_acl(dir: &Inode) -> bool {
+    let path = Core::proc_path(&dir.fd);
+    matches!(
+        rustix::fs::getxattr_query(path.as_c_str(), "system.posix_acl_default"),
+        Ok(n) if n > 0
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs::File;
@@ -642,6 +656,7 @@ mod tests {
         let user = Caller {
             uid: 4242,
             gid: 4343,
+            umask: 0,
         };
         // The caller needs write access to the directory, as on a local disk.
         let d = f

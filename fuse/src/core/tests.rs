@@ -16,7 +16,11 @@ pub(super) struct Fixture {
     pub(super) core: Core,
 }
 
-pub(super) const ROOT: Caller = Caller { uid: 0, gid: 0 };
+pub(super) const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    umask: 0,
+};
 
 pub(super) fn fixture(passthrough: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();

@@ -20,10 +20,11 @@ impl Core {
     fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
         // The inode's descriptor is O_PATH, so its /proc path reaches the node itself, a
         // symlink too (whose `user.` names the backing filesystem then refuses, as Linux does).
-        // The kernel does not enforce POSIX ACLs for this filesystem, so storing them would
-        // only pretend.
+        // Without FUSE_POSIX_ACL the kernel would not enforce POSIX ACLs, so storing them
+        // would only pretend.
         if let Some(name) = name
             && name.as_bytes().starts_with(b"system.posix_acl_")
+            && !self.posix_acl_enabled()
         {
             return Err(FsError::errno(libc::EOPNOTSUPP, "POSIX ACLs"));
         }

@@ -20,7 +20,11 @@ use owsfs_journal::Journal;
 use crate::ops::{Mode, Op, RenameMode, SLOTS, XattrMode, pattern};
 use crate::tree::{Kind, Node};
 
-const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    umask: 0,
+};
 /// Largest read asked of the core at once.
 const READ_SIZE: u32 = 128 * 1024;
 
