@@ -522,9 +522,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let _serving = self.core.serving();
-        match self.core.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => fail!(self, reply, "read", e),
+        // The reply is sent inside: see `Core::read_then`.
+        let mut reply = Some(reply);
+        let sent = self.core.read_then(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data);
+            }
+        });
+        if let (Err(e), Some(reply)) = (sent, reply) {
+            fail!(self, reply, "read", e)
         }
     }
 

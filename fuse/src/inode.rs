@@ -47,6 +47,10 @@ pub struct Inode {
     pub(crate) open: Mutex<OpenCounts>,
     /// Signalled when the last passthrough open of this inode is released.
     pub(crate) passthrough_gone: parking_lot::Condvar,
+    /// Held shared by a read from the backing file until its reply is sent, and exclusively
+    /// by a direct write while it writes: a read that got the old bytes has put them in the
+    /// page cache before the write drops those pages.
+    pub(crate) direct_io: parking_lot::RwLock<()>,
 }
 
 impl Inode {
@@ -100,6 +104,7 @@ impl InodeTable {
                 loc: Mutex::new(None),
                 open: Mutex::new(OpenCounts::default()),
                 passthrough_gone: parking_lot::Condvar::new(),
+                direct_io: parking_lot::RwLock::new(()),
             }),
         );
         InodeTable {
@@ -218,6 +223,7 @@ impl InodeTable {
                     loc: Mutex::new(Some((parent, name.to_os_string()))),
                     open: Mutex::new(OpenCounts::default()),
                     passthrough_gone: parking_lot::Condvar::new(),
+                    direct_io: parking_lot::RwLock::new(()),
                 });
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use adapter::{AdapterOptions, FuseAdapter};
 pub use core::{
-    AttrInvalidator, Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, Invalidator, IoMode,
+    Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, InodeInvalidator, Invalidator, IoMode,
     SetAttr, TimeSpec, XattrReply,
 };
 pub use error::{FsError, FsResult};

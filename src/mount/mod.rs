@@ -429,7 +429,7 @@ impl Services {
     pub fn run(
         &mut self,
         mountpoint: &Path,
-        invalidators: (owsfs_fuse::Invalidator, owsfs_fuse::AttrInvalidator),
+        invalidators: (owsfs_fuse::Invalidator, owsfs_fuse::InodeInvalidator),
         progress_bar: bool,
     ) -> anyhow::Result<()> {
         self.agent.set_mount(mountpoint);
@@ -579,8 +579,8 @@ impl Mounted {
     }
 
     /// Ask the kernel to drop a name (for the inode reaper), and an inode's cached attributes
-    /// (after the daemon changed them as a side effect).
-    pub fn invalidators(&self) -> (owsfs_fuse::Invalidator, owsfs_fuse::AttrInvalidator) {
+    /// or pages (after the daemon changed them behind the kernel).
+    pub fn invalidators(&self) -> (owsfs_fuse::Invalidator, owsfs_fuse::InodeInvalidator) {
         let session = self.session.as_ref().expect("a mounted session");
         let names = session.notifier();
         let attrs = session.notifier();
@@ -588,8 +588,9 @@ impl Mounted {
             Box::new(move |parent, name| {
                 names.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
             }),
-            // A negative offset: the attributes only, no page is dropped.
-            Box::new(move |ino| attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), -1, 0)),
+            Box::new(move |ino, offset, len| {
+                attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), offset, len)
+            }),
         )
     }
 

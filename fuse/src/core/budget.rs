@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, select};
 use owsfs_journal::FuseIno;
 
-use super::{AttrInvalidator, Core, Invalidator};
+use super::{Core, InodeInvalidator, Invalidator};
 use crate::error::{FsError, FsResult};
 
 impl Core {
@@ -32,10 +32,11 @@ impl Core {
         self.inode_budget / 10 * 7
     }
 
-    /// Installs the ways to ask the kernel to drop names and stale attributes (once).
-    pub fn set_invalidators(&self, names: Invalidator, attrs: AttrInvalidator) {
+    /// Installs the ways to ask the kernel to drop names, and stale attributes and pages
+    /// (once).
+    pub fn set_invalidators(&self, names: Invalidator, inodes: InodeInvalidator) {
         let _ = self.invalidate.set(names);
-        let _ = self.invalidate_attr.set(attrs);
+        let _ = self.invalidate_inode.set(inodes);
     }
 
     /// The daemon changed attributes of `ino` that the kernel caches for the attribute TTL and
@@ -43,11 +44,28 @@ impl Core {
     /// times and size stale, so `statx(STATX_MODE)` kept the old set-id bits for an hour).
     /// Safe inside a request: dropping attributes takes no lock a request may hold.
     pub(super) fn attrs_changed(&self, ino: FuseIno) {
-        if let Some(invalidate) = self.invalidate_attr.get()
-            && let Err(e) = invalidate(ino)
+        self.invalidate_inode(ino, -1, 0);
+    }
+
+    /// The daemon changed bytes `offset..offset + len` of `ino` behind the kernel's page cache
+    /// (a direct write): the kernel drops those pages and the attributes. Not under a lock a
+    /// read holds: dropping a page waits for the read that fills it.
+    pub(super) fn pages_changed(&self, ino: FuseIno, offset: u64, len: u64) {
+        if len > 0 {
+            self.invalidate_inode(
+                ino,
+                offset.min(i64::MAX as u64) as i64,
+                len.min(i64::MAX as u64) as i64,
+            );
+        }
+    }
+
+    fn invalidate_inode(&self, ino: FuseIno, offset: i64, len: i64) {
+        if let Some(invalidate) = self.invalidate_inode.get()
+            && let Err(e) = invalidate(ino, offset, len)
         {
             // ENOENT: the kernel holds no such inode, so nothing of it is cached.
-            tracing::debug!("attributes of inode {ino} not invalidated: {e}");
+            tracing::debug!("inode {ino} not invalidated: {e}");
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Handle {
     mode: Mutex<IoMode>,
     /// The inode table's era at the open: a handle of an earlier era is stale.
     pub(super) era: u64,
+    /// Opened `O_DIRECT`: its writes bypass the kernel's page cache, which the daemon then
+    /// invalidates.
+    direct: bool,
 }
 
 impl Handle {
@@ -92,7 +95,7 @@ impl Core {
             Ok(file)
         })();
         match opened {
-            Ok(file) => Ok(self.insert_handle(&inode, file, mode)),
+            Ok(file) => Ok(self.insert_handle(&inode, file, mode, flags)),
             Err(e) => {
                 self.unreserve_mode(&inode, mode);
                 Err(e)
@@ -149,11 +152,13 @@ impl Core {
         }
     }
 
+    /// `flags`: those of the open(2).
     pub(super) fn insert_handle(
         &self,
         inode: &Inode,
         file: File,
         mode: IoMode,
+        flags: i32,
     ) -> (Arc<Handle>, u64) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
@@ -161,6 +166,7 @@ impl Core {
             file,
             mode: Mutex::new(mode),
             era: inode.era,
+            direct: flags & libc::O_DIRECT != 0,
         });
         self.handles.insert(fh, Arc::clone(&handle));
         (handle, fh)
@@ -202,12 +208,27 @@ impl Core {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read_then(fh, offset, size, <[u8]>::to_vec)
+    }
+
+    /// Reads, and hands the bytes to `reply` (which sends them to the kernel) before a direct
+    /// write of the file may go on: bytes read before such a write reach the page cache before
+    /// the write invalidates it.
+    pub fn read_then<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> FsResult<R> {
         let handle = self.handle(fh)?;
         self.fetch(handle.ino, offset, offset.saturating_add(size as u64))?;
+        let inode = self.inodes.get(handle.ino);
+        let _no_direct_write = inode.as_ref().map(|i| i.direct_io.read());
         let buf = read_at_most(&handle.file, offset, size as usize).ctx("read")?;
         self.stats.count(&self.stats.reads);
         self.stats.add(&self.stats.read_bytes, buf.len() as u64);
-        Ok(buf)
+        Ok(reply(&buf))
     }
 
     /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so the set-id
@@ -248,6 +269,12 @@ impl Core {
             self.kill_suidgid(handle.ino, &handle.file)?;
         }
         self.freeze_before_change_fd(handle.ino, offset, offset + data.len() as u64, &handle.file)?;
+        // A direct write waits for reads in flight (until they have replied), and drops the
+        // pages of what it wrote once it is in the backing file: the kernel dropped them
+        // before it sent an asynchronous direct write, not after, and readers may have
+        // cached the old bytes meanwhile (a local filesystem drops them at completion).
+        let inode = handle.direct.then(|| self.inodes.get(handle.ino)).flatten();
+        let excl = inode.as_ref().map(|i| i.direct_io.write());
         let mut done = 0;
         while done < data.len() {
             match handle.file.write_at(&data[done..], offset + done as u64) {
@@ -259,6 +286,10 @@ impl Core {
                 Err(_) if done > 0 => break,
                 Err(e) => return Err(FsError::io("write", e)),
             }
+        }
+        drop(excl);
+        if handle.direct {
+            self.pages_changed(handle.ino, offset, done as u64);
         }
         self.stats.count(&self.stats.writes);
         self.stats.add(&self.stats.write_bytes, done as u64);

@@ -76,8 +76,10 @@ impl Default for CoreOptions {
 /// Tells the kernel to drop the cached name `name` in directory `parent`.
 pub type Invalidator = Box<dyn Fn(FuseIno, &OsStr) -> std::io::Result<()> + Send + Sync>;
 
-/// Tells the kernel that the cached attributes of an inode are stale (its pages stay).
-pub type AttrInvalidator = Box<dyn Fn(FuseIno) -> std::io::Result<()> + Send + Sync>;
+/// Tells the kernel that an inode's cached attributes are stale, and with a range
+/// `(offset, len)` of a non-negative offset, its cached pages there too (a negative offset:
+/// the attributes only; a zero length: to the end).
+pub type InodeInvalidator = Box<dyn Fn(FuseIno, i64, i64) -> std::io::Result<()> + Send + Sync>;
 
 /// The caller of an operation, for ownership of what it creates.
 #[derive(Clone, Copy, Debug)]
@@ -121,7 +123,7 @@ pub struct Core {
     invalidate: std::sync::OnceLock<Invalidator>,
     /// Asks the kernel to forget an inode's attributes (FUSE_NOTIFY_INVAL_INODE without a
     /// range), after the daemon changed them as a side effect; set by the mount.
-    invalidate_attr: std::sync::OnceLock<AttrInvalidator>,
+    invalidate_inode: std::sync::OnceLock<InodeInvalidator>,
     /// Wakes the reaper when the inode table nears its budget.
     reaper_kick: (
         crossbeam_channel::Sender<()>,
@@ -182,7 +184,7 @@ impl Core {
             inode_budget: opts.inode_budget,
             budget_warned: AtomicBool::new(false),
             invalidate: std::sync::OnceLock::new(),
-            invalidate_attr: std::sync::OnceLock::new(),
+            invalidate_inode: std::sync::OnceLock::new(),
             reaper_kick: crossbeam_channel::bounded(1),
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),

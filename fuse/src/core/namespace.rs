@@ -286,7 +286,7 @@ impl Core {
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.ino())?;
         let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.ino()))?;
-        let (handle, fh) = self.insert_handle(&inode, file, mode);
+        let (handle, fh) = self.insert_handle(&inode, file, mode, flags);
         Ok((entry, handle, fh))
     }
 
