@@ -356,6 +356,7 @@ mod aio {
     impl Ctx {
         pub fn new() -> Ctx {
             let mut ctx: libc::c_ulong = 0;
+            // SAFETY: io_setup writes the context id into `ctx`, which outlives the call.
             let r = unsafe { libc::syscall(libc::SYS_io_setup, 8, &mut ctx) };
             assert_eq!(r, 0, "io_setup: {}", std::io::Error::last_os_error());
             Ctx(ctx)
@@ -372,9 +373,11 @@ mod aio {
                 ..Default::default()
             };
             let mut cbs = [&mut cb as *mut Iocb];
+            // SAFETY: the iocb and the buffer it names live until io_getevents below returns.
             let r = unsafe { libc::syscall(libc::SYS_io_submit, self.0, 1, cbs.as_mut_ptr()) };
             assert_eq!(r, 1, "io_submit: {}", std::io::Error::last_os_error());
             let mut ev = [Event::default()];
+            // SAFETY: `ev` has room for the one event asked for.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_getevents,
@@ -392,6 +395,7 @@ mod aio {
 
     impl Drop for Ctx {
         fn drop(&mut self) {
+            // SAFETY: the context is this value's own, and nothing is in flight on it.
             unsafe { libc::syscall(libc::SYS_io_destroy, self.0) };
         }
     }
@@ -406,12 +410,16 @@ struct Aligned {
 impl Aligned {
     fn filled(len: usize, byte: u8) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size; the block is `len` bytes, all written.
         let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: `ptr` holds `len` bytes.
         unsafe { std::ptr::write_bytes(ptr, byte, len) };
         Aligned { ptr, len }
     }
 
     fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialized bytes while `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
@@ -419,6 +427,7 @@ impl Aligned {
 impl Drop for Aligned {
     fn drop(&mut self) {
         let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
+        // SAFETY: allocated in `filled` with this layout.
         unsafe { std::alloc::dealloc(self.ptr, layout) };
     }
 }
