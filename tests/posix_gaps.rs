@@ -511,3 +511,123 @@ fn buffered_reads_see_asynchronous_direct_writes_with(opts: &[&str]) {
         &stale[..stale.len().min(5)]
     );
 }
+
+/// A file handle through the mount (`name_to_handle_at`): its type and bytes.
+fn handle_of(p: &Path) -> (i32, Vec<u8>) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = vec![0u64; 32];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id = 0;
+    // SAFETY: `buf` is aligned and holds the header and the 128 bytes `handle_bytes` says.
+    let r = unsafe {
+        (*fh).handle_bytes = 128;
+        libc::name_to_handle_at(libc::AT_FDCWD, c.as_ptr(), fh, &mut mount_id, 0)
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at {p:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: filled in by the successful call.
+    let (len, kind) = unsafe { ((*fh).handle_bytes as usize, (*fh).handle_type) };
+    let hdr = std::mem::size_of::<libc::file_handle>();
+    // SAFETY: `len` bytes of handle follow the header inside `buf`.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>().add(hdr), len) };
+    (kind, bytes.to_vec())
+}
+
+/// `open_by_handle_at` on the mount.
+fn open_by_handle(mount: &fs::File, (kind, bytes): &(i32, Vec<u8>)) -> std::io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = vec![0u64; 32];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let hdr = std::mem::size_of::<libc::file_handle>();
+    // SAFETY: `buf` holds the header and up to 128 bytes of handle.
+    let fd = unsafe {
+        (*fh).handle_bytes = bytes.len() as u32;
+        (*fh).handle_type = *kind;
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            buf.as_mut_ptr().cast::<u8>().add(hdr),
+            bytes.len(),
+        );
+        libc::open_by_handle_at(mount.as_raw_fd(), fh, libc::O_RDONLY | libc::O_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(unsafe { fs::File::from_raw_fd(fd) })
+}
+
+/// The kernel forgets every inode nobody holds (and so sends FORGET for them).
+fn evict_inodes() {
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// File handles through the mount (`name_to_handle_at`, `open_by_handle_at`, what NFS
+/// re-export uses) keep working after the kernel evicts the inode (FUSE_EXPORT_SUPPORT: the
+/// daemon answers lookups of "." and ".."), follow renames, and go stale with their file.
+/// A handle naming an inode the daemon never handed out opens nothing.
+#[test]
+fn file_handles_survive_eviction_and_go_stale_with_their_file() {
+    if skip_fuse() {
+        return;
+    }
+    use std::io::Read;
+    let ws = Workspace::new();
+    fs::create_dir_all(ws.path("d/e")).unwrap();
+    fs::write(ws.path("d/e/f"), b"by handle").unwrap();
+    fs::write(ws.path("g"), b"doomed").unwrap();
+    let f = handle_of(&ws.path("d/e/f"));
+    let e = handle_of(&ws.path("d/e"));
+    let g = handle_of(&ws.path("g"));
+    let mount = fs::File::open(&ws.mp).unwrap();
+    evict_inodes();
+    let mut s = String::new();
+    open_by_handle(&mount, &f)
+        .unwrap_or_else(|e| panic!("a file's handle after eviction: {e}{}", ws.log_tail()))
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "by handle");
+    // A directory's handle: the kernel reconnects it to the tree by looking up "..".
+    let dir = open_by_handle(&mount, &e).expect("a directory's handle after eviction");
+    use std::os::fd::AsRawFd;
+    let at = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).unwrap();
+    assert_eq!(at, ws.path("d/e"));
+    drop(dir);
+    // Renamed, it is still the same file.
+    fs::rename(ws.path("d/e/f"), ws.path("f2")).unwrap();
+    evict_inodes();
+    s.clear();
+    open_by_handle(&mount, &f)
+        .expect("a renamed file's handle")
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "by handle");
+    // Removed, its handle is stale.
+    fs::remove_file(ws.path("g")).unwrap();
+    evict_inodes();
+    assert_eq!(
+        open_by_handle(&mount, &g).unwrap_err().raw_os_error(),
+        Some(libc::ESTALE)
+    );
+    // A forged handle naming an inode outside the workspace (a journal segment of the cache,
+    // on the same filesystem) reaches nothing. A FUSE handle is (node id high, low,
+    // generation) in 32-bit words.
+    let outside = fs::read_dir(ws.cache.join("journal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .ino();
+    let mut forged = f.clone();
+    forged.1[0..4].copy_from_slice(&((outside >> 32) as u32).to_ne_bytes());
+    forged.1[4..8].copy_from_slice(&(outside as u32).to_ne_bytes());
+    let err = open_by_handle(&mount, &forged).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+}

@@ -19,7 +19,7 @@ use fuser::{
 
 use owsfs_journal::FuseIno;
 
-use crate::core::{Caller, Core, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
+use crate::core::{Caller, Core, Entry, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
 use crate::error::FsError;
 
 /// Kernel-facing settings of a mount.
@@ -77,12 +77,12 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_entry(&self, reply: ReplyEntry, attr: &FileAttr) {
+    fn reply_entry(&self, reply: ReplyEntry, entry: &Entry) {
         reply.entry_with_ttls(
             &self.opts.entry_ttl,
             &self.opts.attr_ttl,
-            attr,
-            Generation(0),
+            &entry.attr,
+            Generation(u64::from(entry.generation)),
         );
     }
 
@@ -211,6 +211,9 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // File handles (open_by_handle_at, NFS re-export) of inodes the kernel evicted:
+            // it looks up "." and ".." by node id.
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -248,7 +251,7 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _serving = self.core.serving();
         match self.core.lookup(fuse_ino(parent), name) {
-            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) if e.to_errno() == libc::ENOENT && !self.opts.negative_ttl.is_zero() => {
                 // A zero inode number caches the absence of the name.
                 let mut attr = negative_attr();
@@ -335,7 +338,7 @@ impl Filesystem for FuseAdapter {
             .core
             .mknod(fuse_ino(parent), name, mode, rdev, creator(req, umask))
         {
-            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) => fail!(self, reply, "mknod", e),
         }
     }
@@ -354,7 +357,7 @@ impl Filesystem for FuseAdapter {
             .core
             .mkdir(fuse_ino(parent), name, mode, creator(req, umask))
         {
-            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) => fail!(self, reply, "mkdir", e),
         }
     }
@@ -388,7 +391,7 @@ impl Filesystem for FuseAdapter {
             .core
             .symlink(fuse_ino(parent), link_name, target, caller(req))
         {
-            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) => fail!(self, reply, "symlink", e),
         }
     }
@@ -426,7 +429,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let _serving = self.core.serving();
         match self.core.link(fuse_ino(ino), fuse_ino(newparent), newname) {
-            Ok(entry) => self.reply_entry(reply, &entry.attr),
+            Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) => fail!(self, reply, "link", e),
         }
     }
@@ -481,21 +484,20 @@ impl Filesystem for FuseAdapter {
                 Err(e) => return fail!(self, reply, "create", e),
             };
         let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
+        let generation = Generation(u64::from(entry.generation));
         match handle.mode() {
             IoMode::Passthrough => {
                 match self.passthrough_backing(&handle, |f| reply.open_backing(f)) {
                     Ok(backing) => reply.created_passthrough(
                         &ttl,
                         &attr,
-                        Generation(0),
+                        generation,
                         FileHandle(fh),
                         FopenFlags::empty(),
                         &backing.0,
                     ),
                     Err(err) => match self.demote(fh, &err) {
-                        Ok(flags) => {
-                            reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags)
-                        }
+                        Ok(flags) => reply.created(&ttl, &attr, generation, FileHandle(fh), flags),
                         Err(e) => fail!(self, reply, "create", e),
                     },
                 }
@@ -503,7 +505,7 @@ impl Filesystem for FuseAdapter {
             mode => reply.created(
                 &ttl,
                 &attr,
-                Generation(0),
+                generation,
                 FileHandle(fh),
                 self.open_flags(mode),
             ),
@@ -688,7 +690,7 @@ impl Filesystem for FuseAdapter {
                 &entry.name,
                 &self.opts.entry_ttl,
                 &attr,
-                Generation(0),
+                Generation(u64::from(found.generation)),
             ) {
                 // It did not fit: the kernel will not count this reference.
                 self.core.forget(fuse_ino(attr.ino), 1);

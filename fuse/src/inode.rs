@@ -7,8 +7,8 @@
 //! hard links share one number and the numbers are stable across remounts of the same cache.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +19,25 @@ use parking_lot::Mutex;
 
 /// The FUSE inode number of the workspace root.
 pub const ROOT_INO: FuseIno = FuseIno::ROOT;
+
+/// Handles of forgotten inodes kept for file-handle lookups, at most (about 40 bytes each);
+/// past it they are dropped, and handles of those inodes go stale (ESTALE).
+const FORGOTTEN_HANDLES: usize = 1 << 20;
+
+/// The backing file handle of an inode (None where the filesystem has none), and the
+/// generation derived from it (FNV-1a of its bytes): the handle holds the backing inode's own
+/// generation, so a reused inode number gets another one.
+fn backing_handle(fd: &OwnedFd) -> (Option<Box<[u8]>>, u32) {
+    match owsfs_local::handle::of(fd.as_fd(), Path::new("")) {
+        Ok(h) => {
+            let g = h.iter().fold(0x811c_9dc5u32, |g, b| {
+                (g ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+            });
+            (Some(h.into_boxed_slice()), g)
+        }
+        Err(_) => (None, 0),
+    }
+}
 
 /// Open files of one inode, by the kernel I/O mode they put it in. The kernel refuses to mix
 /// passthrough and cached opens of one inode; these counts are an upper bound of the kernel's
@@ -51,6 +70,11 @@ pub struct Inode {
     /// by a direct write while it writes: a read that got the old bytes has put them in the
     /// page cache before the write drops those pages.
     pub(crate) direct_io: parking_lot::RwLock<()>,
+    /// The backing file handle, kept once the kernel forgets the inode so that a file handle
+    /// of it (`open_by_handle_at`, NFS) can open it again.
+    handle: Option<Box<[u8]>>,
+    /// What file handles of this inode carry: see [`backing_handle`].
+    pub generation: u32,
 }
 
 impl Inode {
@@ -82,6 +106,11 @@ pub struct InodeTable {
     count: std::sync::atomic::AtomicUsize,
     /// Raised by a live rollback: inodes of earlier eras are stale (ESTALE), the root aside.
     era: AtomicU64,
+    /// Backing handles of inodes the kernel forgot, by number: a lookup of "." in one of them
+    /// (a file handle decoded after the kernel evicted its inode) opens it by this handle.
+    /// Only inodes the daemon handed out are in it, so a forged handle reaches nothing outside
+    /// the workspace.
+    forgotten: DashMap<FuseIno, Box<[u8]>>,
 }
 
 impl InodeTable {
@@ -90,6 +119,10 @@ impl InodeTable {
     }
 
     pub fn new(root_fd: OwnedFd, root_backing_ino: BackingIno) -> Self {
+        // The kernel made the root at mount with generation 0, and takes another for a
+        // different inode (which it would then mark bad).
+        let (handle, _) = backing_handle(&root_fd);
+        let generation = 0;
         let map = DashMap::new();
         map.insert(
             ROOT_INO,
@@ -105,6 +138,8 @@ impl InodeTable {
                 open: Mutex::new(OpenCounts::default()),
                 passthrough_gone: parking_lot::Condvar::new(),
                 direct_io: parking_lot::RwLock::new(()),
+                handle,
+                generation,
             }),
         );
         InodeTable {
@@ -113,6 +148,7 @@ impl InodeTable {
             clock: AtomicU64::new(0),
             count: std::sync::atomic::AtomicUsize::new(1),
             era: AtomicU64::new(0),
+            forgotten: DashMap::new(),
         }
     }
 
@@ -169,50 +205,58 @@ impl InodeTable {
         self.map.get(&ino).map(|r| Arc::clone(r.value()))
     }
 
-    /// Counts one more kernel reference to an inode already in the table.
-    pub(crate) fn reference_existing(&self, ino: FuseIno, parent: FuseIno, name: &OsStr) -> bool {
+    /// Counts one more kernel reference to an inode already in the table; its generation.
+    pub(crate) fn reference_existing(
+        &self,
+        ino: FuseIno,
+        parent: FuseIno,
+        name: &OsStr,
+    ) -> Option<u32> {
         // Holding the shard read guard while incrementing keeps a concurrent forget (which
         // needs the write guard) from removing the entry between the check and the increment.
-        match self.map.get(&ino) {
-            Some(inode) => {
-                inode.nlookup.fetch_add(1, Ordering::Relaxed);
-                inode.last_used.store(self.tick(), Ordering::Relaxed);
-                inode.set_loc(parent, name);
-                true
-            }
-            None => false,
-        }
+        let inode = self.map.get(&ino)?;
+        inode.nlookup.fetch_add(1, Ordering::Relaxed);
+        inode.last_used.store(self.tick(), Ordering::Relaxed);
+        inode.set_loc(parent, name);
+        Some(inode.generation)
     }
 
     /// Counts one more kernel reference to a known inode without changing its recorded name
-    /// (a new hard link is an alias).
-    pub(crate) fn reference_keep_loc(&self, ino: FuseIno) -> bool {
-        match self.map.get(&ino) {
-            Some(inode) => {
-                inode.nlookup.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+    /// (a new hard link is an alias, and a file handle's lookup knows no name); its
+    /// generation.
+    pub(crate) fn reference_keep_loc(&self, ino: FuseIno) -> Option<u32> {
+        let inode = self.map.get(&ino)?;
+        inode.nlookup.fetch_add(1, Ordering::Relaxed);
+        inode.last_used.store(self.tick(), Ordering::Relaxed);
+        Some(inode.generation)
     }
 
-    /// Counts one more kernel reference, inserting the inode with `fd` if it is new.
+    /// The backing handle of an inode the kernel forgot, if the daemon handed it out.
+    pub(crate) fn forgotten_handle(&self, ino: FuseIno) -> Option<Box<[u8]>> {
+        self.forgotten.get(&ino).map(|h| h.value().clone())
+    }
+
+    /// Counts one more kernel reference, inserting the inode with `fd` if it is new. `place`:
+    /// the directory and name it was found under (None: reached by a file handle).
     pub(crate) fn reference(
         &self,
         ino: FuseIno,
         kind: NodeKind,
         fd: OwnedFd,
-        parent: FuseIno,
-        name: &OsStr,
+        place: Option<(FuseIno, &OsStr)>,
     ) -> Arc<Inode> {
         match self.map.entry(ino) {
             Entry::Occupied(e) => {
                 e.get().nlookup.fetch_add(1, Ordering::Relaxed);
                 e.get().last_used.store(self.tick(), Ordering::Relaxed);
-                e.get().set_loc(parent, name);
+                if let Some((parent, name)) = place {
+                    e.get().set_loc(parent, name);
+                }
                 Arc::clone(e.get())
             }
             Entry::Vacant(e) => {
+                let (handle, generation) = backing_handle(&fd);
+                self.forgotten.remove(&ino);
                 let inode = Arc::new(Inode {
                     ino,
                     kind,
@@ -220,10 +264,12 @@ impl InodeTable {
                     fd,
                     nlookup: AtomicU64::new(1),
                     last_used: AtomicU64::new(self.tick()),
-                    loc: Mutex::new(Some((parent, name.to_os_string()))),
+                    loc: Mutex::new(place.map(|(p, n)| (p, n.to_os_string()))),
                     open: Mutex::new(OpenCounts::default()),
                     passthrough_gone: parking_lot::Condvar::new(),
                     direct_io: parking_lot::RwLock::new(()),
+                    handle,
+                    generation,
                 });
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -244,8 +290,15 @@ impl InodeTable {
                 "forget of {n} on inode {ino} with {before} lookups"
             );
             if before <= n {
-                e.remove();
+                let inode = e.remove();
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                if let Some(h) = &inode.handle {
+                    if self.forgotten.len() >= FORGOTTEN_HANDLES {
+                        tracing::debug!("{FORGOTTEN_HANDLES} handles of forgotten inodes: dropped");
+                        self.forgotten.clear();
+                    }
+                    self.forgotten.insert(ino, h.clone());
+                }
             }
         }
     }

@@ -95,6 +95,9 @@ pub struct Caller {
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
     pub attr: FileAttr,
+    /// The inode's generation, which file handles of it carry: another inode that gets the
+    /// same number later has another generation, so a handle of the first one goes stale.
+    pub generation: u32,
 }
 
 impl Entry {

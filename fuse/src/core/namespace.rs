@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +21,12 @@ impl Core {
     /// Resolves `name` in `parent` and counts a kernel reference to the result.
     pub fn lookup(&self, parent: FuseIno, name: &OsStr) -> FsResult<Entry> {
         self.stats.count(&self.stats.lookups);
+        // The kernel asks for "." and ".." only to decode file handles (FUSE_EXPORT_SUPPORT).
+        match name.as_bytes() {
+            b"." => return self.lookup_by_handle(parent),
+            b".." => return self.lookup_parent(parent),
+            _ => {}
+        }
         let dir = self.inode(parent)?;
         self.materialize(&dir)?;
         self.lookup_in(&dir, name)
@@ -29,13 +36,94 @@ impl Core {
         check_name(name)?;
         let st = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("lookup")?;
         let ino = self.ino_of(&st);
-        if self.inodes.reference_existing(ino, dir.ino, name) {
+        if let Some(generation) = self.inodes.reference_existing(ino, dir.ino, name) {
             return Ok(Entry {
                 attr: self.attr(&st),
+                generation,
             });
         }
         self.wait_for_inode_room();
         self.lookup_new(dir, name)
+    }
+
+    /// "." of inode `ino`: a file handle names it, and the kernel no longer holds it. It is
+    /// opened again by the backing handle kept when the kernel forgot it; an inode the daemon
+    /// never handed out (a forged handle), one of an earlier cache or daemon, or one removed
+    /// since, is stale.
+    fn lookup_by_handle(&self, ino: FuseIno) -> FsResult<Entry> {
+        let stale = |why: &'static str| FsError::errno(libc::ESTALE, why);
+        if let Ok(inode) = self.inode(ino) {
+            let st = rustix::fs::fstat(&inode.fd).ctx("lookup by handle")?;
+            if let Some(generation) = self.inodes.reference_keep_loc(ino) {
+                return Ok(Entry {
+                    attr: self.attr(&st),
+                    generation,
+                });
+            }
+        }
+        let handle = self
+            .inodes
+            .forgotten_handle(ino)
+            .ok_or_else(|| stale("file handle of an inode the daemon did not hand out"))?;
+        // open_by_handle_at takes no O_PATH descriptor for the filesystem.
+        let root = self.inode(crate::ROOT_INO)?;
+        let root = rustix::fs::openat(
+            &self.proc_self_fd,
+            root.fd.as_raw_fd().to_string().as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open the backing root")?;
+        self.admit_new_inode()?;
+        let fd = owsfs_local::handle::open(root.as_fd(), &handle, libc::O_PATH)
+            .map_err(|_| stale("file handle of a removed inode"))?;
+        let st = rustix::fs::fstat(&fd).ctx("lookup by handle")?;
+        // An unlinked inode that something still holds open stays openable by handle.
+        if st.st_dev != self.root_dev || self.ino_of(&st) != ino || st.st_nlink == 0 {
+            return Err(stale("file handle of a removed inode"));
+        }
+        let inode = self
+            .inodes
+            .reference(ino, kind::of_mode(st.st_mode), fd, None);
+        Ok(Entry {
+            attr: self.attr(&st),
+            generation: inode.generation,
+        })
+    }
+
+    /// ".." of directory `ino` (to reconnect a directory decoded from a file handle).
+    fn lookup_parent(&self, ino: FuseIno) -> FsResult<Entry> {
+        let dir = self.inode(ino)?;
+        if dir.kind != NodeKind::Dir {
+            return Err(FsError::errno(libc::ENOTDIR, "lookup of .."));
+        }
+        if ino == crate::ROOT_INO {
+            return self.lookup_by_handle(ino);
+        }
+        let st = rustix::fs::statat(&dir.fd, "..", AtFlags::SYMLINK_NOFOLLOW).ctx("lookup ..")?;
+        let parent = self.ino_of(&st);
+        if let Some(generation) = self.inodes.reference_keep_loc(parent) {
+            return Ok(Entry {
+                attr: self.attr(&st),
+                generation,
+            });
+        }
+        self.admit_new_inode()?;
+        let fd = rustix::fs::openat(
+            &dir.fd,
+            "..",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("lookup ..")?;
+        let st = rustix::fs::fstat(&fd).ctx("lookup ..")?;
+        let inode = self
+            .inodes
+            .reference(self.ino_of(&st), NodeKind::Dir, fd, None);
+        Ok(Entry {
+            attr: self.attr(&st),
+            generation: inode.generation,
+        })
     }
 
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
@@ -57,10 +145,12 @@ impl Core {
             ));
         }
         let ino = self.ino_of(&st);
-        self.inodes
-            .reference(ino, kind::of_mode(st.st_mode), fd, dir.ino, name);
+        let inode =
+            self.inodes
+                .reference(ino, kind::of_mode(st.st_mode), fd, Some((dir.ino, name)));
         Ok(Entry {
             attr: self.attr(&st),
+            generation: inode.generation,
         })
     }
 
@@ -170,6 +260,7 @@ impl Core {
             let st = rustix::fs::fstat(&inode.fd).ctx("stat a new node")?;
             Ok(Entry {
                 attr: self.attr(&st),
+                generation: entry.generation,
             })
         })()
         .map_err(|e| (e, ino))
@@ -449,11 +540,12 @@ impl Core {
         // A hard link keeps the inode's recorded name; the new one is only an alias.
         let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;
         let linked_ino = self.ino_of(&st);
-        if !self.inodes.reference_keep_loc(linked_ino) {
+        let Some(generation) = self.inodes.reference_keep_loc(linked_ino) else {
             return self.lookup_in(&dir, newname);
-        }
+        };
         Ok(Entry {
             attr: self.attr(&st),
+            generation,
         })
     }
 }
@@ -560,8 +652,24 @@ mod tests {
             libc::ENOENT
         );
         assert_eq!(
-            f.core.lookup(ROOT_INO, name("..")).unwrap_err().to_errno(),
+            f.core.lookup(ROOT_INO, name("a/b")).unwrap_err().to_errno(),
             libc::EINVAL
+        );
+        // "." and "..", which the kernel asks for to decode file handles: a forgotten inode
+        // the daemon handed out comes back with its generation; the root's parent is itself;
+        // an inode never handed out is stale.
+        if rustix::process::geteuid().is_root() {
+            let back = f.core.lookup(e1.ino(), name(".")).unwrap();
+            assert_eq!((back.ino(), back.generation), (e1.ino(), e1.generation));
+            assert_ne!(e1.generation, 0);
+        }
+        assert_eq!(f.core.lookup(ROOT_INO, name("..")).unwrap().ino(), ROOT_INO);
+        assert_eq!(
+            f.core
+                .lookup(FuseIno(0x7fff_0000), name("."))
+                .unwrap_err()
+                .to_errno(),
+            libc::ESTALE
         );
     }
 
