@@ -631,3 +631,115 @@ fn file_handles_survive_eviction_and_go_stale_with_their_file() {
     let err = open_by_handle(&mount, &forged).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
 }
+
+/// `open(O_TMPFILE)`: an unnamed file that `linkat(2)` may name (as systemd, editors and
+/// Python's `tempfile.TemporaryFile` use it). Named, it is journaled as created, whole, and
+/// survives a `kill -9` and a restore; left unnamed, it leaves nothing behind; opened
+/// `O_EXCL`, it cannot be named.
+#[test]
+fn o_tmpfile_and_linkat() {
+    if skip_fuse() {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ws = Workspace::new();
+    let d = ws.path("d");
+    fs::create_dir(&d).unwrap();
+    let tmp = |extra: rustix::fs::OFlags| {
+        rustix::fs::open(
+            &d,
+            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | extra,
+            rustix::fs::Mode::from_raw_mode(0o640),
+        )
+        .map(fs::File::from)
+    };
+    let mut f = tmp(rustix::fs::OFlags::empty()).expect("O_TMPFILE");
+    let body = noise(200_000, 7);
+    f.write_all(&body).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!(
+        (md.nlink(), md.len(), md.mode() & 0o777),
+        (0, 200_000, 0o640)
+    );
+    assert_eq!(
+        fs::read_dir(&d).unwrap().count(),
+        0,
+        "an unnamed file has no entry"
+    );
+    // Named through /proc, as programs without CAP_DAC_READ_SEARCH do.
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", f.as_raw_fd()),
+        rustix::fs::CWD,
+        d.join("named"),
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let mut want = body.clone();
+    want.extend_from_slice(b"tail");
+    assert_eq!(fs::read(d.join("named")).unwrap(), want);
+    assert_eq!(fs::metadata(d.join("named")).unwrap().nlink(), 1);
+    // Unnamed, and then closed: nothing.
+    let mut g = tmp(rustix::fs::OFlags::empty()).unwrap();
+    g.write_all(b"scratch").unwrap();
+    drop(g);
+    // O_EXCL: it stays unnamed.
+    let h = tmp(rustix::fs::OFlags::EXCL).unwrap();
+    assert_eq!(
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            format!("/proc/self/fd/{}", h.as_raw_fd()),
+            rustix::fs::CWD,
+            d.join("never"),
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+        .unwrap_err(),
+        rustix::io::Errno::NOENT
+    );
+    drop(h);
+    // Python's TemporaryFile (O_TMPFILE where the directory takes it).
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, tempfile, os\n\
+             f = tempfile.TemporaryFile(dir=sys.argv[1])\n\
+             f.write(b'py'); f.seek(0)\n\
+             assert f.read() == b'py'\n\
+             assert tempfile._O_TMPFILE_WORKS, 'O_TMPFILE refused'\n\
+             assert os.listdir(sys.argv[1]) == ['named'], os.listdir(sys.argv[1])",
+        )
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The journal has it: a kill -9 and a remount keep it, and the next generation holds it.
+    ws.kill_daemon();
+    ws.mount();
+    assert_eq!(fs::read(d.join("named")).unwrap(), want);
+    ws.sync();
+    let dest = ws.dir.path().join("restored");
+    let out = ws.restore(None, &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = Vec::new();
+    fs::File::open(dest.join("d/named"))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == want, "the restored file differs");
+    let names: Vec<_> = fs::read_dir(dest.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["named"]);
+}

@@ -86,6 +86,37 @@ impl FuseAdapter {
         );
     }
 
+    /// The reply to a create or a tmpfile: the entry and the open file, in its I/O mode.
+    fn reply_created(&self, reply: ReplyCreate, entry: &Entry, handle: &Handle, fh: u64) {
+        let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
+        let generation = Generation(u64::from(entry.generation));
+        match handle.mode() {
+            IoMode::Passthrough => {
+                match self.passthrough_backing(handle, |f| reply.open_backing(f)) {
+                    Ok(backing) => reply.created_passthrough(
+                        &ttl,
+                        &attr,
+                        generation,
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &backing.0,
+                    ),
+                    Err(err) => match self.demote(fh, &err) {
+                        Ok(flags) => reply.created(&ttl, &attr, generation, FileHandle(fh), flags),
+                        Err(e) => reply.error(errno(&self.core, "create", &e)),
+                    },
+                }
+            }
+            mode => reply.created(
+                &ttl,
+                &attr,
+                generation,
+                FileHandle(fh),
+                self.open_flags(mode),
+            ),
+        }
+    }
+
     /// Registers the passthrough backing file of an open, or says why it cannot.
     fn passthrough_backing<'a>(
         &'a self,
@@ -475,40 +506,32 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let _serving = self.core.serving();
-        let (entry, handle, fh) =
-            match self
-                .core
-                .create(fuse_ino(parent), name, mode, flags, creator(req, umask))
-            {
-                Ok(r) => r,
-                Err(e) => return fail!(self, reply, "create", e),
-            };
-        let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
-        let generation = Generation(u64::from(entry.generation));
-        match handle.mode() {
-            IoMode::Passthrough => {
-                match self.passthrough_backing(&handle, |f| reply.open_backing(f)) {
-                    Ok(backing) => reply.created_passthrough(
-                        &ttl,
-                        &attr,
-                        generation,
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                        &backing.0,
-                    ),
-                    Err(err) => match self.demote(fh, &err) {
-                        Ok(flags) => reply.created(&ttl, &attr, generation, FileHandle(fh), flags),
-                        Err(e) => fail!(self, reply, "create", e),
-                    },
-                }
-            }
-            mode => reply.created(
-                &ttl,
-                &attr,
-                generation,
-                FileHandle(fh),
-                self.open_flags(mode),
-            ),
+        match self
+            .core
+            .create(fuse_ino(parent), name, mode, flags, creator(req, umask))
+        {
+            Ok((entry, handle, fh)) => self.reply_created(reply, &entry, &handle, fh),
+            Err(e) => fail!(self, reply, "create", e),
+        }
+    }
+
+    /// `open(O_TMPFILE)`: an unnamed file, which `linkat(2)` may name.
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _serving = self.core.serving();
+        match self
+            .core
+            .tmpfile(fuse_ino(parent), mode, flags, creator(req, umask))
+        {
+            Ok((entry, handle, fh)) => self.reply_created(reply, &entry, &handle, fh),
+            Err(e) => fail!(self, reply, "tmpfile", e),
         }
     }
 

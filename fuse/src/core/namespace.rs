@@ -339,6 +339,68 @@ impl Core {
         })
     }
 
+    /// Creates and opens an unnamed regular file in `parent` (`O_TMPFILE`). Its inode enters
+    /// the table without a name, and nothing is journaled yet: an unnamed file is in no tree,
+    /// and its writes are recorded as a nameless file's. `linkat(2)` may name it later
+    /// ([`Core::link`] records it as created then); otherwise it goes with its last close.
+    pub fn tmpfile(
+        &self,
+        parent: FuseIno,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Entry, Arc<Handle>, u64)> {
+        self.stats.count(&self.stats.creates);
+        let dir = self.inode(parent)?;
+        if dir.kind != NodeKind::Dir {
+            return Err(FsError::errno(libc::ENOTDIR, "tmpfile"));
+        }
+        self.wait_for_inode_room();
+        let _barrier = self.mutation()?;
+        let inherits = self.posix_acl_enabled() && has_default_acl(&dir);
+        let want = if inherits { mode } else { mode & !caller.umask } & 0o7777;
+        // Without O_EXCL, so that a link can name it: the kernel keeps the caller's O_EXCL
+        // (a file that must stay unnamed) on its own inode.
+        let oflags = (backing_open_flags(flags) - OFlags::EXCL) | OFlags::TMPFILE;
+        let fd = {
+            let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
+            rustix::fs::openat(&dir.fd, c".", oflags, Mode::from_raw_mode(want))
+                .map_err(|e| FsError::errno(e.raw_os_error(), "tmpfile"))?
+        };
+        let mut st = rustix::fs::fstat(&fd).ctx("tmpfile stat")?;
+        if !inherits && st.st_mode & 0o777 != want & 0o777 {
+            // The daemon's own umask took bits the caller asked for.
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(want)).ctx("tmpfile mode")?;
+            st = rustix::fs::fstat(&fd).ctx("tmpfile stat")?;
+        }
+        self.admit_new_inode()?;
+        let path_fd = rustix::fs::openat(
+            &self.proc_self_fd,
+            fd.as_raw_fd().to_string().as_str(),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("tmpfile")?;
+        let ino = self.ino_of(&st);
+        if let Some(h) = self.hyd() {
+            h.created(self.inodes.backing_ino(ino));
+        }
+        let inode = self.inodes.reference(ino, NodeKind::File, path_fd, None);
+        let io = match self.reserve_mode(&inode, writable(flags), false) {
+            Ok(io) => io,
+            Err(e) => {
+                self.inodes.forget(ino, 1);
+                return Err(e);
+            }
+        };
+        let (handle, fh) = self.insert_handle(&inode, File::from(fd), io, flags);
+        let entry = Entry {
+            attr: self.attr(&st),
+            generation: inode.generation,
+        };
+        Ok((entry, handle, fh))
+    }
+
     /// Creates and opens a regular file.
     pub fn create(
         &self,
@@ -517,9 +579,18 @@ impl Core {
         let dir = self.inode(newparent)?;
         self.materialize(&dir)?;
         let _barrier = self.mutation()?;
-        self.journal.append(Op::Link {
-            ino,
-            path: self.child_path(newparent, newname),
+        // An unnamed file (`O_TMPFILE`) gets its first name: for the journal it is created
+        // here, whole, with what was written to it before.
+        let unnamed = rustix::fs::fstat(&inode.fd).is_ok_and(|st| st.st_nlink == 0);
+        let path = self.child_path(newparent, newname);
+        self.journal.append(if unnamed {
+            Op::Create {
+                ino,
+                kind: NodeKind::File,
+                path,
+            }
+        } else {
+            Op::Link { ino, path }
         })?;
         let linked = rustix::fs::linkat(&inode.fd, c"", &dir.fd, newname, AtFlags::EMPTY_PATH);
         match linked {
@@ -537,10 +608,17 @@ impl Core {
             }
             Err(e) => return Err(FsError::errno(e.raw_os_error(), "link")),
         }
-        // A hard link keeps the inode's recorded name; the new one is only an alias.
+        // A hard link keeps the inode's recorded name; the new one is only an alias (of an
+        // unnamed file, it is its name).
         let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;
         let linked_ino = self.ino_of(&st);
-        let Some(generation) = self.inodes.reference_keep_loc(linked_ino) else {
+        let referenced = if unnamed {
+            self.inodes
+                .reference_existing(linked_ino, newparent, newname)
+        } else {
+            self.inodes.reference_keep_loc(linked_ino)
+        };
+        let Some(generation) = referenced else {
             return self.lookup_in(&dir, newname);
         };
         Ok(Entry {
