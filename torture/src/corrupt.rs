@@ -6,6 +6,7 @@
 //! the mount showed). Wrong data, a panic or a silent loss breaks the promise.
 
 use std::io::ErrorKind;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Output;
 
@@ -161,6 +162,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
     let mount = ctx.owsfs.mount(&mp, &cache, &ws, &args, &[])?;
     let log = dir.join("workload.log");
     let status = std::process::Command::new(&ctx.self_exe)
+        .process_group(0)
         .arg("workload")
         .arg("--mount")
         .arg(&mp)

@@ -3,6 +3,7 @@
 //! restore after its clean unmount, each checked against the workload's model. With faults,
 //! the daemon and the restores run behind the fault-injecting store layer.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +68,7 @@ fn plan(ctx: &Ctx, rng: &mut StdRng, faults: bool, dir: &Path) -> Plan {
 /// Starts the workload (this binary's `workload` command) against `mp`.
 fn start_workload(ctx: &Ctx, plan: &Plan, mp: &Path, log: &Path, err: &Path) -> Result<Child> {
     Command::new(&ctx.self_exe)
+        .process_group(0)
         .arg("workload")
         .arg("--mount")
         .arg(mp)

@@ -10,6 +10,7 @@
 //!   The holder fail-stops (writers get EROFS), and `owsfs recover` turns its cache into a new
 //!   workspace holding every completed operation.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ impl Tmpfs {
     fn mount(dir: &Path, mib: u64) -> Result<Tmpfs> {
         std::fs::create_dir_all(dir)?;
         let ok = Command::new("mount")
+            .process_group(0)
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(dir)
             .status()?
@@ -42,12 +44,17 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount")
+            .process_group(0)
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
 fn start_workload(ctx: &Ctx, cfg: &Cfg, mp: &Path, dir: &Path, ops: u64) -> Result<Child> {
     Command::new(&ctx.self_exe)
+        .process_group(0)
         .arg("workload")
         .arg("--mount")
         .arg(mp)

@@ -126,6 +126,19 @@ enum Scenario {
     Full,
 }
 
+/// SIGINT or SIGTERM stopped the run between two trials (after the first one the trial under
+/// way finishes and cleans up; a second one ends the harness at once).
+#[derive(Debug)]
+struct Interrupted(u64);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted after trial {}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// A promise the harness found broken (as opposed to the harness failing to run).
 #[derive(Debug)]
 pub struct Broken(pub String);
@@ -252,6 +265,10 @@ fn main() {
     };
     match result {
         Ok(()) => {}
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+            eprintln!("\n{e}");
+            std::process::exit(130);
+        }
         Err(e) if e.downcast_ref::<Broken>().is_some() => {
             eprintln!("\n{e:#}");
             std::process::exit(1);
@@ -385,6 +402,15 @@ fn run(cli: &Cli) -> Result<()> {
         };
         stores.push((*kind, ctx, s, Figures::default()));
     }
+    // The first SIGINT or SIGTERM lets the trial under way finish and clean up (its mounts,
+    // daemons and small filesystems), then the figures so far are printed; a second one ends
+    // the harness at once. The harness's children run in process groups of their own, so a
+    // Ctrl-C on the terminal reaches the harness alone.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())?;
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
     let mut n = cli.trial.unwrap_or(0);
     let result = 'trials: loop {
         for (kind, ctx, _, figs) in stores.iter_mut() {
@@ -419,6 +445,9 @@ fn run(cli: &Cli) -> Result<()> {
                         break 'trials Err(e);
                     }
                 }
+                if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    break 'trials Err(Interrupted(n).into());
+                }
             }
         }
         n += 1;
@@ -443,7 +472,11 @@ fn run(cli: &Cli) -> Result<()> {
         total.drills,
         table(&rows)
     );
-    if result.is_err() || cli.keep {
+    if result
+        .as_ref()
+        .is_err_and(|e| e.downcast_ref::<Interrupted>().is_none())
+        || cli.keep
+    {
         // Keep the failing trial's files for a look.
         let _ = run_dir.keep();
     }

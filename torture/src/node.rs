@@ -1,6 +1,7 @@
 //! Driving the `owsfs` binary: mounts (unmounted when dropped, also after a failure), kills,
 //! syncs and restores, each in a node's own environment.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -39,7 +40,9 @@ pub fn brief(out: &Output) -> String {
 impl Owsfs {
     pub fn command(&self, env: &[(String, String)]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.env_remove("OWSFS_CACHE")
+        // Its own process group: a Ctrl-C of the harness reaches the harness alone.
+        c.process_group(0)
+            .env_remove("OWSFS_CACHE")
             .env_remove("OWSFS_FAULTS")
             .env("XDG_DATA_HOME", &self.data_home)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -256,7 +259,11 @@ impl Drop for Mount {
             .owsfs
             .run(&["unmount", &self.mp.display().to_string()], &[]);
         if is_mounted(&self.mp) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+            let _ = Command::new("umount")
+                .process_group(0)
+                .arg("-l")
+                .arg(&self.mp)
+                .status();
         }
     }
 }

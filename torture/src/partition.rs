@@ -6,6 +6,7 @@
 //! at a time, and none commits after a newer one fenced it), and the newest generation must
 //! hold every line each tenure synced.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +66,7 @@ fn writer(
         written.store(k, Ordering::SeqCst);
         if k.is_multiple_of(10) {
             let synced = std::process::Command::new(&owsfs)
+                .process_group(0)
                 .arg("sync")
                 .arg(&mp)
                 .output()
