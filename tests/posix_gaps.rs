@@ -510,6 +510,20 @@ fn buffered_reads_see_asynchronous_direct_writes_with(opts: &[&str]) {
         stale.len(),
         &stale[..stale.len().min(5)]
     );
+    // A descriptor opened O_DIRECT whose flag fcntl cleared writes through the page cache,
+    // which holds its pages locked while the daemon serves the write: the daemon must not
+    // wait for them (it goes by the flags of each request, not of the open).
+    let unset = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    rustix::fs::fcntl_setfl(&unset, rustix::fs::OFlags::empty()).unwrap();
+    unset.write_all_at(b"buffered again", 5).unwrap();
+    drop(unset);
+    let mut got = [0u8; 14];
+    reader.read_exact_at(&mut got, 5).unwrap();
+    assert_eq!(&got, b"buffered again");
 }
 
 /// A file handle through the mount (`name_to_handle_at`): its type and bytes.

@@ -567,14 +567,18 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _serving = self.core.serving();
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        // The request's flags are the descriptor's at the time (fcntl may have changed them
+        // since the open).
         let r = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.core.write_pages(fh.0, offset, data, kill)
+        } else if flags.0 & libc::O_DIRECT != 0 {
+            self.core.write_direct(fh.0, offset, data, kill)
         } else {
             self.core.write(fh.0, offset, data, kill)
         };

@@ -588,7 +588,7 @@ impl Mounted {
             Box::new(move |parent, name| {
                 names.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
             }),
-            Box::new(move |ino, offset, len| {
+            std::sync::Arc::new(move |ino, offset, len| {
                 attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), offset, len)
             }),
         )

@@ -6,11 +6,24 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crossbeam_channel::{Receiver, select};
 use owsfs_journal::FuseIno;
 
 use super::{Core, InodeInvalidator, Invalidator};
 use crate::error::{FsError, FsResult};
+
+/// How long a direct write waits for the kernel to drop the pages it changed.
+const PAGE_DROP_WAIT: Duration = Duration::from_millis(100);
+
+/// One range of pages to drop, and who waits for it.
+pub(super) struct PageDrop {
+    ino: FuseIno,
+    offset: i64,
+    len: i64,
+    done: crossbeam_channel::Sender<()>,
+}
 
 impl Core {
     pub fn inode_count(&self) -> usize {
@@ -48,15 +61,46 @@ impl Core {
     }
 
     /// The daemon changed bytes `offset..offset + len` of `ino` behind the kernel's page cache
-    /// (a direct write): the kernel drops those pages and the attributes. Not under a lock a
-    /// read holds: dropping a page waits for the read that fills it.
+    /// (a direct write): the kernel drops those pages and the attributes before the write is
+    /// answered. Dropping a page waits for whoever holds it locked, which can be a request not
+    /// served yet (a readahead), or the very request this thread serves (a buffered write the
+    /// kernel sent with `O_DIRECT` still set, after a short direct write). So the pages are
+    /// dropped by a thread of their own, and the write waits for it at most
+    /// [`PAGE_DROP_WAIT`]: never on a lock of its own, never holding the request threads.
     pub(super) fn pages_changed(&self, ino: FuseIno, offset: u64, len: u64) {
-        if len > 0 {
-            self.invalidate_inode(
-                ino,
-                offset.min(i64::MAX as u64) as i64,
-                len.min(i64::MAX as u64) as i64,
-            );
+        let Some(invalidate) = self.invalidate_inode.get() else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let dropper = self.page_dropper.get_or_init(|| {
+            let (tx, rx) = crossbeam_channel::unbounded::<PageDrop>();
+            let invalidate = Arc::clone(invalidate);
+            let spawned = std::thread::Builder::new()
+                .name("owsfs-pages".into())
+                .spawn(move || {
+                    for d in rx {
+                        if let Err(e) = invalidate(d.ino, d.offset, d.len) {
+                            tracing::debug!("pages of inode {} not dropped: {e}", d.ino);
+                        }
+                        let _ = d.done.send(());
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start the page dropper: {e}");
+            }
+            tx
+        });
+        let (done, dropped) = crossbeam_channel::bounded(1);
+        let drop = PageDrop {
+            ino,
+            offset: offset.min(i64::MAX as u64) as i64,
+            len: len.min(i64::MAX as u64) as i64,
+            done,
+        };
+        if dropper.send(drop).is_ok() && dropped.recv_timeout(PAGE_DROP_WAIT).is_err() {
+            tracing::debug!("pages of inode {ino} still being dropped after a direct write");
         }
     }
 

@@ -38,9 +38,6 @@ pub struct Handle {
     mode: Mutex<IoMode>,
     /// The inode table's era at the open: a handle of an earlier era is stale.
     pub(super) era: u64,
-    /// Opened `O_DIRECT`: its writes bypass the kernel's page cache, which the daemon then
-    /// invalidates.
-    direct: bool,
 }
 
 impl Handle {
@@ -95,7 +92,7 @@ impl Core {
             Ok(file)
         })();
         match opened {
-            Ok(file) => Ok(self.insert_handle(&inode, file, mode, flags)),
+            Ok(file) => Ok(self.insert_handle(&inode, file, mode)),
             Err(e) => {
                 self.unreserve_mode(&inode, mode);
                 Err(e)
@@ -152,13 +149,11 @@ impl Core {
         }
     }
 
-    /// `flags`: those of the open(2).
     pub(super) fn insert_handle(
         &self,
         inode: &Inode,
         file: File,
         mode: IoMode,
-        flags: i32,
     ) -> (Arc<Handle>, u64) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
@@ -166,7 +161,6 @@ impl Core {
             file,
             mode: Mutex::new(mode),
             era: inode.era,
-            direct: flags & libc::O_DIRECT != 0,
         });
         self.handles.insert(fh, Arc::clone(&handle));
         (handle, fh)
@@ -250,6 +244,38 @@ impl Core {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
+        self.write_locked(fh, offset, data, kill_suidgid, false)
+            .map(|(_, n)| n)
+    }
+
+    /// [`Core::write`] of a direct write: one whose request says `O_DIRECT` (the descriptor's
+    /// flags at the time) and is not page writeback. It bypassed the kernel's page cache,
+    /// which dropped the range before sending it but not after, when it was asynchronous, and
+    /// readers may have cached the old bytes meanwhile (a local filesystem drops them at
+    /// completion). So the write waits for reads in flight to reply, and once the bytes are
+    /// in the backing file, the kernel is told to drop that range.
+    pub fn write_direct(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suidgid: bool,
+    ) -> FsResult<u32> {
+        let (ino, n) = self.write_locked(fh, offset, data, kill_suidgid, true)?;
+        // After the barrier and the inode's lock are released: dropping pages can wait for
+        // other requests.
+        self.pages_changed(ino, offset, u64::from(n));
+        Ok(n)
+    }
+
+    fn write_locked(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suidgid: bool,
+        direct: bool,
+    ) -> FsResult<(FuseIno, u32)> {
         let handle = self.handle(fh)?;
         // Bytes around the written ones keep coming from the store: whole chunks are local
         // before the write (and before a frozen file saves its old bytes).
@@ -269,11 +295,8 @@ impl Core {
             self.kill_suidgid(handle.ino, &handle.file)?;
         }
         self.freeze_before_change_fd(handle.ino, offset, offset + data.len() as u64, &handle.file)?;
-        // A direct write waits for reads in flight (until they have replied), and drops the
-        // pages of what it wrote once it is in the backing file: the kernel dropped them
-        // before it sent an asynchronous direct write, not after, and readers may have
-        // cached the old bytes meanwhile (a local filesystem drops them at completion).
-        let inode = handle.direct.then(|| self.inodes.get(handle.ino)).flatten();
+        // A direct write waits for reads in flight, until they have replied.
+        let inode = direct.then(|| self.inodes.get(handle.ino)).flatten();
         let excl = inode.as_ref().map(|i| i.direct_io.write());
         let mut done = 0;
         while done < data.len() {
@@ -288,12 +311,9 @@ impl Core {
             }
         }
         drop(excl);
-        if handle.direct {
-            self.pages_changed(handle.ino, offset, done as u64);
-        }
         self.stats.count(&self.stats.writes);
         self.stats.add(&self.stats.write_bytes, done as u64);
-        Ok(done as u32)
+        Ok((handle.ino, done as u32))
     }
 
     /// close(2) of one descriptor of an open file. Every write already reached the backing

@@ -79,7 +79,7 @@ pub type Invalidator = Box<dyn Fn(FuseIno, &OsStr) -> std::io::Result<()> + Send
 /// Tells the kernel that an inode's cached attributes are stale, and with a range
 /// `(offset, len)` of a non-negative offset, its cached pages there too (a negative offset:
 /// the attributes only; a zero length: to the end).
-pub type InodeInvalidator = Box<dyn Fn(FuseIno, i64, i64) -> std::io::Result<()> + Send + Sync>;
+pub type InodeInvalidator = Arc<dyn Fn(FuseIno, i64, i64) -> std::io::Result<()> + Send + Sync>;
 
 /// The caller of an operation, for ownership of what it creates.
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +127,8 @@ pub struct Core {
     /// Asks the kernel to forget an inode's attributes (FUSE_NOTIFY_INVAL_INODE without a
     /// range), after the daemon changed them as a side effect; set by the mount.
     invalidate_inode: std::sync::OnceLock<InodeInvalidator>,
+    /// The thread that drops pages after direct writes, started at the first one.
+    page_dropper: std::sync::OnceLock<crossbeam_channel::Sender<budget::PageDrop>>,
     /// Wakes the reaper when the inode table nears its budget.
     reaper_kick: (
         crossbeam_channel::Sender<()>,
@@ -188,6 +190,7 @@ impl Core {
             budget_warned: AtomicBool::new(false),
             invalidate: std::sync::OnceLock::new(),
             invalidate_inode: std::sync::OnceLock::new(),
+            page_dropper: std::sync::OnceLock::new(),
             reaper_kick: crossbeam_channel::bounded(1),
             own_uid: rustix::process::geteuid().as_raw(),
             own_gid: rustix::process::getegid().as_raw(),

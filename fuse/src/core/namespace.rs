@@ -393,7 +393,7 @@ impl Core {
                 return Err(e);
             }
         };
-        let (handle, fh) = self.insert_handle(&inode, File::from(fd), io, flags);
+        let (handle, fh) = self.insert_handle(&inode, File::from(fd), io);
         let entry = Entry {
             attr: self.attr(&st),
             generation: inode.generation,
@@ -439,7 +439,7 @@ impl Core {
         let file = file.ok_or_else(|| FsError::errno(libc::EIO, "create left no file"))?;
         let inode = self.inode(entry.ino())?;
         let mode = self.reserve_mode(&inode, writable(flags), !self.whole(entry.ino()))?;
-        let (handle, fh) = self.insert_handle(&inode, file, mode, flags);
+        let (handle, fh) = self.insert_handle(&inode, file, mode);
         Ok((entry, handle, fh))
     }
 
