@@ -292,6 +292,42 @@ fn posix_acls_are_enforced_inherited_and_restored() {
     assert!(as_user(4242, &["sh", "-c", &format!("echo more >> {new}")]));
     assert!(!as_user(4243, &["cat", &new]));
 
+    // An owner outside the file's group who sets an access ACL loses the set-group-id bit
+    // (root keeps it), as on a local disk.
+    let sgid = ws.path("sgid");
+    fs::write(&sgid, b"g").unwrap();
+    std::os::unix::fs::chown(&sgid, Some(4242), Some(0)).unwrap();
+    fs::set_permissions(&sgid, std::os::unix::fs::PermissionsExt::from_mode(0o2770)).unwrap();
+    rustix::fs::setxattr(
+        &sgid,
+        "system.posix_acl_access",
+        &access,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        fs::metadata(&sgid).unwrap().mode() & 0o7000,
+        0o2000,
+        "root keeps it"
+    );
+    let hex: String = access.iter().map(|b| format!("{b:02x}")).collect();
+    // Python drops to user 4242 itself (its interpreter may live where 4242 cannot read).
+    run_ok(
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import os, sys\nos.setgroups([]); os.setgid(4242); os.setuid(4242)\n\
+                 os.setxattr(sys.argv[1], 'system.posix_acl_access', bytes.fromhex(sys.argv[2]))",
+            )
+            .arg(&sgid)
+            .arg(&hex),
+    );
+    assert_eq!(
+        fs::metadata(&sgid).unwrap().mode() & 0o7000,
+        0,
+        "the owner outside group 0 loses it"
+    );
+
     // Cut into the tree and restored.
     ws.sync();
     let dest = ws.dir.path().join("restored");

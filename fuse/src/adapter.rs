@@ -190,6 +190,21 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// The caller's groups: its primary group and those of `/proc/PID/status` (none more when
+/// the process is gone).
+fn caller_groups(req: &Request) -> Vec<u32> {
+    let mut groups = vec![req.gid()];
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
+        let line = status.lines().find_map(|l| l.strip_prefix("Groups:"));
+        groups.extend(
+            line.into_iter()
+                .flat_map(|l| l.split_whitespace())
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+    }
+    groups
+}
+
 /// The caller of a creation, with its umask (not yet applied under FUSE_DONT_MASK; applying
 /// it again is harmless otherwise).
 fn creator(req: &Request, umask: u32) -> Caller {
@@ -774,7 +789,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -783,7 +798,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving();
-        match self.core.setxattr(fuse_ino(ino), name, value, flags) {
+        // An access ACL set by an unprivileged caller outside the file's group clears its
+        // set-group-id bit, as on a local disk (the kernel would say so only with
+        // FUSE_SETXATTR_EXT): the caller's groups, to decide.
+        let groups =
+            (name == "system.posix_acl_access" && req.uid() != 0).then(|| caller_groups(req));
+        match self
+            .core
+            .setxattr(fuse_ino(ino), name, value, flags, groups.as_deref())
+        {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "setxattr", e),
         }

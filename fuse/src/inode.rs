@@ -20,8 +20,9 @@ use parking_lot::Mutex;
 /// The FUSE inode number of the workspace root.
 pub const ROOT_INO: FuseIno = FuseIno::ROOT;
 
-/// Handles of forgotten inodes kept for file-handle lookups, at most (about 40 bytes each);
-/// past it they are dropped, and handles of those inodes go stale (ESTALE).
+/// Handles of forgotten inodes kept for file-handle lookups, at most (some 60 to 100 bytes
+/// each with the map's own); past it they are all dropped, and handles of those inodes go
+/// stale (ESTALE).
 const FORGOTTEN_HANDLES: usize = 1 << 20;
 
 /// The backing file handle of an inode (None where the filesystem has none), and the
@@ -169,6 +170,9 @@ impl InodeTable {
     /// kernel may hold in the root, for invalidation.
     pub(crate) fn next_era(&self) -> Vec<OsString> {
         self.era.fetch_add(1, Ordering::AcqRel);
+        // The forgotten inodes belong to the replaced tree (moved to the cache's trash): a
+        // file handle of one must not open it again.
+        self.forgotten.clear();
         let mut names = Vec::new();
         for entry in self.map.iter() {
             let inode = entry.value();
@@ -290,15 +294,20 @@ impl InodeTable {
                 "forget of {n} on inode {ino} with {before} lookups"
             );
             if before <= n {
-                let inode = e.remove();
-                self.count.fetch_sub(1, Ordering::Relaxed);
-                if let Some(h) = &inode.handle {
+                // Kept before the inode leaves the table, so that a lookup by handle in
+                // between finds one or the other; only of the current tree (an inode of an
+                // earlier era is in the trash of a rollback).
+                if let Some(h) = &e.get().handle
+                    && e.get().era == self.era()
+                {
                     if self.forgotten.len() >= FORGOTTEN_HANDLES {
                         tracing::debug!("{FORGOTTEN_HANDLES} handles of forgotten inodes: dropped");
                         self.forgotten.clear();
                     }
                     self.forgotten.insert(ino, h.clone());
                 }
+                e.remove();
+                self.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -351,11 +360,6 @@ impl InodeTable {
             cur = parent;
         }
         None
-    }
-
-    /// The path of `name` inside directory `parent`.
-    pub fn child_path(&self, parent: FuseIno, name: &OsStr) -> Option<PathBuf> {
-        self.path_of(parent).map(|p| p.join(name))
     }
 
     pub fn len(&self) -> usize {

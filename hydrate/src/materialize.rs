@@ -350,12 +350,12 @@ pub(crate) fn list_dir(dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, rus
     Ok(v)
 }
 
-/// Directory `dir` (any descriptor of it, `O_PATH` too) opened again for reading.
+/// Directory `dir` (any descriptor of it, `O_PATH` too) opened again for reading (without
+/// moving its atime).
 pub(crate) fn open_for_reading(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::openat(
+    Ok(owsfs_fuse::openat_noatime(
         dir,
         c".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
     )?)
 }

@@ -148,8 +148,8 @@ pub fn set_attrs(
 }
 
 /// Removes the xattrs of `name` in `dir` that `e` does not have (in the `user.` and
-/// `trusted.` namespaces: the others are the system's), for an entry kept from an older
-/// generation.
+/// `trusted.` namespaces, and POSIX ACLs: the others are the system's), for an entry kept
+/// from an older generation.
 pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io::Result<()> {
     let node = Node::open(dir, name)?;
     let mut buf = vec![0u8; 64 << 10];
@@ -159,7 +159,9 @@ pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io
         Err(e) => return Err(e.into()),
     };
     for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
-        let ours = k.starts_with(b"user.") || k.starts_with(b"trusted.");
+        let ours = k.starts_with(b"user.")
+            || k.starts_with(b"trusted.")
+            || k.starts_with(b"system.posix_acl_");
         if ours && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
             rustix::fs::removexattr(node.path.as_str(), OsStr::from_bytes(k))?;
         }
@@ -279,6 +281,53 @@ mod tests {
         assert!(
             create(dir.as_fd(), OsStr::new("f"), &f).is_err(),
             "an existing name is never overwritten"
+        );
+    }
+
+    /// An entry kept from an older generation loses the xattrs and the POSIX ACL the new
+    /// generation's entry does not have (an ACL left behind could still grant access).
+    #[test]
+    fn drop_other_xattrs_drops_acls_too() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        // user::rw- user:4242:r-- group::r-- mask::r-- other::---
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 6u16, u32::MAX),
+            (2, 4, 4242),
+            (4, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&id.to_le_bytes());
+        }
+        if rustix::fs::setxattr(
+            &p,
+            "system.posix_acl_access",
+            &acl,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .is_err()
+        {
+            return; // a filesystem without ACLs
+        }
+        rustix::fs::setxattr(&p, "user.gone", b"v", rustix::fs::XattrFlags::empty()).unwrap();
+        let dir =
+            rustix::fs::open(d.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let mut e = entry("f", NodeKind::File, Content::File(FileContent::Empty));
+        e.xattrs.clear();
+        drop_other_xattrs(dir.as_fd(), OsStr::new("f"), &e).unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = rustix::fs::listxattr(&p, &mut buf).unwrap();
+        assert!(
+            !buf[..n]
+                .split(|b| *b == 0)
+                .any(|k| k.starts_with(b"system.posix_acl") || k == b"user.gone"),
+            "left: {:?}",
+            String::from_utf8_lossy(&buf[..n])
         );
     }
 }

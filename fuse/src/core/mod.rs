@@ -21,14 +21,15 @@ mod xattr;
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use fuser::FileAttr;
-use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, Op, Place};
+use owsfs_journal::{BackingIno, FuseIno, InoMap, Journal, NodeKind, Op, Place};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{Mode, OFlags};
 
@@ -392,15 +393,62 @@ impl Core {
         Ok(File::from(fd))
     }
 
+    /// The path of an inode below the root. A directory whose place the table does not know
+    /// (reached by a file handle) is placed by climbing its backing directory's "..": the
+    /// journal names directories by path, and a wrong one would leave changes out of a cut.
     fn path_of(&self, ino: FuseIno) -> Option<PathBuf> {
-        self.inodes.path_of(ino)
+        self.inodes.path_of(ino).or_else(|| {
+            let inode = self.inodes.get(ino)?;
+            if inode.kind != NodeKind::Dir {
+                return None;
+            }
+            self.backing_path_of_dir(&inode.fd)
+        })
     }
 
     fn child_path(&self, parent: FuseIno, name: &OsStr) -> PathBuf {
         // An unknown parent path only weakens a hint: the cut rescans what it cannot place.
-        self.inodes
-            .child_path(parent, name)
+        self.path_of(parent)
+            .map(|p| p.join(name))
             .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// The path below the backing root of backing directory `dir`, found by climbing ".."
+    /// and looking for each directory's name in its parent; None when the climb leaves the
+    /// backing tree (a directory outside it, or one in a rollback's trash).
+    pub(super) fn backing_path_of_dir(&self, dir: &impl AsFd) -> Option<PathBuf> {
+        let root = rustix::fs::fstat(&self.inodes.get(crate::ROOT_INO)?.fd).ok()?;
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        let mut cur = rustix::io::dup(dir).ok()?;
+        for _ in 0..4096 {
+            let st = rustix::fs::fstat(&cur).ok()?;
+            if st.st_dev != root.st_dev {
+                return None;
+            }
+            if st.st_ino == root.st_ino {
+                return Some(names.iter().rev().collect());
+            }
+            let parent = crate::openat_noatime(
+                &cur,
+                "..",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            )
+            .ok()?;
+            if rustix::fs::fstat(&parent).ok()?.st_ino == st.st_ino {
+                return None; // the filesystem's root
+            }
+            let mut listing = rustix::fs::Dir::read_from(&parent).ok()?;
+            let name = loop {
+                let entry = listing.read()?.ok()?;
+                let n = entry.file_name().to_bytes();
+                if entry.ino() == st.st_ino && n != b"." && n != b".." {
+                    break std::ffi::OsStr::from_bytes(n).to_os_string();
+                }
+            };
+            names.push(name);
+            cur = parent;
+        }
+        None
     }
 
     /// Appends a mutation of file `ino`, with its place recorded the first time it gets dirty.

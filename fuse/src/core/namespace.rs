@@ -75,11 +75,23 @@ impl Core {
         )
         .ctx("open the backing root")?;
         self.admit_new_inode()?;
-        let fd = owsfs_local::handle::open(root.as_fd(), &handle, libc::O_PATH)
-            .map_err(|_| stale("file handle of a removed inode"))?;
+        let fd = match owsfs_local::handle::open(root.as_fd(), &handle, libc::O_PATH) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                return Err(stale("file handle of a removed inode"));
+            }
+            // EPERM: a daemon without CAP_DAC_READ_SEARCH; EMFILE, ENOMEM: passing.
+            Err(e) => return Err(FsError::io("open by file handle", e)),
+        };
         let st = rustix::fs::fstat(&fd).ctx("lookup by handle")?;
-        // An unlinked inode that something still holds open stays openable by handle.
-        if st.st_dev != self.root_dev || self.ino_of(&st) != ino || st.st_nlink == 0 {
+        // An unlinked inode that something still holds open stays openable by handle; a
+        // directory must still be in the tree.
+        let is_dir = kind::of_mode(st.st_mode) == NodeKind::Dir;
+        if st.st_dev != self.root_dev
+            || self.ino_of(&st) != ino
+            || st.st_nlink == 0
+            || (is_dir && self.backing_path_of_dir(&fd).is_none())
+        {
             return Err(stale("file handle of a removed inode"));
         }
         let inode = self
@@ -117,6 +129,12 @@ impl Core {
         )
         .ctx("lookup ..")?;
         let st = rustix::fs::fstat(&fd).ctx("lookup ..")?;
+        if self.backing_path_of_dir(&fd).is_none() {
+            return Err(FsError::errno(
+                libc::ESTALE,
+                "lookup of .. outside the workspace",
+            ));
+        }
         let inode = self
             .inodes
             .reference(self.ino_of(&st), NodeKind::Dir, fd, None);
@@ -740,6 +758,13 @@ mod tests {
             let back = f.core.lookup(e1.ino(), name(".")).unwrap();
             assert_eq!((back.ino(), back.generation), (e1.ino(), e1.generation));
             assert_ne!(e1.generation, 0);
+            // After a live rollback the old tree's inodes are not reopened by handle.
+            f.core.forget(e1.ino(), 1);
+            f.core.replaced_tree();
+            assert_eq!(
+                f.core.lookup(e1.ino(), name(".")).unwrap_err().to_errno(),
+                libc::ESTALE
+            );
         }
         assert_eq!(f.core.lookup(ROOT_INO, name("..")).unwrap().ino(), ROOT_INO);
         assert_eq!(

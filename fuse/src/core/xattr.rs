@@ -57,7 +57,17 @@ impl Core {
         })
     }
 
-    pub fn setxattr(&self, ino: FuseIno, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+    /// `kill_sgid_unless_in`: the groups of an unprivileged caller; setting the access ACL
+    /// of a file whose group is not among them clears its set-group-id bit, as the VFS does
+    /// (the daemon sets it as root, which would keep the bit).
+    pub fn setxattr(
+        &self,
+        ino: FuseIno,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        kill_sgid_unless_in: Option<&[u32]>,
+    ) -> FsResult<()> {
         let inode = self.inode(ino)?;
         let path = self.xattr_path(&inode, Some(name))?;
         let _barrier = self.mutation()?;
@@ -68,7 +78,17 @@ impl Core {
             value,
             rustix::fs::XattrFlags::from_bits_retain(flags as u32),
         )
-        .ctx("setxattr")
+        .ctx("setxattr")?;
+        if let Some(groups) = kill_sgid_unless_in {
+            let st = rustix::fs::fstat(&inode.fd).ctx("stat after setxattr")?;
+            if st.st_mode & libc::S_ISGID != 0 && !groups.contains(&st.st_gid) {
+                let mode = st.st_mode & 0o7777 & !libc::S_ISGID;
+                rustix::fs::chmod(path.as_c_str(), rustix::fs::Mode::from_raw_mode(mode))
+                    .ctx("clear set-group-id")?;
+                self.attrs_changed(ino);
+            }
+        }
+        Ok(())
     }
 
     pub fn removexattr(&self, ino: FuseIno, name: &OsStr) -> FsResult<()> {

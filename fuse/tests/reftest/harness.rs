@@ -506,7 +506,13 @@ impl CoreFs {
                     XattrMode::OnlyReplace => libc::XATTR_REPLACE,
                 };
                 self.core
-                    .setxattr(FuseIno(a.ino), OsStr::new(name), value.as_bytes(), flags)
+                    .setxattr(
+                        FuseIno(a.ino),
+                        OsStr::new(name),
+                        value.as_bytes(),
+                        flags,
+                        None,
+                    )
                     .map_err(errno)
             }
             Op::RemoveXattr { path, name } => {
