@@ -44,6 +44,16 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
+        // A daemon log on it goes beside it first: a failed trial's directory is kept.
+        let log = self.0.join("cache/owsfs.log");
+        if let (true, Some(parent), Some(name)) =
+            (log.exists(), self.0.parent(), self.0.file_name())
+        {
+            let _ = std::fs::copy(
+                &log,
+                parent.join(format!("{}-owsfs.log", name.to_string_lossy())),
+            );
+        }
         let _ = Command::new("umount")
             .process_group(0)
             .arg("-l")
@@ -74,7 +84,9 @@ fn start_workload(ctx: &Ctx, cfg: &Cfg, mp: &Path, dir: &Path, ops: u64) -> Resu
         .context("start the workload")
 }
 
-fn wait(child: &mut Child, limit: Duration) -> Result<bool> {
+/// Waits for the workload; one still running after `limit` is stuck: where it and the
+/// daemon of `cache` wait is written to `DIR/hang.txt`, and the trial fails.
+fn wait(child: &mut Child, limit: Duration, dir: &Path, cache: &Path) -> Result<bool> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Some(s) = child.try_wait()? {
@@ -82,9 +94,44 @@ fn wait(child: &mut Child, limit: Duration) -> Result<bool> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = std::fs::write(dir.join("hang.txt"), hang_report(child.id(), cache));
     let _ = child.kill();
     let _ = child.wait();
-    bail!("the workload did not end within {limit:?}")
+    bail!(
+        "the workload did not end within {limit:?} (where it and the daemon wait: {})",
+        dir.join("hang.txt").display()
+    )
+}
+
+/// The kernel stacks and system calls of every thread of the workload and of the daemon
+/// serving `cache` (its pid is in `cache/lock`), and the daemon's status.
+fn hang_report(workload: u32, cache: &Path) -> String {
+    let mut out = String::new();
+    let daemon = std::fs::read_to_string(cache.join("lock"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string));
+    let mut pids = vec![("workload", workload.to_string())];
+    pids.extend(daemon.map(|p| ("daemon", p)));
+    for (who, pid) in pids {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for t in tasks {
+            let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+            out += &format!(
+                "== {who} {pid} task {} ({}): syscall {}{}\n",
+                t.file_name().unwrap_or_default().to_string_lossy(),
+                read("comm").trim(),
+                read("syscall"),
+                read("stack")
+            );
+        }
+    }
+    out
 }
 
 /// Checks the tree at `root` holds exactly the first `done` operations (the next perhaps in
@@ -204,7 +251,7 @@ fn cache_full(
     }
     std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
     std::fs::remove_file(&hog).context("remove the hog through the mount")?;
-    wait(&mut child, Duration::from_secs(120))?;
+    wait(&mut child, Duration::from_secs(120), dir, &cache)?;
     let stopped = errors_were(
         dir,
         &["No space left", "disk is full", "database or disk is full"],
@@ -265,7 +312,7 @@ fn store_full(
     let log = std::fs::read_to_string(cache.join("owsfs.log")).unwrap_or_default();
     let said_full = log.contains("No space left") || log.contains("no space");
     std::fs::remove_file(&ballast)?;
-    let ok = wait(&mut child, Duration::from_secs(180))?;
+    let ok = wait(&mut child, Duration::from_secs(180), dir, &cache)?;
     errors_were(
         dir,
         &[],
@@ -330,7 +377,7 @@ fn store_lost(
     let hang = rng.gen_bool(0.5);
     std::fs::write(&partition, if hang { "hang" } else { "fail" })?;
     // The holder stops writing before its lease lapses: the workload ends on EROFS.
-    wait(&mut child, Duration::from_secs(60))?;
+    wait(&mut child, Duration::from_secs(60), dir, &cache)?;
     let _ = std::fs::remove_file(&partition);
     // SQLite turns the EROFS of its journal's create into "unable to open database file"
     // (and its last errno is then a stat's ENOENT), or reopens the database read-only.
