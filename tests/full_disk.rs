@@ -288,3 +288,74 @@ fn the_daemon_outlives_a_log_it_cannot_write() {
     );
     ws.unmount();
 }
+
+/// The cache's disk is nearly full, from outside the workspace: small writes still fit, but
+/// no commit can (state.db cannot grow). Writers over the lag bound get ENOSPC, as a full
+/// local disk answers, instead of waiting for a commit that cannot come (they waited for
+/// ever, found by the torture harness); once space is freed, commits and writes go on, and
+/// every write that succeeded is in the next generation.
+#[test]
+fn commits_failing_on_a_full_cache_disk_give_writers_enospc_not_a_hang() {
+    if skip_fuse() {
+        return;
+    }
+    let fs = Tmpfs::mount("24m");
+    let ws = workspace_on(&fs, &["--max-lag", "1s", "--commit-interval", "200ms"]);
+    fs::write(ws.path("before"), b"before").unwrap();
+    for i in 0..40 {
+        fs::write(ws.path(&format!("f{i}")), b"start\n").unwrap();
+    }
+    ws.sync();
+    // Ballast beside the cache takes every block left: appends inside the files' first
+    // pages still fit, no commit does.
+    let ballast = fs.path().join("ballast");
+    let mut f = File::create(&ballast).unwrap();
+    for chunk in [1 << 20, 4096] {
+        let block = vec![0u8; chunk];
+        while f.write_all(&block).is_ok() {}
+    }
+    drop(f);
+    // Appends until one fails, then says which and why; `timeout` turns a hang into 124.
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("python3")
+        .arg("-c")
+        .arg(
+            "import os, time, errno\n\
+             for i in range(1, 2001):\n\
+             \x20   try:\n\
+             \x20       with open('f%d' % (i % 40), 'a') as f: f.write('line%d\\n' % i)\n\
+             \x20   except OSError as e:\n\
+             \x20       print(i, errno.errorcode[e.errno]); raise SystemExit(7)\n\
+             \x20   time.sleep(0.01)",
+        )
+        .current_dir(&ws.mp)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the writer should fail (status 7), not hang (124) nor write everything: {stdout}{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        ws.log_tail()
+    );
+    let (failed_at, why) = stdout.trim().split_once(' ').unwrap();
+    assert_eq!(why, "ENOSPC", "writers get ENOSPC, never EIO");
+    let failed_at: u32 = failed_at.parse().unwrap();
+    eprintln!("the writer got ENOSPC at append {failed_at}");
+    // Space comes back: commits go on by themselves, and so do writes.
+    fs::remove_file(&ballast).unwrap();
+    fs::write(ws.path("after"), b"after").unwrap();
+    let g = ws.sync();
+    let dest = restored(&ws, g);
+    assert_eq!(fs::read(dest.join("after")).unwrap(), b"after");
+    for i in 1..failed_at {
+        let f = fs::read_to_string(dest.join(format!("f{}", i % 40))).unwrap();
+        assert!(
+            f.lines().any(|l| l == format!("line{i}")),
+            "line{i} succeeded but is not in generation {g}"
+        );
+    }
+    ws.unmount();
+}

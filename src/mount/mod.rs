@@ -391,10 +391,9 @@ impl Services {
         )?;
         {
             let weak = Arc::downgrade(&agent);
-            core.set_throttle(Box::new(move |page_writeback| {
-                if let Some(a) = weak.upgrade() {
-                    a.throttle(page_writeback);
-                }
+            core.set_throttle(Box::new(move |page_writeback| match weak.upgrade() {
+                Some(a) => a.throttle(page_writeback),
+                None => Ok(()),
             }));
         }
         fail::fail_point!("mount-services", |_| Err(anyhow::anyhow!(

@@ -21,6 +21,10 @@ mod rollback;
 /// How long a throttled write waits for a cut's push of the kernel's pages before it goes
 /// through anyway (the push may need the FUSE thread the write holds).
 pub const PUSH_WAIT: Duration = Duration::from_millis(20);
+
+/// How long a writer over the lag bounds waits, while commits fail on a full cache disk, for
+/// an attempt that succeeds before it gets ENOSPC.
+const LOCAL_FULL_WAIT: Duration = Duration::from_secs(5);
 pub mod wal;
 
 use std::os::fd::OwnedFd;
@@ -183,6 +187,9 @@ pub struct SyncAgent {
     /// Set (every 20 ms, by the lag watcher, and by the agent's loop) while the lag is over
     /// its bounds, so the data write path checks one atomic rather than the journal's lock.
     over_lag: AtomicBool,
+    /// The last commit failed because the cache's own disk is full (state.db, side files):
+    /// waiting for a commit cannot help, so writers over the lag get ENOSPC instead.
+    local_full: AtomicBool,
     /// Time for the agent's decisions (the store's clock).
     clock: Arc<dyn owsfs_store::Clock>,
     /// Wakes the agent's loop: a sync request, a writer over the lag bounds.
@@ -267,6 +274,7 @@ impl SyncAgent {
             cv: Condvar::new(),
             syncing: AtomicBool::new(false),
             over_lag: AtomicBool::new(false),
+            local_full: AtomicBool::new(false),
             clock,
             wake_tx,
             wake_rx,
@@ -311,9 +319,16 @@ impl SyncAgent {
     /// it waits for goes through at once, and other writes wait for the push to end, but only
     /// briefly: a FUSE thread held here could be the one the push needs, so after
     /// [`PUSH_WAIT`] they go through too.
-    pub fn throttle(&self, page_writeback: bool) {
+    ///
+    /// While commits fail because the cache's own disk is full, a writer over the bounds gets
+    /// ENOSPC (`Err`) rather than waiting for a commit that cannot come: a full disk answers
+    /// so on a local filesystem too. It waits for one more attempt first (at most a second
+    /// away while the disk is full), so that once space is freed the first writes already go
+    /// through. The kernel's page writeback is let through (it fails on its own if no space
+    /// is left).
+    pub fn throttle(&self, page_writeback: bool) -> Result<(), i32> {
         if page_writeback && self.syncing.load(Ordering::Acquire) {
-            return;
+            return Ok(());
         }
         if !self.over_lag.load(Ordering::Relaxed) {
             let grown = self
@@ -322,14 +337,25 @@ impl SyncAgent {
                 .written_bytes()
                 .saturating_sub(self.mark_written.load(Ordering::Acquire));
             if self.mark_dirty.load(Ordering::Relaxed) + grown <= self.opts.max_lag_bytes {
-                return;
+                return Ok(());
             }
         }
         let started = Instant::now();
         let mut push_seen: Option<Instant> = None;
+        let mut refused = Ok(());
+        // The failed commits counted when the disk was first seen full by this writer.
+        let mut full_since: Option<u64> = None;
         loop {
             if self.keeper.is_lost() || !self.lagging() {
                 break;
+            }
+            if !page_writeback && self.local_full.load(Ordering::Relaxed) {
+                let failures = self.st.lock().failures;
+                let f0 = *full_since.get_or_insert(failures);
+                if failures != f0 || started.elapsed() >= LOCAL_FULL_WAIT {
+                    refused = Err(libc::ENOSPC);
+                    break;
+                }
             }
             if self.syncing.load(Ordering::Acquire) {
                 let since = *push_seen.get_or_insert_with(Instant::now);
@@ -352,6 +378,7 @@ impl SyncAgent {
         if waited > 0 {
             self.throttled_ms.fetch_add(waited, Ordering::Relaxed);
         }
+        refused
     }
 
     /// The agent's thread: cuts until stopped, then a last one if anything is dirty.
@@ -401,10 +428,21 @@ impl SyncAgent {
             }
             last_attempt = self.clock.now();
             match self.commit_once() {
-                Ok(_) => backoff = Duration::ZERO,
+                Ok(_) => {
+                    backoff = Duration::ZERO;
+                    self.local_full.store(false, Ordering::Relaxed);
+                }
                 Err(e) => {
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+                    let full = local_disk_full(&e);
+                    self.local_full.store(full, Ordering::Relaxed);
+                    // A full cache disk costs nothing to try again: retried within a second
+                    // of space coming back.
+                    let most = if full {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(30)
+                    };
+                    backoff = (backoff * 2).clamp(Duration::from_millis(200), most);
                     tracing::warn!("sync: commit failed (retrying in {backoff:?}): {e:#}");
                     let mut st = self.st.lock();
                     st.last_error = Some(format!("{e:#}"));
@@ -791,4 +829,21 @@ impl capture::Known for KnownNodes<'_> {
     fn pending_dir(&self, ino: u64) -> bool {
         self.1.dir_pending(ino)
     }
+}
+
+/// A commit failed because the cache's own disk is full: a local write (SQLite's state.db,
+/// a side file, the journal) said ENOSPC or EDQUOT. Not a store's full disk (a `file://`
+/// store's error is a `StoreError`), where writers are held back by the lag bounds instead.
+fn local_disk_full(e: &anyhow::Error) -> bool {
+    if e.chain()
+        .any(|c| c.downcast_ref::<owsfs_store::StoreError>().is_some())
+    {
+        return false;
+    }
+    e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>()
+            .is_some_and(|r| r.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    })
 }

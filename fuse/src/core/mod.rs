@@ -74,6 +74,10 @@ impl Default for CoreOptions {
     }
 }
 
+/// The backpressure hook: called before each data write with whether it is the kernel's
+/// page writeback; `Err(errno)` refuses the write.
+pub type Throttle = Box<dyn Fn(bool) -> Result<(), i32> + Send + Sync>;
+
 /// Tells the kernel to drop the cached name `name` in directory `parent`.
 pub type Invalidator = Box<dyn Fn(FuseIno, &OsStr) -> std::io::Result<()> + Send + Sync>;
 
@@ -148,7 +152,7 @@ pub struct Core {
     freezer: Freezer,
     /// Called before a data write takes the barrier: slows writers down while the uploader
     /// lags too far behind (set by the daemon).
-    throttle: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
+    throttle: std::sync::OnceLock<Throttle>,
     /// Set once by [`Core::stop_writes`].
     stopped: std::sync::OnceLock<String>,
     /// Lazy hydration: entries and bytes that are still in the store (set by the daemon).
@@ -260,7 +264,7 @@ impl Core {
     /// Sets the function data writes call before they start (backpressure).
     /// The backpressure hook, called before each data write with whether the write is the
     /// kernel's page writeback (`FUSE_WRITE_CACHE`).
-    pub fn set_throttle(&self, f: Box<dyn Fn(bool) + Send + Sync>) {
+    pub fn set_throttle(&self, f: Throttle) {
         let _ = self.throttle.set(f);
     }
 
@@ -305,7 +309,12 @@ impl Core {
             return Err(FsError::errno(libc::EROFS, "writes stopped"));
         }
         if let Some(throttle) = self.throttle.get() {
-            throttle(PAGE_WRITEBACK.with(std::cell::Cell::get));
+            throttle(PAGE_WRITEBACK.with(std::cell::Cell::get)).map_err(|errno| {
+                FsError::errno(
+                    errno,
+                    "refused: the cache's disk is full, so no commit can take the changes",
+                )
+            })?;
         }
         self.mutation()
     }
