@@ -93,7 +93,18 @@ impl Owsfs {
             cache: cache.to_path_buf(),
             owsfs: self.clone(),
         };
-        let out = self.run(&a, env)?;
+        // A store that answers a few requests of the mount with a server error (SeaweedFS's
+        // 500 on a loaded machine: opendal's "temporary") fails the mount with a clear error,
+        // which is right but no broken promise: such a mount is tried again.
+        let mut out = self.run(&a, env)?;
+        for _ in 0..3 {
+            if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("(temporary)")
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            out = self.run(&a, env)?;
+        }
         if !out.status.success() {
             bail!(
                 "owsfs mount {} failed:\n{}{}",
@@ -227,11 +238,27 @@ impl Mount {
         Ok(())
     }
 
-    /// A clean `owsfs unmount` (the last generation is committed).
+    /// A clean `owsfs unmount` (the last generation is committed). A mount still busy for a
+    /// moment (a process of the trial exiting, its files not yet closed by the kernel) is
+    /// tried again for up to 10 s.
     pub fn unmount(&self) -> Result<()> {
-        self.owsfs
-            .ok(&["unmount", &self.mp.display().to_string()], &[])
-            .with_context(|| self.log_tail(10))?;
+        let mp = self.mp.display().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = self.owsfs.run(&["unmount", &mp], &[])?;
+            if out.status.success() {
+                break;
+            }
+            let busy = String::from_utf8_lossy(&out.stderr).contains("is busy");
+            if !busy || std::time::Instant::now() >= deadline {
+                bail!(
+                    "owsfs unmount {mp} failed:\n{}{}",
+                    brief(&out),
+                    self.log_tail(10)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         if is_mounted(&self.mp) {
             bail!("unmount returned but {} is mounted", self.mp.display());
         }
