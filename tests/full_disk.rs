@@ -343,7 +343,14 @@ fn commits_failing_on_a_full_cache_disk_give_writers_enospc_not_a_hang() {
     let (failed_at, why) = stdout.trim().split_once(' ').unwrap();
     assert_eq!(why, "ENOSPC", "writers get ENOSPC, never EIO");
     let failed_at: u32 = failed_at.parse().unwrap();
-    eprintln!("the writer got ENOSPC at append {failed_at}");
+    // `owsfs sync` fails too, once an attempt after it failed: it does not wait out its
+    // timeout for a commit that cannot come.
+    let out = ws.owsfs(&["sync", &ws.mp.to_string_lossy(), "--timeout", "60s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("free space in it"),
+        "owsfs sync on a full cache disk: {err}"
+    );
     // Space comes back: commits go on by themselves, and so do writes.
     fs::remove_file(&ballast).unwrap();
     fs::write(ws.path("after"), b"after").unwrap();

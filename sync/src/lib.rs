@@ -557,16 +557,30 @@ impl SyncAgent {
 
     /// `owsfs sync`: everything written before the call is durable when this returns Ok,
     /// with the newest generation number.
+    ///
+    /// While commits fail for want of space in the cache itself, waiting cannot help: the
+    /// call fails once an attempt made after it failed that way too.
     pub fn sync(&self, timeout: Duration) -> Result<u64, SyncError> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let journal = self.core.journal();
         let target = journal.stats().last_seq;
         let mut st = self.st.lock();
         st.requested_seq = st.requested_seq.max(target);
+        let failures_before = st.failures;
         let _ = self.wake_tx.try_send(());
         while st.durable_seq < target {
             if st.stop {
                 return Err(SyncError::ShuttingDown);
+            }
+            if st.failures != failures_before && self.local_full.load(Ordering::Relaxed) {
+                return Err(SyncError::NotDurable {
+                    after: started.elapsed(),
+                    why: format!(
+                        "the cache's disk is full ({}); free space in it and sync again",
+                        st.last_error.as_deref().unwrap_or("no space")
+                    ),
+                });
             }
             if let Some(why) = self.core.writes_stopped() {
                 return Err(SyncError::Stopped(why.to_string()));
