@@ -225,9 +225,6 @@ impl Core {
         Ok(reply(&buf))
     }
 
-    /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so the set-id
-    /// bits go, as a local filesystem would do (the kernel leaves this to us, which spares a
-    /// `security.capability` lookup per write).
     /// [`Core::write`] of the kernel's page writeback (`FUSE_WRITE_CACHE`): the backpressure
     /// hook is told, so a cut's syncfs waiting for these pages is not held up by them.
     pub fn write_pages(
@@ -243,6 +240,9 @@ impl Core {
         r
     }
 
+    /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so the set-id
+    /// bits go, as a local filesystem would do (the kernel leaves this to us, which spares a
+    /// `security.capability` lookup per write).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         self.write_locked(fh, offset, data, kill_suidgid, false)
             .map(|(_, n)| n)
