@@ -120,19 +120,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
     // A store of its own: every pack in it is one of this workspace's.
     let dir = ctx.work.join(format!("corrupt-{n}"));
     std::fs::create_dir_all(&dir)?;
-    let (url, raw) = ctx.raw.fresh(&format!("corrupt-{n}"), &dir);
-    let mut owsfs = ctx.owsfs.clone();
-    owsfs.store = url;
-    let ctx = &Ctx {
-        owsfs,
-        raw,
-        work: ctx.work.clone(),
-        self_exe: ctx.self_exe.clone(),
-        short: ctx.short,
-        seed: ctx.seed,
-        drill_every: ctx.drill_every,
-        keep: ctx.keep,
-    };
+    let ctx = &ctx.own_store(&format!("corrupt-{n}"), &dir);
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let ws = format!("corrupt-{n}");
     let target = [

@@ -166,6 +166,7 @@ pub fn trial(ctx: &Ctx, n: u64, faults: bool, figs: &mut Figures) -> Result<Stri
         StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(faults));
     let dir = ctx.work.join(format!("{name}-{n}"));
     std::fs::create_dir_all(&dir)?;
+    let ctx = &ctx.own_store(&format!("{name}-{n}"), &dir);
     let plan = plan(ctx, &mut rng, faults, &dir);
     let ws = format!("{name}-{n}");
     let (mp, cache) = (dir.join("mnt"), dir.join("cache"));

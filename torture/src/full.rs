@@ -193,6 +193,7 @@ pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ n.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7));
     let dir = ctx.work.join(format!("full-{n}"));
     std::fs::create_dir_all(&dir)?;
+    let ctx = &ctx.own_store(&format!("full-{n}"), &dir);
     let cfg = Cfg {
         seed: rng.r#gen(),
         max_big: 1 << 20,

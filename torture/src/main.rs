@@ -165,12 +165,35 @@ pub struct Ctx {
     pub raw: raw::Raw,
     /// Keep the directories of trials that passed.
     pub keep: bool,
+    /// The store is the trial's own (`Ctx::own_store`): it goes when the trial passed.
+    pub own_store: bool,
 }
 
 impl Ctx {
-    /// A trial passed: its directory goes, unless `--keep` asked to look at it.
+    /// The context of a trial with a store of its own, named `name`: a directory in `dir` for
+    /// `file://`, a prefix of the run's bucket on SeaweedFS. Every object in it is the
+    /// trial's, and a passed trial's store is deleted, so a long run does not fill the disk.
+    pub fn own_store(&self, name: &str, dir: &std::path::Path) -> Ctx {
+        let (url, raw) = self.raw.fresh(name, dir);
+        let mut owsfs = self.owsfs.clone();
+        owsfs.store = url;
+        Ctx {
+            owsfs,
+            raw,
+            own_store: true,
+            ..self.clone()
+        }
+    }
+
+    /// A trial passed: its directory (and its own store) go, unless `--keep` asked to look at
+    /// them.
     pub fn passed(&self, dir: &std::path::Path) -> Result<()> {
         if !self.keep {
+            if self.own_store {
+                self.raw
+                    .remove_all()
+                    .context("delete the passed trial's store")?;
+            }
             std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
         }
         Ok(())
@@ -189,6 +212,9 @@ pub struct Figures {
     pub inconsistent: u64,
     pub lost: u64,
     pub drills: u64,
+    /// Trials given up because the store refused a mount (`node::StoreRefused`); not counted
+    /// in `trials`.
+    pub skipped: u64,
 }
 
 impl Figures {
@@ -202,6 +228,7 @@ impl Figures {
         self.inconsistent += o.inconsistent;
         self.lost += o.lost;
         self.drills += o.drills;
+        self.skipped += o.skipped;
     }
 }
 
@@ -399,6 +426,7 @@ fn run(cli: &Cli) -> Result<()> {
             drill_every: if cli.short { 2 } else { 10 },
             raw: s.raw.clone(),
             keep: cli.keep,
+            own_store: false,
         };
         stores.push((*kind, ctx, s, Figures::default()));
     }
@@ -411,55 +439,50 @@ fn run(cli: &Cli) -> Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())?;
         signal_hook::flag::register(sig, interrupted.clone())?;
     }
-    let mut n = cli.trial.unwrap_or(0);
-    let result = 'trials: loop {
-        for (kind, ctx, _, figs) in stores.iter_mut() {
-            for sc in &cli.scenarios {
-                // A partition trial takes half a minute: in long mode, one round in four.
-                if *sc == Scenario::Partition && cli.long.is_some() && !n.is_multiple_of(4) {
-                    continue;
-                }
-                let start = Instant::now();
-                let r = match sc {
-                    Scenario::Crash => crash::trial(ctx, n, false, figs),
-                    Scenario::Faults => crash::trial(ctx, n, true, figs),
-                    Scenario::Partition => partition::trial(ctx, n, figs),
-                    Scenario::Corrupt => corrupt::trial(ctx, n, figs),
-                    Scenario::Full => full::trial(ctx, n, figs),
-                };
-                match r {
-                    Ok(summary) => println!(
-                        "trial {n} {kind:?} {sc:?}: ok in {:.1} s: {summary}",
-                        start.elapsed().as_secs_f64()
-                    ),
-                    Err(e) => {
-                        println!("trial {n} {kind:?} {sc:?}: FAILED");
-                        let keep = run_dir.path().to_path_buf();
-                        let e = e.context(format!(
-                            "trial {n} ({kind:?}, {sc:?}); reproduce with: owsfs-torture --trial {n} \
-                             --seed {seed} --stores {} --scenarios {}; its files are kept in {}",
-                            format!("{kind:?}").to_lowercase(),
-                            format!("{sc:?}").to_lowercase(),
-                            keep.display()
-                        ));
-                        break 'trials Err(e);
+    // Each store's trials run in a thread of their own, side by side (a trial waits on its
+    // daemons and the store most of the time). The first failure stops the others at the end
+    // of their trial under way.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = stores
+            .iter_mut()
+            .map(|(kind, ctx, _, figs)| {
+                let (kind, ctx, failed, interrupted) = (*kind, &*ctx, &failed, &*interrupted);
+                let run_dir = run_dir.path();
+                scope.spawn(move || {
+                    let stop = || {
+                        failed.load(std::sync::atomic::Ordering::SeqCst)
+                            || interrupted.load(std::sync::atomic::Ordering::SeqCst)
+                    };
+                    let r = store_trials(cli, kind, ctx, figs, started, run_dir, &stop);
+                    if r.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                }
-                if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-                    break 'trials Err(Interrupted(n).into());
-                }
-            }
-        }
-        n += 1;
-        let done = match (cli.trial, cli.long) {
-            (Some(_), _) => true,
-            (_, Some(d)) => started.elapsed() >= d,
-            _ => n >= cli.short_trials,
+                    r
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a store's trial thread panicked"))
+            .collect()
+    });
+    // A broken promise first, then a harness error, then an interruption.
+    let mut result = Ok(());
+    for r in results {
+        let rank = |r: &Result<()>| match r {
+            Ok(()) => 0,
+            Err(e) if e.downcast_ref::<Interrupted>().is_some() => 1,
+            Err(e) if e.downcast_ref::<Broken>().is_some() => 3,
+            Err(_) => 2,
         };
-        if done {
-            break Ok(());
+        if rank(&r) > rank(&result) {
+            result = r;
         }
-    };
+    }
+    if result.is_ok() && interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        result = Err(Interrupted(0).into());
+    }
     let mut total = Figures::default();
     for (kind, _, _, f) in &stores {
         rows.push((format!("{kind:?}").to_lowercase(), *f));
@@ -467,9 +490,11 @@ fn run(cli: &Cli) -> Result<()> {
     }
     rows.push(("total".into(), total));
     println!(
-        "\nfigures after {:.0} s (seed {seed}; {} drills passed):\n{}",
+        "\nfigures after {:.0} s (seed {seed}; {} drills passed; {} trials skipped because the \
+         store refused a mount):\n{}",
         started.elapsed().as_secs_f64(),
         total.drills,
+        total.skipped,
         table(&rows)
     );
     if result
@@ -481,4 +506,72 @@ fn run(cli: &Cli) -> Result<()> {
         let _ = run_dir.keep();
     }
     result
+}
+
+/// The trials of one store, until the run is done, a trial fails, or `stop` says so (another
+/// store's trial failed, or the run was interrupted).
+fn store_trials(
+    cli: &Cli,
+    kind: StoreKind,
+    ctx: &Ctx,
+    figs: &mut Figures,
+    started: Instant,
+    run_dir: &std::path::Path,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    let seed = ctx.seed;
+    let mut n = cli.trial.unwrap_or(0);
+    loop {
+        for sc in &cli.scenarios {
+            // A partition trial takes half a minute: in long mode, one round in four.
+            if *sc == Scenario::Partition && cli.long.is_some() && !n.is_multiple_of(4) {
+                continue;
+            }
+            let start = Instant::now();
+            let r = match sc {
+                Scenario::Crash => crash::trial(ctx, n, false, figs),
+                Scenario::Faults => crash::trial(ctx, n, true, figs),
+                Scenario::Partition => partition::trial(ctx, n, figs),
+                Scenario::Corrupt => corrupt::trial(ctx, n, figs),
+                Scenario::Full => full::trial(ctx, n, figs),
+            };
+            match r {
+                Ok(summary) => println!(
+                    "trial {n} {kind:?} {sc:?}: ok in {:.1} s: {summary}",
+                    start.elapsed().as_secs_f64()
+                ),
+                Err(e) if e.downcast_ref::<node::StoreRefused>().is_some() => {
+                    // Not a trial: the store would not let it start (or go on).
+                    figs.trials = figs.trials.saturating_sub(1);
+                    figs.skipped += 1;
+                    println!(
+                        "trial {n} {kind:?} {sc:?}: skipped after {:.1} s: {e:#}",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => {
+                    println!("trial {n} {kind:?} {sc:?}: FAILED");
+                    return Err(e.context(format!(
+                        "trial {n} ({kind:?}, {sc:?}); reproduce with: owsfs-torture --trial {n} \
+                         --seed {seed} --stores {} --scenarios {}; its files are kept in {}",
+                        format!("{kind:?}").to_lowercase(),
+                        format!("{sc:?}").to_lowercase(),
+                        run_dir.display()
+                    )));
+                }
+            }
+            if stop() {
+                return Err(Interrupted(n).into());
+            }
+        }
+        n += 1;
+        let done = match (cli.trial, cli.long) {
+            (Some(_), _) => true,
+            (_, Some(d)) => started.elapsed() >= d,
+            _ => n >= cli.short_trials,
+        };
+        if done {
+            return Ok(());
+        }
+    }
 }

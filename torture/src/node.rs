@@ -19,6 +19,20 @@ pub struct Owsfs {
     pub data_home: PathBuf,
 }
 
+/// A mount that the store refused with temporary errors (a server error, a timeout) four times
+/// in a row. That is the right answer of a mount whose store is failing, not a broken promise,
+/// so the run counts the trial as skipped and goes on.
+#[derive(Debug)]
+pub struct StoreRefused(pub String);
+
+impl std::fmt::Display for StoreRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreRefused {}
+
 /// The first and last lines of a command's output, for an error message.
 pub fn brief(out: &Output) -> String {
     let text = format!(
@@ -104,6 +118,15 @@ impl Owsfs {
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
             out = self.run(&a, env)?;
+        }
+        if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("(temporary)") {
+            return Err(StoreRefused(format!(
+                "owsfs mount {} failed four times on the store's temporary errors:\n{}{}",
+                mp.display(),
+                brief(&out),
+                m.log_tail(10)
+            ))
+            .into());
         }
         if !out.status.success() {
             bail!(

@@ -255,6 +255,7 @@ fn check_tenure(root: &Path, id: u64, written: u64, acked: u64) -> std::result::
 pub fn trial(ctx: &Ctx, n: u64, figs: &mut Figures) -> Result<String> {
     let dir = ctx.work.join(format!("partition-{n}"));
     std::fs::create_dir_all(&dir)?;
+    let ctx = &ctx.own_store(&format!("partition-{n}"), &dir);
     let mut t = Trial {
         ctx,
         ws: format!("partition-{n}"),

@@ -74,6 +74,28 @@ impl Raw {
         out
     }
 
+    /// Deletes every object of the store (a trial's own store, once the trial passed), so that
+    /// a long run's store does not grow with every trial.
+    pub fn remove_all(&self) -> Result<()> {
+        match self {
+            Raw::File(root) => match std::fs::remove_dir_all(root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(anyhow::Error::new(e).context(format!("remove {}", root.display())))
+                }
+                _ => Ok(()),
+            },
+            Raw::S3 { s3, bucket, prefix } => {
+                for key in s3.list_keys(bucket, &format!("{prefix}/")) {
+                    let r = s3.delete_object(bucket, &key);
+                    if !r.is_success() && r.status != 404 {
+                        bail!("DELETE {key}: {}", r.status);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         match self {
             Raw::File(root) => Ok(std::fs::read(root.join(key))?),
