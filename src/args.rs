@@ -39,9 +39,13 @@ impl StoreArgs {
 #[derive(Args, Debug, Clone)]
 pub struct MountOpts {
     /// The cache directory: the backing files and the journal
-    /// [default: $XDG_CACHE_HOME/owsfs/<mountpoint name>, or <mountpoint name>.read-only].
+    /// [default: $XDG_CACHE_HOME/owsfs/<workspace name>, or <workspace name>.read-only].
     #[arg(long, env = "OWSFS_CACHE")]
     pub cache: Option<PathBuf>,
+    /// (internal) The `--cache` a background daemon gets is the default one, not the user's
+    /// choice: it exempts no mount from the default-name rule (`mount::identity`).
+    #[arg(long, hide = true, requires = "cache")]
+    pub default_cache: bool,
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
     pub foreground: bool,
@@ -59,7 +63,8 @@ pub struct MountOpts {
     #[command(flatten)]
     pub store: StoreArgs,
     /// The workspace's name in the store [default: the mountpoint's base name]. Created on
-    /// first mount; an existing workspace is restored into an empty cache.
+    /// first mount; an existing workspace is restored into an empty cache. A default name
+    /// does not attach a workspace last mounted at another path (say --workspace to).
     #[arg(long, env = "OWSFS_WORKSPACE")]
     pub workspace: Option<String>,
     /// Mount without the writer's lease: every write fails with EROFS, any number of such
@@ -177,24 +182,59 @@ impl MountOpts {
         v
     }
 
-    /// The cache: `--cache`, or `$XDG_CACHE_HOME/owsfs/NAME` after the mountpoint's name.
-    pub fn cache_dir(&self, mountpoint: &Path) -> anyhow::Result<PathBuf> {
-        match &self.cache {
-            Some(c) => Ok(c.clone()),
-            None => {
-                let name = crate::mountpoint::name_of(mountpoint);
-                // A read-only mount never shares a writer's default cache.
-                let name = if self.read_only || self.at.is_some() {
-                    format!("{name}.read-only")
-                } else {
-                    name
-                };
-                Ok(xdg_dir("XDG_CACHE_HOME", ".cache", "--cache DIR")?
-                    .join("owsfs")
-                    .join(name))
-            }
-        }
+    /// The user named the cache (`--cache`, `OWSFS_CACHE`, the mount helper's source).
+    pub fn cache_is_explicit(&self) -> bool {
+        self.cache.is_some() && !self.default_cache
     }
+
+    /// The cache: `--cache`, or `$XDG_CACHE_HOME/owsfs/NAME`. NAME is the workspace's: the
+    /// mountpoint's base name, or `--workspace`. (Before owsfs 0.2 it was always the
+    /// mountpoint's; a cache of that name that holds the `--workspace` is still used, so an
+    /// older cache with unsynced changes is not passed over.)
+    pub fn cache_dir(&self, mountpoint: &Path) -> anyhow::Result<PathBuf> {
+        if let Some(c) = &self.cache {
+            return Ok(c.clone());
+        }
+        // A read-only mount never shares a writer's default cache.
+        let suffix = if self.read_only || self.at.is_some() {
+            ".read-only"
+        } else {
+            ""
+        };
+        let base = xdg_dir("XDG_CACHE_HOME", ".cache", "--cache DIR")?.join("owsfs");
+        let by_mountpoint = base.join(format!(
+            "{}{suffix}",
+            crate::mountpoint::name_of(mountpoint)
+        ));
+        Ok(match &self.workspace {
+            // An invalid name is refused later, with its reason; it names no directory.
+            Some(w)
+                if owsfs_store::generation::valid_workspace_name(w)
+                    && !cache_holds(&by_mountpoint, w) =>
+            {
+                base.join(format!("{w}{suffix}"))
+            }
+            _ => by_mountpoint,
+        })
+    }
+}
+
+/// Whether the cache at `dir` holds workspace `name` (its `state.db`, read without a lock:
+/// a daemon may be serving it).
+fn cache_holds(dir: &Path, name: &str) -> bool {
+    use rusqlite::{Connection, OpenFlags, OptionalExtension};
+    let path = dir.join("state.db");
+    if !path.exists() {
+        return false;
+    }
+    Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = 'workspace'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()
+        })
+        .is_ok_and(|w| w.as_deref() == Some(name))
 }
 
 /// How a mount takes the workspace's writer lease.

@@ -70,6 +70,8 @@ fn foreground_daemon_unmounts_cleanly_on_sigterm_and_sigint() {
             .arg(&mp)
             .arg("--foreground")
             .env("OWSFS_CACHE", &cache)
+            // Each round's mountpoint is another directory named mp: a workspace of its own.
+            .env("OWSFS_WORKSPACE", format!("signal-{sig}"))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -159,6 +161,93 @@ fn default_cache_is_under_xdg_cache_home() {
     let unmounted = owsfs(&["unmount", &mp.to_string_lossy()]);
     assert!(unmounted.status.success());
     assert!(exists, "cache at $XDG_CACHE_HOME/owsfs/<mountpoint name>");
+}
+
+/// A mount without `--workspace` takes its mountpoint's base name. It says what it did, and
+/// it never attaches a workspace that was last mounted at another path of that base name,
+/// unless told to (`--workspace`, or the workspace's own cache named with `--cache`).
+#[test]
+fn a_default_name_never_attaches_a_workspace_mounted_elsewhere() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a/data"), dir.path().join("b/data"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let _guards = (MountGuard(a.clone()), MountGuard(b.clone()));
+    let xdg_cache = dir.path().join("xdg");
+    let mount = |mp: &std::path::Path, args: &[&str]| {
+        let out = Command::new(OWSFS)
+            .arg("mount")
+            .arg(mp)
+            .args(args)
+            .env_remove("OWSFS_CACHE")
+            .env_remove("OWSFS_WORKSPACE")
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env("XDG_CACHE_HOME", &xdg_cache)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let unmount = |mp: &std::path::Path| {
+        let out = owsfs(&["unmount", &mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let refused = |ok: bool, err: &str, here: &std::path::Path, there: &std::path::Path| {
+        assert!(!ok, "attached without a word: {err}");
+        assert!(
+            err.contains(&*here.to_string_lossy())
+                && err.contains(&*there.to_string_lossy())
+                && err.contains("--workspace data"),
+            "the refusal names both paths and the way out: {err}"
+        );
+        assert!(!is_mounted(here));
+    };
+
+    let (ok, err) = mount(&a, &[]);
+    assert!(ok && err.contains("created workspace \"data\""), "{err}");
+    std::fs::write(a.join("f"), b"from a").unwrap();
+    unmount(&a);
+
+    // Another directory named data: refused, then attached on purpose.
+    let (ok, err) = mount(&b, &[]);
+    refused(ok, &err, &b, &a);
+    let (ok, err) = mount(&b, &["--workspace", "data"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("attached workspace \"data\"") && err.contains("at generation"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(b.join("f")).unwrap(), b"from a");
+    unmount(&b);
+
+    // The other way round: it was last mounted at b now.
+    let (ok, err) = mount(&a, &[]);
+    refused(ok, &err, &a, &b);
+    // Its own cache, named: that is the same workspace coming back, wherever it is mounted.
+    let cache = xdg_cache.join("owsfs/data");
+    let (ok, err) = mount(&a, &["--cache", &cache.to_string_lossy()]);
+    assert!(ok, "{err}");
+    unmount(&a);
+    // Mounted at a again: a plain mount there is fine.
+    let (ok, err) = mount(&a, &[]);
+    assert!(ok && err.contains("attached workspace \"data\""), "{err}");
+    unmount(&a);
+
+    // A new workspace at b gets a cache of its own name.
+    let (ok, err) = mount(&b, &["--workspace", "other"]);
+    assert!(ok && err.contains("created workspace \"other\""), "{err}");
+    assert!(std::fs::read_dir(&b).unwrap().next().is_none());
+    assert!(xdg_cache.join("owsfs/other/state.db").exists());
+    unmount(&b);
 }
 
 #[test]

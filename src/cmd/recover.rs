@@ -125,6 +125,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         takeover: Takeover::Refuse,
         notice: &mut |m| eprintln!("owsfs: {m}"),
         note_stop: false,
+        mountpoint: None,
     })?;
     if finishing {
         return finish_earlier_recover(&ws, lease, local, &open, &base, &cache_root);

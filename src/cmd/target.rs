@@ -135,6 +135,7 @@ pub fn cli_holder(what: &str) -> owsfs_store::Holder {
         pid: std::process::id(),
         session: format!("{:016x}", rand::random::<u64>()),
         cache: format!("owsfs {what}"),
+        mountpoint: String::new(),
     }
 }
 

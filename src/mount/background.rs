@@ -94,6 +94,9 @@ pub fn spawn_background(mountpoint: &Path, opts: &MountOpts, cache: &Path) -> an
         .arg("--cache")
         .arg(cache)
         .args(opts.to_args());
+    if !opts.cache_is_explicit() {
+        cmd.arg("--default-cache");
+    }
     cmd.env(DAEMON_CHILD_ENV, "1")
         .env_remove("OWSFS_FOREGROUND")
         // Not /dev/null: a container may lack it; a closed pipe reads as end of file too.

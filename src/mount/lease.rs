@@ -46,13 +46,18 @@ pub struct LeaseRequest<'a> {
     pub notice: &'a mut dyn FnMut(&str),
     /// Written at fail-stop (`CACHE/stopped.json`): informational, for the next mount.
     pub note_stop: bool,
+    /// The mount's path, recorded in the lease (see `identity::check_default_name`).
+    pub mountpoint: Option<&'a std::path::Path>,
 }
 
 impl LeaseGuard {
     /// Takes the lease (waiting or stealing as asked) and starts keeping it.
     pub fn take(req: LeaseRequest<'_>) -> anyhow::Result<LeaseGuard> {
         let ws = req.ws;
-        let holder = owsfs_sync::lease::holder(req.cache)?;
+        let mut holder = owsfs_sync::lease::holder(req.cache)?;
+        if let Some(mp) = req.mountpoint {
+            holder.mountpoint = mp.to_string_lossy().into_owned();
+        }
         let (held, acquired_at) =
             owsfs_sync::lease::acquire(ws, &holder, req.ttl, req.takeover, req.notice)?;
         tracing::info!(

@@ -15,6 +15,7 @@
 
 pub mod background;
 pub mod daemon;
+pub mod identity;
 pub mod lease;
 pub mod readonly;
 pub mod rollback;
@@ -68,6 +69,15 @@ impl OpenCache {
         Self::from_cache(Cache::open_waiting(dir, wait, notice)?)
     }
 
+    /// The workspace this cache holds already (from its `state.db`; none for a new cache).
+    pub fn holds(&self) -> anyhow::Result<Option<String>> {
+        let path = self.cache.root.join("state.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        LocalState::open(&path)?.meta("workspace")
+    }
+
     /// Replays the journal of a cache already open.
     pub fn from_cache(cache: Cache) -> anyhow::Result<OpenCache> {
         let (journal, recovery) = open_journal(&cache)?;
@@ -118,12 +128,17 @@ pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
     ))
 }
 
-/// Phase 2: the store and the workspace `name` in it (created when missing).
-pub fn open_workspace(url: &str, name: &str) -> anyhow::Result<(Arc<Store>, Workspace)> {
+/// Phase 2: the store and the workspace `name` in it (created when missing), and what the
+/// store said of it before this mount (see [`identity`]).
+pub fn open_workspace(
+    url: &str,
+    name: &str,
+) -> anyhow::Result<(Arc<Store>, Workspace, identity::Before)> {
     let store = open_store(url)?;
-    let ws = Workspace::open_or_create(&store, name)
+    let (ws, created) = Workspace::open_or_create_noting(&store, name)
         .with_context(|| format!("cannot open workspace {name} in {url}"))?;
-    Ok((store, ws))
+    let before = identity::Before::read(&ws, created);
+    Ok((store, ws, before))
 }
 
 /// Phase 4's result: a cache that matches the store, ready to serve.
@@ -728,8 +743,19 @@ pub fn serve(
         Some(w) => w.clone(),
         None => mountpoint::name_of(&mountpoint),
     };
-    let (store, ws) = open_workspace(&store_url, &ws_name)?;
+    let (store, ws, before) = open_workspace(&store_url, &ws_name)?;
     refuse_template(&ws, opts.edit_template)?;
+    identity::check_default_name(
+        &ws,
+        &store_url,
+        &mountpoint,
+        &identity::Naming {
+            explicit_name: opts.workspace.is_some(),
+            explicit_cache: opts.cache_is_explicit(),
+            cache_holds: open.holds()?.as_deref(),
+        },
+        &before,
+    )?;
 
     // Declared before the lease and the services, so that on an error exit it is dropped
     // after them: the cache's lock is let go only once the services' last cut is done and
@@ -746,6 +772,7 @@ pub fn serve(
             ready.notice(m);
         },
         note_stop: true,
+        mountpoint: Some(&mountpoint),
     })?;
     let prepared = prepare(open, &ws, &lease, &store_url, ready)?;
     let (mut services, rest) = Services::start(
@@ -819,6 +846,9 @@ pub fn serve(
         mountpoint.display(),
         cache_root.display()
     );
+    let said = identity::announce(&ws, &store_url, &before);
+    tracing::info!("{said}");
+    ready.notice(&said);
     ready.ready();
 
     let served = mounted

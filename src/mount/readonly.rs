@@ -136,6 +136,19 @@ pub fn serve(
     let record = ws
         .resolve(at)
         .with_context(|| format!("cannot find {at} of workspace {ws_name:?}"))?;
+    let mut before = super::identity::Before::read(&ws, false);
+    super::identity::check_default_name(
+        &ws,
+        &store_url,
+        &mountpoint,
+        &super::identity::Naming {
+            explicit_name: opts.workspace.is_some(),
+            explicit_cache: opts.cache_is_explicit(),
+            cache_holds: open.holds()?.as_deref(),
+        },
+        &before,
+    )?;
+    before.head = Some(record.clone());
     let node = open.cache.node_id()?;
     let pin = PinGuard::take(
         &ws,
@@ -204,6 +217,12 @@ pub fn serve(
         mountpoint.display(),
         cache_root.display()
     );
+    let said = format!(
+        "{}, read-only",
+        super::identity::announce(&ws, &store_url, &before)
+    );
+    tracing::info!("{said}");
+    ready.notice(&said);
     ready.ready();
     let served = mounted
         .serve()

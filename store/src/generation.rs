@@ -301,6 +301,11 @@ pub struct Workspace {
 impl Workspace {
     /// Opens a workspace, creating `workspaces/NAME/workspace.json` on first use.
     pub fn open_or_create(store: &Store, name: &str) -> Result<Workspace> {
+        Self::open_or_create_noting(store, name).map(|(ws, _)| ws)
+    }
+
+    /// [`Workspace::open_or_create`], and whether this call created the workspace.
+    pub fn open_or_create_noting(store: &Store, name: &str) -> Result<(Workspace, bool)> {
         check_workspace_name(name)?;
         let info = WorkspaceInfo {
             name: name.to_string(),
@@ -326,29 +331,32 @@ impl Workspace {
     }
 
     /// Opens the workspace `info` names, creating its marker from `info` when absent.
-    fn open_with(store: &Store, info: WorkspaceInfo) -> Result<Workspace> {
+    /// Also says whether it made the marker.
+    fn open_with(store: &Store, info: WorkspaceInfo) -> Result<(Workspace, bool)> {
         let name = info.name.clone();
         let key = format!("workspaces/{name}/workspace.json");
         let existing = match store.get(&key) {
             Ok(b) => b,
             Err(StoreError::NotFound { .. }) => match store.put_if_absent(&key, info.seal()?)? {
                 PutOutcome::Created | PutOutcome::AlreadyIdentical => {
-                    return Ok(Workspace {
+                    let ws = Workspace {
                         store: store.clone(),
                         name,
                         info,
-                    });
+                    };
+                    return Ok((ws, true));
                 }
                 PutOutcome::Conflict(b) => b,
             },
             Err(e) => return Err(e),
         };
         let info = WorkspaceInfo::parse(&key, &name, &existing)?;
-        Ok(Workspace {
+        let ws = Workspace {
             store: store.clone(),
             name,
             info,
-        })
+        };
+        Ok((ws, false))
     }
 
     /// Records in this workspace that workspace `fork` started from its generation `n`
@@ -419,7 +427,7 @@ impl Workspace {
                 "workspace {name:?} already exists; pick another name for the fork"
             ))
         };
-        let ws = Self::open_with(
+        let (ws, _) = Self::open_with(
             store,
             WorkspaceInfo {
                 name: name.to_string(),

@@ -40,6 +40,11 @@ pub struct Holder {
     /// lease over at once.
     #[serde(default)]
     pub cache: String,
+    /// Where the holder mounted the workspace: an absolute path, empty for a command that
+    /// holds the lease briefly (and in records written before owsfs 0.2). A mount that took
+    /// its workspace's name from its mountpoint compares it with its own path.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mountpoint: String,
 }
 
 impl std::fmt::Display for Holder {
@@ -151,6 +156,20 @@ impl Lease {
             ));
         }
         Ok(r)
+    }
+
+    /// Who held the lease at `epoch`, from `newest` and the records kept behind it. Best
+    /// effort, for messages: `None` when the epoch is older than the kept records reach, or
+    /// a record cannot be read.
+    pub fn holder_at(&self, newest: &LeaseRecord, epoch: u64) -> Option<Holder> {
+        if newest.epoch == epoch {
+            return Some(newest.holder.clone());
+        }
+        (newest.seq.saturating_sub(KEEP).max(1)..newest.seq)
+            .rev()
+            .filter_map(|seq| self.read(seq).ok())
+            .find(|r| r.epoch == epoch)
+            .map(|r| r.holder)
     }
 
     /// The newest lease record, or `None` if the workspace never had a holder. A malformed
@@ -383,6 +402,7 @@ mod tests {
             pid: 1,
             session: format!("s-{node}"),
             cache: String::new(),
+            mountpoint: String::new(),
         }
     }
 

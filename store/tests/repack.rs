@@ -258,6 +258,7 @@ fn holder() -> Holder {
         pid: 1,
         session: "s".into(),
         cache: "test".into(),
+        mountpoint: String::new(),
     }
 }
 

@@ -44,6 +44,7 @@ pub fn holder(cache: &owsfs_local::Cache) -> anyhow::Result<Holder> {
         pid: std::process::id(),
         session: format!("{:016x}", rand::random::<u64>()),
         cache: cache_fingerprint(&cache.root),
+        mountpoint: String::new(),
     })
 }
 

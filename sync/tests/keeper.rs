@@ -19,6 +19,7 @@ fn holder(node: &str) -> Holder {
         pid: 1,
         session: format!("s-{node}"),
         cache: String::new(),
+        mountpoint: String::new(),
     }
 }
 
