@@ -24,7 +24,14 @@ fn mount_fails(mp: &std::path::Path, cache: &std::path::Path, extra: &[&str]) ->
         was_mounted,
         "a failed mount changed what is mounted"
     );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    for line in err.lines() {
+        assert!(
+            line.chars().count() <= 300,
+            "an error line over 300 characters: {line}"
+        );
+    }
+    err
 }
 
 #[test]

@@ -138,6 +138,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         // pipe. Not for the daemons (`mount`, `run`), which must outlive a reader that left.
         // SAFETY: signal(2) with a valid signal number and SIG_DFL, before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // Commands log to stderr: warnings by default, `OWSFS_LOG=debug` for the whole of a
+        // failed store request (an error says only its cause). The daemons set up their own.
+        crate::mount::background::init_logging(
+            &std::env::var("OWSFS_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     }
     let result = match cli.command {
         Command::Mount(a) => mount::run(a),

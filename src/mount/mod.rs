@@ -123,9 +123,16 @@ pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
         opts.gc_refresh = crate::args::parse_duration(&s)
             .map_err(|e| anyhow::anyhow!("OWSFS_GC_REFRESH: {e}"))?;
     }
-    Ok(Arc::new(
-        Store::open(url, opts).with_context(|| format!("cannot use the store {url}"))?,
-    ))
+    match Store::open(url, opts) {
+        Ok(s) => Ok(Arc::new(s)),
+        // These name the store and say what to check already.
+        Err(
+            e @ (owsfs_store::StoreError::Access { .. }
+            | owsfs_store::StoreError::Config { .. }
+            | owsfs_store::StoreError::NotOwsfsStore { .. }),
+        ) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use the store {url}"))),
+    }
 }
 
 /// Phase 2: the store and the workspace `name` in it (created when missing), and what the

@@ -330,32 +330,25 @@ impl Store {
 
     /// Turns a failed first contact into a message that says what to check.
     fn explain_access(&self, e: StoreError) -> StoreError {
-        let StoreError::Backend { source, .. } = e else {
+        let StoreError::Backend { error: source, .. } = e else {
             return e;
         };
         let url = self.inner.url.to_string();
-        let (bucket, endpoint) = match &self.inner.url {
-            StoreUrl::S3 {
-                bucket, endpoint, ..
-            } => (
-                bucket.clone(),
-                endpoint
-                    .clone()
-                    .unwrap_or_else(|| "the AWS default endpoint".into()),
-            ),
+        let bucket = match &self.inner.url {
+            StoreUrl::S3 { bucket, .. } => bucket.clone(),
             _ => {
                 return StoreError::Access {
                     url,
-                    msg: format!("{source}"),
-                    source: Some(source),
+                    msg: format!("not usable ({})", crate::error::cause(&source)),
+                    error: Some(source),
                 };
             }
         };
-        let msg = explain_s3(&source, &bucket, &endpoint, self.inner.signed);
+        let msg = explain_s3(&source, &bucket, self.inner.signed);
         StoreError::Access {
             url,
             msg,
-            source: Some(source),
+            error: Some(source),
         }
     }
 
@@ -409,11 +402,11 @@ impl Store {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     attempt += 1;
                     if !is_temporary(&e) || attempt >= self.inner.opts.max_attempts {
-                        tracing::debug!(what, key, attempt, "store request failed: {e}");
+                        tracing::debug!(what, key, attempt, "store request failed: {e:?}");
                         return Err(StoreError::Backend {
                             op: what,
                             key: key.into(),
-                            source: Box::new(e),
+                            error: Box::new(e),
                         });
                     }
                     self.inner
@@ -465,8 +458,8 @@ impl Store {
         }) {
             // A reference past the end of its object: some backends refuse the range (memory,
             // S3's 416) where others return fewer bytes (below). Both are a damaged store.
-            Err(StoreError::Backend { source, .. })
-                if source.kind() == ErrorKind::RangeNotSatisfied =>
+            Err(StoreError::Backend { error, .. })
+                if error.kind() == ErrorKind::RangeNotSatisfied =>
             {
                 return Err(StoreError::corrupt(
                     key,
@@ -632,27 +625,26 @@ fn is_temporary(e: &opendal::Error) -> bool {
 
 /// What a person should check when the first request to an S3 store failed, decided on
 /// opendal's error kind (which opendal derives from the HTTP status and the S3 error code).
-fn explain_s3(source: &opendal::Error, bucket: &str, endpoint: &str, signed: bool) -> String {
+fn explain_s3(source: &opendal::Error, bucket: &str, signed: bool) -> String {
+    let cause = crate::error::cause(source);
     match source.kind() {
         // opendal classifies S3's `NoSuchBucket` (a 404 that is not about a key) as
         // ConfigInvalid. The operator was built before the first request, so a ConfigInvalid
-        // here comes from the answer; its message is kept in case it is something else.
-        ErrorKind::ConfigInvalid | ErrorKind::NotFound => format!(
-            "bucket {bucket:?} does not exist at {endpoint}; create it or fix the bucket name ({})",
-            source.message()
-        ),
+        // here comes from the answer; its cause is shown in case it is something else.
+        ErrorKind::ConfigInvalid | ErrorKind::NotFound => {
+            format!("bucket {bucket:?} does not exist ({cause}); create it or fix the bucket name")
+        }
         ErrorKind::PermissionDenied if !signed => format!(
-            "{endpoint} refused an unsigned request for bucket {bucket:?}: no credentials are set; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+            "an unsigned request was refused ({cause}): no credentials are set; set \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
         ),
         // A 403: wrong key id, wrong secret, or a policy that denies these credentials. The
-        // S3 error code in opendal's message tells which.
+        // S3 error code in the cause tells which.
         ErrorKind::PermissionDenied => format!(
-            "{endpoint} refused the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the bucket policy ({})",
-            source.message()
+            "the credentials were refused ({cause}); check AWS_ACCESS_KEY_ID, \
+             AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the bucket policy"
         ),
-        _ => format!(
-            "cannot talk to {endpoint} about bucket {bucket:?}: {source}; check that the endpoint is up and reachable"
-        ),
+        _ => format!("not reachable ({cause}); check that the endpoint is up and reachable"),
     }
 }
 

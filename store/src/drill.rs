@@ -117,7 +117,11 @@ mod tests {
 
     #[test]
     fn drills_are_kept_newest_last_and_bounded() {
-        let store = Store::open("memory://", StoreOptions::default()).unwrap();
+        let store = Store::open(
+            &format!("memory://t{:016x}", rand::random::<u64>()),
+            StoreOptions::default(),
+        )
+        .unwrap();
         let ws = Workspace::open_or_create(&store, "w").unwrap();
         assert!(ws.list_drills().unwrap().is_empty());
         for i in 0..(DRILLS_KEPT as u64 + 5) {

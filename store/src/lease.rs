@@ -415,7 +415,8 @@ mod tests {
             clock,
             ..StoreOptions::default()
         };
-        let store = Store::open("memory://", opts).unwrap();
+        let store =
+            Store::open(&format!("memory://t{:016x}", rand::random::<u64>()), opts).unwrap();
         let name = format!("w{}", rand::random::<u64>());
         let ws = Workspace::open_or_create(&store, &name).unwrap();
         Lease::new(&ws)

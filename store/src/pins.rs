@@ -98,7 +98,7 @@ mod tests {
     fn pins_expire_unless_renewed() {
         let clock = Arc::new(ManualClock::starting_at_unix_ms(1000));
         let store = Store::open(
-            "memory://",
+            &format!("memory://t{:016x}", rand::random::<u64>()),
             StoreOptions {
                 clock: clock.clone(),
                 ..Default::default()

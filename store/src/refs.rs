@@ -277,7 +277,7 @@ mod tests {
     fn references_resolve_to_commits() {
         let clock = Arc::new(ManualClock::new());
         let store = Store::open(
-            "memory://",
+            &format!("memory://t{:016x}", rand::random::<u64>()),
             StoreOptions {
                 clock: clock.clone(),
                 ..Default::default()

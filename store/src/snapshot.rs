@@ -273,7 +273,11 @@ mod tests {
     }
 
     fn ws() -> Workspace {
-        let store = Store::open("memory://", StoreOptions::default()).unwrap();
+        let store = Store::open(
+            &format!("memory://t{:016x}", rand::random::<u64>()),
+            StoreOptions::default(),
+        )
+        .unwrap();
         Workspace::open_or_create(&store, "w").unwrap()
     }
 
