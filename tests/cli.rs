@@ -250,6 +250,54 @@ fn a_default_name_never_attaches_a_workspace_mounted_elsewhere() {
     unmount(&b);
 }
 
+/// `rm -rf` of a live mount's cache takes its control socket with it: `owsfs unmount` still
+/// ends the mount, through the daemon it finds by its command line, and says what happened.
+#[test]
+fn unmount_works_after_the_cache_was_deleted() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, mp) = (dir.path().join("cache"), dir.path().join("mp"));
+    std::fs::create_dir(&mp).unwrap();
+    let _guard = MountGuard(mp.clone());
+    let mounted = owsfs(&[
+        "mount",
+        &mp.to_string_lossy(),
+        "--cache",
+        &cache.to_string_lossy(),
+        "--workspace",
+        "cache-gone",
+    ]);
+    assert!(
+        mounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    std::fs::write(mp.join("f"), b"x").unwrap();
+    let status = owsfs(&["status", &mp.to_string_lossy(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pid = v["pid"].as_i64().expect("status names the daemon's pid") as i32;
+    std::fs::remove_dir_all(&cache).unwrap();
+
+    let out = owsfs(&["unmount", &mp.to_string_lossy()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("was deleted") && err.contains(&format!("stopped its daemon (pid {pid})")),
+        "{err}"
+    );
+    assert!(!is_mounted(&mp));
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            // SAFETY: kill(2) with signal 0 only checks that the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0;
+            !alive
+        }),
+        "the daemon {pid} is still running"
+    );
+}
+
 #[test]
 fn help_lists_commands_and_environment() {
     let out = owsfs(&["--help"]);

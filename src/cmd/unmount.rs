@@ -1,6 +1,8 @@
 //! `owsfs unmount`: the last generation, the lease released, the journal closed cleanly.
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -46,6 +48,90 @@ pub fn run(args: &UnmountArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Err(ClientError::CacheGone {
+            mountpoint, cache, ..
+        }) => unmount_without_cache(&mountpoint, &cache),
         Err(e) => Err(e.into()),
     }
+}
+
+/// How long a daemon whose cache was deleted gets to end its mount after SIGTERM.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// The cache (and with it the control socket) was deleted under a live mount: the daemon is
+/// found through the mount (its command line names the mountpoint or the cache) and asked to
+/// unmount with SIGTERM, as a foreground mount is; a mount still there after `STOP_WAIT`, or
+/// one without a daemon, is detached.
+fn unmount_without_cache(mountpoint: &Path, cache: &Path) -> anyhow::Result<()> {
+    let daemons = daemons_of(mountpoint, cache);
+    for pid in &daemons {
+        // SAFETY: kill(2) with a pid read from /proc and a valid signal.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    let start = Instant::now();
+    while !daemons.is_empty()
+        && start.elapsed() < STOP_WAIT
+        && crate::mountpoint::find_owsfs(mountpoint)?.is_some()
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let detached = crate::mountpoint::find_owsfs(mountpoint)?.is_some();
+    if detached {
+        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+            .with_context(|| format!("cannot remove the mount at {}", mountpoint.display()))?;
+    }
+    let pids: Vec<String> = daemons.iter().map(i32::to_string).collect();
+    eprintln!(
+        "owsfs: the cache {} of {} was deleted, and the changes that were only in it with it; {}",
+        cache.display(),
+        mountpoint.display(),
+        match (daemons.is_empty(), detached) {
+            (true, _) => "no daemon serves the mount: detached it".to_string(),
+            (false, false) => format!("stopped its daemon (pid {})", pids.join(", ")),
+            (false, true) => format!(
+                "its daemon (pid {}) did not end the mount within {} s: detached it",
+                pids.join(", "),
+                STOP_WAIT.as_secs()
+            ),
+        }
+    );
+    Ok(())
+}
+
+/// The owsfs daemons whose command line (`owsfs mount MOUNTPOINT --cache CACHE ...`, relative
+/// paths taken from the process's working directory) names this mountpoint or this cache.
+fn daemons_of(mountpoint: &Path, cache: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_owsfs = args.first().is_some_and(|a| a.ends_with(b"owsfs"));
+        if !is_owsfs || args.get(1) != Some(&&b"mount"[..]) {
+            continue;
+        }
+        let cwd = std::fs::read_link(p.path().join("cwd")).unwrap_or_default();
+        let resolve = |a: &[u8]| cwd.join(Path::new(std::ffi::OsStr::from_bytes(a)));
+        let names_mountpoint = args.get(2).is_some_and(|a| {
+            crate::mountpoint::absolute(&resolve(a)).ok().as_deref() == Some(mountpoint)
+        });
+        let names_cache = args
+            .windows(2)
+            .any(|w| w[0] == b"--cache" && resolve(w[1]) == cache);
+        if names_mountpoint || names_cache {
+            out.push(pid);
+        }
+    }
+    out
 }

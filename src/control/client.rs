@@ -27,6 +27,16 @@ pub enum ClientError {
         cache: PathBuf,
         source: std::io::Error,
     },
+    /// The mount's cache directory was deleted under it: its control socket went with it.
+    #[error(
+        "the cache {} of the mount at {} is gone ({source}); `owsfs unmount {}` stops its daemon",
+        cache.display(), mountpoint.display(), mountpoint.display()
+    )]
+    CacheGone {
+        mountpoint: PathBuf,
+        cache: PathBuf,
+        source: std::io::Error,
+    },
     /// The daemon answered with a refusal.
     #[error(transparent)]
     Refused(#[from] ControlError),
@@ -60,13 +70,12 @@ fn call<T: DeserializeOwned>(
         cache: cache.clone(),
         source,
     };
-    let (_dirfd, short) = super::short_socket_path(&cache).map_err(|e| {
-        ClientError::Other(format!(
-            "the cache {} of the mount at {} is gone: {e}",
-            cache.display(),
-            mountpoint.display()
-        ))
-    })?;
+    let (_dirfd, short) =
+        super::short_socket_path(&cache).map_err(|source| ClientError::CacheGone {
+            mountpoint: mount.mountpoint.clone(),
+            cache: cache.clone(),
+            source,
+        })?;
     let conn = UnixStream::connect(&short).map_err(gone)?;
     let io = |e: std::io::Error| ClientError::Other(format!("control socket: {e}"));
     conn.set_read_timeout(timeout).map_err(io)?;
