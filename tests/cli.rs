@@ -433,3 +433,57 @@ fn remount_read_only_and_back_through_the_mount_helper() {
         "{err}"
     );
 }
+
+/// Completion scripts and manual pages come from the parser: every command is in them, and
+/// bash accepts its script.
+#[test]
+fn completions_and_manual_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = owsfs(&["completions", shell]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        for word in [
+            "mount",
+            "unmount",
+            "rollback",
+            "workspace",
+            "commit-interval",
+        ] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let script = owsfs(&["completions", "bash"]).stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("owsfs.bash");
+    std::fs::write(&path, script).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p owsfs", path.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("owsfs"),
+        "bash: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = owsfs(&["man"]);
+    let text = String::from_utf8_lossy(&page.stdout);
+    assert!(
+        page.status.success() && text.contains(".TH owsfs 1"),
+        "{text}"
+    );
+    let pages = dir.path().join("man");
+    let out = owsfs(&["man", "--dir", &pages.to_string_lossy()]);
+    assert!(out.status.success());
+    for p in [
+        "owsfs.1",
+        "owsfs-mount.1",
+        "owsfs-unmount.1",
+        "owsfs-snapshot.1",
+    ] {
+        assert!(pages.join(p).is_file(), "{p} missing");
+    }
+    let bad = owsfs(&["completions", "nosuchshell"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
+}

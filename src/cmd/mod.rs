@@ -10,6 +10,7 @@ mod gc;
 mod handoff;
 mod journal;
 mod log;
+mod manual;
 pub mod mount;
 mod recover;
 mod restore;
@@ -97,6 +98,11 @@ enum Command {
     /// Mark a workspace a template (a read-mostly source that forks start from), unmark it,
     /// list the templates.
     Template(template::TemplateArgs),
+    /// Print a shell completion script (e.g. `owsfs completions bash >
+    /// /etc/bash_completion.d/owsfs`).
+    Completions(manual::CompletionsArgs),
+    /// Print the manual page (`owsfs man | man -l -`), or write a page per command with --dir.
+    Man(manual::ManArgs),
 }
 
 /// Whether `name` is one of the commands (or an alias, or `help`): taken from the parser, so
@@ -165,6 +171,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Copy(a) => copy::run(&a),
         Command::Rollback(a) => rollback::run(&a),
         Command::Template(a) => template::run(&a),
+        Command::Completions(a) => manual::completions(&a),
+        Command::Man(a) => manual::man(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
