@@ -8,6 +8,23 @@ use std::time::Duration;
 use clap::Args;
 use owsfs_sync::lease::Takeover;
 
+/// How log lines look.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// `OWSFS_LOG_FORMAT` for the commands that are not daemons (text unless it says json).
+    pub fn from_env() -> LogFormat {
+        match std::env::var("OWSFS_LOG_FORMAT").as_deref() {
+            Ok("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
 /// `--store`.
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
@@ -57,9 +74,18 @@ pub struct MountOpts {
     /// See SEMANTICS.md for what passthrough and writeback_cache change.
     #[arg(short = 'o', env = "OWSFS_OPTIONS", value_name = "OPTS")]
     pub options: Vec<String>,
-    /// Log filter for the daemon (error, warn, info, debug, trace, or a tracing filter).
-    #[arg(long, env = "OWSFS_LOG", default_value = "info")]
+    /// Log level of the daemon (error, warn, info, debug, trace, or a tracing filter such as
+    /// `info,owsfs_sync=debug`). Info logs a line per commit.
+    #[arg(
+        long,
+        visible_alias = "log-level",
+        env = "OWSFS_LOG",
+        default_value = "info"
+    )]
     pub log: String,
+    /// Log lines as text, or as JSON objects (one per line, with the event's fields).
+    #[arg(long, env = "OWSFS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub store: StoreArgs,
     /// The workspace's name in the store [default: the mountpoint's base name]. Created on
@@ -127,7 +153,16 @@ impl MountOpts {
     /// The flags again, for the background daemon (everything but the mountpoint, `--cache`
     /// and `--foreground`).
     pub fn to_args(&self) -> Vec<String> {
-        let mut v = vec!["--log".to_string(), self.log.clone()];
+        let mut v = vec![
+            "--log".to_string(),
+            self.log.clone(),
+            "--log-format".to_string(),
+            match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+            .to_string(),
+        ];
         for o in &self.options {
             v.extend(["-o".to_string(), o.clone()]);
         }

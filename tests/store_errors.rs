@@ -117,3 +117,95 @@ fn store_errors_are_one_short_sentence() {
         &["not reachable", "Connection refused", "is up and reachable"],
     );
 }
+
+/// Nothing secret reaches a log, at any level: not the secret key, not a request signature.
+/// A daemon logs at `trace` through a mount, a sync and an unmount on SeaweedFS, and a command
+/// logs a refused request at `trace`.
+#[test]
+fn no_secret_is_ever_logged() {
+    if skip_fuse() {
+        return;
+    }
+    let s3 = Seaweed::start();
+    s3.create_bucket("logs");
+    let env = s3.env();
+    let secret = env
+        .iter()
+        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let url = s3.store_url("logs", "p");
+    let dir = tempfile::tempdir().unwrap();
+    let (mp, cache) = (dir.path().join("mnt"), dir.path().join("cache"));
+    std::fs::create_dir(&mp).unwrap();
+    let _guard = MountGuard(mp.clone());
+    let run = |args: &[&str], env: &[(String, String)]| {
+        Command::new(OWSFS)
+            .args(args)
+            .env_remove("OWSFS_CACHE")
+            .env("XDG_DATA_HOME", test_data_home())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run owsfs")
+    };
+    let (mps, caches) = (mp.to_string_lossy(), cache.to_string_lossy());
+    for format in ["text", "json"] {
+        let out = run(
+            &[
+                "mount",
+                &mps,
+                "--cache",
+                &caches,
+                "--store",
+                &url,
+                "--workspace",
+                "w",
+                "--log",
+                "trace",
+                "--log-format",
+                format,
+            ],
+            &env,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(mp.join("f"), format.repeat(1000)).unwrap();
+        assert!(run(&["sync", &mps], &env).status.success());
+        assert!(run(&["unmount", &mps], &env).status.success());
+    }
+    let mut wrong = env.clone();
+    for (k, v) in wrong.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = format!("{secret}x");
+        }
+    }
+    wrong.push(("OWSFS_LOG".into(), "trace".into()));
+    let refused = run(&["log", "--store", &url, "--workspace", "w"], &wrong);
+    assert!(!refused.status.success());
+
+    let daemon_log = std::fs::read_to_string(cache.join("owsfs.log")).unwrap();
+    assert!(
+        daemon_log.contains("committed") && daemon_log.contains("\"level\":\"TRACE\""),
+        "the daemon logged at trace, as text and as JSON"
+    );
+    let command_log = String::from_utf8_lossy(&refused.stderr).into_owned();
+    for (what, log) in [("daemon", &daemon_log), ("command", &command_log)] {
+        for needle in [
+            secret.as_str(),
+            "Signature=",
+            "X-Amz-Signature",
+            "x-amz-signature",
+            "authorization:",
+            "Authorization:",
+        ] {
+            assert!(
+                !log.contains(needle),
+                "the {what} log holds {needle:?}: {}",
+                log.lines().find(|l| l.contains(needle)).unwrap_or("")
+            );
+        }
+    }
+}

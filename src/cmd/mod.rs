@@ -148,6 +148,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         // failed store request (an error says only its cause). The daemons set up their own.
         crate::mount::background::init_logging(
             &std::env::var("OWSFS_LOG").unwrap_or_else(|_| "warn".into()),
+            crate::args::LogFormat::from_env(),
         );
     }
     let result = match cli.command {

@@ -28,7 +28,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         return background::spawn_background(&args.mountpoint, &args.opts, &cache);
     }
     let ready = Readiness::new(child);
-    background::init_logging(&args.opts.log);
+    background::init_logging(&args.opts.log, args.opts.log_format);
     crate::mount::serve_args(&args.mountpoint, &args.opts, &cache, &ready).inspect_err(|e| {
         ready.failed(e);
     })

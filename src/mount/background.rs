@@ -59,14 +59,27 @@ impl Readiness {
     }
 }
 
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+/// Log targets held at `info` at most: they log credentials or signed requests below it.
+const SECRET_TARGETS: [&str; 3] = ["reqsign=info", "reqsign_core=info", "reqsign_aws_v4=info"];
+
+/// Logs to stderr (a background daemon's is its log file), filtered and formatted as asked.
+pub fn init_logging(filter: &str, format: crate::args::LogFormat) {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    // Never a secret in a log, whatever the filter asks for: the request signer logs the
+    // credentials it tries at debug level.
+    for quiet in SECRET_TARGETS {
+        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    }
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::logwriter::LossyStderr)
-        .with_ansi(rustix::termios::isatty(std::io::stderr()))
-        .try_init();
+        .with_writer(crate::logwriter::LossyStderr);
+    let _ = match format {
+        crate::args::LogFormat::Text => fmt
+            .with_ansi(rustix::termios::isatty(std::io::stderr()))
+            .try_init(),
+        crate::args::LogFormat::Json => fmt.json().with_ansi(false).try_init(),
+    };
 }
 
 /// Starts the daemon in the background and returns once it reports the mount ready.

@@ -767,6 +767,15 @@ impl SyncAgent {
             cut_ms,
             total_ms,
         });
+        tracing::info!(
+            generation = number,
+            epoch,
+            files = captured.to_read.len() as u64,
+            bytes_new = st.last_commit.as_ref().map_or(0, |c| c.bytes_new),
+            cut_ms,
+            total_ms,
+            "committed"
+        );
         self.cv.notify_all();
         tracing::debug!(
             "sync: generation {number}: {} new bytes in {total_ms} ms",
