@@ -487,3 +487,37 @@ fn completions_and_manual_pages() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
 }
+
+/// Off a terminal, long work prints a plain progress line now and then, and one at the end.
+#[test]
+fn progress_off_a_terminal_is_plain_lines() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    for i in 0..20 {
+        std::fs::write(ws.path(&format!("f{i}")), noise(256 << 10, i)).unwrap();
+    }
+    ws.unmount();
+    let dest = ws.dir.path().join("restored");
+    let out = Command::new(OWSFS)
+        .args(["restore", "--store", &ws.store, "--workspace", &ws.name])
+        .arg(&dest)
+        .env("XDG_DATA_HOME", test_data_home())
+        .env("OWSFS_PROGRESS_EVERY", "1ns")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("owsfs: restoring: "))
+        .collect();
+    assert!(lines.len() >= 2, "{err}");
+    assert!(lines.iter().any(|l| l.contains("of 20 files")), "{err}");
+    assert!(lines.last().unwrap().contains("done in"), "{err}");
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "no bar drawing: {err:?}"
+    );
+}
