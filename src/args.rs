@@ -145,6 +145,10 @@ pub struct MountOpts {
     /// The grace of the daemon's GC runs (see `owsfs gc --grace`).
     #[arg(long, env = "OWSFS_GC_GRACE", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub gc_grace: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free one, shown by `owsfs status`).
+    #[arg(long, env = "OWSFS_METRICS", value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub lease: LeaseArgs,
 }
@@ -212,6 +216,9 @@ impl MountOpts {
                 "--drill-scratch".to_string(),
                 d.to_string_lossy().into_owned(),
             ]);
+        }
+        if let Some(m) = &self.metrics {
+            v.extend(["--metrics".to_string(), m.clone()]);
         }
         v.extend(self.lease.to_args());
         v

@@ -21,6 +21,7 @@ use owsfs_journal::FuseIno;
 
 use crate::core::{Caller, Core, Entry, Handle, IoMode, SetAttr, TimeSpec, XattrReply};
 use crate::error::FsError;
+use crate::stats::OpKind;
 
 /// Kernel-facing settings of a mount.
 #[derive(Clone, Debug)]
@@ -295,7 +296,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Lookup);
         match self.core.lookup(fuse_ino(parent), name) {
             Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) if e.to_errno() == libc::ENOENT && !self.opts.negative_ttl.is_zero() => {
@@ -318,7 +319,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Getattr);
         match self.core.getattr(fuse_ino(ino)) {
             Ok(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             Err(e) => fail!(self, reply, "getattr", e),
@@ -343,7 +344,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -362,7 +363,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Readlink);
         match self.core.readlink(fuse_ino(ino)) {
             Ok(target) => reply.data(&target),
             Err(e) => fail!(self, reply, "readlink", e),
@@ -379,7 +380,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Create);
         match self
             .core
             .mknod(fuse_ino(parent), name, mode, rdev, creator(req, umask))
@@ -398,7 +399,7 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Create);
         match self
             .core
             .mkdir(fuse_ino(parent), name, mode, creator(req, umask))
@@ -409,7 +410,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Remove);
         match self.core.unlink(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "unlink", e),
@@ -417,7 +418,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Remove);
         match self.core.rmdir(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "rmdir", e),
@@ -432,7 +433,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Create);
         match self
             .core
             .symlink(fuse_ino(parent), link_name, target, caller(req))
@@ -452,7 +453,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Rename);
         match self.core.rename(
             fuse_ino(parent),
             name,
@@ -473,7 +474,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Link);
         match self.core.link(fuse_ino(ino), fuse_ino(newparent), newname) {
             Ok(entry) => self.reply_entry(reply, &entry),
             Err(e) => fail!(self, reply, "link", e),
@@ -481,7 +482,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Open);
         let (handle, fh) = match self.core.open(fuse_ino(ino), flags.0, req.uid() != 0) {
             Ok(h) => h,
             Err(e) => return fail!(self, reply, "open", e),
@@ -520,7 +521,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Create);
         match self
             .core
             .create(fuse_ino(parent), name, mode, flags, creator(req, umask))
@@ -540,7 +541,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Create);
         match self
             .core
             .tmpfile(fuse_ino(parent), mode, flags, creator(req, umask))
@@ -561,7 +562,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Read);
         // The reply is sent inside: see `Core::read_then`.
         let mut reply = Some(reply);
         let sent = self.core.read_then(fh.0, offset, size, |data| {
@@ -586,7 +587,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Write);
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         // The request's flags are the descriptor's at the time (fcntl may have changed them
         // since the open).
@@ -611,7 +612,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Flush);
         match self.core.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "flush", e),
@@ -628,7 +629,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Release);
         match self.core.release(fh.0) {
             Ok(mode) => {
                 if mode == IoMode::Passthrough {
@@ -648,7 +649,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Fsync);
         match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsync", e),
@@ -656,7 +657,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Open);
         // Tests hold a request here (`FAILPOINTS=fuse-opendir=sleep(MS)`) to kill the daemon
         // while a request is in flight.
         fail::fail_point!("fuse-opendir");
@@ -674,7 +675,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Readdir);
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdir", e),
@@ -696,7 +697,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Readdir);
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdirplus", e),
@@ -750,7 +751,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Release);
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -763,7 +764,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Fsync);
         match self.core.fsyncdir(fuse_ino(ino), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsyncdir", e),
@@ -771,7 +772,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Statfs);
         match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -797,7 +798,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Xattr);
         // An access ACL set by an unprivileged caller outside the file's group clears its
         // set-group-id bit, as on a local disk (the kernel would say so only with
         // FUSE_SETXATTR_EXT): the caller's groups, to decide.
@@ -813,7 +814,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Xattr);
         match self.core.getxattr(fuse_ino(ino), name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -822,7 +823,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Xattr);
         match self.core.listxattr(fuse_ino(ino), size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -831,7 +832,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Xattr);
         match self.core.removexattr(fuse_ino(ino), name) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "removexattr", e),
@@ -839,7 +840,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Access);
         match self.core.access(fuse_ino(ino), mask.bits(), caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "access", e),
@@ -856,7 +857,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Fallocate);
         // FUSE_FALLOCATE carries no kill flag: an unprivileged caller is what says it.
         match self
             .core
@@ -876,7 +877,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Lseek);
         if self.opts.writeback_cache {
             // Dirty pages in the kernel are invisible to the backing file, so its holes would
             // lie. ENOSYS makes the kernel answer itself (all data, the hole at the end).
@@ -899,7 +900,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::Ioctl);
         reply.error(refuse_ioctl(&self.ioctl_refused, fuse_ino(ino), cmd));
     }
 
@@ -916,7 +917,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _serving = self.core.serving();
+        let _serving = self.core.serving(OpKind::CopyFileRange);
         match self
             .core
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

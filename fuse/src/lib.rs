@@ -12,7 +12,7 @@ mod freeze;
 mod hydrate;
 mod inode;
 mod kind;
-mod stats;
+pub mod stats;
 
 use std::io;
 use std::os::fd::AsRawFd;

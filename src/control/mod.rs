@@ -228,6 +228,9 @@ pub struct Status {
     /// A read-only mount (`--read-only`, `--at`): the generation it shows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only_at: Option<u64>,
+    /// Where `--metrics` serves (`HOST:PORT`), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     pub sync: SyncStatus,
     /// The journal's dirty set, when asked for (files with their extents, directories).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,6 +31,8 @@ pub struct Daemon {
     recovery: Recovery,
     /// A read-only mount's generation.
     read_only_at: std::sync::OnceLock<u64>,
+    /// Where `--metrics` serves.
+    metrics_addr: std::sync::OnceLock<String>,
     /// What a live rollback needs (a writer's mount).
     rollback: std::sync::OnceLock<super::rollback::Rollback>,
     /// Set when the session has ended and the journal is closed: Ok, or the error.
@@ -65,6 +67,7 @@ impl Daemon {
             started: Instant::now(),
             recovery,
             read_only_at: std::sync::OnceLock::new(),
+            metrics_addr: std::sync::OnceLock::new(),
             rollback: std::sync::OnceLock::new(),
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
@@ -76,6 +79,19 @@ impl Daemon {
     /// Marks the mount read-only, at generation `n` (for the status).
     pub fn set_read_only_at(&self, n: u64) {
         let _ = self.read_only_at.set(n);
+    }
+
+    /// Starts `--metrics ADDR`, if asked for: the server lives as long as what this returns.
+    pub fn serve_metrics(
+        self: &Arc<Self>,
+        addr: Option<&str>,
+    ) -> anyhow::Result<Option<super::metrics::MetricsServer>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let server = super::metrics::MetricsServer::start(addr, Arc::clone(self))?;
+        let _ = self.metrics_addr.set(server.addr().to_string());
+        Ok(Some(server))
     }
 
     /// Makes the mount one that can be rolled back live.
@@ -104,6 +120,20 @@ impl Daemon {
         &self.cache
     }
 
+    /// The latency histograms of FUSE requests, by kind (for the metrics).
+    pub fn fuse_latency(
+        &self,
+    ) -> impl Iterator<Item = (owsfs_fuse::stats::OpKind, &owsfs_fuse::stats::Histogram)> {
+        owsfs_fuse::stats::OpKind::ALL
+            .into_iter()
+            .map(|k| (k, &self.core.stats.latency[k as usize]))
+    }
+
+    /// The latency of commits (for the metrics).
+    pub fn commit_latency(&self) -> owsfs_fuse::stats::HistogramSnapshot {
+        self.sync.commit_latency.snapshot()
+    }
+
     /// The state of the mount, for `owsfs status`.
     pub fn status(&self, dirty: bool) -> Status {
         let core = &self.core;
@@ -124,6 +154,7 @@ impl Daemon {
             ops: core.stats.snapshot(),
             log_lines_dropped: crate::logwriter::dropped_lines(),
             read_only_at: self.read_only_at.get().copied(),
+            metrics: self.metrics_addr.get().cloned(),
             sync: SyncStatus {
                 agent: self.sync.status(),
                 lease: match &self.keeper {

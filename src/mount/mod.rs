@@ -17,6 +17,7 @@ pub mod background;
 pub mod daemon;
 pub mod identity;
 pub mod lease;
+pub mod metrics;
 pub mod readonly;
 pub mod rollback;
 pub mod server;
@@ -844,6 +845,7 @@ pub fn serve(
         one: parking_lot::Mutex::new(()),
     });
     let control = server::Server::start(Arc::clone(&daemon))?;
+    let metrics = daemon.serve_metrics(opts.metrics.as_deref())?;
     daemon::spawn_signal_handler(Arc::clone(&daemon))?;
     fail::fail_point!("mount-before-ready", |_| Err(anyhow::anyhow!(
         "fail point mount-before-ready"
@@ -867,6 +869,7 @@ pub fn serve(
     }
     drop(upkeep);
     let (clean, handed) = handoff(services, lease, &journal, opts.keep_snapshots);
+    drop(metrics);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {
         // Another daemon may open the cache while this process exits.

@@ -49,6 +49,7 @@ pub fn lease_status() -> owsfs_sync::lease::LeaseStatus {
         last_renewal_secs_ago: 0.0,
         good_for_secs: 0.0,
         renewals: 0,
+        renewal_failures: 0,
         last_error: None,
         lost: None,
     }
@@ -210,6 +211,7 @@ pub fn serve(
     ));
     daemon.set_read_only_at(record.number);
     let control = server::Server::start(Arc::clone(&daemon))?;
+    let metrics = daemon.serve_metrics(opts.metrics.as_deref())?;
     super::daemon::spawn_signal_handler(Arc::clone(&daemon))?;
     tracing::info!(
         "mounted generation {} of {ws_name:?} read-only at {} (cache {})",
@@ -230,6 +232,7 @@ pub fn serve(
     let clean = super::shut_down(services, &journal);
     // The pin goes before the unmount is answered: whoever waits for it finds it gone.
     drop(pin);
+    drop(metrics);
     drop(control);
     if clean && let Some(cache) = cache_lock.as_mut() {
         cache.release();

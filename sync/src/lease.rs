@@ -28,6 +28,9 @@ pub struct LeaseStatus {
     pub last_renewal_secs_ago: f64,
     pub good_for_secs: f64,
     pub renewals: u64,
+    /// Renewals that failed (the store answered with an error, or not in time).
+    #[serde(default)]
+    pub renewal_failures: u64,
     pub last_error: Option<String>,
     pub lost: Option<String>,
 }
@@ -288,6 +291,7 @@ struct KeeperState {
     good_until: Instant,
     last_renewal: Instant,
     renewals: u64,
+    renewal_failures: u64,
     last_error: Option<String>,
     /// Set once, at fail-stop: why.
     lost: Option<String>,
@@ -334,6 +338,7 @@ impl Keeper {
                 good_until: acquired_at + ttl - margin,
                 last_renewal: acquired_at,
                 renewals: 0,
+                renewal_failures: 0,
                 last_error: None,
                 lost: None,
                 released: false,
@@ -471,6 +476,7 @@ impl Keeper {
                 tracing::warn!("lease: renewal failed: {e}");
                 let mut st = self.st.lock();
                 st.last_error = Some(e.to_string());
+                st.renewal_failures += 1;
                 // Try again soon rather than a full interval later.
                 st.last_renewal = self
                     .clock
@@ -577,6 +583,7 @@ impl Keeper {
                 .saturating_duration_since(self.clock.now())
                 .as_secs_f64(),
             renewals: st.renewals,
+            renewal_failures: st.renewal_failures,
             last_error: st.last_error.clone(),
             lost: st.lost.clone(),
         }

@@ -205,6 +205,8 @@ pub struct SyncAgent {
     mark_dirty: AtomicU64,
     mark_lock: Mutex<()>,
     pub throttled_ms: AtomicU64,
+    /// How long successful commits took, from the cut to the record in the store.
+    pub commit_latency: owsfs_fuse::stats::Histogram,
     pub store_url: String,
     /// The writer lease: checked before every commit; lost (fail-stop) when a commit finds
     /// its slot fenced.
@@ -284,6 +286,7 @@ impl SyncAgent {
             mark_dirty: AtomicU64::new(0),
             mark_lock: Mutex::new(()),
             throttled_ms: AtomicU64::new(0),
+            commit_latency: Default::default(),
             store_url,
             keeper,
             hyd,
@@ -749,6 +752,7 @@ impl SyncAgent {
         // What the journal forgets must be in the stored hydration state first.
         self.hyd.save()?;
         journal.committed(seq)?;
+        self.commit_latency.observe(started.elapsed());
         let total_ms = started.elapsed().as_millis() as u64;
         let mut st = self.st.lock();
         st.head = number;

@@ -223,9 +223,14 @@ impl Core {
         self.barrier.write()
     }
 
-    /// Held by the adapter while it serves one kernel request.
-    pub fn serving(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read()
+    /// Held by the adapter while it serves one kernel request of kind `op`; when it goes, the
+    /// request's time goes into that kind's latency histogram.
+    pub fn serving(&self, op: crate::stats::OpKind) -> Serving<'_> {
+        Serving {
+            _gate: self.gate.read(),
+            started: std::time::Instant::now(),
+            latency: &self.stats.latency[op as usize],
+        }
     }
 
     /// Waits until no kernel request is being served and holds new ones back until the guard
@@ -533,5 +538,18 @@ fn noatime_inherited(backing_root: &Path) {
     };
     if let Err(e) = set() {
         tracing::debug!("backing root not marked no-atime: {e}");
+    }
+}
+
+/// The guard of one request being served (see [`Core::serving`]).
+pub struct Serving<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    started: std::time::Instant,
+    latency: &'a crate::stats::Histogram,
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.latency.observe(self.started.elapsed());
     }
 }
