@@ -72,7 +72,12 @@ pub struct MountOpts {
     /// attr_timeout=SECS, entry_timeout=SECS,
     /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
     /// See SEMANTICS.md for what passthrough and writeback_cache change.
-    #[arg(short = 'o', env = "OWSFS_OPTIONS", value_name = "OPTS")]
+    #[arg(
+        short = 'o',
+        long = "options",
+        env = "OWSFS_OPTIONS",
+        value_name = "OPTS"
+    )]
     pub options: Vec<String>,
     /// Log level of the daemon (error, warn, info, debug, trace, or a tracing filter such as
     /// `info,owsfs_sync=debug`). Info logs a line per commit.

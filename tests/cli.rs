@@ -521,3 +521,136 @@ fn progress_off_a_terminal_is_plain_lines() {
         "no bar drawing: {err:?}"
     );
 }
+
+/// One configuration from three sources: a flag wins over its `OWSFS_*` variable, which wins
+/// over the config file, whose `[workspace.NAME]` section wins over its top level. `owsfs
+/// config show` says where each value came from and shows no secret; a mount uses the file;
+/// an unknown key is an error that names it and the nearest valid one.
+#[test]
+fn config_file_environment_and_flags_in_that_order() {
+    if skip_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "commit_interval = \"3s\"\nmax_lag = \"45s\"\nprefetch = 7\nlog_format = \"json\"\n\
+         store = \"s3://b/p?endpoint=http://key:secretword@127.0.0.1:9&region=r\"\n\
+         [workspace.special]\ncommit_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    let show = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(OWSFS)
+            .args(["config", "show"])
+            .args(args)
+            .env("OWSFS_CONFIG", &file)
+            .env_remove("OWSFS_MAX_LAG")
+            .env_remove("OWSFS_PREFETCH")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let line = |text: &str, key: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    let text = show(
+        &["/x/ws", "--prefetch", "2"],
+        &[
+            ("OWSFS_MAX_LAG", "10s"),
+            ("AWS_SECRET_ACCESS_KEY", "verysecret"),
+        ],
+    );
+    let l = line(&text, "commit_interval");
+    assert!(l.contains("3s") && l.contains("# file "), "{l}");
+    let l = line(&text, "max_lag");
+    assert!(
+        l.contains("10s") && l.contains("environment OWSFS_MAX_LAG"),
+        "{l}"
+    );
+    let l = line(&text, "prefetch");
+    assert!(l.contains(" 2 ") && l.contains("# flag"), "{l}");
+    let l = line(&text, "max_lag_bytes");
+    assert!(l.contains("# default"), "{l}");
+    assert!(
+        !text.contains("verysecret") && !text.contains("secretword"),
+        "{text}"
+    );
+    assert!(line(&text, "AWS_SECRET_ACCESS_KEY").contains("<redacted>"));
+    assert!(
+        line(&text, "store").contains("<redacted>@127.0.0.1:9"),
+        "{text}"
+    );
+    // The workspace's section first.
+    let text = show(&["/x/special"], &[]);
+    let l = line(&text, "commit_interval");
+    assert!(
+        l.contains("200ms") && l.contains("[workspace.special]"),
+        "{l}"
+    );
+
+    // A mount reads it too (here: JSON logs).
+    std::fs::write(&file, "log_format = \"json\"\n").unwrap();
+    let (cache, mp) = (dir.path().join("cache"), dir.path().join("mp"));
+    std::fs::create_dir(&mp).unwrap();
+    let _guard = MountGuard(mp.clone());
+    let out = Command::new(OWSFS)
+        .arg("mount")
+        .arg(&mp)
+        .args(["--cache", &cache.to_string_lossy(), "--workspace", "cfg"])
+        .arg("--config")
+        .arg(&file)
+        .env("XDG_DATA_HOME", test_data_home())
+        .env_remove("OWSFS_LOG_FORMAT")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(owsfs(&["unmount", &mp.to_string_lossy()]).status.success());
+    let log = std::fs::read_to_string(cache.join("owsfs.log")).unwrap();
+    assert!(
+        log.lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('{')),
+        "JSON log lines: {log}"
+    );
+
+    // Mistakes name the key, and the nearest valid one.
+    std::fs::write(&file, "comit_interval = \"1s\"\n").unwrap();
+    let out = Command::new(OWSFS)
+        .args(["log", "--workspace", "w"])
+        .env("OWSFS_CONFIG", &file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unknown key \"comit_interval\"")
+            && err.contains("did you mean \"commit_interval\""),
+        "{err}"
+    );
+    std::fs::write(&file, "commit_interval = \"soon\"\n").unwrap();
+    let out = Command::new(OWSFS)
+        .args(["config", "show", "/x/ws"])
+        .env("OWSFS_CONFIG", &file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("soon") && err.contains(&*file.to_string_lossy()),
+        "{err}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The commands. Each module owns its arguments and its `run`; this one only dispatches.
 //! These names are a contract that scripts and later commands build on.
 
+mod config;
 mod copy;
 mod diff;
 pub mod drill;
@@ -39,8 +40,19 @@ use clap::{Parser, Subcommand};
                   Also usable as a mount helper: `mount -t fuse.owsfs CACHE_DIR MOUNTPOINT -o OPTIONS`."
 )]
 struct Cli {
+    /// A TOML file of defaults: long options as keys, `[workspace.NAME]` sections
+    /// [default: $XDG_CONFIG_HOME/owsfs/config.toml, if it exists]. Flags and OWSFS_*
+    /// variables win over it. `owsfs config show` prints what is in effect.
+    #[arg(long, global = true, env = "OWSFS_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The whole parser (for the config file's keys, completions and manual pages).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +115,9 @@ enum Command {
     Completions(manual::CompletionsArgs),
     /// Print the manual page (`owsfs man | man -l -`), or write a page per command with --dir.
     Man(manual::ManArgs),
+    /// The configuration in effect: `owsfs config show [MOUNT ARGS]` prints every option of a
+    /// mount with its value and where it came from (flag, environment, file, default).
+    Config(config::ConfigArgs),
 }
 
 /// Whether `name` is one of the commands (or an alias, or `help`): taken from the parser, so
@@ -138,7 +153,32 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
 
 /// Parses `args` (the mount-helper form too) and runs the command.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let cli = Cli::parse_from(helper_args(args));
+    let (args, from_file, file) = match crate::config::merge(helper_args(args)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("owsfs: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(f) = &file {
+        // The background daemon reads the same file (it inherits the environment).
+        // SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var("OWSFS_CONFIG", f) };
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            if e.use_stderr() && !from_file.is_empty() {
+                let from: Vec<String> = from_file
+                    .iter()
+                    .map(|(k, f)| format!("--{k} from {f}"))
+                    .collect();
+                eprintln!("note: the config file gave {}", from.join(", "));
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     if !matches!(cli.command, Command::Mount(_) | Command::Run(_)) {
         // `owsfs log | head` ends quietly, as other tools do, instead of a panic on the closed
         // pipe. Not for the daemons (`mount`, `run`), which must outlive a reader that left.
@@ -174,6 +214,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Template(a) => template::run(&a),
         Command::Completions(a) => manual::completions(&a),
         Command::Man(a) => manual::man(&a),
+        Command::Config(a) => config::run(&a, file.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
