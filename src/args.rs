@@ -63,6 +63,10 @@ pub struct MountOpts {
     /// choice: it exempts no mount from the default-name rule (`mount::identity`).
     #[arg(long, hide = true, requires = "cache")]
     pub default_cache: bool,
+    /// (internal) The mount's source as the mount table shows it (the mount helper's
+    /// STORE_URL#WORKSPACE) [default: the cache directory].
+    #[arg(long, hide = true)]
+    pub fsname: Option<String>,
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
     pub foreground: bool,
@@ -224,6 +228,9 @@ impl MountOpts {
         }
         if let Some(m) = &self.metrics {
             v.extend(["--metrics".to_string(), m.clone()]);
+        }
+        if let Some(f) = &self.fsname {
+            v.extend(["--fsname".to_string(), f.clone()]);
         }
         v.extend(self.lease.to_args());
         v

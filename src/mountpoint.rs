@@ -89,6 +89,64 @@ pub fn find_owsfs(path: &Path) -> anyhow::Result<Option<MountInfo>> {
         .find(|m| m.mountpoint == abs && m.fstype == "fuse.owsfs"))
 }
 
+/// An `owsfs mount` process, from its command line (`owsfs mount MOUNTPOINT --cache CACHE
+/// ...`; relative paths taken from its working directory).
+#[derive(Debug, Clone)]
+pub struct DaemonProc {
+    pub pid: i32,
+    pub mountpoint: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+}
+
+/// Every `owsfs mount` process this one can see (but itself).
+pub fn daemons() -> Vec<DaemonProc> {
+    use std::os::unix::ffi::OsStrExt;
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if pid == me
+            || !args.first().is_some_and(|a| a.ends_with(b"owsfs"))
+            || args.get(1) != Some(&&b"mount"[..])
+        {
+            continue;
+        }
+        let cwd = std::fs::read_link(p.path().join("cwd")).unwrap_or_default();
+        let resolve = |a: &[u8]| cwd.join(Path::new(std::ffi::OsStr::from_bytes(a)));
+        out.push(DaemonProc {
+            pid,
+            mountpoint: args.get(2).and_then(|a| absolute(&resolve(a)).ok()),
+            cache: args
+                .windows(2)
+                .find(|w| w[0] == b"--cache")
+                .map(|w| resolve(w[1])),
+        });
+    }
+    out
+}
+
+/// The cache of the owsfs mount `m`: its source, or, when the source is the mount helper's
+/// STORE_URL#WORKSPACE, the `--cache` of the daemon serving it.
+pub fn cache_of(m: &MountInfo) -> Option<PathBuf> {
+    let source = Path::new(&m.source);
+    if source.is_absolute() && !m.source.contains("://") {
+        return Some(source.to_path_buf());
+    }
+    daemons()
+        .into_iter()
+        .find(|d| d.mountpoint.as_deref() == Some(m.mountpoint.as_path()))
+        .and_then(|d| d.cache)
+}
+
 /// Checks that `path` can be mounted on: an existing, empty directory that is not a mountpoint.
 pub fn check_mountable(path: &Path) -> anyhow::Result<PathBuf> {
     let abs = absolute(path)?;

@@ -122,7 +122,12 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
                 | "defaults",
                 None,
             ) => {}
-            ("x-systemd.automount" | "x-systemd.device-timeout", _) => {}
+            // What the kernel shows of a FUSE mount, and mount(8) hands back on a remount:
+            // owsfs sets these itself.
+            ("user_id" | "group_id" | "rootmode" | "blksize" | "max_read" | "fd", Some(_)) => {}
+            ("relatime" | "strictatime" | "nodiratime" | "lazytime" | "nolazytime", None) => {}
+            // Options for userspace tools (systemd's x-systemd.*, x-gvfs-*, comment=...).
+            (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => bail!(
                 "unknown mount option `{opt}`; known: ro, rw, remount, threads=N, passthrough=on|off, \
                  writeback_cache, acl, noacl, max_inodes=N, attr_timeout=S, entry_timeout=S, \

@@ -654,3 +654,167 @@ fn config_file_environment_and_flags_in_that_order() {
         "{err}"
     );
 }
+
+/// Puts `/sbin/mount.fuse.owsfs` (what mount(8) runs for `-t fuse.owsfs`) at the binary under
+/// test while it lives, and puts back what was there.
+struct HelperInstalled(Option<std::path::PathBuf>);
+
+impl HelperInstalled {
+    const PATH: &str = "/sbin/mount.fuse.owsfs";
+
+    fn new() -> HelperInstalled {
+        let before = std::fs::read_link(Self::PATH).ok();
+        let _ = std::fs::remove_file(Self::PATH);
+        std::os::unix::fs::symlink(OWSFS, Self::PATH).expect("install the mount helper");
+        HelperInstalled(before)
+    }
+}
+
+impl Drop for HelperInstalled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Self::PATH);
+        if let Some(p) = &self.0 {
+            let _ = std::os::unix::fs::symlink(p, Self::PATH);
+        }
+    }
+}
+
+/// `mount -t fuse.owsfs STORE_URL#WORKSPACE DIR -o cache=...,commit_interval=...` and the
+/// same as an fstab line through `mount -a` (twice: the second finds it mounted), with the
+/// fstab-only options; the mount table shows the source as written; `remount,ro` and
+/// `remount,rw` work; plain umount(8) hands off.
+#[test]
+fn fstab_line_and_mount_helper_with_a_store_url() {
+    if skip_fuse() {
+        return;
+    }
+    let _helper = HelperInstalled::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, cache, mp) = (
+        dir.path().join("store"),
+        dir.path().join("cache"),
+        dir.path().join("mp"),
+    );
+    std::fs::create_dir(&mp).unwrap();
+    let _guard = MountGuard(mp.clone());
+    let source = format!("file://{}#fstab-ws", store.display());
+    let mounts = || -> Vec<(String, String)> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let target = left.split(' ').nth(4)?.replace("\\040", " ");
+                let source = right.split(' ').nth(1)?.replace("\\043", "#");
+                (target == mp.to_string_lossy()).then_some((target, source))
+            })
+            .collect()
+    };
+    let mount = |args: &[&str]| {
+        let out = Command::new("mount").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mps = mp.to_string_lossy().into_owned();
+    mount(&[
+        "-t",
+        "fuse.owsfs",
+        &source,
+        &mps,
+        "-o",
+        &format!("cache={},commit_interval=200ms,nosuid", cache.display()),
+    ]);
+    assert_eq!(mounts().len(), 1);
+    assert_eq!(
+        mounts()[0].1,
+        source,
+        "the mount table shows the source as written"
+    );
+    std::fs::write(mp.join("f"), b"through mount(8)").unwrap();
+    assert_eq!(
+        std::fs::read(cache.join("backing/f")).unwrap(),
+        b"through mount(8)"
+    );
+    mount(&["-o", "remount,ro", &mps]);
+    let e = std::fs::write(mp.join("g"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    mount(&["-o", "remount,rw", &mps]);
+    std::fs::write(mp.join("g"), b"rw again").unwrap();
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    assert!(wait_for(Duration::from_secs(10), || mounts().is_empty()));
+
+    // The same as an fstab line.
+    let fstab = dir.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# owsfs\n{source} {mps} fuse.owsfs cache={},commit_interval=1s,_netdev,nofail,x-systemd.automount 0 0\n",
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let fstab_s = fstab.to_string_lossy().into_owned();
+    wait_cache_unlocked(&cache);
+    mount(&["-a", "-T", &fstab_s]);
+    mount(&["-a", "-T", &fstab_s]);
+    assert_eq!(mounts().len(), 1, "mount -a mounts it once");
+    assert_eq!(std::fs::read(mp.join("g")).unwrap(), b"rw again");
+    let out = owsfs(&["status", &mps, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sync"]["workspace"], "fstab-ws");
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    assert!(wait_for(Duration::from_secs(10), || mounts().is_empty()));
+    wait_cache_unlocked(&cache);
+    let log = owsfs(&[
+        "log",
+        "--store",
+        &format!("file://{}", store.display()),
+        "--workspace",
+        "fstab-ws",
+    ]);
+    assert!(
+        log.status.success(),
+        "{}",
+        String::from_utf8_lossy(&log.stderr)
+    );
+}
+
+/// The systemd unit in docs/ passes `systemd-analyze verify` (with ExecStart pointed at the
+/// binary under test), where systemd-analyze is installed.
+#[test]
+fn the_systemd_unit_example_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/owsfs-workspace.service"
+    ))
+    .unwrap();
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: the unit is not verified");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("owsfs-workspace.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/owsfs", OWSFS)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A bad line is only a warning (`FILE:LINE: ...`), still with exit status 0.
+    assert!(
+        out.status.success() && !said.contains("owsfs-workspace.service:"),
+        "{said}"
+    );
+}

@@ -130,25 +130,82 @@ fn is_command_name(name: &str) -> bool {
             .any(|c| c.get_name() == name || c.get_all_aliases().any(|a| a == name))
 }
 
-/// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`: turn that into
-/// `owsfs mount MOUNTPOINT --cache SOURCE -o OPTIONS`.
+pub use config::redact_url;
+
+/// `mount.fuse3` runs helpers as `owsfs SOURCE MOUNTPOINT -o OPTIONS`. SOURCE is a cache
+/// directory (`owsfs mount MOUNTPOINT --cache SOURCE`) or `STORE_URL#WORKSPACE`
+/// (`--store STORE_URL --workspace WORKSPACE`, and the mount table shows SOURCE). In OPTIONS,
+/// `KEY=VALUE` (or `KEY`) for a long option of `owsfs mount` becomes `--KEY=VALUE`
+/// (`cache=DIR,commit_interval=1s`); the rest stay mount options.
 fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     let is_command = |a: &OsString| {
         let s = a.to_string_lossy();
         s.starts_with('-') || is_command_name(&s)
     };
-    if args.len() >= 3 && !is_command(&args[1]) {
-        let mut out = vec![
-            args[0].clone(),
-            "mount".into(),
-            args[2].clone(),
-            "--cache".into(),
-            args[1].clone(),
-        ];
-        out.extend(args[3..].iter().cloned());
-        return out;
+    // Run as /sbin/mount.fuse.owsfs (mount(8) runs that for `-t fuse.owsfs` when it exists),
+    // the arguments are always the helper's.
+    let as_helper = args
+        .first()
+        .is_some_and(|a| a.to_string_lossy().ends_with("mount.fuse.owsfs"));
+    if args.len() < 3 || (!as_helper && is_command(&args[1])) {
+        return args;
     }
-    args
+    let mut out = vec![args[0].clone(), "mount".into(), args[2].clone()];
+    let source = args[1].to_string_lossy().into_owned();
+    if source.contains("://") {
+        let (url, ws) = match source.rsplit_once('#') {
+            Some((u, w)) => (u, Some(w)),
+            None => (source.as_str(), None),
+        };
+        out.extend(["--store".into(), url.into()]);
+        if let Some(w) = ws {
+            out.extend(["--workspace".into(), w.into()]);
+        }
+        out.extend(["--fsname".into(), source.clone().into()]);
+    } else {
+        out.extend(["--cache".into(), args[1].clone()]);
+    }
+    let longs: Vec<String> = command()
+        .find_subcommand("mount")
+        .map(|m| {
+            m.get_arguments()
+                .filter(|a| !a.is_hide_set())
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .filter(|l| !matches!(l.as_str(), "options" | "help"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rest = args[3..].iter();
+    while let Some(a) = rest.next() {
+        let value = match a.to_str() {
+            Some("-o") => rest.next().cloned(),
+            Some(s) if s.starts_with("-o") => Some(s[2..].into()),
+            _ => {
+                out.push(a.clone());
+                continue;
+            }
+        };
+        let Some(value) = value else { continue };
+        let mut kept = Vec::new();
+        for opt in value.to_string_lossy().split(',') {
+            let (key, v) = opt
+                .split_once('=')
+                .map_or((opt, None), |(k, v)| (k, Some(v)));
+            let long = key.replace('_', "-");
+            if longs.contains(&long) {
+                out.push(match v {
+                    Some(v) => format!("--{long}={v}").into(),
+                    None => format!("--{long}").into(),
+                });
+            } else if !opt.is_empty() {
+                kept.push(opt.to_string());
+            }
+        }
+        if !kept.is_empty() {
+            out.extend(["-o".into(), kept.join(",").into()]);
+        }
+    }
+    out
 }
 
 /// Parses `args` (the mount-helper form too) and runs the command.

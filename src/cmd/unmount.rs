@@ -1,6 +1,5 @@
 //! `owsfs unmount`: the last generation, the lease released, the journal closed cleanly.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,40 +97,13 @@ fn unmount_without_cache(mountpoint: &Path, cache: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The owsfs daemons whose command line (`owsfs mount MOUNTPOINT --cache CACHE ...`, relative
-/// paths taken from the process's working directory) names this mountpoint or this cache.
+/// The owsfs daemons whose command line names this mountpoint or this cache.
 fn daemons_of(mountpoint: &Path, cache: &Path) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_owsfs = args.first().is_some_and(|a| a.ends_with(b"owsfs"));
-        if !is_owsfs || args.get(1) != Some(&&b"mount"[..]) {
-            continue;
-        }
-        let cwd = std::fs::read_link(p.path().join("cwd")).unwrap_or_default();
-        let resolve = |a: &[u8]| cwd.join(Path::new(std::ffi::OsStr::from_bytes(a)));
-        let names_mountpoint = args.get(2).is_some_and(|a| {
-            crate::mountpoint::absolute(&resolve(a)).ok().as_deref() == Some(mountpoint)
-        });
-        let names_cache = args
-            .windows(2)
-            .any(|w| w[0] == b"--cache" && resolve(w[1]) == cache);
-        if names_mountpoint || names_cache {
-            out.push(pid);
-        }
-    }
-    out
+    crate::mountpoint::daemons()
+        .into_iter()
+        .filter(|d| {
+            d.mountpoint.as_deref() == Some(mountpoint) || d.cache.as_deref() == Some(cache)
+        })
+        .map(|d| d.pid)
+        .collect()
 }

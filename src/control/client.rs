@@ -64,7 +64,13 @@ fn call<T: DeserializeOwned>(
     let mount = mountpoint::find_owsfs(mountpoint)
         .map_err(|e| ClientError::Other(format!("{e:#}")))?
         .ok_or_else(|| ClientError::NotMounted(mountpoint.to_path_buf()))?;
-    let cache = PathBuf::from(&mount.source);
+    let cache = mountpoint::cache_of(&mount).ok_or_else(|| {
+        ClientError::Other(format!(
+            "cannot find the daemon of the owsfs mount at {} (source {})",
+            mount.mountpoint.display(),
+            mount.source
+        ))
+    })?;
     let gone = |source: std::io::Error| ClientError::DaemonGone {
         mountpoint: mount.mountpoint.clone(),
         cache: cache.clone(),

@@ -563,7 +563,7 @@ impl Mounted {
         core: &Arc<Core>,
         mountpoint: &Path,
         o: &MountOptions,
-        fsname: &Path,
+        fsname: &str,
     ) -> anyhow::Result<Mounted> {
         let adapter = AdapterOptions {
             entry_ttl: o.entry_timeout,
@@ -574,7 +574,7 @@ impl Mounted {
             posix_acl: o.posix_acl,
         };
         let settings = MountSettings {
-            fsname: fsname.to_string_lossy().into_owned(),
+            fsname: fsname.to_string(),
             threads: o.threads,
             flags: o.kernel.clone(),
             read_only: o.read_only,
@@ -806,7 +806,7 @@ pub fn serve(
     let cache_root = cache.root.clone();
     let node = cache.node_id()?;
     cache_lock.replace(cache);
-    let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &cache_root)?;
+    let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &fsname(opts, &cache_root))?;
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
 
@@ -883,6 +883,15 @@ pub fn serve(
     daemon.finish(result.clone());
     daemon.drain_waiters();
     result.map_err(anyhow::Error::msg)
+}
+
+/// The source the mount table shows: the mount helper's STORE_URL#WORKSPACE (what an fstab
+/// line says, so that `mount -a` finds it mounted), without user information, or the cache.
+pub fn fsname(opts: &MountOpts, cache_root: &Path) -> String {
+    match &opts.fsname {
+        Some(f) => crate::cmd::redact_url(f),
+        None => cache_root.to_string_lossy().into_owned(),
+    }
 }
 
 /// A template is read-mostly: a writer mount of it must say it edits it.

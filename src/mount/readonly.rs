@@ -198,7 +198,12 @@ pub fn serve(
     } = rest;
     let cache_root = cache.root.clone();
     let mut cache_lock = Some(cache);
-    let mounted = Mounted::mount(&services.core, &mountpoint, &o, &cache_root)?;
+    let mounted = Mounted::mount(
+        &services.core,
+        &mountpoint,
+        &o,
+        &super::fsname(opts, &cache_root),
+    )?;
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
     let daemon = Arc::new(Daemon::new(
         &services,
