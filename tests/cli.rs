@@ -818,3 +818,66 @@ fn the_systemd_unit_example_verifies() {
         "{said}"
     );
 }
+
+/// The daemon serves its status as JSON over HTTP on its socket, and the document has every
+/// field docs/status.md lists, at the documented schema version.
+#[test]
+fn the_status_api_serves_its_documented_schema() {
+    if skip_fuse() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let ws = Workspace::new();
+    std::fs::write(ws.path("f"), b"x").unwrap();
+    ws.sync();
+    let http = |request: &str| -> (String, serde_json::Value) {
+        let mut c = std::os::unix::net::UnixStream::connect(ws.cache.join("control.sock")).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        (
+            head.lines().next().unwrap().to_string(),
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+        )
+    };
+    let (status, doc) = http("GET /status HTTP/1.1\r\nHost: owsfs\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status.md")).unwrap();
+    assert!(docs.contains("# The status API, schema 1"));
+    assert_eq!(doc["schema"], 1);
+    // Every field of the table, by its dotted path.
+    let mut checked = 0;
+    for line in docs.lines().filter(|l| l.starts_with("| `")) {
+        let field = line.split('`').nth(1).unwrap();
+        if field.starts_with("GET") || field.starts_with("POST") {
+            continue;
+        }
+        let mut v = &doc;
+        for part in field.split('.') {
+            assert!(
+                v.get(part).is_some(),
+                "docs/status.md lists {field}, the daemon's status lacks it: {doc}"
+            );
+            v = &v[part];
+        }
+        checked += 1;
+    }
+    assert!(checked >= 25, "{checked} fields checked");
+    let (status, body) = http(
+        "POST /sync HTTP/1.1\r\nHost: owsfs\r\nContent-Length: 20\r\n\r\n{\"timeout_secs\": 30}",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    assert!(body["generation"].as_u64().unwrap() >= 1);
+    let (status, body) = http("DELETE /status HTTP/1.1\r\n\r\n");
+    assert!(status.starts_with("HTTP/1.1 400"), "{status} {body}");
+    assert_eq!(body["ok"], false);
+    // The line protocol of older clients is still answered.
+    let mut c = std::os::unix::net::UnixStream::connect(ws.cache.join("control.sock")).unwrap();
+    c.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    c.read_to_string(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["schema"], 1);
+}

@@ -1,6 +1,6 @@
 //! The client side of the control socket: finds the daemon of a mountpoint and asks it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,20 +86,24 @@ fn call<T: DeserializeOwned>(
     let io = |e: std::io::Error| ClientError::Other(format!("control socket: {e}"));
     conn.set_read_timeout(timeout).map_err(io)?;
     let mut w = conn.try_clone().map_err(io)?;
-    let line = serde_json::to_string(req).map_err(|e| ClientError::Other(e.to_string()))?;
-    writeln!(w, "{line}").map_err(io)?;
-    let mut answer = String::new();
-    match BufReader::new(conn).read_line(&mut answer) {
+    super::http::write_request(&mut w, req).map_err(io)?;
+    let answer = match super::http::read_response(&mut BufReader::new(conn)) {
+        Ok(a) => a,
         // The daemon died with the connection open (e.g. killed while its threads exit).
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(gone(e)),
-        Ok(0) => return Err(gone(std::io::ErrorKind::UnexpectedEof.into())),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            return Err(gone(e));
+        }
         Err(e) => {
             return Err(ClientError::Other(format!(
                 "the daemon did not answer: {e}"
             )));
         }
-        Ok(_) => {}
-    }
+    };
     let bad =
         |e: serde_json::Error| ClientError::Other(format!("the daemon sent a bad answer: {e}"));
     let v: serde_json::Value = serde_json::from_str(&answer).map_err(bad)?;

@@ -1,5 +1,6 @@
-//! The control protocol of a running daemon: `CACHE/control.sock`, one JSON request line and
-//! one JSON response line per connection. The daemon serves it (`crate::mount::server`);
+//! The control protocol of a running daemon: `CACHE/control.sock`, JSON over HTTP ([`http`];
+//! what the commands speak), or one JSON request line and one JSON response line per
+//! connection (the older form, still served). The daemon serves it (`crate::mount::server`);
 //! commands reach it through [`client`].
 //!
 //! Requests: `{"cmd":"status","dirty":bool}`, `{"cmd":"sync","timeout_secs":f64}`,
@@ -9,6 +10,7 @@
 //! the message (`"error"`) and a typed [`ControlError`] (`"kind"`, `"detail"`).
 
 pub mod client;
+pub mod http;
 
 use std::path::{Path, PathBuf};
 
@@ -206,10 +208,17 @@ pub struct Unmounted {
     pub detached: bool,
 }
 
+/// The version of the status document (docs/status.md): raised when a field is removed or
+/// changes meaning; new fields do not raise it.
+pub const STATUS_SCHEMA: u32 = 1;
+
 /// `owsfs status`'s answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub ok: True,
+    /// [`STATUS_SCHEMA`] of the daemon that wrote it (0: a daemon from before the schema).
+    #[serde(default)]
+    pub schema: u32,
     pub mountpoint: PathBuf,
     pub cache: PathBuf,
     pub backing: PathBuf,

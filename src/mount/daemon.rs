@@ -140,6 +140,7 @@ impl Daemon {
         let journal = core.journal();
         Status {
             ok: True,
+            schema: crate::control::STATUS_SCHEMA,
             mountpoint: self.mountpoint.clone(),
             cache: self.cache.clone(),
             backing: core.backing_root().to_path_buf(),

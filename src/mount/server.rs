@@ -106,13 +106,34 @@ impl Drop for Server {
     }
 }
 
+/// A request on the socket: HTTP (`GET /status`, `POST /sync` with the request's JSON as the
+/// body, ...; see `crate::control`), or one JSON line (the protocol before HTTP).
 fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut conn = conn;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::err(ControlError::BadRequest(e.to_string())),
+    let http = crate::control::http::is_request_line(&line);
+    let request = if http {
+        crate::control::http::read_request(&line, &mut reader)
+    } else {
+        serde_json::from_str::<Request>(&line).map_err(|e| e.to_string())
+    };
+    // An unmount registers before it starts, so the process cannot exit before the answer
+    // is written.
+    let _waiter = matches!(request, Ok(Request::Unmount { .. })).then(|| daemon.waiter());
+    let reply = answer(daemon, request);
+    if http {
+        crate::control::http::write_response(&mut conn, &reply)?;
+    } else {
+        writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
+    }
+    Ok(())
+}
+
+fn answer(daemon: &Arc<Daemon>, request: Result<Request, String>) -> Response {
+    match request {
+        Err(e) => Response::err(ControlError::BadRequest(e)),
         Ok(Request::Status { dirty }) => {
             Response::ok(Answer::Status(Box::new(daemon.status(dirty))))
         }
@@ -153,20 +174,12 @@ fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
                 Err(e) => Response::err(e),
             }
         }
-        Ok(Request::Unmount { lazy }) => {
-            // Registered before unmounting, so the process cannot exit before the answer.
-            let _waiter = daemon.waiter();
-            let reply = match daemon.unmount_and_wait(lazy) {
-                Err(e) => Response::err(e),
-                Ok(detached) => Response::ok(Answer::Unmounted(Unmounted {
-                    ok: crate::control::True,
-                    detached,
-                })),
-            };
-            writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
-            return Ok(());
-        }
-    };
-    writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
-    Ok(())
+        Ok(Request::Unmount { lazy }) => match daemon.unmount_and_wait(lazy) {
+            Err(e) => Response::err(e),
+            Ok(detached) => Response::ok(Answer::Unmounted(Unmounted {
+                ok: crate::control::True,
+                detached,
+            })),
+        },
+    }
 }
