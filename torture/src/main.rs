@@ -70,6 +70,11 @@ struct Cli {
     /// Trials per scenario and store in --short mode.
     #[arg(long, default_value_t = 4)]
     short_trials: u64,
+    /// Workers per store, side by side: the first runs every scenario, the others only the
+    /// crash and store-fault trials (numbered from 1,000,000 × their index, so that each
+    /// trial can be run again alone with --trial).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    jobs: u64,
 }
 
 #[derive(Subcommand)]
@@ -443,30 +448,57 @@ fn run(cli: &Cli) -> Result<()> {
     // daemons and the store most of the time). The first failure stops the others at the end
     // of their trial under way.
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = stores
-            .iter_mut()
-            .map(|(kind, ctx, _, figs)| {
-                let (kind, ctx, failed, interrupted) = (*kind, &*ctx, &failed, &*interrupted);
+    let results = std::thread::scope(|scope| {
+        let jobs = if cli.trial.is_some() { 1 } else { cli.jobs };
+        let mut threads = Vec::new();
+        for (i, (kind, ctx, _, _)) in stores.iter().enumerate() {
+            for worker in 0..jobs {
+                let scenarios: Vec<Scenario> = cli
+                    .scenarios
+                    .iter()
+                    .copied()
+                    .filter(|s| worker == 0 || matches!(s, Scenario::Crash | Scenario::Faults))
+                    .collect();
+                if scenarios.is_empty() {
+                    continue;
+                }
+                let (kind, ctx, failed, interrupted) = (*kind, ctx, &failed, &*interrupted);
                 let run_dir = run_dir.path();
-                scope.spawn(move || {
-                    let stop = || {
-                        failed.load(std::sync::atomic::Ordering::SeqCst)
-                            || interrupted.load(std::sync::atomic::Ordering::SeqCst)
-                    };
-                    let r = store_trials(cli, kind, ctx, figs, started, run_dir, &stop);
-                    if r.is_err() {
-                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    r
-                })
-            })
-            .collect();
+                threads.push((
+                    i,
+                    scope.spawn(move || {
+                        let stop = || {
+                            failed.load(std::sync::atomic::Ordering::SeqCst)
+                                || interrupted.load(std::sync::atomic::Ordering::SeqCst)
+                        };
+                        let mut figs = Figures::default();
+                        let first = cli.trial.unwrap_or(0) + worker * 1_000_000;
+                        let r = store_trials(
+                            cli, kind, ctx, &scenarios, first, &mut figs, started, run_dir, &stop,
+                        );
+                        if r.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        (figs, r)
+                    }),
+                ));
+            }
+        }
         threads
             .into_iter()
-            .map(|t| t.join().expect("a store's trial thread panicked"))
-            .collect()
+            .map(|(i, t)| {
+                let (figs, r) = t.join().expect("a store's trial thread panicked");
+                (i, figs, r)
+            })
+            .collect::<Vec<_>>()
     });
+    let results: Vec<Result<()>> = results
+        .into_iter()
+        .map(|(i, figs, r)| {
+            stores[i].3.add(&figs);
+            r
+        })
+        .collect();
     // A broken promise first, then a harness error, then an interruption.
     let mut result = Ok(());
     for r in results {
@@ -510,19 +542,22 @@ fn run(cli: &Cli) -> Result<()> {
 
 /// The trials of one store, until the run is done, a trial fails, or `stop` says so (another
 /// store's trial failed, or the run was interrupted).
+#[allow(clippy::too_many_arguments)]
 fn store_trials(
     cli: &Cli,
     kind: StoreKind,
     ctx: &Ctx,
+    scenarios: &[Scenario],
+    first: u64,
     figs: &mut Figures,
     started: Instant,
     run_dir: &std::path::Path,
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
     let seed = ctx.seed;
-    let mut n = cli.trial.unwrap_or(0);
+    let mut n = first;
     loop {
-        for sc in &cli.scenarios {
+        for sc in scenarios {
             // A partition trial takes half a minute: in long mode, one round in four.
             if *sc == Scenario::Partition && cli.long.is_some() && !n.is_multiple_of(4) {
                 continue;
@@ -568,7 +603,7 @@ fn store_trials(
         let done = match (cli.trial, cli.long) {
             (Some(_), _) => true,
             (_, Some(d)) => started.elapsed() >= d,
-            _ => n >= cli.short_trials,
+            _ => n - first >= cli.short_trials,
         };
         if done {
             return Ok(());
