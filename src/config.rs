@@ -1,8 +1,9 @@
 //! One configuration, three sources, in this order of precedence: flags, `OWSFS_*` environment
 //! variables, and a TOML file (`--config FILE`, `OWSFS_CONFIG`, or
 //! `$XDG_CONFIG_HOME/owsfs/config.toml` when it exists). The file's keys are the long options
-//! of the commands (`commit_interval` or `commit-interval`); a `[workspace.NAME]` section
-//! applies to that workspace only, before the top level. The file fills in what neither a flag
+//! of `owsfs mount` and `owsfs run` (`commit_interval` or `commit-interval`); the other
+//! commands take `store` and `workspace` from it. A `[workspace.NAME]` section applies to
+//! that workspace only, before the top level. The file fills in what neither a flag
 //! nor the environment gave: its values are added to the command line, so every value goes
 //! through the same parser and checks.
 //!
@@ -64,32 +65,40 @@ pub fn find(explicit: Option<&Path>) -> anyhow::Result<Option<File>> {
     Ok(Some(file))
 }
 
-/// Every long option of every command, as a file may name it (with dashes).
-fn known_keys() -> Vec<String> {
-    fn walk(c: &clap::Command, out: &mut Vec<String>) {
+/// The commands whose options a file sets: a mount's configuration.
+const CONFIGURED: [&str; 2] = ["mount", "run"];
+
+/// Options the file also gives the other commands, where they mean the same thing (an option
+/// named alike elsewhere may mean something else: `gc --grace` is not `run --grace`).
+const SHARED: [&str; 2] = ["store", "workspace"];
+
+/// The keys a file may use (long options of `mount` and `run`, aliases included), each with
+/// the option it stands for.
+fn known_keys() -> Vec<(String, String)> {
+    let cmd = crate::cmd::command();
+    let mut out = Vec::new();
+    for c in CONFIGURED.iter().filter_map(|n| cmd.find_subcommand(n)) {
         for a in c.get_arguments() {
-            if let Some(l) = a.get_long()
-                && !NOT_IN_A_FILE.contains(&l)
-            {
-                out.push(l.to_string());
+            let Some(long) = a.get_long() else { continue };
+            if NOT_IN_A_FILE.contains(&long) || a.is_hide_set() {
+                continue;
+            }
+            out.push((long.to_string(), long.to_string()));
+            for alias in a.get_visible_aliases().into_iter().flatten() {
+                out.push((alias.to_string(), long.to_string()));
             }
         }
-        for s in c.get_subcommands() {
-            walk(s, out);
-        }
     }
-    let mut out = Vec::new();
-    walk(&crate::cmd::command(), &mut out);
     out.sort();
     out.dedup();
     out
 }
 
 /// The known key nearest to `key`, if any is near.
-fn nearest<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
+fn nearest<'a>(key: &str, known: &'a [(String, String)]) -> Option<&'a str> {
     known
         .iter()
-        .map(|k| (strsim::jaro_winkler(key, k), k.as_str()))
+        .map(|(k, _)| (strsim::jaro_winkler(key, k), k.as_str()))
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, k)| k)
@@ -105,7 +114,7 @@ impl File {
                     continue;
                 }
                 let long = k.replace('_', "-");
-                if !known.contains(&long) {
+                if !known.iter().any(|(key, _)| *key == long) {
                     let hint = nearest(&long, &known)
                         .map(|n| format!("; did you mean {:?}?", n.replace('-', "_")))
                         .unwrap_or_default();
@@ -160,6 +169,14 @@ impl File {
     /// The values for workspace `ws` (its section's first, then the top level), as
     /// (long option, values, where from).
     fn values_for(&self, ws: Option<&str>) -> Vec<(String, Vec<toml::Value>, String)> {
+        let known = known_keys();
+        let canonical = |key: &str| {
+            let long = key.replace('_', "-");
+            known
+                .iter()
+                .find(|(k, _)| *k == long)
+                .map_or(long.clone(), |(_, c)| c.clone())
+        };
         let mut out = Vec::new();
         let mut add = |t: &toml::Table, from: String| {
             for (k, v) in t {
@@ -170,7 +187,7 @@ impl File {
                     toml::Value::Array(a) => a.clone(),
                     v => vec![v.clone()],
                 };
-                out.push((k.replace('_', "-"), values, from.clone()));
+                out.push((canonical(k), values, from.clone()));
             }
         };
         let path = self.path.display().to_string();
@@ -237,7 +254,13 @@ pub fn merge(args: Vec<OsString>) -> anyhow::Result<(Vec<OsString>, Sources, Opt
     };
     let mut added: Vec<OsString> = Vec::new();
     let mut sources = Sources::new();
+    let configured = names
+        .first()
+        .is_some_and(|n| CONFIGURED.contains(&n.as_str()));
     for (long, values, from) in file.values_for(ws.as_deref()) {
+        if !configured && !SHARED.contains(&long.as_str()) {
+            continue;
+        }
         let Some(arg) = c
             .get_arguments()
             .find(|a| a.get_long() == Some(long.as_str()))
@@ -261,10 +284,21 @@ pub fn merge(args: Vec<OsString>) -> anyhow::Result<(Vec<OsString>, Sources, Opt
         }
         sources.insert(long, from);
     }
-    // Right after the command's name: before a `--` or a trailing command line.
+    // Right after the command's name (or an alias of it): before a `--` or a trailing
+    // command line.
     let mut at = 1;
+    let mut level = &cmd;
     for name in &names {
-        if let Some(i) = args[at..].iter().position(|a| a == name.as_str()) {
+        level = level
+            .find_subcommand(name)
+            .expect("the parser's own subcommand");
+        let spellings: Vec<&str> = std::iter::once(level.get_name())
+            .chain(level.get_all_aliases())
+            .collect();
+        if let Some(i) = args[at..]
+            .iter()
+            .position(|a| a.to_str().is_some_and(|a| spellings.contains(&a)))
+        {
             at += i + 1;
         }
     }

@@ -39,10 +39,14 @@ const SECRETS: [&str; 3] = [
 pub fn run(args: &ConfigArgs, file: Option<&Path>) -> anyhow::Result<()> {
     let ConfigCmd::Show { args } = &args.what;
     let mut argv: Vec<OsString> = vec!["owsfs".into(), "mount".into()];
-    if !args.iter().any(|a| !a.to_string_lossy().starts_with('-')) {
-        argv.push("/workspace".into());
-    }
     argv.extend(args.iter().cloned());
+    // Without a MOUNTPOINT, as for /workspace.
+    if super::command()
+        .try_get_matches_from(&argv)
+        .is_err_and(|e| e.kind() == clap::error::ErrorKind::MissingRequiredArgument)
+    {
+        argv.insert(2, "/workspace".into());
+    }
     let (argv, from_file, _) = crate::config::merge(argv)?;
     let cmd = super::command();
     let matches = match cmd.clone().try_get_matches_from(&argv) {

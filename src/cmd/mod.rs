@@ -208,10 +208,39 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     out
 }
 
+/// Whether the command in `args` is one the config file configures (mount, run, config).
+fn configures(args: &[OsString]) -> bool {
+    let cmd = command();
+    // The command is the first argument that is neither an option nor `--config`'s value.
+    let mut rest = args.iter().skip(1).map(|a| a.to_string_lossy());
+    let name = loop {
+        match rest.next() {
+            Some(a) if a == "--config" => {
+                rest.next();
+            }
+            Some(a) if a.starts_with('-') => {}
+            other => break other,
+        }
+    };
+    name.is_some_and(|a| {
+        ["mount", "run", "config"].iter().any(|n| {
+            cmd.find_subcommand(n)
+                .is_some_and(|c| c.get_name() == a || c.get_all_aliases().any(|x| x == a))
+        })
+    })
+}
+
 /// Parses `args` (the mount-helper form too) and runs the command.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let (args, from_file, file) = match crate::config::merge(helper_args(args)) {
+    let args = helper_args(args);
+    let (args, from_file, file) = match crate::config::merge(args.clone()) {
         Ok(m) => m,
+        // A bad file stops what it configures (a mount); the other commands say so and go
+        // on without it, so that `owsfs unmount` or `status` still work.
+        Err(e) if !configures(&args) => {
+            eprintln!("owsfs: warning: {e:#}; going on without the config file");
+            (args, Default::default(), None)
+        }
         Err(e) => {
             eprintln!("owsfs: {e:#}");
             return ExitCode::FAILURE;

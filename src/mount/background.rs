@@ -59,26 +59,37 @@ impl Readiness {
     }
 }
 
-/// Log targets held at `info` at most: they log credentials or signed requests below it.
-const SECRET_TARGETS: [&str; 3] = ["reqsign=info", "reqsign_core=info", "reqsign_aws_v4=info"];
-
 /// Logs to stderr (a background daemon's is its log file), filtered and formatted as asked.
 pub fn init_logging(filter: &str, format: crate::args::LogFormat) {
-    let mut filter = tracing_subscriber::EnvFilter::try_new(filter)
+    use tracing_subscriber::prelude::*;
+    let env = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Never a secret in a log, whatever the filter asks for: the request signer logs the
-    // credentials it tries at debug level.
-    for quiet in SECRET_TARGETS {
-        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
-    }
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::logwriter::LossyStderr);
+    // Never a secret in a log, whatever the filter asks for: below INFO, nothing from the
+    // request signer (`reqsign*`), which logs the credentials it tries at DEBUG. A filter of
+    // its own after the user's, so no directive of theirs can let it through.
+    let no_secrets = tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target().starts_with("reqsign") && *m.level() > tracing::Level::INFO)
+    });
+    let layer = tracing_subscriber::fmt::layer().with_writer(crate::logwriter::LossyStderr);
+    let registry = tracing_subscriber::registry();
     let _ = match format {
-        crate::args::LogFormat::Text => fmt
-            .with_ansi(rustix::termios::isatty(std::io::stderr()))
+        crate::args::LogFormat::Text => registry
+            .with(
+                layer
+                    .with_ansi(rustix::termios::isatty(std::io::stderr()))
+                    .with_filter(env)
+                    .with_filter(no_secrets),
+            )
             .try_init(),
-        crate::args::LogFormat::Json => fmt.json().with_ansi(false).try_init(),
+        crate::args::LogFormat::Json => registry
+            .with(
+                layer
+                    .json()
+                    .with_ansi(false)
+                    .with_filter(env)
+                    .with_filter(no_secrets),
+            )
+            .try_init(),
     };
 }
 
