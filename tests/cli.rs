@@ -220,6 +220,17 @@ fn a_default_name_never_attaches_a_workspace_mounted_elsewhere() {
     // Another directory named data: refused, then attached on purpose.
     let (ok, err) = mount(&b, &[]);
     refused(ok, &err, &b, &a);
+    // A command that took the lease since (an offline rollback names no mountpoint) does not
+    // hide where the workspace was last mounted.
+    let store = format!("file://{}", dir.path().join("data/owsfs/store").display());
+    let rolled = owsfs(&["rollback", "--store", &store, "--workspace", "data", "HEAD"]);
+    assert!(
+        rolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rolled.stderr)
+    );
+    let (ok, err) = mount(&b, &[]);
+    refused(ok, &err, &b, &a);
     let (ok, err) = mount(&b, &["--workspace", "data"]);
     assert!(ok, "{err}");
     assert!(

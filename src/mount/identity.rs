@@ -13,7 +13,8 @@ use owsfs_store::lease::{Holder, Lease, LeaseRecord};
 pub struct Before {
     /// The workspace's marker was made by this mount.
     pub created: bool,
-    /// The newest lease record: who mounted the workspace last, and where.
+    /// The newest lease record of a mount: who mounted the workspace last, and where (a
+    /// command that held the lease since, `rollback` or `copy`, names no mountpoint).
     pub last: Option<LeaseRecord>,
     /// The newest commit.
     pub head: Option<GenerationRecord>,
@@ -28,8 +29,10 @@ impl Before {
     /// (`--steal --force` takes the lease over a damaged record).
     pub fn read(ws: &Workspace, created: bool) -> Before {
         Self::try_read(ws, created).unwrap_or_else(|e| {
-            tracing::debug!(
-                "workspace {:?}: cannot read what came before: {e:#}",
+            // The lease phase reports the damage; the default-name rule cannot be checked.
+            tracing::warn!(
+                "workspace {:?}: cannot read its lease and newest generation ({e:#}): the \
+                 mountpoint it was last mounted at is not checked",
                 ws.name()
             );
             Before {
@@ -51,15 +54,16 @@ impl Before {
             });
         }
         let lease = Lease::new(ws);
-        let last = lease.current()?;
+        let newest = lease.current()?;
         let head = match ws.head()? {
             Some(h) => ws.newest_commit(h)?,
             None => None,
         };
-        let writer = match (&last, &head) {
+        let writer = match (&newest, &head) {
             (Some(l), Some(g)) => lease.holder_at(l, g.epoch),
             _ => None,
         };
+        let last = newest.and_then(|n| lease.last_mount(&n));
         Ok(Before {
             created,
             last,

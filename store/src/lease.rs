@@ -172,6 +172,19 @@ impl Lease {
             .map(|r| r.holder)
     }
 
+    /// The newest record, from `newest` back through the records kept behind it, whose holder
+    /// was a mount (it names a mountpoint; commands that hold the lease briefly name none).
+    /// Best effort, like [`Lease::holder_at`].
+    pub fn last_mount(&self, newest: &LeaseRecord) -> Option<LeaseRecord> {
+        if !newest.holder.mountpoint.is_empty() {
+            return Some(newest.clone());
+        }
+        (newest.seq.saturating_sub(KEEP).max(1)..newest.seq)
+            .rev()
+            .filter_map(|seq| self.read(seq).ok())
+            .find(|r| !r.holder.mountpoint.is_empty())
+    }
+
     /// The newest lease record, or `None` if the workspace never had a holder. A malformed
     /// record, or one of a newer format, is an error: nobody takes over on a guess.
     pub fn current(&self) -> Result<Option<LeaseRecord>> {
