@@ -1,6 +1,6 @@
 //! The client side of the control socket: finds the daemon of a mountpoint and asks it.
 
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,6 +89,30 @@ fn call<T: DeserializeOwned>(
     super::http::write_request(&mut w, req).map_err(io)?;
     let answer = match super::http::read_response(&mut BufReader::new(conn)) {
         Ok(a) => a,
+        // A daemon from before HTTP (a mount older than this binary): ask again in its form.
+        Err(e)
+            if e.get_ref()
+                .is_some_and(|i| i.is::<super::http::LineAnswer>()) =>
+        {
+            let conn = UnixStream::connect(&short).map_err(gone)?;
+            conn.set_read_timeout(timeout).map_err(io)?;
+            let mut w = conn.try_clone().map_err(io)?;
+            let line = serde_json::to_string(req).map_err(|e| ClientError::Other(e.to_string()))?;
+            writeln!(w, "{line}").map_err(io)?;
+            let mut answer = String::new();
+            match BufReader::new(conn).read_line(&mut answer) {
+                Ok(0) => return Err(gone(std::io::ErrorKind::UnexpectedEof.into())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(gone(e));
+                }
+                Err(e) => {
+                    return Err(ClientError::Other(format!(
+                        "the daemon did not answer: {e}"
+                    )));
+                }
+                Ok(_) => answer,
+            }
+        }
         // The daemon died with the connection open (e.g. killed while its threads exit).
         Err(e)
             if matches!(

@@ -11,12 +11,29 @@
 //! with the typed error otherwise, e.g.
 //! `curl --unix-socket CACHE/control.sock http://owsfs/status`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 
 use super::{ControlError, Request, Response};
 
 /// The longest body a request may have.
 const MAX_BODY: usize = 64 << 10;
+
+/// The longest request line or header line.
+const MAX_LINE: u64 = 8 << 10;
+
+/// Reads one line of at most [`MAX_LINE`] bytes.
+fn line(reader: &mut impl BufRead) -> Result<String, String> {
+    let mut h = String::new();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE)
+        .read_line(&mut h)
+        .map_err(|e| e.to_string())?;
+    if n as u64 == MAX_LINE && !h.ends_with('\n') {
+        return Err("a header line is too long".into());
+    }
+    Ok(h)
+}
 
 /// Whether `line` starts an HTTP request (else it is a line of the JSON protocol).
 pub fn is_request_line(line: &str) -> bool {
@@ -34,21 +51,20 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, S
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let mut length = 0usize;
     loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).map_err(|e| e.to_string())? == 0 {
-            break;
-        }
+        let h = line(reader)?;
         let h = h.trim_end();
         if h.is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v
-                .trim()
-                .parse()
-                .map_err(|_| "bad Content-Length".to_string())?;
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| "bad Content-Length".to_string())?;
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                return Err("send the body with a Content-Length, not a Transfer-Encoding".into());
+            }
         }
     }
     if length > MAX_BODY {
@@ -88,6 +104,19 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, S
                 "no such resource: {path} (known: /status, /sync, /snapshot, /rollback, /unmount)"
             ));
         }
+    }
+    let known: &[&str] = match cmd {
+        "status" => &["dirty"],
+        "sync" => &["timeout_secs"],
+        "snapshot" => &["name", "timeout_secs"],
+        "rollback" => &["to", "keep_snapshots", "timeout_secs"],
+        _ => &["lazy"],
+    };
+    if let Some(k) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown field {k:?} for /{cmd} (known: {})",
+            known.join(", ")
+        ));
     }
     fields.insert("cmd".into(), cmd.into());
     serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())
@@ -140,6 +169,13 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<String> {
     if reader.read_line(&mut status)? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
+    if status.starts_with('{') {
+        // A daemon from before HTTP answers in the line protocol (see `client`).
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            LineAnswer(status),
+        ));
+    }
     if !status.starts_with("HTTP/1.") {
         return Err(std::io::Error::other(format!(
             "not an HTTP answer: {status:?}"
@@ -173,6 +209,19 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<String> {
     }
     String::from_utf8(body).map_err(std::io::Error::other)
 }
+
+/// The answer of a daemon that speaks only the line protocol (it could not parse an HTTP
+/// request, and said so in a JSON line).
+#[derive(Debug)]
+pub struct LineAnswer(pub String);
+
+impl std::fmt::Display for LineAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a line-protocol answer: {}", self.0.trim())
+    }
+}
+
+impl std::error::Error for LineAnswer {}
 
 #[cfg(test)]
 mod tests {
@@ -215,5 +264,14 @@ mod tests {
         );
         assert!(parse("POST /status HTTP/1.1\r\n\r\n").is_err());
         assert!(!is_request_line("{\"cmd\":\"status\"}"));
+        // What is not understood is refused, not half done.
+        assert!(parse("POST /unmount HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        let typo = "POST /sync HTTP/1.1\r\nContent-Length: 17\r\n\r\n{\"timeot_secs\":1}";
+        assert!(parse(typo).unwrap_err().contains("timeot_secs"));
+        let long = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "x".repeat(10_000));
+        assert!(parse(&long).unwrap_err().contains("too long"));
+        // A daemon from before HTTP answers with a JSON line: the client can tell.
+        let e = read_response(&mut std::io::BufReader::new(&b"{\"ok\":false}\n"[..])).unwrap_err();
+        assert!(e.get_ref().is_some_and(|i| i.is::<LineAnswer>()));
     }
 }

@@ -109,6 +109,9 @@ impl Drop for Server {
 /// A request on the socket: HTTP (`GET /status`, `POST /sync` with the request's JSON as the
 /// body, ...; see `crate::control`), or one JSON line (the protocol before HTTP).
 fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
+    // A client that sends less than it said must not hold a thread for ever; the answer may
+    // take long (a sync, an unmount), so the timeout is for reading the request only.
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
