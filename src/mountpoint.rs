@@ -121,14 +121,28 @@ pub fn daemons() -> Vec<DaemonProc> {
             continue;
         }
         let cwd = std::fs::read_link(p.path().join("cwd")).unwrap_or_default();
-        let resolve = |a: &[u8]| cwd.join(Path::new(std::ffi::OsStr::from_bytes(a)));
+        // Its arguments as the parser reads them (options before MOUNTPOINT, `--cache=C`).
+        let argv: Vec<std::ffi::OsString> = args
+            .iter()
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+            .collect();
+        let Ok(m) = crate::cmd::command().try_get_matches_from(&argv) else {
+            continue;
+        };
+        let Some(("mount", m)) = m.subcommand() else {
+            continue;
+        };
         out.push(DaemonProc {
             pid,
-            mountpoint: args.get(2).and_then(|a| absolute(&resolve(a)).ok()),
-            cache: args
-                .windows(2)
-                .find(|w| w[0] == b"--cache")
-                .map(|w| resolve(w[1])),
+            mountpoint: m
+                .get_one::<PathBuf>("mountpoint")
+                .and_then(|mp| absolute(&cwd.join(mp)).ok()),
+            // From its command line only (not this process's OWSFS_CACHE).
+            cache: m
+                .get_one::<PathBuf>("cache")
+                .filter(|_| m.value_source("cache") == Some(clap::parser::ValueSource::CommandLine))
+                .map(|c| cwd.join(c)),
         });
     }
     out

@@ -65,7 +65,15 @@ fn unmount_without_cache(mountpoint: &Path, cache: &Path) -> anyhow::Result<()> 
     let daemons = daemons_of(mountpoint, cache);
     for pid in &daemons {
         // SAFETY: kill(2) with a pid read from /proc and a valid signal.
-        unsafe { libc::kill(*pid, libc::SIGTERM) };
+        if unsafe { libc::kill(*pid, libc::SIGTERM) } != 0 {
+            let e = std::io::Error::last_os_error();
+            anyhow::bail!(
+                "the cache {} of {} was deleted, and its daemon (pid {pid}) cannot be stopped: \
+                 {e}",
+                cache.display(),
+                mountpoint.display()
+            );
+        }
     }
     let start = Instant::now();
     while !daemons.is_empty()

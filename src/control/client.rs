@@ -76,12 +76,22 @@ fn call<T: DeserializeOwned>(
         cache: cache.clone(),
         source,
     };
-    let (_dirfd, short) =
-        super::short_socket_path(&cache).map_err(|source| ClientError::CacheGone {
-            mountpoint: mount.mountpoint.clone(),
-            cache: cache.clone(),
-            source,
-        })?;
+    let (_dirfd, short) = super::short_socket_path(&cache).map_err(|source| {
+        // Only a cache that is not there is gone; EACCES, EMFILE... are said as they are.
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ClientError::CacheGone {
+                mountpoint: mount.mountpoint.clone(),
+                cache: cache.clone(),
+                source,
+            }
+        } else {
+            ClientError::Other(format!(
+                "cannot open the cache {} of the mount at {}: {source}",
+                cache.display(),
+                mount.mountpoint.display()
+            ))
+        }
+    })?;
     let conn = UnixStream::connect(&short).map_err(gone)?;
     let io = |e: std::io::Error| ClientError::Other(format!("control socket: {e}"));
     conn.set_read_timeout(timeout).map_err(io)?;

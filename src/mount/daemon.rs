@@ -81,15 +81,16 @@ impl Daemon {
         let _ = self.read_only_at.set(n);
     }
 
-    /// Starts `--metrics ADDR`, if asked for: the server lives as long as what this returns.
+    /// Serves `--metrics` on `listener` (bound before the mount), if asked for: the server
+    /// lives as long as what this returns.
     pub fn serve_metrics(
         self: &Arc<Self>,
-        addr: Option<&str>,
+        listener: Option<std::net::TcpListener>,
     ) -> anyhow::Result<Option<super::metrics::MetricsServer>> {
-        let Some(addr) = addr else {
+        let Some(listener) = listener else {
             return Ok(None);
         };
-        let server = super::metrics::MetricsServer::start(addr, Arc::clone(self))?;
+        let server = super::metrics::MetricsServer::start(listener, Arc::clone(self))?;
         let _ = self.metrics_addr.set(server.addr().to_string());
         Ok(Some(server))
     }

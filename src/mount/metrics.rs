@@ -26,11 +26,19 @@ pub struct MetricsServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Binds `addr` (`HOST:PORT`; port 0 picks a free one) early, before the mount, so that a bad
+/// or busy address fails the mount before it takes the lease.
+pub fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    // Polled, so that the server stops without a connection to itself.
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 impl MetricsServer {
-    /// Listens on `addr` (`HOST:PORT`; port 0 picks a free one, see [`MetricsServer::addr`]).
-    pub fn start(addr: &str, daemon: Arc<Daemon>) -> anyhow::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr)
-            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    /// Serves the metrics of `daemon` on `listener` (from [`bind`]).
+    pub fn start(listener: TcpListener, daemon: Arc<Daemon>) -> anyhow::Result<MetricsServer> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut registry = Registry::default();
@@ -41,17 +49,21 @@ impl MetricsServer {
             std::thread::Builder::new()
                 .name("owsfs-metrics".into())
                 .spawn(move || {
-                    for conn in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        match conn {
-                            Ok(c) => {
+                    while !stop.load(Ordering::SeqCst) {
+                        match listener.accept() {
+                            Ok((c, _)) => {
+                                let _ = c.set_nonblocking(false);
                                 if let Err(e) = answer(c, &registry) {
                                     tracing::debug!("metrics: {e}");
                                 }
                             }
-                            Err(e) => tracing::debug!("metrics: accept: {e}"),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            Err(e) => {
+                                tracing::debug!("metrics: accept: {e}");
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
                         }
                     }
                 })
@@ -74,8 +86,6 @@ impl MetricsServer {
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accepting thread so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -746,6 +746,8 @@ pub fn serve(
         ready.notice(m);
     })?;
 
+    // A bad or busy --metrics address fails the mount before it takes anything.
+    let metrics_listener = opts.metrics.as_deref().map(metrics::bind).transpose()?;
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
@@ -845,7 +847,7 @@ pub fn serve(
         one: parking_lot::Mutex::new(()),
     });
     let control = server::Server::start(Arc::clone(&daemon))?;
-    let metrics = daemon.serve_metrics(opts.metrics.as_deref())?;
+    let metrics = daemon.serve_metrics(metrics_listener)?;
     daemon::spawn_signal_handler(Arc::clone(&daemon))?;
     fail::fail_point!("mount-before-ready", |_| Err(anyhow::anyhow!(
         "fail point mount-before-ready"

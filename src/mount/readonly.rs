@@ -126,6 +126,12 @@ pub fn serve(
     let mountpoint = mountpoint::check_mountable(mountpoint)?;
     mountpoint::check_dev_fuse()?;
     let open = OpenCache::open(cache_dir)?;
+    // A bad or busy --metrics address fails the mount before it takes anything.
+    let metrics_listener = opts
+        .metrics
+        .as_deref()
+        .map(super::metrics::bind)
+        .transpose()?;
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
@@ -216,7 +222,7 @@ pub fn serve(
     ));
     daemon.set_read_only_at(record.number);
     let control = server::Server::start(Arc::clone(&daemon))?;
-    let metrics = daemon.serve_metrics(opts.metrics.as_deref())?;
+    let metrics = daemon.serve_metrics(metrics_listener)?;
     super::daemon::spawn_signal_handler(Arc::clone(&daemon))?;
     tracing::info!(
         "mounted generation {} of {ws_name:?} read-only at {} (cache {})",

@@ -226,9 +226,11 @@ impl Core {
     /// Held by the adapter while it serves one kernel request of kind `op`; when it goes, the
     /// request's time goes into that kind's latency histogram.
     pub fn serving(&self, op: crate::stats::OpKind) -> Serving<'_> {
+        // From before the gate: a request held back by a freeze waited too.
+        let started = std::time::Instant::now();
         Serving {
             _gate: self.gate.read(),
-            started: std::time::Instant::now(),
+            started,
             latency: &self.stats.latency[op as usize],
         }
     }
