@@ -215,8 +215,15 @@ pub fn trial(ctx: &Ctx, n: u64, faults: bool, figs: &mut Figures) -> Result<Stri
     )?;
     std::fs::remove_dir_all(&restored)?;
 
-    // 2. The same cache mounted again: every completed operation is there.
-    let mount = ctx.owsfs.mount(&mp, &cache, &ws, &args, &env)?;
+    // 2. The same cache mounted again: every completed operation is there. (A store that
+    // refuses this mount is no reason to skip the trial: its journal replay is the check.)
+    let mount = ctx
+        .owsfs
+        .mount(&mp, &cache, &ws, &args, &env)
+        .map_err(|e| match e.downcast::<crate::node::StoreRefused>() {
+            Ok(r) => anyhow::anyhow!("the remount of the crashed cache: {}", r.0),
+            Err(e) => e,
+        })?;
     let live = judge(
         "remount of the cache",
         &mp,

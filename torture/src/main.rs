@@ -583,6 +583,19 @@ fn store_trials(
                         "trial {n} {kind:?} {sc:?}: skipped after {:.1} s: {e:#}",
                         start.elapsed().as_secs_f64()
                     );
+                    // Its directory and store go, as a passed trial's do.
+                    let name = format!("{sc:?}").to_lowercase();
+                    let dir = ctx.work.join(format!("{name}-{n}"));
+                    let _ = ctx.own_store(&format!("{name}-{n}"), &dir).passed(&dir);
+                    // A store that refuses often is not a run's worth of evidence.
+                    let all = figs.trials + figs.skipped;
+                    if all >= 50 && figs.skipped * 50 > all {
+                        bail!(
+                            "the store refused the mounts of {} of {all} trials (more than 2 %): \
+                             is it healthy?",
+                            figs.skipped
+                        );
+                    }
                 }
                 Err(e) => {
                     println!("trial {n} {kind:?} {sc:?}: FAILED");
