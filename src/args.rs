@@ -155,7 +155,7 @@ pub struct MountOpts {
     #[arg(long, env = "OWSFS_GC_GRACE", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub gc_grace: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
-    /// free one, shown by `owsfs status`).
+    /// free one, shown by `owsfs status --json`).
     #[arg(long, env = "OWSFS_METRICS", value_name = "ADDR")]
     pub metrics: Option<String>,
     #[command(flatten)]

@@ -267,11 +267,15 @@ pub fn merge(args: Vec<OsString>) -> anyhow::Result<(Vec<OsString>, Sources, Opt
         else {
             continue; // an option of another command
         };
+        // `-o` options add up: the file's come first, so that the command line's (after
+        // them) win where they say otherwise (mount(8) always passes `-o rw`).
+        let adds_up = long == "options";
         if sources.contains_key(&long)
-            || matches!(
-                m.value_source(arg.get_id().as_str()),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            )
+            || (!adds_up
+                && matches!(
+                    m.value_source(arg.get_id().as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                ))
         {
             continue;
         }

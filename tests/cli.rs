@@ -253,6 +253,15 @@ fn a_default_name_never_attaches_a_workspace_mounted_elsewhere() {
     assert!(ok && err.contains("attached workspace \"data\""), "{err}");
     unmount(&a);
 
+    // A named cache without --workspace mounts the workspace it holds, wherever.
+    let elsewhere = dir.path().join("c/elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let _guard3 = MountGuard(elsewhere.clone());
+    let (ok, err) = mount(&elsewhere, &["--cache", &cache.to_string_lossy()]);
+    assert!(ok && err.contains("attached workspace \"data\""), "{err}");
+    assert_eq!(std::fs::read(elsewhere.join("f")).unwrap(), b"from a");
+    unmount(&elsewhere);
+
     // A new workspace at b gets a cache of its own name.
     let (ok, err) = mount(&b, &["--workspace", "other"]);
     assert!(ok && err.contains("created workspace \"other\""), "{err}");
@@ -666,26 +675,35 @@ fn config_file_environment_and_flags_in_that_order() {
     );
 }
 
-/// Puts `/sbin/mount.fuse.owsfs` (what mount(8) runs for `-t fuse.owsfs`) at the binary under
-/// test while it lives, and puts back what was there.
-struct HelperInstalled(Option<std::path::PathBuf>);
+/// Puts `/sbin/mount.fuse.owsfs` and `/sbin/umount.fuse.owsfs` (what mount(8) and umount(8)
+/// run for fuse.owsfs) at the binary under test while it lives, and puts back what was there.
+struct HelperInstalled(Vec<(&'static str, Option<std::path::PathBuf>)>);
 
 impl HelperInstalled {
-    const PATH: &str = "/sbin/mount.fuse.owsfs";
+    const PATHS: [&str; 2] = ["/sbin/mount.fuse.owsfs", "/sbin/umount.fuse.owsfs"];
 
     fn new() -> HelperInstalled {
-        let before = std::fs::read_link(Self::PATH).ok();
-        let _ = std::fs::remove_file(Self::PATH);
-        std::os::unix::fs::symlink(OWSFS, Self::PATH).expect("install the mount helper");
-        HelperInstalled(before)
+        HelperInstalled(
+            Self::PATHS
+                .iter()
+                .map(|p| {
+                    let before = std::fs::read_link(p).ok();
+                    let _ = std::fs::remove_file(p);
+                    std::os::unix::fs::symlink(OWSFS, p).expect("install the mount helper");
+                    (*p, before)
+                })
+                .collect(),
+        )
     }
 }
 
 impl Drop for HelperInstalled {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(Self::PATH);
-        if let Some(p) = &self.0 {
-            let _ = std::os::unix::fs::symlink(p, Self::PATH);
+        for (p, before) in &self.0 {
+            let _ = std::fs::remove_file(p);
+            if let Some(b) = before {
+                let _ = std::os::unix::fs::symlink(b, p);
+            }
         }
     }
 }
@@ -754,8 +772,30 @@ fn fstab_line_and_mount_helper_with_a_store_url() {
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
     mount(&["-o", "remount,rw", &mps]);
     std::fs::write(mp.join("g"), b"rw again").unwrap();
+    // umount(8) runs the umount helper, which waits for the handoff: the workspace is free
+    // for another cache at once.
     assert!(Command::new("umount").arg(&mp).status().unwrap().success());
-    assert!(wait_for(Duration::from_secs(10), || mounts().is_empty()));
+    assert!(mounts().is_empty());
+    let (mp2, cache2) = (dir.path().join("mp2"), dir.path().join("cache2"));
+    std::fs::create_dir(&mp2).unwrap();
+    let _guard2 = MountGuard(mp2.clone());
+    let other = owsfs(&[
+        "mount",
+        &mp2.to_string_lossy(),
+        "--cache",
+        &cache2.to_string_lossy(),
+        "--store",
+        &format!("file://{}", store.display()),
+        "--workspace",
+        "fstab-ws",
+    ]);
+    assert!(
+        other.status.success(),
+        "the lease was not free after umount: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert_eq!(std::fs::read(mp2.join("g")).unwrap(), b"rw again");
+    assert!(owsfs(&["unmount", &mp2.to_string_lossy()]).status.success());
 
     // The same as an fstab line.
     let fstab = dir.path().join("fstab");
@@ -769,8 +809,9 @@ fn fstab_line_and_mount_helper_with_a_store_url() {
     .unwrap();
     let fstab_s = fstab.to_string_lossy().into_owned();
     wait_cache_unlocked(&cache);
-    mount(&["-a", "-T", &fstab_s]);
-    mount(&["-a", "-T", &fstab_s]);
+    // -v and -n reach the helper too.
+    mount(&["-a", "-v", "-T", &fstab_s]);
+    mount(&["-a", "-n", "-T", &fstab_s]);
     assert_eq!(mounts().len(), 1, "mount -a mounts it once");
     assert_eq!(std::fs::read(mp.join("g")).unwrap(), b"rw again");
     let out = owsfs(&["status", &mps, "--json"]);

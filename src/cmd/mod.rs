@@ -37,7 +37,8 @@ use clap::{Parser, Subcommand};
     about = "A durable local workspace filesystem: a FUSE passthrough over a local cache with a write journal",
     long_about = None,
     after_help = "Run `owsfs COMMAND --help` for the options of a command.\n\
-                  Also usable as a mount helper: `mount -t fuse.owsfs CACHE_DIR MOUNTPOINT -o OPTIONS`."
+                  Also a mount helper: `mount -t fuse.owsfs STORE_URL#WORKSPACE MOUNTPOINT -o \
+                  cache=DIR,...` (or a CACHE_DIR as the source), and in /etc/fstab."
 )]
 struct Cli {
     /// A TOML file of defaults: long options as keys, `[workspace.NAME]` sections
@@ -142,11 +143,39 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
         let s = a.to_string_lossy();
         s.starts_with('-') || is_command_name(&s)
     };
+    let argv0 = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Run as /sbin/umount.fuse.owsfs (umount(8) runs it for a fuse.owsfs mount):
+    // `umount.fuse.owsfs DIR [-flags]` is `owsfs unmount DIR`, which waits for the handoff.
+    if argv0.ends_with("umount.fuse.owsfs") {
+        let mut out: Vec<OsString> = vec![args[0].clone(), "unmount".into()];
+        for a in &args[1..] {
+            match a.to_str() {
+                Some(f) if f.starts_with('-') && f.contains('l') => out.push("--lazy".into()),
+                Some(f) if f.starts_with('-') => {} // -n, -v, -r, -f, -t TYPE's flag
+                _ if out.len() == 2 => out.push(a.clone()),
+                _ => {} // the -t option's value
+            }
+        }
+        return out;
+    }
     // Run as /sbin/mount.fuse.owsfs (mount(8) runs that for `-t fuse.owsfs` when it exists),
     // the arguments are always the helper's.
-    let as_helper = args
-        .first()
-        .is_some_and(|a| a.to_string_lossy().ends_with("mount.fuse.owsfs"));
+    let as_helper = argv0.ends_with("mount.fuse.owsfs");
+    // mount(8)'s flags for helpers: -f (fake: do nothing), -n (no mtab), -s (sloppy), -v.
+    let fake = as_helper && args.iter().any(|a| a == "-f");
+    let args: Vec<OsString> = if as_helper {
+        args.into_iter()
+            .filter(|a| !matches!(a.to_str(), Some("-n" | "-s" | "-v" | "-f")))
+            .collect()
+    } else {
+        args
+    };
+    if fake {
+        std::process::exit(0);
+    }
     if args.len() < 3 || (!as_helper && is_command(&args[1])) {
         return args;
     }

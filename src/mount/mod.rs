@@ -751,7 +751,7 @@ pub fn serve(
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
-        None => mountpoint::name_of(&mountpoint),
+        None => default_name(opts, &open, &mountpoint)?,
     };
     let (store, ws, before) = open_workspace(&store_url, &ws_name)?;
     refuse_template(&ws, opts.edit_template)?;
@@ -885,6 +885,21 @@ pub fn serve(
     daemon.finish(result.clone());
     daemon.drain_waiters();
     result.map_err(anyhow::Error::msg)
+}
+
+/// The workspace of a mount without `--workspace`: the one a cache named with `--cache` (or
+/// as the mount helper's source) holds already, else the mountpoint's base name.
+pub fn default_name(
+    opts: &MountOpts,
+    open: &OpenCache,
+    mountpoint: &Path,
+) -> anyhow::Result<String> {
+    if opts.cache_is_explicit()
+        && let Some(w) = open.holds()?
+    {
+        return Ok(w);
+    }
+    Ok(mountpoint::name_of(mountpoint))
 }
 
 /// The source the mount table shows: the mount helper's STORE_URL#WORKSPACE (what an fstab

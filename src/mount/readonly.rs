@@ -135,7 +135,7 @@ pub fn serve(
     let store_url = opts.store.url()?;
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
-        None => mountpoint::name_of(&mountpoint),
+        None => super::default_name(opts, &open, &mountpoint)?,
     };
     let store: Arc<Store> = super::open_store(&store_url)?;
     let ws = Workspace::open_existing(&store, &ws_name)?
