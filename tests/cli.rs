@@ -820,6 +820,21 @@ fn fstab_line_and_mount_helper_with_a_store_url() {
     assert!(Command::new("umount").arg(&mp).status().unwrap().success());
     assert!(wait_for(Duration::from_secs(10), || mounts().is_empty()));
     wait_cache_unlocked(&cache);
+    // umount(8) of a mount whose daemon died still removes it (through the helper).
+    mount(&["-a", "-T", &fstab_s]);
+    let out = owsfs(&["status", &mps, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert!(wait_for(Duration::from_secs(10), || {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        !alive
+    }));
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    assert!(mounts().is_empty(), "the dead mount is gone");
+    wait_cache_unlocked(&cache);
     let log = owsfs(&[
         "log",
         "--store",

@@ -150,15 +150,29 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     // Run as /sbin/umount.fuse.owsfs (umount(8) runs it for a fuse.owsfs mount):
     // `umount.fuse.owsfs DIR [-flags]` is `owsfs unmount DIR`, which waits for the handoff.
     if argv0.ends_with("umount.fuse.owsfs") {
-        let mut out: Vec<OsString> = vec![args[0].clone(), "unmount".into()];
-        for a in &args[1..] {
+        let mut out: Vec<OsString> =
+            vec![args[0].clone(), "unmount".into(), "--umount-helper".into()];
+        let mut dir = None;
+        let mut rest = args[1..].iter();
+        while let Some(a) = rest.next() {
             match a.to_str() {
-                Some(f) if f.starts_with('-') && f.contains('l') => out.push("--lazy".into()),
-                Some(f) if f.starts_with('-') => {} // -n, -v, -r, -f, -t TYPE's flag
-                _ if out.len() == 2 => out.push(a.clone()),
-                _ => {} // the -t option's value
+                Some("-t") => {
+                    rest.next();
+                }
+                Some(f) if f.starts_with('-') => {
+                    // -l lazy, -f force; -n, -v, -r, -i, -d: nothing for owsfs to do.
+                    if f.contains('l') {
+                        out.push("--lazy".into());
+                    }
+                    if f.contains('f') {
+                        out.push("--force".into());
+                    }
+                }
+                _ if dir.is_none() => dir = Some(a.clone()),
+                _ => {}
             }
         }
+        out.extend(dir);
         return out;
     }
     // Run as /sbin/mount.fuse.owsfs (mount(8) runs that for `-t fuse.owsfs` when it exists),

@@ -169,6 +169,8 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Err(e) = super::unmount::run(&super::unmount::UnmountArgs {
             mountpoint: mp.to_path_buf(),
             lazy: false,
+            umount_helper: false,
+            force: false,
         }) {
             eprintln!("owsfs run: {e:#}");
         }

@@ -15,10 +15,72 @@ pub struct UnmountArgs {
     /// Detach now even if files are open; the daemon finishes when the last one is closed.
     #[arg(long, short = 'l', env = "OWSFS_LAZY")]
     pub lazy: bool,
+    /// (internal) Run by umount(8) as /sbin/umount.fuse.owsfs: never worse than umount(8)
+    /// without a helper (see [`as_umount_helper`]).
+    #[arg(long, hide = true)]
+    pub umount_helper: bool,
+    /// (internal, with --umount-helper) umount -f.
+    #[arg(long, hide = true)]
+    pub force: bool,
 }
 
+/// How long umount(8), through the helper, waits for the daemon's answer (its handoff)
+/// before it unmounts in the kernel itself.
+const HELPER_WAIT: Duration = Duration::from_secs(60);
+
 pub fn run(args: &UnmountArgs) -> anyhow::Result<()> {
-    match client::unmount(&args.mountpoint, args.lazy) {
+    if args.umount_helper {
+        return as_umount_helper(args);
+    }
+    unmount(args, None)
+}
+
+/// umount(8)'s helper: a lazy unmount detaches in the kernel at once (the daemon hands off
+/// when the session ends, as it always does); a plain one asks the daemon, so that it returns
+/// once the handoff is done, and falls back to the kernel's unmount when the daemon does not
+/// answer within `HELPER_WAIT` or cannot be asked (a hung daemon must not hang umount).
+fn as_umount_helper(args: &UnmountArgs) -> anyhow::Result<()> {
+    use rustix::mount::UnmountFlags;
+    let mp = crate::mountpoint::absolute(&args.mountpoint)?;
+    let mut flags = UnmountFlags::empty();
+    if args.lazy {
+        flags |= UnmountFlags::DETACH;
+    }
+    if args.force {
+        flags |= UnmountFlags::FORCE;
+    }
+    let kernel = |why: &str| -> anyhow::Result<()> {
+        if crate::mountpoint::find_owsfs(&mp)?.is_none() {
+            return Ok(());
+        }
+        if !why.is_empty() {
+            eprintln!("owsfs: {why}; unmounting {} in the kernel", mp.display());
+        }
+        rustix::mount::unmount(&mp, flags)
+            .with_context(|| format!("cannot unmount {}", mp.display()))
+    };
+    if args.lazy || args.force {
+        return kernel("");
+    }
+    match unmount(args, Some(HELPER_WAIT)) {
+        Ok(()) => Ok(()),
+        // umount(8)'s own answer to a busy mount.
+        Err(e)
+            if e.downcast_ref::<ClientError>().is_some_and(|c| {
+                matches!(
+                    c,
+                    ClientError::Refused(crate::control::ControlError::Busy(_))
+                )
+            }) =>
+        {
+            Err(e)
+        }
+        Err(e) => kernel(&format!("{e:#}")),
+    }
+}
+
+fn unmount(args: &UnmountArgs, timeout: Option<Duration>) -> anyhow::Result<()> {
+    match client::unmount_within(&args.mountpoint, args.lazy, timeout) {
         Ok(_) => Ok(()),
         Err(ClientError::DaemonGone {
             mountpoint, cache, ..

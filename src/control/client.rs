@@ -208,6 +208,15 @@ pub fn rollback(
 
 /// Unmounts; true when only detached (`lazy`).
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<bool, ClientError> {
-    let u: Unmounted = call(mountpoint, &Request::Unmount { lazy }, None)?;
+    unmount_within(mountpoint, lazy, None)
+}
+
+/// [`unmount`], giving up on the answer after `timeout` (the handoff goes on in the daemon).
+pub fn unmount_within(
+    mountpoint: &Path,
+    lazy: bool,
+    timeout: Option<Duration>,
+) -> Result<bool, ClientError> {
+    let u: Unmounted = call(mountpoint, &Request::Unmount { lazy }, timeout)?;
     Ok(u.detached)
 }
