@@ -190,9 +190,13 @@ pub fn trial(ctx: &Ctx, n: u64, faults: bool, figs: &mut Figures) -> Result<Stri
     // slow machine that can happen before its first operation (seen in a long run: a 130 ms
     // kill and SQLite's "disk I/O error" on its first write).
     let ended_before_kill = child.try_wait()?.is_some();
-    mount.kill9(pid)?;
+    // The dead mount stays until the workload has ended: detached earlier, its next calls
+    // would go to the directory underneath and count as done (seen in a long run: a workload
+    // whose `owsfs sync` failed at the kill went on, and wrote into the bare mountpoint).
+    mount.kill9_keep_mount(pid)?;
     figs.kills += 1;
     reap(&mut child)?;
+    mount.unmount_dead()?;
     let p: Progress = read_log(&log)?;
     let errors = std::fs::read_to_string(&err).unwrap_or_default();
     if ended_before_kill && p.done == 0 && !errors.is_empty() {

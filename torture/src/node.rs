@@ -218,6 +218,14 @@ impl Mount {
     /// `kill -9` of the daemon `pid`; returns once it and its cache lock are gone and the dead
     /// mount is removed.
     pub fn kill9(&self, pid: i32) -> Result<()> {
+        self.kill9_keep_mount(pid)?;
+        self.unmount_dead()
+    }
+
+    /// `kill -9` of the daemon, leaving its dead mount in place: a process still working in
+    /// it gets ENOTCONN for every call, where after the dead mount is detached its paths would
+    /// lead into the plain directory underneath (and its writes land there).
+    pub fn kill9_keep_mount(&self, pid: i32) -> Result<()> {
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(pid).context("pid")?,
             rustix::process::Signal::KILL,
@@ -226,8 +234,7 @@ impl Mount {
         if !wait_for(Duration::from_secs(30), || is_gone(pid)) {
             bail!("daemon {pid} still alive 30 s after SIGKILL");
         }
-        self.wait_unlocked()?;
-        self.unmount_dead()
+        self.wait_unlocked()
     }
 
     /// Waits until no process holds the cache's lock (a killed daemon's threads exit after
