@@ -221,6 +221,12 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     let mut rest = args[3..].iter();
     while let Some(a) = rest.next() {
         let value = match a.to_str() {
+            // mount(8) may name the type (`-t fuse.owsfs`) or a namespace (`-N ns`): nothing
+            // for owsfs to do with either.
+            Some("-t" | "-N") if as_helper => {
+                rest.next();
+                continue;
+            }
             Some("-o") => rest.next().cloned(),
             Some(s) if s.starts_with("-o") => Some(s[2..].into()),
             _ => {
