@@ -179,8 +179,9 @@ pub struct HistogramSnapshot {
 }
 
 impl Histogram {
+    /// Records `d`, and returns it.
     #[inline]
-    pub fn observe(&self, d: Duration) {
+    pub fn observe(&self, d: Duration) -> Duration {
         let secs = d.as_secs_f64();
         let i = BUCKETS.partition_point(|b| *b < secs);
         self.counts[i].fetch_add(1, Ordering::Relaxed);
@@ -188,6 +189,7 @@ impl Histogram {
             u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        d
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {

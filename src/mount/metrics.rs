@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::daemon::Daemon;
+use crate::control::Status;
 
 /// The HTTP server of the metrics; stops when dropped.
 pub struct MetricsServer {
@@ -178,216 +179,235 @@ impl Collector for DaemonCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let d = &self.0;
         let s = d.status(false);
-        let e = &mut e;
-        // FUSE requests: a latency histogram per kind (its _count is the request count).
-        let mut m = e.encode_descriptor(
-            "owsfs_fuse_request_duration",
-            "Time to serve a kernel request, by kind of request",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for (kind, h) in d.fuse_latency() {
-            let h = h.snapshot();
-            m.encode_family(&[("op", kind.name())])?
-                .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &h.buckets, None)?;
-        }
-        let ops = &s.ops;
-        counter(
-            e,
-            "owsfs_fuse_read",
-            "Bytes read through the daemon",
-            Some(&Unit::Bytes),
-            ops.read_bytes,
-        )?;
-        counter(
-            e,
-            "owsfs_fuse_written",
-            "Bytes written through the daemon",
-            Some(&Unit::Bytes),
-            ops.write_bytes,
-        )?;
-        counter(
-            e,
-            "owsfs_fuse_errors",
-            "Requests answered with an unexpected error",
-            None,
-            ops.errors,
-        )?;
-        gauge(
-            e,
-            "owsfs_inodes",
-            "Inodes the daemon holds",
-            None,
-            s.inodes as f64,
-        )?;
-        gauge(
-            e,
-            "owsfs_open_files",
-            "Open file handles",
-            None,
-            s.open_files as f64,
-        )?;
-        // The journal.
-        let j = &s.journal;
-        counter(
-            e,
-            "owsfs_journal_written",
-            "Bytes of records written to the journal",
-            Some(&Unit::Bytes),
-            j.bytes,
-        )?;
-        counter(
-            e,
-            "owsfs_journal_records",
-            "Records written to the journal",
-            None,
-            j.records,
-        )?;
-        gauge(
-            e,
-            "owsfs_journal_dirty",
-            "Bytes of changes not yet in a durable generation",
-            Some(&Unit::Bytes),
-            j.dirty_bytes as f64,
-        )?;
-        // Commits.
-        let a = &s.sync.agent;
-        counter(e, "owsfs_commits", "Generations committed", None, a.commits)?;
-        counter(
-            e,
-            "owsfs_commit_failures",
-            "Commit attempts that failed",
-            None,
-            a.commit_failures,
-        )?;
-        let h = d.commit_latency();
-        let mut m = e.encode_descriptor(
-            "owsfs_commit_duration",
-            "Time from the cut to the generation record in the store",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        m.encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &h.buckets, None)?;
-        gauge(
-            e,
-            "owsfs_generation",
-            "The newest durable generation",
-            None,
-            a.generation as f64,
-        )?;
-        gauge(
-            e,
-            "owsfs_lag",
-            "Age of the oldest change not yet in the store",
-            Some(&Unit::Seconds),
-            a.lag_secs,
-        )?;
-        gauge(
-            e,
-            "owsfs_lag",
-            "Bytes of changes not yet in the store",
-            Some(&Unit::Bytes),
-            a.lag_bytes as f64,
-        )?;
-        let m = e.encode_descriptor(
-            "owsfs_throttled",
-            "Time writers were held back by --max-lag",
-            Some(&Unit::Seconds),
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(a.throttled_ms as f64 / 1000.0).encode(m)?;
-        // The store.
-        let r = &a.store_requests;
-        let mut m = e.encode_descriptor(
-            "owsfs_store_requests",
-            "Requests to the store, by kind",
-            None,
-            MetricType::Counter,
-        )?;
-        for (kind, v) in [
-            ("get", r.gets),
-            ("put", r.puts),
-            ("list", r.lists),
-            ("delete", r.deletes),
-            ("head", r.heads),
-        ] {
-            ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
-        }
-        counter(
-            e,
-            "owsfs_store_errors",
-            "Store requests that failed",
-            None,
-            r.errors,
-        )?;
-        counter(
-            e,
-            "owsfs_store_retries",
-            "Store requests retried",
-            None,
-            r.retries,
-        )?;
-        counter(
-            e,
-            "owsfs_store_uploaded",
-            "Bytes uploaded to the store",
-            Some(&Unit::Bytes),
-            r.bytes_up,
-        )?;
-        counter(
-            e,
-            "owsfs_store_downloaded",
-            "Bytes downloaded from the store",
-            Some(&Unit::Bytes),
-            r.bytes_down,
-        )?;
-        // Lazy hydration.
-        let hy = &s.sync.hydration;
-        counter(
-            e,
-            "owsfs_hydration_fetched",
-            "Bytes fetched from the store on first read or by prefetch",
-            Some(&Unit::Bytes),
-            hy.fetched_bytes,
-        )?;
-        gauge(
-            e,
-            "owsfs_hydration_missing",
-            "Bytes of the generation not yet local",
-            Some(&Unit::Bytes),
-            hy.bytes_total.saturating_sub(hy.bytes_present) as f64,
-        )?;
-        // The lease.
-        let l = &s.sync.lease;
-        counter(
-            e,
-            "owsfs_lease_renewals",
-            "Lease renewals that succeeded",
-            None,
-            l.renewals,
-        )?;
-        counter(
-            e,
-            "owsfs_lease_renewal_failures",
-            "Lease renewals that failed",
-            None,
-            l.renewal_failures,
-        )?;
-        gauge(
-            e,
-            "owsfs_lease_epoch",
-            "The epoch of the lease this mount holds",
-            None,
-            l.epoch as f64,
-        )?;
-        let stopped = u64::from(l.lost.is_some() || a.writes_stopped.is_some());
-        counter(
-            e,
-            "owsfs_fail_stops",
-            "Fail-stops: writes stopped because the lease could not be kept",
-            None,
-            stopped,
-        )?;
-        Ok(())
+        encode_fuse(&mut e, d, &s)?;
+        encode_sync(&mut e, d, &s)?;
+        encode_store(&mut e, &s)
     }
+}
+
+type Enc<'a, 'b> = &'a mut DescriptorEncoder<'b>;
+
+/// FUSE requests, and what the daemon holds.
+fn encode_fuse(e: Enc<'_, '_>, d: &Daemon, s: &Status) -> Result<(), std::fmt::Error> {
+    // FUSE requests: a latency histogram per kind (its _count is the request count).
+    let mut m = e.encode_descriptor(
+        "owsfs_fuse_request_duration",
+        "Time to serve a kernel request, by kind of request",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    for (kind, h) in d.fuse_latency() {
+        let h = h.snapshot();
+        m.encode_family(&[("op", kind.name())])?
+            .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &h.buckets, None)?;
+    }
+    let ops = &s.ops;
+    counter(
+        e,
+        "owsfs_fuse_read",
+        "Bytes read through the daemon",
+        Some(&Unit::Bytes),
+        ops.read_bytes,
+    )?;
+    counter(
+        e,
+        "owsfs_fuse_written",
+        "Bytes written through the daemon",
+        Some(&Unit::Bytes),
+        ops.write_bytes,
+    )?;
+    counter(
+        e,
+        "owsfs_fuse_errors",
+        "Requests answered with an unexpected error",
+        None,
+        ops.errors,
+    )?;
+    gauge(
+        e,
+        "owsfs_inodes",
+        "Inodes the daemon holds",
+        None,
+        s.inodes as f64,
+    )?;
+    gauge(
+        e,
+        "owsfs_open_files",
+        "Open file handles",
+        None,
+        s.open_files as f64,
+    )?;
+    Ok(())
+}
+
+/// The journal and the commits.
+fn encode_sync(e: Enc<'_, '_>, d: &Daemon, s: &Status) -> Result<(), std::fmt::Error> {
+    // The journal.
+    let j = &s.journal;
+    counter(
+        e,
+        "owsfs_journal_written",
+        "Bytes of records written to the journal",
+        Some(&Unit::Bytes),
+        j.bytes,
+    )?;
+    counter(
+        e,
+        "owsfs_journal_records",
+        "Records written to the journal",
+        None,
+        j.records,
+    )?;
+    gauge(
+        e,
+        "owsfs_journal_dirty",
+        "Bytes of changes not yet in a durable generation",
+        Some(&Unit::Bytes),
+        j.dirty_bytes as f64,
+    )?;
+    // Commits.
+    let a = &s.sync.agent;
+    counter(e, "owsfs_commits", "Generations committed", None, a.commits)?;
+    counter(
+        e,
+        "owsfs_commit_failures",
+        "Commit attempts that failed",
+        None,
+        a.commit_failures,
+    )?;
+    let h = d.commit_latency();
+    let mut m = e.encode_descriptor(
+        "owsfs_commit_duration",
+        "Time from the cut to the generation record in the store",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    m.encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &h.buckets, None)?;
+    gauge(
+        e,
+        "owsfs_generation",
+        "The newest durable generation",
+        None,
+        a.generation as f64,
+    )?;
+    gauge(
+        e,
+        "owsfs_lag",
+        "Age of the oldest change not yet in the store",
+        Some(&Unit::Seconds),
+        a.lag_secs,
+    )?;
+    gauge(
+        e,
+        "owsfs_lag",
+        "Bytes of changes not yet in the store",
+        Some(&Unit::Bytes),
+        a.lag_bytes as f64,
+    )?;
+    let m = e.encode_descriptor(
+        "owsfs_throttled",
+        "Time writers were held back by --max-lag",
+        Some(&Unit::Seconds),
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(a.throttled_ms as f64 / 1000.0).encode(m)?;
+    Ok(())
+}
+
+/// The store, lazy hydration and the lease.
+fn encode_store(e: Enc<'_, '_>, s: &Status) -> Result<(), std::fmt::Error> {
+    let a = &s.sync.agent;
+    // The store.
+    let r = &a.store_requests;
+    let mut m = e.encode_descriptor(
+        "owsfs_store_requests",
+        "Requests to the store, by kind",
+        None,
+        MetricType::Counter,
+    )?;
+    for (kind, v) in [
+        ("get", r.gets),
+        ("put", r.puts),
+        ("list", r.lists),
+        ("delete", r.deletes),
+        ("head", r.heads),
+    ] {
+        ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
+    }
+    counter(
+        e,
+        "owsfs_store_errors",
+        "Store requests that failed",
+        None,
+        r.errors,
+    )?;
+    counter(
+        e,
+        "owsfs_store_retries",
+        "Store requests retried",
+        None,
+        r.retries,
+    )?;
+    counter(
+        e,
+        "owsfs_store_uploaded",
+        "Bytes uploaded to the store",
+        Some(&Unit::Bytes),
+        r.bytes_up,
+    )?;
+    counter(
+        e,
+        "owsfs_store_downloaded",
+        "Bytes downloaded from the store",
+        Some(&Unit::Bytes),
+        r.bytes_down,
+    )?;
+    // Lazy hydration.
+    let hy = &s.sync.hydration;
+    counter(
+        e,
+        "owsfs_hydration_fetched",
+        "Bytes fetched from the store on first read or by prefetch",
+        Some(&Unit::Bytes),
+        hy.fetched_bytes,
+    )?;
+    gauge(
+        e,
+        "owsfs_hydration_missing",
+        "Bytes of the generation not yet local",
+        Some(&Unit::Bytes),
+        hy.bytes_total.saturating_sub(hy.bytes_present) as f64,
+    )?;
+    // The lease.
+    let l = &s.sync.lease;
+    counter(
+        e,
+        "owsfs_lease_renewals",
+        "Lease renewals that succeeded",
+        None,
+        l.renewals,
+    )?;
+    counter(
+        e,
+        "owsfs_lease_renewal_failures",
+        "Lease renewals that failed",
+        None,
+        l.renewal_failures,
+    )?;
+    gauge(
+        e,
+        "owsfs_lease_epoch",
+        "The epoch of the lease this mount holds",
+        None,
+        l.epoch as f64,
+    )?;
+    let stopped = u64::from(l.lost.is_some() || a.writes_stopped.is_some());
+    counter(
+        e,
+        "owsfs_fail_stops",
+        "Fail-stops: writes stopped because the lease could not be kept",
+        None,
+        stopped,
+    )?;
+    Ok(())
 }

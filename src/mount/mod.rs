@@ -755,17 +755,7 @@ pub fn serve(
     };
     let (store, ws, before) = open_workspace(&store_url, &ws_name)?;
     refuse_template(&ws, opts.edit_template)?;
-    identity::check_default_name(
-        &ws,
-        &store_url,
-        &mountpoint,
-        &identity::Naming {
-            explicit_name: opts.workspace.is_some(),
-            explicit_cache: opts.cache_is_explicit(),
-            cache_holds: open.holds()?.as_deref(),
-        },
-        &before,
-    )?;
+    check_identity(opts, &open, &ws, &store_url, &mountpoint, &before)?;
 
     // Declared before the lease and the services, so that on an error exit it is dropped
     // after them: the cache's lock is let go only once the services' last cut is done and
@@ -885,6 +875,28 @@ pub fn serve(
     daemon.finish(result.clone());
     daemon.drain_waiters();
     result.map_err(anyhow::Error::msg)
+}
+
+/// The default-name rule (`identity::check_default_name`) for this mount.
+pub fn check_identity(
+    opts: &MountOpts,
+    open: &OpenCache,
+    ws: &Workspace,
+    store_url: &str,
+    mountpoint: &Path,
+    before: &identity::Before,
+) -> anyhow::Result<()> {
+    identity::check_default_name(
+        ws,
+        store_url,
+        mountpoint,
+        &identity::Naming {
+            explicit_name: opts.workspace.is_some(),
+            explicit_cache: opts.cache_is_explicit(),
+            cache_holds: open.holds()?.as_deref(),
+        },
+        before,
+    )
 }
 
 /// The workspace of a mount without `--workspace`: the one a cache named with `--cache` (or

@@ -144,17 +144,7 @@ pub fn serve(
         .resolve(at)
         .with_context(|| format!("cannot find {at} of workspace {ws_name:?}"))?;
     let mut before = super::identity::Before::read(&ws, false);
-    super::identity::check_default_name(
-        &ws,
-        &store_url,
-        &mountpoint,
-        &super::identity::Naming {
-            explicit_name: opts.workspace.is_some(),
-            explicit_cache: opts.cache_is_explicit(),
-            cache_holds: open.holds()?.as_deref(),
-        },
-        &before,
-    )?;
+    super::check_identity(opts, &open, &ws, &store_url, &mountpoint, &before)?;
     before.head = Some(record.clone());
     let node = open.cache.node_id()?;
     let pin = PinGuard::take(

@@ -752,8 +752,7 @@ impl SyncAgent {
         // What the journal forgets must be in the stored hydration state first.
         self.hyd.save()?;
         journal.committed(seq)?;
-        self.commit_latency.observe(started.elapsed());
-        let total_ms = started.elapsed().as_millis() as u64;
+        let total_ms = self.commit_latency.observe(started.elapsed()).as_millis() as u64;
         let mut st = self.st.lock();
         st.head = number;
         st.durable_seq = st.durable_seq.max(seq);
@@ -771,15 +770,7 @@ impl SyncAgent {
             cut_ms,
             total_ms,
         });
-        tracing::info!(
-            generation = number,
-            epoch,
-            files = captured.to_read.len() as u64,
-            bytes_new = st.last_commit.as_ref().map_or(0, |c| c.bytes_new),
-            cut_ms,
-            total_ms,
-            "committed"
-        );
+        log_commit(st.last_commit.as_ref(), epoch);
         self.cv.notify_all();
         tracing::debug!(
             "sync: generation {number}: {} new bytes in {total_ms} ms",
@@ -873,4 +864,19 @@ fn local_disk_full(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
     })
+}
+
+/// The one info line per commit.
+fn log_commit(c: Option<&CommitInfo>, epoch: u64) {
+    if let Some(c) = c {
+        tracing::info!(
+            generation = c.generation,
+            epoch,
+            files = c.files,
+            bytes_new = c.bytes_new,
+            cut_ms = c.cut_ms,
+            total_ms = c.total_ms,
+            "committed"
+        );
+    }
 }
