@@ -102,6 +102,13 @@ pub struct MountOpts {
     /// does not attach a workspace last mounted at another path (say --workspace to).
     #[arg(long, env = "OWSFS_WORKSPACE")]
     pub workspace: Option<String>,
+    /// Adopt the mountpoint's own files: the directory is served in place (its files stay
+    /// there; the journal and the state go to the cache), the first generation uploads what
+    /// was there, and after unmount it is a plain directory holding the latest contents. An
+    /// existing workspace is adopted only by a directory that holds exactly its newest
+    /// generation.
+    #[arg(long, env = "OWSFS_ADOPT", conflicts_with_all = ["read_only", "at"])]
+    pub adopt: bool,
     /// Mount without the writer's lease: every write fails with EROFS, any number of such
     /// mounts can run beside the writer, on any node. Shows --at, or the newest generation.
     #[arg(long, env = "OWSFS_READ_ONLY")]
@@ -204,6 +211,9 @@ impl MountOpts {
         }
         if self.read_only {
             v.push("--read-only".to_string());
+        }
+        if self.adopt {
+            v.push("--adopt".to_string());
         }
         if self.edit_template {
             v.push("--edit-template".to_string());
@@ -482,5 +492,11 @@ mod tests {
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert_eq!(b.keep_snapshots, 3);
         assert_eq!(b.drill_every, Some(Duration::from_secs(3600)));
+        // --adopt excludes --read-only and --at.
+        let a = <Cli as clap::Parser>::parse_from(["x", "--adopt"]).opts;
+        let mut again = vec!["x".to_string()];
+        again.extend(a.to_args());
+        assert!(<Cli as clap::Parser>::parse_from(again).opts.adopt);
+        assert!(<Cli as clap::Parser>::try_parse_from(["x", "--adopt", "--read-only"]).is_err());
     }
 }

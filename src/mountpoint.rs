@@ -161,8 +161,9 @@ pub fn cache_of(m: &MountInfo) -> Option<PathBuf> {
         .and_then(|d| d.cache)
 }
 
-/// Checks that `path` can be mounted on: an existing, empty directory that is not a mountpoint.
-pub fn check_mountable(path: &Path) -> anyhow::Result<PathBuf> {
+/// Checks that `path` can be mounted on: an existing directory that is not a mountpoint, and
+/// empty unless it is adopted (`--adopt`: its files become the workspace's).
+pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
     let abs = absolute(path)?;
     if let Some(m) = mounts()?.into_iter().rev().find(|m| m.mountpoint == abs) {
         bail!(
@@ -191,9 +192,10 @@ pub fn check_mountable(path: &Path) -> anyhow::Result<PathBuf> {
     }
     let mut entries = std::fs::read_dir(&abs)
         .with_context(|| format!("cannot list mountpoint {}", abs.display()))?;
-    if entries.next().is_some() {
+    if !adopt && entries.next().is_some() {
         bail!(
-            "mountpoint {} is not empty; owsfs mounts only on an empty directory, so nothing is hidden",
+            "mountpoint {} is not empty, and owsfs hides nothing under a mount; to make its \
+             files the workspace's, where they are, pass --adopt",
             abs.display()
         );
     }

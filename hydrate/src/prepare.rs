@@ -67,6 +67,8 @@ pub fn prepare_base(
             );
             None
         }
+        // `check_adopted` found the adopted directory holding generation h.
+        (None, Some(_)) if cache.adopted().is_some() => None,
         (None, Some(h)) => {
             if dir_has_entries(&cache.backing)? {
                 bail!(
@@ -346,6 +348,63 @@ pub fn remove_trash(trash: PathBuf) {
 /// Whether the cache's unsynced changes must be set aside before mounting: the store has a
 /// newer commit than the cache's base, written by another node (a takeover), while the cache
 /// still has changes that are not in the store. They are never merged. Returns why.
+/// An adopted directory (`owsfs mount DIR --adopt`, reached by `backing`) of a workspace that
+/// has commits: unless this cache's base is the newest commit (or this cache made it), DIR
+/// must hold exactly the newest commit's tree, and the cache then forgets its base (its
+/// journal was rescanned: the next cut reads DIR whole). Anything else is refused, naming the
+/// first difference: an adopted directory is never overwritten or merged.
+pub fn check_adopted(
+    ws: &Workspace,
+    local: &mut LocalState,
+    dir: &Path,
+    backing: &Path,
+    cache_root: &Path,
+    head: u64,
+) -> anyhow::Result<()> {
+    let Some(newest) = ws.newest_commit(head)? else {
+        return Ok(());
+    };
+    let holds = local.meta("workspace")?;
+    if holds.as_deref().is_some_and(|w| w != ws.name()) {
+        // Refused by `prepare_base`, which names both.
+        return Ok(());
+    }
+    let base = local.base()?;
+    if base.as_ref().is_some_and(|b| b.generation == newest.number)
+        || own_commit(local, ws, &newest)?
+    {
+        return Ok(());
+    }
+    if let Err(e) = owsfs_local::drill::check_tree(ws.store(), &newest, backing) {
+        let keep = match &base {
+            Some(b) => format!(
+                " This cache last held generation {}; changes it never committed can be kept \
+                 with `owsfs recover --cache {} --as NEW_NAME`.",
+                b.generation,
+                cache_root.display()
+            ),
+            None => String::new(),
+        };
+        bail!(
+            "workspace {:?} exists in the store (generation {}), and {} does not hold exactly \
+             that generation ({e:#}); an existing workspace is adopted only by a directory that \
+             does. To get the workspace, mount it without --adopt on an empty directory; to keep \
+             these files as a new workspace, adopt them with --workspace NEW_NAME.{keep}",
+            ws.name(),
+            newest.number,
+            dir.display()
+        );
+    }
+    tracing::info!(
+        "{} holds generation {} of workspace {:?}: adopted as it is",
+        dir.display(),
+        newest.number,
+        ws.name()
+    );
+    local.forget_base()?;
+    Ok(())
+}
+
 pub fn diverged(
     ws: &Workspace,
     local: &LocalState,

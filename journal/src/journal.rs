@@ -37,6 +37,9 @@ pub struct JournalOptions {
     /// truncate) can still be written when the file system is full. See FORMAT.md
     /// ("Space reserve").
     pub reserve_bytes: u64,
+    /// Rescan the backing directory whatever the segments say, for this reason: the backing
+    /// directory of an adopted directory may have changed while nothing was mounted on it.
+    pub rescan: Option<String>,
 }
 
 impl Default for JournalOptions {
@@ -45,6 +48,7 @@ impl Default for JournalOptions {
             segment_bytes: 64 << 20,
             boot_id: None,
             reserve_bytes: 1 << 20,
+            rescan: None,
         }
     }
 }
@@ -286,7 +290,10 @@ impl Journal {
             Err(e) => return Err(JournalError::io("look for clean marker", clean_path, e)),
         };
         segment::remove_temporaries(dir)?;
-        let replay = replay::replay(dir, Some(boot), clean)?;
+        let mut replay = replay::replay(dir, Some(boot), clean)?;
+        if let Some(why) = &opts.rescan {
+            replay.recovery.rescan.get_or_insert_with(|| why.clone());
+        }
         let Resumed {
             state,
             mut recovery,

@@ -6,7 +6,9 @@
 //! CACHE/cache.json     format marker: {"format":"owsfs-cache","version":1,"crc32c":...}
 //! CACHE/lock           flock(2)ed by the daemon that serves this cache; holds its pid, then
 //!                      `PID stopping` once its session ended (a new mount waits for it)
-//! CACHE/backing/       the workspace's files, exactly as the workspace shows them
+//! CACHE/backing/       the workspace's files, exactly as the workspace shows them (left
+//!                      empty by a cache that adopted a directory: its files stay there)
+//! CACHE/adopted.json   the directory adopted by `owsfs mount DIR --adopt` (`adopt.rs`)
 //! CACHE/journal/       write journal segments (journal/FORMAT.md)
 //! CACHE/control.sock   the daemon's control socket
 //! CACHE/owsfs.log      the log of a background daemon
@@ -25,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+
+use crate::adopt::Adopted;
 
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 
@@ -46,6 +50,8 @@ pub struct Cache {
     pub journal: PathBuf,
     /// Set-asides that a crash had interrupted, finished by [`Cache::open`].
     pub finished_aside: Vec<PathBuf>,
+    /// The directory this cache adopted (`CACHE/adopted.json`): then `backing` reaches it.
+    adopted: Option<Adopted>,
     lock: Option<File>,
 }
 
@@ -210,7 +216,13 @@ impl Cache {
         // Before anything starts a new backing directory, journal or state.
         let finished_aside = resume_set_aside(&root)?;
         make_dirs(&root)?;
-        let backing = root.join("backing");
+        let adopted = match crate::adopt::read(&root)? {
+            Some(dir) => Some(Adopted::open(&dir)?),
+            None => None,
+        };
+        let backing = adopted
+            .as_ref()
+            .map_or_else(|| root.join("backing"), Adopted::backing);
         let journal = root.join("journal");
         // Prove the cache takes writes before mounting on it.
         let probe = root.join(".write-probe");
@@ -222,8 +234,47 @@ impl Cache {
             backing,
             journal,
             finished_aside,
+            adopted,
             lock: Some(lock),
         })
+    }
+
+    /// The directory this cache adopted, if it did.
+    pub fn adopted(&self) -> Option<&Path> {
+        self.adopted.as_ref().map(|a| a.dir.as_path())
+    }
+
+    /// Makes `dir` (absolute, not covered by a mount) this cache's backing directory, for
+    /// good: recorded in `CACHE/adopted.json`. A cache adopts one directory, and only a cache
+    /// that holds no workspace files of its own.
+    pub fn adopt(&mut self, dir: &Path) -> anyhow::Result<()> {
+        match &self.adopted {
+            Some(a) if a.dir == dir => return Ok(()),
+            Some(a) => bail!(
+                "the cache {} adopted {}, not {}: mount {} with it, or give {} another --cache",
+                self.root.display(),
+                a.dir.display(),
+                dir.display(),
+                a.dir.display(),
+                dir.display()
+            ),
+            None => {}
+        }
+        if self.root.join("state.db").exists()
+            || std::fs::read_dir(&self.backing).is_ok_and(|mut d| d.next().is_some())
+        {
+            bail!(
+                "the cache {} keeps a workspace's files itself (in {}), so it cannot adopt {}:                  give --adopt a new --cache",
+                self.root.display(),
+                self.backing.display(),
+                dir.display()
+            );
+        }
+        let a = Adopted::open(dir)?;
+        crate::adopt::write(&self.root, dir)?;
+        self.backing = a.backing();
+        self.adopted = Some(a);
+        Ok(())
     }
 
     /// This cache's node id: made once, at random, and kept in `CACHE/node-id`.
@@ -256,6 +307,21 @@ impl Cache {
     /// next [`Cache::open`], before anything makes a new backing directory, journal or state
     /// that could be taken for the ones set aside.
     pub fn set_aside(&self, name: &str, why: &serde_json::Value) -> anyhow::Result<PathBuf> {
+        if let Some(dir) = self.adopted() {
+            // The files are the user's own directory: they are never moved away.
+            bail!(
+                "{}: {} has changes that are not in the store, and the store has newer \
+                 generations written elsewhere; refusing to mix them. Make the changes a \
+                 workspace of their own with `owsfs recover --cache {} --as NEW_NAME`, or move \
+                 the files out of {} and mount it again",
+                why.get("reason")
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("diverged"),
+                dir.display(),
+                self.root.display(),
+                dir.display()
+            );
+        }
         let aside = self.root.join("aside");
         let staging = aside.join(format!(".{name}{PARTIAL}"));
         std::fs::create_dir_all(&staging)

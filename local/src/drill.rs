@@ -89,6 +89,26 @@ pub fn drill(
 
 /// Checks that `dir` holds exactly `record`'s tree (see the module's comment).
 pub fn check(store: &Store, record: &GenerationRecord, dir: &Path) -> anyhow::Result<Checked> {
+    let mut c = check_tree(store, record, dir)?;
+    for db in &record.sqlite {
+        let path = dir.join(&db.path);
+        let integrity = integrity_check(&path)
+            .with_context(|| format!("cannot check the SQLite database {}", db.path))?;
+        let ok = integrity == "ok";
+        c.databases.push(DatabaseCheck {
+            path: db.path.clone(),
+            integrity: integrity.clone(),
+        });
+        if !ok {
+            bail!("{}: PRAGMA integrity_check says: {integrity}", db.path);
+        }
+    }
+    Ok(c)
+}
+
+/// Checks that `dir` holds exactly `record`'s tree, as [`check`] does, but opens no
+/// database (it reads `dir` only, and changes nothing): the first difference is the error.
+pub fn check_tree(store: &Store, record: &GenerationRecord, dir: &Path) -> anyhow::Result<Checked> {
     let root = record
         .root
         .with_context(|| format!("generation {} has no tree", record.number))?;
@@ -129,19 +149,6 @@ pub fn check(store: &Store, record: &GenerationRecord, dir: &Path) -> anyhow::Re
             c.bytes
         );
     }
-    for db in &record.sqlite {
-        let path = dir.join(&db.path);
-        let integrity = integrity_check(&path)
-            .with_context(|| format!("cannot check the SQLite database {}", db.path))?;
-        let ok = integrity == "ok";
-        c.databases.push(DatabaseCheck {
-            path: db.path.clone(),
-            integrity: integrity.clone(),
-        });
-        if !ok {
-            bail!("{}: PRAGMA integrity_check says: {integrity}", db.path);
-        }
-    }
     Ok(c)
 }
 
@@ -174,6 +181,18 @@ fn check_dir(
         .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
         .collect::<Result<_, _>>()?;
     names.sort();
+    // A SQLite database's `-shm` beside it is never stored (rebuilt on open).
+    let derived: Vec<Vec<u8>> = names
+        .iter()
+        .filter(|n| {
+            n.strip_suffix(b"-shm").is_some_and(|db| {
+                names.binary_search(&db.to_vec()).is_ok()
+                    && is_sqlite(&here.join(OsStr::from_bytes(db)))
+            })
+        })
+        .cloned()
+        .collect();
+    names.retain(|n| !derived.contains(n));
     let mut want: Vec<Vec<u8>> = tree
         .entries
         .iter()
@@ -182,8 +201,15 @@ fn check_dir(
         .collect();
     want.sort();
     if names != want {
+        let extra = names.iter().find(|n| want.binary_search(n).is_err());
+        let missing = want.iter().find(|n| names.binary_search(n).is_err());
+        let which = match (extra, missing) {
+            (Some(n), _) => format!(", and {} is not in the tree", show(rel, n)),
+            (None, Some(n)) => format!(", and {} is missing", show(rel, n)),
+            (None, None) => String::new(),
+        };
         bail!(
-            "{} holds {} names, its tree {}",
+            "{} holds {} names, its tree {}{which}",
             display(rel),
             names.len(),
             want.len()
@@ -265,6 +291,20 @@ fn check_bytes(
         }
     }
     Ok(())
+}
+
+/// The file at `path` starts with SQLite's header string.
+fn is_sqlite(path: &Path) -> bool {
+    let mut head = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"SQLite format 3\0"
+}
+
+/// The path of entry `name` of directory `rel`.
+fn show(rel: &Path, name: &[u8]) -> String {
+    rel.join(OsStr::from_bytes(name)).display().to_string()
 }
 
 fn display(rel: &Path) -> String {

@@ -10,6 +10,7 @@
 //! state through it, so none of them needs another.
 
 pub mod access;
+pub mod adopt;
 pub mod cache;
 pub mod drill;
 pub mod export;

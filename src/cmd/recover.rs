@@ -282,6 +282,7 @@ fn fork_with_changes(
                 passthrough: false,
                 inode_budget: 4096,
                 side_dir: None,
+                adopted: false,
             },
             prefetch: PrefetchOptions {
                 workers: 0,

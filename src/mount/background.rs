@@ -96,7 +96,7 @@ pub fn init_logging(filter: &str, format: crate::args::LogFormat) {
 /// Starts the daemon in the background and returns once it reports the mount ready.
 pub fn spawn_background(mountpoint: &Path, opts: &MountOpts, cache: &Path) -> anyhow::Result<()> {
     // The daemon checks these again, but failing here is quicker and plainer.
-    mountpoint::check_mountable(mountpoint)?;
+    mountpoint::check_mountable(mountpoint, opts.adopt)?;
     mountpoint::check_dev_fuse()?;
     // The log lives in the cache; the daemon checks the cache properly itself.
     std::fs::create_dir_all(cache).with_context(|| {

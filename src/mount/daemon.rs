@@ -35,6 +35,8 @@ pub struct Daemon {
     metrics_addr: std::sync::OnceLock<String>,
     /// What a live rollback needs (a writer's mount).
     rollback: std::sync::OnceLock<super::rollback::Rollback>,
+    /// The directory `--adopt` serves in place.
+    adopted: std::sync::OnceLock<PathBuf>,
     /// Set when the session has ended and the journal is closed: Ok, or the error.
     finished: Mutex<Option<Result<(), String>>>,
     finished_cv: Condvar,
@@ -69,6 +71,7 @@ impl Daemon {
             read_only_at: std::sync::OnceLock::new(),
             metrics_addr: std::sync::OnceLock::new(),
             rollback: std::sync::OnceLock::new(),
+            adopted: std::sync::OnceLock::new(),
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
             waiters: Mutex::new(0),
@@ -100,6 +103,11 @@ impl Daemon {
         let _ = self.rollback.set(r);
     }
 
+    /// Says that the mount serves the adopted directory `dir` in place.
+    pub fn set_adopted(&self, dir: PathBuf) {
+        let _ = self.adopted.set(dir);
+    }
+
     /// `owsfs rollback MOUNTPOINT REF`: a new generation with REF's tree, served at once.
     pub fn rollback(
         &self,
@@ -107,6 +115,13 @@ impl Daemon {
         keep_snapshots: usize,
         timeout: Duration,
     ) -> Result<crate::control::LiveRollback, ControlError> {
+        if let Some(dir) = self.adopted.get() {
+            return Err(ControlError::Other(format!(
+                "{} is an adopted directory: a live rollback would replace its own files, which \
+                 owsfs does not do yet; restore REF elsewhere with `owsfs restore`",
+                dir.display()
+            )));
+        }
         match self.rollback.get() {
             Some(r) => r.run(to, keep_snapshots, timeout),
             None => Err(ControlError::Other(format!(
@@ -144,7 +159,11 @@ impl Daemon {
             schema: crate::control::STATUS_SCHEMA,
             mountpoint: self.mountpoint.clone(),
             cache: self.cache.clone(),
-            backing: core.backing_root().to_path_buf(),
+            backing: self
+                .adopted
+                .get()
+                .cloned()
+                .unwrap_or_else(|| core.backing_root().to_path_buf()),
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             passthrough: core.passthrough_enabled(),

@@ -61,13 +61,26 @@ impl OpenCache {
     }
 
     /// As [`OpenCache::open`], waiting up to `wait` for a previous daemon of the cache that is
-    /// finishing its last commit.
+    /// finishing its last commit. `adopt`: the directory `--adopt` serves (the mountpoint); a
+    /// cache that adopted a directory is mounted only that way.
     pub fn open_waiting(
         dir: &Path,
         wait: std::time::Duration,
         notice: &mut dyn FnMut(&str),
+        adopt: Option<&Path>,
     ) -> anyhow::Result<OpenCache> {
-        Self::from_cache(Cache::open_waiting(dir, wait, notice)?)
+        let mut cache = Cache::open_waiting(dir, wait, notice)?;
+        match (adopt, cache.adopted()) {
+            (Some(d), _) => cache.adopt(d)?,
+            (None, Some(d)) => anyhow::bail!(
+                "the cache {} adopted {}: mount it with `owsfs mount {} --adopt`",
+                cache.root.display(),
+                d.display(),
+                d.display()
+            ),
+            (None, None) => {}
+        }
+        Self::from_cache(cache)
     }
 
     /// The workspace this cache holds already (from its `state.db`; none for a new cache).
@@ -91,14 +104,27 @@ impl OpenCache {
 }
 
 fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
-    let (journal, recovery) =
-        Journal::open(&cache.journal, &cache.backing, JournalOptions::default())
-            .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))?;
+    // An adopted directory is a plain directory while nothing is mounted on it: whatever
+    // changed it then went unrecorded, so it is read whole (the next cut uploads only what
+    // the store lacks).
+    let adopted = cache
+        .adopted()
+        .map(|d| format!("{} is an adopted directory", d.display()));
+    let opts = JournalOptions {
+        rescan: adopted.clone(),
+        ..JournalOptions::default()
+    };
+    let (journal, recovery) = Journal::open(&cache.journal, &cache.backing, opts)
+        .with_context(|| format!("cannot open the journal in {}", cache.journal.display()))?;
     if let Some(tail) = &recovery.torn_tail {
         tracing::warn!("journal: torn tail cut: {tail}");
     }
-    if let Some(why) = &recovery.rescan {
-        tracing::warn!("journal: rescanned the backing directory: {why}");
+    match &recovery.rescan {
+        Some(why) if Some(why) == adopted.as_ref() => {
+            tracing::info!("journal: rescanned the backing directory: {why}")
+        }
+        Some(why) => tracing::warn!("journal: rescanned the backing directory: {why}"),
+        None => {}
     }
     tracing::info!(
         "journal: replayed {} record(s) from {} segment(s){}",
@@ -203,6 +229,16 @@ pub fn prepare(
             );
         }
     }
+    if let Some(dir) = cache.adopted() {
+        owsfs_hydrate::prepare::check_adopted(
+            ws,
+            &mut local,
+            dir,
+            &cache.backing,
+            &cache.root,
+            head,
+        )?;
+    }
     if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
         // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
         drop(local);
@@ -273,6 +309,7 @@ impl ServiceOptions {
                 passthrough: o.passthrough,
                 inode_budget: background::inode_budget(o.max_inodes),
                 side_dir: None,
+                adopted: false,
             },
             prefetch: PrefetchOptions {
                 workers: opts.prefetch,
@@ -361,6 +398,12 @@ impl Services {
             head,
             previous_sqlite,
         } = prepared;
+        let mut opts = opts;
+        if cache.adopted().is_some() {
+            // Side files go to the cache, not beside the user's directory.
+            opts.core.adopted = true;
+            opts.core.side_dir.get_or_insert_with(|| cache.root.clone());
+        }
         // Lazy hydration: the root's entries are made now (its tree is the one fetch a mount
         // of a new cache needs); everything else on demand and in the background.
         let hyd = Hydrator::open(
@@ -734,17 +777,22 @@ pub fn serve(
     cache_dir: &Path,
     ready: &Readiness,
 ) -> anyhow::Result<()> {
-    let mountpoint = mountpoint::check_mountable(mountpoint)?;
+    let mountpoint = mountpoint::check_mountable(mountpoint, opts.adopt)?;
     mountpoint::check_dev_fuse()?;
     // The process umask stays as it is: it also applies to the cache, the journal and a
     // file:// store, which must not become writable by everyone. New nodes get exactly the
     // mode the kernel sends (the core restores bits the umask took, see fuse/src/core.rs).
     // A previous daemon of this cache may still be finishing its last commit (`umount`, then
     // `mount` at once): wait for it, bounded.
-    let open = OpenCache::open_waiting(cache_dir, PREVIOUS_DAEMON_WAIT, &mut |m| {
-        tracing::info!("{m}");
-        ready.notice(m);
-    })?;
+    let open = OpenCache::open_waiting(
+        cache_dir,
+        PREVIOUS_DAEMON_WAIT,
+        &mut |m| {
+            tracing::info!("{m}");
+            ready.notice(m);
+        },
+        opts.adopt.then_some(mountpoint.as_path()),
+    )?;
 
     // A bad or busy --metrics address fails the mount before it takes anything.
     let metrics_listener = opts.metrics.as_deref().map(metrics::bind).transpose()?;
@@ -796,6 +844,7 @@ pub fn serve(
         recovery,
     } = rest;
     let cache_root = cache.root.clone();
+    let adopted = cache.adopted().map(Path::to_path_buf);
     let node = cache.node_id()?;
     cache_lock.replace(cache);
     let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &fsname(opts, &cache_root))?;
@@ -825,6 +874,9 @@ pub fn serve(
         cache_root.clone(),
         recovery,
     ));
+    if let Some(dir) = &adopted {
+        daemon.set_adopted(dir.clone());
+    }
     daemon.set_rollback(rollback::Rollback {
         core: Arc::clone(&services.core),
         agent: Arc::clone(&services.agent),
@@ -847,7 +899,13 @@ pub fn serve(
         mountpoint.display(),
         cache_root.display()
     );
-    let said = identity::announce(&ws, &store_url, &before);
+    let mut said = identity::announce(&ws, &store_url, &before);
+    if let Some(dir) = &adopted {
+        said.push_str(&format!(
+            "; serving the files of {} in place",
+            dir.display()
+        ));
+    }
     tracing::info!("{said}");
     ready.notice(&said);
     ready.ready();

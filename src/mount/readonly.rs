@@ -123,9 +123,16 @@ pub fn serve(
     ready: &Readiness,
     at: &GenRef,
 ) -> anyhow::Result<()> {
-    let mountpoint = mountpoint::check_mountable(mountpoint)?;
+    let mountpoint = mountpoint::check_mountable(mountpoint, false)?;
     mountpoint::check_dev_fuse()?;
     let open = OpenCache::open(cache_dir)?;
+    if let Some(dir) = open.cache.adopted() {
+        anyhow::bail!(
+            "the cache {} adopted {}: a read-only mount needs a cache of its own (another --cache)",
+            open.cache.root.display(),
+            dir.display()
+        );
+    }
     // A bad or busy --metrics address fails the mount before it takes anything.
     let metrics_listener = opts
         .metrics

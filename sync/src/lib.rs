@@ -161,6 +161,13 @@ struct AgentState {
     durable_seq: u64,
     /// `owsfs sync` waits for this seq to be durable.
     requested_seq: u64,
+    /// The journal was dirty when the agent started (replayed after a crash, or a rescan),
+    /// and no commit has covered that state yet. Its changes carry no seq of their own
+    /// when nothing was recorded before (a rescan of a new journal is at seq 0), so
+    /// `durable_seq` alone cannot say they are not durable.
+    inherited_dirty: bool,
+    /// An `owsfs sync` waits for the inherited state.
+    inherited_requested: bool,
     stop: bool,
     last_error: Option<String>,
     last_commit: Option<CommitInfo>,
@@ -242,7 +249,8 @@ impl SyncAgent {
             Mode::empty(),
         )
         .context("open backing root")?;
-        let durable_seq = core.journal().clean_seq().unwrap_or(0);
+        let clean_seq = core.journal().clean_seq();
+        let durable_seq = clean_seq.unwrap_or(0);
         let store_url = store.url().to_string();
         let clock = Arc::clone(store.clock());
         let (wake_tx, wake_rx) = bounded(1);
@@ -266,6 +274,8 @@ impl SyncAgent {
                 epoch: keeper.epoch(),
                 durable_seq,
                 requested_seq: 0,
+                inherited_dirty: clean_seq.is_none(),
+                inherited_requested: false,
                 stop: false,
                 last_error: None,
                 last_commit: None,
@@ -467,8 +477,9 @@ impl SyncAgent {
                 }
                 if let Some(seq) = self.core.journal().clean_seq() {
                     // Nothing dirty: everything handed out so far is durable.
-                    if seq > st.durable_seq {
-                        st.durable_seq = seq;
+                    if seq > st.durable_seq || st.inherited_dirty {
+                        st.durable_seq = st.durable_seq.max(seq);
+                        st.inherited_dirty = false;
                         self.cv.notify_all();
                     }
                 }
@@ -478,7 +489,8 @@ impl SyncAgent {
                     // the cache. Only the stop ends the wait.
                     Duration::MAX
                 } else {
-                    let wanted = st.requested_seq > st.durable_seq;
+                    let wanted = st.requested_seq > st.durable_seq
+                        || (st.inherited_requested && st.inherited_dirty);
                     let dirty = self.core.journal().is_dirty();
                     let lagging = self.lagging();
                     self.over_lag.store(lagging, Ordering::Relaxed);
@@ -570,9 +582,10 @@ impl SyncAgent {
         let target = journal.stats().last_seq;
         let mut st = self.st.lock();
         st.requested_seq = st.requested_seq.max(target);
+        st.inherited_requested |= st.inherited_dirty;
         let failures_before = st.failures;
         let _ = self.wake_tx.try_send(());
-        while st.durable_seq < target {
+        while st.durable_seq < target || st.inherited_dirty {
             if st.stop {
                 return Err(SyncError::ShuttingDown);
             }
@@ -756,6 +769,7 @@ impl SyncAgent {
         let mut st = self.st.lock();
         st.head = number;
         st.durable_seq = st.durable_seq.max(seq);
+        st.inherited_dirty = false;
         st.commits += 1;
         st.last_error = None;
         st.previous_sqlite = built.sqlite;

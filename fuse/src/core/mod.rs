@@ -60,6 +60,9 @@ pub struct CoreOptions {
     /// directory in owsfs's layout, `CACHE/backing`) if it is on that file system, else the
     /// temporary directory.
     pub side_dir: Option<PathBuf>,
+    /// The backing root is a directory its user owns (`owsfs mount DIR --adopt`): its inode
+    /// flags stay as they are (no `chattr +A`, which would outlive the mount).
+    pub adopted: bool,
 }
 
 impl Default for CoreOptions {
@@ -70,6 +73,7 @@ impl Default for CoreOptions {
             passthrough: false,
             inode_budget: usize::MAX,
             side_dir: None,
+            adopted: false,
         }
     }
 }
@@ -173,7 +177,9 @@ impl Core {
             Mode::empty(),
         )
         .ctx("open backing root")?;
-        noatime_inherited(backing_root);
+        if !opts.adopted {
+            noatime_inherited(backing_root);
+        }
         let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
         let proc_self_fd = rustix::fs::open(
             "/proc/self/fd",
