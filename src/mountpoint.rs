@@ -165,7 +165,14 @@ pub fn cache_of(m: &MountInfo) -> Option<PathBuf> {
 /// empty unless it is adopted (`--adopt`: its files become the workspace's).
 pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
     let abs = absolute(path)?;
-    if let Some(m) = mounts()?.into_iter().rev().find(|m| m.mountpoint == abs) {
+    // A directory adopted may be a mount of its own (a container's volume), but not one of
+    // ours: a dead one is unmounted first, a live one is served already.
+    if let Some(m) = mounts()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == abs)
+        .filter(|m| !adopt || m.fstype == "fuse.owsfs")
+    {
         bail!(
             "{} is already a mountpoint ({} from {}); unmount it first{}",
             abs.display(),

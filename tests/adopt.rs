@@ -219,3 +219,46 @@ fn an_existing_workspace_is_adopted_only_by_its_newest_generation() {
         assert!(!is_mounted(&other));
     }
 }
+
+/// Unmounts the owsfs mount at the path, then the volume under it, when dropped.
+struct Volume(std::path::PathBuf);
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        drop(MountGuard(self.0.clone()));
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A directory that is a mount of its own (a container's volume) is adopted too, and keeps
+/// the latest contents once unmounted.
+#[test]
+fn a_volume_mountpoint_is_adopted() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "vol");
+    ws.extra = vec!["--adopt".into()];
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&ws.mp)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _volume = Volume(ws.mp.clone());
+    write_db(&ws.mp, 10);
+    ws.mount();
+    write_db(&ws.mp, 5);
+    ws.sync();
+    ws.unmount();
+    assert_eq!(db_rows(&ws.mp, "the volume").len(), 15);
+    let want = tree(&ws.mp);
+    assert_same_tree(
+        &restored(&ws, "the volume"),
+        &want,
+        "the volume's generation",
+    );
+}
