@@ -260,6 +260,17 @@ impl Cache {
             ),
             None => {}
         }
+        // The cache's own files must not be served, nor the workspace's kept in the cache.
+        let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        if self.root.starts_with(&canonical) || canonical.starts_with(&self.root) {
+            bail!(
+                "the cache {} and the adopted directory {} lie one inside the other: give \
+                 --cache a directory outside {}",
+                self.root.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
         if self.root.join("state.db").exists()
             || std::fs::read_dir(&self.backing).is_ok_and(|mut d| d.next().is_some())
         {
@@ -459,6 +470,51 @@ fn valid_node_id(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache adopts one directory, outside it, and only while it has no files of its own;
+    /// the adoption outlives the process.
+    #[test]
+    fn adoption_rules() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("project");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("f"), b"mine").unwrap();
+        // The cache inside the directory, or the other way round: refused.
+        let mut inside = Cache::open(&dir.join(".cache")).unwrap();
+        let e = inside.adopt(&dir).unwrap_err().to_string();
+        assert!(e.contains("one inside the other"), "{e}");
+        drop(inside);
+        let mut holding = Cache::open(&d.path().join("c1")).unwrap();
+        let e = holding
+            .adopt(&holding.root.join("backing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one inside the other"), "{e}");
+        // A cache with files of its own: refused.
+        std::fs::write(holding.backing.join("x"), b"x").unwrap();
+        let e = holding.adopt(&dir).unwrap_err().to_string();
+        assert!(e.contains("keeps a workspace's files itself"), "{e}");
+        // A new cache adopts; reopened, it still does, and reaches the directory's files.
+        let root = d.path().join("c2");
+        let mut c = Cache::open(&root).unwrap();
+        c.adopt(&dir).unwrap();
+        drop(c);
+        let mut c = Cache::open(&root).unwrap();
+        assert_eq!(c.adopted(), Some(dir.as_path()));
+        assert_eq!(std::fs::read(c.backing.join("f")).unwrap(), b"mine");
+        c.adopt(&dir).unwrap();
+        let other = d.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let e = c.adopt(&other).unwrap_err().to_string();
+        assert!(e.contains("adopted"), "{e}");
+        // Its unsynced changes are never set aside (moved out of the user's directory).
+        let e = c
+            .set_aside("x", &serde_json::json!({"reason": "diverged"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owsfs recover"), "{e}");
+        assert!(dir.join("f").exists());
+    }
 
     /// A set-aside that stopped after moving the backing directory (a crash) is finished by
     /// the next open: everything ends up in one aside directory, and the cache starts empty.
