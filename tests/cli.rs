@@ -938,8 +938,11 @@ fn the_status_api_serves_its_documented_schema() {
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     assert!(body["generation"].as_u64().unwrap() >= 1);
     let (status, body) = http("DELETE /status HTTP/1.1\r\n\r\n");
-    assert!(status.starts_with("HTTP/1.1 400"), "{status} {body}");
+    assert!(status.starts_with("HTTP/1.1 405"), "{status} {body}");
     assert_eq!(body["ok"], false);
+    let (status, body) = http("GET /statuss HTTP/1.1\r\n\r\n");
+    assert!(status.starts_with("HTTP/1.1 404"), "{status} {body}");
+    assert_eq!(body["kind"], "bad_request");
     // The line protocol of older clients is still answered.
     let mut c = std::os::unix::net::UnixStream::connect(ws.cache.join("control.sock")).unwrap();
     c.write_all(b"{\"cmd\":\"status\"}\n").unwrap();

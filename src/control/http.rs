@@ -45,8 +45,30 @@ pub fn is_request_line(line: &str) -> bool {
         && parts.next().is_some_and(|v| v.starts_with("HTTP/1."))
 }
 
+/// A request refused before it was understood: the HTTP status, and why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: &'static str,
+    pub message: String,
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal {
+            status: "400 Bad Request",
+            message,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Refusal {
+        message.to_string().into()
+    }
+}
+
 /// Reads the rest of the request whose first line is `first`, and makes it a [`Request`].
-pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, String> {
+pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, Refusal> {
     let mut parts = first.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let mut length = 0usize;
@@ -68,7 +90,7 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, S
         }
     }
     if length > MAX_BODY {
-        return Err(format!("a body of {length} bytes is too long"));
+        return Err(format!("a body of {length} bytes is too long").into());
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(|e| e.to_string())?;
@@ -89,20 +111,27 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, S
                     ("dirty", v) => {
                         fields.insert("dirty".into(), (v == "true" || v == "1").into());
                     }
-                    (k, _) => return Err(format!("unknown parameter {k:?} (known: dirty)")),
+                    (k, _) => {
+                        return Err(format!("unknown parameter {k:?} (known: dirty)").into());
+                    }
                 }
             }
         }
         ("POST", "sync" | "snapshot" | "rollback" | "unmount") => {}
         (_, "status" | "sync" | "snapshot" | "rollback" | "unmount") => {
-            return Err(format!(
-                "{method} /{cmd}: use GET /status, or POST for the others"
-            ));
+            return Err(Refusal {
+                status: "405 Method Not Allowed",
+                message: format!("{method} /{cmd}: use GET /status, or POST for the others"),
+            });
         }
         _ => {
-            return Err(format!(
-                "no such resource: {path} (known: /status, /sync, /snapshot, /rollback, /unmount)"
-            ));
+            return Err(Refusal {
+                status: "404 Not Found",
+                message: format!(
+                    "no such resource: {path} (known: /status, /sync, /snapshot, /rollback, \
+                     /unmount)"
+                ),
+            });
         }
     }
     let known: &[&str] = match cmd {
@@ -116,15 +145,21 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, S
         return Err(format!(
             "unknown field {k:?} for /{cmd} (known: {})",
             known.join(", ")
-        ));
+        )
+        .into());
     }
     fields.insert("cmd".into(), cmd.into());
-    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())
+    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string().into())
 }
 
-/// Writes `reply` as an HTTP response.
-pub fn write_response(w: &mut impl Write, reply: &Response) -> std::io::Result<()> {
-    let status = match reply {
+/// Writes `reply` as an HTTP response; `status`: the HTTP status of a [`Refusal`], else the
+/// one the reply's error kind maps to.
+pub fn write_response(
+    w: &mut impl Write,
+    reply: &Response,
+    status: Option<&str>,
+) -> std::io::Result<()> {
+    let status = status.unwrap_or(match reply {
         Response::Ok(_) => "200 OK",
         Response::Err(f) => match &f.error {
             ControlError::BadRequest(_) => "400 Bad Request",
@@ -133,7 +168,7 @@ pub fn write_response(w: &mut impl Write, reply: &Response) -> std::io::Result<(
             ControlError::NotDurable { .. } => "504 Gateway Timeout",
             ControlError::Unmount(_) | ControlError::Other(_) => "500 Internal Server Error",
         },
-    };
+    });
     let body = serde_json::to_string(reply).map_err(std::io::Error::other)?;
     write!(
         w,
@@ -228,6 +263,10 @@ mod tests {
     use super::*;
 
     fn parse(raw: &str) -> Result<Request, String> {
+        parse_refusal(raw).map_err(|r| r.message)
+    }
+
+    fn parse_refusal(raw: &str) -> Result<Request, Refusal> {
         let mut r = std::io::BufReader::new(raw.as_bytes());
         let mut first = String::new();
         r.read_line(&mut first).unwrap();
@@ -263,6 +302,16 @@ mod tests {
                 .contains("no such")
         );
         assert!(parse("POST /status HTTP/1.1\r\n\r\n").is_err());
+        let status = |raw: &str| parse_refusal(raw).unwrap_err().status;
+        assert_eq!(status("GET /nothing HTTP/1.1\r\n\r\n"), "404 Not Found");
+        assert_eq!(
+            status("DELETE /sync HTTP/1.1\r\n\r\n"),
+            "405 Method Not Allowed"
+        );
+        assert_eq!(
+            status("GET /status?x=1 HTTP/1.1\r\n\r\n"),
+            "400 Bad Request"
+        );
         assert!(!is_request_line("{\"cmd\":\"status\"}"));
         // What is not understood is refused, not half done.
         assert!(parse("POST /unmount HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());

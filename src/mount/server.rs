@@ -117,17 +117,23 @@ fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     reader.read_line(&mut line)?;
     let mut conn = conn;
     let http = crate::control::http::is_request_line(&line);
-    let request = if http {
-        crate::control::http::read_request(&line, &mut reader)
+    let (request, refused) = if http {
+        match crate::control::http::read_request(&line, &mut reader) {
+            Ok(r) => (Ok(r), None),
+            Err(r) => (Err(r.message), Some(r.status)),
+        }
     } else {
-        serde_json::from_str::<Request>(&line).map_err(|e| e.to_string())
+        (
+            serde_json::from_str::<Request>(&line).map_err(|e| e.to_string()),
+            None,
+        )
     };
     // An unmount registers before it starts, so the process cannot exit before the answer
     // is written.
     let _waiter = matches!(request, Ok(Request::Unmount { .. })).then(|| daemon.waiter());
     let reply = answer(daemon, request);
     if http {
-        crate::control::http::write_response(&mut conn, &reply)?;
+        crate::control::http::write_response(&mut conn, &reply, refused)?;
     } else {
         writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
     }
