@@ -951,3 +951,22 @@ fn the_status_api_serves_its_documented_schema() {
     let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     assert_eq!(v["schema"], 1);
 }
+
+/// `owsfs status --dirty` lists the dirty set as lines, not as JSON.
+#[test]
+fn status_dirty_lists_the_dirty_set_as_text() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::without_cuts(&[]);
+    std::fs::create_dir(ws.path("d")).unwrap();
+    std::fs::write(ws.path("d/f"), b"hello\n").unwrap();
+    let out = ws.ok(&["status", "--dirty", &ws.mp.to_string_lossy()]);
+    assert!(
+        out.contains("  dir  /d\n")
+            && out.contains("  file /d/f ino=")
+            && out.contains("bytes=6 created"),
+        "{out}"
+    );
+    assert!(!out.contains('{'), "{out}");
+}

@@ -165,7 +165,35 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         println!("recovery     rescanned: {t}");
     }
     if let Some(d) = &v.dirty {
-        println!("{}", serde_json::to_string_pretty(d)?);
+        print_dirty(d);
     }
     Ok(())
+}
+
+/// The dirty set, one line per directory and file, as `owsfs journal` prints it.
+fn print_dirty(d: &serde_json::Value) {
+    for dir in d["dirs"].as_array().into_iter().flatten() {
+        println!("  dir  /{}", dir.as_str().unwrap_or("?"));
+    }
+    for (ino, f) in d["files"].as_object().into_iter().flatten() {
+        let path = f["path"]
+            .as_str()
+            .map(|p| format!("/{p}"))
+            .unwrap_or_else(|| "(unlinked)".into());
+        let extents = f["extents"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let bytes: u64 = extents
+            .iter()
+            .filter_map(|r| Some(r[1].as_u64()?.saturating_sub(r[0].as_u64()?)))
+            .sum();
+        println!(
+            "  file {path} ino={ino} extents={} bytes={bytes}{}{}{}",
+            extents.len(),
+            if f["created"] == true { " created" } else { "" },
+            if f["meta"] == true { " meta" } else { "" },
+            f["truncated_to"]
+                .as_u64()
+                .map(|s| format!(" truncated_to={s}"))
+                .unwrap_or_default()
+        );
+    }
 }
