@@ -673,6 +673,19 @@ fn config_file_environment_and_flags_in_that_order() {
         err.contains("soon") && err.contains(&*file.to_string_lossy()),
         "{err}"
     );
+    // Mount options are checked as the mount checks them.
+    std::fs::write(&file, "options = [\"threads=many\"]\n").unwrap();
+    let out = Command::new(OWSFS)
+        .args(["config", "show", "/x/ws"])
+        .env("OWSFS_CONFIG", &file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("threads=many") && err.contains(&*file.to_string_lossy()),
+        "{err}"
+    );
 }
 
 /// Puts `/sbin/mount.fuse.owsfs` and `/sbin/umount.fuse.owsfs` (what mount(8) and umount(8)

@@ -69,6 +69,18 @@ pub fn run(args: &ConfigArgs, file: Option<&Path>) -> anyhow::Result<()> {
         }
     };
     let (_, m) = matches.subcommand().expect("mount");
+    // The mount options are checked as the mount will check them.
+    let options: Vec<String> = m
+        .get_many::<String>("options")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    if let Err(e) = crate::options::parse(&options) {
+        let from = from_file
+            .get("options")
+            .map(|f| format!(" (the config file {f} gave options)"))
+            .unwrap_or_default();
+        anyhow::bail!("{e:#}{from}");
+    }
     let mount = cmd.find_subcommand("mount").expect("mount");
     println!(
         "# config file: {}",
