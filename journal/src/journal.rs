@@ -291,6 +291,8 @@ impl Journal {
         };
         segment::remove_temporaries(dir)?;
         let mut replay = replay::replay(dir, Some(boot), clean)?;
+        // Asked for, not found necessary: said at info, not as a warning.
+        let asked = opts.rescan.is_some() && replay.recovery.rescan.is_none();
         if let Some(why) = &opts.rescan {
             replay.recovery.rescan.get_or_insert_with(|| why.clone());
         }
@@ -302,7 +304,7 @@ impl Journal {
             segment,
             offset,
             snapshot_end,
-        } = resume(dir, backing_root, boot, replay)?;
+        } = resume(dir, backing_root, boot, replay, asked)?;
         recovery.clean = clean;
         if clean {
             // Only now: until here nothing was appended, so CLEAN still vouched for what a
@@ -857,6 +859,7 @@ fn resume(
     backing_root: &Path,
     boot: BootId,
     replay: Replay,
+    asked: bool,
 ) -> Result<Resumed, JournalError> {
     let Replay {
         state,
@@ -883,11 +886,15 @@ fn resume(
     if let Some(why) = &recovery.rescan {
         // Nothing is cut: the damaged segments are replaced as a whole.
         recovery.torn_tail = None;
-        tracing::warn!(
-            "journal {}: rescanning backing directory {}: {why}",
-            dir.display(),
-            backing_root.display()
-        );
+        if asked {
+            tracing::info!("journal {}: rescanning: {why}", dir.display());
+        } else {
+            tracing::warn!(
+                "journal {}: rescanning backing directory {}: {why}",
+                dir.display(),
+                backing_root.display()
+            );
+        }
         let state = state::rescan_excluding(backing_root, dir_id(dir))?;
         let n = max_segment + 1;
         let (file, len) =

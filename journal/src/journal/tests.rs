@@ -1443,3 +1443,34 @@ fn on_change_fires_once_per_cut_and_not_for_an_fsync() {
     );
     j.committed(seq).unwrap();
 }
+
+/// A rescan asked for by the caller (an adopted directory, changed while nothing was
+/// mounted) happens even over a clean journal: what changed behind its back is dirty.
+#[test]
+fn a_rescan_asked_for_marks_changes_made_behind_a_clean_journal() {
+    let d = tempfile::tempdir().unwrap();
+    let b = backing();
+    let (j, _) = Journal::open(d.path(), b.path(), big()).unwrap();
+    j.close_clean().unwrap();
+    drop(j);
+    fs::write(b.path().join("edited-offline"), b"x").unwrap();
+    let (j, rec) = Journal::open(d.path(), b.path(), big()).unwrap();
+    assert!(rec.clean && rec.rescan.is_none() && !j.is_dirty());
+    j.close_clean().unwrap();
+    drop(j);
+    let o = JournalOptions {
+        rescan: Some("adopted".into()),
+        ..big()
+    };
+    let (j, rec) = Journal::open(d.path(), b.path(), o).unwrap();
+    assert_eq!(rec.rescan.as_deref(), Some("adopted"));
+    let dirty = j.dirty();
+    assert!(
+        dirty
+            .files
+            .values()
+            .any(|f| f.path.as_deref() == Some(Path::new("edited-offline"))),
+        "{dirty:?}"
+    );
+    assert!(dirty.dirs.contains(Path::new("")));
+}
