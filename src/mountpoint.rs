@@ -165,9 +165,25 @@ pub fn cache_of(m: &MountInfo) -> Option<PathBuf> {
 /// empty unless it is adopted (`--adopt`: its files become the workspace's).
 pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
     let abs = absolute(path)?;
+    let table = mounts()?;
+    // An adopted directory's files are served from one file system: a mount below it would
+    // hide its own files and mix inode numbers of two file systems.
+    if adopt
+        && let Some(m) = table
+            .iter()
+            .find(|m| m.mountpoint != abs && m.mountpoint.starts_with(&abs))
+    {
+        bail!(
+            "{} has a mount below it ({} at {}): owsfs adopts a directory only whole, on one file \
+             system; unmount it first, or adopt another directory",
+            abs.display(),
+            m.fstype,
+            m.mountpoint.display()
+        );
+    }
     // A directory adopted may be a mount of its own (a container's volume), but not one of
     // ours: a dead one is unmounted first, a live one is served already.
-    if let Some(m) = mounts()?
+    if let Some(m) = table
         .into_iter()
         .rev()
         .find(|m| m.mountpoint == abs)

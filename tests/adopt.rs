@@ -262,3 +262,116 @@ fn a_volume_mountpoint_is_adopted() {
         "the volume's generation",
     );
 }
+
+/// What an adopted directory refuses: a process that holds the directory before the mount, a
+/// store inside it, a live rollback, a read-only mount of its cache; and a refused adoption
+/// leaves its cache free for another use.
+#[test]
+fn what_an_adopted_directory_refuses() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "refusals");
+    ws.extra = vec!["--adopt".into()];
+    fs::write(ws.mp.join("f"), b"mine\n").unwrap();
+    let mp = ws.mp.to_string_lossy().into_owned();
+
+    // A process working inside the directory would write beside the mount.
+    let mut holder = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(&ws.mp)
+        .spawn()
+        .unwrap();
+    let out = ws.try_mount();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!out.status.success(), "adopted while a process held it");
+    assert!(
+        stderr(&out).contains("in use") && stderr(&out).contains("sleep"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!is_mounted(&ws.mp));
+
+    // A file:// store inside the directory would be written through the mount.
+    let inner = format!("file://{}/.store", ws.mp.display());
+    let out = ws.owsfs(&[
+        "mount",
+        &mp,
+        "--adopt",
+        "--cache",
+        &ws.dir.path().join("c-inner").to_string_lossy(),
+        "--store",
+        &inner,
+        "--workspace",
+        "refusals",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("inside the adopted directory"),
+        "{}",
+        stderr(&out)
+    );
+
+    // That cache was refused before it held anything: it serves another directory freely.
+    let other = ws.dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let _guard = MountGuard(other.clone());
+    let out = ws.owsfs(&[
+        "mount",
+        &other.to_string_lossy(),
+        "--cache",
+        &ws.cache.to_string_lossy(),
+        "--store",
+        &ws.store,
+        "--workspace",
+        "elsewhere",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        owsfs(&["unmount", &other.to_string_lossy()])
+            .status
+            .success()
+    );
+    fs::remove_dir_all(&ws.cache).unwrap();
+
+    // Adopted: no live rollback (it would replace the directory's own files).
+    ws.mount();
+    let g = ws.sync();
+    fs::write(ws.path("g"), b"later\n").unwrap();
+    ws.sync();
+    let out = ws.owsfs(&["rollback", &mp, &g.to_string()]);
+    assert!(
+        !out.status.success(),
+        "an adopted directory was rolled back live"
+    );
+    assert!(
+        stderr(&out).contains("adopted directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read(ws.path("g")).unwrap(), b"later\n");
+    ws.unmount();
+
+    // Its cache serves no read-only mount.
+    let ro = ws.dir.path().join("ro");
+    fs::create_dir(&ro).unwrap();
+    let _ro_guard = MountGuard(ro.clone());
+    let out = ws.owsfs(&[
+        "mount",
+        &ro.to_string_lossy(),
+        "--read-only",
+        "--cache",
+        &ws.cache.to_string_lossy(),
+        "--store",
+        &ws.store,
+        "--workspace",
+        "refusals",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a read-only mount used the adopted cache"
+    );
+    assert!(stderr(&out).contains("adopted"), "{}", stderr(&out));
+    assert_eq!(fs::read(ws.mp.join("g")).unwrap(), b"later\n");
+}

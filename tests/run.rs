@@ -451,3 +451,34 @@ fn a_recovered_cache_takes_no_commit_of_the_fork_for_its_own() {
     );
     a.unmount();
 }
+
+/// An entrypoint started in the mountpoint (`WORKDIR /workspace`): CMD's relative paths land
+/// in the workspace, not in the directory under the mount. Also when the directory's own
+/// files are adopted (`--adopt`).
+#[test]
+fn a_command_started_in_the_mountpoint_writes_into_the_workspace() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    for (name, extra) in [("wd1", &[][..]), ("wd2", &["--adopt"][..])] {
+        let ws = store.workspace(name, &[]);
+        if !extra.is_empty() {
+            std::fs::write(ws.mp.join("shipped"), b"in the image\n").unwrap();
+        }
+        let out = run_cmd(
+            &ws,
+            extra,
+            "echo relative > rel.txt && cat shipped 2>/dev/null; true",
+        )
+        .current_dir(&ws.mp)
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{name}: {}", err(&out));
+        assert_eq!(
+            read_on_another_node(&store, name, "rel.txt"),
+            b"relative\n",
+            "{name}"
+        );
+    }
+}

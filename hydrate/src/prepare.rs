@@ -345,9 +345,6 @@ pub fn remove_trash(trash: PathBuf) {
     }
 }
 
-/// Whether the cache's unsynced changes must be set aside before mounting: the store has a
-/// newer commit than the cache's base, written by another node (a takeover), while the cache
-/// still has changes that are not in the store. They are never merged. Returns why.
 /// An adopted directory (`owsfs mount DIR --adopt`, reached by `backing`) of a workspace that
 /// has commits: unless this cache's base is the newest commit (or this cache made it), DIR
 /// must hold exactly the newest commit's tree, and the cache then forgets its base (its
@@ -388,8 +385,9 @@ pub fn check_adopted(
         bail!(
             "workspace {:?} exists in the store (generation {}), and {} does not hold exactly \
              that generation ({e:#}); an existing workspace is adopted only by a directory that \
-             does. To get the workspace, mount it without --adopt on an empty directory; to keep \
-             these files as a new workspace, adopt them with --workspace NEW_NAME.{keep}",
+             does. To get the workspace, mount it without --adopt on an empty directory (with \
+             another --cache); to keep these files as a new workspace, adopt them with \
+             --workspace NEW_NAME.{keep}",
             ws.name(),
             newest.number,
             dir.display()
@@ -405,6 +403,9 @@ pub fn check_adopted(
     Ok(())
 }
 
+/// Whether the cache's unsynced changes must be set aside before mounting: the store has a
+/// newer commit than the cache's base, written by another node (a takeover), while the cache
+/// still has changes that are not in the store. They are never merged. Returns why.
 pub fn diverged(
     ws: &Workspace,
     local: &LocalState,

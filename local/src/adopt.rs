@@ -40,12 +40,24 @@ pub struct Adopted {
 impl Adopted {
     /// Opens `dir` (an absolute path, not covered by a mount of ours yet).
     pub fn open(dir: &Path) -> anyhow::Result<Adopted> {
-        let fd = rustix::fs::open(
+        let fd = match rustix::fs::open(
             dir,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .with_context(|| format!("cannot open the adopted directory {}", dir.display()))?;
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOTCONN) => bail!(
+                "the adopted directory {} has a dead mount on it (its daemon stopped): remove \
+                 it with `owsfs unmount {}` first",
+                dir.display(),
+                dir.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot open the adopted directory {}", dir.display())
+                });
+            }
+        };
         Ok(Adopted {
             dir: dir.to_path_buf(),
             fd,

@@ -239,6 +239,35 @@ impl Cache {
         })
     }
 
+    /// Whether the cache ever held a workspace (its state names one).
+    pub fn held_a_workspace(&self) -> anyhow::Result<bool> {
+        let path = self.root.join("state.db");
+        if !path.exists() {
+            return Ok(false);
+        }
+        Ok(crate::LocalState::open(&path)?.meta("workspace")?.is_some())
+    }
+
+    /// Forgets the adopted directory of a cache that never held a workspace (a mount that was
+    /// refused before it held anything), so that it can serve another.
+    pub fn unadopt(&mut self) -> anyhow::Result<()> {
+        if self.adopted.is_none() {
+            return Ok(());
+        }
+        if self.held_a_workspace()? {
+            bail!(
+                "the cache {} holds a workspace in the directory it adopted; it cannot leave it",
+                self.root.display()
+            );
+        }
+        std::fs::remove_file(self.root.join(crate::adopt::ADOPTED_FILE))
+            .with_context(|| format!("cannot forget the adoption of {}", self.root.display()))?;
+        File::open(&self.root)?.sync_all()?;
+        self.adopted = None;
+        self.backing = self.root.join("backing");
+        Ok(())
+    }
+
     /// The directory this cache adopted, if it did.
     pub fn adopted(&self) -> Option<&Path> {
         self.adopted.as_ref().map(|a| a.dir.as_path())
@@ -250,6 +279,8 @@ impl Cache {
     pub fn adopt(&mut self, dir: &Path) -> anyhow::Result<()> {
         match &self.adopted {
             Some(a) if a.dir == dir => return Ok(()),
+            // A mount refused before it held anything binds nothing.
+            Some(_) if !self.held_a_workspace()? => self.unadopt()?,
             Some(a) => bail!(
                 "the cache {} adopted {}, not {}: mount {} with it, or give {} another --cache",
                 self.root.display(),
@@ -271,11 +302,12 @@ impl Cache {
                 dir.display()
             );
         }
-        if self.root.join("state.db").exists()
+        if self.held_a_workspace()?
             || std::fs::read_dir(&self.backing).is_ok_and(|mut d| d.next().is_some())
         {
             bail!(
-                "the cache {} keeps a workspace's files itself (in {}), so it cannot adopt {}:                  give --adopt a new --cache",
+                "the cache {} keeps a workspace's files itself (in {}), so it cannot adopt {}: \
+                 give --adopt a new --cache",
                 self.root.display(),
                 self.backing.display(),
                 dir.display()
@@ -323,8 +355,8 @@ impl Cache {
             bail!(
                 "{}: {} has changes that are not in the store, and the store has newer \
                  generations written elsewhere; refusing to mix them. Make the changes a \
-                 workspace of their own with `owsfs recover --cache {} --as NEW_NAME`, or move \
-                 the files out of {} and mount it again",
+                 workspace of their own with `owsfs recover --cache {} --as NEW_NAME`, then \
+                 mount {} with --adopt --workspace NEW_NAME",
                 why.get("reason")
                     .and_then(|r| r.as_str())
                     .unwrap_or("diverged"),
@@ -503,10 +535,22 @@ mod tests {
         assert_eq!(c.adopted(), Some(dir.as_path()));
         assert_eq!(std::fs::read(c.backing.join("f")).unwrap(), b"mine");
         c.adopt(&dir).unwrap();
+        // It never held a workspace: it may adopt another directory, or none.
         let other = d.path().join("other");
         std::fs::create_dir(&other).unwrap();
+        c.adopt(&other).unwrap();
+        c.unadopt().unwrap();
+        assert_eq!(c.adopted(), None);
+        assert_eq!(c.backing, c.root.join("backing"));
+        c.adopt(&dir).unwrap();
+        // Once it holds a workspace, it stays with its directory.
+        crate::LocalState::open(&c.root.join("state.db"))
+            .unwrap()
+            .set_meta("workspace", "w")
+            .unwrap();
         let e = c.adopt(&other).unwrap_err().to_string();
         assert!(e.contains("adopted"), "{e}");
+        assert!(c.unadopt().is_err());
         // Its unsynced changes are never set aside (moved out of the user's directory).
         let e = c
             .set_aside("x", &serde_json::json!({"reason": "diverged"}))

@@ -8,7 +8,7 @@
 //! must live in the cache's store. Afterwards the cache belongs to the new workspace and can
 //! be mounted as it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         eprintln!("owsfs: {}", crate::mount::aside_notice(dest));
     }
     let cache_root = cache.root.clone();
+    let adopted = cache.adopted().map(Path::to_path_buf);
     let state_path = cache.root.join("state.db");
     if !state_path.exists() {
         bail!(
@@ -165,11 +166,10 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<()> {
     println!("{g}");
     eprintln!(
         "owsfs: workspace {name:?} (generation {g}) holds generation {} of {old_ws:?} plus the \
-         unsynced changes of {}; the cache now belongs to {name:?}: mount it with `owsfs mount \
-         MOUNTPOINT --cache {} --workspace {name}`",
+         unsynced changes of {}; the cache now belongs to {name:?}: mount it with {}",
         base.generation,
         cache_root.display(),
-        cache_root.display()
+        mount_hint(&cache_root, adopted.as_deref(), name)
     );
     Ok(())
 }
@@ -362,11 +362,25 @@ fn finish_earlier_recover(
     println!("{}", r.number);
     eprintln!(
         "owsfs: workspace {name:?} (generation {}) was made from {} by an earlier recover \
-         that stopped before the end; the cache now belongs to {name:?}: mount it with \
-         `owsfs mount MOUNTPOINT --cache {} --workspace {name}`",
+         that stopped before the end; the cache now belongs to {name:?}: mount it with {}",
         r.number,
         cache_root.display(),
-        cache_root.display()
+        mount_hint(cache_root, open.cache.adopted(), name)
     );
     Ok(())
+}
+
+/// The command that mounts the recovered cache: at its adopted directory, if it has one.
+fn mount_hint(cache_root: &Path, adopted: Option<&Path>, name: &str) -> String {
+    match adopted {
+        Some(dir) => format!(
+            "`owsfs mount {} --adopt --cache {} --workspace {name}`",
+            dir.display(),
+            cache_root.display()
+        ),
+        None => format!(
+            "`owsfs mount MOUNTPOINT --cache {} --workspace {name}`",
+            cache_root.display()
+        ),
+    }
 }

@@ -124,6 +124,14 @@ fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let tty = rustix::termios::isatty(std::io::stdin());
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).process_group(0);
+    // A working directory inside the mountpoint (`WORKDIR /workspace`) still names the
+    // directory under the mount: CMD would write beside the workspace, not in it. Entered again
+    // by its path (by CMD only: this process must not keep the mount busy), it is the mount's.
+    if let Ok(cwd) = std::env::current_dir()
+        && mp.canonicalize().is_ok_and(|m| cwd.starts_with(m))
+    {
+        cmd.current_dir(&cwd);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

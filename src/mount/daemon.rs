@@ -46,6 +46,9 @@ pub struct Daemon {
     waiters_cv: Condvar,
 }
 
+/// How long an unmount of an adopted directory waits for the commit it makes first.
+const ADOPTED_SYNC_BEFORE_UNMOUNT: Duration = Duration::from_secs(60);
+
 impl Daemon {
     /// The daemon of the mount `services` serve, under `keeper`'s lease.
     pub fn new(
@@ -269,6 +272,17 @@ impl Daemon {
 
     /// Unmounts the workspace; the serving thread then hands off and exits.
     pub fn unmount(&self, lazy: bool) -> Result<(), ControlError> {
+        if let Some(dir) = self.adopted.get() {
+            // Once unmounted, an adopted directory is a plain one that anybody may write, and
+            // the last cut reads it then: commit first, while every write goes through the
+            // mount, so that the last cut holds only what came in the moment before.
+            if let Err(e) = self.sync(ADOPTED_SYNC_BEFORE_UNMOUNT) {
+                tracing::warn!(
+                    "the commit before unmounting the adopted directory {} failed: {e}",
+                    dir.display()
+                );
+            }
+        }
         let flags = if lazy {
             rustix::mount::UnmountFlags::DETACH
         } else {

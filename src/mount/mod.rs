@@ -13,6 +13,7 @@
 //!
 //! `owsfs recover` uses phases 1, 3 and 5 without a mount.
 
+pub mod adopt;
 pub mod background;
 pub mod daemon;
 pub mod identity;
@@ -72,6 +73,8 @@ impl OpenCache {
         let mut cache = Cache::open_waiting(dir, wait, notice)?;
         match (adopt, cache.adopted()) {
             (Some(d), _) => cache.adopt(d)?,
+            // An adoption refused before the cache held anything binds nothing.
+            (None, Some(_)) if !cache.held_a_workspace()? => cache.unadopt()?,
             (None, Some(d)) => anyhow::bail!(
                 "the cache {} adopted {}: mount it with `owsfs mount {} --adopt`",
                 cache.root.display(),
@@ -797,6 +800,13 @@ pub fn serve(
     // A bad or busy --metrics address fails the mount before it takes anything.
     let metrics_listener = opts.metrics.as_deref().map(metrics::bind).transpose()?;
     let store_url = opts.store.url()?;
+    if opts.adopt {
+        adopt::check_paths(&mountpoint, &store_url, opts.drill_scratch.as_deref())?;
+        for w in adopt::check_holders(&mountpoint)? {
+            tracing::warn!("{w}");
+            ready.notice(&w);
+        }
+    }
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
         None => default_name(opts, &open, &mountpoint)?,
