@@ -108,8 +108,8 @@ impl OpenCache {
 
 fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
     // An adopted directory is a plain directory while nothing is mounted on it: whatever
-    // changed it then went unrecorded, so it is read whole (the next cut uploads only what
-    // the store lacks).
+    // changed it then went unrecorded, so it is read whole (the next cut uploads only the
+    // chunks the cache does not know to be stored).
     let adopted = cache
         .adopted()
         .map(|d| format!("{} is an adopted directory", d.display()));
