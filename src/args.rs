@@ -67,6 +67,10 @@ pub struct MountOpts {
     /// STORE_URL#WORKSPACE) [default: the cache directory].
     #[arg(long, hide = true)]
     pub fsname: Option<String>,
+    /// Say nothing on success: what the mount did goes to its log only. The mount helper's
+    /// default (`mount -t fuse.owsfs`), unless mount(8) is given -v. Errors are always said.
+    #[arg(long, env = "OWSFS_QUIET")]
+    pub quiet: bool,
     /// Stay in the foreground (logs to stderr; SIGINT/SIGTERM unmount cleanly).
     #[arg(long, short = 'f', env = "OWSFS_FOREGROUND")]
     pub foreground: bool,

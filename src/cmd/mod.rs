@@ -180,6 +180,8 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
     let as_helper = argv0.ends_with("mount.fuse.owsfs");
     // mount(8)'s flags for helpers: -f (fake: do nothing), -n (no mtab), -s (sloppy), -v.
     let fake = as_helper && args.iter().any(|a| a == "-f");
+    // A mount helper says nothing on success, as mount(8) does, unless asked to (-v).
+    let verbose = args.iter().any(|a| a == "-v");
     let args: Vec<OsString> = if as_helper {
         args.into_iter()
             .filter(|a| !matches!(a.to_str(), Some("-n" | "-s" | "-v" | "-f")))
@@ -194,6 +196,9 @@ fn helper_args(args: Vec<OsString>) -> Vec<OsString> {
         return args;
     }
     let mut out = vec![args[0].clone(), "mount".into(), args[2].clone()];
+    if !verbose {
+        out.push("--quiet".into());
+    }
     let source = args[1].to_string_lossy().into_owned();
     if source.contains("://") {
         let (url, ws) = match source.rsplit_once('#') {
@@ -368,10 +373,17 @@ mod tests {
     fn the_mount_helper_form_becomes_a_mount() {
         let args: Vec<OsString> = ["owsfs", "/c", "/w", "-o", "rw"].map(Into::into).into();
         let got = helper_args(args);
-        let want: Vec<OsString> = ["owsfs", "mount", "/w", "--cache", "/c", "-o", "rw"]
+        let want: Vec<OsString> = [
+            "owsfs", "mount", "/w", "--quiet", "--cache", "/c", "-o", "rw",
+        ]
+        .map(Into::into)
+        .into();
+        assert_eq!(got, want);
+        // mount -v: what the mount did is said.
+        let args: Vec<OsString> = ["mount.fuse.owsfs", "/c", "/w", "-v", "-o", "rw"]
             .map(Into::into)
             .into();
-        assert_eq!(got, want);
+        assert!(!helper_args(args).iter().any(|a| a == "--quiet"));
         let status: Vec<OsString> = ["owsfs", "status", "/w"].map(Into::into).into();
         assert_eq!(helper_args(status.clone()), status);
     }

@@ -149,7 +149,9 @@ pub fn spawn_background(mountpoint: &Path, opts: &MountOpts, cache: &Path) -> an
             return Ok(());
         }
         if let Some(msg) = line.strip_prefix("NOTICE ") {
-            eprintln!("owsfs: {msg}");
+            if !opts.quiet {
+                eprintln!("owsfs: {msg}");
+            }
             continue;
         }
         if let Some(msg) = line.strip_prefix("ERROR ") {
