@@ -153,6 +153,22 @@ pub fn check_holders(dir: &Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Everything [`check_paths`] and [`check_holders`] refuse; the holders' warnings are logged
+/// and said.
+pub fn check(
+    dir: &Path,
+    store_url: &str,
+    scratch: Option<&Path>,
+    ready: &super::background::Readiness,
+) -> anyhow::Result<()> {
+    check_paths(dir, store_url, scratch)?;
+    for w in check_holders(dir)? {
+        tracing::warn!("{w}");
+        ready.notice(&w);
+    }
+    Ok(())
+}
+
 /// Refuses a `file://` store or a drill scratch directory inside `dir`: the daemon would
 /// write them through its own mount (and commit its own store, endlessly).
 pub fn check_paths(dir: &Path, store_url: &str, scratch: Option<&Path>) -> anyhow::Result<()> {

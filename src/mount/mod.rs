@@ -19,17 +19,18 @@ pub mod daemon;
 pub mod identity;
 pub mod lease;
 pub mod metrics;
+mod mounted;
 pub mod readonly;
 pub mod rollback;
 pub mod server;
 pub mod upkeep;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use owsfs_fuse::{AdapterOptions, Core, CoreOptions, MountSettings};
+use owsfs_fuse::{Core, CoreOptions};
 use owsfs_hydrate::Hydrator;
 use owsfs_hydrate::prefetch::{PrefetchOptions, Prefetcher};
 use owsfs_journal::{Journal, JournalOptions, Recovery};
@@ -41,6 +42,7 @@ use owsfs_sync::{SyncAgent, SyncOptions};
 use self::background::Readiness;
 use self::daemon::Daemon;
 use self::lease::{LeaseGuard, LeaseRequest};
+pub use self::mounted::Mounted;
 use crate::args::MountOpts;
 use crate::options::MountOptions;
 use crate::{mountpoint, options};
@@ -597,89 +599,6 @@ impl Reaper {
     }
 }
 
-/// Phase 6: the FUSE session, mounted. Until it has served, dropping it detaches the mount.
-pub struct Mounted {
-    session: Option<owsfs_fuse::fuser::Session<owsfs_fuse::FuseAdapter>>,
-    mountpoint: PathBuf,
-    epoch: Option<owsfs_fuse::EpochNotifier>,
-}
-
-impl Mounted {
-    pub fn mount(
-        core: &Arc<Core>,
-        mountpoint: &Path,
-        o: &MountOptions,
-        fsname: &str,
-    ) -> anyhow::Result<Mounted> {
-        let adapter = AdapterOptions {
-            entry_ttl: o.entry_timeout,
-            attr_ttl: o.attr_timeout,
-            negative_ttl: o.negative_timeout,
-            max_write: o.max_write,
-            writeback_cache: o.writeback_cache,
-            posix_acl: o.posix_acl,
-        };
-        let settings = MountSettings {
-            fsname: fsname.to_string(),
-            threads: o.threads,
-            flags: o.kernel.clone(),
-            read_only: o.read_only,
-        };
-        let (session, epoch) = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
-            .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
-        Ok(Mounted {
-            session: Some(session),
-            mountpoint: mountpoint.to_path_buf(),
-            epoch,
-        })
-    }
-
-    /// What a live rollback tells the kernel: every cached name goes.
-    pub fn forgetter(&mut self) -> rollback::Forget {
-        rollback::Forget {
-            notifier: self
-                .session
-                .as_ref()
-                .map(|s| s.notifier())
-                .expect("a mounted session"),
-            epoch: self.epoch.take(),
-        }
-    }
-
-    /// Ask the kernel to drop a name (for the inode reaper), and an inode's cached attributes
-    /// or pages (after the daemon changed them behind the kernel).
-    pub fn invalidators(&self) -> (owsfs_fuse::Invalidator, owsfs_fuse::InodeInvalidator) {
-        let session = self.session.as_ref().expect("a mounted session");
-        let names = session.notifier();
-        let attrs = session.notifier();
-        (
-            Box::new(move |parent, name| {
-                names.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
-            }),
-            std::sync::Arc::new(move |ino, offset, len| {
-                attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), offset, len)
-            }),
-        )
-    }
-
-    /// Phase 7: serves until the kernel ends the session (an unmount).
-    pub fn serve(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.run(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.session.take().is_some() {
-            // Never served: nobody should find a dead mount here.
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-}
-
 /// Phase 8, the handoff promise: once the session has ended, everything written before the
 /// unmount goes to the store (the agent's last cut), the hydration state is stored, and only
 /// then, and only if nothing is left unsynced and the lease was not lost, is the lease
@@ -787,25 +706,23 @@ pub fn serve(
     // mode the kernel sends (the core restores bits the umask took, see fuse/src/core.rs).
     // A previous daemon of this cache may still be finishing its last commit (`umount`, then
     // `mount` at once): wait for it, bounded.
-    let open = OpenCache::open_waiting(
-        cache_dir,
-        PREVIOUS_DAEMON_WAIT,
-        &mut |m| {
-            tracing::info!("{m}");
-            ready.notice(m);
-        },
-        opts.adopt.then_some(mountpoint.as_path()),
-    )?;
+    let mut say = |m: &str| {
+        tracing::info!("{m}");
+        ready.notice(m);
+    };
+    let adopt = opts.adopt.then_some(mountpoint.as_path());
+    let open = OpenCache::open_waiting(cache_dir, PREVIOUS_DAEMON_WAIT, &mut say, adopt)?;
 
     // A bad or busy --metrics address fails the mount before it takes anything.
     let metrics_listener = opts.metrics.as_deref().map(metrics::bind).transpose()?;
     let store_url = opts.store.url()?;
     if opts.adopt {
-        adopt::check_paths(&mountpoint, &store_url, opts.drill_scratch.as_deref())?;
-        for w in adopt::check_holders(&mountpoint)? {
-            tracing::warn!("{w}");
-            ready.notice(&w);
-        }
+        adopt::check(
+            &mountpoint,
+            &store_url,
+            opts.drill_scratch.as_deref(),
+            ready,
+        )?;
     }
     let ws_name = match &opts.workspace {
         Some(w) => w.clone(),
@@ -825,10 +742,7 @@ pub fn serve(
         cache: &open.cache,
         ttl: opts.lease.lease_ttl,
         takeover: opts.lease.takeover(),
-        notice: &mut |m| {
-            tracing::info!("{m}");
-            ready.notice(m);
-        },
+        notice: &mut say,
         note_stop: true,
         mountpoint: Some(&mountpoint),
     })?;
@@ -884,20 +798,7 @@ pub fn serve(
         cache_root.clone(),
         recovery,
     ));
-    if let Some(dir) = &adopted {
-        daemon.set_adopted(dir.clone());
-    }
-    daemon.set_rollback(rollback::Rollback {
-        core: Arc::clone(&services.core),
-        agent: Arc::clone(&services.agent),
-        hyd: Arc::clone(&services.hyd),
-        store: Arc::clone(&store),
-        hydration: Arc::clone(&services.hydration),
-        forget: mounted.forgetter(),
-        cache_root: cache_root.clone(),
-        backing: services.core.backing_root().to_path_buf(),
-        one: parking_lot::Mutex::new(()),
-    });
+    writer_daemon(&daemon, &services, &store, &mut mounted, adopted.as_deref());
     let control = server::Server::start(Arc::clone(&daemon))?;
     let metrics = daemon.serve_metrics(metrics_listener)?;
     daemon::spawn_signal_handler(Arc::clone(&daemon))?;
@@ -909,15 +810,7 @@ pub fn serve(
         mountpoint.display(),
         cache_root.display()
     );
-    let mut said = identity::announce(&ws, &store_url, &before);
-    if let Some(dir) = &adopted {
-        said.push_str(&format!(
-            "; serving the files of {} in place",
-            dir.display()
-        ));
-    }
-    tracing::info!("{said}");
-    ready.notice(&said);
+    announce(&ws, &store_url, &before, adopted.as_deref(), ready);
     ready.ready();
 
     let served = mounted
@@ -943,6 +836,49 @@ pub fn serve(
     daemon.finish(result.clone());
     daemon.drain_waiters();
     result.map_err(anyhow::Error::msg)
+}
+
+/// Says what the mount attached (`identity::announce`), in the log and to the user.
+fn announce(
+    ws: &Workspace,
+    store_url: &str,
+    before: &identity::Before,
+    adopted: Option<&Path>,
+    ready: &Readiness,
+) {
+    let mut said = identity::announce(ws, store_url, before);
+    if let Some(dir) = adopted {
+        said.push_str(&format!(
+            "; serving the files of {} in place",
+            dir.display()
+        ));
+    }
+    tracing::info!("{said}");
+    ready.notice(&said);
+}
+
+/// What a writer's daemon has beyond a read-only one's: the live rollback, and what it adopted.
+fn writer_daemon(
+    daemon: &Daemon,
+    services: &Services,
+    store: &Arc<Store>,
+    mounted: &mut Mounted,
+    adopted: Option<&Path>,
+) {
+    if let Some(dir) = adopted {
+        daemon.set_adopted(dir.to_path_buf());
+    }
+    daemon.set_rollback(rollback::Rollback {
+        core: Arc::clone(&services.core),
+        agent: Arc::clone(&services.agent),
+        hyd: Arc::clone(&services.hyd),
+        store: Arc::clone(store),
+        hydration: Arc::clone(&services.hydration),
+        forget: mounted.forgetter(),
+        cache_root: daemon.cache().to_path_buf(),
+        backing: services.core.backing_root().to_path_buf(),
+        one: parking_lot::Mutex::new(()),
+    });
 }
 
 /// The default-name rule (`identity::check_default_name`) for this mount.

@@ -176,6 +176,20 @@ struct AgentState {
     previous_sqlite: Vec<SqlitePosition>,
 }
 
+impl AgentState {
+    /// A commit covering the journal up to `seq` landed (`info.generation`): everything up
+    /// to `seq`, and what the journal held when the agent started, is durable.
+    fn committed(&mut self, seq: u64, sqlite: Vec<SqlitePosition>, info: CommitInfo) {
+        self.head = info.generation;
+        self.durable_seq = self.durable_seq.max(seq);
+        self.inherited_dirty = false;
+        self.commits += 1;
+        self.last_error = None;
+        self.previous_sqlite = sqlite;
+        self.last_commit = Some(info);
+    }
+}
+
 pub struct SyncAgent {
     core: Arc<Core>,
     store: Arc<Store>,
@@ -767,23 +781,21 @@ impl SyncAgent {
         journal.committed(seq)?;
         let total_ms = self.commit_latency.observe(started.elapsed()).as_millis() as u64;
         let mut st = self.st.lock();
-        st.head = number;
-        st.durable_seq = st.durable_seq.max(seq);
-        st.inherited_dirty = false;
-        st.commits += 1;
-        st.last_error = None;
-        st.previous_sqlite = built.sqlite;
-        st.last_commit = Some(CommitInfo {
-            generation: number,
-            time_unix_ms: now_ms,
-            bytes_new: built.bytes_new,
-            blobs_new: built.blobs_new,
-            packs_new: built.packs_new,
-            bytes_read: built.bytes_read,
-            files: captured.to_read.len() as u64,
-            cut_ms,
-            total_ms,
-        });
+        st.committed(
+            seq,
+            built.sqlite,
+            CommitInfo {
+                generation: number,
+                time_unix_ms: now_ms,
+                bytes_new: built.bytes_new,
+                blobs_new: built.blobs_new,
+                packs_new: built.packs_new,
+                bytes_read: built.bytes_read,
+                files: captured.to_read.len() as u64,
+                cut_ms,
+                total_ms,
+            },
+        );
         log_commit(st.last_commit.as_ref(), epoch);
         self.cv.notify_all();
         tracing::debug!(

@@ -1,0 +1,93 @@
+//! Phase 6: the FUSE session, mounted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use owsfs_fuse::{AdapterOptions, Core, MountSettings};
+
+use super::rollback;
+use crate::options::MountOptions;
+
+/// Phase 6: the FUSE session, mounted. Until it has served, dropping it detaches the mount.
+pub struct Mounted {
+    session: Option<owsfs_fuse::fuser::Session<owsfs_fuse::FuseAdapter>>,
+    mountpoint: PathBuf,
+    epoch: Option<owsfs_fuse::EpochNotifier>,
+}
+
+impl Mounted {
+    pub fn mount(
+        core: &Arc<Core>,
+        mountpoint: &Path,
+        o: &MountOptions,
+        fsname: &str,
+    ) -> anyhow::Result<Mounted> {
+        let adapter = AdapterOptions {
+            entry_ttl: o.entry_timeout,
+            attr_ttl: o.attr_timeout,
+            negative_ttl: o.negative_timeout,
+            max_write: o.max_write,
+            writeback_cache: o.writeback_cache,
+            posix_acl: o.posix_acl,
+        };
+        let settings = MountSettings {
+            fsname: fsname.to_string(),
+            threads: o.threads,
+            flags: o.kernel.clone(),
+            read_only: o.read_only,
+        };
+        let (session, epoch) = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
+            .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+        Ok(Mounted {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            epoch,
+        })
+    }
+
+    /// What a live rollback tells the kernel: every cached name goes.
+    pub fn forgetter(&mut self) -> rollback::Forget {
+        rollback::Forget {
+            notifier: self
+                .session
+                .as_ref()
+                .map(|s| s.notifier())
+                .expect("a mounted session"),
+            epoch: self.epoch.take(),
+        }
+    }
+
+    /// Ask the kernel to drop a name (for the inode reaper), and an inode's cached attributes
+    /// or pages (after the daemon changed them behind the kernel).
+    pub fn invalidators(&self) -> (owsfs_fuse::Invalidator, owsfs_fuse::InodeInvalidator) {
+        let session = self.session.as_ref().expect("a mounted session");
+        let names = session.notifier();
+        let attrs = session.notifier();
+        (
+            Box::new(move |parent, name| {
+                names.inval_entry(owsfs_fuse::fuser::INodeNo(parent.0), name)
+            }),
+            std::sync::Arc::new(move |ino, offset, len| {
+                attrs.inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), offset, len)
+            }),
+        )
+    }
+
+    /// Phase 7: serves until the kernel ends the session (an unmount).
+    pub fn serve(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.run(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.session.take().is_some() {
+            // Never served: nobody should find a dead mount here.
+            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
