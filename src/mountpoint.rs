@@ -167,11 +167,13 @@ pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
     let abs = absolute(path)?;
     let table = mounts()?;
     // An adopted directory's files are served from one file system: a mount below it would
-    // hide its own files and mix inode numbers of two file systems.
+    // hide its own files and mix inode numbers of two file systems. (The mount table has
+    // resolved paths.)
+    let resolved = abs.canonicalize().unwrap_or_else(|_| abs.clone());
     if adopt
         && let Some(m) = table
             .iter()
-            .find(|m| m.mountpoint != abs && m.mountpoint.starts_with(&abs))
+            .find(|m| m.mountpoint != resolved && m.mountpoint.starts_with(&resolved))
     {
         bail!(
             "{} has a mount below it ({} at {}): owsfs adopts a directory only whole, on one file \

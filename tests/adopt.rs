@@ -249,6 +249,34 @@ fn a_volume_mountpoint_is_adopted() {
         .unwrap();
     assert!(mounted.success());
     let _volume = Volume(ws.mp.clone());
+    // A mount below the directory is refused, also when the directory is named through a
+    // symlink.
+    let below = ws.mp.join("sub");
+    fs::create_dir(&below).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&below)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _below = Volume(below.clone());
+    let link = ws.dir.path().join("link");
+    std::os::unix::fs::symlink(&ws.mp, &link).unwrap();
+    let out = ws.owsfs(&[
+        "mount",
+        &link.to_string_lossy(),
+        "--adopt",
+        "--cache",
+        &ws.cache.to_string_lossy(),
+        "--store",
+        &ws.store,
+        "--workspace",
+        "vol",
+    ]);
+    assert!(!out.status.success(), "adopted with a mount below");
+    assert!(stderr(&out).contains("mount below it"), "{}", stderr(&out));
+    drop(_below);
+    fs::remove_dir(&below).unwrap();
     write_db(&ws.mp, 10);
     ws.mount();
     write_db(&ws.mp, 5);

@@ -647,41 +647,31 @@ fn config_file_environment_and_flags_in_that_order() {
         "JSON log lines: {log}"
     );
 
-    // Mistakes name the key, and the nearest valid one.
-    std::fs::write(&file, "comit_interval = \"1s\"\n").unwrap();
-    let out = Command::new(OWSFS)
-        .args(["log", "--workspace", "w"])
-        .env("OWSFS_CONFIG", &file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // Mistakes name the key, and the nearest valid one; bad values name the file.
+    let refused = |contents: &str, args: &[&str]| -> String {
+        std::fs::write(&file, contents).unwrap();
+        let out = Command::new(OWSFS)
+            .args(args)
+            .env("OWSFS_CONFIG", &file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{contents} was taken");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused("comit_interval = \"1s\"\n", &["log", "--workspace", "w"]);
     assert!(
         err.contains("unknown key \"comit_interval\"")
             && err.contains("did you mean \"commit_interval\""),
         "{err}"
     );
-    std::fs::write(&file, "commit_interval = \"soon\"\n").unwrap();
-    let out = Command::new(OWSFS)
-        .args(["config", "show", "/x/ws"])
-        .env("OWSFS_CONFIG", &file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let show = ["config", "show", "/x/ws"];
+    let err = refused("commit_interval = \"soon\"\n", &show);
     assert!(
         err.contains("soon") && err.contains(&*file.to_string_lossy()),
         "{err}"
     );
     // Mount options are checked as the mount checks them.
-    std::fs::write(&file, "options = [\"threads=many\"]\n").unwrap();
-    let out = Command::new(OWSFS)
-        .args(["config", "show", "/x/ws"])
-        .env("OWSFS_CONFIG", &file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused("options = [\"threads=many\"]\n", &show);
     assert!(
         err.contains("threads=many") && err.contains(&*file.to_string_lossy()),
         "{err}"
