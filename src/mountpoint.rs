@@ -4,13 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-/// A mount as listed in /proc/self/mountinfo.
-#[derive(Debug, Clone)]
-pub struct MountInfo {
-    pub mountpoint: PathBuf,
-    pub fstype: String,
-    pub source: String,
-}
+/// One mount of this mount namespace.
+pub use owsfs_sys::mount::MountEntry as MountInfo;
 
 /// The name a workspace gets from its mountpoint.
 pub fn name_of(mountpoint: &Path) -> String {
@@ -22,47 +17,7 @@ pub fn name_of(mountpoint: &Path) -> String {
 
 /// Every mount of this mount namespace.
 pub fn mounts() -> anyhow::Result<Vec<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        // id parent major:minor root mountpoint options [optional...] - fstype source superopts
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fields: Vec<&str> = left.split(' ').collect();
-        let rfields: Vec<&str> = right.split(' ').collect();
-        if fields.len() < 5 || rfields.len() < 2 {
-            continue;
-        }
-        out.push(MountInfo {
-            mountpoint: PathBuf::from(unescape(fields[4])),
-            fstype: rfields[0].to_string(),
-            source: unescape(rfields[1]),
-        });
-    }
-    Ok(out)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(owsfs_sys::mount::table()?)
 }
 
 /// The absolute path of a mountpoint without resolving it through a (possibly dead) mount.
@@ -229,32 +184,12 @@ pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
 
 /// Checks that the FUSE device is there and can be opened.
 pub fn check_dev_fuse() -> anyhow::Result<()> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "/dev/fuse does not exist: load the fuse kernel module (`modprobe fuse`), or in a \
-             container pass the device (`--device /dev/fuse`)"
-        ),
-        Err(e) => Err(e).context(
-            "cannot open /dev/fuse: run as root, or give this user access to the FUSE device",
-        ),
-    }
+    owsfs_sys::mount::check_fuse_device().map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_octal() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/tail\\04"), "/tail\\04");
-    }
 
     #[test]
     fn workspace_name_is_the_last_component() {

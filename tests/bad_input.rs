@@ -115,6 +115,7 @@ fn unwritable_cache_is_refused() {
 }
 
 #[test]
+#[cfg(target_os = "linux")] // mount(8) helpers, /proc/self/mountinfo, unshare
 fn missing_dev_fuse_is_explained() {
     if skip_fuse() {
         return;

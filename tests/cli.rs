@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 
 #[test]
+#[cfg(target_os = "linux")] // mount(8) helpers, /proc/self/mountinfo, unshare
 fn mount_helper_convention_through_mount_fuse3() {
     if skip_fuse() {
         return;
@@ -716,6 +717,7 @@ impl Drop for HelperInstalled {
 /// fstab-only options; the mount table shows the source as written; `remount,ro` and
 /// `remount,rw` work; plain umount(8) hands off.
 #[test]
+#[cfg(target_os = "linux")] // mount(8) helpers, /proc/self/mountinfo, unshare
 fn fstab_line_and_mount_helper_with_a_store_url() {
     if skip_fuse() {
         return;

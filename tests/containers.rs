@@ -70,7 +70,7 @@ fn the_entrypoint_is_a_command_owsfs_takes() {
     );
     let docs = std::fs::read_to_string(format!("{ROOT}/docs/containers.md")).unwrap();
     for needle in [
-        "/dev/fuse",
+        "--device /dev/fuse",
         "SYS_ADMIN",
         "mountPropagation",
         "preStop",

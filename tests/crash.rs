@@ -1,5 +1,8 @@
 //! kill -9 of the daemon in the middle of a workload: nothing the workload completed is lost,
 //! and the replayed journal's dirty set is exactly what changed.
+// Linux kernel semantics (renameat2, fallocate modes, O_DIRECT, aio, file handles,
+// /proc and /sys): the file builds on Linux only.
+#![cfg(target_os = "linux")]
 
 mod common;
 

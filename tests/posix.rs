@@ -1,4 +1,7 @@
 //! POSIX behaviour through a real mount: each test mounts a fresh workspace through /dev/fuse.
+// Linux kernel semantics (renameat2, fallocate modes, O_DIRECT, aio, file handles,
+// /proc and /sys): the file builds on Linux only.
+#![cfg(target_os = "linux")]
 
 mod common;
 

@@ -1,6 +1,9 @@
 //! POSIX behaviour that a standard conformance suite found missing (issue 15), each through a
 //! real mount: atime that holds still, direct I/O seen by buffered readers, xattrs on symlinks,
 //! POSIX ACLs, `O_TMPFILE` and file handles.
+// Linux kernel semantics (renameat2, fallocate modes, O_DIRECT, aio, file handles,
+// /proc and /sys): the file builds on Linux only.
+#![cfg(target_os = "linux")]
 
 mod common;
 

@@ -191,18 +191,11 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// The caller's groups: its primary group and those of `/proc/PID/status` (none more when
-/// the process is gone).
+/// The caller's groups: its primary group and its supplementary ones (none more when the
+/// process is gone).
 fn caller_groups(req: &Request) -> Vec<u32> {
     let mut groups = vec![req.gid()];
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
-        let line = status.lines().find_map(|l| l.strip_prefix("Groups:"));
-        groups.extend(
-            line.into_iter()
-                .flat_map(|l| l.split_whitespace())
-                .filter_map(|g| g.parse::<u32>().ok()),
-        );
-    }
+    groups.extend(owsfs_sys::process::groups_of(req.pid()));
     groups
 }
 
@@ -593,7 +586,7 @@ impl Filesystem for FuseAdapter {
         // since the open).
         let r = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
             self.core.write_pages(fh.0, offset, data, kill)
-        } else if flags.0 & libc::O_DIRECT != 0 {
+        } else if flags.0 & owsfs_sys::fs::O_DIRECT_RAW != 0 {
             self.core.write_direct(fh.0, offset, data, kill)
         } else {
             self.core.write(fh.0, offset, data, kill)
@@ -965,6 +958,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn ioctls_are_refused_with_enotty() {
         let refused = AtomicBool::new(false);
         let tcgets = libc::TCGETS as u32;

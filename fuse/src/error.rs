@@ -43,7 +43,7 @@ impl FsError {
             libc::ENOENT
                 | libc::EEXIST
                 | libc::ENOTEMPTY
-                | libc::ENODATA
+                | owsfs_sys::fs::NO_XATTR_RAW
                 | libc::ERANGE
                 | libc::EACCES
                 | libc::EPERM

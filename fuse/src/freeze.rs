@@ -247,16 +247,18 @@ impl Freezer {
     /// A new side file in `side_dir`, with no name: `O_TMPFILE`, or where the file system
     /// lacks it, a file removed at once (only the descriptor is needed).
     fn new_side_file(&self, ino: BackingIno) -> io::Result<File> {
-        match rustix::fs::open(
+        let dir = rustix::fs::open(
             &self.side_dir,
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let unnamed = owsfs_sys::fs::open_tmpfile(
+            &dir,
+            OFlags::RDWR | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
-        ) {
-            Ok(fd) => return Ok(File::from(fd)),
-            Err(
-                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
-            ) => {}
-            Err(e) => return Err(e.into()),
+        )?;
+        if let Some(fd) = unnamed {
+            return Ok(File::from(fd));
         }
         let n = self.side_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.side_dir.join(format!("cow-{ino}-{n}"));
@@ -272,11 +274,11 @@ impl Freezer {
     /// Where the side file of `ino` lives (as `/proc/self/fd` says), if it has one.
     #[cfg(test)]
     pub(crate) fn side_file_path(&self, ino: BackingIno) -> Option<PathBuf> {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let f = self.files.lock().get(&ino).cloned()?;
         let inner = f.inner.lock();
-        let fd = inner.side.as_ref()?.as_raw_fd();
-        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+        let path = owsfs_sys::fs::fd_path(inner.side.as_ref()?.as_fd()).ok()?;
+        Some(std::fs::read_link(&path).unwrap_or(path))
     }
 
     /// Where side files go.

@@ -15,7 +15,6 @@ mod kind;
 pub mod stats;
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,7 +43,7 @@ pub fn openat_noatime<P: rustix::path::Arg + Copy>(
     flags: rustix::fs::OFlags,
 ) -> rustix::io::Result<std::os::fd::OwnedFd> {
     let m = rustix::fs::Mode::empty();
-    match rustix::fs::openat(&dir, path, flags | rustix::fs::OFlags::NOATIME, m) {
+    match rustix::fs::openat(&dir, path, flags | owsfs_sys::fs::NOATIME, m) {
         Err(rustix::io::Errno::PERM) => rustix::fs::openat(&dir, path, flags, m),
         r => r,
     }
@@ -95,7 +94,6 @@ pub fn mount(
     mountpoint: &Path,
     settings: &MountSettings,
 ) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
-    use rustix::mount::MountFlags as F;
     let root = rustix::process::geteuid().is_root();
     let mut config = fuser::Config::default();
     // Other users of the machine see the workspace like any local directory; the kernel still
@@ -118,62 +116,33 @@ pub fn mount(
         return fuser::Session::new(adapter, mountpoint, &config).map(|s| (s, None));
     }
 
-    let mut flags = F::NOSUID | F::NODEV | F::NOATIME;
-    if settings.read_only {
-        flags |= F::RDONLY;
-    }
-    for flag in &settings.flags {
-        match flag.as_str() {
-            "nosuid" => flags |= F::NOSUID,
-            "suid" => flags.remove(F::NOSUID),
-            "nodev" => flags |= F::NODEV,
-            "dev" => flags.remove(F::NODEV),
-            "noexec" => flags |= F::NOEXEC,
-            "exec" => flags.remove(F::NOEXEC),
-            "noatime" => flags |= F::NOATIME,
-            "atime" => flags.remove(F::NOATIME),
-            "sync" => flags |= F::SYNCHRONOUS,
-            "async" => flags.remove(F::SYNCHRONOUS),
-            "dirsync" => flags |= F::DIRSYNC,
-            other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("unknown mount flag {other}"),
-                ));
-            }
+    let kernel = owsfs_sys::mount::KernelFlags {
+        read_only: settings.read_only,
+        names: settings.flags.clone(),
+    };
+    let Some(dev) = owsfs_sys::mount::mount_fuse(&settings.fsname, mountpoint, &kernel, true)?
+    else {
+        // Not Linux: macFUSE mounts through fuser's library path.
+        config.mount_options = vec![
+            fuser::MountOption::FSName(settings.fsname.clone()),
+            fuser::MountOption::Subtype("owsfs".into()),
+            fuser::MountOption::DefaultPermissions,
+        ];
+        if settings.read_only {
+            config.mount_options.push(fuser::MountOption::RO);
         }
-    }
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")?;
-    let st = rustix::fs::stat(mountpoint)?;
-    let data = format!(
-        "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
-        dev.as_raw_fd(),
-        st.st_mode & libc::S_IFMT,
-        rustix::process::geteuid().as_raw(),
-        rustix::process::getegid().as_raw(),
-    );
-    let data = std::ffi::CString::new(data).map_err(io::Error::other)?;
-    rustix::mount::mount(
-        settings.fsname.as_str(),
-        mountpoint,
-        "fuse.owsfs",
-        flags,
-        data.as_c_str(),
-    )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("mount(2) of fuse.owsfs failed: {e}"),
-        )
-    })?;
+        return fuser::Session::new(adapter, mountpoint, &config).map(|s| (s, None));
+    };
+    let dev = std::fs::File::from(dev);
     let epoch = dev.try_clone().ok().map(|d| EpochNotifier(d.into()));
     match fuser::Session::from_fd(adapter, std::os::fd::OwnedFd::from(dev), config.acl, config) {
         Ok(session) => Ok((session, epoch)),
         Err(e) => {
-            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            let lazy = owsfs_sys::mount::UnmountHow {
+                lazy: true,
+                force: false,
+            };
+            let _ = owsfs_sys::mount::unmount(mountpoint, lazy);
             Err(e)
         }
     }

@@ -321,15 +321,7 @@ impl Hydrator {
         let whole = inner.whole(f.len);
         drop(inner);
         if let Some((a, b)) = written {
-            // SAFETY: a plain syscall on a descriptor we own.
-            unsafe {
-                libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    a as i64,
-                    (b - a) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+            owsfs_sys::fs::start_writeback(&fd, a, b - a);
         }
         if !removed {
             self.missing_bytes
@@ -397,7 +389,7 @@ impl Hydrator {
         let Some(f) = self.files.get(&ino).map(|f| Arc::clone(&f)) else {
             return;
         };
-        if let Err(e) = handle::open(self.root.as_fd(), &f.handle, libc::O_PATH)
+        if let Err(e) = handle::open(self.root.as_fd(), &f.handle, owsfs_sys::fs::O_PATH_RAW)
             && e.raw_os_error() == Some(libc::ESTALE)
         {
             f.inner.lock().removed = true;

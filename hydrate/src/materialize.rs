@@ -18,7 +18,11 @@ impl Hydrator {
             .map(|e| (*e.key(), e.value().handle.clone()))
             .collect();
         for (ino, h) in candidates {
-            match handle::open(self.root.as_fd(), &h, libc::O_PATH | libc::O_DIRECTORY) {
+            match handle::open(
+                self.root.as_fd(),
+                &h,
+                owsfs_sys::fs::O_PATH_RAW | libc::O_DIRECTORY,
+            ) {
                 Ok(fd) => return Some((ino, fd)),
                 Err(e) => tracing::warn!("hydrate: directory inode {ino} cannot be opened: {e}"),
             }
@@ -135,9 +139,9 @@ impl Hydrator {
         if e.link_key != 0 && e.kind == NodeKind::File {
             let known = self.links.lock().get(&e.link_key).cloned();
             if let Some(h) = known {
-                match handle::open(self.root.as_fd(), &h, libc::O_PATH) {
+                match handle::open(self.root.as_fd(), &h, owsfs_sys::fs::O_PATH_RAW) {
                     Ok(fd) => {
-                        rustix::fs::linkat(&fd, c"", dir, name, AtFlags::EMPTY_PATH)?;
+                        owsfs_sys::fs::link_fd(&fd, dir, name)?;
                         return Ok(());
                     }
                     Err(err) => tracing::warn!(

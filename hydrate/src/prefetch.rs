@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, after, bounded, select};
 use owsfs_fuse::Core;
 use parking_lot::Mutex;
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 
 use super::Hydrator;
 
@@ -190,11 +190,10 @@ impl Shared {
 
     /// Walks to `path` (materializing on the way) and fetches it whole if it is a file.
     fn path(&self, path: &Path) -> anyhow::Result<()> {
-        let mut cur: OwnedFd = rustix::fs::openat(
+        let mut cur: OwnedFd = owsfs_sys::fs::open_path(
             self.hyd.root_fd(),
             c".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
+            OFlags::DIRECTORY | OFlags::CLOEXEC,
         )?;
         let mut ino = self.hyd.root_ino();
         let mut is_dir = true;
@@ -212,16 +211,12 @@ impl Shared {
                     return Ok(());
                 }
             }
-            let next = match rustix::fs::openat(
-                &cur,
-                name,
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                // Gone or renamed since it was recorded: nothing to do.
-                Err(_) => return Ok(()),
-            };
+            let next =
+                match owsfs_sys::fs::open_path(&cur, name, OFlags::NOFOLLOW | OFlags::CLOEXEC) {
+                    Ok(fd) => fd,
+                    // Gone or renamed since it was recorded: nothing to do.
+                    Err(_) => return Ok(()),
+                };
             let st = rustix::fs::fstat(&next)?;
             ino = st.st_ino;
             is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;

@@ -50,10 +50,10 @@ impl Hydrator {
         // One syncfs instead of many fdatasyncs (each a journal commit) when many files
         // were fetched since the last save, e.g. a directory of small files.
         if to_sync.len() > 16 {
-            rustix::fs::syncfs(&self.root)?;
+            owsfs_sys::fs::syncfs(&self.root)?;
         } else {
             for fd in &to_sync {
-                rustix::fs::fdatasync(fd)?;
+                owsfs_sys::fs::fdatasync(fd)?;
             }
         }
         drop(to_sync);

@@ -34,18 +34,6 @@ pub enum JournalError {
         dir: PathBuf,
     },
 
-    /// The current boot id could not be read (needed for the unclean-reboot rule).
-    #[error(
-        "journal: could not read the boot id from {path}: {source}; owsfs needs Linux's /proc \
-         (tests can set JournalOptions::boot_id)"
-    )]
-    BootId {
-        /// Normally `/proc/sys/kernel/random/boot_id`.
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-
     /// `JournalOptions::boot_id` does not fit the 36-byte header field.
     #[error("journal: boot id {id:?} is longer than 36 bytes; use a boot_id of at most 36 bytes")]
     InvalidBootId {
@@ -96,9 +84,9 @@ impl JournalError {
     /// (e.g. `ENOSPC`), `EIO` otherwise.
     pub fn to_errno(&self) -> i32 {
         match self {
-            JournalError::Io { source, .. }
-            | JournalError::BootId { source, .. }
-            | JournalError::Rescan { source, .. } => source.raw_os_error().unwrap_or(EIO),
+            JournalError::Io { source, .. } | JournalError::Rescan { source, .. } => {
+                source.raw_os_error().unwrap_or(EIO)
+            }
             _ => EIO,
         }
     }

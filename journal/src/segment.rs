@@ -24,7 +24,6 @@ pub(crate) const BOOT_ID_LEN: usize = 36;
 pub(crate) const HEADER_LEN: usize = 8 + 4 + 8 + BOOT_ID_LEN + 4;
 const SEG_SUFFIX: &str = ".seg";
 const TMP_SUFFIX: &str = ".seg.tmp";
-const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The kernel's boot id as stored in segment headers: the 36-byte UUID string, NUL-padded
 /// when a test supplies a shorter one.
@@ -46,14 +45,7 @@ impl BootId {
     pub(crate) fn resolve(configured: Option<&str>) -> Result<BootId, JournalError> {
         match configured {
             Some(id) => BootId::parse(id),
-            None => {
-                let id =
-                    fs::read_to_string(BOOT_ID_PATH).map_err(|source| JournalError::BootId {
-                        path: BOOT_ID_PATH.into(),
-                        source,
-                    })?;
-                BootId::parse(id.trim())
-            }
+            None => BootId::parse(&owsfs_sys::process::boot_id()),
         }
     }
 }
@@ -260,8 +252,7 @@ pub(crate) fn torn_len(batch: &[u8]) -> usize {
 /// (`FALLOC_FL_KEEP_SIZE`): later writes into that range need no free space, and readers
 /// see nothing of it.
 pub(crate) fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
-        .map_err(io::Error::from)
+    owsfs_sys::fs::preallocate(file, offset, len)
 }
 
 /// Removes every segment numbered below `n`. They are superseded by the snapshot at the start
@@ -336,9 +327,8 @@ mod tests {
         assert!(BootId::parse(&"x".repeat(37)).is_err());
         assert_eq!(BootId::parse("abc").unwrap().to_string(), "abc");
         assert_ne!(BootId::parse("a").unwrap(), BootId::parse("b").unwrap());
-        if Path::new(BOOT_ID_PATH).exists() {
-            assert_eq!(BootId::resolve(None).unwrap().to_string().len(), 36);
-        }
+        #[cfg(target_os = "linux")]
+        assert_eq!(BootId::resolve(None).unwrap().to_string().len(), 36);
     }
 
     #[test]

@@ -6,11 +6,11 @@
 //! `{"format":"owsfs-adopted","version":1,"dir":"/abs/DIR","crc32c":N}`, where `crc32c` is the
 //! CRC-32C of `owsfs-adopted:VERSION:DIR`. A cache adopts one directory for its whole life.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 
 /// The record's name in the cache.
@@ -40,10 +40,16 @@ pub struct Adopted {
 impl Adopted {
     /// Opens `dir` (an absolute path, not covered by a mount of ours yet).
     pub fn open(dir: &Path) -> anyhow::Result<Adopted> {
-        let fd = match rustix::fs::open(
+        if !owsfs_sys::fs::FD_PATH_REACHES_COVERED_FILES {
+            bail!(
+                "adopting a directory in place needs Linux (its /proc/self/fd reaches the files \
+                 a mount covers); mount an empty directory and copy the files in instead"
+            );
+        }
+        let fd = match owsfs_sys::fs::open_path(
+            rustix::fs::CWD,
             dir,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
+            OFlags::DIRECTORY | OFlags::CLOEXEC,
         ) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOTCONN) => bail!(
@@ -67,7 +73,8 @@ impl Adopted {
     /// The path by which this process reaches the directory's own files, also once the mount
     /// covers `dir`: `/proc/self/fd/N` (every thread shares the descriptor table).
     pub fn backing(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+        // `open` refused the systems where this path would lead into the mount.
+        owsfs_sys::fs::fd_path(self.fd.as_fd()).unwrap_or_else(|_| self.dir.clone())
     }
 }
 

@@ -14,7 +14,7 @@ pub mod adopt;
 pub mod cache;
 pub mod drill;
 pub mod export;
-pub mod handle;
+pub use owsfs_sys::handle;
 pub mod node;
 pub mod progress;
 pub mod restore;

@@ -8,7 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use owsfs_store::{Content, NodeKind, TreeEntry};
@@ -179,13 +179,10 @@ struct Node {
 
 impl Node {
     fn open(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Node> {
-        let fd = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let fd = owsfs_sys::fs::open_path(dir, name, OFlags::NOFOLLOW | OFlags::CLOEXEC)?;
+        let path = owsfs_sys::fs::fd_path(fd.as_fd())?
+            .to_string_lossy()
+            .into_owned();
         Ok(Node { _fd: fd, path })
     }
 }
@@ -257,7 +254,7 @@ mod tests {
         assert_eq!(&v[..n], b"v");
         assert_eq!(
             rustix::fs::getxattr(d.path().join("f"), "trusted.k", &mut v).unwrap_err(),
-            rustix::io::Errno::NODATA,
+            owsfs_sys::fs::no_xattr(),
             "not on its target"
         );
 

@@ -39,38 +39,14 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
 /// point); the daemon goes on serving. Writes to a read-only mount fail with EROFS in the
 /// kernel before they reach the daemon.
 fn remount(mountpoint: &std::path::Path, o: &crate::options::MountOptions) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use rustix::mount::MountFlags;
     let mp = crate::mountpoint::absolute(mountpoint)?;
     if crate::mountpoint::find_owsfs(&mp)?.is_none() {
         anyhow::bail!("{} is not an owsfs mount: nothing to remount", mp.display());
     }
-    let mut flags = MountFlags::empty();
-    if o.read_only {
-        flags |= MountFlags::RDONLY;
-    }
-    for k in &o.kernel {
-        flags |= match k.as_str() {
-            "nosuid" => MountFlags::NOSUID,
-            "nodev" => MountFlags::NODEV,
-            "noexec" => MountFlags::NOEXEC,
-            "noatime" => MountFlags::NOATIME,
-            _ => MountFlags::empty(),
-        };
-    }
-    // The superblock's read-only flag, then the mount point's own flags.
-    rustix::mount::mount_remount(&mp, flags & MountFlags::RDONLY, "").with_context(|| {
-        format!(
-            "cannot remount {} {}",
-            mp.display(),
-            if o.read_only {
-                "read-only"
-            } else {
-                "read-write"
-            }
-        )
-    })?;
-    rustix::mount::mount_remount(&mp, flags | MountFlags::BIND, "")
-        .with_context(|| format!("cannot change the flags of {}", mp.display()))?;
+    let flags = owsfs_sys::mount::KernelFlags {
+        read_only: o.read_only,
+        names: o.kernel.clone(),
+    };
+    owsfs_sys::mount::remount(&mp, &flags)?;
     Ok(())
 }

@@ -35,20 +35,22 @@ pub fn run(args: &UnmountArgs) -> anyhow::Result<()> {
     unmount(args, None)
 }
 
+/// Detaches at once; the last user of the mount finishes.
+const LAZY: owsfs_sys::mount::UnmountHow = owsfs_sys::mount::UnmountHow {
+    lazy: true,
+    force: false,
+};
+
 /// umount(8)'s helper: a lazy unmount detaches in the kernel at once (the daemon hands off
 /// when the session ends, as it always does); a plain one asks the daemon, so that it returns
 /// once the handoff is done, and falls back to the kernel's unmount when the daemon does not
 /// answer within `HELPER_WAIT` or cannot be asked (a hung daemon must not hang umount).
 fn as_umount_helper(args: &UnmountArgs) -> anyhow::Result<()> {
-    use rustix::mount::UnmountFlags;
     let mp = crate::mountpoint::absolute(&args.mountpoint)?;
-    let mut flags = UnmountFlags::empty();
-    if args.lazy {
-        flags |= UnmountFlags::DETACH;
-    }
-    if args.force {
-        flags |= UnmountFlags::FORCE;
-    }
+    let how = owsfs_sys::mount::UnmountHow {
+        lazy: args.lazy,
+        force: args.force,
+    };
     let kernel = |why: &str| -> anyhow::Result<()> {
         if crate::mountpoint::find_owsfs(&mp)?.is_none() {
             return Ok(());
@@ -56,7 +58,7 @@ fn as_umount_helper(args: &UnmountArgs) -> anyhow::Result<()> {
         if !why.is_empty() {
             eprintln!("owsfs: {why}; unmounting {} in the kernel", mp.display());
         }
-        rustix::mount::unmount(&mp, flags)
+        owsfs_sys::mount::unmount(&mp, how)
             .with_context(|| format!("cannot unmount {}", mp.display()))
     };
     if args.lazy || args.force {
@@ -98,9 +100,9 @@ fn unmount(args: &UnmountArgs, timeout: Option<Duration>) -> anyhow::Result<()> 
                 );
             }
             // Nobody serves this mount any more: remove it so the path is usable again.
-            rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH).with_context(
-                || format!("cannot remove the dead mount at {}", mountpoint.display()),
-            )?;
+            owsfs_sys::mount::unmount(&mountpoint, LAZY).with_context(|| {
+                format!("cannot remove the dead mount at {}", mountpoint.display())
+            })?;
             eprintln!(
                 "owsfs: the daemon of {} was not running; removed the dead mount (its journal \
                  is replayed at the next mount of {})",
@@ -146,7 +148,7 @@ fn unmount_without_cache(mountpoint: &Path, cache: &Path) -> anyhow::Result<()> 
     }
     let detached = crate::mountpoint::find_owsfs(mountpoint)?.is_some();
     if detached {
-        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+        owsfs_sys::mount::unmount(mountpoint, LAZY)
             .with_context(|| format!("cannot remove the mount at {}", mountpoint.display()))?;
     }
     let pids: Vec<String> = daemons.iter().map(i32::to_string).collect();

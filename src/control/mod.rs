@@ -271,13 +271,14 @@ impl Status {
 /// Unix socket paths are limited to ~108 bytes; reaching the socket through an open
 /// descriptor of its directory keeps the path short whatever the cache path is.
 pub fn short_socket_path(dir: &Path) -> std::io::Result<(std::os::fd::OwnedFd, PathBuf)> {
-    use std::os::fd::AsRawFd;
-    let fd = rustix::fs::open(
+    use std::os::fd::AsFd;
+    let fd = owsfs_sys::fs::open_path(
+        rustix::fs::CWD,
         dir,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
     )?;
-    let path = PathBuf::from(format!("/proc/self/fd/{}/control.sock", fd.as_raw_fd()));
+    // Elsewhere than Linux the descriptor's path is the directory's own, as long as it is.
+    let path = owsfs_sys::fs::fd_path(fd.as_fd())?.join("control.sock");
     Ok((fd, path))
 }
 

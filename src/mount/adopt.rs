@@ -4,95 +4,21 @@
 //! reach the store. The store, and the scratch space of drills, must not lie inside DIR either:
 //! the daemon would write them through its own mount.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::bail;
 
-/// A process that holds something inside the directory.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Holder {
-    pub pid: u32,
-    pub name: String,
-    /// `working directory`, `root directory` or `open file`.
-    pub what: &'static str,
-    pub path: PathBuf,
-}
-
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (pid {}) has its {} at {}",
-            self.name,
-            self.pid,
-            self.what,
-            self.path.display()
-        )
-    }
-}
+use owsfs_sys::process::Holder;
 
 /// `path` is `dir` or lies below it.
 fn inside(path: &Path, dir: &Path) -> bool {
     path.starts_with(dir)
 }
 
-/// Every process (other than this one) whose working directory, root or open files lie
-/// inside `dir`, as far as `/proc` shows them (other users' processes only to root).
+/// Every process (other than this one) that holds something inside `dir`.
 pub fn holders(dir: &Path) -> Vec<Holder> {
-    let me = std::process::id();
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.filter_map(Result::ok) {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let base = p.path();
-        let name = std::fs::read_to_string(base.join("comm"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        let mut found = |what, path: PathBuf| {
-            if inside(&path, dir) {
-                out.push(Holder {
-                    pid,
-                    name: name.clone(),
-                    what,
-                    path,
-                });
-                true
-            } else {
-                false
-            }
-        };
-        if let Ok(cwd) = std::fs::read_link(base.join("cwd"))
-            && found("working directory", cwd)
-        {
-            continue;
-        }
-        // A root of "/" covers everything; only a root inside the directory counts.
-        if let Ok(root) = std::fs::read_link(base.join("root"))
-            && root != Path::new("/")
-            && found("root directory", root)
-        {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
-            continue;
-        };
-        for fd in fds.filter_map(Result::ok) {
-            if let Ok(target) = std::fs::read_link(fd.path())
-                && target.is_absolute()
-                && found("open file", target)
-            {
-                break;
-            }
-        }
-    }
-    out
+    // Adoption is refused before this where the system cannot tell (see `Adopted::open`).
+    owsfs_sys::process::holders(dir).unwrap_or_default()
 }
 
 /// The processes this one was started from: its parent, the parent's parent, and so on.
@@ -101,15 +27,7 @@ fn ancestors() -> Vec<u32> {
     let mut pid = std::os::unix::process::parent_id();
     while pid > 1 && out.len() < 64 {
         out.push(pid);
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            break;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        let Some(ppid) = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-        else {
+        let Some(ppid) = owsfs_sys::process::parent_of(pid) else {
             break;
         };
         pid = ppid;

@@ -32,8 +32,7 @@ impl Readiness {
     pub fn ready(&self) {
         if self.child {
             // From now on the daemon outlives the `owsfs mount` that started it.
-            // SAFETY: prctl with plain integer arguments.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+            owsfs_sys::process::die_with_parent(None);
             println!("READY");
             let _ = std::io::stdout().flush();
             // The parent stops reading: point stdout at the log (stderr) from here on.
@@ -133,7 +132,7 @@ pub fn spawn_background(mountpoint: &Path, opts: &MountOpts, cache: &Path) -> an
             rustix::process::setsid()?;
             // Until it reports ready, the daemon dies with the `owsfs mount` that waits for it
             // (e.g. an interrupted `--wait`), so it cannot take a lease for nobody.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            owsfs_sys::process::die_with_parent(Some(libc::SIGTERM));
             Ok(())
         });
     }
@@ -179,10 +178,7 @@ fn raise_nofile_limit() -> u64 {
     let lim = getrlimit(Resource::Nofile);
     let hard = lim.maximum.unwrap_or(u64::MAX);
     // Root may go past the hard limit, up to the kernel's per-process ceiling.
-    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard);
+    let ceiling = owsfs_sys::process::open_files_ceiling().unwrap_or(hard);
     for target in [ceiling.max(hard), hard] {
         let want = rustix::process::Rlimit {
             current: Some(target),

@@ -3,7 +3,6 @@
 //! handed off.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -283,32 +282,12 @@ impl Daemon {
                 );
             }
         }
-        let flags = if lazy {
-            rustix::mount::UnmountFlags::DETACH
-        } else {
-            rustix::mount::UnmountFlags::empty()
-        };
-        match rustix::mount::unmount(&self.mountpoint, flags) {
+        let how = owsfs_sys::mount::UnmountHow { lazy, force: false };
+        // A user's mount goes through the setuid fusermount3 helper.
+        match owsfs_sys::mount::unmount(&self.mountpoint, how) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::BUSY) => Err(ControlError::Busy(self.mountpoint.clone())),
-            Err(rustix::io::Errno::PERM) => {
-                // An unprivileged mount is unmounted through the setuid helper.
-                let mut cmd = Command::new("fusermount3");
-                cmd.arg("-u");
-                if lazy {
-                    cmd.arg("-z");
-                }
-                let status = cmd
-                    .arg(&self.mountpoint)
-                    .status()
-                    .map_err(|e| ControlError::Other(format!("cannot run fusermount3: {e}")))?;
-                if !status.success() {
-                    return Err(ControlError::Other(format!(
-                        "fusermount3 -u {} failed",
-                        self.mountpoint.display()
-                    )));
-                }
-                Ok(())
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                Err(ControlError::Busy(self.mountpoint.clone()))
             }
             Err(e) => Err(ControlError::Other(format!(
                 "cannot unmount {}: {e}",

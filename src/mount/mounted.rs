@@ -87,7 +87,11 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if self.session.take().is_some() {
             // Never served: nobody should find a dead mount here.
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+            let lazy = owsfs_sys::mount::UnmountHow {
+                lazy: true,
+                force: false,
+            };
+            let _ = owsfs_sys::mount::unmount(&self.mountpoint, lazy);
         }
     }
 }

@@ -39,8 +39,7 @@ impl Server {
         listener
             .set_nonblocking(true)
             .context("cannot set up the control socket")?;
-        let (stop_r, stop_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .context("cannot make a pipe")?;
+        let (stop_r, stop_w) = owsfs_sys::fs::pipe_cloexec().context("cannot make a pipe")?;
         let thread = std::thread::Builder::new()
             .name("owsfs-control".into())
             .spawn(move || accept_loop(&listener, &daemon, &stop_r))

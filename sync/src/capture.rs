@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use owsfs_journal::{BackingIno, DirtyState, InoMap};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, OFlags};
 
 /// Attributes of one node at the cut.
 #[derive(Clone, Debug)]
@@ -286,18 +286,13 @@ fn list_names(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
 /// Extended attributes of `name` in `dir` (or of `dir` itself), sorted by name.
 fn read_xattrs(dir: &impl AsFd, name: Option<&OsStr>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let fd: OwnedFd = match name {
-        Some(n) => rustix::fs::openat(
-            dir,
-            n,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?,
+        Some(n) => owsfs_sys::fs::open_path(dir, n, OFlags::NOFOLLOW | OFlags::CLOEXEC)?,
         None => rustix::io::dup(dir)?,
     };
-    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    let path = owsfs_sys::fs::fd_path(fd.as_fd())?;
     let mut buf = vec![0u8; 4096];
     let n = loop {
-        match rustix::fs::listxattr(path.as_str(), &mut buf) {
+        match rustix::fs::listxattr(&path, &mut buf) {
             Ok(n) => break n,
             Err(rustix::io::Errno::RANGE) => buf.resize(buf.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -308,10 +303,10 @@ fn read_xattrs(dir: &impl AsFd, name: Option<&OsStr>) -> io::Result<Vec<(Vec<u8>
     for xname in buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
         let mut value = vec![0u8; 256];
         let len = loop {
-            match rustix::fs::getxattr(path.as_str(), OsStr::from_bytes(xname), &mut value) {
+            match rustix::fs::getxattr(&path, OsStr::from_bytes(xname), &mut value) {
                 Ok(len) => break len,
                 Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 16, 0),
-                Err(rustix::io::Errno::NODATA) => break usize::MAX,
+                Err(e) if e == owsfs_sys::fs::no_xattr() => break usize::MAX,
                 Err(e) => return Err(e.into()),
             };
             if value.len() > 64 << 20 {

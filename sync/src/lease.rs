@@ -55,7 +55,7 @@ pub fn holder(cache: &owsfs_local::Cache) -> anyhow::Result<Holder> {
 /// on the same running system.
 fn cache_fingerprint(root: &std::path::Path) -> String {
     use std::os::unix::fs::MetadataExt;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot = owsfs_sys::process::boot_id();
     match std::fs::metadata(root) {
         Ok(m) if !boot.trim().is_empty() => {
             format!("{}:{}#{}:{}", boot.trim(), root.display(), m.dev(), m.ino())

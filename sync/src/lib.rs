@@ -38,7 +38,7 @@ use owsfs_fuse::Core;
 use owsfs_store::Store;
 use owsfs_store::generation::{CommitError, GenKind, GenStats, GenerationRecord, Workspace};
 use parking_lot::{Condvar, Mutex};
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 
 use self::build::SqlitePosition;
@@ -257,10 +257,10 @@ impl SyncAgent {
         hyd: Arc<dyn Hydration>,
         inherited_access: Vec<String>,
     ) -> anyhow::Result<Arc<SyncAgent>> {
-        let root_fd = rustix::fs::open(
+        let root_fd = owsfs_sys::fs::open_path(
+            rustix::fs::CWD,
             core.backing_root(),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
+            OFlags::DIRECTORY | OFlags::CLOEXEC,
         )
         .context("open backing root")?;
         let clean_seq = core.journal().clean_seq();

@@ -52,7 +52,7 @@ impl PagePusher {
 
     fn start(&self) -> anyhow::Result<Helper> {
         // This very binary, whatever its path is now (an upgrade may have replaced it).
-        let mut child = Command::new("/proc/self/exe")
+        let mut child = Command::new(owsfs_sys::process::self_exe())
             .arg(HELPER_ARG)
             .arg(&self.mountpoint)
             .stdin(Stdio::piped())
@@ -111,7 +111,7 @@ impl Drop for PagePusher {
 /// The helper process: for each `sync` line on stdin, open the mountpoint, syncfs, close, and
 /// answer. Ends when stdin closes. Never returns.
 pub fn helper_main(mountpoint: &Path) -> ! {
-    close_fuse_descriptors();
+    owsfs_sys::process::close_fuse_descriptors();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
@@ -120,7 +120,7 @@ pub fn helper_main(mountpoint: &Path) -> ! {
             continue;
         }
         let answer = match std::fs::File::open(mountpoint) {
-            Ok(f) => match rustix::fs::syncfs(&f) {
+            Ok(f) => match owsfs_sys::fs::syncfs(&f) {
                 Ok(()) => "ok".to_string(),
                 Err(e) => format!("error: syncfs: {e}"),
             },
@@ -134,25 +134,4 @@ pub fn helper_main(mountpoint: &Path) -> ! {
         }
     }
     std::process::exit(0)
-}
-
-/// Closes any `/dev/fuse` descriptor this process got from its parent: holding one would keep
-/// a dead daemon's connection alive, the very hang the helper exists to avoid.
-fn close_fuse_descriptors() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .filter(|fd| {
-            std::fs::read_link(format!("/proc/self/fd/{fd}"))
-                .is_ok_and(|t| t == Path::new("/dev/fuse"))
-        })
-        .collect();
-    for fd in fds {
-        // SAFETY: close(2) of a descriptor number this process holds and never uses again.
-        unsafe { libc::close(fd) };
-    }
 }

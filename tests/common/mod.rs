@@ -56,12 +56,10 @@ pub fn sh(script: &str, dir: &Path) -> Output {
 
 /// Whether an owsfs mount is at `mp` (per /proc/self/mountinfo).
 pub fn is_mounted(mp: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mp = mp.to_string_lossy();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 4 && f[4] == mp && l.contains(" - fuse.owsfs ")
-    })
+    owsfs_sys::mount::table()
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m.mountpoint == mp && m.fstype == "fuse.owsfs")
 }
 
 /// A workspace mounted for one test.
@@ -287,12 +285,7 @@ impl Workspace {
         let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
         assert_eq!(rc, 0, "kill -9 {pid}");
         let gone = wait_for(Duration::from_secs(30), || {
-            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                Ok(s) => s
-                    .rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('Z')),
-                Err(_) => true,
-            }
+            owsfs_sys::process::has_exited(pid as u32)
         });
         assert!(gone, "daemon {pid} still alive after SIGKILL");
         wait_cache_unlocked(&self.cache);
@@ -525,12 +518,7 @@ pub fn db_rows(root: &Path, what: &str) -> Vec<u64> {
 /// checks that its log names the crash point, and removes its dead mount.
 pub fn crashed(ws: &Workspace, pid: i32, point: &str) {
     let gone = wait_for(Duration::from_secs(60), || {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => s
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-            Err(_) => true,
-        }
+        owsfs_sys::process::has_exited(pid as u32)
     });
     assert!(gone, "{point}: the daemon did not die{}", ws.log_tail());
     wait_cache_unlocked(&ws.cache);

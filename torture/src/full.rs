@@ -103,8 +103,15 @@ fn wait(child: &mut Child, limit: Duration, dir: &Path, cache: &Path) -> Result<
     )
 }
 
+/// Elsewhere than Linux, no process shows its kernel stacks.
+#[cfg(not(target_os = "linux"))]
+fn hang_report(_workload: u32, _cache: &Path) -> String {
+    String::from("(no kernel stacks on this system)\n")
+}
+
 /// The kernel stacks and system calls of every thread of the workload and of the daemon
 /// serving `cache` (its pid is in `cache/lock`), and the daemon's status.
+#[cfg(target_os = "linux")]
 fn hang_report(workload: u32, cache: &Path) -> String {
     let mut out = String::new();
     let daemon = std::fs::read_to_string(cache.join("lock"))

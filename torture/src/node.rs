@@ -165,22 +165,15 @@ impl Owsfs {
 
 /// Is an owsfs mount at `mp`?
 pub fn is_mounted(mp: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mp = mp.to_string_lossy();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 4 && f[4] == mp && l.contains(" - fuse.owsfs ")
-    })
+    owsfs_sys::mount::table()
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m.mountpoint == mp && m.fstype == "fuse.owsfs")
 }
 
 /// Is process `pid` gone (or a zombie)?
 pub fn is_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    }
+    owsfs_sys::process::has_exited(pid as u32)
 }
 
 /// Waits until `f` holds or `timeout` passes; whether it held.

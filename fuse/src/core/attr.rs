@@ -93,12 +93,10 @@ impl Core {
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            rustix::fs::chownat(
+            owsfs_sys::fs::chown_fd(
                 &inode.fd,
-                c"",
                 set.uid.map(rustix::fs::Uid::from_raw),
                 set.gid.map(rustix::fs::Gid::from_raw),
-                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             )
             .ctx("chown")?;
         }
@@ -126,8 +124,7 @@ impl Core {
             };
             match &handle {
                 Some(h) => rustix::fs::futimens(&h.file, &times).ctx("utimens")?,
-                None => rustix::fs::utimensat(&inode.fd, c"", &times, AtFlags::EMPTY_PATH)
-                    .ctx("utimens")?,
+                None => owsfs_sys::fs::utimens_fd(&inode.fd, &times).ctx("utimens")?,
             }
         }
         let st = rustix::fs::fstat(&inode.fd).ctx("setattr stat")?;

@@ -348,7 +348,7 @@ impl Core {
         self.journal_fsync(ino);
         let handle = self.handle(fh)?;
         if datasync {
-            rustix::fs::fdatasync(&handle.file).ctx("fdatasync")
+            owsfs_sys::fs::fdatasync(&handle.file).ctx("fdatasync")
         } else {
             rustix::fs::fsync(&handle.file).ctx("fsync")
         }
@@ -374,7 +374,7 @@ impl Core {
     ) -> FsResult<()> {
         let handle = self.handle(fh)?;
         // Collapsing or inserting a range moves every byte after it.
-        let len = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+        let len = if mode & owsfs_sys::fs::FALLOC_MOVES_DATA != 0 {
             u64::MAX - offset
         } else {
             len
@@ -461,16 +461,9 @@ impl Core {
                 len,
             },
         )?;
-        let mut off_in = offset_in;
-        let mut off_out = offset_out;
-        let n = rustix::fs::copy_file_range(
-            &src.file,
-            Some(&mut off_in),
-            &dst.file,
-            Some(&mut off_out),
-            len as usize,
-        )
-        .ctx("copy_file_range")?;
+        let n =
+            owsfs_sys::fs::copy_range(&src.file, offset_in, &dst.file, offset_out, len as usize)
+                .ctx("copy_file_range")?;
         self.stats.count(&self.stats.writes);
         self.stats.add(&self.stats.write_bytes, n as u64);
         Ok(n as u32)
@@ -513,8 +506,8 @@ pub(super) fn backing_open_flags(flags: i32) -> OFlags {
     if flags & libc::O_TRUNC != 0 {
         out |= OFlags::TRUNC;
     }
-    if flags & libc::O_NOATIME != 0 {
-        out |= OFlags::NOATIME;
+    if flags & owsfs_sys::fs::O_NOATIME_RAW != 0 {
+        out |= owsfs_sys::fs::NOATIME;
     }
     if flags & libc::O_EXCL != 0 {
         out |= OFlags::EXCL;

@@ -155,7 +155,7 @@ impl Core {
         )
         .ctx("fsyncdir open")?;
         if datasync {
-            rustix::fs::fdatasync(&fd).ctx("fsyncdir")
+            owsfs_sys::fs::fdatasync(&fd).ctx("fsyncdir")
         } else {
             rustix::fs::fsync(&fd).ctx("fsyncdir")
         }

@@ -4,10 +4,10 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use owsfs_journal::{BackingIno, FuseIno, NodeKind};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, OFlags};
 
 use super::Core;
 use crate::error::{Context, FsError, FsResult};
@@ -53,11 +53,10 @@ impl Core {
         if kind::of_mode(st.st_mode) != NodeKind::Dir || !h.dir_pending(BackingIno(st.st_ino)) {
             return Ok(());
         }
-        let fd = rustix::fs::openat(
+        let fd = owsfs_sys::fs::open_path(
             &dir.fd,
             name,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         )
         .ctx("open a directory to materialize")?;
         let _barrier = self.barrier.read();
@@ -141,14 +140,9 @@ impl Core {
     ) -> FsResult<()> {
         self.freezer
             .before_change(self.inodes.backing_ino(ino), start, end, || {
-                let name = file.as_raw_fd().to_string();
-                crate::openat_noatime(
-                    &self.proc_self_fd,
-                    name.as_str(),
-                    OFlags::RDONLY | OFlags::CLOEXEC,
-                )
-                .map(File::from)
-                .map_err(std::io::Error::from)
+                self.reopen_fd(file.as_fd(), OFlags::RDONLY | OFlags::CLOEXEC)
+                    .map(File::from)
+                    .map_err(std::io::Error::from)
             })
             .ctx("save bytes of a frozen file")
     }

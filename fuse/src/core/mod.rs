@@ -21,7 +21,7 @@ mod xattr;
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,7 +124,7 @@ pub struct Core {
     dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
     next_fh: AtomicU64,
     journal: Arc<Journal>,
-    proc_self_fd: OwnedFd,
+    reopener: owsfs_sys::fs::Reopener,
     passthrough: AtomicBool,
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL was granted): their xattrs are stored.
     posix_acl: AtomicBool,
@@ -171,22 +171,18 @@ impl Core {
     /// umask, and where the process's own umask takes more bits, the creation restores them
     /// (`exact_mode`). A daemon can spare that call by running with umask 0.
     pub fn new(backing_root: &Path, journal: Arc<Journal>, opts: CoreOptions) -> FsResult<Core> {
-        let root_fd = rustix::fs::open(
+        let root_fd = owsfs_sys::fs::open_path(
+            rustix::fs::CWD,
             backing_root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
+            OFlags::DIRECTORY | OFlags::CLOEXEC,
         )
         .ctx("open backing root")?;
         if !opts.adopted {
             noatime_inherited(backing_root);
         }
         let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
-        let proc_self_fd = rustix::fs::open(
-            "/proc/self/fd",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("open /proc/self/fd")?;
+        let reopener =
+            owsfs_sys::fs::Reopener::new().map_err(|e| FsError::io("open /proc/self/fd", e))?;
         Ok(Core {
             backing_root: backing_root.to_path_buf(),
             inodes: InodeTable::new(root_fd, BackingIno(st.st_ino)),
@@ -194,7 +190,7 @@ impl Core {
             dirs: DashMap::new(),
             next_fh: AtomicU64::new(1),
             journal,
-            proc_self_fd,
+            reopener,
             passthrough: AtomicBool::new(opts.passthrough),
             posix_acl: AtomicBool::new(false),
             inode_budget: opts.inode_budget,
@@ -402,15 +398,23 @@ impl Core {
     }
 
     /// `/proc/self/fd/N` of a descriptor, to reach an `O_PATH` inode with calls that take a path.
-    fn proc_path(fd: &impl AsRawFd) -> CString {
-        // The digits of a number never contain NUL.
-        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+    fn proc_path(fd: &impl AsFd) -> CString {
+        owsfs_sys::fs::fd_cpath(fd.as_fd()).unwrap_or_default()
+    }
+
+    /// Opens the file `fd` names again for I/O, without moving its atime where allowed.
+    fn reopen_fd(&self, fd: BorrowedFd<'_>, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+        let m = Mode::empty();
+        match self.reopener.reopen(fd, flags | owsfs_sys::fs::NOATIME, m) {
+            Err(rustix::io::Errno::PERM) => self.reopener.reopen(fd, flags, m),
+            r => r,
+        }
     }
 
     /// Opens the inode's backing file for I/O.
     fn reopen(&self, inode: &Inode, flags: OFlags) -> FsResult<File> {
-        let name = inode.fd.as_raw_fd().to_string();
-        let fd = crate::openat_noatime(&self.proc_self_fd, name.as_str(), flags)
+        let fd = self
+            .reopen_fd(inode.fd.as_fd(), flags)
             .ctx("open backing file")?;
         Ok(File::from(fd))
     }
@@ -535,14 +539,10 @@ fn noatime_inherited(backing_root: &Path) {
     let set = || -> rustix::io::Result<()> {
         let fd = rustix::fs::open(
             backing_root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOATIME,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | owsfs_sys::fs::NOATIME,
             Mode::empty(),
         )?;
-        let flags = rustix::fs::ioctl_getflags(&fd)?;
-        if !flags.contains(rustix::fs::IFlags::NOATIME) {
-            rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::NOATIME)?;
-        }
-        Ok(())
+        owsfs_sys::fs::set_noatime_inherited(&fd)
     };
     if let Err(e) = set() {
         tracing::debug!("backing root not marked no-atime: {e}");

@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,15 +67,16 @@ impl Core {
             .ok_or_else(|| stale("file handle of an inode the daemon did not hand out"))?;
         // open_by_handle_at takes no O_PATH descriptor for the filesystem.
         let root = self.inode(crate::ROOT_INO)?;
-        let root = rustix::fs::openat(
-            &self.proc_self_fd,
-            root.fd.as_raw_fd().to_string().as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("open the backing root")?;
+        let root = self
+            .reopener
+            .reopen(
+                root.fd.as_fd(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("open the backing root")?;
         self.admit_new_inode()?;
-        let fd = match owsfs_local::handle::open(root.as_fd(), &handle, libc::O_PATH) {
+        let fd = match owsfs_local::handle::open(root.as_fd(), &handle, owsfs_sys::fs::O_PATH_RAW) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
                 return Err(stale("file handle of a removed inode"));
@@ -121,13 +122,8 @@ impl Core {
             });
         }
         self.admit_new_inode()?;
-        let fd = rustix::fs::openat(
-            &dir.fd,
-            "..",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("lookup ..")?;
+        let fd = owsfs_sys::fs::open_path(&dir.fd, "..", OFlags::DIRECTORY | OFlags::CLOEXEC)
+            .ctx("lookup ..")?;
         let st = rustix::fs::fstat(&fd).ctx("lookup ..")?;
         if self.backing_path_of_dir(&fd).is_none() {
             return Err(FsError::errno(
@@ -147,13 +143,8 @@ impl Core {
     /// Lookup of a name whose inode is not in the table yet (just created, or not seen).
     fn lookup_new(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
         self.admit_new_inode()?;
-        let fd = rustix::fs::openat(
-            &dir.fd,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("lookup open")?;
+        let fd = owsfs_sys::fs::open_path(&dir.fd, name, OFlags::NOFOLLOW | OFlags::CLOEXEC)
+            .ctx("lookup open")?;
         // The descriptor, not the earlier stat, says which inode we hold.
         let st = rustix::fs::fstat(&fd).ctx("lookup stat")?;
         if st.st_dev != self.root_dev {
@@ -379,11 +370,12 @@ impl Core {
         let want = if inherits { mode } else { mode & !caller.umask } & 0o7777;
         // Without O_EXCL, so that a link can name it: the kernel keeps the caller's O_EXCL
         // (a file that must stay unnamed) on its own inode.
-        let oflags = (backing_open_flags(flags) - OFlags::EXCL) | OFlags::TMPFILE;
+        let oflags = backing_open_flags(flags) - OFlags::EXCL;
         let fd = {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
-            rustix::fs::openat(&dir.fd, c".", oflags, Mode::from_raw_mode(want))
+            owsfs_sys::fs::open_tmpfile(&dir.fd, oflags, Mode::from_raw_mode(want))
                 .map_err(|e| FsError::errno(e.raw_os_error(), "tmpfile"))?
+                .ok_or_else(|| FsError::errno(libc::EOPNOTSUPP, "tmpfile"))?
         };
         let mut st = rustix::fs::fstat(&fd).ctx("tmpfile stat")?;
         if !inherits && st.st_mode & 0o777 != want & 0o777 {
@@ -392,13 +384,7 @@ impl Core {
             st = rustix::fs::fstat(&fd).ctx("tmpfile stat")?;
         }
         self.admit_new_inode()?;
-        let path_fd = rustix::fs::openat(
-            &self.proc_self_fd,
-            fd.as_raw_fd().to_string().as_str(),
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("tmpfile")?;
+        let path_fd = self.reopener.name_only(fd.as_fd()).ctx("tmpfile")?;
         let ino = self.ino_of(&st);
         if let Some(h) = self.hyd() {
             h.created(self.inodes.backing_ino(ino));
@@ -517,11 +503,11 @@ impl Core {
         self.stats.count(&self.stats.renames);
         check_name(name)?;
         check_name(newname)?;
-        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        let known = owsfs_sys::fs::RENAME_NOREPLACE | owsfs_sys::fs::RENAME_EXCHANGE;
         if flags & !known != 0 {
             return Err(FsError::errno(libc::EINVAL, "unsupported rename flags"));
         }
-        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let exchange = flags & owsfs_sys::fs::RENAME_EXCHANGE != 0;
         let src_dir = self.inode(parent)?;
         let dst_dir = self.inode(newparent)?;
         self.materialize(&src_dir)?;
@@ -610,7 +596,7 @@ impl Core {
         } else {
             Op::Link { ino, path }
         })?;
-        let linked = rustix::fs::linkat(&inode.fd, c"", &dir.fd, newname, AtFlags::EMPTY_PATH);
+        let linked = owsfs_sys::fs::link_fd(&inode.fd, &dir.fd, newname);
         match linked {
             Ok(()) => {}
             // Linking by descriptor needs CAP_DAC_READ_SEARCH; the /proc path does not.
@@ -669,11 +655,8 @@ impl CallerCreds {
         if own_uid != 0 || (caller.uid == own_uid && caller.gid == own_gid) {
             return CallerCreds { restore: None };
         }
-        // SAFETY: setfsgid/setfsuid take plain integers and touch only this thread's
-        // credentials; they cannot violate memory safety.
-        unsafe {
-            libc::setfsgid(caller.gid);
-            libc::setfsuid(caller.uid);
+        if !owsfs_sys::creds::assume_fs_ids(caller.uid, caller.gid) {
+            return CallerCreds { restore: None };
         }
         CallerCreds {
             restore: Some((own_uid, own_gid)),
@@ -684,11 +667,7 @@ impl CallerCreds {
 impl Drop for CallerCreds {
     fn drop(&mut self) {
         if let Some((uid, gid)) = self.restore {
-            // SAFETY: as in `assume`.
-            unsafe {
-                libc::setfsuid(uid);
-                libc::setfsgid(gid);
-            }
+            owsfs_sys::creds::restore_fs_ids(uid, gid);
         }
     }
 }
@@ -848,7 +827,7 @@ mod tests {
                 name("b"),
                 ROOT_INO,
                 name("c"),
-                libc::RENAME_EXCHANGE,
+                owsfs_sys::fs::RENAME_EXCHANGE,
             )
             .unwrap();
         assert_eq!(f.core.inodes.path_of(a.ino()), Some(PathBuf::from("c")));

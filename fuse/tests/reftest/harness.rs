@@ -445,8 +445,8 @@ impl CoreFs {
                 let (tdir, tname) = self.resolve_parent(to)?;
                 let flags = match mode {
                     RenameMode::Plain => 0,
-                    RenameMode::NoReplace => libc::RENAME_NOREPLACE,
-                    RenameMode::Exchange => libc::RENAME_EXCHANGE,
+                    RenameMode::NoReplace => owsfs_sys::fs::RENAME_NOREPLACE,
+                    RenameMode::Exchange => owsfs_sys::fs::RENAME_EXCHANGE,
                 };
                 self.core
                     .rename(FuseIno(fdir), fname, FuseIno(tdir), tname, flags)

@@ -368,7 +368,7 @@ impl Model {
                 let exists = self.node(id).xattrs.contains_key(name);
                 match mode {
                     XattrMode::OnlyCreate if exists => return Err(libc::EEXIST),
-                    XattrMode::OnlyReplace if !exists => return Err(libc::ENODATA),
+                    XattrMode::OnlyReplace if !exists => return Err(owsfs_sys::fs::NO_XATTR_RAW),
                     _ => {}
                 }
                 self.node_mut(id)
@@ -385,7 +385,7 @@ impl Model {
                     .xattrs
                     .remove(name)
                     .map(|_| ())
-                    .ok_or(libc::ENODATA)
+                    .ok_or(owsfs_sys::fs::NO_XATTR_RAW)
             }
             Op::Fsync { path, .. } => {
                 let id = self.lookup(path)?;
