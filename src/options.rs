@@ -80,7 +80,12 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
                     .filter(|n| (1..=256).contains(n))
                     .with_context(|| format!("-o threads={v}: expected 1 to 256"))?
             }
-            ("passthrough", Some("on" | "1" | "true")) => o.passthrough = true,
+            ("passthrough", Some("on" | "1" | "true")) => {
+                if !owsfs_sys::fs::KERNEL_PASSTHROUGH {
+                    bail!("-o passthrough=on needs Linux's FUSE passthrough; leave it off here");
+                }
+                o.passthrough = true
+            }
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
             ("writeback_cache", None) => o.writeback_cache = true,
             ("acl", None) => o.posix_acl = true,

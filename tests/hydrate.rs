@@ -704,3 +704,64 @@ fn fetching_a_file_keeps_its_mtime() {
     );
     b.unmount();
 }
+
+/// What a system without file handles (macOS) does instead of lazy hydration, forced here
+/// by `OWSFS_RESTORE_IN_FULL`: a mount on a new cache restores the newest generation in full
+/// before it serves, then works as any mount: its changes commit, and a next node sees them.
+/// A warm remount (which would need handles) and a live rollback are refused.
+fn restore_in_full(store: &TestStore) {
+    let data = seed(store);
+    let mut b = store.workspace("ws", &["--prefetch", "0"]);
+    b.env.push(("OWSFS_RESTORE_IN_FULL".into(), "1".into()));
+    b.mount();
+    // Everything is in the cache before the first read: nothing pending, the bytes on disk.
+    assert_eq!(
+        std::fs::read(b.cache.join("backing/d/e/big.bin")).unwrap(),
+        data,
+        "restored before any read"
+    );
+    assert!(
+        b.log_tail().contains("restored in full"),
+        "{}",
+        b.log_tail()
+    );
+    assert_eq!(std::fs::read(b.path("d/small.txt")).unwrap(), b"small\n");
+    assert_eq!(
+        std::fs::read_link(b.path("d/link")).unwrap().to_str(),
+        Some("e/big.bin")
+    );
+    std::fs::write(b.path("d/small.txt"), b"changed\n").unwrap();
+    std::fs::write(b.path("new.txt"), b"new\n").unwrap();
+    b.sync();
+    b.unmount();
+    // The next node (lazy) sees the change; the unchanged big file kept its content.
+    let c = store.workspace("ws", &[]);
+    c.mount();
+    assert_eq!(std::fs::read(c.path("d/small.txt")).unwrap(), b"changed\n");
+    assert_eq!(std::fs::read(c.path("new.txt")).unwrap(), b"new\n");
+    assert_eq!(std::fs::read(c.path("d/e/big.bin")).unwrap(), data);
+    std::fs::write(c.path("later.txt"), b"later\n").unwrap();
+    c.sync();
+    c.unmount();
+    // b's cache holds an older generation now: fetching only the difference needs handles.
+    let out = b.try_mount();
+    assert!(!out.status.success(), "a warm remount without handles");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("new --cache"), "{err}");
+}
+
+#[test]
+fn restore_in_full_where_there_are_no_file_handles_file() {
+    if skip_fuse() {
+        return;
+    }
+    restore_in_full(&TestStore::file());
+}
+
+#[test]
+fn restore_in_full_where_there_are_no_file_handles_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    restore_in_full(&TestStore::seaweed("owsfs-full"));
+}

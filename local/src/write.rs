@@ -159,10 +159,7 @@ pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io
         Err(e) => return Err(e.into()),
     };
     for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
-        let ours = k.starts_with(b"user.")
-            || k.starts_with(b"trusted.")
-            || k.starts_with(b"system.posix_acl_");
-        if ours && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
+        if owsfs_sys::fs::xattr_is_content(k) && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
             rustix::fs::removexattr(node.path.as_str(), OsStr::from_bytes(k))?;
         }
     }

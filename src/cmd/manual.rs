@@ -15,7 +15,8 @@ pub struct CompletionsArgs {
 #[derive(Args, Debug)]
 pub struct ManArgs {
     /// Write owsfs.1 and a page per command (owsfs-mount.1, ...) into DIR instead of printing
-    /// owsfs.1 to stdout.
+    /// owsfs.1 to stdout. Section 1 pages: to install them, DIR is a `man1` directory, e.g.
+    /// /usr/local/share/man/man1.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 }

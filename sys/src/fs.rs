@@ -459,6 +459,28 @@ pub fn no_xattr() -> rustix::io::Errno {
     rustix::io::Errno::from_raw_os_error(NO_XATTR_RAW)
 }
 
+/// Whether the kernel can serve reads and writes of an open file from a backing file
+/// itself (FUSE passthrough, Linux 6.9). Elsewhere every read goes through the daemon.
+#[cfg(target_os = "linux")]
+pub const KERNEL_PASSTHROUGH: bool = true;
+#[cfg(not(target_os = "linux"))]
+pub const KERNEL_PASSTHROUGH: bool = false;
+
+/// Whether an extended attribute belongs to the file's content as a workspace keeps it (and
+/// a kept entry loses it when the newer generation lacks it): on Linux the `user.` and
+/// `trusted.` namespaces and POSIX ACLs, the other namespaces being the system's; macOS
+/// has no namespaces, and keeps all but its own `com.apple.system.` names.
+#[cfg(target_os = "linux")]
+pub fn xattr_is_content(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name.starts_with(b"trusted.")
+        || name.starts_with(b"system.posix_acl_")
+}
+#[cfg(not(target_os = "linux"))]
+pub fn xattr_is_content(name: &[u8]) -> bool {
+    !name.starts_with(b"com.apple.system.")
+}
+
 /// Whether a file can be named and opened by a handle that survives renames and daemon
 /// restarts (see [`crate::handle`]).
 pub const HANDLES: bool = crate::handle::SUPPORTED;
