@@ -605,6 +605,19 @@ impl Store {
         })
     }
 
+    /// Deletes objects, in as few requests as the backend allows (S3's DeleteObjects takes
+    /// 1,000 keys); missing objects are not an error.
+    pub fn delete_many(&self, keys: &[String]) -> Result<()> {
+        let Some(first) = keys.first() else {
+            return Ok(());
+        };
+        self.retry("delete", first, || {
+            let op = self.inner.op.clone();
+            let keys = keys.to_vec();
+            self.block(async move { op.delete_iter(keys).await })
+        })
+    }
+
     /// Deletes an object; deleting a missing object is not an error.
     pub fn delete(&self, key: &str) -> Result<()> {
         self.retry("delete", key, || {

@@ -151,6 +151,7 @@ impl Service for HookService {
         Ok(HookDeleter {
             inner: self.inner.delete(ctx)?,
             hook: self.hook.clone(),
+            queued: 0,
         })
     }
 
@@ -323,16 +324,26 @@ impl HookLister {
 pub struct HookDeleter {
     inner: oio::Deleter,
     hook: Arc<dyn Hook>,
+    /// Paths queued since the last close: a backend with batch deletes (S3's DeleteObjects)
+    /// sends them in one request at the close.
+    queued: usize,
 }
 
 impl oio::Delete for HookDeleter {
+    /// The hook sees a batch as the one request it is, by its first path: counted, delayed
+    /// or failed once; the other paths travel with it.
     async fn delete(&mut self, path: &str, args: OpDelete) -> Result<()> {
+        self.queued += 1;
+        if self.queued > 1 {
+            return self.inner.delete(path, args).await;
+        }
         before(&*self.hook, Req::Delete, path).await?;
         let r = self.inner.delete(path, args).await;
         after(&*self.hook, Req::Delete, path, 0, r)
     }
 
     async fn close(&mut self) -> Result<()> {
+        self.queued = 0;
         self.inner.close().await
     }
 }

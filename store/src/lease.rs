@@ -122,6 +122,10 @@ fn describe(r: &LeaseRecord) -> String {
 /// Records kept behind the newest: older ones are deleted as the lease moves on.
 const KEEP: u64 = 4;
 
+/// Old records are deleted this many at a time (one request on S3), so that a renewal costs
+/// one request, its PUT, plus a sixteenth of a delete.
+const TIDY_BATCH: u64 = 16;
+
 /// The lease of one workspace.
 #[derive(Clone, Debug)]
 pub struct Lease {
@@ -277,11 +281,11 @@ impl Lease {
         }
         // Crash window: the step is written, the old steps are still there.
         fail::fail_point!("lease-before-tidy");
-        // Tidy up; a failure only leaves an extra object behind.
-        if next.seq > KEEP {
-            let old = self.key(next.seq - KEEP - 1);
-            if let Err(e) = self.store().delete(&old) {
-                tracing::debug!("cannot delete old lease record {old}: {e}");
+        // Tidy up, a batch of steps at a time; a failure only leaves extra objects behind.
+        if let Some(old) = tidy_range(next.seq) {
+            let keys: Vec<String> = old.map(|seq| self.key(seq)).collect();
+            if let Err(e) = self.store().delete_many(&keys) {
+                tracing::debug!("cannot delete old lease records {keys:?}: {e}");
             }
         }
         Ok(())
@@ -403,6 +407,14 @@ impl LeaseWatch {
     }
 }
 
+/// The old steps that writing step `seq` deletes: every `TIDY_BATCH`th step deletes the
+/// batch of steps that fell more than `KEEP` behind since the last batch. So the batches
+/// cover every step, and at most `KEEP + TIDY_BATCH` steps stay behind the newest.
+fn tidy_range(seq: u64) -> Option<std::ops::RangeInclusive<u64>> {
+    let last = seq.checked_sub(KEEP + 1).filter(|l| *l >= 1)?;
+    (last % TIDY_BATCH == 0).then(|| last.saturating_sub(TIDY_BATCH - 1).max(1)..=last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,12 +498,35 @@ mod tests {
         let mut r = l
             .acquire(None, &holder("a"), Duration::from_secs(10))
             .unwrap();
-        for _ in 0..20 {
+        let before = l.store().stats_snapshot();
+        for _ in 0..51 {
             r = l.renew(&r).unwrap();
         }
-        assert_eq!(l.current().unwrap().unwrap().seq, 21);
+        // Step 52: batches went at steps 21 (1..=16) and 37 (17..=32); 33..=52 are left.
+        assert_eq!(l.current().unwrap().unwrap().seq, 52);
+        let left = l.store().list(&l.prefix()).unwrap();
+        assert_eq!(left.len() as u64, KEEP + TIDY_BATCH, "{left:?}");
+        let after = l.store().stats_snapshot();
+        assert_eq!(after.puts - before.puts, 51, "one PUT per renewal");
+        assert_eq!(after.deletes - before.deletes, 2, "one request per batch");
+        // Step 53 deletes 33..=48.
+        l.renew(&r).unwrap();
         let left = l.store().list(&l.prefix()).unwrap();
         assert_eq!(left.len() as u64, KEEP + 1, "{left:?}");
+    }
+
+    #[test]
+    fn tidy_batches_cover_every_old_step_once() {
+        let mut deleted = Vec::new();
+        for seq in 1..=500 {
+            if let Some(r) = tidy_range(seq) {
+                assert!(*r.end() + KEEP < seq, "step {seq} deletes a kept step");
+                deleted.extend(r);
+            }
+        }
+        let expect: Vec<u64> = (1..=deleted.len() as u64).collect();
+        assert_eq!(deleted, expect);
+        assert!(deleted.len() as u64 + KEEP + TIDY_BATCH >= 500);
     }
 
     #[test]
