@@ -41,7 +41,7 @@ pub fn find_owsfs(path: &Path) -> anyhow::Result<Option<MountInfo>> {
     Ok(mounts()?
         .into_iter()
         .rev()
-        .find(|m| m.mountpoint == abs && m.fstype == "fuse.owsfs"))
+        .find(|m| m.mountpoint == abs && owsfs_sys::mount::is_owsfs(m)))
 }
 
 /// An `owsfs mount` process, from its command line (`owsfs mount MOUNTPOINT --cache CACHE
@@ -58,24 +58,16 @@ pub fn daemons() -> Vec<DaemonProc> {
     use std::os::unix::ffi::OsStrExt;
     let me = std::process::id() as i32;
     let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    for p in owsfs_sys::process::processes() {
+        let pid = p.pid;
+        let args = &p.args;
         if pid == me
             || !args.first().is_some_and(|a| a.ends_with(b"owsfs"))
-            || args.get(1) != Some(&&b"mount"[..])
+            || args.get(1).map(Vec::as_slice) != Some(&b"mount"[..])
         {
             continue;
         }
-        let cwd = std::fs::read_link(p.path().join("cwd")).unwrap_or_default();
+        let cwd = p.cwd.clone().unwrap_or_default();
         // Its arguments as the parser reads them (options before MOUNTPOINT, `--cache=C`).
         let argv: Vec<std::ffi::OsString> = args
             .iter()
@@ -144,14 +136,14 @@ pub fn check_mountable(path: &Path, adopt: bool) -> anyhow::Result<PathBuf> {
         .into_iter()
         .rev()
         .find(|m| m.mountpoint == abs)
-        .filter(|m| !adopt || m.fstype == "fuse.owsfs")
+        .filter(|m| !adopt || owsfs_sys::mount::is_owsfs(m))
     {
         bail!(
             "{} is already a mountpoint ({} from {}); unmount it first{}",
             abs.display(),
             m.fstype,
             m.source,
-            if m.fstype == "fuse.owsfs" {
+            if owsfs_sys::mount::is_owsfs(&m) {
                 format!(" with `owsfs unmount {}`", abs.display())
             } else {
                 String::new()

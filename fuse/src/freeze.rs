@@ -252,13 +252,16 @@ impl Freezer {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        let unnamed = owsfs_sys::fs::open_tmpfile(
+        match owsfs_sys::fs::open_tmpfile(
             &dir,
             OFlags::RDWR | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
-        )?;
-        if let Some(fd) = unnamed {
-            return Ok(File::from(fd));
+        ) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {}
+            Err(e) => return Err(e.into()),
         }
         let n = self.side_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.side_dir.join(format!("cow-{ino}-{n}"));

@@ -103,8 +103,13 @@ pub fn mount(
     } else {
         fuser::SessionACL::Owner
     };
-    config.n_threads = Some(settings.threads.max(1));
-    config.clone_fd = true;
+    // macFUSE serves one thread, without cloned devices.
+    config.n_threads = Some(if owsfs_sys::mount::FUSE_CLONE_FD {
+        settings.threads.max(1)
+    } else {
+        1
+    });
+    config.clone_fd = owsfs_sys::mount::FUSE_CLONE_FD;
     let adapter = FuseAdapter::new(core, adapter);
     if !root {
         // An unprivileged mount goes through the setuid fusermount3 helper.

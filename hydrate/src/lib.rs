@@ -24,6 +24,7 @@
 //!   (its subtree is the base generation's) or materialized with all its nodes known.
 
 mod fetch;
+pub mod full;
 mod materialize;
 pub mod prefetch;
 pub mod prepare;

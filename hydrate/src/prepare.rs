@@ -45,6 +45,7 @@ pub fn prepare_base(
             cache.root.display()
         );
     }
+    crate::full::recover(local, &cache.backing)?;
     // The newest commit (fences carry no tree). Read after this mount's own fence, so no
     // other node can commit after it.
     let newest = ws
@@ -182,6 +183,7 @@ pub fn prepare_read_only(
         );
     }
     let root = record.root.map(|r| serde_json::to_string(&r)).transpose()?;
+    crate::full::recover(local, &cache.backing)?;
     let base = local.base()?;
     remove_leftovers(&cache.root)?;
     match &base {
@@ -212,16 +214,6 @@ fn tree_of(
     }
 }
 
-/// Set (to anything) to make every mount restore in full, as systems without file handles
-/// do.
-pub const RESTORE_IN_FULL_ENV: &str = "OWSFS_RESTORE_IN_FULL";
-
-/// Whether a new cache gets the whole generation before the mount serves it, not a lazy copy:
-/// where the system has no file handles (macOS), or when `OWSFS_RESTORE_IN_FULL` asks.
-pub fn restores_in_full() -> bool {
-    !owsfs_sys::handle::SUPPORTED || std::env::var_os(RESTORE_IN_FULL_ENV).is_some()
-}
-
 /// Makes the cache a copy of generation `record`: lazy, or in full (`restores_in_full`).
 fn copy_of(
     ws: &Workspace,
@@ -230,58 +222,12 @@ fn copy_of(
     record: &owsfs_store::GenerationRecord,
     warm: bool,
 ) -> anyhow::Result<()> {
-    if restores_in_full() {
-        full_restore(ws, local, backing, record, warm)
+    if crate::full::restores_in_full() {
+        let root = tree_of(ws, record)?;
+        crate::full::restore(ws, local, backing, record, root, warm)
     } else {
         lazy_restore(ws, local, backing, record, warm)
     }
-}
-
-/// Restores generation `record` in full into the empty `backing`: into `restore.tmp` beside
-/// it first, which then replaces it, so that a crash leaves no half-restored cache (the next
-/// mount removes `restore.tmp`); then records the new base, with every node, in one
-/// transaction.
-fn full_restore(
-    ws: &Workspace,
-    local: &mut LocalState,
-    backing: &Path,
-    record: &owsfs_store::GenerationRecord,
-    warm: bool,
-) -> anyhow::Result<()> {
-    let h = record.number;
-    let root = tree_of(ws, record)?;
-    if warm {
-        bail!(
-            "the cache {} holds an older generation, and fetching only what changed needs file \
-             handles, which this system lacks: mount on a new --cache",
-            backing.display()
-        );
-    }
-    let started = std::time::Instant::now();
-    let tmp = backing.with_file_name("restore.tmp");
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("remove {}", tmp.display()))?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    let progress = owsfs_local::progress::Silent;
-    let update = owsfs_local::restore::restore(ws.store(), ws.store(), &root, &tmp, &progress)
-        .with_context(|| format!("cannot restore generation {h} of workspace {:?}", ws.name()))?;
-    fs::rename(&tmp, backing)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), backing.display()))?;
-    let base = Base {
-        generation: h,
-        epoch: record.epoch,
-        root: serde_json::to_string(&root)?,
-    };
-    local.commit(&base, update)?;
-    tracing::info!(
-        "generation {h} of workspace {:?} restored in full ({} files, {} bytes, {:.1}s)",
-        ws.name(),
-        record.stats.files,
-        record.stats.bytes_total,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 /// Makes the cache a lazy copy of generation `record`. Lazy: only the root's tree is fetched
@@ -381,7 +327,7 @@ pub fn rebase_state(
     backing: &Path,
     record: &owsfs_store::GenerationRecord,
 ) -> anyhow::Result<()> {
-    if restores_in_full() {
+    if crate::full::restores_in_full() {
         bail!(
             "a live rollback needs lazy hydration, which this system cannot do (no file \
              handles): unmount, then roll back"

@@ -152,7 +152,7 @@ impl Exporter<'_> {
                 } else {
                     tar::EntryType::Block
                 });
-                let (major, minor) = (libc::major(e.rdev), libc::minor(e.rdev));
+                let (major, minor) = owsfs_sys::fs::dev_major_minor(e.rdev);
                 h.set_device_major(major)?;
                 h.set_device_minor(minor)?;
                 b.append_data(&mut h, p, std::io::empty())?;

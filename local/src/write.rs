@@ -51,7 +51,7 @@ pub fn create(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io::Result<Cr
                 _ => rustix::fs::FileType::BlockDevice,
             };
             if let Err(err) =
-                rustix::fs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), e.rdev)
+                owsfs_sys::fs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), e.rdev)
             {
                 tracing::warn!("cannot make {}: {err}", String::from_utf8_lossy(&e.name));
                 return Ok(Created::Skipped);
@@ -127,10 +127,10 @@ pub fn set_attrs(
         return rustix::fs::futimens(dir, &times).map_err(Into::into);
     };
     if !e.xattrs.is_empty() {
-        let node = Node::open(dir, name)?;
+        let node = owsfs_sys::fs::open_path(dir, name, OFlags::NOFOLLOW | OFlags::CLOEXEC)?;
         for (k, v) in &e.xattrs {
-            rustix::fs::setxattr(
-                node.path.as_str(),
+            owsfs_sys::xattr::set(
+                node.as_fd(),
                 OsStr::from_bytes(k),
                 v,
                 rustix::fs::XattrFlags::empty(),
@@ -151,37 +151,19 @@ pub fn set_attrs(
 /// `trusted.` namespaces, and POSIX ACLs: the others are the system's), for an entry kept
 /// from an older generation.
 pub fn drop_other_xattrs(dir: BorrowedFd<'_>, name: &OsStr, e: &TreeEntry) -> io::Result<()> {
-    let node = Node::open(dir, name)?;
+    let node = owsfs_sys::fs::open_path(dir, name, OFlags::NOFOLLOW | OFlags::CLOEXEC)?;
     let mut buf = vec![0u8; 64 << 10];
-    let n = match rustix::fs::listxattr(node.path.as_str(), &mut buf) {
+    let n = match owsfs_sys::xattr::list(node.as_fd(), &mut buf) {
         Ok(n) => n,
         Err(rustix::io::Errno::NOTSUP) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
     for k in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
         if owsfs_sys::fs::xattr_is_content(k) && !e.xattrs.iter().any(|(x, _)| &x[..] == k) {
-            rustix::fs::removexattr(node.path.as_str(), OsStr::from_bytes(k))?;
+            owsfs_sys::xattr::remove(node.as_fd(), OsStr::from_bytes(k))?;
         }
     }
     Ok(())
-}
-
-/// A node opened `O_PATH`, and its `/proc/self/fd` path: xattr calls on that path reach the
-/// node itself whatever its kind (a symlink, a FIFO, a device), which `f*xattr` on an `O_PATH`
-/// descriptor cannot, and an ordinary open of a symlink or a FIFO would not.
-struct Node {
-    _fd: OwnedFd,
-    path: String,
-}
-
-impl Node {
-    fn open(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Node> {
-        let fd = owsfs_sys::fs::open_path(dir, name, OFlags::NOFOLLOW | OFlags::CLOEXEC)?;
-        let path = owsfs_sys::fs::fd_path(fd.as_fd())?
-            .to_string_lossy()
-            .into_owned();
-        Ok(Node { _fd: fd, path })
-    }
 }
 
 fn set_xattrs(fd: BorrowedFd<'_>, e: &TreeEntry) -> io::Result<()> {

@@ -289,10 +289,9 @@ fn read_xattrs(dir: &impl AsFd, name: Option<&OsStr>) -> io::Result<Vec<(Vec<u8>
         Some(n) => owsfs_sys::fs::open_path(dir, n, OFlags::NOFOLLOW | OFlags::CLOEXEC)?,
         None => rustix::io::dup(dir)?,
     };
-    let path = owsfs_sys::fs::fd_path(fd.as_fd())?;
     let mut buf = vec![0u8; 4096];
     let n = loop {
-        match rustix::fs::listxattr(&path, &mut buf) {
+        match owsfs_sys::xattr::list(fd.as_fd(), &mut buf) {
             Ok(n) => break n,
             Err(rustix::io::Errno::RANGE) => buf.resize(buf.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -303,7 +302,7 @@ fn read_xattrs(dir: &impl AsFd, name: Option<&OsStr>) -> io::Result<Vec<(Vec<u8>
     for xname in buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
         let mut value = vec![0u8; 256];
         let len = loop {
-            match rustix::fs::getxattr(&path, OsStr::from_bytes(xname), &mut value) {
+            match owsfs_sys::xattr::get(fd.as_fd(), OsStr::from_bytes(xname), &mut value) {
                 Ok(len) => break len,
                 Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 16, 0),
                 Err(e) if e == owsfs_sys::fs::no_xattr() => break usize::MAX,

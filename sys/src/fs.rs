@@ -33,9 +33,12 @@ pub fn open_path<P: rustix::path::Arg>(
 }
 
 /// The flags a system without `O_PATH` opens a name with: read-only, not blocking on a
-/// FIFO, and on macOS `O_SYMLINK` to hold a symlink itself where Linux says `O_NOFOLLOW`.
+/// FIFO, never taking a terminal as the daemon's controlling one, and on macOS `O_SYMLINK`
+/// to hold a symlink itself where Linux says `O_NOFOLLOW`.
 pub fn portable_path_flags(flags: OFlags) -> OFlags {
-    let mut out = (flags | OFlags::RDONLY | OFlags::NONBLOCK) - OFlags::RDWR - OFlags::WRONLY;
+    let mut out = (flags | OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY)
+        - OFlags::RDWR
+        - OFlags::WRONLY;
     if flags.contains(OFlags::NOFOLLOW) {
         out = (out - OFlags::NOFOLLOW) | symlink_flag();
     }
@@ -91,6 +94,17 @@ pub fn fd_path(_fd: BorrowedFd<'_>) -> io::Result<PathBuf> {
         io::ErrorKind::Unsupported,
         "this system cannot name a file by its descriptor",
     ))
+}
+
+/// `ESTALE` unless `a` and `b` are the same file: a path from `F_GETPATH` may name another
+/// file by the time it is opened (a rename, an editor's save over it).
+pub fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    let (x, y) = (rustix::fs::fstat(a)?, rustix::fs::fstat(b)?);
+    if x.st_dev == y.st_dev && x.st_ino == y.st_ino {
+        Ok(())
+    } else {
+        Err(rustix::io::Errno::STALE)
+    }
 }
 
 /// [`fd_path`] as a C string.
@@ -153,7 +167,9 @@ impl Reopener {
         let path = fd_path(fd).map_err(|e| {
             rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::NOTSUP)
         })?;
-        rustix::fs::open(&path, flags, mode)
+        let again = rustix::fs::open(&path, flags | OFlags::NOFOLLOW, mode)?;
+        same_file(fd, again.as_fd())?;
+        Ok(again)
     }
 }
 
@@ -327,30 +343,94 @@ pub fn copy_range_portable(
     Ok(done)
 }
 
-/// Creates a file with no name in `dir` (`O_TMPFILE`), open with `flags`. Where the system
-/// or the filesystem lacks `O_TMPFILE`, `Ok(None)`: the caller makes a named file and
-/// removes it (see [`unnamed_file_portable`]), since only it knows which names are free.
+/// Creates a file with no name in `dir` (`O_TMPFILE`), open with `flags`. The error is the
+/// system's: `EOPNOTSUPP` (or `EISDIR`, `EINVAL` from older kernels) where the system or the
+/// filesystem lacks `O_TMPFILE`; a caller that can do without makes a named file and removes
+/// it (see [`unnamed_file_portable`]), since only it knows which names are free.
 #[cfg(target_os = "linux")]
-pub fn open_tmpfile(
-    dir: impl AsFd,
-    flags: OFlags,
-    mode: Mode,
-) -> rustix::io::Result<Option<OwnedFd>> {
-    match rustix::fs::openat(dir, c".", flags | OFlags::TMPFILE, mode) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+pub fn open_tmpfile(dir: impl AsFd, flags: OFlags, mode: Mode) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(dir, c".", flags | OFlags::TMPFILE, mode)
 }
 #[cfg(not(target_os = "linux"))]
-pub fn open_tmpfile(
-    _dir: impl AsFd,
-    _flags: OFlags,
-    _mode: Mode,
-) -> rustix::io::Result<Option<OwnedFd>> {
-    Ok(None)
+pub fn open_tmpfile(_dir: impl AsFd, _flags: OFlags, _mode: Mode) -> rustix::io::Result<OwnedFd> {
+    Err(rustix::io::Errno::OPNOTSUPP)
+}
+
+/// Makes a FIFO, socket or device node `name` in `dir`.
+#[cfg(target_os = "linux")]
+pub fn mknodat<P: rustix::path::Arg>(
+    dir: impl AsFd,
+    name: P,
+    kind: rustix::fs::FileType,
+    mode: Mode,
+    dev: u64,
+) -> rustix::io::Result<()> {
+    rustix::fs::mknodat(dir, name, kind, mode, dev)
+}
+#[cfg(not(target_os = "linux"))]
+pub fn mknodat<P: rustix::path::Arg>(
+    dir: impl AsFd,
+    name: P,
+    kind: rustix::fs::FileType,
+    mode: Mode,
+    dev: u64,
+) -> rustix::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let name = name.into_c_str()?;
+    let full = libc::mode_t::try_from(kind.as_raw_mode() | mode.as_raw_mode())
+        .map_err(|_| rustix::io::Errno::INVAL)?;
+    // SAFETY: a valid descriptor and C string; plain integers otherwise.
+    let r = unsafe {
+        if kind == rustix::fs::FileType::Fifo {
+            libc::mkfifoat(dir.as_fd().as_raw_fd(), name.as_ptr(), full)
+        } else {
+            libc::mknodat(
+                dir.as_fd().as_raw_fd(),
+                name.as_ptr(),
+                full,
+                dev as libc::dev_t,
+            )
+        }
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(rustix::io::Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ))
+    }
+}
+
+/// `fallocate(2)` with the mode bits a FUSE request carries (Linux's values). Elsewhere only
+/// mode 0 (allocate, growing the file) is done; the others are `EOPNOTSUPP`.
+#[cfg(target_os = "linux")]
+pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> rustix::io::Result<()> {
+    let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+    rustix::fs::fallocate(fd, flags, offset, len)
+}
+#[cfg(not(target_os = "linux"))]
+pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> rustix::io::Result<()> {
+    if mode != 0 {
+        return Err(rustix::io::Errno::OPNOTSUPP);
+    }
+    rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), offset, len)
+}
+
+/// The major and minor numbers of a device number, as tar stores them.
+#[cfg(target_os = "linux")]
+pub fn dev_major_minor(dev: u64) -> (u32, u32) {
+    (libc::major(dev), libc::minor(dev))
+}
+#[cfg(not(target_os = "linux"))]
+pub fn dev_major_minor(dev: u64) -> (u32, u32) {
+    dev_major_minor_bsd(dev)
+}
+
+/// The BSDs' and macOS's 32-bit device number: major in the top 8 bits, minor below.
+pub fn dev_major_minor_bsd(dev: u64) -> (u32, u32) {
+    (((dev >> 24) & 0xff) as u32, (dev & 0x00ff_ffff) as u32)
 }
 
 /// A file with no name made the portable way: created under `name` in `dir` with
@@ -531,9 +611,15 @@ mod tests {
             "no name left"
         );
         assert!(
-            open_tmpfile(&d, OFlags::RDWR, Mode::from_raw_mode(0o600))
-                .unwrap()
-                .is_some()
+            open_tmpfile(&d, OFlags::RDWR, Mode::from_raw_mode(0o600)).is_ok()
+                || !cfg!(target_os = "linux")
+        );
+        assert_eq!(dev_major_minor_bsd(0x0c00_0003), (12, 3));
+        let a = std::fs::File::open(dir.path()).unwrap();
+        same_file(a.as_fd(), d.as_fd()).unwrap();
+        assert_eq!(
+            same_file(a.as_fd(), fd.as_fd()),
+            Err(rustix::io::Errno::STALE)
         );
         fdatasync(&fd).unwrap();
         let (r, w) = pipe_cloexec_portable().unwrap();

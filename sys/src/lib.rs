@@ -9,3 +9,4 @@ pub mod fs;
 pub mod handle;
 pub mod mount;
 pub mod process;
+pub mod xattr;

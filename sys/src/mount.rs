@@ -18,6 +18,24 @@ pub struct MountEntry {
     pub source: String,
 }
 
+/// Whether an entry of [`table`] is an owsfs mount: type `fuse.owsfs` on Linux; on macOS
+/// every mount of macFUSE (its table has no subtype), which callers narrow by mountpoint.
+#[cfg(target_os = "linux")]
+pub fn is_owsfs(m: &MountEntry) -> bool {
+    m.fstype == "fuse.owsfs"
+}
+#[cfg(not(target_os = "linux"))]
+pub fn is_owsfs(m: &MountEntry) -> bool {
+    matches!(m.fstype.as_str(), "macfuse" | "osxfuse" | "fuse.owsfs")
+}
+
+/// Whether a FUSE session may have several worker threads, each reading its own clone of
+/// the device (fuser's `clone_fd`); macFUSE serves one thread.
+#[cfg(target_os = "linux")]
+pub const FUSE_CLONE_FD: bool = true;
+#[cfg(not(target_os = "linux"))]
+pub const FUSE_CLONE_FD: bool = false;
+
 /// Every mount this process sees.
 #[cfg(target_os = "linux")]
 pub fn table() -> io::Result<Vec<MountEntry>> {
@@ -382,13 +400,13 @@ mod tests {
 
     #[test]
     fn mount_output_parses_in_the_linux_and_macos_forms() {
-        let text = "proc on /proc type proc (rw,nosuid)\n\
+        let text = "tmpfs on /run type tmpfs (rw,nosuid)\n\
                     /dev/disk3s1 on / (apfs, local, journaled)\n\
                     owsfs on /Users/me/work (macfuse, nodev, nosuid)\n";
         let got = parse_mount_output(text);
         assert_eq!(got.len(), 3);
-        assert_eq!(got[0].fstype, "proc");
-        assert_eq!(got[0].mountpoint, PathBuf::from("/proc"));
+        assert_eq!(got[0].fstype, "tmpfs");
+        assert_eq!(got[0].mountpoint, PathBuf::from("/run"));
         assert_eq!(got[1].fstype, "apfs");
         assert_eq!(got[2].source, "owsfs");
         assert_eq!(got[2].mountpoint, PathBuf::from("/Users/me/work"));

@@ -178,6 +178,71 @@ pub fn close_fuse_descriptors() {
     // macFUSE's device descriptors are closed on exec by its library.
 }
 
+/// A process as [`processes`] sees it.
+#[derive(Debug)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    /// Its command line, one element per argument.
+    pub args: Vec<Vec<u8>>,
+    /// Its working directory, where the system tells.
+    pub cwd: Option<PathBuf>,
+}
+
+/// Every process this one can see (other users' only as far as the system shows them).
+#[cfg(target_os = "linux")]
+pub fn processes() -> Vec<ProcessInfo> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        let cwd = std::fs::read_link(p.path().join("cwd")).ok();
+        out.push(ProcessInfo { pid, args, cwd });
+    }
+    out
+}
+#[cfg(not(target_os = "linux"))]
+pub fn processes() -> Vec<ProcessInfo> {
+    processes_portable()
+}
+
+/// [`processes`] from ps(1): arguments split at spaces (an argument with a space in it
+/// comes apart), no working directory.
+pub fn processes_portable() -> Vec<ProcessInfo> {
+    let Ok(out) = Command::new("ps")
+        .args(["-axww", "-o", "pid=,command="])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let (pid, command) = line.split_once(' ')?;
+            Some(ProcessInfo {
+                pid: pid.parse().ok()?,
+                args: command
+                    .split_whitespace()
+                    .map(|a| a.as_bytes().to_vec())
+                    .collect(),
+                cwd: None,
+            })
+        })
+        .collect()
+}
+
 /// A process that holds something inside a directory.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -289,6 +354,22 @@ mod tests {
         );
         assert!(open_files_ceiling().is_some());
         assert!(self_exe().exists());
+    }
+
+    #[test]
+    fn the_portable_process_list_agrees_with_procfs() {
+        let me = std::process::id() as i32;
+        let linux = processes();
+        let mine = linux.iter().find(|p| p.pid == me).expect("this process");
+        assert!(!mine.args.is_empty() && mine.cwd.is_some());
+        if Command::new("ps").arg("-p").arg("1").output().is_ok() {
+            let portable = processes_portable();
+            let p = portable
+                .iter()
+                .find(|p| p.pid == me)
+                .expect("this process in ps");
+            assert_eq!(p.args.first(), mine.args.first());
+        }
     }
 
     #[test]

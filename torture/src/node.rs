@@ -168,7 +168,7 @@ pub fn is_mounted(mp: &Path) -> bool {
     owsfs_sys::mount::table()
         .unwrap_or_default()
         .iter()
-        .any(|m| m.mountpoint == mp && m.fstype == "fuse.owsfs")
+        .any(|m| m.mountpoint == mp && owsfs_sys::mount::is_owsfs(m))
 }
 
 /// Is process `pid` gone (or a zombie)?

@@ -394,13 +394,7 @@ impl Core {
         if kill_suidgid {
             self.kill_suidgid(handle.ino, &handle.file)?;
         }
-        rustix::fs::fallocate(
-            &handle.file,
-            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
-            offset,
-            len,
-        )
-        .ctx("fallocate")
+        owsfs_sys::fs::fallocate(&handle.file, mode, offset, len).ctx("fallocate")
     }
 
     /// SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself).

@@ -306,7 +306,7 @@ impl Core {
         self.stats.count(&self.stats.creates);
         let kind = rustix::fs::FileType::from_raw_mode(mode);
         self.create_node(parent, name, Some(mode), caller, |dir| {
-            rustix::fs::mknodat(
+            owsfs_sys::fs::mknodat(
                 &dir.fd,
                 name,
                 kind,
@@ -375,7 +375,6 @@ impl Core {
             let _as_caller = CallerCreds::assume(caller, self.own_uid, self.own_gid);
             owsfs_sys::fs::open_tmpfile(&dir.fd, oflags, Mode::from_raw_mode(want))
                 .map_err(|e| FsError::errno(e.raw_os_error(), "tmpfile"))?
-                .ok_or_else(|| FsError::errno(libc::EOPNOTSUPP, "tmpfile"))?
         };
         let mut st = rustix::fs::fstat(&fd).ctx("tmpfile stat")?;
         if !inherits && st.st_mode & 0o777 != want & 0o777 {
@@ -681,9 +680,8 @@ fn keeps_other_names(st: &rustix::fs::Stat) -> bool {
 
 /// The directory has a default ACL (`system.posix_acl_default`), which new nodes inherit.
 fn has_default_acl(dir: &Inode) -> bool {
-    let path = Core::proc_path(&dir.fd);
     matches!(
-        rustix::fs::getxattr_query(path.as_c_str(), "system.posix_acl_default"),
+        owsfs_sys::xattr::get(dir.fd.as_fd(), "system.posix_acl_default".as_ref(), &mut []),
         Ok(n) if n > 0
     )
 }

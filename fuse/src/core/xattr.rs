@@ -1,6 +1,7 @@
 //! Extended attributes: getxattr, listxattr, setxattr and removexattr.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
 use owsfs_journal::{FuseIno, NodeKind, Op};
@@ -17,38 +18,33 @@ pub enum XattrReply {
 }
 
 impl Core {
-    fn xattr_path(&self, inode: &Inode, name: Option<&OsStr>) -> FsResult<CString> {
-        // The inode's descriptor is O_PATH, so its /proc path reaches the node itself, a
-        // symlink too (whose `user.` names the backing filesystem then refuses, as Linux does).
-        // Without FUSE_POSIX_ACL the kernel would not enforce POSIX ACLs, so storing them
-        // would only pretend.
-        if let Some(name) = name
-            && name.as_bytes().starts_with(b"system.posix_acl_")
-            && !self.posix_acl_enabled()
-        {
+    /// Without FUSE_POSIX_ACL the kernel would not enforce POSIX ACLs, so storing them would
+    /// only pretend.
+    fn check_xattr_name(&self, name: &OsStr) -> FsResult<()> {
+        if name.as_bytes().starts_with(b"system.posix_acl_") && !self.posix_acl_enabled() {
             return Err(FsError::errno(libc::EOPNOTSUPP, "POSIX ACLs"));
         }
-        Ok(Self::proc_path(&inode.fd))
+        Ok(())
     }
 
+    // The inode's descriptor names the node itself, a symlink too (whose `user.` names the
+    // backing filesystem then refuses, as Linux does): `owsfs_sys::xattr` reaches it.
     pub fn getxattr(&self, ino: FuseIno, name: &OsStr, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
-        let path = self.xattr_path(&inode, Some(name))?;
+        self.check_xattr_name(name)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = owsfs_sys::xattr::get(inode.fd.as_fd(), name, &mut buf).ctx("getxattr")?;
         if size == 0 {
-            let n = rustix::fs::getxattr_query(path.as_c_str(), name).ctx("getxattr")?;
             return Ok(XattrReply::Size(n as u32));
         }
-        let mut buf = vec![0u8; size as usize];
-        let n = rustix::fs::getxattr(path.as_c_str(), name, &mut buf[..]).ctx("getxattr")?;
         buf.truncate(n);
         Ok(XattrReply::Data(buf))
     }
 
     pub fn listxattr(&self, ino: FuseIno, size: u32) -> FsResult<XattrReply> {
         let inode = self.inode(ino)?;
-        let path = Self::proc_path(&inode.fd);
         let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
-        let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).ctx("listxattr")?;
+        let n = owsfs_sys::xattr::list(inode.fd.as_fd(), &mut buf).ctx("listxattr")?;
         buf.truncate(n);
         Ok(if size == 0 {
             XattrReply::Size(n as u32)
@@ -69,11 +65,11 @@ impl Core {
         kill_sgid_unless_in: Option<&[u32]>,
     ) -> FsResult<()> {
         let inode = self.inode(ino)?;
-        let path = self.xattr_path(&inode, Some(name))?;
+        self.check_xattr_name(name)?;
         let _barrier = self.mutation()?;
         self.journal_meta(&inode)?;
-        rustix::fs::setxattr(
-            path.as_c_str(),
+        owsfs_sys::xattr::set(
+            inode.fd.as_fd(),
             name,
             value,
             rustix::fs::XattrFlags::from_bits_retain(flags as u32),
@@ -83,6 +79,7 @@ impl Core {
             let st = rustix::fs::fstat(&inode.fd).ctx("stat after setxattr")?;
             if st.st_mode & libc::S_ISGID != 0 && !groups.contains(&st.st_gid) {
                 let mode = st.st_mode & 0o7777 & !libc::S_ISGID;
+                let path = Self::proc_path(&inode.fd);
                 rustix::fs::chmod(path.as_c_str(), rustix::fs::Mode::from_raw_mode(mode))
                     .ctx("clear set-group-id")?;
                 self.attrs_changed(ino);
@@ -93,10 +90,10 @@ impl Core {
 
     pub fn removexattr(&self, ino: FuseIno, name: &OsStr) -> FsResult<()> {
         let inode = self.inode(ino)?;
-        let path = self.xattr_path(&inode, Some(name))?;
+        self.check_xattr_name(name)?;
         let _barrier = self.mutation()?;
         self.journal_meta(&inode)?;
-        rustix::fs::removexattr(path.as_c_str(), name).ctx("removexattr")
+        owsfs_sys::xattr::remove(inode.fd.as_fd(), name).ctx("removexattr")
     }
 
     fn journal_meta(&self, inode: &Inode) -> FsResult<()> {
