@@ -182,6 +182,10 @@ fn open_files_beyond_the_inode_budget_fail_with_enfile() {
     }
     let ws = Workspace::with_options(&["max_inodes=200"]);
     std::fs::create_dir(ws.path("open")).unwrap();
+    // Names made (and closed) before the bound is reached.
+    for i in 0..300 {
+        std::fs::write(ws.path(&format!("open/x{i}")), b"x").unwrap();
+    }
     let mut files = Vec::new();
     let mut refused = None;
     for i in 0..400 {
@@ -195,6 +199,9 @@ fn open_files_beyond_the_inode_budget_fail_with_enfile() {
     }
     let e = refused.expect("the bound is reached");
     assert_eq!(e.raw_os_error(), Some(libc::ENFILE), "{e}");
+    // A listing at the bound names every file, also those it has no room to look up.
+    let listed = std::fs::read_dir(ws.path("open")).unwrap().count();
+    assert_eq!(listed, 300 + files.len(), "a listing at the bound");
     use std::io::Write;
     files[0].write_all(b"still writable").unwrap();
     assert_eq!(ws.status_json(false)["inode_budget"], 200);

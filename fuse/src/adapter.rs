@@ -717,7 +717,16 @@ impl Filesystem for FuseAdapter {
             let found = match self.core.readdirplus_entry(fuse_ino(ino), &entry.name) {
                 Ok(found) => found,
                 // Gone since the directory was read: leave it out.
-                Err(_) => continue,
+                Err(e) if e.to_errno() == libc::ENOENT => continue,
+                // No room for another inode now (ENFILE at the inode budget), or another
+                // failure: list the name without its lookup, as plain readdir would. Leaving
+                // it out would hide a file that is there; a later lookup answers for itself.
+                Err(_) => {
+                    if reply.add_unlooked(inode_no(entry.ino), next, &entry.name, entry.kind) {
+                        break;
+                    }
+                    continue;
+                }
             };
             let attr = found.attr;
             if reply.add(

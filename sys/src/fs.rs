@@ -482,17 +482,32 @@ pub fn utimens_fd(fd: impl AsFd, times: &rustix::fs::Timestamps) -> rustix::io::
     rustix::fs::futimens(fd, times)
 }
 
-/// Gives the file `fd` names another name, `name` in `dir`.
+/// Gives the file `fd` names another name, `name` in `dir`. Linking by descriptor needs
+/// CAP_DAC_READ_SEARCH; where it is refused, the descriptor's `/proc/self/fd` path (which
+/// names the file itself) is linked instead.
 #[cfg(target_os = "linux")]
-pub fn link_fd<P: rustix::path::Arg>(
+pub fn link_fd<P: rustix::path::Arg + Copy>(
     fd: impl AsFd,
     dir: impl AsFd,
     name: P,
 ) -> rustix::io::Result<()> {
-    rustix::fs::linkat(fd, c"", dir, name, rustix::fs::AtFlags::EMPTY_PATH)
+    use rustix::fs::AtFlags;
+    match rustix::fs::linkat(&fd, c"", &dir, name, AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+            let path = fd_cpath(fd.as_fd()).map_err(|_| rustix::io::Errno::BADF)?;
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                path.as_c_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        r => r,
+    }
 }
 #[cfg(not(target_os = "linux"))]
-pub fn link_fd<P: rustix::path::Arg>(
+pub fn link_fd<P: rustix::path::Arg + Copy>(
     fd: impl AsFd,
     dir: impl AsFd,
     name: P,

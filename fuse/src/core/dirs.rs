@@ -132,11 +132,12 @@ impl Core {
         })
     }
 
-    /// Looks up one entry for readdirplus (counts a kernel reference).
+    /// Looks up one entry for readdirplus (counts a kernel reference). At the inode budget it
+    /// does not wait for room: the entry is then listed without its lookup (ENFILE).
     pub fn readdirplus_entry(&self, dir_ino: FuseIno, name: &OsStr) -> FsResult<Entry> {
         let dir = self.inode(dir_ino)?;
         self.materialize(&dir)?;
-        self.lookup_in(&dir, name)
+        self.lookup_waiting(&dir, name, false)
     }
 
     pub fn releasedir(&self, fh: u64) {

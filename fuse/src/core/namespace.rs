@@ -33,6 +33,11 @@ impl Core {
     }
 
     pub(super) fn lookup_in(&self, dir: &Inode, name: &OsStr) -> FsResult<Entry> {
+        self.lookup_waiting(dir, name, true)
+    }
+
+    /// `lookup_in`; at the inode budget it waits for room (up to a second) only if `wait`.
+    pub(super) fn lookup_waiting(&self, dir: &Inode, name: &OsStr, wait: bool) -> FsResult<Entry> {
         check_name(name)?;
         let st = rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("lookup")?;
         let ino = self.ino_of(&st);
@@ -42,7 +47,9 @@ impl Core {
                 generation,
             });
         }
-        self.wait_for_inode_room();
+        if wait {
+            self.wait_for_inode_room();
+        }
         self.lookup_new(dir, name)
     }
 
@@ -595,22 +602,8 @@ impl Core {
         } else {
             Op::Link { ino, path }
         })?;
-        let linked = owsfs_sys::fs::link_fd(&inode.fd, &dir.fd, newname);
-        match linked {
-            Ok(()) => {}
-            // Linking by descriptor needs CAP_DAC_READ_SEARCH; the /proc path does not.
-            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::PERM) if self.own_uid != 0 => {
-                rustix::fs::linkat(
-                    rustix::fs::CWD,
-                    Self::proc_path(&inode.fd).as_c_str(),
-                    &dir.fd,
-                    newname,
-                    AtFlags::SYMLINK_FOLLOW,
-                )
-                .ctx("link")?
-            }
-            Err(e) => return Err(FsError::errno(e.raw_os_error(), "link")),
-        }
+        owsfs_sys::fs::link_fd(&inode.fd, &dir.fd, newname)
+            .map_err(|e| FsError::errno(e.raw_os_error(), "link"))?;
         // A hard link keeps the inode's recorded name; the new one is only an alias (of an
         // unnamed file, it is its name).
         let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;

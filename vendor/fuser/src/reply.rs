@@ -781,6 +781,20 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// owsfs: add an entry without its lookup (node id 0): the kernel lists the name, but
+    /// makes no dentry for it and counts no reference, as for a plain READDIR entry.
+    /// Returns true if the buffer is full.
+    pub fn add_unlooked<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: T,
+        kind: FileType,
+    ) -> bool {
+        self.buf
+            .push_unlooked(ino, DirEntOffset(offset), name.as_ref(), kind)
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();

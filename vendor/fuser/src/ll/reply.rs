@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use smallvec::SmallVec;
+use zerocopy::FromZeros;
 use zerocopy::Immutable;
 use zerocopy::IntoBytes;
 
@@ -533,6 +534,30 @@ impl DirEntPlusList {
                 typ: x.attr.attr.mode >> 12,
             },
         };
+        self.0.push([header.as_bytes(), name])
+    }
+
+    /// owsfs: an entry with node id 0 in its `entry_out`, which the kernel emits as a plain
+    /// directory entry (`fuse_direntplus_link` skips it). Returns true if the buffer is full.
+    #[must_use]
+    pub(crate) fn push_unlooked(
+        &mut self,
+        ino: INodeNo,
+        offset: DirEntOffset,
+        name: &std::ffi::OsStr,
+        kind: crate::FileType,
+    ) -> bool {
+        let name = name.as_bytes();
+        let mut header = abi::fuse_direntplus {
+            entry_out: abi::fuse_entry_out::new_zeroed(),
+            dirent: abi::fuse_dirent {
+                ino: ino.into(),
+                off: offset.0,
+                namelen: name.len().try_into().expect("Name too long"),
+                typ: mode_from_kind_and_perm(kind, 0) >> 12,
+            },
+        };
+        header.entry_out.nodeid = 0;
         self.0.push([header.as_bytes(), name])
     }
 }
