@@ -41,6 +41,14 @@ pub fn setup_from_env() -> anyhow::Result<()> {
                     // A command without a log (`owsfs recover`) says it on stderr.
                     eprintln!("owsfs: crash point {owned}: dying now (OWSFS_CRASH_AT)");
                 }
+                // A crash point stands for the death of the node: a worker's supervisor dies
+                // with it (a worker's own death is `kill -9` of it alone).
+                let supervisor = crate::mount::supervisor::SUPERVISOR_PID
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if supervisor > 0 {
+                    // SAFETY: kill(2) takes plain integers.
+                    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+                }
                 // SAFETY: _exit ends the process at once; nothing of ours runs after it.
                 unsafe { libc::_exit(137) };
             })

@@ -547,7 +547,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -556,6 +556,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let _serving = self.core.serving(OpKind::Read);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "read", e);
+        }
         // The reply is sent inside: see `Core::read_then`.
         let mut reply = Some(reply);
         let sent = self.core.read_then(fh.0, offset, size, |data| {
@@ -571,7 +574,7 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -581,6 +584,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let _serving = self.core.serving(OpKind::Write);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "write", e);
+        }
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         // The request's flags are the descriptor's at the time (fcntl may have changed them
         // since the open).
@@ -600,12 +606,15 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Flush);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "flush", e);
+        }
         match self.core.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "flush", e),
@@ -643,6 +652,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Fsync);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "fsync", e);
+        }
         match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "fsync", e),
@@ -663,12 +675,15 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _serving = self.core.serving(OpKind::Readdir);
+        if let Err(e) = self.core.adopt_dir(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "readdir", e);
+        }
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdir", e),
@@ -691,6 +706,9 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _serving = self.core.serving(OpKind::Readdir);
+        if let Err(e) = self.core.adopt_dir(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "readdirplus", e);
+        }
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return fail!(self, reply, "readdirplus", e),
@@ -852,7 +870,7 @@ impl Filesystem for FuseAdapter {
     fn fallocate(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -860,6 +878,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Fallocate);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "fallocate", e);
+        }
         // FUSE_FALLOCATE carries no kill flag: an unprivileged caller is what says it.
         match self
             .core
@@ -873,13 +894,16 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
         let _serving = self.core.serving(OpKind::Lseek);
+        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
+            return fail!(self, reply, "lseek", e);
+        }
         if self.opts.writeback_cache {
             // Dirty pages in the kernel are invisible to the backing file, so its holes would
             // lie. ENOSYS makes the kernel answer itself (all data, the hole at the end).
@@ -909,10 +933,10 @@ impl Filesystem for FuseAdapter {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -920,6 +944,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let _serving = self.core.serving(OpKind::CopyFileRange);
+        let adopted = (self.core.adopt_handle(fuse_ino(ino_in), fh_in.0))
+            .and_then(|()| self.core.adopt_handle(fuse_ino(ino_out), fh_out.0));
+        if let Err(e) = adopted {
+            return fail!(self, reply, "copy_file_range", e);
+        }
         match self
             .core
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

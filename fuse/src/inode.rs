@@ -76,6 +76,9 @@ pub struct Inode {
     handle: Option<Box<[u8]>>,
     /// What file handles of this inode carry: see [`backing_handle`].
     pub generation: u32,
+    /// Opened again for a daemon that took over the kernel connection: the kernel's count of
+    /// references is not known, so a FORGET may take more than this table counted.
+    revived: bool,
 }
 
 impl Inode {
@@ -112,6 +115,12 @@ pub struct InodeTable {
     /// Only inodes the daemon handed out are in it, so a forged handle reaches nothing outside
     /// the workspace.
     forgotten: DashMap<FuseIno, Box<[u8]>>,
+    /// Every inode handed to the kernel, on disk for a daemon that takes over the connection
+    /// (`crate::nodes`); unset when the connection ends with this daemon.
+    log: std::sync::OnceLock<crate::nodes::NodeLog>,
+    /// The inodes an earlier daemon of this connection handed the kernel, by their backing
+    /// handles: a request for one that is not in the table opens it again.
+    revivable: DashMap<FuseIno, Box<[u8]>>,
 }
 
 impl InodeTable {
@@ -141,6 +150,7 @@ impl InodeTable {
                 direct_io: parking_lot::RwLock::new(()),
                 handle,
                 generation,
+                revived: false,
             }),
         );
         InodeTable {
@@ -150,6 +160,81 @@ impl InodeTable {
             count: std::sync::atomic::AtomicUsize::new(1),
             era: AtomicU64::new(0),
             forgotten: DashMap::new(),
+            log: std::sync::OnceLock::new(),
+            revivable: DashMap::new(),
+        }
+    }
+
+    /// Keeps the node log from now on, with the inodes an earlier daemon of the connection
+    /// handed out (`revivable`, already in the log).
+    pub(crate) fn keep_log(
+        &self,
+        log: crate::nodes::NodeLog,
+        revivable: std::collections::HashMap<FuseIno, Box<[u8]>>,
+    ) {
+        for (ino, handle) in revivable {
+            self.revivable.insert(ino, handle);
+        }
+        let _ = self.log.set(log);
+    }
+
+    /// The backing handle of an inode an earlier daemon of this connection handed out.
+    pub(crate) fn revivable_handle(&self, ino: FuseIno) -> Option<Box<[u8]>> {
+        self.revivable.get(&ino).map(|h| h.value().clone())
+    }
+
+    /// Puts an inode of an earlier daemon back in the table (opened again by its handle),
+    /// unless a concurrent request did; either way returns it.
+    pub(crate) fn revive(&self, ino: FuseIno, kind: NodeKind, fd: OwnedFd) -> Arc<Inode> {
+        match self.map.entry(ino) {
+            Entry::Occupied(e) => Arc::clone(e.get()),
+            Entry::Vacant(e) => {
+                let (handle, generation) = backing_handle(&fd);
+                let inode = Arc::new(Inode {
+                    ino,
+                    kind,
+                    era: self.era(),
+                    fd,
+                    nlookup: AtomicU64::new(1),
+                    last_used: AtomicU64::new(self.tick()),
+                    loc: Mutex::new(None),
+                    open: Mutex::new(OpenCounts::default()),
+                    passthrough_gone: parking_lot::Condvar::new(),
+                    direct_io: parking_lot::RwLock::new(()),
+                    handle,
+                    generation,
+                    revived: true,
+                });
+                e.insert(Arc::clone(&inode));
+                self.count.fetch_add(1, Ordering::Relaxed);
+                inode
+            }
+        }
+    }
+
+    /// Appends a new inode to the node log; past twice what the table and the revivable
+    /// inodes hold (at least 65,536 records), the log is written again from them.
+    fn log_new(&self, ino: FuseIno, handle: Option<&[u8]>) {
+        let (Some(log), Some(handle)) = (self.log.get(), handle) else {
+            return;
+        };
+        let records = log.append(ino, handle);
+        if records > 2 * (self.len() + self.revivable.len()).max(1 << 15) {
+            log.rewrite(|| {
+                let mut all: std::collections::HashMap<FuseIno, Box<[u8]>> = self
+                    .revivable
+                    .iter()
+                    .map(|e| (*e.key(), e.value().clone()))
+                    .collect();
+                for e in self.map.iter() {
+                    if let Some(h) = &e.value().handle
+                        && *e.key() != ROOT_INO
+                    {
+                        all.insert(*e.key(), h.clone());
+                    }
+                }
+                all
+            });
         }
     }
 
@@ -274,9 +359,11 @@ impl InodeTable {
                     direct_io: parking_lot::RwLock::new(()),
                     handle,
                     generation,
+                    revived: false,
                 });
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);
+                self.log_new(ino, inode.handle.as_deref());
                 inode
             }
         }
@@ -288,9 +375,13 @@ impl InodeTable {
             return;
         }
         if let Entry::Occupied(e) = self.map.entry(ino) {
-            let before = e.get().nlookup.fetch_sub(n, Ordering::Relaxed);
+            // The entry's guard excludes every other change of the count.
+            let before = e.get().nlookup.load(Ordering::Relaxed);
+            e.get()
+                .nlookup
+                .store(before.saturating_sub(n), Ordering::Relaxed);
             debug_assert!(
-                before >= n,
+                before >= n || e.get().revived,
                 "forget of {n} on inode {ino} with {before} lookups"
             );
             if before <= n {

@@ -12,6 +12,7 @@ mod freeze;
 mod hydrate;
 mod inode;
 mod kind;
+pub mod nodes;
 pub mod stats;
 
 use std::io;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 pub use adapter::{AdapterOptions, FuseAdapter};
 pub use core::{
     Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, InodeInvalidator, Invalidator, IoMode,
-    SetAttr, TimeSpec, XattrReply,
+    SetAttr, Succession, TimeSpec, XattrReply,
 };
 pub use error::{FsError, FsResult};
 pub use freeze::{Freezer, Frozen};
@@ -62,38 +63,56 @@ pub struct MountSettings {
     pub read_only: bool,
 }
 
-/// Asks the kernel to drop every cached name of the mount at once (FUSE_NOTIFY_INC_EPOCH,
-/// Linux 6.16): each cached entry, negative ones too, is looked up again before its next use.
-/// fuser has no call for it, so it is written to a descriptor of the session's `/dev/fuse`.
+/// A descriptor of the session's `/dev/fuse`, for what fuser has no call for: notifications
+/// without arguments, and handing the connection to another process.
 pub struct EpochNotifier(std::os::fd::OwnedFd);
 
 impl EpochNotifier {
-    /// Sends the notification; an error (EINVAL from an older kernel) says it was not taken.
+    /// Asks the kernel to drop every cached name of the mount at once (FUSE_NOTIFY_INC_EPOCH,
+    /// Linux 6.16): each cached entry, negative ones too, is looked up again before its next
+    /// use. An error (EINVAL from an older kernel) says it was not taken.
     pub fn inc_epoch(&self) -> io::Result<()> {
         /// `fuse_notify_code::FUSE_NOTIFY_INC_EPOCH` (protocol 7.44).
         const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+        self.notify(FUSE_NOTIFY_INC_EPOCH)
+    }
+
+    /// Asks the kernel to send again every request an earlier daemon of this connection read
+    /// and never answered (FUSE_NOTIFY_RESEND, Linux 6.9): they go back to the queue, marked
+    /// `FUSE_UNIQUE_RESEND`, and this daemon serves them.
+    pub fn resend(&self) -> io::Result<()> {
+        /// `fuse_notify_code::FUSE_NOTIFY_RESEND` (protocol 7.40).
+        const FUSE_NOTIFY_RESEND: i32 = 7;
+        self.notify(FUSE_NOTIFY_RESEND)
+    }
+
+    fn notify(&self, code: i32) -> io::Result<()> {
         // struct fuse_out_header { u32 len; i32 error (the code); u64 unique (0) }.
         let mut msg = [0u8; 16];
         msg[..4].copy_from_slice(&16u32.to_ne_bytes());
-        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        msg[4..8].copy_from_slice(&code.to_ne_bytes());
         let n = rustix::io::write(&self.0, &msg)?;
         if n != msg.len() {
             return Err(io::Error::other("short write of a notification"));
         }
         Ok(())
     }
+
+    /// Another descriptor of the connection (for the supervisor that keeps it open).
+    pub fn device(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(rustix::io::fcntl_dupfd_cloexec(&self.0, 0)?)
+    }
+
+    pub fn try_clone(&self) -> io::Result<EpochNotifier> {
+        self.device().map(EpochNotifier)
+    }
 }
 
-/// Mounts `core` at `mountpoint` as filesystem type `fuse.owsfs`; the returned session is
-/// mounted and initialised (the kernel's INIT has been answered), so the mount is ready when
-/// this returns. On any failure nothing stays mounted. With it, when the daemon holds
-/// `/dev/fuse` itself (root), a way to drop every cached name ([`EpochNotifier`]).
-pub fn mount(
-    core: Arc<Core>,
-    adapter: AdapterOptions,
-    mountpoint: &Path,
-    settings: &MountSettings,
-) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
+/// fuser's settings of a session: who may use the mount and how many threads serve it. A
+/// connection that must outlive this daemon (`resumable`) is read through one descriptor by
+/// every thread: the kernel ends the requests in flight on a cloned descriptor when it
+/// closes, which the daemon's death would do.
+fn session_config(settings: &MountSettings, resumable: bool) -> fuser::Config {
     let root = rustix::process::geteuid().is_root();
     let mut config = fuser::Config::default();
     // Other users of the machine see the workspace like any local directory; the kernel still
@@ -109,7 +128,42 @@ pub fn mount(
     } else {
         1
     });
-    config.clone_fd = owsfs_sys::mount::FUSE_CLONE_FD;
+    config.clone_fd = owsfs_sys::mount::FUSE_CLONE_FD && !resumable;
+    config
+}
+
+/// Takes over a mounted connection whose daemon died or was replaced: `device` is its
+/// `/dev/fuse` descriptor, kept open meanwhile by the supervisor, and `init_request` the
+/// kernel's INIT of it (`fuser::Session::init_request`). The core answers what the kernel
+/// asks from now on; the requests the earlier daemon left unanswered are asked again once
+/// the returned notifier's `resend` is called.
+pub fn resume(
+    core: Arc<Core>,
+    adapter: AdapterOptions,
+    device: std::os::fd::OwnedFd,
+    init_request: &[u8],
+    settings: &MountSettings,
+) -> io::Result<(fuser::Session<FuseAdapter>, EpochNotifier)> {
+    let config = session_config(settings, true);
+    let notifier = EpochNotifier(rustix::io::fcntl_dupfd_cloexec(&device, 0)?);
+    let adapter = FuseAdapter::new(core, adapter);
+    let session = fuser::Session::resume(adapter, device, config.acl, config, init_request)?;
+    Ok((session, notifier))
+}
+
+/// Mounts `core` at `mountpoint` as filesystem type `fuse.owsfs`; the returned session is
+/// mounted and initialised (the kernel's INIT has been answered), so the mount is ready when
+/// this returns. On any failure nothing stays mounted. With it, when the daemon holds
+/// `/dev/fuse` itself (root), a way to drop every cached name ([`EpochNotifier`]).
+pub fn mount(
+    core: Arc<Core>,
+    adapter: AdapterOptions,
+    mountpoint: &Path,
+    settings: &MountSettings,
+    resumable: bool,
+) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
+    let root = rustix::process::geteuid().is_root();
+    let mut config = session_config(settings, resumable);
     let adapter = FuseAdapter::new(core, adapter);
     if !root {
         // An unprivileged mount goes through the setuid fusermount3 helper.

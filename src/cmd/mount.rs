@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::args::MountOpts;
 use crate::mount::background::{self, DAEMON_CHILD_ENV, Readiness};
+use crate::mount::supervisor;
 
 #[derive(Args, Debug, Clone)]
 pub struct MountArgs {
@@ -27,11 +28,21 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     if !(args.opts.foreground || child) {
         return background::spawn_background(&args.mountpoint, &args.opts, &cache);
     }
-    let ready = Readiness::new(child);
+    let worker = supervisor::Worker::from_env()?;
     background::init_logging(&args.opts.log, args.opts.log_format);
-    crate::mount::serve_args(&args.mountpoint, &args.opts, &cache, &ready).inspect_err(|e| {
-        ready.failed(e);
-    })
+    // A background writer's daemon runs under a supervisor, which keeps its connection.
+    let supervised = !(args.opts.read_only || args.opts.at.is_some());
+    if child && supervised && worker.is_none() {
+        let code = supervisor::supervise(&args.mountpoint)?;
+        std::process::exit(code);
+    }
+    // A worker that takes over a live connection has nobody waiting for its readiness.
+    let ready = Readiness::new(child && worker.as_ref().is_none_or(|w| w.resume.is_none()));
+    crate::mount::serve_args(&args.mountpoint, &args.opts, &cache, &ready, worker).inspect_err(
+        |e| {
+            ready.failed(e);
+        },
+    )
 }
 
 /// `mount -o remount,ro|rw,...`: changes the flags of the owsfs mount at `mountpoint` (the

@@ -283,6 +283,7 @@ fn fork_with_changes(
                 inode_budget: 4096,
                 side_dir: None,
                 adopted: false,
+                succession: None,
             },
             prefetch: PrefetchOptions {
                 workers: 0,

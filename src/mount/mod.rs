@@ -23,6 +23,7 @@ mod mounted;
 pub mod readonly;
 pub mod rollback;
 pub mod server;
+pub mod supervisor;
 pub mod upkeep;
 
 use std::path::Path;
@@ -315,6 +316,7 @@ impl ServiceOptions {
                 inode_budget: background::inode_budget(o.max_inodes),
                 side_dir: None,
                 adopted: false,
+                succession: None,
             },
             prefetch: PrefetchOptions {
                 workers: opts.prefetch,
@@ -698,8 +700,19 @@ pub fn serve(
     o: &MountOptions,
     cache_dir: &Path,
     ready: &Readiness,
+    mut worker: Option<supervisor::Worker>,
 ) -> anyhow::Result<()> {
-    let mountpoint = mountpoint::check_mountable(mountpoint, opts.adopt)?;
+    let resume = worker.as_mut().and_then(|w| w.resume.take());
+    let mountpoint = match &resume {
+        // The mount is there already, served by nobody until this process takes it over.
+        Some(_) => mountpoint::absolute(mountpoint)?,
+        None => mountpoint::check_mountable(mountpoint, opts.adopt)?,
+    };
+    if resume.is_some() {
+        fail::fail_point!("resume-start", |_| Err(anyhow::anyhow!(
+            "fail point resume-start"
+        )));
+    }
     mountpoint::check_dev_fuse()?;
     // The process umask stays as it is: it also applies to the cache, the journal and a
     // file:// store, which must not become writable by everyone. New nodes get exactly the
@@ -746,22 +759,22 @@ pub fn serve(
         note_stop: true,
         mountpoint: Some(&mountpoint),
     })?;
+    let succession = worker.as_ref().map(|w| owsfs_fuse::Succession {
+        node_log: open.cache.root.join("nodes"),
+        incarnation: w.incarnation,
+    });
     let prepared = prepare(open, &ws, &lease, &store_url, ready)?;
-    let (mut services, rest) = Services::start(
-        &store,
-        &ws,
-        Some(&lease),
-        prepared,
-        ServiceOptions::serving(
-            opts,
-            o,
-            SyncOptions {
-                commit_interval: opts.commit_interval,
-                max_lag: opts.max_lag,
-                max_lag_bytes: opts.max_lag_bytes,
-            },
-        ),
-    )?;
+    let mut service_opts = ServiceOptions::serving(
+        opts,
+        o,
+        SyncOptions {
+            commit_interval: opts.commit_interval,
+            max_lag: opts.max_lag,
+            max_lag_bytes: opts.max_lag_bytes,
+        },
+    );
+    service_opts.core.succession = succession;
+    let (mut services, rest) = Services::start(&store, &ws, Some(&lease), prepared, service_opts)?;
     let PreparedRest {
         cache,
         journal,
@@ -771,7 +784,14 @@ pub fn serve(
     let adopted = cache.adopted().map(Path::to_path_buf);
     let node = cache.node_id()?;
     cache_lock.replace(cache);
-    let mut mounted = Mounted::mount(&services.core, &mountpoint, o, &fsname(opts, &cache_root))?;
+    let fsname = fsname(opts, &cache_root);
+    let mut mounted = match resume {
+        Some(r) => Mounted::resume(&services.core, &mountpoint, o, &fsname, r)?,
+        None => Mounted::mount(&services.core, &mountpoint, o, &fsname, worker.is_some())?,
+    };
+    if let Some(w) = &worker {
+        mounted.hand_over(w)?;
+    }
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
 
@@ -812,6 +832,7 @@ pub fn serve(
     );
     announce(&ws, &store_url, &before, adopted.as_deref(), ready);
     ready.ready();
+    mounted.resend();
 
     let served = mounted
         .serve()
@@ -951,6 +972,7 @@ pub fn serve_args(
     opts: &MountOpts,
     cache_dir: &Path,
     ready: &Readiness,
+    worker: Option<supervisor::Worker>,
 ) -> anyhow::Result<()> {
     let o = options::parse(&opts.options)?;
     if opts.read_only || opts.at.is_some() {
@@ -962,7 +984,7 @@ pub fn serve_args(
             .map_err(anyhow::Error::msg)?;
         return readonly::serve(mountpoint, opts, &o, cache_dir, ready, &at);
     }
-    serve(mountpoint, opts, &o, cache_dir, ready)
+    serve(mountpoint, opts, &o, cache_dir, ready, worker)
 }
 
 /// The hydrator, as the sync agent sees it.

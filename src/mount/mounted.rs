@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use owsfs_fuse::{AdapterOptions, Core, MountSettings};
 
-use super::rollback;
+use super::{rollback, supervisor};
 use crate::options::MountOptions;
 
 /// Phase 6: the FUSE session, mounted. Until it has served, dropping it detaches the mount.
@@ -14,15 +14,85 @@ pub struct Mounted {
     session: Option<owsfs_fuse::fuser::Session<owsfs_fuse::FuseAdapter>>,
     mountpoint: PathBuf,
     epoch: Option<owsfs_fuse::EpochNotifier>,
+    /// This daemon took over the connection: the kernel is to send unanswered requests again.
+    resend: bool,
 }
 
 impl Mounted {
+    /// Mounts. `resumable`: a supervisor will keep the connection for the daemon after this
+    /// one ([`Mounted::hand_over`]).
     pub fn mount(
         core: &Arc<Core>,
         mountpoint: &Path,
         o: &MountOptions,
         fsname: &str,
+        resumable: bool,
     ) -> anyhow::Result<Mounted> {
+        let (adapter, settings) = Self::settings(o, fsname);
+        let (session, epoch) =
+            owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings, resumable)
+                .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+        Ok(Mounted {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            epoch,
+            resend: false,
+        })
+    }
+
+    /// Takes over the live connection of the mount at `mountpoint`, whose daemon died or was
+    /// replaced; the requests it left unanswered come again once this one serves.
+    pub fn resume(
+        core: &Arc<Core>,
+        mountpoint: &Path,
+        o: &MountOptions,
+        fsname: &str,
+        r: supervisor::Resume,
+    ) -> anyhow::Result<Mounted> {
+        let (adapter, settings) = Self::settings(o, fsname);
+        let (session, epoch) =
+            owsfs_fuse::resume(Arc::clone(core), adapter, r.device, &r.init, &settings)
+                .with_context(|| {
+                    format!(
+                        "cannot take over the connection of {}",
+                        mountpoint.display()
+                    )
+                })?;
+        Ok(Mounted {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            epoch: Some(epoch),
+            resend: true,
+        })
+    }
+
+    /// Gives the supervisor the connection (a worker that mounted it; a later one's
+    /// supervisor has it already).
+    pub fn hand_over(&self, worker: &supervisor::Worker) -> anyhow::Result<()> {
+        if self.resend {
+            return Ok(());
+        }
+        let session = self.session.as_ref().expect("a mounted session");
+        let (Some(epoch), Some(init)) = (&self.epoch, session.init_request()) else {
+            anyhow::bail!("this mount's connection cannot be handed over (not mounted as root)");
+        };
+        worker.hand_over(&epoch.device()?, init)
+    }
+
+    /// Asks the kernel for the requests an earlier daemon left unanswered (after a takeover).
+    pub fn resend(&self) {
+        if let (true, Some(epoch)) = (self.resend, &self.epoch) {
+            match epoch.resend() {
+                Ok(()) => tracing::info!("asked the kernel to send unanswered requests again"),
+                Err(e) => tracing::warn!(
+                    "the kernel cannot send unanswered requests again ({e}): programs that \
+                     were waiting for the dead daemon wait for good"
+                ),
+            }
+        }
+    }
+
+    fn settings(o: &MountOptions, fsname: &str) -> (AdapterOptions, MountSettings) {
         let adapter = AdapterOptions {
             entry_ttl: o.entry_timeout,
             attr_ttl: o.attr_timeout,
@@ -37,13 +107,7 @@ impl Mounted {
             flags: o.kernel.clone(),
             read_only: o.read_only,
         };
-        let (session, epoch) = owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings)
-            .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
-        Ok(Mounted {
-            session: Some(session),
-            mountpoint: mountpoint.to_path_buf(),
-            epoch,
-        })
+        (adapter, settings)
     }
 
     /// What a live rollback tells the kernel: every cached name goes.
@@ -54,7 +118,7 @@ impl Mounted {
                 .as_ref()
                 .map(|s| s.notifier())
                 .expect("a mounted session"),
-            epoch: self.epoch.take(),
+            epoch: self.epoch.as_ref().and_then(|e| e.try_clone().ok()),
         }
     }
 

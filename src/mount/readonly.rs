@@ -206,6 +206,7 @@ pub fn serve(
         &mountpoint,
         &o,
         &super::fsname(opts, &cache_root),
+        false,
     )?;
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
     let daemon = Arc::new(Daemon::new(

@@ -166,6 +166,44 @@ impl Core {
         (handle, fh)
     }
 
+    /// Makes sure file handle `fh` of inode `ino` is known. One an earlier daemon of the
+    /// connection handed out (it died or was replaced while the file stayed open) is opened
+    /// again, read-write where the backing file allows (the open's flags died with that
+    /// daemon; the kernel checks each request against them itself), served through the
+    /// daemon, and known by the same number from then on.
+    pub fn adopt_handle(&self, ino: FuseIno, fh: u64) -> FsResult<()> {
+        if fh >= self.first_fh || self.handles.contains_key(&fh) {
+            return Ok(());
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind != NodeKind::File {
+            return Err(FsError::errno(
+                libc::EBADF,
+                "file handle of an earlier daemon",
+            ));
+        }
+        let file = match self.reopen(&inode, OFlags::RDWR | OFlags::CLOEXEC) {
+            Ok(f) => f,
+            Err(_) => self.reopen(&inode, OFlags::RDONLY | OFlags::CLOEXEC)?,
+        };
+        let mode = self.reserve_mode(&inode, false, true)?;
+        match self.handles.entry(fh) {
+            dashmap::mapref::entry::Entry::Occupied(_) => self.unreserve_mode(&inode, mode),
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                tracing::debug!(
+                    "file handle {fh:#x} of inode {ino}, of an earlier daemon, opened again"
+                );
+                e.insert(Arc::new(Handle {
+                    ino,
+                    file,
+                    mode: Mutex::new(mode),
+                    era: inode.era,
+                }));
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel refused passthrough for this open: serve it through the daemon instead, if
     /// no other passthrough open of the inode is alive (the kernel would refuse a cached one).
     pub fn demote_passthrough(&self, fh: u64) -> FsResult<IoMode> {
@@ -190,10 +228,13 @@ impl Core {
 
     /// Closes a file handle; returns the mode it had.
     pub fn release(&self, fh: u64) -> FsResult<IoMode> {
-        let (_, handle) = self
-            .handles
-            .remove(&fh)
-            .ok_or_else(|| FsError::errno(libc::EBADF, "release of unknown handle"))?;
+        let Some((_, handle)) = self.handles.remove(&fh) else {
+            if fh < self.first_fh {
+                // Opened by an earlier daemon of the connection, and never used since.
+                return Ok(IoMode::Cached);
+            }
+            return Err(FsError::errno(libc::EBADF, "release of unknown handle"));
+        };
         let mode = handle.mode();
         if let Some(inode) = self.inodes.get(handle.ino) {
             self.unreserve_mode(&inode, mode);

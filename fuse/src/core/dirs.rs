@@ -86,6 +86,32 @@ impl Core {
         Ok(fh)
     }
 
+    /// Makes sure directory handle `fh` of directory `ino` is known: one an earlier daemon of
+    /// the connection handed out is opened again (its listing read anew, so offsets go on
+    /// from the same index: entries added or removed meanwhile may shift them).
+    pub fn adopt_dir(&self, ino: FuseIno, fh: u64) -> FsResult<()> {
+        if fh >= self.first_fh || self.dirs.contains_key(&fh) {
+            return Ok(());
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind != NodeKind::Dir {
+            return Err(FsError::errno(
+                libc::EBADF,
+                "directory handle of an earlier daemon",
+            ));
+        }
+        let entries = self.read_dir_entries(&inode)?;
+        self.dirs.entry(fh).or_insert_with(|| {
+            Arc::new(Mutex::new(DirHandle {
+                ino,
+                era: self.inodes.era(),
+                entries: Arc::new(entries),
+                read_once: true,
+            }))
+        });
+        Ok(())
+    }
+
     fn read_dir_entries(&self, inode: &Inode) -> FsResult<Vec<DirEntry>> {
         // The inode's descriptor is O_PATH, which cannot list: open the directory itself.
         let fd = crate::openat_noatime(

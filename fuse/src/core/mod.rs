@@ -41,6 +41,7 @@ use crate::stats::Stats;
 
 pub use attr::{SetAttr, TimeSpec};
 pub use data::{Handle, IoMode};
+
 pub use dirs::{DirEntries, DirEntry};
 pub use xattr::XattrReply;
 
@@ -63,6 +64,21 @@ pub struct CoreOptions {
     /// The backing root is a directory its user owns (`owsfs mount DIR --adopt`): its inode
     /// flags stay as they are (no `chattr +A`, which would outlive the mount).
     pub adopted: bool,
+    /// The kernel connection outlives this daemon (a supervisor holds it): what a daemon
+    /// that takes it over needs is kept, and an earlier one's is used.
+    pub succession: Option<Succession>,
+}
+
+/// What makes a daemon's death invisible to the kernel's users: the daemon that takes over
+/// the connection opens the inodes and open files the kernel still refers to.
+#[derive(Clone, Debug)]
+pub struct Succession {
+    /// The node log (`crate::nodes`): the backing handle of each inode handed out.
+    pub node_log: PathBuf,
+    /// Which daemon of the connection this is (0 for the one that mounted). File handles
+    /// this daemon hands out carry it in their top 16 bits, so that one an earlier daemon
+    /// handed out is known for what it is and opened again.
+    pub incarnation: u16,
 }
 
 impl Default for CoreOptions {
@@ -74,6 +90,7 @@ impl Default for CoreOptions {
             inode_budget: usize::MAX,
             side_dir: None,
             adopted: false,
+            succession: None,
         }
     }
 }
@@ -123,6 +140,9 @@ pub struct Core {
     handles: DashMap<u64, Arc<Handle>>,
     dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
     next_fh: AtomicU64,
+    /// The first file handle this daemon hands out: a smaller one was an earlier daemon's
+    /// (see [`Succession`]).
+    first_fh: u64,
     journal: Arc<Journal>,
     reopener: owsfs_sys::fs::Reopener,
     passthrough: AtomicBool,
@@ -183,12 +203,21 @@ impl Core {
         let st = rustix::fs::fstat(&root_fd).ctx("stat backing root")?;
         let reopener =
             owsfs_sys::fs::Reopener::new().map_err(|e| FsError::io("open /proc/self/fd", e))?;
+        let inodes = InodeTable::new(root_fd, BackingIno(st.st_ino));
+        let first_fh = match &opts.succession {
+            Some(s) => {
+                inherit_nodes(&inodes, s)?;
+                (u64::from(s.incarnation) << 48) | 1
+            }
+            None => 1,
+        };
         Ok(Core {
             backing_root: backing_root.to_path_buf(),
-            inodes: InodeTable::new(root_fd, BackingIno(st.st_ino)),
+            inodes,
             handles: DashMap::new(),
             dirs: DashMap::new(),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(first_fh),
+            first_fh,
             journal,
             reopener,
             passthrough: AtomicBool::new(opts.passthrough),
@@ -369,10 +398,10 @@ impl Core {
     }
 
     fn inode(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
-        let inode = self
-            .inodes
-            .get(ino)
-            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))?;
+        let inode = match self.inodes.get(ino) {
+            Some(inode) => inode,
+            None => self.revive(ino)?,
+        };
         if !self.inodes.is_current(&inode) {
             return Err(FsError::errno(
                 libc::ESTALE,
@@ -502,6 +531,27 @@ impl Core {
             Place::Unknown
         }
     }
+}
+
+/// Starts the node log of a daemon of a connection: with the inodes the earlier daemons
+/// handed out (read from the log they left) for every one after the first.
+fn inherit_nodes(inodes: &InodeTable, s: &Succession) -> FsResult<()> {
+    let earlier = if s.incarnation == 0 {
+        Default::default()
+    } else {
+        crate::nodes::read(&s.node_log).map_err(|e| FsError::io("read the node log", e))?
+    };
+    let log =
+        crate::nodes::NodeLog::create(&s.node_log, earlier.iter().map(|(ino, h)| (*ino, &h[..])))
+            .map_err(|e| FsError::io("write the node log", e))?;
+    if s.incarnation > 0 {
+        tracing::info!(
+            "taking over the kernel connection: {} inodes of earlier daemons can be opened again",
+            earlier.len()
+        );
+    }
+    inodes.keep_log(log, earlier);
+    Ok(())
 }
 
 /// Where side files go when the caller names no place: beside the backing root, if that is on

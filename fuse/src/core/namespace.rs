@@ -71,7 +71,39 @@ impl Core {
         let handle = self
             .inodes
             .forgotten_handle(ino)
+            .or_else(|| self.inodes.revivable_handle(ino))
             .ok_or_else(|| stale("file handle of an inode the daemon did not hand out"))?;
+        let (fd, st) = self.open_backing_handle(ino, &handle)?;
+        let inode = self
+            .inodes
+            .reference(ino, kind::of_mode(st.st_mode), fd, None);
+        Ok(Entry {
+            attr: self.attr(&st),
+            generation: inode.generation,
+        })
+    }
+
+    /// An inode the kernel refers to that an earlier daemon of the connection handed out (it
+    /// died or was replaced): opened again by the backing handle it left in the node log,
+    /// and back in the table. ESTALE for any other, and for one removed since.
+    pub(super) fn revive(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
+        let handle = self
+            .inodes
+            .revivable_handle(ino)
+            .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))?;
+        let (fd, st) = self.open_backing_handle(ino, &handle)?;
+        tracing::debug!("inode {ino} of an earlier daemon opened again");
+        Ok(self.inodes.revive(ino, kind::of_mode(st.st_mode), fd))
+    }
+
+    /// Opens inode `ino` by its backing handle, within the inode budget; ESTALE for an inode
+    /// removed since, or outside the tree.
+    fn open_backing_handle(
+        &self,
+        ino: FuseIno,
+        handle: &[u8],
+    ) -> FsResult<(std::os::fd::OwnedFd, rustix::fs::Stat)> {
+        let stale = |why: &'static str| FsError::errno(libc::ESTALE, why);
         // open_by_handle_at takes no O_PATH descriptor for the filesystem.
         let root = self.inode(crate::ROOT_INO)?;
         let root = self
@@ -83,7 +115,7 @@ impl Core {
             )
             .ctx("open the backing root")?;
         self.admit_new_inode()?;
-        let fd = match owsfs_local::handle::open(root.as_fd(), &handle, owsfs_sys::fs::O_PATH_RAW) {
+        let fd = match owsfs_local::handle::open(root.as_fd(), handle, owsfs_sys::fs::O_PATH_RAW) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
                 return Err(stale("file handle of a removed inode"));
@@ -102,13 +134,7 @@ impl Core {
         {
             return Err(stale("file handle of a removed inode"));
         }
-        let inode = self
-            .inodes
-            .reference(ino, kind::of_mode(st.st_mode), fd, None);
-        Ok(Entry {
-            attr: self.attr(&st),
-            generation: inode.generation,
-        })
+        Ok((fd, st))
     }
 
     /// ".." of directory `ino` (to reconnect a directory decoded from a file handle).

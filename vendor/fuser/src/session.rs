@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// owsfs: the kernel's INIT request as it was read, kept so that another process can
+    /// resume the session on the same connection ([`Session::resume`]).
+    init_request: Option<Vec<u8>>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            init_request: None,
         };
 
         session.handshake()?;
@@ -214,11 +218,67 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            init_request: None,
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// owsfs: takes over a connection whose INIT an earlier process answered (it died, or
+    /// was replaced, while something kept the `/dev/fuse` descriptor open). `init_request`
+    /// is that INIT request as [`Session::init_request`] returned it: the filesystem's `init`
+    /// is called with it again, so it settles what it settled then, and nothing is sent to
+    /// the kernel, which is past its handshake.
+    pub fn resume(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+        init_request: &[u8],
+    ) -> io::Result<Self> {
+        let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
+        let mut session = Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch,
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+            init_request: None,
+        };
+        // The request is parsed in place, so it needs fuse_in_header's alignment.
+        let mut aligned = vec![0u64; init_request.len().div_ceil(8)];
+        let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(aligned.as_mut_slice());
+        bytes[..init_request.len()].copy_from_slice(init_request);
+        let request = ll::AnyRequest::try_from(&bytes[..init_request.len()])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let Ok(ll::Operation::Init(init)) = request.operation() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the saved request is not an INIT",
+            ));
+        };
+        let v = init.version();
+        let mut kernel = KernelConfig::new(init.capabilities(), init.max_readahead(), v);
+        let Some(filesystem) = &mut session.filesystem.fs else {
+            return Err(io::Error::other("Bug: no filesystem"));
+        };
+        filesystem.init(Request::ref_cast(request.header()), &mut kernel)?;
+        session.proto_version = Some(v);
+        session.init_request = Some(init_request.to_vec());
+        Ok(session)
+    }
+
+    /// owsfs: the kernel's INIT request of this connection, for [`Session::resume`].
+    pub fn init_request(&self) -> Option<&[u8]> {
+        self.init_request.as_deref()
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -252,6 +312,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            init_request: _,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -431,6 +492,7 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+            self.init_request = Some(buf[..size].to_vec());
 
             // Log capability status for debugging
             for bit in 0..64 {
