@@ -14,6 +14,7 @@ mod log;
 mod manual;
 pub mod mount;
 mod recover;
+mod restart;
 mod restore;
 mod retention;
 mod rollback;
@@ -69,6 +70,9 @@ enum Command {
     Journal(journal::JournalArgs),
     /// Cut a generation now and wait until it is durable in the store; prints its number.
     Sync(sync::SyncArgs),
+    /// Replace the daemon of a mount with a new one (the binary now at its path) without
+    /// unmounting: programs using it wait meanwhile (an upgrade in place).
+    Restart(restart::RestartArgs),
     /// List the generations of a workspace in a store.
     Log(log::LogArgs),
     /// Restore a generation of a workspace into a new directory (no mount; every object is
@@ -337,6 +341,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Status(a) => status::run(&a),
         Command::Journal(a) => journal::run(&a),
         Command::Sync(a) => sync::run(&a),
+        Command::Restart(a) => restart::run(&a),
         Command::Log(a) => log::run(&a),
         Command::Restore(a) => restore::run(&a),
         Command::Handoff(a) => handoff::run(&a),

@@ -220,3 +220,14 @@ pub fn unmount_within(
     let u: Unmounted = call(mountpoint, &Request::Unmount { lazy }, timeout)?;
     Ok(u.detached)
 }
+
+/// Asks the daemon to hand the connection to a new one; returns the pid of the one that
+/// answered, which exits next.
+pub fn restart(mountpoint: &Path) -> Result<u32, ClientError> {
+    let r: super::Restarting = call(
+        mountpoint,
+        &Request::Restart {},
+        Some(Duration::from_secs(60)),
+    )?;
+    Ok(r.restarting)
+}

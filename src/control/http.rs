@@ -117,8 +117,8 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, R
                 }
             }
         }
-        ("POST", "sync" | "snapshot" | "rollback" | "unmount") => {}
-        (_, "status" | "sync" | "snapshot" | "rollback" | "unmount") => {
+        ("POST", "sync" | "snapshot" | "rollback" | "unmount" | "restart") => {}
+        (_, "status" | "sync" | "snapshot" | "rollback" | "unmount" | "restart") => {
             return Err(Refusal {
                 status: "405 Method Not Allowed",
                 message: format!("{method} /{cmd}: use GET /status, or POST for the others"),
@@ -129,7 +129,7 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, R
                 status: "404 Not Found",
                 message: format!(
                     "no such resource: {path} (known: /status, /sync, /snapshot, /rollback, \
-                     /unmount)"
+                     /unmount, /restart)"
                 ),
             });
         }
@@ -139,6 +139,7 @@ pub fn read_request(first: &str, reader: &mut impl BufRead) -> Result<Request, R
         "sync" => &["timeout_secs"],
         "snapshot" => &["name", "timeout_secs"],
         "rollback" => &["to", "keep_snapshots", "timeout_secs"],
+        "restart" => &[],
         _ => &["lazy"],
     };
     if let Some(k) = fields.keys().find(|k| !known.contains(&k.as_str())) {

@@ -51,6 +51,9 @@ pub enum Request {
         #[serde(default)]
         lazy: bool,
     },
+    /// Replace the serving daemon with a new one (the binary now at its path) on the same
+    /// connection, without unmounting: requests wait meanwhile. Only under a supervisor.
+    Restart {},
 }
 
 fn default_sync_timeout() -> f64 {
@@ -78,6 +81,7 @@ pub enum Answer {
     /// Before `Unmounted`, whose fields all have defaults.
     Snapshotted(Box<Snapshotted>),
     RolledBack(RolledBack),
+    Restarting(Restarting),
     Unmounted(Unmounted),
 }
 
@@ -208,6 +212,24 @@ pub struct Unmounted {
     pub detached: bool,
 }
 
+/// The answer to a restart: the daemon that answers (pid `restarting`) exits next, and its
+/// supervisor starts the next one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Restarting {
+    pub ok: True,
+    pub restarting: u32,
+}
+
+/// The supervisor of a mount (`src/mount/supervisor.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Supervision {
+    /// The supervisor's pid: it holds the kernel connection.
+    pub pid: u32,
+    /// Which daemon of the connection answers (0 for the one that mounted): each death or
+    /// restart counts one.
+    pub daemon: u16,
+}
+
 /// The version of the status document (docs/status.md): raised when a field is removed or
 /// changes meaning; new fields do not raise it.
 pub const STATUS_SCHEMA: u32 = 1;
@@ -223,6 +245,9 @@ pub struct Status {
     pub cache: PathBuf,
     pub backing: PathBuf,
     pub pid: u32,
+    /// The supervisor, for a mount that has one (a background writer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<Supervision>,
     pub uptime_secs: f64,
     pub passthrough: bool,
     pub inodes: usize,

@@ -167,6 +167,7 @@ impl Daemon {
                 .cloned()
                 .unwrap_or_else(|| core.backing_root().to_path_buf()),
             pid: std::process::id(),
+            supervisor: super::supervisor::supervision(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             passthrough: core.passthrough_enabled(),
             inodes: core.inode_count(),
@@ -190,6 +191,43 @@ impl Daemon {
             },
             dirty: dirty.then(|| serde_json::to_value(journal.dirty()).unwrap_or_default()),
         }
+    }
+
+    /// Whether `owsfs restart` can replace this daemon: only a supervisor keeps the
+    /// connection while no daemon serves it.
+    pub fn may_restart(&self) -> Result<(), ControlError> {
+        if super::supervisor::supervision().is_none() {
+            return Err(ControlError::Other(
+                "this mount has no supervisor to keep its connection (a --foreground or \
+                 read-only mount): unmount and mount it again instead"
+                    .into(),
+            ));
+        }
+        if self.sync.status().writes_stopped.is_some() {
+            return Err(ControlError::Other(
+                "writes are stopped on this mount (see owsfs status): unmount it, and \
+                 `owsfs recover` the cache if the status says so"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The end of this daemon for `owsfs restart`: requests are held back (those in flight
+    /// are answered first, for at most 10 s), no mutation or cut is half done, and the
+    /// process exits at once with [`super::supervisor::RESTART_EXIT`]. What it leaves is
+    /// what a crash would leave, less the half-done work: the next daemon replays the
+    /// journal, and the kernel sends it the requests held back here.
+    pub fn exit_for_restart(&self) -> ! {
+        tracing::info!("restarting: holding requests back, then handing the connection on");
+        let _requests = self.core.hold_requests_for(Duration::from_secs(10));
+        let _mutations = self.core.barrier_for(Duration::from_secs(10));
+        if let Err(e) = self.hyd.save() {
+            tracing::warn!("hydration state not saved before the restart: {e:#}");
+        }
+        tracing::info!("exiting for the next daemon");
+        // SAFETY: _exit ends the process at once: nothing is dropped, so the mount stays.
+        unsafe { libc::_exit(super::supervisor::RESTART_EXIT) }
     }
 
     /// `owsfs sync`: the newest generation once everything written before the call is

@@ -130,11 +130,16 @@ fn handle(daemon: &Arc<Daemon>, conn: UnixStream) -> anyhow::Result<()> {
     // An unmount registers before it starts, so the process cannot exit before the answer
     // is written.
     let _waiter = matches!(request, Ok(Request::Unmount { .. })).then(|| daemon.waiter());
+    let restart = matches!(request, Ok(Request::Restart {}));
     let reply = answer(daemon, request);
     if http {
         crate::control::http::write_response(&mut conn, &reply, refused)?;
     } else {
         writeln!(conn, "{}", serde_json::to_string(&reply)?)?;
+    }
+    if restart && matches!(reply, Response::Ok(_)) {
+        drop(conn);
+        daemon.exit_for_restart();
     }
     Ok(())
 }
@@ -182,6 +187,13 @@ fn answer(daemon: &Arc<Daemon>, request: Result<Request, String>) -> Response {
                 Err(e) => Response::err(e),
             }
         }
+        Ok(Request::Restart {}) => match daemon.may_restart() {
+            Err(e) => Response::err(e),
+            Ok(()) => Response::ok(Answer::Restarting(crate::control::Restarting {
+                ok: crate::control::True,
+                restarting: std::process::id(),
+            })),
+        },
         Ok(Request::Unmount { lazy }) => match daemon.unmount_and_wait(lazy) {
             Err(e) => Response::err(e),
             Ok(detached) => Response::ok(Answer::Unmounted(Unmounted {

@@ -52,6 +52,18 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// stands for the death of the node (`failpoints`).
 pub static SUPERVISOR_PID: AtomicI32 = AtomicI32::new(0);
 
+/// Which daemon of the connection this worker is (set with [`SUPERVISOR_PID`]).
+static INCARNATION: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// The supervisor of this process, for the status; None when there is none.
+pub fn supervision() -> Option<crate::control::Supervision> {
+    let pid = SUPERVISOR_PID.load(Ordering::Relaxed);
+    (pid > 0).then(|| crate::control::Supervision {
+        pid: pid as u32,
+        daemon: INCARNATION.load(Ordering::Relaxed),
+    })
+}
+
 /// What a worker got from its supervisor.
 pub struct Worker {
     /// 0 for the worker that mounts; each later one counts one more.
@@ -112,6 +124,7 @@ impl Worker {
         };
         let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
         SUPERVISOR_PID.store(parent, Ordering::Relaxed);
+        INCARNATION.store(incarnation, Ordering::Relaxed);
         Ok(Some(Worker {
             incarnation,
             channel,

@@ -274,6 +274,20 @@ impl Core {
         self.gate.write()
     }
 
+    /// [`Core::hold_requests`], waiting at most `timeout` for the requests in flight (None:
+    /// some still are).
+    pub fn hold_requests_for(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Option<RwLockWriteGuard<'_, ()>> {
+        self.gate.try_write_for(timeout)
+    }
+
+    /// [`Core::barrier`], waiting at most `timeout` (None: a mutation or a cut goes on).
+    pub fn barrier_for(&self, timeout: std::time::Duration) -> Option<RwLockWriteGuard<'_, ()>> {
+        self.barrier.try_write_for(timeout)
+    }
+
     /// The tree below the root was replaced (a live rollback, under
     /// [`Core::hold_requests`]): every inode, handle and open directory from before is stale
     /// from now on (ESTALE), the root aside. Returns the names in the root the kernel may
