@@ -830,8 +830,7 @@ fn fstab_line_and_mount_helper_with_a_store_url() {
     let out = owsfs(&["status", &mps, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid = v["pid"].as_i64().unwrap() as i32;
-    // SAFETY: kill(2) of the daemon this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    kill_9_node(pid);
     assert!(wait_for(Duration::from_secs(10), || {
         // SAFETY: signal 0 only checks that the process exists.
         let alive = unsafe { libc::kill(pid, 0) } == 0;

@@ -112,8 +112,7 @@ fn kill_9_mid_workload(opts: &[&str]) {
         ws.log_tail()
     );
     let pid = ws.daemon_pid();
-    // SAFETY: kill(2) on the daemon's pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    kill_9_node(pid);
     let status = child.wait().unwrap();
     assert!(status.success(), "workload exits on the dead mount");
 
@@ -269,8 +268,7 @@ fn kill_9_during_a_cuts_syncfs_lets_the_daemon_die() {
     std::fs::write(ws.path("a"), b"changed, so a cut runs").unwrap();
     // The cut's syncfs is now waiting on the held opendir.
     std::thread::sleep(Duration::from_millis(800));
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    kill_9_node(pid);
     let whole = wait_for(Duration::from_secs(15), || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });

@@ -978,8 +978,7 @@ fn wait_for_release_or_lapse_and_steal_refused_while_renewed() {
         let un = owsfs(&["unmount", &a.mp.to_string_lossy()]);
         if is_mounted(&a.mp) {
             // Let A's lease lapse so the waiting mount ends.
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-            unsafe { libc::kill(a_pid, libc::SIGKILL) };
+            kill_9_node(a_pid);
         }
         (early, wrote, un, waiter.join().expect("the waiting mount"))
     });

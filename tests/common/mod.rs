@@ -278,12 +278,11 @@ impl Workspace {
         self.owsfs(&args)
     }
 
-    /// `kill -9` of the daemon, then the dead mount is removed (`owsfs unmount`).
+    /// `kill -9` of the daemon and its supervisor (the node's death), then the dead mount is
+    /// removed (`owsfs unmount`).
     pub fn kill_daemon(&self) {
         let pid = self.daemon_pid();
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill -9 {pid}");
+        kill_9_node(pid);
         let gone = wait_for(Duration::from_secs(30), || {
             owsfs_sys::process::has_exited(pid as u32)
         });
@@ -377,6 +376,22 @@ impl Drop for MountGuard {
 }
 
 /// Waits until `f` is true or the timeout passes.
+/// `kill -9` of daemon `pid` and of its supervisor, if it has one (the process that started
+/// it with the same command line): the node's death, which leaves a dead mount (ENOTCONN).
+/// The daemon's death alone is a pause (`tests/supervisor.rs`). Returns the supervisor's pid.
+pub fn kill_9_node(pid: i32) -> Option<u32> {
+    let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
+    let supervisor = owsfs_sys::process::parent_of(pid as u32)
+        .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32));
+    if let Some(p) = supervisor {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        assert_eq!(unsafe { libc::kill(p as i32, libc::SIGKILL) }, 0, "kill -9 {p}");
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
+    supervisor
+}
+
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {

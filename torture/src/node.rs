@@ -219,6 +219,18 @@ impl Mount {
     /// it gets ENOTCONN for every call, where after the dead mount is detached its paths would
     /// lead into the plain directory underneath (and its writes land there).
     pub fn kill9_keep_mount(&self, pid: i32) -> Result<()> {
+        // The node dies: the daemon's supervisor first (the process that started it with the
+        // same command line), which would otherwise start another daemon on the connection.
+        let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
+        if let Some(sup) = owsfs_sys::process::parent_of(pid as u32)
+            .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32))
+        {
+            rustix::process::kill_process(
+                rustix::process::Pid::from_raw(sup as i32).context("pid")?,
+                rustix::process::Signal::KILL,
+            )
+            .with_context(|| format!("kill -9 of the supervisor {sup}"))?;
+        }
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(pid).context("pid")?,
             rustix::process::Signal::KILL,

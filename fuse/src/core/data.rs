@@ -136,12 +136,16 @@ impl Core {
         }
     }
 
+    /// Counts an open of `inode` gone. Saturating: an inode opened again for a daemon that
+    /// took over the connection may have left the table and come back (a FORGET of more
+    /// than it counted) while a file the dead daemon opened stayed open, so its counts start
+    /// without that open.
     fn unreserve_mode(&self, inode: &Inode, mode: IoMode) {
         let mut open = inode.open.lock();
         match mode {
-            IoMode::Cached => open.cached -= 1,
+            IoMode::Cached => open.cached = open.cached.saturating_sub(1),
             IoMode::Passthrough => {
-                open.passthrough -= 1;
+                open.passthrough = open.passthrough.saturating_sub(1);
                 if open.passthrough == 0 {
                     inode.passthrough_gone.notify_all();
                 }

@@ -205,3 +205,78 @@ fn a_replaced_tree_makes_everything_from_before_stale() {
     f.core.forget(dir, 1);
     assert_eq!(f.core.inode_count(), 2);
 }
+
+/// A core of the same connection after the daemon before it died: the inodes, open files and
+/// open directories the kernel still refers to are served, by the numbers the dead core handed
+/// out; other numbers stay unknown.
+#[test]
+fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    let core = |incarnation: u16| {
+        let (journal, _) = Journal::open(
+            &dir.path().join("journal"),
+            &backing,
+            JournalOptions::default(),
+        )
+        .unwrap();
+        Core::new(
+            &backing,
+            Arc::new(journal),
+            CoreOptions {
+                succession: Some(super::Succession {
+                    node_log: dir.path().join("nodes"),
+                    incarnation,
+                }),
+                ..CoreOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let first = core(0);
+    let d = first.mkdir(ROOT_INO, name("d"), 0o755, ROOT).unwrap().ino();
+    std::fs::write(backing.join("d/f"), b"hello").unwrap();
+    let f = first.lookup(d, name("f")).unwrap();
+    let (_, fh) = first.open(f.ino(), libc::O_RDWR, false).unwrap();
+    let dh = first.opendir(d).unwrap();
+    assert_eq!(first.readdir(dh, 0).unwrap().len(), 3);
+    std::fs::write(backing.join("gone"), b"").unwrap();
+    let gone = first.lookup(ROOT_INO, name("gone")).unwrap().ino();
+    drop(first); // its descriptors close, as at its death
+    std::fs::remove_file(backing.join("gone")).unwrap();
+
+    let second = core(1);
+    assert_eq!(second.getattr(f.ino()).unwrap().size, 5);
+    // The open file, read and written through the handle the dead core handed out.
+    second.adopt_handle(f.ino(), fh).unwrap();
+    assert_eq!(second.read(fh, 0, 10).unwrap(), b"hello");
+    second.write(fh, 5, b" world", false).unwrap();
+    assert_eq!(std::fs::read(backing.join("d/f")).unwrap(), b"hello world");
+    // The open directory goes on from where its listing was.
+    second.adopt_dir(d, dh).unwrap();
+    assert_eq!(second.readdir(dh, 1).unwrap().len(), 2);
+    // The kernel forgets more than this core counted: fine.
+    second.forget(f.ino(), 7);
+    assert_eq!(second.getattr(f.ino()).unwrap().size, 11, "opened again");
+    // A removed inode is stale; a number nobody handed out is unknown; a handle of this core
+    // that it does not know is refused, one of the dead core that was never used is released.
+    assert_eq!(second.getattr(gone).unwrap_err().to_errno(), libc::ESTALE);
+    assert_eq!(
+        second.getattr(crate::FuseIno(999_999)).unwrap_err().to_errno(),
+        libc::ESTALE
+    );
+    let (_, new_fh) = second.open(f.ino(), libc::O_RDONLY, false).unwrap();
+    assert!(new_fh > fh, "this core's handles are numbered above the dead one's");
+    assert_eq!(second.release(new_fh + 1).unwrap_err().to_errno(), libc::EBADF);
+    second.release(fh).unwrap();
+    second.release(fh + 100).unwrap();
+    second.release(new_fh).unwrap();
+    second.releasedir(dh);
+
+    // A third core knows what both handed out.
+    drop(second);
+    let third = core(2);
+    assert_eq!(third.getattr(d).unwrap().kind, fuser::FileType::Directory);
+    assert_eq!(third.getattr(f.ino()).unwrap().size, 11);
+}
