@@ -341,10 +341,13 @@ fn relay_readiness(out: std::process::ChildStdout) -> bool {
     let mut stdout = std::io::stdout();
     for line in BufReader::new(out).lines() {
         let Ok(line) = line else { break };
+        if line == "READY" {
+            // Before the line: `owsfs mount` exits as soon as it reads it.
+            owsfs_sys::process::die_with_parent(None);
+        }
         let _ = writeln!(stdout, "{line}");
         let _ = stdout.flush();
         if line == "READY" {
-            owsfs_sys::process::die_with_parent(None);
             let _ = rustix::stdio::dup2_stdout(std::io::stderr().as_fd());
             return true;
         }

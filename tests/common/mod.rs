@@ -341,8 +341,9 @@ impl Workspace {
         let out = owsfs(&args);
         assert!(
             out.status.success(),
-            "owsfs status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "owsfs status failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
         );
         serde_json::from_slice(&out.stdout).expect("status json")
     }
@@ -385,10 +386,18 @@ pub fn kill_9_node(pid: i32) -> Option<u32> {
         .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32));
     if let Some(p) = supervisor {
         // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        assert_eq!(unsafe { libc::kill(p as i32, libc::SIGKILL) }, 0, "kill -9 {p}");
+        assert_eq!(
+            unsafe { libc::kill(p as i32, libc::SIGKILL) },
+            0,
+            "kill -9 {p}"
+        );
     }
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
     supervisor
 }
 

@@ -263,12 +263,21 @@ fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
     // that it does not know is refused, one of the dead core that was never used is released.
     assert_eq!(second.getattr(gone).unwrap_err().to_errno(), libc::ESTALE);
     assert_eq!(
-        second.getattr(crate::FuseIno(999_999)).unwrap_err().to_errno(),
+        second
+            .getattr(crate::FuseIno(999_999))
+            .unwrap_err()
+            .to_errno(),
         libc::ESTALE
     );
     let (_, new_fh) = second.open(f.ino(), libc::O_RDONLY, false).unwrap();
-    assert!(new_fh > fh, "this core's handles are numbered above the dead one's");
-    assert_eq!(second.release(new_fh + 1).unwrap_err().to_errno(), libc::EBADF);
+    assert!(
+        new_fh > fh,
+        "this core's handles are numbered above the dead one's"
+    );
+    assert_eq!(
+        second.release(new_fh + 1).unwrap_err().to_errno(),
+        libc::EBADF
+    );
     second.release(fh).unwrap();
     second.release(fh + 100).unwrap();
     second.release(new_fh).unwrap();

@@ -1,0 +1,335 @@
+//! The supervisor keeps a mount's connection when its daemon dies: `kill -9` of the daemon (not
+//! of the supervisor) in the middle of workloads is a pause for them, not an error, and what
+//! they leave is byte for byte what they leave on a native directory. `owsfs restart` takes the
+//! same path on purpose; a daemon that keeps dying ends in a clean unmount.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// SQLite in autocommit with `synchronous=FULL`: argv[1] the database, argv[2] the journal
+/// mode, argv[3] the rows. Every row is its own transaction.
+const SQLITE: &str = r#"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=" + sys.argv[2])
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
+for i in range(int(sys.argv[3])):
+    db.execute("INSERT INTO t VALUES(?, ?)", (i, "row %d " % i * 8))
+    if i % 50 == 49:
+        db.execute("UPDATE t SET v = v || '!' WHERE k % 7 = 0")
+db.close()
+"#;
+
+/// The rows of a database as SQL text (`iterdump`), which is what must match.
+const DUMP: &str = r#"
+import sqlite3, sys
+db = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro", uri=True)
+print("\n".join(db.iterdump()))
+"#;
+
+/// The inputs of the workloads, made once per test outside any mount.
+struct Inputs {
+    dir: tempfile::TempDir,
+    blob: PathBuf,
+    tarball: PathBuf,
+}
+
+impl Inputs {
+    fn new() -> Inputs {
+        let dir = tempfile::Builder::new()
+            .prefix("owsfs-inputs-")
+            .tempdir()
+            .unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, noise(24 << 20, 17)).unwrap();
+        let src = dir.path().join("src");
+        for d in 0..30 {
+            let sub = src.join(format!("d{d}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            for f in 0..40 {
+                let len = (d * 977 + f * 131) % 9000;
+                std::fs::write(
+                    sub.join(format!("f{f}.txt")),
+                    noise(len, (d * 100 + f) as u64),
+                )
+                .unwrap();
+            }
+        }
+        std::os::unix::fs::symlink("d0/f0.txt", src.join("link")).unwrap();
+        let tarball = dir.path().join("src.tar");
+        run_ok(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(&src)
+                .arg("."),
+        );
+        Inputs { dir, blob, tarball }
+    }
+
+    /// Starts the four workloads in `root`: dd, tar, SQLite in WAL and in DELETE mode.
+    fn start(&self, root: &Path) -> Vec<(&'static str, Child)> {
+        std::fs::create_dir_all(root.join("tree")).unwrap();
+        let spawn = |name: &'static str, cmd: &mut Command| {
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {name}: {e}"));
+            (name, child)
+        };
+        vec![
+            spawn(
+                "dd",
+                Command::new("dd")
+                    .arg(format!("if={}", self.blob.display()))
+                    .arg(format!("of={}", root.join("blob").display()))
+                    .args(["bs=4k", "oflag=dsync", "conv=fsync"]),
+            ),
+            spawn(
+                "tar",
+                Command::new("tar")
+                    .arg("-xf")
+                    .arg(&self.tarball)
+                    .arg("-C")
+                    .arg(root.join("tree")),
+            ),
+            spawn(
+                "sqlite wal",
+                Command::new("python3")
+                    .args(["-c", SQLITE])
+                    .arg(root.join("wal.db"))
+                    .args(["wal", "1500"]),
+            ),
+            spawn(
+                "sqlite delete",
+                Command::new("python3")
+                    .args(["-c", SQLITE])
+                    .arg(root.join("delete.db"))
+                    .args(["delete", "1000"]),
+            ),
+        ]
+    }
+
+    /// What the workloads leave on a native directory.
+    fn native(&self) -> Outcome {
+        let root = self.dir.path().join("native");
+        std::fs::create_dir(&root).unwrap();
+        for (name, child) in self.start(&root) {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "native {name} failed: {out:?}");
+        }
+        Outcome::of(&root)
+    }
+}
+
+/// What the workloads left: the files dd and tar wrote, the databases' rows.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    blob: Vec<u8>,
+    tree: Snapshot,
+    wal: String,
+    delete: String,
+}
+
+impl Outcome {
+    fn of(root: &Path) -> Outcome {
+        let dump = |db: &str| {
+            let out = run_ok(
+                Command::new("python3")
+                    .args(["-c", DUMP])
+                    .arg(root.join(db)),
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        Outcome {
+            blob: std::fs::read(root.join("blob")).unwrap(),
+            tree: tree(&root.join("tree")),
+            wal: dump("wal.db"),
+            delete: dump("delete.db"),
+        }
+    }
+
+    fn assert_same(&self, native: &Outcome) {
+        assert!(self.blob == native.blob, "dd's file differs from native");
+        assert_same_tree(&self.tree, &native.tree, "tar");
+        assert_eq!(self.wal, native.wal, "the WAL database differs from native");
+        assert_eq!(
+            self.delete, native.delete,
+            "the DELETE-mode database differs from native"
+        );
+    }
+}
+
+/// Waits for every workload; each must succeed.
+fn finish(workloads: Vec<(&'static str, Child)>, ws: &Workspace) {
+    for (name, child) in workloads {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            ws.log_tail()
+        );
+    }
+}
+
+/// The pid of the daemon serving `ws` other than `old`, once one answers.
+fn next_daemon(ws: &Workspace, old: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ws.owsfs(&["status", "--json", &ws.mp.to_string_lossy()]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let pid = v["pid"].as_i64().unwrap() as i32;
+            if pid != old {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daemon took over from {old}{}",
+            ws.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn finished_already(workloads: &mut [(&'static str, Child)]) -> Vec<&'static str> {
+    workloads
+        .iter_mut()
+        .filter_map(|(n, c)| c.try_wait().unwrap().map(|_| n))
+        .map(|n| *n)
+        .collect()
+}
+
+/// Runs the workloads on a mount with `opts`, replacing its daemon three times meanwhile by
+/// `replace`; they must finish and leave what they leave natively.
+fn replaced_mid_workload(opts: &[&str], replace: impl Fn(&Workspace, i32)) {
+    if skip_fuse() {
+        return;
+    }
+    let inputs = Inputs::new();
+    let native = inputs.native();
+    let ws = Workspace::with_options(opts);
+    let mut workloads = inputs.start(&ws.mp);
+    let mut pid = ws.daemon_pid();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(if round == 0 { 150 } else { 400 }));
+        if round == 0 {
+            let done = finished_already(&mut workloads);
+            assert!(
+                done.is_empty(),
+                "{done:?} finished before the first replacement: the test proves nothing"
+            );
+        }
+        replace(&ws, pid);
+        pid = next_daemon(&ws, pid);
+    }
+    finish(workloads, &ws);
+    let v = ws.status_json(false);
+    assert_eq!(
+        v["supervisor"]["daemon"], 3,
+        "three daemons after the first: {v}"
+    );
+    assert_eq!(v["ops"]["errors"], 0, "no request failed: {v}");
+    Outcome::of(&ws.mp).assert_same(&native);
+    // And what the last daemon commits is what a new node sees.
+    ws.sync();
+    ws.unmount();
+    let restored = ws.dir.path().join("restored");
+    let out = ws.restore(None, &restored);
+    assert!(out.status.success(), "{out:?}");
+    Outcome::of(&restored).assert_same(&native);
+}
+
+fn kill_9(_: &Workspace, pid: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+}
+
+#[test]
+fn kill_9_of_the_daemon_mid_workload_is_a_pause() {
+    replaced_mid_workload(&[], kill_9);
+}
+
+/// With the kernel's writeback cache, pages the kernel accepted and the dead daemon never saw
+/// are written to the next one.
+#[test]
+fn kill_9_of_the_daemon_mid_workload_with_writeback_cache_is_a_pause() {
+    replaced_mid_workload(&["writeback_cache"], kill_9);
+}
+
+#[test]
+fn restart_mid_workload_is_a_pause() {
+    replaced_mid_workload(&[], |ws, _| {
+        let out = ws.owsfs(&["restart", &ws.mp.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "owsfs restart: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            ws.log_tail()
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("restarted the daemon"),
+            "{out:?}"
+        );
+    });
+}
+
+/// A daemon that dies at every start ends, after five deaths within a minute, in a detached
+/// mount and a clear message: a program waiting on the mount gets an error, not a hang.
+#[test]
+fn a_crash_loop_ends_in_a_clean_unmount() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.env
+        .push(("FAILPOINTS".into(), "resume-start=return".into()));
+    ws.mount();
+    std::fs::write(ws.path("a"), b"kept").unwrap();
+    let pid = ws.daemon_pid();
+    let supervisor = ws.status_json(false)["supervisor"]["pid"].as_i64().unwrap() as i32;
+    kill_9(&ws, pid);
+    // A program that asks the mount meanwhile waits, then gets an error.
+    let waiting = Command::new("cat")
+        .arg(ws.path("b"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || !is_mounted(&ws.mp)),
+        "still mounted{}",
+        ws.log_tail()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            owsfs_sys::process::has_exited(supervisor as u32)
+        }),
+        "the supervisor is still there"
+    );
+    let out = waiting.wait_with_output().unwrap();
+    assert!(!out.status.success(), "cat of a missing file succeeded");
+    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap();
+    assert!(
+        log.contains("died 5 times within 60s") && log.contains("giving up"),
+        "{}",
+        ws.log_tail()
+    );
+    assert_eq!(log.matches("fail point resume-start").count(), 4, "{log}");
+    // The cache keeps everything: a plain mount goes on from it.
+    wait_cache_unlocked(&ws.cache);
+    ws.env.clear();
+    ws.mount();
+    assert_eq!(std::fs::read(ws.path("a")).unwrap(), b"kept");
+    ws.unmount();
+}
