@@ -135,7 +135,7 @@ impl NodeLog {
 
     /// Writes the file again with `nodes` only. `nodes` is called with the log locked, so
     /// that an inode appended meanwhile is in it or appended to the new file.
-    pub fn rewrite<'a, I>(&self, nodes: impl FnOnce() -> I)
+    pub fn rewrite<I>(&self, nodes: impl FnOnce() -> I)
     where
         I: IntoIterator<Item = (FuseIno, Box<[u8]>)>,
     {

@@ -384,20 +384,15 @@ pub fn kill_9_node(pid: i32) -> Option<u32> {
     let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
     let supervisor = owsfs_sys::process::parent_of(pid as u32)
         .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32));
-    if let Some(p) = supervisor {
+    let kill = |p: i32| {
         // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        assert_eq!(
-            unsafe { libc::kill(p as i32, libc::SIGKILL) },
-            0,
-            "kill -9 {p}"
-        );
+        let rc = unsafe { libc::kill(p, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill -9 {p}");
+    };
+    if let Some(p) = supervisor {
+        kill(p as i32);
     }
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
+    kill(pid);
     supervisor
 }
 
