@@ -15,6 +15,12 @@ pub struct MountOptions {
     pub negative_timeout: Duration,
     pub max_write: u32,
     pub writeback_cache: bool,
+    /// `durability=strict`: every fsync and fdatasync answers once the store holds what was
+    /// written before it (concurrent ones share one commit).
+    pub strict: bool,
+    /// How long a strict fsync (or `OWSFS_IOC_SYNC`) waits for the store before it fails with
+    /// EIO (`strict_timeout=S`).
+    pub strict_timeout: Duration,
     /// POSIX ACLs, enforced by the kernel (`acl`, the default; `noacl`).
     pub posix_acl: bool,
     /// At most this many inodes cached by the kernel (each holds a descriptor in the daemon);
@@ -39,6 +45,8 @@ impl Default for MountOptions {
             negative_timeout: adapter.negative_ttl,
             max_write: adapter.max_write,
             writeback_cache: adapter.writeback_cache,
+            strict: false,
+            strict_timeout: Duration::from_secs(60),
             posix_acl: adapter.posix_acl,
             max_inodes: None,
             kernel: Vec::new(),
@@ -87,7 +95,18 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
                 o.passthrough = true
             }
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
-            ("writeback_cache", None) => o.writeback_cache = true,
+            ("writeback_cache", None | Some("on" | "1" | "true")) => o.writeback_cache = true,
+            ("writeback_cache", Some("off" | "0" | "false")) | ("nowriteback_cache", None) => {
+                o.writeback_cache = false
+            }
+            ("durability", Some("strict")) => o.strict = true,
+            ("durability", Some("default")) => o.strict = false,
+            ("durability", Some(v)) => {
+                bail!(
+                    "-o durability={v}: expected `strict` (fsync waits for the store) or `default`"
+                )
+            }
+            ("strict_timeout", Some(v)) => o.strict_timeout = seconds(key, v)?,
             ("acl", None) => o.posix_acl = true,
             ("noacl", None) => o.posix_acl = false,
             ("max_inodes", Some(v)) => {
@@ -135,7 +154,8 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => bail!(
                 "unknown mount option `{opt}`; known: ro, rw, remount, threads=N, passthrough=on|off, \
-                 writeback_cache, acl, noacl, max_inodes=N, attr_timeout=S, entry_timeout=S, \
+                 writeback_cache[=on|off], durability=strict|default, strict_timeout=S, acl, \
+                 noacl, max_inodes=N, attr_timeout=S, entry_timeout=S, \
                  negative_timeout=S, max_write=BYTES, nosuid, nodev, noexec, noatime, sync, \
                  dirsync"
             ),
@@ -158,12 +178,30 @@ mod tests {
         assert!(o.posix_acl, "POSIX ACLs are on by default");
         assert!(!parse(&["noacl".into()]).unwrap().posix_acl);
         assert!(parse(&["noacl,acl".into()]).unwrap().posix_acl);
+        let o = parse(&["durability=strict,strict_timeout=5".into()]).unwrap();
+        assert!(o.strict);
+        assert_eq!(o.strict_timeout, Duration::from_secs(5));
+        assert!(!parse(&["durability=default".into()]).unwrap().strict);
+        assert!(
+            !parse(&["writeback_cache=off".into()])
+                .unwrap()
+                .writeback_cache
+        );
+        assert!(
+            parse(&["writeback_cache=on".into()])
+                .unwrap()
+                .writeback_cache
+        );
     }
 
     #[test]
     fn rejects_unknown_and_bad_values() {
         assert!(parse(&["bogus".into()]).is_err());
         assert!(parse(&["threads=0".into()]).is_err());
+        let e = parse(&["durability=paranoid".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("strict"), "{e}");
         assert!(parse(&["attr_timeout=-1".into()]).is_err());
         let e = parse(&["max_write=12".into()]).unwrap_err().to_string();
         assert!(e.contains("max_write"), "{e}");

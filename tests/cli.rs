@@ -305,7 +305,10 @@ fn unmount_works_after_the_cache_was_deleted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("was deleted") && err.contains(&format!("stopped its daemon (pid {pid})")),
+        // The daemon and its supervisor.
+        err.contains("was deleted")
+            && err.contains("stopped its daemon (pid ")
+            && err.contains(&pid.to_string()),
         "{err}"
     );
     assert!(!is_mounted(&mp));

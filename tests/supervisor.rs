@@ -333,3 +333,61 @@ fn a_crash_loop_ends_in_a_clean_unmount() {
     assert_eq!(std::fs::read(ws.path("a")).unwrap(), b"kept");
     ws.unmount();
 }
+
+/// Writes `strict.txt` and fsyncs it, then `synced.txt` and asks `OWSFS_IOC_SYNC` on the mount's
+/// root; prints the generation the ioctl returned.
+const STRICT_WRITES: &str = r#"
+import fcntl, os, struct, sys
+root = sys.argv[1]
+with open(os.path.join(root, "strict.txt"), "w") as f:
+    f.write("fsynced under durability=strict\n")
+    f.flush()
+    os.fsync(f.fileno())
+with open(os.path.join(root, "synced.txt"), "w") as f:
+    f.write("before the sync ioctl\n")
+fd = os.open(root, os.O_RDONLY)
+buf = bytearray(8)
+fcntl.ioctl(fd, 0x80086F01, buf, True)
+print(struct.unpack("=Q", buf)[0])
+"#;
+
+/// What a strict fsync or the sync ioctl answered for is in the store: after the node dies
+/// (the daemon and its supervisor, `kill -9`), a mount on another cache has it.
+#[test]
+fn strict_fsyncs_and_the_sync_ioctl_survive_the_node() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.opts = vec!["durability=strict".into()];
+    // No commits of its own: only the fsync and the ioctl make anything durable.
+    ws.extra = vec!["--commit-interval".into(), "1d".into()];
+    ws.mount();
+    let out = run_ok(
+        Command::new("python3")
+            .args(["-c", STRICT_WRITES])
+            .arg(&ws.mp),
+    );
+    let generation: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(generation >= 2, "the ioctl names a commit: {generation}");
+    // Written after the ioctl: not promised, and with no commit before the kill, not kept.
+    std::fs::write(ws.path("late.txt"), b"after").unwrap();
+    kill_9_node(ws.daemon_pid());
+    wait_cache_unlocked(&ws.cache);
+    let out = owsfs(&["unmount", &ws.mp.to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}");
+
+    let mut other = Workspace::unmounted(Some(&ws.store), "ws");
+    other.extra = vec!["--steal".into(), "--force".into()];
+    other.mount();
+    assert_eq!(
+        std::fs::read_to_string(other.path("strict.txt")).unwrap(),
+        "fsynced under durability=strict\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.path("synced.txt")).unwrap(),
+        "before the sync ioctl\n"
+    );
+    assert!(!other.path("late.txt").exists(), "nothing committed it");
+    other.unmount();
+}

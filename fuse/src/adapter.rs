@@ -42,6 +42,12 @@ pub struct AdapterOptions {
     /// daemon stores. Costs one getxattr per inode the first time another user's access
     /// needs its ACL.
     pub posix_acl: bool,
+    /// `-o durability=strict`: fsync and fdatasync (of files and directories) answer only once
+    /// the store holds everything written before them, through `durable`.
+    pub strict: bool,
+    /// The thread that answers once the store holds what came before (strict fsyncs, the
+    /// `OWSFS_IOC_SYNC` ioctl); None for a mount that writes nothing to the store.
+    pub durable: Option<Arc<crate::durable::Waiter>>,
 }
 
 impl Default for AdapterOptions {
@@ -53,6 +59,8 @@ impl Default for AdapterOptions {
             max_write: 1 << 20,
             writeback_cache: false,
             posix_acl: true,
+            strict: false,
+            durable: None,
         }
     }
 }
@@ -156,6 +164,19 @@ impl FuseAdapter {
             // so it stays valid from one open to the next.
             IoMode::Cached => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE,
             IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
+        }
+    }
+
+    /// The answer to a successful fsync: at once, or under `-o durability=strict` once the
+    /// store holds everything written before it (from the durability thread, so no FUSE
+    /// thread waits for the store).
+    fn ok_when_durable(&self, reply: ReplyEmpty) {
+        match (&self.opts.durable, self.opts.strict) {
+            (Some(durable), true) => durable.after_durable(move |r| match r {
+                Ok(_) => reply.ok(),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            }),
+            _ => reply.ok(),
         }
     }
 
@@ -656,7 +677,7 @@ impl Filesystem for FuseAdapter {
             return fail!(self, reply, "fsync", e);
         }
         match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
-            Ok(()) => reply.ok(),
+            Ok(()) => self.ok_when_durable(reply),
             Err(e) => fail!(self, reply, "fsync", e),
         }
     }
@@ -786,7 +807,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let _serving = self.core.serving(OpKind::Fsync);
         match self.core.fsyncdir(fuse_ino(ino), datasync) {
-            Ok(()) => reply.ok(),
+            Ok(()) => self.ok_when_durable(reply),
             Err(e) => fail!(self, reply, "fsyncdir", e),
         }
     }
@@ -927,6 +948,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyIoctl,
     ) {
         let _serving = self.core.serving(OpKind::Ioctl);
+        if cmd == crate::durable::OWSFS_IOC_SYNC
+            && let Some(durable) = &self.opts.durable
+        {
+            return durable.after_durable(move |r| match r {
+                Ok(generation) => reply.ioctl(0, &generation.to_ne_bytes()),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            });
+        }
         reply.error(refuse_ioctl(&self.ioctl_refused, fuse_ino(ino), cmd));
     }
 

@@ -7,6 +7,7 @@
 
 mod adapter;
 mod core;
+pub mod durable;
 mod error;
 mod freeze;
 mod hydrate;

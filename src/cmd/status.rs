@@ -36,6 +36,15 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         v.uptime_secs,
         if v.passthrough { "on" } else { "off" }
     );
+    if let Some(s) = &v.supervisor {
+        // The daemon's death is a pause: the supervisor keeps the connection.
+        let replaced = match s.daemon {
+            0 => "the first daemon".to_string(),
+            1 => "1 daemon replaced".to_string(),
+            n => format!("{n} daemons replaced"),
+        };
+        println!("supervisor   pid {} ({replaced})", s.pid);
+    }
     println!(
         "journal      seq {}, segment {} at {} bytes; {} records in {} writes since mount",
         j.last_seq, j.segment, j.segment_offset, j.records, j.batches

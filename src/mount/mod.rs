@@ -785,9 +785,23 @@ pub fn serve(
     let node = cache.node_id()?;
     cache_lock.replace(cache);
     let fsname = fsname(opts, &cache_root);
+    let durable = Arc::new(
+        owsfs_fuse::durable::Waiter::start(Arc::new(AgentDurable {
+            agent: Arc::clone(&services.agent),
+            timeout: o.strict_timeout,
+        }))
+        .context("cannot start the durability thread")?,
+    );
     let mut mounted = match resume {
-        Some(r) => Mounted::resume(&services.core, &mountpoint, o, &fsname, r)?,
-        None => Mounted::mount(&services.core, &mountpoint, o, &fsname, worker.is_some())?,
+        Some(r) => Mounted::resume(&services.core, &mountpoint, o, &fsname, r, Some(durable))?,
+        None => Mounted::mount(
+            &services.core,
+            &mountpoint,
+            o,
+            &fsname,
+            worker.is_some(),
+            Some(durable),
+        )?,
     };
     if let Some(w) = &worker {
         mounted.hand_over(w)?;
@@ -985,6 +999,27 @@ pub fn serve_args(
         return readonly::serve(mountpoint, opts, &o, cache_dir, ready, &at);
     }
     serve(mountpoint, opts, &o, cache_dir, ready, worker)
+}
+
+/// What strict fsyncs and `OWSFS_IOC_SYNC` wait for: the agent's sync (everything the journal
+/// recorded before the call durable in the store), at most `timeout`.
+struct AgentDurable {
+    agent: Arc<SyncAgent>,
+    timeout: std::time::Duration,
+}
+
+impl owsfs_fuse::durable::Durable for AgentDurable {
+    fn wait(&self) -> Result<u64, (i32, String)> {
+        self.agent.sync(self.timeout).map_err(|e| {
+            let errno = match &e {
+                owsfs_sync::SyncError::NotDurable { why, .. } if why.contains("disk is full") => {
+                    libc::ENOSPC
+                }
+                _ => libc::EIO,
+            };
+            (errno, e.to_string())
+        })
+    }
 }
 
 /// The hydrator, as the sync agent sees it.

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use owsfs_fuse::durable::Waiter;
 use owsfs_fuse::{AdapterOptions, Core, MountSettings};
 
 use super::{rollback, supervisor};
@@ -27,8 +28,9 @@ impl Mounted {
         o: &MountOptions,
         fsname: &str,
         resumable: bool,
+        durable: Option<Arc<Waiter>>,
     ) -> anyhow::Result<Mounted> {
-        let (adapter, settings) = Self::settings(o, fsname);
+        let (adapter, settings) = Self::settings(o, fsname, durable);
         let (session, epoch) =
             owsfs_fuse::mount(Arc::clone(core), adapter, mountpoint, &settings, resumable)
                 .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
@@ -48,8 +50,9 @@ impl Mounted {
         o: &MountOptions,
         fsname: &str,
         r: supervisor::Resume,
+        durable: Option<Arc<Waiter>>,
     ) -> anyhow::Result<Mounted> {
-        let (adapter, settings) = Self::settings(o, fsname);
+        let (adapter, settings) = Self::settings(o, fsname, durable);
         let (session, epoch) =
             owsfs_fuse::resume(Arc::clone(core), adapter, r.device, &r.init, &settings)
                 .with_context(|| {
@@ -92,7 +95,11 @@ impl Mounted {
         }
     }
 
-    fn settings(o: &MountOptions, fsname: &str) -> (AdapterOptions, MountSettings) {
+    fn settings(
+        o: &MountOptions,
+        fsname: &str,
+        durable: Option<Arc<Waiter>>,
+    ) -> (AdapterOptions, MountSettings) {
         let adapter = AdapterOptions {
             entry_ttl: o.entry_timeout,
             attr_ttl: o.attr_timeout,
@@ -100,6 +107,8 @@ impl Mounted {
             max_write: o.max_write,
             writeback_cache: o.writeback_cache,
             posix_acl: o.posix_acl,
+            strict: o.strict,
+            durable,
         };
         let settings = MountSettings {
             fsname: fsname.to_string(),

@@ -207,6 +207,7 @@ pub fn serve(
         &o,
         &super::fsname(opts, &cache_root),
         false,
+        None,
     )?;
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
     let daemon = Arc::new(Daemon::new(
