@@ -76,10 +76,11 @@ pub struct MountOpts {
     pub foreground: bool,
     /// Mount options, comma-separated: ro, rw, remount (with ro|rw and the flags: changes the
     /// mount that is there), threads=N (default 4), passthrough=on|off
-    /// (default off), writeback_cache, acl|noacl (POSIX ACLs, default acl), max_inodes=N,
-    /// attr_timeout=SECS, entry_timeout=SECS,
-    /// negative_timeout=SECS, max_write=BYTES, and the usual flags (nosuid, nodev, noexec, ...).
-    /// See SEMANTICS.md for what passthrough and writeback_cache change.
+    /// (default off), writeback_cache[=on|off], durability=strict|default (strict: every
+    /// fsync waits until the store holds the data), strict_timeout=SECS (default 60),
+    /// acl|noacl (POSIX ACLs, default acl), max_inodes=N, attr_timeout=SECS,
+    /// entry_timeout=SECS, negative_timeout=SECS, max_write=BYTES, and the usual flags
+    /// (nosuid, nodev, noexec, ...). See SEMANTICS.md for what they change.
     #[arg(
         short = 'o',
         long = "options",

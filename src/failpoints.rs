@@ -9,6 +9,8 @@
 //!   there leaves. With `OWSFS_CRASH_ARMED_BY=PATH` as well, the points fire only while PATH
 //!   exists, so a test can let a mount work normally (a first `owsfs sync`, the periodic
 //!   lease renewals) and arm the crash when its workload is where it wants it;
+//! - `OWSFS_WORKER_CRASH_AT=NAME[,NAME...]`: the same, but the daemon alone dies (its
+//!   supervisor lives and starts the next one), also held back by `OWSFS_CRASH_ARMED_BY`;
 //! - `FAILPOINTS=NAME=ACTIONS;...`: the `fail` crate's actions (`return`, `panic`,
 //!   `sleep(MS)`, `N*return`...), e.g. `mount-after-lease=return` makes that phase fail.
 
@@ -26,8 +28,25 @@ pub fn setup_from_env() -> anyhow::Result<()> {
                 .with_context(|| format!("FAILPOINTS: {part:?}"))?;
         }
     }
+    let armed_by = std::env::var_os("OWSFS_CRASH_ARMED_BY").map(std::path::PathBuf::from);
+    if let Ok(names) = std::env::var("OWSFS_WORKER_CRASH_AT") {
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let owned = name.to_string();
+            let armed_by = armed_by.clone();
+            fail::cfg_callback(name, move || {
+                if armed_by.as_ref().is_some_and(|p| !p.exists()) {
+                    return;
+                }
+                tracing::error!(
+                    "crash point {owned}: this daemon dies now (OWSFS_WORKER_CRASH_AT)"
+                );
+                // SAFETY: _exit ends the process at once; nothing of ours runs after it.
+                unsafe { libc::_exit(137) };
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+    }
     if let Ok(names) = std::env::var("OWSFS_CRASH_AT") {
-        let armed_by = std::env::var_os("OWSFS_CRASH_ARMED_BY").map(std::path::PathBuf::from);
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             let owned = name.to_string();
             let armed_by = armed_by.clone();
@@ -43,11 +62,9 @@ pub fn setup_from_env() -> anyhow::Result<()> {
                 }
                 // A crash point stands for the death of the node: a worker's supervisor dies
                 // with it (a worker's own death is `kill -9` of it alone).
-                let supervisor = crate::mount::supervisor::SUPERVISOR_PID
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if supervisor > 0 {
+                if let Some(s) = crate::mount::supervisor::supervision() {
                     // SAFETY: kill(2) takes plain integers.
-                    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+                    unsafe { libc::kill(s.pid as i32, libc::SIGKILL) };
                 }
                 // SAFETY: _exit ends the process at once; nothing of ours runs after it.
                 unsafe { libc::_exit(137) };

@@ -153,11 +153,10 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             // Options for userspace tools (systemd's x-systemd.*, x-gvfs-*, comment=...).
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => bail!(
-                "unknown mount option `{opt}`; known: ro, rw, remount, threads=N, passthrough=on|off, \
-                 writeback_cache[=on|off], durability=strict|default, strict_timeout=S, acl, \
-                 noacl, max_inodes=N, attr_timeout=S, entry_timeout=S, \
-                 negative_timeout=S, max_write=BYTES, nosuid, nodev, noexec, noatime, sync, \
-                 dirsync"
+                "unknown mount option `{opt}`; owsfs's: threads passthrough writeback_cache \
+                 durability strict_timeout acl noacl max_inodes attr_timeout entry_timeout \
+                 negative_timeout max_write (see owsfs mount --help); the kernel's: ro rw \
+                 remount nosuid nodev noexec noatime sync dirsync"
             ),
         }
     }

@@ -391,3 +391,79 @@ fn strict_fsyncs_and_the_sync_ioctl_survive_the_node() {
     assert!(!other.path("late.txt").exists(), "nothing committed it");
     other.unmount();
 }
+
+/// A change the daemon made before it died, unanswered: the kernel sends the request again to
+/// the next daemon, which finds it done and answers as if it had done it (no EEXIST or ENOENT
+/// for the program).
+#[test]
+fn a_change_done_before_the_daemon_died_is_answered_once() {
+    if skip_fuse() {
+        return;
+    }
+    let mut ws = Workspace::unmounted(None, "ws");
+    let armed = ws.dir.path().join("armed");
+    ws.env.push((
+        "OWSFS_WORKER_CRASH_AT".into(),
+        "fuse-after-mkdir,fuse-after-create,fuse-after-unlink,fuse-after-rename".into(),
+    ));
+    ws.env.push((
+        "OWSFS_CRASH_ARMED_BY".into(),
+        armed.to_string_lossy().into_owned(),
+    ));
+    ws.mount();
+    std::fs::write(ws.path("old"), b"to be removed").unwrap();
+    std::fs::write(ws.path("from"), b"to be renamed").unwrap();
+    type Step<'a> = Box<dyn Fn() -> std::io::Result<()> + 'a>;
+    let steps: [(&str, Step<'_>); 4] = [
+        ("mkdir", Box::new(|| std::fs::create_dir(ws.path("dir")))),
+        (
+            "create",
+            Box::new(|| {
+                use std::io::Write;
+                let mut f = std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(ws.path("new"))?;
+                f.write_all(b"written through the answered create")
+            }),
+        ),
+        ("unlink", Box::new(|| std::fs::remove_file(ws.path("old")))),
+        (
+            "rename",
+            Box::new(|| std::fs::rename(ws.path("from"), ws.path("to"))),
+        ),
+    ];
+    for (i, (what, step)) in steps.iter().enumerate() {
+        std::fs::write(&armed, b"").unwrap();
+        let r = step();
+        std::fs::remove_file(&armed).unwrap();
+        r.unwrap_or_else(|e| {
+            panic!(
+                "{what} after the daemon died doing it: {e}{}",
+                ws.log_tail()
+            )
+        });
+        let v = ws.status_json(false);
+        assert_eq!(
+            v["supervisor"]["daemon"],
+            i + 1,
+            "{what}: the daemon died: {v}"
+        );
+    }
+    assert!(ws.path("dir").is_dir());
+    assert_eq!(
+        std::fs::read(ws.path("new")).unwrap(),
+        b"written through the answered create"
+    );
+    assert!(!ws.path("old").exists());
+    assert_eq!(std::fs::read(ws.path("to")).unwrap(), b"to be renamed");
+    assert!(!ws.path("from").exists());
+    let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap();
+    assert_eq!(
+        log.matches("finds its change made by the daemon before")
+            .count(),
+        4,
+        "{log}"
+    );
+    ws.unmount();
+}

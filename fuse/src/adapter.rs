@@ -95,6 +95,15 @@ impl FuseAdapter {
         );
     }
 
+    /// The entry of `name` in `parent`, as a creation's answer (a resent one the dead daemon
+    /// had done).
+    fn reply_lookup(&self, reply: ReplyEntry, parent: INodeNo, name: &OsStr) {
+        match self.core.lookup(fuse_ino(parent), name) {
+            Ok(entry) => self.reply_entry(reply, &entry),
+            Err(e) => reply.error(errno(&self.core, "lookup", &e)),
+        }
+    }
+
     /// The reply to a create or a tmpfile: the entry and the open file, in its I/O mode.
     fn reply_created(&self, reply: ReplyCreate, entry: &Entry, handle: &Handle, fh: u64) {
         let (ttl, attr) = (self.opts.entry_ttl, entry.attr);
@@ -172,7 +181,7 @@ impl FuseAdapter {
     /// thread waits for the store).
     fn ok_when_durable(&self, reply: ReplyEmpty) {
         match (&self.opts.durable, self.opts.strict) {
-            (Some(durable), true) => durable.after_durable(move |r| match r {
+            (Some(durable), true) => durable.after_durable(false, move |r| match r {
                 Ok(_) => reply.ok(),
                 Err(errno) => reply.error(Errno::from_i32(errno)),
             }),
@@ -202,6 +211,30 @@ fn fuse_ino(ino: INodeNo) -> FuseIno {
 /// The core's inode number as fuser takes it.
 fn inode_no(ino: FuseIno) -> INodeNo {
     INodeNo(ino.0)
+}
+
+/// The kernel sends a request again (FUSE_NOTIFY_RESEND) with this bit in its unique id: an
+/// earlier daemon of the connection read it and died before it answered, maybe after it had
+/// done what was asked.
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+/// Whether `req` was sent before, to a daemon that died before it answered.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & FUSE_UNIQUE_RESEND != 0
+}
+
+/// Whether `e` is the second answer of a change the dead daemon made before it died: the
+/// name a resent creation makes exists (`EEXIST`), the name a resent removal or rename
+/// takes away is gone (`ENOENT`). The kernel checked the opposite just before it sent the
+/// request (a negative or a positive dentry), so the change is taken for done.
+fn done_before(req: &Request, e: &FsError, errno: i32, op: &str) -> bool {
+    let done = resent(req) && e.to_errno() == errno;
+    if done {
+        tracing::info!(
+            "a resent {op} finds its change made by the daemon before: answered as done"
+        );
+    }
+    done
 }
 
 fn caller(req: &Request) -> Caller {
@@ -400,6 +433,9 @@ impl Filesystem for FuseAdapter {
             .mknod(fuse_ino(parent), name, mode, rdev, creator(req, umask))
         {
             Ok(entry) => self.reply_entry(reply, &entry),
+            Err(e) if done_before(req, &e, libc::EEXIST, "mknod") => {
+                self.reply_lookup(reply, parent, name)
+            }
             Err(e) => fail!(self, reply, "mknod", e),
         }
     }
@@ -418,23 +454,34 @@ impl Filesystem for FuseAdapter {
             .core
             .mkdir(fuse_ino(parent), name, mode, creator(req, umask))
         {
-            Ok(entry) => self.reply_entry(reply, &entry),
+            Ok(entry) => {
+                fail::fail_point!("fuse-after-mkdir");
+                self.reply_entry(reply, &entry)
+            }
+            Err(e) if done_before(req, &e, libc::EEXIST, "mkdir") => {
+                self.reply_lookup(reply, parent, name)
+            }
             Err(e) => fail!(self, reply, "mkdir", e),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _serving = self.core.serving(OpKind::Remove);
         match self.core.unlink(fuse_ino(parent), name) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                fail::fail_point!("fuse-after-unlink");
+                reply.ok()
+            }
+            Err(e) if done_before(req, &e, libc::ENOENT, "unlink") => reply.ok(),
             Err(e) => fail!(self, reply, "unlink", e),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _serving = self.core.serving(OpKind::Remove);
         match self.core.rmdir(fuse_ino(parent), name) {
             Ok(()) => reply.ok(),
+            Err(e) if done_before(req, &e, libc::ENOENT, "rmdir") => reply.ok(),
             Err(e) => fail!(self, reply, "rmdir", e),
         }
     }
@@ -453,13 +500,16 @@ impl Filesystem for FuseAdapter {
             .symlink(fuse_ino(parent), link_name, target, caller(req))
         {
             Ok(entry) => self.reply_entry(reply, &entry),
+            Err(e) if done_before(req, &e, libc::EEXIST, "symlink") => {
+                self.reply_lookup(reply, parent, link_name)
+            }
             Err(e) => fail!(self, reply, "symlink", e),
         }
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -475,14 +525,18 @@ impl Filesystem for FuseAdapter {
             newname,
             flags.bits(),
         ) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                fail::fail_point!("fuse-after-rename");
+                reply.ok()
+            }
+            Err(e) if done_before(req, &e, libc::ENOENT, "rename") => reply.ok(),
             Err(e) => fail!(self, reply, "rename", e),
         }
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -491,6 +545,9 @@ impl Filesystem for FuseAdapter {
         let _serving = self.core.serving(OpKind::Link);
         match self.core.link(fuse_ino(ino), fuse_ino(newparent), newname) {
             Ok(entry) => self.reply_entry(reply, &entry),
+            Err(e) if done_before(req, &e, libc::EEXIST, "link") => {
+                self.reply_lookup(reply, newparent, newname)
+            }
             Err(e) => fail!(self, reply, "link", e),
         }
     }
@@ -540,7 +597,27 @@ impl Filesystem for FuseAdapter {
             .core
             .create(fuse_ino(parent), name, mode, flags, creator(req, umask))
         {
-            Ok((entry, handle, fh)) => self.reply_created(reply, &entry, &handle, fh),
+            Ok((entry, handle, fh)) => {
+                fail::fail_point!("fuse-after-create");
+                self.reply_created(reply, &entry, &handle, fh)
+            }
+            Err(e) if done_before(req, &e, libc::EEXIST, "create") => {
+                // The file the dead daemon made, opened as asked (it is new: no truncation).
+                let opened = self.core.lookup(fuse_ino(parent), name).and_then(|entry| {
+                    let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+                    match self.core.open(entry.ino(), flags, false) {
+                        Ok((handle, fh)) => Ok((entry, handle, fh)),
+                        Err(e) => {
+                            self.core.forget(entry.ino(), 1);
+                            Err(e)
+                        }
+                    }
+                });
+                match opened {
+                    Ok((entry, handle, fh)) => self.reply_created(reply, &entry, &handle, fh),
+                    Err(e) => fail!(self, reply, "create", e),
+                }
+            }
             Err(e) => fail!(self, reply, "create", e),
         }
     }
@@ -951,7 +1028,7 @@ impl Filesystem for FuseAdapter {
         if cmd == crate::durable::OWSFS_IOC_SYNC
             && let Some(durable) = &self.opts.durable
         {
-            return durable.after_durable(move |r| match r {
+            return durable.after_durable(true, move |r| match r {
                 Ok(generation) => reply.ioctl(0, &generation.to_ne_bytes()),
                 Err(errno) => reply.error(Errno::from_i32(errno)),
             });

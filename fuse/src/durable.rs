@@ -13,12 +13,14 @@ use std::sync::Arc;
 pub const OWSFS_IOC_SYNC: u32 = (2 << 30) | (8 << 16) | ((b'o' as u32) << 8) | 1;
 
 /// What a strict reply waits for: the store holding everything the journal recorded before
-/// the call. Returns the generation that holds it, or why it could not (the errno to answer).
+/// the call; with `push_pages`, after the kernel's dirty pages of every file (the writeback
+/// cache, shared mmaps) reached the daemon. Returns the generation that holds it, or why it
+/// could not (the errno to answer).
 pub trait Durable: Send + Sync {
-    fn wait(&self) -> Result<u64, (i32, String)>;
+    fn wait(&self, push_pages: bool) -> Result<u64, (i32, String)>;
 }
 
-type Waiting = Box<dyn FnOnce(Result<u64, i32>) + Send>;
+type Waiting = (bool, Box<dyn FnOnce(Result<u64, i32>) + Send>);
 
 /// The thread that answers replies once the store holds what came before them.
 pub struct Waiter {
@@ -43,14 +45,15 @@ impl Waiter {
                     // commit covers the whole group.
                     let mut group = vec![first];
                     group.extend(rx.try_iter());
-                    let r = durable.wait().map_err(|(errno, why)| {
+                    let push = group.iter().any(|(push, _)| *push);
+                    let r = durable.wait(push).map_err(|(errno, why)| {
                         tracing::warn!(
                             "{} call(s) waiting for the store get errno {errno}: {why}",
                             group.len()
                         );
                         errno
                     });
-                    for reply in group {
+                    for (_, reply) in group {
                         reply(r);
                     }
                 }
@@ -59,10 +62,16 @@ impl Waiter {
     }
 
     /// Calls `reply` once everything written so far is durable in the store (with the
-    /// generation), or with the errno that says it is not.
-    pub fn after_durable(&self, reply: impl FnOnce(Result<u64, i32>) + Send + 'static) {
-        if let Err(e) = self.tx.send(Box::new(reply)) {
-            (e.into_inner())(Err(libc::EIO));
+    /// generation), or with the errno that says it is not. `push_pages`: written so far
+    /// includes what the kernel still holds in dirty pages of any file (an fsync has had the
+    /// kernel write its own file's pages already).
+    pub fn after_durable(
+        &self,
+        push_pages: bool,
+        reply: impl FnOnce(Result<u64, i32>) + Send + 'static,
+    ) {
+        if let Err(e) = self.tx.send((push_pages, Box::new(reply))) {
+            (e.into_inner().1)(Err(libc::EIO));
         }
     }
 }
@@ -77,7 +86,7 @@ mod tests {
     struct Slow(AtomicUsize);
 
     impl Durable for Slow {
-        fn wait(&self) -> Result<u64, (i32, String)> {
+        fn wait(&self, _push_pages: bool) -> Result<u64, (i32, String)> {
             std::thread::sleep(Duration::from_millis(100));
             Ok(self.0.fetch_add(1, Ordering::SeqCst) as u64 + 1)
         }
@@ -90,7 +99,7 @@ mod tests {
         let got = Arc::new(Mutex::new(Vec::new()));
         for i in 0..20 {
             let got = Arc::clone(&got);
-            waiter.after_durable(move |r| got.lock().unwrap().push((i, r)));
+            waiter.after_durable(false, move |r| got.lock().unwrap().push((i, r)));
             if i == 0 {
                 // The first wait starts alone; the 19 others queue behind it.
                 std::thread::sleep(Duration::from_millis(20));

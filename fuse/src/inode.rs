@@ -256,8 +256,9 @@ impl InodeTable {
     pub(crate) fn next_era(&self) -> Vec<OsString> {
         self.era.fetch_add(1, Ordering::AcqRel);
         // The forgotten inodes belong to the replaced tree (moved to the cache's trash): a
-        // file handle of one must not open it again.
+        // file handle of one must not open it again, nor may a node id of an earlier daemon.
         self.forgotten.clear();
+        self.revivable.clear();
         let mut names = Vec::new();
         for entry in self.map.iter() {
             let inode = entry.value();
@@ -359,7 +360,8 @@ impl InodeTable {
                     direct_io: parking_lot::RwLock::new(()),
                     handle,
                     generation,
-                    revived: false,
+                    // An earlier daemon may have handed it out: the kernel's count is unknown.
+                    revived: self.revivable.contains_key(&ino),
                 });
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);

@@ -109,6 +109,19 @@ impl EpochNotifier {
     }
 }
 
+/// Whether the kernel of a connection resends unanswered requests when asked
+/// (`FUSE_HAS_RESEND`, flag bit 39 of its INIT, Linux 6.9): `init_request` is the INIT as
+/// `fuser::Session::init_request` returns it.
+pub fn kernel_resends(init_request: &[u8]) -> bool {
+    // struct fuse_in_header (40 bytes), then fuse_init_in: major, minor, max_readahead,
+    // flags, flags2 (u32 each, native endian); bit 39 is bit 7 of flags2.
+    const FLAGS2: usize = 40 + 16;
+    init_request
+        .get(FLAGS2..FLAGS2 + 4)
+        .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+        .is_some_and(|flags2| flags2 & (1 << 7) != 0)
+}
+
 /// fuser's settings of a session: who may use the mount and how many threads serve it. A
 /// connection that must outlive this daemon (`resumable`) is read through one descriptor by
 /// every thread: the kernel ends the requests in flight on a cloned descriptor when it

@@ -30,8 +30,14 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     let worker = supervisor::Worker::from_env()?;
     background::init_logging(&args.opts.log, args.opts.log_format);
-    // A background writer's daemon runs under a supervisor, which keeps its connection.
-    let supervised = !(args.opts.read_only || args.opts.at.is_some());
+    // A background writer's daemon runs under a supervisor, which keeps its connection: as
+    // root on Linux (a mount through fusermount3 or macFUSE hands no descriptor of it over,
+    // and opening inodes again by handle needs CAP_DAC_READ_SEARCH), and without kernel
+    // passthrough (its backing ids and open modes die with the daemon).
+    let supervised = !(args.opts.read_only || args.opts.at.is_some())
+        && cfg!(target_os = "linux")
+        && rustix::process::geteuid().is_root()
+        && !o.passthrough;
     if child && supervised && worker.is_none() {
         let code = supervisor::supervise(&args.mountpoint)?;
         std::process::exit(code);

@@ -202,6 +202,7 @@ pub fn prepare(
     lease: &LeaseGuard,
     store_url: &str,
     ready: &Readiness,
+    taking_over: bool,
 ) -> anyhow::Result<Prepared> {
     let OpenCache {
         cache,
@@ -246,6 +247,13 @@ pub fn prepare(
         )?;
     }
     if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
+        if taking_over {
+            // The kernel refers to this tree's files: it cannot go aside under it.
+            anyhow::bail!(
+                "cannot take over the mount: {why}; another node wrote the workspace while no \
+                 daemon served it"
+            );
+        }
         // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
         drop(local);
         drop(journal);
@@ -754,7 +762,13 @@ pub fn serve(
         ws: &ws,
         cache: &open.cache,
         ttl: opts.lease.lease_ttl,
-        takeover: opts.lease.takeover(),
+        // A daemon that takes over a connection takes back only this cache's own lease (an
+        // earlier daemon of it died holding it): never one another node took meanwhile.
+        takeover: if resume.is_some() {
+            owsfs_sync::lease::Takeover::Refuse
+        } else {
+            opts.lease.takeover()
+        },
         notice: &mut say,
         note_stop: true,
         mountpoint: Some(&mountpoint),
@@ -763,7 +777,7 @@ pub fn serve(
         node_log: open.cache.root.join("nodes"),
         incarnation: w.incarnation,
     });
-    let prepared = prepare(open, &ws, &lease, &store_url, ready)?;
+    let prepared = prepare(open, &ws, &lease, &store_url, ready, resume.is_some())?;
     let mut service_opts = ServiceOptions::serving(
         opts,
         o,
@@ -1009,7 +1023,10 @@ struct AgentDurable {
 }
 
 impl owsfs_fuse::durable::Durable for AgentDurable {
-    fn wait(&self) -> Result<u64, (i32, String)> {
+    fn wait(&self, push_pages: bool) -> Result<u64, (i32, String)> {
+        if push_pages {
+            self.agent.push_dirty_pages();
+        }
         self.agent.sync(self.timeout).map_err(|e| {
             let errno = match &e {
                 owsfs_sync::SyncError::NotDurable { why, .. } if why.contains("disk is full") => {

@@ -79,6 +79,15 @@ impl Mounted {
         let (Some(epoch), Some(init)) = (&self.epoch, session.init_request()) else {
             anyhow::bail!("this mount's connection cannot be handed over (not mounted as root)");
         };
+        if !owsfs_fuse::kernel_resends(init) {
+            // Without FUSE_NOTIFY_RESEND (Linux < 6.9) the calls a dead daemon had read would
+            // wait for good: its death must end the connection, as it always did.
+            tracing::warn!(
+                "the kernel cannot send unanswered requests again (FUSE_NOTIFY_RESEND, Linux \
+                 6.9): this daemon's death will end the mount"
+            );
+            return Ok(());
+        }
         worker.hand_over(&epoch.device()?, init)
     }
 
@@ -158,7 +167,9 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if self.session.take().is_some() {
+        // A connection taken over is the supervisor's to end: a daemon that fails before it
+        // serves leaves it for the next one.
+        if self.session.take().is_some() && !self.resend {
             // Never served: nobody should find a dead mount here.
             let lazy = owsfs_sys::mount::UnmountHow {
                 lazy: true,

@@ -55,10 +55,12 @@ pub static SUPERVISOR_PID: AtomicI32 = AtomicI32::new(0);
 /// Which daemon of the connection this worker is (set with [`SUPERVISOR_PID`]).
 static INCARNATION: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
-/// The supervisor of this process, for the status; None when there is none.
+/// The supervisor of this process, for the status; None when there is none (any more: a
+/// dead supervisor's daemon is reparented).
 pub fn supervision() -> Option<crate::control::Supervision> {
     let pid = SUPERVISOR_PID.load(Ordering::Relaxed);
-    (pid > 0).then(|| crate::control::Supervision {
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    (pid > 0 && pid == parent).then(|| crate::control::Supervision {
         pid: pid as u32,
         daemon: INCARNATION.load(Ordering::Relaxed),
     })
@@ -125,6 +127,15 @@ impl Worker {
         let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
         SUPERVISOR_PID.store(parent, Ordering::Relaxed);
         INCARNATION.store(incarnation, Ordering::Relaxed);
+        // A panic anywhere ends this daemon, so that its supervisor starts the next one: a
+        // serving thread that unwound would leave the kernel's request answered with EIO and
+        // one reader fewer, and after a few nobody would read the connection.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            tracing::error!("{info}: this daemon ends, and its supervisor starts the next one");
+            std::process::abort();
+        }));
         Ok(Some(Worker {
             incarnation,
             channel,
@@ -212,6 +223,9 @@ fn describe(status: &ExitStatus) -> String {
 /// The worker in charge now, for forwarding signals to it.
 static CURRENT: AtomicI32 = AtomicI32::new(0);
 
+/// SIGTERM or SIGINT came: the mount is to end, so no worker is started after this one.
+static STOPPING: AtomicI32 = AtomicI32::new(0);
+
 /// Forwards SIGTERM and SIGINT to the worker in charge: they ask it to unmount.
 fn forward_signals() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -220,8 +234,12 @@ fn forward_signals() -> anyhow::Result<()> {
         .name("owsfs-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let pid = CURRENT.load(Ordering::Relaxed);
-                if sig != SIGHUP && pid > 0 {
+                if sig == SIGHUP {
+                    continue;
+                }
+                STOPPING.store(sig, Ordering::SeqCst);
+                let pid = CURRENT.load(Ordering::SeqCst);
+                if pid > 0 {
                     // SAFETY: kill(2) takes plain integers.
                     unsafe { libc::kill(pid, sig) };
                 }
@@ -269,25 +287,63 @@ pub fn supervise(mountpoint: &Path) -> anyhow::Result<i32> {
         let pass: Vec<RawFd> = std::iter::once(theirs.as_raw_fd())
             .chain(held.as_ref().map(|h| h.device.as_raw_fd()))
             .collect();
-        // SAFETY: fcntl(2) on descriptors of this process, in the child before exec.
+        let first = !ready;
+        // SAFETY: fcntl(2) and prctl(2) on this process, in the child before exec.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &pass {
                     let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
                     rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
                 }
+                if first {
+                    // Until it is ready, the first worker dies with the supervisor (which
+                    // dies with the `owsfs mount` waiting for it): it must not take the
+                    // lease for nobody. `Readiness::ready` lifts this.
+                    owsfs_sys::process::die_with_parent(Some(libc::SIGTERM));
+                }
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("cannot start the owsfs daemon")?;
-        CURRENT.store(child.id() as i32, Ordering::Relaxed);
-        if !ready && let Some(out) = child.stdout.take() {
-            ready = relay_readiness(out);
-        }
-        let status = child.wait().context("cannot wait for the owsfs daemon")?;
-        CURRENT.store(0, Ordering::Relaxed);
+        let spawned = cmd.spawn();
+        let status = match spawned {
+            Ok(mut child) => {
+                CURRENT.store(child.id() as i32, Ordering::SeqCst);
+                // A stop asked for while no worker was in charge goes to this one.
+                let stop = STOPPING.load(Ordering::SeqCst);
+                if stop != 0 {
+                    // SAFETY: kill(2) takes plain integers.
+                    unsafe { libc::kill(child.id() as i32, stop) };
+                }
+                if !ready && let Some(out) = child.stdout.take() {
+                    ready = relay_readiness(out);
+                }
+                let status = child.wait().context("cannot wait for the owsfs daemon")?;
+                CURRENT.store(0, Ordering::SeqCst);
+                status
+            }
+            // The binary may be missing for a moment (an upgrade): a death like any other.
+            Err(e) if !first => {
+                tracing::error!(
+                    "cannot start the next owsfs daemon ({}): {e}",
+                    exe.display()
+                );
+                ExitStatus::from_raw(127 << 8)
+            }
+            Err(e) => return Err(e).context("cannot start the owsfs daemon"),
+        };
         receive(&ours, &mut held);
         let ended = held.as_ref().is_none_or(|h| connection_ended(&h.device));
+        if STOPPING.load(Ordering::SeqCst) != 0 && !status.success() && !ended {
+            // Asked to stop while a worker died or started: nothing is to serve any more.
+            tracing::warn!(
+                "the daemon of {} {} while the mount was being stopped: detaching it; the \
+                 cache keeps every change",
+                mountpoint.display(),
+                describe(&status)
+            );
+            detach(mountpoint);
+            return Ok(status.code().unwrap_or(1));
+        }
         if status.success() || ended || !ready {
             if !ready && held.is_some() {
                 // Failed before it was ready: nothing may find a dead mount there.

@@ -113,6 +113,36 @@ pub fn parent_of_portable(pid: u32) -> Option<u32> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// The parent of process `pid` if it runs the same command line: an owsfs daemon's
+/// supervisor (`src/mount/supervisor.rs` starts each daemon with its own arguments).
+#[cfg(target_os = "linux")]
+pub fn supervisor_of(pid: u32) -> Option<u32> {
+    let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
+    let parent = parent_of(pid)?;
+    let own = cmdline(pid)?;
+    (cmdline(parent)? == own).then_some(parent)
+}
+#[cfg(not(target_os = "linux"))]
+pub fn supervisor_of(pid: u32) -> Option<u32> {
+    supervisor_of_portable(pid)
+}
+
+/// [`supervisor_of`] from ps(1).
+pub fn supervisor_of_portable(pid: u32) -> Option<u32> {
+    let command = |p: u32| {
+        let out = Command::new("ps")
+            .args(["-ww", "-o", "command=", "-p"])
+            .arg(p.to_string())
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    };
+    let parent = parent_of_portable(pid)?;
+    let own = command(pid)?;
+    (command(parent)? == own).then_some(parent)
+}
+
 /// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
 #[cfg(target_os = "linux")]
 pub fn has_exited(pid: u32) -> bool {
@@ -342,6 +372,32 @@ mod tests {
             assert!(!has_exited_portable(me));
         }
         assert!(!has_exited(me));
+        // A forked child runs its parent's command line: the parent is its "supervisor"; a
+        // child running another command has none.
+        let forks = "import os, sys, time\npid = os.fork()\nif pid:\n    print(pid, flush=True)\ntime.sleep(3)";
+        if let Ok(mut parent) = Command::new("python3")
+            .args(["-c", forks])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        {
+            let mut line = String::new();
+            use std::io::BufRead;
+            std::io::BufReader::new(parent.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let child: u32 = line.trim().parse().unwrap();
+            assert_eq!(supervisor_of(child), Some(parent.id()));
+            assert_eq!(supervisor_of_portable(child), Some(parent.id()));
+            assert_eq!(
+                supervisor_of(parent.id()),
+                None,
+                "its parent runs another command"
+            );
+            if let Some(pid) = rustix::process::Pid::from_raw(child as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            let _ = (parent.kill(), parent.wait());
+        }
         let mut child = Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();

@@ -381,9 +381,7 @@ impl Drop for MountGuard {
 /// it with the same command line): the node's death, which leaves a dead mount (ENOTCONN).
 /// The daemon's death alone is a pause (`tests/supervisor.rs`). Returns the supervisor's pid.
 pub fn kill_9_node(pid: i32) -> Option<u32> {
-    let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
-    let supervisor = owsfs_sys::process::parent_of(pid as u32)
-        .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32));
+    let supervisor = owsfs_sys::process::supervisor_of(pid as u32);
     let kill = |p: i32| {
         // SAFETY: kill(2) takes plain integers and touches no memory of ours.
         let rc = unsafe { libc::kill(p, libc::SIGKILL) };

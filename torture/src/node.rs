@@ -221,10 +221,7 @@ impl Mount {
     pub fn kill9_keep_mount(&self, pid: i32) -> Result<()> {
         // The node dies: the daemon's supervisor first (the process that started it with the
         // same command line), which would otherwise start another daemon on the connection.
-        let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
-        if let Some(sup) = owsfs_sys::process::parent_of(pid as u32)
-            .filter(|&p| cmdline(p).is_some() && cmdline(p) == cmdline(pid as u32))
-        {
+        if let Some(sup) = owsfs_sys::process::supervisor_of(pid as u32) {
             rustix::process::kill_process(
                 rustix::process::Pid::from_raw(sup as i32).context("pid")?,
                 rustix::process::Signal::KILL,

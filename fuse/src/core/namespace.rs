@@ -59,7 +59,7 @@ impl Core {
     /// since, is stale.
     fn lookup_by_handle(&self, ino: FuseIno) -> FsResult<Entry> {
         let stale = |why: &'static str| FsError::errno(libc::ESTALE, why);
-        if let Ok(inode) = self.inode(ino) {
+        if let Some(inode) = self.inodes.get(ino).filter(|i| self.inodes.is_current(i)) {
             let st = rustix::fs::fstat(&inode.fd).ctx("lookup by handle")?;
             if let Some(generation) = self.inodes.reference_keep_loc(ino) {
                 return Ok(Entry {
