@@ -65,9 +65,12 @@ fn seconds(key: &str, v: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Parses every `-o` value (each may hold several comma-separated options).
+/// Parses every `-o` value (each may hold several comma-separated options). Kernel
+/// passthrough (`passthrough=on`) goes without the writeback cache: it is off unless asked for,
+/// which is refused.
 pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
     let mut o = MountOptions::default();
+    let mut writeback_asked = None;
     for opt in values.iter().flat_map(|v| v.split(',')) {
         let opt = opt.trim();
         if opt.is_empty() {
@@ -95,9 +98,13 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
                 o.passthrough = true
             }
             ("passthrough", Some("off" | "0" | "false")) => o.passthrough = false,
-            ("writeback_cache", None | Some("on" | "1" | "true")) => o.writeback_cache = true,
+            ("writeback_cache", None | Some("on" | "1" | "true")) => {
+                o.writeback_cache = true;
+                writeback_asked = Some(true);
+            }
             ("writeback_cache", Some("off" | "0" | "false")) | ("nowriteback_cache", None) => {
-                o.writeback_cache = false
+                o.writeback_cache = false;
+                writeback_asked = Some(false);
             }
             ("durability", Some("strict")) => o.strict = true,
             ("durability", Some("default")) => o.strict = false,
@@ -160,6 +167,15 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             ),
         }
     }
+    match (o.passthrough, writeback_asked) {
+        (true, Some(true)) => bail!(
+            "-o passthrough=on and writeback_cache cannot go together: the kernel serves a \
+             passthrough file from the backing file, which the writeback cache would bypass; \
+             choose one"
+        ),
+        (true, _) => o.writeback_cache = false,
+        _ => {}
+    }
     Ok(o)
 }
 
@@ -191,6 +207,16 @@ mod tests {
                 .unwrap()
                 .writeback_cache
         );
+        assert!(
+            parse(&[]).unwrap().writeback_cache,
+            "the writeback cache is the default"
+        );
+        let o = parse(&["passthrough=on".into()]).unwrap();
+        assert!(
+            o.passthrough && !o.writeback_cache,
+            "passthrough goes without it"
+        );
+        assert!(parse(&["passthrough=on,writeback_cache".into()]).is_err());
     }
 
     #[test]

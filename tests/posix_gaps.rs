@@ -477,8 +477,8 @@ fn buffered_reads_see_asynchronous_direct_writes() {
 }
 
 #[test]
-fn buffered_reads_see_asynchronous_direct_writes_writeback_cache() {
-    buffered_reads_see_asynchronous_direct_writes_with(&["writeback_cache"]);
+fn buffered_reads_see_asynchronous_direct_writes_write_through() {
+    buffered_reads_see_asynchronous_direct_writes_with(&["writeback_cache=off"]);
 }
 
 /// After an asynchronous O_DIRECT write completes, a buffered read sees what it wrote, even

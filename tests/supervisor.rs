@@ -261,11 +261,12 @@ fn kill_9_of_the_daemon_mid_workload_is_a_pause() {
     replaced_mid_workload(&[], kill_9);
 }
 
-/// With the kernel's writeback cache, pages the kernel accepted and the dead daemon never saw
-/// are written to the next one.
+/// Write-through (`-o writeback_cache=off`) too. In the default mode, with the kernel's
+/// writeback cache, pages the kernel accepted and the dead daemon never saw are written to
+/// the next one.
 #[test]
-fn kill_9_of_the_daemon_mid_workload_with_writeback_cache_is_a_pause() {
-    replaced_mid_workload(&["writeback_cache"], kill_9);
+fn kill_9_of_the_daemon_mid_workload_write_through_is_a_pause() {
+    replaced_mid_workload(&["writeback_cache=off"], kill_9);
 }
 
 #[test]

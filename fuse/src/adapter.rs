@@ -34,9 +34,11 @@ pub struct AdapterOptions {
     pub negative_ttl: Duration,
     /// Largest write request, in bytes.
     pub max_write: u32,
-    /// Kernel writeback cache instead of passthrough reads: writes are gathered in the kernel
-    /// and reach the daemon at close, fsync or writeback. Faster for small writes, but a crash
-    /// of the daemon loses written data that was not yet closed or fsynced.
+    /// Kernel writeback cache (the default; not with passthrough reads): writes are gathered
+    /// in the kernel and reach the daemon at close, fsync or writeback. Much faster for small
+    /// writes. The daemon's death loses none of them under a supervisor (the connection, and
+    /// the kernel's dirty pages, live on); the node's death loses what was written but not
+    /// yet closed or fsynced.
     pub writeback_cache: bool,
     /// POSIX ACLs (FUSE_POSIX_ACL): the kernel enforces the `system.posix_acl_*` xattrs the
     /// daemon stores. Costs one getxattr per inode the first time another user's access
@@ -57,7 +59,7 @@ impl Default for AdapterOptions {
             attr_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(3600),
             max_write: 1 << 20,
-            writeback_cache: false,
+            writeback_cache: true,
             posix_acl: true,
             strict: false,
             durable: None,
