@@ -468,3 +468,68 @@ fn a_change_done_before_the_daemon_died_is_answered_once() {
     );
     ws.unmount();
 }
+
+/// A file removed while open keeps its contents across the daemon's death (SQLite's temporary
+/// files, `tmpfile()`): the program goes on reading and writing it.
+#[test]
+fn a_file_removed_while_open_survives_the_daemon() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let script = r#"
+import os, sys
+root, go = sys.argv[1], sys.argv[2]
+path = os.path.join(root, "scratch")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, b"before the death\n")
+os.fsync(fd)
+os.unlink(path)
+replaced = os.path.join(root, "replaced")
+with open(replaced, "w") as f:
+    f.write("old")
+old = os.open(replaced, os.O_RDONLY)
+with open(replaced + ".new", "w") as f:
+    f.write("new")
+os.rename(replaced + ".new", replaced)
+print("ready", flush=True)
+sys.stdin.readline()  # the daemon is killed meanwhile
+os.write(fd, b"after the death\n")
+os.lseek(fd, 0, os.SEEK_SET)
+print(os.read(fd, 100).decode().replace("\n", "|"))
+print(os.read(old, 100).decode())
+print(os.fstat(fd).st_nlink)
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .arg(&ws.mp)
+        .arg("go")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::{BufRead, Write};
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = ws.daemon_pid();
+    kill_9(&ws, pid);
+    next_daemon(&ws, pid);
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}{}", ws.log_tail());
+    assert_eq!(
+        rest,
+        "before the death|after the death|\nold\n0\n",
+        "{}",
+        ws.log_tail()
+    );
+    assert!(!ws.path("scratch").exists());
+    assert_eq!(std::fs::read_to_string(ws.path("replaced")).unwrap(), "new");
+    ws.unmount();
+    // The next mount empties the orphanage.
+    ws.mount();
+    assert_eq!(std::fs::read_dir(ws.cache.join("orphans")).unwrap().count(), 0);
+}

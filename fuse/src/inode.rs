@@ -82,6 +82,12 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// Opened again for a daemon that took over the connection (its kernel references and
+    /// opens are not all known).
+    pub(crate) fn is_revived(&self) -> bool {
+        self.revived
+    }
+
     pub(crate) fn set_loc(&self, parent: FuseIno, name: &OsStr) {
         let mut loc = self.loc.lock();
         match &*loc {

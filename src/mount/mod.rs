@@ -775,6 +775,7 @@ pub fn serve(
     })?;
     let succession = worker.as_ref().map(|w| owsfs_fuse::Succession {
         node_log: open.cache.root.join("nodes"),
+        orphans: open.cache.root.join("orphans"),
         incarnation: w.incarnation,
     });
     let prepared = prepare(open, &ws, &lease, &store_url, ready, resume.is_some())?;

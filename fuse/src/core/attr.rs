@@ -172,7 +172,8 @@ impl Core {
             crtime: UNIX_EPOCH,
             kind,
             perm: (st.st_mode & 0o7777) as u16,
-            nlink: st.st_nlink as u32,
+            // An orphan's one name is in the orphanage: none in the workspace.
+            nlink: (st.st_nlink as u32).saturating_sub(u32::from(self.is_orphan(self.ino_of(st)))),
             uid: st.st_uid,
             gid: st.st_gid,
             rdev: st.st_rdev as u32,

@@ -151,6 +151,11 @@ impl Core {
                 }
             }
         }
+        let closed = open.cached == 0 && open.passthrough == 0;
+        drop(open);
+        if closed {
+            self.orphan_closed(inode);
+        }
     }
 
     pub(super) fn insert_handle(

@@ -15,6 +15,7 @@ mod data;
 mod dirs;
 mod hooks;
 mod namespace;
+mod orphans;
 #[cfg(test)]
 mod tests;
 mod xattr;
@@ -75,6 +76,9 @@ pub struct CoreOptions {
 pub struct Succession {
     /// The node log (`crate::nodes`): the backing handle of each inode handed out.
     pub node_log: PathBuf,
+    /// The orphanage (`core::orphans`): files removed while open are kept there, on the
+    /// backing directory's file system.
+    pub orphans: PathBuf,
     /// Which daemon of the connection this is (0 for the one that mounted). File handles
     /// this daemon hands out carry it in their top 16 bits, so that one an earlier daemon
     /// handed out is known for what it is and opened again.
@@ -144,6 +148,8 @@ pub struct Core {
     /// (see [`Succession`]).
     first_fh: u64,
     journal: Arc<Journal>,
+    /// Files removed while open, kept for the daemon after this one (with a succession).
+    orphans: Option<orphans::Orphanage>,
     reopener: owsfs_sys::fs::Reopener,
     passthrough: AtomicBool,
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL was granted): their xattrs are stored.
@@ -204,12 +210,13 @@ impl Core {
         let reopener =
             owsfs_sys::fs::Reopener::new().map_err(|e| FsError::io("open /proc/self/fd", e))?;
         let inodes = InodeTable::new(root_fd, BackingIno(st.st_ino));
-        let first_fh = match &opts.succession {
+        let (first_fh, orphans) = match &opts.succession {
             Some(s) => {
                 inherit_nodes(&inodes, s)?;
-                (u64::from(s.incarnation) << 48) | 1
+                let orphans = orphans::Orphanage::open(&s.orphans, s.incarnation > 0)?;
+                ((u64::from(s.incarnation) << 48) | 1, Some(orphans))
             }
-            None => 1,
+            None => (1, None),
         };
         Ok(Core {
             backing_root: backing_root.to_path_buf(),
@@ -219,6 +226,7 @@ impl Core {
             next_fh: AtomicU64::new(first_fh),
             first_fh,
             journal,
+            orphans,
             reopener,
             passthrough: AtomicBool::new(opts.passthrough),
             posix_acl: AtomicBool::new(false),
@@ -531,6 +539,9 @@ impl Core {
     /// known by went, and it was opened before) whether it still has names elsewhere: then
     /// the cut must look for them, or they would keep the old content in the store.
     fn place_of(&self, ino: FuseIno) -> Place {
+        if self.is_orphan(ino) {
+            return Place::Nameless;
+        }
         if let Some(p) = self.inodes.path_of(ino) {
             return Place::Path(p);
         }

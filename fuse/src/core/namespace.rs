@@ -509,12 +509,11 @@ impl Core {
         self.freezer
             .before_name_change(&pdir.fd, name, false)
             .ctx("pin a frozen file")?;
-        let flags = if dir {
-            AtFlags::REMOVEDIR
+        if dir {
+            rustix::fs::unlinkat(&pdir.fd, name, AtFlags::REMOVEDIR).ctx("remove")?;
         } else {
-            AtFlags::empty()
-        };
-        rustix::fs::unlinkat(&pdir.fd, name, flags).ctx("remove")?;
+            self.unlink_file(&pdir, name, ino, &st)?;
+        }
         if !dir {
             self.hyd_removing(&st);
         }
@@ -578,6 +577,13 @@ impl Core {
                     .before_name_change(&dst_dir.fd, newname, exchange)
             })
             .ctx("pin a frozen file")?;
+        if let Some(d) = &dst
+            && !exchange
+            && d.st_ino != src.st_ino
+            && kind::of_mode(d.st_mode) == NodeKind::File
+        {
+            self.keep_replaced(&dst_dir, newname, self.ino_of(d), d);
+        }
         rustix::fs::renameat_with(
             &src_dir.fd,
             name,

@@ -1,0 +1,157 @@
+//! Files removed while open, kept for the daemon after this one.
+//!
+//! A file removed while a program has it open lives on in the backing filesystem only as long
+//! as a descriptor of it does: the daemon's. When the daemon dies, the kernel's connection (and
+//! the program's open file) lives on under the supervisor, but the backing inode would be
+//! freed with the dead daemon's descriptors, and the program's next read lose its data. So a
+//! removal of the last name of a file that is open is a rename into the orphanage
+//! (`CACHE/orphans`, named by inode number, outside the workspace: no cut sees it, and the
+//! journal records the removal as usual); the name goes when the last open of the file closes.
+//! A daemon that takes over the connection opens such a file again by handle, like any other,
+//! and leaves its name for the next mount of the cache, which empties the orphanage: it cannot
+//! know how many opens the dead daemon left.
+
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use owsfs_journal::{FuseIno, NodeKind};
+use rustix::fs::{AtFlags, OFlags};
+
+use super::Core;
+use crate::error::{Context, FsError, FsResult};
+use crate::inode::Inode;
+
+/// The orphanage: its directory and the inodes named in it.
+pub(super) struct Orphanage {
+    dir: OwnedFd,
+    /// Orphans by inode number; true for one an earlier daemon made (its name stays until the
+    /// next mount: the opens of it are not all known).
+    names: DashMap<FuseIno, bool>,
+    /// `names.len()`, read without locks on every attribute reply.
+    count: AtomicUsize,
+}
+
+fn name_of(ino: FuseIno) -> String {
+    ino.0.to_string()
+}
+
+impl Orphanage {
+    /// Opens the orphanage at `path`, emptied for a new connection (`inherit` false), or with
+    /// the orphans an earlier daemon of this connection left.
+    pub(super) fn open(path: &Path, inherit: bool) -> FsResult<Orphanage> {
+        match std::fs::create_dir(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(FsError::io("create the orphanage", e));
+            }
+            _ => {}
+        }
+        let names = DashMap::new();
+        for entry in std::fs::read_dir(path).map_err(|e| FsError::io("list the orphanage", e))? {
+            let entry = entry.map_err(|e| FsError::io("list the orphanage", e))?;
+            match entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+                Some(ino) if inherit => {
+                    names.insert(FuseIno(ino), true);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let dir = owsfs_sys::fs::open_path(
+            rustix::fs::CWD,
+            path,
+            OFlags::DIRECTORY | OFlags::CLOEXEC,
+        )
+        .ctx("open the orphanage")?;
+        let count = AtomicUsize::new(names.len());
+        Ok(Orphanage { dir, names, count })
+    }
+}
+
+impl Core {
+    /// Removes `name` (file inode `ino`, stat `st`) from `dir`: by moving it into the
+    /// orphanage when it is the file's last name and the file is open (or was opened by an
+    /// earlier daemon), else by unlinking it.
+    pub(super) fn unlink_file(
+        &self,
+        dir: &Inode,
+        name: &OsStr,
+        ino: FuseIno,
+        st: &rustix::fs::Stat,
+    ) -> FsResult<()> {
+        if st.st_nlink == 1
+            && let Some(o) = &self.orphans
+            && self.is_open(ino)
+        {
+            match rustix::fs::renameat(&dir.fd, name, &o.dir, name_of(ino)) {
+                Ok(()) => {
+                    self.adopt_orphan(o, ino);
+                    return Ok(());
+                }
+                // Another file system (an adopted directory): a plain removal.
+                Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
+            }
+        }
+        rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).ctx("remove")
+    }
+
+    /// Before a rename replaces `name` in `dir` (file inode `ino`, stat `st`): keeps the file
+    /// in the orphanage if the name is its last and it is open.
+    pub(super) fn keep_replaced(
+        &self,
+        dir: &Inode,
+        name: &OsStr,
+        ino: FuseIno,
+        st: &rustix::fs::Stat,
+    ) {
+        if st.st_nlink == 1
+            && let Some(o) = &self.orphans
+            && self.is_open(ino)
+        {
+            match rustix::fs::linkat(&dir.fd, name, &o.dir, name_of(ino), AtFlags::empty()) {
+                Ok(()) => self.adopt_orphan(o, ino),
+                Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
+            }
+        }
+    }
+
+    fn adopt_orphan(&self, o: &Orphanage, ino: FuseIno) {
+        if o.names.insert(ino, false).is_none() {
+            o.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether file `ino` is open through the kernel (by this daemon, or maybe by an earlier
+    /// one: a revived inode's opens are not all known).
+    fn is_open(&self, ino: FuseIno) -> bool {
+        self.inodes.get(ino).is_some_and(|i| {
+            let open = i.open.lock();
+            i.kind == NodeKind::File && (open.cached + open.passthrough > 0 || i.is_revived())
+        })
+    }
+
+    /// The last open of `inode` closed: an orphan of this daemon goes.
+    pub(super) fn orphan_closed(&self, inode: &Inode) {
+        let Some(o) = &self.orphans else { return };
+        if o.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if o.names.remove_if(&inode.ino, |_, earlier| !*earlier).is_some() {
+            o.count.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = rustix::fs::unlinkat(&o.dir, name_of(inode.ino), AtFlags::empty()) {
+                tracing::warn!("orphan {} not removed: {e}", inode.ino);
+            }
+        }
+    }
+
+    /// Whether inode `ino` is an orphan (its one name is in the orphanage, which the
+    /// workspace does not show).
+    pub(super) fn is_orphan(&self, ino: FuseIno) -> bool {
+        self.orphans
+            .as_ref()
+            .is_some_and(|o| o.count.load(Ordering::Relaxed) > 0 && o.names.contains_key(&ino))
+    }
+}
