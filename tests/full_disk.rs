@@ -65,13 +65,74 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A workspace whose cache is on `fs`, mounted.
+/// A workspace whose cache is on `fs`, mounted write-through (`-o writeback_cache=off`): each
+/// write(2) reaches the daemon, which answers ENOSPC itself. With the kernel's writeback cache
+/// (the default), see `a_full_cache_disk_under_the_writeback_cache_fails_fsync_and_close`.
 fn workspace_on(fs: &Tmpfs, extra: &[&str]) -> Workspace {
     let mut ws = Workspace::unmounted(None, "ws");
     ws.cache = fs.path().join("cache");
     ws.extra = extra.iter().map(|s| s.to_string()).collect();
+    ws.opts = vec!["writeback_cache=off".into()];
     ws.mount();
     ws
+}
+
+/// With the kernel's writeback cache (the default), write(2) puts data in the kernel's page
+/// cache, which has room; what the cache's disk cannot hold is reported when the file is
+/// flushed, by fsync and by close (ENOSPC, as NFS does), and the workspace recovers once space
+/// is freed.
+#[test]
+fn a_full_cache_disk_under_the_writeback_cache_fails_fsync_and_close() {
+    if skip_fuse() {
+        return;
+    }
+    let fs = Tmpfs::mount("48m");
+    let mut ws = Workspace::unmounted(None, "ws");
+    ws.cache = fs.path().join("cache");
+    ws.mount();
+    fs::write(ws.path("keep"), b"kept").unwrap();
+    let chunk = vec![0x5a; 1 << 20];
+    let mut f = File::create(ws.path("big")).unwrap();
+    for _ in 0..64 {
+        f.write_all(&chunk).unwrap();
+    }
+    let e = f.sync_all().expect_err("fsync of more than the disk holds");
+    assert_enospc("fsync", &e);
+    drop(f);
+    fs.remove_and_wait_for_space(&ws.path("big"));
+    // close(2) reports it to a program that never fsyncs (Python raises from close()).
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import errno, sys\n\
+             f = open(sys.argv[1], 'wb')\n\
+             for i in range(64): f.write(b'Z' * (1 << 20))\n\
+             try:\n\
+             \x20   f.close()\n\
+             except OSError as e:\n\
+             \x20   print(errno.errorcode[e.errno]); raise SystemExit(7)",
+        )
+        .arg(ws.path("big"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(7), "ENOSPC"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        ws.log_tail()
+    );
+    fs.remove_and_wait_for_space(&ws.path("big"));
+    fs::write(ws.path("after"), b"after").unwrap();
+    let g = ws.sync();
+    let dest = restored(&ws, g);
+    assert_eq!(fs::read(dest.join("keep")).unwrap(), b"kept");
+    assert_eq!(fs::read(dest.join("after")).unwrap(), b"after");
+    assert!(!dest.join("big").exists());
+    ws.unmount();
 }
 
 /// Writes `path` until the file system is full; returns the error that stopped it.

@@ -52,8 +52,12 @@ fn without(mut t: Snapshot, name: &str) -> Snapshot {
 
 /// A rollback while a writer writes, files open across it, then its undo.
 fn live_rollback_and_undo(store: &TestStore) {
-    // Cuts only when asked: the rollback's own sync does the work.
-    let a = store.workspace("live", &["--commit-interval", "1h"]);
+    // Cuts only when asked: the rollback's own sync does the work. Write-through: the stream
+    // below counts what write(2) acknowledged, which the writeback cache holds in the kernel
+    // (SEMANTICS.md, the live rollback); `writes_open_across_a_rollback_fail_with_the_writeback_cache`
+    // covers the default.
+    let mut a = store.workspace("live", &["--commit-interval", "1h"]);
+    a.opts = vec!["writeback_cache=off".into()];
     a.mount();
     let mp = a.mp.to_string_lossy().into_owned();
     std::fs::create_dir_all(a.path("src/deep")).unwrap();
@@ -298,4 +302,37 @@ fn live_rollback_crash_after_commit_seaweedfs() {
         &TestStore::seaweed("rollback-crash"),
         "rollback-after-commit",
     );
+}
+
+/// With the writeback cache (the default), a file open across a live rollback takes no more
+/// writes: the rollback drops the kernel's attributes of the old tree's inodes, so the next
+/// write(2) asks the daemon, which answers ESTALE (instead of pages that would be dropped).
+#[test]
+fn writes_open_across_a_rollback_fail_with_the_writeback_cache() {
+    if skip_fuse() {
+        return;
+    }
+    let store = TestStore::file();
+    let a = store.workspace("wb", &["--commit-interval", "1h"]);
+    a.mount();
+    let mp = a.mp.to_string_lossy().into_owned();
+    std::fs::write(a.path("kept"), b"before\n").unwrap();
+    a.ok(&["snapshot", "create", "good", &mp]);
+    let mut writer = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.path("stream"))
+        .unwrap();
+    writer.write_all(b"line\n").unwrap();
+    rollback(&a, "good");
+    let e = writer.write_all(b"after\n").unwrap_err();
+    assert_eq!(
+        errno(&e),
+        libc::ESTALE,
+        "a write of a file open before: {e}"
+    );
+    drop(writer);
+    assert!(!a.path("stream").exists());
+    assert_eq!(std::fs::read(a.path("kept")).unwrap(), b"before\n");
+    a.unmount();
 }

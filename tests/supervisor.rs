@@ -173,12 +173,18 @@ impl Outcome {
 fn finish(workloads: Vec<(&'static str, Child)>, ws: &Workspace) {
     for (name, child) in workloads {
         let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{name} failed: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            ws.log_tail()
-        );
+        if !out.status.success() {
+            let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("inode "))
+                .collect();
+            panic!(
+                "{name} failed: {}\n--- warnings of the daemons ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                warnings.join("\n")
+            );
+        }
     }
 }
 
@@ -531,5 +537,8 @@ print(os.fstat(fd).st_nlink)
     ws.unmount();
     // The next mount empties the orphanage.
     ws.mount();
-    assert_eq!(std::fs::read_dir(ws.cache.join("orphans")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(ws.cache.join("orphans")).unwrap().count(),
+        0
+    );
 }

@@ -127,6 +127,9 @@ pub struct InodeTable {
     /// The inodes an earlier daemon of this connection handed the kernel, by their backing
     /// handles: a request for one that is not in the table opens it again.
     revivable: DashMap<FuseIno, Box<[u8]>>,
+    /// This table's daemon took over a connection: the kernel may send FORGETs of nodes an
+    /// earlier daemon handed out, counted against an inode that took the number since.
+    successor: std::sync::atomic::AtomicBool,
 }
 
 impl InodeTable {
@@ -168,6 +171,7 @@ impl InodeTable {
             forgotten: DashMap::new(),
             log: std::sync::OnceLock::new(),
             revivable: DashMap::new(),
+            successor: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -177,11 +181,26 @@ impl InodeTable {
         &self,
         log: crate::nodes::NodeLog,
         revivable: std::collections::HashMap<FuseIno, Box<[u8]>>,
+        successor: bool,
     ) {
+        self.successor.store(successor, Ordering::Relaxed);
         for (ino, handle) in revivable {
             self.revivable.insert(ino, handle);
         }
         let _ = self.log.set(log);
+    }
+
+    /// For a daemon that took over a connection, the backing handle of an inode the kernel
+    /// refers to that is not in the table: the one this daemon kept when the kernel forgot it
+    /// (newer: a FORGET of a node an earlier daemon handed out may have taken the count of a
+    /// file that got its number since, while the kernel holds that file), else the one an
+    /// earlier daemon logged.
+    pub(crate) fn successor_handle(&self, ino: FuseIno) -> Option<Box<[u8]>> {
+        if !self.successor.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.forgotten_handle(ino)
+            .or_else(|| self.revivable_handle(ino))
     }
 
     /// The backing handle of an inode an earlier daemon of this connection handed out.
@@ -282,6 +301,16 @@ impl InodeTable {
         names
     }
 
+    /// The inodes of earlier eras the kernel still holds (a live rollback replaced them).
+    pub(crate) fn stale(&self) -> Vec<FuseIno> {
+        let era = self.era();
+        self.map
+            .iter()
+            .filter(|e| e.value().ino != ROOT_INO && e.value().era != era)
+            .map(|e| *e.key())
+            .collect()
+    }
+
     /// How this table's FUSE and backing inode numbers map to each other.
     pub fn inos(&self) -> InoMap {
         self.inos
@@ -353,6 +382,12 @@ impl InodeTable {
             Entry::Vacant(e) => {
                 let (handle, generation) = backing_handle(&fd);
                 self.forgotten.remove(&ino);
+                // The same file an earlier daemon handed out (the kernel's count of it is not
+                // known), or another that took its number since (that node is stale).
+                let revived = self
+                    .revivable
+                    .remove(&ino)
+                    .is_some_and(|(_, old)| handle.as_deref() == Some(&old[..]));
                 let inode = Arc::new(Inode {
                     ino,
                     kind,
@@ -366,8 +401,7 @@ impl InodeTable {
                     direct_io: parking_lot::RwLock::new(()),
                     handle,
                     generation,
-                    // An earlier daemon may have handed it out: the kernel's count is unknown.
-                    revived: self.revivable.contains_key(&ino),
+                    revived,
                 });
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -389,7 +423,7 @@ impl InodeTable {
                 .nlookup
                 .store(before.saturating_sub(n), Ordering::Relaxed);
             debug_assert!(
-                before >= n || e.get().revived,
+                before >= n || e.get().revived || self.successor.load(Ordering::Relaxed),
                 "forget of {n} on inode {ino} with {before} lookups"
             );
             if before <= n {

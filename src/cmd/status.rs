@@ -19,17 +19,8 @@ pub struct StatusArgs {
     pub dirty: bool,
 }
 
-pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
-    let v = client::status(&args.mountpoint, args.dirty, Duration::from_secs(30))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let j = &v.journal;
-    let ops = &v.ops;
-    println!("mountpoint   {}", v.mountpoint.display());
-    println!("cache        {}", v.cache.display());
-    println!("backing      {}", v.backing.display());
+/// The daemon, and its supervisor if it has one.
+fn print_processes(v: &crate::control::Status) {
     println!(
         "daemon       pid {}, up {:.0}s, passthrough {}",
         v.pid,
@@ -45,6 +36,20 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         };
         println!("supervisor   pid {} ({replaced})", s.pid);
     }
+}
+
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    let v = client::status(&args.mountpoint, args.dirty, Duration::from_secs(30))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let j = &v.journal;
+    let ops = &v.ops;
+    println!("mountpoint   {}", v.mountpoint.display());
+    println!("cache        {}", v.cache.display());
+    println!("backing      {}", v.backing.display());
+    print_processes(&v);
     println!(
         "journal      seq {}, segment {} at {} bytes; {} records in {} writes since mount",
         j.last_seq, j.segment, j.segment_offset, j.records, j.batches

@@ -20,13 +20,14 @@ pub mod identity;
 pub mod lease;
 pub mod metrics;
 mod mounted;
+mod prepare;
 pub mod readonly;
 pub mod rollback;
 pub mod server;
 pub mod supervisor;
 pub mod upkeep;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,7 +37,7 @@ use owsfs_hydrate::Hydrator;
 use owsfs_hydrate::prefetch::{PrefetchOptions, Prefetcher};
 use owsfs_journal::{Journal, JournalOptions, Recovery};
 use owsfs_local::{Cache, LocalState};
-use owsfs_store::generation::{SqliteState, Workspace};
+use owsfs_store::generation::Workspace;
 use owsfs_store::{Store, StoreOptions};
 use owsfs_sync::{SyncAgent, SyncOptions};
 
@@ -44,6 +45,7 @@ use self::background::Readiness;
 use self::daemon::Daemon;
 use self::lease::{LeaseGuard, LeaseRequest};
 pub use self::mounted::Mounted;
+pub use self::prepare::{Prepared, aside_notice, prepare};
 use crate::args::MountOpts;
 use crate::options::MountOptions;
 use crate::{mountpoint, options};
@@ -179,129 +181,6 @@ pub fn open_workspace(
         .with_context(|| format!("cannot open workspace {name} in {url}"))?;
     let before = identity::Before::read(&ws, created);
     Ok((store, ws, before))
-}
-
-/// Phase 4's result: a cache that matches the store, ready to serve.
-pub struct Prepared {
-    pub cache: Cache,
-    pub journal: Arc<Journal>,
-    pub recovery: Recovery,
-    pub local: LocalState,
-    /// The newest generation (the fence of this mount, or a commit after it).
-    pub head: u64,
-    /// The SQLite positions of the base generation, carried on for databases a cut skips.
-    pub previous_sqlite: Vec<SqliteState>,
-}
-
-/// Phase 4: fences the workspace (no older epoch can commit from now on), sets aside the
-/// unsynced changes of a cache that diverged from the store, and matches the cache with the
-/// newest generation.
-pub fn prepare(
-    open: OpenCache,
-    ws: &Workspace,
-    lease: &LeaseGuard,
-    store_url: &str,
-    ready: &Readiness,
-    taking_over: bool,
-) -> anyhow::Result<Prepared> {
-    let OpenCache {
-        cache,
-        mut journal,
-        mut recovery,
-    } = open;
-    // A set-aside that a crash interrupted was finished when the cache was opened.
-    for dest in &cache.finished_aside {
-        ready.notice(&aside_notice(dest));
-    }
-    let head = ws
-        .fence(lease.epoch())
-        .with_context(|| format!("cannot fence workspace {}", ws.name()))?;
-    tracing::info!("generation {head}: fence of epoch {}", lease.epoch());
-    // Crash window: the fence is in the store, nothing of this mount in the cache yet.
-    fail::fail_point!("fence-after-slot");
-    let state_path = cache.root.join("state.db");
-    let mut local = LocalState::open(&state_path)?;
-    // After a crash, what the journal may have lost (against the cache's own base, before it
-    // is matched with the store). A new cache (no segment yet) has nothing to reconcile.
-    if !recovery.clean && recovery.rescan.is_none() && recovery.segments > 0 {
-        let torn = recovery.torn_tail.is_some();
-        let (n, names) =
-            owsfs_hydrate::reconcile::after_crash(&cache.backing, &local, &journal, torn)?;
-        if n > 0 {
-            tracing::warn!(
-                "journal: {n} name(s) differ from the last generation without a journal record \
-                 (fetched since, or records lost to damage); the next commit reads them again: \
-                 {}",
-                names.join(", ")
-            );
-        }
-    }
-    if let Some(dir) = cache.adopted() {
-        owsfs_hydrate::prepare::check_adopted(
-            ws,
-            &mut local,
-            dir,
-            &cache.backing,
-            &cache.root,
-            head,
-        )?;
-    }
-    if let Some(why) = owsfs_hydrate::prepare::diverged(ws, &local, journal.is_dirty(), head)? {
-        if taking_over {
-            // The kernel refers to this tree's files: it cannot go aside under it.
-            anyhow::bail!(
-                "cannot take over the mount: {why}; another node wrote the workspace while no \
-                 daemon served it"
-            );
-        }
-        // Never merged: the unsynced changes go aside, whole, for `owsfs recover`.
-        drop(local);
-        drop(journal);
-        let name = format!(
-            "{}-epoch{}",
-            jiff::Timestamp::now().as_second(),
-            lease.epoch()
-        );
-        let dest = cache.set_aside(
-            &name,
-            &serde_json::json!({"workspace": ws.name(), "store": store_url, "reason": why}),
-        )?;
-        tracing::warn!(
-            "{why}: they are kept in {}; make them a workspace of their own with `owsfs recover \
-             --cache {} --as NEW_NAME`",
-            dest.display(),
-            dest.display()
-        );
-        ready.notice(&aside_notice(&dest));
-        (journal, recovery) = open_journal(&cache)?;
-        local = LocalState::open(&state_path)?;
-    }
-    let journal = Arc::new(journal);
-    let (previous_sqlite, head) =
-        owsfs_hydrate::prepare::prepare_base(ws, &mut local, &cache, &journal, store_url, head)?;
-    if lease.keeper().is_lost() {
-        anyhow::bail!("the lease was lost while preparing the cache");
-    }
-    // Commits of this mount carry this epoch; a later mount of this cache knows them as its own.
-    local.set_meta("lease_epoch", &lease.epoch().to_string())?;
-    Ok(Prepared {
-        cache,
-        journal,
-        recovery,
-        local,
-        head,
-        previous_sqlite,
-    })
-}
-
-/// Where unsynced changes were set aside, and how to get them back.
-pub fn aside_notice(dest: &Path) -> String {
-    format!(
-        "unsynced changes of an earlier mount were set aside in {} (recover them with `owsfs \
-         recover --cache {} --as NEW_NAME`)",
-        dest.display(),
-        dest.display()
-    )
 }
 
 /// How the services run.
@@ -711,16 +590,7 @@ pub fn serve(
     mut worker: Option<supervisor::Worker>,
 ) -> anyhow::Result<()> {
     let resume = worker.as_mut().and_then(|w| w.resume.take());
-    let mountpoint = match &resume {
-        // The mount is there already, served by nobody until this process takes it over.
-        Some(_) => mountpoint::absolute(mountpoint)?,
-        None => mountpoint::check_mountable(mountpoint, opts.adopt)?,
-    };
-    if resume.is_some() {
-        fail::fail_point!("resume-start", |_| Err(anyhow::anyhow!(
-            "fail point resume-start"
-        )));
-    }
+    let mountpoint = serving_point(mountpoint, opts, resume.is_some())?;
     mountpoint::check_dev_fuse()?;
     // The process umask stays as it is: it also applies to the cache, the journal and a
     // file:// store, which must not become writable by everyone. New nodes get exactly the
@@ -773,21 +643,9 @@ pub fn serve(
         note_stop: true,
         mountpoint: Some(&mountpoint),
     })?;
-    let succession = worker.as_ref().map(|w| owsfs_fuse::Succession {
-        node_log: open.cache.root.join("nodes"),
-        orphans: open.cache.root.join("orphans"),
-        incarnation: w.incarnation,
-    });
+    let succession = worker.as_ref().map(|w| succession(w, &open.cache));
     let prepared = prepare(open, &ws, &lease, &store_url, ready, resume.is_some())?;
-    let mut service_opts = ServiceOptions::serving(
-        opts,
-        o,
-        SyncOptions {
-            commit_interval: opts.commit_interval,
-            max_lag: opts.max_lag,
-            max_lag_bytes: opts.max_lag_bytes,
-        },
-    );
+    let mut service_opts = ServiceOptions::serving(opts, o, sync_options(opts));
     service_opts.core.succession = succession;
     let (mut services, rest) = Services::start(&store, &ws, Some(&lease), prepared, service_opts)?;
     let PreparedRest {
@@ -799,28 +657,14 @@ pub fn serve(
     let adopted = cache.adopted().map(Path::to_path_buf);
     let node = cache.node_id()?;
     cache_lock.replace(cache);
-    let fsname = fsname(opts, &cache_root);
-    let durable = Arc::new(
-        owsfs_fuse::durable::Waiter::start(Arc::new(AgentDurable {
-            agent: Arc::clone(&services.agent),
-            timeout: o.strict_timeout,
-        }))
-        .context("cannot start the durability thread")?,
-    );
-    let mut mounted = match resume {
-        Some(r) => Mounted::resume(&services.core, &mountpoint, o, &fsname, r, Some(durable))?,
-        None => Mounted::mount(
-            &services.core,
-            &mountpoint,
-            o,
-            &fsname,
-            worker.is_some(),
-            Some(durable),
-        )?,
+    let session = mounted::WriterSession {
+        core: &services.core,
+        agent: &services.agent,
+        mountpoint: &mountpoint,
+        o,
+        fsname: &fsname(opts, &cache_root),
     };
-    if let Some(w) = &worker {
-        mounted.hand_over(w)?;
-    }
+    let mut mounted = session.attach(worker.as_ref(), resume)?;
     lease.serving(&journal);
     services.run(&mountpoint, mounted.invalidators(), opts.foreground)?;
 
@@ -1016,27 +860,37 @@ pub fn serve_args(
     serve(mountpoint, opts, &o, cache_dir, ready, worker)
 }
 
-/// What strict fsyncs and `OWSFS_IOC_SYNC` wait for: the agent's sync (everything the journal
-/// recorded before the call durable in the store), at most `timeout`.
-struct AgentDurable {
-    agent: Arc<SyncAgent>,
-    timeout: std::time::Duration,
+/// Where a daemon serves: a mountpoint checked for a new mount, or for a daemon that takes
+/// over a connection, the mount that is there (served by nobody until it does).
+fn serving_point(
+    mountpoint: &Path,
+    opts: &MountOpts,
+    taking_over: bool,
+) -> anyhow::Result<PathBuf> {
+    if taking_over {
+        fail::fail_point!("resume-start", |_| Err(anyhow::anyhow!(
+            "fail point resume-start"
+        )));
+        return mountpoint::absolute(mountpoint);
+    }
+    mountpoint::check_mountable(mountpoint, opts.adopt)
 }
 
-impl owsfs_fuse::durable::Durable for AgentDurable {
-    fn wait(&self, push_pages: bool) -> Result<u64, (i32, String)> {
-        if push_pages {
-            self.agent.push_dirty_pages();
-        }
-        self.agent.sync(self.timeout).map_err(|e| {
-            let errno = match &e {
-                owsfs_sync::SyncError::NotDurable { why, .. } if why.contains("disk is full") => {
-                    libc::ENOSPC
-                }
-                _ => libc::EIO,
-            };
-            (errno, e.to_string())
-        })
+/// What a supervised daemon keeps for the one after it, in its cache.
+fn succession(worker: &supervisor::Worker, cache: &Cache) -> owsfs_fuse::Succession {
+    owsfs_fuse::Succession {
+        node_log: cache.root.join("nodes"),
+        orphans: cache.root.join("orphans"),
+        incarnation: worker.incarnation,
+    }
+}
+
+/// The sync agent's settings a mount's flags give.
+fn sync_options(opts: &MountOpts) -> SyncOptions {
+    SyncOptions {
+        commit_interval: opts.commit_interval,
+        max_lag: opts.max_lag,
+        max_lag_bytes: opts.max_lag_bytes,
     }
 }
 

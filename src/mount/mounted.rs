@@ -179,3 +179,62 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// Phase 6 of a writer's mount: its session mounted, or taken over from a dead daemon, with
+/// the durability thread, and handed to the supervisor.
+pub struct WriterSession<'a> {
+    pub core: &'a Arc<Core>,
+    pub agent: &'a Arc<owsfs_sync::SyncAgent>,
+    pub mountpoint: &'a Path,
+    pub o: &'a MountOptions,
+    pub fsname: &'a str,
+}
+
+impl WriterSession<'_> {
+    pub fn attach(
+        self,
+        worker: Option<&supervisor::Worker>,
+        resume: Option<supervisor::Resume>,
+    ) -> anyhow::Result<Mounted> {
+        let durable = Arc::new(
+            Waiter::start(Arc::new(AgentDurable {
+                agent: Arc::clone(self.agent),
+                timeout: self.o.strict_timeout,
+            }))
+            .context("cannot start the durability thread")?,
+        );
+        let (core, mp, o, fsname) = (self.core, self.mountpoint, self.o, self.fsname);
+        let mounted = match resume {
+            Some(r) => Mounted::resume(core, mp, o, fsname, r, Some(durable))?,
+            None => Mounted::mount(core, mp, o, fsname, worker.is_some(), Some(durable))?,
+        };
+        if let Some(w) = worker {
+            mounted.hand_over(w)?;
+        }
+        Ok(mounted)
+    }
+}
+
+/// What strict fsyncs and `OWSFS_IOC_SYNC` wait for: the agent's sync (everything the journal
+/// recorded before the call durable in the store), at most `timeout`.
+struct AgentDurable {
+    agent: Arc<owsfs_sync::SyncAgent>,
+    timeout: std::time::Duration,
+}
+
+impl owsfs_fuse::durable::Durable for AgentDurable {
+    fn wait(&self, push_pages: bool) -> Result<u64, (i32, String)> {
+        if push_pages {
+            self.agent.push_dirty_pages();
+        }
+        self.agent.sync(self.timeout).map_err(|e| {
+            let errno = match &e {
+                owsfs_sync::SyncError::NotDurable { why, .. } if why.contains("disk is full") => {
+                    libc::ENOSPC
+                }
+                _ => libc::EIO,
+            };
+            (errno, e.to_string())
+        })
+    }
+}

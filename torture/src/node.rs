@@ -99,6 +99,12 @@ impl Owsfs {
             self.store.clone(),
             "--workspace".into(),
             workspace.into(),
+            // The checker's promise is write-through's: every operation that completed
+            // survives the node's death. With the writeback cache (the default) a SQLite
+            // commit under synchronous=NORMAL stays in the kernel's pages until the kernel
+            // writes them back, and the node's death may take it, as a power loss would.
+            "-o".into(),
+            "writeback_cache=off".into(),
         ];
         a.extend(args.iter().cloned());
         let a: Vec<&str> = a.iter().map(String::as_str).collect();

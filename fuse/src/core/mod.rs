@@ -304,6 +304,14 @@ impl Core {
         self.inodes.next_era()
     }
 
+    /// The inodes the kernel still holds of trees a live rollback replaced: their cached
+    /// attributes are to be dropped, so that the kernel asks again, and a write(2) through the
+    /// writeback cache to a file opened before (which checks the attributes first) fails with
+    /// ESTALE instead of filling pages nobody will take.
+    pub fn stale_inodes(&self) -> Vec<FuseIno> {
+        self.inodes.stale()
+    }
+
     /// The inode table's era (raised by each [`Core::replaced_tree`]).
     pub fn era(&self) -> u64 {
         self.inodes.era()
@@ -422,7 +430,11 @@ impl Core {
     fn inode(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
         let inode = match self.inodes.get(ino) {
             Some(inode) => inode,
-            None => self.revive(ino)?,
+            None => self.revive(ino).inspect_err(|e| {
+                if self.first_fh > 1 {
+                    tracing::info!("inode {ino}: {e}");
+                }
+            })?,
         };
         if !self.inodes.is_current(&inode) {
             return Err(FsError::errno(
@@ -575,7 +587,7 @@ fn inherit_nodes(inodes: &InodeTable, s: &Succession) -> FsResult<()> {
             earlier.len()
         );
     }
-    inodes.keep_log(log, earlier);
+    inodes.keep_log(log, earlier, s.incarnation > 0);
     Ok(())
 }
 

@@ -87,11 +87,16 @@ impl Core {
     /// died or was replaced): opened again by the backing handle it left in the node log,
     /// and back in the table. ESTALE for any other, and for one removed since.
     pub(super) fn revive(&self, ino: FuseIno) -> FsResult<Arc<Inode>> {
+        // A handle this daemon kept when the kernel forgot the inode is the newer: a FORGET
+        // of a node an earlier daemon handed out may have taken the count of a file that got
+        // its number since, while the kernel holds that file.
         let handle = self
             .inodes
-            .revivable_handle(ino)
+            .successor_handle(ino)
             .ok_or_else(|| FsError::errno(libc::ESTALE, "inode not known"))?;
-        let (fd, st) = self.open_backing_handle(ino, &handle)?;
+        let (fd, st) = self.open_backing_handle(ino, &handle).inspect_err(|e| {
+            tracing::info!("inode {ino} of an earlier daemon cannot be opened again: {e}");
+        })?;
         tracing::debug!("inode {ino} of an earlier daemon opened again");
         Ok(self.inodes.revive(ino, kind::of_mode(st.st_mode), fd))
     }

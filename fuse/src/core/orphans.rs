@@ -51,7 +51,11 @@ impl Orphanage {
         let names = DashMap::new();
         for entry in std::fs::read_dir(path).map_err(|e| FsError::io("list the orphanage", e))? {
             let entry = entry.map_err(|e| FsError::io("list the orphanage", e))?;
-            match entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+            match entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 Some(ino) if inherit => {
                     names.insert(FuseIno(ino), true);
                 }
@@ -60,12 +64,9 @@ impl Orphanage {
                 }
             }
         }
-        let dir = owsfs_sys::fs::open_path(
-            rustix::fs::CWD,
-            path,
-            OFlags::DIRECTORY | OFlags::CLOEXEC,
-        )
-        .ctx("open the orphanage")?;
+        let dir =
+            owsfs_sys::fs::open_path(rustix::fs::CWD, path, OFlags::DIRECTORY | OFlags::CLOEXEC)
+                .ctx("open the orphanage")?;
         let count = AtomicUsize::new(names.len());
         Ok(Orphanage { dir, names, count })
     }
@@ -139,7 +140,10 @@ impl Core {
         if o.count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        if o.names.remove_if(&inode.ino, |_, earlier| !*earlier).is_some() {
+        if o.names
+            .remove_if(&inode.ino, |_, earlier| !*earlier)
+            .is_some()
+        {
             o.count.fetch_sub(1, Ordering::Relaxed);
             if let Err(e) = rustix::fs::unlinkat(&o.dir, name_of(inode.ino), AtFlags::empty()) {
                 tracing::warn!("orphan {} not removed: {e}", inode.ino);

@@ -249,19 +249,30 @@ fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
     let removed = first.lookup(ROOT_INO, name("removed")).unwrap();
     let (_, removed_fh) = first.open(removed.ino(), libc::O_RDONLY, false).unwrap();
     first.unlink(ROOT_INO, name("removed")).unwrap();
-    assert_eq!(first.getattr(removed.ino()).unwrap().nlink, 0, "no name in the workspace");
+    assert_eq!(
+        first.getattr(removed.ino()).unwrap().nlink,
+        0,
+        "no name in the workspace"
+    );
     std::fs::write(backing.join("old"), b"replaced while open").unwrap();
     std::fs::write(backing.join("new"), b"the replacement").unwrap();
     let replaced = first.lookup(ROOT_INO, name("old")).unwrap();
     let (_, replaced_fh) = first.open(replaced.ino(), libc::O_RDONLY, false).unwrap();
-    first.rename(ROOT_INO, name("new"), ROOT_INO, name("old"), 0).unwrap();
+    first
+        .rename(ROOT_INO, name("new"), ROOT_INO, name("old"), 0)
+        .unwrap();
     // A file removed and closed leaves nothing behind.
     std::fs::write(backing.join("closed"), b"").unwrap();
     let closed = first.lookup(ROOT_INO, name("closed")).unwrap();
     let (_, closed_fh) = first.open(closed.ino(), libc::O_RDONLY, false).unwrap();
     first.unlink(ROOT_INO, name("closed")).unwrap();
     first.release(closed_fh).unwrap();
-    assert_eq!(std::fs::read_dir(dir.path().join("orphans")).unwrap().count(), 2);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("orphans"))
+            .unwrap()
+            .count(),
+        2
+    );
     drop(first); // its descriptors close, as at its death
     std::fs::remove_file(backing.join("gone")).unwrap();
 
@@ -304,11 +315,20 @@ fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
 
     // The orphans' contents outlived the core that had them open.
     second.adopt_handle(removed.ino(), removed_fh).unwrap();
-    assert_eq!(second.read(removed_fh, 0, 100).unwrap(), b"removed while open");
+    assert_eq!(
+        second.read(removed_fh, 0, 100).unwrap(),
+        b"removed while open"
+    );
     assert_eq!(second.getattr(removed.ino()).unwrap().nlink, 0);
     second.adopt_handle(replaced.ino(), replaced_fh).unwrap();
-    assert_eq!(second.read(replaced_fh, 0, 100).unwrap(), b"replaced while open");
-    assert_eq!(std::fs::read(backing.join("old")).unwrap(), b"the replacement");
+    assert_eq!(
+        second.read(replaced_fh, 0, 100).unwrap(),
+        b"replaced while open"
+    );
+    assert_eq!(
+        std::fs::read(backing.join("old")).unwrap(),
+        b"the replacement"
+    );
 
     // A third core knows what both handed out.
     drop(second);
