@@ -15,6 +15,9 @@ pub struct MountOptions {
     pub negative_timeout: Duration,
     pub max_write: u32,
     pub writeback_cache: bool,
+    /// `writeback_cache` was given (either way): otherwise a mount without a supervisor
+    /// writes through ([`MountOptions::unsupervised`]).
+    pub writeback_explicit: bool,
     /// `durability=strict`: every fsync and fdatasync answers once the store holds what was
     /// written before it (concurrent ones share one commit).
     pub strict: bool,
@@ -45,6 +48,7 @@ impl Default for MountOptions {
             negative_timeout: adapter.negative_ttl,
             max_write: adapter.max_write,
             writeback_cache: adapter.writeback_cache,
+            writeback_explicit: false,
             strict: false,
             strict_timeout: Duration::from_secs(60),
             posix_acl: adapter.posix_acl,
@@ -176,7 +180,19 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
         (true, _) => o.writeback_cache = false,
         _ => {}
     }
+    o.writeback_explicit = writeback_asked.is_some();
     Ok(o)
+}
+
+impl MountOptions {
+    /// The options of a mount whose daemon has no supervisor: the writeback cache only when
+    /// asked for, since nothing would keep the kernel's dirty pages across the daemon's death.
+    pub fn unsupervised(mut self) -> MountOptions {
+        if !self.writeback_explicit {
+            self.writeback_cache = false;
+        }
+        self
+    }
 }
 
 #[cfg(test)]

@@ -251,6 +251,13 @@ impl InodeTable {
                     .iter()
                     .map(|e| (*e.key(), e.value().clone()))
                     .collect();
+                // A successor's FORGET may take more than the kernel gave up (a stale one of a
+                // reused number): what it kept at one may still be the kernel's.
+                if self.successor.load(Ordering::Relaxed) {
+                    for e in self.forgotten.iter() {
+                        all.insert(*e.key(), e.value().clone());
+                    }
+                }
                 for e in self.map.iter() {
                     if let Some(h) = &e.value().handle
                         && *e.key() != ROOT_INO
@@ -411,10 +418,10 @@ impl InodeTable {
         }
     }
 
-    /// Drops `n` kernel references; the inode leaves the table at zero.
-    pub fn forget(&self, ino: FuseIno, n: u64) {
+    /// Drops `n` kernel references; the inode leaves the table at zero, and is returned then.
+    pub fn forget(&self, ino: FuseIno, n: u64) -> Option<Arc<Inode>> {
         if ino == ROOT_INO {
-            return;
+            return None;
         }
         if let Entry::Occupied(e) = self.map.entry(ino) {
             // The entry's guard excludes every other change of the count.
@@ -439,10 +446,12 @@ impl InodeTable {
                     }
                     self.forgotten.insert(ino, h.clone());
                 }
-                e.remove();
+                let inode = e.remove();
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                return Some(inode);
             }
         }
+        None
     }
 
     /// The names of the `count` least recently looked-up non-directory inodes that no file

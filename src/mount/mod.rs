@@ -643,7 +643,7 @@ pub fn serve(
         note_stop: true,
         mountpoint: Some(&mountpoint),
     })?;
-    let succession = worker.as_ref().map(|w| succession(w, &open.cache));
+    let succession = succession(worker.as_ref(), &open.cache);
     let prepared = prepare(open, &ws, &lease, &store_url, ready, resume.is_some())?;
     let mut service_opts = ServiceOptions::serving(opts, o, sync_options(opts));
     service_opts.core.succession = succession;
@@ -847,7 +847,10 @@ pub fn serve_args(
     ready: &Readiness,
     worker: Option<supervisor::Worker>,
 ) -> anyhow::Result<()> {
-    let o = options::parse(&opts.options)?;
+    let mut o = options::parse(&opts.options)?;
+    if worker.is_none() {
+        o = o.unsupervised();
+    }
     if opts.read_only || opts.at.is_some() {
         let at: owsfs_store::GenRef = opts
             .at
@@ -876,13 +879,21 @@ fn serving_point(
     mountpoint::check_mountable(mountpoint, opts.adopt)
 }
 
-/// What a supervised daemon keeps for the one after it, in its cache.
-fn succession(worker: &supervisor::Worker, cache: &Cache) -> owsfs_fuse::Succession {
-    owsfs_fuse::Succession {
+/// What a supervised daemon keeps for the one after it, in its cache. Without a supervisor,
+/// the orphans an earlier supervised mount of the cache left go: nobody holds them any more.
+fn succession(
+    worker: Option<&supervisor::Worker>,
+    cache: &Cache,
+) -> Option<owsfs_fuse::Succession> {
+    let Some(worker) = worker else {
+        let _ = std::fs::remove_dir_all(cache.root.join("orphans"));
+        return None;
+    };
+    Some(owsfs_fuse::Succession {
         node_log: cache.root.join("nodes"),
         orphans: cache.root.join("orphans"),
         incarnation: worker.incarnation,
-    }
+    })
 }
 
 /// The sync agent's settings a mount's flags give.

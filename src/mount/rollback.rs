@@ -40,7 +40,19 @@ pub struct Forget {
 }
 
 impl Forget {
-    fn forget(&self, root_names: &[std::ffi::OsString], stale: &[owsfs_fuse::FuseIno]) {
+    /// The attributes of what the kernel still holds of the old tree (files open across the
+    /// rollback): its next use asks the daemon, which answers ESTALE. Their pages stay. Sent
+    /// while requests are still held back: an attribute-only invalidation takes no lock a
+    /// held-back request may hold, and no write(2) can slip in before it.
+    fn drop_attributes(&self, stale: &[owsfs_fuse::FuseIno]) {
+        for ino in stale {
+            let _ = self
+                .notifier
+                .inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), -1, 0);
+        }
+    }
+
+    fn forget(&self, root_names: &[std::ffi::OsString]) {
         let root = owsfs_fuse::fuser::INodeNo(ROOT_INO.0);
         let by_epoch = match &self.epoch {
             Some(e) => match e.inc_epoch() {
@@ -61,13 +73,6 @@ impl Forget {
                     tracing::debug!("rollback: invalidate {name:?}: {e}");
                 }
             }
-        }
-        // The attributes of what the kernel still holds of the old tree (files open across the
-        // rollback): its next use asks the daemon, which answers ESTALE. Their pages stay.
-        for ino in stale {
-            let _ = self
-                .notifier
-                .inval_inode(owsfs_fuse::fuser::INodeNo(ino.0), -1, 0);
         }
         // The root's attributes (times, link count) and any listing the kernel kept.
         if let Err(e) = self.notifier.inval_inode(root, 0, 0) {
@@ -152,9 +157,12 @@ impl Rollback {
             Ok(())
         });
         // 4.
+        if replaced {
+            self.forget.drop_attributes(&self.core.stale_inodes());
+        }
         drop(held);
         if replaced {
-            self.forget.forget(&names, &self.core.stale_inodes());
+            self.forget.forget(&names);
         }
         let visible_ms = held_at.elapsed().as_secs_f64() * 1000.0;
         // 5.

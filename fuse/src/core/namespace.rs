@@ -202,7 +202,11 @@ impl Core {
     }
 
     pub fn forget(&self, ino: FuseIno, n: u64) {
-        self.inodes.forget(ino, n);
+        if let Some(inode) = self.inodes.forget(ino, n) {
+            // The kernel let go of the inode: no file of it is open any more, whichever daemon
+            // opened it, so an orphan's name can go.
+            self.orphan_forgotten(&inode);
+        }
     }
 
     pub fn readlink(&self, ino: FuseIno) -> FsResult<Vec<u8>> {
@@ -582,21 +586,29 @@ impl Core {
                     .before_name_change(&dst_dir.fd, newname, exchange)
             })
             .ctx("pin a frozen file")?;
-        if let Some(d) = &dst
-            && !exchange
-            && d.st_ino != src.st_ino
-            && kind::of_mode(d.st_mode) == NodeKind::File
-        {
-            self.keep_replaced(&dst_dir, newname, self.ino_of(d), d);
-        }
-        rustix::fs::renameat_with(
+        let kept = match &dst {
+            Some(d)
+                if !exchange
+                    && flags & owsfs_sys::fs::RENAME_NOREPLACE == 0
+                    && d.st_ino != src.st_ino
+                    && kind::of_mode(d.st_mode) == NodeKind::File =>
+            {
+                self.keep_replaced(&dst_dir, newname, self.ino_of(d), d)
+            }
+            _ => None,
+        };
+        if let Err(e) = rustix::fs::renameat_with(
             &src_dir.fd,
             name,
             &dst_dir.fd,
             newname,
             RenameFlags::from_bits_retain(flags),
-        )
-        .ctx("rename")?;
+        ) {
+            if let Some(ino) = kept {
+                self.unkeep(ino);
+            }
+            return Err(FsError::errno(e.raw_os_error(), "rename"));
+        }
         if let Some(dst) = &dst
             && !exchange
             && dst.st_ino != src.st_ino

@@ -75,7 +75,8 @@ impl Orphanage {
 impl Core {
     /// Removes `name` (file inode `ino`, stat `st`) from `dir`: by moving it into the
     /// orphanage when it is the file's last name and the file is open (or was opened by an
-    /// earlier daemon), else by unlinking it.
+    /// earlier daemon), else by unlinking it. The inode's open counts stay locked meanwhile,
+    /// so that no open or close slips between the check and the move.
     pub(super) fn unlink_file(
         &self,
         dir: &Inode,
@@ -85,69 +86,83 @@ impl Core {
     ) -> FsResult<()> {
         if st.st_nlink == 1
             && let Some(o) = &self.orphans
-            && self.is_open(ino)
+            && let Some(inode) = self.inodes.get(ino)
+            && inode.kind == NodeKind::File
         {
-            match rustix::fs::renameat(&dir.fd, name, &o.dir, name_of(ino)) {
-                Ok(()) => {
-                    self.adopt_orphan(o, ino);
-                    return Ok(());
+            let open = inode.open.lock();
+            if open.cached + open.passthrough > 0 || inode.is_revived() {
+                match rustix::fs::renameat(&dir.fd, name, &o.dir, name_of(ino)) {
+                    Ok(()) => {
+                        adopt_orphan(o, ino, inode.is_revived());
+                        return Ok(());
+                    }
+                    // Another file system (an adopted directory): a plain removal.
+                    Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
                 }
-                // Another file system (an adopted directory): a plain removal.
-                Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
             }
         }
         rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).ctx("remove")
     }
 
     /// Before a rename replaces `name` in `dir` (file inode `ino`, stat `st`): keeps the file
-    /// in the orphanage if the name is its last and it is open.
+    /// in the orphanage if the name is its last and it is open. Returns what to undo should
+    /// the rename fail ([`Core::unkeep`]).
     pub(super) fn keep_replaced(
         &self,
         dir: &Inode,
         name: &OsStr,
         ino: FuseIno,
         st: &rustix::fs::Stat,
-    ) {
+    ) -> Option<FuseIno> {
         if st.st_nlink == 1
             && let Some(o) = &self.orphans
-            && self.is_open(ino)
+            && let Some(inode) = self.inodes.get(ino)
+            && inode.kind == NodeKind::File
         {
-            match rustix::fs::linkat(&dir.fd, name, &o.dir, name_of(ino), AtFlags::empty()) {
-                Ok(()) => self.adopt_orphan(o, ino),
-                Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
+            let open = inode.open.lock();
+            if open.cached + open.passthrough > 0 || inode.is_revived() {
+                match rustix::fs::linkat(&dir.fd, name, &o.dir, name_of(ino), AtFlags::empty()) {
+                    Ok(()) => {
+                        adopt_orphan(o, ino, inode.is_revived());
+                        return Some(ino);
+                    }
+                    Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
+                }
             }
         }
+        None
     }
 
-    fn adopt_orphan(&self, o: &Orphanage, ino: FuseIno) {
-        if o.names.insert(ino, false).is_none() {
-            o.count.fetch_add(1, Ordering::Relaxed);
+    /// The rename [`Core::keep_replaced`] prepared for failed: the file keeps its name, and
+    /// its orphan name goes.
+    pub(super) fn unkeep(&self, ino: FuseIno) {
+        if let Some(o) = &self.orphans {
+            drop_orphan(o, ino);
         }
     }
 
-    /// Whether file `ino` is open through the kernel (by this daemon, or maybe by an earlier
-    /// one: a revived inode's opens are not all known).
-    fn is_open(&self, ino: FuseIno) -> bool {
-        self.inodes.get(ino).is_some_and(|i| {
-            let open = i.open.lock();
-            i.kind == NodeKind::File && (open.cached + open.passthrough > 0 || i.is_revived())
-        })
-    }
-
-    /// The last open of `inode` closed: an orphan of this daemon goes.
+    /// The last open of `inode` closed: an orphan of this daemon goes (one an earlier daemon
+    /// opened waits for the kernel to forget it: its opens are not all known).
     pub(super) fn orphan_closed(&self, inode: &Inode) {
         let Some(o) = &self.orphans else { return };
         if o.count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        if o.names
-            .remove_if(&inode.ino, |_, earlier| !*earlier)
-            .is_some()
-        {
-            o.count.fetch_sub(1, Ordering::Relaxed);
-            if let Err(e) = rustix::fs::unlinkat(&o.dir, name_of(inode.ino), AtFlags::empty()) {
-                tracing::warn!("orphan {} not removed: {e}", inode.ino);
-            }
+        let open = inode.open.lock();
+        if open.cached + open.passthrough == 0 && o.names.get(&inode.ino).is_some_and(|e| !*e) {
+            drop_orphan(o, inode.ino);
+        }
+    }
+
+    /// The kernel forgot `inode`: no file of it is open, so its orphan name goes.
+    pub(super) fn orphan_forgotten(&self, inode: &Inode) {
+        let Some(o) = &self.orphans else { return };
+        if o.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let open = inode.open.lock();
+        if open.cached + open.passthrough == 0 {
+            drop_orphan(o, inode.ino);
         }
     }
 
@@ -157,5 +172,23 @@ impl Core {
         self.orphans
             .as_ref()
             .is_some_and(|o| o.count.load(Ordering::Relaxed) > 0 && o.names.contains_key(&ino))
+    }
+}
+
+/// Records orphan `ino`; `earlier`: its opens are not all known (an inode an earlier daemon
+/// handed out), so only the kernel's FORGET ends it.
+fn adopt_orphan(o: &Orphanage, ino: FuseIno, earlier: bool) {
+    if o.names.insert(ino, earlier).is_none() {
+        o.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Removes orphan `ino`'s name, if it has one.
+fn drop_orphan(o: &Orphanage, ino: FuseIno) {
+    if o.names.remove(&ino).is_some() {
+        o.count.fetch_sub(1, Ordering::Relaxed);
+        if let Err(e) = rustix::fs::unlinkat(&o.dir, name_of(ino), AtFlags::empty()) {
+            tracing::warn!("orphan {ino} not removed: {e}");
+        }
     }
 }
