@@ -484,8 +484,11 @@ fn a_file_removed_while_open_survives_the_daemon() {
     }
     let ws = Workspace::new();
     let script = r#"
-import os, sys
+import os, sys, tempfile
 root, go = sys.argv[1], sys.argv[2]
+unnamed = tempfile.TemporaryFile(dir=root)  # O_TMPFILE
+unnamed.write(b"unnamed\n")
+unnamed.flush()
 path = os.path.join(root, "scratch")
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 os.write(fd, b"before the death\n")
@@ -505,6 +508,10 @@ os.lseek(fd, 0, os.SEEK_SET)
 print(os.read(fd, 100).decode().replace("\n", "|"))
 print(os.read(old, 100).decode())
 print(os.fstat(fd).st_nlink)
+unnamed.write(b"still there\n")
+unnamed.flush()
+unnamed.seek(0)
+print(unnamed.read().decode().replace("\n", "|"))
 "#;
     let mut child = Command::new("python3")
         .args(["-c", script])
@@ -528,7 +535,7 @@ print(os.fstat(fd).st_nlink)
     assert!(child.wait().unwrap().success(), "{rest}{}", ws.log_tail());
     assert_eq!(
         rest,
-        "before the death|after the death|\nold\n0\n",
+        "before the death|after the death|\nold\n0\nunnamed|still there|\n",
         "{}",
         ws.log_tail()
     );

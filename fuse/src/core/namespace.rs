@@ -438,6 +438,8 @@ impl Core {
                 return Err(e);
             }
         };
+        // Kept in the orphanage while open, so that the daemon's death does not free it.
+        self.keep_unnamed(&inode);
         let (handle, fh) = self.insert_handle(&inode, File::from(fd), io);
         let entry = Entry {
             attr: self.attr(&st),
@@ -640,7 +642,8 @@ impl Core {
         let _barrier = self.mutation()?;
         // An unnamed file (`O_TMPFILE`) gets its first name: for the journal it is created
         // here, whole, with what was written to it before.
-        let unnamed = rustix::fs::fstat(&inode.fd).is_ok_and(|st| st.st_nlink == 0);
+        let unnamed = rustix::fs::fstat(&inode.fd)
+            .is_ok_and(|st| st.st_nlink == 0 || (st.st_nlink == 1 && self.is_orphan(inode.ino)));
         let path = self.child_path(newparent, newname);
         self.journal.append(if unnamed {
             Op::Create {
@@ -653,6 +656,10 @@ impl Core {
         })?;
         owsfs_sys::fs::link_fd(&inode.fd, &dir.fd, newname)
             .map_err(|e| FsError::errno(e.raw_os_error(), "link"))?;
+        if unnamed {
+            // Named now: its orphan name (an unnamed file's, see `tmpfile`) goes.
+            self.unkeep(ino);
+        }
         // A hard link keeps the inode's recorded name; the new one is only an alias (of an
         // unnamed file, it is its name).
         let st = rustix::fs::statat(&dir.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ctx("link")?;

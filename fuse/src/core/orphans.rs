@@ -133,6 +133,16 @@ impl Core {
         None
     }
 
+    /// An unnamed file (`O_TMPFILE`), open: named in the orphanage until its last close or a
+    /// link names it, so that the daemon's death does not free it.
+    pub(super) fn keep_unnamed(&self, inode: &Inode) {
+        let Some(o) = &self.orphans else { return };
+        match owsfs_sys::fs::link_fd(&inode.fd, &o.dir, name_of(inode.ino).as_str()) {
+            Ok(()) => adopt_orphan(o, inode.ino, false),
+            Err(e) => tracing::debug!("unnamed file {} not kept: {e}", inode.ino),
+        }
+    }
+
     /// The rename [`Core::keep_replaced`] prepared for failed: the file keeps its name, and
     /// its orphan name goes.
     pub(super) fn unkeep(&self, ino: FuseIno) {
