@@ -29,48 +29,43 @@ pub fn setup_from_env() -> anyhow::Result<()> {
         }
     }
     let armed_by = std::env::var_os("OWSFS_CRASH_ARMED_BY").map(std::path::PathBuf::from);
-    if let Ok(names) = std::env::var("OWSFS_WORKER_CRASH_AT") {
-        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let owned = name.to_string();
-            let armed_by = armed_by.clone();
-            fail::cfg_callback(name, move || {
-                if armed_by.as_ref().is_some_and(|p| !p.exists()) {
-                    return;
-                }
-                tracing::error!(
-                    "crash point {owned}: this daemon dies now (OWSFS_WORKER_CRASH_AT)"
-                );
-                // SAFETY: _exit ends the process at once; nothing of ours runs after it.
-                unsafe { libc::_exit(137) };
-            })
-            .map_err(anyhow::Error::msg)?;
-        }
-    }
-    if let Ok(names) = std::env::var("OWSFS_CRASH_AT") {
-        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let owned = name.to_string();
-            let armed_by = armed_by.clone();
-            fail::cfg_callback(name, move || {
-                if armed_by.as_ref().is_some_and(|p| !p.exists()) {
-                    return;
-                }
-                if tracing::dispatcher::has_been_set() {
-                    tracing::error!("crash point {owned}: dying now (OWSFS_CRASH_AT)");
-                } else {
-                    // A command without a log (`owsfs recover`) says it on stderr.
-                    eprintln!("owsfs: crash point {owned}: dying now (OWSFS_CRASH_AT)");
-                }
-                // A crash point stands for the death of the node: a worker's supervisor dies
-                // with it (a worker's own death is `kill -9` of it alone).
-                if let Some(s) = crate::mount::supervisor::supervision() {
-                    // SAFETY: kill(2) takes plain integers.
-                    unsafe { libc::kill(s.pid as i32, libc::SIGKILL) };
-                }
-                // SAFETY: _exit ends the process at once; nothing of ours runs after it.
-                unsafe { libc::_exit(137) };
-            })
-            .map_err(anyhow::Error::msg)?;
-        }
+    crash_points("OWSFS_WORKER_CRASH_AT", &armed_by, false)?;
+    crash_points("OWSFS_CRASH_AT", &armed_by, true)?;
+    Ok(())
+}
+
+/// The crash points variable `var` names: the process dies there as by `kill -9` (status
+/// 137), while `armed_by` exists if given; with `node`, a worker's supervisor dies too (the
+/// node's death; without it, the daemon's own, which its supervisor survives).
+fn crash_points(
+    var: &'static str,
+    armed_by: &Option<std::path::PathBuf>,
+    node: bool,
+) -> anyhow::Result<()> {
+    let Ok(names) = std::env::var(var) else {
+        return Ok(());
+    };
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let owned = name.to_string();
+        let armed_by = armed_by.clone();
+        fail::cfg_callback(name, move || {
+            if armed_by.as_ref().is_some_and(|p| !p.exists()) {
+                return;
+            }
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("crash point {owned}: dying now ({var})");
+            } else {
+                // A command without a log (`owsfs recover`) says it on stderr.
+                eprintln!("owsfs: crash point {owned}: dying now ({var})");
+            }
+            if node && let Some(s) = crate::mount::supervisor::supervision() {
+                // SAFETY: kill(2) takes plain integers.
+                unsafe { libc::kill(s.pid as i32, libc::SIGKILL) };
+            }
+            // SAFETY: _exit ends the process at once; nothing of ours runs after it.
+            unsafe { libc::_exit(137) };
+        })
+        .map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

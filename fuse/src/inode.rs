@@ -208,6 +208,33 @@ impl InodeTable {
         self.revivable.get(&ino).map(|h| h.value().clone())
     }
 
+    /// A new entry of the table, referenced once by the kernel.
+    fn new_inode(
+        &self,
+        ino: FuseIno,
+        kind: NodeKind,
+        fd: OwnedFd,
+        loc: Option<(FuseIno, OsString)>,
+        (handle, generation): (Option<Box<[u8]>>, u32),
+        revived: bool,
+    ) -> Arc<Inode> {
+        Arc::new(Inode {
+            ino,
+            kind,
+            era: self.era(),
+            fd,
+            nlookup: AtomicU64::new(1),
+            last_used: AtomicU64::new(self.tick()),
+            loc: Mutex::new(loc),
+            open: Mutex::new(OpenCounts::default()),
+            passthrough_gone: parking_lot::Condvar::new(),
+            direct_io: parking_lot::RwLock::new(()),
+            handle,
+            generation,
+            revived,
+        })
+    }
+
     /// Puts an inode of an earlier daemon back in the table (opened again by its handle),
     /// unless a concurrent request did; either way returns it.
     pub(crate) fn revive(&self, ino: FuseIno, kind: NodeKind, fd: OwnedFd) -> Arc<Inode> {
@@ -215,21 +242,7 @@ impl InodeTable {
             Entry::Occupied(e) => Arc::clone(e.get()),
             Entry::Vacant(e) => {
                 let (handle, generation) = backing_handle(&fd);
-                let inode = Arc::new(Inode {
-                    ino,
-                    kind,
-                    era: self.era(),
-                    fd,
-                    nlookup: AtomicU64::new(1),
-                    last_used: AtomicU64::new(self.tick()),
-                    loc: Mutex::new(None),
-                    open: Mutex::new(OpenCounts::default()),
-                    passthrough_gone: parking_lot::Condvar::new(),
-                    direct_io: parking_lot::RwLock::new(()),
-                    handle,
-                    generation,
-                    revived: true,
-                });
+                let inode = self.new_inode(ino, kind, fd, None, (handle, generation), true);
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);
                 inode
@@ -390,26 +403,15 @@ impl InodeTable {
                 let (handle, generation) = backing_handle(&fd);
                 self.forgotten.remove(&ino);
                 // The same file an earlier daemon handed out (the kernel's count of it is not
-                // known), or another that took its number since (that node is stale).
-                let revived = self
-                    .revivable
-                    .remove(&ino)
-                    .is_some_and(|(_, old)| handle.as_deref() == Some(&old[..]));
-                let inode = Arc::new(Inode {
-                    ino,
-                    kind,
-                    era: self.era(),
-                    fd,
-                    nlookup: AtomicU64::new(1),
-                    last_used: AtomicU64::new(self.tick()),
-                    loc: Mutex::new(place.map(|(p, n)| (p, n.to_os_string()))),
-                    open: Mutex::new(OpenCounts::default()),
-                    passthrough_gone: parking_lot::Condvar::new(),
-                    direct_io: parking_lot::RwLock::new(()),
-                    handle,
-                    generation,
-                    revived,
-                });
+                // known), or another that took its number since (that node is stale). Only a
+                // successor has any: the first daemon's lookups take no lock for it.
+                let revived = self.successor.load(Ordering::Relaxed)
+                    && self
+                        .revivable
+                        .remove(&ino)
+                        .is_some_and(|(_, old)| handle.as_deref() == Some(&old[..]));
+                let loc = place.map(|(p, n)| (p, n.to_os_string()));
+                let inode = self.new_inode(ino, kind, fd, loc, (handle, generation), revived);
                 e.insert(Arc::clone(&inode));
                 self.count.fetch_add(1, Ordering::Relaxed);
                 self.log_new(ino, inode.handle.as_deref());

@@ -136,6 +136,16 @@ fn errno(core: &Core, op: &'static str, e: &FsError) -> Errno {
     Errno::from_i32(e.to_errno())
 }
 
+/// A file handle an earlier daemon of the connection handed out is opened again before the
+/// request uses it (`Core::adopt_handle`); an error answers the request.
+macro_rules! adopt {
+    ($self:ident, $reply:ident, $op:literal, $ino:expr, $fh:expr) => {
+        if let Err(e) = $self.core.adopt_handle(fuse_ino($ino), $fh.0) {
+            return fail!($self, $reply, $op, e);
+        }
+    };
+}
+
 macro_rules! fail {
     ($self:ident, $reply:ident, $op:literal, $e:expr) => {
         $reply.error(errno(&$self.core, $op, &$e))
@@ -509,9 +519,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let _serving = self.core.serving(OpKind::Read);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "read", e);
-        }
+        adopt!(self, reply, "read", ino, fh);
         // The reply is sent inside: see `Core::read_then`.
         let mut reply = Some(reply);
         let sent = self.core.read_then(fh.0, offset, size, |data| {
@@ -537,9 +545,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let _serving = self.core.serving(OpKind::Write);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "write", e);
-        }
+        adopt!(self, reply, "write", ino, fh);
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         // The request's flags are the descriptor's at the time (fcntl may have changed them
         // since the open).
@@ -565,9 +571,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Flush);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "flush", e);
-        }
+        adopt!(self, reply, "flush", ino, fh);
         match self.core.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => fail!(self, reply, "flush", e),
@@ -605,9 +609,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Fsync);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "fsync", e);
-        }
+        adopt!(self, reply, "fsync", ino, fh);
         match self.core.fsync(fuse_ino(ino), fh.0, datasync) {
             Ok(()) => self.ok_when_durable(reply),
             Err(e) => fail!(self, reply, "fsync", e),
@@ -831,9 +833,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Fallocate);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "fallocate", e);
-        }
+        adopt!(self, reply, "fallocate", ino, fh);
         // FUSE_FALLOCATE carries no kill flag: an unprivileged caller is what says it.
         match self
             .core
@@ -854,9 +854,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyLseek,
     ) {
         let _serving = self.core.serving(OpKind::Lseek);
-        if let Err(e) = self.core.adopt_handle(fuse_ino(ino), fh.0) {
-            return fail!(self, reply, "lseek", e);
-        }
+        adopt!(self, reply, "lseek", ino, fh);
         if self.opts.writeback_cache {
             // Dirty pages in the kernel are invisible to the backing file, so its holes would
             // lie. ENOSYS makes the kernel answer itself (all data, the hole at the end).

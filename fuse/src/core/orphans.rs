@@ -75,8 +75,7 @@ impl Orphanage {
 impl Core {
     /// Removes `name` (file inode `ino`, stat `st`) from `dir`: by moving it into the
     /// orphanage when it is the file's last name and the file is open (or was opened by an
-    /// earlier daemon), else by unlinking it. The inode's open counts stay locked meanwhile,
-    /// so that no open or close slips between the check and the move.
+    /// earlier daemon), else by unlinking it.
     pub(super) fn unlink_file(
         &self,
         dir: &Inode,
@@ -84,22 +83,11 @@ impl Core {
         ino: FuseIno,
         st: &rustix::fs::Stat,
     ) -> FsResult<()> {
-        if st.st_nlink == 1
-            && let Some(o) = &self.orphans
-            && let Some(inode) = self.inodes.get(ino)
-            && inode.kind == NodeKind::File
-        {
-            let open = inode.open.lock();
-            if open.cached + open.passthrough > 0 || inode.is_revived() {
-                match rustix::fs::renameat(&dir.fd, name, &o.dir, name_of(ino)) {
-                    Ok(()) => {
-                        adopt_orphan(o, ino, inode.is_revived());
-                        return Ok(());
-                    }
-                    // Another file system (an adopted directory): a plain removal.
-                    Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
-                }
-            }
+        let moved = self.keep_orphan(ino, st, |o| {
+            rustix::fs::renameat(&dir.fd, name, &o.dir, name_of(ino))
+        });
+        if moved {
+            return Ok(());
         }
         rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).ctx("remove")
     }
@@ -114,23 +102,43 @@ impl Core {
         ino: FuseIno,
         st: &rustix::fs::Stat,
     ) -> Option<FuseIno> {
-        if st.st_nlink == 1
-            && let Some(o) = &self.orphans
-            && let Some(inode) = self.inodes.get(ino)
-            && inode.kind == NodeKind::File
-        {
-            let open = inode.open.lock();
-            if open.cached + open.passthrough > 0 || inode.is_revived() {
-                match rustix::fs::linkat(&dir.fd, name, &o.dir, name_of(ino), AtFlags::empty()) {
-                    Ok(()) => {
-                        adopt_orphan(o, ino, inode.is_revived());
-                        return Some(ino);
-                    }
-                    Err(e) => tracing::debug!("orphan {ino} not kept: {e}"),
-                }
+        self.keep_orphan(ino, st, |o| {
+            rustix::fs::linkat(&dir.fd, name, &o.dir, name_of(ino), AtFlags::empty())
+        })
+        .then_some(ino)
+    }
+
+    /// Names file `ino` (stat `st`) in the orphanage with `keep` if its last name is going
+    /// while it is open (or was opened by an earlier daemon). The inode's open counts stay
+    /// locked meanwhile, so that no open or close slips between the check and the naming.
+    /// False when it is not kept (not open, or `keep` failed: another file system, for an
+    /// adopted directory).
+    fn keep_orphan(
+        &self,
+        ino: FuseIno,
+        st: &rustix::fs::Stat,
+        keep: impl FnOnce(&Orphanage) -> rustix::io::Result<()>,
+    ) -> bool {
+        let (Some(o), Some(inode)) = (&self.orphans, self.inodes.get(ino)) else {
+            return false;
+        };
+        if st.st_nlink != 1 || inode.kind != NodeKind::File {
+            return false;
+        }
+        let open = inode.open.lock();
+        if open.cached + open.passthrough == 0 && !inode.is_revived() {
+            return false;
+        }
+        match keep(o) {
+            Ok(()) => {
+                adopt_orphan(o, ino, inode.is_revived());
+                true
+            }
+            Err(e) => {
+                tracing::debug!("orphan {ino} not kept: {e}");
+                false
             }
         }
-        None
     }
 
     /// An unnamed file (`O_TMPFILE`), open: named in the orphanage until its last close or a
