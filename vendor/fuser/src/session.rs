@@ -611,6 +611,9 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     }
                 },
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
+                // owsfs: a read that took a request just as the unmount (or an abort) shut
+                // the connection down answers ECONNABORTED (fuse_dev_do_read): the end too.
+                Err(nix::errno::Errno::ECONNABORTED) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
         }
