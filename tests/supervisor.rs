@@ -158,13 +158,50 @@ impl Outcome {
         }
     }
 
-    fn assert_same(&self, native: &Outcome) {
-        assert!(self.blob == native.blob, "dd's file differs from native");
-        assert_same_tree(&self.tree, &native.tree, "tar");
-        assert_eq!(self.wal, native.wal, "the WAL database differs from native");
-        assert_eq!(
-            self.delete, native.delete,
-            "the DELETE-mode database differs from native"
+    /// Every way this outcome differs from `native`, each said in a line.
+    fn differences(&self, native: &Outcome) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.blob != native.blob {
+            out.push(format!(
+                "dd's file: {}",
+                describe_difference(&self.blob, &native.blob)
+            ));
+        }
+        if self.tree.keys().ne(native.tree.keys()) {
+            out.push("tar: other files than natively".to_string());
+        }
+        for (k, v) in &native.tree {
+            if let Some(g) = self.tree.get(k)
+                && g != v
+            {
+                out.push(format!("tar: {k}: {}", describe_difference(g, v)));
+            }
+        }
+        if self.wal != native.wal {
+            out.push("the WAL database differs from native".to_string());
+        }
+        if self.delete != native.delete {
+            out.push("the DELETE-mode database differs from native".to_string());
+        }
+        out
+    }
+
+    /// Asserts the outcome is native's; the message has every difference, and the log lines
+    /// of `ws`'s daemons that say more.
+    fn assert_same(&self, native: &Outcome, ws: &Workspace) {
+        let differences = self.differences(native);
+        if differences.is_empty() {
+            return;
+        }
+        let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap_or_default();
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+            .collect();
+        panic!(
+            "{}\n--- the daemons' log (info and above, last 80 lines) ---\n{}",
+            differences.join("\n"),
+            said[said.len().saturating_sub(80)..].join("\n")
         );
     }
 }
@@ -247,14 +284,14 @@ fn replaced_mid_workload(opts: &[&str], replace: impl Fn(&Workspace, i32)) {
         "three daemons after the first: {v}"
     );
     assert_eq!(v["ops"]["errors"], 0, "no request failed: {v}");
-    Outcome::of(&ws.mp).assert_same(&native);
+    Outcome::of(&ws.mp).assert_same(&native, &ws);
     // And what the last daemon commits is what a new node sees.
     ws.sync();
     ws.unmount();
     let restored = ws.dir.path().join("restored");
     let out = ws.restore(None, &restored);
     assert!(out.status.success(), "{out:?}");
-    Outcome::of(&restored).assert_same(&native);
+    Outcome::of(&restored).assert_same(&native, &ws);
 }
 
 fn kill_9(_: &Workspace, pid: i32) {

@@ -73,7 +73,7 @@ pub struct Inode {
     pub(crate) direct_io: parking_lot::RwLock<()>,
     /// The backing file handle, kept once the kernel forgets the inode so that a file handle
     /// of it (`open_by_handle_at`, NFS) can open it again.
-    handle: Option<Box<[u8]>>,
+    pub(crate) handle: Option<Box<[u8]>>,
     /// What file handles of this inode carry: see [`backing_handle`].
     pub generation: u32,
     /// Opened again for a daemon that took over the kernel connection: the kernel's count of
@@ -130,6 +130,10 @@ pub struct InodeTable {
     /// This table's daemon took over a connection: the kernel may send FORGETs of nodes an
     /// earlier daemon handed out, counted against an inode that took the number since.
     successor: std::sync::atomic::AtomicBool,
+    /// With the node log: the file and directory handles that may be open (this daemon's,
+    /// and earlier daemons' not known to be released), with the inode and backing handle
+    /// each was opened on.
+    opens: DashMap<u64, (FuseIno, Box<[u8]>)>,
 }
 
 impl InodeTable {
@@ -172,6 +176,7 @@ impl InodeTable {
             log: std::sync::OnceLock::new(),
             revivable: DashMap::new(),
             successor: std::sync::atomic::AtomicBool::new(false),
+            opens: DashMap::new(),
         }
     }
 
@@ -180,14 +185,42 @@ impl InodeTable {
     pub(crate) fn keep_log(
         &self,
         log: crate::nodes::NodeLog,
-        revivable: std::collections::HashMap<FuseIno, Box<[u8]>>,
+        logged: crate::nodes::Logged,
         successor: bool,
     ) {
         self.successor.store(successor, Ordering::Relaxed);
-        for (ino, handle) in revivable {
+        for (ino, handle) in logged.nodes {
             self.revivable.insert(ino, handle);
         }
+        for (fh, opened) in logged.opens {
+            self.opens.insert(fh, opened);
+        }
         let _ = self.log.set(log);
+    }
+
+    /// Logs that handle `fh` was opened on `inode` (with the node log only).
+    pub(crate) fn log_open(&self, fh: u64, inode: &Inode) {
+        let (Some(log), Some(handle)) = (self.log.get(), &inode.handle) else {
+            return;
+        };
+        self.opens.insert(fh, (inode.ino, handle.clone()));
+        let records = log.append_open(fh, inode.ino, handle);
+        self.maybe_rewrite(log, records);
+    }
+
+    /// Logs that handle `fh` was released.
+    pub(crate) fn log_closed(&self, fh: u64) {
+        if let Some(log) = self.log.get()
+            && self.opens.remove(&fh).is_some()
+        {
+            let records = log.append_closed(fh);
+            self.maybe_rewrite(log, records);
+        }
+    }
+
+    /// The backing handle of the file handle `fh` was opened on, if the log has it.
+    pub(crate) fn opened_on(&self, fh: u64) -> Option<Box<[u8]>> {
+        self.opens.get(&fh).map(|e| e.value().1.clone())
     }
 
     /// For a daemon that took over a connection, the backing handle of an inode the kernel
@@ -257,30 +290,39 @@ impl InodeTable {
             return;
         };
         let records = log.append(ino, handle);
-        if records > 2 * (self.len() + self.revivable.len()).max(1 << 15) {
-            log.rewrite(|| {
-                let mut all: std::collections::HashMap<FuseIno, Box<[u8]>> = self
-                    .revivable
-                    .iter()
-                    .map(|e| (*e.key(), e.value().clone()))
-                    .collect();
-                // A successor's FORGET may take more than the kernel gave up (a stale one of a
-                // reused number): what it kept at one may still be the kernel's.
-                if self.successor.load(Ordering::Relaxed) {
-                    for e in self.forgotten.iter() {
-                        all.insert(*e.key(), e.value().clone());
-                    }
-                }
-                for e in self.map.iter() {
-                    if let Some(h) = &e.value().handle
-                        && *e.key() != ROOT_INO
-                    {
-                        all.insert(*e.key(), h.clone());
-                    }
-                }
-                all
-            });
+        self.maybe_rewrite(log, records);
+    }
+
+    /// Past twice what the table, the revivable inodes and the open handles hold (at least
+    /// 65,536 records), writes the log again from them.
+    fn maybe_rewrite(&self, log: &crate::nodes::NodeLog, records: usize) {
+        if records <= 2 * (self.len() + self.revivable.len() + self.opens.len()).max(1 << 15) {
+            return;
         }
+        log.rewrite(|| {
+            let mut all = crate::nodes::Logged::default();
+            for e in self.revivable.iter() {
+                all.nodes.insert(*e.key(), e.value().clone());
+            }
+            // A successor's FORGET may take more than the kernel gave up (a stale one of a
+            // reused number): what it kept at one may still be the kernel's.
+            if self.successor.load(Ordering::Relaxed) {
+                for e in self.forgotten.iter() {
+                    all.nodes.insert(*e.key(), e.value().clone());
+                }
+            }
+            for e in self.map.iter() {
+                if let Some(h) = &e.value().handle
+                    && *e.key() != ROOT_INO
+                {
+                    all.nodes.insert(*e.key(), h.clone());
+                }
+            }
+            for e in self.opens.iter() {
+                all.opens.insert(*e.key(), e.value().clone());
+            }
+            all
+        });
     }
 
     /// The current era.

@@ -8,10 +8,22 @@
 //! the handle carries the backing inode's generation, so a number reused by another file since
 //! opens nothing (ESTALE).
 //!
-//! Format (version 1), all integers little-endian:
+//! It also has the daemon's file and directory handles (`open` records, and `closed` at their
+//! release): a handle an earlier daemon gave out is opened again on the very file it was
+//! given out for, and never on another file that took its node id since (that would send one
+//! program's writes into another's file).
+//!
+//! Format (version 2), all integers little-endian:
 //! - header, 16 bytes: `OWSFSNOD`, version `u32`, CRC-32C `u32` of the 12 bytes before it;
-//! - records: length `u32` of the body, body = FUSE inode number `u64` then the handle's
-//!   bytes, CRC-32C `u32` of the length and the body.
+//! - records: length `u32` of the body, the body, CRC-32C `u32` of the length and the body.
+//!   The body's first byte is its kind:
+//!   - 0, node: FUSE inode number `u64`, then the backing handle's bytes;
+//!   - 1, open: file or directory handle `u64`, FUSE inode number `u64`, then the backing
+//!     handle's bytes of the inode it was opened on;
+//!   - 2, closed: the handle `u64`, released.
+//!
+//! Version 1 (an earlier owsfs, which `owsfs restart` may replace) is read too: its records
+//! are the node body without the kind byte, and it has no open records.
 //!
 //! A record is one `write(2)`, so a killed daemon leaves whole records (the file is not
 //! synced: it matters only while the kernel connection lives, which a machine crash ends).
@@ -28,9 +40,21 @@ use owsfs_journal::FuseIno;
 use parking_lot::Mutex;
 
 const MAGIC: &[u8; 8] = b"OWSFSNOD";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// A handle is at most `MAX_HANDLE_SZ` (128) bytes.
-const MAX_BODY: usize = 8 + 128;
+const MAX_BODY: usize = 1 + 8 + 8 + 128;
+
+const NODE: u8 = 0;
+const OPEN: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// What a log holds: each node id's newest backing handle, and the handles still open with
+/// the inode and backing handle each was opened on.
+#[derive(Debug, Default)]
+pub struct Logged {
+    pub nodes: HashMap<FuseIno, Box<[u8]>>,
+    pub opens: HashMap<u64, (FuseIno, Box<[u8]>)>,
+}
 
 /// The open log, appended to by the inode table.
 pub struct NodeLog {
@@ -41,40 +65,59 @@ pub struct NodeLog {
     records: std::sync::atomic::AtomicUsize,
 }
 
-fn header() -> [u8; 16] {
+fn header_of(version: u32) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     let crc = crc32c::crc32c(&h[..12]);
     h[12..].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-fn record(ino: FuseIno, handle: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(4 + 8 + handle.len() + 4);
-    r.extend_from_slice(&((8 + handle.len()) as u32).to_le_bytes());
-    r.extend_from_slice(&ino.0.to_le_bytes());
-    r.extend_from_slice(handle);
+/// A record of `kind` whose body goes on with `parts`.
+fn record(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut r = Vec::with_capacity(4 + len + 4);
+    r.extend_from_slice(&(len as u32).to_le_bytes());
+    r.push(kind);
+    for p in parts {
+        r.extend_from_slice(p);
+    }
     let crc = crc32c::crc32c(&r);
     r.extend_from_slice(&crc.to_le_bytes());
     r
 }
 
-/// Reads a log: each node id's newest handle. A missing file reads as empty; a file of
-/// another format is an error.
-pub fn read(path: &Path) -> std::io::Result<HashMap<FuseIno, Box<[u8]>>> {
+fn node_record(ino: FuseIno, handle: &[u8]) -> Vec<u8> {
+    record(NODE, &[&ino.0.to_le_bytes(), handle])
+}
+
+fn open_record(fh: u64, ino: FuseIno, handle: &[u8]) -> Vec<u8> {
+    record(OPEN, &[&fh.to_le_bytes(), &ino.0.to_le_bytes(), handle])
+}
+
+fn u64_at(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// Reads a log. A missing file reads as empty; a file of another format is an error.
+pub fn read(path: &Path) -> std::io::Result<Logged> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Logged::default()),
         Err(e) => return Err(e),
     };
-    if bytes.len() < 16 || bytes[..16] != header() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not a version {VERSION} node log", path.display()),
-        ));
-    }
-    let mut nodes = HashMap::new();
+    let version = match bytes.get(..16) {
+        Some(h) if h == header_of(VERSION) => VERSION,
+        Some(h) if h == header_of(1) => 1,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a version 1 or {VERSION} node log", path.display()),
+            ));
+        }
+    };
+    let mut logged = Logged::default();
     let mut at = 16;
     while at + 4 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -90,8 +133,26 @@ pub fn read(path: &Path) -> std::io::Result<HashMap<FuseIno, Box<[u8]>>> {
         if crc32c::crc32c(&bytes[at..at + 4 + len]) != crc {
             break;
         }
-        let ino = FuseIno(u64::from_le_bytes(body[..8].try_into().expect("8 bytes")));
-        nodes.insert(ino, body[8..].to_vec().into_boxed_slice());
+        let (kind, rest) = if version == 1 {
+            (NODE, body)
+        } else {
+            (body[0], &body[1..])
+        };
+        match kind {
+            NODE if rest.len() >= 8 => {
+                let handle = rest[8..].to_vec().into_boxed_slice();
+                logged.nodes.insert(FuseIno(u64_at(rest)), handle);
+            }
+            OPEN if rest.len() >= 16 => {
+                let handle = rest[16..].to_vec().into_boxed_slice();
+                let ino = FuseIno(u64_at(&rest[8..]));
+                logged.opens.insert(u64_at(rest), (ino, handle));
+            }
+            CLOSED if rest.len() == 8 => {
+                logged.opens.remove(&u64_at(rest));
+            }
+            _ => break,
+        }
         at += 8 + len;
     }
     if at != bytes.len() {
@@ -101,17 +162,14 @@ pub fn read(path: &Path) -> std::io::Result<HashMap<FuseIno, Box<[u8]>>> {
             bytes.len() - at
         );
     }
-    Ok(nodes)
+    Ok(logged)
 }
 
 impl NodeLog {
-    /// Starts the log at `path` with `nodes` in it (none for a new connection), replacing
-    /// what was there.
-    pub fn create<'a>(
-        path: &Path,
-        nodes: impl IntoIterator<Item = (FuseIno, &'a [u8])>,
-    ) -> std::io::Result<NodeLog> {
-        let (file, records) = write_new(path, nodes)?;
+    /// Starts the log at `path` with what `logged` holds (nothing for a new connection),
+    /// replacing what was there.
+    pub fn create(path: &Path, logged: &Logged) -> std::io::Result<NodeLog> {
+        let (file, records) = write_new(path, logged)?;
         Ok(NodeLog {
             path: path.to_path_buf(),
             file: Mutex::new(file),
@@ -119,13 +177,11 @@ impl NodeLog {
         })
     }
 
-    /// Records that the kernel was handed inode `ino`, of backing handle `handle`. Returns
-    /// how many records the file holds. A failed write is logged: the inode then goes stale
-    /// only if this daemon dies while the kernel holds it.
-    pub fn append(&self, ino: FuseIno, handle: &[u8]) -> usize {
-        let r = record(ino, handle);
+    /// Appends one record; returns how many the file holds. A failed write is logged: what
+    /// it said is lost only if this daemon dies while the kernel holds the inode or handle.
+    fn append_record(&self, r: &[u8]) -> usize {
         let mut file = self.file.lock();
-        if let Err(e) = file.write_all(&r) {
+        if let Err(e) = file.write_all(r) {
             tracing::warn!("node log {}: {e}", self.path.display());
         }
         self.records
@@ -133,15 +189,26 @@ impl NodeLog {
             + 1
     }
 
-    /// Writes the file again with `nodes` only. `nodes` is called with the log locked, so
-    /// that an inode appended meanwhile is in it or appended to the new file.
-    pub fn rewrite<I>(&self, nodes: impl FnOnce() -> I)
-    where
-        I: IntoIterator<Item = (FuseIno, Box<[u8]>)>,
-    {
+    /// Records that the kernel was handed inode `ino`, of backing handle `handle`.
+    pub fn append(&self, ino: FuseIno, handle: &[u8]) -> usize {
+        self.append_record(&node_record(ino, handle))
+    }
+
+    /// Records that handle `fh` was opened on inode `ino`, of backing handle `handle`.
+    pub fn append_open(&self, fh: u64, ino: FuseIno, handle: &[u8]) -> usize {
+        self.append_record(&open_record(fh, ino, handle))
+    }
+
+    /// Records that handle `fh` was released.
+    pub fn append_closed(&self, fh: u64) -> usize {
+        self.append_record(&record(CLOSED, &[&fh.to_le_bytes()]))
+    }
+
+    /// Writes the file again with what `logged` returns only. It is called with the log
+    /// locked, so that a record appended meanwhile is in it or appended to the new file.
+    pub fn rewrite(&self, logged: impl FnOnce() -> Logged) {
         let mut file = self.file.lock();
-        let all: Vec<(FuseIno, Box<[u8]>)> = nodes().into_iter().collect();
-        match write_new(&self.path, all.iter().map(|(i, h)| (*i, &h[..]))) {
+        match write_new(&self.path, &logged()) {
             Ok((new, records)) => {
                 *file = new;
                 self.records
@@ -154,17 +221,16 @@ impl NodeLog {
 
 /// Writes a new log beside `path` and renames it over `path`; returns it open at its end
 /// (appends are serialized by [`NodeLog`]'s lock).
-fn write_new<'a>(
-    path: &Path,
-    nodes: impl IntoIterator<Item = (FuseIno, &'a [u8])>,
-) -> std::io::Result<(File, usize)> {
+fn write_new(path: &Path, logged: &Logged) -> std::io::Result<(File, usize)> {
     let tmp = path.with_extension("new");
-    let mut buf = header().to_vec();
-    let mut records = 0;
-    for (ino, handle) in nodes {
-        buf.extend_from_slice(&record(ino, handle));
-        records += 1;
+    let mut buf = header_of(VERSION).to_vec();
+    for (ino, handle) in &logged.nodes {
+        buf.extend_from_slice(&node_record(*ino, handle));
     }
+    for (fh, (ino, handle)) in &logged.opens {
+        buf.extend_from_slice(&open_record(*fh, *ino, handle));
+    }
+    let records = logged.nodes.len() + logged.opens.len();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -184,32 +250,66 @@ mod tests {
     fn records_read_back_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nodes");
-        let log = NodeLog::create(&path, [(FuseIno(5), &b"five"[..])]).unwrap();
+        let mut first = Logged::default();
+        first.nodes.insert(FuseIno(5), b"five".to_vec().into_boxed_slice());
+        let log = NodeLog::create(&path, &first).unwrap();
         assert_eq!(log.append(FuseIno(7), b"seven"), 2);
         log.append(FuseIno(5), b"five again");
-        let nodes = read(&path).unwrap();
-        assert_eq!(nodes.len(), 2);
-        assert_eq!(&*nodes[&FuseIno(5)], b"five again");
-        assert_eq!(&*nodes[&FuseIno(7)], b"seven");
+        log.append_open(1 << 48 | 3, FuseIno(7), b"seven");
+        log.append_open(1 << 48 | 4, FuseIno(5), b"five again");
+        log.append_closed(1 << 48 | 4);
+        let logged = read(&path).unwrap();
+        assert_eq!(logged.nodes.len(), 2);
+        assert_eq!(&*logged.nodes[&FuseIno(5)], b"five again");
+        assert_eq!(&*logged.nodes[&FuseIno(7)], b"seven");
+        assert_eq!(logged.opens.len(), 1, "the closed handle is gone");
+        let (ino, handle) = &logged.opens[&(1 << 48 | 3)];
+        assert_eq!((*ino, &**handle), (FuseIno(7), &b"seven"[..]));
 
         // A torn record (a partial write), and a damaged one: reading stops before them.
         let mut bytes = std::fs::read(&path).unwrap();
         let whole = bytes.len();
-        bytes.extend_from_slice(&record(FuseIno(9), b"nine")[..7]);
+        bytes.extend_from_slice(&node_record(FuseIno(9), b"nine")[..7]);
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read(&path).unwrap().len(), 2);
+        assert_eq!(read(&path).unwrap().nodes.len(), 2);
         bytes.truncate(whole);
-        let mut bad = record(FuseIno(9), b"nine");
+        let mut bad = node_record(FuseIno(9), b"nine");
         bad[10] ^= 1;
         bytes.extend_from_slice(&bad);
         std::fs::write(&path, &bytes).unwrap();
-        assert!(!read(&path).unwrap().contains_key(&FuseIno(9)));
+        assert!(!read(&path).unwrap().nodes.contains_key(&FuseIno(9)));
 
         // Rewritten from what is asked for; another format is refused; none is empty.
-        log.rewrite(|| vec![(FuseIno(7), b"seven".to_vec().into_boxed_slice())]);
-        assert_eq!(read(&path).unwrap().len(), 1);
-        std::fs::write(&path, b"OWSFSNOD\x02\0\0\0\0\0\0\0").unwrap();
+        log.rewrite(|| {
+            let mut l = Logged::default();
+            l.nodes.insert(FuseIno(7), b"seven".to_vec().into_boxed_slice());
+            l.opens
+                .insert(9, (FuseIno(7), b"seven".to_vec().into_boxed_slice()));
+            l
+        });
+        let logged = read(&path).unwrap();
+        assert_eq!((logged.nodes.len(), logged.opens.len()), (1, 1));
+        std::fs::write(&path, b"OWSFSNOD\x03\0\0\0\0\0\0\0").unwrap();
         assert!(read(&path).is_err());
-        assert!(read(&dir.path().join("none")).unwrap().is_empty());
+        assert!(read(&dir.path().join("none")).unwrap().nodes.is_empty());
+    }
+
+    /// A log an earlier owsfs wrote (version 1: node records without a kind) is read.
+    #[test]
+    fn a_version_1_log_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes");
+        let mut bytes = header_of(1).to_vec();
+        let mut r = Vec::new();
+        r.extend_from_slice(&12u32.to_le_bytes());
+        r.extend_from_slice(&5u64.to_le_bytes());
+        r.extend_from_slice(b"five");
+        let crc = crc32c::crc32c(&r);
+        r.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(&r);
+        std::fs::write(&path, &bytes).unwrap();
+        let logged = read(&path).unwrap();
+        assert_eq!(&*logged.nodes[&FuseIno(5)], b"five");
+        assert!(logged.opens.is_empty());
     }
 }

@@ -470,13 +470,31 @@ pub fn assert_same_tree(got: &Snapshot, want: &Snapshot, what: &str) {
     assert_eq!(gk, wk, "{what}: different files");
     for (k, v) in want {
         let g = &got[k];
-        assert!(
-            g == v,
-            "{what}: {k} differs ({} bytes, want {} bytes)",
-            g.len(),
-            v.len()
-        );
+        assert!(g == v, "{what}: {k} differs: {}", describe_difference(g, v));
     }
+}
+
+/// Where `got` first differs from `want`, and what it holds from there (for a message).
+pub fn describe_difference(got: &[u8], want: &[u8]) -> String {
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(g, w)| g != w)
+        .unwrap_or(got.len().min(want.len()));
+    let zeros = got[first..].iter().filter(|b| **b == 0).count();
+    let sample: Vec<String> = got[first..]
+        .iter()
+        .take(32)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "{} bytes, want {}; the same up to byte {first}, then {} bytes of which {zeros} are \
+         zero, starting {}",
+        got.len(),
+        want.len(),
+        got.len() - first,
+        sample.join("")
+    )
 }
 
 /// Prints `{"integrity": ..., "rows": [k...]}` of table t of the database at argv[1] (opened

@@ -165,6 +165,7 @@ impl Core {
         mode: IoMode,
     ) -> (Arc<Handle>, u64) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inodes.log_open(fh, inode);
         let handle = Arc::new(Handle {
             ino: inode.ino,
             file,
@@ -184,7 +185,7 @@ impl Core {
         if fh >= self.first_fh || self.handles.contains_key(&fh) {
             return Ok(());
         }
-        let inode = self.inode(ino)?;
+        let inode = self.opened_inode(ino, fh)?;
         if inode.kind != NodeKind::File {
             return Err(FsError::errno(
                 libc::EBADF,
@@ -213,6 +214,26 @@ impl Core {
         Ok(())
     }
 
+    /// Inode `ino`, for a handle `fh` of an earlier daemon: the file that handle was opened
+    /// on, or ESTALE when that file is gone and another took its number (the kernel holds
+    /// both under one node id then, and the handle's writes must not reach the other).
+    pub(super) fn opened_inode(&self, ino: FuseIno, fh: u64) -> FsResult<Arc<Inode>> {
+        let inode = self.inode(ino)?;
+        match self.inodes.opened_on(fh) {
+            Some(on) if inode.handle.as_deref() != Some(&on[..]) => {
+                tracing::info!(
+                    "handle {fh:#x} of an earlier daemon was opened on a file that is gone; \
+                     inode {ino} is another file now"
+                );
+                Err(FsError::errno(
+                    libc::ESTALE,
+                    "handle of an earlier daemon, on a file removed since",
+                ))
+            }
+            _ => Ok(inode),
+        }
+    }
+
     /// The kernel refused passthrough for this open: serve it through the daemon instead, if
     /// no other passthrough open of the inode is alive (the kernel would refuse a cached one).
     pub fn demote_passthrough(&self, fh: u64) -> FsResult<IoMode> {
@@ -237,6 +258,7 @@ impl Core {
 
     /// Closes a file handle; returns the mode it had.
     pub fn release(&self, fh: u64) -> FsResult<IoMode> {
+        self.inodes.log_closed(fh);
         let Some((_, handle)) = self.handles.remove(&fh) else {
             if fh < self.first_fh {
                 // Opened by an earlier daemon of the connection, and never used since.

@@ -74,6 +74,7 @@ impl Core {
         self.materialize(&inode)?;
         let entries = self.read_dir_entries(&inode)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inodes.log_open(fh, &inode);
         self.dirs.insert(
             fh,
             Arc::new(Mutex::new(DirHandle {
@@ -93,7 +94,7 @@ impl Core {
         if fh >= self.first_fh || self.dirs.contains_key(&fh) {
             return Ok(());
         }
-        let inode = self.inode(ino)?;
+        let inode = self.opened_inode(ino, fh)?;
         if inode.kind != NodeKind::Dir {
             return Err(FsError::errno(
                 libc::EBADF,
@@ -168,6 +169,7 @@ impl Core {
 
     pub fn releasedir(&self, fh: u64) {
         self.dirs.remove(&fh);
+        self.inodes.log_closed(fh);
     }
 
     pub fn fsyncdir(&self, ino: FuseIno, datasync: bool) -> FsResult<()> {

@@ -578,13 +578,14 @@ fn inherit_nodes(inodes: &InodeTable, s: &Succession) -> FsResult<()> {
     } else {
         crate::nodes::read(&s.node_log).map_err(|e| FsError::io("read the node log", e))?
     };
-    let log =
-        crate::nodes::NodeLog::create(&s.node_log, earlier.iter().map(|(ino, h)| (*ino, &h[..])))
-            .map_err(|e| FsError::io("write the node log", e))?;
+    let log = crate::nodes::NodeLog::create(&s.node_log, &earlier)
+        .map_err(|e| FsError::io("write the node log", e))?;
     if s.incarnation > 0 {
         tracing::info!(
-            "taking over the kernel connection: {} inodes of earlier daemons can be opened again",
-            earlier.len()
+            "taking over the kernel connection: {} inodes and {} open handles of earlier \
+             daemons can be opened again",
+            earlier.nodes.len(),
+            earlier.opens.len()
         );
     }
     inodes.keep_log(log, earlier, s.incarnation > 0);

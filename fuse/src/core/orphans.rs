@@ -119,8 +119,21 @@ impl Core {
         st: &rustix::fs::Stat,
         keep: impl FnOnce(&Orphanage) -> rustix::io::Result<()>,
     ) -> bool {
-        let (Some(o), Some(inode)) = (&self.orphans, self.inodes.get(ino)) else {
+        let Some(o) = &self.orphans else {
             return false;
+        };
+        let inode = match self.inodes.get(ino) {
+            Some(inode) => inode,
+            // A file an earlier daemon handed out may be open through it although no request
+            // of this daemon named it yet (a program unlinks by a name the kernel still had):
+            // opened again, it counts as opened by that daemon. Left out, its last name would
+            // go with no descriptor holding it, the backing inode (and its number) would be
+            // freed, and the program's writes would reach whatever file took the number.
+            None if self.inodes.successor_handle(ino).is_some() => match self.revive(ino) {
+                Ok(inode) => inode,
+                Err(_) => return false,
+            },
+            None => return false,
         };
         if st.st_nlink != 1 || inode.kind != NodeKind::File {
             return false;

@@ -206,6 +206,26 @@ fn a_replaced_tree_makes_everything_from_before_stale() {
     assert_eq!(f.core.inode_count(), 2);
 }
 
+/// The core of the daemon of `incarnation` of one kernel connection, over `dir`/backing.
+fn daemon_core(dir: &std::path::Path, incarnation: u16) -> Core {
+    let backing = dir.join("backing");
+    let (journal, _) =
+        Journal::open(&dir.join("journal"), &backing, JournalOptions::default()).unwrap();
+    Core::new(
+        &backing,
+        Arc::new(journal),
+        CoreOptions {
+            succession: Some(super::Succession {
+                node_log: dir.join("nodes"),
+                orphans: dir.join("orphans"),
+                incarnation,
+            }),
+            ..CoreOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A core of the same connection after the daemon before it died: the inodes, open files and
 /// open directories the kernel still refers to are served, by the numbers the dead core handed
 /// out; other numbers stay unknown.
@@ -214,27 +234,7 @@ fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing");
     std::fs::create_dir(&backing).unwrap();
-    let core = |incarnation: u16| {
-        let (journal, _) = Journal::open(
-            &dir.path().join("journal"),
-            &backing,
-            JournalOptions::default(),
-        )
-        .unwrap();
-        Core::new(
-            &backing,
-            Arc::new(journal),
-            CoreOptions {
-                succession: Some(super::Succession {
-                    node_log: dir.path().join("nodes"),
-                    orphans: dir.path().join("orphans"),
-                    incarnation,
-                }),
-                ..CoreOptions::default()
-            },
-        )
-        .unwrap()
-    };
+    let core = |incarnation: u16| daemon_core(dir.path(), incarnation);
     let first = core(0);
     let d = first.mkdir(ROOT_INO, name("d"), 0o755, ROOT).unwrap().ino();
     std::fs::write(backing.join("d/f"), b"hello").unwrap();
@@ -335,4 +335,73 @@ fn a_successor_serves_what_the_kernel_holds_of_a_dead_core() {
     let third = core(2);
     assert_eq!(third.getattr(d).unwrap().kind, fuser::FileType::Directory);
     assert_eq!(third.getattr(f.ino()).unwrap().size, 11);
+}
+
+/// A file an earlier daemon opened, removed through a successor that never saw it (the kernel
+/// had its name, so no lookup came first), stays in the orphanage: its backing inode is not
+/// freed while the program has it open. Found by a restart loop under SQLite, whose shared
+/// memory file is removed while mapped: a file tar made then took its number, and the shared
+/// memory's pages were written into it.
+#[test]
+fn a_successor_keeps_a_file_removed_that_only_an_earlier_daemon_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    let first = daemon_core(dir.path(), 0);
+    std::fs::write(backing.join("shm"), b"mapped").unwrap();
+    let shm = first.lookup(ROOT_INO, name("shm")).unwrap().ino();
+    let (_, fh) = first.open(shm, libc::O_RDWR, false).unwrap();
+    drop(first);
+
+    let second = daemon_core(dir.path(), 1);
+    second.unlink(ROOT_INO, name("shm")).unwrap();
+    assert!(!backing.join("shm").exists());
+    let orphans = std::fs::read_dir(dir.path().join("orphans")).unwrap().count();
+    assert_eq!(orphans, 1, "kept for the program that has it open");
+    second.adopt_handle(shm, fh).unwrap();
+    second.write(fh, 0, b"still ", false).unwrap();
+    assert_eq!(second.read(fh, 0, 100).unwrap(), b"still ");
+    // The kernel forgets it once the program closed it: the orphan goes.
+    second.release(fh).unwrap();
+    second.forget(shm, 1);
+    let orphans = std::fs::read_dir(dir.path().join("orphans")).unwrap().count();
+    assert_eq!(orphans, 0);
+}
+
+/// A handle of an earlier daemon is served on the file it was opened on or not at all: when
+/// the node id it comes with names another file now, the request fails (ESTALE) and the
+/// other file is untouched.
+#[test]
+fn a_handle_of_an_earlier_daemon_never_reaches_another_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    let first = daemon_core(dir.path(), 0);
+    std::fs::write(backing.join("a"), b"a").unwrap();
+    std::fs::write(backing.join("b"), b"b").unwrap();
+    let a = first.lookup(ROOT_INO, name("a")).unwrap().ino();
+    let b = first.lookup(ROOT_INO, name("b")).unwrap().ino();
+    let (_, fh_a) = first.open(a, libc::O_RDWR, false).unwrap();
+    let (_, fh_b) = first.open(b, libc::O_RDWR, false).unwrap();
+    drop(first);
+
+    let second = daemon_core(dir.path(), 1);
+    // As if b's number were the one a's handle came with (the kernel holds a removed file
+    // and the file that took its number under one node id).
+    assert_eq!(
+        second.adopt_handle(b, fh_a).unwrap_err().to_errno(),
+        libc::ESTALE
+    );
+    assert!(second.write(fh_a, 0, b"x", false).is_err());
+    assert_eq!(std::fs::read(backing.join("b")).unwrap(), b"b");
+    // Its own handle is served; a released one is forgotten by the next daemon.
+    second.adopt_handle(b, fh_b).unwrap();
+    second.write(fh_b, 1, b"+", false).unwrap();
+    second.release(fh_b).unwrap();
+    drop(second);
+    let third = daemon_core(dir.path(), 2);
+    third.adopt_handle(a, fh_a).unwrap();
+    assert_eq!(third.read(fh_a, 0, 10).unwrap(), b"a");
+    assert_eq!(std::fs::read(backing.join("b")).unwrap(), b"b+");
+    assert!(third.inodes.opened_on(fh_b).is_none(), "released");
 }

@@ -298,6 +298,11 @@ impl KernelConfig {
     /// On success returns the previous value.
     /// # Errors
     /// If the argument is too large, returns the nearest value which will succeed.
+    /// owsfs: the largest write this configuration settles.
+    pub(crate) fn max_write(&self) -> u32 {
+        self.max_write
+    }
+
     pub fn set_max_write(&mut self, value: u32) -> Result<u32, u32> {
         if value == 0 {
             return Err(1);

@@ -142,6 +142,9 @@ pub struct Session<FS: Filesystem> {
     /// owsfs: the kernel's INIT request as it was read, kept so that another process can
     /// resume the session on the same connection ([`Session::resume`]).
     init_request: Option<Vec<u8>>,
+    /// owsfs: the largest write the filesystem's `init` settled (the reading threads'
+    /// buffers are sized by it, see [`FuseReadBuf::resident`]).
+    max_write: usize,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -190,6 +193,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             init_request: None,
+            max_write: MAX_WRITE_SIZE,
         };
 
         session.handshake()?;
@@ -219,6 +223,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             init_request: None,
+            max_write: MAX_WRITE_SIZE,
         };
 
         session.handshake()?;
@@ -252,6 +257,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             init_request: None,
+            max_write: MAX_WRITE_SIZE,
         };
         // The request is parsed in place, so it needs fuse_in_header's alignment.
         let mut aligned = vec![0u64; init_request.len().div_ceil(8)];
@@ -271,6 +277,7 @@ impl<FS: Filesystem> Session<FS> {
             return Err(io::Error::other("Bug: no filesystem"));
         };
         filesystem.init(Request::ref_cast(request.header()), &mut kernel)?;
+        session.max_write = kernel.max_write() as usize;
         session.proto_version = Some(v);
         session.init_request = Some(init_request.to_vec());
         Ok(session)
@@ -313,6 +320,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             init_request: _,
+            max_write,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -359,6 +367,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                max_write,
             };
             threads.push(
                 thread::Builder::new()
@@ -492,6 +501,7 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+            self.max_write = config.max_write() as usize;
             self.init_request = Some(buf[..size].to_vec());
 
             // Log capability status for debugging
@@ -580,13 +590,17 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// owsfs: the connection's largest write, which sizes the read buffer.
+    pub(crate) max_write: usize,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
-        let mut buf = FuseReadBuf::new();
+        // owsfs: the largest request is a write of max_write bytes or a setxattr of 64 KiB,
+        // each after headers well below 4 KiB; the buffer is resident (see `resident`).
+        let mut buf = FuseReadBuf::resident(self.max_write.max(1 << 16) + 4096 + 64);
         let buf = buf.as_mut();
         loop {
             // Read the next request from the given channel to kernel driver
