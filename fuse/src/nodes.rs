@@ -113,7 +113,10 @@ pub fn read(path: &Path) -> std::io::Result<Logged> {
         _ => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("{} is not a version 1 or {VERSION} node log", path.display()),
+                format!(
+                    "{} is not a version 1 or {VERSION} node log",
+                    path.display()
+                ),
             ));
         }
     };
@@ -251,7 +254,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nodes");
         let mut first = Logged::default();
-        first.nodes.insert(FuseIno(5), b"five".to_vec().into_boxed_slice());
+        first
+            .nodes
+            .insert(FuseIno(5), b"five".to_vec().into_boxed_slice());
         let log = NodeLog::create(&path, &first).unwrap();
         assert_eq!(log.append(FuseIno(7), b"seven"), 2);
         log.append(FuseIno(5), b"five again");
@@ -282,7 +287,8 @@ mod tests {
         // Rewritten from what is asked for; another format is refused; none is empty.
         log.rewrite(|| {
             let mut l = Logged::default();
-            l.nodes.insert(FuseIno(7), b"seven".to_vec().into_boxed_slice());
+            l.nodes
+                .insert(FuseIno(7), b"seven".to_vec().into_boxed_slice());
             l.opens
                 .insert(9, (FuseIno(7), b"seven".to_vec().into_boxed_slice()));
             l

@@ -356,7 +356,9 @@ fn a_successor_keeps_a_file_removed_that_only_an_earlier_daemon_saw() {
     let second = daemon_core(dir.path(), 1);
     second.unlink(ROOT_INO, name("shm")).unwrap();
     assert!(!backing.join("shm").exists());
-    let orphans = std::fs::read_dir(dir.path().join("orphans")).unwrap().count();
+    let orphans = std::fs::read_dir(dir.path().join("orphans"))
+        .unwrap()
+        .count();
     assert_eq!(orphans, 1, "kept for the program that has it open");
     second.adopt_handle(shm, fh).unwrap();
     second.write(fh, 0, b"still ", false).unwrap();
@@ -364,7 +366,9 @@ fn a_successor_keeps_a_file_removed_that_only_an_earlier_daemon_saw() {
     // The kernel forgets it once the program closed it: the orphan goes.
     second.release(fh).unwrap();
     second.forget(shm, 1);
-    let orphans = std::fs::read_dir(dir.path().join("orphans")).unwrap().count();
+    let orphans = std::fs::read_dir(dir.path().join("orphans"))
+        .unwrap()
+        .count();
     assert_eq!(orphans, 0);
 }
 
