@@ -457,8 +457,30 @@ fn a_change_done_before_the_daemon_died_is_answered_once() {
     ws.mount();
     std::fs::write(ws.path("old"), b"to be removed").unwrap();
     std::fs::write(ws.path("from"), b"to be renamed").unwrap();
+    std::fs::write(ws.path("x"), b"was x").unwrap();
+    std::fs::write(ws.path("y"), b"was y").unwrap();
     type Step<'a> = Box<dyn Fn() -> std::io::Result<()> + 'a>;
-    let steps: [(&str, Step<'_>); 4] = [
+    let exchange = || {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: PathBuf| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        let (x, y) = (c(ws.path("x")), c(ws.path("y")));
+        // SAFETY: renameat2(2) with two NUL-terminated paths that outlive the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                x.as_ptr(),
+                libc::AT_FDCWD,
+                y.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let steps: [(&str, Step<'_>); 5] = [
         ("mkdir", Box::new(|| std::fs::create_dir(ws.path("dir")))),
         (
             "create",
@@ -476,6 +498,8 @@ fn a_change_done_before_the_daemon_died_is_answered_once() {
             "rename",
             Box::new(|| std::fs::rename(ws.path("from"), ws.path("to"))),
         ),
+        // Done twice, it would swap the names back: it is recorded before its answer.
+        ("exchange", Box::new(exchange)),
     ];
     for (i, (what, step)) in steps.iter().enumerate() {
         std::fs::write(&armed, b"").unwrap();
@@ -502,11 +526,19 @@ fn a_change_done_before_the_daemon_died_is_answered_once() {
     assert!(!ws.path("old").exists());
     assert_eq!(std::fs::read(ws.path("to")).unwrap(), b"to be renamed");
     assert!(!ws.path("from").exists());
+    assert_eq!(std::fs::read(ws.path("x")).unwrap(), b"was y");
+    assert_eq!(std::fs::read(ws.path("y")).unwrap(), b"was x");
     let log = std::fs::read_to_string(ws.cache.join("owsfs.log")).unwrap();
     assert_eq!(
         log.matches("finds its change made by the daemon before")
             .count(),
         4,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("finds its exchange made by the daemon before")
+            .count(),
+        1,
         "{log}"
     );
     ws.unmount();

@@ -134,7 +134,13 @@ pub struct InodeTable {
     /// and earlier daemons' not known to be released), with the inode and backing handle
     /// each was opened on.
     opens: DashMap<u64, (FuseIno, Box<[u8]>)>,
+    /// With the node log: the latest requests whose change was made (`Logged::done`), at
+    /// most `DONE_KEPT`, oldest first.
+    done: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// How many made changes the table remembers: far more than requests can be in flight.
+const DONE_KEPT: usize = 4096;
 
 impl InodeTable {
     fn tick(&self) -> u64 {
@@ -177,6 +183,7 @@ impl InodeTable {
             revivable: DashMap::new(),
             successor: std::sync::atomic::AtomicBool::new(false),
             opens: DashMap::new(),
+            done: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -195,7 +202,28 @@ impl InodeTable {
         for (fh, opened) in logged.opens {
             self.opens.insert(fh, opened);
         }
+        self.done.lock().extend(logged.done);
         let _ = self.log.set(log);
+    }
+
+    /// Logs that the change of request `unique` is made, before its answer (with the node
+    /// log only).
+    pub(crate) fn log_done(&self, unique: u64) {
+        let Some(log) = self.log.get() else { return };
+        {
+            let mut done = self.done.lock();
+            if done.len() == DONE_KEPT {
+                done.pop_front();
+            }
+            done.push_back(unique);
+        }
+        let records = log.append_done(unique);
+        self.maybe_rewrite(log, records);
+    }
+
+    /// Whether an earlier daemon (or this one) logged the change of request `unique` made.
+    pub(crate) fn was_done(&self, unique: u64) -> bool {
+        self.done.lock().contains(&unique)
     }
 
     /// Logs that handle `fh` was opened on `inode` (with the node log only).
@@ -321,6 +349,7 @@ impl InodeTable {
             for e in self.opens.iter() {
                 all.opens.insert(*e.key(), e.value().clone());
             }
+            all.done.extend(self.done.lock().iter().copied());
             all
         });
     }

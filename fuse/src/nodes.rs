@@ -20,7 +20,10 @@
 //!   - 0, node: FUSE inode number `u64`, then the backing handle's bytes;
 //!   - 1, open: file or directory handle `u64`, FUSE inode number `u64`, then the backing
 //!     handle's bytes of the inode it was opened on;
-//!   - 2, closed: the handle `u64`, released.
+//!   - 2, closed: the handle `u64`, released;
+//!   - 3, done: the `unique` `u64` of a request whose change is made but not yet answered
+//!     (a `rename` with `RENAME_EXCHANGE`, which cannot tell from the tree that it was done:
+//!     sent again to the next daemon, it is answered without swapping the names back).
 //!
 //! Version 1 (an earlier owsfs, which `owsfs restart` may replace) is read too: its records
 //! are the node body without the kind byte, and it has no open records.
@@ -47,6 +50,7 @@ const MAX_BODY: usize = 1 + 8 + 8 + 128;
 const NODE: u8 = 0;
 const OPEN: u8 = 1;
 const CLOSED: u8 = 2;
+const DONE: u8 = 3;
 
 /// What a log holds: each node id's newest backing handle, and the handles still open with
 /// the inode and backing handle each was opened on.
@@ -54,6 +58,8 @@ const CLOSED: u8 = 2;
 pub struct Logged {
     pub nodes: HashMap<FuseIno, Box<[u8]>>,
     pub opens: HashMap<u64, (FuseIno, Box<[u8]>)>,
+    /// Requests (by `unique`, without the resend bit) whose change was made.
+    pub done: std::collections::HashSet<u64>,
 }
 
 /// The open log, appended to by the inode table.
@@ -154,6 +160,9 @@ pub fn read(path: &Path) -> std::io::Result<Logged> {
             CLOSED if rest.len() == 8 => {
                 logged.opens.remove(&u64_at(rest));
             }
+            DONE if rest.len() == 8 => {
+                logged.done.insert(u64_at(rest));
+            }
             _ => break,
         }
         at += 8 + len;
@@ -207,6 +216,11 @@ impl NodeLog {
         self.append_record(&record(CLOSED, &[&fh.to_le_bytes()]))
     }
 
+    /// Records that the change of request `unique` is made.
+    pub fn append_done(&self, unique: u64) -> usize {
+        self.append_record(&record(DONE, &[&unique.to_le_bytes()]))
+    }
+
     /// Writes the file again with what `logged` returns only. It is called with the log
     /// locked, so that a record appended meanwhile is in it or appended to the new file.
     pub fn rewrite(&self, logged: impl FnOnce() -> Logged) {
@@ -233,7 +247,10 @@ fn write_new(path: &Path, logged: &Logged) -> std::io::Result<(File, usize)> {
     for (fh, (ino, handle)) in &logged.opens {
         buf.extend_from_slice(&open_record(*fh, *ino, handle));
     }
-    let records = logged.nodes.len() + logged.opens.len();
+    for unique in &logged.done {
+        buf.extend_from_slice(&record(DONE, &[&unique.to_le_bytes()]));
+    }
+    let records = logged.nodes.len() + logged.opens.len() + logged.done.len();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -263,7 +280,9 @@ mod tests {
         log.append_open(1 << 48 | 3, FuseIno(7), b"seven");
         log.append_open(1 << 48 | 4, FuseIno(5), b"five again");
         log.append_closed(1 << 48 | 4);
+        log.append_done(77);
         let logged = read(&path).unwrap();
+        assert!(logged.done.contains(&77));
         assert_eq!(logged.nodes.len(), 2);
         assert_eq!(&*logged.nodes[&FuseIno(5)], b"five again");
         assert_eq!(&*logged.nodes[&FuseIno(7)], b"seven");

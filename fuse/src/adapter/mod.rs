@@ -383,6 +383,13 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _serving = self.core.serving(OpKind::Rename);
+        // An exchange done twice swaps the names back, and the tree cannot tell it was done:
+        // it is recorded before its answer, and a resent one found there is answered as done.
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let unique = replies::unique_of(req);
+        if exchange && replies::resent_and(req, || self.core.made_before(unique)) {
+            return reply.ok();
+        }
         match self.core.rename(
             fuse_ino(parent),
             name,
@@ -391,6 +398,9 @@ impl Filesystem for FuseAdapter {
             flags.bits(),
         ) {
             Ok(()) => {
+                if exchange {
+                    self.core.record_made(unique);
+                }
                 fail::fail_point!("fuse-after-rename");
                 reply.ok()
             }

@@ -163,6 +163,22 @@ fn resent(req: &Request) -> bool {
     req.unique().0 & FUSE_UNIQUE_RESEND != 0
 }
 
+/// The request's number, without the bit that marks it sent again.
+pub(super) fn unique_of(req: &Request) -> u64 {
+    req.unique().0 & !FUSE_UNIQUE_RESEND
+}
+
+/// Whether `req` is sent again and `made` says its change was made before (logged so).
+pub(super) fn resent_and(req: &Request, made: impl FnOnce() -> bool) -> bool {
+    let done = resent(req) && made();
+    if done {
+        tracing::info!(
+            "a resent rename finds its exchange made by the daemon before: answered as done"
+        );
+    }
+    done
+}
+
 /// Whether `e` is the second answer of a change the dead daemon made before it died: the
 /// name a resent creation makes exists (`EEXIST`), the name a resent removal or rename
 /// takes away is gone (`ENOENT`). The kernel checked the opposite just before it sent the

@@ -282,6 +282,19 @@ impl Core {
         self.gate.write()
     }
 
+    /// Records, before its answer, that the change of request `unique` (without the resend
+    /// bit) is made, for a change that cannot be told done from the tree
+    /// ([`Core::made_before`]).
+    pub fn record_made(&self, unique: u64) {
+        self.inodes.log_done(unique);
+    }
+
+    /// Whether the change of request `unique` was made by an earlier daemon of the
+    /// connection (the kernel sends it again because that daemon died before its answer).
+    pub fn made_before(&self, unique: u64) -> bool {
+        self.inodes.was_done(unique)
+    }
+
     /// [`Core::hold_requests`], waiting at most `timeout` for the requests in flight (None:
     /// some still are).
     pub fn hold_requests_for(
