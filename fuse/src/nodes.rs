@@ -28,14 +28,10 @@
 //! Version 1 (an earlier owsfs, which `owsfs restart` may replace) is read too: its records
 //! are the node body without the kind byte, and it has no open records.
 //!
-//! The file is appended to through a shared memory map (a record is a copy into it, not a
-//! system call: the records come with every open and release), and grown in steps of at
-//! least 1 MiB, so it ends in zeros after the last record. A killed daemon's records are in
-//! the page cache, where the next daemon reads them; one cut short by the death fails its
-//! CRC. The file is not synced: it matters only while the kernel connection lives, which a
-//! machine crash ends. A torn or damaged record ends the reading; what followed is opened as
-//! stale. Nothing else reads the file, and a mount that starts a new connection starts a
-//! new file.
+//! A record is one `write(2)`, so a killed daemon leaves whole records (the file is not
+//! synced: it matters only while the kernel connection lives, which a machine crash ends).
+//! A torn or damaged tail ends the reading; what it held is opened as stale. Nothing else
+//! reads the file, and a mount that starts a new connection starts a new file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -69,7 +65,7 @@ pub struct Logged {
 /// The open log, appended to by the inode table.
 pub struct NodeLog {
     path: PathBuf,
-    file: Mutex<Appender>,
+    file: Mutex<File>,
     /// Records in the file: when it passes twice what the table holds, the file is written
     /// again from the table ([`NodeLog::rewrite`]).
     records: std::sync::atomic::AtomicUsize,
@@ -171,7 +167,7 @@ pub fn read(path: &Path) -> std::io::Result<Logged> {
         }
         at += 8 + len;
     }
-    if bytes[at..].iter().any(|b| *b != 0) {
+    if at != bytes.len() {
         tracing::warn!(
             "{}: {} bytes after the last whole record were not read",
             path.display(),
@@ -197,7 +193,7 @@ impl NodeLog {
     /// it said is lost only if this daemon dies while the kernel holds the inode or handle.
     fn append_record(&self, r: &[u8]) -> usize {
         let mut file = self.file.lock();
-        if let Err(e) = file.append(r) {
+        if let Err(e) = file.write_all(r) {
             tracing::warn!("node log {}: {e}", self.path.display());
         }
         self.records
@@ -240,89 +236,9 @@ impl NodeLog {
     }
 }
 
-/// The log's file, mapped for appending at `pos` (the end of its records); its length is the
-/// map's, zeros after `pos`.
-struct Appender {
-    file: File,
-    map: *mut u8,
-    cap: usize,
-    pos: usize,
-}
-
-// SAFETY: the map is owned by the Appender, and used only through `&mut self` (under the
-// log's lock).
-unsafe impl Send for Appender {}
-
-/// Growth step of the map.
-const STEP: usize = 1 << 20;
-
-impl Appender {
-    fn new(file: File, pos: usize) -> std::io::Result<Appender> {
-        let mut a = Appender {
-            file,
-            map: std::ptr::null_mut(),
-            cap: 0,
-            pos,
-        };
-        a.grow(pos)?;
-        Ok(a)
-    }
-
-    /// Maps the file again, at least `need` bytes plus a step long.
-    fn grow(&mut self, need: usize) -> std::io::Result<()> {
-        let cap = (need + STEP).next_multiple_of(STEP).max(self.cap * 2);
-        self.file.set_len(cap as u64)?;
-        // SAFETY: a new shared, writable map of `cap` bytes of a file we hold open and just
-        // sized; the old one (if any) is not used afterwards.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        self.unmap();
-        self.map = map.cast();
-        self.cap = cap;
-        Ok(())
-    }
-
-    fn append(&mut self, r: &[u8]) -> std::io::Result<()> {
-        if self.pos + r.len() > self.cap {
-            self.grow(self.pos + r.len())?;
-        }
-        // SAFETY: `pos + len <= cap`, within the map, which nothing else writes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(r.as_ptr(), self.map.add(self.pos), r.len());
-        }
-        self.pos += r.len();
-        Ok(())
-    }
-
-    fn unmap(&mut self) {
-        if !self.map.is_null() {
-            // SAFETY: the map this Appender made, of `cap` bytes, not used after this.
-            unsafe { libc::munmap(self.map.cast(), self.cap) };
-            self.map = std::ptr::null_mut();
-        }
-    }
-}
-
-impl Drop for Appender {
-    fn drop(&mut self) {
-        self.unmap();
-    }
-}
-
-/// Writes a new log beside `path` and renames it over `path`; returns it mapped for
-/// appending at its end (appends are serialized by [`NodeLog`]'s lock).
-fn write_new(path: &Path, logged: &Logged) -> std::io::Result<(Appender, usize)> {
+/// Writes a new log beside `path` and renames it over `path`; returns it open at its end
+/// (appends are serialized by [`NodeLog`]'s lock).
+fn write_new(path: &Path, logged: &Logged) -> std::io::Result<(File, usize)> {
     let tmp = path.with_extension("new");
     let mut buf = header_of(VERSION).to_vec();
     for (ino, handle) in &logged.nodes {
@@ -338,13 +254,12 @@ fn write_new(path: &Path, logged: &Logged) -> std::io::Result<(Appender, usize)>
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
-        .read(true)
         .write(true)
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(&buf)?;
     std::fs::rename(&tmp, path)?;
-    Ok((Appender::new(file, buf.len())?, records))
+    Ok((file, records))
 }
 
 #[cfg(test)]
@@ -375,13 +290,9 @@ mod tests {
         let (ino, handle) = &logged.opens[&(1 << 48 | 3)];
         assert_eq!((*ino, &**handle), (FuseIno(7), &b"seven"[..]));
 
-        // The file ends in zeros past the records (the map's room), which reads as the end.
-        let mut bytes = std::fs::read(&path).unwrap();
-        let whole = log.file.lock().pos;
-        assert!(bytes.len() >= whole + STEP);
-        assert!(bytes[whole..].iter().all(|b| *b == 0));
         // A torn record (a partial write), and a damaged one: reading stops before them.
-        bytes.truncate(whole);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let whole = bytes.len();
         bytes.extend_from_slice(&node_record(FuseIno(9), b"nine")[..7]);
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read(&path).unwrap().nodes.len(), 2);
@@ -406,21 +317,6 @@ mod tests {
         std::fs::write(&path, b"OWSFSNOD\x03\0\0\0\0\0\0\0").unwrap();
         assert!(read(&path).is_err());
         assert!(read(&dir.path().join("none")).unwrap().nodes.is_empty());
-    }
-
-    /// Appends past the map's room grow the file and its map; all of them read back.
-    #[test]
-    fn the_map_grows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nodes");
-        let log = NodeLog::create(&path, &Logged::default()).unwrap();
-        for fh in 0..60_000u64 {
-            log.append_open(fh, FuseIno(fh), b"a handle of 12");
-        }
-        log.append_closed(7);
-        let logged = read(&path).unwrap();
-        assert_eq!(logged.opens.len(), 59_999);
-        assert!(std::fs::metadata(&path).unwrap().len() > 2 * STEP as u64);
     }
 
     /// A log an earlier owsfs wrote (version 1: node records without a kind) is read.
