@@ -365,6 +365,14 @@ impl Seaweed {
                 ));
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // One of the ports picked for it was taken in between (another test's server):
+                // a new set of ports is tried.
+                if self.log_tail(40).contains("Port allocation failed") {
+                    return Err(Retry::Yes(self.failure(
+                        &format!("weed exited: a port was taken ({status})"),
+                        bin,
+                    )));
+                }
                 return Err(Retry::No(self.failure(
                     &format!("weed exited before it was ready ({status})"),
                     bin,
