@@ -387,7 +387,7 @@ impl Filesystem for FuseAdapter {
         // it is recorded before its answer, and a resent one found there is answered as done.
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let unique = replies::unique_of(req);
-        if exchange && replies::resent_and(req, || self.core.made_before(unique)) {
+        if exchange && replies::resent_exchange_made(req, || self.core.made_before(unique)) {
             return reply.ok();
         }
         match self.core.rename(

@@ -168,8 +168,9 @@ pub(super) fn unique_of(req: &Request) -> u64 {
     req.unique().0 & !FUSE_UNIQUE_RESEND
 }
 
-/// Whether `req` is sent again and `made` says its change was made before (logged so).
-pub(super) fn resent_and(req: &Request, made: impl FnOnce() -> bool) -> bool {
+/// Whether `req`, a rename with `RENAME_EXCHANGE`, is sent again and `made` says the dead
+/// daemon made the exchange (recorded in the node log before its answer).
+pub(super) fn resent_exchange_made(req: &Request, made: impl FnOnce() -> bool) -> bool {
     let done = resent(req) && made();
     if done {
         tracing::info!(
