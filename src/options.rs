@@ -29,6 +29,8 @@ pub struct MountOptions {
     /// At most this many inodes cached by the kernel (each holds a descriptor in the daemon);
     /// None: as many as the open file limit allows.
     pub max_inodes: Option<usize>,
+    /// FUSE over io_uring (`uring=off|auto|on`).
+    pub uring: owsfs_fuse::Uring,
     /// Kernel mount flags passed on as they are (nosuid, nodev, noexec, ...).
     pub kernel: Vec<String>,
     /// `remount` (from `mount -o remount,...`): change the flags of the mount that is there
@@ -53,6 +55,7 @@ impl Default for MountOptions {
             strict_timeout: Duration::from_secs(60),
             posix_acl: adapter.posix_acl,
             max_inodes: None,
+            uring: owsfs_fuse::Uring::Off,
             kernel: Vec::new(),
             remount: false,
         }
@@ -110,6 +113,14 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
                 o.writeback_cache = false;
                 writeback_asked = Some(false);
             }
+            ("uring", Some("off" | "0" | "false")) => o.uring = owsfs_fuse::Uring::Off,
+            ("uring", Some("auto")) => o.uring = owsfs_fuse::Uring::Auto,
+            ("uring", Some("on" | "1" | "true")) => o.uring = owsfs_fuse::Uring::On,
+            ("uring", v) => bail!(
+                "-o uring={}: expected off (the default), auto (io_uring when the kernel \
+                 offers it) or on",
+                v.unwrap_or("")
+            ),
             ("durability", Some("strict")) => o.strict = true,
             ("durability", Some("default")) => o.strict = false,
             ("durability", Some(v)) => {
@@ -165,7 +176,7 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => bail!(
                 "unknown mount option `{opt}`; owsfs's: threads passthrough writeback_cache \
-                 durability strict_timeout acl noacl max_inodes attr_timeout entry_timeout \
+                 uring durability strict_timeout acl noacl max_inodes attr_timeout entry_timeout \
                  negative_timeout max_write (see owsfs mount --help); the kernel's: ro rw \
                  remount nosuid nodev noexec noatime sync dirsync"
             ),
@@ -181,6 +192,17 @@ pub fn parse(values: &[String]) -> anyhow::Result<MountOptions> {
         _ => {}
     }
     o.writeback_explicit = writeback_asked.is_some();
+    if o.uring != owsfs_fuse::Uring::Off && !o.writeback_explicit {
+        // The kernel cannot send a dead daemon's io_uring requests again, so such a mount
+        // does not outlive its daemon, and the kernel's dirty pages would die with it.
+        o.writeback_cache = false;
+    }
+    if o.uring == owsfs_fuse::Uring::On && !owsfs_sys::fs::fuse_uring_enabled() {
+        bail!(
+            "-o uring=on: the kernel does not offer FUSE over io_uring (Linux 6.14 or later, \
+             and as root: echo Y > /sys/module/fuse/parameters/enable_uring)"
+        );
+    }
     Ok(o)
 }
 
@@ -233,6 +255,27 @@ mod tests {
             "passthrough goes without it"
         );
         assert!(parse(&["passthrough=on,writeback_cache".into()]).is_err());
+    }
+
+    #[test]
+    fn io_uring_is_asked_for_and_gives_up_the_default_writeback_cache() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.uring, owsfs_fuse::Uring::Off, "/dev/fuse is the default");
+        let o = parse(&["uring=auto".into()]).unwrap();
+        assert_eq!(o.uring, owsfs_fuse::Uring::Auto);
+        assert!(
+            !o.writeback_cache,
+            "a mount that does not outlive its daemon keeps no dirty pages in the kernel"
+        );
+        let o = parse(&["uring=auto,writeback_cache".into()]).unwrap();
+        assert!(o.writeback_cache, "unless asked for");
+        let e = parse(&["uring=maybe".into()]).unwrap_err().to_string();
+        assert!(e.contains("auto"), "{e}");
+        // `on` is refused where the kernel does not offer it, with how to turn it on.
+        match parse(&["uring=on".into()]) {
+            Ok(o) => assert!(owsfs_sys::fs::fuse_uring_enabled() && !o.writeback_cache),
+            Err(e) => assert!(e.to_string().contains("enable_uring"), "{e}"),
+        }
     }
 
     #[test]

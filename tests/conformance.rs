@@ -26,6 +26,15 @@ fn pjdfstest_and_fsx_pass_with_passthrough() {
     conformance("20000", "passthrough=on");
 }
 
+/// And served through FUSE over io_uring (where the kernel has it: CI turns it on).
+#[test]
+fn pjdfstest_and_fsx_pass_through_io_uring() {
+    if skip_fuse() || !uring_offered() {
+        return;
+    }
+    conformance("20000", "uring=on");
+}
+
 fn conformance(ops: &str, options: &str) {
     if skip_fuse() {
         return;

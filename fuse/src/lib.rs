@@ -20,7 +20,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use adapter::{AdapterOptions, FuseAdapter};
+pub use adapter::{AdapterOptions, FuseAdapter, Uring};
 pub use core::{
     Caller, Core, CoreOptions, DirEntries, DirEntry, Entry, InodeInvalidator, Invalidator, IoMode,
     SetAttr, Succession, TimeSpec, XattrReply,
@@ -62,6 +62,9 @@ pub struct MountSettings {
     /// the mount is nodev,nosuid.
     pub flags: Vec<String>,
     pub read_only: bool,
+    /// Threads (each with its ring entry) per CPU serving FUSE over io_uring, when INIT
+    /// settled it; zero: /dev/fuse only.
+    pub uring_threads: usize,
 }
 
 /// A descriptor of the session's `/dev/fuse`, for what fuser has no call for: notifications
@@ -143,6 +146,7 @@ fn session_config(settings: &MountSettings, resumable: bool) -> fuser::Config {
         1
     });
     config.clone_fd = owsfs_sys::mount::FUSE_CLONE_FD && !resumable;
+    config.uring_threads = settings.uring_threads;
     config
 }
 

@@ -21,8 +21,12 @@ pub struct StatusArgs {
 
 /// The daemon, and its supervisor if it has one.
 fn print_processes(v: &crate::control::Status) {
+    let transport = match v.io_uring {
+        Some(n) => format!("FUSE over io_uring ({n} requests)"),
+        None => "/dev/fuse".to_string(),
+    };
     println!(
-        "daemon       pid {}, up {:.0}s, passthrough {}",
+        "daemon       pid {}, up {:.0}s, passthrough {}, requests through {transport}",
         v.pid,
         v.uptime_secs,
         if v.passthrough { "on" } else { "off" }

@@ -250,6 +250,9 @@ pub struct Status {
     pub supervisor: Option<Supervision>,
     pub uptime_secs: f64,
     pub passthrough: bool,
+    /// Requests served through FUSE over io_uring (`-o uring=`); None: through /dev/fuse.
+    #[serde(default)]
+    pub io_uring: Option<u64>,
     pub inodes: usize,
     pub inode_budget: usize,
     pub open_files: usize,

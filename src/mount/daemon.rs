@@ -170,6 +170,7 @@ impl Daemon {
             supervisor: super::supervisor::supervision(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             passthrough: core.passthrough_enabled(),
+            io_uring: owsfs_fuse::fuser::uring_served(),
             inodes: core.inode_count(),
             inode_budget: core.inode_budget(),
             open_files: core.open_handles(),
@@ -200,6 +201,14 @@ impl Daemon {
             return Err(ControlError::Other(
                 "this mount has no supervisor to keep its connection (a --foreground or \
                  read-only mount): unmount and mount it again instead"
+                    .into(),
+            ));
+        }
+        if !super::supervisor::CONNECTION_KEPT.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ControlError::Other(
+                "this mount's supervisor does not keep its connection (it is served through \
+                 FUSE over io_uring, or the kernel cannot send requests again): unmount and \
+                 mount it again instead"
                     .into(),
             ));
         }

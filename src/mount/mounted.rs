@@ -73,12 +73,23 @@ impl Mounted {
     /// supervisor has it already).
     pub fn hand_over(&self, worker: &supervisor::Worker) -> anyhow::Result<()> {
         if self.resend {
+            supervisor::CONNECTION_KEPT.store(true, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
         let session = self.session.as_ref().expect("a mounted session");
         let (Some(epoch), Some(init)) = (&self.epoch, session.init_request()) else {
             anyhow::bail!("this mount's connection cannot be handed over (not mounted as root)");
         };
+        if session.serves_uring() {
+            // Linux (6.18) sends again only the requests read from /dev/fuse: those a dead
+            // daemon held in its io_uring entries would wait for good.
+            tracing::warn!(
+                "served through FUSE over io_uring: the kernel cannot send a dead daemon's \
+                 requests again, so this daemon's death will end the mount (and `owsfs \
+                 restart` is refused); mount with -o uring=off to keep the mount across it"
+            );
+            return Ok(());
+        }
         if !owsfs_fuse::kernel_resends(init) {
             // Without FUSE_NOTIFY_RESEND (Linux < 6.9) the calls a dead daemon had read would
             // wait for good: its death must end the connection, as it always did.
@@ -88,7 +99,9 @@ impl Mounted {
             );
             return Ok(());
         }
-        worker.hand_over(&epoch.device()?, init)
+        worker.hand_over(&epoch.device()?, init)?;
+        supervisor::CONNECTION_KEPT.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Asks the kernel for the requests an earlier daemon left unanswered (after a takeover).
@@ -118,12 +131,21 @@ impl Mounted {
             posix_acl: o.posix_acl,
             strict: o.strict,
             durable,
+            uring: o.uring,
         };
         let settings = MountSettings {
             fsname: fsname.to_string(),
             threads: o.threads,
             flags: o.kernel.clone(),
             read_only: o.read_only,
+            // As many serving threads as /dev/fuse would have, spread over the CPUs.
+            uring_threads: match o.uring {
+                owsfs_fuse::Uring::Off => 0,
+                _ => o
+                    .threads
+                    .div_ceil(std::thread::available_parallelism().map_or(1, |n| n.get()))
+                    .max(1),
+            },
         };
         (adapter, settings)
     }

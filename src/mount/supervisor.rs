@@ -52,6 +52,12 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// stands for the death of the node (`failpoints`).
 pub static SUPERVISOR_PID: AtomicI32 = AtomicI32::new(0);
 
+/// The supervisor holds this worker's connection, so that it outlives the worker (it was
+/// handed over, by this worker or an earlier one). Not for a mount served through io_uring,
+/// nor on a kernel that cannot send requests again (`Mounted::hand_over`).
+pub static CONNECTION_KEPT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Which daemon of the connection this worker is (set with [`SUPERVISOR_PID`]).
 static INCARNATION: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
@@ -338,6 +344,20 @@ pub fn supervise(mountpoint: &Path) -> anyhow::Result<i32> {
             tracing::warn!(
                 "the daemon of {} {} while the mount was being stopped: detaching it; the \
                  cache keeps every change",
+                mountpoint.display(),
+                describe(&status)
+            );
+            detach(mountpoint);
+            return Ok(status.code().unwrap_or(1));
+        }
+        if held.is_none() && ready && !status.success() {
+            // The worker kept its connection to itself (FUSE over io_uring, or a kernel
+            // that cannot send requests again): it ended with the worker.
+            tracing::error!(
+                "the daemon of {} {}; its connection died with it (it served through FUSE \
+                 over io_uring, or the kernel cannot send requests again), so the mount has \
+                 ended and programs using it got ENOTCONN. The cache keeps every change: \
+                 mount again",
                 mountpoint.display(),
                 describe(&status)
             );

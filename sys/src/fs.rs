@@ -561,6 +561,14 @@ pub const KERNEL_PASSTHROUGH: bool = true;
 #[cfg(not(target_os = "linux"))]
 pub const KERNEL_PASSTHROUGH: bool = false;
 
+/// Whether the kernel offers FUSE over io_uring (Linux 6.14): the fuse module's
+/// `enable_uring` parameter is Y. Elsewhere, never.
+pub fn fuse_uring_enabled() -> bool {
+    cfg!(target_os = "linux")
+        && std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+            .is_ok_and(|v| v.trim() == "Y")
+}
+
 /// Whether an extended attribute belongs to the file's content as a workspace keeps it (and
 /// a kept entry loses it when the newer generation lacks it): on Linux the `user.` and
 /// `trusted.` namespaces and POSIX ACLs, the other namespaces being the system's; macOS

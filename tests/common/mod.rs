@@ -62,6 +62,22 @@ pub fn is_mounted(mp: &Path) -> bool {
         .any(|m| m.mountpoint == mp && owsfs_sys::mount::is_owsfs(m))
 }
 
+/// Turns the kernel's FUSE over io_uring on (`enable_uring`, as root: CI machines are their
+/// own) and says whether the kernel has it; where it has none (before Linux 6.14) a note
+/// is printed and the io_uring tests have nothing to run.
+pub fn uring_offered() -> bool {
+    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    if !param.exists() {
+        println!(
+            "skipped: this kernel has no FUSE over io_uring ({} is missing)",
+            param.display()
+        );
+        return false;
+    }
+    std::fs::write(param, "Y").expect("turn FUSE over io_uring on (needs root)");
+    true
+}
+
 /// A workspace mounted for one test.
 pub struct Workspace {
     pub dir: tempfile::TempDir,

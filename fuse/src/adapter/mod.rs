@@ -54,6 +54,21 @@ pub struct AdapterOptions {
     /// The thread that answers once the store holds what came before (strict fsyncs, the
     /// `OWSFS_IOC_SYNC` ioctl); None for a mount that writes nothing to the store.
     pub durable: Option<Arc<crate::durable::Waiter>>,
+    /// FUSE over io_uring (`-o uring=`): asked for in INIT when not `Off`.
+    pub uring: Uring,
+}
+
+/// `-o uring=`: whether requests come through FUSE over io_uring (Linux 6.14, when
+/// `/sys/module/fuse/parameters/enable_uring` is Y) instead of /dev/fuse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Uring {
+    /// /dev/fuse only (the default: a daemon's death is survived only on /dev/fuse).
+    #[default]
+    Off,
+    /// io_uring when the kernel offers it, /dev/fuse otherwise.
+    Auto,
+    /// io_uring, or the mount fails.
+    On,
 }
 
 impl Default for AdapterOptions {
@@ -67,6 +82,7 @@ impl Default for AdapterOptions {
             posix_acl: true,
             strict: false,
             durable: None,
+            uring: Uring::Off,
         }
     }
 }
@@ -194,6 +210,25 @@ impl Filesystem for FuseAdapter {
                 .is_err()
             {
                 tracing::warn!("kernel lacks the writeback cache; writes go through");
+            }
+        }
+        match self.opts.uring {
+            Uring::Off => {}
+            Uring::Auto | Uring::On
+                if config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok() =>
+            {
+                tracing::info!("serving through FUSE over io_uring");
+            }
+            Uring::Auto => tracing::info!(
+                "the kernel does not offer FUSE over io_uring: serving through /dev/fuse"
+            ),
+            Uring::On => {
+                return Err(io::Error::other(
+                    "-o uring=on: the kernel does not offer FUSE over io_uring (Linux 6.14 or \
+                     later, and as root: echo Y > /sys/module/fuse/parameters/enable_uring)",
+                ));
             }
         }
         if self.core.passthrough_enabled() {

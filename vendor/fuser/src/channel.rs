@@ -53,7 +53,14 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender(self.0.clone(), None)
+    }
+
+    /// owsfs: a sender whose answers go into a ring entry (FUSE over io_uring); backing
+    /// files are still opened through /dev/fuse.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn ring_sender(&self, slot: Arc<crate::uring::RingSlot>) -> ChannelSender {
+        ChannelSender(self.0.clone(), Some(slot))
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -79,11 +86,23 @@ impl Channel {
     }
 }
 
+/// owsfs: the second field, when set, is the ring entry of the request being answered.
 #[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+pub(crate) struct ChannelSender(Arc<DevFuse>, Option<Arc<RingSlot>>);
+
+#[cfg(target_os = "linux")]
+use crate::uring::RingSlot;
+/// No rings where there is no io_uring.
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug)]
+pub(crate) struct RingSlot;
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(slot) = &self.1 {
+            return slot.send(bufs);
+        }
         let rc = nix::sys::uio::writev(&self.0, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either

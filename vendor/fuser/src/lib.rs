@@ -103,6 +103,18 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+/// owsfs: FUSE over io_uring.
+#[cfg(target_os = "linux")]
+mod uring;
+/// owsfs: the requests this process served through FUSE over io_uring, if it serves
+/// through it.
+#[cfg(target_os = "linux")]
+pub use uring::served as uring_served;
+/// owsfs: no io_uring here.
+#[cfg(not(target_os = "linux"))]
+pub fn uring_served() -> Option<u64> {
+    None
+}
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

@@ -145,6 +145,9 @@ pub struct Session<FS: Filesystem> {
     /// owsfs: the largest write the filesystem's `init` settled (the reading threads'
     /// buffers are sized by it, see [`FuseReadBuf::resident`]).
     max_write: usize,
+    /// owsfs: the payload size of a ring entry, when the connection serves through FUSE
+    /// over io_uring (the filesystem asked for it and the kernel granted it).
+    uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -194,6 +197,7 @@ impl<FS: Filesystem> Session<FS> {
             config: options.clone(),
             init_request: None,
             max_write: MAX_WRITE_SIZE,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -224,6 +228,7 @@ impl<FS: Filesystem> Session<FS> {
             config,
             init_request: None,
             max_write: MAX_WRITE_SIZE,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -258,6 +263,7 @@ impl<FS: Filesystem> Session<FS> {
             config,
             init_request: None,
             max_write: MAX_WRITE_SIZE,
+            uring_payload: None,
         };
         // The request is parsed in place, so it needs fuse_in_header's alignment.
         let mut aligned = vec![0u64; init_request.len().div_ceil(8)];
@@ -278,9 +284,16 @@ impl<FS: Filesystem> Session<FS> {
         };
         filesystem.init(Request::ref_cast(request.header()), &mut kernel)?;
         session.max_write = kernel.max_write() as usize;
+        session.uring_payload = uring_payload(&session.config, init.capabilities(), &kernel);
         session.proto_version = Some(v);
         session.init_request = Some(init_request.to_vec());
         Ok(session)
+    }
+
+    /// owsfs: whether this session serves through FUSE over io_uring (the filesystem's
+    /// `init` asked for it, the kernel granted it, and `Config::uring_threads` is set).
+    pub fn serves_uring(&self) -> bool {
+        self.uring_payload.is_some()
     }
 
     /// owsfs: the kernel's INIT request of this connection, for [`Session::resume`].
@@ -321,6 +334,7 @@ impl<FS: Filesystem> Session<FS> {
             config,
             init_request: _,
             max_write,
+            uring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -355,6 +369,8 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        #[cfg(target_os = "linux")]
+        let ring_ch = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -376,7 +392,33 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        #[cfg(target_os = "linux")]
+        let rings = match uring_payload {
+            Some(payload) => spawn_rings(
+                &ring_ch,
+                payload,
+                config.uring_threads,
+                &filesystem,
+                allowed,
+                session_owner,
+                max_write,
+            )?,
+            None => Vec::new(),
+        };
+        #[cfg(not(target_os = "linux"))]
+        let _ = uring_payload;
+
         let mut reply: io::Result<()> = Ok(());
+        #[cfg(target_os = "linux")]
+        for (name, ring) in rings {
+            // A queue that could not be served leaves its requests to /dev/fuse (the kernel
+            // uses the rings only once every queue has an entry): not the session's end.
+            match ring.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("{name}: the io_uring queue ended: {e}"),
+                Err(_) => return Err(io::Error::other("an io_uring thread panicked")),
+            }
+        }
         for thread in threads {
             let res = match thread.join() {
                 Ok(res) => res,
@@ -502,6 +544,7 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
             self.max_write = config.max_write() as usize;
+            self.uring_payload = uring_payload(&self.config, init.capabilities(), &config);
             self.init_request = Some(buf[..size].to_vec());
 
             // Log capability status for debugging
@@ -630,6 +673,74 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 Err(nix::errno::Errno::ECONNABORTED) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
+        }
+    }
+}
+
+/// owsfs: the payload size of a ring entry when the connection serves through io_uring:
+/// the filesystem's `init` asked for `FUSE_OVER_IO_URING`, the kernel offered it, and the
+/// session has threads for it. The kernel refuses an entry smaller than its largest
+/// request or answer (`max_write`, `max_pages` pages, at least 8 KiB).
+fn uring_payload(config: &Config, offered: InitFlags, kernel: &KernelConfig) -> Option<usize> {
+    let granted = offered & kernel.requested;
+    if config.uring_threads == 0 || !granted.contains(InitFlags::FUSE_OVER_IO_URING) {
+        return None;
+    }
+    let page = page_size::get();
+    let pages = usize::from(kernel.max_pages()).max(32);
+    Some((kernel.max_write() as usize).max(pages * page).max(8192))
+}
+
+/// owsfs: the serving threads of FUSE over io_uring: `per_queue` for each of the kernel's
+/// queues (one per CPU), each with its own ring and entry, pinned to its queue's CPU.
+#[cfg(target_os = "linux")]
+fn spawn_rings<FS: Filesystem>(
+    ch: &Channel,
+    payload: usize,
+    per_queue: usize,
+    filesystem: &Arc<FilesystemHolder<FS>>,
+    allowed: SessionACL,
+    session_owner: Uid,
+    max_write: usize,
+) -> io::Result<Vec<(String, JoinHandle<io::Result<()>>)>> {
+    let queues = crate::uring::queues();
+    crate::uring::started();
+    let mut rings = Vec::new();
+    for qid in 0..queues {
+        let qid = u16::try_from(qid).map_err(|_| io::Error::other("too many CPUs"))?;
+        for t in 0..per_queue.max(1) {
+            let name = format!("fuser-ring-{qid}.{t}");
+            let event_loop = SessionEventLoop {
+                thread_name: name.clone(),
+                filesystem: filesystem.clone(),
+                ch: ch.clone(),
+                allowed,
+                session_owner,
+                max_write,
+            };
+            let handle = thread::Builder::new().name(name.clone()).spawn(move || {
+                crate::uring::serve_queue(&event_loop.ch, qid, payload, &event_loop)
+            })?;
+            rings.push((name, handle));
+        }
+    }
+    debug!("serving through io_uring: {queues} queues, {per_queue} entries each");
+    Ok(rings)
+}
+
+#[cfg(target_os = "linux")]
+impl<FS: Filesystem> crate::uring::Serve for SessionEventLoop<FS> {
+    fn serve(&self, slot: &Arc<crate::uring::RingSlot>, data: &[u8]) -> bool {
+        match RequestWithSender::new(self.ch.ring_sender(slot.clone()), data) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                } else {
+                    req.dispatch(self);
+                }
+                true
+            }
+            None => false,
         }
     }
 }

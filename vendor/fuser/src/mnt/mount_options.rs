@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// owsfs: serve through FUSE over io_uring when the filesystem's `init` asked for
+    /// `FUSE_OVER_IO_URING` and the kernel granted it: this many threads (and ring
+    /// entries) per queue, one queue per CPU. Zero: /dev/fuse only.
+    pub uring_threads: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
