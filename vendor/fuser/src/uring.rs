@@ -167,19 +167,25 @@ impl RingSlot {
         u64::from_ne_bytes(b)
     }
 
-    /// The request the kernel put in the entry, laid out as /dev/fuse delivers it, and its
-    /// commit id; None if its sizes do not add up.
-    fn request(&self) -> Option<(&[u8], u64, bool)> {
-        let commit_id = self.read_u64(ENT_IN_OUT + 8);
+    /// The commit id of the request in the entry (its unique).
+    fn commit_id(&self) -> u64 {
+        self.read_u64(ENT_IN_OUT + 8)
+    }
+
+    /// The request the kernel put in the entry, laid out as /dev/fuse delivers it, and
+    /// whether it has a payload; None if its sizes do not add up.
+    fn request(&self) -> Option<(&[u8], bool)> {
         let payload = self.read_u32(ENT_IN_OUT + 16) as usize;
         let len = self.read_u32(0) as usize;
         let op = len.checked_sub(IN_HEADER + payload)?;
         if op > OP_IN || payload > self.payload_cap {
             return None;
         }
-        let start = PAYLOAD_AT - IN_HEADER - op;
+        // fuser reads the header in place, which needs 8-byte alignment: with a first
+        // argument of another size, the payload moves down to follow it.
+        let start = (PAYLOAD_AT - IN_HEADER - op) & !7;
         // SAFETY: all ranges are within the mapping (the headers end at 288, `start` is at
-        // least 1024 - 168), and the copies do not overlap.
+        // least 1024 - 176); only the payload's move may overlap, and `copy` allows it.
         unsafe {
             std::ptr::copy_nonoverlapping(self.base, self.base.add(start), IN_HEADER);
             std::ptr::copy_nonoverlapping(
@@ -187,9 +193,15 @@ impl RingSlot {
                 self.base.add(start + IN_HEADER),
                 op,
             );
+            if start + IN_HEADER + op != PAYLOAD_AT {
+                std::ptr::copy(
+                    self.base.add(PAYLOAD_AT),
+                    self.base.add(start + IN_HEADER + op),
+                    payload,
+                );
+            }
             Some((
                 std::slice::from_raw_parts(self.base.add(start), len),
-                commit_id,
                 payload > 0,
             ))
         }
@@ -350,18 +362,38 @@ pub(crate) trait Serve {
 pub(crate) fn serve_queue<S: Serve>(
     dev: &impl AsFd,
     qid: u16,
+    cpu: usize,
     payload_cap: usize,
     serve: &S,
 ) -> io::Result<()> {
-    pin_to_cpu(usize::from(qid));
+    pin_to_cpu(cpu);
     let dev = dev.as_fd().as_raw_fd();
+    let mut slots = vec![Arc::new(RingSlot::new(payload_cap)?)];
     let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder().build(2)?;
-    let slot = Arc::new(RingSlot::new(payload_cap)?);
-    let iov = slot.iovecs();
+    let end = serve_entries(&mut ring, dev, qid, payload_cap, serve, &mut slots);
+    // The ring goes first: once it is closed the kernel copies nothing more into an entry
+    // (its work for a closed ring runs as if the task were dead), so the memory may go.
+    drop(ring);
+    drop(slots);
+    end
+}
+
+fn serve_entries<S: Serve>(
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    dev: RawFd,
+    qid: u16,
+    payload_cap: usize,
+    serve: &S,
+    slots: &mut Vec<Arc<RingSlot>>,
+) -> io::Result<()> {
+    let mut slot = slots[0].clone();
+    let mut iov = slot.iovecs();
     let mut next = register(dev, qid, &iov);
+    let mut registering = true;
+    let mut early = 0;
     loop {
         // SAFETY: the entry's buffers (and the iovec array, for REGISTER) outlive the
-        // command: they live until this function returns, after the kernel ended it.
+        // command: `serve_queue` keeps them until the ring is closed.
         unsafe { ring.submission().push(&next) }
             .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
         let cqe = loop {
@@ -375,22 +407,46 @@ pub(crate) fn serve_queue<S: Serve>(
             }
         };
         let res = cqe.result();
-        if res < 0 {
-            return match -res {
-                libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV | libc::ECANCELED => Ok(()),
-                e => Err(io::Error::from_raw_os_error(e)),
-            };
+        match -res {
+            0 => {}
+            libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV | libc::ECANCELED => return Ok(()),
+            // The kernel takes entries once the connection's INIT is settled.
+            libc::EAGAIN if registering && early < 100 => {
+                early += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+            e if registering => return Err(io::Error::from_raw_os_error(e)),
+            e => {
+                // The answer was refused (its request is gone), and the entry with it:
+                // the entry stays the kernel's, so a new one takes its place.
+                warn!(
+                    "io_uring queue {qid}: an answer was refused ({}): registering a new entry",
+                    io::Error::from_raw_os_error(e)
+                );
+                slot = Arc::new(RingSlot::new(payload_cap)?);
+                slots.push(slot.clone());
+                iov = slot.iovecs();
+                next = register(dev, qid, &iov);
+                registering = true;
+                continue;
+            }
         }
-        let Some((data, commit_id, overlaps)) = slot.request() else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a ring entry's request sizes do not add up",
-            ));
-        };
-        slot.serving(commit_id, overlaps);
+        registering = false;
+        let commit_id = slot.commit_id();
         SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if !serve.serve(&slot, data) {
-            slot.fail(commit_id, libc::EIO);
+        match slot.request() {
+            Some((data, overlaps)) => {
+                slot.serving(commit_id, overlaps);
+                if !serve.serve(&slot, data) {
+                    slot.fail(commit_id, libc::EIO);
+                }
+            }
+            None => {
+                warn!("io_uring queue {qid}: a request whose sizes do not add up: EIO");
+                slot.serving(commit_id, false);
+                slot.fail(commit_id, libc::EIO);
+            }
         }
         slot.wait_answered(commit_id);
         next = command(dev, CMD_COMMIT_AND_FETCH, qid, commit_id);
