@@ -351,18 +351,7 @@ pub fn supervise(mountpoint: &Path) -> anyhow::Result<i32> {
             return Ok(status.code().unwrap_or(1));
         }
         if held.is_none() && ready && !status.success() {
-            // The worker kept its connection to itself (FUSE over io_uring, or a kernel
-            // that cannot send requests again): it ended with the worker.
-            tracing::error!(
-                "the daemon of {} {}; its connection died with it (it served through FUSE \
-                 over io_uring, or the kernel cannot send requests again), so the mount has \
-                 ended and programs using it got ENOTCONN. The cache keeps every change: \
-                 mount again",
-                mountpoint.display(),
-                describe(&status)
-            );
-            detach(mountpoint);
-            return Ok(status.code().unwrap_or(1));
+            return Ok(ended_with_its_daemon(mountpoint, &status));
         }
         if status.success() || ended || !ready {
             if !ready && held.is_some() {
@@ -408,6 +397,21 @@ pub fn supervise(mountpoint: &Path) -> anyhow::Result<i32> {
         }
         incarnation = incarnation.checked_add(1).context("too many daemons")?;
     }
+}
+
+/// A worker that kept its connection to itself (FUSE over io_uring, or a kernel that cannot
+/// send requests again) died, and the connection with it: the dead mount is detached, and
+/// the log says why. Returns the exit code.
+fn ended_with_its_daemon(mountpoint: &Path, status: &ExitStatus) -> i32 {
+    tracing::error!(
+        "the daemon of {} {}; its connection died with it (it served through FUSE over \
+         io_uring, or the kernel cannot send requests again), so the mount has ended and \
+         programs using it got ENOTCONN. The cache keeps every change: mount again",
+        mountpoint.display(),
+        describe(status)
+    );
+    detach(mountpoint);
+    status.code().unwrap_or(1)
 }
 
 /// Relays the first worker's `READY`, `NOTICE` and `ERROR` lines to the `owsfs mount` that
