@@ -1,6 +1,7 @@
 //! Small promises of the mount that a local disk keeps without thinking: new files get exactly
 //! the mode the program asked for (whatever the daemon's own umask), and an ioctl the
-//! workspace does not implement (isatty's TCGETS) is an ordinary ENOTTY, not a log line.
+//! workspace does not implement (isatty's TCGETS) is an ordinary ENOTTY, not a log line; a
+//! sequential read asks the daemon for as much at a time as a write may carry.
 
 mod common;
 
@@ -66,4 +67,32 @@ fn isatty_on_a_workspace_file_is_a_quiet_enotty() {
         .filter(|l| l.contains("ioctl") || l.contains("Not Implemented"))
         .collect();
     assert!(noisy.is_empty(), "the log mentions ioctls: {noisy:#?}");
+}
+
+/// A FUSE mount starts with 128 KiB of readahead, so a sequential read would reach the daemon
+/// in 128 KiB requests; the daemon raises it to its max_write (1 MiB), one request per MiB.
+#[test]
+fn a_sequential_read_reaches_the_daemon_a_mebibyte_at_a_time() {
+    if skip_fuse() {
+        return;
+    }
+    let ws = Workspace::new();
+    let path = ws.path("big");
+    fs::write(&path, noise(32 << 20, 5)).unwrap();
+    let reads = |ws: &Workspace| ws.status_json(false)["ops"]["reads"].as_u64().unwrap();
+    let file = File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    // Out of the kernel's cache, so that the read below goes to the daemon.
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let before = reads(&ws);
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data).unwrap();
+    assert_eq!(data.len(), 32 << 20);
+    let asked = reads(&ws) - before;
+    assert!(
+        (1..=48).contains(&asked),
+        "{asked} read requests for 32 MiB (128 KiB each would be 256)"
+    );
+    drop(file);
+    ws.unmount();
 }

@@ -182,6 +182,7 @@ pub fn mount(
 ) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
     let root = rustix::process::geteuid().is_root();
     let mut config = session_config(settings, resumable);
+    let max_write = adapter.max_write;
     let adapter = FuseAdapter::new(core, adapter);
     if !root {
         // An unprivileged mount goes through the setuid fusermount3 helper.
@@ -213,7 +214,15 @@ pub fn mount(
     let dev = std::fs::File::from(dev);
     let epoch = dev.try_clone().ok().map(|d| EpochNotifier(d.into()));
     match fuser::Session::from_fd(adapter, std::os::fd::OwnedFd::from(dev), config.acl, config) {
-        Ok(session) => Ok((session, epoch)),
+        Ok(session) => {
+            // After INIT, which sets the readahead to at most the kernel's default.
+            if let Err(e) =
+                owsfs_sys::mount::raise_readahead(mountpoint, u64::from(max_write) / 1024)
+            {
+                tracing::info!("readahead left as it is: {e}");
+            }
+            Ok((session, epoch))
+        }
         Err(e) => {
             let lazy = owsfs_sys::mount::UnmountHow {
                 lazy: true,

@@ -79,6 +79,38 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     out
 }
 
+/// Raises the readahead of the mount at `target` to `kib` KiB where it is lower
+/// (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`, which needs root). A FUSE mount starts at
+/// 128 KiB, so a sequential read reaches the daemon in 128 KiB requests even when it takes
+/// requests of max_write (1 MiB): eight round trips instead of one.
+#[cfg(target_os = "linux")]
+pub fn raise_readahead(target: &Path, kib: u64) -> io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let device = info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() > 4 && Path::new(&unescape(fields[4])) == target).then(|| fields[2])
+        })
+        .last()
+        .ok_or_else(|| io::Error::other(format!("{} is not mounted", target.display())))?;
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
+    let now: u64 = std::fs::read_to_string(&knob)?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::other(format!("{knob}: {e}")))?;
+    if now < kib {
+        std::fs::write(&knob, kib.to_string())?;
+    }
+    Ok(())
+}
+
+/// Elsewhere the system decides.
+#[cfg(not(target_os = "linux"))]
+pub fn raise_readahead(_target: &Path, _kib: u64) -> io::Result<()> {
+    Ok(())
+}
+
 /// Parses mount(8)'s lines: Linux's `SOURCE on DIR type TYPE (OPTIONS)`, or the BSDs' and
 /// macOS's `SOURCE on DIR (TYPE, OPTIONS)`.
 pub fn parse_mount_output(text: &str) -> Vec<MountEntry> {
