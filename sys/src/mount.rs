@@ -88,11 +88,11 @@ pub fn raise_readahead(target: &Path, kib: u64) -> io::Result<()> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let device = info
         .lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             (fields.len() > 4 && Path::new(&unescape(fields[4])) == target).then(|| fields[2])
         })
-        .last()
         .ok_or_else(|| io::Error::other(format!("{} is not mounted", target.display())))?;
     let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
     let now: u64 = std::fs::read_to_string(&knob)?
