@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn io_uring_is_asked_for_and_gives_up_the_default_writeback_cache() {
         let o = parse(&[]).unwrap();
-        assert_eq!(o.uring, owsfs_fuse::Uring::Off, "/dev/fuse is the default");
+        assert_eq!(o.uring, owsfs_fuse::Uring::Off, "off is the default");
         let o = parse(&["uring=auto".into()]).unwrap();
         assert_eq!(o.uring, owsfs_fuse::Uring::Auto);
         assert!(

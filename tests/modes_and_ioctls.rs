@@ -69,6 +69,7 @@ fn isatty_on_a_workspace_file_is_a_quiet_enotty() {
     assert!(noisy.is_empty(), "the log mentions ioctls: {noisy:#?}");
 }
 
+#[cfg(target_os = "linux")]
 /// A FUSE mount starts with 128 KiB of readahead, so a sequential read would reach the daemon
 /// in 128 KiB requests; the daemon raises it to its max_write (1 MiB), one request per MiB.
 #[test]

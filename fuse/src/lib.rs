@@ -182,6 +182,7 @@ pub fn mount(
 ) -> io::Result<(fuser::Session<FuseAdapter>, Option<EpochNotifier>)> {
     let root = rustix::process::geteuid().is_root();
     let mut config = session_config(settings, resumable);
+    config.uring_root = Some(mountpoint.to_path_buf());
     let max_write = adapter.max_write;
     let adapter = FuseAdapter::new(core, adapter);
     if !root {

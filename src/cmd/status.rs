@@ -23,7 +23,7 @@ pub struct StatusArgs {
 fn print_processes(v: &crate::control::Status) {
     let transport = match v.io_uring {
         Some(n) => format!("FUSE over io_uring ({n} requests)"),
-        None => "/dev/fuse".to_string(),
+        None => "the FUSE device".to_string(),
     };
     println!(
         "daemon       pid {}, up {:.0}s, passthrough {}, requests through {transport}",

@@ -561,12 +561,63 @@ pub const KERNEL_PASSTHROUGH: bool = true;
 #[cfg(not(target_os = "linux"))]
 pub const KERNEL_PASSTHROUGH: bool = false;
 
+/// The fuse module's switch of FUSE over io_uring (Linux 6.14; off until root turns it on).
+#[cfg(target_os = "linux")]
+const FUSE_URING_SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
+
 /// Whether the kernel offers FUSE over io_uring (Linux 6.14): the fuse module's
 /// `enable_uring` parameter is Y. Elsewhere, never.
+#[cfg(target_os = "linux")]
 pub fn fuse_uring_enabled() -> bool {
-    cfg!(target_os = "linux")
-        && std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-            .is_ok_and(|v| v.trim() == "Y")
+    std::fs::read_to_string(FUSE_URING_SWITCH).is_ok_and(|v| v.trim() == "Y")
+}
+#[cfg(not(target_os = "linux"))]
+pub fn fuse_uring_enabled() -> bool {
+    false
+}
+
+/// Turns FUSE over io_uring on (root): false where the kernel has none (before 6.14, or
+/// not Linux), an error where it may not be turned on.
+#[cfg(target_os = "linux")]
+pub fn turn_fuse_uring_on() -> std::io::Result<bool> {
+    if !std::path::Path::new(FUSE_URING_SWITCH).exists() {
+        return Ok(false);
+    }
+    std::fs::write(FUSE_URING_SWITCH, "Y")?;
+    Ok(true)
+}
+#[cfg(not(target_os = "linux"))]
+pub fn turn_fuse_uring_on() -> std::io::Result<bool> {
+    Ok(false)
+}
+
+/// Aborts the FUSE connection of the mount at `mountpoint` (`/sys/fs/fuse/connections/N/abort`,
+/// mounting fusectl there if it is not): every request waiting for its daemon fails at once.
+/// For tests that must not wait for good on a daemon that stopped answering.
+#[cfg(target_os = "linux")]
+pub fn abort_fuse_connection(mountpoint: &std::path::Path) -> std::io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let device = info
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() > 4 && std::path::Path::new(fields[4]) == mountpoint).then(|| fields[2])
+        })
+        .ok_or_else(|| std::io::Error::other("not mounted"))?;
+    let minor = device.rsplit(':').next().unwrap_or(device);
+    let dir = std::path::Path::new("/sys/fs/fuse/connections");
+    if !dir.join(minor).exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(dir)
+            .status();
+    }
+    std::fs::write(dir.join(minor).join("abort"), "1")
+}
+#[cfg(not(target_os = "linux"))]
+pub fn abort_fuse_connection(_mountpoint: &std::path::Path) -> std::io::Result<()> {
+    Err(std::io::Error::other("no FUSE connections to abort here"))
 }
 
 /// Whether an extended attribute belongs to the file's content as a workspace keeps it (and

@@ -66,16 +66,11 @@ pub fn is_mounted(mp: &Path) -> bool {
 /// own) and says whether the kernel has it; where it has none (before Linux 6.14) a note
 /// is printed and the io_uring tests have nothing to run.
 pub fn uring_offered() -> bool {
-    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
-    if !param.exists() {
-        println!(
-            "skipped: this kernel has no FUSE over io_uring ({} is missing)",
-            param.display()
-        );
-        return false;
+    let on = owsfs_sys::fs::turn_fuse_uring_on().expect("turn FUSE over io_uring on (needs root)");
+    if !on {
+        println!("skipped: this kernel has no FUSE over io_uring (Linux 6.14 or later)");
     }
-    std::fs::write(param, "Y").expect("turn FUSE over io_uring on (needs root)");
-    true
+    on
 }
 
 /// A workspace mounted for one test.

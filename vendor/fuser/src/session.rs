@@ -398,6 +398,7 @@ impl<FS: Filesystem> Session<FS> {
                 &ring_ch,
                 payload,
                 config.uring_threads,
+                config.uring_root.clone(),
                 &filesystem,
                 allowed,
                 session_owner,
@@ -686,6 +687,10 @@ fn uring_payload(config: &Config, offered: InitFlags, kernel: &KernelConfig) -> 
     if config.uring_threads == 0 || !granted.contains(InitFlags::FUSE_OVER_IO_URING) {
         return None;
     }
+    // Said from now on (`uring_served`), before the rings start: the mount is ready, and
+    // asked, as soon as INIT is answered.
+    #[cfg(target_os = "linux")]
+    crate::uring::started();
     let page = page_size::get();
     let pages = usize::from(kernel.max_pages()).max(32);
     Some((kernel.max_write() as usize).max(pages * page).max(8192))
@@ -698,13 +703,13 @@ fn spawn_rings<FS: Filesystem>(
     ch: &Channel,
     payload: usize,
     per_queue: usize,
+    root: Option<std::path::PathBuf>,
     filesystem: &Arc<FilesystemHolder<FS>>,
     allowed: SessionACL,
     session_owner: Uid,
     max_write: usize,
 ) -> io::Result<Vec<(String, JoinHandle<io::Result<()>>)>> {
     let queues = crate::uring::queues();
-    crate::uring::started();
     let mut rings = Vec::new();
     for qid in 0..queues {
         let qid = u16::try_from(qid).map_err(|_| io::Error::other("too many CPUs"))?;
@@ -722,8 +727,15 @@ fn spawn_rings<FS: Filesystem>(
                 session_owner,
                 max_write,
             };
+            let root = root.clone();
             let handle = thread::Builder::new().name(name.clone()).spawn(move || {
-                crate::uring::serve_queue(&event_loop.ch, qid, cpu, payload, &event_loop)
+                let ring = crate::uring::Queue {
+                    qid,
+                    cpu,
+                    payload,
+                    root,
+                };
+                crate::uring::serve_queue(&event_loop.ch, ring, &event_loop)
             })?;
             rings.push((name, handle));
         }
@@ -737,10 +749,16 @@ impl<FS: Filesystem> crate::uring::Serve for SessionEventLoop<FS> {
     fn serve(&self, slot: &Arc<crate::uring::RingSlot>, data: &[u8]) -> bool {
         match RequestWithSender::new(self.ch.ring_sender(slot.clone()), data) {
             Some(req) => {
-                if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                    req.reply::<ReplyEmpty>().ok();
-                } else {
-                    req.dispatch(self);
+                match req.request.operation() {
+                    Ok(Operation::Destroy(_)) => req.reply::<ReplyEmpty>().ok(),
+                    // The kernel sends a FORGET through the ring when it must (a
+                    // READDIRPLUS entry it could not keep): it has no answer, but the ring
+                    // waits for a commit.
+                    Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
+                        req.dispatch(self);
+                        slot.fail(req.request.unique().0, 0);
+                    }
+                    _ => req.dispatch(self),
                 }
                 true
             }

@@ -22,6 +22,10 @@ pub struct Config {
     /// `FUSE_OVER_IO_URING` and the kernel granted it: this many threads (and ring
     /// entries) per queue, one queue per CPU. Zero: /dev/fuse only.
     pub uring_threads: usize,
+    /// owsfs: the mountpoint, through which a ring makes the kernel send it a request
+    /// (see `uring.rs`, `Kicker`); without it a ring that registers an entry late may leave
+    /// requests queued until the next request of its CPU.
+    pub uring_root: Option<std::path::PathBuf>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
