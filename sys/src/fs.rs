@@ -596,16 +596,8 @@ pub fn turn_fuse_uring_on() -> std::io::Result<bool> {
 /// For tests that must not wait for good on a daemon that stopped answering.
 #[cfg(target_os = "linux")]
 pub fn abort_fuse_connection(mountpoint: &std::path::Path) -> std::io::Result<()> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let device = info
-        .lines()
-        .rev()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields.len() > 4 && std::path::Path::new(fields[4]) == mountpoint).then(|| fields[2])
-        })
-        .ok_or_else(|| std::io::Error::other("not mounted"))?;
-    let minor = device.rsplit(':').next().unwrap_or(device);
+    let device = crate::mount::device_of(mountpoint)?;
+    let minor = device.rsplit(':').next().unwrap_or(&device);
     let dir = std::path::Path::new("/sys/fs/fuse/connections");
     if !dir.join(minor).exists() {
         let _ = std::process::Command::new("mount")

@@ -85,15 +85,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 /// requests of max_write (1 MiB): eight round trips instead of one.
 #[cfg(target_os = "linux")]
 pub fn raise_readahead(target: &Path, kib: u64) -> io::Result<()> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let device = info
-        .lines()
-        .rev()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields.len() > 4 && Path::new(&unescape(fields[4])) == target).then(|| fields[2])
-        })
-        .ok_or_else(|| io::Error::other(format!("{} is not mounted", target.display())))?;
+    let device = device_of(target)?;
     let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
     let now: u64 = std::fs::read_to_string(&knob)?
         .trim()
@@ -103,6 +95,28 @@ pub fn raise_readahead(target: &Path, kib: u64) -> io::Result<()> {
         std::fs::write(&knob, kib.to_string())?;
     }
     Ok(())
+}
+
+/// The device number (`MAJOR:MINOR`) of the newest mount at `target`, from
+/// `/proc/self/mountinfo` (without a stat(2), which a mount not served yet would not answer).
+#[cfg(target_os = "linux")]
+pub fn device_of(target: &Path) -> io::Result<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .rev()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() > 4 && Path::new(&unescape(fields[4])) == target)
+                .then(|| fields[2].to_string())
+        })
+        .ok_or_else(|| io::Error::other(format!("{} is not mounted", target.display())))
+}
+#[cfg(not(target_os = "linux"))]
+pub fn device_of(target: &Path) -> io::Result<String> {
+    Err(io::Error::other(format!(
+        "no device number for {} here",
+        target.display()
+    )))
 }
 
 /// Elsewhere the system decides.
