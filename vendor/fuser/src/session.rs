@@ -285,6 +285,7 @@ impl<FS: Filesystem> Session<FS> {
         filesystem.init(Request::ref_cast(request.header()), &mut kernel)?;
         session.max_write = kernel.max_write() as usize;
         session.uring_payload = uring_payload(&session.config, init.capabilities(), &kernel);
+        session.say_uring();
         session.proto_version = Some(v);
         session.init_request = Some(init_request.to_vec());
         Ok(session)
@@ -294,6 +295,15 @@ impl<FS: Filesystem> Session<FS> {
     /// `init` asked for it, the kernel granted it, and `Config::uring_threads` is set).
     pub fn serves_uring(&self) -> bool {
         self.uring_payload.is_some()
+    }
+
+    /// owsfs: a session settled on io_uring says so (`uring_served`) from INIT on, before
+    /// its rings start: the mount is ready, and asked, as soon as INIT is answered.
+    fn say_uring(&self) {
+        #[cfg(target_os = "linux")]
+        if self.uring_payload.is_some() {
+            crate::uring::started();
+        }
     }
 
     /// owsfs: the kernel's INIT request of this connection, for [`Session::resume`].
@@ -546,6 +556,7 @@ impl<FS: Filesystem> Session<FS> {
             self.proto_version = Some(v);
             self.max_write = config.max_write() as usize;
             self.uring_payload = uring_payload(&self.config, init.capabilities(), &config);
+            self.say_uring();
             self.init_request = Some(buf[..size].to_vec());
 
             // Log capability status for debugging
@@ -687,10 +698,6 @@ fn uring_payload(config: &Config, offered: InitFlags, kernel: &KernelConfig) -> 
     if config.uring_threads == 0 || !granted.contains(InitFlags::FUSE_OVER_IO_URING) {
         return None;
     }
-    // Said from now on (`uring_served`), before the rings start: the mount is ready, and
-    // asked, as soon as INIT is answered.
-    #[cfg(target_os = "linux")]
-    crate::uring::started();
     let page = page_size::get();
     let pages = usize::from(kernel.max_pages()).max(32);
     Some((kernel.max_write() as usize).max(pages * page).max(8192))

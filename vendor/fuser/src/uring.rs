@@ -82,7 +82,7 @@ enum State {
         overlaps: bool,
         /// Its answer, if given during the dispatch: kept aside (Some) when it overlaps,
         /// else written into the entry (None).
-        answer: Option<Option<Vec<u8>>>,
+        answer: Option<Option<Staged>>,
     },
     /// Dispatched, not answered yet: the answer will come from another thread.
     Deferred { unique: u64 },
@@ -91,6 +91,10 @@ enum State {
     /// Its answer was refused: the kernel keeps the entry, and it serves no more.
     Lost,
 }
+
+/// An answer kept aside: inline up to 256 bytes (an entry, a write's count), so that the
+/// answers to requests with a payload cost no allocation.
+type Staged = smallvec::SmallVec<[u8; 256]>;
 
 /// What a ring's serving thread shares with the threads that answer late: the entries to
 /// commit, and the eventfd that wakes it.
@@ -631,18 +635,18 @@ fn serve_entries<S: Serve>(e: &mut Entries, serve: &S) -> io::Result<()> {
     e.add()?;
     e.arm_wake()?;
     let mut early = 0;
+    // The completions of one wait, taken off the ring before any is served (serving one
+    // submits to the ring); kept from wait to wait.
+    let mut done: Vec<(u64, i32)> = Vec::with_capacity(2 * MOST_ENTRIES);
     loop {
         match e.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
             Err(err) => return fatal(e.served, err),
         }
-        let done: Vec<(u64, i32)> = e
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (data, res) in done {
+        done.clear();
+        done.extend(e.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(data, res) in &done {
             if data == WAKE {
                 let ready = std::mem::take(&mut *e.wake.ready.lock());
                 for index in ready {
