@@ -198,7 +198,7 @@ impl Hydrator {
         for run in ranges::runs(&refs, MAX_RUN) {
             let (k, j) = (run.start, run.end);
             let first = refs[k];
-            let end = refs[j - 1].offset + refs[j - 1].len as u64;
+            let end = refs[j - 1].end();
             let got = if failure.is_none() {
                 owsfs_store::read_blob_run(&self.store, &refs[k..j]).map_err(|e| e.to_string())
             } else {

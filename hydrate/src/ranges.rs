@@ -108,14 +108,14 @@ pub fn runs(refs: &[BlobRef], max_run: u64) -> Vec<Range<usize>> {
     let mut k = 0;
     while k < refs.len() {
         let first = refs[k];
-        let mut end = first.offset + first.len as u64;
+        let mut end = first.end();
         let mut j = k + 1;
         while j < refs.len() {
             let r = refs[j];
             if r.pack != first.pack || r.offset != end || end - first.offset >= max_run {
                 break;
             }
-            end += r.len as u64;
+            end = r.end();
             j += 1;
         }
         out.push(k..j);
@@ -170,12 +170,7 @@ mod tests {
             .iter()
             .map(|&(len, id)| {
                 let s = ChunkSpan {
-                    r: BlobRef {
-                        id: BlobId([id; 32]),
-                        pack: PackId([pack; 32]),
-                        offset: at,
-                        len,
-                    },
+                    r: BlobRef::plain(BlobId([id; 32]), PackId([pack; 32]), at, len),
                     offset: at,
                 };
                 at += len as u64;
@@ -280,7 +275,7 @@ mod tests {
                 prop_assert!(!r.is_empty());
                 let first = refs[r.start];
                 for w in refs[r.clone()].windows(2) {
-                    prop_assert!(w[1].pack == first.pack && w[1].offset == w[0].offset + w[0].len as u64);
+                    prop_assert!(w[1].pack == first.pack && w[1].offset == w[0].end());
                 }
                 // Every blob but the first starts within max_run of the run's start.
                 for b in &refs[r.start + 1..r.end] {
@@ -290,7 +285,7 @@ mod tests {
                 if r.end < refs.len() {
                     let last = refs[r.end - 1];
                     let next = refs[r.end];
-                    let end = last.offset + last.len as u64;
+                    let end = last.end();
                     prop_assert!(next.pack != first.pack || next.offset != end || end - first.offset >= max_run);
                 }
             }

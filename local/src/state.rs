@@ -570,12 +570,12 @@ mod tests {
         let path = dir.path().join("state.db");
         let mut s = LocalState::open(&path).unwrap();
         assert_eq!(s.base().unwrap(), None);
-        let loc = owsfs_store::BlobRef {
-            id: owsfs_store::BlobId([2; 32]),
-            pack: owsfs_store::PackId([9; 32]),
-            offset: 16,
-            len: 4,
-        };
+        let loc = owsfs_store::BlobRef::plain(
+            owsfs_store::BlobId([2; 32]),
+            owsfs_store::PackId([9; 32]),
+            16,
+            4,
+        );
         let base = Base {
             generation: 3,
             epoch: 1,

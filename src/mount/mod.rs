@@ -158,6 +158,12 @@ pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
         opts.gc_refresh = crate::args::parse_duration(&s)
             .map_err(|e| anyhow::anyhow!("OWSFS_GC_REFRESH: {e}"))?;
     }
+    // How new blobs are compressed: off, zstd, or a zstd level (default zstd:3).
+    if let Ok(s) = std::env::var("OWSFS_COMPRESSION") {
+        opts.compression = s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("OWSFS_COMPRESSION: {e}"))?;
+    }
     match Store::open(url, opts) {
         Ok(s) => Ok(Arc::new(s)),
         // These name the store and say what to check already.

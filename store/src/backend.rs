@@ -55,6 +55,9 @@ pub struct StoreOptions {
     /// How often a writer reads the GC run records again while it commits; a GC's grace must
     /// be at least four times this (`crate::gc`). Tests shorten it (`OWSFS_GC_REFRESH`).
     pub gc_refresh: Duration,
+    /// How the blobs this process writes are compressed (`OWSFS_COMPRESSION`). Reading
+    /// takes every codec whatever this says.
+    pub compression: crate::pack::Compression,
 }
 
 impl Default for StoreOptions {
@@ -67,6 +70,7 @@ impl Default for StoreOptions {
             faults: None,
             clock: SystemClock::shared(),
             gc_refresh: crate::gc::DEFAULT_REFRESH,
+            compression: crate::pack::Compression::default(),
         }
     }
 }
@@ -269,6 +273,16 @@ impl Store {
     /// The store's clock: time stamps, backoff, and the lease watch of the crates above.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.opts.clock
+    }
+
+    /// How new blobs are compressed ([`StoreOptions::compression`]).
+    pub fn compression(&self) -> crate::pack::Compression {
+        self.inner.opts.compression
+    }
+
+    /// A new pack that compresses as this store's options say.
+    pub fn pack_writer(&self) -> crate::pack::PackWriter {
+        crate::pack::PackWriter::compressing(self.compression())
     }
 
     /// The fault injector, when faults are configured.

@@ -342,12 +342,7 @@ mod tests {
     impl Mem {
         fn put(&self, b: Vec<u8>) -> BlobRef {
             let id = BlobId::of(&b);
-            let r = BlobRef {
-                id,
-                pack: PackId([0; 32]),
-                offset: 16,
-                len: b.len() as u32,
-            };
+            let r = BlobRef::plain(id, PackId([0; 32]), 16, b.len() as u32);
             self.blobs.borrow_mut().insert(id, Bytes::from(b));
             r
         }

@@ -59,8 +59,14 @@ impl Forwarded {
     pub fn next(&self, r: &BlobRef) -> Option<BlobRef> {
         self.by_offset
             .get(&r.offset)
-            .filter(|to| to.id == r.id && to.len == r.len)
-            .copied()
+            .filter(|to| to.same_blob(r))
+            // A repack copies a blob's stored bytes as they are: codec and stored length
+            // stay the ref's.
+            .map(|to| BlobRef {
+                pack: to.pack,
+                offset: to.offset,
+                ..*r
+            })
     }
 
     /// The packs its blobs went to.
@@ -72,15 +78,8 @@ impl Forwarded {
     /// same blob (it was repacked again, or two GCs repacked it at once) the newest wins.
     fn add(&mut self, key: String, rec: &ForwardRecord) {
         for m in &rec.moved {
-            self.by_offset.insert(
-                m.offset,
-                BlobRef {
-                    id: m.id,
-                    pack: m.to,
-                    offset: m.to_offset,
-                    len: m.len,
-                },
-            );
+            self.by_offset
+                .insert(m.offset, BlobRef::plain(m.id, m.to, m.to_offset, m.len));
         }
         self.keys.push(key);
     }

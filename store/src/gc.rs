@@ -729,12 +729,12 @@ pub(crate) fn mark(
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Refs {
     /// Keyed by pack and offset: one table, not one per pack (a store has many small packs).
-    blobs: HashMap<(PackId, u64), (BlobId, u32)>,
+    blobs: HashMap<(PackId, u64), BlobRef>,
 }
 
 impl Refs {
     pub(crate) fn insert(&mut self, r: &BlobRef) {
-        self.blobs.insert((r.pack, r.offset), (r.id, r.len));
+        self.blobs.insert((r.pack, r.offset), *r);
     }
 
     /// The blobs named, pack by pack.
@@ -748,12 +748,7 @@ impl Refs {
 
     /// Every blob named, each once.
     pub(crate) fn blobs(&self) -> impl Iterator<Item = BlobRef> + '_ {
-        self.blobs.iter().map(|((p, o), (id, len))| BlobRef {
-            id: *id,
-            pack: *p,
-            offset: *o,
-            len: *len,
-        })
+        self.blobs.values().copied()
     }
 }
 

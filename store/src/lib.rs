@@ -54,7 +54,10 @@ pub use generation::{
 };
 pub use ids::{BlobId, ChunkId, PackId, TreeId};
 pub use lease::{Holder, Lease, LeaseError, LeaseRecord, LeaseState, LeaseWatch};
-pub use pack::{BlobKind, BlobRef, PackWriter, ParsedPack, read_blob, read_blob_run, read_pack};
+pub use pack::{
+    BlobKind, BlobRef, Codec, Compression, PackWriter, ParsedPack, read_blob, read_blob_run,
+    read_pack,
+};
 pub use refs::{GenRef, ResolveError};
 pub use snapshot::{Snapshot, SnapshotError};
 pub use stats::{StatsSnapshot, StoreStats};

@@ -13,16 +13,25 @@ use crate::ids::{BlobId, PackId};
 pub const PACK_MAGIC: &[u8; 8] = b"OWSPACK\0";
 pub const INDEX_MAGIC: &[u8; 8] = b"OWSPIDX\0";
 pub const END_MAGIC: &[u8; 8] = b"OWSPEND\0";
-pub const PACK_VERSION: u32 = 1;
+/// The newest pack version: 2 when a blob in it is compressed (its index then records the
+/// stored and the plain length of each blob), else 1, which every owsfs reads.
+pub const PACK_VERSION: u32 = 2;
 pub const HEADER_LEN: u64 = 16;
 pub const TRAILER_LEN: u64 = 24;
-/// Bytes of one index entry: kind u8, id [32], offset u64, len u32, compression u8.
+/// Bytes of one version 1 index entry: kind u8, id [32], offset u64, len u32, codec u8.
 pub const INDEX_ENTRY_LEN: usize = 46;
+/// Bytes of one version 2 index entry: kind u8, id [32], offset u64, stored u32, len u32,
+/// codec u8.
+pub const INDEX_ENTRY_LEN_V2: usize = 50;
 /// The size at which callers usually seal a pack.
 pub const PACK_TARGET_SIZE: u64 = 16 << 20;
+/// The zstd level of a store that does not say otherwise.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Blobs shorter than this are stored as they are: a zstd frame would not pay for itself.
+pub const MIN_COMPRESS: usize = 128;
 
-/// The size of a sealed pack of `blobs` blobs holding `bytes` bytes in all: header, blobs,
-/// index (magic, count, entries, checksum) and trailer.
+/// The size of a sealed version 1 pack (no compressed blob) of `blobs` blobs holding `bytes`
+/// bytes in all: header, blobs, index (magic, count, entries, checksum) and trailer.
 pub fn sealed_size(blobs: u64, bytes: u64) -> u64 {
     HEADER_LEN + bytes + 16 + blobs * INDEX_ENTRY_LEN as u64 + TRAILER_LEN
 }
@@ -46,20 +55,218 @@ impl BlobKind {
     }
 }
 
+/// How a blob's bytes are stored in its pack. The blob's id is always the hash of its plain
+/// bytes, so the codec never changes what deduplicates with what.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// The plain bytes.
+    #[default]
+    None = 0,
+    /// One zstd frame that holds the plain bytes and their length.
+    Zstd = 1,
+}
+
+impl Codec {
+    pub fn from_u8(b: u8) -> Option<Codec> {
+        match b {
+            0 => Some(Codec::None),
+            1 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Codec::None
+    }
+}
+
+/// How a writer compresses the blobs it adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Off,
+    /// zstd at this level (1 to 19; negative levels are zstd's fast modes).
+    Zstd(i32),
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Zstd(DEFAULT_ZSTD_LEVEL)
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `off`, `zstd`, or a zstd level (`1`..=`19`, or `zstd:LEVEL`).
+    fn from_str(s: &str) -> std::result::Result<Compression, String> {
+        let level = match s.trim() {
+            "off" | "none" | "0" => return Ok(Compression::Off),
+            "zstd" | "on" => return Ok(Compression::default()),
+            other => other.strip_prefix("zstd:").unwrap_or(other),
+        };
+        match level.parse::<i32>() {
+            Ok(n) if (-7..=19).contains(&n) && n != 0 => Ok(Compression::Zstd(n)),
+            _ => Err(format!(
+                "{s:?} is not a compression: say off, zstd, or a zstd level from 1 (fastest) to 19 (smallest)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::Zstd(n) => write!(f, "zstd:{n}"),
+        }
+    }
+}
+
+/// A blob ready to be placed in a pack: its id, plain length, codec and stored bytes.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub kind: BlobKind,
+    pub id: BlobId,
+    pub len: u32,
+    pub codec: Codec,
+    pub stored: Bytes,
+}
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Hashes and, when it saves enough, compresses a blob. Runs on any thread (a writer may
+/// encode on several cores and place the results in order).
+pub fn encode_blob(compression: Compression, kind: BlobKind, data: &[u8]) -> Encoded {
+    assert!(data.len() <= u32::MAX as usize, "blob larger than 4 GiB");
+    let id = BlobId::of(data);
+    let len = data.len() as u32;
+    let plain = |data: &[u8]| Encoded {
+        kind,
+        id,
+        len,
+        codec: Codec::None,
+        stored: Bytes::copy_from_slice(data),
+    };
+    let Compression::Zstd(level) = compression else {
+        return plain(data);
+    };
+    if data.len() < MIN_COMPRESS {
+        return plain(data);
+    }
+    let packed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut z = zstd::bulk::Compressor::new(level).ok()?;
+            // The frame records the plain length; no checksum (the id is the checksum).
+            z.include_contentsize(true).ok()?;
+            z.include_checksum(false).ok()?;
+            *c = Some((level, z));
+        }
+        let (_, z) = c.as_mut()?;
+        z.compress(data).ok()
+    });
+    match packed {
+        // Worth it only when it saves at least 1/32 of the blob: otherwise every later read
+        // would pay for decompression to save next to nothing.
+        Some(p) if p.len() + data.len() / 32 < data.len() => Encoded {
+            kind,
+            id,
+            len,
+            codec: Codec::Zstd,
+            stored: Bytes::from(p),
+        },
+        _ => plain(data),
+    }
+}
+
 /// Where a blob is: what trees and list blobs store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "RefRepr", into = "RefRepr")]
 pub struct BlobRef {
     pub id: BlobId,
     pub pack: PackId,
     /// Offset from the start of the pack object.
     pub offset: u64,
+    /// The length of the plain bytes (what a file's offsets add up).
     pub len: u32,
+    /// The length of the bytes in the pack (`len` when the codec is none).
+    pub stored: u32,
+    pub codec: Codec,
+}
+
+/// [`BlobRef`] in JSON: a plain blob's ref is written as it always was.
+#[derive(Serialize, Deserialize)]
+struct RefRepr {
+    id: BlobId,
+    pack: PackId,
+    offset: u64,
+    len: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stored: Option<u32>,
+    #[serde(default, skip_serializing_if = "Codec::is_none")]
+    codec: Codec,
+}
+
+impl From<RefRepr> for BlobRef {
+    fn from(r: RefRepr) -> BlobRef {
+        BlobRef {
+            id: r.id,
+            pack: r.pack,
+            offset: r.offset,
+            len: r.len,
+            stored: if r.codec.is_none() {
+                r.len
+            } else {
+                r.stored.unwrap_or(0)
+            },
+            codec: r.codec,
+        }
+    }
+}
+
+impl From<BlobRef> for RefRepr {
+    fn from(r: BlobRef) -> RefRepr {
+        RefRepr {
+            id: r.id,
+            pack: r.pack,
+            offset: r.offset,
+            len: r.len,
+            stored: (!r.codec.is_none()).then_some(r.stored),
+            codec: r.codec,
+        }
+    }
 }
 
 impl BlobRef {
+    /// A blob stored as it is.
+    pub fn plain(id: BlobId, pack: PackId, offset: u64, len: u32) -> BlobRef {
+        BlobRef {
+            id,
+            pack,
+            offset,
+            len,
+            stored: len,
+            codec: Codec::None,
+        }
+    }
+
     /// The byte range of the blob in its pack.
     pub fn range(&self) -> std::ops::Range<u64> {
-        self.offset..self.offset + self.len as u64
+        self.offset..self.end()
+    }
+
+    /// Where the blob's bytes end in its pack.
+    pub fn end(&self) -> u64 {
+        self.offset + self.stored as u64
+    }
+
+    /// Whether it names the same blob as `other` (wherever each is stored).
+    pub fn same_blob(&self, other: &BlobRef) -> bool {
+        self.id == other.id && self.len == other.len
     }
 }
 
@@ -69,8 +276,11 @@ pub struct PackEntry {
     pub kind: BlobKind,
     pub id: BlobId,
     pub offset: u64,
+    /// Plain length.
     pub len: u32,
-    pub compression: u8,
+    /// Bytes in the pack.
+    pub stored: u32,
+    pub codec: Codec,
 }
 
 /// Builds one pack in memory.
@@ -79,6 +289,7 @@ pub struct PackWriter {
     id: PackId,
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
+    compression: Compression,
 }
 
 impl Default for PackWriter {
@@ -88,20 +299,30 @@ impl Default for PackWriter {
 }
 
 impl PackWriter {
-    /// Starts a pack with a fresh random id.
+    /// Starts a pack with a fresh random id, storing blobs as they are.
     pub fn new() -> PackWriter {
         PackWriter::with_id(PackId::random())
+    }
+
+    /// Starts a pack with a fresh random id, compressing blobs as `compression` says.
+    pub fn compressing(compression: Compression) -> PackWriter {
+        PackWriter {
+            compression,
+            ..PackWriter::new()
+        }
     }
 
     pub fn with_id(id: PackId) -> PackWriter {
         let mut buf = Vec::with_capacity(1 << 20);
         buf.extend_from_slice(PACK_MAGIC);
-        buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        // The version is settled when the pack is sealed.
+        buf.extend_from_slice(&1u32.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
         PackWriter {
             id,
             buf,
             entries: Vec::new(),
+            compression: Compression::Off,
         }
     }
 
@@ -109,25 +330,40 @@ impl PackWriter {
         self.id
     }
 
-    /// Appends a blob; its location is final.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Appends a blob (compressed if that pays); its location is final.
     pub fn add(&mut self, kind: BlobKind, data: &[u8]) -> BlobRef {
-        let id = BlobId::of(data);
+        let e = encode_blob(self.compression, kind, data);
+        self.add_encoded(&e)
+    }
+
+    /// Appends a blob encoded by [`encode_blob`], or copied as it was stored elsewhere.
+    pub fn add_encoded(&mut self, e: &Encoded) -> BlobRef {
         let offset = self.buf.len() as u64;
-        assert!(data.len() <= u32::MAX as usize, "blob larger than 4 GiB");
-        let len = data.len() as u32;
-        self.buf.extend_from_slice(data);
+        assert!(
+            e.stored.len() <= u32::MAX as usize,
+            "blob larger than 4 GiB"
+        );
+        let stored = e.stored.len() as u32;
+        self.buf.extend_from_slice(&e.stored);
         self.entries.push(PackEntry {
-            kind,
-            id,
+            kind: e.kind,
+            id: e.id,
             offset,
-            len,
-            compression: 0,
+            len: e.len,
+            stored,
+            codec: e.codec,
         });
         BlobRef {
-            id,
+            id: e.id,
             pack: self.id,
             offset,
-            len,
+            len: e.len,
+            stored,
+            codec: e.codec,
         }
     }
 
@@ -145,9 +381,14 @@ impl PackWriter {
         self.entries.len()
     }
 
-    /// Finishes the pack: appends index and trailer.
+    /// Finishes the pack: appends index and trailer. A pack without a compressed blob is a
+    /// version 1 pack, byte for byte what earlier versions wrote.
     pub fn seal(self) -> (PackId, Bytes) {
         let mut buf = self.buf;
+        let v2 = self.entries.iter().any(|e| !e.codec.is_none());
+        if v2 {
+            buf[8..12].copy_from_slice(&2u32.to_le_bytes());
+        }
         let index_offset = buf.len() as u64;
         let start = buf.len();
         buf.extend_from_slice(INDEX_MAGIC);
@@ -156,8 +397,11 @@ impl PackWriter {
             buf.push(e.kind as u8);
             buf.extend_from_slice(e.id.as_bytes());
             buf.extend_from_slice(&e.offset.to_le_bytes());
-            buf.extend_from_slice(&e.len.to_le_bytes());
-            buf.push(e.compression);
+            buf.extend_from_slice(&e.stored.to_le_bytes());
+            if v2 {
+                buf.extend_from_slice(&e.len.to_le_bytes());
+            }
+            buf.push(e.codec as u8);
         }
         let crc = crc32c::crc32c(&buf[start..]);
         let index_len = (buf.len() - start) as u32;
@@ -172,21 +416,62 @@ impl PackWriter {
     }
 }
 
-/// Checks that `data` is the blob `r` names; the error names the pack object and the blob.
-pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
-    if data.len() != r.len as usize {
-        return Err(StoreError::Corrupt {
-            object: r.pack.key(),
-            blob: Some(r.id),
-            what: format!("expected {} bytes, found {}", r.len, data.len()),
-        });
+/// Turns the stored bytes of the blob `r` into its plain bytes, and checks them: the stored
+/// length, the codec's frame and its plain length, and the hash. The error names the pack
+/// object and the blob; bytes that fail are never returned.
+pub fn open_blob(r: &BlobRef, stored: Bytes) -> Result<Bytes> {
+    let bad = |what: String| StoreError::Corrupt {
+        object: r.pack.key(),
+        blob: Some(r.id),
+        what,
+    };
+    if stored.len() != r.stored as usize {
+        return Err(bad(format!(
+            "expected {} stored bytes, found {}",
+            r.stored,
+            stored.len()
+        )));
     }
-    let got = BlobId::of(data);
+    let data = match r.codec {
+        Codec::None => stored,
+        Codec::Zstd => {
+            let plain = zstd::bulk::decompress(&stored, r.len as usize).map_err(|e| {
+                bad(format!(
+                    "the zstd frame at offset {} does not decompress to {} bytes: {e}",
+                    r.offset, r.len
+                ))
+            })?;
+            Bytes::from(plain)
+        }
+    };
+    if data.len() != r.len as usize {
+        return Err(bad(format!(
+            "expected {} bytes, found {}",
+            r.len,
+            data.len()
+        )));
+    }
+    let got = BlobId::of(&data);
     if got != r.id {
+        return Err(bad(format!("bytes at offset {} hash to {got}", r.offset)));
+    }
+    Ok(data)
+}
+
+/// Checks that the plain bytes `data` are the blob `r` names; the error names the pack
+/// object and the blob.
+pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
+    let got = BlobId::of(data);
+    if data.len() != r.len as usize || got != r.id {
         return Err(StoreError::Corrupt {
             object: r.pack.key(),
             blob: Some(r.id),
-            what: format!("bytes at offset {} hash to {got}", r.offset),
+            what: format!(
+                "expected {} bytes hashing to {}, found {} hashing to {got}",
+                r.len,
+                r.id,
+                data.len()
+            ),
         });
     }
     Ok(())
@@ -210,10 +495,7 @@ fn read_blob_via(store: &Store, r: &BlobRef, fresh: bool) -> Result<Bytes> {
     let mut at = *r;
     for _ in 0..=crate::forward::MAX_HOPS {
         match store.get_range(&at.pack.key(), at.range()) {
-            Ok(data) => {
-                verify_blob(&at, &data)?;
-                return Ok(data);
-            }
+            Ok(data) => return open_blob(&at, data),
             Err(e) if e.is_not_found() => match crate::forward::locate(store, &at, fresh)? {
                 Some(next) => at = next,
                 None => return Err(e),
@@ -265,7 +547,7 @@ fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Byte
                 r.pack.key()
             )));
         }
-        end = end.checked_add(r.len as u64).ok_or_else(|| {
+        end = end.checked_add(r.stored as u64).ok_or_else(|| {
             StoreError::Invalid(format!(
                 "blob {} at offset {} of {} ends past 2^64",
                 r.id,
@@ -291,7 +573,7 @@ fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Byte
                 let mut j = i + 1;
                 while j < moved.len()
                     && moved[j].pack == moved[i].pack
-                    && moved[j].offset == moved[j - 1].offset + moved[j - 1].len as u64
+                    && moved[j].offset == moved[j - 1].end()
                 {
                     j += 1;
                 }
@@ -314,9 +596,7 @@ fn read_run_hops(store: &Store, run: &[BlobRef], hops: usize) -> Result<Vec<Byte
     run.iter()
         .map(|r| {
             let lo = (r.offset - first.offset) as usize;
-            let b = data.slice(lo..lo + r.len as usize);
-            verify_blob(r, &b)?;
-            Ok(b)
+            open_blob(r, data.slice(lo..lo + r.stored as usize))
         })
         .collect()
 }
@@ -353,16 +633,21 @@ impl ParsedPack {
             return Err(bad("bad pack magic".into()));
         }
         let version = u32_at(&data, 8);
-        if version != PACK_VERSION {
-            if version > PACK_VERSION {
-                return Err(StoreError::UnsupportedVersion {
-                    object: id.key(),
-                    found: version as u64,
-                    supported: PACK_VERSION as u64,
-                });
-            }
+        if version > PACK_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                object: id.key(),
+                found: version as u64,
+                supported: PACK_VERSION as u64,
+            });
+        }
+        if version == 0 {
             return Err(bad(format!("unknown pack version {version}")));
         }
+        let entry_len = if version == 1 {
+            INDEX_ENTRY_LEN
+        } else {
+            INDEX_ENTRY_LEN_V2
+        };
         if u32_at(&data, 12) != 0 {
             return Err(bad("unknown pack flags".into()));
         }
@@ -387,22 +672,36 @@ impl ParsedPack {
             return Err(bad("bad index magic".into()));
         }
         let count = u32_at(idx, 8) as usize;
-        if idx.len() != 12 + count * INDEX_ENTRY_LEN {
+        if idx.len() != 12 + count * entry_len {
             return Err(bad("index length does not match its count".into()));
         }
         let mut entries = Vec::with_capacity(count);
         for i in 0..count {
-            let e = &idx[12 + i * INDEX_ENTRY_LEN..12 + (i + 1) * INDEX_ENTRY_LEN];
+            let e = &idx[12 + i * entry_len..12 + (i + 1) * entry_len];
             let kind = BlobKind::from_u8(e[0]).ok_or_else(|| bad(format!("blob kind {}", e[0])))?;
             let mut bid = [0u8; 32];
             bid.copy_from_slice(&e[1..33]);
             let offset = u64_at(e, 33);
-            let len = u32_at(e, 41);
-            let compression = e[45];
-            if compression != 0 {
-                return Err(bad(format!("unknown compression {compression}")));
+            let stored = u32_at(e, 41);
+            let (len, codec_byte) = if version == 1 {
+                (stored, e[45])
+            } else {
+                (u32_at(e, 45), e[49])
+            };
+            let codec = match Codec::from_u8(codec_byte) {
+                Some(c) if version > 1 || c.is_none() => c,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown codec {codec_byte} in index entry {i}"
+                    )));
+                }
+            };
+            if codec.is_none() && stored != len {
+                return Err(bad(format!(
+                    "index entry {i} stores {stored} plain bytes as {len}"
+                )));
             }
-            if offset < HEADER_LEN || offset + len as u64 > index_offset {
+            if offset < HEADER_LEN || offset + stored as u64 > index_offset {
                 return Err(bad(format!("index entry {i} points outside the blob area")));
             }
             entries.push(PackEntry {
@@ -410,7 +709,8 @@ impl ParsedPack {
                 id: BlobId(bid),
                 offset,
                 len,
-                compression,
+                stored,
+                codec,
             });
         }
         Ok(ParsedPack { id, data, entries })
@@ -420,9 +720,15 @@ impl ParsedPack {
         &self.entries
     }
 
-    /// The verified bytes of the blob at `offset`/`len` (a [`BlobRef`] into this pack).
+    /// The verified plain bytes of the blob `r` names in this pack.
     pub fn blob(&self, r: &BlobRef) -> Result<Bytes> {
-        let end = r.offset + r.len as u64;
+        open_blob(r, self.stored(r)?)
+    }
+
+    /// The bytes of the blob `r` as they are stored in this pack, unverified (a copy into
+    /// another pack keeps them as they are; [`open_blob`] checks them).
+    pub fn stored(&self, r: &BlobRef) -> Result<Bytes> {
+        let end = r.end();
         if r.pack != self.id || end > self.data.len() as u64 {
             return Err(StoreError::Corrupt {
                 object: self.id.key(),
@@ -430,19 +736,24 @@ impl ParsedPack {
                 what: "reference points outside the pack".into(),
             });
         }
-        let b = self.data.slice(r.offset as usize..end as usize);
-        verify_blob(r, &b)?;
-        Ok(b)
+        Ok(self.data.slice(r.offset as usize..end as usize))
     }
 
-    /// The verified bytes of an index entry.
-    pub fn entry_blob(&self, e: &PackEntry) -> Result<Bytes> {
-        self.blob(&BlobRef {
+    /// The ref of an index entry.
+    pub fn entry_ref(&self, e: &PackEntry) -> BlobRef {
+        BlobRef {
             id: e.id,
             pack: self.id,
             offset: e.offset,
             len: e.len,
-        })
+            stored: e.stored,
+            codec: e.codec,
+        }
+    }
+
+    /// The verified plain bytes of an index entry.
+    pub fn entry_blob(&self, e: &PackEntry) -> Result<Bytes> {
+        self.blob(&self.entry_ref(e))
     }
 }
 
@@ -591,12 +902,12 @@ mod tests {
     fn a_run_past_the_end_of_its_pack_is_corrupt() {
         let (store, id, refs) = stored(&[b"aaaa", b"bbbb"]);
         let mut long = refs.clone();
-        long.push(BlobRef {
-            id: BlobId::of(b"cccc"),
-            pack: id,
-            offset: refs[1].offset + 4,
-            len: 1 << 20,
-        });
+        long.push(BlobRef::plain(
+            BlobId::of(b"cccc"),
+            id,
+            refs[1].offset + 4,
+            1 << 20,
+        ));
         let e = read_blob_run(&store, &long).unwrap_err();
         assert!(e.is_corrupt() && e.to_string().contains(&id.key()), "{e}");
     }
@@ -617,7 +928,7 @@ mod tests {
             pack: other,
             ..other_refs[1]
         });
-        assert_eq!(across[1].offset, across[0].offset + across[0].len as u64);
+        assert_eq!(across[1].offset, across[0].end());
         refused(&across, "one pack");
         refused(&[refs[0], refs[2]], "adjacent");
         refused(&[refs[1], refs[0]], "adjacent");

@@ -106,12 +106,7 @@ mod tests {
         )
         .unwrap();
         let ws = Workspace::open_or_create(&store, "w").unwrap();
-        let root = BlobRef {
-            id: BlobId::of(b"x"),
-            pack: PackId([1; 32]),
-            offset: 16,
-            len: 1,
-        };
+        let root = BlobRef::plain(BlobId::of(b"x"), PackId([1; 32]), 16, 1);
         let p = ws
             .pin("ro-1", 7, root, "vm pid 1", Duration::from_secs(60))
             .unwrap();

@@ -11,7 +11,9 @@ use crate::backend::Store;
 use crate::error::{Result, StoreError};
 use crate::forward::{self, ForwardRecord, Moved};
 use crate::ids::{BlobId, PackId};
-use crate::pack::{BlobRef, PACK_TARGET_SIZE, PackWriter, read_pack, sealed_size};
+use crate::pack::{
+    BlobRef, Encoded, PACK_TARGET_SIZE, PackWriter, open_blob, read_pack, sealed_size,
+};
 use crate::progress::Progress;
 
 /// The default share of dead bytes a store may keep in packs that also hold live blobs, as
@@ -23,7 +25,10 @@ pub const DEFAULT_MAX_UNUSED: f64 = 0.10;
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LiveBlob {
     pub id: BlobId,
+    /// Plain length.
     pub len: u32,
+    /// Bytes in the pack.
+    pub stored: u32,
     pub direct: bool,
     pub moved_from: Vec<(PackId, u64)>,
 }
@@ -43,8 +48,9 @@ impl Live {
         if !b.direct && b.moved_from.is_empty() {
             b.id = at.id;
             b.len = at.len;
+            b.stored = at.stored;
             let p = self.packs.entry(at.pack).or_default();
-            p.0 += at.len as u64;
+            p.0 += at.stored as u64;
             p.1 += 1;
         }
         match from {
@@ -75,7 +81,7 @@ pub(crate) struct Candidate {
 
 impl Candidate {
     pub(crate) fn live_bytes(&self) -> u64 {
-        self.live.values().map(|b| b.len as u64).sum()
+        self.live.values().map(|b| b.stored as u64).sum()
     }
 }
 
@@ -172,13 +178,22 @@ pub(crate) fn repack(
                         format!("blob {id} at offset {offset} is not in the pack's index"),
                     )
                 })?;
-            let data = pack.entry_blob(e)?;
-            if writer.len() + data.len() as u64 > PACK_TARGET_SIZE && !writer.is_empty() {
+            // The stored bytes move as they are (compressed or not), checked first.
+            let at = pack.entry_ref(e);
+            let stored = pack.stored(&at)?;
+            open_blob(&at, stored.clone())?;
+            if writer.len() + stored.len() as u64 > PACK_TARGET_SIZE && !writer.is_empty() {
                 let (id, bytes) = std::mem::take(&mut writer).seal();
                 store.put(&id.key(), bytes)?;
                 done.packs_written += 1;
             }
-            let to = writer.add(e.kind, &data);
+            let to = writer.add_encoded(&Encoded {
+                kind: e.kind,
+                id,
+                len,
+                codec: e.codec,
+                stored,
+            });
             done.bytes_moved += len as u64;
             let here = blob.direct.then_some((c.pack, offset));
             for &(named, named_offset) in here.iter().chain(&blob.moved_from) {

@@ -254,12 +254,12 @@ mod tests {
             epoch: 1,
             kind: GenKind::Commit,
             time_unix_ms: 1000 * n,
-            root: Some(BlobRef {
-                id: BlobId::of(&n.to_le_bytes()),
-                pack: PackId::random(),
-                offset: 16,
-                len: 8,
-            }),
+            root: Some(BlobRef::plain(
+                BlobId::of(&n.to_le_bytes()),
+                PackId::random(),
+                16,
+                8,
+            )),
             sqlite: Vec::new(),
             stats: GenStats {
                 files: n,

@@ -8,12 +8,19 @@ use bytes::Bytes;
 use crate::backend::Store;
 use crate::error::{Result, StoreError};
 use crate::ids::{BlobId, TreeId};
-use crate::pack::{BlobKind, BlobRef, PackWriter, read_blob};
+use crate::pack::{BlobKind, BlobRef, Codec, PackWriter, read_blob};
 
 pub const TREE_MAGIC: &[u8; 8] = b"OWSTREE\0";
 pub const LIST_MAGIC: &[u8; 8] = b"OWSLIST\0";
-pub const TREE_VERSION: u16 = 1;
-pub const LIST_VERSION: u16 = 1;
+/// The newest tree version: 2 when a ref in it names a compressed blob (its refs then
+/// carry the stored length and the codec), else 1, byte for byte what earlier versions wrote.
+pub const TREE_VERSION: u16 = 2;
+/// The newest list version, chosen like a tree's.
+pub const LIST_VERSION: u16 = 2;
+/// Bytes of a ref in a version 1 tree or list: id, pack, offset, len.
+pub const REF_LEN_V1: usize = 76;
+/// Bytes of a ref in a version 2 tree or list: id, pack, offset, len, stored, codec.
+pub const REF_LEN_V2: usize = 81;
 /// Files with more chunks than this keep their chunk refs in list blobs.
 pub const MAX_INLINE_CHUNKS: usize = 64;
 /// Most chunk refs in one list blob.
@@ -78,6 +85,21 @@ pub enum Content {
     Symlink(Vec<u8>),
 }
 
+impl Content {
+    /// The blob refs the entry holds (a subtree, chunks, or list blobs).
+    pub fn refs(&self) -> impl Iterator<Item = &BlobRef> {
+        let (one, many, lists): (Option<&BlobRef>, &[BlobRef], &[ListRef]) = match self {
+            Content::Dir(r) => (Some(r), &[], &[]),
+            Content::File(FileContent::Chunks(c)) => (None, c, &[]),
+            Content::File(FileContent::List(l)) => (None, &[], l),
+            _ => (None, &[], &[]),
+        };
+        one.into_iter()
+            .chain(many)
+            .chain(lists.iter().map(|l| &l.blob))
+    }
+}
+
 /// One directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TreeEntry {
@@ -140,17 +162,32 @@ pub fn valid_name(name: &[u8]) -> bool {
         && !name.iter().any(|&c| c == b'/' || c == 0)
 }
 
-fn put_ref(out: &mut Vec<u8>, r: &BlobRef) {
+/// The version a tree or list holding `refs` is written in: 1 unless a ref needs 2.
+fn version_for<'a>(mut refs: impl Iterator<Item = &'a BlobRef>) -> u16 {
+    if refs.any(|r| !r.codec.is_none()) {
+        2
+    } else {
+        1
+    }
+}
+
+fn put_ref(out: &mut Vec<u8>, version: u16, r: &BlobRef) {
     out.extend_from_slice(r.id.as_bytes());
     out.extend_from_slice(r.pack.as_bytes());
     out.extend_from_slice(&r.offset.to_le_bytes());
     out.extend_from_slice(&r.len.to_le_bytes());
+    if version >= 2 {
+        out.extend_from_slice(&r.stored.to_le_bytes());
+        out.push(r.codec as u8);
+    }
 }
 
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
     object: &'a str,
+    /// The version of the blob being read (refs are longer from version 2).
+    version: u16,
 }
 
 impl<'a> Reader<'a> {
@@ -191,12 +228,39 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     fn blob_ref(&mut self) -> Result<BlobRef> {
-        Ok(BlobRef {
-            id: BlobId(self.id()?),
-            pack: crate::ids::PackId(self.id()?),
-            offset: self.u64()?,
-            len: self.u32()?,
-        })
+        let r = BlobRef::plain(
+            BlobId(self.id()?),
+            crate::ids::PackId(self.id()?),
+            self.u64()?,
+            self.u32()?,
+        );
+        if self.version < 2 {
+            return Ok(r);
+        }
+        let stored = self.u32()?;
+        let c = self.u8()?;
+        let codec = Codec::from_u8(c).ok_or_else(|| self.bad(format!("unknown codec {c}")))?;
+        if codec.is_none() && stored != r.len {
+            return Err(self.bad(format!(
+                "a plain blob of {} bytes stored as {stored}",
+                r.len
+            )));
+        }
+        Ok(BlobRef { stored, codec, ..r })
+    }
+
+    /// Reads the version after the magic; `newest` is the newest this build reads.
+    fn version(&mut self, newest: u16) -> Result<u16> {
+        let v = self.u16()?;
+        if v == 0 || v > newest {
+            return Err(StoreError::UnsupportedVersion {
+                object: self.object.into(),
+                found: v as u64,
+                supported: newest as u64,
+            });
+        }
+        self.version = v;
+        Ok(v)
     }
     fn done(&self) -> Result<()> {
         if self.at != self.b.len() {
@@ -300,8 +364,9 @@ impl Tree {
         self.validate()
             .map_err(|m| StoreError::Invalid(format!("cannot encode tree: {m}")))?;
         let mut o = Vec::with_capacity(64 + self.entries.len() * 128);
+        let version = version_for(self.entries.iter().flat_map(|e| e.content.refs()));
         o.extend_from_slice(TREE_MAGIC);
-        o.extend_from_slice(&TREE_VERSION.to_le_bytes());
+        o.extend_from_slice(&version.to_le_bytes());
         o.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
             o.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
@@ -324,7 +389,7 @@ impl Tree {
             }
             match &e.content {
                 Content::None => {}
-                Content::Dir(r) => put_ref(&mut o, r),
+                Content::Dir(r) => put_ref(&mut o, version, r),
                 Content::Symlink(t) => {
                     o.extend_from_slice(&(t.len() as u32).to_le_bytes());
                     o.extend_from_slice(t);
@@ -333,13 +398,13 @@ impl Tree {
                 Content::File(FileContent::Chunks(c)) => {
                     o.push(1);
                     o.extend_from_slice(&(c.len() as u32).to_le_bytes());
-                    c.iter().for_each(|r| put_ref(&mut o, r));
+                    c.iter().for_each(|r| put_ref(&mut o, version, r));
                 }
                 Content::File(FileContent::List(l)) => {
                     o.push(2);
                     o.extend_from_slice(&(l.len() as u32).to_le_bytes());
                     for r in l {
-                        put_ref(&mut o, &r.blob);
+                        put_ref(&mut o, version, &r.blob);
                         o.extend_from_slice(&r.covered.to_le_bytes());
                     }
                 }
@@ -355,18 +420,16 @@ impl Tree {
 
     /// Decodes a tree blob; `object` names it in errors (e.g. "tree <id> in packs/ab/…").
     pub fn decode(object: &str, b: &[u8]) -> Result<Tree> {
-        let mut r = Reader { b, at: 0, object };
+        let mut r = Reader {
+            b,
+            at: 0,
+            object,
+            version: 0,
+        };
         if r.take(8)? != TREE_MAGIC {
             return Err(r.bad("not a tree blob (bad magic)"));
         }
-        let v = r.u16()?;
-        if v != TREE_VERSION {
-            return Err(StoreError::UnsupportedVersion {
-                object: object.into(),
-                found: v as u64,
-                supported: TREE_VERSION as u64,
-            });
-        }
+        let v = r.version(TREE_VERSION)?;
         let n = r.u32()? as usize;
         let mut entries = Vec::with_capacity(n.min(b.len() / 50));
         for _ in 0..n {
@@ -441,6 +504,12 @@ impl Tree {
         let t = Tree { entries };
         t.validate()
             .map_err(|m| StoreError::corrupt(object, format!("non-canonical tree: {m}")))?;
+        if version_for(t.entries.iter().flat_map(|e| e.content.refs())) != v {
+            return Err(StoreError::corrupt(
+                object,
+                format!("non-canonical tree: version {v} for these refs"),
+            ));
+        }
         Ok(t)
     }
 
@@ -463,26 +532,25 @@ impl Tree {
 pub fn encode_list(refs: &[BlobRef]) -> Vec<u8> {
     let mut o = Vec::with_capacity(14 + refs.len() * 76);
     o.extend_from_slice(LIST_MAGIC);
-    o.extend_from_slice(&LIST_VERSION.to_le_bytes());
+    let version = version_for(refs.iter());
+    o.extend_from_slice(&version.to_le_bytes());
     o.extend_from_slice(&(refs.len() as u32).to_le_bytes());
-    refs.iter().for_each(|r| put_ref(&mut o, r));
+    refs.iter().for_each(|r| put_ref(&mut o, version, r));
     o
 }
 
 /// Decodes a list blob.
 pub fn decode_list(object: &str, b: &[u8]) -> Result<Vec<BlobRef>> {
-    let mut r = Reader { b, at: 0, object };
+    let mut r = Reader {
+        b,
+        at: 0,
+        object,
+        version: 0,
+    };
     if r.take(8)? != LIST_MAGIC {
         return Err(r.bad("not a list blob (bad magic)"));
     }
-    let v = r.u16()?;
-    if v != LIST_VERSION {
-        return Err(StoreError::UnsupportedVersion {
-            object: object.into(),
-            found: v as u64,
-            supported: LIST_VERSION as u64,
-        });
-    }
+    let v = r.version(LIST_VERSION)?;
     let n = r.u32()? as usize;
     if n == 0 || n > MAX_LIST_REFS {
         return Err(r.bad(format!("{n} refs in a list blob")));
@@ -491,6 +559,9 @@ pub fn decode_list(object: &str, b: &[u8]) -> Result<Vec<BlobRef>> {
     r.done()?;
     if refs.iter().any(|c| c.len == 0) {
         return Err(r.bad("empty chunk in a list blob"));
+    }
+    if version_for(refs.iter()) != v {
+        return Err(r.bad(format!("a version {v} list of these refs is not canonical")));
     }
     Ok(refs)
 }

@@ -26,12 +26,12 @@ fn fill(seed: u64, len: usize, low_entropy: bool) -> Vec<u8> {
 }
 
 fn emit_ref(d: &[u8]) -> Result<BlobRef> {
-    Ok(BlobRef {
-        id: BlobId::of(d),
-        pack: PackId::default(),
-        offset: 0,
-        len: d.len() as u32,
-    })
+    Ok(BlobRef::plain(
+        BlobId::of(d),
+        PackId::default(),
+        0,
+        d.len() as u32,
+    ))
 }
 
 fn spans_of(data: &[u8]) -> Vec<ChunkSpan> {

@@ -23,12 +23,12 @@ fn record(ws: &str, n: u64, epoch: u64) -> GenerationRecord {
         epoch,
         kind: GenKind::Commit,
         time_unix_ms: 1_700_000_000_000 + n,
-        root: Some(BlobRef {
-            id: BlobId::of(&n.to_le_bytes()),
-            pack: PackId([n as u8; 32]),
-            offset: 16,
-            len: 100,
-        }),
+        root: Some(BlobRef::plain(
+            BlobId::of(&n.to_le_bytes()),
+            PackId([n as u8; 32]),
+            16,
+            100,
+        )),
         sqlite: vec![SqliteState {
             path: "db/app.sqlite".into(),
             wal: Some(WalPosition {

@@ -130,7 +130,7 @@ fn reads_back(s: &Store, ws: &Workspace, g: u64) {
     let run: Vec<BlobRef> = chunks.iter().map(|(c, _)| *c).collect();
     let adjacent = run
         .windows(2)
-        .all(|w| w[0].pack == w[1].pack && w[0].offset + w[0].len as u64 == w[1].offset);
+        .all(|w| w[0].pack == w[1].pack && w[0].end() == w[1].offset);
     if adjacent {
         let got = owsfs_store::read_blob_run(s, &run).unwrap();
         for (b, (_, seed)) in got.iter().zip(&chunks) {

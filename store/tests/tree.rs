@@ -18,12 +18,12 @@ impl BlobLoader for PackLoader {
 }
 
 fn fake_ref(seed: u8, len: u32) -> BlobRef {
-    BlobRef {
-        id: BlobId::of(&[seed, len as u8]),
-        pack: PackId([seed; 32]),
-        offset: 16 + seed as u64,
+    BlobRef::plain(
+        BlobId::of(&[seed, len as u8]),
+        PackId([seed; 32]),
+        16 + seed as u64,
         len,
-    }
+    )
 }
 
 fn entry(name: &[u8], kind: NodeKind, content: Content, size: u64) -> TreeEntry {

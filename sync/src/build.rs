@@ -78,16 +78,38 @@ struct Packer<'a> {
 
 impl Packer<'_> {
     fn emit(&mut self, kind: BlobKind, data: &[u8]) -> owsfs_store::Result<BlobRef> {
+        self.emit_as(kind, data, true)
+    }
+
+    /// `compress`: false for the blobs that JSON records name (the root tree, the access
+    /// list): they stay plain, so that an owsfs that predates compression reads the record
+    /// and its root, and then refuses the compressed trees below it with "upgrade owsfs".
+    fn emit_as(
+        &mut self,
+        kind: BlobKind,
+        data: &[u8],
+        compress: bool,
+    ) -> owsfs_store::Result<BlobRef> {
         let id = BlobId::of(data);
-        if let Some(r) = self.added.get(&id) {
+        // A copy found elsewhere serves only if it is stored as asked (a plain blob may stand
+        // for a compressed one, not the other way round).
+        let fits = |r: &BlobRef| compress || r.codec.is_none();
+        if let Some(r) = self.added.get(&id).filter(|r| fits(r)) {
             return Ok(*r);
         }
-        if let Ok(Some(r)) = self.local.chunk(&id.0) {
+        if let Ok(Some(r)) = self.local.chunk(&id.0)
+            && fits(&r)
+        {
             self.added.insert(id, r);
             self.used.insert(r.pack);
             return Ok(r);
         }
-        let r = self.pack.add(kind, data);
+        let r = if compress {
+            self.pack.add(kind, data)
+        } else {
+            let plain = owsfs_store::pack::encode_blob(owsfs_store::Compression::Off, kind, data);
+            self.pack.add_encoded(&plain)
+        };
         self.added.insert(id, r);
         self.used.insert(r.pack);
         self.bytes_new += data.len() as u64;
@@ -110,7 +132,7 @@ impl Packer<'_> {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::replace(&mut self.pack, PackWriter::new());
+        let pack = std::mem::replace(&mut self.pack, self.store.pack_writer());
         let (id, bytes) = pack.seal();
         self.store.put(&id.key(), bytes)?;
         self.packs_new += 1;
@@ -141,7 +163,7 @@ pub fn build(
     let mut packer = Packer {
         store,
         local,
-        pack: PackWriter::new(),
+        pack: store.pack_writer(),
         added: HashMap::new(),
         update: Update {
             replace_all_nodes: capture.full,
@@ -178,7 +200,7 @@ pub fn build(
     let access = if access.is_empty() {
         None
     } else {
-        Some(packer.emit(BlobKind::Chunk, access)?)
+        Some(packer.emit_as(BlobKind::Chunk, access, false)?)
     };
     packer.flush()?;
 
@@ -291,7 +313,7 @@ fn build_trees(
             tree.entries.push(entry);
         }
         let blob = tree.encode()?;
-        let r = packer.emit(BlobKind::Tree, &blob)?;
+        let r = packer.emit_as(BlobKind::Tree, &blob, !path.as_os_str().is_empty())?;
         packer.update.totals.push((r.id.0, totals));
         built_dirs.insert(path.as_path(), (r, totals));
     }

@@ -272,15 +272,29 @@ fn tree_seeds() -> Result<Vec<Vec<u8>>> {
 
 fn list_seeds() -> Result<Vec<Vec<u8>>> {
     // A list blob of a real chunked file: built through the store's own file-content path.
+    // Plain refs (a version 1 list) and compressed ones (version 2).
     let refs: Vec<owsfs_store::pack::BlobRef> = (0..3u8)
-        .map(|i| owsfs_store::pack::BlobRef {
-            id: owsfs_store::ids::BlobId::of(&[i]),
-            pack: owsfs_store::ids::PackId([i; 32]),
-            offset: 40 + 1000 * u64::from(i),
-            len: 1000 + u32::from(i),
+        .map(|i| {
+            owsfs_store::pack::BlobRef::plain(
+                owsfs_store::ids::BlobId::of(&[i]),
+                owsfs_store::ids::PackId([i; 32]),
+                40 + 1000 * u64::from(i),
+                1000 + u32::from(i),
+            )
         })
         .collect();
-    Ok(vec![owsfs_store::tree::encode_list(&refs)])
+    let packed: Vec<_> = refs
+        .iter()
+        .map(|r| owsfs_store::pack::BlobRef {
+            stored: r.len / 3,
+            codec: owsfs_store::Codec::Zstd,
+            ..*r
+        })
+        .collect();
+    Ok(vec![
+        owsfs_store::tree::encode_list(&refs),
+        owsfs_store::tree::encode_list(&packed),
+    ])
 }
 
 fn generation_seeds() -> Result<Vec<Vec<u8>>> {
