@@ -16,10 +16,11 @@ use owsfs_fuse::{Freezer, Frozen};
 use owsfs_journal::{DirtyState, InoMap};
 use owsfs_store::{
     BlobId, BlobKind, BlobLoader, BlobRef, ChunkSpan, Content, FileContent, NodeKind, PackId,
-    PackWriter, Store, Tree, TreeEntry,
+    Store, Tree, TreeEntry,
 };
 
 use super::capture::{Capture, EntryCapture};
+use super::packer::Packer;
 use super::wal;
 use owsfs_local::{Kind, LocalState, Totals, Update, decode_node, encode_node};
 
@@ -61,85 +62,6 @@ impl BlobLoader for Loader<'_> {
     }
 }
 
-/// Packs new blobs and uploads full packs.
-struct Packer<'a> {
-    store: &'a Store,
-    local: &'a LocalState,
-    pack: PackWriter,
-    /// Blobs added during this cut, by id (dedup within the cut).
-    added: HashMap<BlobId, BlobRef>,
-    update: Update,
-    bytes_new: u64,
-    blobs_new: u64,
-    packs_new: u64,
-    /// Every pack a blob of this cut is in (new or deduplicated).
-    used: std::collections::HashSet<PackId>,
-}
-
-impl Packer<'_> {
-    fn emit(&mut self, kind: BlobKind, data: &[u8]) -> owsfs_store::Result<BlobRef> {
-        self.emit_as(kind, data, true)
-    }
-
-    /// `compress`: false for the blobs that JSON records name (the root tree, the access
-    /// list): they stay plain, so that an owsfs that predates compression reads the record
-    /// and its root, and then refuses the compressed trees below it with "upgrade owsfs".
-    fn emit_as(
-        &mut self,
-        kind: BlobKind,
-        data: &[u8],
-        compress: bool,
-    ) -> owsfs_store::Result<BlobRef> {
-        let id = BlobId::of(data);
-        // A copy found elsewhere serves only if it is stored as asked (a plain blob may stand
-        // for a compressed one, not the other way round).
-        let fits = |r: &BlobRef| compress || r.codec.is_none();
-        if let Some(r) = self.added.get(&id).filter(|r| fits(r)) {
-            return Ok(*r);
-        }
-        if let Ok(Some(r)) = self.local.chunk(&id.0)
-            && fits(&r)
-        {
-            self.added.insert(id, r);
-            self.used.insert(r.pack);
-            return Ok(r);
-        }
-        let r = if compress {
-            self.pack.add(kind, data)
-        } else {
-            let plain = owsfs_store::pack::encode_blob(owsfs_store::Compression::Off, kind, data);
-            self.pack.add_encoded(&plain)
-        };
-        self.added.insert(id, r);
-        self.used.insert(r.pack);
-        self.bytes_new += data.len() as u64;
-        self.blobs_new += 1;
-        self.update.chunks.push((
-            id.0,
-            serde_json::to_vec(&r)
-                .map_err(|e| owsfs_store::StoreError::corrupt("blob ref", e.to_string()))?,
-        ));
-        if kind != BlobKind::Chunk {
-            self.update.blobs.push((id.0, data.to_vec()));
-        }
-        if self.pack.len() >= owsfs_store::pack::PACK_TARGET_SIZE {
-            self.flush()?;
-        }
-        Ok(r)
-    }
-
-    fn flush(&mut self) -> owsfs_store::Result<()> {
-        if self.pack.is_empty() {
-            return Ok(());
-        }
-        let pack = std::mem::replace(&mut self.pack, self.store.pack_writer());
-        let (id, bytes) = pack.seal();
-        self.store.put(&id.key(), bytes)?;
-        self.packs_new += 1;
-        Ok(())
-    }
-}
-
 /// Makes bytes `[start, end)` of a backing inode local before they are read (lazy
 /// hydration).
 pub type Fetch<'a> = dyn Fn(u64, u64, u64) -> io::Result<()> + 'a;
@@ -160,20 +82,14 @@ pub fn build(
     access: &[u8],
 ) -> anyhow::Result<Built> {
     let loader = Loader { local, store };
-    let mut packer = Packer {
+    let mut packer = Packer::new(
         store,
         local,
-        pack: store.pack_writer(),
-        added: HashMap::new(),
-        update: Update {
+        Update {
             replace_all_nodes: capture.full,
             ..Update::default()
         },
-        bytes_new: 0,
-        blobs_new: 0,
-        packs_new: 0,
-        used: Default::default(),
-    };
+    );
     let mut contents: HashMap<u64, FileContent> = HashMap::new();
     let mut sqlite: BTreeMap<String, SqlitePosition> = BTreeMap::new();
     let mut bytes_read = 0u64;
@@ -252,7 +168,11 @@ fn build_trees(
                     totals.files += 1;
                     totals.bytes += e.stat.size;
                     let c = match contents.get(&e.stat.ino) {
-                        Some(c) => c.clone(),
+                        Some(c) => {
+                            let mut c = c.clone();
+                            packer.resolve_content(&mut c)?;
+                            c
+                        }
                         None => match base_entry(local, e.stat.ino, Kind::File)? {
                             Some(TreeEntry {
                                 content: Content::File(c),
@@ -478,10 +398,17 @@ fn read_frozen(
         }
         ranges = normalize(ranges, f.size);
     }
-    let mut emit = |data: &[u8]| packer.emit(BlobKind::Chunk, data);
+    // Chunks are encoded in batches on every core: their refs stay provisional until a list
+    // blob or the tree needs them final.
+    let mut emit = |data: &[u8]| packer.chunk(data);
     let spans =
         owsfs_store::chunk::rechunk(&old, old_len, f.size, &ranges, &mut read_at, &mut emit)?;
-    let refs: Vec<BlobRef> = spans.iter().map(|s| s.r).collect();
+    let mut refs: Vec<BlobRef> = spans.iter().map(|s| s.r).collect();
+    if refs.len() > owsfs_store::tree::MAX_INLINE_CHUNKS {
+        for r in refs.iter_mut() {
+            *r = packer.resolve(*r)?;
+        }
+    }
     let content = owsfs_store::tree::build_file_content_with(refs, &mut |k, b| packer.emit(k, b))?;
 
     // SQLite: a WAL's position, and a database's page count.

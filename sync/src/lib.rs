@@ -15,6 +15,7 @@ pub mod build;
 pub mod capture;
 mod gc;
 pub mod lease;
+mod packer;
 pub mod pages;
 mod rollback;
 
