@@ -134,7 +134,9 @@ pub struct Encoded {
 }
 
 thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+    /// Per thread: a compressor for one level, and its output buffer.
+    #[allow(clippy::type_complexity)]
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -146,89 +148,66 @@ pub fn encode_blob(compression: Compression, kind: BlobKind, data: &[u8]) -> Enc
 
 /// [`encode_blob`] of a blob whose id the caller has computed already.
 pub fn encode_known(compression: Compression, kind: BlobKind, id: BlobId, data: &[u8]) -> Encoded {
-    assert!(data.len() <= u32::MAX as usize, "blob larger than 4 GiB");
-    debug_assert_eq!(id, BlobId::of(data));
-    let len = data.len() as u32;
-    let plain = |data: &[u8]| Encoded {
+    let (codec, stored) = match compress(compression, data) {
+        Some(p) => (Codec::Zstd, p),
+        None => (Codec::None, Bytes::copy_from_slice(data)),
+    };
+    encoded(kind, id, data.len(), codec, stored)
+}
+
+/// [`encode_known`] of bytes the caller gives away (a plain blob keeps them, no copy).
+pub fn encode_owned(
+    compression: Compression,
+    kind: BlobKind,
+    id: BlobId,
+    data: Vec<u8>,
+) -> Encoded {
+    let len = data.len();
+    let (codec, stored) = match compress(compression, &data) {
+        Some(p) => (Codec::Zstd, p),
+        None => (Codec::None, Bytes::from(data)),
+    };
+    encoded(kind, id, len, codec, stored)
+}
+
+fn encoded(kind: BlobKind, id: BlobId, len: usize, codec: Codec, stored: Bytes) -> Encoded {
+    assert!(len <= u32::MAX as usize, "blob larger than 4 GiB");
+    Encoded {
         kind,
         id,
-        len,
-        codec: Codec::None,
-        stored: Bytes::copy_from_slice(data),
-    };
+        len: len as u32,
+        codec,
+        stored,
+    }
+}
+
+/// The zstd frame of `data`, when compression is on and the frame saves at least 1/32 of the
+/// blob: otherwise every later read would pay for decompression to save next to nothing.
+fn compress(compression: Compression, data: &[u8]) -> Option<Bytes> {
     let Compression::Zstd(level) = compression else {
-        return plain(data);
+        return None;
     };
     if data.len() < MIN_COMPRESS {
-        return plain(data);
+        return None;
     }
-    let packed = COMPRESSOR.with(|c| {
+    // zstd stops as soon as the frame would not fit: incompressible data costs little.
+    let room = data.len() - data.len() / 32 - 1;
+    COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+        if c.as_ref().is_none_or(|(l, _, _)| *l != level) {
             let mut z = zstd::bulk::Compressor::new(level).ok()?;
             // The frame records the plain length; no checksum (the id is the checksum).
             z.include_contentsize(true).ok()?;
             z.include_checksum(false).ok()?;
-            *c = Some((level, z));
+            *c = Some((level, z, Vec::new()));
         }
-        let (_, z) = c.as_mut()?;
-        z.compress(data).ok()
-    });
-    match packed {
-        // Worth it only when it saves at least 1/32 of the blob: otherwise every later read
-        // would pay for decompression to save next to nothing.
-        Some(p) if p.len() + data.len() / 32 < data.len() => Encoded {
-            kind,
-            id,
-            len,
-            codec: Codec::Zstd,
-            stored: Bytes::from(p),
-        },
-        _ => plain(data),
-    }
-}
-
-/// Encodes many blobs (`(id, plain bytes)`, of one kind) on every core; the results are in
-/// the order of `blobs`.
-pub fn encode_blobs(
-    compression: Compression,
-    kind: BlobKind,
-    blobs: &[(BlobId, Vec<u8>)],
-) -> Vec<Encoded> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let one = |(id, data): &(BlobId, Vec<u8>)| encode_known(compression, kind, *id, data);
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(blobs.len());
-    if workers <= 1 || compression == Compression::Off {
-        return blobs.iter().map(one).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(b) = blobs.get(i) else {
-                return done;
-            };
-            done.push((i, one(b)));
+        let (_, z, out) = c.as_mut()?;
+        if out.len() < room {
+            out.resize(room, 0);
         }
-    };
-    let mut out: Vec<Option<Encoded>> = vec![None; blobs.len()];
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
-        let mut all = work();
-        for h in helpers {
-            // A panic in a helper is a bug in the encoder: let it through.
-            all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        }
-        for (i, e) in all {
-            out[i] = Some(e);
-        }
-    });
-    out.into_iter()
-        .map(|e| e.expect("every blob was encoded"))
-        .collect()
+        let n = z.compress_to_buffer(data, &mut out[..room]).ok()?;
+        Some(Bytes::copy_from_slice(&out[..n]))
+    })
 }
 
 /// Where a blob is: what trees and list blobs store.
@@ -335,7 +314,10 @@ pub struct PackEntry {
 #[derive(Debug)]
 pub struct PackWriter {
     id: PackId,
-    buf: Vec<u8>,
+    /// The blobs' stored bytes, kept as they came (no copy until the pack is sealed).
+    blobs: Vec<Bytes>,
+    /// Bytes of header and blobs so far.
+    len: u64,
     entries: Vec<PackEntry>,
     compression: Compression,
 }
@@ -361,14 +343,10 @@ impl PackWriter {
     }
 
     pub fn with_id(id: PackId) -> PackWriter {
-        let mut buf = Vec::with_capacity(1 << 20);
-        buf.extend_from_slice(PACK_MAGIC);
-        // The version is settled when the pack is sealed.
-        buf.extend_from_slice(&1u32.to_le_bytes());
-        buf.extend_from_slice(&0u32.to_le_bytes());
         PackWriter {
             id,
-            buf,
+            blobs: Vec::new(),
+            len: HEADER_LEN,
             entries: Vec::new(),
             compression: Compression::Off,
         }
@@ -390,13 +368,14 @@ impl PackWriter {
 
     /// Appends a blob encoded by [`encode_blob`], or copied as it was stored elsewhere.
     pub fn add_encoded(&mut self, e: &Encoded) -> BlobRef {
-        let offset = self.buf.len() as u64;
+        let offset = self.len;
         assert!(
             e.stored.len() <= u32::MAX as usize,
             "blob larger than 4 GiB"
         );
         let stored = e.stored.len() as u32;
-        self.buf.extend_from_slice(&e.stored);
+        self.blobs.push(e.stored.clone());
+        self.len += stored as u64;
         self.entries.push(PackEntry {
             kind: e.kind,
             id: e.id,
@@ -417,7 +396,7 @@ impl PackWriter {
 
     /// Bytes of blobs and header so far (the sealed pack adds the index and trailer).
     pub fn len(&self) -> u64 {
-        self.buf.len() as u64
+        self.len
     }
 
     /// No blob added yet.
@@ -432,10 +411,19 @@ impl PackWriter {
     /// Finishes the pack: appends index and trailer. A pack without a compressed blob is a
     /// version 1 pack, byte for byte what earlier versions wrote.
     pub fn seal(self) -> (PackId, Bytes) {
-        let mut buf = self.buf;
         let v2 = self.entries.iter().any(|e| !e.codec.is_none());
-        if v2 {
-            buf[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let entry_len = if v2 {
+            INDEX_ENTRY_LEN_V2
+        } else {
+            INDEX_ENTRY_LEN
+        };
+        let mut buf =
+            Vec::with_capacity(self.len as usize + 16 + self.entries.len() * entry_len + 24);
+        buf.extend_from_slice(PACK_MAGIC);
+        buf.extend_from_slice(&(if v2 { 2u32 } else { 1 }).to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        for b in &self.blobs {
+            buf.extend_from_slice(b);
         }
         let index_offset = buf.len() as u64;
         let start = buf.len();
