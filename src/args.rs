@@ -137,6 +137,12 @@ pub struct MountOpts {
     /// Bandwidth of the background fetch per second, all workers together (0: no limit).
     #[arg(long, env = "OWSFS_PREFETCH_BANDWIDTH", default_value = "0", value_parser = parse_bytes, value_name = "BYTES")]
     pub prefetch_bandwidth: u64,
+    /// How the blobs this mount uploads are compressed: zstd:LEVEL (1 fastest to 19
+    /// smallest), zstd (level 3), or off (the store format before compression). Blobs that do
+    /// not shrink by 1/32 are stored as they are. Reading takes every format whatever this
+    /// says.
+    #[arg(long, env = "OWSFS_COMPRESSION", default_value = "zstd:3", value_parser = parse_compression)]
+    pub compression: owsfs_store::Compression,
     /// Automatic snapshots to keep: one is taken at each handoff (unmount), and the oldest
     /// beyond this many are deleted. Snapshots named with `owsfs snapshot create` stay until
     /// deleted. 0: take none.
@@ -208,6 +214,8 @@ impl MountOpts {
             self.prefetch.to_string(),
             "--prefetch-bandwidth".to_string(),
             self.prefetch_bandwidth.to_string(),
+            "--compression".to_string(),
+            self.compression.to_string(),
             "--keep-snapshots".to_string(),
             self.keep_snapshots.to_string(),
         ]);
@@ -389,6 +397,10 @@ pub fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
 /// A size: `1GiB`, `512MiB`, `64K`, `1G`, `100MB`, or plain bytes. As owsfs always took them,
 /// the units are binary whether or not they say `i` (`1G` = `1GB` = `1GiB` = 2^30 bytes);
 /// bytesize parses the normalized form.
+pub fn parse_compression(s: &str) -> Result<owsfs_store::Compression, String> {
+    s.parse()
+}
+
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not a size (use e.g. 512MiB, 1GiB)");
     let t = s.trim();

@@ -147,9 +147,25 @@ fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
     Ok((journal, recovery))
 }
 
-/// The store at `url`, with the fault injection the environment asks for (tests).
+/// The store at `url`, with the fault injection the environment asks for (tests), compressing
+/// as `OWSFS_COMPRESSION` says (default zstd:3).
 pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
+    let compression = match std::env::var("OWSFS_COMPRESSION") {
+        Ok(s) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("OWSFS_COMPRESSION: {e}"))?,
+        Err(_) => owsfs_store::Compression::default(),
+    };
+    open_store_compressing(url, compression)
+}
+
+/// [`open_store`], compressing new blobs as `compression` says.
+pub fn open_store_compressing(
+    url: &str,
+    compression: owsfs_store::Compression,
+) -> anyhow::Result<Arc<Store>> {
     let mut opts = StoreOptions {
+        compression,
         faults: owsfs_store::FaultConfig::from_env()?,
         ..StoreOptions::default()
     };
@@ -157,12 +173,6 @@ pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
     if let Ok(s) = std::env::var("OWSFS_GC_REFRESH") {
         opts.gc_refresh = crate::args::parse_duration(&s)
             .map_err(|e| anyhow::anyhow!("OWSFS_GC_REFRESH: {e}"))?;
-    }
-    // How new blobs are compressed: off, zstd, or a zstd level (default zstd:3).
-    if let Ok(s) = std::env::var("OWSFS_COMPRESSION") {
-        opts.compression = s
-            .parse()
-            .map_err(|e| anyhow::anyhow!("OWSFS_COMPRESSION: {e}"))?;
     }
     match Store::open(url, opts) {
         Ok(s) => Ok(Arc::new(s)),
@@ -181,8 +191,9 @@ pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
 pub fn open_workspace(
     url: &str,
     name: &str,
+    compression: owsfs_store::Compression,
 ) -> anyhow::Result<(Arc<Store>, Workspace, identity::Before)> {
-    let store = open_store(url)?;
+    let store = open_store_compressing(url, compression)?;
     let (ws, created) = Workspace::open_or_create_noting(&store, name)
         .with_context(|| format!("cannot open workspace {name} in {url}"))?;
     let before = identity::Before::read(&ws, created);
@@ -625,7 +636,7 @@ pub fn serve(
         Some(w) => w.clone(),
         None => default_name(opts, &open, &mountpoint)?,
     };
-    let (store, ws, before) = open_workspace(&store_url, &ws_name)?;
+    let (store, ws, before) = open_workspace(&store_url, &ws_name, opts.compression)?;
     refuse_template(&ws, opts.edit_template)?;
     check_identity(opts, &open, &ws, &store_url, &mountpoint, &before)?;
 

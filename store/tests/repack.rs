@@ -11,8 +11,8 @@ use owsfs_store::progress::Silent;
 use owsfs_store::retention::Policy;
 use owsfs_store::tree::{Content, FileContent, NodeKind, Tree, TreeEntry};
 use owsfs_store::{
-    BlobRef, GenKind, GenStats, GenerationRecord, Holder, ManualClock, PackId, Store, StoreOptions,
-    Workspace,
+    BlobRef, Codec, Compression, GenKind, GenStats, GenerationRecord, Holder, ManualClock, PackId,
+    Store, StoreOptions, Workspace,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -30,6 +30,8 @@ fn store(name: &str, clock: &Arc<ManualClock>) -> Store {
     .unwrap()
 }
 
+/// A file's bytes: incompressible for odd seeds, compressible (16 letters) for even ones, so
+/// that packs hold both plain and zstd blobs.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -37,7 +39,11 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
             x = x
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
-            (x >> 56) as u8
+            if seed % 2 == 0 {
+                b'a' + (x >> 60) as u8
+            } else {
+                (x >> 56) as u8
+            }
         })
         .collect()
 }
@@ -85,10 +91,14 @@ fn commit(s: &Store, ws: &Workspace, files: &[(String, BlobRef)]) -> GenerationR
 
 /// `n` files of 64 KiB in one pack: their chunks.
 fn big_pack(s: &Store, n: u64) -> (PackId, Vec<(String, BlobRef)>) {
-    let mut p = PackWriter::new();
+    let mut p = PackWriter::compressing(Compression::default());
     let files: Vec<(String, BlobRef)> = (0..n)
         .map(|i| (format!("f{i:02}"), p.add(BlobKind::Chunk, &noise(FILE, i))))
         .collect();
+    if n > 1 {
+        assert!(files.iter().any(|(_, r)| r.codec == Codec::Zstd));
+        assert!(files.iter().any(|(_, r)| r.codec == Codec::None));
+    }
     let (id, bytes) = p.seal();
     s.put(&id.key(), bytes).unwrap();
     (id, files)
