@@ -39,7 +39,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
             x = x
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
-            if seed % 2 == 0 {
+            if seed.is_multiple_of(2) {
                 b'a' + (x >> 60) as u8
             } else {
                 (x >> 56) as u8
