@@ -138,10 +138,10 @@ pub struct MountOpts {
     #[arg(long, env = "OWSFS_PREFETCH_BANDWIDTH", default_value = "0", value_parser = parse_bytes, value_name = "BYTES")]
     pub prefetch_bandwidth: u64,
     /// How the blobs this mount uploads are compressed: zstd:LEVEL (1 fastest to 19
-    /// smallest), zstd (level 3), or off (the store format before compression). Blobs that do
+    /// smallest), zstd (level 1), or off (the store format before compression). Blobs that do
     /// not shrink by 1/32 are stored as they are. Reading takes every format whatever this
     /// says.
-    #[arg(long, env = "OWSFS_COMPRESSION", default_value = "zstd:3", value_parser = parse_compression)]
+    #[arg(long, env = "OWSFS_COMPRESSION", default_value = "zstd:1", value_parser = parse_compression)]
     pub compression: owsfs_store::Compression,
     /// Automatic snapshots to keep: one is taken at each handoff (unmount), and the oldest
     /// beyond this many are deleted. Snapshots named with `owsfs snapshot create` stay until

@@ -148,7 +148,7 @@ fn open_journal(cache: &Cache) -> anyhow::Result<(Journal, Recovery)> {
 }
 
 /// The store at `url`, with the fault injection the environment asks for (tests), compressing
-/// as `OWSFS_COMPRESSION` says (default zstd:3).
+/// as `OWSFS_COMPRESSION` says (default zstd:1).
 pub fn open_store(url: &str) -> anyhow::Result<Arc<Store>> {
     let compression = match std::env::var("OWSFS_COMPRESSION") {
         Ok(s) => s

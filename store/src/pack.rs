@@ -26,7 +26,7 @@ pub const INDEX_ENTRY_LEN_V2: usize = 50;
 /// The size at which callers usually seal a pack.
 pub const PACK_TARGET_SIZE: u64 = 16 << 20;
 /// The zstd level of a store that does not say otherwise.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Blobs shorter than this are stored as they are: a zstd frame would not pay for itself.
 pub const MIN_COMPRESS: usize = 128;
 

@@ -51,7 +51,11 @@ struct Encoders {
 
 impl Encoders {
     fn start(compression: Compression) -> Encoders {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // One core stays the chunker's: it is the cut's critical path.
+        let n = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1);
         let (jobs, rx) = crossbeam_channel::unbounded::<(u64, Batch)>();
         let (tx, done) = crossbeam_channel::unbounded();
         let threads = (0..n)
