@@ -744,7 +744,7 @@ fn malformed_lease_object_is_refused_and_named() {
         let text = String::from_utf8(newest).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert_eq!(lines[0], "owsfs-lease 1");
+        assert_eq!(lines[0], "owsfs-lease 2");
         let epoch = |l: &str| -> u64 {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             v["epoch"].as_u64().unwrap()
@@ -759,7 +759,7 @@ fn malformed_lease_object_is_refused_and_named() {
                 assert_ne!(changed, lines[1], "{text}");
                 format!("{}\n{}\n{}\n", lines[0], changed, lines[2])
             }
-            "garbage" => "owsfs-lease 1\n{}\nbad\n".to_string(),
+            "garbage" => "owsfs-lease 2\n{}\nbad\n".to_string(),
             _ => text[..text.len() / 2].to_string(),
         };
         std::fs::write(&next_path, &content).unwrap();

@@ -49,6 +49,7 @@ pub fn lease_status() -> owsfs_sync::lease::LeaseStatus {
         last_renewal_secs_ago: 0.0,
         good_for_secs: 0.0,
         renewals: 0,
+        commits_as_renewals: 0,
         renewal_failures: 0,
         last_error: None,
         lost: None,

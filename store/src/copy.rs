@@ -187,6 +187,7 @@ fn copy_under_lease(
         progress.update(packs.report.bytes_copied, i as u64 + 1);
         hold.keep()?;
     }
+    dws.flush_head_hint();
     progress.finish();
     // Snapshots of copied generations, and the retention policy (unless the destination has
     // its own).

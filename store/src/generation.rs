@@ -107,6 +107,18 @@ pub(crate) fn unseal_json<T: serde::de::DeserializeOwned>(
     object: &str,
     b: &[u8],
 ) -> Result<T> {
+    unseal_json_since(tag, supported, supported, object, b).map(|(_, t)| t)
+}
+
+/// [`unseal_json`] of a record of any version from `oldest` to `newest`; with its version.
+pub(crate) fn unseal_json_since<T: serde::de::DeserializeOwned>(
+    tag: &str,
+    oldest: u64,
+    newest: u64,
+    object: &str,
+    b: &[u8],
+) -> Result<(u64, T)> {
+    let supported = newest;
     let bad = |what: &str| StoreError::corrupt(object, what);
     let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
     let text = text
@@ -130,13 +142,14 @@ pub(crate) fn unseal_json<T: serde::de::DeserializeOwned>(
             supported,
         });
     }
-    if version != supported {
+    if version < oldest {
         return Err(bad("unknown version"));
     }
     if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
         return Err(bad("checksum mismatch"));
     }
-    serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))
+    let t = serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))?;
+    Ok((version, t))
 }
 
 impl GenerationRecord {
@@ -296,6 +309,18 @@ pub struct Workspace {
     store: Store,
     name: String,
     info: WorkspaceInfo,
+    /// The HEAD hint this handle wrote last, and the newer slot it has not written yet.
+    hint: std::sync::Arc<parking_lot::Mutex<HintState>>,
+}
+
+/// How often a writer updates the HEAD hint while it commits: a hint is only a starting point
+/// for the probes that find the newest slot, so a commit need not pay a PUT for it.
+pub const HINT_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+struct HintState {
+    written: Option<std::time::Instant>,
+    pending: Option<GenNumber>,
 }
 
 impl Workspace {
@@ -324,6 +349,7 @@ impl Workspace {
                 store: store.clone(),
                 name: name.to_string(),
                 info: WorkspaceInfo::parse(&key, name, &b)?,
+                hint: Default::default(),
             })),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -343,6 +369,7 @@ impl Workspace {
                         store: store.clone(),
                         name,
                         info,
+                        hint: Default::default(),
                     };
                     return Ok((ws, true));
                 }
@@ -355,6 +382,7 @@ impl Workspace {
             store: store.clone(),
             name,
             info,
+            hint: Default::default(),
         };
         Ok((ws, false))
     }
@@ -509,18 +537,39 @@ impl Workspace {
     }
 
     /// The newest committed generation (commit or fence), or `None` for a new workspace.
+    ///
+    /// From the HEAD hint (or a listing), probes forward: slots are taken in order and never
+    /// deleted near the newest, so the slots above the hint are contiguous. The probes gallop
+    /// (hint + 1, + 2, + 4, ...) and then halve the last step: a hint `d` slots behind costs
+    /// about 2·log2(d) existence checks.
     pub fn head(&self) -> Result<Option<GenNumber>> {
-        let mut n = match self.read_hint() {
+        let n = match self.read_hint() {
             Some(h) if self.store.exists(&self.generation_key(h))? => h,
             _ => match self.list_generations()?.last() {
                 Some(&n) => n,
                 None => return Ok(None),
             },
         };
-        while self.store.exists(&self.generation_key(n + 1))? {
-            n += 1;
+        let exists = |k: GenNumber| self.store.exists(&self.generation_key(k));
+        // `lo` exists; find a `hi` that does not.
+        let (mut lo, mut step) = (n, 1u64);
+        let mut hi = loop {
+            let probe = lo.saturating_add(step);
+            if !exists(probe)? {
+                break probe;
+            }
+            lo = probe;
+            step = step.saturating_mul(2);
+        };
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if exists(mid)? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
         }
-        Ok(Some(n))
+        Ok(Some(lo))
     }
 
     /// Reads and verifies generation `n`.
@@ -592,16 +641,50 @@ impl Workspace {
             GenKind::Commit => fail::fail_point!("commit-before-head"),
             GenKind::Fence => fail::fail_point!("fence-before-head"),
         }
-        let n = record.number.to_string();
-        let hint = format!("owsfs-head {HEAD_VERSION} {n} {}\n", head_sum(&n));
-        if let Err(e) = self.store.put(&self.key("HEAD"), Bytes::from(hint)) {
-            tracing::warn!(
-                "generation {} of {} is committed but the HEAD hint was not updated: {e}",
-                record.number,
-                self.name
-            );
+        // The hint: at once for a fence (a mount) and when the last one is older than
+        // HINT_EVERY; otherwise it waits for `flush_head_hint` or a later commit.
+        let due = record.kind == GenKind::Fence
+            || self.hint.lock().written.is_none_or(|at| {
+                self.store.clock().now().saturating_duration_since(at) >= HINT_EVERY
+            });
+        if due {
+            self.write_hint(record.number);
+        } else {
+            self.hint.lock().pending = Some(record.number);
         }
         Ok(())
+    }
+
+    /// Writes the HEAD hint of the newest slot this handle committed, if it has not yet
+    /// (`owsfs sync`, a handoff, an unmount). Best effort, like every hint.
+    pub fn flush_head_hint(&self) {
+        let pending = self.hint.lock().pending;
+        if let Some(n) = pending {
+            self.write_hint(n);
+        }
+    }
+
+    fn write_hint(&self, number: GenNumber) {
+        let n = number.to_string();
+        let hint = format!("owsfs-head {HEAD_VERSION} {n} {}\n", head_sum(&n));
+        let started = self.store.clock().now();
+        match self.store.put(&self.key("HEAD"), Bytes::from(hint)) {
+            Ok(()) => {
+                let mut h = self.hint.lock();
+                h.written = Some(started);
+                if h.pending.is_some_and(|p| p <= number) {
+                    h.pending = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "generation {number} of {} is committed but the HEAD hint was not updated: {e}",
+                    self.name
+                );
+                let mut h = self.hint.lock();
+                h.pending = h.pending.max(Some(number));
+            }
+        }
     }
 }
 

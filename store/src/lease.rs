@@ -22,9 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{PutOutcome, Store};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
-use crate::generation::{Workspace, seal_json, unseal_json};
+use crate::generation::{Workspace, seal_json, unseal_json_since};
 
-pub const LEASE_VERSION: u64 = 1;
+/// Version 2: the holder's commits count as renewals (it renews only while it does not
+/// commit), so an observer also watches the newest generation slot ([`LeaseWatch`]). An owsfs
+/// that reads only version 1 refuses a version 2 record ("upgrade owsfs") instead of taking
+/// a lease over from a holder that commits.
+pub const LEASE_VERSION: u64 = 2;
 
 /// Who holds (or held) a lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +94,8 @@ impl LeaseRecord {
 
     /// Parses and verifies a sealed record read from `object`.
     pub fn unseal(object: &str, b: &[u8]) -> Result<LeaseRecord> {
-        let r: LeaseRecord = unseal_json("owsfs-lease", LEASE_VERSION, object, b)?;
+        let (_, r): (u64, LeaseRecord) =
+            unseal_json_since("owsfs-lease", 1, LEASE_VERSION, object, b)?;
         let bad = |what: &str| StoreError::corrupt(object, what);
         if r.epoch == 0 || r.ttl_ms == 0 {
             return Err(bad("epoch and ttl must be positive"));
@@ -360,9 +365,16 @@ impl Lease {
 }
 
 /// Watches a lease held by someone else, on this node's monotonic clock.
+///
+/// The holder shows it is alive by a new lease step or by a new generation slot (its
+/// commits count as renewals, lease version 2): the lease lapses once neither changed for the
+/// newest step's TTL, counted from when this node first saw them as they are. Watching slots
+/// as well can only make a lapse later, never earlier, so a holder of version 1 (which renews
+/// whatever it commits) is judged as before or more patiently.
 #[derive(Debug)]
 pub struct LeaseWatch {
-    seen: Option<(u64, Instant)>,
+    /// The newest step and newest slot last seen, and when this node first saw that pair.
+    seen: Option<((u64, Option<u64>), Instant)>,
     clock: Arc<dyn Clock>,
 }
 
@@ -383,27 +395,29 @@ impl LeaseWatch {
         LeaseWatch { seen: None, clock }
     }
 
-    /// Notes the newest record as read now. Returns how long it has been the newest, as far
-    /// as this node can tell (from when this node first saw it).
-    pub fn observe(&mut self, r: &LeaseRecord) -> Duration {
+    /// Notes the newest record and the newest generation slot (`None`: none yet) as read
+    /// now. Returns how long both have stayed as they are, as far as this node can tell.
+    pub fn observe(&mut self, r: &LeaseRecord, newest_slot: Option<u64>) -> Duration {
         let now = self.clock.now();
+        let key = (r.seq, newest_slot);
         match self.seen {
-            Some((seq, at)) if seq == r.seq => now.saturating_duration_since(at),
+            Some((k, at)) if k == key => now.saturating_duration_since(at),
             _ => {
-                self.seen = Some((r.seq, now));
+                self.seen = Some((key, now));
                 Duration::ZERO
             }
         }
     }
 
-    /// Whether `r` (just observed) has lapsed: no newer record within its TTL.
-    pub fn lapsed(&mut self, r: &LeaseRecord) -> bool {
-        r.state == LeaseState::Released || self.observe(r) >= r.ttl()
+    /// Whether `r` (just observed, with the newest slot) has lapsed: neither a newer record
+    /// nor a newer slot within its TTL.
+    pub fn lapsed(&mut self, r: &LeaseRecord, newest_slot: Option<u64>) -> bool {
+        r.state == LeaseState::Released || self.observe(r, newest_slot) >= r.ttl()
     }
 
     /// How much longer `r` can stay unrenewed before it lapses, by this node's clock.
-    pub fn remaining(&mut self, r: &LeaseRecord) -> Duration {
-        r.ttl().saturating_sub(self.observe(r))
+    pub fn remaining(&mut self, r: &LeaseRecord, newest_slot: Option<u64>) -> Duration {
+        r.ttl().saturating_sub(self.observe(r, newest_slot))
     }
 }
 
@@ -543,7 +557,7 @@ mod tests {
         let newer = a.seal().unwrap();
         let newer = String::from_utf8(newer.to_vec())
             .unwrap()
-            .replace("owsfs-lease 1", "owsfs-lease 9");
+            .replace("owsfs-lease 2", "owsfs-lease 9");
         l.store().put(&l.key(2), Bytes::from(newer)).unwrap();
         let e = l.current().unwrap_err();
         assert!(
@@ -560,22 +574,55 @@ mod tests {
             .acquire(None, &holder("a"), Duration::from_millis(100))
             .unwrap();
         let mut w = LeaseWatch::with_clock(l.store().clock().clone());
-        assert!(!w.lapsed(&a));
+        assert!(!w.lapsed(&a, None));
         clock.advance(Duration::from_millis(60));
-        assert_eq!(w.remaining(&a), Duration::from_millis(40));
+        assert_eq!(w.remaining(&a, None), Duration::from_millis(40));
         let a2 = l.renew(&a).unwrap();
         // A renewal restarts the count.
-        assert!(!w.lapsed(&a2));
+        assert!(!w.lapsed(&a2, None));
         clock.advance(Duration::from_millis(60));
-        assert!(!w.lapsed(&a2));
+        assert!(!w.lapsed(&a2, None));
         clock.advance(Duration::from_millis(39));
-        assert!(!w.lapsed(&a2));
-        assert_eq!(w.remaining(&a2), Duration::from_millis(1));
+        assert!(!w.lapsed(&a2, None));
+        assert_eq!(w.remaining(&a2, None), Duration::from_millis(1));
         clock.advance(Duration::from_millis(1));
-        assert!(w.lapsed(&a2));
-        assert_eq!(w.remaining(&a2), Duration::ZERO);
+        assert!(w.lapsed(&a2, None));
+        assert_eq!(w.remaining(&a2, None), Duration::ZERO);
         let r = l.release(&a2).unwrap();
-        assert!(LeaseWatch::with_clock(clock).lapsed(&r));
+        assert!(LeaseWatch::with_clock(clock).lapsed(&r, None));
+    }
+
+    #[test]
+    fn a_new_generation_slot_counts_as_a_renewal() {
+        let clock = Arc::new(ManualClock::new());
+        let l = lease_on(clock.clone());
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_millis(100))
+            .unwrap();
+        let mut w = LeaseWatch::with_clock(clock.clone());
+        assert!(!w.lapsed(&a, Some(7)));
+        clock.advance(Duration::from_millis(90));
+        // The holder committed slot 8 instead of renewing: the count starts again.
+        assert!(!w.lapsed(&a, Some(8)));
+        clock.advance(Duration::from_millis(90));
+        assert!(!w.lapsed(&a, Some(8)));
+        assert_eq!(w.remaining(&a, Some(8)), Duration::from_millis(10));
+        clock.advance(Duration::from_millis(10));
+        assert!(w.lapsed(&a, Some(8)));
+    }
+
+    #[test]
+    fn a_version_1_record_is_still_read() {
+        let clock = Arc::new(ManualClock::new());
+        let l = lease_on(clock.clone());
+        let a = l
+            .acquire(None, &holder("a"), Duration::from_secs(10))
+            .unwrap();
+        let sealed = String::from_utf8(a.seal().unwrap().to_vec()).unwrap();
+        assert!(sealed.starts_with("owsfs-lease 2\n"), "{sealed}");
+        let v1 = sealed.replace("owsfs-lease 2", "owsfs-lease 1");
+        l.store().put(&l.key(1), Bytes::from(v1)).unwrap();
+        assert_eq!(l.current().unwrap(), Some(a));
     }
 
     #[test]
@@ -586,14 +633,14 @@ mod tests {
             .acquire(None, &holder("a"), Duration::from_secs(10))
             .unwrap();
         let mut w = LeaseWatch::with_clock(clock.clone());
-        assert!(!w.lapsed(&a));
+        assert!(!w.lapsed(&a, None));
         // A day forwards, then back to 1970: the watch does not notice.
         clock.set_unix_ms(clock.unix_ms() + 86_400_000);
-        assert!(!w.lapsed(&a));
+        assert!(!w.lapsed(&a, None));
         clock.set_unix_ms(0);
-        assert!(!w.lapsed(&a));
+        assert!(!w.lapsed(&a, None));
         clock.advance(Duration::from_secs(10));
-        assert!(w.lapsed(&a));
+        assert!(w.lapsed(&a, None));
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! renews it, stops writes (fail-stop) when it cannot renew in time or was taken over, and
 //! releases it at a clean unmount.
 //!
-//! Timing, all on this node's monotonic clock: a renewal is attempted every TTL/3. The lease
-//! is good until `start of the last successful renewal + TTL - margin` (margin = TTL/4):
-//! another node starts counting the TTL only once it has seen that renewal, which is later.
+//! Timing, all on this node's monotonic clock: a renewal is attempted TTL/3 after the last
+//! successful renewal or commit (a new generation slot shows the holder alive to the nodes
+//! that watch, as a new lease step does: lease version 2). The lease is good until `start of
+//! the last successful renewal or slot write + TTL - margin` (margin = TTL/4): another node
+//! starts counting the TTL only once it has seen that renewal or slot, which is later.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +30,9 @@ pub struct LeaseStatus {
     pub last_renewal_secs_ago: f64,
     pub good_for_secs: f64,
     pub renewals: u64,
+    /// Commits that counted as renewals (lease version 2: none was sent meanwhile).
+    #[serde(default)]
+    pub commits_as_renewals: u64,
     /// Renewals that failed (the store answered with an error, or not in time).
     #[serde(default)]
     pub renewal_failures: u64,
@@ -100,6 +105,7 @@ pub fn acquire(
         steal_seen: None,
         last_notice: None,
         clock: Arc::clone(&clock),
+        slot: None,
     };
     loop {
         let current = match lease.current() {
@@ -180,17 +186,20 @@ struct Looking<'a> {
     watch: LeaseWatch,
     /// The step last seen held under this cache's own node id.
     own_seen: Option<u64>,
-    /// The step last seen while waiting to steal.
-    steal_seen: Option<u64>,
+    /// The step and newest slot last seen while waiting to steal.
+    steal_seen: Option<(u64, Option<u64>)>,
     last_notice: Option<Instant>,
     clock: Arc<dyn Clock>,
+    /// The newest generation slot seen (a holder's commit counts as a renewal).
+    slot: Option<u64>,
 }
 
 impl Looking<'_> {
     /// Whether the held lease `r` may be taken now; an error when it must not be waited for.
     fn may_take(&mut self, r: &LeaseRecord, notice: Notice<'_>) -> anyhow::Result<bool> {
         let ws = self.ws;
-        let lapsed = self.watch.lapsed(r);
+        let slot = self.newest_slot()?;
+        let lapsed = self.watch.lapsed(r, slot);
         if r.holder.node == self.holder.node
             && !self.holder.cache.is_empty()
             && r.holder.cache == self.holder.cache
@@ -230,7 +239,7 @@ impl Looking<'_> {
                     ws.name(),
                     r.holder,
                     r.epoch,
-                    self.watch.remaining(r).as_secs_f64()
+                    self.watch.remaining(r, slot).as_secs_f64()
                 ));
             }
             return Ok(lapsed);
@@ -246,16 +255,16 @@ impl Looking<'_> {
                 r.ttl().as_secs_f64(),
                 r.ttl().as_secs_f64()
             ),
-            Takeover::Steal if self.steal_seen.is_some_and(|seen| seen != r.seq) => bail!(
-                "workspace {:?} is in use: {} renewed its lease (epoch {}) while we waited for \
-                 it to lapse. Use --wait to wait for a handoff, or --steal --force if that node \
-                 is dead",
+            Takeover::Steal if self.steal_seen.is_some_and(|seen| seen != (r.seq, slot)) => bail!(
+                "workspace {:?} is in use: {} renewed its lease or committed (epoch {}) while we \
+                 waited for it to lapse. Use --wait to wait for a handoff, or --steal --force if \
+                 that node is dead",
                 ws.name(),
                 r.holder,
                 r.epoch
             ),
             _ => {
-                self.steal_seen = Some(r.seq);
+                self.steal_seen = Some((r.seq, slot));
                 if !lapsed && self.notice_due() {
                     notice(&format!(
                         "waiting for the lease of workspace {:?}: held by {} at epoch {}; it \
@@ -263,12 +272,25 @@ impl Looking<'_> {
                         ws.name(),
                         r.holder,
                         r.epoch,
-                        self.watch.remaining(r).as_secs_f64()
+                        self.watch.remaining(r, slot).as_secs_f64()
                     ));
                 }
                 Ok(lapsed)
             }
         }
+    }
+
+    /// The newest generation slot, probed forward from the last one seen (`None`: the
+    /// workspace has none yet).
+    fn newest_slot(&mut self) -> anyhow::Result<Option<u64>> {
+        let Some(mut n) = self.slot.or(self.ws.head()?) else {
+            return Ok(None);
+        };
+        while self.ws.store().exists(&self.ws.generation_key(n + 1))? {
+            n += 1;
+        }
+        self.slot = Some(n);
+        Ok(Some(n))
     }
 
     /// A notice every 5 s at most.
@@ -291,6 +313,8 @@ struct KeeperState {
     good_until: Instant,
     last_renewal: Instant,
     renewals: u64,
+    /// Commits that counted as renewals.
+    commits_as_renewals: u64,
     renewal_failures: u64,
     last_error: Option<String>,
     /// Set once, at fail-stop: why.
@@ -338,6 +362,7 @@ impl Keeper {
                 good_until: acquired_at + ttl - margin,
                 last_renewal: acquired_at,
                 renewals: 0,
+                commits_as_renewals: 0,
                 renewal_failures: 0,
                 last_error: None,
                 lost: None,
@@ -425,6 +450,10 @@ impl Keeper {
             select! {
                 recv(self.stop_rx) -> _ => break,
                 recv(self.clock.at(next)) -> _ => {}
+            }
+            // A commit since counted as a renewal: not due yet.
+            if self.clock.now() < self.st.lock().last_renewal + every {
+                continue;
             }
             if !self.renew_once(every) {
                 break;
@@ -525,6 +554,22 @@ impl Keeper {
         }
     }
 
+    /// A commit whose slot write started at `started` landed. Observers count a new slot
+    /// as a renewal (lease version 2, `LeaseWatch`), so it moves the deadline and the next
+    /// renewal as a renewal started then would: a workspace that commits steadily sends no
+    /// renewals at all.
+    pub fn committed(&self, started: Instant) {
+        let mut st = self.st.lock();
+        if st.lost.is_some() || st.released || started <= st.last_renewal {
+            return;
+        }
+        st.last_renewal = started;
+        st.good_until = st.good_until.max(started + self.ttl - self.margin);
+        st.commits_as_renewals += 1;
+        drop(st);
+        let _ = self.renewed_tx.try_send(());
+    }
+
     /// Stops renewing (the threads end).
     pub fn stop(&self) {
         self.stop_tx.lock().take();
@@ -583,6 +628,7 @@ impl Keeper {
                 .saturating_duration_since(self.clock.now())
                 .as_secs_f64(),
             renewals: st.renewals,
+            commits_as_renewals: st.commits_as_renewals,
             renewal_failures: st.renewal_failures,
             last_error: st.last_error.clone(),
             lost: st.lost.clone(),
@@ -602,5 +648,8 @@ impl crate::LeaseCheck for Keeper {
     }
     fn lose(&self, why: &str) {
         Keeper::lose(self, why)
+    }
+    fn committed(&self, started: Instant) {
+        Keeper::committed(self, started)
     }
 }

@@ -56,6 +56,9 @@ pub trait LeaseCheck: Send + Sync {
     fn is_lost(&self) -> bool;
     /// Fail-stop: writes stop, nothing more is committed.
     fn lose(&self, why: &str);
+    /// A commit whose slot write started at `started` (the store's clock) landed: it counts
+    /// as a renewal of the lease (lease version 2).
+    fn committed(&self, _started: Instant) {}
 }
 
 /// What the agent needs of lazy hydration (a cache restored lazily holds bytes and
@@ -560,6 +563,9 @@ impl SyncAgent {
                 }
             }
         }
+        if !self.keeper.is_lost() {
+            self.ws.flush_head_hint();
+        }
     }
 
     /// Unsynced changes are older than `--max-lag` or larger than `--max-lag-bytes`.
@@ -739,8 +745,9 @@ impl SyncAgent {
         self.keeper
             .check(Duration::ZERO)
             .with_context(|| format!("not committing generation {number}"))?;
+        let slot_started = self.clock.now();
         match self.ws.commit(&record) {
-            Ok(()) => {}
+            Ok(()) => self.keeper.committed(slot_started),
             Err(CommitError::SlotTaken { number, existing }) if existing.epoch == epoch => {
                 // Our own earlier attempt landed although its answer was lost (the epoch is
                 // this mount's alone). The journal still covers it: go on on top of it.
@@ -780,6 +787,15 @@ impl SyncAgent {
         // What the journal forgets must be in the stored hydration state first.
         self.hyd.save()?;
         journal.committed(seq)?;
+        // A commit someone waits for (`owsfs sync`, a handoff) updates the HEAD hint at once;
+        // the periodic ones leave it to the next due one (`HINT_EVERY`).
+        let asked = {
+            let st = self.st.lock();
+            st.requested_seq > st.durable_seq || st.inherited_requested
+        };
+        if asked {
+            self.ws.flush_head_hint();
+        }
         let total_ms = self.commit_latency.observe(started.elapsed()).as_millis() as u64;
         let mut st = self.st.lock();
         st.committed(

@@ -82,8 +82,13 @@ impl SyncAgent {
         )?;
         let record = owsfs_store::rollback::rollback_record(&self.ws, &to, root, head, epoch);
         fail::fail_point!("rollback-before-commit");
+        let slot_started = self.clock.now();
         match self.ws.commit(&record) {
-            Ok(()) => {}
+            // Another node looking for the newest state finds the rollback at once.
+            Ok(()) => {
+                self.keeper.committed(slot_started);
+                self.ws.flush_head_hint();
+            }
             Err(CommitError::SlotTaken { number, existing }) if existing.epoch != epoch => {
                 let why = format!(
                     "generation slot {number} was taken at epoch {} (this mount has epoch \

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use owsfs_store::{FaultConfig, Holder, ManualClock, Store, StoreOptions, Workspace};
+use owsfs_store::{Clock, FaultConfig, Holder, ManualClock, Store, StoreOptions, Workspace};
 use owsfs_sync::lease::{Keeper, Takeover, acquire};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -139,4 +139,76 @@ fn stop_ends_the_threads_at_once_and_release_hands_the_lease_on() {
     let (b, _) = acquire(&f.ws, &holder("b"), TTL, Takeover::Refuse, &mut |_| {}).unwrap();
     assert!(b.epoch > keeper.epoch());
     assert_eq!(lost.load(Ordering::SeqCst), 0);
+}
+
+/// A commit of generation `n` by epoch `epoch` (a fence record: no tree needed).
+fn commit_slot(ws: &Workspace, n: u64, epoch: u64) {
+    let r = owsfs_store::GenerationRecord {
+        workspace: ws.name().into(),
+        number: n,
+        parent: (n > 1).then_some(n - 1),
+        epoch,
+        kind: owsfs_store::GenKind::Fence,
+        time_unix_ms: 0,
+        root: None,
+        sqlite: vec![],
+        stats: Default::default(),
+        access: None,
+    };
+    ws.commit(&r).unwrap();
+}
+
+#[test]
+fn commits_count_as_renewals_for_the_holder_and_for_observers() {
+    let f = fixture("commits");
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (keeper, thread) = start(&f, "a", &lost);
+    let epoch = keeper.status().epoch;
+    // A commit every 5 s (less than TTL/3) for two TTLs: no renewal at all, and the lease
+    // stays good all along.
+    for n in 1..=12u64 {
+        f.clock.advance(Duration::from_secs(5));
+        let started = f.clock.now();
+        commit_slot(&f.ws, n, epoch);
+        keeper.committed(started);
+        keeper.check(TTL / 2).unwrap();
+    }
+    // Give a renewal that would be due a chance to run: none is.
+    std::thread::sleep(Duration::from_millis(50));
+    let st = keeper.status();
+    assert_eq!((st.renewals, st.commits_as_renewals), (0, 12));
+
+    // Meanwhile another node waiting to steal saw the holder alive: the commits kept the
+    // lease from lapsing although no lease step was written for a minute.
+    let f2 = f.ws.clone();
+    let waiter = std::thread::spawn(move || {
+        acquire(&f2, &holder("b"), TTL, Takeover::Steal, &mut |_| {})
+            .map(|(r, _)| r.epoch)
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    f.clock.advance(Duration::from_secs(5));
+    let started = f.clock.now();
+    commit_slot(&f.ws, 13, epoch);
+    keeper.committed(started);
+    // The waiter sees the new slot: it gives up (the holder is alive), as for a renewal.
+    for _ in 0..100 {
+        if waiter.is_finished() {
+            break;
+        }
+        f.clock.advance(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = waiter.join().unwrap();
+    let e = got.expect_err("a steal while the holder commits must fail");
+    assert!(e.contains("renewed its lease or committed"), "{e}");
+
+    // Once the commits stop, renewals come back TTL/3 after the last one.
+    f.clock.advance(TTL / 3);
+    eventually("a renewal after the commits stopped", || {
+        keeper.status().renewals == 1
+    });
+    assert_eq!(lost.load(Ordering::SeqCst), 0);
+    keeper.stop();
+    thread.join().unwrap();
 }
