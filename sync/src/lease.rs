@@ -283,7 +283,11 @@ impl Looking<'_> {
     /// The newest generation slot, probed forward from the last one seen (`None`: the
     /// workspace has none yet).
     fn newest_slot(&mut self) -> anyhow::Result<Option<u64>> {
-        let Some(mut n) = self.slot.or(self.ws.head()?) else {
+        let known = match self.slot {
+            Some(n) => Some(n),
+            None => self.ws.head()?,
+        };
+        let Some(mut n) = known else {
             return Ok(None);
         };
         while self.ws.store().exists(&self.ws.generation_key(n + 1))? {
