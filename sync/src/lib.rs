@@ -741,36 +741,7 @@ impl SyncAgent {
             },
         };
         fail::fail_point!("commit-after-pending");
-        // The lease must still be good; the fence in the store is the hard guarantee.
-        self.keeper
-            .check(Duration::ZERO)
-            .with_context(|| format!("not committing generation {number}"))?;
-        let slot_started = self.clock.now();
-        match self.ws.commit(&record) {
-            Ok(()) => self.keeper.committed(slot_started),
-            Err(CommitError::SlotTaken { number, existing }) if existing.epoch == epoch => {
-                // Our own earlier attempt landed although its answer was lost (the epoch is
-                // this mount's alone). The journal still covers it: go on on top of it.
-                let mut st = self.st.lock();
-                st.head = st.head.max(number);
-                bail!(
-                    "generation {number} of this mount landed although its answer was lost; \
-                     the next cut goes on top of it"
-                );
-            }
-            Err(CommitError::SlotTaken { number, existing }) => {
-                let why = format!(
-                    "generation slot {number} was taken at epoch {} (this mount has epoch \
-                     {epoch}): another node took the workspace over",
-                    existing.epoch
-                );
-                self.keeper.lose(&why);
-                bail!("commit refused: {why}");
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("commit generation {number}"));
-            }
-        }
+        self.write_slot(&record)?;
         fail::fail_point!("commit-after-slot");
         // 5. The cache's new base, then the journal forgets what the cut covered.
         drop(local);
@@ -820,6 +791,42 @@ impl SyncAgent {
             built.bytes_new
         );
         Ok(number)
+    }
+
+    /// Writes the generation's slot, if the lease is still good (the fence in the store is the
+    /// hard guarantee). A slot written counts as a renewal of the lease.
+    fn write_slot(&self, record: &GenerationRecord) -> anyhow::Result<()> {
+        let (number, epoch) = (record.number, record.epoch);
+        self.keeper
+            .check(Duration::ZERO)
+            .with_context(|| format!("not committing generation {number}"))?;
+        let slot_started = self.clock.now();
+        match self.ws.commit(record) {
+            Ok(()) => {
+                self.keeper.committed(slot_started);
+                Ok(())
+            }
+            Err(CommitError::SlotTaken { number, existing }) if existing.epoch == epoch => {
+                // Our own earlier attempt landed although its answer was lost (the epoch is
+                // this mount's alone). The journal still covers it: go on on top of it.
+                let mut st = self.st.lock();
+                st.head = st.head.max(number);
+                bail!(
+                    "generation {number} of this mount landed although its answer was lost; \
+                     the next cut goes on top of it"
+                );
+            }
+            Err(CommitError::SlotTaken { number, existing }) => {
+                let why = format!(
+                    "generation slot {number} was taken at epoch {} (this mount has epoch \
+                     {epoch}): another node took the workspace over",
+                    existing.epoch
+                );
+                self.keeper.lose(&why);
+                bail!("commit refused: {why}");
+            }
+            Err(e) => Err(e).with_context(|| format!("commit generation {number}")),
+        }
     }
 
     /// The access list for the next generation: what this mount opened, most recent first,
