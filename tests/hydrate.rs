@@ -781,3 +781,61 @@ fn restore_in_full_where_there_are_no_file_handles_seaweedfs() {
     }
     restore_in_full(&TestStore::seaweed("owsfs-full"));
 }
+
+/// Many small files hydrate with a few ranged GETs, not one per file: the commit packs them
+/// back to back, and the prefetch fetches runs of them in pack order. Every byte matches.
+fn small_files_in_few_gets(store: &TestStore) {
+    const FILES: u64 = 600;
+    let a = store.workspace("small", &[]);
+    a.mount();
+    let mut want = std::collections::BTreeMap::new();
+    for d in 0..6 {
+        std::fs::create_dir(a.path(&format!("d{d}"))).unwrap();
+    }
+    for i in 0..FILES {
+        let name = format!("d{}/f{i:04}.bin", i % 6);
+        // 3-12 KiB of noise each: one chunk per file, stored plain.
+        let data = noise(3072 + (i as usize * 1531) % 9216, 1000 + i);
+        std::fs::write(a.path(&name), &data).unwrap();
+        want.insert(name, data);
+    }
+    a.sync();
+    a.unmount();
+
+    let b = store.workspace("small", &[]);
+    b.mount();
+    assert!(
+        wait_for(Duration::from_secs(60), || hydration(&b)["done"] == true),
+        "hydration never completes: {}",
+        hydration(&b)
+    );
+    let h = hydration(&b);
+    let fetches = h["fetches"].as_u64().unwrap();
+    assert!(
+        fetches * 10 <= FILES,
+        "{fetches} ranged GETs for {FILES} small files (batches expected): {h}"
+    );
+    for (name, data) in &want {
+        assert!(
+            std::fs::read(b.path(name)).unwrap() == *data,
+            "{name} differs after hydration"
+        );
+    }
+    b.unmount();
+}
+
+#[test]
+fn small_files_hydrate_in_few_gets_file() {
+    if skip_fuse() {
+        return;
+    }
+    small_files_in_few_gets(&TestStore::file());
+}
+
+#[test]
+fn small_files_hydrate_in_few_gets_seaweedfs() {
+    if skip_fuse() {
+        return;
+    }
+    small_files_in_few_gets(&TestStore::seaweed("owsfs-hydrate"));
+}

@@ -23,6 +23,7 @@
 //! - Materializing holds the core's barrier shared, so a cut sees a directory either pending
 //!   (its subtree is the base generation's) or materialized with all its nodes known.
 
+mod batch;
 mod fetch;
 pub mod full;
 mod materialize;
@@ -71,7 +72,7 @@ use owsfs_local::{Kind, NodeMap, decode_node, encode_node};
 const MAX_RUN: u64 = 8 << 20;
 
 /// A file not wholly local.
-struct FileState {
+pub(crate) struct FileState {
     ino: u64,
     handle: Vec<u8>,
     /// Its tree entry (from the generation it was restored from).
@@ -191,6 +192,10 @@ pub struct Hydrator {
     root_ino: u64,
     nodes: Arc<NodeMap>,
     files: DashMap<u64, Arc<FileState>>,
+    /// Files inserted into `files` so far (the prefetch's pack order is rebuilt when it grew).
+    files_added: AtomicU64,
+    /// Small partial files in pack order, for the prefetch (`batch.rs`).
+    pack_order: Mutex<batch::PackOrder>,
     dirs: DashMap<u64, DirState>,
     active: AtomicBool,
     materializing: Mutex<()>,
@@ -261,6 +266,8 @@ impl Hydrator {
             root_ino,
             nodes,
             files: DashMap::new(),
+            files_added: AtomicU64::new(0),
+            pack_order: Mutex::new(batch::PackOrder::default()),
             dirs: DashMap::new(),
             active: AtomicBool::new(false),
             materializing: Mutex::new(()),
@@ -375,6 +382,7 @@ impl Hydrator {
                     self.unsaved.lock().insert(ino);
                 }
                 self.files.insert(ino, Arc::new(st));
+                self.files_added.fetch_add(1, Ordering::Release);
             }
         }
         let links: Vec<(u64, Vec<u8>)> = {

@@ -301,6 +301,7 @@ impl Hydrator {
         for f in files {
             self.files.insert(f.ino, Arc::new(f));
         }
+        self.files_added.fetch_add(1, Ordering::Release);
         self.dirs.remove(&ino);
         if whole_files > 0 || kept_bytes > 0 {
             self.missing_files.fetch_sub(whole_files, Ordering::Relaxed);

@@ -151,6 +151,9 @@ impl Shared {
             r?;
             return Ok(true);
         }
+        if self.small_files()? {
+            return Ok(true);
+        }
         if let Some(ino) = self.hyd.some_partial_file(&skip) {
             if !self.claim(ino) {
                 return Ok(true);
@@ -161,6 +164,24 @@ impl Shared {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Fetches the next run of small files that lie back to back in a pack (one GET for
+    /// many files); false when none is left.
+    fn small_files(&self) -> anyhow::Result<bool> {
+        let run = self.hyd.small_file_run(STEP, &|ino| self.claim(ino))?;
+        if run.is_empty() {
+            return Ok(false);
+        }
+        let got = self.hyd.fetch_files(&run);
+        {
+            let mut claimed = self.claimed.lock();
+            for (f, _) in &run {
+                claimed.remove(&f.ino);
+            }
+        }
+        self.pace(got?);
+        Ok(true)
     }
 
     fn claim(&self, ino: u64) -> bool {
