@@ -43,6 +43,10 @@ fn marker_crc(version: u32) -> u32 {
     crc32c::crc32c(format!("owsfs-cache:{version}").as_bytes())
 }
 
+/// How long opening a cache waits for a lock held by a daemon that is not stopping cleanly
+/// before calling the cache in use: enough for a daemon that just died to let go of it.
+const DYING_DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An opened cache, locked for this process.
 pub struct Cache {
     pub root: PathBuf,
@@ -141,6 +145,12 @@ impl Cache {
                     told = true;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            // A daemon that has just died may still be closing its descriptors (its process
+            // tears down its memory before its files): a moment's patience, not an error.
+            if !stopping && started.elapsed() < DYING_DAEMON_WAIT {
+                std::thread::sleep(std::time::Duration::from_millis(20));
                 continue;
             }
             if stopping {
