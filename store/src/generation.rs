@@ -107,17 +107,17 @@ pub(crate) fn unseal_json<T: serde::de::DeserializeOwned>(
     object: &str,
     b: &[u8],
 ) -> Result<T> {
-    unseal_json_since(tag, supported, supported, object, b).map(|(_, t)| t)
+    unseal_json_since(tag, supported, supported, object, b)
 }
 
-/// [`unseal_json`] of a record of any version from `oldest` to `newest`; with its version.
+/// [`unseal_json`] of a record of any version from `oldest` to `newest`.
 pub(crate) fn unseal_json_since<T: serde::de::DeserializeOwned>(
     tag: &str,
     oldest: u64,
     newest: u64,
     object: &str,
     b: &[u8],
-) -> Result<(u64, T)> {
+) -> Result<T> {
     let supported = newest;
     let bad = |what: &str| StoreError::corrupt(object, what);
     let text = std::str::from_utf8(b).map_err(|_| bad("not UTF-8"))?;
@@ -148,8 +148,7 @@ pub(crate) fn unseal_json_since<T: serde::de::DeserializeOwned>(
     if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
         return Err(bad("checksum mismatch"));
     }
-    let t = serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))?;
-    Ok((version, t))
+    serde_json::from_str(body).map_err(|e| bad(&format!("bad body: {e}")))
 }
 
 impl GenerationRecord {

@@ -94,8 +94,7 @@ impl LeaseRecord {
 
     /// Parses and verifies a sealed record read from `object`.
     pub fn unseal(object: &str, b: &[u8]) -> Result<LeaseRecord> {
-        let (_, r): (u64, LeaseRecord) =
-            unseal_json_since("owsfs-lease", 1, LEASE_VERSION, object, b)?;
+        let r: LeaseRecord = unseal_json_since("owsfs-lease", 1, LEASE_VERSION, object, b)?;
         let bad = |what: &str| StoreError::corrupt(object, what);
         if r.epoch == 0 || r.ttl_ms == 0 {
             return Err(bad("epoch and ttl must be positive"));

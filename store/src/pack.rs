@@ -212,7 +212,7 @@ fn compress(compression: Compression, data: &[u8]) -> Option<Bytes> {
 
 /// Where a blob is: what trees and list blobs store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "RefRepr", into = "RefRepr")]
+#[serde(try_from = "RefRepr", into = "RefRepr")]
 pub struct BlobRef {
     pub id: BlobId,
     pub pack: PackId,
@@ -238,20 +238,27 @@ struct RefRepr {
     codec: Codec,
 }
 
-impl From<RefRepr> for BlobRef {
-    fn from(r: RefRepr) -> BlobRef {
-        BlobRef {
+impl TryFrom<RefRepr> for BlobRef {
+    type Error = String;
+
+    fn try_from(r: RefRepr) -> std::result::Result<BlobRef, String> {
+        let stored = match (r.codec, r.stored) {
+            (Codec::None, None) => r.len,
+            (Codec::None, Some(s)) if s == r.len => r.len,
+            (Codec::None, Some(s)) => {
+                return Err(format!("a plain blob of {} bytes stored as {s}", r.len));
+            }
+            (_, Some(s)) => s,
+            (c, None) => return Err(format!("a {c:?} blob without its stored length")),
+        };
+        Ok(BlobRef {
             id: r.id,
             pack: r.pack,
             offset: r.offset,
             len: r.len,
-            stored: if r.codec.is_none() {
-                r.len
-            } else {
-                r.stored.unwrap_or(0)
-            },
+            stored,
             codec: r.codec,
-        }
+        })
     }
 }
 
@@ -354,10 +361,6 @@ impl PackWriter {
 
     pub fn id(&self) -> PackId {
         self.id
-    }
-
-    pub fn compression(&self) -> Compression {
-        self.compression
     }
 
     /// Appends a blob (compressed if that pays); its location is final.
@@ -492,25 +495,6 @@ pub fn open_blob(r: &BlobRef, stored: Bytes) -> Result<Bytes> {
         return Err(bad(format!("bytes at offset {} hash to {got}", r.offset)));
     }
     Ok(data)
-}
-
-/// Checks that the plain bytes `data` are the blob `r` names; the error names the pack
-/// object and the blob.
-pub fn verify_blob(r: &BlobRef, data: &[u8]) -> Result<()> {
-    let got = BlobId::of(data);
-    if data.len() != r.len as usize || got != r.id {
-        return Err(StoreError::Corrupt {
-            object: r.pack.key(),
-            blob: Some(r.id),
-            what: format!(
-                "expected {} bytes hashing to {}, found {} hashing to {got}",
-                r.len,
-                r.id,
-                data.len()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Reads one blob with a range GET and verifies it. A blob whose pack a GC repacked is read
@@ -1133,6 +1117,15 @@ mod tests {
             "{j}"
         );
         assert_eq!(serde_json::from_str::<BlobRef>(&j).unwrap(), packed);
+        // A compressed ref must say how much it stores; a plain one must not disagree.
+        let no_stored = j.replace(r#""stored":700,"#, "");
+        assert!(
+            serde_json::from_str::<BlobRef>(&no_stored).is_err(),
+            "{no_stored}"
+        );
+        let plain_j = serde_json::to_string(&plain).unwrap();
+        let lying = plain_j.replace(r#""len":1"#, r#""len":1,"stored":9"#);
+        assert!(serde_json::from_str::<BlobRef>(&lying).is_err(), "{lying}");
     }
 
     proptest! {
