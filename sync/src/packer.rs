@@ -1,11 +1,12 @@
 //! The packer of a cut: deduplicates new blobs against the cut and the cache's chunk index,
-//! encodes (hashes, compresses) chunks on every core, and uploads full packs.
+//! encodes (hashes, compresses) chunks on the other cores, and uploads full packs.
 //!
 //! A chunk emitted by the chunker is not placed at once: it joins a batch, and the chunker
 //! gets a *provisional* ref (the right id and length, pack [`PROVISIONAL`]). Full batches go
-//! to encoder threads (one per core) while the chunker reads on; the encoded chunks are
-//! placed in the order they came, whenever the chunker next emits, and all of them when a ref
-//! must be final (a list or tree is about to be encoded, or the pack is sealed).
+//! to encoder threads (one per core but the chunker's) while the chunker reads on; the
+//! encoded chunks are placed in the order they came, whenever the chunker next emits, and all
+//! of them when a ref must be final (a list or tree is about to be encoded, or the pack is
+//! sealed).
 //! [`Packer::resolve`] turns provisional refs into final ones. No provisional ref ever reaches
 //! an encoded blob: trees and lists are built from resolved refs only, and placing one checks
 //! it.
